@@ -1,0 +1,50 @@
+# CalSeg: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SAM2_PIN := $(shell sed -n 's/^sam2 = \["\(sam2==[0-9.]*\)"\]/\1/p' pyproject.toml)
+RECORDING ?=
+
+.PHONY: demo test serve bench reliability lint format services clean-venv
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation --no-deps "$(SAM2_PIN)"
+	$(PY) -c "import sam2, torch, torchvision, calseg; print('calseg environment ready: torch', torch.__version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m calseg.demo $(if $(RECORDING),--recording "$(RECORDING)")
+
+serve: $(STAMP)
+	$(PY) -m calseg.serve
+
+services:
+	bash scripts/services.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(STAMP) services lint
+	$(VENV)/bin/pytest -q -m "not slow or slow"
+
+bench: $(STAMP)
+	$(PY) -m calseg.bench
+
+reliability: $(STAMP) services
+	$(VENV)/bin/pytest -q tests/reliability
+
+clean-venv:
+	rm -rf $(VENV)
