@@ -1,0 +1,95 @@
+"""Service settings, read from the environment (prefix ``CALSEG_``) by pydantic-settings.
+
+Every process of the service (api, worker, the embedded launcher) builds its configuration
+here, so one set of ``CALSEG_*`` variables configures all of them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root (the folder holding ``pyproject.toml``)."""
+
+
+class Settings(BaseSettings):
+    """Configuration of the CalSeg service.
+
+    Relative paths are resolved against the repository root, so every process sees the same
+    folders whatever its working directory.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CALSEG_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{REPO_ROOT / 'var' / 'calseg.db'}",
+        description="SQLAlchemy URL; PostgreSQL as postgresql+psycopg://user@host:5432/db.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Celery broker (redis://host:port/db). None: the embedded launcher starts "
+        "its own redis-server on a free loopback port.",
+    )
+    artifact_dir: Path = Field(default=Path("var/artifacts"), description="Artifact store root.")
+    cache_dir: Path = Field(default=Path("var/cache"), description="Embedding cache root.")
+    log_dir: Path = Field(default=Path("var/logs"), description="Logs of embedded processes.")
+    sam2_checkpoint: Path | None = Field(
+        default=None,
+        description="Local SAM2.1 checkpoint (.pt). None: random weights, with a loud warning.",
+    )
+    real_data_dir: Path = Field(
+        default=Path("../shared/data/real"), description="Real recordings for tests and demos."
+    )
+    max_upload_bytes: int = Field(default=4 * 1024**3, gt=0, description="Upload limit (bytes).")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535, description="0: pick a free port.")
+    visibility_timeout_s: int = Field(
+        default=12 * 3600,
+        gt=0,
+        description="Redis visibility timeout (s); must exceed the longest job, else a "
+        "running job's message is redelivered.",
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="Runs of one job before a lost worker fails it."
+    )
+    progress_interval_s: float = Field(
+        default=1.0, ge=0, description="Minimum time between progress writes to the database."
+    )
+
+    @field_validator("artifact_dir", "cache_dir", "log_dir", "real_data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        value = Path(value).expanduser()
+        return value if value.is_absolute() else (REPO_ROOT / value).resolve()
+
+    @field_validator("sam2_checkpoint")
+    @classmethod
+    def _absolute_optional(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        value = Path(value).expanduser()
+        return value if value.is_absolute() else (REPO_ROOT / value).resolve()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def to_env(self) -> dict[str, str]:
+        """The ``CALSEG_*`` environment variables that reproduce these settings in a child."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[f"CALSEG_{name.upper()}"] = str(value)
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; ``get_settings.cache_clear()`` re-reads)."""
+    return Settings()
