@@ -1,0 +1,92 @@
+"""Server-side rendering of recording frames with predicted labels, for the viewer.
+
+The frames of an infer job's recording and its label stack are decoded once and kept in a small
+LRU cache (two recordings), so scrubbing through frames does not re-read the files.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_SIZE = 2
+GAP_PX = 4
+
+
+@dataclass
+class Stacks:
+    """Decoded stacks of one infer job: frames (T, H, W), labels and optional ground truth
+    (T, H, W) uint32, and the display range (lo, hi) in the frames' intensity units."""
+
+    frames: np.ndarray
+    labels: np.ndarray
+    gt: np.ndarray | None
+    lo: float
+    hi: float
+
+
+_cache: OrderedDict[tuple, Stacks] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _labels(path: Path) -> np.ndarray:
+    import tifffile
+
+    arr = tifffile.imread(path)
+    return (arr[None] if arr.ndim == 2 else arr).astype(np.uint32, copy=False)
+
+
+def load_stacks(frames_path: Path, labels_path: Path, gt_path: Path | None) -> Stacks:
+    """The decoded stacks (cached by paths and modification times)."""
+    key = tuple((str(p), p.stat().st_mtime_ns) for p in (frames_path, labels_path, gt_path) if p)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    from calseg.io.overlays import display_range
+
+    from calseg.io.recordings import read_recording
+
+    frames = np.asarray(read_recording(frames_path).frames)
+    labels = _labels(labels_path)
+    gt = _labels(gt_path) if gt_path else None
+    lo, hi = display_range(frames)
+    stacks = Stacks(frames, labels, gt, float(lo), float(hi))
+    with _lock:
+        _cache[key] = stacks
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return stacks
+
+
+def gray(frame: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """A frame (H, W) scaled linearly from [lo, hi] to an (H, W, 3) uint8 gray image."""
+    scale = 255.0 / max(hi - lo, 1e-12)
+    g = np.clip((frame.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def render_png(stacks: Stacks, t: int, *, overlay: bool, gt: bool) -> bytes:
+    """PNG bytes of frame ``t``: the frame with predicted labels (``overlay``), and the same
+    frame with ground truth to its right (``gt``, when the job has it)."""
+    from calseg.io.overlays import render_overlay
+    from PIL import Image
+
+    frame = stacks.frames[t]
+    panels = [
+        render_overlay(frame, stacks.labels[t], stacks.lo, stacks.hi)
+        if overlay
+        else gray(frame, stacks.lo, stacks.hi)
+    ]
+    if gt and stacks.gt is not None:
+        panels.append(np.full((frame.shape[0], GAP_PX, 3), 255, np.uint8))
+        panels.append(render_overlay(frame, stacks.gt[t], stacks.lo, stacks.hi))
+    img = np.concatenate(panels, axis=1) if len(panels) > 1 else panels[0]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,200 @@
+"""Streamed uploads: the request body goes to disk in chunks, hashed on the way, with a size
+limit checked while reading (memory stays bounded whatever the file size).
+
+Two forms are accepted: ``multipart/form-data`` with a file field named ``file`` (what browsers
+and ``curl -F file=@x.tif`` send), or a raw body (``application/octet-stream``) with the file
+name in the ``filename`` query parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+MULTIPART_SLACK = 64 * 1024
+"""Bytes of multipart framing allowed above the file size limit (headers, boundaries)."""
+FIELD_LIMIT = 64 * 1024
+"""Largest non-file form field accepted (bytes)."""
+
+
+class UploadError(ValueError):
+    """The upload is malformed (400) or too large (413, ``too_large``)."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass
+class ReceivedFile:
+    """A file received to ``path``."""
+
+    path: Path
+    filename: str
+    sha256: str
+    size_bytes: int
+
+
+def safe_filename(name: str | None, default: str = "recording.tif") -> str:
+    """A file name safe on disk: last path component only, ASCII letters, digits, ``._-``.
+
+    Both ``/`` and ``\\`` separators are stripped, so ``../../x.tif`` becomes ``x.tif``.
+    """
+    if not name:
+        return default
+    base = PureWindowsPath(PurePosixPath(name).name).name
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or default
+    return base[-120:]
+
+
+def _too_large(limit: int) -> UploadError:
+    return UploadError(
+        f"upload larger than the limit of {limit} bytes ({limit / 1024**2:.0f} MiB); "
+        "raise CALSEG_MAX_UPLOAD_BYTES on the server or upload a smaller file",
+        too_large=True,
+    )
+
+
+class _Sink:
+    """Writes the file part to ``dest`` while hashing and counting."""
+
+    def __init__(self, dest: Path, limit: int) -> None:
+        self.dest, self.limit = dest, limit
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.fh: Any = None
+        self.filename: str | None = None
+        self.done = False
+
+    def open(self, filename: str | None) -> None:
+        if self.fh is not None or self.done:
+            raise UploadError("more than one file in the upload; send one recording per request")
+        self.filename = filename
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.dest, "wb")  # noqa: SIM115 - closed in close()
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _too_large(self.limit)
+        self.digest.update(data)
+        self.fh.write(data)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+            self.done = True
+
+
+async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile:
+    """Stream the request's file to ``dest`` (bounded memory), checking ``limit`` bytes.
+
+    Raises:
+        UploadError: too large (``too_large``), not multipart/octet-stream, no ``file`` field.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise _too_large(limit)
+    ctype, options = parse_options_header(request.headers.get("content-type"))
+    sink = _Sink(dest, limit)
+    try:
+        if ctype == b"multipart/form-data":
+            boundary = options.get(b"boundary")
+            if not boundary:
+                raise UploadError("multipart upload without a boundary in its Content-Type")
+            await _multipart(request, boundary, sink)
+        elif ctype in (b"application/octet-stream", b"image/tiff", b""):
+            sink.open(request.query_params.get("filename"))
+            async for chunk in request.stream():
+                sink.write(chunk)
+            sink.close()
+        else:
+            raise UploadError(
+                f"unsupported Content-Type {ctype.decode(errors='replace')!r}: send "
+                "multipart/form-data with a 'file' field, or application/octet-stream"
+            )
+        if not sink.done:
+            raise UploadError("no file in the upload: send it in a form field named 'file'")
+    except BaseException:
+        sink.close()
+        dest.unlink(missing_ok=True)
+        raise
+    return ReceivedFile(dest, safe_filename(sink.filename), sink.digest.hexdigest(), sink.size)
+
+
+async def _multipart(request: Request, boundary: bytes, sink: _Sink) -> None:
+    header_field = bytearray()
+    header_value = bytearray()
+    headers: dict[str, bytes] = {}
+    in_file = False
+    field_bytes = 0
+
+    def on_part_begin() -> None:
+        nonlocal in_file, field_bytes
+        headers.clear()
+        in_file, field_bytes = False, 0
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        headers[header_field.decode("latin-1").lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        nonlocal in_file
+        _, disp = parse_options_header(headers.get("content-disposition"))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file" or (b"filename" in disp and name in ("", "file")):
+            raw = disp.get(b"filename")
+            sink.open(raw.decode("utf-8", "replace") if raw else None)
+            in_file = True
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        nonlocal field_bytes
+        if in_file:
+            sink.write(data[start:end])
+        else:
+            field_bytes += end - start
+            if field_bytes > FIELD_LIMIT:
+                raise UploadError(f"form field larger than {FIELD_LIMIT} bytes")
+
+    def on_part_end() -> None:
+        nonlocal in_file
+        if in_file:
+            sink.close()
+            in_file = False
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    async for chunk in request.stream():
+        try:
+            parser.write(chunk)
+        except UploadError:
+            raise
+        except Exception as exc:  # python-multipart's parse errors
+            raise UploadError(f"malformed multipart upload: {exc}") from exc
+    parser.finalize()

@@ -1,0 +1,367 @@
+"""Job runners: one function per job kind, calling the science in :mod:`calseg`.
+
+Each runner takes its validated parameters and a :class:`calseg.service.jobs.JobContext`
+(progress, a working folder in the artifact store, artifact and metric registration, logging and
+lookup of referenced jobs) and returns the job's ``result`` dict (JSON-compatible). Runners
+import the science lazily, so the worker starts fast and torch is loaded only by jobs that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from calseg.progress import scaled
+
+if TYPE_CHECKING:
+    from calseg.service.jobs import JobContext
+
+SUMMARY_METRICS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
+"""Summary values of an evaluation report stored as Metric rows (each in [0, 1])."""
+
+
+class RunnerError(ValueError):
+    """A job cannot run with what it was given (bad reference, missing video, ...)."""
+
+
+def _read_manifest(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunnerError(f"cannot read dataset manifest {path}: {exc}") from exc
+
+
+def _video_entry(manifest: dict[str, Any], video_id: str) -> dict[str, Any]:
+    for entry in manifest.get("videos", []):
+        if entry.get("id") == video_id:
+            return entry
+    ids = ", ".join(v.get("id", "?") for v in manifest.get("videos", []))
+    raise RunnerError(f"video {video_id!r} is not in the dataset; its videos are: {ids}")
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """A label stack (T, H, W) from a TIFF, as uint32."""
+    import tifffile
+
+    labels = tifffile.imread(path)
+    if labels.ndim == 2:
+        labels = labels[None]
+    return labels.astype(np.uint32, copy=False)
+
+
+def _summary_rows(summary: Any) -> list[tuple[str, str, float]]:
+    """(model, metric, value) triples from an EvaluationReport summary.
+
+    Accepts ``{model: {metric: value}}``, ``{model: {metric: {"mean": v, ...}}}`` or a list of
+    row dicts with a ``model`` key.
+    """
+    rows: list[tuple[str, str, float]] = []
+
+    def value_of(v: Any) -> float | None:
+        if isinstance(v, dict):
+            v = v.get("mean", v.get("value"))
+        if isinstance(v, int | float | np.floating | np.integer):
+            return float(v)
+        return None
+
+    if isinstance(summary, dict):
+        items = summary.items()
+    else:
+        items = ((row.get("model"), row) for row in summary)
+    for model, metrics in items:
+        if not isinstance(metrics, dict):
+            continue
+        for name in SUMMARY_METRICS:
+            if name in metrics and (val := value_of(metrics[name])) is not None:
+                rows.append((str(model), name, val))
+    return rows
+
+
+# ------------------------------------------------------------------------------ simulate
+
+
+def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
+    """Simulate a dataset (``calseg-dataset`` v1) and register its manifest and a preview.
+
+    Artifacts: ``manifest.json`` (kind ``dataset-manifest``; the dataset folder is its parent),
+    ``preview.png`` (contact sheet of the first video with its ground-truth labels).
+    """
+    from calseg.io.overlays import contact_sheet
+    from calseg.io.recordings import read_recording
+    from calseg.simulate.dataset import simulate_dataset
+
+    config = params.to_config()
+    out_dir = ctx.workdir / "dataset"
+    ctx.log(f"simulating into {out_dir}")
+    manifest_path = Path(simulate_dataset(config, out_dir, scaled(ctx.progress, 0.0, 0.9)))
+    ctx.add_artifact("manifest.json", manifest_path, kind="dataset-manifest")
+    manifest = _read_manifest(manifest_path.parent)
+    videos = manifest.get("videos", [])
+    if not videos:
+        raise RunnerError("the simulator wrote a dataset without videos")
+
+    ctx.progress(0.92, "preview", "contact sheet of the first video")
+    first = videos[0]
+    frames = read_recording(manifest_path.parent / first["image"]).frames
+    labels = _read_labels(manifest_path.parent / first["labels"])
+    sheet = contact_sheet(
+        frames,
+        labels,
+        ctx.workdir / "preview.png",
+        n=12,
+        title=f"{first['id']} ({first.get('pattern_class', '?')}): ground truth",
+    )
+    ctx.add_artifact("preview.png", Path(sheet), kind="preview")
+
+    splits: dict[str, int] = {}
+    for v in videos:
+        splits[v.get("split", "?")] = splits.get(v.get("split", "?"), 0) + 1
+    return {
+        "dataset_relpath": ctx.relpath(manifest_path.parent),
+        "n_videos": len(videos),
+        "splits": splits,
+        "videos": [
+            {
+                k: v.get(k)
+                for k in ("id", "split", "pattern_class", "n_frames", "height", "width", "n_cells")
+            }
+            for v in videos
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------ finetune
+
+
+def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
+    """Fine-tune SAM2's prompt encoder + mask decoder on a simulate job's dataset.
+
+    Artifacts: ``checkpoint.pt`` (kind ``checkpoint``), ``history.json`` (training history).
+    Metrics: ``final_loss``, ``best_val_iou`` (when validated). Warnings of the trainer (e.g.
+    random weights because no ``CALSEG_SAM2_CHECKPOINT`` was given) go to the log and result.
+    """
+    from calseg.segment.finetune import finetune
+
+    dataset = ctx.dataset_dir(params.dataset_job_id)
+    config = params.to_config()
+    base = ctx.settings.sam2_checkpoint
+    if base is None:
+        ctx.warn(
+            "CALSEG_SAM2_CHECKPOINT is not set: fine-tuning starts from RANDOM SAM2 weights; "
+            "the model will not segment real recordings well"
+        )
+    res = finetune(
+        dataset,
+        ctx.workdir / "model",
+        config,
+        base_checkpoint=base,
+        cache_dir=ctx.settings.cache_dir / "embeddings",
+        progress=scaled(ctx.progress, 0.0, 0.97),
+    )
+    for w in res.warnings:
+        ctx.warn(w)
+    ctx.add_artifact("checkpoint.pt", Path(res.checkpoint), kind="checkpoint")
+    history_path = ctx.workdir / "history.json"
+    history_path.write_text(json.dumps(ctx.jsonable(res.history), indent=1))
+    ctx.add_artifact("history.json", history_path, kind="history")
+
+    final_loss = None
+    for entry in reversed(res.history):
+        if isinstance(entry, dict) and entry.get("loss") is not None:
+            final_loss = float(entry["loss"])
+            break
+    if final_loss is not None:
+        ctx.add_metric("final_loss", final_loss, subset="train")
+    if res.best_val_iou is not None:
+        ctx.add_metric("best_val_iou", float(res.best_val_iou), subset="val")
+    return {
+        "model_info": res.model_info,
+        "warnings": list(ctx.warnings),
+        "steps": len(res.history),
+        "final_loss": final_loss,
+        "best_val_iou": res.best_val_iou,
+        "base_checkpoint": str(base) if base else None,
+    }
+
+
+# ------------------------------------------------------------------------------ infer
+
+
+def _infer_config(params: Any) -> Any:
+    """InferenceConfig from parameters (``method`` included when the config has it)."""
+    return params.to_config()
+
+
+def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
+    """Segment a recording (uploaded, or a simulated video) into an instance label stack.
+
+    Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
+    ``overlay.gif`` (animation). Metric: ``foreground_fraction`` (labelled pixel fraction).
+    """
+    from calseg.io.labels import write_label_stack
+    from calseg.io.overlays import animation, contact_sheet, display_range
+    from calseg.io.recordings import read_recording
+    from calseg.segment.infer import segment_recording
+
+    gt = None
+    if params.recording_id:
+        path = ctx.recording_path(params.recording_id)
+        source: dict[str, Any] = {
+            "type": "recording",
+            "recording_id": params.recording_id,
+            "relpath": ctx.relpath(path),
+        }
+    else:
+        dataset = ctx.dataset_dir(params.dataset_job_id)
+        entry = _video_entry(_read_manifest(dataset), params.video_id)
+        path = dataset / entry["image"]
+        gt_path = dataset / entry["labels"]
+        gt = _read_labels(gt_path)
+        source = {
+            "type": "dataset",
+            "dataset_job_id": params.dataset_job_id,
+            "video_id": params.video_id,
+            "relpath": ctx.relpath(path),
+            "gt_relpath": ctx.relpath(gt_path),
+            "split": entry.get("split"),
+        }
+
+    ctx.progress(0.01, "read", f"reading {path.name}")
+    frames = read_recording(path).frames
+    t, h, w = frames.shape
+    ctx.log(f"recording {path.name}: {t} frames of {h} x {w} px, {frames.dtype}")
+
+    checkpoint = None
+    if params.method == "sam2":
+        if params.model_job_id:
+            checkpoint = ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune")
+        elif ctx.settings.sam2_checkpoint is None:
+            ctx.warn("no model_job_id and no CALSEG_SAM2_CHECKPOINT: base SAM2 has RANDOM weights")
+        else:
+            checkpoint = ctx.settings.sam2_checkpoint
+    res = segment_recording(
+        frames,
+        _infer_config(params),
+        checkpoint=checkpoint,
+        cache_dir=ctx.settings.cache_dir / "embeddings",
+        progress=scaled(ctx.progress, 0.03, 0.85),
+    )
+    for wmsg in res.warnings:
+        ctx.warn(wmsg)
+    labels = np.asarray(res.labels)
+    if labels.shape != frames.shape:
+        raise RunnerError(
+            f"segmentation returned labels of shape {labels.shape} for frames {frames.shape}"
+        )
+
+    ctx.progress(0.86, "write", "label stack")
+    labels_path = ctx.workdir / "labels.tif"
+    write_label_stack(labels_path, labels)
+    ctx.add_artifact("labels.tif", labels_path, kind="labels")
+    ctx.progress(0.9, "overlay", "contact sheet")
+    sheet = contact_sheet(
+        frames, labels, ctx.workdir / "overlay.png", n=12, gt=gt, title=f"{path.name}"
+    )
+    ctx.add_artifact("overlay.png", Path(sheet), kind="overlay")
+    ctx.progress(0.94, "overlay", "animation")
+    gif = animation(frames, labels, ctx.workdir / "overlay.gif")
+    ctx.add_artifact(Path(gif).name, Path(gif), kind="animation")
+
+    n_cells = int(len(np.unique(labels[labels > 0])))
+    fg = float((labels > 0).mean())
+    ctx.add_metric("foreground_fraction", fg, model=params.method)
+    lo, hi = display_range(frames)
+    return {
+        "source": source,
+        "method": params.method,
+        "model_job_id": params.model_job_id,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "n_frames": t,
+        "height": h,
+        "width": w,
+        "dtype": str(frames.dtype),
+        "n_cells": n_cells,
+        "foreground_fraction": fg,
+        "display_range": [float(lo), float(hi)],
+        "prompts": ctx.jsonable(_prompt_summary(res.prompts)),
+        "normalisation": ctx.jsonable(res.normalisation),
+        "model_info": ctx.jsonable(res.model_info),
+        "warnings": list(ctx.warnings),
+    }
+
+
+def _prompt_summary(prompts: Any) -> Any:
+    """A short JSON description of the prompts (their count, not every coordinate)."""
+    try:
+        return {"count": len(prompts)}
+    except TypeError:
+        return None
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
+    """Compare fine-tuned vs base SAM2 vs the classical baseline on held-out videos.
+
+    Metrics: one row per (summary metric, model) with ``subset`` = the split.
+    Artifacts: ``report.json`` (``EvaluationReport.to_dict()``), ``report.txt`` (its table).
+    """
+    from calseg.segment.evaluate import evaluate_dataset
+
+    dataset = ctx.dataset_dir(params.dataset_job_id)
+    models: dict[str, tuple[str, Path | None]] = {}
+    if params.model_job_id:
+        models["fine-tuned"] = (
+            "sam2",
+            ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune"),
+        )
+    models["base"] = ("sam2", ctx.settings.sam2_checkpoint)
+    if ctx.settings.sam2_checkpoint is None:
+        ctx.warn("base SAM2 has RANDOM weights (CALSEG_SAM2_CHECKPOINT is not set)")
+    models["baseline"] = ("baseline", None)
+    ctx.log(f"evaluating {', '.join(models)} on split {params.split!r} of {dataset}")
+    report = evaluate_dataset(
+        dataset,
+        models,
+        split=params.split,
+        config=params.to_config(),
+        cache_dir=ctx.settings.cache_dir / "embeddings",
+        progress=scaled(ctx.progress, 0.0, 0.97),
+    )
+    rows = _summary_rows(report.summary)
+    if not rows:
+        raise RunnerError(f"the evaluation report has no summary metrics: {report.summary!r}")
+    for model, name, value in rows:
+        ctx.add_metric(name, value, model=model, subset=params.split)
+    table = report.to_table()
+    (ctx.workdir / "report.txt").write_text(table + "\n")
+    ctx.add_artifact("report.txt", ctx.workdir / "report.txt", kind="report")
+    (ctx.workdir / "report.json").write_text(json.dumps(ctx.jsonable(report.to_dict()), indent=1))
+    ctx.add_artifact("report.json", ctx.workdir / "report.json", kind="report")
+    summary = {
+        m: {n: (v if math.isfinite(v) else None) for mm, n, v in rows if mm == m}
+        for m in dict.fromkeys(r[0] for r in rows)
+    }
+    return {
+        "split": params.split,
+        "models": {k: [v[0], str(v[1]) if v[1] else None] for k, v in models.items()},
+        "summary": summary,
+        "table": table,
+        "warnings": list(ctx.warnings),
+    }
+
+
+RUNNERS: dict[str, Callable[[Any, JobContext], dict[str, Any]]] = {
+    "simulate": run_simulate,
+    "finetune": run_finetune,
+    "infer": run_infer,
+    "evaluate": run_evaluate,
+}
+"""The runner of each job kind."""

@@ -1,0 +1,322 @@
+"""Request and response schemas of the service (pydantic 2).
+
+Job parameters are validated per kind with ``extra="forbid"``, so a misspelt field is a clear
+422, not a silently ignored default. The simulate and finetune parameter models are built from
+the science configurations (:class:`calseg.simulate.config.SimulationConfig`,
+:class:`calseg.segment.finetune.FinetuneConfig`, :class:`calseg.segment.infer.InferenceConfig`)
+so the API never drifts from them; they are built on first use (:func:`params_model`), so the
+api process imports the science (and torch) only when a job of that kind is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_serializer,
+    model_validator,
+)
+
+JobKind = Literal["simulate", "finetune", "infer", "evaluate"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Split = Literal["train", "val", "test"]
+
+
+class ParamsError(ValueError):
+    """Job parameters that do not validate; ``errors`` lists pydantic's error dicts."""
+
+    def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
+        self.kind = kind
+        self.errors = errors
+        lines = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors
+        )
+        super().__init__(f"invalid parameters for a {kind} job: {lines}")
+
+
+class _Params(BaseModel):
+    """Base of every job parameter model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    _config_cls: typing.ClassVar[type | None] = None
+    _config_fields: typing.ClassVar[tuple[str, ...]] = ()
+
+    def to_config(self) -> Any:
+        """The science configuration object built from the wrapped fields."""
+        cls = type(self)._config_cls
+        if cls is None:
+            raise TypeError(f"{type(self).__name__} wraps no configuration class")
+        values = {name: getattr(self, name) for name in type(self)._config_fields}
+        return cls(**values)
+
+    @model_validator(mode="after")
+    def _config_accepts(self) -> _Params:
+        # Run the configuration's own validation (cross-field checks) at submit time.
+        if type(self)._config_cls is not None:
+            try:
+                self.to_config()
+            except ValidationError as exc:
+                raise ValueError(
+                    "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                ) from None
+            except (TypeError, ValueError) as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
+def _config_fields(config_cls: type, skip: set[str]) -> dict[str, Any]:
+    """``create_model`` field definitions mirroring a pydantic model or dataclass."""
+    fields: dict[str, Any] = {}
+    if isinstance(config_cls, type) and issubclass(config_cls, BaseModel):
+        for name, info in config_cls.model_fields.items():
+            if name not in skip:
+                fields[name] = (info.annotation, info)
+        return fields
+    if dataclasses.is_dataclass(config_cls):
+        hints = typing.get_type_hints(config_cls)
+        for f in dataclasses.fields(config_cls):
+            if not f.init or f.name in skip or f.name.startswith("_"):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = Field(default_factory=f.default_factory)
+            else:
+                default = ...
+            fields[f.name] = (hints.get(f.name, Any), default)
+        return fields
+    raise TypeError(f"{config_cls!r} is neither a pydantic model nor a dataclass")
+
+
+def _wrap(
+    name: str, doc: str, config_cls: type, own: dict[str, Any], base: type[_Params] = _Params
+) -> type[_Params]:
+    """A parameter model with ``own`` fields plus every field of ``config_cls``."""
+    wrapped = _config_fields(config_cls, skip=set(own))
+    model = create_model(name, __base__=base, __doc__=doc, **own, **wrapped)
+    model._config_cls = config_cls
+    model._config_fields = tuple(wrapped) + tuple(k for k in own if k in _names(config_cls))
+    return model
+
+
+def _names(config_cls: type) -> set[str]:
+    if isinstance(config_cls, type) and issubclass(config_cls, BaseModel):
+        return set(config_cls.model_fields)
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
+class _InferBase(_Params):
+    """Where the frames come from: exactly one of a recording or a simulated video."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            rec = data.get("recording_id")
+            ds, vid = data.get("dataset_job_id"), data.get("video_id")
+            if rec and (ds or vid):
+                raise ValueError("give either recording_id or dataset_job_id + video_id, not both")
+            if not rec and not (ds and vid):
+                raise ValueError(
+                    "give recording_id (an uploaded recording) or dataset_job_id and video_id "
+                    "(a video of a simulate job)"
+                )
+        return data
+
+
+@cache
+def params_model(kind: str) -> type[_Params]:
+    """The parameter model of a job kind (built once, on first use).
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "simulate":
+        from calseg.simulate.config import SimulationConfig
+
+        return _wrap(
+            "SimulateParams",
+            "Parameters of a simulate job: the fields of SimulationConfig.",
+            SimulationConfig,
+            {},
+        )
+    if kind == "finetune":
+        from calseg.segment.finetune import FinetuneConfig
+
+        own = {
+            "dataset_job_id": (str, Field(description="id of a succeeded simulate job")),
+        }
+        return _wrap(
+            "FinetuneParams",
+            "Parameters of a finetune job: the dataset (a simulate job) + FinetuneConfig.",
+            FinetuneConfig,
+            own,
+        )
+    if kind == "infer":
+        from calseg.segment.infer import InferenceConfig
+
+        own = {
+            "recording_id": (str | None, Field(None, description="an uploaded recording")),
+            "dataset_job_id": (str | None, Field(None, description="a simulate job")),
+            "video_id": (str | None, Field(None, description="a video of that simulate job")),
+            "model_job_id": (
+                str | None,
+                Field(None, description="a succeeded finetune job; None = the base model"),
+            ),
+            "method": (Literal["sam2", "baseline"], "sam2"),
+        }
+        return _wrap(
+            "InferParams",
+            "Parameters of an infer job: the frames' source, the model and InferenceConfig.",
+            InferenceConfig,
+            own,
+            base=_InferBase,
+        )
+    if kind == "evaluate":
+        from calseg.segment.infer import InferenceConfig
+
+        own = {
+            "dataset_job_id": (str, Field(description="id of a succeeded simulate job")),
+            "model_job_id": (
+                str | None,
+                Field(None, description="a succeeded finetune job, compared with base/baseline"),
+            ),
+            "split": (Split, "test"),
+        }
+        return _wrap(
+            "EvaluateParams",
+            "Parameters of an evaluate job: held-out videos of a simulate job, the models.",
+            InferenceConfig,
+            own,
+        )
+    raise ValueError(f"unknown job kind {kind!r}; use one of simulate, finetune, infer, evaluate")
+
+
+def validate_params(kind: str, params: dict[str, Any] | None) -> _Params:
+    """Validate ``params`` for a job of ``kind``.
+
+    Raises:
+        ParamsError: the parameters do not validate (``.errors`` lists each problem).
+    """
+    try:
+        return params_model(kind).model_validate(params or {})
+    except ValidationError as exc:
+        raise ParamsError(kind, exc.errors(include_url=False, include_context=False)) from None
+
+
+def params_to_json(params: BaseModel) -> dict[str, Any]:
+    """JSON-compatible dict of validated parameters (stored in ``jobs.params``)."""
+    return params.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- API bodies
+
+
+class JobCreate(BaseModel):
+    """Body of ``POST /api/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: JobKind
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class ArtifactOut(BaseModel):
+    """An artifact of a job; ``url`` downloads it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    kind: str
+    relpath: str
+    content_type: str
+    sha256: str
+    size_bytes: int
+    url: str = ""
+
+
+class MetricOut(BaseModel):
+    """A metric of a job (``value`` None when it was not finite)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    value: float | None
+    model: str | None = None
+    subset: str | None = None
+
+
+class JobOut(BaseModel):
+    """A job: its parameters, state, progress and (in detail) results."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: JobKind
+    state: JobState
+    params: dict[str, Any]
+    progress: float
+    stage: str | None = None
+    message: str | None = None
+    eta_s: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    code_version: str | None = None
+    attempts: int = 0
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    log_tail: str | None = None
+    metrics: list[MetricOut] = Field(default_factory=list)
+    artifacts: list[ArtifactOut] = Field(default_factory=list)
+
+    @field_serializer("created_at", "started_at", "finished_at")
+    def _as_utc(self, value: datetime | None) -> str | None:
+        value = _utc(value)
+        return value.isoformat() if value else None
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class RecordingOut(BaseModel):
+    """An uploaded recording."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    n_frames: int
+    height: int
+    width: int
+    dtype: str
+    created_at: datetime
+    duplicate: bool = False
+
+    @field_serializer("created_at")
+    def _as_utc(self, value: datetime) -> str:
+        return _utc(value).isoformat()  # type: ignore[union-attr]

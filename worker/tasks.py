@@ -1,0 +1,22 @@
+"""Celery tasks: thin wrappers over :mod:`calseg.service.jobs`."""
+
+from __future__ import annotations
+
+import logging
+
+from calseg.service.jobs import run_job
+from worker.celery_app import celery_app
+
+log = logging.getLogger("calseg.worker")
+
+
+@celery_app.task(name="calseg.run_job", acks_late=True, ignore_result=True)
+def run_job_task(job_id: str, dispatch_id: str | None = None) -> str:
+    """Run job ``job_id`` (idempotent: see :func:`calseg.service.jobs.run_job`).
+
+    Returns the job's state afterwards; the job's own errors are recorded on the job, never
+    raised, so a failing job does not crash or retry-loop the worker.
+    """
+    state = run_job(job_id, dispatch_id)
+    log.info("job %s -> %s", job_id, state)
+    return state
