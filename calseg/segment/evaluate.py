@@ -1,0 +1,240 @@
+"""Evaluate segmentation models on a dataset split, by video.
+
+For every model (SAM2 base, SAM2 fine-tuned, classical baseline...) and every video of the
+split, :func:`calseg.segment.infer.segment_recording` segments the recording (prompts from the
+image only) and the label stack is scored against the ground truth with
+:mod:`calseg.analysis.metrics`:
+
+* foreground (active-cell pixels pooled over all frames): ``iou``, ``dice``,
+  ``pixel_accuracy``;
+* instances (Hungarian matching per frame at IoU >= 0.5, counts summed over frames):
+  ``precision``, ``recall``, ``f1``, ``ap50`` (= TP / (TP + FP + FN)), ``mean_matched_iou``.
+
+The summary gives per model the mean over videos and, with at least 3 videos, a percentile
+bootstrap 95 % CI of the mean (2000 resamples of videos, seed 0). The frozen encoder is shared
+by base and fine-tuned SAM2 models, so frame embeddings computed for one are reused from the
+cache by the other; the activity analysis (prompts) is computed once per video.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calseg.analysis.metrics import foreground_scores, match_instances_stack
+from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.segment._data import DatasetError, split_videos
+from calseg.segment.infer import InferenceConfig, segment_recording
+from calseg.segment.prompts import compute_activity
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = (
+    "iou",
+    "dice",
+    "pixel_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "ap50",
+    "mean_matched_iou",
+)
+
+
+class ModelSpecError(ValueError):
+    """Raised for a malformed ``models`` mapping."""
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@dataclass
+class EvaluationReport:
+    """Per model x video metric rows and per model summaries.
+
+    ``rows``: dicts with ``model``, ``method``, ``video``, ``pattern_class``, ``n_frames``,
+    the :data:`METRIC_KEYS` and ``seconds``. ``summary``: per model ``{"model", "n_videos",
+    "<metric>_mean", "<metric>_ci95": [lo, hi] | None}``.
+    """
+
+    rows: list[dict]
+    summary: list[dict]
+    split: str = "test"
+    config: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_table(self) -> str:
+        """Plain-text table: one line per model (means over videos, CI when available)."""
+        cols = ["iou", "dice", "pixel_accuracy", "f1", "ap50", "mean_matched_iou"]
+        head = f"{'model':<22} {'videos':>6} " + " ".join(f"{c[:14]:>14}" for c in cols)
+        lines = [head, "-" * len(head)]
+        for s in self.summary:
+            cells = []
+            for c in cols:
+                m = s.get(f"{c}_mean")
+                ci = s.get(f"{c}_ci95")
+                txt = "n/a" if m is None else f"{m:.3f}"
+                if ci is not None and m is not None:
+                    txt += f"±{(ci[1] - ci[0]) / 2:.2f}"
+                cells.append(f"{txt:>14}")
+            lines.append(f"{s['model'][:22]:<22} {s['n_videos']:>6} " + " ".join(cells))
+        lines.append(f"split={self.split}; ± = half-width of the bootstrap 95 % CI over videos")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (NaN -> None)."""
+        return {
+            "split": self.split,
+            "config": self.config,
+            "models": self.models,
+            "rows": [{k: _clean(v) for k, v in r.items()} for r in self.rows],
+            "summary": self.summary,
+            "warnings": self.warnings,
+        }
+
+
+def score_labels(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """All evaluation metrics of one predicted ``(T, H, W)`` label stack vs ground truth."""
+    fg = foreground_scores(pred, gt)
+    inst = match_instances_stack(pred, gt, 0.5)
+    return {
+        "iou": fg["iou"],
+        "dice": fg["dice"],
+        "pixel_accuracy": fg["pixel_accuracy"],
+        "precision": inst["precision"],
+        "recall": inst["recall"],
+        "f1": inst["f1"],
+        "ap50": inst["ap"],
+        "mean_matched_iou": inst["mean_matched_iou"],
+        "tp": inst["tp"],
+        "fp": inst["fp"],
+        "fn": inst["fn"],
+    }
+
+
+def _bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    if len(values) < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
+    """Per-model means over videos (+ bootstrap CI with >= 3 videos)."""
+    out = []
+    for name in model_names:
+        mr = [r for r in rows if r["model"] == name]
+        s: dict = {"model": name, "n_videos": len(mr)}
+        for k in METRIC_KEYS:
+            vals = np.array([r[k] for r in mr if r.get(k) is not None], dtype=np.float64)
+            s[f"{k}_mean"] = float(vals.mean()) if len(vals) else None
+            s[f"{k}_ci95"] = _bootstrap_ci(vals) if len(vals) else None
+        s["seconds_total"] = float(sum(r.get("seconds", 0.0) for r in mr))
+        out.append(s)
+    return out
+
+
+def evaluate_dataset(
+    dataset: Path,
+    models: dict[str, tuple[str, Path | None]],
+    *,
+    split: str = "test",
+    config: InferenceConfig | None = None,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> EvaluationReport:
+    """Segment every video of ``split`` with every model and score it.
+
+    Args:
+        dataset: ``calseg-dataset`` v1 directory.
+        models: display name -> ``("sam2", checkpoint or None for the base model)`` or
+            ``("baseline", None)``.
+        split: dataset split to evaluate (``"test"`` by default).
+        config: inference settings shared by all models (``method`` is set per model).
+        cache_dir: embedding cache shared by all SAM2 models.
+        progress: :data:`calseg.progress.ProgressFn`.
+
+    Returns:
+        :class:`EvaluationReport`.
+    """
+    from calseg.segment.model import load_sam2
+
+    progress = progress or null_progress
+    config = config or InferenceConfig()
+    if not models:
+        raise ModelSpecError("models is empty; give e.g. {'baseline': ('baseline', None)}")
+    for name, spec in models.items():
+        if not (
+            isinstance(spec, tuple | list) and len(spec) == 2 and spec[0] in ("sam2", "baseline")
+        ):
+            raise ModelSpecError(
+                f"model {name!r}: expected ('sam2', checkpoint|None) or ('baseline', None), "
+                f"got {spec!r}"
+            )
+    videos = split_videos(dataset, split)
+    if not videos:
+        raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
+    warnings: list[str] = []
+    loaded_models = {}
+    model_infos: dict[str, dict | None] = {}
+    for name, (method, ckpt) in models.items():
+        if method == "sam2":
+            loaded_models[name] = load_sam2(
+                config.model, ckpt, image_size=config.image_size, device=config.device
+            )
+            model_infos[name] = loaded_models[name].info.to_dict()
+            if loaded_models[name].info.random_weights:
+                warnings.append(f"{name}: SAM2 with RANDOM weights")
+        else:
+            model_infos[name] = None
+    rows: list[dict] = []
+    n_jobs = len(videos) * len(models)
+    job = 0
+    for vid in videos:
+        image = np.asarray(vid.load_image())
+        gt = np.asarray(vid.load_labels()).astype(np.uint32)
+        activity = compute_activity(image, config.activity_params())
+        for name, (method, ckpt) in models.items():
+            t0 = time.perf_counter()
+            cfg = config.model_copy(update={"method": method})
+            res = segment_recording(
+                image,
+                cfg,
+                checkpoint=ckpt,
+                cache_dir=cache_dir,
+                progress=scaled(progress, job / n_jobs, (job + 1) / n_jobs),
+                model=loaded_models.get(name),
+                activity=activity,
+            )
+            row = {
+                "model": name,
+                "method": method,
+                "video": vid.id,
+                "pattern_class": vid.pattern_class,
+                "n_frames": int(image.shape[0]),
+                **score_labels(res.labels, gt),
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            job += 1
+            log.info("%s on %s: IoU %.3f F1 %.3f", name, vid.id, row["iou"], row["f1"])
+    progress(1.0, "done", f"evaluated {len(models)} models on {len(videos)} videos")
+    return EvaluationReport(
+        rows=rows,
+        summary=summarise(rows, list(models)),
+        split=split,
+        config=config.model_dump(),
+        models=model_infos,
+        warnings=warnings,
+    )

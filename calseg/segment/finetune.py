@@ -1,0 +1,639 @@
+"""Fine-tune SAM2's prompt encoder and mask decoder on a simulated ``calseg-dataset``.
+
+Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
+
+* The image encoder is frozen; every training/validation frame is embedded once (per-recording
+  normalisation, :mod:`calseg.segment.embeddings`) and cached on disk. Training calls
+  ``sam_prompt_encoder`` and ``sam_mask_decoder`` directly on cached features
+  (:func:`calseg.segment.model.run_decoder`), never ``predict()``.
+* Instance targets: each prompt's target is ITS OWN cell's mask in that frame (not the union of
+  all active cells). The positive point is sampled inside the cell's mask eroded by a 5x5 square
+  (falls back to the un-eroded mask for tiny cells); up to ``n_negative_points`` negatives come
+  from other active cells of the frame or from the background ring around the cell. A fraction
+  ``background_prompt_fraction`` of prompts is placed on background pixels with an empty target
+  and object-score target 0, so frames without any active cell still give a finite loss.
+* Loss (SAM, Kirillov et al. 2023; SAM2, Ravi et al. 2024): ``focal_weight`` x sigmoid focal
+  loss (Lin et al. 2017, alpha 0.25, gamma 2) + ``dice_weight`` x soft Dice loss on the
+  candidate mask with the lowest loss of SAM's three, + ``iou_weight`` x MSE between the IoU head
+  and the true IoU of all three candidates, + ``object_weight`` x BCE on the object-score logit.
+  Computed at the model resolution (logits upsampled from S/4 to S).
+* AdamW; linear warm-up then cosine decay to ``min_lr_ratio`` x lr, stepped once per OPTIMISER
+  step (not per micro-batch); gradient accumulation ``grad_accum``; gradients clipped to
+  ``max_grad_norm`` AFTER unscaling when AMP (CUDA float16 + GradScaler) is on; steps with a
+  non-finite loss or gradient norm are skipped and counted (abort after
+  ``max_nonfinite_steps`` in a row).
+* Validation every ``val_every`` steps on the val split, by video: one prompt per ground-truth
+  cell and frame (point = deepest pixel of the eroded mask), IoU of the chosen mask with the
+  cell in the frame grid; video IoU = mean over prompts; ``val_mean_iou`` = mean over videos.
+  The best checkpoint by ``val_mean_iou`` is kept (``best.pt``: prompt encoder + mask decoder
+  weights + metadata, ~17 MB for the tiny model). ``last.pt`` adds optimiser/scheduler state for
+  resuming an interrupted run with the same config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage as ndi
+
+from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.segment._data import DatasetError, split_videos
+from calseg.segment.embeddings import (
+    FrameEmbeddings,
+    FrameGeometry,
+    compute_normalisation,
+    labels_to_model,
+    logits_to_frame,
+)
+from calseg.segment.infer import embed_recording
+from calseg.segment.model import (
+    LoadedSAM2,
+    load_sam2,
+    run_decoder,
+    save_finetuned_checkpoint,
+    trainable_parameter_names,
+)
+from calseg.segment.prompts import pack_points
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+class FinetuneConfig(BaseModel):
+    """Fine-tuning settings (validated, unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "sam2.1_hiera_t"
+    image_size: int = Field(512, ge=64, le=2048, multiple_of=32)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    val_every: int = Field(50, ge=1)
+    frames_per_video: int = Field(16, ge=1, description="frames per training video embedded")
+    val_frames_per_video: int = Field(8, ge=1)
+    val_max_prompts_per_frame: int = Field(32, ge=1)
+    seed: int = 0
+    focal_weight: float = Field(20.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    iou_weight: float = Field(1.0, ge=0)
+    object_weight: float = Field(1.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    n_negative_points: int = Field(2, ge=0, le=8)
+    background_prompt_fraction: float = Field(0.1, ge=0, le=1)
+    erosion_px: int = Field(5, ge=1, description="side of the square erosion for prompt points")
+    max_grad_norm: float = Field(1.0, gt=0)
+    amp: bool = Field(True, description="float16 autocast + GradScaler (CUDA only)")
+    device: str = "auto"
+    encoder_batch_size: int = Field(4, ge=1)
+    low_percentile: float = Field(0.5, ge=0, lt=100)
+    high_percentile: float = Field(99.8, gt=0, le=100)
+    max_nonfinite_steps: int = Field(10, ge=1)
+    time_limit_s: float | None = Field(None, gt=0, description="stop early after this long")
+    resume: bool = True
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that define a run (for resuming)."""
+        d = self.model_dump(exclude={"resume", "time_limit_s", "device", "val_every"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of :func:`finetune`.
+
+    ``checkpoint``: best (or, without a val split, last) fine-tuned checkpoint;
+    ``history``: one dict per optimiser step (``kind="train"``) and per validation
+    (``kind="val"``); ``best_val_iou``: best ``val_mean_iou`` (None without a val split).
+    """
+
+    checkpoint: Path
+    history: list[dict]
+    best_val_iou: float | None
+    model_info: dict
+    warnings: list[str]
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Video:
+    id: str
+    frames_idx: np.ndarray  # indices into the recording of the embedded frames
+    emb: FrameEmbeddings
+    geometry: FrameGeometry
+    labels: np.ndarray  # (F, H, W) uint32 frame grid, embedded frames only
+    labels_model: np.ndarray  # (F, S, S) uint32 model grid
+    eroded_points: list[dict]  # per frame: {id: (n, 2) array of (row, col)}
+
+
+def _select_frames(labels: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` frame indices, evenly spread over frames with active cells, plus ~10 %
+    frames without any (so the model also sees "nothing active")."""
+    t = labels.shape[0]
+    active = labels.reshape(t, -1).any(axis=1)
+    act = np.flatnonzero(active)
+    empty = np.flatnonzero(~active)
+    n_empty = min(len(empty), max(0, int(round(0.1 * n))) if len(act) else n)
+    n_act = min(len(act), n - n_empty)
+    pick_a = act[np.linspace(0, len(act) - 1, n_act).round().astype(int)] if n_act else act[:0]
+    pick_e = (
+        empty[np.linspace(0, len(empty) - 1, n_empty).round().astype(int)] if n_empty else empty[:0]
+    )
+    return np.unique(np.concatenate([pick_a, pick_e])).astype(int)
+
+
+def _eroded_points(label_img: np.ndarray, erosion_px: int) -> dict[int, np.ndarray]:
+    """``{cell id: (n, 2) int (row, col)}`` of pixels inside the cell eroded by a square of side
+    ``erosion_px`` (the un-eroded mask when erosion empties it)."""
+    out: dict[int, np.ndarray] = {}
+    struct = np.ones((erosion_px, erosion_px), dtype=bool)
+    for i, sl in enumerate(ndi.find_objects(label_img), start=1):
+        if sl is None:
+            continue
+        pad = erosion_px
+        r0, c0 = max(sl[0].start - pad, 0), max(sl[1].start - pad, 0)
+        sub = label_img[r0 : sl[0].stop + pad, c0 : sl[1].stop + pad] == i
+        er = ndi.binary_erosion(sub, structure=struct) if erosion_px > 1 else sub
+        if not er.any():
+            er = sub
+        rr, cc = np.nonzero(er)
+        out[i] = np.stack([rr + r0, cc + c0], axis=1)
+    return out
+
+
+def _prepare_video(
+    loaded: LoadedSAM2,
+    video,
+    n_frames: int,
+    cfg: FinetuneConfig,
+    cache_dir: Path | None,
+    progress: ProgressFn,
+) -> _Video:
+    image = np.asarray(video.load_image())
+    labels = np.asarray(video.load_labels()).astype(np.uint32)
+    if image.shape != labels.shape or image.ndim != 3:
+        raise DatasetError(
+            f"video {video.id}: image {image.shape} and labels {labels.shape} must be equal (T,H,W)"
+        )
+    idx = _select_frames(labels, n_frames)
+    norm = compute_normalisation(image, cfg.low_percentile, cfg.high_percentile)
+    geom = FrameGeometry(image.shape[1], image.shape[2], loaded.info.image_size)
+    emb = embed_recording(
+        loaded,
+        image[idx],
+        norm,
+        geom,
+        cache_dir=cache_dir,
+        batch_size=cfg.encoder_batch_size,
+        progress=progress,
+    )
+    lab = labels[idx]
+    return _Video(
+        id=str(video.id),
+        frames_idx=idx,
+        emb=emb,
+        geometry=geom,
+        labels=lab,
+        labels_model=labels_to_model(lab, geom),
+        eroded_points=[_eroded_points(lab[f], cfg.erosion_px) for f in range(len(idx))],
+    )
+
+
+def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    prog = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def _sample_batch(
+    videos: list[_Video], items: list[tuple[int, int, int]], cfg: FinetuneConfig, rng
+) -> tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray]:
+    """Sample prompts: ``(items (video, frame, id; id 0 = background), coords (B,N,2) frame px,
+    labels (B,N))``."""
+    chosen: list[tuple[int, int, int]] = []
+    pos: list[tuple[float, float]] = []
+    negs: list[list[tuple[float, float]]] = []
+    for _ in range(cfg.batch_size):
+        if not items or rng.random() < cfg.background_prompt_fraction:
+            v = int(rng.integers(len(videos)))
+            f = int(rng.integers(len(videos[v].frames_idx)))
+            lab = videos[v].labels[f]
+            bg = np.flatnonzero(lab.ravel() == 0)
+            if bg.size == 0:
+                continue
+            r, c = np.unravel_index(int(rng.choice(bg)), lab.shape)
+            chosen.append((v, f, 0))
+            pos.append((float(c), float(r)))
+            negs.append([])
+            continue
+        v, f, cid = items[int(rng.integers(len(items)))]
+        pts = videos[v].eroded_points[f][cid]
+        r, c = pts[int(rng.integers(len(pts)))]
+        neg: list[tuple[float, float]] = []
+        others = [k for k in videos[v].eroded_points[f] if k != cid]
+        lab = videos[v].labels[f]
+        for _k in range(cfg.n_negative_points):
+            if others and rng.random() < 0.5:
+                o = videos[v].eroded_points[f][others[int(rng.integers(len(others)))]]
+                rr, cc = o[int(rng.integers(len(o)))]
+            else:  # background ring: up to 6 px from the cell, outside every active cell
+                cell = lab == cid
+                ring = ndi.binary_dilation(cell, iterations=6) & (lab == 0)
+                ring_idx = np.flatnonzero(ring.ravel())
+                if ring_idx.size == 0:
+                    continue
+                rr, cc = np.unravel_index(int(rng.choice(ring_idx)), lab.shape)
+            neg.append((float(cc), float(rr)))
+        chosen.append((v, f, cid))
+        pos.append((float(c), float(r)))
+        negs.append(neg)
+    coords, labels = pack_points(pos, negs)
+    return chosen, coords, labels
+
+
+def _losses(logits, iou_pred, obj_logits, target, is_obj, cfg: FinetuneConfig) -> dict:
+    """Per-batch losses. ``logits`` (B,C,S,S), ``iou_pred`` (B,C), ``obj_logits`` (B,1),
+    ``target`` (B,1,S,S) float {0,1}, ``is_obj`` (B,) float {0,1}."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    t = target.expand_as(logits)
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    alpha_t = cfg.focal_alpha * t + (1 - cfg.focal_alpha) * (1 - t)
+    focal = (alpha_t * ce * (1 - p_t) ** cfg.focal_gamma).flatten(2).mean(-1)  # (B,C)
+    inter = (p * t).flatten(2).sum(-1)
+    dice = 1 - (2 * inter + 1) / (p.flatten(2).sum(-1) + t.flatten(2).sum(-1) + 1)  # (B,C)
+    per_mask = cfg.focal_weight * focal + cfg.dice_weight * dice
+    best = per_mask.argmin(dim=1)
+    ar = torch.arange(len(best), device=logits.device)
+    mask_loss = per_mask[ar, best].mean()
+    with torch.no_grad():
+        hard = logits > 0
+        tb = t > 0.5
+        i_ = (hard & tb).flatten(2).sum(-1).float()
+        u_ = (hard | tb).flatten(2).sum(-1).float()
+        true_iou = torch.where(u_ > 0, i_ / u_.clamp(min=1), torch.ones_like(u_))
+    w = is_obj[:, None].expand_as(true_iou)
+    iou_mse = ((iou_pred.float() - true_iou) ** 2 * w).sum() / w.sum().clamp(min=1)
+    obj = F.binary_cross_entropy_with_logits(obj_logits.float()[:, 0], is_obj)
+    total = mask_loss + cfg.iou_weight * iou_mse + cfg.object_weight * obj
+    return {
+        "loss": total,
+        "focal": focal[ar, best].mean(),
+        "dice": dice[ar, best].mean(),
+        "iou_mse": iou_mse,
+        "object_bce": obj,
+        "train_iou": true_iou[ar, best].mean(),
+    }
+
+
+def validate(loaded: LoadedSAM2, videos: list[_Video], cfg: FinetuneConfig) -> dict:
+    """Prompted IoU on validation videos (see module docstring). Returns
+    ``{"val_mean_iou", "per_video": {id: iou}, "n_prompts"}``."""
+    import torch
+
+    model = loaded.model
+    device = next(model.parameters()).device
+    per_video: dict[str, float] = {}
+    n_total = 0
+    model.eval()
+    for vid in videos:
+        ious: list[float] = []
+        for f in range(len(vid.frames_idx)):
+            lab = vid.labels[f]
+            ids = [i for i in np.unique(lab) if i][: cfg.val_max_prompts_per_frame]
+            if not ids:
+                continue
+            pos, negs = [], []
+            for i in ids:
+                m = lab == i
+                dist = ndi.distance_transform_edt(m)
+                r, c = np.unravel_index(int(np.argmax(dist)), m.shape)
+                pos.append((float(c), float(r)))
+            xy = np.array(pos)
+            for k in range(len(ids)):
+                d = ((xy - xy[k]) ** 2).sum(1)
+                d[k] = np.inf
+                order = [j for j in np.argsort(d)[: cfg.n_negative_points] if np.isfinite(d[j])]
+                negs.append([pos[j] for j in order])
+            coords, plabels = pack_points(pos, negs)
+            coords = vid.geometry.to_model_points(coords)
+            emb, high = vid.emb.get(f, device)
+            with torch.no_grad():
+                low, iou, _ = run_decoder(
+                    model,
+                    emb,
+                    high,
+                    torch.from_numpy(coords).to(device),
+                    torch.from_numpy(plabels).to(device),
+                )
+                ar = torch.arange(len(ids), device=device)
+                best = low[ar, iou.argmax(1)][:, None].float()
+                masks = (logits_to_frame(best, vid.geometry)[:, 0] > 0).cpu().numpy()
+            for k, i in enumerate(ids):
+                g = lab == i
+                inter = np.count_nonzero(masks[k] & g)
+                union = np.count_nonzero(masks[k] | g)
+                ious.append(inter / union if union else 1.0)
+        if ious:
+            per_video[vid.id] = float(np.mean(ious))
+            n_total += len(ious)
+    mean = float(np.mean(list(per_video.values()))) if per_video else None
+    return {"val_mean_iou": mean, "per_video": per_video, "n_prompts": n_total}
+
+
+def finetune(
+    dataset: Path,
+    out_dir: Path,
+    config: FinetuneConfig,
+    *,
+    base_checkpoint: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> FinetuneResult:
+    """Fine-tune SAM2's prompt encoder + mask decoder on a dataset's train split.
+
+    Args:
+        dataset: ``calseg-dataset`` v1 directory (train and, ideally, val split).
+        out_dir: output directory (``best.pt``, ``last.pt``, ``history.json``).
+        config: :class:`FinetuneConfig`.
+        base_checkpoint: SAM2 checkpoint to start from (``None``: ``$CALSEG_SAM2_CHECKPOINT`` or
+            random weights, with a warning in the result).
+        cache_dir: embedding cache directory (default ``out_dir / "embeddings"``).
+        progress: :data:`calseg.progress.ProgressFn`.
+
+    Returns:
+        :class:`FinetuneResult`.
+
+    Raises:
+        DatasetError: no training video / no usable frame. TrainingDivergedError.
+    """
+    import torch
+
+    progress = progress or null_progress
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "embeddings"
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    train_v = split_videos(dataset, "train")
+    val_v = split_videos(dataset, "val")
+    if not train_v:
+        raise DatasetError(f"dataset {dataset} has no video in the 'train' split")
+    if not val_v:
+        warnings.append("no 'val' split: the checkpoint is the last step, not the best by val IoU")
+    loaded = load_sam2(
+        config.model, base_checkpoint, image_size=config.image_size, device=config.device
+    )
+    if loaded.info.random_weights:
+        warnings.append(
+            "base SAM2 has RANDOM weights (no checkpoint): the frozen encoder's features are "
+            "random, so fine-tuned masks stay poor"
+        )
+    model = loaded.model
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+
+    progress(0.0, "embed", "embedding training frames")
+    n_all = len(train_v) + len(val_v)
+    videos: list[_Video] = []
+    for k, v in enumerate(train_v):
+        videos.append(
+            _prepare_video(
+                loaded,
+                v,
+                config.frames_per_video,
+                config,
+                cache_dir,
+                scaled(progress, 0.3 * k / n_all, 0.3 * (k + 1) / n_all),
+            )
+        )
+    vals: list[_Video] = []
+    for k, v in enumerate(val_v):
+        j = len(train_v) + k
+        vals.append(
+            _prepare_video(
+                loaded,
+                v,
+                config.val_frames_per_video,
+                config,
+                cache_dir,
+                scaled(progress, 0.3 * j / n_all, 0.3 * (j + 1) / n_all),
+            )
+        )
+    timings["embed_s"] = time.perf_counter() - t_start
+    items = [
+        (vi, f, cid)
+        for vi, vid in enumerate(videos)
+        for f in range(len(vid.frames_idx))
+        for cid in vid.eroded_points[f]
+    ]
+    if not items:
+        warnings.append("no active cell in the sampled training frames: only background prompts")
+
+    names = set(trainable_parameter_names(model))
+    params = [p for n, p in model.named_parameters() if n in names]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    use_amp = bool(config.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: list[dict] = []
+    best_iou: float | None = None
+    start_step = 0
+    best_path = out_dir / "best.pt"
+    last_path = out_dir / "last.pt"
+    fp = config.fingerprint()
+    meta_base = {
+        "finetune_config": config.model_dump(),
+        "dataset": str(dataset),
+        "train_videos": [v.id for v in videos],
+        "val_videos": [v.id for v in vals],
+        "fingerprint": fp,
+    }
+    if config.resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("metadata", {}).get("fingerprint") == fp and "optimizer" in state:
+            model.sam_prompt_encoder.load_state_dict(state["sam_prompt_encoder"])
+            model.sam_mask_decoder.load_state_dict(state["sam_mask_decoder"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_step = int(state["metadata"]["step"])
+            history = list(state["metadata"].get("history", []))
+            best_iou = state["metadata"].get("best_val_iou")
+            rng = np.random.default_rng([config.seed, start_step])
+            warnings.append(f"resumed from {last_path} at step {start_step}")
+        else:
+            warnings.append(f"{last_path} belongs to a different run; starting afresh")
+
+    def save_last(step: int) -> None:
+        meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou)
+        save_finetuned_checkpoint(
+            loaded,
+            last_path,
+            meta,
+            extra={
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+            },
+        )
+
+    def run_val(step: int) -> None:
+        nonlocal best_iou
+        res = validate(loaded, vals, config)
+        entry = {"kind": "val", "step": step, **res, "time_s": time.perf_counter() - t_start}
+        history.append(entry)
+        v = res["val_mean_iou"]
+        if v is not None and (best_iou is None or v > best_iou):
+            best_iou = v
+            save_finetuned_checkpoint(loaded, best_path, dict(meta_base, step=step, val_mean_iou=v))
+        progress(0.3 + 0.7 * step / config.steps, "validate", f"step {step}: val IoU {v}")
+
+    if vals and start_step == 0:
+        run_val(0)
+    t_train = time.perf_counter()
+    bad = 0
+    step = start_step
+    train_progress = scaled(progress, 0.3, 1.0)
+    model.sam_prompt_encoder.train()
+    model.sam_mask_decoder.train()
+    while step < config.steps:
+        if config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s:
+            warnings.append(f"time limit {config.time_limit_s} s reached at step {step}")
+            break
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        finite = True
+        for _micro in range(config.grad_accum):
+            chosen, coords, plabels = _sample_batch(videos, items, config, rng)
+            if not chosen:
+                continue
+            idx_v = [c[0] for c in chosen]
+            idx_f = [c[1] for c in chosen]
+            emb = torch.stack(
+                [videos[v].emb.image_embed[f] for v, f in zip(idx_v, idx_f, strict=True)]
+            ).to(device, torch.float32)
+            s0 = torch.stack(
+                [videos[v].emb.feat_s0[f] for v, f in zip(idx_v, idx_f, strict=True)]
+            ).to(device, torch.float32)
+            s1 = torch.stack(
+                [videos[v].emb.feat_s1[f] for v, f in zip(idx_v, idx_f, strict=True)]
+            ).to(device, torch.float32)
+            mcoords = np.concatenate(
+                [videos[v].geometry.to_model_points(coords[k : k + 1]) for k, v in enumerate(idx_v)]
+            )
+            target = np.stack(
+                [(videos[v].labels_model[f] == cid) & (cid > 0) for v, f, cid in chosen]
+            )
+            target_t = torch.from_numpy(target[:, None].astype(np.float32)).to(device)
+            is_obj = torch.tensor([float(c[2] > 0) for c in chosen], device=device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                low, iou, obj = run_decoder(
+                    model,
+                    emb,
+                    [s0, s1],
+                    torch.from_numpy(mcoords).to(device),
+                    torch.from_numpy(plabels).to(device),
+                    multimask_output=True,
+                )
+            logits = torch.nn.functional.interpolate(
+                low.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
+            ls = _losses(logits, iou, obj, target_t, is_obj, config)
+            if not torch.isfinite(ls["loss"]):
+                finite = False
+                break
+            scaler.scale(ls["loss"] / config.grad_accum).backward()
+            for k, v in ls.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
+        grad_norm = float("nan")
+        if finite and logs:
+            scaler.unscale_(opt)  # unscale BEFORE clipping (no-op without AMP)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if not math.isfinite(grad_norm) and not use_amp:
+                finite = False
+        if not finite or not logs:
+            bad += 1
+            opt.zero_grad(set_to_none=True)
+            if use_amp:
+                scaler.update()
+            history.append({"kind": "skipped", "step": step, "reason": "non-finite"})
+            if bad >= config.max_nonfinite_steps:
+                raise TrainingDivergedError(
+                    f"{bad} consecutive steps with non-finite loss/gradients at step {step}; "
+                    "lower lr or check the data"
+                )
+            step += 1
+            sched.step()
+            continue
+        bad = 0
+        scaler.step(opt)
+        scaler.update()
+        lr = opt.param_groups[0]["lr"]
+        sched.step()  # once per optimiser step
+        step += 1
+        history.append(
+            {
+                "kind": "train",
+                "step": step,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "time_s": time.perf_counter() - t_start,
+                **{k: round(v, 6) for k, v in logs.items()},
+            }
+        )
+        train_progress(
+            step / config.steps, "train", f"step {step}/{config.steps} loss {logs['loss']:.4f}"
+        )
+        if vals and (step % config.val_every == 0 or step == config.steps):
+            run_val(step)
+            model.sam_prompt_encoder.train()
+            model.sam_mask_decoder.train()
+    timings["train_s"] = time.perf_counter() - t_train
+    if vals and (not history or history[-1].get("kind") != "val"):
+        run_val(step)
+    save_last(step)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    if not vals or not best_path.exists():
+        save_finetuned_checkpoint(loaded, best_path, dict(meta_base, step=step, val_mean_iou=None))
+    timings["total_s"] = time.perf_counter() - t_start
+    (out_dir / "history.json").write_text(json.dumps({"history": history, "timings": timings}))
+    progress(1.0, "done", f"best val IoU {best_iou}")
+    return FinetuneResult(
+        checkpoint=best_path,
+        history=history,
+        best_val_iou=best_iou,
+        model_info=loaded.info.to_dict(),
+        warnings=warnings,
+        timings=timings,
+    )

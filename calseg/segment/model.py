@@ -1,0 +1,490 @@
+"""Loading SAM2 (Ravi et al. 2024, "SAM 2: Segment Anything in Images and Videos") for CalSeg.
+
+:func:`load_sam2` builds a model from one of the configs packaged with ``sam2`` (Hydra,
+``configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml``), with ``++model.image_size`` overridden
+(multiple of 32), and loads weights from
+
+* a full SAM2 checkpoint (``{"model": state_dict}``, as published by Meta), or
+* a CalSeg fine-tuned checkpoint (:data:`FINETUNE_FORMAT`: prompt-encoder + mask-decoder state
+  dicts and metadata naming the base config, image size, base checkpoint and the hash of the
+  frozen image encoder it was trained on), or
+* nothing: then ``CALSEG_SAM2_CHECKPOINT`` (environment) is used when set; otherwise the model
+  keeps RANDOM weights (seeded, so reproducible), with a loud warning and
+  ``info.random_weights = True``. No weights are ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ENV = "CALSEG_SAM2_CHECKPOINT"
+FINETUNE_FORMAT = "calseg-sam2-finetune"
+RANDOM_INIT_SEED = 0
+KNOWN_CONFIGS = {
+    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+    "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml",
+    "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
+    "sam2_hiera_b+": "configs/sam2/sam2_hiera_b+.yaml",
+    "sam2_hiera_l": "configs/sam2/sam2_hiera_l.yaml",
+}
+# Same post-processing overrides as sam2.build_sam.build_sam2(apply_postprocessing=True).
+_POSTPROCESS_OVERRIDES = [
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+]
+
+
+class ModelLoadError(ValueError):
+    """Raised when a SAM2 model or checkpoint cannot be loaded as asked."""
+
+
+class ChecksumMismatchError(ModelLoadError):
+    """Raised when a checkpoint's SHA-256 differs from the expected one."""
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of a loaded model (stored with every result that used it)."""
+
+    config: str
+    image_size: int
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    random_weights: bool
+    device: str
+    n_parameters: int
+    finetuned_from: str | None = None
+    encoder_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of all fields."""
+        return asdict(self)
+
+
+@dataclass
+class LoadedSAM2:
+    """A SAM2 model (``sam2.modeling.sam2_base.SAM2Base``, eval mode) and its provenance."""
+
+    model: torch.nn.Module
+    info: ModelInfo
+
+
+def resolve_config(config: str) -> tuple[str, str]:
+    """Config name -> ``(short_name, hydra_config_path)``.
+
+    Accepts ``"sam2.1_hiera_t"``, ``"sam2.1_hiera_t.yaml"`` or
+    ``"configs/sam2.1/sam2.1_hiera_t.yaml"``.
+
+    Raises:
+        ModelLoadError: for unknown names (the message lists the known ones).
+    """
+    name = Path(str(config)).name
+    if name.endswith(".yaml"):
+        name = name[: -len(".yaml")]
+    if name not in KNOWN_CONFIGS:
+        raise ModelLoadError(
+            f"unknown SAM2 config {config!r}; choose one of {sorted(KNOWN_CONFIGS)}"
+        )
+    return name, KNOWN_CONFIGS[name]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other values are checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available here")
+    return device
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def set_torch_threads() -> int:
+    """Use all CPU cores this process may run on (``os.sched_getaffinity``) for torch ops.
+
+    Returns the thread count set.
+    """
+    import torch
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    n = max(1, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def build_sam2_model(config: str, image_size: int) -> torch.nn.Module:
+    """Instantiate a SAM2 model from a packaged config with deterministic random weights.
+
+    Random initialisation is seeded (:data:`RANDOM_INIT_SEED`) inside a forked RNG, so two
+    random-weight models are identical: a fine-tuned checkpoint made on a random-weight base
+    can be re-attached to the same frozen encoder later.
+    """
+    import sam2  # noqa: F401  (initialises Hydra with the sam2 config module)
+    import torch
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if image_size % 32 or image_size < 64:
+        raise ModelLoadError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
+    _, cfg_path = resolve_config(config)
+    overrides = [f"++model.image_size={int(image_size)}", *_POSTPROCESS_OVERRIDES]
+    cfg = compose(config_name=cfg_path, overrides=overrides)
+    OmegaConf.resolve(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = instantiate(cfg.model, _recursive_=True)
+    return model
+
+
+def encoder_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the state-dict entries that define the cached image features (frozen).
+
+    The image encoder, ``no_mem_embed`` and the mask decoder's ``conv_s0``/``conv_s1``
+    (applied inside ``forward_image``; see :mod:`calseg.segment.embeddings`).
+    """
+    names = []
+    for k in model.state_dict():
+        if (
+            k.startswith("image_encoder.")
+            or k == "no_mem_embed"
+            or k.startswith("sam_mask_decoder.conv_s0.")
+            or k.startswith("sam_mask_decoder.conv_s1.")
+        ):
+            names.append(k)
+    return sorted(names)
+
+
+def compute_encoder_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over the frozen encoder's weights (names, shapes and float32 bytes)."""
+    sd = model.state_dict()
+    h = hashlib.sha256()
+    for k in encoder_parameter_names(model):
+        t = sd[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def encoder_hash(loaded: LoadedSAM2) -> str:
+    """The loaded model's encoder hash (computed once, stored in ``info.encoder_sha256``)."""
+    if loaded.info.encoder_sha256 is None:
+        loaded.info.encoder_sha256 = compute_encoder_hash(loaded.model)
+    return loaded.info.encoder_sha256
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Prompt-encoder and mask-decoder parameters that fine-tuning trains (not conv_s0/s1)."""
+    frozen = set(encoder_parameter_names(model))
+    return [
+        n
+        for n, _ in model.named_parameters()
+        if (n.startswith("sam_prompt_encoder.") or n.startswith("sam_mask_decoder."))
+        and n not in frozen
+    ]
+
+
+def _load_full_state_dict(model: torch.nn.Module, sd: dict, path: Path) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"checkpoint {path} does not fit this SAM2 config: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+            "pass the config the checkpoint was trained with"
+        )
+
+
+def _torch_load(path: Path) -> dict:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"checkpoint {path} is not a dict (got {type(obj).__name__})")
+    return obj
+
+
+def load_sam2(
+    config: str = "sam2.1_hiera_t",
+    checkpoint: str | Path | None = None,
+    *,
+    image_size: int = 512,
+    device: str = "auto",
+    expected_sha256: str | None = None,
+) -> LoadedSAM2:
+    """Build SAM2 and load weights (see module docstring for the accepted checkpoints).
+
+    Args:
+        config: config name, e.g. ``"sam2.1_hiera_t"`` (39 M parameters).
+        checkpoint: full SAM2 checkpoint or CalSeg fine-tuned checkpoint; ``None`` uses
+            ``$CALSEG_SAM2_CHECKPOINT`` when set, else random weights (warning).
+        image_size: model input side in px (multiple of 32). A fine-tuned checkpoint's own
+            config and image size win (with a warning when they differ from the arguments).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        expected_sha256: when given, the checkpoint file's SHA-256 must match.
+
+    Returns:
+        :class:`LoadedSAM2` in eval mode on ``device``.
+
+    Raises:
+        ModelLoadError / ChecksumMismatchError: missing file, bad checksum, wrong config.
+    """
+    set_torch_threads()
+    dev = resolve_device(device)
+    if checkpoint is None and os.environ.get(CHECKPOINT_ENV):
+        checkpoint = os.environ[CHECKPOINT_ENV]
+        log.info("using SAM2 checkpoint from $%s: %s", CHECKPOINT_ENV, checkpoint)
+    short, _ = resolve_config(config)
+    sha = None
+    finetuned_from = None
+    random_weights = False
+    if checkpoint is None:
+        model = build_sam2_model(short, image_size)
+        random_weights = True
+        log.warning(
+            "!!! SAM2 %s has RANDOM WEIGHTS: no checkpoint given and $%s unset. Masks from "
+            "this model are meaningless; pass a local SAM2 checkpoint (e.g. "
+            "sam2.1_hiera_tiny.pt) or a CalSeg fine-tuned checkpoint. !!!",
+            short,
+            CHECKPOINT_ENV,
+        )
+    else:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(
+                f"SAM2 checkpoint {path} not found; weights cannot be downloaded here, put the "
+                f"file on disk and pass its path (or set ${CHECKPOINT_ENV})"
+            )
+        sha = file_sha256(path)
+        if expected_sha256 is not None and sha.lower() != expected_sha256.lower():
+            raise ChecksumMismatchError(
+                f"checkpoint {path} has SHA-256 {sha}, expected {expected_sha256}; "
+                "the file is corrupt or a different model"
+            )
+        obj = _torch_load(path)
+        if obj.get("format") == FINETUNE_FORMAT:
+            meta = obj["metadata"]
+            ck_short, ck_size = meta["config"], int(meta["image_size"])
+            if (ck_short, ck_size) != (short, image_size):
+                log.warning(
+                    "fine-tuned checkpoint %s was trained as %s at image_size %d; using those "
+                    "instead of the requested %s / %d",
+                    path,
+                    ck_short,
+                    ck_size,
+                    short,
+                    image_size,
+                )
+            short, image_size = resolve_config(ck_short)[0], ck_size
+            base = _load_base_for_finetune(meta, short, image_size)
+            model = base.model
+            model.sam_prompt_encoder.load_state_dict(obj["sam_prompt_encoder"])
+            model.sam_mask_decoder.load_state_dict(obj["sam_mask_decoder"])
+            random_weights = base.info.random_weights
+            finetuned_from = base.info.checkpoint or f"random-init(seed={RANDOM_INIT_SEED})"
+            if random_weights:
+                log.warning(
+                    "fine-tuned checkpoint %s was trained on a RANDOM-WEIGHT image encoder; "
+                    "its masks are only as good as such an encoder allows",
+                    path,
+                )
+        elif "model" in obj and isinstance(obj["model"], dict):
+            model = build_sam2_model(short, image_size)
+            _load_full_state_dict(model, obj["model"], path)
+        else:
+            raise ModelLoadError(
+                f"{path} is neither a SAM2 checkpoint ({{'model': state_dict}}) nor a CalSeg "
+                f"fine-tuned checkpoint (format {FINETUNE_FORMAT!r}); keys: {sorted(obj)[:8]}"
+            )
+    model = model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info = ModelInfo(
+        config=short,
+        image_size=int(image_size),
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        checkpoint_sha256=sha,
+        random_weights=random_weights,
+        device=dev,
+        n_parameters=int(sum(p.numel() for p in model.parameters())),
+        finetuned_from=finetuned_from,
+    )
+    loaded = LoadedSAM2(model=model, info=info)
+    if checkpoint is not None and finetuned_from is not None:
+        expected = obj["metadata"].get("encoder_sha256")
+        if expected and encoder_hash(loaded) != expected:
+            raise ModelLoadError(
+                f"fine-tuned checkpoint {checkpoint} was trained on a different image encoder "
+                f"(hash {expected[:12]}...) than the base loaded now "
+                f"({loaded.info.encoder_sha256[:12]}...); point ${CHECKPOINT_ENV} at its base "
+                "checkpoint"
+            )
+    return loaded
+
+
+def _load_base_for_finetune(meta: dict, short: str, image_size: int) -> LoadedSAM2:
+    """Load the base model a fine-tuned checkpoint was trained from (encoder weights)."""
+    base = meta.get("base_checkpoint")
+    base_sha = meta.get("base_checkpoint_sha256")
+    if base is None:
+        return _load_plain(short, None, image_size, None)
+    candidates = [Path(base)]
+    if os.environ.get(CHECKPOINT_ENV):
+        candidates.append(Path(os.environ[CHECKPOINT_ENV]))
+    for cand in candidates:
+        if cand.is_file():
+            return _load_plain(short, cand, image_size, base_sha)
+    raise ModelLoadError(
+        f"the base SAM2 checkpoint {base} of this fine-tuned model is not on this machine; "
+        f"copy it there or set ${CHECKPOINT_ENV} to it (SHA-256 {base_sha})"
+    )
+
+
+def _load_plain(short: str, path: Path | None, image_size: int, sha: str | None) -> LoadedSAM2:
+    old = os.environ.pop(CHECKPOINT_ENV, None) if path is None else None
+    try:
+        with _quiet_random_warning(path is None):
+            return load_sam2(short, path, image_size=image_size, device="cpu", expected_sha256=sha)
+    finally:
+        if old is not None:
+            os.environ[CHECKPOINT_ENV] = old
+
+
+class _quiet_random_warning:
+    """Silence the random-weights warning while loading a fine-tune's random base (the
+    caller warns once itself)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        if self.active:
+            self._level = log.level
+            log.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            log.setLevel(self._level)
+
+
+def save_finetuned_checkpoint(
+    loaded: LoadedSAM2, path: Path | str, metadata: dict, extra: dict | None = None
+) -> Path:
+    """Write a small CalSeg fine-tuned checkpoint: prompt encoder + mask decoder weights only.
+
+    Args:
+        loaded: the model being fine-tuned (its ``info`` names the base).
+        path: output ``.pt`` path (written atomically).
+        metadata: extra provenance (training config, step, val IoU...); ``config``,
+            ``image_size``, ``base_checkpoint``, ``base_checkpoint_sha256`` and
+            ``encoder_sha256`` are filled in from ``loaded``.
+        extra: optional additional top-level entries (e.g. optimiser state for resuming).
+
+    Returns:
+        The path written.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = loaded.info
+    base_ckpt = info.finetuned_from if info.finetuned_from is not None else info.checkpoint
+    base_sha = None if info.finetuned_from is not None else info.checkpoint_sha256
+    if base_ckpt is not None and base_ckpt.startswith("random-init"):
+        base_ckpt = None
+    meta = dict(metadata)
+    meta.update(
+        config=info.config,
+        image_size=info.image_size,
+        base_checkpoint=base_ckpt,
+        base_checkpoint_sha256=base_sha,
+        base_random_weights=info.random_weights,
+        encoder_sha256=encoder_hash(loaded),
+    )
+    obj = {
+        "format": FINETUNE_FORMAT,
+        "version": 1,
+        "metadata": meta,
+        "sam_prompt_encoder": {
+            k: v.detach().cpu() for k, v in loaded.model.sam_prompt_encoder.state_dict().items()
+        },
+        "sam_mask_decoder": {
+            k: v.detach().cpu() for k, v in loaded.model.sam_mask_decoder.state_dict().items()
+        },
+    }
+    if extra:
+        obj.update(extra)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def run_decoder(
+    model: torch.nn.Module,
+    image_embed: torch.Tensor,
+    high_res_feats: list[torch.Tensor],
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    multimask_output: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder on cached features, as ``SAM2ImagePredictor._predict``.
+
+    Differentiable (no ``no_grad`` here), so fine-tuning and inference share it.
+
+    Args:
+        model: SAM2Base.
+        image_embed: ``(1 or B, 256, S/16, S/16)`` float32 (1 = shared by all prompts).
+        high_res_feats: ``[feat_s0 (1|B, 32, S/4, S/4), feat_s1 (1|B, 64, S/8, S/8)]``.
+        coords: ``(B, N, 2)`` float32 point coordinates (x, y) in model pixels.
+        labels: ``(B, N)`` int (1 positive, 0 negative, -1 padding).
+        multimask_output: three candidate masks per prompt (SAM's ambiguity-aware output).
+
+    Returns:
+        ``(low_res_logits (B, C, S/4, S/4), iou_pred (B, C), object_score_logits (B, 1))``
+        with C = 3 (multimask) or 1.
+    """
+    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    b = coords.shape[0]
+    shared = image_embed.shape[0] == 1 and b > 1
+    low_res, iou_pred, _, obj = model.sam_mask_decoder(
+        image_embeddings=image_embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+        repeat_image=shared,
+        high_res_features=high_res_feats,
+    )
+    return low_res, iou_pred, obj
