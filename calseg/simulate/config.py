@@ -1,0 +1,141 @@
+"""Validated configuration of a simulated dataset (`SimulationConfig`).
+
+Every field has bounds, so the API can answer an invalid request with a clear 422.
+The whole config is stored in the dataset manifest; the same config regenerates the dataset
+bit-identically (:func:`calseg.simulate.dataset.simulate_dataset`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
+from calseg.simulate.model import ModelParameters
+
+PatternClassName = Literal["spikes", "transients", "waves", "fluttering"]
+IndicatorName = Literal["GCaMP6s", "GCaMP6f", "GCaMP6m"]
+
+
+class SimulationConfig(BaseModel):
+    """Everything that defines a simulated dataset of GCaMP recordings of epithelial tissue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_videos: int = Field(4, ge=1, le=1000, description="number of recordings (videos)")
+    n_frames: int = Field(64, ge=2, le=5000, description="frames per recording")
+    height: int = Field(256, ge=32, le=4096, description="frame height (px)")
+    width: int = Field(256, ge=32, le=4096, description="frame width (px)")
+    pattern_classes: list[PatternClassName] = Field(
+        default_factory=lambda: ["waves", "transients"],
+        min_length=1,
+        description="Ca2+ pattern classes (Vplc presets), cycled across videos",
+    )
+    indicator: IndicatorName = Field("GCaMP6s", description="genetically encoded Ca2+ indicator")
+    frame_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="time between frames (s); rounded to a multiple of dt_s by the integrator",
+    )
+    warmup_s: float = Field(
+        300.0,
+        ge=0,
+        le=36000,
+        description="model time (s) before the earliest allowed first frame (skips the start-up "
+        "transient from c = p = 0)",
+    )
+    search_horizon_s: float = Field(
+        3600.0,
+        ge=0,
+        le=36000,
+        description="model time simulated (s, at least warm-up + recording); the recording "
+        "window is placed inside it according to acquisition_window",
+    )
+    acquisition_window: Literal["activity", "fixed"] = Field(
+        "activity",
+        description="'activity': start the recording where the simulated tissue is most active "
+        "(as an experimenter starts acquiring when activity is seen); 'fixed': start at "
+        "warmup_s",
+    )
+    dt_s: float = Field(0.2, gt=0, le=2.0, description="integrator time step (s); published 0.2")
+    integrator: Literal["euler", "imex"] = Field(
+        "euler", description="'euler' (published) or 'imex' (semi-implicit, larger dt)"
+    )
+    defect_severity: float = Field(
+        0.3, ge=0, le=1, description="global defect severity (0 = clean physics, 1 = all defects)"
+    )
+    bit_depth: Literal[8, 16] = Field(16, description="output bit depth (uint16 or uint8)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="master random seed")
+    n_val_videos: int = Field(1, ge=0, le=1000, description="videos in the validation split")
+    n_test_videos: int = Field(1, ge=0, le=1000, description="videos in the test split")
+    model_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="overrides of calcium-model parameters (names of ModelParameters)",
+    )
+    mean_cell_area_px: float = Field(
+        100.0, ge=10, le=10000, description="target mean cell area (px)"
+    )
+    tissue_shape: Literal["pouch", "rectangle"] = Field(
+        "pouch", description="oval pouch (aspect 1.43) or the whole rectangular field"
+    )
+    outline_irregularity: float = Field(
+        0.3, ge=0, le=1, description="0 = straight Voronoi edges, 1 = wavy star-convex outlines"
+    )
+    pixel_size_um: float = Field(0.5, gt=0, le=100, description="pixel size in the sample (um)")
+    activity_threshold_uM: float = Field(
+        0.1, gt=0, le=10, description="a cell is active when c > this (uM); source 0.1"
+    )
+    hysteresis_low_uM: float | None = Field(
+        None, gt=0, le=10, description="optional hysteresis: active until c <= this (uM)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulationConfig:
+        if self.n_val_videos + self.n_test_videos >= self.n_videos:
+            raise ValueError(
+                f"n_val_videos ({self.n_val_videos}) + n_test_videos ({self.n_test_videos}) "
+                f"must leave at least one training video out of n_videos ({self.n_videos})"
+            )
+        try:
+            self.model_parameters()
+        except ValueError as exc:
+            raise ValueError(
+                f"invalid model_overrides: {exc}; allowed keys: "
+                f"{sorted(ModelParameters.model_fields)}"
+            ) from exc
+        n = estimate_n_cells(self.height, self.width, self.tissue_shape, self.mean_cell_area_px)
+        if not MIN_CELLS <= n <= MAX_CELLS:
+            raise ValueError(
+                f"a {self.height}x{self.width} {self.tissue_shape} with mean_cell_area_px "
+                f"{self.mean_cell_area_px:g} holds about {n} cells; it must hold "
+                f"{MIN_CELLS}-{MAX_CELLS}: change height/width or mean_cell_area_px"
+            )
+        if self.hysteresis_low_uM is not None and (
+            self.hysteresis_low_uM >= self.activity_threshold_uM
+        ):
+            raise ValueError("hysteresis_low_uM must be below activity_threshold_uM")
+        if self.frame_interval_s < self.dt_s:
+            raise ValueError(f"frame_interval_s must be >= dt_s ({self.dt_s} s)")
+        if self.n_frames * self.frame_interval_s > 200000:
+            raise ValueError("n_frames * frame_interval_s must be at most 200000 s of model time")
+        return self
+
+    def model_parameters(self) -> ModelParameters:
+        """The calcium-model parameters with ``model_overrides`` applied."""
+        return ModelParameters(**self.model_overrides)
+
+    def pattern_class_of(self, video_index: int) -> str:
+        """Pattern class of video ``video_index`` (classes cycle across videos)."""
+        return self.pattern_classes[video_index % len(self.pattern_classes)]
+
+    def split_of(self, video_index: int) -> str:
+        """Split by video: the last ``n_test_videos`` are test, the ``n_val_videos`` before them
+        val, the rest train."""
+        n_test_start = self.n_videos - self.n_test_videos
+        if video_index >= n_test_start:
+            return "test"
+        if video_index >= n_test_start - self.n_val_videos:
+            return "val"
+        return "train"
