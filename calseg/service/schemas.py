@@ -31,22 +31,28 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Split = Literal["train", "val", "test"]
 
 
+def _describe(error: dict[str, Any]) -> str:
+    """``"field.sub: message"`` for one pydantic error (no location for model-level ones)."""
+    msg = str(error.get("msg", ""))
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    loc = ".".join(str(x) for x in error.get("loc", ()))
+    return f"{loc}: {msg}" if loc else msg
+
+
 class ParamsError(ValueError):
     """Job parameters that do not validate; ``errors`` lists pydantic's error dicts."""
 
     def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
         self.kind = kind
         self.errors = errors
-        lines = "; ".join(
-            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors
-        )
-        super().__init__(f"invalid parameters for a {kind} job: {lines}")
+        lines = "; ".join(_describe(e) for e in errors)
+        super().__init__(f"invalid parameters for the {kind} job: {lines}")
 
 
 class _Params(BaseModel):
     """Base of every job parameter model: unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
     _config_cls: typing.ClassVar[type | None] = None
     _config_fields: typing.ClassVar[tuple[str, ...]] = ()
@@ -66,9 +72,7 @@ class _Params(BaseModel):
             try:
                 self.to_config()
             except ValidationError as exc:
-                raise ValueError(
-                    "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                ) from None
+                raise ValueError("; ".join(_describe(e) for e in exc.errors())) from None
             except (TypeError, ValueError) as exc:
                 raise ValueError(str(exc)) from None
         return self
