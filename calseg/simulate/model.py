@@ -21,8 +21,13 @@ frames, so memory is O(cells x frames)):
   (1 + 1/beta))``), ``r`` with the exact exponential of its linear ODE (Rush-Larsen), ``p`` with
   forward Euler. Forward Euler is only stable for ``dt`` below about 0.28 s at the Ca2+ peaks
   (the stiffest rate is ``(1 + 1/beta) k1 ~ 7.1 /s``); the semi-implicit step is stable at
-  ``dt = 0.5-1 s``. Its error against the published Euler is measured in
-  ``tests/test_simulate_model.py`` (single-cell periods within 5 %).
+  ``dt = 0.5-1 s``. The SERCA pump is also semi-implicit (``pump = c * [Vserca c / (c^2 +
+  Kserca^2)]`` with the bracket frozen). It is first order: single-cell periods (DESIGN.md
+  section 2 protocol) are longer than the published Euler's by 1.7 / 1.7 / 3.8 / 5.6 % at
+  Vplc 0.78 / 0.80 / 1.2 / 1.6 with ``dt = 0.5 s`` (bound checked in
+  ``tests/test_simulate_model.py``: < 6 %), and by up to 10 % at ``dt = 1 s``; the onset
+  between Vplc 0.77 and 0.78 is kept at 0.5 s. Use ``"euler"`` where published behaviour
+  matters; ``"imex"`` halves the wall time.
 """
 
 from __future__ import annotations
