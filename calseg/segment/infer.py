@@ -65,8 +65,10 @@ class InferenceConfig(BaseModel):
     smooth_sigma_px: float = Field(1.0, ge=0)
     f0_percentile: float = Field(20.0, ge=0, le=100)
     threshold_k: float = Field(4.0, gt=0)
-    min_dff: float = Field(0.1, ge=0)
-    seed_min_distance_px: int = Field(3, ge=1)
+    min_dff: float = Field(0.0, ge=0)
+    seed_smooth_sigma_px: float = Field(2.0, ge=0)
+    seed_min_distance_px: int = Field(4, ge=1)
+    detrend: bool = True
     min_region_px: int = Field(4, ge=1)
     n_negative_points: int = Field(2, ge=0, le=8)
     max_prompts_per_frame: int = Field(256, ge=1)
@@ -86,7 +88,9 @@ class InferenceConfig(BaseModel):
             f0_percentile=self.f0_percentile,
             threshold_k=self.threshold_k,
             min_dff=self.min_dff,
+            seed_smooth_sigma_px=self.seed_smooth_sigma_px,
             seed_min_distance_px=self.seed_min_distance_px,
+            detrend=self.detrend,
             min_region_px=self.min_region_px,
         )
 

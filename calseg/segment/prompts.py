@@ -2,21 +2,26 @@
 
 Activity (all computed per recording, float32):
 
-* ``F``: each frame smoothed with a Gaussian (``smooth_sigma_px``) to suppress shot noise.
+* ``F``: optionally (``detrend``) each frame shifted by the difference between its median and the
+  median of all frame medians (removes photobleaching / global background drift as long as
+  fewer than half of the pixels are active at once), then smoothed with a Gaussian
+  (``smooth_sigma_px``) to suppress shot noise.
 * ``F0``: per-pixel baseline = the ``f0_percentile``-th percentile of ``F`` over time
   (a standard F0 estimate for sparse calcium activity, e.g. Grienberger & Konnerth 2012).
 * ``dF/F = (F - F0) / max(F0, floor)``, ``floor`` = ``f0_floor_fraction`` x median F0, so dark
   pixels do not explode (F0 includes any camera offset; dF/F is then an underestimate, used
-  only as a minimum-amplitude guard ``min_dff``).
-* Noise: per pixel, ``sigma = 1.4826 * median_t |F_t - F_{t-1}| / sqrt(2)`` (first differences
-  are insensitive to slow calcium transients), floored at half the median over pixels.
+  only as an optional minimum-amplitude guard ``min_dff``, off by default).
+* Noise: a Poisson-Gaussian camera model, sigma as a function of F0 (:func:`noise_model`):
+  per pixel ``1.4826 * median_t |F_t - F_{t-1}| / sqrt(2)`` (first differences are insensitive
+  to slow calcium transients), then the median of that over pixels in 16 quantile bins of F0,
+  interpolated back (robust to the few active pixels, and works for short recordings).
   ``z = (F - F0) / sigma``. A pixel is active in a frame when ``z > threshold_k`` and
   ``dF/F > min_dff``; supra-threshold fragments smaller than ``min_region_px`` are dropped.
 
 Seeds (instance identities, stable over the recording): local maxima of the peak map
-(max over time of the active ``z``, smoothed once more), at least ``seed_min_distance_px``
-apart. The seed territories are the watershed of ``-peak map`` from the seeds, restricted to
-pixels that are active in at least one frame.
+(max over time of the active ``z``, smoothed with ``seed_smooth_sigma_px``), at least
+``seed_min_distance_px`` apart. The seed territories are the watershed of ``-peak map`` from
+the seeds, restricted to pixels that are active in at least one frame.
 
 Per-frame prompts: for every seed territory containing active pixels in a frame, the active
 pixel of highest ``z`` in that territory is the positive point; the positive points of the
@@ -40,8 +45,10 @@ class ActivityParams:
     f0_percentile: float = 20.0
     f0_floor_fraction: float = 0.25
     threshold_k: float = 4.0
-    min_dff: float = 0.1
-    seed_min_distance_px: int = 3
+    min_dff: float = 0.0
+    seed_smooth_sigma_px: float = 2.0
+    seed_min_distance_px: int = 4
+    detrend: bool = True
     min_region_px: int = 4
 
 
@@ -66,6 +73,41 @@ class Activity:
     stats: dict = field(default_factory=dict)
 
 
+def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.ndarray, float]:
+    """Per-pixel noise SD as a function of baseline F0 (Poisson-Gaussian camera noise).
+
+    Args:
+        f: ``(T, H, W)`` float32 (smoothed) recording.
+        f0: ``(H, W)`` float32 baseline.
+        n_bins: quantile bins of F0.
+
+    Returns:
+        ``(sigma (H, W) float32, median sigma)``; sigma > 0.
+    """
+    t = f.shape[0]
+    if t >= 2:  # (with T = 2 the per-pixel value is one |difference|; the bin median fixes it)
+        raw = 1.4826 * np.median(np.abs(np.diff(f, axis=0)), axis=0) / np.sqrt(2.0)
+    else:  # single frame: spatial robust spread of the frame around its smoothed version
+        resid = f[0] - ndi.median_filter(f[0], size=3)
+        raw = np.full(f0.shape, 1.4826 * float(np.median(np.abs(resid))), np.float32)
+    raw = raw.astype(np.float32)
+    edges = np.unique(np.quantile(f0, np.linspace(0, 1, n_bins + 1)))
+    if len(edges) < 3:
+        sig = np.full(f0.shape, float(np.median(raw)), np.float32)
+    else:
+        which = np.clip(np.searchsorted(edges, f0, side="right") - 1, 0, len(edges) - 2)
+        centres, values = [], []
+        for b in range(len(edges) - 1):
+            sel = which == b
+            if sel.any():
+                centres.append(float(np.median(f0[sel])))
+                values.append(float(np.median(raw[sel])))
+        sig = np.interp(f0, centres, values).astype(np.float32)
+    med = float(np.median(sig))
+    floor = max(0.25 * med, 1e-3 * max(float(np.median(np.abs(f0))), 1.0), 1e-6)
+    return np.maximum(sig, floor).astype(np.float32), med
+
+
 def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -> Activity:
     """dF/F, peak map, seeds and seed territories of a recording (see module docstring).
 
@@ -87,18 +129,18 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     if not finite.all():
         fill = float(np.median(f[finite])) if finite.any() else 0.0
         f = np.where(finite, f, fill).astype(np.float32)
+    drift = None
+    if p.detrend and f.shape[0] > 1:
+        med_t = np.median(f.reshape(f.shape[0], -1), axis=1)
+        drift = med_t - np.median(med_t)
+        f = f - drift[:, None, None].astype(np.float32)
     if p.smooth_sigma_px > 0:
         f = ndi.gaussian_filter(f, sigma=(0, p.smooth_sigma_px, p.smooth_sigma_px))
     f0 = np.percentile(f, p.f0_percentile, axis=0).astype(np.float32)
     df = f - f0[None]
     floor = max(float(np.median(np.abs(f0))) * p.f0_floor_fraction, 1e-6)
     dff = (df / np.maximum(f0, floor)[None]).astype(np.float32)
-    if f.shape[0] >= 3:
-        sigma = 1.4826 * np.median(np.abs(np.diff(f, axis=0)), axis=0) / np.sqrt(2.0)
-    else:  # too few frames for a temporal noise estimate: spatial MAD of the frames
-        sigma = np.full(f0.shape, 1.4826 * float(np.median(np.abs(f - np.median(f)))), np.float32)
-    sigma_med = float(np.median(sigma))
-    sigma = np.maximum(sigma, max(0.5 * sigma_med, 1e-6)).astype(np.float32)
+    sigma, sigma_med = noise_model(f, f0)
     z = (df / sigma[None]).astype(np.float32)
     threshold = float(p.threshold_k)
     active = (z > threshold) & (dff > p.min_dff)
@@ -111,7 +153,7 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
                 small[0] = False
                 active[t][small[lab]] = False
     peak = np.where(active, z, 0.0).max(axis=0).astype(np.float32)
-    peak_s = ndi.gaussian_filter(peak, 1.0) if p.smooth_sigma_px > 0 else peak
+    peak_s = ndi.gaussian_filter(peak, p.seed_smooth_sigma_px) if p.seed_smooth_sigma_px else peak
     region = active.any(axis=0)
     if region.any():
         seeds = peak_local_max(
@@ -135,6 +177,7 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
         "noise_sigma_median": sigma_med,
         "threshold_k": threshold,
         "min_dff": p.min_dff,
+        "detrend_max_abs": float(np.abs(drift).max()) if drift is not None else 0.0,
         "threshold": float(threshold),
         "n_seeds": int(len(seeds)),
         "active_fraction": float(active.mean()),

@@ -1,0 +1,124 @@
+"""Metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from calseg.analysis.metrics import (
+    MetricsInputError,
+    foreground_scores,
+    foreground_scores_stack,
+    instance_iou_matrix,
+    match_instances,
+    match_instances_stack,
+)
+
+
+def test_foreground_scores_known_masks():
+    pred = np.zeros((4, 5), dtype=np.uint32)
+    gt = np.zeros((4, 5), dtype=np.uint32)
+    pred[0, 0:4] = 1  # 4 px
+    gt[0, 2:5] = 7  # 3 px, overlap 2 px (cols 2, 3)
+    s = foreground_scores(pred, gt)
+    # intersection 2, union 5, |P| + |G| = 7, wrong pixels 3 of 20
+    assert s["iou"] == pytest.approx(2 / 5)
+    assert s["dice"] == pytest.approx(4 / 7)
+    assert s["pixel_accuracy"] == pytest.approx(17 / 20)
+    assert s["precision"] == pytest.approx(2 / 4)
+    assert s["recall"] == pytest.approx(2 / 3)
+    assert (s["tp_pixels"], s["fp_pixels"], s["fn_pixels"]) == (2, 2, 1)
+
+
+def test_foreground_empty_cases():
+    z = np.zeros((3, 3), dtype=np.uint16)
+    s = foreground_scores(z, z)
+    assert s["iou"] == 1.0 and s["dice"] == 1.0 and s["pixel_accuracy"] == 1.0
+    one = z.copy()
+    one[1, 1] = 1
+    s = foreground_scores(one, z)  # false positive only
+    assert s["iou"] == 0.0 and s["dice"] == 0.0 and s["pixel_accuracy"] == pytest.approx(8 / 9)
+
+
+def test_foreground_stack_pooled_and_frame_mean():
+    pred = np.zeros((2, 2, 2), dtype=np.uint8)
+    gt = np.zeros((2, 2, 2), dtype=np.uint8)
+    pred[0, 0, 0] = gt[0, 0, 0] = 1  # frame 0 perfect (IoU 1)
+    pred[1, 0, :] = 1  # frame 1: P = 2 px, G = 1 px, overlap 1 -> IoU 1/2
+    gt[1, 0, 0] = 1
+    s = foreground_scores_stack(pred, gt)
+    assert s["iou"] == pytest.approx(2 / 3)  # pooled: inter 2, union 3
+    assert s["frame_mean_iou"] == pytest.approx(0.75)
+    assert s["n_frames"] == 2
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(MetricsInputError):
+        foreground_scores(np.zeros((2, 3), int), np.zeros((3, 2), int))
+    with pytest.raises(MetricsInputError):
+        match_instances(np.zeros((2, 2), float), np.zeros((2, 2), int))
+
+
+def test_iou_matrix_values():
+    gt = np.zeros((6, 6), dtype=np.uint32)
+    gt[0:2, 0:2] = 5  # 4 px
+    gt[3:6, 3:6] = 9  # 9 px
+    pred = np.zeros((6, 6), dtype=np.uint32)
+    pred[0:2, 0:3] = 2  # 6 px, overlap 4 with id 5 -> IoU 4/6
+    pred[4:6, 4:6] = 3  # 4 px inside id 9 -> IoU 4/9
+    iou, pids, gids = instance_iou_matrix(pred, gt)
+    assert list(pids) == [2, 3] and list(gids) == [5, 9]
+    np.testing.assert_allclose(iou, [[4 / 6, 0.0], [0.0, 4 / 9]])
+
+
+def test_hungarian_matching_counts():
+    gt = np.zeros((10, 10), dtype=np.uint32)
+    gt[0:4, 0:4] = 1  # 16 px
+    gt[0:4, 6:10] = 2  # 16 px
+    gt[6:10, 0:4] = 3  # 16 px, missed entirely
+    pred = np.zeros_like(gt)
+    pred[0:4, 0:3] = 10  # 12 px in gt 1: IoU 12/16 = 0.75 -> TP
+    pred[0:2, 6:10] = 11  # 8 px in gt 2: IoU 8/16 = 0.5 -> TP at threshold 0.5
+    pred[6:10, 6:10] = 12  # on background -> FP
+    m = match_instances(pred, gt, 0.5)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 1)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["ap"] == pytest.approx(2 / 4)
+    assert m["mean_matched_iou"] == pytest.approx((0.75 + 0.5) / 2)
+    strict = match_instances(pred, gt, 0.6)  # the 0.5 pair no longer counts
+    assert (strict["tp"], strict["fp"], strict["fn"]) == (1, 2, 2)
+
+
+def test_hungarian_prefers_global_optimum():
+    # one prediction overlaps two cells; the assignment must pick the larger IoU
+    gt = np.zeros((4, 8), dtype=np.uint32)
+    gt[:, 0:4] = 1
+    gt[:, 4:8] = 2
+    pred = np.zeros_like(gt)
+    pred[:, 1:5] = 4  # 16 px: 12 in gt1 (IoU 12/20), 4 in gt2 (IoU 4/28)
+    m = match_instances(pred, gt)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 1)
+    assert m["mean_matched_iou"] == pytest.approx(12 / 20)
+
+
+def test_instance_empty_conventions_and_stack():
+    z = np.zeros((3, 3), dtype=np.uint32)
+    m = match_instances(z, z)
+    assert m["f1"] == 1.0 and m["tp"] == 0 and m["mean_matched_iou"] is None
+    one = z.copy()
+    one[0, 0] = 1
+    assert match_instances(one, z)["precision"] == 0.0
+    stack_p = np.stack([one, z, one])
+    stack_g = np.stack([one, one, z])
+    s = match_instances_stack(stack_p, stack_g)
+    # frame 0 TP, frame 1 FN, frame 2 FP
+    assert (s["tp"], s["fp"], s["fn"], s["n_frames"]) == (1, 1, 1, 3)
+    assert s["f1"] == pytest.approx(0.5)
+
+
+def test_overlap_matrix_is_fast_enough_for_many_cells():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 400, size=(512, 512)).astype(np.uint32)
+    iou, p, g = instance_iou_matrix(gt, gt)
+    assert iou.shape == (399, 399)
+    np.testing.assert_allclose(np.diag(iou), 1.0)

@@ -1,0 +1,95 @@
+"""SAM2 loading: configs, random weights, checkpoints, checksums, embedding cache."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from calseg.segment.embeddings import EmbeddingCache, FrameGeometry, encode_frames, frames_to_model
+from calseg.segment.model import (
+    CHECKPOINT_ENV,
+    ChecksumMismatchError,
+    ModelLoadError,
+    compute_encoder_hash,
+    file_sha256,
+    load_sam2,
+    resolve_config,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import os
+
+    old = os.environ.pop(CHECKPOINT_ENV, None)
+    yield load_sam2("sam2.1_hiera_t", None, image_size=64, device="cpu")
+    if old is not None:
+        os.environ[CHECKPOINT_ENV] = old
+
+
+def test_resolve_config_names():
+    assert resolve_config("sam2.1_hiera_t")[1] == "configs/sam2.1/sam2.1_hiera_t.yaml"
+    assert resolve_config("configs/sam2.1/sam2.1_hiera_s.yaml")[0] == "sam2.1_hiera_s"
+    with pytest.raises(ModelLoadError, match="unknown SAM2 config"):
+        resolve_config("sam3_huge")
+
+
+def test_random_weights_flag_warning_and_determinism(tiny, caplog, monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    assert tiny.info.random_weights is True
+    assert tiny.info.image_size == 64 and tiny.info.n_parameters > 30_000_000
+    with caplog.at_level(logging.WARNING):
+        other = load_sam2("sam2.1_hiera_t", image_size=64, device="cpu")
+    assert "RANDOM WEIGHTS" in caplog.text
+    # seeded init: two random models share the encoder (and so the embedding cache)
+    assert compute_encoder_hash(other.model) == compute_encoder_hash(tiny.model)
+    d = tiny.info.to_dict()
+    assert d["config"] == "sam2.1_hiera_t" and d["checkpoint"] is None
+
+
+def test_full_checkpoint_checksum_and_bad_files(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    sd = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    sd["sam_mask_decoder.iou_token.weight"] += 1.0  # distinguishable from the random init
+    ck = tmp_path / "sam2_tiny.pt"
+    torch.save({"model": sd}, ck)
+    sha = file_sha256(ck)
+    m = load_sam2("sam2.1_hiera_t", ck, image_size=64, device="cpu", expected_sha256=sha)
+    assert m.info.random_weights is False and m.info.checkpoint_sha256 == sha
+    torch.testing.assert_close(
+        m.model.sam_mask_decoder.iou_token.weight, sd["sam_mask_decoder.iou_token.weight"]
+    )
+    with pytest.raises(ChecksumMismatchError):
+        load_sam2("sam2.1_hiera_t", ck, image_size=64, device="cpu", expected_sha256="0" * 64)
+    # the environment variable is honoured when no checkpoint is passed
+    monkeypatch.setenv(CHECKPOINT_ENV, str(ck))
+    env = load_sam2("sam2.1_hiera_t", image_size=64, device="cpu")
+    assert env.info.checkpoint == str(ck) and not env.info.random_weights
+    monkeypatch.delenv(CHECKPOINT_ENV)
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"not_a_key": torch.zeros(1)}}, bad)
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        load_sam2("sam2.1_hiera_t", bad, image_size=64, device="cpu")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_sam2("sam2.1_hiera_t", tmp_path / "missing.pt", image_size=64, device="cpu")
+
+
+def test_embedding_cache_hits_and_shapes(tiny, tmp_path):
+    geom = FrameGeometry(40, 30, 64)
+    frames = np.random.default_rng(0).random((3, 40, 30)).astype(np.float32)
+    x = frames_to_model(frames, geom)
+    first = encode_frames(tiny, x, cache_dir=tmp_path)
+    assert first.n_computed == 3 and first.n_cached == 0
+    assert tuple(first.image_embed.shape) == (3, 256, 4, 4)
+    assert tuple(first.feat_s0.shape) == (3, 32, 16, 16)
+    assert tuple(first.feat_s1.shape) == (3, 64, 8, 8)
+    again = encode_frames(tiny, x, cache_dir=tmp_path)
+    assert again.n_cached == 3 and again.n_computed == 0
+    torch.testing.assert_close(again.image_embed, first.image_embed)
+    # a different frame is a cache miss
+    x2 = x.clone()
+    x2[0] = 1.0 - x2[0]
+    assert encode_frames(tiny, x2, cache_dir=tmp_path).n_computed == 1
+    key = EmbeddingCache.model_key("sam2.1_hiera_t", 64, tiny.info.encoder_sha256)
+    assert len(list((tmp_path / key).glob("*.pt"))) == 4
