@@ -225,6 +225,8 @@ def evaluate_dataset(
                 "n_frames": int(image.shape[0]),
                 **score_labels(res.labels, gt),
                 "seconds": time.perf_counter() - t0,
+                "frames_embedded": int(res.timings.get("frames_embedded", 0)),
+                "frames_from_cache": int(res.timings.get("frames_from_cache", 0)),
             }
             rows.append(row)
             job += 1

@@ -1,0 +1,134 @@
+"""Fine-tuning on cached embeddings (random-weight tiny SAM2, tiny synthetic dataset)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_segment_synth import small_dataset, synth_recording, write_dataset
+
+from calseg.segment.evaluate import evaluate_dataset
+from calseg.segment.finetune import FinetuneConfig, _losses, _lr_factor, finetune
+from calseg.segment.infer import InferenceConfig
+from calseg.segment.model import CHECKPOINT_ENV, load_sam2
+
+
+@pytest.fixture(autouse=True)
+def _no_env_checkpoint(monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import os
+
+    os.environ.pop(CHECKPOINT_ENV, None)
+    root = tmp_path_factory.mktemp("ft")
+    ds = small_dataset(root / "ds", t=6, size=48)
+    cfg = FinetuneConfig(
+        image_size=128,
+        steps=40,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=4,
+        val_every=20,
+        frames_per_video=4,
+        val_frames_per_video=3,
+        background_prompt_fraction=0.0,
+        seed=0,
+    )
+    res = finetune(ds, root / "out", cfg, cache_dir=root / "cache")
+    return ds, root, cfg, res
+
+
+def test_training_loss_goes_down(trained):
+    _, _, cfg, res = trained
+    losses = [h["loss"] for h in res.history if h["kind"] == "train"]
+    assert len(losses) == cfg.steps
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.6 * first, (first, last)
+    assert all(math.isfinite(v) for v in losses)
+    vals = [h for h in res.history if h["kind"] == "val"]
+    assert [h["step"] for h in vals] == [0, 20, 40]
+    assert res.best_val_iou == max(h["val_mean_iou"] for h in vals)
+    assert any("RANDOM" in w for w in res.warnings)
+
+
+def test_lr_schedule_stepped_per_optimiser_step(trained):
+    _, _, cfg, res = trained
+    lrs = [h["lr"] for h in res.history if h["kind"] == "train"]
+    assert lrs[0] == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert max(lrs) == pytest.approx(cfg.lr)
+    assert lrs[-1] < 0.1 * cfg.lr  # cosine decay reached its end
+    assert _lr_factor(cfg.steps, cfg) == pytest.approx(cfg.min_lr_ratio)
+
+
+def test_checkpoint_is_small_and_reloads(trained):
+    _, _, _, res = trained
+    assert res.checkpoint.stat().st_size < 30e6  # decoder + prompt encoder only
+    obj = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
+    assert obj["format"] == "calseg-sam2-finetune"
+    assert not any(k.startswith("image_encoder") for k in obj["sam_mask_decoder"])
+    m = load_sam2("sam2.1_hiera_t", res.checkpoint, image_size=512, device="cpu")
+    assert m.info.image_size == 128  # the checkpoint's own size wins
+    assert m.info.finetuned_from.startswith("random-init")
+    torch.testing.assert_close(
+        m.model.sam_mask_decoder.iou_token.weight, obj["sam_mask_decoder"]["iou_token.weight"]
+    )
+
+
+def test_resume_from_last(trained):
+    ds, root, cfg, res = trained
+    again = finetune(ds, root / "out", cfg, cache_dir=root / "cache")
+    assert any("resumed" in w for w in again.warnings)
+    assert len([h for h in again.history if h["kind"] == "train"]) == cfg.steps
+
+
+def test_empty_frames_give_finite_loss(tmp_path):
+    logits = torch.randn(3, 3, 32, 32)
+    target = torch.zeros(3, 1, 32, 32)
+    ls = _losses(
+        logits, torch.rand(3, 3), torch.randn(3, 1), target, torch.zeros(3), FinetuneConfig()
+    )
+    assert all(torch.isfinite(v) for v in ls.values())
+    img, lab = synth_recording(t=4, h=32, w=32, n_cells=2, seed=5)
+    empty = np.zeros_like(lab)
+    ds = write_dataset(
+        tmp_path / "ds",
+        [
+            {"id": "e0", "split": "train", "image": img, "labels": empty},
+            {"id": "e1", "split": "val", "image": img, "labels": empty},
+        ],
+    )
+    cfg = FinetuneConfig(image_size=64, steps=3, batch_size=2, frames_per_video=2, val_every=3)
+    res = finetune(ds, tmp_path / "out", cfg)
+    train = [h for h in res.history if h["kind"] == "train"]
+    assert len(train) == 3 and all(math.isfinite(h["loss"]) for h in train)
+    assert res.checkpoint.exists()
+
+
+def test_evaluate_base_tuned_baseline(trained):
+    ds, root, _, res = trained
+    rep = evaluate_dataset(
+        ds,
+        {
+            "sam2-base": ("sam2", None),
+            "sam2-tuned": ("sam2", res.checkpoint),
+            "baseline": ("baseline", None),
+        },
+        config=InferenceConfig(image_size=128),
+        cache_dir=root / "cache",
+    )
+    assert len(rep.rows) == 3 and {r["video"] for r in rep.rows} == {"v003"}
+    by = {r["model"]: r for r in rep.rows}
+    # the encoder is shared: the tuned model reads every frame from the base's cache
+    assert by["sam2-tuned"]["frames_embedded"] == 0
+    assert (
+        by["sam2-tuned"]["frames_from_cache"]
+        == by["sam2-base"]["frames_from_cache"] + (by["sam2-base"]["frames_embedded"])
+    )
+    assert by["baseline"]["iou"] > 0.4
+    table = rep.to_table()
+    assert "sam2-tuned" in table and "baseline" in table
+    d = rep.to_dict()
+    assert d["summary"][0]["n_videos"] == 1 and d["models"]["baseline"] is None
