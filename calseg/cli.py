@@ -1,0 +1,192 @@
+"""The ``calseg`` command: the science without the service.
+
+``calseg simulate``, ``calseg finetune``, ``calseg segment``, ``calseg evaluate`` call the
+same library functions as the service's jobs; ``calseg bench`` prints benchmark numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from calseg.progress import ProgressFn
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+console = Console()
+
+
+class _Bar:
+    """A rich progress bar exposed as a :data:`calseg.progress.ProgressFn`."""
+
+    def __init__(self, title: str) -> None:
+        self._progress = Progress(
+            TextColumn(f"[bold]{title}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[stage]}"),
+            console=console,
+        )
+        self._task = self._progress.add_task(title, total=1.0, stage="")
+
+    def __enter__(self) -> ProgressFn:
+        self._progress.start()
+
+        def report(fraction: float, stage: str, message: str | None = None) -> None:
+            text = f"{stage}: {message}" if message else stage
+            self._progress.update(self._task, completed=fraction, stage=text[:60])
+
+        return report
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def simulate(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the dataset into")],
+    videos: int = typer.Option(4, help="number of videos"),
+    frames: int = typer.Option(64, help="frames per video"),
+    size: int = typer.Option(256, help="frame height and width (px)"),
+    classes: str = typer.Option(
+        "waves,transients", help="pattern classes, comma-separated, cycled over the videos"
+    ),
+    indicator: str = typer.Option("GCaMP6s", help="GCaMP6s, GCaMP6f or GCaMP6m"),
+    severity: float = typer.Option(0.3, help="defect severity in [0, 1]"),
+    seed: int = typer.Option(0),
+    config: Path | None = typer.Option(
+        None, help="a JSON SimulationConfig; its fields override the options above"
+    ),
+    preview: bool = typer.Option(False, help="write a PNG contact sheet per video"),
+) -> None:
+    """Simulate a calseg-dataset v1 (recordings + instance ground truth + manifest)."""
+    from pydantic import ValidationError
+
+    from calseg.io.dataset import load_dataset
+    from calseg.simulate.config import SimulationConfig
+    from calseg.simulate.dataset import simulate_dataset
+
+    fields: dict = {
+        "n_videos": videos,
+        "n_frames": frames,
+        "height": size,
+        "width": size,
+        "pattern_classes": [c.strip() for c in classes.split(",") if c.strip()],
+        "indicator": indicator,
+        "defect_severity": severity,
+        "seed": seed,
+    }
+    if config is not None:
+        fields.update(json.loads(config.read_text()))
+    try:
+        cfg = SimulationConfig(**fields)
+    except ValidationError as exc:
+        raise _fail(f"invalid simulation settings:\n{exc}") from None
+    with _Bar("simulate") as progress:
+        manifest = simulate_dataset(cfg, out_dir, progress=progress)
+    console.print(f"dataset written: {manifest}")
+    if preview:
+        from calseg.io.overlays import contact_sheet
+
+        for v in load_dataset(manifest).videos:
+            sheet = contact_sheet(
+                v.load_image(),
+                v.load_labels(),
+                out_dir / v.id / "preview.png",
+                title=f"{v.id} {v.pattern_class} ({v.split})",
+                traces=v.load_calcium(),
+            )
+            console.print(f"  preview {v.id} ({v.pattern_class}): {sheet}")
+
+
+@app.command()
+def finetune(
+    dataset: Annotated[Path, typer.Argument(help="calseg-dataset folder or manifest.json")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the checkpoint and history")],
+    steps: int = typer.Option(150, help="optimiser steps"),
+    image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
+    checkpoint: Path | None = typer.Option(
+        None, help="pretrained SAM2 checkpoint (default: $CALSEG_SAM2_CHECKPOINT or random)"
+    ),
+    seed: int = typer.Option(0),
+) -> None:
+    """Fine-tune SAM2's prompt encoder + mask decoder on cached image embeddings."""
+    from calseg.segment.finetune import FinetuneConfig
+    from calseg.segment.finetune import finetune as run
+
+    cfg = FinetuneConfig(steps=steps, image_size=image_size, seed=seed)
+    with _Bar("finetune") as progress:
+        result = run(dataset, out_dir, cfg, base_checkpoint=checkpoint, progress=progress)
+    for w in result.warnings:
+        console.print(f"[bold red]WARNING:[/] {w}")
+    console.print(f"checkpoint: {result.checkpoint}  best validation IoU: {result.best_val_iou}")
+
+
+@app.command()
+def segment(
+    recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, ...)")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for labels and overlays")],
+    method: str = typer.Option("sam2", help="sam2 or baseline"),
+    checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
+) -> None:
+    """Segment the active cells of a recording: label stack TIFF, contact sheet, GIF."""
+    from calseg.io.labels import write_label_stack
+    from calseg.io.overlays import animation, contact_sheet
+    from calseg.io.recordings import RecordingError, read_recording
+    from calseg.segment.infer import InferenceConfig, segment_recording
+
+    try:
+        rec = read_recording(recording)
+    except RecordingError as exc:
+        raise _fail(str(exc)) from None
+    for w in rec.info.warnings:
+        console.print(f"[yellow]note:[/] {w}")
+    with _Bar("segment") as progress:
+        result = segment_recording(
+            rec.frames, InferenceConfig(method=method), checkpoint=checkpoint, progress=progress
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = write_label_stack(out_dir / "labels.tif", result.labels)
+    sheet = contact_sheet(rec.frames, result.labels, out_dir / "overlay.png", title=recording.name)
+    gif = animation(rec.frames, result.labels, out_dir / "overlay.gif")
+    for w in result.warnings:
+        console.print(f"[bold red]WARNING:[/] {w}")
+    n_cells = len(set(result.labels.ravel().tolist()) - {0})
+    console.print(f"{n_cells} cells labelled over {result.labels.shape[0]} frames")
+    console.print(f"labels: {labels}\ncontact sheet: {sheet}\nanimation: {gif}")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="calseg-dataset folder or manifest.json")],
+    model: Path | None = typer.Option(None, help="fine-tuned checkpoint to compare"),
+    split: str = typer.Option("test", help="split to score (split by video)"),
+    out: Path | None = typer.Option(None, help="write the report as JSON here"),
+) -> None:
+    """Score fine-tuned vs base SAM2 vs the classical baseline on held-out videos."""
+    from calseg.segment.evaluate import evaluate_dataset
+
+    models: dict[str, tuple[str, Path | None]] = {"base": ("sam2", None)}
+    if model is not None:
+        models = {"fine-tuned": ("sam2", model), **models}
+    models["baseline"] = ("baseline", None)
+    with _Bar("evaluate") as progress:
+        report = evaluate_dataset(dataset, models, split=split, progress=progress)
+    console.print(report.to_table())
+    if out is not None:
+        out.write_text(json.dumps(report.to_dict(), indent=2))
+        console.print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,224 @@
+"""`make demo`: the main job, end to end, through the real HTTP API of the running service.
+
+Starts the embedded service (SQLite file, a Redis of its own when none is configured, one
+Celery worker, a local artifact folder), then submits and watches four jobs:
+
+1. **simulate** a small dataset of the tissue calcium model (two pattern classes);
+2. **finetune** SAM2 (``sam2.1_hiera_t``) prompt encoder + mask decoder on cached embeddings;
+3. **infer** on a held-out simulated video, or on ``--recording PATH`` (uploaded first);
+4. **evaluate** fine-tuned vs untuned vs classical baseline on the held-out videos;
+
+and prints a summary table, the overlay paths and the page URL.
+
+Run ``python -m calseg.demo --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the job and its error."""
+
+
+def submit(client: httpx.Client, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Submit a job over HTTP and return its JSON record.
+
+    Raises:
+        DemoError: the API refused the job (the message carries its answer).
+    """
+    r = client.post("/api/jobs", json={"kind": kind, "params": params})
+    if r.status_code != 201:
+        raise DemoError(f"{kind} job refused ({r.status_code}): {r.text}")
+    return r.json()
+
+
+def watch(client: httpx.Client, job: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
+    """Poll a job until it ends, showing a progress bar; return its final record.
+
+    Raises:
+        DemoError: the job failed, was cancelled, or did not end within ``timeout_s``.
+    """
+    job_id = job["id"]
+    t0 = time.monotonic()
+    with Progress(
+        TextColumn("[bold]{task.fields[kind]:<9}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stage]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(job["kind"], total=1.0, kind=job["kind"], stage="queued")
+        while True:
+            r = client.get(f"/api/jobs/{job_id}")
+            r.raise_for_status()
+            job = r.json()
+            stage = job.get("stage") or job["state"]
+            if job.get("message"):
+                stage = f"{stage}: {job['message']}"[:70]
+            eta = job.get("eta_s")
+            if eta is not None and job["state"] == "running":
+                stage += f" (ETA {eta:.0f} s)"
+            bar.update(task, completed=float(job.get("progress") or 0.0), stage=stage)
+            if job["state"] in TERMINAL:
+                break
+            if time.monotonic() - t0 > timeout_s:
+                raise DemoError(f"{job['kind']} job {job_id} did not end within {timeout_s:.0f} s")
+            time.sleep(1.0)
+    if job["state"] != "succeeded":
+        raise DemoError(
+            f"{job['kind']} job {job_id} {job['state']}: {job.get('error') or 'no reason given'}"
+            f"\nlog tail:\n{job.get('log_tail') or ''}"
+        )
+    job["_wall_s"] = time.monotonic() - t0
+    return job
+
+
+def artifact_paths(job: dict[str, Any], artifact_dir: Path) -> dict[str, Path]:
+    """Map artifact names of a job record to absolute paths in the artifact folder."""
+    return {a["name"]: (artifact_dir / a["relpath"]).resolve() for a in job.get("artifacts", [])}
+
+
+def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
+    """Upload a recording (streamed multipart) and return its record.
+
+    Raises:
+        DemoError: the file is missing or the API rejected it (its reason is shown).
+    """
+    if not path.is_file():
+        raise DemoError(f"recording {path} does not exist; pass an existing TIFF path")
+    with path.open("rb") as fh:
+        r = client.post("/api/recordings", files={"file": (path.name, fh, "image/tiff")})
+    if r.status_code not in (200, 201):
+        raise DemoError(f"upload of {path} refused ({r.status_code}): {r.text}")
+    return r.json()
+
+
+def run_demo(base_url: str, artifact_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Drive the four jobs over HTTP against a running service; return the job records."""
+    jobs: dict[str, Any] = {}
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        sim_params = {
+            "n_videos": args.videos,
+            "n_frames": args.frames,
+            "height": args.size,
+            "width": args.size,
+            "pattern_classes": ["waves", "transients"],
+            "seed": args.seed,
+        }
+        console.rule("1/4 simulate")
+        jobs["simulate"] = watch(client, submit(client, "simulate", sim_params))
+
+        console.rule("2/4 fine-tune SAM2")
+        ft_params = {"dataset_job_id": jobs["simulate"]["id"], "steps": args.steps}
+        jobs["finetune"] = watch(client, submit(client, "finetune", ft_params))
+        for w in (jobs["finetune"].get("result") or {}).get("warnings", []):
+            console.print(f"[bold red]WARNING:[/] {w}")
+
+        console.rule("3/4 infer")
+        if args.recording:
+            rec = upload(client, Path(args.recording))
+            console.print(f"uploaded {args.recording}: {rec.get('n_frames')} frames")
+            infer_params: dict[str, Any] = {"recording_id": rec["id"]}
+        else:
+            videos = (jobs["simulate"].get("result") or {}).get("videos", [])
+            test = [v for v in videos if v.get("split") == "test"] or videos
+            if not test:
+                raise DemoError("the simulate job listed no videos in its result")
+            infer_params = {"dataset_job_id": jobs["simulate"]["id"], "video_id": test[0]["id"]}
+        infer_params["model_job_id"] = jobs["finetune"]["id"]
+        jobs["infer"] = watch(client, submit(client, "infer", infer_params))
+
+        console.rule("4/4 evaluate")
+        ev_params = {
+            "dataset_job_id": jobs["simulate"]["id"],
+            "model_job_id": jobs["finetune"]["id"],
+        }
+        jobs["evaluate"] = watch(client, submit(client, "evaluate", ev_params))
+    return jobs
+
+
+def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
+    """Print the jobs table, the evaluation table, overlay paths and the page URL."""
+    t = Table(title="CalSeg demo: jobs")
+    for col in ("job", "id", "state", "wall (s)"):
+        t.add_column(col)
+    for kind, job in jobs.items():
+        t.add_row(kind, job["id"], job["state"], f"{job['_wall_s']:.1f}")
+    console.print(t)
+
+    metrics = jobs["evaluate"].get("metrics", [])
+    if metrics:
+        models = sorted({m.get("model") or "" for m in metrics})
+        names = [
+            n
+            for n in ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
+            if any(m["name"] == n for m in metrics)
+        ]
+        mt = Table(title="Held-out simulated videos (split by video)")
+        mt.add_column("model")
+        for n in names:
+            mt.add_column(n)
+        for model in models:
+            vals = {m["name"]: m["value"] for m in metrics if (m.get("model") or "") == model}
+            mt.add_row(model, *[f"{vals[n]:.3f}" if n in vals else "-" for n in names])
+        console.print(mt)
+    table_text = (jobs["evaluate"].get("result") or {}).get("table")
+    if table_text:
+        console.print(table_text)
+
+    paths = artifact_paths(jobs["infer"], artifact_dir)
+    console.print("[bold]Overlays[/]")
+    for name, p in sorted(paths.items()):
+        if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
+            console.print(f"  {name}: {p}")
+    console.print(f"[bold]Page:[/] {page_url}  (run `make serve` to browse these jobs)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``make demo``; returns the process exit code."""
+    p = argparse.ArgumentParser(prog="python -m calseg.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--recording", help="a real TIFF to segment instead of a held-out video")
+    p.add_argument("--videos", type=int, default=4, help="simulated videos (>= 4)")
+    p.add_argument("--frames", type=int, default=64, help="frames per simulated video")
+    p.add_argument("--size", type=int, default=256, help="frame height and width (px)")
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning optimiser steps")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from calseg.service.embedded import EmbeddedService
+    from calseg.service.settings import get_settings
+
+    settings = get_settings()
+    t0 = time.monotonic()
+    try:
+        with EmbeddedService(settings) as service:
+            console.print(f"service up at {service.url} (database {settings.database_url})")
+            jobs = run_demo(service.url, Path(settings.artifact_dir), args)
+            page = service.url + "/"
+            summarise(jobs, Path(settings.artifact_dir), page)
+    except DemoError as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        return 1
+    console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
