@@ -35,14 +35,29 @@ _lock = threading.Lock()
 
 
 def _labels(path: Path) -> np.ndarray:
-    import tifffile
+    from calseg.io.labels import read_label_stack
 
-    arr = tifffile.imread(path)
-    return (arr[None] if arr.ndim == 2 else arr).astype(np.uint32, copy=False)
+    return read_label_stack(path)
 
 
-def load_stacks(frames_path: Path, labels_path: Path, gt_path: Path | None) -> Stacks:
-    """The decoded stacks (cached by paths and modification times)."""
+def _frames(path: Path, simulated: bool) -> np.ndarray:
+    """(T, H, W) frames: a calseg-dataset image is a plain TYX TIFF; anything else goes
+    through the recording reader (axis detection, calibration)."""
+    if simulated:
+        import tifffile
+
+        arr = tifffile.imread(path)
+        return arr[None] if arr.ndim == 2 else arr
+    from calseg.io.recordings import read_recording
+
+    return np.asarray(read_recording(path).frames)
+
+
+def load_stacks(
+    frames_path: Path, labels_path: Path, gt_path: Path | None, *, simulated: bool = False
+) -> Stacks:
+    """The decoded stacks (cached by paths and modification times). ``simulated``: the frames
+    are a calseg-dataset video (TYX TIFF)."""
     key = tuple((str(p), p.stat().st_mtime_ns) for p in (frames_path, labels_path, gt_path) if p)
     with _lock:
         if key in _cache:
@@ -50,9 +65,7 @@ def load_stacks(frames_path: Path, labels_path: Path, gt_path: Path | None) -> S
             return _cache[key]
     from calseg.io.overlays import display_range
 
-    from calseg.io.recordings import read_recording
-
-    frames = np.asarray(read_recording(frames_path).frames)
+    frames = _frames(frames_path, simulated)
     labels = _labels(labels_path)
     gt = _labels(gt_path) if gt_path else None
     lo, hi = display_range(frames)
@@ -64,25 +77,15 @@ def load_stacks(frames_path: Path, labels_path: Path, gt_path: Path | None) -> S
     return stacks
 
 
-def gray(frame: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """A frame (H, W) scaled linearly from [lo, hi] to an (H, W, 3) uint8 gray image."""
-    scale = 255.0 / max(hi - lo, 1e-12)
-    g = np.clip((frame.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
-    return np.repeat(g[:, :, None], 3, axis=2)
-
-
 def render_png(stacks: Stacks, t: int, *, overlay: bool, gt: bool) -> bytes:
     """PNG bytes of frame ``t``: the frame with predicted labels (``overlay``), and the same
     frame with ground truth to its right (``gt``, when the job has it)."""
-    from calseg.io.overlays import render_overlay
     from PIL import Image
 
+    from calseg.io.overlays import render_overlay
+
     frame = stacks.frames[t]
-    panels = [
-        render_overlay(frame, stacks.labels[t], stacks.lo, stacks.hi)
-        if overlay
-        else gray(frame, stacks.lo, stacks.hi)
-    ]
+    panels = [render_overlay(frame, stacks.labels[t] if overlay else None, stacks.lo, stacks.hi)]
     if gt and stacks.gt is not None:
         panels.append(np.full((frame.shape[0], GAP_PX, 3), 255, np.uint8))
         panels.append(render_overlay(frame, stacks.gt[t], stacks.lo, stacks.hi))

@@ -268,6 +268,7 @@ def frame_png(
             store.path(source["relpath"]),
             store.path(labels.relpath),
             store.path(gt_rel) if gt_rel else None,
+            simulated=source.get("type") == "dataset",
         )
     except FileNotFoundError as exc:
         raise HTTPException(410, f"a file of job {job_id} is gone from the store: {exc}") from exc

@@ -45,41 +45,21 @@ def _video_entry(manifest: dict[str, Any], video_id: str) -> dict[str, Any]:
     raise RunnerError(f"video {video_id!r} is not in the dataset; its videos are: {ids}")
 
 
-def _read_labels(path: Path) -> np.ndarray:
-    """A label stack (T, H, W) from a TIFF, as uint32."""
-    import tifffile
-
-    labels = tifffile.imread(path)
-    if labels.ndim == 2:
-        labels = labels[None]
-    return labels.astype(np.uint32, copy=False)
-
-
 def _summary_rows(summary: Any) -> list[tuple[str, str, float]]:
-    """(model, metric, value) triples from an EvaluationReport summary.
+    """(model, metric, value) triples of the summary metrics of an EvaluationReport.
 
-    Accepts ``{model: {metric: value}}``, ``{model: {metric: {"mean": v, ...}}}`` or a list of
-    row dicts with a ``model`` key.
+    ``summary`` is a list of per-model dicts ``{"model": name, "<metric>_mean": value, ...}``
+    (:func:`calseg.segment.evaluate.summarise`); ``{model: {metric: value}}`` is accepted too.
+    Missing (None) values are skipped.
     """
-    rows: list[tuple[str, str, float]] = []
-
-    def value_of(v: Any) -> float | None:
-        if isinstance(v, dict):
-            v = v.get("mean", v.get("value"))
-        if isinstance(v, int | float | np.floating | np.integer):
-            return float(v)
-        return None
-
     if isinstance(summary, dict):
-        items = summary.items()
-    else:
-        items = ((row.get("model"), row) for row in summary)
-    for model, metrics in items:
-        if not isinstance(metrics, dict):
-            continue
+        summary = [{"model": m, **v} for m, v in summary.items() if isinstance(v, dict)]
+    rows: list[tuple[str, str, float]] = []
+    for entry in summary:
         for name in SUMMARY_METRICS:
-            if name in metrics and (val := value_of(metrics[name])) is not None:
-                rows.append((str(model), name, val))
+            value = entry.get(f"{name}_mean", entry.get(name))
+            if isinstance(value, int | float | np.floating | np.integer):
+                rows.append((str(entry.get("model")), name, float(value)))
     return rows
 
 
@@ -92,8 +72,8 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
     Artifacts: ``manifest.json`` (kind ``dataset-manifest``; the dataset folder is its parent),
     ``preview.png`` (contact sheet of the first video with its ground-truth labels).
     """
+    from calseg.io.dataset import load_dataset
     from calseg.io.overlays import contact_sheet
-    from calseg.io.recordings import read_recording
     from calseg.simulate.dataset import simulate_dataset
 
     config = params.to_config()
@@ -108,8 +88,8 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
 
     ctx.progress(0.92, "preview", "contact sheet of the first video")
     first = videos[0]
-    frames = read_recording(manifest_path.parent / first["image"]).frames
-    labels = _read_labels(manifest_path.parent / first["labels"])
+    entry = load_dataset(manifest_path.parent).video(first["id"])
+    frames, labels = entry.load_image(), entry.load_labels()
     sheet = contact_sheet(
         frames,
         labels,
@@ -204,6 +184,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
     ``overlay.gif`` (animation). Metric: ``foreground_fraction`` (labelled pixel fraction).
     """
+    from calseg.io.dataset import load_dataset
     from calseg.io.labels import write_label_stack
     from calseg.io.overlays import animation, contact_sheet, display_range
     from calseg.io.recordings import read_recording
@@ -219,21 +200,24 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
         }
     else:
         dataset = ctx.dataset_dir(params.dataset_job_id)
-        entry = _video_entry(_read_manifest(dataset), params.video_id)
-        path = dataset / entry["image"]
-        gt_path = dataset / entry["labels"]
-        gt = _read_labels(gt_path)
+        _video_entry(_read_manifest(dataset), params.video_id)  # clear error when absent
+        video = load_dataset(dataset).video(params.video_id)
+        path = dataset / video.image
         source = {
             "type": "dataset",
             "dataset_job_id": params.dataset_job_id,
             "video_id": params.video_id,
             "relpath": ctx.relpath(path),
-            "gt_relpath": ctx.relpath(gt_path),
-            "split": entry.get("split"),
+            "gt_relpath": ctx.relpath(dataset / video.labels),
+            "split": video.split,
+            "pattern_class": video.pattern_class,
         }
 
     ctx.progress(0.01, "read", f"reading {path.name}")
-    frames = read_recording(path).frames
+    if params.recording_id:
+        frames = read_recording(path).frames
+    else:
+        frames, gt = video.load_image(), video.load_labels()
     t, h, w = frames.shape
     ctx.log(f"recording {path.name}: {t} frames of {h} x {w} px, {frames.dtype}")
 
