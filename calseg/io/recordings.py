@@ -465,6 +465,11 @@ def _open_tiff(path: Path, display: str) -> _Source:
             ) from exc
     if n_pages == 0 or not all_series:
         tf.close()
+        if any("offset" in m.lower() for m in log):
+            raise RecordingError(
+                f"{path.name} is damaged or truncated: its first image directory points past the "
+                "end of the file; copy or export it again."
+            )
         raise RecordingError(f"{path.name} holds no images (0 frames); export the recording again.")
     series = all_series[0]
     trunc = _tiff_truncation(tf, series, size, log)
@@ -495,6 +500,12 @@ def _open_tiff(path: Path, display: str) -> _Source:
     shape = tuple(int(n) for n in series.shape)
     photometric = int(getattr(keyframe, "photometric", 1) or 1)
     rgb = photometric in (2, 6) and "S" in file_axes  # RGB, YCbCr
+    if rgb and tf.is_shaped and file_axes.index("S") < file_axes.index("Y"):
+        n_s = shape[file_axes.index("S")]
+        warn.append(
+            f"stored as {n_s} planar colour planes (numpy-written {n_s}-image stacks often end "
+            f"up so); if they are frames, pass axes={file_axes.replace('S', 'T')!r}"
+        )
     if photometric == 3:
         warn.append("palette (indexed-colour) TIFF: read the palette indices as intensities")
 
@@ -1035,7 +1046,8 @@ def _resolve_axes(src: _Source, override: str | None) -> tuple[str, list[str]]:
         dims = " x ".join(str(n) for n in shape)
         raise RecordingError(
             f"{name} stores {len(shape)}-D data ({dims}) whose axes are ambiguous "
-            f"(file says {src.file_axes or 'nothing'!r}); pass axes= with one letter per "
+            f"({'file axes ' + repr(src.file_axes) if src.file_axes else 'no axes in the file'}); "
+            "pass axes= with one letter per "
             "dimension, e.g. axes='TZYX' (time, depth, rows, columns) or 'TCYX' (channels)."
         )
     if "Z" in ax and "T" not in ax:

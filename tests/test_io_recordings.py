@@ -1,0 +1,417 @@
+"""Tests of calseg.io.recordings on the real recordings and on synthetic files (bad ones too)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from calseg.io.recordings import (
+    MIN_FRAME_SIDE,
+    Recording,
+    RecordingError,
+    RecordingInfo,
+    natural_sort_key,
+    probe_recording,
+    read_recording,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
+
+
+def real(name: str) -> Path:
+    path = REAL / name
+    if not path.exists():
+        pytest.skip(f"real recording {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
+    return path
+
+
+def stack(t: int = 5, h: int = 24, w: int = 32, dtype=np.uint16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 4000, size=(t, h, w)).astype(dtype)
+
+
+# ------------------------------------------------------------------------- real recordings
+
+
+def test_real_sima_example():
+    path = real("sima_example.tif")
+    info = probe_recording(path)
+    assert (info.n_frames, info.height, info.width) == (20, 128, 256)
+    assert info.dtype == "uint16" and info.axes == "TYX" and info.format == "imagej-tiff"
+    assert info.header_frames is None
+    assert info.pixel_size_um is None  # 72 dpi inch resolution is not a calibration
+    rec = read_recording(path)
+    assert rec.frames.shape == (20, 128, 256) and rec.frames.dtype == np.uint16
+    assert int(rec.frames.max()) == 4094  # documented range 0..4094
+    np.testing.assert_array_equal(rec.frames, tifffile.imread(path))
+
+
+def test_real_badmeta_header_lies_about_frame_count():
+    path = real("sima_example-tiffs_0_badmeta.tif")
+    info = probe_recording(path)
+    assert info.n_frames == 1 and (info.height, info.width) == (173, 173)
+    assert info.header_frames == 3500
+    assert any("3500" in w and "holds 1" in w for w in info.warnings)
+    rec = read_recording(path)
+    assert rec.frames.shape == (1, 173, 173) and rec.frames.dtype == np.uint16
+    assert rec.info.header_frames == 3500
+    with tifffile.TiffFile(path) as tf:
+        np.testing.assert_array_equal(rec.frames[0], tf.pages[0].asarray())
+
+
+@pytest.mark.parametrize(
+    "name", ["fissa_b_AVG_A01.tif", "fissa_b_AVG_A02.tif", "fissa_b_AVG_A03.tif"]
+)
+def test_real_fissa_tiny_frames(name):
+    rec = read_recording(real(name))
+    # (the three trials all hold 29 frames of 21 x 14 px)
+    assert rec.frames.shape == (29, 21, 14) and rec.frames.dtype == np.uint16
+    assert rec.info.axes == "TYX" and rec.info.file_axes == "QYX"
+    assert rec.frames.min() >= 36
+
+
+def test_real_astrocast_slices_and_calibration():
+    path = real("astrocast_sample_1.tiff")
+    rec = read_recording(path)
+    raw = tifffile.imread(path)
+    assert raw.shape == (75, 100, 100) and raw.dtype == np.uint16
+    assert rec.frames.shape == (75, 100, 100)
+    # ImageJ calibration c0 = -32768, c1 = 1: signed data stored unsigned
+    assert rec.frames.dtype == np.float32
+    np.testing.assert_array_equal(rec.frames, raw.astype(np.float32) - 32768)
+    assert rec.frames.min() >= 0 and rec.frames.max() < 100
+    assert rec.info.file_axes == "ZYX" and rec.info.axes == "TYX"
+    assert rec.info.pixel_size_um == pytest.approx(1.0)
+    assert any("slices" in w for w in rec.info.warnings)
+    assert any("calibration" in w for w in rec.info.warnings)
+
+
+def test_real_astrocast_hdf5():
+    path = real("astrocast_sample_1_dff.h5")
+    info = probe_recording(path)
+    assert (info.n_frames, info.height, info.width, info.dtype) == (75, 100, 100, "uint16")
+    assert info.format == "hdf5" and info.pixel_size_um == pytest.approx(1.0)
+    rec = read_recording(f"{path}:/dff/ch0", max_frames=10)
+    assert rec.frames.shape == (10, 100, 100)
+    assert any("first 10 of 75" in w for w in rec.info.warnings)
+
+
+# ------------------------------------------------------------------------ synthetic: good
+
+
+def test_plain_tiff_round_trip_and_max_frames(tmp_path):
+    data = stack(7)
+    path = tmp_path / "rec.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    rec = read_recording(path)
+    assert isinstance(rec, Recording) and isinstance(rec.info, RecordingInfo)
+    np.testing.assert_array_equal(rec.frames, data)
+    part = read_recording(path, max_frames=3)
+    np.testing.assert_array_equal(part.frames, data[:3])
+    assert part.info.n_frames == 3
+    d = probe_recording(path).to_dict()
+    assert d["n_frames"] == 7 and d["stored_shape"] == [7, 24, 32]
+
+
+def test_compressed_tiff_reads_pages(tmp_path):
+    data = stack(6)
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", compression="zlib")
+    np.testing.assert_array_equal(read_recording(path, max_frames=4).frames, data[:4])
+
+
+def test_bigtiff(tmp_path):
+    data = stack(4)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, data, bigtiff=True, photometric="minisblack")
+    info = probe_recording(path)
+    assert info.format == "bigtiff" and info.n_frames == 4
+    np.testing.assert_array_equal(read_recording(path).frames, data)
+
+
+def test_uint16_near_max_never_wraps(tmp_path):
+    data = np.full((3, 16, 16), 65530, dtype=np.uint16)
+    data[1, 4:8, 4:8] = 65535
+    path = tmp_path / "sat.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    rec = read_recording(path)
+    assert rec.frames.dtype == np.uint16
+    assert int(rec.frames.min()) == 65530 and int(rec.frames.max()) == 65535
+    assert any("16 pixels at the uint16 maximum 65535" in w for w in rec.info.warnings)
+
+
+def test_float_nan_inf_kept_and_counted(tmp_path):
+    data = np.random.default_rng(1).random((4, 16, 16)).astype(np.float64)
+    data[0, :2, :] = np.nan  # 32 NaN (a NaN border)
+    data[2, 5, 5] = np.inf
+    data[3, 6, 6] = -np.inf
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    rec = read_recording(path)
+    assert rec.frames.dtype == np.float32
+    assert np.isnan(rec.frames).sum() == 32 and np.isinf(rec.frames).sum() == 2
+    assert any("32 NaN and 2 Inf" in w for w in rec.info.warnings)
+
+
+def test_rgb_frames_to_grayscale(tmp_path):
+    rgb = np.zeros((3, 16, 20, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # pure red: luma 0.299 * 200 = 59.8 -> 60
+    rgb[1, ..., 1] = 100  # + green: 59.8 + 58.7 = 118.5 -> 118 (round half to even) or 119
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    rec = read_recording(path)
+    assert rec.frames.shape == (3, 16, 20) and rec.frames.dtype == np.uint8
+    assert int(rec.frames[0, 0, 0]) == 60
+    assert int(rec.frames[1, 0, 0]) in (118, 119)
+    assert rec.info.axes == "TYXS"
+    assert any("grayscale" in w for w in rec.info.warnings)
+
+
+def test_5d_tzcyx_imagej_picks_channel_and_projects_z(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 1000, size=(4, 3, 2, 16, 20)).astype(np.uint16)
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(
+        path,
+        data,
+        imagej=True,
+        resolution=(1 / 0.4, 1 / 0.4),
+        metadata={"axes": "TZCYX", "finterval": 0.5, "unit": "um"},
+    )
+    info = probe_recording(path)
+    assert info.axes == "TZCYX" and info.n_frames == 4
+    assert info.frame_interval_s == pytest.approx(0.5)
+    assert info.pixel_size_um == pytest.approx(0.4)
+    rec = read_recording(path, channel=1)
+    np.testing.assert_array_equal(rec.frames, data[:, :, 1].max(axis=1))
+    assert any("channel 1 of 2" in w for w in rec.info.warnings)
+    assert any("projection over 3 Z" in w for w in rec.info.warnings)
+    with pytest.raises(RecordingError, match="channel=2 does not exist"):
+        read_recording(path, channel=2)
+
+
+def test_ome_tiff_metadata(tmp_path):
+    data = stack(5, 16, 20)[:, None]  # T C Y X with C = 1
+    path = tmp_path / "rec.ome.tif"
+    tifffile.imwrite(
+        path,
+        data,
+        ome=True,
+        metadata={
+            "axes": "TCYX",
+            "PhysicalSizeX": 650,
+            "PhysicalSizeXUnit": "nm",
+            "TimeIncrement": 250,
+            "TimeIncrementUnit": "ms",
+        },
+    )
+    info = probe_recording(path)
+    assert info.format == "ome-tiff" and info.n_frames == 5
+    assert info.pixel_size_um == pytest.approx(0.65)
+    assert info.frame_interval_s == pytest.approx(0.25)
+    np.testing.assert_array_equal(read_recording(path).frames, data[:, 0])
+
+
+def test_ambiguous_4d_needs_axes_override(tmp_path):
+    data = stack(6, 16, 20).reshape(3, 2, 16, 20)
+    path = tmp_path / "four.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    with pytest.raises(RecordingError, match="ambiguous.*axes="):
+        probe_recording(path)
+    rec = read_recording(path, axes="TZYX")
+    np.testing.assert_array_equal(rec.frames, data.max(axis=1))
+    rec = read_recording(path, axes="TCYX", channel=1)
+    np.testing.assert_array_equal(rec.frames, data[:, 1])
+    with pytest.raises(RecordingError, match="one letter per dimension"):
+        read_recording(path, axes="TYX")
+    with pytest.raises(RecordingError, match="not valid"):
+        read_recording(path, axes="TQYX")
+
+
+def test_png_and_jpeg_single_frame(tmp_path):
+    img16 = (np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 100).astype(np.uint16)
+    png = tmp_path / "frame.png"
+    Image.fromarray(img16).save(png)
+    rec = read_recording(png)
+    assert rec.info.format == "png" and rec.frames.shape == (1, 20, 24)
+    assert rec.frames.dtype == np.uint16
+    np.testing.assert_array_equal(rec.frames[0], img16)
+    jpg = tmp_path / "frame.jpg"
+    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(jpg)
+    rec = read_recording(jpg)
+    assert rec.frames.shape == (1, 20, 24) and rec.frames.dtype == np.uint8
+    assert abs(int(rec.frames[0, 10, 10]) - 128) <= 2
+    assert any("lossy" in w for w in rec.info.warnings)
+
+
+def test_folder_of_frames_sorted_naturally(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t in range(11):  # f1 .. f11: natural order differs from string order
+        tifffile.imwrite(folder / f"f{t + 1}.tif", np.full((16, 18), t, np.uint16))
+    (folder / "notes.txt").write_text("acquisition notes")
+    info = probe_recording(folder)
+    assert info.format == "folder" and info.n_frames == 11
+    assert any("ignored 1" in w for w in info.warnings)
+    rec = read_recording(folder, max_frames=11)
+    np.testing.assert_array_equal(rec.frames[:, 0, 0], np.arange(11))
+    assert natural_sort_key("f2.tif") < natural_sort_key("f10.tif")
+    tifffile.imwrite(folder / "f12.tif", np.zeros((16, 20), np.uint16))
+    with pytest.raises(RecordingError, match="f12.tif has shape"):
+        read_recording(folder)
+
+
+def test_hdf5_first_3d_and_named_dataset(tmp_path):
+    data = stack(6, 16, 16)
+    path = tmp_path / "rec.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("meta/times", data=np.arange(6.0))
+        h5.create_dataset("raw/green", data=data)
+        h5.create_dataset("raw/red", data=data[::-1]).attrs["frame_interval_s"] = 0.1
+    rec = read_recording(path)
+    np.testing.assert_array_equal(rec.frames, data)
+    assert any("/raw/red" in w for w in rec.info.warnings)
+    rec = read_recording(f"{path}:/raw/red")
+    np.testing.assert_array_equal(rec.frames, data[::-1])
+    assert rec.info.frame_interval_s == pytest.approx(0.1)
+    with pytest.raises(RecordingError, match="no dataset '/raw/blue'.*raw/green"):
+        read_recording(f"{path}:/raw/blue")
+
+
+def test_npy_and_content_sniffing(tmp_path):
+    data = stack(3, 16, 16)
+    npy = tmp_path / "rec.npy"
+    np.save(npy, data)
+    np.testing.assert_array_equal(read_recording(npy).frames, data)
+    # a TIFF named .png is read as TIFF, with a warning
+    mislabelled = tmp_path / "rec.png"
+    tifffile.imwrite(mislabelled, data, photometric="minisblack")
+    rec = read_recording(mislabelled)
+    np.testing.assert_array_equal(rec.frames, data)
+    assert any("content is TIFF" in w for w in rec.info.warnings)
+
+
+def test_signed_and_constant_data(tmp_path):
+    data = np.full((2, 16, 16), -5, dtype=np.int16)
+    path = tmp_path / "signed.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    rec = read_recording(path)
+    assert rec.frames.dtype == np.float32 and float(rec.frames.min()) == -5.0
+    assert any("int16 read as float32" in w for w in rec.info.warnings)
+    assert any("constant" in w for w in rec.info.warnings)
+
+
+def test_avi_video(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    path = tmp_path / "rec.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
+    if not writer.isOpened():
+        pytest.skip("OpenCV cannot write MJPG AVI here")
+    for t in range(5):
+        writer.write(np.full((24, 32, 3), 40 * t + 20, np.uint8))
+    writer.release()
+    rec = read_recording(path)
+    assert rec.info.format == "video"
+    assert rec.frames.shape == (5, 24, 32) and rec.frames.dtype == np.uint8
+    np.testing.assert_allclose(rec.frames[:, 12, 16], 40 * np.arange(5) + 20, atol=4)
+    assert rec.info.frame_interval_s == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------ synthetic: bad
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.tif"
+    path.write_bytes(b"")
+    with pytest.raises(RecordingError, match=r"empty \(0 bytes\).*copy the file again"):
+        probe_recording(path)
+
+
+def test_non_image_with_tif_name(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("frame,intensity\n0,12\n")
+    with pytest.raises(RecordingError, match="not a valid TIFF.*looks like text"):
+        read_recording(path)
+
+
+def test_truncated_tiff(tmp_path):
+    for kw in ({}, {"compression": "zlib"}, {"imagej": True}):
+        full = tmp_path / "full.tif"
+        tifffile.imwrite(full, stack(10, 32, 32), photometric="minisblack", **kw)
+        raw = full.read_bytes()
+        cut = tmp_path / "cut.tif"
+        cut.write_bytes(raw[: int(len(raw) * 0.6)])
+        with pytest.raises(RecordingError, match="truncated.*copy"):
+            probe_recording(cut)
+        with pytest.raises(RecordingError, match="truncated"):
+            read_recording(cut)
+
+
+def test_truncated_within_last_page(tmp_path):
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, stack(4, 32, 32), photometric="minisblack", compression="zlib")
+    raw = full.read_bytes()
+    # find the last page's data and cut into it, keeping every image directory intact
+    with tifffile.TiffFile(full) as tf:
+        off, cnt = tf.pages[-1].dataoffsets[0], tf.pages[-1].databytecounts[0]
+    if off + cnt < len(raw) - 200:
+        pytest.skip("layout differs: last page data not at the end")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(raw[: off + cnt // 2])
+    with pytest.raises(RecordingError, match="truncated"):
+        probe_recording(cut)
+
+
+def test_unsupported_extension_and_missing(tmp_path):
+    path = tmp_path / "rec.czi"
+    path.write_bytes(b"ZISRAWFILE" + bytes(100))
+    with pytest.raises(RecordingError, match="unsupported file format '.czi'.*TIFF"):
+        probe_recording(path)
+    with pytest.raises(RecordingError, match="no such file"):
+        probe_recording(tmp_path / "absent.tif")
+
+
+def test_zero_frames(tmp_path):
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("rec", shape=(0, 16, 16), dtype=np.uint16)
+    with pytest.raises(RecordingError, match="0 frames"):
+        probe_recording(path)
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    with pytest.raises(RecordingError, match="0 frames"):
+        probe_recording(folder)
+
+
+def test_frames_too_small(tmp_path):
+    path = tmp_path / "line.tif"
+    tifffile.imwrite(path, stack(5, MIN_FRAME_SIDE - 1, 40), photometric="minisblack")
+    with pytest.raises(RecordingError, match=f"too small \\(minimum {MIN_FRAME_SIDE}"):
+        probe_recording(path)
+    ok = tmp_path / "ok.tif"
+    tifffile.imwrite(ok, stack(2, MIN_FRAME_SIDE, MIN_FRAME_SIDE), photometric="minisblack")
+    assert probe_recording(ok).height == MIN_FRAME_SIDE
+
+
+def test_garbage_after_tiff_header(tmp_path):
+    path = tmp_path / "garbage.tif"
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 10**9) + os.urandom(64))
+    with pytest.raises(RecordingError, match="damaged or truncated"):
+        probe_recording(path)
+
+
+def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):
+    data = stack(3, 16, 16)
+    path = tmp_path / "three.tif"
+    tifffile.imwrite(path, data, photometric="rgb", planarconfig="separate")
+    info = probe_recording(path)
+    assert info.n_frames == 1 and any("axes='TYX'" in w for w in info.warnings)
+    np.testing.assert_array_equal(read_recording(path, axes="TYX").frames, data)
