@@ -17,6 +17,7 @@ from calseg.io.recordings import (
     Recording,
     RecordingError,
     RecordingInfo,
+    iter_recording,
     natural_sort_key,
     probe_recording,
     read_recording,
@@ -119,6 +120,19 @@ def test_plain_tiff_round_trip_and_max_frames(tmp_path):
     assert part.info.n_frames == 3
     d = probe_recording(path).to_dict()
     assert d["n_frames"] == 7 and d["stored_shape"] == [7, 24, 32]
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_iter_recording_chunks(tmp_path, compression):
+    data = stack(10, 16, 16)
+    path = tmp_path / "long.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", compression=compression)
+    chunks = list(iter_recording(path, chunk_frames=4))
+    assert [t0 for t0, _ in chunks] == [0, 4, 8]
+    assert [c.shape[0] for _, c in chunks] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), data)
+    with pytest.raises(RecordingError, match="chunk_frames"):
+        next(iter_recording(path, chunk_frames=0))
 
 
 def test_compressed_tiff_reads_pages(tmp_path):
@@ -406,6 +420,21 @@ def test_garbage_after_tiff_header(tmp_path):
     path.write_bytes(b"II*\x00" + struct.pack("<I", 10**9) + os.urandom(64))
     with pytest.raises(RecordingError, match="damaged or truncated"):
         probe_recording(path)
+
+
+def test_imagej_without_axes_many_channels_read_as_frames(tmp_path):
+    data = stack(12, 16, 16)
+    path = tmp_path / "ij_noaxes.tif"
+    tifffile.imwrite(path, data, imagej=True)  # tifffile tags this as 12 channels
+    rec = read_recording(path)
+    np.testing.assert_array_equal(rec.frames, data)
+    assert rec.info.file_axes == "CYX" and rec.info.axes == "TYX"
+    assert any("12 channels" in w for w in rec.info.warnings)
+    two = tmp_path / "two_channels.tif"
+    tifffile.imwrite(two, data[:2], imagej=True, metadata={"axes": "CYX"})
+    rec = read_recording(two, channel=1)
+    assert rec.frames.shape == (1, 16, 16)
+    np.testing.assert_array_equal(rec.frames[0], data[1])
 
 
 def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):

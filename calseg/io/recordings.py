@@ -52,11 +52,15 @@ __all__ = [
     "RecordingInfo",
     "natural_sort_key",
     "probe_recording",
+    "iter_recording",
     "read_recording",
 ]
 
 MIN_FRAME_SIDE = 8
 """Smallest accepted frame height and width, in pixels."""
+
+MAX_CHANNELS = 7
+"""More channels than this (ImageJ's composite limit) with no T or Z axis are read as frames."""
 
 AXIS_LETTERS = "TZCYXS"
 """Axis letters CalSeg understands: time, depth, channel, rows, columns, colour samples."""
@@ -1050,6 +1054,14 @@ def _resolve_axes(src: _Source, override: str | None) -> tuple[str, list[str]]:
             "pass axes= with one letter per "
             "dimension, e.g. axes='TZYX' (time, depth, rows, columns) or 'TCYX' (channels)."
         )
+    if "C" in ax and "T" not in ax and "Z" not in ax and shape[ax.index("C")] > MAX_CHANNELS:
+        nc = shape[ax.index("C")]
+        ax = ax.replace("C", "T")
+        notes.append(
+            f"the file says {nc} channels and no time axis; no microscope records {nc} channels, "
+            "but numpy/tifffile scripts write time series this way: read them as frames (T). "
+            f"Pass axes={ax.replace('T', 'C')!r} to read them as channels."
+        )
     if "Z" in ax and "T" not in ax:
         nz = shape[ax.index("Z")]
         ax = ax.replace("Z", "T")
@@ -1346,3 +1358,44 @@ def read_recording(
             src.close()
 
     return _guard(run, display)
+
+
+def iter_recording(
+    path: str | Path,
+    *,
+    axes: str | None = None,
+    channel: int = 0,
+    chunk_frames: int = 64,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Read a recording chunk by chunk, so memory stays bounded for long recordings.
+
+    Args:
+        path, axes, channel: as for :func:`read_recording`.
+        chunk_frames: frames per chunk (>= 1).
+
+    Yields:
+        ``(t0, frames)``: index of the chunk's first frame and a ``(t, H, W)`` array (``t <=
+        chunk_frames``) in the same dtype and calibration as :func:`read_recording` returns.
+        Memory-mapped and page-wise TIFF, HDF5, .npy and folders read only the chunk; videos
+        are decoded whole first (no seekable decoder is assumed).
+
+    Raises:
+        RecordingError: as :func:`read_recording`, raised at the first ``next()``.
+    """
+    if not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise RecordingError(f"chunk_frames must be a positive integer, got {chunk_frames!r}.")
+    display = os.fspath(path)
+    src = _guard(lambda: _open_source(path), display)
+    try:
+        plan = _guard(lambda: _plan(src, axes, channel), display)
+        for t0 in range(0, plan.n_frames, chunk_frames):
+            t1 = min(t0 + chunk_frames, plan.n_frames)
+            chunk = _guard(lambda a=t0, b=t1: _read_frames(src, plan, channel, a, b), display)
+            if chunk.shape[0] != t1 - t0:
+                raise RecordingError(
+                    f"{display}: frames {t0}..{t1 - 1} could not all be read; the file is probably "
+                    "truncated: copy it again."
+                )
+            yield t0, chunk
+    finally:
+        src.close()
