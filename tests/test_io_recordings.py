@@ -437,6 +437,44 @@ def test_imagej_without_axes_many_channels_read_as_frames(tmp_path):
     np.testing.assert_array_equal(rec.frames[0], data[1])
 
 
+def test_interleaved_channels(tmp_path):
+    data = stack(12, 16, 16)  # images alternate c0, c1, c2, c0, ...
+    path = tmp_path / "interleaved.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    rec = read_recording(path, interleaved_channels=3, channel=2)
+    np.testing.assert_array_equal(rec.frames, data[2::3])
+    assert rec.info.n_frames == 4
+    part = read_recording(path, interleaved_channels=3, channel=1, max_frames=2)
+    np.testing.assert_array_equal(part.frames, data[1:6:3])
+    with pytest.raises(RecordingError, match="not a multiple of 5"):
+        read_recording(path, interleaved_channels=5)
+
+
+def test_non_ascii_and_dotted_names(tmp_path):
+    folder = tmp_path / "Zellen ü" / ".." / "Zellen ü"
+    (tmp_path / "Zellen ü").mkdir()
+    path = folder / "Aufnahme-µ_ü.tif"
+    data = stack(2, 16, 16)
+    tifffile.imwrite(path, data, photometric="minisblack")
+    np.testing.assert_array_equal(read_recording(path).frames, data)
+
+
+def test_no_video_decoder_gives_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    import imageio.v3 as iio
+
+    def fail(*args, **kwargs):
+        raise ImportError("plugin missing")
+
+    monkeypatch.setattr(iio, "imread", fail)
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    path = tmp_path / "rec.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(RecordingError, match="no installed video decoder.*pip install av"):
+        probe_recording(path)
+
+
 def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):
     data = stack(3, 16, 16)
     path = tmp_path / "three.tif"

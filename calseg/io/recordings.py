@@ -955,8 +955,9 @@ def _decode_video(path: Path) -> tuple[np.ndarray, float | None, str]:
         finally:
             cap.release()
     raise RecordingError(
-        f"{path.name}: no installed video decoder can read it ({'; '.join(errors)}). Install "
-        f"imageio's pyav plugin (pip install av) or {_CONVERT_HINT}."
+        f"{path.name}: no installed video decoder can read it ({'; '.join(errors)}). The file "
+        "may be damaged, or need a decoder that is not installed: install imageio's pyav "
+        f"plugin (pip install av) or {_CONVERT_HINT}."
     )
 
 
@@ -1102,12 +1103,40 @@ class _Plan:
     height: int
     width: int
     out_dtype: np.dtype
+    interleave: int = 1
 
 
-def _plan(src: _Source, axes: str | None, channel: int) -> _Plan:
+def _plan(src: _Source, axes: str | None, channel: int, interleaved: int | None = None) -> _Plan:
     ax, notes = _resolve_axes(src, axes)
     shape = src.shape
     size = dict(zip(ax, shape, strict=True))
+    k = 1
+    if interleaved is not None:
+        if not isinstance(interleaved, int) or interleaved < 1:
+            raise RecordingError(
+                f"interleaved_channels must be a positive integer, got {interleaved!r}."
+            )
+        if "C" in ax:
+            raise RecordingError(
+                f"{src.path.name} already has a channel axis (axes {ax!r}); pick one with "
+                "channel= instead of interleaved_channels."
+            )
+        k = interleaved
+        n_img = size.get("T", 1)
+        if n_img % k:
+            raise RecordingError(
+                f"{src.path.name} holds {n_img} images, not a multiple of {k} interleaved "
+                "channels; check the channel count."
+            )
+        if not 0 <= channel < k:
+            raise RecordingError(
+                f"channel={channel} does not exist among {k} interleaved channels (0..{k - 1})."
+            )
+        if k > 1:
+            notes.append(
+                f"de-interleaved {k} channels: read channel {channel} (images {channel}, "
+                f"{channel + k}, {channel + 2 * k}, ...)"
+            )
     if "C" in ax:
         n_c = size["C"]
         if not 0 <= channel < n_c:
@@ -1117,7 +1146,7 @@ def _plan(src: _Source, axes: str | None, channel: int) -> _Plan:
             )
         if n_c > 1:
             notes.append(f"multi-channel data: read channel {channel} of {n_c}")
-    elif channel != 0:
+    elif channel != 0 and k == 1:
         raise RecordingError(f"channel={channel} given but {src.path.name} has a single channel.")
     if "Z" in ax and size["Z"] > 1:
         notes.append(f"maximum-intensity projection over {size['Z']} Z slices per frame")
@@ -1126,7 +1155,7 @@ def _plan(src: _Source, axes: str | None, channel: int) -> _Plan:
             f"colour ({'RGBA' if size['S'] == 4 else 'RGB'}) frames converted to grayscale "
             "(luma 0.299 R + 0.587 G + 0.114 B)"
         )
-    n_frames = size.get("T", 1)
+    n_frames = size.get("T", 1) // k
     h, w = size["Y"], size["X"]
     if n_frames == 0:
         raise RecordingError(
@@ -1141,7 +1170,9 @@ def _plan(src: _Source, axes: str | None, channel: int) -> _Plan:
     note = _dtype_note(src.dtype)
     if note and src.calibration is None:
         notes.append(note)
-    return _Plan(ax, notes, n_frames, h, w, _output_dtype(src.dtype, src.calibration is not None))
+    return _Plan(
+        ax, notes, n_frames, h, w, _output_dtype(src.dtype, src.calibration is not None), k
+    )
 
 
 def _read_frames(src: _Source, plan: _Plan, channel: int, t0: int, t1: int) -> np.ndarray:
@@ -1153,7 +1184,9 @@ def _read_frames(src: _Source, plan: _Plan, channel: int, t0: int, t1: int) -> n
         if a == "C":
             index.append(channel)
             continue
-        index.append(slice(t0, t1) if a == "T" else slice(None))
+        k = plan.interleave
+        t_index = slice(t0 * k + channel, t1 * k, k) if k > 1 else slice(t0, t1)
+        index.append(t_index if a == "T" else slice(None))
         kept.append(a)
     try:
         data = np.asarray(src.reader(tuple(index)))
@@ -1316,6 +1349,7 @@ def read_recording(
     axes: str | None = None,
     channel: int = 0,
     max_frames: int | None = None,
+    interleaved_channels: int | None = None,
 ) -> Recording:
     """Read a recording as a ``(T, H, W)`` frame stack.
 
@@ -1327,6 +1361,9 @@ def read_recording(
         channel: channel index (0-based) to read when the data has a C axis.
         max_frames: read only the first ``max_frames`` frames (only those are decoded for
             memory-mapped TIFF, page-wise TIFF, HDF5, .npy and folders).
+        interleaved_channels: for files without a channel axis whose images alternate between
+            ``k`` channels (c0, c1, c0, c1, ...): split the time axis into ``(T, k)`` and read
+            ``channel``.
 
     Returns:
         :class:`Recording` with ``frames`` ``(T, H, W)`` uint8/uint16/float32 (native byte order;
@@ -1342,7 +1379,7 @@ def read_recording(
     def run() -> Recording:
         src = _open_source(path)
         try:
-            plan = _plan(src, axes, channel)
+            plan = _plan(src, axes, channel, interleaved_channels)
             t1 = plan.n_frames if max_frames is None else min(plan.n_frames, max_frames)
             frames = _read_frames(src, plan, channel, 0, t1)
             if frames.shape[0] != t1:
@@ -1366,11 +1403,12 @@ def iter_recording(
     axes: str | None = None,
     channel: int = 0,
     chunk_frames: int = 64,
+    interleaved_channels: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Read a recording chunk by chunk, so memory stays bounded for long recordings.
 
     Args:
-        path, axes, channel: as for :func:`read_recording`.
+        path, axes, channel, interleaved_channels: as for :func:`read_recording`.
         chunk_frames: frames per chunk (>= 1).
 
     Yields:
@@ -1387,7 +1425,7 @@ def iter_recording(
     display = os.fspath(path)
     src = _guard(lambda: _open_source(path), display)
     try:
-        plan = _guard(lambda: _plan(src, axes, channel), display)
+        plan = _guard(lambda: _plan(src, axes, channel, interleaved_channels), display)
         for t0 in range(0, plan.n_frames, chunk_frames):
             t1 = min(t0 + chunk_frames, plan.n_frames)
             chunk = _guard(lambda a=t0, b=t1: _read_frames(src, plan, channel, a, b), display)
