@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from calseg.segment.prompts import Activity, ActivityParams, compute_activity
 
 
-def baseline_labels(activity: Activity, min_region_px: int = 4) -> np.ndarray:
+def baseline_labels(activity: Activity, min_region_px: int = 15) -> np.ndarray:
     """Label stack from an :class:`Activity`.
 
     Returns:
@@ -47,7 +47,7 @@ def baseline_labels(activity: Activity, min_region_px: int = 4) -> np.ndarray:
 
 
 def segment_baseline(
-    frames: np.ndarray, params: ActivityParams | None = None, min_region_px: int = 4
+    frames: np.ndarray, params: ActivityParams | None = None, min_region_px: int = 15
 ) -> tuple[np.ndarray, Activity]:
     """Segment a ``(T, H, W)`` recording classically.
 

@@ -62,14 +62,14 @@ class InferenceConfig(BaseModel):
     low_percentile: float = Field(0.5, ge=0, lt=100)
     high_percentile: float = Field(99.8, gt=0, le=100)
     # activity map / prompts
-    smooth_sigma_px: float = Field(1.0, ge=0)
+    smooth_sigma_px: float = Field(0.0, ge=0)
     f0_percentile: float = Field(20.0, ge=0, le=100)
-    threshold_k: float = Field(4.0, gt=0)
+    threshold_k: float = Field(5.0, gt=0)
     min_dff: float = Field(0.0, ge=0)
-    seed_smooth_sigma_px: float = Field(2.0, ge=0)
+    seed_smooth_sigma_px: float = Field(1.0, ge=0)
     seed_min_distance_px: int = Field(4, ge=1)
     detrend: bool = True
-    min_region_px: int = Field(4, ge=1)
+    min_region_px: int = Field(15, ge=1)
     n_negative_points: int = Field(2, ge=0, le=8)
     max_prompts_per_frame: int = Field(256, ge=1)
     # mask post-processing
