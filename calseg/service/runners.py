@@ -21,7 +21,16 @@ from calseg.progress import scaled
 if TYPE_CHECKING:
     from calseg.service.jobs import JobContext
 
-SUMMARY_METRICS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
+SUMMARY_METRICS = (
+    "iou",
+    "dice",
+    "pixel_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "ap50",
+    "mean_matched_iou",
+)
 """Summary values of an evaluation report stored as Metric rows (each in [0, 1])."""
 
 

@@ -1,0 +1,121 @@
+"""The walking skeleton through HTTP on the real PostgreSQL + Redis + a Celery worker:
+simulate -> finetune -> infer (held-out video) -> evaluate, on tiny inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from service_it_helpers import artifact_path, submit, wait
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SIM = {"n_videos": 4, "n_frames": 8, "height": 128, "width": 128, "seed": 11}
+FT = {
+    "steps": 4,
+    "image_size": 256,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "val_every": 2,
+    "frames_per_video": 4,
+    "val_frames_per_video": 2,
+    "encoder_batch_size": 2,
+}
+INFER = {"image_size": 256, "max_prompts_per_frame": 16}
+
+
+def test_simulate_finetune_infer_evaluate(service, client) -> None:
+    timings: dict[str, float] = {"startup": service.startup_s}
+    r = client.get("/api/ready")
+    assert r.status_code == 200 and r.json()["database"] == "ok" and r.json()["broker"] == "ok"
+
+    t = time.monotonic()
+    sim = wait(client, submit(client, "simulate", SIM))
+    timings["simulate"] = time.monotonic() - t
+    assert sim["result"]["n_videos"] == 4
+    manifest = artifact_path(service, sim, "manifest.json")
+    assert manifest.is_file()
+
+    # finetune is submitted before we know anything else; infer/evaluate chain on it
+    t = time.monotonic()
+    ft = wait(client, submit(client, "finetune", {"dataset_job_id": sim["id"], **FT}), 600)
+    timings["finetune"] = time.monotonic() - t
+    ckpt = artifact_path(service, ft, "checkpoint.pt")
+    assert ckpt.is_file() and ckpt.stat().st_size > 0
+    assert any("RANDOM" in w or "random" in w for w in ft["result"]["warnings"]) or (
+        service.settings.sam2_checkpoint is not None
+    )
+    ft_metrics = {m["name"]: m["value"] for m in ft["metrics"]}
+    assert math.isfinite(ft_metrics["final_loss"])
+
+    test_video = next(v for v in sim["result"]["videos"] if v["split"] == "test")
+    t = time.monotonic()
+    inf = wait(
+        client,
+        submit(
+            client,
+            "infer",
+            {
+                "dataset_job_id": sim["id"],
+                "video_id": test_video["id"],
+                "model_job_id": ft["id"],
+                **INFER,
+            },
+        ),
+        600,
+    )
+    timings["infer"] = time.monotonic() - t
+    labels = tifffile.imread(artifact_path(service, inf, "labels.tif"))
+    assert labels.shape == (SIM["n_frames"], SIM["height"], SIM["width"])
+    for name in ("overlay.png", "overlay.gif", "labels.tif"):
+        path = artifact_path(service, inf, name)
+        art = next(a for a in inf["artifacts"] if a["name"] == name)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == art["sha256"]
+    png = client.get(f"/api/jobs/{inf['id']}/frames/3.png", params={"overlay": 1, "gt": 1})
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+    t = time.monotonic()
+    ev = wait(
+        client,
+        submit(
+            client,
+            "evaluate",
+            {"dataset_job_id": sim["id"], "model_job_id": ft["id"], **INFER},
+        ),
+        600,
+    )
+    timings["evaluate"] = time.monotonic() - t
+    metrics = ev["metrics"]
+    models = {m["model"] for m in metrics}
+    assert models == {"fine-tuned", "base", "baseline"}
+    for m in metrics:
+        assert m["subset"] == "test"
+        assert m["value"] is not None and math.isfinite(m["value"]), m
+        assert 0.0 <= m["value"] <= 1.0, m
+    assert {"iou", "dice", "pixel_accuracy"} <= {m["name"] for m in metrics}
+    assert artifact_path(service, ev, "report.json").is_file()
+    assert "fine-tuned" in ev["result"]["table"]
+
+    listing = client.get("/api/jobs", params={"state": "succeeded"}).json()
+    assert {sim["id"], ft["id"], inf["id"], ev["id"]} <= {j["id"] for j in listing["items"]}
+    print("integration timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    print(ev["result"]["table"])
+    assert np.isfinite(list(timings.values())).all()
+
+
+def test_cancel_and_retry_through_the_worker(service, client) -> None:
+    job = submit(client, "simulate", {**SIM, "n_videos": 2, "n_val_videos": 0, "seed": 5})
+    r = client.post(f"/api/jobs/{job['id']}/cancel")
+    assert r.status_code == 200
+    state = r.json()["state"]
+    assert state == "cancelled"
+    time.sleep(1.0)  # the worker takes the message and skips it
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "cancelled"
+    r = client.post(f"/api/jobs/{job['id']}/retry")
+    assert r.status_code == 200 and r.json()["state"] == "queued"
+    done = wait(client, r.json())
+    assert done["attempts"] == 1 and done["result"]["n_videos"] == 2
