@@ -108,7 +108,8 @@ def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.nda
                 values.append(float(np.median(raw[sel])))
         sig = np.interp(f0, centres, values).astype(np.float32)
     med = float(np.median(sig))
-    floor = max(0.25 * med, 1e-3 * max(float(np.median(np.abs(f0))), 1.0), 1e-6)
+    # floor: a quarter of the typical noise; for noise-free (flat) data 0.1 % of the baseline
+    floor = 0.25 * med if med > 0 else max(1e-3 * float(np.median(np.abs(f0))), 1e-6)
     return np.maximum(sig, floor).astype(np.float32), med
 
 
