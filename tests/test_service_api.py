@@ -123,6 +123,13 @@ def test_submit_list_cancel_retry(client: TestClient) -> None:
 def test_upload_limit_probe_and_duplicates(client: TestClient) -> None:
     r = client.post("/api/recordings", files={"file": ("big.tif", b"\0" * 300_000, "image/tiff")})
     assert r.status_code == 413 and "200000 bytes" in r.json()["detail"]
+    # no Content-Length (chunked): the limit is enforced while streaming
+    r = client.post(
+        "/api/recordings?filename=big.tif",
+        content=(b"\0" * 65536 for _ in range(8)),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
     r = client.post(
         "/api/recordings", files={"file": ("notes.tif", b"this is not a TIFF" * 10, "image/tiff")}
     )
