@@ -38,6 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a TCP port on ``host`` can be bound now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def _tail(path: Path, n: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -102,6 +112,15 @@ class EmbeddedService:
             self.redis_url = self._start_redis()
         upgrade_database(self.settings.database_url)
         port = self.api_port or free_port(self.settings.api_host)
+        if not port_is_free(self.settings.api_host, port):
+            fallback = free_port(self.settings.api_host)
+            print(
+                f"calseg: port {port} is in use; serving on {fallback} instead "
+                "(set CALSEG_API_PORT to choose)",
+                file=sys.stderr,
+                flush=True,
+            )
+            port = fallback
         env = self.child_env(port)
         if self.start_worker:
             self._spawn(
