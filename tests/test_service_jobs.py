@@ -150,6 +150,7 @@ def test_cancel_stops_a_running_job(env) -> None:
     assert seen == [0, 1, 2]  # stopped at the first progress report after the cancel
     job = _job(url, job_id)
     assert job.result is None and job.finished_at is not None
+    assert "stopped" in job.log_tail  # the log of a cancelled run is kept
     with session_scope(url) as s, pytest.raises(jobs.JobStateError, match="already cancelled"):
         jobs.cancel_job(s, job_id)
 

@@ -245,12 +245,22 @@ def cancel_job(session: Session, job_id: str) -> Job:
         JobNotFound, JobStateError: the job already ended.
     """
     job = get_job(session, job_id)
-    if job.state in TERMINAL_STATES:
-        raise JobStateError(f"job {job_id} already {job.state}; nothing to cancel")
     was = job.state
-    job.state, job.finished_at, job.eta_s = "cancelled", utcnow(), None
-    job.message = f"cancelled while {was}"
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+        .values(
+            state="cancelled",
+            finished_at=utcnow(),
+            eta_s=None,
+            message=f"cancelled while {was}",
+            updated_at=utcnow(),
+        )
+    )
     session.commit()
+    session.refresh(job)
+    if res.rowcount == 0:
+        raise JobStateError(f"job {job_id} already {job.state}; nothing to cancel")
     return job
 
 
@@ -271,13 +281,32 @@ def retry_job(
         raise JobStateError(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("failed", "cancelled")))
+        .values(
+            state="queued",
+            progress=0.0,
+            stage="queued",
+            message="retry",
+            error=None,
+            result=None,
+            eta_s=None,
+            started_at=None,
+            finished_at=None,
+            attempts=0,
+            dispatch_id=new_id(),  # messages of earlier dispatches become stale
+            code_version=code_version(),
+            updated_at=utcnow(),
+        )
+    )
+    if res.rowcount == 0:
+        session.rollback()
+        session.refresh(job)
+        raise JobStateError(f"job {job_id} is {job.state}; it changed meanwhile, not retried")
     _clear_outputs(session, job.id, store or get_store())
-    job.state, job.progress, job.stage, job.message = "queued", 0.0, "queued", "retry"
-    job.error = job.result = job.eta_s = job.started_at = job.finished_at = None
-    job.attempts = 0
-    job.dispatch_id = new_id()
-    job.code_version = code_version()
     session.commit()
+    session.refresh(job)
     _dispatch(session, job, enqueue)
     return job
 
@@ -568,25 +597,50 @@ def run_job(
         if job.state in TERMINAL_STATES:
             log.info("run_job: job %s already %s; skipped", job_id, job.state)
             return job.state
-        lost = job.state == "running"
-        if lost and job.attempts >= settings.max_attempts:
-            job.state, job.finished_at = "failed", utcnow()
-            job.error = (
-                f"worker lost: the job was interrupted {job.attempts} time(s) "
-                f"(limit {settings.max_attempts}); not running it again"
+        observed, attempts = job.state, job.attempts
+        lost = observed == "running"
+        # Every transition is a conditional UPDATE on the state we observed, so a cancel (or
+        # another delivery) committed meanwhile is never overwritten (no lost update).
+        guard = (Job.id == job_id, Job.state == observed, Job.attempts == attempts)
+        if lost and attempts >= settings.max_attempts:
+            session.execute(
+                update(Job)
+                .where(*guard)
+                .values(
+                    state="failed",
+                    finished_at=utcnow(),
+                    error=f"worker lost: the job was interrupted {attempts} time(s) "
+                    f"(limit {settings.max_attempts}); not running it again",
+                )
             )
             return "failed"
-        if lost or job.attempts > 0:
-            _clear_outputs(session, job.id, store)
-        job.state, job.attempts = "running", job.attempts + 1
-        job.started_at, job.finished_at = utcnow(), None
-        job.progress, job.stage, job.eta_s, job.error = 0.0, "starting", None, None
-        job.worker = f"{socket.gethostname()}:{os.getpid()}"
-        session.flush()
+        res = session.execute(
+            update(Job)
+            .where(*guard)
+            .values(
+                state="running",
+                attempts=attempts + 1,
+                started_at=utcnow(),
+                finished_at=None,
+                progress=0.0,
+                stage="starting",
+                eta_s=None,
+                error=None,
+                worker=f"{socket.gethostname()}:{os.getpid()}",
+                updated_at=utcnow(),
+            )
+        )
+        if res.rowcount == 0:
+            log.info("run_job: job %s changed state meanwhile; skipped", job_id)
+            return "skipped"
+        if lost or attempts > 0:
+            _clear_outputs(session, job_id, store)
+        session.commit()
+        session.refresh(job)
         try:
             params = validate_params(job.kind, job.params)
         except ValueError as exc:
-            job.state, job.error, job.finished_at = "failed", str(exc), utcnow()
+            _finish(url, job.id, job.dispatch_id, state="failed", error=str(exc))
             return "failed"
         session.expunge(job)
 
@@ -625,6 +679,14 @@ def run_job(
     except JobCancelled as exc:
         ctx.log(f"stopped: {exc}")
         _finish(url, job.id, job.dispatch_id, state="cancelled", log_tail=ctx.log_tail())
+        with session_scope(url) as session:  # keep the log of a job cancelled while running
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id == job.id, Job.dispatch_id == job.dispatch_id, Job.state == "cancelled"
+                )
+                .values(log_tail=ctx.log_tail(), eta_s=None)
+            )
         state = _state(url, job.id)
     except JobDeferred as exc:
         ctx.log(f"deferred: {exc}; looking again in {DEFER_S:.0f} s")

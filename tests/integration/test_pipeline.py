@@ -119,3 +119,25 @@ def test_cancel_and_retry_through_the_worker(service, client) -> None:
     assert r.status_code == 200 and r.json()["state"] == "queued"
     done = wait(client, r.json())
     assert done["attempts"] == 1 and done["result"]["n_videos"] == 2
+
+
+def test_cancel_a_running_job_stops_it(service, client) -> None:
+    big = {**SIM, "n_videos": 3, "n_frames": 120, "height": 256, "width": 256, "seed": 9}
+    job = submit(client, "simulate", big)
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued":
+        assert time.monotonic() < deadline, "the worker never started the job"
+        time.sleep(0.1)
+    r = client.post(f"/api/jobs/{job['id']}/cancel")
+    if r.status_code == 409:  # it finished before we could cancel: nothing to test
+        pytest.skip("the job finished before the cancel request")
+    assert r.json()["state"] == "cancelled"
+    deadline = time.monotonic() + 60
+    while True:
+        j = client.get(f"/api/jobs/{job['id']}").json()
+        assert j["state"] == "cancelled"  # never overwritten by the worker
+        if "stopped" in (j["log_tail"] or ""):
+            break
+        assert time.monotonic() < deadline, f"the worker did not stop: {j['log_tail']}"
+        time.sleep(0.3)
+    assert j["result"] is None
