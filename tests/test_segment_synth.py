@@ -71,8 +71,8 @@ def write_dataset(root: Path, videos: list[dict]) -> Path:
     for v in videos:
         d = root / v["id"]
         d.mkdir(exist_ok=True)
-        tifffile.imwrite(d / "image.tif", v["image"])
-        tifffile.imwrite(d / "labels.tif", v["labels"].astype(np.uint16))
+        tifffile.imwrite(d / "image.tif", v["image"], photometric="minisblack")
+        tifffile.imwrite(d / "labels.tif", v["labels"].astype(np.uint16), photometric="minisblack")
         cells = v["labels"].max(axis=0).astype(np.uint16)
         tifffile.imwrite(d / "cells.tif", cells)
         np.save(d / "calcium.npy", np.zeros((int(cells.max()), len(v["image"])), np.float32))
