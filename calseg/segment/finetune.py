@@ -522,6 +522,8 @@ def finetune(
         if v is not None and (best_iou is None or v > best_iou):
             best_iou = v
             save_finetuned_checkpoint(loaded, best_path, dict(meta_base, step=step, val_mean_iou=v))
+        if step > 0:
+            save_last(step)  # resumable after every validation
         progress(0.3 + 0.7 * step / config.steps, "validate", f"step {step}: val IoU {v}")
 
     if vals and start_step == 0:
