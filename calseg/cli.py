@@ -188,5 +188,19 @@ def evaluate(
         console.print(f"report: {out}")
 
 
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, help="smaller runs; the dataset build is extrapolated"),
+    only: str | None = typer.Option(None, help="one section: sim, render, dataset or sam2"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the results as JSON"),
+) -> None:
+    """Benchmark the simulator, renderer, dataset build and SAM2 (prints a table)."""
+    from calseg.bench import main
+
+    argv = (["--quick"] if quick else []) + (["--only", only] if only else [])
+    argv += ["--json", str(json_out)] if json_out is not None else []
+    raise typer.Exit(code=main(argv))
+
+
 if __name__ == "__main__":
     app()
