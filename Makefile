@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAM2_PIN := $(shell sed -n 's/^sam2 = \["\(sam2==[0-9.]*\)"\]/\1/p' pyproject.toml)
 RECORDING ?=
 
-.PHONY: demo test serve bench reliability lint format services clean-venv
+.PHONY: demo test serve bench reliability lint format services sysdeps venv clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -20,14 +20,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(PY) -m calseg.demo $(if $(RECORDING),--recording "$(RECORDING)")
 
 serve: $(STAMP)
-	$(PY) -m calseg.serve
+	$(PY) -m calseg.service.embedded
 
 services:
 	bash scripts/services.sh
+
+sysdeps:
+	bash scripts/system-deps.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -37,7 +40,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) services lint
+test: $(STAMP) sysdeps services lint
 	$(VENV)/bin/pytest -q -m "not slow or slow"
 
 bench: $(STAMP)

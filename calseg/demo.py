@@ -65,6 +65,7 @@ def watch(client: httpx.Client, job: dict[str, Any], timeout_s: float = 1800) ->
         transient=False,
     ) as bar:
         task = bar.add_task(job["kind"], total=1.0, kind=job["kind"], stage="queued")
+        last_mark: tuple = ()
         while True:
             r = client.get(f"/api/jobs/{job_id}")
             r.raise_for_status()
@@ -76,6 +77,12 @@ def watch(client: httpx.Client, job: dict[str, Any], timeout_s: float = 1800) ->
             if eta is not None and job["state"] == "running":
                 stage += f" (ETA {eta:.0f} s)"
             bar.update(task, completed=float(job.get("progress") or 0.0), stage=stage)
+            # logs and CI have no live bar: one line per stage and per 10 % of progress
+            mark = (job.get("stage"), int(10 * float(job.get("progress") or 0.0)))
+            if not console.is_terminal and mark != last_mark:
+                pct = 100 * float(job.get("progress") or 0.0)
+                console.print(f"  {job['kind']} {pct:5.1f}% {stage}")
+                last_mark = mark
             if job["state"] in TERMINAL:
                 break
             if time.monotonic() - t0 > timeout_s:
@@ -188,7 +195,47 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     for name, p in sorted(paths.items()):
         if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
             console.print(f"  {name}: {p}")
-    console.print(f"[bold]Page:[/] {page_url}  (run `make serve` to browse these jobs)")
+    console.print(f"[bold]Page:[/] {page_url}  (`make serve` serves these jobs again)")
+
+
+def screenshot_page(url: str, path: Path) -> Path | None:
+    """Save a PNG of the page (viewer open on ``url``'s job) with headless Chromium.
+
+    Uses Playwright driving Debian's ``/usr/bin/chromium`` (DESIGN.md section 7); returns
+    ``None`` (and says why) when either is missing, since the screenshot is a convenience.
+    """
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        console.print("no screenshot: playwright is not installed")
+        return None
+    if not chromium.exists():
+        console.print("no screenshot: /usr/bin/chromium is missing (scripts/system-deps.sh)")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#frame-img[src]", timeout=30_000)
+            page.wait_for_function("document.querySelector('#frame-img').complete", timeout=30_000)
+            slider = page.locator("#frame-slider")
+            slider.fill(str(int(slider.get_attribute("max") or 0) // 2))
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(path), full_page=True)
+        finally:
+            browser.close()
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="frame height and width (px)")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning optimiser steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-serving", action="store_true", help="keep the service up afterwards")
     args = p.parse_args(argv)
 
     from calseg.service.embedded import EmbeddedService
@@ -213,6 +261,19 @@ def main(argv: list[str] | None = None) -> int:
             jobs = run_demo(service.url, Path(settings.artifact_dir), args)
             page = service.url + "/"
             summarise(jobs, Path(settings.artifact_dir), page)
+            shot = screenshot_page(
+                f"{page}#job={jobs['infer']['id']}",
+                Path(settings.artifact_dir).parent / "demo-page.png",
+            )
+            if shot:
+                console.print(f"[bold]Screenshot of the page:[/] {shot}")
+            if args.keep_serving:
+                console.print(f"serving at {page} until Ctrl-C")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
     except DemoError as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         return 1
