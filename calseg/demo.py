@@ -138,7 +138,7 @@ def run_demo(base_url: str, artifact_dir: Path, args: argparse.Namespace) -> dic
         for w in (jobs["finetune"].get("result") or {}).get("warnings", []):
             console.print(f"[bold red]WARNING:[/] {w}")
 
-        console.rule("3/4 infer")
+        console.rule("3/4 infer (fine-tuned SAM2, then the classical baseline)")
         if args.recording:
             rec = upload(client, Path(args.recording))
             console.print(f"uploaded {args.recording}: {rec.get('n_frames')} frames")
@@ -149,8 +149,14 @@ def run_demo(base_url: str, artifact_dir: Path, args: argparse.Namespace) -> dic
             if not test:
                 raise DemoError("the simulate job listed no videos in its result")
             infer_params = {"dataset_job_id": jobs["simulate"]["id"], "video_id": test[0]["id"]}
-        infer_params["model_job_id"] = jobs["finetune"]["id"]
-        jobs["infer"] = watch(client, submit(client, "infer", infer_params))
+        jobs["infer"] = watch(
+            client,
+            submit(client, "infer", {**infer_params, "model_job_id": jobs["finetune"]["id"]}),
+        )
+        # the classical baseline needs no weights: the floor every user gets
+        jobs["infer-baseline"] = watch(
+            client, submit(client, "infer", {**infer_params, "method": "baseline"})
+        )
 
         console.rule("4/4 evaluate")
         ev_params = {
@@ -190,11 +196,12 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     if table_text:
         console.print(table_text)
 
-    paths = artifact_paths(jobs["infer"], artifact_dir)
-    console.print("[bold]Overlays[/]")
-    for name, p in sorted(paths.items()):
-        if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
-            console.print(f"  {name}: {p}")
+    for kind in ("infer", "infer-baseline"):
+        model = "fine-tuned SAM2" if kind == "infer" else "classical baseline"
+        console.print(f"[bold]Overlays ({model})[/]")
+        for name, p in sorted(artifact_paths(jobs[kind], artifact_dir).items()):
+            if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
+                console.print(f"  {name}: {p}")
     console.print(f"[bold]Page:[/] {page_url}  (`make serve` serves these jobs again)")
 
 

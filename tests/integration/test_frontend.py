@@ -1,0 +1,117 @@
+"""The page in a real browser: Playwright driving Debian's Chromium (DESIGN.md section 7)
+against the embedded service on the real PostgreSQL, Redis and Celery worker.
+
+A user uploads a real recording from the page, starts an infer job, waits for it to
+succeed in the jobs table, opens the viewer and moves the frame slider; the overlaid frame
+must change. Screenshots are kept in ``test-artifacts/`` (CALSEG_TEST_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path(os.environ.get("CALSEG_CHROMIUM", "/usr/bin/chromium"))
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = Path(os.environ.get("CALSEG_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} missing: run scripts/system-deps.sh (Debian's chromium)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def _frame_digest(page) -> str:
+    """sha256 of the viewer's frame as the browser decoded and drew it."""
+    png = page.locator("#frame-img").screenshot()
+    return hashlib.sha256(png).hexdigest()
+
+
+def test_upload_segment_and_browse_frames(service, client, browser) -> None:
+    real = Path(service.settings.real_data_dir) / "astrocast_sample_1.tiff"
+    if not real.exists():
+        pytest.skip(f"real recording {real} missing (set CALSEG_REAL_DATA_DIR)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(service.url + "/")
+    page.wait_for_selector("#service-status")
+
+    # upload from the form and start a (fast) baseline infer job
+    page.set_input_files("#upload-file", str(real))
+    page.select_option("#upload-method", "baseline")
+    page.get_by_role("button", name="Upload and segment").click()
+    page.wait_for_function(
+        "document.querySelector('#upload-status').textContent.includes('queued')", timeout=60_000
+    )
+    recs = client.get("/api/recordings").json()
+    recs = recs.get("items", recs) if isinstance(recs, dict) else recs
+    rec = next(r for r in recs if r["filename"] == "astrocast_sample_1.tiff")
+    assert (rec["n_frames"], rec["height"], rec["width"]) == (75, 100, 100)
+    # the jobs table shows the job, which ends succeeded
+    page.wait_for_selector("#jobs-body tr:has-text('infer'):has-text('succeeded')", timeout=180_000)
+    page.screenshot(path=str(SHOTS / "page_jobs.png"), full_page=True)
+
+    # the viewer opened on the job: move the slider, the frame changes
+    page.wait_for_selector("#viewer:not([hidden]) #frame-img[src]", timeout=60_000)
+    page.wait_for_function("document.querySelector('#frame-img').complete", timeout=30_000)
+    slider = page.locator("#frame-slider")
+    assert slider.get_attribute("max") == "74"  # astrocast_sample_1.tiff holds 75 frames
+    first_src = page.locator("#frame-img").get_attribute("src")
+    first = _frame_digest(page)
+    slider.fill("12")
+    page.wait_for_function(
+        f"document.querySelector('#frame-img').src.indexOf('{first_src}') < 0"
+        " && document.querySelector('#frame-img').complete",
+        timeout=30_000,
+    )
+    page.wait_for_timeout(300)
+    assert page.locator("#frame-label").text_content().startswith("12")
+    assert _frame_digest(page) != first
+    page.screenshot(path=str(SHOTS / "page_viewer.png"), full_page=True)
+
+    # on the frame with the most labelled pixels, the overlay toggle changes the drawn frame
+    jobs = client.get("/api/jobs", params={"kind": "infer"}).json()
+    job = (jobs.get("items", jobs) if isinstance(jobs, dict) else jobs)[0]
+    tif = client.get(f"/api/jobs/{job['id']}/artifacts/labels.tif")
+    assert tif.status_code == 200
+    labels = tifffile.imread(io.BytesIO(tif.content))
+    assert labels.shape == (75, 100, 100)
+    busiest = int(np.argmax((labels.reshape(75, -1) > 0).sum(axis=1)))
+    assert labels[busiest].any(), "the baseline found no active cell in the recording"
+    slider.fill(str(busiest))
+    page.wait_for_function(
+        f"document.querySelector('#frame-img').src.includes('/frames/{busiest}.png')"
+        " && document.querySelector('#frame-img').complete",
+        timeout=30_000,
+    )
+    page.wait_for_timeout(300)
+    with_overlay = _frame_digest(page)
+    page.locator("#overlay-toggle").uncheck()
+    page.wait_for_function("document.querySelector('#frame-img').src.includes('overlay=0')")
+    page.wait_for_function("document.querySelector('#frame-img').complete")
+    page.wait_for_timeout(300)
+    assert _frame_digest(page) != with_overlay
+    assert errors == [], f"JavaScript errors on the page: {errors}"
