@@ -107,3 +107,25 @@ def test_integrate_validates_inputs():
         integrate(None, np.ones(3), s0, [5.0, 1.0])
     with pytest.raises(ValueError, match="shape"):
         integrate(None, np.ones(4), s0, [1.0])
+
+
+@pytest.mark.parametrize("method", ["euler", "imex"])
+def test_torch_backend_matches_numpy(method):
+    """The optional torch backend runs the same arithmetic as numpy (CPU here, GPU if present)."""
+    pytest.importorskip("torch")
+    tissue = make_tissue(96, 96, 150.0, "rectangle", np.random.default_rng(3))
+    n = tissue.laplacian.shape[0]
+    setup = setup_tissue(
+        n, "waves", ModelParameters(), np.random.default_rng(4), np.random.default_rng(5)
+    )
+    times = np.arange(0, 600.01, 20.0)
+    args = (tissue.laplacian, setup.vplc, setup.state0, times, ModelParameters())
+    ref = integrate(*args, method=method, record=("c", "r"))
+    got = integrate(*args, method=method, record=("c", "r"), backend="torch", device="cpu")
+    assert got["c"].shape == ref["c"].shape == (n, times.size)
+    assert got["c"].dtype == np.float32
+    assert ref["c"].max() > 0.1  # the initiators fired: a real comparison, not of zeros
+    np.testing.assert_allclose(got["c"], ref["c"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["r"], ref["r"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend"):
+        integrate(*args, backend="jax")
