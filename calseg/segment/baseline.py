@@ -1,48 +1,44 @@
-"""Classical baseline: dF/F thresholding + watershed seeded on the temporal projection.
+"""Classical baseline: per-cell ROIs from the recording's structure + per-frame activity.
 
 No weights needed. Uses the same activity analysis as the SAM2 prompts
-(:func:`calseg.segment.prompts.compute_activity`): per-pixel F0 percentile, dF/F, a robust
-threshold, seeds = local maxima of the peak (max-over-time) dF/F map, seed territories =
-watershed of the negated peak map. A pixel of frame t gets the id of its territory when its
-dF/F exceeds the threshold; per frame and id, connected fragments smaller than
-``min_region_px`` are removed and holes are filled.
+(:func:`calseg.segment.prompts.compute_activity`): per-pixel F0 percentile, noise-normalised
+dF (z), a robust threshold, then static cell ROIs separated by the cells' texture where they
+are active with a cell-size prior (:func:`calseg.segment.cells.cell_territories`). A cell ROI
+is painted in frame t, whole, when more than ``active_fraction`` of its pixels are
+supra-threshold there (a cell is active or not as a whole; DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from calseg.segment.cells import territory_activity
 from calseg.segment.prompts import Activity, ActivityParams, compute_activity
 
 
 def baseline_labels(activity: Activity, min_region_px: int = 15) -> np.ndarray:
     """Label stack from an :class:`Activity`.
 
+    Args:
+        activity: output of :func:`compute_activity` (its cell ROIs and per-frame activity).
+        min_region_px: cell ROIs smaller than this (px) are never painted.
+
     Returns:
-        ``(T, H, W)`` uint32 label stack, ids = seed ids (stable across frames), 0 = background.
+        ``(T, H, W)`` uint32 label stack, ids = cell ROI ids (stable across frames),
+        0 = background.
     """
-    t_n = activity.dff.shape[0]
-    out = np.zeros(activity.dff.shape, dtype=np.uint32)
     terr = activity.territories
-    for t in range(t_n):
-        lab = np.where(activity.active[t], terr, 0).astype(np.uint32)
-        if not lab.any():
-            continue
-        for sl_id, sl in enumerate(ndi.find_objects(lab), start=1):
-            if sl is None:
-                continue
-            m = lab[sl] == sl_id
-            m = ndi.binary_fill_holes(m)
-            if min_region_px > 1:
-                cc, n = ndi.label(m)
-                if n > 1 or m.sum() < min_region_px:
-                    sizes = np.bincount(cc.ravel(), minlength=n + 1)
-                    keep = sizes >= min_region_px
-                    keep[0] = False
-                    m = keep[cc]
-            view = out[t][sl]
-            view[m & (view == 0)] = sl_id
+    on = activity.cell_active
+    if on is None:
+        on = territory_activity(terr, activity.active)
+    on = on.copy()
+    if min_region_px > 1 and terr.any():
+        sizes = np.bincount(terr.ravel(), minlength=on.shape[1])
+        on[:, sizes[: on.shape[1]] < min_region_px] = False
+    on[:, 0] = False
+    out = np.empty(activity.active.shape, dtype=np.uint32)
+    for t in range(out.shape[0]):
+        out[t] = np.where(on[t][terr], terr, 0)
     return out
 
 

@@ -98,6 +98,13 @@ class FinetuneConfig(BaseModel):
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     n_negative_points: int = Field(2, ge=0, le=8)
+    multimask_output: bool = Field(
+        False,
+        description="True: SAM's three candidate masks, mask loss on the lowest-loss one, IoU "
+        "head trained on all three, inference picks by the IoU head; False: the single-mask "
+        "output (SAM's choice for prompts with several points), identical in training, "
+        "validation and inference",
+    )
     background_prompt_fraction: float = Field(0.1, ge=0, le=1)
     erosion_px: int = Field(5, ge=1, description="side of the square erosion for prompt points")
     max_grad_norm: float = Field(1.0, gt=0)
@@ -355,6 +362,7 @@ def validate(loaded: LoadedSAM2, videos: list[_Video], cfg: FinetuneConfig) -> d
                     high,
                     torch.from_numpy(coords).to(device),
                     torch.from_numpy(plabels).to(device),
+                    multimask_output=cfg.multimask_output,
                 )
                 ar = torch.arange(len(ids), device=device)
                 best = low[ar, iou.argmax(1)][:, None].float()
@@ -571,7 +579,7 @@ def finetune(
                     [s0, s1],
                     torch.from_numpy(mcoords).to(device),
                     torch.from_numpy(plabels).to(device),
-                    multimask_output=True,
+                    multimask_output=config.multimask_output,
                 )
             if config.loss_resolution == "full":
                 logits = torch.nn.functional.interpolate(

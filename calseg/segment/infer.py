@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.segment.cells import CellParams
 from calseg.segment.embeddings import (
     FrameEmbeddings,
     FrameGeometry,
@@ -66,10 +67,12 @@ class InferenceConfig(BaseModel):
     f0_percentile: float = Field(20.0, ge=0, le=100)
     threshold_k: float = Field(5.0, gt=0)
     min_dff: float = Field(0.0, ge=0)
-    seed_smooth_sigma_px: float = Field(1.0, ge=0)
-    seed_min_distance_px: int = Field(4, ge=1)
     detrend: bool = True
     min_region_px: int = Field(15, ge=1)
+    # cell ROIs (calseg.segment.cells)
+    cell_diameter_px: float = Field(11.0, gt=1, le=1000, description="typical cell diameter")
+    cell_support_fraction: float = Field(0.3, ge=0, lt=1)
+    cell_active_fraction: float = Field(0.5, ge=0, lt=1)
     n_negative_points: int = Field(2, ge=0, le=8)
     max_prompts_per_frame: int = Field(256, ge=1)
     # mask post-processing
@@ -88,10 +91,13 @@ class InferenceConfig(BaseModel):
             f0_percentile=self.f0_percentile,
             threshold_k=self.threshold_k,
             min_dff=self.min_dff,
-            seed_smooth_sigma_px=self.seed_smooth_sigma_px,
-            seed_min_distance_px=self.seed_min_distance_px,
             detrend=self.detrend,
             min_region_px=self.min_region_px,
+            cells=CellParams(
+                cell_diameter_px=self.cell_diameter_px,
+                support_fraction=self.cell_support_fraction,
+                active_fraction=self.cell_active_fraction,
+            ),
         )
 
 

@@ -69,6 +69,7 @@ class ModelInfo:
     n_parameters: int
     finetuned_from: str | None = None
     encoder_sha256: str | None = None
+    multimask_output: bool | None = None  # how a fine-tuned decoder was trained (None: base)
 
     def to_dict(self) -> dict:
         """JSON-able dict of all fields."""
@@ -266,6 +267,7 @@ def load_sam2(
         log.info("using SAM2 checkpoint from $%s: %s", CHECKPOINT_ENV, checkpoint)
     short, _ = resolve_config(config)
     sha = None
+    multimask = None
     finetuned_from = None
     random_weights = False
     if checkpoint is None:
@@ -312,6 +314,8 @@ def load_sam2(
             model.sam_mask_decoder.load_state_dict(obj["sam_mask_decoder"])
             random_weights = base.info.random_weights
             finetuned_from = base.info.checkpoint or f"random-init(seed={RANDOM_INIT_SEED})"
+            # checkpoints written before the option existed were trained best-of-3
+            multimask = bool(meta.get("finetune_config", {}).get("multimask_output", True))
             if random_weights:
                 log.warning(
                     "fine-tuned checkpoint %s was trained on a RANDOM-WEIGHT image encoder; "
@@ -338,6 +342,7 @@ def load_sam2(
         device=dev,
         n_parameters=int(sum(p.numel() for p in model.parameters())),
         finetuned_from=finetuned_from,
+        multimask_output=multimask,
     )
     loaded = LoadedSAM2(model=model, info=info)
     if checkpoint is not None and finetuned_from is not None:
@@ -458,10 +463,17 @@ def run_decoder(
     labels: torch.Tensor,
     *,
     multimask_output: bool = True,
+    stability_fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder on cached features, as ``SAM2ImagePredictor._predict``.
 
     Differentiable (no ``no_grad`` here), so fine-tuning and inference share it.
+
+    With ``multimask_output=False`` the decoder returns its single-mask token (output 0).
+    SAM2's post-processing option ``dynamic_multimask_via_stability`` would, in eval mode
+    only, swap that output for the best of the three multimask outputs when it is unstable;
+    that makes evaluation differ from training (the three multimask outputs of a model trained
+    in single-output mode are untrained), so it is off unless ``stability_fallback`` is True.
 
     Args:
         model: SAM2Base.
@@ -478,13 +490,19 @@ def run_decoder(
     sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
     b = coords.shape[0]
     shared = image_embed.shape[0] == 1 and b > 1
-    low_res, iou_pred, _, obj = model.sam_mask_decoder(
-        image_embeddings=image_embed,
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask_output,
-        repeat_image=shared,
-        high_res_features=high_res_feats,
-    )
+    decoder = model.sam_mask_decoder
+    saved = getattr(decoder, "dynamic_multimask_via_stability", False)
+    decoder.dynamic_multimask_via_stability = bool(saved and stability_fallback)
+    try:
+        low_res, iou_pred, _, obj = decoder(
+            image_embeddings=image_embed,
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            repeat_image=shared,
+            high_res_features=high_res_feats,
+        )
+    finally:
+        decoder.dynamic_multimask_via_stability = saved
     return low_res, iou_pred, obj

@@ -18,15 +18,15 @@ Activity (all computed per recording, float32):
   ``z = (F - F0) / sigma``. A pixel is active in a frame when ``z > threshold_k`` and
   ``dF/F > min_dff``; supra-threshold fragments smaller than ``min_region_px`` are dropped.
 
-Seeds (instance identities, stable over the recording): local maxima of the peak map
-(max over time of the active ``z``, smoothed with ``seed_smooth_sigma_px``), at least
-``seed_min_distance_px`` apart. The seed territories are the watershed of ``-peak map`` from
-the seeds, restricted to pixels that are active in at least one frame.
+Cells (instance identities, stable over the recording): static cell ROIs ("territories")
+separated by the cells' texture where they are active, with a cell-size prior
+(:mod:`calseg.segment.cells`). A territory is active in a frame when most of its pixels are.
 
-Per-frame prompts: for every seed territory containing active pixels in a frame, the active
-pixel of highest ``z`` in that territory is the positive point; the positive points of the
-nearest other active territories in the same frame are negative points. The mask SAM2 returns
-for that prompt carries the seed's id, so ids are consistent across frames by construction.
+Per-frame prompts: for every territory active in a frame, the positive point is the
+territory's anchor (its pixel farthest from its border, i.e. well inside the cell, like the
+eroded-mask points of training); the anchors of the ``n_negative`` nearest other territories
+are negative points. The mask SAM2 returns for that prompt carries the territory's id, so ids
+are consistent across frames by construction. Nothing here reads labels.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from calseg.segment.cells import CellMap, CellParams, cell_territories, territory_activity
+
 
 @dataclass
 class ActivityParams:
@@ -43,6 +45,8 @@ class ActivityParams:
 
     Defaults chosen on a simulated 256 x 256 dataset (mean cell area 100 px): spatial smoothing
     of the frames lowered foreground IoU (it bleeds activity into neighbours), so it is off.
+    ``cells`` holds the cell-ROI parameters (:class:`calseg.segment.cells.CellParams`, e.g.
+    ``cell_diameter_px``).
     """
 
     smooth_sigma_px: float = 0.0
@@ -50,10 +54,9 @@ class ActivityParams:
     f0_floor_fraction: float = 0.25
     threshold_k: float = 5.0
     min_dff: float = 0.0
-    seed_smooth_sigma_px: float = 1.0
-    seed_min_distance_px: int = 4
     detrend: bool = True
     min_region_px: int = 15
+    cells: CellParams = field(default_factory=CellParams)
 
 
 @dataclass
@@ -62,9 +65,11 @@ class Activity:
 
     ``dff``: ``(T, H, W)`` float32 dF/F; ``z``: ``(T, H, W)`` float32 (F - F0) / noise sigma;
     ``peak``: ``(H, W)`` float32 max-over-time active z; ``threshold``: z threshold;
-    ``seeds``: ``(N, 2)`` int (row, col) of seed points, seed id ``i + 1``;
-    ``territories``: ``(H, W)`` uint32 seed territories (0 outside activity);
-    ``active``: ``(T, H, W)`` bool supra-threshold pixels.
+    ``seeds``: ``(N, 2)`` int (row, col) anchor point of cell id ``i + 1`` (inside the cell);
+    ``territories``: ``(H, W)`` uint32 cell ROIs, ids ``1..N`` (0 outside active cells);
+    ``active``: ``(T, H, W)`` bool supra-threshold pixels;
+    ``cell_active``: ``(T, N + 1)`` bool, cell id active in frame (column 0 unused);
+    ``cells``: the :class:`calseg.segment.cells.CellMap`.
     """
 
     dff: np.ndarray
@@ -75,6 +80,8 @@ class Activity:
     territories: np.ndarray
     active: np.ndarray
     stats: dict = field(default_factory=dict)
+    cell_active: np.ndarray | None = None
+    cells: CellMap | None = None
 
 
 def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.ndarray, float]:
@@ -123,8 +130,6 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     Returns:
         :class:`Activity`.
     """
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
 
     p = params or ActivityParams()
     f = np.asarray(frames, dtype=np.float32)
@@ -158,24 +163,23 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
                 small[0] = False
                 active[t][small[lab]] = False
     peak = np.where(active, z, 0.0).max(axis=0).astype(np.float32)
-    peak_s = ndi.gaussian_filter(peak, p.seed_smooth_sigma_px) if p.seed_smooth_sigma_px else peak
-    region = active.any(axis=0)
-    if region.any():
-        seeds = peak_local_max(
-            np.where(region, peak_s, 0.0),
-            min_distance=max(1, int(p.seed_min_distance_px)),
-            threshold_abs=1e-12,
-            exclude_border=False,
-            labels=region.astype(np.int32),
-        )
-    else:
-        seeds = np.zeros((0, 2), dtype=np.int64)
-    markers = np.zeros(peak.shape, dtype=np.int32)
-    if len(seeds):
-        markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
-        territories = watershed(-peak_s, markers=markers, mask=region).astype(np.uint32)
-    else:
-        territories = np.zeros(peak.shape, dtype=np.uint32)
+    cmap = cell_territories(z, active, p.cells)
+    if p.min_region_px > 1 and cmap.territories.any():  # drop ROIs smaller than a region
+        sizes = np.bincount(cmap.territories.ravel())
+        small = sizes < p.min_region_px
+        small[0] = False
+        if small.any():
+            from calseg.segment.cells import territory_anchors
+
+            terr = np.where(small[cmap.territories], 0, cmap.territories)
+            ids = np.unique(terr)
+            lut = np.zeros(int(terr.max()) + 1, np.uint32)
+            lut[ids[ids > 0]] = np.arange(1, int((ids > 0).sum()) + 1, dtype=np.uint32)
+            cmap.territories = lut[terr]
+            cmap.anchors = territory_anchors(cmap.territories)
+    territories = cmap.territories
+    seeds = cmap.anchors
+    cell_active = territory_activity(territories, active, p.cells.active_fraction)
     stats = {
         "f0_percentile": p.f0_percentile,
         "smooth_sigma_px": p.smooth_sigma_px,
@@ -185,9 +189,13 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
         "detrend_max_abs": float(np.abs(drift).max()) if drift is not None else 0.0,
         "threshold": float(threshold),
         "n_seeds": int(len(seeds)),
+        "n_cells": int(len(seeds)),
+        "cell_diameter_px": float(p.cells.cell_diameter_px),
         "active_fraction": float(active.mean()),
     }
-    return Activity(dff, z, peak, threshold, np.asarray(seeds), territories, active, stats)
+    return Activity(
+        dff, z, peak, threshold, np.asarray(seeds), territories, active, stats, cell_active, cmap
+    )
 
 
 @dataclass
@@ -217,35 +225,42 @@ class FramePrompt:
 def frame_prompts(
     activity: Activity, frame: int, *, n_negative: int = 2, max_prompts: int = 256
 ) -> list[FramePrompt]:
-    """Prompts of one frame: one positive point per active seed territory (active pixel of
-    highest z there), plus the ``n_negative`` nearest other prompts' points
-    as negatives. At most ``max_prompts`` (strongest dF/F first)."""
+    """Prompts of one frame: one positive point per cell ROI active in that frame (its anchor,
+    well inside the cell), plus the anchors of the ``n_negative`` nearest other cells as
+    negatives. At most ``max_prompts`` (highest mean z first)."""
     terr = activity.territories
-    act = activity.active[frame] & (terr > 0)
-    if not act.any():
+    n = int(terr.max())
+    if n == 0:
         return []
-    ids = terr[act]
-    vals = activity.z[frame][act]
-    flat_idx = np.flatnonzero(act)
-    # brightest pixel per territory: sort by (id, value) and take the last of each id
-    order = np.lexsort((vals, ids))
-    ids_s = ids[order]
-    last = np.r_[ids_s[1:] != ids_s[:-1], True]
-    best = order[last]
-    rows, cols = np.unravel_index(flat_idx[best], terr.shape)
+    if activity.cell_active is not None:
+        on = np.flatnonzero(activity.cell_active[frame])
+        on = on[on > 0]
+    else:
+        on = np.unique(terr[activity.active[frame] & (terr > 0)])
+    if len(on) == 0:
+        return []
+    zt = activity.z[frame]
+    idx = terr.ravel()
+    cnt = np.maximum(np.bincount(idx, minlength=n + 1), 1)
+    mean_z = np.bincount(idx, weights=zt.ravel(), minlength=n + 1) / cnt
+    anchors = np.asarray(activity.seeds)
     prompts = [
-        FramePrompt(frame, int(ids[b]), int(c), int(r), float(vals[b]))
-        for b, r, c in zip(best, rows, cols, strict=True)
+        FramePrompt(frame, int(i), int(anchors[i - 1, 1]), int(anchors[i - 1, 0]), float(mean_z[i]))
+        for i in on
     ]
     prompts.sort(key=lambda q: -q.z)  # strongest first
     prompts = prompts[:max_prompts]
-    if n_negative > 0 and len(prompts) > 1:
-        xy = np.array([[q.x, q.y] for q in prompts], dtype=np.float64)
-        d = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
-        np.fill_diagonal(d, np.inf)
-        nn = np.argsort(d, axis=1)[:, :n_negative]
-        for i, q in enumerate(prompts):
-            q.negatives = [(prompts[j].x, prompts[j].y) for j in nn[i] if np.isfinite(d[i, j])]
+    if n_negative > 0 and n > 1:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(anchors)
+        k = min(n, n_negative + 1)
+        for q in prompts:
+            _, nn = tree.query([q.y, q.x], k=k)
+            nn = np.atleast_1d(nn)
+            q.negatives = [
+                (int(anchors[j, 1]), int(anchors[j, 0])) for j in nn if j + 1 != q.seed_id
+            ][:n_negative]
     return prompts
 
 

@@ -1,0 +1,299 @@
+"""Cell ROIs (territories) of the active cells of a recording, from the recording alone.
+
+Neighbouring epithelial cells are often active together (intercellular transients and waves),
+so the supra-threshold pixels of one frame form clusters of several cells. The cells are
+separated by their static structure, seen best where they are active:
+
+1. **Reference image** ``R``: per pixel the mean over frames of the active noise-normalised
+   signal, ``mean_t(z_t * active_t)`` (z = (F - F0) / sigma, see
+   :mod:`calseg.segment.prompts`). Texture that multiplies the indicator signal (a dim,
+   GCaMP-excluding nucleus; a dim membrane line; DESIGN.md section 3) is sharpest here.
+2. **Support**: pixels active in at least one frame whose ``R`` is at least
+   ``support_fraction`` of the local maximum of ``R`` (Gaussian-smoothed by 1 px, window of
+   two cell diameters). This cuts the optical halo (PSF, out-of-focus light) that a pure noise
+   threshold keeps around bright cells. ``Rn`` = ``R`` / that local maximum.
+3. **Seeds** (one per cell): dark blobs of ``Rn`` at the nucleus scale, i.e. local maxima of
+   the scale-normalised Laplacian of Gaussian ``s^2 LoG(Rn)``, ``s`` =
+   ``nucleus_radius_fraction`` x r / sqrt(2) (r = ``cell_diameter_px`` / 2; Lindeberg 1998
+   blob detection), kept only when surrounded by brighter cytoplasm: at radii 0.55 r and 0.75 r
+   the ``ring_quantile`` quantile over 16 directions of (ring - centre) must exceed
+   ``ring_contrast_min`` (a junction of three membranes is dark too, but not surrounded).
+   Strongest first, seeds closer than ``seed_min_distance_fraction`` x diameter to a stronger
+   one are dropped.
+4. **Territories**: every support pixel goes to its nearest seed within the support
+   (compact watershed on a flat landscape, i.e. a geodesic Voronoi partition; epithelial cells
+   are close to the Voronoi cells of their centres). Then a size prior with the expected area
+   ``A = pi r^2``: a territory larger than ``split_area_factor`` x A is split into
+   ``round(area / A)`` parts by k-means on its pixel coordinates; one smaller than
+   ``merge_area_factor`` x A is merged into the neighbour it touches most.
+5. **Activity per frame**: a territory is active in frame t when more than ``active_fraction``
+   of its pixels are supra-threshold there; then the whole territory is the cell's mask
+   (a cell is active or not as a whole, DESIGN.md section 4).
+
+Defaults were chosen on simulated 256 x 256 recordings (mean cell area 100 px, equivalent
+diameter 11.3 px); set ``cell_diameter_px`` for other magnifications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+class CellParamsError(ValueError):
+    """Raised for invalid :class:`CellParams` (e.g. a non-positive cell diameter)."""
+
+
+@dataclass
+class CellParams:
+    """Parameters of :func:`cell_territories` (lengths in px, fractions dimensionless)."""
+
+    cell_diameter_px: float = 11.0
+    support_fraction: float = 0.3
+    nucleus_radius_fraction: float = 0.42
+    ring_contrast_min: float = 0.0
+    ring_quantile: float = 0.2
+    seed_min_distance_fraction: float = 0.6
+    split_area_factor: float = 1.7
+    merge_area_factor: float = 0.35
+    active_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.cell_diameter_px > 1:
+            raise CellParamsError(
+                f"cell_diameter_px must be > 1 px, got {self.cell_diameter_px}; give the "
+                "typical cell diameter in pixels of the recording"
+            )
+        for name in ("support_fraction", "ring_quantile", "active_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise CellParamsError(f"{name} must be in [0, 1), got {v}")
+        if not self.split_area_factor > self.merge_area_factor > 0:
+            raise CellParamsError(
+                "need split_area_factor > merge_area_factor > 0, got "
+                f"{self.split_area_factor} and {self.merge_area_factor}"
+            )
+
+
+@dataclass
+class CellMap:
+    """Static cell ROIs of a recording.
+
+    ``reference``: ``(H, W)`` float32 ``Rn`` (reference image / local maximum);
+    ``support``: ``(H, W)`` bool; ``seeds``: ``(N0, 2)`` int (row, col) seeds before the size
+    prior; ``territories``: ``(H, W)`` uint32, ids ``1..N`` (0 outside cells);
+    ``anchors``: ``(N, 2)`` int (row, col), per territory id ``i`` at row ``i - 1`` the pixel
+    farthest from its border (a prompt point inside the cell).
+    """
+
+    reference: np.ndarray
+    support: np.ndarray
+    seeds: np.ndarray
+    territories: np.ndarray
+    anchors: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+def reference_image(z: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """``mean_t(max(z, 0) * active)``: ``(H, W)`` float32 from ``(T, H, W)`` z and active."""
+    acc = np.zeros(z.shape[1:], np.float64)
+    for t in range(z.shape[0]):  # frame by frame: no (T, H, W) temporary
+        acc += np.where(active[t], np.maximum(z[t], 0.0), 0.0)
+    return (acc / max(1, z.shape[0])).astype(np.float32)
+
+
+def _ring_contrast(
+    img: np.ndarray, pts: np.ndarray, radii: tuple[float, ...], q: float
+) -> np.ndarray:
+    """Per point, the ``q`` quantile over 16 directions of (brightest ring value - centre)."""
+    ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    rings = []
+    for rho in radii:
+        yy = pts[:, 0, None] + rho * np.sin(ang)[None]
+        xx = pts[:, 1, None] + rho * np.cos(ang)[None]
+        v = ndi.map_coordinates(img, [yy.ravel(), xx.ravel()], order=1, mode="nearest")
+        rings.append(v.reshape(len(pts), -1))
+    ring = np.max(np.stack(rings), axis=0)
+    centre = img[pts[:, 0], pts[:, 1]]
+    return np.quantile(ring - centre[:, None], q, axis=1)
+
+
+def _greedy_min_distance(pts: np.ndarray, score: np.ndarray, min_dist: float) -> np.ndarray:
+    """Indices of points kept strongest-first with Euclidean spacing >= ``min_dist``."""
+    from scipy.spatial import cKDTree
+
+    order = np.argsort(-score, kind="stable")
+    if len(pts) == 0:
+        return order
+    tree = cKDTree(pts)
+    taken = np.zeros(len(pts), bool)
+    suppressed = np.zeros(len(pts), bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        taken[i] = True
+        for j in tree.query_ball_point(pts[i], r=max(min_dist - 1e-9, 0.0)):
+            if j != i:
+                suppressed[j] = True
+    return np.flatnonzero(taken)
+
+
+def apply_size_prior(
+    territories: np.ndarray, expected_area_px: float, split_factor: float, merge_factor: float
+) -> np.ndarray:
+    """Split territories larger than ``split_factor`` x the expected area (k-means on pixel
+    coordinates into ``round(area / expected)`` parts) and merge those smaller than
+    ``merge_factor`` x it into the neighbour they share the longest border with.
+
+    Returns:
+        ``(H, W)`` uint32 territories relabelled ``1..N``.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    out = np.zeros(territories.shape, np.uint32)
+    nid = 0
+    for i, sl in enumerate(ndi.find_objects(territories), start=1):
+        if sl is None:
+            continue
+        m = territories[sl] == i
+        area = int(m.sum())
+        k = int(round(area / expected_area_px)) if area > split_factor * expected_area_px else 1
+        sub = out[sl]
+        if k <= 1:
+            nid += 1
+            sub[m] = nid
+            continue
+        yy, xx = np.nonzero(m)
+        pts = np.stack([yy, xx], 1).astype(np.float64)
+        init = pts[np.linspace(0, len(pts) - 1, k).round().astype(int)]
+        _, lab = kmeans2(pts, init, minit="matrix", seed=0)
+        for j in range(k):
+            sel = lab == j
+            if sel.any():
+                nid += 1
+                sub[yy[sel], xx[sel]] = nid
+    areas = np.bincount(out.ravel(), minlength=nid + 1)
+    for i in np.flatnonzero((areas > 0) & (areas < merge_factor * expected_area_px)):
+        if i == 0:
+            continue
+        m = out == i
+        nb = out[ndi.binary_dilation(m) & ~m]
+        nb = nb[(nb > 0) & (nb != i)]
+        if nb.size:
+            out[m] = np.bincount(nb).argmax()
+    # relabel 1..N
+    ids = np.unique(out)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(out.max()) + 1, np.uint32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    return lut[out]
+
+
+def territory_anchors(territories: np.ndarray) -> np.ndarray:
+    """Per territory (ids 1..N), the (row, col) of its pixel farthest from its border:
+    ``(N, 2)`` int (a point well inside the cell, like the training prompts' eroded masks)."""
+    n = int(territories.max())
+    out = np.zeros((n, 2), np.int64)
+    for i, sl in enumerate(ndi.find_objects(territories), start=1):
+        if sl is None:
+            continue
+        m = np.pad(territories[sl] == i, 1)
+        dist = ndi.distance_transform_edt(m)
+        r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        out[i - 1] = (r - 1 + sl[0].start, c - 1 + sl[1].start)
+    return out
+
+
+def cell_territories(
+    z: np.ndarray, active: np.ndarray, params: CellParams | None = None
+) -> CellMap:
+    """Static cell ROIs of the active cells (see module docstring).
+
+    Args:
+        z: ``(T, H, W)`` float32 (F - F0) / noise sigma.
+        active: ``(T, H, W)`` bool supra-threshold pixels.
+        params: :class:`CellParams`.
+
+    Returns:
+        :class:`CellMap`.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    p = params or CellParams()
+    if z.shape != active.shape or z.ndim != 3:
+        raise ValueError(f"z {z.shape} and active {active.shape} must be equal (T, H, W)")
+    d = float(p.cell_diameter_px)
+    r = d / 2
+    area = np.pi * r * r
+    ref = reference_image(z, active)
+    local_max = ndi.maximum_filter(ndi.gaussian_filter(ref, 1.0), size=int(2 * d) | 1)
+    rn = (ref / np.maximum(local_max, 1e-6)).astype(np.float32)
+    support = (rn > p.support_fraction) & active.any(axis=0)
+    support = ndi.binary_opening(support)
+    seeds = np.zeros((0, 2), np.int64)
+    terr = np.zeros(ref.shape, np.uint32)
+    if support.any():
+        sn = max(0.5, p.nucleus_radius_fraction * r / np.sqrt(2))
+        blob = sn * sn * ndi.gaussian_laplace(rn, sn)  # dark blobs (nuclei) positive
+        cand = peak_local_max(
+            np.where(support, blob, 0.0),
+            min_distance=2,
+            threshold_abs=1e-6,
+            exclude_border=False,
+            labels=support.astype(np.int32),
+        )
+        if len(cand):
+            smooth = ndi.gaussian_filter(rn, 0.7)
+            contrast = _ring_contrast(smooth, cand, (0.55 * r, 0.75 * r), p.ring_quantile)
+            cand = cand[contrast > p.ring_contrast_min]
+        # every connected part of the support gets at least one seed (its deepest point)
+        lab_sup, n_sup = ndi.label(support)
+        if n_sup:
+            seeded = np.zeros(n_sup + 1, bool)
+            if len(cand):
+                seeded[lab_sup[cand[:, 0], cand[:, 1]]] = True
+            for k in np.flatnonzero(~seeded[1:]) + 1:
+                cand = np.vstack([cand, territory_anchors((lab_sup == k).astype(np.uint32))])
+        score = blob[cand[:, 0], cand[:, 1]] if len(cand) else np.zeros(0)
+        keep = _greedy_min_distance(cand, score, p.seed_min_distance_fraction * d)
+        seeds = cand[keep].astype(np.int64)
+        markers = np.zeros(ref.shape, np.int32)
+        markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
+        flat = np.zeros(ref.shape, np.float32)
+        terr = watershed(flat, markers, mask=support, compactness=1.0).astype(np.uint32)
+        terr = apply_size_prior(terr, area, p.split_area_factor, p.merge_area_factor)
+    anchors = territory_anchors(terr)
+    stats = {
+        "cell_diameter_px": d,
+        "n_seeds": int(len(seeds)),
+        "n_cells": int(terr.max()),
+        "support_px": int(support.sum()),
+    }
+    return CellMap(rn, support, seeds, terr, anchors, stats)
+
+
+def territory_activity(
+    territories: np.ndarray, active: np.ndarray, active_fraction: float = 0.5
+) -> np.ndarray:
+    """Which territory is active in which frame.
+
+    Args:
+        territories: ``(H, W)`` uint32 ids ``0..N``.
+        active: ``(T, H, W)`` bool supra-threshold pixels.
+        active_fraction: a territory is active when more than this fraction of its pixels is.
+
+    Returns:
+        ``(T, N + 1)`` bool; column 0 (background) is always False.
+    """
+    n = int(territories.max())
+    idx = territories.ravel()
+    count = np.maximum(np.bincount(idx, minlength=n + 1), 1)
+    out = np.zeros((active.shape[0], n + 1), bool)
+    for t in range(active.shape[0]):
+        frac = np.bincount(idx, weights=active[t].ravel(), minlength=n + 1) / count
+        out[t] = frac > active_fraction
+    out[:, 0] = False
+    return out
