@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAM2_PIN := $(shell sed -n 's/^sam2 = \["\(sam2==[0-9.]*\)"\]/\1/p' pyproject.toml)
 RECORDING ?=
 
-.PHONY: demo test serve bench reliability lint format services sysdeps venv clean-venv
+.PHONY: demo test serve bench lint format services sysdeps venv clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -41,13 +41,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: $(STAMP) sysdeps services lint
-	$(VENV)/bin/pytest -q -m "not slow or slow"
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) -m calseg.bench
-
-reliability: $(STAMP) services
-	$(VENV)/bin/pytest -q tests/reliability
 
 clean-venv:
 	rm -rf $(VENV)
