@@ -4,10 +4,11 @@ Neighbouring epithelial cells are often active together (intercellular transient
 so the supra-threshold pixels of one frame form clusters of several cells. The cells are
 separated by their static structure, seen best where they are active:
 
-1. **Reference image** ``R``: per pixel the mean over frames of the active noise-normalised
-   signal, ``mean_t(z_t * active_t)`` (z = (F - F0) / sigma, see
+1. **Reference image** ``R``: per pixel the mean over frames of the active signal,
+   ``mean_t(max(F_t - F0, 0) * active_t)`` (F0 and activity from
    :mod:`calseg.segment.prompts`). Texture that multiplies the indicator signal (a dim,
-   GCaMP-excluding nucleus; a dim membrane line; DESIGN.md section 3) is sharpest here.
+   GCaMP-excluding nucleus; a dim membrane line; DESIGN.md section 3) is sharpest here; dF/F
+   or z = dF / sigma(F0) would divide most of it away again.
 2. **Support**: pixels active in at least one frame whose ``R`` is at least
    ``support_fraction`` of the local maximum of ``R`` (Gaussian-smoothed by 1 px, window of
    two cell diameters). This cuts the optical halo (PSF, out-of-focus light) that a pure noise
@@ -55,6 +56,7 @@ class CellParams:
     nucleus_radius_fraction: float = 0.42
     ring_contrast_min: float = 0.0
     ring_quantile: float = 0.2
+    ring_uniformity: float = 0.0
     seed_min_distance_fraction: float = 0.6
     split_area_factor: float = 1.7
     merge_area_factor: float = 0.35
@@ -96,18 +98,20 @@ class CellMap:
     stats: dict = field(default_factory=dict)
 
 
-def reference_image(z: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """``mean_t(max(z, 0) * active)``: ``(H, W)`` float32 from ``(T, H, W)`` z and active."""
-    acc = np.zeros(z.shape[1:], np.float64)
-    for t in range(z.shape[0]):  # frame by frame: no (T, H, W) temporary
-        acc += np.where(active[t], np.maximum(z[t], 0.0), 0.0)
-    return (acc / max(1, z.shape[0])).astype(np.float32)
+def reference_image(df: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """``mean_t(max(dF_t, 0) * active_t)``: ``(H, W)`` float32 from ``(T, H, W)`` dF
+    (F - F0, input units) and ``active`` (bool)."""
+    acc = np.zeros(df.shape[1:], np.float64)
+    for t in range(df.shape[0]):  # frame by frame: no (T, H, W) temporary
+        acc += np.where(active[t], np.maximum(df[t], 0.0), 0.0)
+    return (acc / max(1, df.shape[0])).astype(np.float32)
 
 
 def _ring_contrast(
     img: np.ndarray, pts: np.ndarray, radii: tuple[float, ...], q: float
-) -> np.ndarray:
-    """Per point, the ``q`` quantile over 16 directions of (brightest ring value - centre)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per point, over 16 directions of (brightest ring value - centre): the ``q`` quantile
+    and the maximum."""
     ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     rings = []
     for rho in radii:
@@ -117,7 +121,8 @@ def _ring_contrast(
         rings.append(v.reshape(len(pts), -1))
     ring = np.max(np.stack(rings), axis=0)
     centre = img[pts[:, 0], pts[:, 1]]
-    return np.quantile(ring - centre[:, None], q, axis=1)
+    c = ring - centre[:, None]
+    return np.quantile(c, q, axis=1), c.max(axis=1)
 
 
 def _greedy_min_distance(pts: np.ndarray, score: np.ndarray, min_dist: float) -> np.ndarray:
@@ -207,12 +212,12 @@ def territory_anchors(territories: np.ndarray) -> np.ndarray:
 
 
 def cell_territories(
-    z: np.ndarray, active: np.ndarray, params: CellParams | None = None
+    df: np.ndarray, active: np.ndarray, params: CellParams | None = None
 ) -> CellMap:
     """Static cell ROIs of the active cells (see module docstring).
 
     Args:
-        z: ``(T, H, W)`` float32 (F - F0) / noise sigma.
+        df: ``(T, H, W)`` float32 F - F0 (input units).
         active: ``(T, H, W)`` bool supra-threshold pixels.
         params: :class:`CellParams`.
 
@@ -223,12 +228,12 @@ def cell_territories(
     from skimage.segmentation import watershed
 
     p = params or CellParams()
-    if z.shape != active.shape or z.ndim != 3:
-        raise ValueError(f"z {z.shape} and active {active.shape} must be equal (T, H, W)")
+    if df.shape != active.shape or df.ndim != 3:
+        raise ValueError(f"dF {df.shape} and active {active.shape} must be equal (T, H, W)")
     d = float(p.cell_diameter_px)
     r = d / 2
     area = np.pi * r * r
-    ref = reference_image(z, active)
+    ref = reference_image(df, active)
     local_max = ndi.maximum_filter(ndi.gaussian_filter(ref, 1.0), size=int(2 * d) | 1)
     rn = (ref / np.maximum(local_max, 1e-6)).astype(np.float32)
     support = (rn > p.support_fraction) & active.any(axis=0)
@@ -247,8 +252,9 @@ def cell_territories(
         )
         if len(cand):
             smooth = ndi.gaussian_filter(rn, 0.7)
-            contrast = _ring_contrast(smooth, cand, (0.55 * r, 0.75 * r), p.ring_quantile)
-            cand = cand[contrast > p.ring_contrast_min]
+            low, high = _ring_contrast(smooth, cand, (0.55 * r, 0.75 * r), p.ring_quantile)
+            ok = (low > p.ring_contrast_min) & (low >= p.ring_uniformity * np.maximum(high, 0))
+            cand = cand[ok]
         # every connected part of the support gets at least one seed (its deepest point)
         lab_sup, n_sup = ndi.label(support)
         if n_sup:

@@ -6,12 +6,15 @@ SAM2 path (:func:`segment_recording` with ``method="sam2"``):
 2. frame embeddings with the frozen encoder, cached on disk when ``cache_dir`` is given;
 3. prompts from the recording's own activity (:mod:`calseg.segment.prompts`): one positive
    point per active seed territory per frame, neighbours' points as negatives;
-4. each prompt -> best of SAM2's three masks by predicted IoU, mapped back to H x W;
+4. each prompt -> one mask logit map, mapped back to H x W: the single-mask output when the
+   decoder was fine-tuned that way (``multimask_output`` recorded in the checkpoint), else the
+   best of SAM2's three masks by predicted IoU (SAM's rule);
 5. masks rejected when empty, containing not their own positive point, smaller than
    ``min_mask_area_px``, larger than ``max_mask_area_fraction`` of the frame, or with a negative
    object-score logit; duplicates suppressed (NMS by mask IoU, higher predicted IoU wins);
-   remaining masks painted in score order without overwriting; id = the prompt's seed id,
-   hence consistent across frames.
+   the kept masks are composed per pixel: a pixel inside several kept masks goes to the one
+   with the highest logit there (each cell keeps its own mask; no order effects); id = the
+   prompt's cell id, hence consistent across frames.
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ class InferenceConfig(BaseModel):
     max_mask_area_fraction: float = Field(0.05, gt=0, le=1)
     use_object_score: bool = True
     require_point_in_mask: bool = True
+    multimask_output: bool | None = Field(
+        None,
+        description="None: as the fine-tuned checkpoint was trained (SAM's 3 candidates picked "
+        "by predicted IoU for base models); True/False to force",
+    )
     decoder_batch_size: int = Field(64, ge=1)
 
     def activity_params(self) -> ActivityParams:
@@ -156,13 +164,17 @@ def decode_frame_prompts(
     """Run SAM2 on one frame's prompts.
 
     Returns:
-        ``(masks (B, H, W) bool, scores (B,) predicted IoU, object_logits (B,))``.
+        ``(logits (B, H, W) float16 mask logits in frame pixels, scores (B,) predicted IoU,
+        object_logits (B,))``.
     """
     import torch
 
     device = next(loaded.model.parameters()).device
     image_embed, high = emb.get(frame, device)
-    masks, scores, objs = [], [], []
+    multimask = config.multimask_output
+    if multimask is None:
+        multimask = True if loaded.info.multimask_output is None else loaded.info.multimask_output
+    logits, scores, objs = [], [], []
     for b0 in range(0, len(prompts), config.decoder_batch_size):
         chunk = prompts[b0 : b0 + config.decoder_batch_size]
         coords, labels = pack_points(
@@ -176,30 +188,43 @@ def decode_frame_prompts(
                 high,
                 torch.from_numpy(coords).to(device),
                 torch.from_numpy(labels).to(device),
-                multimask_output=True,
+                multimask_output=multimask,
             )
             best = iou.argmax(dim=1)
             ar = torch.arange(len(chunk), device=device)
             low_best = low[ar, best][:, None].float()
             full = logits_to_frame(low_best, geometry)[:, 0]
-            masks.append((full > config.mask_threshold).cpu().numpy())
+            logits.append(full.to(torch.float16).cpu().numpy())
             scores.append(iou[ar, best].float().cpu().numpy())
             objs.append(obj[:, 0].float().cpu().numpy())
-    return np.concatenate(masks), np.concatenate(scores), np.concatenate(objs)
+    return np.concatenate(logits), np.concatenate(scores), np.concatenate(objs)
 
 
 def assemble_frame(
-    masks: np.ndarray,
+    logits: np.ndarray,
     scores: np.ndarray,
     objs: np.ndarray,
     prompts: list,
     config: InferenceConfig,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Filter, de-duplicate and paint one frame's masks into a label image.
+    """Filter, de-duplicate and compose one frame's masks into a label image.
+
+    Args:
+        logits: ``(B, H, W)`` mask logits (or bool masks) of the frame's ``B`` prompts.
+        scores: ``(B,)`` predicted IoU; ``objs``: ``(B,)`` object-score logits.
+        prompts: the ``B`` :class:`calseg.segment.prompts.FramePrompt`.
+        config: thresholds (:class:`InferenceConfig`).
 
     Returns:
-        ``(label image (H, W) uint32, per-prompt dicts with score/kept/reason)``.
+        ``(label image (H, W) uint32, per-prompt dicts with score/kept/reason)``. A pixel in
+        several kept masks gets the id of the mask with the highest logit there.
     """
+    logits = np.asarray(logits)
+    if logits.dtype == bool:
+        masks = logits
+        logits = masks.astype(np.float32)
+    else:
+        masks = logits > config.mask_threshold
     h, w = masks.shape[1:]
     max_area = config.max_mask_area_fraction * h * w
     areas = masks.reshape(len(masks), -1).sum(1)
@@ -224,7 +249,6 @@ def assemble_frame(
         records.append(rec)
         if reason is None:
             candidates.append(i)
-    out = np.zeros((h, w), dtype=np.uint32)
     kept: list[int] = []
     flat = masks.reshape(len(masks), -1)
     for i in sorted(candidates, key=lambda j: -scores[j]):
@@ -239,8 +263,13 @@ def assemble_frame(
             continue
         kept.append(i)
         records[i]["kept"] = True
-        free = masks[i] & (out == 0)
-        out[free] = prompts[i].seed_id
+    out = np.zeros((h, w), dtype=np.uint32)
+    if kept:
+        kept_logits = np.where(masks[kept], logits[kept].astype(np.float32), -np.inf)
+        winner = np.argmax(kept_logits, axis=0)
+        ids = np.array([prompts[i].seed_id for i in kept], dtype=np.uint32)
+        covered = masks[kept].any(axis=0)
+        out[covered] = ids[winner[covered]]
     return out, records
 
 
@@ -332,10 +361,10 @@ def segment_recording(
         t1 = time.perf_counter()
         dec_progress = scaled(progress, 0.7, 0.99)
         for j, t in enumerate(need):
-            masks, scores, objs = decode_frame_prompts(
+            logits, scores, objs = decode_frame_prompts(
                 loaded, emb, j, geom, prompts_by_frame[t], config
             )
-            labels[t], recs = assemble_frame(masks, scores, objs, prompts_by_frame[t], config)
+            labels[t], recs = assemble_frame(logits, scores, objs, prompts_by_frame[t], config)
             records.extend(recs)
             dec_progress((j + 1) / len(need), "decode", f"frame {t + 1}/{frames.shape[0]}")
         timings["decode_s"] = time.perf_counter() - t1

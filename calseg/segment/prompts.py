@@ -163,7 +163,7 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
                 small[0] = False
                 active[t][small[lab]] = False
     peak = np.where(active, z, 0.0).max(axis=0).astype(np.float32)
-    cmap = cell_territories(z, active, p.cells)
+    cmap = cell_territories(df, active, p.cells)
     if p.min_region_px > 1 and cmap.territories.any():  # drop ROIs smaller than a region
         sizes = np.bincount(cmap.territories.ravel())
         small = sizes < p.min_region_px

@@ -1,0 +1,167 @@
+"""Cell ROIs (calseg.segment.cells): separating neighbouring active cells, size prior,
+per-frame activity, prompts at ROI anchors, and the composition of SAM2 masks."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from calseg.analysis.metrics import match_instances, match_instances_stack
+from calseg.segment.baseline import segment_baseline
+from calseg.segment.cells import (
+    CellParams,
+    CellParamsError,
+    apply_size_prior,
+    territory_activity,
+    territory_anchors,
+)
+from calseg.segment.infer import InferenceConfig, assemble_frame
+from calseg.segment.prompts import FramePrompt, compute_activity, frame_prompts
+
+
+def textured_tissue(
+    onsets: dict[int, tuple[int, int]],
+    *,
+    t: int = 16,
+    side: int = 12,
+    grid: tuple[int, int] = (3, 4),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Square epithelial cells of ``side`` px in a brick layout (odd rows shifted by half a
+    cell, so membranes meet in three-way junctions as in a real epithelium), each with a dim
+    nucleus (radius 2.5 px, x0.55) and a dim 1-px membrane (x0.7), blurred (PSF sigma 0.8 px),
+    Poisson noise.
+
+    ``onsets``: cell id -> (first active frame, last active frame); active cells are 8x
+    brighter (GCaMP-like). Returns ``(image (T, H, W) uint16, labels (T, H, W) uint32)``.
+    """
+    rng = np.random.default_rng(seed)
+    gy, gx = grid
+    h, w = gy * side + 8, gx * side + 8 + side // 2
+    cells = np.zeros((h, w), np.uint32)
+    tex = np.zeros((h, w), np.float64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(gy):
+        for j in range(gx):
+            cid = i * gx + j + 1
+            r0, c0 = 4 + i * side, 4 + j * side + (side // 2) * (i % 2)
+            cells[r0 : r0 + side, c0 : c0 + side] = cid
+            cy = r0 + side / 2 - 0.5 + rng.normal(0, 0.5)
+            cx = c0 + side / 2 - 0.5 + rng.normal(0, 0.5)
+            nuc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 2.5**2
+            block = np.zeros((h, w), bool)
+            block[r0 : r0 + side, c0 : c0 + side] = True
+            tex[block] = 1.0
+            tex[block & nuc] = 0.55
+    edge = np.zeros((h, w), bool)
+    edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
+    edge[:, 1:] |= cells[:, :-1] != cells[:, 1:]
+    edge[:-1] |= cells[:-1] != cells[1:]
+    edge[1:] |= cells[:-1] != cells[1:]
+    tex[edge & (cells > 0)] *= 0.7
+    img = np.zeros((t, h, w))
+    labels = np.zeros((t, h, w), np.uint32)
+    for k in range(t):
+        gain = np.ones(int(cells.max()) + 1)
+        gain[0] = 0.0
+        for cid, (a, b) in onsets.items():
+            if a <= k <= b:
+                gain[cid] = 8.0
+                labels[k][cells == cid] = cid
+        img[k] = ndi.gaussian_filter(300.0 * gain[cells] * tex, 0.8) + 100.0
+    return rng.poisson(img).astype(np.uint16), labels
+
+
+# three neighbouring cells in a row + one below, with activation shifted by 1-2 frames
+ONSETS = {2: (3, 9), 3: (4, 10), 6: (5, 11), 7: (3, 12)}
+
+
+def test_adjacent_time_shifted_cells_are_separated():
+    img, gt = textured_tissue(ONSETS)
+    labels, act = segment_baseline(img)
+    assert labels.shape == gt.shape
+    # frame 6: all four cells active together, touching; each must be its own instance
+    # (at most one extra ROI: a three-cell junction is dark like a nucleus)
+    m = match_instances(labels[6], gt[6], 0.5)
+    assert m["tp"] == 4 and m["fp"] <= 1, m
+    assert m["mean_matched_iou"] > 0.75
+    inst = match_instances_stack(labels, gt, 0.5)
+    assert inst["recall"] == 1.0 and inst["f1"] > 0.85, inst
+    # about one ROI per active cell; cell 1 (top left, never active) is never painted
+    assert 4 <= act.stats["n_cells"] <= 5
+    assert labels[:, 6:14, 6:14].max() == 0
+    # frame 3: only cells 2 and 7 active -> exactly two instances
+    assert match_instances(labels[3], gt[3], 0.5)["tp"] == 2
+    assert len(np.unique(labels[3])) == 3
+
+
+def test_merged_support_without_separation_is_what_the_old_baseline_did():
+    """Sanity check of the test itself: the four active cells form ONE connected region of
+    supra-threshold pixels in frame 6, so connected components alone cannot separate them."""
+    img, _ = textured_tissue(ONSETS)
+    act = compute_activity(img)
+    _, n = ndi.label(act.active[6])
+    assert n == 1
+
+
+def test_size_prior_splits_and_merges():
+    terr = np.zeros((40, 60), np.uint32)
+    terr[5:15, 5:27] = 1  # 220 px = 2.2 x expected 100 px -> split in 2
+    terr[20:30, 5:15] = 2  # 100 px, kept
+    terr[20:24, 15:18] = 3  # 12 px < 0.35 x 100 -> merged into 2
+    out = apply_size_prior(terr, 100.0, 1.7, 0.35)
+    assert out.max() == 3
+    left, right = out[10, 8], out[10, 24]
+    assert left != right and left > 0 and right > 0
+    assert out[22, 16] == out[25, 10]  # the small ROI joined its neighbour
+    sizes = np.bincount(out.ravel())[1:]
+    assert sorted(sizes.tolist()) == [110, 110, 112]
+
+
+def test_territory_activity_fraction_and_anchors_inside():
+    terr = np.zeros((10, 20), np.uint32)
+    terr[:, :10] = 1
+    terr[:, 10:] = 2
+    active = np.zeros((2, 10, 20), bool)
+    active[0, :6, :10] = True  # 60 % of cell 1
+    active[1, :4, 10:] = True  # 40 % of cell 2
+    on = territory_activity(terr, active, 0.5)
+    assert on.shape == (2, 3)
+    assert on[0].tolist() == [False, True, False]
+    assert on[1].tolist() == [False, False, False]
+    anchors = territory_anchors(terr)
+    assert terr[anchors[0, 0], anchors[0, 1]] == 1 and terr[anchors[1, 0], anchors[1, 1]] == 2
+    assert 3 <= anchors[0, 1] <= 6 and 4 <= anchors[0, 0] <= 5
+
+
+def test_prompts_are_anchors_of_active_cells_with_neighbour_negatives():
+    img, gt = textured_tissue(ONSETS)
+    act = compute_activity(img)
+    prompts = frame_prompts(act, 6, n_negative=2)
+    assert len(prompts) == act.cell_active[6].sum() and 4 <= len(prompts) <= 5
+    hit_ids = {int(gt[6, p.y, p.x]) for p in prompts}
+    assert set(ONSETS) <= hit_ids  # a positive point inside each active cell
+    assert [p.z for p in prompts] == sorted((p.z for p in prompts), reverse=True)
+    for p in prompts:
+        assert len(p.negatives) == 2
+        for x, y in p.negatives:
+            assert act.territories[y, x] not in (0, p.seed_id)
+    assert frame_prompts(act, 0) == []
+
+
+def test_cell_params_are_checked():
+    with pytest.raises(CellParamsError, match="cell_diameter_px"):
+        CellParams(cell_diameter_px=0)
+    with pytest.raises(CellParamsError, match="split_area_factor"):
+        CellParams(split_area_factor=0.2, merge_area_factor=0.35)
+
+
+def test_overlapping_masks_go_to_the_highest_logit():
+    logits = np.full((2, 8, 8), -5.0, np.float32)
+    logits[0, :, :5] = 2.0  # mask 0 covers columns 0-4
+    logits[1, :, 3:] = 1.0  # mask 1 covers columns 3-7
+    logits[1, :, 3] = 3.0  # ...and is more confident in column 3
+    prompts = [FramePrompt(0, 7, 1, 4, 9.0), FramePrompt(0, 9, 6, 4, 8.0)]
+    cfg = InferenceConfig(max_mask_area_fraction=1.0, use_object_score=False, nms_iou=0.9)
+    out, recs = assemble_frame(logits, np.array([0.9, 0.5]), np.zeros(2), prompts, cfg)
+    assert all(r["kept"] for r in recs)
+    assert out[0].tolist() == [7, 7, 7, 9, 7, 9, 9, 9]
