@@ -162,7 +162,9 @@ def evaluate_dataset(
             ``("baseline", None)``.
         split: dataset split to evaluate (``"test"`` by default).
         config: inference settings shared by all models (``method`` is set per model).
-        cache_dir: embedding cache shared by all SAM2 models.
+        cache_dir: embedding cache shared by all SAM2 models (``None``: a temporary folder for
+            this evaluation, so base and fine-tuned models, which share the frozen encoder,
+            still embed every frame only once).
         progress: :data:`calseg.progress.ProgressFn`.
 
     Returns:
@@ -185,6 +187,13 @@ def evaluate_dataset(
     videos = split_videos(dataset, split)
     if not videos:
         raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
+    if cache_dir is None and sum(m == "sam2" for m, _ in models.values()) > 1:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="calseg-eval-emb-") as tmp:
+            return evaluate_dataset(
+                dataset, models, split=split, config=config, cache_dir=Path(tmp), progress=progress
+            )
     warnings: list[str] = []
     loaded_models = {}
     model_infos: dict[str, dict | None] = {}
