@@ -93,3 +93,30 @@ def test_embedding_cache_hits_and_shapes(tiny, tmp_path):
     assert encode_frames(tiny, x2, cache_dir=tmp_path).n_computed == 1
     key = EmbeddingCache.model_key("sam2.1_hiera_t", 64, tiny.info.encoder_sha256)
     assert len(list((tmp_path / key).glob("*.pt"))) == 4
+
+
+def test_single_mask_output_is_identical_in_train_and_eval_mode(tiny):
+    """With multimask_output=False the decoder gives its single-mask token in both modes; the
+    eval-only stability swap of SAM2's post-processing is off unless asked for."""
+    from calseg.segment.model import run_decoder
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1, 256, 4, 4, generator=g)
+    high = [torch.randn(1, 32, 16, 16, generator=g), torch.randn(1, 64, 8, 8, generator=g)]
+    coords = torch.tensor([[[20.0, 30.0]], [[40.0, 10.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int32)
+    dec = tiny.model.sam_mask_decoder
+    assert dec.dynamic_multimask_via_stability is True  # SAM2 post-processing config
+    with torch.no_grad():
+        dec.train()
+        lo_train, iou_train, _ = run_decoder(
+            tiny.model, emb, high, coords, labels, multimask_output=False
+        )
+        dec.eval()
+        lo_eval, iou_eval, _ = run_decoder(
+            tiny.model, emb, high, coords, labels, multimask_output=False
+        )
+        lo_multi, _, _ = run_decoder(tiny.model, emb, high, coords, labels, multimask_output=True)
+    assert lo_eval.shape == (2, 1, 16, 16) and lo_multi.shape == (2, 3, 16, 16)
+    assert torch.equal(lo_train, lo_eval) and torch.equal(iou_train, iou_eval)
+    assert dec.dynamic_multimask_via_stability is True  # restored after the call

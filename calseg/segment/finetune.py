@@ -12,10 +12,18 @@ Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
   from other active cells of the frame or from the background ring around the cell. A fraction
   ``background_prompt_fraction`` of prompts is placed on background pixels with an empty target
   and object-score target 0, so frames without any active cell still give a finite loss.
+* Mask output (``multimask_output``): by default the decoder's single-mask output, in
+  training, validation and inference alike (SAM's choice for prompts of several points; CalSeg
+  prompts carry negatives). With ``multimask_output=True``, SAM's three candidates: the mask
+  loss is taken on the lowest-loss candidate and the IoU head is trained on all three; at
+  validation/inference the candidate with the highest predicted IoU is used. Measured on the
+  demo dataset (seed 0, 150 steps, random encoder): the IoU head then stays flat (0.005-0.008
+  for every prompt), so the argmax picked a candidate covering the whole frame, which inference
+  rejected as too large -- the fine-tuned IoU of 0.000 in the demo.
 * Loss (SAM, Kirillov et al. 2023; SAM2, Ravi et al. 2024): ``focal_weight`` x sigmoid focal
   loss (Lin et al. 2017, alpha 0.25, gamma 2) + ``dice_weight`` x soft Dice loss on the
-  candidate mask with the lowest loss of SAM's three, + ``iou_weight`` x MSE between the IoU head
-  and the true IoU of all three candidates, + ``object_weight`` x BCE on the object-score logit.
+  (lowest-loss) mask, + ``iou_weight`` x MSE between the IoU head and the true IoU of every
+  candidate, + ``object_weight`` x BCE on the object-score logit.
   Computed by default on the decoder's S/4 logits against the area-averaged (soft) target
   (``loss_resolution="low"``, ~5x cheaper on CPU) or on logits upsampled to S (``"full"``).
 * AdamW; linear warm-up then cosine decay to ``min_lr_ratio`` x lr, stepped once per OPTIMISER
