@@ -122,7 +122,8 @@ class Dataset:
         for v in self.videos:
             if v.id == video_id:
                 return v
-        raise DatasetError(f"no video {video_id!r} in {self.root}")
+        ids = ", ".join(v.id for v in self.videos)
+        raise DatasetError(f"no video {video_id!r} in {self.root}; its videos are: {ids}")
 
 
 def load_dataset(path: str | Path) -> Dataset:

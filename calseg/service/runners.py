@@ -21,37 +21,9 @@ from calseg.progress import scaled
 if TYPE_CHECKING:
     from calseg.service.jobs import JobContext
 
-SUMMARY_METRICS = (
-    "iou",
-    "dice",
-    "pixel_accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "ap50",
-    "mean_matched_iou",
-)
-"""Summary values of an evaluation report stored as Metric rows (each in [0, 1])."""
-
 
 class RunnerError(ValueError):
     """A job cannot run with what it was given (bad reference, missing video, ...)."""
-
-
-def _read_manifest(dataset_dir: Path) -> dict[str, Any]:
-    path = dataset_dir / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunnerError(f"cannot read dataset manifest {path}: {exc}") from exc
-
-
-def _video_entry(manifest: dict[str, Any], video_id: str) -> dict[str, Any]:
-    for entry in manifest.get("videos", []):
-        if entry.get("id") == video_id:
-            return entry
-    ids = ", ".join(v.get("id", "?") for v in manifest.get("videos", []))
-    raise RunnerError(f"video {video_id!r} is not in the dataset; its videos are: {ids}")
 
 
 def _summary_rows(summary: Any) -> list[tuple[str, str, float]]:
@@ -61,11 +33,13 @@ def _summary_rows(summary: Any) -> list[tuple[str, str, float]]:
     (:func:`calseg.segment.evaluate.summarise`); ``{model: {metric: value}}`` is accepted too.
     Missing (None) values are skipped.
     """
+    from calseg.segment.evaluate import METRIC_KEYS
+
     if isinstance(summary, dict):
         summary = [{"model": m, **v} for m, v in summary.items() if isinstance(v, dict)]
     rows: list[tuple[str, str, float]] = []
     for entry in summary:
-        for name in SUMMARY_METRICS:
+        for name in METRIC_KEYS:
             value = entry.get(f"{name}_mean", entry.get(name))
             if isinstance(value, int | float | np.floating | np.integer):
                 rows.append((str(entry.get("model")), name, float(value)))
@@ -90,38 +64,30 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
     ctx.log(f"simulating into {out_dir}")
     manifest_path = Path(simulate_dataset(config, out_dir, scaled(ctx.progress, 0.0, 0.9)))
     ctx.add_artifact("manifest.json", manifest_path, kind="dataset-manifest")
-    manifest = _read_manifest(manifest_path.parent)
-    videos = manifest.get("videos", [])
-    if not videos:
+    dataset = load_dataset(manifest_path)
+    if not dataset.videos:
         raise RunnerError("the simulator wrote a dataset without videos")
 
     ctx.progress(0.92, "preview", "contact sheet of the first video")
-    first = videos[0]
-    entry = load_dataset(manifest_path.parent).video(first["id"])
-    frames, labels = entry.load_image(), entry.load_labels()
+    first = dataset.videos[0]
     sheet = contact_sheet(
-        frames,
-        labels,
+        first.load_image(),
+        first.load_labels(),
         ctx.workdir / "preview.png",
         n=12,
-        title=f"{first['id']} ({first.get('pattern_class', '?')}): ground truth",
+        title=f"{first.id} ({first.pattern_class}): ground truth",
     )
     ctx.add_artifact("preview.png", Path(sheet), kind="preview")
 
     splits: dict[str, int] = {}
-    for v in videos:
-        splits[v.get("split", "?")] = splits.get(v.get("split", "?"), 0) + 1
+    for v in dataset.videos:
+        splits[v.split] = splits.get(v.split, 0) + 1
+    keys = ("id", "split", "pattern_class", "n_frames", "height", "width", "n_cells")
     return {
         "dataset_relpath": ctx.relpath(manifest_path.parent),
-        "n_videos": len(videos),
+        "n_videos": len(dataset.videos),
         "splits": splits,
-        "videos": [
-            {
-                k: v.get(k)
-                for k in ("id", "split", "pattern_class", "n_frames", "height", "width", "n_cells")
-            }
-            for v in videos
-        ],
+        "videos": [{k: getattr(v, k) for k in keys} for v in dataset.videos],
     }
 
 
@@ -193,7 +159,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
     ``overlay.gif`` (animation). Metric: ``foreground_fraction`` (labelled pixel fraction).
     """
-    from calseg.io.dataset import load_dataset
+    from calseg.io.dataset import DatasetError, load_dataset
     from calseg.io.labels import write_label_stack
     from calseg.io.overlays import animation, contact_sheet, display_range
     from calseg.io.recordings import read_recording
@@ -209,8 +175,10 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
         }
     else:
         dataset = ctx.dataset_dir(params.dataset_job_id)
-        _video_entry(_read_manifest(dataset), params.video_id)  # clear error when absent
-        video = load_dataset(dataset).video(params.video_id)
+        try:
+            video = load_dataset(dataset).video(params.video_id)
+        except DatasetError as exc:
+            raise RunnerError(str(exc)) from exc
         path = dataset / video.image
         source = {
             "type": "dataset",
