@@ -70,6 +70,19 @@ def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def log_progress(prefix: str, every: float = 0.1):
+    """A :data:`calseg.progress.ProgressFn` that logs to stderr when the stage changes or the
+    fraction advanced by ``every`` (so long sections show where the time goes)."""
+    last = {"stage": None, "fraction": -1.0}
+
+    def report(fraction: float, stage: str, message: str | None = None) -> None:
+        if stage != last["stage"] or fraction - last["fraction"] >= every or fraction >= 1.0:
+            last.update(stage=stage, fraction=fraction)
+            _log(f"{prefix}: {fraction:.0%} {stage}" + (f": {message}" if message else ""))
+
+    return report
+
+
 def _peak_rss_mib() -> float:
     """Peak resident set size of this process so far (MiB; ``ru_maxrss`` is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -647,6 +660,7 @@ def _sam2_timings(
         image[:n_infer_frames],
         InferenceConfig(image_size=image_size, device="cpu"),
         model=loaded,
+        progress=log_progress("sam2 inference"),
     )
     infer_s = time.perf_counter() - t
     if res.labels.shape != image[:n_infer_frames].shape:
@@ -665,6 +679,16 @@ def _sam2_timings(
         )
     )
     n_emb = res.timings.get("frames_embedded", 0)
+    n_prompts = len(res.prompts)
+    rows.append(
+        _row("sam2", "  automatic prompts per frame (mean)", n_prompts / n_infer_frames, "prompts")
+    )
+    if n_prompts and res.timings.get("decode_s"):
+        rows.append(
+            _row(
+                "sam2", "  of which decoder alone", n_prompts / res.timings["decode_s"], "prompts/s"
+            )
+        )
     if n_emb and res.timings.get("embed_s"):
         rows.append(
             _row(

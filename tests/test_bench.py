@@ -17,7 +17,9 @@ def _all_positive_finite(result: dict) -> None:
     vals = _values(result)
     assert vals, "a section must report at least one number"
     for r in result["rows"]:
-        assert math.isfinite(r["value"]) and r["value"] > 0, r
+        assert math.isfinite(r["value"]), r
+        # counts (prompts per frame) may be 0 on a tiny recording; rates and times may not
+        assert r["value"] > 0 or (r["unit"] == "prompts" and r["value"] == 0), r
 
 
 def test_sim_rates_and_no_target_at_tiny_size():
