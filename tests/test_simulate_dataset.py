@@ -125,3 +125,13 @@ def test_default_dataset_shows_activity():
             assert (frac > 0.05).mean() >= 0.6, (v["id"], frac)
         else:
             assert (frac > 0).mean() >= 0.5, (v["id"], frac)
+
+
+def test_three_frame_videos_stay_grayscale_stacks(tmp_path):
+    """tifffile stores a (3, H, W) stack as one RGB image unless told otherwise: the dataset
+    must still hold 3 frames (a bug found by the benchmark)."""
+    cfg = SimulationConfig(**{**TINY, "n_frames": 3})
+    ds = load_dataset(simulate_dataset(cfg, tmp_path / "ds"))
+    for v in ds.videos:
+        assert v.load_image().shape == (3, cfg.height, cfg.width)
+        assert v.load_labels().shape == (3, cfg.height, cfg.width)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,22 @@ def choose_window(active: np.ndarray, first: int, length: int, mode: str) -> int
 
 
 def simulate_videos(config: SimulationConfig, progress: ProgressFn | None = None) -> list[dict]:
-    """Simulate and render every video of ``config`` in memory.
+    """Simulate and render every video of ``config``, all held in memory (small configs only;
+    :func:`simulate_dataset` streams them to disk one at a time via :func:`iter_videos`).
 
     Returns:
+        one dict per video, as yielded by :func:`iter_videos`.
+    """
+    return list(iter_videos(config, progress))
+
+
+def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) -> Iterator[dict]:
+    """Simulate every tissue of ``config`` (one batched integration), then render and yield the
+    videos one at a time, so only one rendered video is in memory at once.
+
+    Yields:
         one dict per video with keys ``id, split, pattern_class, seed, tissue (Tissue),
-        image (T,H,W), labels (T,H,W) uint32, calcium (N,T) float32, meta (dict), window``.
+        image (T,H,W), labels (T,H,W) uint32, calcium (N,T) float32, meta (dict)``.
     """
     progress = progress or null_progress
     params = config.model_parameters()
@@ -131,7 +143,6 @@ def simulate_videos(config: SimulationConfig, progress: ProgressFn | None = None
         method=config.integrator,
         progress=scaled(progress, 0.05, 0.6),
     )
-    videos = []
     for i, (tissue, setup, c_all) in enumerate(zip(tissues, setups, calcium, strict=True)):
         act = active_mask(c_all, config.activity_threshold_uM, config.hysteresis_low_uM)
         start = choose_window(act, first, config.n_frames, config.acquisition_window)
@@ -156,21 +167,18 @@ def simulate_videos(config: SimulationConfig, progress: ProgressFn | None = None
             **setup.info,
             "initiator_ids": (np.flatnonzero(setup.initiators) + 1).tolist(),
         }
-        videos.append(
-            {
-                "id": f"v{i:03d}",
-                "split": config.split_of(i),
-                "pattern_class": config.pattern_class_of(i),
-                "seed": seeds[i],
-                "tissue": tissue,
-                "image": image,
-                "labels": labels,
-                "calcium": cal,
-                "meta": meta,
-            }
-        )
         progress(0.6 + 0.3 * (i + 1) / len(seeds), "render", f"video {i + 1}/{len(seeds)}")
-    return videos
+        yield {
+            "id": f"v{i:03d}",
+            "split": config.split_of(i),
+            "pattern_class": config.pattern_class_of(i),
+            "seed": seeds[i],
+            "tissue": tissue,
+            "image": image,
+            "labels": labels,
+            "calcium": cal,
+            "meta": meta,
+        }
 
 
 def _label_dtype(n_cells: int) -> type:
@@ -193,16 +201,17 @@ def simulate_dataset(
     progress = progress or null_progress
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    videos = simulate_videos(config, scaled(progress, 0.0, 0.9))
     entries = []
-    for k, v in enumerate(videos):
+    # each video is written as soon as it is rendered (progress: render + write up to 0.9)
+    for v in iter_videos(config, progress):
         vid_dir = out_dir / v["id"]
         if vid_dir.exists():
             shutil.rmtree(vid_dir)
         vid_dir.mkdir()
         n_cells = v["tissue"].n_cells
         ldt = _label_dtype(n_cells)
-        kw = {"compression": "zlib", "metadata": None}
+        # minisblack: tifffile would store a 3- or 4-frame stack as one RGB(A) image
+        kw = {"compression": "zlib", "metadata": None, "photometric": "minisblack"}
         tifffile.imwrite(vid_dir / "image.tif", v["image"], **kw)
         tifffile.imwrite(vid_dir / "labels.tif", v["labels"].astype(ldt), **kw)
         tifffile.imwrite(vid_dir / "cells.tif", v["tissue"].labels.astype(ldt), **kw)
@@ -234,7 +243,6 @@ def simulate_dataset(
                 "n_active_per_frame": meta["n_active_per_frame"],
             }
         )
-        progress(0.9 + 0.1 * (k + 1) / len(videos), "write", f"wrote {v['id']}")
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -246,7 +254,7 @@ def simulate_dataset(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(path)
-    progress(1.0, "done", f"{len(videos)} videos in {out_dir}")
+    progress(1.0, "done", f"{len(entries)} videos in {out_dir}")
     return path
 
 
