@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from calseg.io.recordings import RecordingError  # one error type for unusable recordings
 from calseg.progress import ProgressFn, null_progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM2Transforms (sam2/utils/transforms.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PERCENTILE_SAMPLES = 20_000_000  # above this, percentiles use a strided subsample
-
-
-class RecordingError(ValueError):
-    """Raised when a recording cannot be segmented as given (wrong shape, no finite pixel)."""
 
 
 def as_frame_stack(frames: np.ndarray) -> np.ndarray:
