@@ -17,13 +17,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
 from calseg.service.db import upgrade_database
+from calseg.service.jobs import abandon_unfinished
 from calseg.service.settings import REPO_ROOT, Settings, get_settings
 
 
@@ -89,10 +92,12 @@ class EmbeddedService:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> EmbeddedService:
+        self._trap_signals()
         try:
             self.start()
         except BaseException:
             self.stop()
+            self._restore_signals()
             raise
         return self
 
@@ -102,7 +107,28 @@ class EmbeddedService:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_signals()
+
+    def _trap_signals(self) -> None:
+        """Turn SIGTERM and SIGHUP into SystemExit, so `kill`, a supervisor or a closed
+        terminal stop the children too (they run in their own sessions and would survive)."""
+        self._old_handlers: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _exit(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, _exit)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
 
     def start(self) -> None:
         """Start everything and wait until the api is ready and the worker answers."""
@@ -270,6 +296,18 @@ class EmbeddedService:
         if self._redis_dir:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
             self._redis_dir = None
+            # the private broker took the messages of unfinished jobs with it
+            try:
+                n = abandon_unfinished(
+                    self.settings.database_url,
+                    "the embedded service stopped (with its private Redis) before this job "
+                    "finished; retry it",
+                )
+            except Exception as exc:  # noqa: BLE001 - stopping must not fail on the database
+                print(f"calseg: could not mark unfinished jobs failed: {exc}", file=sys.stderr)
+            else:
+                if n:
+                    print(f"calseg: {n} unfinished job(s) marked failed", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

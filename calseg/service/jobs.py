@@ -772,3 +772,28 @@ def _fail_queued(url: str, job_id: str, reason: str) -> None:
             .where(Job.id == job_id, Job.state == "queued")
             .values(state="failed", error=reason, finished_at=utcnow())
         )
+
+
+def abandon_unfinished(url: str, reason: str) -> int:
+    """Fail every queued or running job, with ``reason`` (the broker that held them is gone).
+
+    Used when the embedded service stops with its own private Redis: the messages of queued
+    and running jobs die with that Redis, so without this they would stay "queued" or
+    "running" forever. ``POST /api/jobs/{id}/retry`` runs them again.
+
+    Args:
+        url: SQLAlchemy database URL.
+        reason: the error text stored on each job.
+
+    Returns:
+        Number of jobs marked failed.
+    """
+    from calseg.service.db import session_scope
+
+    with session_scope(url) as session:
+        res = session.execute(
+            update(Job)
+            .where(Job.state.in_(("queued", "running")))
+            .values(state="failed", error=reason, finished_at=utcnow(), updated_at=utcnow())
+        )
+        return res.rowcount
