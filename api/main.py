@@ -298,11 +298,16 @@ def _register_recording(
     if existing is not None:
         tmp.unlink(missing_ok=True)
         return existing, True
+    # probe under the user's file name (suffix included), so what it says is about their file
+    named = tmp.with_name(f"{tmp.stem}-{filename}")
+    tmp.rename(named)
+    tmp = named
     try:
         info = probe_recording(tmp)
     except RecordingError as exc:
         tmp.unlink(missing_ok=True)
-        raise HTTPException(422, f"{filename}: not a usable recording: {exc}") from exc
+        reason = str(exc).replace(str(tmp), filename).replace(tmp.name, filename)
+        raise HTTPException(422, f"{filename}: not a usable recording: {reason}") from exc
     rec_id = str(uuid.uuid4())
     obj = store.put(f"recordings/{rec_id}/{filename}", tmp, move=True)
     rec = Recording(

@@ -1,7 +1,7 @@
-"""The ``calseg`` command: the science without the service.
+"""The calseg command: the science without the service.
 
-``calseg simulate``, ``calseg finetune``, ``calseg segment``, ``calseg evaluate`` call the
-same library functions as the service's jobs; ``calseg bench`` prints benchmark numbers.
+calseg simulate, finetune, segment and evaluate call the same library functions as the
+service's jobs; calseg bench prints benchmark numbers (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+# no terminal (logs, CI): a wide console, so tables and paths are not wrapped mid-name
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+SUMMARY_COLUMNS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1", "ap50")
 
 
 class DemoError(RuntimeError):
@@ -179,11 +181,7 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     metrics = jobs["evaluate"].get("metrics", [])
     if metrics:
         models = sorted({m.get("model") or "" for m in metrics})
-        names = [
-            n
-            for n in ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
-            if any(m["name"] == n for m in metrics)
-        ]
+        names = [n for n in SUMMARY_COLUMNS if any(m["name"] == n for m in metrics)]
         mt = Table(title="Held-out simulated videos (split by video)")
         mt.add_column("model")
         for n in names:
@@ -192,17 +190,18 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
             vals = {m["name"]: m["value"] for m in metrics if (m.get("model") or "") == model}
             mt.add_row(model, *[f"{vals[n]:.3f}" if n in vals else "-" for n in names])
         console.print(mt)
-    table_text = (jobs["evaluate"].get("result") or {}).get("table")
-    if table_text:
-        console.print(table_text)
 
     for kind in ("infer", "infer-baseline"):
         model = "fine-tuned SAM2" if kind == "infer" else "classical baseline"
-        console.print(f"[bold]Overlays ({model})[/]")
+        n_cells = (jobs[kind].get("result") or {}).get("n_cells")
+        console.print(f"[bold]Overlays ({model}: {n_cells} cells found)[/]")
         for name, p in sorted(artifact_paths(jobs[kind], artifact_dir).items()):
             if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
                 console.print(f"  {name}: {p}")
-    console.print(f"[bold]Page:[/] {page_url}  (`make serve` serves these jobs again)")
+    console.print(
+        f"[bold]Page:[/] {page_url} (up while the demo runs; `--keep-serving` keeps it, "
+        "`make serve` serves these jobs again later)"
+    )
 
 
 def screenshot_page(url: str, path: Path) -> Path | None:
@@ -260,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     from calseg.service.embedded import EmbeddedService
     from calseg.service.settings import get_settings
 
+    if args.recording and not Path(args.recording).is_file():  # fail before minutes of work
+        console.print(f"[bold red]demo failed:[/] recording {args.recording} is not a file")
+        return 2
     settings = get_settings()
     t0 = time.monotonic()
     try:
@@ -268,12 +270,17 @@ def main(argv: list[str] | None = None) -> int:
             jobs = run_demo(service.url, Path(settings.artifact_dir), args)
             page = service.url + "/"
             summarise(jobs, Path(settings.artifact_dir), page)
+            # the viewer on the job with the most cells found (random-weight SAM2 finds none)
+            shown = max(
+                ("infer", "infer-baseline"),
+                key=lambda k: (jobs[k].get("result") or {}).get("n_cells") or 0,
+            )
             shot = screenshot_page(
-                f"{page}#job={jobs['infer']['id']}",
+                f"{page}#job={jobs[shown]['id']}",
                 Path(settings.artifact_dir).parent / "demo-page.png",
             )
             if shot:
-                console.print(f"[bold]Screenshot of the page:[/] {shot}")
+                console.print(f"[bold]Screenshot of the page ({shown} job):[/] {shot}")
             if args.keep_serving:
                 console.print(f"serving at {page} until Ctrl-C")
                 try:

@@ -133,7 +133,14 @@ def test_upload_limit_probe_and_duplicates(client: TestClient) -> None:
     r = client.post(
         "/api/recordings", files={"file": ("notes.tif", b"this is not a TIFF" * 10, "image/tiff")}
     )
-    assert r.status_code == 422 and "notes.tif" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "notes.tif" in detail
+    # the reason speaks of the user's file, not of the server's temporary one
+    assert ".part" not in detail and "unsupported file format" not in detail, detail
+    r = client.post("/api/recordings", files={"file": ("empty.tif", b"", "image/tiff")})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "empty.tif" in detail and "0 bytes" in detail, detail
+    assert ".part" not in detail, detail
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 4000, (6, 40, 52), dtype=np.uint16)
     data = _tiff_bytes(frames)

@@ -225,16 +225,19 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     labels_path = ctx.workdir / "labels.tif"
     write_label_stack(labels_path, labels)
     ctx.add_artifact("labels.tif", labels_path, kind="labels")
+    n_cells = int(len(np.unique(labels[labels > 0])))
     ctx.progress(0.9, "overlay", "contact sheet")
+    legend = f"{params.method}: {n_cells} cells predicted (coloured)"
+    if gt is not None:
+        legend += "; ground truth: yellow outlines"
     sheet = contact_sheet(
-        frames, labels, ctx.workdir / "overlay.png", n=12, gt=gt, title=f"{path.name}"
+        frames, labels, ctx.workdir / "overlay.png", n=12, gt=gt, title=f"{path.name}: {legend}"
     )
     ctx.add_artifact("overlay.png", Path(sheet), kind="overlay")
     ctx.progress(0.94, "overlay", "animation")
     gif = animation(frames, labels, ctx.workdir / "overlay.gif")
     ctx.add_artifact(Path(gif).name, Path(gif), kind="animation")
 
-    n_cells = int(len(np.unique(labels[labels > 0])))
     fg = float((labels > 0).mean())
     ctx.add_metric("foreground_fraction", fg, model=params.method)
     lo, hi = display_range(frames)
