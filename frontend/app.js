@@ -177,7 +177,7 @@ function frameUrl() {
 
 function showFrame() {
   const t = $("frame-slider").value;
-  $("frame-label").textContent = `${t} / ${$("frame-slider").max}`;
+  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}`; // as on the contact sheets
   $("frame-img").src = frameUrl();
   $("frame-img").alt = `frame ${t}${$("overlay-toggle").checked ? " with predicted cells overlaid" : ""}`;
 }
