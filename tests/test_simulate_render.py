@@ -2,10 +2,21 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from calseg.simulate.geometry import make_tissue
 from calseg.simulate.model import ModelParameters, integrate, setup_tissue
-from calseg.simulate.render import DEFECTS, INDICATORS, active_mask, hill, render_video
+from calseg.simulate.render import (
+    DEFECTS,
+    INDICATORS,
+    NORMAL_APPROX_MIN_E,
+    _convolve_nearest,
+    _gauss,
+    active_mask,
+    hill,
+    render_video,
+    shot_noise,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +97,52 @@ def test_hysteresis_extends_activity():
     c = np.array([[0.05, 0.2, 0.09, 0.07, 0.2]])
     assert active_mask(c).tolist() == [[False, True, False, False, True]]
     assert active_mask(c, 0.1, 0.08).tolist() == [[False, True, True, False, True]]
+
+
+def test_shot_noise_normal_approximation_matches_poisson():
+    """Above NORMAL_APPROX_MIN_E the normal approximation keeps the Poisson mean (within 4
+    standard errors) and variance (within 2 %); below it the draw is exact Poisson."""
+    rng = np.random.default_rng(3)
+    n = 200_000
+    for lam in (60.0, 500.0, 3000.0):
+        assert lam > NORMAL_APPROX_MIN_E
+        e = shot_noise(np.full(n, lam, np.float32), rng)
+        assert e.dtype == np.float32 and np.array_equal(e, np.rint(e))  # whole electrons
+        assert abs(e.mean() - lam) < 4 * np.sqrt(lam / n), lam
+        assert e.var() == pytest.approx(lam, rel=0.02), lam
+        # Same moments as true Poisson draws at this size (two-sample check).
+        p = rng.poisson(lam, n)
+        assert abs(e.mean() - p.mean()) < 6 * np.sqrt(lam / n), lam
+        assert e.var() == pytest.approx(p.var(), rel=0.03), lam
+    # Dim pixels (5 e-) are exact Poisson: P(0) = exp(-5), which a normal draw would not give.
+    e = shot_noise(np.full(n, 5.0, np.float32), rng)
+    assert (e == 0).mean() == pytest.approx(np.exp(-5.0), abs=4 * np.sqrt(np.exp(-5.0) / n))
+    assert e.mean() == pytest.approx(5.0, abs=0.05) and e.var() == pytest.approx(5.0, rel=0.03)
+
+
+def test_opencv_filters_match_scipy():
+    rng = np.random.default_rng(4)
+    img = rng.random((67, 90)).astype(np.float32)
+    for sigma, truncate in ((4.0, 4.0), (1.3, 3.0), (2.6, 3.0)):
+        ref = ndimage.gaussian_filter(img, sigma, truncate=truncate)
+        assert np.abs(_gauss(img, sigma, truncate) - ref).max() < 1e-5
+    for length in (3, 6, 11):  # odd and even kernels: same origin as scipy
+        k = np.zeros((length, length), np.float32)
+        k[length // 2, :] = 1.0
+        k = ndimage.rotate(k, 37.0, reshape=False, order=1)
+        k /= k.sum()
+        ref = ndimage.convolve(img, k, mode="nearest")
+        assert np.abs(_convolve_nearest(img, k) - ref).max() < 1e-5
+
+
+def test_seed_reproduces_and_threads_do_not_change_output(wave_tissue):
+    tissue, c = wave_tissue
+    runs = [
+        render_video(tissue, c, np.random.default_rng(9), 5.0, 12, defect_severity=1.0, n_threads=k)
+        for k in (1, 2, 2)
+    ]
+    for img, lab, _cal, meta in runs[1:]:
+        assert np.array_equal(img, runs[0][0]) and np.array_equal(lab, runs[0][1])
+        assert meta == runs[0][3]
+    other = render_video(tissue, c, np.random.default_rng(10), 5.0, 12, defect_severity=1.0)
+    assert not np.array_equal(other[0], runs[0][0])
