@@ -1,0 +1,90 @@
+"""CSV exports of traces and events (calseg.io.tables), read back with the csv module/numpy."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from calseg.analysis.events import detect_events
+from calseg.analysis.traces import baseline_f0, cell_traces, dff, footprint_image
+from calseg.io.rois import read_imagej_rois
+from calseg.io.tables import (
+    EVENT_COLUMNS,
+    TRACE_COLUMNS,
+    TableError,
+    read_events_csv,
+    read_traces_csv,
+    write_events_csv,
+    write_trace_exports,
+    write_traces_csv,
+)
+
+
+def _recording():
+    """A (40, 24, 30) recording with 3 square cells; cell 5 has a transient in frames 20-25."""
+    rng = np.random.default_rng(2)
+    frames = (200 + 5 * rng.standard_normal((40, 24, 30))).astype(np.float32)
+    labels = np.zeros((40, 24, 30), np.uint16)
+    labels[:, 2:8, 2:8] = 3
+    labels[20:26, 10:16, 10:16] = 5  # labelled only while active
+    labels[:, 16:22, 20:28] = 11
+    frames[20:26, 10:16, 10:16] += 300.0
+    frames[:, 16:22, 20:28] = 0.01  # a background-level "cell": tiny F0, flagged
+    return frames, labels
+
+
+def test_traces_csv_round_trip(tmp_path):
+    frames, labels = _recording()
+    ids, f = cell_traces(frames, labels)
+    f0 = baseline_f0(f, 2.0, window_s=40.0)
+    d, flags = dff(f, f0)
+    assert flags.tolist() == [False, False, True]
+    p = write_traces_csv(tmp_path / "traces.csv", ids, f, f0, d, 2.0)
+    with p.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert tuple(rows[0]) == TRACE_COLUMNS
+    assert len(rows) == 1 + 3 * 40
+    assert rows[1][:3] == ["3", "0", "0"] and rows[-1][:3] == ["11", "39", "78"]
+    assert rows[-1][5] == ""  # NaN dF/F of the flagged cell is an empty field
+    back = read_traces_csv(p)
+    np.testing.assert_array_equal(back["ids"], ids)
+    np.testing.assert_allclose(back["time_s"], np.arange(40) * 2.0)
+    np.testing.assert_allclose(back["F"], f, rtol=1e-6)
+    np.testing.assert_allclose(back["F0"], f0, rtol=1e-6)
+    np.testing.assert_allclose(back["dff"], d, rtol=1e-6, atol=1e-7)  # NaN == NaN here
+    # numpy reads it too
+    arr = np.genfromtxt(p, delimiter=",", names=True)
+    assert arr.shape == (120,) and arr.dtype.names == TRACE_COLUMNS
+    with pytest.raises(TableError, match="need"):
+        write_traces_csv(tmp_path / "x.csv", ids[:2], f, f0, d, 2.0)
+
+
+def test_events_csv_round_trip(tmp_path):
+    frames, labels = _recording()
+    ids, f = cell_traces(frames, labels)
+    d, _ = dff(f, baseline_f0(f, 2.0, window_s=40.0))
+    events = detect_events(d, 2.0, cell_ids=ids)
+    assert [(e.cell_id, e.onset_frame, e.offset_frame) for e in events] == [(5, 20, 26)]
+    p = write_events_csv(tmp_path / "events.csv", events)
+    back = read_events_csv(p)
+    assert len(back) == 1 and tuple(back[0]) == EVENT_COLUMNS
+    e = events[0]
+    assert back[0]["cell_id"] == 5 and back[0]["truncated"] is False
+    assert back[0]["onset_s"] == 40.0 and back[0]["duration_s"] == 12.0
+    assert back[0]["amplitude"] == pytest.approx(e.amplitude, rel=1e-6)
+    assert back[0]["auc"] == pytest.approx(e.auc, rel=1e-6)
+    assert e.amplitude == pytest.approx(1.5, rel=0.05)  # 300 over a 200 baseline
+
+
+def test_write_trace_exports_and_rois(tmp_path):
+    frames, labels = _recording()
+    res = write_trace_exports(tmp_path, frames, labels, 2.0, window_s=40.0)
+    assert (res["n_cells"], res["n_events"], res["n_flagged"]) == (3, 1, 1)
+    assert set(res["paths"]) == {"traces.csv", "events.csv", "rois.zip"}
+    back = read_imagej_rois(res["paths"]["rois.zip"], labels.shape[1:])
+    fp = footprint_image(labels)
+    # ids are renumbered by the reader; the footprints must be the same pixel sets
+    assert len(np.unique(back[back > 0])) == 3
+    np.testing.assert_array_equal(back > 0, fp > 0)
