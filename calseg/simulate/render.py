@@ -541,14 +541,15 @@ def render_video(
     tex_flat = tex.ravel()
     lab_static = tissue.labels.astype(np.uint32)
     tex_static = tex
+    idx_dtype = np.int32 if h * w < 2**31 else np.int64  # flat pixel index
     if debris is not None:
         pos, vel, rad, kind, strength = debris
 
     def render_frame(t: int) -> None:
         # Geometry: nearest-neighbour source pixel per output pixel (labels move exactly).
         if moved:
-            sy = np.rint(by - np.float32(shift[t, 0])).astype(np.int32)
-            sx = np.rint(bx - np.float32(shift[t, 1])).astype(np.int32)
+            sy = np.rint(by - np.float32(shift[t, 0])).astype(idx_dtype)
+            sx = np.rint(bx - np.float32(shift[t, 1])).astype(idx_dtype)
             invalid = (sy < 0) | (sy >= h) | (sx < 0) | (sx >= w)
             np.clip(sy, 0, h - 1, out=sy)
             np.clip(sx, 0, w - 1, out=sx)
