@@ -53,7 +53,8 @@ def test_event_times_durations_amplitudes_within_one_frame():
     assert len(events) == 2
     for ev, (onset, amp, rise, hold, fall) in zip(events, specs, strict=True):
         assert ev.cell_id == 7 and not ev.truncated
-        low = ev.threshold / 2
+        assert abs(ev.rest) < sigma  # noise mean 0
+        low = (ev.threshold + ev.rest) / 2
         t_on = onset + rise * low / amp  # the rise crosses high/2 here
         t_off = onset + rise + hold + fall * (1 - low / amp)  # the fall crosses high/2 here
         assert abs(ev.onset_s - t_on) <= DT
@@ -72,7 +73,7 @@ def test_exponential_decay_onset_and_peak():
     assert len(ev) >= 1
     assert abs(ev[0].onset_s - 20.0) <= 2 * DT and abs(ev[0].peak_s - 21.0) <= DT
     # end of the clean decay at high/2: within the noise-limited precision of a shallow tail
-    t_off = 21.0 + 5.0 * np.log(1.0 / (ev[0].threshold / 2))
+    t_off = 21.0 + 5.0 * np.log(1.0 / ((ev[0].threshold + ev[0].rest) / 2))
     assert abs(ev[0].onset_s + ev[0].duration_s - t_off) <= 4.0
 
 
@@ -84,6 +85,18 @@ def test_pure_noise_gives_no_events_and_nan_rows_are_skipped():
     # false-positive rate of k=3 with hysteresis and >= 2 frames: ~2e-4 per frame
     assert len(events) <= 1
     assert all(e.cell_id != 2 for e in events)
+
+
+def test_noise_through_percentile_f0_gives_few_events():
+    from calseg.analysis.traces import baseline_f0, dff
+
+    rng = np.random.default_rng(6)
+    f = 1000.0 + 20.0 * rng.standard_normal((200, 300))  # 60 000 frames of resting cells
+    d, _ = dff(f, baseline_f0(f, 1.0, window_s=60.0))
+    # resting dF/F sits ~1.28 sigma above 0 (F0 is the 10th percentile); the rest level absorbs it
+    assert np.median(d) == pytest.approx(1.2816 * 0.02, rel=0.15)
+    events = detect_events(d, 1.0)
+    assert len(events) / d.size < 1e-3
 
 
 def test_min_duration_truncation_and_amplitude_floor():

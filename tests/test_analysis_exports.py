@@ -88,3 +88,65 @@ def test_write_trace_exports_and_rois(tmp_path):
     # ids are renumbered by the reader; the footprints must be the same pixel sets
     assert len(np.unique(back[back > 0])) == 3
     np.testing.assert_array_equal(back > 0, fp > 0)
+
+
+class _StubContext:
+    """The parts of calseg.service.jobs.JobContext that run_infer uses, without a database."""
+
+    def __init__(self, workdir, recording):
+        from types import SimpleNamespace
+
+        self.workdir = workdir
+        self.settings = SimpleNamespace(cache_dir=workdir / "cache", sam2_checkpoint=None)
+        self.recording = recording
+        self.artifacts: dict[str, object] = {}
+        self.warnings: list[str] = []
+        self.logs: list[str] = []
+
+    def recording_path(self, _rid):
+        return self.recording
+
+    def relpath(self, p):
+        return str(p)
+
+    def progress(self, *_a):
+        pass
+
+    def log(self, m):
+        self.logs.append(m)
+
+    def warn(self, m):
+        self.warnings.append(m)
+
+    def add_artifact(self, name, path, content_type=None, kind="file"):
+        self.artifacts[name] = path
+
+    def add_metric(self, *_a, **_k):
+        pass
+
+    def jsonable(self, x):
+        return x
+
+
+def test_infer_runner_registers_traces_events_rois(tmp_path):
+    from pathlib import Path
+
+    from calseg.service.runners import run_infer
+    from calseg.service.schemas import validate_params
+
+    real = Path(__file__).parents[2] / "shared/data/real/astrocast_sample_1.tiff"
+    if not real.exists():
+        pytest.skip("real data absent")
+    ctx = _StubContext(tmp_path, real)
+    res = run_infer(validate_params("infer", {"recording_id": "r", "method": "baseline"}), ctx)
+    assert {"traces.csv", "events.csv", "rois.zip"} <= set(ctx.artifacts)
+    tr = read_traces_csv(ctx.artifacts["traces.csv"])
+    assert tr["F"].shape == (res["n_cells"], res["n_frames"])
+    assert np.isfinite(tr["F"]).all()
+    # the file has no frame interval: 1 s assumed, and the job says so
+    np.testing.assert_allclose(tr["time_s"], np.arange(res["n_frames"]))
+    assert any("frame interval" in w for w in ctx.warnings)
+    ev = read_events_csv(ctx.artifacts["events.csv"])
+    assert all(e["cell_id"] in set(tr["ids"].tolist()) for e in ev)
+    rois = read_imagej_rois(ctx.artifacts["rois.zip"], (res["height"], res["width"]))
+    assert len(np.unique(rois[rois > 0])) == res["n_cells"]

@@ -7,10 +7,15 @@ Detection (per cell, plain numpy):
    use the MAD for robust noise; taking it on the differences makes it blind to slow transients
    and waves, which in epithelia can cover a large part of a recording and would inflate the MAD
    of the trace itself).
-2. Threshold ``high = max(k * sigma, min_amplitude)`` above dF/F = 0 (rest, by the F0
-   baseline); hysteresis: an event is a run of frames with dF/F > ``high / 2`` that contains at
-   least one frame with dF/F > ``high``, lasting at least ``min_duration_s``.
-3. Per event: onset = first frame of the run, offset = last frame + 1, ``duration_s =
+2. Rest level: ``rest = P10(dF/F) + 1.2816 * sigma``, the mean of the noise estimated from the
+   low tail of the trace, which events (always positive) do not reach while a cell is active in
+   less than ~80 % of the frames. It is not 0: F0 is a low running percentile (the 10th by
+   default), so resting dF/F sits about 1.28 sigma above 0; thresholds from 0 would turn noise
+   into events (measured: 2.3 % of pure-noise frames vs < 0.1 % with this rest level).
+3. Threshold ``high = rest + max(k * sigma, min_amplitude)``; hysteresis: an event is a run of
+   frames with dF/F > ``rest + (high - rest) / 2`` that contains at least one frame with
+   dF/F > ``high``, lasting at least ``min_duration_s``.
+4. Per event: onset = first frame of the run, offset = last frame + 1, ``duration_s =
    (offset - onset) * frame_interval_s``, peak = frame of the maximum, ``amplitude`` = the
    maximum dF/F, ``auc`` = sum of dF/F over the run times ``frame_interval_s`` (dF/F * s,
    rectangle rule). Events touching the first or last frame are marked ``truncated``.
@@ -32,6 +37,9 @@ import numpy as np
 __all__ = ["Event", "EventError", "detect_events", "events_as_rows", "trace_noise"]
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4), Gaussian consistency constant of the MAD
+Z_P10 = (
+    1.2816  # -Phi^-1(0.10): the 10th percentile of Gaussian noise lies 1.2816 sigma below its mean
+)
 
 
 class EventError(ValueError):
@@ -51,7 +59,8 @@ class Event:
     duration_s: float
     amplitude: float  # peak dF/F
     auc: float  # dF/F * s
-    threshold: float  # dF/F level that started the event (k * noise)
+    threshold: float  # dF/F level that started the event (rest + k * noise)
+    rest: float  # resting dF/F level of the trace (noise mean)
     truncated: bool  # touches the first or last frame of the recording
 
 
@@ -127,10 +136,12 @@ def detect_events(
         if not np.isfinite(row).any():
             continue
         s = sigma[i] if np.isfinite(sigma[i]) else 0.0
-        high = max(k * s, float(min_amplitude))
-        if high <= 0:
+        step = max(k * s, float(min_amplitude))
+        if step <= 0:
             continue  # a noise-free trace with no amplitude floor: no threshold to speak of
-        low = high / 2.0
+        rest = float(np.nanpercentile(row, 10.0)) + Z_P10 * s
+        high = rest + step
+        low = rest + step / 2.0
         above_low = np.nan_to_num(row, nan=-np.inf) > low
         starts, stops = _runs(above_low)
         for a, b in zip(starts, stops, strict=True):
@@ -148,8 +159,9 @@ def detect_events(
                     peak_s=float(p * dt),
                     duration_s=float((b - a) * dt),
                     amplitude=float(row[p]),
-                    auc=float(np.nansum(seg) * dt),
+                    auc=float(np.nansum(seg) * dt),  # area above F0 (dF/F = 0)
                     threshold=float(high),
+                    rest=rest,
                     truncated=bool(a == 0 or b == t),
                 )
             )

@@ -157,7 +157,9 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     """Segment a recording (uploaded, or a simulated video) into an instance label stack.
 
     Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
-    ``overlay.gif`` (animation). Metric: ``foreground_fraction`` (labelled pixel fraction).
+    ``overlay.gif`` (animation); ``traces.csv``, ``events.csv``, ``rois.zip`` when the trace
+    export succeeds (:func:`calseg.io.tables.write_trace_exports`). Metric:
+    ``foreground_fraction`` (labelled pixel fraction).
     """
     from calseg.io.dataset import DatasetError, load_dataset
     from calseg.io.labels import write_label_stack
@@ -225,6 +227,27 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     labels_path = ctx.workdir / "labels.tif"
     write_label_stack(labels_path, labels)
     ctx.add_artifact("labels.tif", labels_path, kind="labels")
+    try:  # traces, events and ROIs: useful extras, never a reason to fail the job
+        from calseg.io.recordings import probe_recording
+        from calseg.io.tables import write_trace_exports
+
+        dt = (
+            probe_recording(path).frame_interval_s
+            if params.recording_id
+            else video.frame_interval_s
+        )
+        if not dt:
+            dt = 1.0
+            ctx.warn("recording has no frame interval in its metadata: 1 s assumed for traces")
+        exp = write_trace_exports(ctx.workdir, frames, labels, dt)
+        for name, p in exp["paths"].items():
+            ctx.add_artifact(name, p, kind="table" if name.endswith(".csv") else "rois")
+        ctx.log(
+            f"traces: {exp['n_cells']} cells ({exp['n_flagged']} flagged: tiny F0), "
+            f"{exp['n_events']} events, {dt:g} s/frame"
+        )
+    except Exception as exc:  # noqa: BLE001
+        ctx.warn(f"traces/events export failed: {exc}")
     n_cells = int(len(np.unique(labels[labels > 0])))
     ctx.progress(0.9, "overlay", "contact sheet")
     legend = f"{params.method}: {n_cells} cells predicted (coloured)"
