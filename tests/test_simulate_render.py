@@ -145,4 +145,6 @@ def test_seed_reproduces_and_threads_do_not_change_output(wave_tissue):
         assert np.array_equal(img, runs[0][0]) and np.array_equal(lab, runs[0][1])
         assert meta == runs[0][3]
     other = render_video(tissue, c, np.random.default_rng(10), 5.0, 12, defect_severity=1.0)
+    with pytest.raises(ValueError, match="n_threads"):
+        render_video(tissue, c, np.random.default_rng(9), 5.0, 12, n_threads=0)
     assert not np.array_equal(other[0], runs[0][0])

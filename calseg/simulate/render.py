@@ -357,6 +357,8 @@ def render_video(
         raise RenderError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if n_threads is None:
         n_threads = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if n_threads < 1:
+        raise RenderError(f"n_threads must be >= 1 (frames rendered in parallel), got {n_threads}")
     h, w = tissue.labels.shape
     sev = _severities(rng, defect_severity)
     d: dict[str, dict] = {k: {"severity": v} for k, v in sev.items()}
