@@ -189,7 +189,7 @@ def write_trace_exports(
     frames: np.ndarray,
     labels: np.ndarray,
     frame_interval_s: float,
-    window_s: float = 60.0,
+    window_s: float | None = None,
     k: float = 3.0,
 ) -> dict[str, Any]:
     """Traces, dF/F, events and ROIs of one segmented recording, written for the user's tools.
@@ -199,7 +199,8 @@ def write_trace_exports(
             each cell's footprint, the union of its pixels over time).
         frames: ``(T, H, W)`` recording; labels: ``(T, H, W)`` label stack or ``(H, W)``.
         frame_interval_s: time between frames (s).
-        window_s, k: F0 window (s) and event threshold (x noise), see
+        window_s, k: F0 window (s; ``None`` = the default of
+            :func:`~calseg.analysis.traces.baseline_f0`) and event threshold (x noise), see
             :func:`calseg.analysis.traces.baseline_f0` and
             :func:`calseg.analysis.events.detect_events`.
 
@@ -208,12 +209,18 @@ def write_trace_exports(
         ``rois.zip`` is absent when there is no cell.
     """
     from calseg.analysis.events import detect_events
-    from calseg.analysis.traces import baseline_f0, cell_traces, dff, footprint_image
+    from calseg.analysis.traces import (
+        DEFAULT_WINDOW_S,
+        baseline_f0,
+        cell_traces,
+        dff,
+        footprint_image,
+    )
     from calseg.io.rois import write_imagej_rois
 
     out = Path(out_dir)
     ids, f = cell_traces(frames, labels)
-    f0 = baseline_f0(f, frame_interval_s, window_s=window_s)
+    f0 = baseline_f0(f, frame_interval_s, window_s=window_s or DEFAULT_WINDOW_S)
     d, flags = dff(f, f0)
     events = detect_events(d, frame_interval_s, k=k, cell_ids=ids)
     paths = {
