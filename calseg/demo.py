@@ -30,6 +30,14 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+CHROMIUM_ARGS = (  # Debian's chromium, headless, on a machine with no internet (DESIGN.md 7)
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 SUMMARY_COLUMNS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1", "ap50")
 
 
@@ -220,16 +228,8 @@ def screenshot_page(url: str, path: Path) -> Path | None:
         console.print("no screenshot: /usr/bin/chromium is missing (scripts/system-deps.sh)")
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(chromium), args=args)
+        browser = pw.chromium.launch(executable_path=str(chromium), args=list(CHROMIUM_ARGS))
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
