@@ -7,7 +7,6 @@ that it drops afterwards, so it never touches other tables of the ``test`` datab
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -18,9 +17,6 @@ from calseg.service.db import downgrade_database, upgrade_database
 from calseg.service.models import Base
 
 TABLES = {"jobs", "artifacts", "metrics", "recordings"}
-PG_URL = os.environ.get(
-    "CALSEG_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 def _check_round_trip(url: str, schema: str | None = None) -> None:
@@ -63,22 +59,15 @@ def test_sqlite_upgrade_downgrade(tmp_path: Path) -> None:
     _check_round_trip(f"sqlite:///{tmp_path / 'm.db'}")
 
 
-def test_postgresql_upgrade_downgrade() -> None:
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+def test_postgresql_upgrade_downgrade(pg_admin) -> None:
     schema = f"calseg_mig_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
+    with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    base = pg_admin.url.render_as_string(hide_password=False)
+    sep = "&" if "?" in base else "?"
+    url = f"{base}{sep}options=-csearch_path%3D{schema}"
     try:
         _check_round_trip(url, schema=schema)
     finally:
-        with admin.connect() as conn:
+        with pg_admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()

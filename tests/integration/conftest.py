@@ -20,39 +20,26 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-PG_URL = os.environ.get(
-    "CALSEG_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 REDIS_URL = os.environ.get("CALSEG_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
+def pg_database(pg_admin) -> Iterator[str]:
     """URL of a fresh PostgreSQL database, dropped at the end of the session."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+    from calseg.service.db import get_engine
+
     name = f"calseg_it_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
+    with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        yield make_url(pg_admin.url).set(database=name).render_as_string(hide_password=False)
     finally:
-        from sqlalchemy.pool import NullPool  # noqa: F401 - engines of the test are disposed
-
-        from calseg.service.db import get_engine
-
-        get_engine.cache_clear()
-        with admin.connect() as conn:
+        get_engine.cache_clear()  # the test's engines hold connections to the database
+        with pg_admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
