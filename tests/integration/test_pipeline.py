@@ -75,6 +75,14 @@ def test_simulate_finetune_infer_evaluate(service, client) -> None:
         path = artifact_path(service, inf, name)
         art = next(a for a in inf["artifacts"] if a["name"] == name)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == art["sha256"]
+    # per-cell traces, one row per cell and frame (none when the model found no cell)
+    from calseg.io.tables import EVENT_COLUMNS, read_traces_csv
+
+    traces = read_traces_csv(artifact_path(service, inf, "traces.csv"))
+    n_cells = inf["result"]["n_cells"]
+    assert len(traces["ids"]) == n_cells
+    events_csv = artifact_path(service, inf, "events.csv").read_text()
+    assert events_csv.splitlines()[0] == ",".join(EVENT_COLUMNS)
     png = client.get(f"/api/jobs/{inf['id']}/frames/3.png", params={"overlay": 1, "gt": 1})
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
 
