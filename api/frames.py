@@ -31,6 +31,8 @@ class Stacks:
 
 
 _cache: OrderedDict[tuple, Stacks] = OrderedDict()
+_labels_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_traces_cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -75,6 +77,75 @@ def load_stacks(
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return stacks
+
+
+def load_labels(labels_path: Path) -> np.ndarray:
+    """The decoded label stack ``(T, H, W)`` (uint32 label ids, 0 = background) of a
+    ``labels.tif`` artifact, cached by path and modification time like :func:`load_stacks`
+    (the stacks cache is consulted first, so a viewer that rendered frames reuses its labels).
+
+    Raises:
+        FileNotFoundError: the file is gone.
+    """
+    mtime = labels_path.stat().st_mtime_ns
+    key = (str(labels_path), mtime)
+    with _lock:
+        for skey, stacks in reversed(_cache.items()):
+            if len(skey) > 1 and skey[1] == key:
+                return stacks.labels
+        if key in _labels_cache:
+            _labels_cache.move_to_end(key)
+            return _labels_cache[key]
+    labels = _labels(labels_path)
+    with _lock:
+        _labels_cache[key] = labels
+        while len(_labels_cache) > CACHE_SIZE:
+            _labels_cache.popitem(last=False)
+    return labels
+
+
+def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
+    """The traces of a ``traces.csv`` artifact as :func:`calseg.io.tables.read_traces_csv`
+    returns them (``ids`` (N,) int64, ``time_s`` (T,) s, ``F``/``F0``/``dF/F`` (N, T) float64,
+    NaN where empty), cached by path and modification time.
+
+    Raises:
+        FileNotFoundError: the file is gone. calseg.io.tables.TableError: not a traces table.
+    """
+    from calseg.io.tables import read_traces_csv
+
+    key = (str(traces_path), traces_path.stat().st_mtime_ns)
+    with _lock:
+        if key in _traces_cache:
+            _traces_cache.move_to_end(key)
+            return _traces_cache[key]
+    traces = read_traces_csv(traces_path)
+    with _lock:
+        _traces_cache[key] = traces
+        while len(_traces_cache) > CACHE_SIZE:
+            _traces_cache.popitem(last=False)
+    return traces
+
+
+def label_at(labels: np.ndarray, t: int, x: int, y: int) -> int:
+    """The label id at pixel column ``x``, row ``y`` (px) of frame ``t`` of a ``(T, H, W)``
+    label stack (0 = background).
+
+    Raises:
+        IndexError: ``t``, ``x`` or ``y`` is outside the stack (negative indices are never
+            wrapped); the message names the valid ranges.
+    """
+    n, h, w = labels.shape
+    bad = [
+        f"{name}={v} not in 0..{size - 1}"
+        for name, v, size in (("t", t, n), ("x", x, w), ("y", y, h))
+        if not 0 <= v < size
+    ]
+    if bad:
+        raise IndexError(
+            f"{'; '.join(bad)}: the label stack has {n} frames of {h} x {w} px (rows x columns)"
+        )
+    return int(labels[t, y, x])
 
 
 def render_png(stacks: Stacks, t: int, *, overlay: bool, gt: bool) -> bytes:

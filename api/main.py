@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -20,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.frames import load_stacks, render_png
+from api.frames import label_at, load_labels, load_stacks, load_traces, render_png
 from api.uploads import UploadError, receive_file
 from calseg import __version__
 from calseg.service import jobs as lifecycle
@@ -277,6 +278,68 @@ def frame_png(
         raise HTTPException(404, f"frame {t} out of range: the recording has frames 0..{n - 1}")
     png = render_png(stacks, t, overlay=bool(overlay), gt=bool(gt))
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+@app.get("/api/jobs/{job_id}/cells/at", tags=["viewer"])
+def cell_at(
+    job_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    t: Annotated[int, Query(description="frame index (0-based)")],
+    x: Annotated[int, Query(description="pixel column (px, 0 = left)")],
+    y: Annotated[int, Query(description="pixel row (px, 0 = top)")],
+) -> dict[str, int | None]:
+    """The cell (label id) at pixel (``x``, ``y``) of frame ``t`` of the job's label stack
+    (``labels.tif``): ``{"cell_id": id}``, or ``{"cell_id": null}`` on background.
+
+    422 when ``t``, ``x`` or ``y`` lies outside the stack; 404 for an unknown job or a job
+    without ``labels.tif``.
+    """
+    art = _artifact(session, job_id, "labels.tif")
+    try:
+        labels = load_labels(store.path(art.relpath))
+    except FileNotFoundError as exc:
+        raise HTTPException(410, f"labels.tif of job {job_id} is gone from the store") from exc
+    try:
+        cell = label_at(labels, t, x, y)
+    except IndexError as exc:
+        raise HTTPException(422, f"pixel out of range: {exc}") from exc
+    return {"cell_id": cell or None}
+
+
+def _nulls(values: Any) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+@app.get("/api/jobs/{job_id}/cells/{cell_id}/trace", tags=["viewer"])
+def cell_trace(job_id: str, cell_id: int, session: SessionDep, store: StoreDep) -> dict[str, Any]:
+    """The trace of one cell from the job's ``traces.csv``: ``{"cell_id", "time_s": [s],
+    "F": [...], "F0": [...], "dff": [...]}`` (F, F0 in recording intensity units; dF/F
+    dimensionless; NaN as null). 404 for an unknown job, a job without traces.csv, or a cell
+    id that is not in it."""
+    from calseg.io.tables import TableError
+
+    art = _artifact(session, job_id, "traces.csv")
+    try:
+        traces = load_traces(store.path(art.relpath))
+    except FileNotFoundError as exc:
+        raise HTTPException(410, f"traces.csv of job {job_id} is gone from the store") from exc
+    except TableError as exc:
+        raise HTTPException(500, f"traces.csv of job {job_id} is unreadable: {exc}") from exc
+    ids = traces["ids"]
+    hit = np.flatnonzero(ids == cell_id)
+    if not hit.size:
+        raise HTTPException(
+            404, f"job {job_id} has no cell {cell_id} in traces.csv ({len(ids)} cells there)"
+        )
+    i = int(hit[0])
+    return {
+        "cell_id": cell_id,
+        "time_s": _nulls(traces["time_s"]),
+        "F": _nulls(traces["F"][i]),
+        "F0": _nulls(traces["F0"][i]),
+        "dff": _nulls(traces["dff"][i]),
+    }
 
 
 # ------------------------------------------------------------------------------ recordings

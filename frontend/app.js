@@ -165,6 +165,7 @@ function setupViewer(job) {
   slider.value = "0";
   $("gt-label").hidden = !(job.result.source && job.result.source.gt_relpath);
   $("gt-toggle").checked = false;
+  clearTrace("Click a cell in the frame to plot its dF/F trace.");
   showFrame();
 }
 
@@ -180,6 +181,143 @@ function showFrame() {
   $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}`; // as on the contact sheets
   $("frame-img").src = frameUrl();
   $("frame-img").alt = `frame ${t}${$("overlay-toggle").checked ? " with predicted cells overlaid" : ""}`;
+  moveMarker();
+}
+
+// ---- click a cell: its dF/F trace as an inline SVG line plot
+const SVG_NS = "http://www.w3.org/2000/svg";
+let trace = null; // {jobId, cell_id, time_s, dff} of the plotted cell
+let traceRequest = 0;
+
+function svg(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function clearTrace(message) {
+  trace = null;
+  traceRequest += 1;
+  $("trace-plot").replaceChildren();
+  $("trace-caption").textContent = message;
+}
+
+// The image pixel (column x, row y) under a click on #frame-img, or null outside the picture.
+// The element is scaled (CSS height, object-fit: contain) so the displayed size differs from
+// the natural size; with the ground-truth panel beside, a click on it maps to the same pixel.
+function clickToPixel(ev) {
+  const img = ev.currentTarget;
+  const nw = img.naturalWidth, nh = img.naturalHeight;
+  if (!nw || !nh) return null;
+  const rect = img.getBoundingClientRect();
+  const cw = img.clientWidth, ch = img.clientHeight; // content + padding, without border
+  const scale = Math.min(cw / nw, ch / nh);
+  const ox = img.clientLeft + (cw - nw * scale) / 2;
+  const oy = img.clientTop + (ch - nh * scale) / 2;
+  let x = Math.floor((ev.clientX - rect.left - ox) / scale);
+  const y = Math.floor((ev.clientY - rect.top - oy) / scale);
+  if (x < 0 || y < 0 || x >= nw || y >= nh) return null;
+  if ($("gt-toggle").checked && !$("gt-label").hidden) {
+    const panel = (nw - 4) / 2; // GAP_PX = 4 in api/frames.py
+    if (x >= panel && x < panel + 4) return null;
+    if (x >= panel + 4) x -= panel + 4;
+  }
+  return { x, y };
+}
+
+async function cellClicked(ev) {
+  const p = clickToPixel(ev);
+  if (!p || !selectedId) return;
+  const t = Number($("frame-slider").value);
+  const jobId = selectedId;
+  const req = ++traceRequest;
+  try {
+    const at = await api(`/api/jobs/${jobId}/cells/at?t=${t}&x=${p.x}&y=${p.y}`);
+    if (req !== traceRequest) return;
+    if (at.cell_id === null) { clearTrace(`no cell here (pixel x ${p.x}, y ${p.y}, frame ${t})`); return; }
+    $("trace-caption").textContent = `cell ${at.cell_id}: loading trace…`;
+    const tr = await api(`/api/jobs/${jobId}/cells/${at.cell_id}/trace`);
+    if (req !== traceRequest) return;
+    trace = { jobId, ...tr };
+    drawTrace();
+    $("trace-caption").textContent = `cell ${tr.cell_id}`;
+  } catch (e) {
+    if (req === traceRequest) clearTrace(`could not load the trace: ${e.message}`);
+  }
+}
+
+function niceTicks(lo, hi, n = 5) {
+  const span = hi - lo || 1;
+  const step0 = span / n;
+  const mag = 10 ** Math.floor(Math.log10(step0));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0);
+  const ticks = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) ticks.push(Number(v.toPrecision(6)));
+  return ticks;
+}
+
+function drawTrace() {
+  const box = $("trace-plot");
+  if (!trace) { box.replaceChildren(); return; }
+  const W = 640, H = 240, L = 58, R = 14, T = 12, B = 42;
+  const ts = trace.time_s, ys = trace.dff;
+  const finite = ys.filter((v) => v !== null);
+  let lo = finite.length ? Math.min(0, ...finite) : 0;
+  let hi = finite.length ? Math.max(...finite) : 1;
+  if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
+  const t0 = ts.length ? ts[0] : 0, t1 = ts.length > 1 ? ts[ts.length - 1] : t0 + 1;
+  const sx = (t) => L + ((t - t0) / (t1 - t0 || 1)) * (W - L - R);
+  const sy = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
+  let d = "";
+  let pen = false;
+  ys.forEach((v, i) => {
+    if (v === null || ts[i] === null) { pen = false; return; }
+    d += `${pen ? "L" : "M"}${sx(ts[i]).toFixed(1)},${sy(v).toFixed(1)}`;
+    pen = true;
+  });
+  const n = finite.length;
+  const peak = n ? Math.max(...finite) : NaN;
+  const plot = svg("svg", {
+    viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": `dF/F trace of cell ${trace.cell_id}: ${ys.length} frames over ${t1.toFixed(1)} s`
+      + (n ? `, peak dF/F ${peak.toFixed(2)}` : ", no finite dF/F values"),
+  });
+  plot.append(svg("title", {}, `dF/F of cell ${trace.cell_id}`));
+  for (const v of niceTicks(lo, hi)) {
+    plot.append(svg("line", { class: "axis", x1: L - 4, x2: L, y1: sy(v), y2: sy(v) }),
+      svg("text", { x: L - 6, y: sy(v) + 4, "text-anchor": "end" }, String(v)));
+  }
+  for (const v of niceTicks(t0, t1)) {
+    plot.append(svg("line", { class: "axis", x1: sx(v), x2: sx(v), y1: H - B, y2: H - B + 4 }),
+      svg("text", { x: sx(v), y: H - B + 16, "text-anchor": "middle" }, String(v)));
+  }
+  if (lo < 0 && hi > 0) plot.append(svg("line", { class: "zero", x1: L, x2: W - R, y1: sy(0), y2: sy(0) }));
+  plot.append(
+    svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }),
+    svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }),
+    svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, "time (s)"),
+    svg("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle",
+                  transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "dF/F"),
+    svg("path", { class: "trace-line", d }),
+    svg("line", { id: "trace-marker", class: "marker", x1: 0, x2: 0, y1: T, y2: H - B }));
+  box.replaceChildren(plot);
+  trace.sx = sx;
+  moveMarker();
+}
+
+// The vertical marker at the time of the frame shown in the viewer.
+function moveMarker() {
+  const m = document.getElementById("trace-marker");
+  if (!m || !trace) return;
+  const t = Number($("frame-slider").value);
+  const time = trace.time_s[t];
+  m.style.display = time === null || time === undefined ? "none" : "";
+  if (time === null || time === undefined) return;
+  const x = trace.sx(time).toFixed(1);
+  m.setAttribute("x1", x);
+  m.setAttribute("x2", x);
+  m.setAttribute("data-frame", String(t));
 }
 
 function stopPlay() {
@@ -248,6 +386,7 @@ $("frame-slider").addEventListener("input", showFrame);
 $("overlay-toggle").addEventListener("change", showFrame);
 $("gt-toggle").addEventListener("change", showFrame);
 $("play").addEventListener("click", togglePlay);
+$("frame-img").addEventListener("click", cellClicked);
 $("filter-kind").addEventListener("change", refreshJobs);
 $("filter-state").addEventListener("change", refreshJobs);
 $("upload-form").addEventListener("submit", uploadAndSegment);

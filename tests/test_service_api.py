@@ -229,3 +229,93 @@ def test_settings_to_env_round_trip(tmp_path: Path) -> None:
     assert env["CALSEG_REDIS_URL"] == "redis://h:1/2"
     assert Path(env["CALSEG_ARTIFACT_DIR"]) == tmp_path
     assert "CALSEG_SAM2_CHECKPOINT" not in env
+
+
+def _viewer_job(tmp_path: Path, labels: np.ndarray | None, traces: dict | None) -> str:
+    """A succeeded infer job whose labels.tif / traces.csv artifacts hold the given data,
+    registered directly in the database and the temporary store (no run needed)."""
+    from calseg.io.labels import write_label_stack
+    from calseg.io.tables import write_traces_csv
+    from calseg.service.db import session_scope
+    from calseg.service.models import Artifact, Job
+
+    settings = get_settings()
+    store = LocalArtifactStore(settings.artifact_dir)
+    with session_scope() as session:
+        job = Job(kind="infer", state="succeeded", params={}, result={})
+        session.add(job)
+        session.flush()
+        files = []
+        if labels is not None:
+            files.append(("labels.tif", write_label_stack(tmp_path / "labels.tif", labels)))
+        if traces is not None:
+            p = write_traces_csv(tmp_path / "traces.csv", **traces)
+            files.append(("traces.csv", p))
+        for name, path in files:
+            obj = store.put(f"jobs/{job.id}/{name}", path)
+            session.add(
+                Artifact(
+                    job_id=job.id,
+                    name=name,
+                    kind="labels",
+                    relpath=obj.relpath,
+                    content_type=obj.content_type,
+                    sha256=obj.sha256,
+                    size_bytes=obj.size_bytes,
+                )
+            )
+        return job.id
+
+
+def test_cell_at_pixel(client: TestClient, tmp_path: Path) -> None:
+    labels = np.zeros((3, 6, 8), np.uint32)
+    labels[1, 2:4, 5:7] = 7  # rows 2-3, columns 5-6 of frame 1
+    labels[2, 0, 0] = 3
+    job_id = _viewer_job(tmp_path, labels, None)
+    at = f"/api/jobs/{job_id}/cells/at"
+    assert client.get(at, params={"t": 1, "x": 5, "y": 2}).json() == {"cell_id": 7}
+    assert client.get(at, params={"t": 1, "x": 6, "y": 3}).json() == {"cell_id": 7}
+    # x and y are column and row: the transposed pixel is background
+    assert client.get(at, params={"t": 1, "x": 2, "y": 5}).json() == {"cell_id": None}
+    assert client.get(at, params={"t": 0, "x": 5, "y": 2}).json() == {"cell_id": None}
+    assert client.get(at, params={"t": 2, "x": 0, "y": 0}).json() == {"cell_id": 3}
+    for bad, name in [
+        ({"t": 1, "x": -1, "y": 2}, "x=-1"),  # never wrapped to the last column
+        ({"t": 1, "x": 8, "y": 2}, "x=8"),
+        ({"t": 1, "x": 5, "y": 6}, "y=6"),
+        ({"t": -1, "x": 5, "y": 2}, "t=-1"),
+        ({"t": 3, "x": 5, "y": 2}, "t=3"),
+    ]:
+        r = client.get(at, params=bad)
+        assert r.status_code == 422, bad
+        assert name in r.json()["detail"] and "out of range" in r.json()["detail"]
+    assert client.get(at, params={"t": 1, "x": 5}).status_code == 422  # y missing
+    r = client.get("/api/jobs/nope/cells/at", params={"t": 0, "x": 0, "y": 0})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    no_labels = _viewer_job(tmp_path / "b", None, None)
+    r = client.get(f"/api/jobs/{no_labels}/cells/at", params={"t": 0, "x": 0, "y": 0})
+    assert r.status_code == 404 and "labels.tif" in r.json()["detail"]
+
+
+def test_cell_trace(client: TestClient, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    f = rng.uniform(100.0, 200.0, (2, 4))
+    f0 = np.full((2, 4), 120.0)
+    dff = (f - f0) / f0
+    dff[1, 2] = np.nan  # flagged sample: written empty, served as null
+    traces = {"ids": np.array([4, 9]), "f": f, "f0": f0, "dff": dff, "frame_interval_s": 0.5}
+    job_id = _viewer_job(tmp_path, None, traces)
+    r = client.get(f"/api/jobs/{job_id}/cells/9/trace")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cell_id"] == 9 and body["time_s"] == [0.0, 0.5, 1.0, 1.5]
+    np.testing.assert_allclose(body["F"], f[1], rtol=1e-6)  # 7 significant digits in the CSV
+    np.testing.assert_allclose(body["F0"], f0[1], rtol=1e-6)
+    assert body["dff"][2] is None
+    got = [v for i, v in enumerate(body["dff"]) if i != 2]
+    np.testing.assert_allclose(got, np.delete(dff[1], 2), rtol=1e-6)
+    cell4 = client.get(f"/api/jobs/{job_id}/cells/4/trace").json()
+    np.testing.assert_allclose(cell4["dff"], dff[0], rtol=1e-6)
+    r = client.get(f"/api/jobs/{job_id}/cells/5/trace")
+    assert r.status_code == 404 and "no cell 5" in r.json()["detail"]
+    assert client.get("/api/jobs/nope/cells/4/trace").status_code == 404

@@ -108,4 +108,55 @@ def test_upload_segment_and_browse_frames(service, client, browser) -> None:
     page.wait_for_function("document.querySelector('#frame-img').complete")
     page.wait_for_timeout(300)
     assert _frame_digest(page) != with_overlay
+
+    # click a cell of the busiest frame: its dF/F trace is drawn, the caption names it
+    from scipy import ndimage
+
+    inside = ndimage.distance_transform_edt(labels[busiest] > 0)
+    y, x = np.unravel_index(int(np.argmax(inside)), inside.shape)  # deepest labelled pixel
+    cell = int(labels[busiest, y, x])
+    outside = ndimage.distance_transform_edt(labels[busiest] == 0)
+    by, bx = np.unravel_index(int(np.argmax(outside)), outside.shape)  # farthest from cells
+    page.locator("#overlay-toggle").check()  # the cells drawn, as a user would click them
+    page.wait_for_function(
+        "document.querySelector('#frame-img').src.includes('overlay=1')"
+        " && document.querySelector('#frame-img').complete"
+    )
+    page.locator("#frame-img").scroll_into_view_if_needed()
+
+    def click_pixel(px: int, py: int) -> None:
+        """Click the centre of image pixel (px, py), in CSS pixels of the displayed image."""
+        box = page.evaluate(
+            """() => { const i = document.querySelector('#frame-img');
+                const r = i.getBoundingClientRect();
+                return {left: r.left + i.clientLeft, top: r.top + i.clientTop,
+                        w: i.clientWidth, h: i.clientHeight,
+                        nw: i.naturalWidth, nh: i.naturalHeight}; }"""
+        )
+        assert (box["nw"], box["nh"]) == (100, 100)
+        scale = min(box["w"] / box["nw"], box["h"] / box["nh"])  # object-fit: contain
+        left = box["left"] + (box["w"] - box["nw"] * scale) / 2
+        top = box["top"] + (box["h"] - box["nh"] * scale) / 2
+        page.mouse.click(left + (px + 0.5) * scale, top + (py + 0.5) * scale)
+
+    click_pixel(int(bx), int(by))
+    page.wait_for_function(
+        "document.querySelector('#trace-caption').textContent.includes('no cell here')",
+        timeout=15_000,
+    )
+    click_pixel(int(x), int(y))
+    page.wait_for_function(
+        "document.querySelector('#trace-plot svg path.trace-line')", timeout=15_000
+    )
+    assert page.locator("#trace-caption").text_content().strip() == f"cell {cell}"
+    assert page.locator("#trace-caption").get_attribute("aria-live") == "polite"
+    plot = page.locator("#trace-plot svg")
+    assert plot.get_attribute("role") == "img"
+    assert f"cell {cell}" in plot.get_attribute("aria-label")
+    d = page.locator("#trace-plot path.trace-line").get_attribute("d")
+    points = d.count("L") + d.count("M")
+    assert points >= 50, f"trace path has only {points} points: {d[:200]}"  # 75 frames
+    assert page.locator("#trace-marker").get_attribute("data-frame") == str(busiest)
+    assert page.get_by_text("time (s)").count() == 1 and page.get_by_text("dF/F").count() >= 1
+    page.screenshot(path=str(SHOTS / "page_trace.png"), full_page=True)
     assert errors == [], f"JavaScript errors on the page: {errors}"
