@@ -132,3 +132,40 @@ def test_evaluate_base_tuned_baseline(trained):
     assert "sam2-tuned" in table and "baseline" in table
     d = rep.to_dict()
     assert d["summary"][0]["n_videos"] == 1 and d["models"]["baseline"] is None
+
+
+class _Killed(RuntimeError):
+    """Stands for the worker dying mid-run: the exception escapes without any clean-up."""
+
+
+def test_run_killed_mid_way_resumes_to_the_same_final_step_count(tmp_path):
+    ds = small_dataset(tmp_path / "ds", t=6, size=48)
+    cfg = FinetuneConfig(
+        image_size=128,
+        steps=12,
+        batch_size=2,
+        warmup_steps=2,
+        val_every=4,
+        frames_per_video=2,
+        val_frames_per_video=2,
+        background_prompt_fraction=0.0,
+        seed=0,
+    )
+
+    def kill_at_step_7(fraction: float, stage: str, message: str | None = None) -> None:
+        if stage == "train" and (message or "").startswith("step 7/"):
+            raise _Killed("killed at step 7")
+
+    out = tmp_path / "out"
+    with pytest.raises(_Killed):
+        finetune(ds, out, cfg, cache_dir=tmp_path / "cache", progress=kill_at_step_7)
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["metadata"]["step"] == 4  # the last validation before the kill
+
+    again = finetune(ds, out, cfg, cache_dir=tmp_path / "cache")
+    assert any("resumed" in w and "step 4" in w for w in again.warnings), again.warnings
+    train_steps = [h["step"] for h in again.history if h["kind"] == "train"]
+    assert train_steps == list(range(1, 13))  # 1-4 from the first run, 5-12 after resuming
+    assert all(math.isfinite(h["loss"]) for h in again.history if h["kind"] == "train")
+    final = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert final["metadata"]["step"] == 12
