@@ -217,6 +217,12 @@ def retry_job(job_id: str, session: SessionDep, enqueue: EnqueueDep, store: Stor
     return _job_out(lifecycle.retry_job(session, job_id, enqueue=enqueue, store=store), detail=True)
 
 
+@app.post("/api/jobs/{job_id}/rerun", status_code=201, response_model=JobOut, tags=["jobs"])
+def rerun_job(job_id: str, session: SessionDep, enqueue: EnqueueDep) -> JobOut:
+    """Submit a new job with this job's kind and parameters (seeds included): it reproduces it."""
+    return _job_out(lifecycle.rerun_job(session, job_id, enqueue=enqueue), detail=True)
+
+
 def _artifact(session: Session, job_id: str, name: str) -> Artifact:
     lifecycle.get_job(session, job_id)
     art = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))

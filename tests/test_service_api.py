@@ -3,6 +3,7 @@ replaced by a recorder and jobs are run in-process where a test needs their outp
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -319,3 +320,31 @@ def test_cell_trace(client: TestClient, tmp_path: Path) -> None:
     r = client.get(f"/api/jobs/{job_id}/cells/5/trace")
     assert r.status_code == 404 and "no cell 5" in r.json()["detail"]
     assert client.get("/api/jobs/nope/cells/4/trace").status_code == 404
+
+
+def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None:
+    first = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    assert _run(first["id"]) == "succeeded"
+    r = client.post(f"/api/jobs/{first['id']}/rerun")
+    assert r.status_code == 201, r.text
+    second = r.json()
+    assert second["id"] != first["id"] and second["params"] == first["params"]
+    assert second["state"] == "queued" and client.queued[-1] == (second["id"], None)
+    assert _run(second["id"]) == "succeeded"
+    root = get_settings().artifact_dir
+
+    def videos(job_id: str) -> dict[str, str]:
+        art = next(
+            a
+            for a in client.get(f"/api/jobs/{job_id}").json()["artifacts"]
+            if a["name"] == "manifest.json"
+        )
+        folder = (root / art["relpath"]).parent
+        return {
+            p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("v*/*"))
+        }
+
+    a, b = videos(first["id"]), videos(second["id"])
+    assert len(a) == 3 * 4 and a == b  # image, labels, cells, calcium of 3 videos, identical
+    assert client.post("/api/jobs/nope/rerun").status_code == 404

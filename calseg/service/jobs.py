@@ -221,6 +221,22 @@ def submit_job(
     return job
 
 
+def rerun_job(session: Session, job_id: str, *, enqueue: Enqueue | None = None) -> Job:
+    """Submit a new job with the kind and stored parameters (seeds included) of ``job_id``.
+
+    The stored parameters hold every default explicitly, so the new job reproduces the old
+    one (a simulate job regenerates its dataset bit-identically); the old job is untouched.
+
+    Raises:
+        JobNotFound: no job ``job_id`` (API: 404).
+        calseg.service.schemas.ParamsError: the stored parameters no longer validate, e.g.
+            after an upgrade that changed the job's schema (API: 422).
+        JobReferenceError, QueueUnavailable: as :func:`submit_job`.
+    """
+    old = get_job(session, job_id)
+    return submit_job(session, old.kind, dict(old.params or {}), enqueue=enqueue)
+
+
 def _dispatch(session: Session, job: Job, enqueue: Enqueue | None) -> None:
     try:
         (enqueue or enqueue_celery)(job, None)
