@@ -138,11 +138,16 @@ def segment(
     out_dir: Annotated[Path, typer.Argument(help="folder for labels and overlays")],
     method: str = typer.Option("sam2", help="sam2 or baseline"),
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
+    frame_interval: float | None = typer.Option(
+        None, help="seconds between frames (default: from the file's metadata, else 1 s)"
+    ),
 ) -> None:
-    """Segment the active cells of a recording: label stack TIFF, contact sheet, GIF."""
+    """Segment the active cells of a recording: label stack TIFF, contact sheet, GIF, and the
+    per-cell traces (F, F0, dF/F), events and ImageJ ROIs."""
     from calseg.io.labels import write_label_stack
     from calseg.io.overlays import animation, contact_sheet
     from calseg.io.recordings import RecordingError, read_recording
+    from calseg.io.tables import write_trace_exports
     from calseg.segment.infer import InferenceConfig, segment_recording
 
     try:
@@ -159,11 +164,19 @@ def segment(
     labels = write_label_stack(out_dir / "labels.tif", result.labels)
     sheet = contact_sheet(rec.frames, result.labels, out_dir / "overlay.png", title=recording.name)
     gif = animation(rec.frames, result.labels, out_dir / "overlay.gif")
+    dt = frame_interval or rec.info.frame_interval_s
+    if dt is None:
+        dt = 1.0
+        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
+    tables = write_trace_exports(out_dir, rec.frames, result.labels, dt)
     for w in result.warnings:
         console.print(f"[bold red]WARNING:[/] {w}")
     n_cells = len(set(result.labels.ravel().tolist()) - {0})
     console.print(f"{n_cells} cells labelled over {result.labels.shape[0]} frames")
     console.print(f"labels: {labels}\ncontact sheet: {sheet}\nanimation: {gif}")
+    for name, path in tables["paths"].items():
+        console.print(f"{name}: {path}")
+    console.print(f"{tables['n_events']} events; {tables['n_flagged']} traces flagged (tiny F0)")
 
 
 @app.command()
