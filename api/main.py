@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
@@ -35,6 +36,7 @@ from calseg.service.schemas import (
     MetricOut,
     ParamsError,
     RecordingOut,
+    json_safe_errors,
 )
 from calseg.service.settings import REPO_ROOT, Settings, get_settings
 from calseg.service.store import ArtifactStore, get_store
@@ -75,7 +77,7 @@ EnqueueDep = Annotated[lifecycle.Enqueue, Depends(enqueue_dep)]
 # ------------------------------------------------------------------------------ errors
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+def _error(status: int, message: str | list[dict[str, Any]], **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content=jsonable_encoder({"detail": message, **extra}))
 
 
@@ -87,6 +89,13 @@ async def _not_found(_: Request, exc: lifecycle.JobNotFound) -> JSONResponse:
 @app.exception_handler(lifecycle.JobStateError)
 async def _conflict(_: Request, exc: lifecycle.JobStateError) -> JSONResponse:
     return _error(409, str(exc))
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with pydantic's errors made JSON-safe (a bad input may be NaN, Inf or any object,
+    which FastAPI's default handler cannot serialise: it answered 500)."""
+    return _error(422, json_safe_errors(list(exc.errors())))
 
 
 @app.exception_handler(ParamsError)

@@ -348,3 +348,29 @@ def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None
     a, b = videos(first["id"]), videos(second["id"])
     assert len(a) == 3 * 4 and a == b  # image, labels, cells, calcium of 3 videos, identical
     assert client.post("/api/jobs/nope/rerun").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # non-finite numbers (JSON extensions Python's parser accepts) in job parameters
+        ('{"kind":"infer","params":{"recording_id":"r","smooth_sigma_px":NaN}}', "smooth_sigma_px"),
+        ('{"kind":"infer","params":{"recording_id":"r","smooth_sigma_px":Infinity}}', "finite"),
+        ('{"kind":"simulate","params":{"n_videos":3,"defect_severity":-Infinity}}', "finite"),
+        ('{"kind":"finetune","params":{"dataset_job_id":"d","lr":NaN}}', "lr"),
+        # ... and outside them, where FastAPI's own handler could not serialise the input
+        ('{"kind":"simulate","params":{},"extra":NaN}', "Extra inputs"),
+        ('{"kind":NaN}', "kind"),
+        # fields valid one by one, not together
+        (
+            '{"kind":"infer","params":{"recording_id":"r","low_percentile":90,'
+            '"high_percentile":10}}',
+            "low_percentile < high_percentile",
+        ),
+    ],
+)
+def test_bad_numbers_are_422_never_500(client: TestClient, body: str, expected: str) -> None:
+    r = client.post("/api/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert expected in r.text
+    assert client.queued == []  # nothing reached the queue

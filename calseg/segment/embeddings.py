@@ -79,6 +79,19 @@ def as_frame_stack(frames: np.ndarray) -> np.ndarray:
     return a
 
 
+def check_percentiles(low_percentile: float, high_percentile: float) -> None:
+    """Check the intensity normalisation percentiles (in %).
+
+    Raises:
+        ValueError: unless ``0 <= low_percentile < high_percentile <= 100``.
+    """
+    if not 0.0 <= low_percentile < high_percentile <= 100.0:
+        raise ValueError(
+            f"need 0 <= low_percentile < high_percentile <= 100, got "
+            f"{low_percentile}, {high_percentile}"
+        )
+
+
 def compute_normalisation(
     frames: np.ndarray, low_percentile: float = 0.5, high_percentile: float = 99.8
 ) -> dict:
@@ -97,11 +110,7 @@ def compute_normalisation(
     Raises:
         RecordingError: if the recording has no finite pixel.
     """
-    if not 0.0 <= low_percentile < high_percentile <= 100.0:
-        raise ValueError(
-            f"need 0 <= low_percentile < high_percentile <= 100, got "
-            f"{low_percentile}, {high_percentile}"
-        )
+    check_percentiles(low_percentile, high_percentile)
     a = as_frame_stack(frames)
     flat = a.reshape(-1)
     stride = max(1, int(np.ceil(flat.size / MAX_PERCENTILE_SAMPLES)))

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
 
 from calseg.progress import ProgressFn, null_progress, scaled
@@ -59,6 +59,7 @@ from calseg.segment._data import DatasetError, split_videos
 from calseg.segment.embeddings import (
     FrameEmbeddings,
     FrameGeometry,
+    check_percentiles,
     compute_normalisation,
     labels_to_model,
     logits_to_frame,
@@ -83,7 +84,12 @@ class TrainingDivergedError(RuntimeError):
 class FinetuneConfig(BaseModel):
     """Fine-tuning settings (validated, unknown keys rejected)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check_percentiles(self):  # noqa: ANN202 - pydantic validator returns the model
+        check_percentiles(self.low_percentile, self.high_percentile)
+        return self
 
     model: str = "sam2.1_hiera_t"
     image_size: int = Field(512, ge=64, le=2048, multiple_of=32)

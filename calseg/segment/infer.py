@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calseg.progress import ProgressFn, null_progress, scaled
 from calseg.segment.cells import CellParams
@@ -34,6 +34,7 @@ from calseg.segment.embeddings import (
     FrameEmbeddings,
     FrameGeometry,
     as_frame_stack,
+    check_percentiles,
     compute_normalisation,
     encode_frames,
     frames_to_model,
@@ -55,7 +56,12 @@ log = logging.getLogger(__name__)
 class InferenceConfig(BaseModel):
     """Parameters of :func:`segment_recording` (units: px, dF/F, %)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check_percentiles(self):  # noqa: ANN202 - pydantic validator returns the model
+        check_percentiles(self.low_percentile, self.high_percentile)
+        return self
 
     method: Literal["sam2", "baseline"] = "sam2"
     model: str = "sam2.1_hiera_t"

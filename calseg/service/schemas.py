@@ -11,6 +11,7 @@ api process imports the science (and torch) only when a job of that kind is subm
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from datetime import UTC, datetime
 from functools import cache
@@ -39,12 +40,36 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+def json_safe_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic error dicts reduced to what JSON can carry: ``type``, ``loc``, ``msg`` and the
+    offending ``input`` when it is a plain JSON value (NaN, Inf or objects become ``repr``)."""
+
+    def safe(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else repr(value)
+        return repr(value)[:200]
+
+    out = []
+    for e in errors:
+        item = {
+            "type": str(e.get("type", "")),
+            "loc": list(e.get("loc", ())),
+            "msg": str(e.get("msg")),
+        }
+        if "input" in e and not isinstance(e["input"], dict | list):
+            item["input"] = safe(e["input"])
+        out.append(item)
+    return out
+
+
 class ParamsError(ValueError):
     """Job parameters that do not validate; ``errors`` lists pydantic's error dicts."""
 
     def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
         self.kind = kind
-        self.errors = errors
+        self.errors = json_safe_errors(errors)
         lines = "; ".join(_describe(e) for e in errors)
         super().__init__(f"invalid parameters for the {kind} job: {lines}")
 
@@ -52,7 +77,12 @@ class ParamsError(ValueError):
 class _Params(BaseModel):
     """Base of every job parameter model: unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        allow_inf_nan=False,
+    )
 
     _config_cls: typing.ClassVar[type | None] = None
     _config_fields: typing.ClassVar[tuple[str, ...]] = ()
@@ -229,7 +259,7 @@ def params_to_json(params: BaseModel) -> dict[str, Any]:
 class JobCreate(BaseModel):
     """Body of ``POST /api/jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: JobKind
     params: dict[str, Any] = Field(default_factory=dict)

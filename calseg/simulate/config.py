@@ -21,7 +21,7 @@ IndicatorName = Literal["GCaMP6s", "GCaMP6f", "GCaMP6m"]
 class SimulationConfig(BaseModel):
     """Everything that defines a simulated dataset of GCaMP recordings of epithelial tissue."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_videos: int = Field(4, ge=1, le=1000, description="number of recordings (videos)")
     n_frames: int = Field(64, ge=2, le=5000, description="frames per recording")

@@ -60,7 +60,7 @@ INITIATOR_VPLC = (1.3, 1.5)  # uM/s
 class ModelParameters(BaseModel):
     """Parameters of the tissue calcium model (DESIGN.md section 2). Every one is overridable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     Kplc: float = Field(0.2, gt=0, description="PLC half-activation by Ca2+ (uM)")
     K5: float = Field(0.66, gt=0, description="IP3 degradation rate (1/s)")
