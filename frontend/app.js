@@ -340,6 +340,7 @@ function togglePlay() {
 
 async function selectJob(id) {
   selectedId = id;
+  selectedJob = null; // render this job even if it is the one shown before (and ended)
   stopPlay();
   $("viewer").hidden = true;
   await refreshDetail();
@@ -354,6 +355,10 @@ async function refreshDetail() {
     selectedJob = await api(`/api/jobs/${selectedId}`);
     renderDetail(selectedJob);
   } catch (e) {
+    // e.g. a stale #job= link: say so instead of leaving the section hidden
+    $("detail").hidden = false;
+    $("viewer").hidden = true;
+    $("detail-title").textContent = `job ${selectedId}`;
     $("detail-fields").replaceChildren(el("dt", {}, "error"), el("dd", {}, e.message));
   }
 }
@@ -398,8 +403,12 @@ document.addEventListener("keydown", (ev) => {
   else if (ev.key === " " && document.activeElement.tagName !== "BUTTON") { ev.preventDefault(); togglePlay(); }
 });
 
-const hash = location.hash.replace(/^#job=/, "");
-if (hash) selectJob(hash);
+function jobFromHash() {
+  const id = decodeURIComponent(location.hash.replace(/^#job=/, ""));
+  if (id && id !== selectedId) selectJob(id);
+}
+window.addEventListener("hashchange", jobFromHash); // links, Back and Forward
+jobFromHash();
 checkService();
 refreshJobs();
 setInterval(() => { refreshJobs(); refreshDetail(); }, POLL_MS);

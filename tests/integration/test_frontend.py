@@ -160,3 +160,25 @@ def test_upload_segment_and_browse_frames(service, client, browser) -> None:
     assert page.get_by_text("time (s)").count() == 1 and page.get_by_text("dF/F").count() >= 1
     page.screenshot(path=str(SHOTS / "page_trace.png"), full_page=True)
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+    # a stale link says what is wrong; following a #job= link (or Back) switches jobs
+    page.evaluate("location.hash = '#job=no-such-job'")
+    page.wait_for_function(
+        "!document.querySelector('#detail').hidden"
+        " && document.querySelector('#detail-title').textContent.includes('no-such-job')",
+        timeout=15_000,
+    )
+    assert "no job no-such-job" in page.locator("#detail-fields").text_content()
+    assert page.locator("#viewer").is_hidden()
+    page.evaluate(f"location.hash = '#job={job['id']}'")
+    page.wait_for_function(
+        f"document.querySelector('#detail-title').textContent.includes('{job['id']}')",
+        timeout=15_000,
+    )
+    page.wait_for_selector("#viewer:not([hidden])", timeout=15_000)
+    page.go_back()  # back to the stale link
+    page.wait_for_function(
+        "document.querySelector('#detail-title').textContent.includes('no-such-job')",
+        timeout=15_000,
+    )
+    assert errors == [], f"JavaScript errors on the page: {errors}"
