@@ -94,3 +94,12 @@ def test_prompts_come_from_activity_not_labels():
     assert total > 0 and hits / total > 0.8
     quiet = compute_activity(np.random.default_rng(0).poisson(100, (8, 32, 32)).astype(np.uint16))
     assert quiet.stats["n_seeds"] <= 1
+
+
+@pytest.mark.parametrize("n_frames", [1, 2])
+def test_too_short_recording_says_why_it_finds_nothing(n_frames):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(100, 4000, (n_frames, 40, 52)).astype(np.uint16)
+    res = segment_recording(frames, InferenceConfig(method="baseline"))
+    assert res.labels.shape == (n_frames, 40, 52)
+    assert any(f"only {n_frames} frame(s)" in w for w in res.warnings), res.warnings

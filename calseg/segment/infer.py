@@ -53,6 +53,10 @@ from calseg.segment.prompts import (
 log = logging.getLogger(__name__)
 
 
+MIN_FRAMES_FOR_ACTIVITY = 3
+"""Fewer frames than this leave no baseline (F0) to measure a change against."""
+
+
 class InferenceConfig(BaseModel):
     """Parameters of :func:`segment_recording` (units: px, dF/F, %)."""
 
@@ -313,6 +317,12 @@ def segment_recording(
     warnings: list[str] = []
     if norm["n_nonfinite"]:
         warnings.append(f"{norm['n_nonfinite']} NaN/Inf pixels treated as background")
+    if frames.shape[0] < MIN_FRAMES_FOR_ACTIVITY:
+        warnings.append(
+            f"only {frames.shape[0]} frame(s): activity is a change over time, so a recording "
+            f"this short cannot show which cells are active (give at least "
+            f"{MIN_FRAMES_FOR_ACTIVITY} frames)"
+        )
     progress(0.01, "activity", "computing dF/F and seeds")
     if activity is None:
         activity = compute_activity(frames, config.activity_params())

@@ -194,7 +194,10 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
 
     ctx.progress(0.01, "read", f"reading {path.name}")
     if params.recording_id:
-        frames = read_recording(path).frames
+        recording = read_recording(path)
+        frames = recording.frames
+        for note in recording.info.warnings:  # e.g. a header that lies about the frame count
+            ctx.warn(f"reading {path.name}: {note}")
     else:
         frames, gt = video.load_image(), video.load_labels()
     t, h, w = frames.shape
