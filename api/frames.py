@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,28 +57,37 @@ def _frames(path: Path, simulated: bool) -> np.ndarray:
     return np.asarray(read_recording(path).frames)
 
 
+def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any]) -> Any:
+    """``cache[key]``, or ``load()`` stored there; least recently used entries beyond
+    ``CACHE_SIZE`` are dropped. ``load`` runs outside the lock (decoding is slow)."""
+    with _lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = load()
+    with _lock:
+        cache[key] = value
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    return value
+
+
 def load_stacks(
     frames_path: Path, labels_path: Path, gt_path: Path | None, *, simulated: bool = False
 ) -> Stacks:
     """The decoded stacks (cached by paths and modification times). ``simulated``: the frames
     are a calseg-dataset video (TYX TIFF)."""
     key = tuple((str(p), p.stat().st_mtime_ns) for p in (frames_path, labels_path, gt_path) if p)
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    from calseg.io.overlays import display_range
 
-    frames = _frames(frames_path, simulated)
-    labels = _labels(labels_path)
-    gt = _labels(gt_path) if gt_path else None
-    lo, hi = display_range(frames)
-    stacks = Stacks(frames, labels, gt, float(lo), float(hi))
-    with _lock:
-        _cache[key] = stacks
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return stacks
+    def load() -> Stacks:
+        from calseg.io.overlays import display_range
+
+        frames = _frames(frames_path, simulated)
+        lo, hi = display_range(frames)
+        gt = _labels(gt_path) if gt_path else None
+        return Stacks(frames, _labels(labels_path), gt, float(lo), float(hi))
+
+    return _cached(_cache, key, load)
 
 
 def load_labels(labels_path: Path) -> np.ndarray:
@@ -93,15 +104,7 @@ def load_labels(labels_path: Path) -> np.ndarray:
         for skey, stacks in reversed(_cache.items()):
             if len(skey) > 1 and skey[1] == key:
                 return stacks.labels
-        if key in _labels_cache:
-            _labels_cache.move_to_end(key)
-            return _labels_cache[key]
-    labels = _labels(labels_path)
-    with _lock:
-        _labels_cache[key] = labels
-        while len(_labels_cache) > CACHE_SIZE:
-            _labels_cache.popitem(last=False)
-    return labels
+    return _cached(_labels_cache, key, lambda: _labels(labels_path))
 
 
 def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
@@ -115,16 +118,7 @@ def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
     from calseg.io.tables import read_traces_csv
 
     key = (str(traces_path), traces_path.stat().st_mtime_ns)
-    with _lock:
-        if key in _traces_cache:
-            _traces_cache.move_to_end(key)
-            return _traces_cache[key]
-    traces = read_traces_csv(traces_path)
-    with _lock:
-        _traces_cache[key] = traces
-        while len(_traces_cache) > CACHE_SIZE:
-            _traces_cache.popitem(last=False)
-    return traces
+    return _cached(_traces_cache, key, lambda: read_traces_csv(traces_path))
 
 
 def label_at(labels: np.ndarray, t: int, x: int, y: int) -> int:
