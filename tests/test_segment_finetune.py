@@ -37,7 +37,9 @@ def trained(tmp_path_factory):
         background_prompt_fraction=0.0,
         seed=0,
     )
-    res = finetune(ds, root / "out", cfg, cache_dir=root / "cache")
+    live: list[dict] = []
+    res = finetune(ds, root / "out", cfg, cache_dir=root / "cache", on_history=live.append)
+    res.live_history = live
     return ds, root, cfg, res
 
 
@@ -52,6 +54,26 @@ def test_training_loss_goes_down(trained):
     assert [h["step"] for h in vals] == [0, 20, 40]
     assert res.best_val_iou == max(h["val_mean_iou"] for h in vals)
     assert any("RANDOM" in w for w in res.warnings)
+
+
+def test_on_history_sees_every_entry_as_it_is_appended(trained):
+    _, _, cfg, res = trained
+    assert res.live_history == res.history  # same entries, same order
+    kinds = [h["kind"] for h in res.live_history]
+    assert kinds.count("train") == cfg.steps and kinds.count("val") == 3
+    assert {"step", "loss", "focal", "dice", "iou_mse", "lr"} <= set(res.live_history[1])
+    assert "val_mean_iou" in res.live_history[0]
+
+
+def test_on_history_failure_does_not_stop_training(tmp_path):
+    ds = small_dataset(tmp_path / "ds", t=4, size=32)
+    cfg = FinetuneConfig(image_size=64, steps=2, batch_size=2, frames_per_video=2, val_every=2)
+
+    def broken(entry: dict) -> None:
+        raise ValueError("sink down")
+
+    res = finetune(ds, tmp_path / "out", cfg, on_history=broken)
+    assert len([h for h in res.history if h["kind"] == "train"]) == 2
 
 
 def test_lr_schedule_stepped_per_optimiser_step(trained):

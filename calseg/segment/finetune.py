@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -401,6 +402,7 @@ def finetune(
     base_checkpoint: Path | None = None,
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
+    on_history: Callable[[dict], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune SAM2's prompt encoder + mask decoder on a dataset's train split.
 
@@ -412,6 +414,12 @@ def finetune(
             random weights, with a warning in the result).
         cache_dir: embedding cache directory (default ``out_dir / "embeddings"``).
         progress: :data:`calseg.progress.ProgressFn`.
+        on_history: called with every history entry as it is appended (a live training curve):
+            ``{"kind": "train", "step", "lr", "grad_norm", "time_s", "loss", "focal", "dice",
+            "iou_mse", "object_bce", "train_iou"}``, ``{"kind": "val", "step", "val_mean_iou",
+            "per_video", "n_prompts", "time_s"}`` or ``{"kind": "skipped", "step", "reason"}``.
+            Entries restored from ``last.pt`` on resume are not replayed. An exception raised
+            by the callback is logged and ignored (it must not kill a training run).
 
     Returns:
         :class:`FinetuneResult`.
@@ -522,6 +530,14 @@ def finetune(
         else:
             warnings.append(f"{last_path} belongs to a different run; starting afresh")
 
+    def add_history(entry: dict) -> None:
+        history.append(entry)
+        if on_history is not None:
+            try:
+                on_history(entry)
+            except Exception:  # a broken live-curve sink must not stop training
+                log.exception("on_history callback failed for %s", entry.get("kind"))
+
     def save_last(step: int) -> None:
         meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou)
         save_finetuned_checkpoint(
@@ -539,7 +555,7 @@ def finetune(
         nonlocal best_iou
         res = validate(loaded, vals, config)
         entry = {"kind": "val", "step": step, **res, "time_s": time.perf_counter() - t_start}
-        history.append(entry)
+        add_history(entry)
         v = res["val_mean_iou"]
         if v is not None and (best_iou is None or v > best_iou):
             best_iou = v
@@ -620,7 +636,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             if use_amp:
                 scaler.update()
-            history.append({"kind": "skipped", "step": step, "reason": "non-finite"})
+            add_history({"kind": "skipped", "step": step, "reason": "non-finite"})
             if bad >= config.max_nonfinite_steps:
                 raise TrainingDivergedError(
                     f"{bad} consecutive steps with non-finite loss/gradients at step {step}; "
@@ -635,7 +651,7 @@ def finetune(
         lr = opt.param_groups[0]["lr"]
         sched.step()  # once per optimiser step
         step += 1
-        history.append(
+        add_history(
             {
                 "kind": "train",
                 "step": step,
