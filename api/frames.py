@@ -23,13 +23,16 @@ GAP_PX = 4
 @dataclass
 class Stacks:
     """Decoded stacks of one infer job: frames (T, H, W), labels and optional ground truth
-    (T, H, W) uint32, and the display range (lo, hi) in the frames' intensity units."""
+    (T, H, W) uint32, the default display range (lo, hi) and the finite data range
+    (vmin, vmax), all in the frames' intensity units (e.g. counts of a uint16 recording)."""
 
     frames: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     gt: np.ndarray | None
     lo: float
     hi: float
+    vmin: float = 0.0
+    vmax: float = 1.0
 
 
 _cache: OrderedDict[tuple, Stacks] = OrderedDict()
@@ -80,12 +83,37 @@ def load_stacks(
     key = tuple((str(p), p.stat().st_mtime_ns) for p in (frames_path, labels_path, gt_path) if p)
 
     def load() -> Stacks:
-        from calseg.io.overlays import display_range
-
         frames = _frames(frames_path, simulated)
-        lo, hi = display_range(frames)
         gt = _labels(gt_path) if gt_path else None
-        return Stacks(frames, _labels(labels_path), gt, float(lo), float(hi))
+        return Stacks(frames, _labels(labels_path), gt, *_ranges(frames))
+
+    return _cached(_cache, key, load)
+
+
+def _ranges(frames: np.ndarray) -> tuple[float, float, float, float]:
+    """``(lo, hi, vmin, vmax)``: the recording's display range (percentiles 0.5 and 99.8 of
+    :func:`calseg.io.overlays.display_range`) and its finite minimum and maximum."""
+    from calseg.io.overlays import display_range
+
+    lo, hi = display_range(frames)
+    finite = frames if frames.dtype.kind in "iub" else frames[np.isfinite(frames)]
+    vmin = float(finite.min()) if finite.size else 0.0
+    vmax = float(finite.max()) if finite.size else 1.0
+    return float(lo), float(hi), vmin, max(vmax, vmin + 1e-6)
+
+
+def load_recording_frames(path: Path) -> Stacks:
+    """An uploaded recording's frames (through the recording reader) as :class:`Stacks`
+    without labels, for previews; cached like :func:`load_stacks`.
+
+    Raises:
+        FileNotFoundError: the file is gone. calseg.io.recordings.RecordingError: unreadable.
+    """
+    key = ((str(path), path.stat().st_mtime_ns), "recording")
+
+    def load() -> Stacks:
+        frames = _frames(path, simulated=False)
+        return Stacks(frames, None, None, *_ranges(frames))
 
     return _cached(_cache, key, load)
 
@@ -142,18 +170,87 @@ def label_at(labels: np.ndarray, t: int, x: int, y: int) -> int:
     return int(labels[t, y, x])
 
 
-def render_png(stacks: Stacks, t: int, *, overlay: bool, gt: bool) -> bytes:
-    """PNG bytes of frame ``t``: the frame with predicted labels (``overlay``), and the same
-    frame with ground truth to its right (``gt``, when the job has it)."""
+def range_headers(stacks: Stacks) -> dict[str, str]:
+    """HTTP headers of a rendered frame: the default display range (``X-Display-Lo``,
+    ``X-Display-Hi``), the finite data range (``X-Data-Min``, ``X-Data-Max``) in intensity
+    units, ``X-Frames`` (T) and a one-hour ``Cache-Control``."""
+    return {
+        "Cache-Control": "max-age=3600",
+        "X-Display-Lo": f"{stacks.lo:.6g}",
+        "X-Display-Hi": f"{stacks.hi:.6g}",
+        "X-Data-Min": f"{stacks.vmin:.6g}",
+        "X-Data-Max": f"{stacks.vmax:.6g}",
+        "X-Frames": str(stacks.frames.shape[0]),
+    }
+
+
+STYLES = ("both", "fill", "outline")
+COLORS = ("instance", "single")
+SINGLE_ID = 5
+"""Label id whose colour (:func:`calseg.io.overlays.label_colors`) draws every cell in the
+``colors="single"`` mode."""
+
+
+def render_png(
+    stacks: Stacks,
+    t: int,
+    *,
+    overlay: bool = True,
+    gt: int = 0,
+    alpha: float = 0.45,
+    style: str = "both",
+    colors: str = "instance",
+    lo: float | None = None,
+    hi: float | None = None,
+) -> bytes:
+    """PNG bytes (RGB) of frame ``t`` with labels drawn over it.
+
+    Args:
+        stacks: the decoded stacks; ``labels``/``gt`` may be None (then nothing is drawn).
+        t: frame index (0-based, must be valid).
+        overlay: draw the labels (predicted, or ground truth when ``gt == 2``).
+        gt: 0 = predictions only; 1 = a second panel with the ground truth to the right
+            (``GAP_PX`` white columns between, same width); 2 = the ground truth drawn in place
+            of the predictions. Ignored when the job has no ground truth.
+        alpha: opacity of the cells' fill in [0, 1].
+        style: ``"both"`` (fill and outline), ``"fill"`` or ``"outline"``.
+        colors: ``"instance"`` (a stable colour per cell id) or ``"single"`` (every cell in the
+            colour of id :data:`SINGLE_ID`; touching cells then share an outline).
+        lo, hi: intensities drawn black and white (intensity units of the recording);
+            None = the recording's display range (``stacks.lo``, ``stacks.hi``).
+
+    Raises:
+        ValueError: ``alpha``, ``style``, ``colors`` or ``lo >= hi`` out of range.
+    """
     from PIL import Image
 
     from calseg.io.overlays import render_overlay
 
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    if colors not in COLORS:
+        raise ValueError(f"colors must be one of {', '.join(COLORS)}, got {colors!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    lo = stacks.lo if lo is None else float(lo)
+    hi = stacks.hi if hi is None else float(hi)
+    if not hi > lo:
+        raise ValueError(f"the display range needs lo < hi, got lo={lo}, hi={hi}")
+    fill_alpha = 0.0 if style == "outline" else alpha
+    outline = style != "fill"
+
+    def draw(labels: np.ndarray | None) -> np.ndarray:
+        lab = labels[t] if labels is not None and overlay else None
+        if lab is not None and colors == "single":
+            lab = (lab > 0).astype(np.uint32) * SINGLE_ID
+        return render_overlay(frame, lab, lo, hi, alpha=fill_alpha, outline=outline)
+
     frame = stacks.frames[t]
-    panels = [render_overlay(frame, stacks.labels[t] if overlay else None, stacks.lo, stacks.hi)]
-    if gt and stacks.gt is not None:
+    has_gt = stacks.gt is not None
+    panels = [draw(stacks.gt if gt == 2 and has_gt else stacks.labels)]
+    if gt == 1 and has_gt:
         panels.append(np.full((frame.shape[0], GAP_PX, 3), 255, np.uint8))
-        panels.append(render_overlay(frame, stacks.gt[t], stacks.lo, stacks.hi))
+        panels.append(draw(stacks.gt))
     img = np.concatenate(panels, axis=1) if len(panels) > 1 else panels[0]
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="PNG")

@@ -1,0 +1,72 @@
+"""Server-side frame rendering of the viewer (api.frames): overlay styles, colours, ground
+truth modes and the display range, on small synthetic stacks with known pixel values."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.frames import GAP_PX, SINGLE_ID, Stacks, range_headers, render_png
+from calseg.io.overlays import label_colors
+
+
+def _stacks() -> Stacks:
+    frames = np.zeros((2, 10, 12), np.uint16)
+    frames[:, :, 6:] = 1000  # left half dark, right half bright
+    labels = np.zeros((2, 10, 12), np.uint32)
+    labels[0, 2:7, 1:5] = 3  # cell 3: rows 2-6, columns 1-4
+    labels[0, 2:7, 7:11] = 9
+    gt = np.zeros_like(labels)
+    gt[0, 1:9, 1:11] = 1
+    return Stacks(frames, labels, gt, lo=0.0, hi=1000.0, vmin=0.0, vmax=1000.0)
+
+
+def _img(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_styles_alpha_and_colours() -> None:
+    s = _stacks()
+    plain = _img(render_png(s, 0, overlay=False))
+    assert plain[0, 0].tolist() == [0, 0, 0] and plain[0, 11].tolist() == [255, 255, 255]
+    fill = _img(render_png(s, 0, style="fill", alpha=1.0))
+    c3 = label_colors(np.array([3]))[0].tolist()
+    assert fill[4, 2].tolist() == c3 and fill[2, 1].tolist() == c3  # inside and on the edge
+    outline = _img(render_png(s, 0, style="outline", alpha=1.0))
+    assert outline[2, 1].tolist() == c3  # the edge drawn ...
+    assert outline[4, 2].tolist() == [0, 0, 0]  # ... the inside left as the frame
+    half = _img(render_png(s, 0, style="fill", alpha=0.5))
+    assert half[4, 2].tolist() == np.rint(0.5 * np.array(c3)).astype(int).tolist()
+    single = _img(render_png(s, 0, style="fill", alpha=1.0, colors="single"))
+    cs = label_colors(np.array([SINGLE_ID]))[0].tolist()
+    assert single[4, 2].tolist() == cs and single[4, 8].tolist() == cs
+    inst = _img(render_png(s, 0, style="fill", alpha=1.0))
+    assert inst[4, 2].tolist() != inst[4, 8].tolist()  # two cells, two colours
+
+
+def test_ground_truth_modes_and_display_range() -> None:
+    s = _stacks()
+    beside = _img(render_png(s, 0, gt=1, style="fill", alpha=1.0))
+    assert beside.shape == (10, 2 * 12 + GAP_PX, 3)
+    assert (beside[:, 12 : 12 + GAP_PX] == 255).all()
+    c1 = label_colors(np.array([1]))[0].tolist()
+    assert beside[1, 12 + GAP_PX + 1].tolist() == c1  # gt cell 1 in the right panel
+    instead = _img(render_png(s, 0, gt=2, style="fill", alpha=1.0))
+    assert instead.shape == (10, 12, 3) and instead[1, 1].tolist() == c1
+    narrow = _img(render_png(s, 1, overlay=False, lo=0, hi=2000))
+    assert narrow[0, 11].tolist() == [128, 128, 128]  # 1000 of 0..2000 -> mid gray
+    low = _img(render_png(s, 1, overlay=False, lo=999, hi=1000))
+    assert low[0, 11].tolist() == [255, 255, 255] and low[0, 0].tolist() == [0, 0, 0]
+    for bad in ({"lo": 5, "hi": 5}, {"alpha": 1.5}, {"style": "x"}, {"colors": "x"}):
+        with pytest.raises(ValueError):
+            render_png(s, 0, **bad)
+    h = range_headers(s)
+    assert (h["X-Display-Lo"], h["X-Display-Hi"], h["X-Data-Max"], h["X-Frames"]) == (
+        "0",
+        "1000",
+        "1000",
+        "2",
+    )
