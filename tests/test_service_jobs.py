@@ -185,8 +185,23 @@ def test_retry_requeues_with_a_new_dispatch_and_stale_messages_are_skipped(env) 
     assert values == [0.25]  # the failed attempt's metric was removed
 
 
+def _set(url: str, job_id: str, **values) -> None:
+    from sqlalchemy import update
+
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def _ago(seconds: float):
+    from datetime import timedelta
+
+    from calseg.service.models import utcnow
+
+    return utcnow() - timedelta(seconds=seconds)
+
+
 def test_lost_worker_reruns_then_fails(env) -> None:
-    url, _, _, rec = env
+    url, settings, _, rec = env
     calls = []
 
     def ok(params, ctx):
@@ -195,15 +210,108 @@ def test_lost_worker_reruns_then_fails(env) -> None:
 
     with session_scope(url) as s:
         job_id = jobs.submit_job(s, "simulate", SIM, enqueue=rec).id
-        job = s.get(Job, job_id)
-        job.state, job.attempts = "running", 1  # a worker died during attempt 1
+    stale = _ago(settings.heartbeat_timeout_s + 5)
+    # a worker still beating: a redelivered message is dropped, the job is not run again
+    _set(url, job_id, state="running", attempts=1, updated_at=_ago(1))
+    assert _run(env, job_id, runners={"simulate": ok}) == "skipped" and calls == []
+    # the worker died during attempt 1 (no heartbeat): the redelivered message re-runs it
+    _set(url, job_id, state="running", attempts=1, updated_at=stale)
     assert _run(env, job_id, runners={"simulate": ok}) == "succeeded"
     assert _job(url, job_id).attempts == 2 and calls == [1]
-    with session_scope(url) as s:
-        job = s.get(Job, job_id)
-        job.state, job.attempts = "running", 2  # died again at the limit
+    _set(url, job_id, state="running", attempts=2, updated_at=stale)  # died again, at the limit
     assert _run(env, job_id, runners={"simulate": ok}) == "failed"
     assert "worker lost" in _job(url, job_id).error and calls == [1]
+
+
+def test_heartbeat_keeps_a_long_job_alive(env) -> None:
+    """A job longer than the heartbeat timeout is never taken for lost while it runs."""
+    import time
+
+    from calseg.service.reconcile import reconcile
+
+    url, settings, store, rec = env
+    fast = settings.model_copy(update={"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.6})
+    seen = []
+
+    def slow(params, ctx):
+        for i in range(12):  # 1.8 s, three times the heartbeat timeout, no progress calls
+            time.sleep(0.15)
+            if i in (4, 8):
+                seen.append(reconcile(url, settings=fast, enqueue=rec, dispatches=set))
+        return {"done": True}
+
+    with session_scope(url) as s:
+        job_id = jobs.submit_job(s, "simulate", SIM, enqueue=rec).id
+    rec.calls.clear()
+    state = jobs.run_job(
+        job_id, url=url, store=store, settings=fast, enqueue=rec, runners={"simulate": slow}
+    )
+    assert state == "succeeded"
+    assert [bool(r) for r in seen] == [False, False] and rec.calls == []
+    assert _job(url, job_id).attempts == 1
+
+
+def test_reconciler_requeues_lost_jobs_with_backoff_then_fails_them(env) -> None:
+    from calseg.service.reconcile import backoff_s, reconcile
+
+    url, settings, _, rec = env
+    settings = settings.model_copy(update={"max_attempts": 3, "retry_backoff_s": 10.0})
+    with session_scope(url) as s:
+        job = jobs.submit_job(s, "simulate", SIM, enqueue=rec)
+        job_id, first = job.id, job.dispatch_id
+    rec.calls.clear()
+    stale = _ago(settings.heartbeat_timeout_s + 5)
+    dispatches = []
+    for attempt in (1, 2):
+        _set(url, job_id, state="running", attempts=attempt, updated_at=stale, worker="w:1")
+        report = reconcile(url, settings=settings, enqueue=rec, dispatches=set)
+        assert report.requeued == [job_id] and not report.failed
+        job = _job(url, job_id)
+        assert job.state == "queued" and "worker lost (w:1" in job.message
+        assert job.dispatch_id not in (first, *dispatches)  # old messages are stale now
+        dispatches.append(job.dispatch_id)
+    assert [c[2] for c in rec.calls] == [10.0, 20.0] == [backoff_s(1, settings), 20.0]
+    # a stale message of the first dispatch does nothing
+    assert _run(env, job_id, dispatch=first) == "skipped"
+    _set(url, job_id, state="running", attempts=3, updated_at=stale)
+    report = reconcile(url, settings=settings, enqueue=rec, dispatches=set)
+    assert report.failed == [job_id] and len(rec.calls) == 2
+    job = _job(url, job_id)
+    assert job.state == "failed" and job.error.startswith("worker lost: w:1")
+    assert "attempt 3 of 3" in job.error
+    # a fresh running job and a finished job are left alone
+    with session_scope(url) as s:
+        other = jobs.submit_job(s, "simulate", SIM, enqueue=rec).id
+    _set(url, other, state="running", attempts=1, updated_at=_ago(1))
+    assert not reconcile(url, settings=settings, enqueue=rec, dispatches=set)
+    assert _job(url, other).state == "running"
+
+
+def test_reconciler_redispatches_queued_jobs_the_broker_lost(env) -> None:
+    from calseg.service.reconcile import reconcile
+
+    url, settings, _, rec = env
+    settings = settings.model_copy(update={"requeue_grace_s": 30.0})
+    with session_scope(url) as s:
+        held = jobs.submit_job(s, "simulate", SIM, enqueue=rec)
+        lost = jobs.submit_job(s, "simulate", SIM, enqueue=rec)
+        young = jobs.submit_job(s, "simulate", SIM, enqueue=rec)
+    for j in (held, lost):
+        _set(url, j.id, updated_at=_ago(60))
+    rec.calls.clear()
+    on_broker = {(held.id, held.dispatch_id), (lost.id, "an-older-dispatch")}
+    report = reconcile(url, settings=settings, enqueue=rec, dispatches=lambda: on_broker)
+    assert report.redispatched == [lost.id] and not report.requeued
+    assert [c[0] for c in rec.calls] == [lost.id]
+    assert _job(url, lost.id).dispatch_id != lost.dispatch_id
+    assert _job(url, young.id).dispatch_id == young.dispatch_id  # within the grace period
+
+    def broken():
+        raise ConnectionError("redis down")
+
+    _set(url, lost.id, updated_at=_ago(60))
+    report = reconcile(url, settings=settings, enqueue=rec, dispatches=broken)
+    assert not report and "redis down" in report.broker_error
 
 
 def test_job_waiting_for_its_dataset_is_deferred(env) -> None:

@@ -139,21 +139,25 @@ Enqueue = Callable[[Job, float | None], None]
 """``enqueue(job, countdown_s)`` puts a job's message on the broker."""
 
 
-def enqueue_celery(job: Job, countdown: float | None = None) -> None:
+def enqueue_celery(job: Job, countdown: float | None = None, *, app: Any = None) -> None:
     """Send ``calseg.run_job(job.id, dispatch_id)`` to the job kind's queue (task id = job id).
+
+    ``app``: the Celery app to send with (default ``worker.celery_app.celery_app``, configured
+    from the settings; tests pass ``worker.celery_app.make_celery(their_settings)``).
 
     Raises:
         QueueUnavailable: no broker configured, or it cannot be reached.
     """
-    if not get_settings().redis_url:
+    if app is None and not get_settings().redis_url:
         raise QueueUnavailable(
             "no broker configured: set CALSEG_REDIS_URL, or start the service with "
             "`make serve` (which starts its own Redis)"
         )
-    from worker.celery_app import celery_app
+    if app is None:
+        from worker.celery_app import celery_app as app
 
     try:
-        celery_app.send_task(
+        app.send_task(
             TASK_NAME,
             args=[job.id],
             kwargs={"dispatch_id": job.dispatch_id},
@@ -379,6 +383,11 @@ class JobContext:
         self._last_stage: str | None = None
         self._logfile = open(self.workdir / "job.log", "a", encoding="utf-8")  # noqa: SIM115
         self.jsonable = jsonable
+        from calseg.service.reconcile import Heartbeat
+
+        # proves to the reconciler that this worker is alive (touches jobs.updated_at)
+        self._heartbeat = Heartbeat(url, job.id, job.dispatch_id, settings.heartbeat_interval_s)
+        self._heartbeat.start()
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -553,6 +562,7 @@ class JobContext:
         return path
 
     def close(self) -> None:
+        self._heartbeat.stop()
         with self._lock:
             self._logfile.close()
 
@@ -615,6 +625,19 @@ def run_job(
             return job.state
         observed, attempts = job.state, job.attempts
         lost = observed == "running"
+        if lost:
+            from calseg.service.reconcile import heartbeat_age_s, is_alive
+
+            if is_alive(job, settings):
+                # redelivered (e.g. after the visibility timeout) while a worker still runs
+                # it: that worker's heartbeat is fresh, so this message is dropped
+                log.info(
+                    "run_job: job %s is running on %s (heartbeat %.0f s ago); message dropped",
+                    job_id,
+                    job.worker,
+                    heartbeat_age_s(job),
+                )
+                return "skipped"
         # Every transition is a conditional UPDATE on the state we observed, so a cancel (or
         # another delivery) committed meanwhile is never overwritten (no lost update).
         guard = (Job.id == job_id, Job.state == observed, Job.attempts == attempts)

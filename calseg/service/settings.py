@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,37 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes to the database."
     )
+    # -- workers, heartbeats and the reconciler (calseg.service.reconcile)
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="A running job touches jobs.updated_at this often (s)."
+    )
+    heartbeat_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job without a heartbeat for this long lost its worker (s); "
+        "it is re-queued (up to max_attempts starts) or failed.",
+    )
+    reconcile_interval_s: float = Field(
+        default=30.0, description="Seconds between reconciler passes in the api; <= 0: off."
+    )
+    requeue_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A queued job whose message is not on the broker for this long (s) is "
+        "dispatched again (Redis restarted or flushed).",
+    )
+    retry_backoff_s: float = Field(
+        default=10.0, ge=0, description="Back-off before re-running a lost job: this * 2**(n-1)."
+    )
+    retry_backoff_max_s: float = Field(default=600.0, ge=0, description="Largest back-off (s).")
+    store_url: str | None = Field(
+        default=None,
+        description="fsspec URL of the artifact store (memory://, file:///srv/calseg, "
+        "s3://bucket/prefix with s3fs installed); None: the local folder artifact_dir.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines of api and workers: text, or one JSON object each."
+    )
 
     @field_validator("artifact_dir", "cache_dir", "log_dir", "real_data_dir")
     @classmethod
@@ -74,7 +106,7 @@ class Settings(BaseSettings):
         value = Path(value).expanduser()
         return value if value.is_absolute() else (REPO_ROOT / value).resolve()
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "store_url")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
