@@ -1,15 +1,20 @@
-"""CalSeg REST API (FastAPI): jobs, artifacts, recordings, and the browser page.
+"""CalSeg REST API (FastAPI): jobs, artifacts, recordings, models, and the browser page.
 
 Routes are thin: validation and lifecycle live in :mod:`calseg.service`. Run with
 ``uvicorn api.main:app`` (or ``make serve``); the OpenAPI description is at ``/docs``.
+
+Every route except health, readiness, the page, its static files and the OpenAPI description
+needs ``Authorization: Bearer <token>`` (:mod:`calseg.service.auth`); each takes the
+:data:`UserDep` dependency and answers 404 for another user's ids (admins see everything).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
@@ -22,21 +27,33 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.frames import label_at, load_labels, load_stacks, load_traces, render_png
+from api.frames import (
+    label_at,
+    load_labels,
+    load_recording_frames,
+    load_stacks,
+    load_traces,
+    range_headers,
+    render_png,
+)
 from api.uploads import UploadError, receive_file
 from calseg import __version__
 from calseg.service import jobs as lifecycle
+from calseg.service.auth import HOW_TO_GET_A_TOKEN, BadTokenLimiter, authenticate, can_see
 from calseg.service.db import get_session, ping
-from calseg.service.models import JOB_KINDS, JOB_STATES, Artifact, Job, Recording
+from calseg.service.models import JOB_KINDS, JOB_STATES, Artifact, Job, Metric, Recording, User
 from calseg.service.schemas import (
     ArtifactOut,
     JobCreate,
     JobList,
     JobOut,
     MetricOut,
+    ModelOut,
     ParamsError,
     RecordingOut,
+    UserOut,
     json_safe_errors,
+    params_json_schema,
 )
 from calseg.service.settings import REPO_ROOT, Settings, get_settings
 from calseg.service.store import ArtifactStore, get_store
@@ -52,6 +69,69 @@ app = FastAPI(
 )
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+class JsonBodyLimit:
+    """ASGI middleware: request bodies other than recording uploads are limited to
+    ``settings.max_json_bytes`` (413 with a JSON ``detail``), by ``Content-Length`` when given
+    and while reading otherwise (chunked bodies), so a huge JSON body never fills memory."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
+            or scope["path"].rstrip("/") == "/api/recordings"
+        ):
+            await self.app(scope, receive, send)
+            return
+        limit = get_settings().max_json_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise self._TooLarge
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except self._TooLarge:
+            if started:
+                raise
+            await self._reject(send, limit)
+
+    @staticmethod
+    async def _reject(send: Any, limit: int) -> None:
+        await JSONResponse(
+            status_code=413,
+            content={
+                "detail": f"request body larger than {limit} bytes; job parameters are small "
+                "JSON objects (upload recordings to /api/recordings instead), or raise "
+                "CALSEG_MAX_JSON_BYTES on the server"
+            },
+        )({"type": "http"}, None, send)
+
+
+app.add_middleware(JsonBodyLimit)
 
 
 def settings_dep() -> Settings:
@@ -72,6 +152,59 @@ def enqueue_dep() -> lifecycle.Enqueue:
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 StoreDep = Annotated[ArtifactStore, Depends(store_dep)]
 EnqueueDep = Annotated[lifecycle.Enqueue, Depends(enqueue_dep)]
+
+# ------------------------------------------------------------------------------ auth
+
+_limiters: dict[tuple[int, float], BadTokenLimiter] = {}
+
+
+def bad_token_limiter(settings: Settings) -> BadTokenLimiter:
+    """The process's bad-token limiter for these settings (one per limit and window)."""
+    key = (settings.auth_max_failures, settings.auth_window_s)
+    if key not in _limiters:
+        _limiters[key] = BadTokenLimiter(*key)
+    return _limiters[key]
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        401, f"{message}: {HOW_TO_GET_A_TOKEN}", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def current_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
+    """The user of the request's ``Authorization: Bearer <token>`` (a dependency).
+
+    Raises:
+        HTTPException: 401 (with ``WWW-Authenticate: Bearer``) for a missing, malformed,
+            unknown or revoked token; 429 (with ``Retry-After``) when this client address sent
+            ``settings.auth_max_failures`` bad tokens within ``settings.auth_window_s``.
+    """
+    header = request.headers.get("authorization")
+    if not header:
+        raise _unauthorized("missing API token")
+    address = request.client.host if request.client else "unknown"
+    limiter = bad_token_limiter(settings)
+    wait = limiter.retry_after(address)
+    if wait is not None:
+        seconds = max(1, math.ceil(wait))
+        raise HTTPException(
+            429,
+            f"too many invalid API tokens from {address}; try again in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        limiter.failure(address)
+        raise _unauthorized("malformed Authorization header")
+    user = authenticate(session, token.strip())
+    if user is None:
+        limiter.failure(address)
+        raise _unauthorized("invalid or revoked API token")
+    return user
+
+
+UserDep = Annotated[User, Depends(current_user)]
 
 
 # ------------------------------------------------------------------------------ errors
@@ -152,7 +285,30 @@ def ready(settings: SettingsDep) -> JSONResponse:
     )
 
 
+# ------------------------------------------------------------------------------ me, kinds
+
+
+@app.get("/api/me", response_model=UserOut, tags=["auth"])
+def me(user: UserDep) -> UserOut:
+    """The user of the token: ``{id, name, is_admin}``."""
+    return UserOut.model_validate(user)
+
+
+@app.get("/api/job-kinds", tags=["jobs"])
+def job_kinds(user: UserDep) -> dict[str, Any]:
+    """``{kind: JSON schema of the kind's parameters}`` (defaults included), for forms."""
+    return {kind: params_json_schema(kind) for kind in JOB_KINDS}
+
+
 # ------------------------------------------------------------------------------ jobs
+
+
+def _job(session: Session, job_id: str, user: User) -> Job:
+    """The job, when ``user`` may see it; otherwise 404 exactly as for a missing job."""
+    job = session.get(Job, job_id)
+    if job is None or not can_see(user, job.owner_id):
+        raise lifecycle.JobNotFound(f"there is no job {job_id}")
+    return job
 
 
 def _job_out(job: Job, *, detail: bool) -> JobOut:
@@ -171,29 +327,33 @@ def _job_out(job: Job, *, detail: bool) -> JobOut:
 
 
 @app.post("/api/jobs", status_code=201, response_model=JobOut, tags=["jobs"])
-def create_job(body: JobCreate, session: SessionDep, enqueue: EnqueueDep) -> JobOut:
+def create_job(body: JobCreate, session: SessionDep, enqueue: EnqueueDep, user: UserDep) -> JobOut:
     """Submit a job: ``{"kind": "simulate"|"finetune"|"infer"|"evaluate", "params": {...}}``.
 
-    422 names each invalid parameter; 503 when the broker cannot take the job.
+    422 names each invalid parameter (and a referenced job or recording that is missing or
+    not the caller's); 503 when the broker cannot take the job. The caller owns the job.
     """
-    job = lifecycle.submit_job(session, body.kind, body.params, enqueue=enqueue)
+    job = lifecycle.submit_job(session, body.kind, body.params, enqueue=enqueue, owner=user)
     return _job_out(job, detail=True)
 
 
 @app.get("/api/jobs", response_model=JobList, tags=["jobs"])
 def list_jobs(
     session: SessionDep,
+    user: UserDep,
     kind: Annotated[str | None, Query(description=f"one of {', '.join(JOB_KINDS)}")] = None,
     state: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATES)}")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobList:
-    """Jobs, newest first, filtered by kind and state."""
+    """The caller's jobs (an admin: everyone's), newest first, filtered by kind and state."""
     if kind is not None and kind not in JOB_KINDS:
         raise HTTPException(422, f"unknown kind {kind!r}; use one of {', '.join(JOB_KINDS)}")
     if state is not None and state not in JOB_STATES:
         raise HTTPException(422, f"unknown state {state!r}; use one of {', '.join(JOB_STATES)}")
     query = select(Job)
+    if not user.is_admin:
+        query = query.where(Job.owner_id == user.id)
     if kind:
         query = query.where(Job.kind == kind)
     if state:
@@ -208,32 +368,107 @@ def list_jobs(
 
 
 @app.get("/api/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
-def get_job(job_id: str, session: SessionDep) -> JobOut:
-    """One job: state, progress, stage, ETA, message, error, log tail, result, metrics and
-    artifacts (each with its download URL)."""
-    return _job_out(lifecycle.get_job(session, job_id), detail=True)
+def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
+    """One job: state, progress, stage, ETA, message, error, log tail, result, provenance,
+    metrics and artifacts (each with its download URL)."""
+    return _job_out(_job(session, job_id, user), detail=True)
+
+
+@app.get("/api/jobs/{job_id}/metrics", response_model=list[MetricOut], tags=["jobs"])
+def job_metrics(
+    job_id: str,
+    session: SessionDep,
+    user: UserDep,
+    name: Annotated[str | None, Query(description="only this metric, e.g. loss")] = None,
+) -> list[MetricOut]:
+    """The job's metrics in the order they were recorded: final numbers (``step`` null) and,
+    for a fine-tune job, its training curve (``loss``, ``train_iou`` with subset ``train``,
+    ``val_iou`` with subset ``val``, each with its optimiser ``step``), live while it runs."""
+    _job(session, job_id, user)
+    query = select(Metric).where(Metric.job_id == job_id)
+    if name is not None:
+        query = query.where(Metric.name == name)
+    return [MetricOut.model_validate(m) for m in session.scalars(query.order_by(Metric.id))]
 
 
 @app.post("/api/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """Cancel a queued or running job (409 when it already ended)."""
+    _job(session, job_id, user)
     return _job_out(lifecycle.cancel_job(session, job_id), detail=True)
 
 
 @app.post("/api/jobs/{job_id}/retry", response_model=JobOut, tags=["jobs"])
-def retry_job(job_id: str, session: SessionDep, enqueue: EnqueueDep, store: StoreDep) -> JobOut:
+def retry_job(
+    job_id: str, session: SessionDep, enqueue: EnqueueDep, store: StoreDep, user: UserDep
+) -> JobOut:
     """Queue a failed or cancelled job again, same id (409 otherwise)."""
+    _job(session, job_id, user)
     return _job_out(lifecycle.retry_job(session, job_id, enqueue=enqueue, store=store), detail=True)
 
 
 @app.post("/api/jobs/{job_id}/rerun", status_code=201, response_model=JobOut, tags=["jobs"])
-def rerun_job(job_id: str, session: SessionDep, enqueue: EnqueueDep) -> JobOut:
-    """Submit a new job with this job's kind and parameters (seeds included): it reproduces it."""
-    return _job_out(lifecycle.rerun_job(session, job_id, enqueue=enqueue), detail=True)
+def rerun_job(job_id: str, session: SessionDep, enqueue: EnqueueDep, user: UserDep) -> JobOut:
+    """Submit a new job with this job's kind and parameters (seeds included): it reproduces it.
+    The caller owns the new job."""
+    _job(session, job_id, user)
+    return _job_out(lifecycle.rerun_job(session, job_id, enqueue=enqueue, owner=user), detail=True)
 
 
-def _artifact(session: Session, job_id: str, name: str) -> Artifact:
-    lifecycle.get_job(session, job_id)
+@app.get("/api/models", response_model=list[ModelOut], tags=["models"])
+def list_models(
+    session: SessionDep,
+    user: UserDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[ModelOut]:
+    """The caller's fine-tuned models (an admin: everyone's), newest first: every succeeded
+    finetune job with its SAM2 configuration, the checkpoint it started from, its training
+    dataset (simulate job and manifest sha256), parameters, final metrics and checkpoint
+    sha256 (download at ``checkpoint_url``)."""
+    from sqlalchemy.orm import selectinload
+
+    query = (
+        select(Job)
+        .where(Job.kind == "finetune", Job.state == "succeeded")
+        .options(selectinload(Job.artifacts), selectinload(Job.metrics))
+    )
+    if not user.is_admin:
+        query = query.where(Job.owner_id == user.id)
+    rows = session.scalars(
+        query.order_by(Job.finished_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    out = []
+    for job in rows:
+        ckpt = next((a for a in job.artifacts if a.name == "checkpoint.pt"), None)
+        prov = job.provenance or {}
+        manifest = next(
+            (i for i in prov.get("inputs", []) if i.get("name") == "manifest.json"), None
+        )
+        base = prov.get("base_checkpoint") or {}
+        out.append(
+            ModelOut(
+                job_id=job.id,
+                owner_id=job.owner_id,
+                created_at=job.created_at,
+                finished_at=job.finished_at,
+                base_config=(job.params or {}).get("model"),
+                parent_checkpoint=(job.result or {}).get("base_checkpoint"),
+                parent_checkpoint_sha256=base.get("sha256"),
+                dataset_job_id=(job.params or {}).get("dataset_job_id"),
+                dataset_manifest_sha256=manifest.get("sha256") if manifest else None,
+                params=job.params or {},
+                metrics=[MetricOut.model_validate(m) for m in job.metrics if m.step is None],
+                checkpoint_sha256=ckpt.sha256 if ckpt else None,
+                checkpoint_url=f"/api/jobs/{job.id}/artifacts/checkpoint.pt" if ckpt else None,
+                code_version=job.code_version,
+            )
+        )
+    return out
+
+
+def _artifact(session: Session, job_id: str, name: str, user: User) -> Artifact:
+    _job(session, job_id, user)
     art = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if art is None:
         raise HTTPException(404, f"job {job_id} has no artifact {name!r}")
@@ -241,9 +476,11 @@ def _artifact(session: Session, job_id: str, name: str) -> Artifact:
 
 
 @app.get("/api/jobs/{job_id}/artifacts/{name:path}", tags=["jobs"])
-def download_artifact(job_id: str, name: str, session: SessionDep, store: StoreDep) -> FileResponse:
+def download_artifact(
+    job_id: str, name: str, session: SessionDep, store: StoreDep, user: UserDep
+) -> FileResponse:
     """Download an artifact; its sha256 is in the ``X-Content-SHA256`` header."""
-    art = _artifact(session, job_id, name)
+    art = _artifact(session, job_id, name, user)
     path = store.path(art.relpath)
     if not path.is_file():
         raise HTTPException(410, f"artifact {name!r} of job {job_id} is gone from the store")
@@ -265,11 +502,34 @@ def frame_png(
     t: int,
     session: SessionDep,
     store: StoreDep,
-    overlay: Annotated[int, Query(ge=0, le=1, description="1: draw predicted labels")] = 1,
-    gt: Annotated[int, Query(ge=0, le=1, description="1: add a ground-truth panel")] = 0,
+    user: UserDep,
+    overlay: Annotated[int, Query(ge=0, le=1, description="1: draw the labels")] = 1,
+    gt: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=2,
+            description="1: add a ground-truth panel beside; 2: ground truth "
+            "in place of the predictions (simulated data only)",
+        ),
+    ] = 0,
+    alpha: Annotated[float, Query(ge=0, le=1, description="opacity of the cells' fill")] = 0.45,
+    style: Annotated[Literal["both", "fill", "outline"], Query()] = "both",
+    colors: Annotated[Literal["instance", "single"], Query()] = "instance",
+    lo: Annotated[
+        float | None,
+        Query(description="intensity drawn black (default: 0.5th percentile of the recording)"),
+    ] = None,
+    hi: Annotated[
+        float | None, Query(description="intensity drawn white (default: 99.8th percentile)")
+    ] = None,
 ) -> Response:
-    """Frame ``t`` of an infer job's recording as PNG, predicted labels overlaid (server side)."""
-    job = lifecycle.get_job(session, job_id)
+    """Frame ``t`` of an infer job's recording as PNG, labels overlaid (server side).
+
+    Headers ``X-Display-Lo``/``X-Display-Hi`` give the default display range and
+    ``X-Data-Min``/``X-Data-Max`` the recording's range (intensity units), ``X-Frames`` the
+    frame count. 422 when ``lo >= hi``."""
+    job = _job(session, job_id, user)
     if job.kind != "infer" or job.state != "succeeded":
         raise HTTPException(
             409, f"job {job_id} is a {job.state} {job.kind} job; frames need a succeeded infer job"
@@ -277,7 +537,7 @@ def frame_png(
     source = (job.result or {}).get("source") or {}
     if not source.get("relpath"):
         raise HTTPException(409, f"job {job_id} records no source recording")
-    labels = _artifact(session, job_id, "labels.tif")
+    labels = _artifact(session, job_id, "labels.tif", user)
     gt_rel = source.get("gt_relpath")
     try:
         stacks = load_stacks(
@@ -291,8 +551,21 @@ def frame_png(
     n = stacks.frames.shape[0]
     if not 0 <= t < n:
         raise HTTPException(404, f"frame {t} out of range: the recording has frames 0..{n - 1}")
-    png = render_png(stacks, t, overlay=bool(overlay), gt=bool(gt))
-    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    try:
+        png = render_png(
+            stacks,
+            t,
+            overlay=bool(overlay),
+            gt=gt,
+            alpha=alpha,
+            style=style,
+            colors=colors,
+            lo=lo,
+            hi=hi,
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return Response(png, media_type="image/png", headers=range_headers(stacks))
 
 
 @app.get("/api/jobs/{job_id}/cells/at", tags=["viewer"])
@@ -300,6 +573,7 @@ def cell_at(
     job_id: str,
     session: SessionDep,
     store: StoreDep,
+    user: UserDep,
     t: Annotated[int, Query(description="frame index (0-based)")],
     x: Annotated[int, Query(description="pixel column (px, 0 = left)")],
     y: Annotated[int, Query(description="pixel row (px, 0 = top)")],
@@ -310,7 +584,7 @@ def cell_at(
     422 when ``t``, ``x`` or ``y`` lies outside the stack; 404 for an unknown job or a job
     without ``labels.tif``.
     """
-    art = _artifact(session, job_id, "labels.tif")
+    art = _artifact(session, job_id, "labels.tif", user)
     try:
         labels = load_labels(store.path(art.relpath))
     except FileNotFoundError as exc:
@@ -327,14 +601,16 @@ def _nulls(values: Any) -> list[float | None]:
 
 
 @app.get("/api/jobs/{job_id}/cells/{cell_id}/trace", tags=["viewer"])
-def cell_trace(job_id: str, cell_id: int, session: SessionDep, store: StoreDep) -> dict[str, Any]:
+def cell_trace(
+    job_id: str, cell_id: int, session: SessionDep, store: StoreDep, user: UserDep
+) -> dict[str, Any]:
     """The trace of one cell from the job's ``traces.csv``: ``{"cell_id", "time_s": [s],
     "F": [...], "F0": [...], "dff": [...]}`` (F, F0 in recording intensity units; dF/F
     dimensionless; NaN as null). 404 for an unknown job, a job without traces.csv, or a cell
     id that is not in it."""
     from calseg.io.tables import TableError
 
-    art = _artifact(session, job_id, "traces.csv")
+    art = _artifact(session, job_id, "traces.csv", user)
     try:
         traces = load_traces(store.path(art.relpath))
     except FileNotFoundError as exc:
@@ -366,13 +642,31 @@ def _info(info: Any, name: str) -> Any:
     return getattr(info, name)
 
 
+def _recording(session: Session, recording_id: str, user: User) -> Recording:
+    """The recording, when ``user`` may see it; otherwise 404 exactly as for a missing one."""
+    rec = session.get(Recording, recording_id)
+    if rec is None or not can_see(user, rec.owner_id):
+        raise HTTPException(404, f"there is no recording {recording_id}")
+    return rec
+
+
 def _register_recording(
-    session: Session, store: ArtifactStore, tmp: Path, filename: str, sha256: str, size: int
+    session: Session,
+    store: ArtifactStore,
+    tmp: Path,
+    filename: str,
+    sha256: str,
+    size: int,
+    owner: User,
 ) -> tuple[Recording, bool]:
-    """Probe and store an uploaded file; returns (recording, is_duplicate)."""
+    """Probe and store an uploaded file for ``owner``; returns (recording, is_duplicate).
+
+    Duplicates are recognised per owner (by sha256): the owner's earlier recording is returned.
+    """
     from calseg.io.recordings import RecordingError, probe_recording
 
-    existing = session.scalar(select(Recording).where(Recording.sha256 == sha256))
+    same = (Recording.sha256 == sha256, Recording.owner_id == owner.id)
+    existing = session.scalar(select(Recording).where(*same))
     if existing is not None:
         tmp.unlink(missing_ok=True)
         return existing, True
@@ -390,6 +684,7 @@ def _register_recording(
     obj = store.put(f"recordings/{rec_id}/{filename}", tmp, move=True)
     rec = Recording(
         id=rec_id,
+        owner_id=owner.id,
         filename=filename,
         relpath=obj.relpath,
         sha256=sha256,
@@ -405,7 +700,7 @@ def _register_recording(
     except IntegrityError:  # the same file uploaded concurrently
         session.rollback()
         store.delete(f"recordings/{rec_id}")
-        return session.scalar(select(Recording).where(Recording.sha256 == sha256)), True
+        return session.scalar(select(Recording).where(*same)), True
     return rec, False
 
 
@@ -415,8 +710,13 @@ def _register_recording(
     response_model=RecordingOut,
     tags=["recordings"],
     responses={
-        200: {"description": "the same file was uploaded before; that recording is returned"},
+        200: {
+            "description": "you uploaded the same file (sha256) before: that recording is "
+            "returned with duplicate=true and a message saying so"
+        },
+        400: {"description": "malformed upload (no file, several files, bad multipart)"},
         413: {"description": "larger than CALSEG_MAX_UPLOAD_BYTES"},
+        415: {"description": "neither multipart/form-data nor application/octet-stream"},
         422: {"description": "not a readable recording (the reason is given)"},
     },
 )
@@ -426,16 +726,18 @@ async def upload_recording(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    user: UserDep,
 ) -> RecordingOut:
     """Upload a recording (multipart field ``file``, or a raw body with ``?filename=``).
 
     Streamed to disk in chunks with its sha256 computed on the way; probed before acceptance.
+    The file name is reduced to its last component in ASCII letters, digits and ``._-``.
     """
     tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
     try:
         received = await receive_file(request, tmp, settings.max_upload_bytes)
     except UploadError as exc:
-        raise HTTPException(413 if exc.too_large else 400, str(exc)) from exc
+        raise HTTPException(exc.status, str(exc)) from exc
     rec, duplicate = await run_in_threadpool(
         _register_recording,
         session,
@@ -444,31 +746,104 @@ async def upload_recording(
         received.filename,
         received.sha256,
         received.size_bytes,
+        user,
     )
     response.status_code = 200 if duplicate else 201
-    return RecordingOut.model_validate(rec).model_copy(update={"duplicate": duplicate})
+    out = RecordingOut.model_validate(rec).model_copy(update={"duplicate": duplicate})
+    if duplicate:
+        out.message = (
+            f"you uploaded this file (sha256 {rec.sha256[:12]}...) before as "
+            f"{rec.filename!r}: recording {rec.id} is returned, nothing new was stored"
+        )
+    return out
 
 
 @app.get("/api/recordings", response_model=list[RecordingOut], tags=["recordings"])
 def list_recordings(
     session: SessionDep,
+    user: UserDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[RecordingOut]:
-    """Uploaded recordings, newest first."""
+    """The caller's uploaded recordings (an admin: everyone's), newest first."""
+    query = select(Recording)
+    if not user.is_admin:
+        query = query.where(Recording.owner_id == user.id)
     rows = session.scalars(
-        select(Recording).order_by(Recording.created_at.desc()).limit(limit).offset(offset)
+        query.order_by(Recording.created_at.desc()).limit(limit).offset(offset)
     ).all()
     return [RecordingOut.model_validate(r) for r in rows]
 
 
 @app.get("/api/recordings/{recording_id}", response_model=RecordingOut, tags=["recordings"])
-def get_recording(recording_id: str, session: SessionDep) -> RecordingOut:
-    """Metadata of an uploaded recording."""
-    rec = session.get(Recording, recording_id)
-    if rec is None:
-        raise HTTPException(404, f"there is no recording {recording_id}")
-    return RecordingOut.model_validate(rec)
+def get_recording(recording_id: str, session: SessionDep, user: UserDep) -> RecordingOut:
+    """Metadata of an uploaded recording: file name, sha256, size, frames, frame size, dtype."""
+    return RecordingOut.model_validate(_recording(session, recording_id, user))
+
+
+@app.delete("/api/recordings/{recording_id}", status_code=204, tags=["recordings"])
+def delete_recording(
+    recording_id: str, session: SessionDep, store: StoreDep, user: UserDep
+) -> Response:
+    """Delete an uploaded recording and its file (204).
+
+    409 while a queued or running job uses it (cancel the job or wait for it); finished jobs
+    keep their outputs (their viewer frames then answer 410: the recording is gone).
+    """
+    rec = _recording(session, recording_id, user)
+    busy = [
+        j.id
+        for j in session.scalars(
+            select(Job).where(Job.kind == "infer", Job.state.in_(("queued", "running")))
+        )
+        if (j.params or {}).get("recording_id") == recording_id
+    ]
+    if busy:
+        raise HTTPException(
+            409,
+            f"recording {recording_id} is used by {len(busy)} queued or running job(s) "
+            f"({', '.join(busy[:5])}); cancel them or wait until they end",
+        )
+    session.delete(rec)
+    session.commit()
+    store.delete(f"recordings/{recording_id}")
+    return Response(status_code=204)
+
+
+@app.get(
+    "/api/recordings/{recording_id}/frames/{t}.png",
+    tags=["recordings"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def recording_frame_png(
+    recording_id: str,
+    t: int,
+    session: SessionDep,
+    store: StoreDep,
+    user: UserDep,
+    lo: Annotated[float | None, Query(description="intensity drawn black")] = None,
+    hi: Annotated[float | None, Query(description="intensity drawn white")] = None,
+) -> Response:
+    """Frame ``t`` of an uploaded recording as a gray PNG (a preview), with the same range
+    headers as the job frames. 404 for an unknown recording or frame, 422 when lo >= hi."""
+    from calseg.io.recordings import RecordingError
+
+    rec = _recording(session, recording_id, user)
+    try:
+        stacks = load_recording_frames(store.path(rec.relpath))
+    except FileNotFoundError as exc:
+        raise HTTPException(410, f"recording {recording_id} is gone from the store") from exc
+    except RecordingError as exc:
+        raise HTTPException(422, f"recording {recording_id} is unreadable: {exc}") from exc
+    n = stacks.frames.shape[0]
+    if not 0 <= t < n:
+        raise HTTPException(404, f"frame {t} out of range: the recording has frames 0..{n - 1}")
+    try:
+        png = render_png(stacks, t, overlay=False, lo=lo, hi=hi)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return Response(png, media_type="image/png", headers=range_headers(stacks))
 
 
 # ------------------------------------------------------------------------------ page

@@ -25,11 +25,13 @@ FIELD_LIMIT = 64 * 1024
 
 
 class UploadError(ValueError):
-    """The upload is malformed (400) or too large (413, ``too_large``)."""
+    """The upload is malformed (400), too large (413, ``too_large``) or of an unsupported
+    content type (415); ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, *, too_large: bool = False) -> None:
+    def __init__(self, message: str, *, too_large: bool = False, status: int = 400) -> None:
         super().__init__(message)
         self.too_large = too_large
+        self.status = 413 if too_large else status
 
 
 @dataclass
@@ -120,7 +122,8 @@ async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile
         else:
             raise UploadError(
                 f"unsupported Content-Type {ctype.decode(errors='replace')!r}: send "
-                "multipart/form-data with a 'file' field, or application/octet-stream"
+                "multipart/form-data with a 'file' field, or application/octet-stream",
+                status=415,
             )
         if not sink.done:
             raise UploadError("no file in the upload: send it in a form field named 'file'")

@@ -1,5 +1,8 @@
 """REST API (api.main) with FastAPI's TestClient on a temporary SQLite database; the broker is
-replaced by a recorder and jobs are run in-process where a test needs their outputs."""
+replaced by a recorder and jobs are run in-process where a test needs their outputs.
+
+The ``client`` fixture sends the token of a user ``alice`` (``client.user_id``); auth and
+ownership have their own tests in test_service_auth.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from calseg.service import jobs
-from calseg.service.db import upgrade_database
+from calseg.service.auth import create_token, create_user
+from calseg.service.db import session_scope, upgrade_database
 from calseg.service.settings import Settings, get_settings
 from calseg.service.store import LocalArtifactStore
 
@@ -31,14 +35,22 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("CALSEG_REDIS_URL", raising=False)
     get_settings.cache_clear()
     upgrade_database(url)
-    from api.main import app, enqueue_dep
+    from api.main import _limiters, app, enqueue_dep
 
+    for limiter in _limiters.values():
+        limiter.reset()
+    with session_scope(url) as session:
+        user = create_user(session, "alice")
+        _, token = create_token(session, user, "tests")
+        user_id = user.id
     queued: list[tuple[str, float | None]] = []
     app.dependency_overrides[enqueue_dep] = lambda: (
         lambda job, countdown=None: queued.append((job.id, countdown))
     )
-    with TestClient(app) as c:
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
         c.queued = queued  # type: ignore[attr-defined]
+        c.user_id = user_id  # type: ignore[attr-defined]
+        c.token = token  # type: ignore[attr-defined]
         yield c
     app.dependency_overrides.clear()
     get_settings.cache_clear()
@@ -232,9 +244,11 @@ def test_settings_to_env_round_trip(tmp_path: Path) -> None:
     assert "CALSEG_SAM2_CHECKPOINT" not in env
 
 
-def _viewer_job(tmp_path: Path, labels: np.ndarray | None, traces: dict | None) -> str:
-    """A succeeded infer job whose labels.tif / traces.csv artifacts hold the given data,
-    registered directly in the database and the temporary store (no run needed)."""
+def _viewer_job(
+    tmp_path: Path, labels: np.ndarray | None, traces: dict | None, owner_id: str
+) -> str:
+    """A succeeded infer job of ``owner_id`` whose labels.tif / traces.csv artifacts hold the
+    given data, registered directly in the database and the temporary store (no run needed)."""
     from calseg.io.labels import write_label_stack
     from calseg.io.tables import write_traces_csv
     from calseg.service.db import session_scope
@@ -243,7 +257,7 @@ def _viewer_job(tmp_path: Path, labels: np.ndarray | None, traces: dict | None) 
     settings = get_settings()
     store = LocalArtifactStore(settings.artifact_dir)
     with session_scope() as session:
-        job = Job(kind="infer", state="succeeded", params={}, result={})
+        job = Job(kind="infer", state="succeeded", params={}, result={}, owner_id=owner_id)
         session.add(job)
         session.flush()
         files = []
@@ -272,7 +286,7 @@ def test_cell_at_pixel(client: TestClient, tmp_path: Path) -> None:
     labels = np.zeros((3, 6, 8), np.uint32)
     labels[1, 2:4, 5:7] = 7  # rows 2-3, columns 5-6 of frame 1
     labels[2, 0, 0] = 3
-    job_id = _viewer_job(tmp_path, labels, None)
+    job_id = _viewer_job(tmp_path, labels, None, client.user_id)
     at = f"/api/jobs/{job_id}/cells/at"
     assert client.get(at, params={"t": 1, "x": 5, "y": 2}).json() == {"cell_id": 7}
     assert client.get(at, params={"t": 1, "x": 6, "y": 3}).json() == {"cell_id": 7}
@@ -293,7 +307,7 @@ def test_cell_at_pixel(client: TestClient, tmp_path: Path) -> None:
     assert client.get(at, params={"t": 1, "x": 5}).status_code == 422  # y missing
     r = client.get("/api/jobs/nope/cells/at", params={"t": 0, "x": 0, "y": 0})
     assert r.status_code == 404 and "nope" in r.json()["detail"]
-    no_labels = _viewer_job(tmp_path / "b", None, None)
+    no_labels = _viewer_job(tmp_path / "b", None, None, client.user_id)
     r = client.get(f"/api/jobs/{no_labels}/cells/at", params={"t": 0, "x": 0, "y": 0})
     assert r.status_code == 404 and "labels.tif" in r.json()["detail"]
 
@@ -305,7 +319,7 @@ def test_cell_trace(client: TestClient, tmp_path: Path) -> None:
     dff = (f - f0) / f0
     dff[1, 2] = np.nan  # flagged sample: written empty, served as null
     traces = {"ids": np.array([4, 9]), "f": f, "f0": f0, "dff": dff, "frame_interval_s": 0.5}
-    job_id = _viewer_job(tmp_path, None, traces)
+    job_id = _viewer_job(tmp_path, None, traces, client.user_id)
     r = client.get(f"/api/jobs/{job_id}/cells/9/trace")
     assert r.status_code == 200, r.text
     body = r.json()

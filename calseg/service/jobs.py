@@ -38,6 +38,7 @@ from calseg.service.models import (
     Job,
     Metric,
     Recording,
+    User,
     new_id,
     utcnow,
 )
@@ -171,13 +172,17 @@ def enqueue_celery(job: Job, countdown: float | None = None, *, app: Any = None)
         raise QueueUnavailable(f"cannot reach the broker: {exc}") from exc
 
 
-def _check_references(session: Session, kind: str, params: Any) -> None:
+def _check_references(session: Session, kind: str, params: Any, owner: User | None) -> None:
+    """Referenced jobs and recordings exist, are ``owner``'s (or ``owner`` is an admin; None:
+    an internal call, no check) and are usable; others' ids are reported as missing."""
+    from calseg.service.auth import can_see
+
     for field, want in REFERENCES.get(kind, {}).items():
         ref = getattr(params, field, None)
         if ref is None:
             continue
         other = session.get(Job, ref)
-        if other is None:
+        if other is None or not can_see(owner, other.owner_id):
             raise JobReferenceError(f"{field}: there is no job {ref}")
         if other.kind != want:
             raise JobReferenceError(f"{field}: job {ref} is a {other.kind} job, not a {want} job")
@@ -185,13 +190,19 @@ def _check_references(session: Session, kind: str, params: Any) -> None:
             raise JobReferenceError(
                 f"{field}: job {ref} {other.state}; retry it or give another {want} job"
             )
-    rec = getattr(params, "recording_id", None)
-    if rec is not None and session.get(Recording, rec) is None:
-        raise JobReferenceError(f"recording_id: there is no recording {rec}")
+    rec_id = getattr(params, "recording_id", None)
+    rec = session.get(Recording, rec_id) if rec_id is not None else None
+    if rec_id is not None and (rec is None or not can_see(owner, rec.owner_id)):
+        raise JobReferenceError(f"recording_id: there is no recording {rec_id}")
 
 
 def submit_job(
-    session: Session, kind: str, params: dict[str, Any] | None, *, enqueue: Enqueue | None = None
+    session: Session,
+    kind: str,
+    params: dict[str, Any] | None,
+    *,
+    enqueue: Enqueue | None = None,
+    owner: User | None = None,
 ) -> Job:
     """Validate, insert a queued job and put it on its queue.
 
@@ -200,16 +211,20 @@ def submit_job(
         kind: ``simulate`` | ``finetune`` | ``infer`` | ``evaluate``.
         params: the kind's parameters (see :mod:`calseg.service.schemas`).
         enqueue: how to queue it (default :func:`enqueue_celery`; tests pass a fake).
+        owner: the user submitting it (owns the job; may reference only their own jobs and
+            recordings unless admin). None: no owner, no ownership check.
 
     Raises:
         calseg.service.schemas.ParamsError: invalid parameters (API: 422).
-        JobReferenceError: a referenced job/recording is missing or unusable (API: 422).
+        JobReferenceError: a referenced job/recording is missing, not the owner's, or
+            unusable (API: 422).
         QueueUnavailable: the broker refused; the job is stored as failed (API: 503).
     """
     validated = validate_params(kind, params)
-    _check_references(session, kind, validated)
+    _check_references(session, kind, validated, owner)
     job = Job(
         id=new_id(),
+        owner_id=owner.id if owner is not None else None,
         kind=kind,
         state="queued",
         params=params_to_json(validated),
@@ -225,11 +240,14 @@ def submit_job(
     return job
 
 
-def rerun_job(session: Session, job_id: str, *, enqueue: Enqueue | None = None) -> Job:
+def rerun_job(
+    session: Session, job_id: str, *, enqueue: Enqueue | None = None, owner: User | None = None
+) -> Job:
     """Submit a new job with the kind and stored parameters (seeds included) of ``job_id``.
 
     The stored parameters hold every default explicitly, so the new job reproduces the old
     one (a simulate job regenerates its dataset bit-identically); the old job is untouched.
+    ``owner`` owns the new job (see :func:`submit_job`).
 
     Raises:
         JobNotFound: no job ``job_id`` (API: 404).
@@ -238,7 +256,7 @@ def rerun_job(session: Session, job_id: str, *, enqueue: Enqueue | None = None) 
         JobReferenceError, QueueUnavailable: as :func:`submit_job`.
     """
     old = get_job(session, job_id)
-    return submit_job(session, old.kind, dict(old.params or {}), enqueue=enqueue)
+    return submit_job(session, old.kind, dict(old.params or {}), enqueue=enqueue, owner=owner)
 
 
 def _dispatch(session: Session, job: Job, enqueue: Enqueue | None) -> None:

@@ -1,5 +1,10 @@
-"""Database models (SQLAlchemy 2, typed ``Mapped[]``): jobs, their artifacts and metrics, and
-uploaded recordings. The schema is created by the Alembic migration ``0001_initial``.
+"""Database models (SQLAlchemy 2, typed ``Mapped[]``): users and their API tokens, jobs, their
+artifacts and metrics, and uploaded recordings. The schema is created by the Alembic migrations
+``0001_initial`` and ``0002_users_tokens`` (owners, tokens, metric steps, provenance).
+
+Ownership: jobs and recordings carry ``owner_id``; datasets and models are outputs of simulate
+and finetune jobs and artifacts and metrics belong to a job, so they inherit the job's owner.
+``owner_id`` is NULL only for rows made before 0002 on a database without users (admins see them).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -53,6 +59,38 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class User(Base):
+    """A person (or lab tool) using the service; ``is_admin`` users see every owner's data."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(
+        back_populates="user", cascade="all, delete-orphan", order_by="ApiToken.created_at"
+    )
+
+
+class ApiToken(Base):
+    """An API token of a user. Only the sha256 of the token is stored (hex, 64 characters);
+    the token itself (``cs_`` + 43 URL-safe characters) is shown once, when it is created."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
 class Job(Base):
     """One unit of work (simulate, finetune, infer or evaluate) and its lifecycle.
 
@@ -69,6 +107,9 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
     kind: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="queued")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -80,6 +121,7 @@ class Job(Base):
     log_tail: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     code_version: Mapped[str | None] = mapped_column(String(64))
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     dispatch_id: Mapped[str | None] = mapped_column(String(36))
     worker: Mapped[str | None] = mapped_column(String(255))
@@ -120,7 +162,8 @@ class Artifact(Base):
 class Metric(Base):
     """One number a job measured, e.g. ``iou`` of model ``fine-tuned`` on subset ``test``.
 
-    ``value`` is NULL when the measurement was not finite (e.g. no cell to match).
+    ``value`` is NULL when the measurement was not finite (e.g. no cell to match); ``step`` is
+    the optimiser step of a training-curve point (fine-tune jobs), NULL for final numbers.
     """
 
     __tablename__ = "metrics"
@@ -131,19 +174,24 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     model: Mapped[str | None] = mapped_column(String(128))
     subset: Mapped[str | None] = mapped_column(String(128))
+    step: Mapped[int | None] = mapped_column(Integer)
 
     job: Mapped[Job] = relationship(back_populates="metrics")
 
 
 class Recording(Base):
-    """An uploaded recording (T frames of H x W pixels), stored once per sha256."""
+    """An uploaded recording (T frames of H x W pixels), stored once per owner and sha256."""
 
     __tablename__ = "recordings"
+    __table_args__ = (UniqueConstraint("owner_id", "sha256", name="uq_recordings_owner_id_sha256"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
     filename: Mapped[str] = mapped_column(String(255))
     relpath: Mapped[str] = mapped_column(String(1024))
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     n_frames: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)

@@ -248,6 +248,25 @@ def validate_params(kind: str, params: dict[str, Any] | None) -> _Params:
         raise ParamsError(kind, exc.errors(include_url=False, include_context=False)) from None
 
 
+def params_json_schema(kind: str) -> dict[str, Any]:
+    """JSON schema of a kind's parameters, every field's default included (also those made by
+    a default factory, which pydantic leaves out), for forms generated from it.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    from pydantic import TypeAdapter
+
+    model = params_model(kind)
+    schema = model.model_json_schema()
+    props = schema.get("properties", {})
+    for name, info in model.model_fields.items():
+        if name in props and "default" not in props[name] and info.default_factory is not None:
+            value = info.default_factory()
+            props[name]["default"] = TypeAdapter(type(value)).dump_python(value, mode="json")
+    return schema
+
+
 def params_to_json(params: BaseModel) -> dict[str, Any]:
     """JSON-compatible dict of validated parameters (stored in ``jobs.params``)."""
     return params.model_dump(mode="json")
@@ -286,7 +305,8 @@ class ArtifactOut(BaseModel):
 
 
 class MetricOut(BaseModel):
-    """A metric of a job (``value`` None when it was not finite)."""
+    """A metric of a job (``value`` None when it was not finite; ``step`` the optimiser step
+    of a training-curve point, None for final numbers)."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -294,6 +314,17 @@ class MetricOut(BaseModel):
     value: float | None
     model: str | None = None
     subset: str | None = None
+    step: int | None = None
+
+
+class UserOut(BaseModel):
+    """The user of a token (``GET /api/me``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    is_admin: bool
 
 
 class JobOut(BaseModel):
@@ -302,6 +333,7 @@ class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
+    owner_id: str | None = None
     kind: JobKind
     state: JobState
     params: dict[str, Any]
@@ -312,6 +344,7 @@ class JobOut(BaseModel):
     error: str | None = None
     result: dict[str, Any] | None = None
     code_version: str | None = None
+    provenance: dict[str, Any] | None = None
     attempts: int = 0
     created_at: datetime
     started_at: datetime | None = None
@@ -341,6 +374,7 @@ class RecordingOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
+    owner_id: str | None = None
     filename: str
     sha256: str
     size_bytes: int
@@ -350,7 +384,34 @@ class RecordingOut(BaseModel):
     dtype: str
     created_at: datetime
     duplicate: bool = False
+    message: str | None = None
 
     @field_serializer("created_at")
     def _as_utc(self, value: datetime) -> str:
         return _utc(value).isoformat()  # type: ignore[union-attr]
+
+
+class ModelOut(BaseModel):
+    """A fine-tuned model: a succeeded finetune job's checkpoint and how it was made."""
+
+    job_id: str
+    owner_id: str | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    base_config: str | None = Field(None, description="SAM2 configuration, e.g. sam2.1_hiera_t")
+    parent_checkpoint: str | None = Field(
+        None, description="the SAM2 checkpoint it started from; None: random weights"
+    )
+    parent_checkpoint_sha256: str | None = None
+    dataset_job_id: str | None = Field(None, description="the simulate job it was trained on")
+    dataset_manifest_sha256: str | None = None
+    params: dict[str, Any]
+    metrics: list[MetricOut] = Field(default_factory=list, description="final numbers")
+    checkpoint_sha256: str | None = None
+    checkpoint_url: str | None = None
+    code_version: str | None = None
+
+    @field_serializer("created_at", "finished_at")
+    def _as_utc(self, value: datetime | None) -> str | None:
+        value = _utc(value)
+        return value.isoformat() if value else None

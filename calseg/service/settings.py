@@ -46,6 +46,20 @@ class Settings(BaseSettings):
         default=Path("../shared/data/real"), description="Real recordings for tests and demos."
     )
     max_upload_bytes: int = Field(default=4 * 1024**3, gt=0, description="Upload limit (bytes).")
+    max_json_bytes: int = Field(
+        default=1024**2, gt=0, description="Limit of JSON request bodies (bytes); larger: 413."
+    )
+    token_file: Path = Field(
+        default=Path("var/token"),
+        description="Where the embedded service writes the token of its admin user 'local' "
+        "(mode 0600) on first start.",
+    )
+    auth_max_failures: int = Field(
+        default=20, ge=1, description="Bad tokens from one address per window before 429."
+    )
+    auth_window_s: float = Field(
+        default=60.0, gt=0, description="Sliding window of the bad-token limit (s)."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535, description="0: pick a free port.")
     visibility_timeout_s: int = Field(
@@ -92,7 +106,7 @@ class Settings(BaseSettings):
         default="text", description="Log lines of api and workers: text, or one JSON object each."
     )
 
-    @field_validator("artifact_dir", "cache_dir", "log_dir", "real_data_dir")
+    @field_validator("artifact_dir", "cache_dir", "log_dir", "real_data_dir", "token_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         value = Path(value).expanduser()
