@@ -600,6 +600,32 @@ def _nulls(values: Any) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
+def _job_traces(session: Session, store: ArtifactStore, job_id: str, user: User) -> dict:
+    """The decoded ``traces.csv`` of a job (:func:`api.frames.load_traces`); 404/410/500."""
+    from calseg.io.tables import TableError
+
+    art = _artifact(session, job_id, "traces.csv", user)
+    try:
+        return load_traces(store.path(art.relpath))
+    except FileNotFoundError as exc:
+        raise HTTPException(410, f"traces.csv of job {job_id} is gone from the store") from exc
+    except TableError as exc:
+        raise HTTPException(500, f"traces.csv of job {job_id} is unreadable: {exc}") from exc
+
+
+@app.get("/api/jobs/{job_id}/cells", tags=["viewer"])
+def list_cells(job_id: str, session: SessionDep, store: StoreDep, user: UserDep) -> dict[str, Any]:
+    """The cells of the job's ``traces.csv`` (for choosing one without a mouse):
+    ``{"ids": [cell id, ...], "peak_dff": [max dF/F or null, ...]}`` in file order."""
+    traces = _job_traces(session, store, job_id, user)
+    dff = np.asarray(traces["dff"], dtype=np.float64)
+    peaks = [
+        float(np.nanmax(row)) if np.isfinite(row).any() else None
+        for row in dff.reshape(len(traces["ids"]), -1)
+    ]
+    return {"ids": [int(i) for i in traces["ids"]], "peak_dff": peaks}
+
+
 @app.get("/api/jobs/{job_id}/cells/{cell_id}/trace", tags=["viewer"])
 def cell_trace(
     job_id: str, cell_id: int, session: SessionDep, store: StoreDep, user: UserDep
@@ -608,15 +634,7 @@ def cell_trace(
     "F": [...], "F0": [...], "dff": [...]}`` (F, F0 in recording intensity units; dF/F
     dimensionless; NaN as null). 404 for an unknown job, a job without traces.csv, or a cell
     id that is not in it."""
-    from calseg.io.tables import TableError
-
-    art = _artifact(session, job_id, "traces.csv", user)
-    try:
-        traces = load_traces(store.path(art.relpath))
-    except FileNotFoundError as exc:
-        raise HTTPException(410, f"traces.csv of job {job_id} is gone from the store") from exc
-    except TableError as exc:
-        raise HTTPException(500, f"traces.csv of job {job_id} is unreadable: {exc}") from exc
+    traces = _job_traces(session, store, job_id, user)
     ids = traces["ids"]
     hit = np.flatnonzero(ids == cell_id)
     if not hit.size:
