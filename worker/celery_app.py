@@ -69,8 +69,13 @@ celery_app = make_celery(_settings)
 
 
 @after_setup_logger.connect
-def _log_format(**_kwargs: object) -> None:
-    """Worker logs in ``CALSEG_LOG_FORMAT`` (text or JSON lines)."""
-    from calseg.service.logs import configure_logging
+def _log_format(logger: object = None, **_kwargs: object) -> None:
+    """Worker logs as JSON lines when ``CALSEG_LOG_FORMAT=json`` (Celery's text otherwise)."""
+    if _settings.log_format != "json":
+        return
+    import logging
 
-    configure_logging(_settings)
+    from calseg.service.logs import JsonFormatter
+
+    for handler in getattr(logger, "handlers", None) or logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter())
