@@ -18,8 +18,6 @@ def private_redis() -> Iterator[PrivateRedis]:
         r.close()
 
 
-
-
 @pytest.fixture()
 def pg_url(pg_admin) -> Iterator[str]:
     """URL of a fresh, migrated PostgreSQL database, dropped afterwards."""

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,8 +82,6 @@ class PrivateRedis:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
 
 
 def auth_headers(url: str, name: str | None = None, *, admin: bool = False) -> dict[str, str]:
@@ -152,8 +149,6 @@ class Worker:
                 os.killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._fh.close()
-
-
 
 
 def service_settings(tmp_path: Path, db_url: str, redis_url: str | None, **overrides):
