@@ -73,11 +73,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 class JsonBodyLimit:
     """ASGI middleware: request bodies other than recording uploads are limited to
-    ``settings.max_json_bytes`` (413 with a JSON ``detail``), by ``Content-Length`` when given
-    and while reading otherwise (chunked bodies), so a huge JSON body never fills memory."""
-
-    class _TooLarge(Exception):
-        pass
+    ``settings.max_json_bytes`` (413 with a JSON ``detail``): by ``Content-Length`` when given,
+    else while reading (chunked bodies). The body (at most the limit) is read here and handed
+    on, so a huge JSON body is refused before it fills memory or reaches the parser."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -95,29 +93,31 @@ class JsonBodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await self._reject(send, limit)
             return
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise self._TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                await self._reject(send, limit)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            started |= message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except self._TooLarge:
-            if started:
-                raise
-            await self._reject(send, limit)
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _reject(send: Any, limit: int) -> None:

@@ -16,6 +16,7 @@ Run ``python -m calseg.demo --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,10 +128,14 @@ def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
     return r.json()
 
 
-def run_demo(base_url: str, artifact_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Drive the four jobs over HTTP against a running service; return the job records."""
+def run_demo(
+    base_url: str, artifact_dir: Path, args: argparse.Namespace, token: str | None = None
+) -> dict[str, Any]:
+    """Drive the four jobs over HTTP against a running service with API token ``token``
+    (sent as ``Authorization: Bearer``); return the job records."""
     jobs: dict[str, Any] = {}
-    with httpx.Client(base_url=base_url, timeout=120) as client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=base_url, timeout=120, headers=headers) as client:
         sim_params = {
             "n_videos": args.videos,
             "n_frames": args.frames,
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-serving", action="store_true", help="keep the service up afterwards")
     args = p.parse_args(argv)
 
+    from calseg.service.auth import read_token_file
     from calseg.service.embedded import EmbeddedService
     from calseg.service.settings import get_settings
 
@@ -267,16 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with EmbeddedService(settings) as service:
             console.print(f"service up at {service.url} (database {settings.database_url})")
-            jobs = run_demo(service.url, Path(settings.artifact_dir), args)
+            # the embedded service wrote the token of its user "local" to var/token
+            token = os.environ.get("CALSEG_TOKEN") or read_token_file(settings.token_file)
+            if token is None:
+                raise DemoError(
+                    f"no API token: {service.token_message}; or set CALSEG_TOKEN to a token"
+                )
+            jobs = run_demo(service.url, Path(settings.artifact_dir), args, token)
             page = service.url + "/"
-            summarise(jobs, Path(settings.artifact_dir), page)
+            summarise(jobs, Path(settings.artifact_dir), f"{page}#token={token}")
             # the viewer on the job with the most cells found (random-weight SAM2 finds none)
             shown = max(
                 ("infer", "infer-baseline"),
                 key=lambda k: (jobs[k].get("result") or {}).get("n_cells") or 0,
             )
             shot = screenshot_page(
-                f"{page}#job={jobs[shown]['id']}",
+                f"{page}#token={token}&job={jobs[shown]['id']}",
                 Path(settings.artifact_dir).parent / "demo-page.png",
             )
             if shot:

@@ -31,6 +31,7 @@ def test_sigterm_stops_every_child_and_fails_unfinished_jobs(tmp_path: Path) -> 
         CALSEG_ARTIFACT_DIR=str(tmp_path / "artifacts"),
         CALSEG_CACHE_DIR=str(tmp_path / "cache"),
         CALSEG_LOG_DIR=str(tmp_path / "logs"),
+        CALSEG_TOKEN_FILE=str(tmp_path / "token"),
         CALSEG_API_PORT="0",
     )
     proc = subprocess.Popen(
@@ -54,9 +55,22 @@ def test_sigterm_stops_every_child_and_fails_unfinished_jobs(tmp_path: Path) -> 
             m = re.search(r"CalSeg is up: (http://\S+?)/ ", line)
             url = m.group(1) if m else None
         assert url, "".join(lines)
-        broker = next(ln for ln in iter(proc.stdout.readline, "") if ln.startswith("database"))
+        for line in iter(proc.stdout.readline, ""):
+            lines.append(line)
+            if line.startswith("database"):
+                broker = line
+                break
         redis_port = re.search(r"redis://127\.0\.0\.1:(\d+)/", broker).group(1)
         assert httpx.get(url + "/api/ready", timeout=5).status_code == 200
+        # no manual step: a fresh database gets the admin "local" and its token, mode 0600,
+        # and the start-up lines give the page URL with it
+        token_file = tmp_path / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert f"{url}/#token={token}" in "".join(lines)
+        auth = {"Authorization": f"Bearer {token}"}
+        me = httpx.get(url + "/api/me", headers=auth, timeout=5).json()
+        assert me["name"] == "local" and me["is_admin"] is True
 
         # job A keeps the solo worker busy; job B waits behind it in the private Redis
         ids = []
@@ -64,6 +78,7 @@ def test_sigterm_stops_every_child_and_fails_unfinished_jobs(tmp_path: Path) -> 
             r = httpx.post(
                 url + "/api/jobs",
                 json={"kind": "simulate", "params": {"n_videos": 3, "n_frames": n_frames}},
+                headers=auth,
                 timeout=10,
             )
             assert r.status_code == 201, r.text

@@ -5,6 +5,12 @@
 ``gpu``) and uvicorn serving :mod:`api.main`; it upgrades the database first. Used by
 ``make demo``, ``make serve`` (``python -m calseg.service.embedded``) and the integration tests.
 Child logs go to ``settings.log_dir`` (``var/logs/``).
+
+On start it makes sure there is an API token to use
+(:func:`calseg.service.auth.ensure_local_token`): on a fresh database it creates the admin
+user ``local`` and writes its token to ``settings.token_file`` (``var/token``, mode 0600);
+``.token`` holds it and ``.page_url`` is the page with the token in its fragment
+(``http://127.0.0.1:<port>/#token=<token>``).
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class EmbeddedService:
         worker: start a Celery worker (False: api only, e.g. for tests of the api alone).
         ready_timeout_s: how long to wait for ``/api/ready`` and the worker.
         log_dir: where ``api.log``, ``worker.log`` and ``redis.log`` go.
+        bootstrap_token: make sure ``settings.token_file`` holds a working token (creating
+            the admin user ``local`` on a database without users); False: leave users alone.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class EmbeddedService:
         worker: bool = True,
         ready_timeout_s: float = 90.0,
         log_dir: Path | None = None,
+        bootstrap_token: bool = True,
     ) -> None:
         self.settings = settings or get_settings()
         self.api_port = self.settings.api_port if api_port is None else api_port
@@ -85,6 +94,9 @@ class EmbeddedService:
         self.ready_timeout_s = ready_timeout_s
         self.log_dir = Path(log_dir or self.settings.log_dir)
         self.url = ""
+        self.bootstrap_token = bootstrap_token
+        self.token: str | None = None
+        self.token_message = ""
         self.redis_url = self.settings.redis_url
         self._procs: list[tuple[str, subprocess.Popen]] = []
         self._redis_dir: str | None = None
@@ -137,6 +149,14 @@ class EmbeddedService:
         if self.redis_url is None:
             self.redis_url = self._start_redis()
         upgrade_database(self.settings.database_url)
+        if self.bootstrap_token:
+            from calseg.service.auth import ensure_local_token
+            from calseg.service.db import session_scope
+
+            with session_scope(self.settings.database_url) as session:
+                self.token, self.token_message = ensure_local_token(
+                    session, self.settings.token_file
+                )
         port = self.api_port or free_port(self.settings.api_host)
         if not port_is_free(self.settings.api_host, port):
             fallback = free_port(self.settings.api_host)
@@ -171,6 +191,12 @@ class EmbeddedService:
         self._wait_ready()
         if self.start_worker:
             self._wait_worker()
+
+    @property
+    def page_url(self) -> str:
+        """The page's URL, with the token in its fragment when there is one (the page reads
+        it from there and keeps it; a fragment is never sent to the server or its logs)."""
+        return f"{self.url}/#token={self.token}" if self.token else f"{self.url}/"
 
     def child_env(self, port: int) -> dict[str, str]:
         """The environment of the children: ours, plus every setting as ``CALSEG_*``."""
@@ -318,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     with EmbeddedService(settings, api_port=args.port) as service:
         print(f"CalSeg is up: {service.url}/  (API docs {service.url}/docs)", flush=True)
+        print(f"token: {service.token_message}", flush=True)
+        if service.token:
+            print(f"open the page with its token: {service.page_url}", flush=True)
         print(f"database {settings.database_url}; broker {service.redis_url}", flush=True)
         print(f"artifacts {settings.artifact_dir}; logs {service.log_dir}", flush=True)
         print("Ctrl-C stops it.", flush=True)

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -88,6 +89,38 @@ class JobCancelled(Exception):
 
 class JobDeferred(Exception):
     """Raised inside a job whose referenced job has not finished yet; re-queued later."""
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results (those imported by this process)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("numpy", "scipy", "scikit-image", "torch", "sam2", "tifffile"):
+        module = {"scikit-image": "skimage"}.get(name, name)
+        if module in sys.modules:
+            try:
+                out[name] = md.version(name)
+            except md.PackageNotFoundError:
+                out[name] = str(getattr(sys.modules[module], "__version__", "?"))
+    return out
+
+
+@cache
+def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, modification time) in this process."""
+    st = path.stat()
+    return _file_sha256_cached(str(path), st.st_size, st.st_mtime_ns)
 
 
 @cache
@@ -401,6 +434,11 @@ class JobContext:
         self._last_stage: str | None = None
         self._logfile = open(self.workdir / "job.log", "a", encoding="utf-8")  # noqa: SIM115
         self.jsonable = jsonable
+        self.inputs: dict[str, dict[str, Any]] = {}
+        """Files the job read, with their sha256 (recordings, dataset manifests, checkpoints):
+        recorded by :meth:`artifact_path` and :meth:`recording_path` for the provenance."""
+        self._params_json = dict(job.params or {})
+        self._code_version = job.code_version
         from calseg.service.reconcile import Heartbeat
 
         # proves to the reconciler that this worker is alive (touches jobs.updated_at)
@@ -518,15 +556,36 @@ class JobContext:
         return art
 
     def add_metric(
-        self, name: str, value: float, model: str | None = None, subset: str | None = None
+        self,
+        name: str,
+        value: float,
+        model: str | None = None,
+        subset: str | None = None,
+        step: int | None = None,
     ) -> None:
-        """Store a metric row; a non-finite value is stored as NULL with a log line."""
-        v = float(value)
-        if not math.isfinite(v):
-            self.log(f"metric {name} ({model}, {subset}) is {v}; stored as null")
-            v = None  # type: ignore[assignment]
-        with self._session() as session:
-            session.add(Metric(job_id=self.job_id, name=name, value=v, model=model, subset=subset))
+        """Store a metric row; a non-finite value is stored as NULL with a log line.
+        ``step``: the optimiser step of a training-curve point (None: a final number)."""
+        self.add_metrics([(name, value, model, subset, step)])
+
+    def add_metrics(
+        self, rows: list[tuple[str, float, str | None, str | None, int | None]]
+    ) -> None:
+        """Store several ``(name, value, model, subset, step)`` rows in one transaction
+        (non-finite values as NULL, as :meth:`add_metric`)."""
+        metrics = []
+        for name, value, model, subset, step in rows:
+            v: float | None = float(value)
+            if not math.isfinite(v):
+                self.log(f"metric {name} ({model}, {subset}, step {step}) is {v}; stored as null")
+                v = None
+            metrics.append(
+                Metric(
+                    job_id=self.job_id, name=name, value=v, model=model, subset=subset, step=step
+                )
+            )
+        if metrics:
+            with self._session() as session:
+                session.add_all(metrics)
 
     # -- lookups
     def upstream(self, job_id: str, kind: str) -> Job:
@@ -560,6 +619,12 @@ class JobContext:
             if art is None:
                 raise JobReferenceError(f"job {job_id} has no artifact {name!r}")
             path = self.store.path(art.relpath)
+            self.inputs[f"{job_id}/{name}"] = {
+                "job_id": job_id,
+                "name": name,
+                "kind": art.kind,
+                "sha256": art.sha256,
+            }
         if not path.exists():
             raise JobReferenceError(f"artifact {name!r} of job {job_id} is missing at {path}")
         return path
@@ -575,9 +640,36 @@ class JobContext:
             if rec is None:
                 raise JobReferenceError(f"there is no recording {recording_id}")
             path = self.store.path(rec.relpath)
+            self.inputs[f"recording/{recording_id}"] = {
+                "recording_id": recording_id,
+                "name": rec.filename,
+                "kind": "recording",
+                "sha256": rec.sha256,
+            }
         if not path.exists():
             raise JobReferenceError(f"recording {recording_id} is missing at {path}")
         return path
+
+    def provenance(self) -> dict[str, Any]:
+        """What made this job's outputs: code version, parameters, seeds, the files it read
+        (with sha256) and the base SAM2 checkpoint (path and sha256) of jobs that use SAM2."""
+        seeds = {k: v for k, v in self._params_json.items() if "seed" in k}
+        out: dict[str, Any] = {
+            "code_version": self._code_version,
+            "params": self._params_json,
+            "seeds": seeds,
+            "inputs": list(self.inputs.values()),
+            "python": sys.version.split()[0],
+            "libraries": _library_versions(),
+        }
+        base = self.settings.sam2_checkpoint
+        if self.kind != "simulate":
+            out["base_checkpoint"] = (
+                {"path": str(base), "sha256": _file_sha256(Path(base))}
+                if base is not None and Path(base).is_file()
+                else None
+            )
+        return out
 
     def close(self) -> None:
         self._heartbeat.stop()
@@ -719,6 +811,7 @@ def run_job(
         result = jsonable(result or {})
         result.setdefault("warnings", list(ctx.warnings))
         result["wall_s"] = round(time.monotonic() - t0, 3)
+        store.sync(ctx.prefix)  # a remote store gets every file before the job counts as done
         ctx.log(f"succeeded in {result['wall_s']:.1f} s")
         done = _finish(
             url,
@@ -731,6 +824,7 @@ def run_job(
             message=None,
             result=result,
             log_tail=ctx.log_tail(),
+            provenance=ctx.provenance(),
         )
         state = "succeeded" if done else _state(url, job.id)
     except JobCancelled as exc:
@@ -779,6 +873,7 @@ def run_job(
             error=reason[:4000],
             eta_s=None,
             log_tail=ctx.log_tail(),
+            provenance=ctx.provenance(),
         )
         state = _state(url, job.id)
     finally:

@@ -93,12 +93,53 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ finetune
 
+CURVE_METRICS = {
+    "train": {"loss": "loss", "train_iou": "train_iou"},
+    "val": {"val_mean_iou": "val_iou"},
+}
+"""History keys recorded as training-curve metrics: ``{entry kind: {history key: metric}}``
+(the metric's subset is the entry kind)."""
+
+
+class TrainingCurve:
+    """``on_history`` callback of :func:`calseg.segment.finetune.finetune`: stores the training
+    curve as metrics with steps (``loss`` and ``train_iou``, subset ``train``; ``val_iou``,
+    subset ``val``). Rows are buffered and written at most every ``interval_s`` seconds (and by
+    :meth:`flush`), so a fast training loop does not write the database at every step.
+    """
+
+    def __init__(self, ctx: JobContext, interval_s: float = 2.0) -> None:
+        import time
+
+        self.ctx, self.interval_s = ctx, interval_s
+        self._clock = time.monotonic
+        self._last = self._clock()
+        self._rows: list[tuple[str, float, str | None, str | None, int | None]] = []
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        kind = entry.get("kind")
+        step = entry.get("step")
+        for key, metric in CURVE_METRICS.get(str(kind), {}).items():
+            value = entry.get(key)
+            if isinstance(value, int | float) and step is not None:
+                self._rows.append((metric, float(value), None, str(kind), int(step)))
+        if self._rows and self._clock() - self._last >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows now."""
+        rows, self._rows = self._rows, []
+        self._last = self._clock()
+        self.ctx.add_metrics(rows)
+
 
 def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
     """Fine-tune SAM2's prompt encoder + mask decoder on a simulate job's dataset.
 
     Artifacts: ``checkpoint.pt`` (kind ``checkpoint``), ``history.json`` (training history).
-    Metrics: ``final_loss``, ``best_val_iou`` (when validated). Warnings of the trainer (e.g.
+    Metrics: the training curve while it trains (:class:`TrainingCurve`: ``loss``,
+    ``train_iou``, ``val_iou`` with their steps), then ``final_loss``, ``best_val_iou`` (when
+    validated). Warnings of the trainer (e.g.
     random weights because no ``CALSEG_SAM2_CHECKPOINT`` was given) go to the log and result.
     """
     from calseg.segment.finetune import finetune
@@ -111,14 +152,19 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
             "CALSEG_SAM2_CHECKPOINT is not set: fine-tuning starts from RANDOM SAM2 weights; "
             "the model will not segment real recordings well"
         )
-    res = finetune(
-        dataset,
-        ctx.workdir / "model",
-        config,
-        base_checkpoint=base,
-        cache_dir=ctx.settings.cache_dir / "embeddings",
-        progress=scaled(ctx.progress, 0.0, 0.97),
-    )
+    curve = TrainingCurve(ctx)
+    try:
+        res = finetune(
+            dataset,
+            ctx.workdir / "model",
+            config,
+            base_checkpoint=base,
+            cache_dir=ctx.settings.cache_dir / "embeddings",
+            progress=scaled(ctx.progress, 0.0, 0.97),
+            on_history=curve,
+        )
+    finally:
+        curve.flush()
     for w in res.warnings:
         ctx.warn(w)
     ctx.add_artifact("checkpoint.pt", Path(res.checkpoint), kind="checkpoint")

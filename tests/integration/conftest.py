@@ -8,6 +8,10 @@ subprocesses) against the machine's real PostgreSQL and Redis (DESIGN.md section
   that is empty when the session starts; flushed afterwards.
 
 Both are skipped (with the reason) when the server does not answer.
+
+Users: the embedded service creates the admin ``local`` on the fresh database
+(``service.token``); the fixture adds ``alice`` and ``bob`` (``service.tokens[name]``).
+``client`` sends alice's token, ``bob_client`` bob's, ``admin_client`` local's.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def service(pg_database: str, redis_db_url: str, tmp_path_factory: pytest.TempPa
         artifact_dir=root / "artifacts",
         cache_dir=root / "cache",
         log_dir=root / "logs",
+        token_file=root / "token",
         api_port=0,
         real_data_dir=base.real_data_dir,
         sam2_checkpoint=base.sam2_checkpoint,
@@ -89,10 +94,41 @@ def service(pg_database: str, redis_db_url: str, tmp_path_factory: pytest.TempPa
     with EmbeddedService(settings, api_port=0) as svc:
         svc.startup_s = time.monotonic() - t0
         svc.settings = settings
+        assert svc.token, svc.token_message  # a fresh database: admin "local" was created
+        svc.tokens = {"local": svc.token}
+        from calseg.service.auth import create_token, create_user
+        from calseg.service.db import session_scope
+
+        with session_scope(pg_database) as session:
+            for name in ("alice", "bob"):
+                _, svc.tokens[name] = create_token(session, create_user(session, name), "tests")
         yield svc
+
+
+def _client(service, user: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=service.url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {service.tokens[user]}"},
+    )
 
 
 @pytest.fixture(scope="session")
 def client(service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=service.url, timeout=60) as c:
+    """Alice's client (a user without admin rights)."""
+    with _client(service, "alice") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def bob_client(service) -> Iterator[httpx.Client]:
+    """Bob's client: another user, who must not see alice's data."""
+    with _client(service, "bob") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin_client(service) -> Iterator[httpx.Client]:
+    """The admin ``local``'s client: sees everyone's data."""
+    with _client(service, "local") as c:
         yield c
