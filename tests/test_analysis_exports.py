@@ -82,12 +82,85 @@ def test_write_trace_exports_and_rois(tmp_path):
     frames, labels = _recording()
     res = write_trace_exports(tmp_path, frames, labels, 2.0, window_s=40.0)
     assert (res["n_cells"], res["n_events"], res["n_flagged"]) == (3, 1, 1)
-    assert set(res["paths"]) == {"traces.csv", "events.csv", "rois.zip"}
+    assert set(res["paths"]) == {
+        "traces.csv",
+        "events.csv",
+        "rois.zip",
+        "traces.parquet",
+        "events.parquet",
+        "patterns.json",
+        "waves.json",
+    }
     back = read_imagej_rois(res["paths"]["rois.zip"], labels.shape[1:])
     fp = footprint_image(labels)
     # ids are renumbered by the reader; the footprints must be the same pixel sets
     assert len(np.unique(back[back > 0])) == 3
     np.testing.assert_array_equal(back > 0, fp > 0)
+
+
+def test_exports_open_in_pyarrow_pynwb_and_json(tmp_path):
+    """Parquet read back with pyarrow, NWB with pynwb, patterns/waves JSON with json."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    pynwb = pytest.importorskip("pynwb")
+    frames, labels = _recording()
+    res = write_trace_exports(tmp_path, frames, labels, 2.0, window_s=40.0, nwb=True)
+    csv_tr = read_traces_csv(res["paths"]["traces.csv"])
+    tr = pq.read_table(res["paths"]["traces.parquet"]).to_pydict()
+    assert list(tr) == list(TRACE_COLUMNS)
+    assert len(tr["F"]) == 3 * 40
+    f = np.array(tr["F"]).reshape(3, 40)
+    np.testing.assert_allclose(f, csv_tr["F"], rtol=1e-6)
+    assert sorted(set(tr["cell_id"])) == [3, 5, 11]
+    dff_pq = np.array(tr["dff"], dtype=float).reshape(3, 40)
+    assert np.isnan(dff_pq[2]).all() and np.isfinite(dff_pq[:2]).all()  # cell 11 flagged
+    ev = pq.read_table(res["paths"]["events.parquet"]).to_pylist()
+    assert len(ev) == 1 and ev[0]["cell_id"] == 5 and ev[0]["onset_frame"] == 20
+    from_csv = read_events_csv(res["paths"]["events.csv"])[0]
+    assert set(ev[0]) == set(from_csv)
+    for key, value in from_csv.items():
+        assert ev[0][key] == pytest.approx(value, rel=1e-6), key
+    with pynwb.NWBHDF5IO(str(res["paths"]["calseg.nwb"]), "r") as io:
+        nwb = io.read()
+        ophys = nwb.processing["ophys"]
+        ps = ophys["ImageSegmentation"]["PlaneSegmentation"]
+        assert list(ps["cell_id"][:]) == [3, 5, 11]
+        masks = np.asarray(ps["image_mask"][:])
+        np.testing.assert_array_equal(masks[1] > 0, footprint_image(labels) == 5)
+        f_nwb = np.asarray(ophys["Fluorescence"]["F"].data[:])  # (T, N)
+        np.testing.assert_allclose(f_nwb.T, f, rtol=1e-6)
+        assert ophys["Fluorescence"]["F"].rate == pytest.approx(0.5)
+    pat = json.loads(res["paths"]["patterns.json"].read_text())
+    assert pat["pattern_class"] == res["pattern_class"] == "spikes"  # one isolated cell fired
+    assert pat["features"]["n_events"] == 1
+    waves = json.loads(res["paths"]["waves.json"].read_text())
+    assert waves["waves"] == [] and waves["speed_unit"] == "px/s"
+
+
+def test_nwb_without_pynwb_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from calseg.io.tables import write_nwb
+
+    real_import = builtins.__import__
+
+    def no_pynwb(name, *a, **k):
+        if name.startswith("pynwb"):
+            raise ImportError("No module named 'pynwb'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pynwb)
+    with pytest.raises(TableError, match=r"pip install 'calseg\[nwb\]'"):
+        write_nwb(
+            tmp_path / "x.nwb",
+            np.array([1]),
+            np.ones((1, 3)),
+            np.ones((1, 3)),
+            np.ones((4, 4), np.uint8),
+            1.0,
+        )
 
 
 class _StubContext:

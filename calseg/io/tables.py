@@ -14,6 +14,10 @@ Events: one row per event, the fields of :class:`calseg.analysis.events.Event`::
 
     cell_id,onset_frame,peak_frame,offset_frame,onset_s,peak_s,duration_s,amplitude,auc,
     threshold,truncated
+
+The same two tables are also written as Apache Parquet (``traces.parquet``, ``events.parquet``;
+pyarrow, columns and names as the CSVs, float32 F/F0/dF/F, NaN kept as NaN) for pandas, R arrow
+and Polars, and optionally as NWB 2 (:func:`write_nwb`, needs ``pip install calseg[nwb]``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from calseg.analysis.events import Event
 
 __all__ = [
     "EVENT_COLUMNS",
+    "write_events_parquet",
+    "write_nwb",
+    "write_traces_parquet",
     "TRACE_COLUMNS",
     "TableError",
     "read_events_csv",
@@ -184,6 +191,148 @@ def read_events_csv(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def write_traces_parquet(
+    path: str | Path,
+    ids: np.ndarray,
+    f: np.ndarray,
+    f0: np.ndarray,
+    dff: np.ndarray,
+    frame_interval_s: float,
+) -> Path:
+    """Write traces in the long format of :func:`write_traces_csv` as Parquet (pyarrow).
+
+    Columns ``cell_id`` int64, ``frame`` int64, ``time_s`` float64, ``F``, ``F0``, ``dff``
+    float32 (NaN where flagged). Raises :class:`TableError` when shapes disagree.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.asarray(ids, dtype=np.int64)
+    f, f0, dff = (np.asarray(a, dtype=np.float32) for a in (f, f0, dff))
+    if f.ndim != 2 or f.shape[0] != ids.shape[0] or f0.shape != f.shape or dff.shape != f.shape:
+        raise TableError(
+            f"ids {ids.shape}, F {f.shape}, F0 {f0.shape}, dF/F {dff.shape}: need (N,) and (N, T)"
+        )
+    n, t = f.shape
+    table = pa.table(
+        {
+            "cell_id": np.repeat(ids, t),
+            "frame": np.tile(np.arange(t, dtype=np.int64), n),
+            "time_s": np.tile(np.arange(t) * float(frame_interval_s), n),
+            "F": f.ravel(),
+            "F0": f0.ravel(),
+            "dff": dff.ravel(),
+        }
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def write_events_parquet(path: str | Path, events: list[Event]) -> Path:
+    """Write events as Parquet, columns :data:`EVENT_COLUMNS` (int64 frames and ids, float64
+    times and values, bool ``truncated``); an empty list writes a typed, empty table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kinds = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+    schema = pa.schema([(f.name, kinds[str(f.type)]) for f in fields(Event)])
+    cols = {c: [getattr(e, c) for e in events] for c in EVENT_COLUMNS}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=schema), path)
+    return path
+
+
+NWB_INSTALL_HINT = "NWB export needs pynwb: pip install 'calseg[nwb]'"
+
+
+def write_nwb(
+    path: str | Path,
+    ids: np.ndarray,
+    f: np.ndarray,
+    dff: np.ndarray,
+    footprints: np.ndarray,
+    frame_interval_s: float,
+    pixel_size_um: float | None = None,
+    description: str = "CalSeg segmentation and traces",
+) -> Path:
+    """Write ROIs and traces as an NWB 2 file (pynwb, optional extra ``[nwb]``).
+
+    Layout (NWB ophys conventions): ``processing/ophys/ImageSegmentation/PlaneSegmentation``
+    with one ``image_mask`` ``(H, W)`` per cell and a ``cell_id`` column;
+    ``processing/ophys/Fluorescence/F`` and ``processing/ophys/DfOverF/dff`` RoiResponseSeries
+    ``(T, N)`` (NWB stores time first) with ``rate = 1 / frame_interval_s``.
+
+    Args:
+        path: output ``.nwb``; ids: ``(N,)`` cell ids; f, dff: ``(N, T)`` F and dF/F;
+        footprints: ``(H, W)`` label image (cell ``ids[i]`` = its pixels);
+        frame_interval_s: s per frame; pixel_size_um: um per px (recorded in the imaging
+        plane's grid spacing when given).
+
+    Raises:
+        TableError: pynwb is not installed (message: how to install it), or shapes disagree.
+    """
+    try:
+        from datetime import UTC, datetime
+
+        from pynwb import NWBHDF5IO, NWBFile
+        from pynwb.ophys import DfOverF, Fluorescence, ImageSegmentation, OpticalChannel
+    except ImportError as exc:
+        raise TableError(NWB_INSTALL_HINT) from exc
+    import uuid
+
+    ids = np.asarray(ids, dtype=np.int64)
+    f = np.asarray(f, dtype=np.float32)
+    dff = np.asarray(dff, dtype=np.float32)
+    lab = np.asarray(footprints)
+    if f.shape != dff.shape or f.ndim != 2 or f.shape[0] != ids.shape[0] or lab.ndim != 2:
+        raise TableError(f"ids {ids.shape}, F {f.shape}, dF/F {dff.shape}, labels {lab.shape}")
+    nwb = NWBFile(
+        session_description=description,
+        identifier=str(uuid.uuid4()),
+        session_start_time=datetime.now(UTC),
+    )
+    device = nwb.create_device(name="microscope", description="unknown (not in the recording)")
+    plane = nwb.create_imaging_plane(
+        name="ImagingPlane",
+        optical_channel=OpticalChannel(
+            name="GECI", description="calcium indicator", emission_lambda=np.nan
+        ),
+        description="the recording's imaging plane",
+        device=device,
+        excitation_lambda=np.nan,
+        indicator="unknown",
+        location="unknown",
+        imaging_rate=1.0 / float(frame_interval_s),
+        grid_spacing=[float(pixel_size_um)] * 2 if pixel_size_um else None,
+        grid_spacing_unit="micrometers",
+    )
+    ophys = nwb.create_processing_module(name="ophys", description="CalSeg cells and traces")
+    seg = ImageSegmentation()
+    ophys.add(seg)
+    ps = seg.create_plane_segmentation(
+        name="PlaneSegmentation", description="CalSeg cells", imaging_plane=plane
+    )
+    ps.add_column(name="cell_id", description="CalSeg label id")
+    for cid in ids:
+        ps.add_roi(image_mask=(lab == cid).astype(np.uint8), cell_id=int(cid))
+    region = ps.create_roi_table_region(region=list(range(len(ids))), description="all cells")
+    rate = 1.0 / float(frame_interval_s)
+    fl = Fluorescence(name="Fluorescence")
+    df = DfOverF(name="DfOverF")
+    ophys.add(fl)  # in the file's tree before the series link to the ROI table
+    ophys.add(df)
+    fl.create_roi_response_series(name="F", data=f.T, rois=region, unit="a.u.", rate=rate)
+    df.create_roi_response_series(name="dff", data=dff.T, rois=region, unit="1", rate=rate)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    return path
+
+
 def write_trace_exports(
     out_dir: str | Path,
     frames: np.ndarray,
@@ -191,24 +340,39 @@ def write_trace_exports(
     frame_interval_s: float,
     window_s: float | None = None,
     k: float = 3.0,
+    pixel_size_um: float | None = None,
+    nwb: bool = False,
 ) -> dict[str, Any]:
-    """Traces, dF/F, events and ROIs of one segmented recording, written for the user's tools.
+    """Traces, dF/F, events, pattern class, waves and ROIs of one segmented recording.
 
     Args:
-        out_dir: folder for ``traces.csv``, ``events.csv`` and ``rois.zip`` (ImageJ ROI set of
-            each cell's footprint, the union of its pixels over time).
+        out_dir: folder for ``traces.csv``/``.parquet``, ``events.csv``/``.parquet``,
+            ``patterns.json`` (:func:`calseg.analysis.patterns.analyse_patterns`),
+            ``waves.json`` (:func:`calseg.analysis.waves.waves_from_events`), ``rois.zip``
+            (ImageJ ROI set of each cell's footprint, the union of its pixels over time) and,
+            with ``nwb=True``, ``calseg.nwb`` (:func:`write_nwb`).
         frames: ``(T, H, W)`` recording; labels: ``(T, H, W)`` label stack or ``(H, W)``.
         frame_interval_s: time between frames (s).
         window_s, k: F0 window (s; ``None`` = the default of
             :func:`~calseg.analysis.traces.baseline_f0`) and event threshold (x noise), see
             :func:`calseg.analysis.traces.baseline_f0` and
             :func:`calseg.analysis.events.detect_events`.
+        pixel_size_um: um per px for wave speeds (``None``: speeds in px/s, said in waves.json).
+        nwb: also write NWB (needs the ``[nwb]`` extra; :class:`TableError` without it).
 
     Returns:
-        ``{"paths": {name: Path}, "n_cells": int, "n_events": int, "n_flagged": int}``;
-        ``rois.zip`` is absent when there is no cell.
+        ``{"paths": {name: Path}, "n_cells", "n_events", "n_flagged": int, "pattern_class":
+        str, "n_waves": int}``; ``rois.zip`` is absent when there is no cell.
     """
+    import json
+
     from calseg.analysis.events import detect_events
+    from calseg.analysis.patterns import (
+        analyse_patterns,
+        cell_geometry,
+        event_clusters,
+        significant_events,
+    )
     from calseg.analysis.traces import (
         DEFAULT_WINDOW_S,
         baseline_f0,
@@ -216,6 +380,7 @@ def write_trace_exports(
         dff,
         footprint_image,
     )
+    from calseg.analysis.waves import waves_from_events
     from calseg.io.rois import write_imagej_rois
 
     out = Path(out_dir)
@@ -223,15 +388,50 @@ def write_trace_exports(
     f0 = baseline_f0(f, frame_interval_s, window_s=window_s or DEFAULT_WINDOW_S)
     d, flags = dff(f, f0)
     events = detect_events(d, frame_interval_s, k=k, cell_ids=ids)
+    t = f.shape[1]
     paths = {
         "traces.csv": write_traces_csv(out / "traces.csv", ids, f, f0, d, frame_interval_s),
         "events.csv": write_events_csv(out / "events.csv", events),
+        "traces.parquet": write_traces_parquet(
+            out / "traces.parquet", ids, f, f0, d, frame_interval_s
+        ),
+        "events.parquet": write_events_parquet(out / "events.parquet", events),
     }
+    pattern = analyse_patterns(events, labels, t, frame_interval_s, pixel_size_um)
+    sig = significant_events(events)
+    geo = cell_geometry(labels, pixel_size_um or 1.0)
+    waves = waves_from_events(
+        sig, event_clusters(sig, geo, t, frame_interval_s), geo, frame_interval_s
+    )
+    unit = "um" if pixel_size_um else "px"
+    pj = out / "patterns.json"
+    pj.write_text(json.dumps({**pattern.to_dict(), "frame_interval_s": frame_interval_s}, indent=1))
+    wj = out / "waves.json"
+    wj.write_text(
+        json.dumps(
+            {
+                "length_unit": unit,
+                "speed_unit": f"{unit}/s",
+                "pixel_size_um": pixel_size_um,
+                "waves": [w.to_dict() for w in waves],
+            },
+            indent=1,
+        )
+    )
+    paths["patterns.json"] = pj
+    paths["waves.json"] = wj
     if len(ids):
-        paths["rois.zip"] = write_imagej_rois(footprint_image(labels), out / "rois.zip")
+        fp = footprint_image(labels)
+        paths["rois.zip"] = write_imagej_rois(fp, out / "rois.zip")
+        if nwb:
+            paths["calseg.nwb"] = write_nwb(
+                out / "calseg.nwb", ids, f, d, fp, frame_interval_s, pixel_size_um
+            )
     return {
         "paths": paths,
         "n_cells": len(ids),
         "n_events": len(events),
         "n_flagged": int(flags.sum()),
+        "pattern_class": pattern.pattern_class,
+        "n_waves": len(waves),
     }
