@@ -1,8 +1,10 @@
 """Artifact store: where job outputs and uploaded recordings live.
 
-One interface (:class:`ArtifactStore`) with a local-folder implementation
-(:class:`LocalArtifactStore`); an fsspec-backed store for several nodes can implement the same
-methods later. Keys (``relpath``) are POSIX relative paths such as ``jobs/<id>/labels.tif``.
+One interface (:class:`ArtifactStore`) with two implementations: a local folder
+(:class:`LocalArtifactStore`, the default) and any fsspec filesystem
+(:class:`FsspecArtifactStore`, ``CALSEG_STORE_URL`` such as ``s3://bucket/calseg`` with s3fs
+installed, ``memory://calseg`` or ``file:///srv/calseg``) for several nodes that share no disk.
+Keys (``relpath``) are POSIX relative paths such as ``jobs/<id>/labels.tif``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ class ArtifactStore(ABC):
     def relpath_of(self, path: Path) -> str | None:
         """The key of a local path inside the store, or None when it lies outside."""
 
+    def sync(self, prefix: str) -> int:
+        """Publish every file written under ``workdir(prefix)`` (remote stores upload them;
+        a local folder has nothing to do). Returns the number of files uploaded."""
+        return 0
+
 
 class LocalArtifactStore(ArtifactStore):
     """Artifact store over a local folder ``root``."""
@@ -170,8 +177,151 @@ class LocalArtifactStore(ArtifactStore):
         return target
 
 
+class FsspecArtifactStore(ArtifactStore):
+    """Artifact store on an fsspec filesystem (object stores: s3, gcs, azure; memory; file).
+
+    Objects live under ``url``; a local mirror folder ``cache_dir`` holds what this node wrote
+    (``workdir``) or read (``path`` downloads on first use). An object's folder travels with it:
+    ``path("jobs/<id>/dataset/manifest.json")`` also fetches the rest of ``dataset/``, because
+    readers open the files beside a manifest. ``register``/``put``/``sync`` upload.
+
+    Args:
+        url: fsspec URL of the store's root, e.g. ``s3://lab-bucket/calseg``.
+        cache_dir: local mirror folder (created).
+        **storage_options: passed to the filesystem (credentials, endpoint_url, ...).
+
+    Raises:
+        ValueError: the URL's protocol is unknown or its package (e.g. s3fs) is missing.
+    """
+
+    def __init__(self, url: str, cache_dir: Path, **storage_options: object) -> None:
+        import fsspec
+
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"artifact store {url!r}: {exc}") from exc
+        self.url = url
+        self.root = root.rstrip("/")
+        self.mirror = Path(cache_dir).resolve()
+        self.mirror.mkdir(parents=True, exist_ok=True)
+
+    def _remote(self, relpath: str) -> str:
+        return f"{self.root}/{check_key(relpath)}"
+
+    def _local(self, relpath: str) -> Path:
+        return self.mirror / check_key(relpath)
+
+    def relpath_of(self, path: Path) -> str | None:
+        try:
+            return Path(path).resolve().relative_to(self.mirror).as_posix()
+        except ValueError:
+            return None
+
+    def workdir(self, prefix: str) -> Path:
+        target = self._local(prefix)
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _upload(self, local: Path, relpath: str) -> StoredObject:
+        digest, size = hashlib.sha256(), 0
+        remote = self._remote(relpath)
+        parent = remote.rsplit("/", 1)[0]
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        with open(local, "rb") as src, self.fs.open(remote, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
+        return StoredObject(
+            check_key(relpath), digest.hexdigest(), size, guess_content_type(local.name)
+        )
+
+    def register(self, relpath: str) -> StoredObject:
+        local = self._local(relpath)
+        if local.is_file():
+            return self._upload(local, relpath)
+        remote = self._remote(relpath)
+        if not self.fs.isfile(remote):
+            raise StoreError(f"artifact {relpath!r} does not exist in {self.url}")
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open(remote, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return StoredObject(
+            check_key(relpath), digest.hexdigest(), size, guess_content_type(remote)
+        )
+
+    def put(self, relpath: str, source: Path, *, move: bool = False) -> StoredObject:
+        source = Path(source)
+        local = self._local(relpath)
+        if source.resolve() != local.resolve():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.partial")
+            if move:
+                shutil.move(os.fspath(source), tmp)
+            else:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, local)
+        return self._upload(local, relpath)
+
+    def open(self, relpath: str, mode: str = "rb") -> BinaryIO:
+        if mode not in ("rb", "wb"):
+            raise StoreError(f"unsupported mode {mode!r}; use 'rb' or 'wb'")
+        remote = self._remote(relpath)
+        if mode == "wb":
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        return self.fs.open(remote, mode)
+
+    def path(self, relpath: str) -> Path:
+        local = self._local(relpath)
+        if local.exists():
+            return local
+        remote = self._remote(relpath)
+        if self.fs.isfile(remote):
+            folder = remote.rsplit("/", 1)[0]  # the object's whole folder comes along
+            for rpath in self.fs.find(folder):
+                rel = rpath[len(self.root) + 1 :] if self.root else rpath
+                dest = self._local(rel)
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dest.with_name(f".{dest.name}.partial")
+                    self.fs.get_file(rpath, os.fspath(tmp))
+                    os.replace(tmp, dest)
+        return local  # may not exist: callers check, as with a local folder
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self._remote(relpath)) or self._local(relpath).exists()
+
+    def delete(self, relpath: str) -> None:
+        remote = self._remote(relpath)
+        if self.fs.exists(remote):
+            self.fs.rm(remote, recursive=True)
+        local = self._local(relpath)
+        if local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)
+        elif local.exists():
+            local.unlink()
+
+    def sync(self, prefix: str) -> int:
+        folder = self._local(prefix)
+        n = 0
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.is_file() and not path.name.endswith(".partial"):
+                self._upload(path, path.relative_to(self.mirror).as_posix())
+                n += 1
+        return n
+
+
 def get_store(root: Path | None = None) -> ArtifactStore:
-    """The configured artifact store (a local folder, ``settings.artifact_dir``)."""
+    """The configured artifact store: :class:`FsspecArtifactStore` on ``settings.store_url``
+    (mirror in ``settings.cache_dir/store``) when set, else a local folder (``root``, default
+    ``settings.artifact_dir``)."""
     from calseg.service.settings import get_settings
 
-    return LocalArtifactStore(root or get_settings().artifact_dir)
+    settings = get_settings()
+    if settings.store_url:
+        return FsspecArtifactStore(settings.store_url, settings.cache_dir / "store")
+    return LocalArtifactStore(root or settings.artifact_dir)
