@@ -68,6 +68,25 @@ class InferenceConfig(BaseModel):
         return self
 
     method: Literal["sam2", "baseline"] = "sam2"
+    mode: Literal["image", "video"] = Field(
+        "image",
+        description="'image': every frame decoded on its own (embeddings cacheable); 'video': "
+        "SAM2 video propagation with memory (calseg.segment.video), cells prompted once per "
+        "window and tracked",
+    )
+    video_window_frames: int = Field(
+        64, ge=2, le=100_000, description="video mode: frames per predictor state (memory bound)"
+    )
+    video_max_cond_frames: int = Field(
+        4, ge=1, le=64, description="video mode: prompted frames each frame attends to"
+    )
+    video_offload_state_to_cpu: bool = Field(
+        True, description="video mode on CUDA: keep per-frame outputs in host memory"
+    )
+    video_gate_by_activity: bool = Field(
+        True,
+        description="video mode: paint a tracked cell only in frames where its ROI is active",
+    )
     model: str = "sam2.1_hiera_t"
     image_size: int = Field(512, ge=64, le=2048, multiple_of=32)
     device: str = "auto"
@@ -293,7 +312,8 @@ def segment_recording(
     model: LoadedSAM2 | None = None,
     activity: Activity | None = None,
 ) -> SegmentationResult:
-    """Segment the calcium-active cells of a recording, frame by frame.
+    """Segment the calcium-active cells of a recording, frame by frame (``mode="image"``) or
+    with SAM2 video propagation (``mode="video"``, :mod:`calseg.segment.video`).
 
     Args:
         frames: ``(T, H, W)`` (or ``(H, W)``) grayscale recording, 8/16/32-bit int or float,
@@ -361,7 +381,15 @@ def segment_recording(
     need = [t for t, p in enumerate(prompts_by_frame) if p]
     labels = np.zeros(frames.shape, dtype=np.uint32)
     records: list[dict] = []
-    if need:
+    if config.mode == "video" and need:
+        from calseg.segment.video import segment_video
+
+        labels, records, vstats = segment_video(
+            loaded, frames, norm, geom, activity, config, progress=scaled(progress, 0.02, 0.99)
+        )
+        timings["video_s"] = time.perf_counter() - t1
+        timings["video"] = vstats.to_dict()
+    elif need:
         emb = embed_recording(
             loaded,
             frames[need],
