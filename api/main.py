@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from api.frames import (
@@ -42,6 +42,7 @@ from calseg.service import jobs as lifecycle
 from calseg.service.auth import HOW_TO_GET_A_TOKEN, BadTokenLimiter, authenticate, can_see
 from calseg.service.db import get_session, ping
 from calseg.service.models import JOB_KINDS, JOB_STATES, Artifact, Job, Metric, Recording, User
+from calseg.service.reconcile import reconciler_lifespan
 from calseg.service.schemas import (
     ArtifactOut,
     JobCreate,
@@ -66,6 +67,8 @@ app = FastAPI(
     version=__version__,
     description="Segment calcium-active cells in GECI recordings of epithelial tissue: "
     "simulate, fine-tune SAM2, infer, evaluate.",
+    # the reconciler re-queues jobs of lost workers and messages Redis lost (issue 5)
+    lifespan=reconciler_lifespan,
 )
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -245,6 +248,18 @@ async def _bad_reference(_: Request, exc: lifecycle.JobReferenceError) -> JSONRe
 @app.exception_handler(lifecycle.QueueUnavailable)
 async def _no_queue(_: Request, exc: lifecycle.QueueUnavailable) -> JSONResponse:
     return _error(503, str(exc))
+
+
+@app.exception_handler(OperationalError)
+async def _no_database(_: Request, exc: OperationalError) -> JSONResponse:
+    """The database is down or restarting: 503 (try again), never 500; the engine's
+    pre-ping reconnects once it is back."""
+    log.warning("database unavailable: %s", str(exc.orig).strip()[:300])
+    return _error(
+        503,
+        "the database is unavailable right now (restarting or unreachable); try again in a "
+        "few seconds",
+    )
 
 
 # ------------------------------------------------------------------------------ health

@@ -395,8 +395,13 @@ class Reconciler:
 @contextlib.asynccontextmanager
 async def reconciler_lifespan(_app: Any) -> AsyncIterator[None]:
     """FastAPI lifespan: a :class:`Reconciler` runs while the api serves
-    (``settings.reconcile_interval_s`` <= 0 turns it off)."""
+    (``settings.reconcile_interval_s`` <= 0 turns it off); logs as JSON lines when
+    ``settings.log_format`` is ``json``."""
     settings = get_settings()
+    if settings.log_format == "json":
+        from calseg.service.logs import configure_logging
+
+        configure_logging(settings)
     rec = Reconciler(settings).start() if settings.reconcile_interval_s > 0 else None
     try:
         yield
