@@ -2,6 +2,10 @@
 
 calseg simulate, finetune, segment and evaluate call the same library functions as the
 service's jobs; calseg bench prints benchmark numbers (BENCHMARKS.md).
+
+Service commands: ``calseg users`` and ``calseg tokens`` manage who may use a service (they
+write its database, CALSEG_DATABASE_URL, directly: run them on the server); ``calseg submit``,
+``watch`` and ``download`` talk to a running service over HTTP (CALSEG_URL, CALSEG_TOKEN).
 """
 
 from __future__ import annotations
@@ -213,6 +217,221 @@ def bench(
     argv = (["--quick"] if quick else []) + (["--only", only] if only else [])
     argv += ["--json", str(json_out)] if json_out is not None else []
     raise typer.Exit(code=main(argv))
+
+
+# ------------------------------------------------------------------------------ service admin
+
+users_app = typer.Typer(help="Users of the service (writes CALSEG_DATABASE_URL directly).")
+tokens_app = typer.Typer(help="API tokens of the service's users (only their sha256 is stored).")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+
+
+def _db_session():  # noqa: ANN202 - a context manager of a Session
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.settings import get_settings
+
+    url = get_settings().database_url
+    upgrade_database(url)  # idempotent: a fresh database gets its tables
+    return session_scope(url)
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Argument(help="user name (letters, digits, ._@-)")],
+    admin: bool = typer.Option(False, "--admin", help="sees and manages everyone's data"),
+) -> None:
+    """Create a user (then give them a token with `calseg tokens create NAME`)."""
+    from calseg.service.auth import AuthError, create_user
+
+    with _db_session() as session:
+        try:
+            user = create_user(session, name, is_admin=admin)
+        except AuthError as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"user {user.name} created (id {user.id}{', admin' if admin else ''})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List the users."""
+    from sqlalchemy import select
+
+    from calseg.service.models import User
+
+    with _db_session() as session:
+        for user in session.scalars(select(User).order_by(User.created_at)):
+            console.print(f"{user.id}  {user.name}{'  (admin)' if user.is_admin else ''}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    user: Annotated[str, typer.Argument(help="the user who gets the token")],
+    name: str = typer.Option("default", "--name", help="a label for the token, e.g. laptop"),
+) -> None:
+    """Issue an API token and print it, once: it is not stored anywhere (only its sha256)."""
+    from calseg.service.auth import AuthError, create_token, get_user
+
+    with _db_session() as session:
+        try:
+            row, token = create_token(session, get_user(session, user), name)
+        except AuthError as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(token)  # plain stdout, so `TOKEN=$(calseg tokens create alice)` works
+        typer.echo(
+            f"token {row.id} ({name}) of {user}; shown only now. Use it as "
+            "CALSEG_TOKEN or 'Authorization: Bearer <token>'",
+            err=True,
+        )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    user: Annotated[str | None, typer.Argument(help="only this user's tokens")] = None,
+) -> None:
+    """List tokens (id, user, label, created, last used, revoked); never the tokens."""
+    from sqlalchemy import select
+
+    from calseg.service.models import ApiToken, User
+
+    with _db_session() as session:
+        query = select(ApiToken, User.name).join(User).order_by(ApiToken.created_at)
+        if user:
+            query = query.where(User.name == user)
+        for tok, owner in session.execute(query):
+            state = f"revoked {tok.revoked_at:%Y-%m-%d %H:%M}" if tok.revoked_at else "active"
+            used = f"{tok.last_used_at:%Y-%m-%d %H:%M}" if tok.last_used_at else "never"
+            console.print(f"{tok.id}  {owner}  {tok.name}  used {used}  {state}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="token id (or its first 6+ characters)")],
+) -> None:
+    """Revoke a token: requests with it are refused (401) from now on."""
+    from calseg.service.auth import AuthError, revoke_token
+
+    with _db_session() as session:
+        try:
+            row = revoke_token(session, token_id)
+        except AuthError as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"token {row.id} ({row.name}) revoked")
+
+
+# ------------------------------------------------------------------------------ service client
+
+
+def _client():  # noqa: ANN202 - calseg.client.CalSegClient
+    from calseg.client import CalSegClient
+
+    client = CalSegClient()
+    if not client.token:
+        raise _fail(
+            "no API token: set CALSEG_TOKEN (ask the server's admin: `calseg tokens create "
+            "<you>`); with `make serve` on this machine it is in var/token"
+        )
+    return client
+
+
+def _parse_param(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise _fail(f"--param {item!r}: write it as name=value, e.g. --param n_videos=4")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # a bare string, e.g. --param method=baseline
+
+
+def _watch(client, job_id: str) -> dict:  # noqa: ANN001 - CalSegClient
+    from calseg.client import CalSegError, JobFailed
+
+    with Progress(
+        TextColumn("[bold]{task.fields[kind]}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stage]}"),
+        console=console,
+    ) as bar:
+        task = bar.add_task("job", total=1.0, kind="job", stage="")
+
+        def show(job: dict) -> None:
+            stage = job.get("stage") or job["state"]
+            if job.get("eta_s") is not None and job["state"] == "running":
+                stage += f" (ETA {job['eta_s']:.0f} s)"
+            bar.update(
+                task, completed=float(job.get("progress") or 0), kind=job["kind"], stage=stage[:60]
+            )
+
+        try:
+            return client.wait(job_id, on_progress=show)
+        except JobFailed as exc:
+            log = exc.job.get("log_tail") or ""
+            raise _fail(f"{exc}\n{log[-2000:]}") from None
+        except CalSegError as exc:
+            raise _fail(str(exc)) from None
+
+
+@app.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="simulate, finetune, infer or evaluate")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="name=value (value read as JSON when it parses)"),
+    ] = None,
+    params_file: Path | None = typer.Option(None, "--params", help="a JSON file of parameters"),
+    watch_it: bool = typer.Option(False, "--watch", help="show a progress bar until it ends"),
+) -> None:
+    """Submit a job to the service at CALSEG_URL (token CALSEG_TOKEN); prints its id."""
+    from calseg.client import CalSegError
+
+    params: dict = json.loads(params_file.read_text()) if params_file else {}
+    params.update(dict(_parse_param(p) for p in param or []))
+    with _client() as client:
+        try:
+            job = client.submit(kind, params)
+        except CalSegError as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(job["id"])
+        if watch_it:
+            job = _watch(client, job["id"])
+            console.print(f"{job['kind']} job {job['id']} {job['state']}")
+
+
+@app.command()
+def watch(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
+    """Show a job's progress until it ends (exit code 2 when it fails)."""
+    with _client() as client:
+        job = _watch(client, job_id)
+        console.print(f"{job['kind']} job {job['id']} {job['state']}")
+        for m in job.get("metrics", []):
+            if m.get("step") is None:
+                console.print(
+                    f"  {m['name']} ({m.get('model') or '-'}, {m.get('subset') or '-'})"
+                    f": {m['value']}"
+                )
+
+
+@app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(help="the job's id")],
+    out: Path = typer.Option(Path("."), "--out", help="folder to write the artifacts into"),
+    name: Annotated[
+        list[str] | None, typer.Option("--name", help="only this artifact (repeatable)")
+    ] = None,
+) -> None:
+    """Download a job's artifacts (sha256 of each checked)."""
+    from calseg.client import CalSegError
+
+    with _client() as client:
+        try:
+            paths = client.download(job_id, out, names=name or None)
+        except CalSegError as exc:
+            raise _fail(str(exc)) from None
+    for p in paths:
+        typer.echo(str(p))
 
 
 if __name__ == "__main__":
