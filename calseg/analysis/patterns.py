@@ -9,8 +9,8 @@ waves* (activity spreads from cell to cell across a large part of the tissue) an
 Method (plain numpy/scipy, no training):
 
 1. **Cell geometry** (:func:`cell_geometry`): centroids and a neighbour graph from the label
-   image; two cells are neighbours when their footprints come within ``touch_px`` px (2 px by
-   default, so segmented cells separated by a thin unlabelled membrane still touch).
+   image; two cells are neighbours when their footprints come within ``touch_px`` px (2 by
+   default, so segmented cells separated by a 1 px unlabelled membrane still touch).
 2. **Event clusters** (:func:`event_clusters`): two events are linked when their cells are
    neighbours and their active intervals ``[onset, offset)`` overlap (after extending each by
    ``max_lag_s``); a cluster is a connected component of linked events. A cluster is one
@@ -144,8 +144,8 @@ def cell_geometry(
         labels: ``(H, W)`` label image or ``(T, H, W)`` label stack (footprint = max over
             time, as :func:`calseg.analysis.traces.footprint_image`), integer, 0 = background.
         pixel_size_um: um per px (1.0 when unknown: centroids then in px).
-        touch_px: cells whose footprints come within this many px are neighbours (a grey
-            dilation of the label image by a ``(2*touch_px+1)`` square; >= 1).
+        touch_px: cells with pixels at most this many px apart in rows and in columns are
+            neighbours (1: touching, incl. corners; 2: also across a 1 px unlabelled line).
 
     Returns:
         :class:`CellGeometry`.

@@ -1,0 +1,316 @@
+"""Optional preprocessing of a recording before segmentation and traces (all off by default).
+
+Steps, applied by :func:`preprocess` in this order (each is also a function of its own):
+
+1. **Drift registration** (:func:`register_drift`): the translation of every frame against a
+   reference (mean of the first frames) by phase correlation with sub-pixel upsampling (Guizar-
+   Sicairos, Thurman & Fienup 2008, Opt Lett 33:156; ``skimage.registration.
+   phase_cross_correlation``, plain cross-correlation of Hann-windowed frames), then each frame
+   shifted back (``scipy.ndimage.shift``, linear
+   interpolation, edges repeated). Rigid translation only: stage drift and jitter, not tissue
+   deformation.
+2. **Background subtraction** (:func:`subtract_background`): a static background estimated on
+   the temporal median image: a morphological opening with a flat disk (the "sliding
+   paraboloid/rolling ball" idea of Sternberg 1983, Computer 16:22, with a flat ball so it is
+   independent of the intensity scale), ImageJ's rolling ball itself
+   (``skimage.restoration.rolling_ball``) or a wide Gaussian blur, subtracted from every frame.
+   It removes camera offset, autofluorescence and uneven illumination that would otherwise sit
+   in F0 and shrink dF/F. The radius must exceed the cell radius.
+3. **Photobleaching correction** (:func:`correct_photobleaching`): the "exponential fitting"
+   method of Miura (2020, F1000Research 9:1494; Fiji's Bleach Correction): fit
+   ``a exp(-t / tau) + c`` (or a sum of two exponentials) to the mean intensity of each frame
+   and divide every frame by ``fit(t) / fit(0)``. The mean over the whole field changes little
+   with the activity of a few cells; tissue-wide waves do bias it: leave correction off when
+   activity covers the field and the recording is short, or use a window of F0
+   (:func:`calseg.analysis.traces.baseline_f0`), which follows slow bleaching by itself.
+
+Z-projection happens when reading (:mod:`calseg.io.recordings` max-projects a Z axis when the
+file also has T); :func:`z_project` offers the mean or median instead for a ``(T, Z, H, W)``
+array read with ``axes=`` override.
+
+Arrays: frames ``(T, H, W)`` in, ``float32`` ``(T, H, W)`` out (the recording's units).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage, optimize
+
+__all__ = [
+    "PreprocessError",
+    "PreprocessOptions",
+    "correct_photobleaching",
+    "preprocess",
+    "register_drift",
+    "subtract_background",
+    "z_project",
+]
+
+
+class PreprocessError(ValueError):
+    """Bad input to preprocessing; the message says what to change."""
+
+
+def _frames(frames: np.ndarray) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.ndim != 3 or arr.dtype.kind not in "uif":
+        raise PreprocessError(f"frames must be a real (T, H, W) array, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def z_project(stack: np.ndarray, method: Literal["max", "mean", "median"] = "max") -> np.ndarray:
+    """Project a ``(T, Z, H, W)`` stack over Z to ``(T, H, W)`` float32.
+
+    Raises:
+        PreprocessError: not 4-D or unknown method.
+    """
+    arr = np.asarray(stack)
+    if arr.ndim != 4:
+        raise PreprocessError(f"z_project needs (T, Z, H, W), got shape {arr.shape}")
+    fn = {"max": np.max, "mean": np.mean, "median": np.median}.get(method)
+    if fn is None:
+        raise PreprocessError(f"z projection must be max, mean or median, got {method!r}")
+    return fn(arr, axis=1).astype(np.float32)
+
+
+def register_drift(
+    frames: np.ndarray, upsample: int = 10, n_reference: int = 10, max_shift_px: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove rigid drift: estimate each frame's shift against a reference and undo it.
+
+    Args:
+        frames: ``(T, H, W)``.
+        upsample: sub-pixel precision 1 / ``upsample`` px (phase-correlation upsampling).
+        n_reference: reference = mean of the first ``n_reference`` frames.
+        max_shift_px: shifts larger than this (px) are treated as failures and set to 0
+            (``None`` = no limit).
+
+    Returns:
+        ``registered`` ``(T, H, W)`` float32 and ``shifts`` ``(T, 2)`` float64 (rows, columns),
+        the displacement of each frame relative to the reference (px; the frame content moved
+        by ``+shift``, it is shifted by ``-shift``).
+    """
+    from skimage.filters import window
+    from skimage.registration import phase_cross_correlation
+
+    arr = _frames(frames).astype(np.float32)
+    # a Hann window tapers the frame edges: the FFT's wrap-around would otherwise correlate the
+    # image borders (not periodic) and pull the estimate towards 0 (measured bias 0.2-0.25 px)
+    win = window("hann", arr.shape[1:]).astype(np.float32)
+    ref = arr[: max(1, n_reference)].mean(axis=0)
+    ref = (ref - ref.mean()) * win
+    shifts = np.zeros((arr.shape[0], 2))
+    out = np.empty_like(arr)
+    for t in range(arr.shape[0]):
+        s, _, _ = phase_cross_correlation(
+            ref,
+            (arr[t] - arr[t].mean()) * win,
+            upsample_factor=max(1, upsample),
+            normalization=None,
+        )
+        # phase_cross_correlation returns the shift that registers arr[t] onto ref
+        s = np.asarray(s, dtype=np.float64)
+        if max_shift_px is not None and np.hypot(*s) > max_shift_px:
+            s = np.zeros(2)
+        shifts[t] = -s
+        out[t] = ndimage.shift(arr[t], s, order=1, mode="nearest")
+    return out, shifts
+
+
+def subtract_background(
+    frames: np.ndarray,
+    method: Literal["rolling_ball", "opening", "gaussian"] = "opening",
+    radius_px: float = 50.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Subtract a static background estimated on the temporal median image.
+
+    Args:
+        frames: ``(T, H, W)``.
+        method: ``"opening"`` (default; grey opening with a flat disk of ``radius_px``, then
+            a ``radius_px`` box mean: follows illumination slopes of any steepness),
+            ``"rolling_ball"`` (ImageJ's algorithm, a ball of ``radius_px`` in px *and*
+            intensity units, so it cannot follow slopes steeper than ~1 unit/px: scale
+            the data first or use ``"opening"``) or ``"gaussian"`` (blur of sigma ``radius_px``;
+            it also lifts the background near bright cells).
+        radius_px: larger than the largest cell radius (px).
+
+    Returns:
+        ``corrected`` ``(T, H, W)`` float32 (may hold small negative values: noise around a
+        zero background) and ``background`` ``(H, W)`` float32.
+    """
+    arr = _frames(frames)
+    if not (np.isfinite(radius_px) and radius_px > 0):
+        raise PreprocessError(f"background radius must be > 0 px, got {radius_px}")
+    med = np.median(arr, axis=0).astype(np.float64)
+    if method == "rolling_ball":
+        from skimage.restoration import rolling_ball
+
+        bg = rolling_ball(med, radius=float(radius_px))
+    elif method == "opening":
+        from skimage.morphology import disk
+
+        r = max(1, int(round(radius_px)))
+        bg = ndimage.grey_opening(med, footprint=disk(r), mode="nearest")
+        bg = ndimage.uniform_filter(bg, size=r, mode="nearest")  # remove the disk's facets
+    elif method == "gaussian":
+        bg = ndimage.gaussian_filter(med, float(radius_px), mode="nearest")
+    else:
+        raise PreprocessError(
+            f"background method must be rolling_ball, opening or gaussian, got {method!r}"
+        )
+    bg = bg.astype(np.float32)
+    return arr.astype(np.float32) - bg[None], bg
+
+
+def _exp1(t, a, tau, c):  # noqa: ANN001, ANN202
+    return a * np.exp(-t / tau) + c
+
+
+def _exp2(t, a1, tau1, a2, tau2, c):  # noqa: ANN001, ANN202
+    return a1 * np.exp(-t / tau1) + a2 * np.exp(-t / tau2) + c
+
+
+def correct_photobleaching(
+    frames: np.ndarray, frame_interval_s: float, model: Literal["exp", "biexp"] = "exp"
+) -> tuple[np.ndarray, dict]:
+    """Divide out photobleaching fitted as an exponential decay of the mean frame intensity.
+
+    Args:
+        frames: ``(T, H, W)`` (background already subtracted, ideally: a constant offset is
+            absorbed by the fit's ``c`` but is divided too).
+        frame_interval_s: s per frame.
+        model: ``"exp"``: ``a exp(-t/tau) + c``; ``"biexp"``: two exponentials + ``c``.
+
+    Returns:
+        ``corrected`` ``(T, H, W)`` float32 and ``info`` ``{"model", "tau_s": [...],
+        "params": {...}, "loss_fraction": 1 - fit(end)/fit(0)}``.
+
+    Raises:
+        PreprocessError: too few frames (< 5 for exp, < 8 for biexp), bad interval, or the fit
+            does not converge (the mean does not decay: leave correction off).
+    """
+    arr = _frames(frames)
+    if not (np.isfinite(frame_interval_s) and frame_interval_s > 0):
+        raise PreprocessError(f"frame_interval_s must be > 0 s, got {frame_interval_s}")
+    n = arr.shape[0]
+    need = 5 if model == "exp" else 8
+    if n < need:
+        raise PreprocessError(f"bleach correction ({model}) needs at least {need} frames, got {n}")
+    t = np.arange(n) * float(frame_interval_s)
+    m = arr.reshape(n, -1).mean(axis=1, dtype=np.float64)
+    span = t[-1] if t[-1] > 0 else 1.0
+    drop = max(m[0] - m[-1], 1e-12 * max(abs(m[0]), 1.0))
+    try:
+        if model == "exp":
+            p0 = [drop, span / 2, m[-1]]
+            p, _ = optimize.curve_fit(
+                _exp1,
+                t,
+                m,
+                p0=p0,
+                bounds=([0, span / 1e4, -np.inf], [np.inf, span * 1e3, np.inf]),
+                maxfev=20000,
+            )
+            fit, taus = _exp1(t, *p), [float(p[1])]
+            names = ("a", "tau_s", "c")
+        elif model == "biexp":
+            p0 = [drop / 2, span / 10, drop / 2, span, m[-1]]
+            lo = [0, span / 1e4, 0, span / 1e4, -np.inf]
+            hi = [np.inf, span * 1e3, np.inf, span * 1e3, np.inf]
+            p, _ = optimize.curve_fit(_exp2, t, m, p0=p0, bounds=(lo, hi), maxfev=20000)
+            fit, taus = _exp2(t, *p), sorted([float(p[1]), float(p[3])])
+            names = ("a1", "tau1_s", "a2", "tau2_s", "c")
+        else:
+            raise PreprocessError(f"bleach model must be exp or biexp, got {model!r}")
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, PreprocessError):
+            raise
+        raise PreprocessError(
+            f"the exponential bleaching fit did not converge ({exc}); the mean intensity may not "
+            "decay: leave bleach correction off"
+        ) from exc
+    if not (np.all(np.isfinite(fit)) and fit.min() > 0):
+        raise PreprocessError(
+            "the fitted bleaching curve reaches 0 or below (offset not subtracted?): subtract "
+            "the background first or leave bleach correction off"
+        )
+    scale = (fit / fit[0]).astype(np.float32)
+    out = arr.astype(np.float32) / scale[:, None, None]
+    info = {
+        "model": model,
+        "tau_s": taus,
+        "params": {k: float(v) for k, v in zip(names, p, strict=True)},
+        "loss_fraction": float(1.0 - fit[-1] / fit[0]),
+    }
+    return out, info
+
+
+@dataclass
+class PreprocessOptions:
+    """Which preprocessing steps to run (all off by default); see the module docstring.
+
+    Attributes:
+        register: drift registration on/off; register_upsample: sub-pixel factor.
+        background: ``None``, ``"opening"``, ``"rolling_ball"`` or ``"gaussian"``;
+            background_radius_px.
+        bleach: ``None``, ``"exp"`` or ``"biexp"``.
+    """
+
+    register: bool = False
+    register_upsample: int = 10
+    background: Literal["rolling_ball", "opening", "gaussian"] | None = None
+    background_radius_px: float = 50.0
+    bleach: Literal["exp", "biexp"] | None = None
+
+    @property
+    def any(self) -> bool:
+        """True when at least one step is on."""
+        return bool(self.register or self.background or self.bleach)
+
+
+@dataclass
+class PreprocessReport:
+    """What :func:`preprocess` did (JSON-serialisable via :meth:`to_dict`)."""
+
+    options: dict
+    steps: list[str] = field(default_factory=list)
+    max_shift_px: float | None = None
+    bleach: dict | None = None
+
+    def to_dict(self) -> dict:
+        """Plain dict."""
+        return asdict(self)
+
+
+def preprocess(
+    frames: np.ndarray, frame_interval_s: float, options: PreprocessOptions | None = None
+) -> tuple[np.ndarray, PreprocessReport]:
+    """Run the enabled steps (registration, background, bleaching; module docstring order).
+
+    Returns:
+        frames (unchanged input when no step is on, else float32 ``(T, H, W)``) and a
+        :class:`PreprocessReport`.
+    """
+    opt = options or PreprocessOptions()
+    rep = PreprocessReport(options=asdict(opt))
+    out = _frames(frames)
+    if opt.register:
+        out, shifts = register_drift(out, upsample=opt.register_upsample)
+        rep.max_shift_px = float(np.hypot(*shifts.T).max()) if len(shifts) else 0.0
+        rep.steps.append(f"registered: largest drift {rep.max_shift_px:.2f} px")
+    if opt.background:
+        out, _ = subtract_background(out, opt.background, opt.background_radius_px)
+        rep.steps.append(
+            f"background subtracted ({opt.background}, {opt.background_radius_px:g} px)"
+        )
+    if opt.bleach:
+        out, rep.bleach = correct_photobleaching(out, frame_interval_s, opt.bleach)
+        taus = ", ".join(f"{x:.4g}" for x in rep.bleach["tau_s"])
+        lost = 100 * rep.bleach["loss_fraction"]
+        rep.steps.append(
+            f"photobleaching corrected ({opt.bleach}, tau {taus} s, {lost:.1f} % lost)"
+        )
+    return out, rep

@@ -1,0 +1,106 @@
+"""Preprocessing with known answers: drift, bleaching rate, background (calseg.preprocess)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from calseg.preprocess import (
+    PreprocessError,
+    PreprocessOptions,
+    correct_photobleaching,
+    preprocess,
+    register_drift,
+    subtract_background,
+    z_project,
+)
+
+
+def _texture(h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (100 + 50 * ndimage.gaussian_filter(rng.standard_normal((h, w)), 2.0)).astype(np.float32)
+
+
+def test_register_drift_recovers_known_subpixel_shifts():
+    base = _texture()
+    true = np.array([[0.0, 0.0], [1.3, -0.7], [-2.6, 2.2], [0.4, 3.5]])
+    frames = np.stack([ndimage.shift(base, s, order=3, mode="nearest") for s in true])
+    frames = np.concatenate([np.repeat(frames[:1], 3, axis=0), frames[1:]])  # reference frames
+    reg, shifts = register_drift(frames, upsample=20, n_reference=3)
+    np.testing.assert_allclose(shifts[3:], true[1:], atol=0.15)
+    np.testing.assert_allclose(shifts[:3], 0.0, atol=0.05)
+    # the registered frames line up with the reference (away from the repeated edges)
+    inner = (slice(None), slice(6, -6), slice(6, -6))
+    assert np.abs(reg[inner] - base[6:-6, 6:-6]).max() < 2.0  # of a 50-unit texture
+
+
+def test_photobleaching_rate_recovered_and_mean_flattened():
+    dt, tau = 2.0, 150.0
+    t = np.arange(100) * dt
+    rng = np.random.default_rng(1)
+    base = _texture()
+    frames = base[None] * np.exp(-t / tau)[:, None, None]
+    frames += rng.normal(0, 0.5, frames.shape).astype(np.float32)
+    out, info = correct_photobleaching(frames, dt, "exp")
+    assert info["tau_s"][0] == pytest.approx(tau, rel=0.02)
+    assert info["loss_fraction"] == pytest.approx(1 - np.exp(-t[-1] / tau), abs=0.01)
+    means = out.reshape(len(t), -1).mean(axis=1)
+    assert np.ptp(means) / means[0] < 0.01  # was 1 - exp(-198/150) = 73 % lost
+
+
+def test_biexponential_bleaching():
+    dt = 1.0
+    t = np.arange(300) * dt
+    curve = 0.5 * np.exp(-t / 10.0) + 0.5 * np.exp(-t / 200.0)
+    frames = (200 * curve)[:, None, None] * np.ones((1, 16, 16), np.float32)
+    out, info = correct_photobleaching(frames, dt, "biexp")
+    np.testing.assert_allclose(info["tau_s"], [10.0, 200.0], rtol=0.05)
+    np.testing.assert_allclose(out[:, 0, 0], 200 * curve[0], rtol=1e-3)
+
+
+def test_bleach_fit_failures_are_clear():
+    with pytest.raises(PreprocessError, match="at least 5 frames"):
+        correct_photobleaching(np.ones((3, 8, 8)), 1.0)
+    with pytest.raises(PreprocessError, match="exp or biexp"):
+        correct_photobleaching(np.ones((10, 8, 8)), 1.0, "linear")  # type: ignore[arg-type]
+    with pytest.raises(PreprocessError, match="frame_interval_s"):
+        correct_photobleaching(np.ones((10, 8, 8)), 0.0)
+
+
+def test_background_removed_cells_kept():
+    h = w = 96
+    yy, xx = np.mgrid[:h, :w]
+    ramp = 300 + 2.0 * xx + 1.0 * yy  # uneven illumination + offset
+    cells = np.zeros((h, w))
+    for cy, cx in [(20, 20), (50, 70), (75, 30)]:
+        cells[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] = 100.0  # discs of radius 5 px
+    frames = np.repeat((ramp + cells)[None], 4, axis=0).astype(np.float32)
+    far = cells == 0
+    out, bg = subtract_background(frames, "opening", 12.0)
+    assert np.abs(np.median(out[0][far])) < 5.0  # steep ramp of 300..586 gone
+    assert np.median(out[0][cells > 0]) > 80.0  # cells keep most of their 100
+    out, bg = subtract_background(frames, "gaussian", 15.0)
+    assert np.abs(np.median(out[0][far])) < 10.0
+    # ImageJ's rolling ball (radius in px and intensity units): on a gentle slope
+    gentle = np.repeat((300 + 0.2 * xx + cells)[None], 3, axis=0).astype(np.float32)
+    out, bg = subtract_background(gentle, "rolling_ball", 30.0)
+    assert np.abs(np.median(out[0][far])) < 5.0
+    assert np.median(out[0][cells > 0]) > 80.0
+    with pytest.raises(PreprocessError, match="rolling_ball, opening or gaussian"):
+        subtract_background(frames, "tophat", 10)  # type: ignore[arg-type]
+
+
+def test_z_project_and_pipeline_defaults():
+    st = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    np.testing.assert_array_equal(z_project(st, "max"), st[:, 2])
+    np.testing.assert_array_equal(z_project(st, "mean"), st[:, 1])
+    with pytest.raises(PreprocessError):
+        z_project(st[0])
+    frames = np.ones((4, 8, 8), np.uint16)
+    out, rep = preprocess(frames, 1.0)
+    assert out is frames and rep.steps == []  # all off by default: the data is untouched
+    out, rep = preprocess(
+        np.repeat(_texture()[None], 6, axis=0), 1.0, PreprocessOptions(register=True)
+    )
+    assert rep.max_shift_px == pytest.approx(0.0, abs=0.05) and len(rep.steps) == 1
