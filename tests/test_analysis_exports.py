@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,8 +212,20 @@ def test_infer_runner_registers_traces_events_rois(tmp_path):
     if not real.exists():
         pytest.skip("real data absent")
     ctx = _StubContext(tmp_path, real)
-    res = run_infer(validate_params("infer", {"recording_id": "r", "method": "baseline"}), ctx)
-    assert {"traces.csv", "events.csv", "rois.zip"} <= set(ctx.artifacts)
+    params = {"recording_id": "r", "method": "baseline", "nwb": True}
+    res = run_infer(validate_params("infer", params), ctx)
+    assert {
+        "labels.tif",
+        "traces.csv",
+        "events.csv",
+        "rois.zip",
+        "traces.parquet",
+        "events.parquet",
+        "patterns.json",
+        "waves.json",
+        "calseg.nwb",
+    } <= set(ctx.artifacts)
+    _exports_open_in_their_readers(ctx.artifacts, res)
     tr = read_traces_csv(ctx.artifacts["traces.csv"])
     assert tr["F"].shape == (res["n_cells"], res["n_frames"])
     assert np.isfinite(tr["F"]).all()
@@ -223,3 +236,32 @@ def test_infer_runner_registers_traces_events_rois(tmp_path):
     assert all(e["cell_id"] in set(tr["ids"].tolist()) for e in ev)
     rois = read_imagej_rois(ctx.artifacts["rois.zip"], (res["height"], res["width"]))
     assert len(np.unique(rois[rois > 0])) == res["n_cells"]
+
+
+def _exports_open_in_their_readers(artifacts, res):
+    """Each export of an infer job read back by its format's own Python reader."""
+    import json
+
+    import pyarrow.parquet as pq
+    import roifile
+    import tifffile
+
+    with tifffile.TiffFile(artifacts["labels.tif"]) as tf:  # Fiji reads ImageJ hyperstacks
+        assert tf.is_imagej and tf.imagej_metadata["images"] == res["n_frames"]
+        assert tf.series[0].axes == "TYX"
+        lab = tf.asarray()
+    assert lab.shape == (res["n_frames"], res["height"], res["width"])
+    rois = roifile.roiread(artifacts["rois.zip"])
+    assert len(rois) == res["n_cells"]
+    tr = pq.read_table(artifacts["traces.parquet"])
+    assert tr.num_rows == res["n_cells"] * res["n_frames"]
+    assert pq.read_table(artifacts["events.parquet"]).num_rows == res["n_events"]
+    pat = json.loads(Path(artifacts["patterns.json"]).read_text())
+    assert pat["pattern_class"] == res["pattern_class"]
+    assert pat["pattern_class"] in ("spikes", "transients", "waves", "fluttering", "none")
+    assert "waves" in json.loads(Path(artifacts["waves.json"]).read_text())
+    pynwb = pytest.importorskip("pynwb")
+    with pynwb.NWBHDF5IO(str(artifacts["calseg.nwb"]), "r") as io:
+        nwb = io.read()
+        f = nwb.processing["ophys"]["Fluorescence"]["F"].data[:]
+        assert f.shape == (res["n_frames"], res["n_cells"])

@@ -202,9 +202,12 @@ def _infer_config(params: Any) -> Any:
 def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     """Segment a recording (uploaded, or a simulated video) into an instance label stack.
 
+    Optional preprocessing first (:func:`calseg.preprocess.preprocess`, params
+    ``register_drift``, ``background``, ``bleach_correction``; all off by default).
     Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
-    ``overlay.gif`` (animation); ``traces.csv``, ``events.csv``, ``rois.zip`` when the trace
-    export succeeds (:func:`calseg.io.tables.write_trace_exports`). Metric:
+    ``overlay.gif`` (animation); ``traces.csv``/``.parquet``, ``events.csv``/``.parquet``,
+    ``patterns.json``, ``waves.json``, ``rois.zip`` (and ``calseg.nwb`` with ``nwb``) when the
+    trace export succeeds (:func:`calseg.io.tables.write_trace_exports`). Metric:
     ``foreground_fraction`` (labelled pixel fraction).
     """
     from calseg.io.dataset import DatasetError, load_dataset
@@ -248,6 +251,32 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
         frames, gt = video.load_image(), video.load_labels()
     t, h, w = frames.shape
     ctx.log(f"recording {path.name}: {t} frames of {h} x {w} px, {frames.dtype}")
+    if params.recording_id:
+        dt, px_um = recording.info.frame_interval_s, recording.info.pixel_size_um
+    else:
+        dt, px_um = video.frame_interval_s, video.pixel_size_um
+    dt, px_um = params.frame_interval_s or dt, params.pixel_size_um or px_um
+    if not dt:
+        dt = 1.0
+        ctx.warn("recording has no frame interval in its metadata: 1 s assumed for traces")
+    pre_report = None
+    if params.register_drift or params.background or params.bleach_correction:
+        from calseg.preprocess import PreprocessError, PreprocessOptions, preprocess
+
+        ctx.progress(0.02, "preprocess", "registration / background / bleaching")
+        opts = PreprocessOptions(
+            register=params.register_drift,
+            background=params.background,
+            background_radius_px=params.background_radius_px,
+            bleach=params.bleach_correction,
+        )
+        try:
+            frames, rep = preprocess(frames, dt, opts)
+        except PreprocessError as exc:
+            raise RunnerError(f"preprocessing failed: {exc}") from exc
+        pre_report = rep.to_dict()
+        for step in rep.steps:
+            ctx.log(f"preprocess: {step}")
 
     checkpoint = None
     if params.method == "sam2":
@@ -276,24 +305,20 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     labels_path = ctx.workdir / "labels.tif"
     write_label_stack(labels_path, labels)
     ctx.add_artifact("labels.tif", labels_path, kind="labels")
-    try:  # traces, events and ROIs: useful extras, never a reason to fail the job
-        from calseg.io.recordings import probe_recording
+    exp: dict[str, Any] = {}
+    try:  # traces, events, patterns and ROIs: useful extras, never a reason to fail the job
         from calseg.io.tables import write_trace_exports
 
-        dt = (
-            probe_recording(path).frame_interval_s
-            if params.recording_id
-            else video.frame_interval_s
+        exp = write_trace_exports(
+            ctx.workdir, frames, labels, dt, pixel_size_um=px_um, nwb=params.nwb
         )
-        if not dt:
-            dt = 1.0
-            ctx.warn("recording has no frame interval in its metadata: 1 s assumed for traces")
-        exp = write_trace_exports(ctx.workdir, frames, labels, dt)
+        kinds = {".csv": "table", ".parquet": "table", ".json": "analysis", ".nwb": "nwb"}
         for name, p in exp["paths"].items():
-            ctx.add_artifact(name, p, kind="table" if name.endswith(".csv") else "rois")
+            ctx.add_artifact(name, p, kind=kinds.get(Path(name).suffix, "rois"))
         ctx.log(
             f"traces: {exp['n_cells']} cells ({exp['n_flagged']} flagged: tiny F0), "
-            f"{exp['n_events']} events, {dt:g} s/frame"
+            f"{exp['n_events']} events, {dt:g} s/frame; pattern {exp['pattern_class']}, "
+            f"{exp['n_waves']} waves"
         )
     except Exception as exc:  # noqa: BLE001
         ctx.warn(f"traces/events export failed: {exc}")
@@ -324,6 +349,11 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
         "dtype": str(frames.dtype),
         "n_cells": n_cells,
         "foreground_fraction": fg,
+        "frame_interval_s": dt,
+        "pixel_size_um": px_um,
+        "preprocess": pre_report,
+        "pattern_class": exp.get("pattern_class"),
+        "n_events": exp.get("n_events"),
         "display_range": [float(lo), float(hi)],
         "prompts": ctx.jsonable(_prompt_summary(res.prompts)),
         "normalisation": ctx.jsonable(res.normalisation),

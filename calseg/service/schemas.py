@@ -208,6 +208,29 @@ def params_model(kind: str) -> type[_Params]:
                 Field(None, description="a succeeded finetune job; None = the base model"),
             ),
             "method": (Literal["sam2", "baseline"], "sam2"),
+            # preprocessing (calseg.preprocess; all off by default) and trace analysis
+            "register_drift": (bool, Field(False, description="rigid drift registration")),
+            "background": (
+                Literal["opening", "rolling_ball", "gaussian"] | None,
+                Field(None, description="static background subtraction method (None = off)"),
+            ),
+            "background_radius_px": (
+                float,
+                Field(50.0, gt=0, le=2000, description="background radius (px), > cell radius"),
+            ),
+            "bleach_correction": (
+                Literal["exp", "biexp"] | None,
+                Field(None, description="photobleaching correction by exponential fit"),
+            ),
+            "frame_interval_s": (
+                float | None,
+                Field(None, gt=0, le=3600, description="s per frame; None = from the file"),
+            ),
+            "pixel_size_um": (
+                float | None,
+                Field(None, gt=0, le=1000, description="um per px; None = from the file"),
+            ),
+            "nwb": (bool, Field(False, description="also write calseg.nwb (needs pynwb)")),
         }
         return _wrap(
             "InferParams",
