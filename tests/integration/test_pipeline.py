@@ -1,11 +1,16 @@
 """The walking skeleton through HTTP on the real PostgreSQL + Redis + a Celery worker:
-simulate -> finetune -> infer (held-out video) -> evaluate, on tiny inputs."""
+simulate -> finetune -> infer (held-out video) -> evaluate, on tiny inputs; the jobs are
+alice's (``client``): bob (``bob_client``) gets 404 for each of them on every job route, the
+admin (``admin_client``) sees them. Also: the fine-tune's training curve as metrics with
+steps, the models listing, provenance, and the Python client's submit -> wait -> download."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +33,7 @@ FT = {
 INFER = {"image_size": 256, "max_prompts_per_frame": 16}
 
 
-def test_simulate_finetune_infer_evaluate(service, client) -> None:
+def test_simulate_finetune_infer_evaluate(service, client, bob_client, admin_client) -> None:
     timings: dict[str, float] = {"startup": service.startup_s}
     r = client.get("/api/ready")
     assert r.status_code == 200 and r.json()["database"] == "ok" and r.json()["broker"] == "ok"
@@ -110,6 +115,60 @@ def test_simulate_finetune_infer_evaluate(service, client) -> None:
 
     listing = client.get("/api/jobs", params={"state": "succeeded"}).json()
     assert {sim["id"], ft["id"], inf["id"], ev["id"]} <= {j["id"] for j in listing["items"]}
+
+    # the training curve: one loss point per optimiser step, as history.json has them
+    history = json.loads(artifact_path(service, ft, "history.json").read_text())
+    curve = client.get(f"/api/jobs/{ft['id']}/metrics", params={"name": "loss"}).json()
+    train = [e for e in history if e["kind"] == "train"]
+    assert [(m["step"], m["subset"]) for m in curve] == [(e["step"], "train") for e in train]
+    assert [m["value"] for m in curve] == pytest.approx([e["loss"] for e in train])
+    assert [m["step"] for m in curve][-1] == FT["steps"]
+    val = client.get(f"/api/jobs/{ft['id']}/metrics", params={"name": "val_iou"}).json()
+    assert [m["step"] for m in val] == [e["step"] for e in history if e["kind"] == "val"]
+
+    # the model and where it came from
+    (model,) = [m for m in client.get("/api/models").json() if m["job_id"] == ft["id"]]
+    ckpt_art = next(a for a in ft["artifacts"] if a["name"] == "checkpoint.pt")
+    manifest_art = next(a for a in sim["artifacts"] if a["name"] == "manifest.json")
+    assert model["checkpoint_sha256"] == ckpt_art["sha256"]
+    assert model["dataset_job_id"] == sim["id"]
+    assert model["dataset_manifest_sha256"] == manifest_art["sha256"]
+    assert model["base_config"] == ft["params"]["model"]
+    assert "final_loss" in {m["name"] for m in model["metrics"]}
+    prov = client.get(f"/api/jobs/{inf['id']}").json()["provenance"]
+    assert {(i["name"], i["sha256"]) for i in prov["inputs"]} == {
+        ("manifest.json", manifest_art["sha256"]),
+        ("checkpoint.pt", ckpt_art["sha256"]),
+    }
+    assert prov["code_version"] == inf["code_version"] and prov["seeds"] == {}
+
+    # ownership on the real database: bob sees none of it, the admin all of it
+    for job in (sim, ft, inf, ev):
+        for path in (
+            f"/api/jobs/{job['id']}",
+            f"/api/jobs/{job['id']}/metrics",
+            f"/api/jobs/{job['id']}/artifacts/job.log",
+        ):
+            assert bob_client.get(path).status_code == 404, path
+            assert admin_client.get(path).status_code == 200, path
+        for action in ("cancel", "retry", "rerun"):
+            assert bob_client.post(f"/api/jobs/{job['id']}/{action}").status_code == 404
+    for path in (
+        f"/api/jobs/{inf['id']}/frames/3.png",
+        f"/api/jobs/{inf['id']}/cells",
+        f"/api/jobs/{inf['id']}/cells/at?t=0&x=0&y=0",
+    ):
+        assert bob_client.get(path).status_code == 404, path
+        assert admin_client.get(path).status_code == 200, path
+    assert not {sim["id"], ft["id"]} & {
+        j["id"] for j in bob_client.get("/api/jobs").json()["items"]
+    }
+    assert bob_client.get("/api/models").json() == []
+    r = bob_client.post(
+        "/api/jobs", json={"kind": "finetune", "params": {"dataset_job_id": sim["id"], **FT}}
+    )
+    assert r.status_code == 422 and f"there is no job {sim['id']}" in r.json()["detail"]
+    assert client.get(f"/api/jobs/{ft['id']}").json()["state"] == "succeeded"  # untouched
     print("integration timings (s):", {k: round(v, 1) for k, v in timings.items()})
     print(ev["result"]["table"])
     assert np.isfinite(list(timings.values())).all()
@@ -149,3 +208,23 @@ def test_cancel_a_running_job_stops_it(service, client) -> None:
         assert time.monotonic() < deadline, f"the worker did not stop: {j['log_tail']}"
         time.sleep(0.3)
     assert j["result"] is None
+
+
+def test_python_client_round_trip(service, tmp_path: Path) -> None:
+    """calseg.client against the real service: submit -> wait (progress callback) ->
+    download, each file's sha256 equal to the stored artifact's."""
+    from calseg.client import CalSegClient
+
+    seen: list[float] = []
+    with CalSegClient(service.url, service.tokens["alice"]) as cs:
+        job = cs.submit("simulate", {**SIM, "n_videos": 2, "n_val_videos": 0, "seed": 21})
+        done = cs.wait(
+            job["id"], poll_s=0.3, timeout_s=300, on_progress=lambda j: seen.append(j["progress"])
+        )
+        assert done["state"] == "succeeded" and seen[-1] == 1.0
+        paths = cs.download(job["id"], tmp_path)
+    arts = {a["name"]: a for a in done["artifacts"]}
+    assert {p.name for p in paths} == set(arts)
+    for p in paths:
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == arts[p.name]["sha256"]
+        assert p.read_bytes() == artifact_path(service, done, p.name).read_bytes()
