@@ -1,4 +1,6 @@
-"""Alembic migration 0001 from an empty database, up and down, on SQLite and PostgreSQL.
+"""Alembic migrations from an empty database, up and down, on SQLite and PostgreSQL; 0002
+(users, tokens, owners) on a database holding 0001 data: the rows keep their values and are
+given to the admin ``local``, dedup becomes per owner, and the downgrade keeps the jobs.
 
 PostgreSQL: the machine's server (DESIGN.md section 7; URL from CALSEG_TEST_POSTGRES_URL,
 default postgresql+psycopg://postgres@127.0.0.1:5432/test). The test works in a fresh schema
@@ -7,6 +9,7 @@ that it drops afterwards, so it never touches other tables of the ``test`` datab
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -16,7 +19,8 @@ from sqlalchemy import create_engine, inspect, text
 from calseg.service.db import downgrade_database, upgrade_database
 from calseg.service.models import Base
 
-TABLES = {"jobs", "artifacts", "metrics", "recordings"}
+TABLES = {"jobs", "artifacts", "metrics", "recordings", "users", "api_tokens"}
+TABLES_0001 = {"jobs", "artifacts", "metrics", "recordings"}
 
 
 def _check_round_trip(url: str, schema: str | None = None) -> None:
@@ -55,11 +59,93 @@ def _check_round_trip(url: str, schema: str | None = None) -> None:
         engine.dispose()
 
 
+def _insert(conn, sql: str, **values) -> None:  # noqa: ANN001 - a Connection
+    conn.execute(text(sql), values)
+
+
+REC = (
+    "INSERT INTO recordings (id, {owner}filename, relpath, sha256, size_bytes, n_frames, "
+    "height, width, dtype, created_at) VALUES (:id, {owner_value}'a.tif', 'r/a.tif', :sha, 10, "
+    "3, 8, 8, 'uint16', CURRENT_TIMESTAMP)"
+)
+
+
+def _check_0002_on_existing_data(url: str, schema: str | None = None) -> None:
+    engine = create_engine(url)
+    try:
+        upgrade_database(url, "0001")
+        assert set(inspect(engine).get_table_names(schema=schema)) >= TABLES_0001
+        assert "users" not in inspect(engine).get_table_names(schema=schema)
+        with engine.begin() as conn:
+            _insert(
+                conn,
+                "INSERT INTO jobs (id, kind, state, params, progress, attempts, created_at, "
+                "updated_at) VALUES ('j1', 'simulate', 'succeeded', '{\"seed\": 5}', 1, 1, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+            )
+            _insert(
+                conn,
+                "INSERT INTO metrics (job_id, name, value) VALUES ('j1', 'iou', 0.5)",
+            )
+            _insert(conn, REC.format(owner="", owner_value=""), id="r1", sha="s" * 64)
+        upgrade_database(url)
+        with engine.begin() as conn:
+            local = conn.execute(text("SELECT id, name, is_admin FROM users")).one()
+            assert local.name == "local" and local.is_admin
+            job = conn.execute(text("SELECT owner_id, params, provenance FROM jobs")).one()
+            assert job.owner_id == local.id and job.provenance is None
+            params = job.params if isinstance(job.params, dict) else json.loads(job.params)
+            assert params == {"seed": 5}
+            assert conn.execute(text("SELECT owner_id FROM recordings")).scalar() == local.id
+            assert conn.execute(text("SELECT step, value FROM metrics")).one() == (None, 0.5)
+            # dedup is per owner: the same file for another user is allowed ...
+            _insert(
+                conn,
+                "INSERT INTO users (id, name, is_admin, created_at) "
+                "VALUES ('u2', 'bob', false, CURRENT_TIMESTAMP)",
+            )
+            rec = REC.format(owner="owner_id, ", owner_value=":owner, ")
+            _insert(conn, rec, id="r2", sha="s" * 64, owner="u2")
+            # ... twice for the same user it is not
+            with pytest.raises(Exception, match="(?i)unique|duplicate"):
+                with conn.begin_nested():
+                    _insert(conn, rec, id="r3", sha="s" * 64, owner="u2")
+            # token hashes are unique
+            tok = (
+                "INSERT INTO api_tokens (id, user_id, name, token_sha256, created_at) "
+                "VALUES (:id, 'u2', 't', :sha, CURRENT_TIMESTAMP)"
+            )
+            _insert(conn, tok, id="t1", sha="h" * 64)
+            with pytest.raises(Exception, match="(?i)unique|duplicate"):
+                with conn.begin_nested():
+                    _insert(conn, tok, id="t2", sha="h" * 64)
+            conn.execute(text("DELETE FROM recordings WHERE id = 'r2'"))
+        downgrade_database(url, "0001")
+        insp = inspect(engine)
+        assert not {"users", "api_tokens"} & set(insp.get_table_names(schema=schema))
+        assert "owner_id" not in {c["name"] for c in insp.get_columns("jobs", schema=schema)}
+        with engine.begin() as conn:  # 0001 data survives the round trip
+            assert conn.execute(text("SELECT id, state FROM jobs")).one() == ("j1", "succeeded")
+            assert conn.execute(text("SELECT id FROM recordings")).scalar() == "r1"
+            with pytest.raises(Exception, match="(?i)unique|duplicate"):
+                with conn.begin_nested():  # the global UNIQUE(sha256) is back
+                    _insert(conn, REC.format(owner="", owner_value=""), id="r4", sha="s" * 64)
+        downgrade_database(url)
+        assert not TABLES & set(inspect(engine).get_table_names(schema=schema))
+    finally:
+        engine.dispose()
+
+
 def test_sqlite_upgrade_downgrade(tmp_path: Path) -> None:
     _check_round_trip(f"sqlite:///{tmp_path / 'm.db'}")
 
 
-def test_postgresql_upgrade_downgrade(pg_admin) -> None:
+def test_sqlite_0002_on_existing_data(tmp_path: Path) -> None:
+    _check_0002_on_existing_data(f"sqlite:///{tmp_path / 'm2.db'}")
+
+
+@pytest.mark.parametrize("check", [_check_round_trip, _check_0002_on_existing_data])
+def test_postgresql_upgrade_downgrade(pg_admin, check) -> None:  # noqa: ANN001
     schema = f"calseg_mig_{uuid.uuid4().hex[:10]}"
     with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -67,7 +153,7 @@ def test_postgresql_upgrade_downgrade(pg_admin) -> None:
     sep = "&" if "?" in base else "?"
     url = f"{base}{sep}options=-csearch_path%3D{schema}"
     try:
-        _check_round_trip(url, schema=schema)
+        check(url, schema=schema)
     finally:
         with pg_admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
