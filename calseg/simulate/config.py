@@ -18,6 +18,47 @@ PatternClassName = Literal["spikes", "transients", "waves", "fluttering"]
 IndicatorName = Literal["GCaMP6s", "GCaMP6f", "GCaMP6m"]
 
 
+class ImagingOverrides(BaseModel):
+    """Imaging parameters pinned to given values instead of drawn at random per video.
+
+    Every field is optional; ``None`` keeps the renderer's random draw
+    (:func:`calseg.simulate.render.render_video`). :func:`calseg.simulate.fit.fit_recording`
+    fills these from a real recording ("simulate like this recording"). The renderer still
+    makes every random draw it would make otherwise and then replaces the value, so a config
+    without overrides renders exactly as before.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    gain_adu_per_e: float | None = Field(
+        None, gt=0, le=1000, description="camera gain (ADU per photo-electron)"
+    )
+    offset_adu: float | None = Field(None, ge=0, le=65535, description="camera offset (ADU)")
+    read_noise_e: float | None = Field(
+        None, ge=0, le=1000, description="Gaussian read noise (photo-electrons rms)"
+    )
+    adc_bits: Literal[12, 16] | None = Field(None, description="ADC range for 16-bit output")
+    photon_scale_e: float | None = Field(
+        None, gt=0, le=1e7, description="photo-electrons per px of an indicator at Fmax"
+    )
+    background: float | None = Field(
+        None, ge=0, le=10, description="uniform background light (fraction of photon_scale_e)"
+    )
+    autofluorescence: float | None = Field(
+        None, ge=0, le=10, description="tissue autofluorescence (fraction of photon_scale_e)"
+    )
+    vignetting: float | None = Field(
+        None, ge=0, le=0.9, description="relative light fall-off at the frame corners"
+    )
+    psf_sigma_px: float | None = Field(None, gt=0, le=50, description="Gaussian PSF sigma (px)")
+    bleach_tau_s: float | None = Field(
+        None, gt=0, le=1e12, description="photobleaching time constant (s); 1e12 = none"
+    )
+    fmin_over_fmax: float | None = Field(
+        None, gt=0, lt=1, description="indicator Fmin / Fmax (1 / dynamic range)"
+    )
+
+
 class SimulationConfig(BaseModel):
     """Everything that defines a simulated dataset of GCaMP recordings of epithelial tissue."""
 
@@ -89,6 +130,11 @@ class SimulationConfig(BaseModel):
     )
     hysteresis_low_uM: float | None = Field(
         None, gt=0, le=10, description="optional hysteresis: active until c <= this (uM)"
+    )
+    imaging: ImagingOverrides | None = Field(
+        None,
+        description="imaging parameters pinned instead of drawn per video (e.g. fitted to a "
+        "real recording by calseg.simulate.fit); None = all drawn at random",
     )
 
     @model_validator(mode="after")

@@ -160,6 +160,7 @@ def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) ->
             config.bit_depth,
             config.activity_threshold_uM,
             config.hysteresis_low_uM,
+            imaging=config.imaging.model_dump(exclude_none=True) if config.imaging else None,
         )
         meta["window"] = {"start_s": float(times[start]), "start_frame": start}
         meta["tissue"] = {**tissue.info, **tissue.stats()}

@@ -319,6 +319,7 @@ def render_video(
     threshold_uM: float = 0.1,
     hysteresis_low_uM: float | None = None,
     n_threads: int | None = None,
+    imaging: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Render a recording and its exact ground truth.
 
@@ -336,6 +337,12 @@ def render_video(
         n_threads: frames rendered in parallel (default: the CPUs available to the process,
             at most 4). The output does not depend on it: each frame draws its noise from its
             own generator seeded from ``rng``.
+        imaging: optional pinned imaging parameters (keys of
+            :class:`calseg.simulate.config.ImagingOverrides`: ``gain_adu_per_e``,
+            ``offset_adu``, ``read_noise_e``, ``adc_bits``, ``photon_scale_e``, ``background``,
+            ``autofluorescence``, ``vignetting``, ``psf_sigma_px``, ``bleach_tau_s``,
+            ``fmin_over_fmax``). Each replaces the value drawn at random (after the draw, so
+            the random stream and everything else stay the same).
 
     Returns:
         ``(image, labels, calcium, meta)``: image (T, H, W) uint16 (uint8 for 8 bit) camera ADU;
@@ -360,6 +367,7 @@ def render_video(
     if n_threads < 1:
         raise RenderError(f"n_threads must be >= 1 (frames rendered in parallel), got {n_threads}")
     h, w = tissue.labels.shape
+    im = {k: v for k, v in (imaging or {}).items() if v is not None}
     sev = _severities(rng, defect_severity)
     d: dict[str, dict] = {k: {"severity": v} for k, v in sev.items()}
     times = np.arange(t_out) * frame_interval_s
@@ -376,7 +384,7 @@ def render_video(
     spec = INDICATORS[indicator]
     fmin = 1.0 / spec.dynamic_range
     lc = sev["low_contrast"]
-    fmin_eff = fmin + lc * (0.5 - fmin)
+    fmin_eff = float(im.get("fmin_over_fmax", fmin + lc * (0.5 - fmin)))
     d["low_contrast"]["fmin_over_fmax"] = float(fmin_eff)
     fcell = indicator_fluorescence(calcium_uM, indicator, frame_interval_s, fmin_eff)[:, src]
     expression = rng.lognormal(0.0, 0.25, n).astype(np.float32)
@@ -401,6 +409,7 @@ def render_video(
     # --- photobleaching ----------------------------------------------------------------
     pb = sev["photobleaching"]
     tau_b = float(np.inf if pb == 0 else times[-1] / (0.05 + 1.0 * pb) + frame_interval_s)
+    tau_b = float(im.get("bleach_tau_s", tau_b))
     bleach = np.exp(-times / tau_b).astype(np.float32)
     d["photobleaching"].update({"tau_s": tau_b, "factor_per_frame": bleach.tolist()})
     fcell0 *= bleach[:, None]
@@ -436,7 +445,7 @@ def render_video(
         ca_idx = (sy * w + sx).ravel()
 
     # --- optics parameters ---------------------------------------------------------------
-    psf = float(rng.uniform(0.7, 1.3))
+    psf = float(im.get("psf_sigma_px", rng.uniform(0.7, 1.3)))
     zp = sev["z_projection"]
     wz = 0.5 * zp
     if zp > 0:
@@ -471,6 +480,8 @@ def render_video(
     # --- light: background, autofluorescence, debris, vignetting ---------------------------
     bg = float(rng.uniform(0.01, 0.03) * (1 + 4 * lc))
     af = float(rng.uniform(0.005, 0.02) * (1 + 4 * lc))
+    bg = float(im.get("background", bg))
+    af = float(im.get("autofluorescence", af))
     d["low_contrast"].update({"background": bg, "autofluorescence": af})
     light_static = np.full((h, w), bg, np.float32) + af * (tissue.labels > 0)
     nb = sev["nonuniform_background"]
@@ -500,7 +511,7 @@ def render_video(
                 "strength": strength.tolist(),
             }
         )
-    vg = 0.1 + 0.5 * sev["vignetting"]
+    vg = float(im.get("vignetting", 0.1 + 0.5 * sev["vignetting"]))
     d["vignetting"]["falloff_at_corner"] = vg
     vignette = (1.0 - vg * rnorm2).astype(np.float32)
 
@@ -518,6 +529,12 @@ def render_video(
         read_e = float(rng.uniform(1.0, 2.5))
     gn = sev["gaussian_noise"]
     read_e *= 1 + 5 * gn
+    photon_scale = float(im.get("photon_scale_e", photon_scale))
+    gain = float(im.get("gain_adu_per_e", gain))
+    offset = float(im.get("offset_adu", offset))
+    read_e = float(im.get("read_noise_e", read_e))
+    if bit_depth == 16 and "adc_bits" in im:
+        adc_bits = int(im["adc_bits"])
     peak_e = float(photon_scale * np.percentile(tex[tex > 0], 95) * expression.max())
     full_well = 30000.0
     sat = sev["saturation"]

@@ -1,0 +1,157 @@
+"""Evaluation on real recordings with partial labels (a few hand-drawn ImageJ ROIs).
+
+Real recordings here come with outlines of only some of their cells (sima: 2 ROIs; fissa: 2),
+drawn on the whole recording, with no frame-by-frame activity. What can be measured:
+
+* **Recall of the labelled cells.** A predicted ``(T, H, W)`` label stack (ids stable across
+  frames) is turned into one footprint per predicted id: the pixels that id covers in at least
+  half of the frames where it appears at all (:func:`prediction_footprints`; a cell that
+  is segmented in a few frames keeps its typical shape, not the union of every frame's
+  mask). Labelled ROIs are matched one-to-one to footprints (Hungarian, on IoU); a labelled
+  cell counts as found at ``IoU >= 0.5`` and at ``IoU >= 0.3`` (the looser threshold for
+  hand-drawn outlines of small cells, whose boundary alone is a large part of their area).
+  A second, per-frame figure ``recall_any_frame_*``: a labelled cell is found when, in any
+  frame, a predicted instance overlaps it at that IoU (the "frames where it is active").
+* **Detections per frame**: mean number of predicted instances per frame, and the mean
+  fraction of the field they cover.
+
+Precision cannot be measured: an unmatched prediction may be an unlabelled cell. So that a
+model cannot look good by marking everything: (1) IoU punishes over-large masks (a mask of
+the whole 128 x 256 field has IoU = ROI area / field area ~ 0.003 with a 100 px ROI: recall 0
+at 0.3 and 0.5, tested); (2) the report always shows detections per frame and covered
+fraction next to recall; (3) ``plausible`` is False when the predictions cover more than
+:data:`MAX_PLAUSIBLE_COVERAGE` of the field on average or there are more detections per frame
+than :data:`MAX_PLAUSIBLE_DETECTIONS_PER_100X100` per 100 x 100 px, and the report marks such
+rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from calseg.analysis.metrics import MetricsInputError, instance_iou_matrix
+
+MAX_PLAUSIBLE_COVERAGE = 0.5
+"""Mean fraction of the field covered by predictions above which a result is implausible
+(active cells of a calcium recording rarely cover half the field in most frames)."""
+MAX_PLAUSIBLE_DETECTIONS_PER_100X100 = 200.0
+"""More detections per frame per 10^4 px than this (a cell under ~50 px) is implausible."""
+IOU_THRESHOLDS = (0.5, 0.3)
+
+
+@dataclass
+class PartialLabelScores:
+    """Scores of one prediction against partial labels (module docstring).
+
+    ``n_labelled``: labelled ROIs; ``recall_50`` / ``recall_30``: fraction of them matched
+    (footprints, one-to-one) at IoU >= 0.5 / 0.3; ``recall_any_frame_50`` / ``_30``: found
+    in any frame; ``best_iou``: per labelled ROI, the best footprint IoU; ``detections_per_frame``;
+    ``coverage``: mean covered fraction of the field; ``plausible``.
+    """
+
+    n_labelled: int
+    recall_50: float
+    recall_30: float
+    recall_any_frame_50: float
+    recall_any_frame_30: float
+    best_iou: list[float]
+    detections_per_frame: float
+    coverage: float
+    n_frames: int
+    plausible: bool
+
+    def to_dict(self) -> dict:
+        """JSON-able dict."""
+        return asdict(self)
+
+
+def prediction_footprints(pred: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
+    """One ``(H, W)`` uint32 label image of the footprints of a ``(T, H, W)`` label stack.
+
+    Pixel p belongs to id i when i covers p in at least ``min_fraction`` of the frames where
+    i appears; where footprints overlap the id covering p in more frames wins.
+
+    Raises:
+        MetricsInputError: not a 3-D integer stack.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim != 3 or not np.issubdtype(pred.dtype, np.integer):
+        raise MetricsInputError(f"expected a (T, H, W) integer label stack, got {pred.shape}")
+    t, h, w = pred.shape
+    out = np.zeros((h, w), np.uint32)
+    best = np.zeros((h, w), np.int64)
+    ids = np.unique(pred)
+    for i in ids[ids != 0]:
+        m = pred == i
+        present = int(m.reshape(t, -1).any(axis=1).sum())
+        count = m.sum(axis=0)
+        fp = (count >= max(1, min_fraction * present)) & (count > best)
+        out[fp] = i
+        best[fp] = count[fp]
+    return out
+
+
+def _one_to_one_recall(iou: np.ndarray, thr: float) -> int:
+    if iou.size == 0:
+        return 0
+    r, c = linear_sum_assignment(iou, maximize=True)
+    return int(np.count_nonzero(iou[r, c] >= thr))
+
+
+def score_partial_labels(pred: np.ndarray, rois: np.ndarray) -> PartialLabelScores:
+    """Score a predicted label stack against a partial ROI label image.
+
+    Args:
+        pred: ``(T, H, W)`` integer label stack (0 = background, ids stable over frames).
+        rois: ``(H, W)`` integer label image of the labelled cells (e.g. from
+            :func:`calseg.io.rois.read_imagej_rois`), at least one ROI.
+
+    Returns:
+        :class:`PartialLabelScores`.
+
+    Raises:
+        MetricsInputError: shapes differ, wrong dimensions or dtypes, or no ROI.
+    """
+    pred = np.asarray(pred)
+    rois = np.asarray(rois)
+    if pred.ndim != 3 or rois.ndim != 2 or pred.shape[1:] != rois.shape:
+        raise MetricsInputError(
+            f"prediction {pred.shape} must be (T, H, W) with (H, W) = ROI image {rois.shape}"
+        )
+    n_lab = len(np.unique(rois[rois != 0]))
+    if n_lab == 0:
+        raise MetricsInputError("the ROI label image holds no ROI")
+    t, h, w = pred.shape
+    fps = prediction_footprints(pred)
+    iou_fp, _, _ = instance_iou_matrix(fps, rois)  # (n_pred, n_gt)
+    best = iou_fp.max(axis=0) if iou_fp.shape[0] else np.zeros(n_lab)
+    rec = {thr: _one_to_one_recall(iou_fp, thr) / n_lab for thr in IOU_THRESHOLDS}
+    any_best = np.zeros(n_lab)
+    n_det = 0
+    covered = 0
+    for f in range(t):
+        iou_f, pids, _ = instance_iou_matrix(pred[f], rois)
+        n_det += len(pids)
+        covered += int(np.count_nonzero(pred[f]))
+        if iou_f.shape[0]:
+            any_best = np.maximum(any_best, iou_f.max(axis=0))
+    det = n_det / t
+    cov = covered / (t * h * w)
+    plausible = cov <= MAX_PLAUSIBLE_COVERAGE and det <= (
+        MAX_PLAUSIBLE_DETECTIONS_PER_100X100 * h * w / 1e4
+    )
+    return PartialLabelScores(
+        n_labelled=n_lab,
+        recall_50=rec[0.5],
+        recall_30=rec[0.3],
+        recall_any_frame_50=float(np.mean(any_best >= 0.5)),
+        recall_any_frame_30=float(np.mean(any_best >= 0.3)),
+        best_iou=[float(v) for v in best],
+        detections_per_frame=float(det),
+        coverage=float(cov),
+        n_frames=t,
+        plausible=bool(plausible),
+    )

@@ -1,0 +1,164 @@
+"""Fitting the simulator to a recording: parameter recovery on simulations with known imaging.
+
+Tolerances come from the estimators' own statistics on this 40-frame 128 x 128 recording
+(measured over seeds 0-4, see each assertion): gain = slope of a weighted line fit over 24
+bins of ~16k pixel pairs (standard error ~0.03-0.07 ADU/e-, so 6 %); offset and background
+from the third cumulant of ~1,600 dark pixels x 40 frames (z ~ 12, i.e. ~8 % relative
+error, 3 SE ~ 25 %); read noise = what remains of the dark variance (+5 % bias from the
+renderer's fixed-pattern offset noise); PSF from the spectral roll-off (+-10 % over seeds);
+bleaching from a Theil-Sen slope (95 % CI +-2 %, bias +5 % from the few active cells).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from calseg.simulate.config import ImagingOverrides, SimulationConfig
+from calseg.simulate.dataset import simulate_videos
+from calseg.simulate.fit import (
+    FitError,
+    fit_noise_curve,
+    fit_recording,
+    fmin_from_peak_ratio,
+    split_dark_level,
+)
+
+TRUE = {
+    "gain_adu_per_e": 2.0,
+    "offset_adu": 200.0,
+    "read_noise_e": 3.0,
+    "background": 0.01,
+    "photon_scale_e": 2000.0,
+    "psf_sigma_px": 1.5,
+    "bleach_tau_s": 400.0,
+    "vignetting": 0.0,
+    "autofluorescence": 0.0,
+}
+
+
+def _simulate(imaging: dict, seed: int = 0, **kw) -> dict:
+    fields = {
+        "n_videos": 1,
+        "n_val_videos": 0,
+        "n_test_videos": 0,
+        "n_frames": 40,
+        "height": 128,
+        "width": 128,
+        "defect_severity": 0.0,
+        "seed": seed,
+        "mean_cell_area_px": 80,
+        "search_horizon_s": 1200,
+        "warmup_s": 200,
+        "pattern_classes": ["spikes"],
+    }
+    fields.update(kw)
+    cfg = SimulationConfig(imaging=ImagingOverrides(**imaging), **fields)
+    return simulate_videos(cfg)[0]
+
+
+@pytest.fixture(scope="module")
+def known() -> dict:
+    return _simulate(TRUE, seed=0)
+
+
+def test_imaging_overrides_reach_the_renderer(known):
+    cam = known["meta"]["defects"]["camera"]
+    assert cam["gain_adu_per_e"] == 2.0
+    assert cam["offset_adu"] == 200.0
+    assert cam["read_noise_e"] == 3.0
+    assert known["meta"]["defects"]["photobleaching"]["tau_s"] == 400.0
+    assert known["meta"]["defects"]["defocus"]["psf_sigma_px"] == 1.5
+
+
+def test_parameter_recovery(known):
+    fit = fit_recording(known["image"], frame_interval_s=5.0)
+    se = fit.noise_curve["gain_se"]
+    assert 0 < se < 0.1
+    assert fit.gain_adu_per_e == pytest.approx(2.0, rel=0.06)
+    assert abs(fit.gain_adu_per_e - 2.0) < 4 * se
+    assert fit.details["dark_level"]["method"] == "third-cumulant"
+    assert fit.offset_adu == pytest.approx(200.0, abs=6.0)
+    assert fit.read_noise_e == pytest.approx(3.0, rel=0.2)
+    assert fit.background_e == pytest.approx(0.01 * 2000.0, rel=0.3)
+    assert fit.psf_sigma_px == pytest.approx(1.5, rel=0.15)
+    assert fit.bleach_tau_s() == pytest.approx(400.0, rel=0.1)
+    # cell size is a factor-of-2 estimate (fit_cell_size docstring)
+    true_r = math.sqrt(known["meta"]["tissue"]["mean_area_px"] / math.pi)
+    assert 0.5 * true_r < fit.cell_radius_px < 2.0 * true_r
+    assert fit.bit_depth == 16
+    assert 2**fit.adc_bits - 1 >= known["image"].max()  # the smallest ADC range that holds it
+    assert fit.adc_bits == (12 if known["image"].max() <= 4095 else 16)
+
+
+def test_fitted_config_renders_with_the_fitted_camera(known):
+    fit = fit_recording(known["image"], frame_interval_s=5.0)
+    cfg = fit.to_config(SimulationConfig(n_videos=2, n_val_videos=0, n_test_videos=0))
+    assert cfg.height == 128 and cfg.width == 128 and cfg.n_frames == 40
+    assert cfg.frame_interval_s == 5.0
+    assert cfg.imaging.gain_adu_per_e == pytest.approx(fit.gain_adu_per_e)
+    assert cfg.imaging.bleach_tau_s == pytest.approx(fit.bleach_tau_s(5.0))
+    # round trip through JSON (manifest) keeps the overrides
+    again = SimulationConfig.model_validate_json(cfg.model_dump_json())
+    assert again.imaging == cfg.imaging
+
+
+def test_no_bleaching_is_reported_as_none():
+    v = _simulate({**TRUE, "bleach_tau_s": 1e12}, seed=1)
+    fit = fit_recording(v["image"], frame_interval_s=5.0)
+    assert math.isinf(fit.bleach_tau_frames) or fit.bleach_tau_s() > 20 * 40 * 5.0
+    assert fit.to_dict()["bleach_tau_frames"] is None or fit.bleach_tau_s() > 4000
+
+
+def test_tiny_recording_is_enlarged_to_hold_enough_cells():
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(50, (29, 21, 14)).astype(np.uint16) + 40
+    fit = fit_recording(frames)
+    cfg = fit.to_config()
+    assert cfg.height >= 32 and cfg.width >= 32
+    assert cfg.frame_interval_s == SimulationConfig().frame_interval_s  # no metadata
+    assert any("frame interval" in n for n in fit.notes)
+
+
+def test_noise_curve_of_pure_poisson_gaussian_noise():
+    rng = np.random.default_rng(1)
+    level = np.linspace(5, 400, 64 * 64).reshape(64, 64)  # e-
+    g, off, read = 1.5, 100.0, 2.0
+    e = rng.poisson(level, (30, 64, 64)) + rng.normal(0, read, (30, 64, 64))
+    frames = np.rint(off + g * e).astype(np.uint16)
+    nc = fit_noise_curve(frames)
+    assert nc.gain_adu_per_e == pytest.approx(g, rel=0.05)
+    # intercept b = g^2 read^2 - g offset
+    assert nc.intercept_adu2 == pytest.approx(g * g * read * read - g * off, abs=25)
+    dark = split_dark_level(frames, nc.gain_adu_per_e)
+    assert dark.offset_adu == pytest.approx(off, abs=8)
+
+
+def test_fmin_mapping_inverts_the_hill_model():
+    m = fmin_from_peak_ratio(3.0)
+    assert m is not None and 0 < m < 1
+    from calseg.simulate.fit import PEAK_CA_UM, RESTING_CA_UM
+    from calseg.simulate.render import hill
+
+    h0, h1 = (
+        float(hill(np.array(RESTING_CA_UM), "GCaMP6s")),
+        float(hill(np.array(PEAK_CA_UM), "GCaMP6s")),
+    )
+    assert (m + (1 - m) * h1) / (m + (1 - m) * h0) == pytest.approx(3.0)
+    assert fmin_from_peak_ratio(0.9) is None
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        (np.zeros((2, 16, 16)), "at least 3"),
+        (np.ones((5, 16, 16)), "constant"),
+        (np.full((5, 16, 16), np.nan), "NaN"),
+        (np.zeros((16, 16)), "(T, H, W)"),
+    ],
+)
+def test_bad_recordings_are_refused(frames, message):
+    with pytest.raises(FitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fit_recording(frames)
