@@ -145,13 +145,22 @@ def segment(
     frame_interval: float | None = typer.Option(
         None, help="seconds between frames (default: from the file's metadata, else 1 s)"
     ),
+    pixel_size: float | None = typer.Option(
+        None, help="um per pixel for wave speeds (default: from the file's metadata)"
+    ),
+    register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
+    background: str | None = typer.Option(
+        None, help="subtract a static background: opening, rolling_ball or gaussian"
+    ),
+    background_radius: float = typer.Option(50.0, help="background radius (px) > cell radius"),
+    bleach: str | None = typer.Option(None, help="photobleaching correction: exp or biexp"),
+    nwb: bool = typer.Option(False, help="also write calseg.nwb (needs pip install calseg[nwb])"),
 ) -> None:
     """Segment the active cells of a recording: label stack TIFF, contact sheet, GIF, and the
-    per-cell traces (F, F0, dF/F), events and ImageJ ROIs."""
+    per-cell traces (F, F0, dF/F), events, pattern class, waves and ImageJ ROIs."""
     from calseg.io.labels import write_label_stack
     from calseg.io.overlays import animation, contact_sheet
     from calseg.io.recordings import RecordingError, read_recording
-    from calseg.io.tables import write_trace_exports
     from calseg.segment.infer import InferenceConfig, segment_recording
 
     try:
@@ -160,27 +169,25 @@ def segment(
         raise _fail(str(exc)) from None
     for w in rec.info.warnings:
         console.print(f"[yellow]note:[/] {w}")
+    dt = frame_interval or rec.info.frame_interval_s
+    if dt is None:
+        dt = 1.0
+        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
+    frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
     with _Bar("segment") as progress:
         result = segment_recording(
-            rec.frames, InferenceConfig(method=method), checkpoint=checkpoint, progress=progress
+            frames, InferenceConfig(method=method), checkpoint=checkpoint, progress=progress
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = write_label_stack(out_dir / "labels.tif", result.labels)
     sheet = contact_sheet(rec.frames, result.labels, out_dir / "overlay.png", title=recording.name)
     gif = animation(rec.frames, result.labels, out_dir / "overlay.gif")
-    dt = frame_interval or rec.info.frame_interval_s
-    if dt is None:
-        dt = 1.0
-        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
-    tables = write_trace_exports(out_dir, rec.frames, result.labels, dt)
+    _exports_cli(out_dir, frames, result.labels, dt, pixel_size or rec.info.pixel_size_um, nwb)
     for w in result.warnings:
         console.print(f"[bold red]WARNING:[/] {w}")
     n_cells = len(set(result.labels.ravel().tolist()) - {0})
     console.print(f"{n_cells} cells labelled over {result.labels.shape[0]} frames")
     console.print(f"labels: {labels}\ncontact sheet: {sheet}\nanimation: {gif}")
-    for name, path in tables["paths"].items():
-        console.print(f"{name}: {path}")
-    console.print(f"{tables['n_events']} events; {tables['n_flagged']} traces flagged (tiny F0)")
 
 
 @app.command()
@@ -217,6 +224,137 @@ def bench(
     argv = (["--quick"] if quick else []) + (["--only", only] if only else [])
     argv += ["--json", str(json_out)] if json_out is not None else []
     raise typer.Exit(code=main(argv))
+
+
+def _preprocess_cli(frames, dt, register, background, radius, bleach):  # noqa: ANN001, ANN202
+    """Run calseg.preprocess with the CLI's flags (frames unchanged when all are off)."""
+    from calseg.preprocess import PreprocessError, PreprocessOptions, preprocess
+
+    if background not in (None, "opening", "rolling_ball", "gaussian"):
+        raise _fail(f"--background must be opening, rolling_ball or gaussian, not {background!r}")
+    if bleach not in (None, "exp", "biexp"):
+        raise _fail(f"--bleach must be exp or biexp, not {bleach!r}")
+    opts = PreprocessOptions(
+        register=register, background=background, background_radius_px=radius, bleach=bleach
+    )
+    try:
+        out, rep = preprocess(frames, dt, opts)
+    except PreprocessError as exc:
+        raise _fail(str(exc)) from None
+    for step in rep.steps:
+        console.print(f"preprocess: {step}")
+    return out
+
+
+def _exports_cli(out_dir, frames, labels, dt, pixel_size, nwb):  # noqa: ANN001, ANN202
+    """write_trace_exports and a summary on the console."""
+    from calseg.io.tables import TableError, write_trace_exports
+
+    try:
+        tables = write_trace_exports(out_dir, frames, labels, dt, pixel_size_um=pixel_size, nwb=nwb)
+    except TableError as exc:
+        raise _fail(str(exc)) from None
+    for name, path in tables["paths"].items():
+        console.print(f"{name}: {path}")
+    console.print(f"{tables['n_events']} events; {tables['n_flagged']} traces flagged (tiny F0)")
+    console.print(f"pattern: {tables['pattern_class']}; {tables['n_waves']} waves measured")
+    return tables
+
+
+@app.command()
+def analyze(
+    recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, video...)")],
+    labels: Annotated[Path, typer.Argument(help="its label stack/image TIFF (e.g. labels.tif)")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for traces, events, patterns...")],
+    frame_interval: float | None = typer.Option(
+        None, help="seconds between frames (default: from the file's metadata, else 1 s)"
+    ),
+    pixel_size: float | None = typer.Option(
+        None, help="um per pixel for wave speeds (default: from the file's metadata)"
+    ),
+    axes: str | None = typer.Option(None, help="override the stored axes, e.g. TZCYX"),
+    channel: int = typer.Option(0, help="channel to read when the file has several"),
+    register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
+    background: str | None = typer.Option(
+        None, help="subtract a static background: opening, rolling_ball or gaussian"
+    ),
+    background_radius: float = typer.Option(50.0, help="background radius (px) > cell radius"),
+    bleach: str | None = typer.Option(None, help="photobleaching correction: exp or biexp"),
+    nwb: bool = typer.Option(False, help="also write calseg.nwb (needs pip install calseg[nwb])"),
+) -> None:
+    """Traces (F, F0, dF/F), events, pattern class and waves of a recording whose cells are
+    already labelled (by calseg segment, or by hand: a label TIFF)."""
+    from calseg.io.labels import LabelStackError, read_label_stack
+    from calseg.io.recordings import RecordingError, read_recording
+
+    try:
+        rec = read_recording(recording, axes=axes, channel=channel)
+        lab = read_label_stack(labels)
+    except (RecordingError, LabelStackError) as exc:
+        raise _fail(str(exc)) from None
+    for w in rec.info.warnings:
+        console.print(f"[yellow]note:[/] {w}")
+    if lab.shape[0] == 1:
+        lab = lab[0]
+    if lab.shape[-2:] != rec.frames.shape[1:] or (lab.ndim == 3 and lab.shape != rec.frames.shape):
+        raise _fail(
+            f"labels {tuple(lab.shape)} do not fit the recording {tuple(rec.frames.shape)}: give "
+            "the label stack made for this recording, or one (H, W) label image"
+        )
+    dt = frame_interval or rec.info.frame_interval_s
+    if dt is None:
+        dt = 1.0
+        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
+    frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
+    _exports_cli(out_dir, frames, lab, dt, pixel_size or rec.info.pixel_size_um, nwb)
+
+
+def _seed_list(text: str) -> list[int]:
+    """ "100-109" or "1,2,5" -> seeds."""
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+@app.command("validate-patterns")
+def validate_patterns_cmd(
+    seeds: str = typer.Option("100-109", help="simulation seeds, e.g. 100-109 or 1,2,3"),
+    frames: int = typer.Option(240, help="frames per simulated recording (5 s each)"),
+    features: bool = typer.Option(False, help="print every recording's features"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
+) -> None:
+    """Confusion matrix of the pattern-class rules on simulated tissue of known class
+    (one recording per seed and class; numbers in BENCHMARKS.md)."""
+    import time
+
+    from calseg.analysis.patterns import format_confusion, validate_patterns
+
+    try:
+        seed_list = _seed_list(seeds)
+    except ValueError:
+        raise _fail(f"--seeds must look like 100-109 or 1,2,3, not {seeds!r}") from None
+    t0 = time.perf_counter()
+    report = validate_patterns(seed_list, video={"n_frames": frames})
+    if features:
+        for row in report["rows"]:
+            f = row["features"]
+            console.print(
+                f"seed {row['seed']} {row['true']:>10} -> {row['predicted']:<10} "
+                f"largest cluster {f['largest_cluster_cells']} cells / "
+                f"{f['largest_cluster_area_fraction']:.3f} of field, "
+                f"{f['event_rate_per_1000s']:.2f} events/cell/1000 s, "
+                f"{f['n_active_cells']} active cells"
+            )
+    console.print(format_confusion(report), markup=False)
+    console.print(
+        f"seeds {seeds}; {frames} frames of 5 s, 192 x 192 px pouch; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"report: {json_out}")
 
 
 # ------------------------------------------------------------------------------ service admin

@@ -1,0 +1,95 @@
+"""calseg analyze (real recording + ImageJ ROIs as labels) and calseg validate-patterns."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from calseg.cli import app
+from calseg.io.labels import write_label_stack
+from calseg.io.rois import read_imagej_rois
+from calseg.io.tables import read_traces_csv
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
+
+
+def _real(name: str) -> Path:
+    p = REAL / name
+    if not p.exists():
+        pytest.skip(f"real recording {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
+    return p
+
+
+def test_analyze_real_recording_with_its_imagej_rois(tmp_path):
+    """The hand-drawn ImageJ ROIs of sima_example.tif, imported as a label image, then analysed
+    with drift registration and bleach correction on."""
+    rec = _real("sima_example.tif")
+    lab = read_imagej_rois(_real("sima_example_imageJ_ROIs.zip"), (128, 256))
+    assert len(np.unique(lab[lab > 0])) == 2
+    labels = write_label_stack(tmp_path / "rois.tif", lab)
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(rec),
+            str(labels),
+            str(out),
+            "--frame-interval",
+            "0.5",
+            "--register",
+            "--background",
+            "opening",
+            "--background-radius",
+            "20",
+            "--pixel-size",
+            "1.2",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "registered" in r.output and "pattern:" in r.output
+    tr = read_traces_csv(out / "traces.csv")
+    assert tr["F"].shape == (2, 20)
+    np.testing.assert_allclose(tr["time_s"], np.arange(20) * 0.5)
+    pat = json.loads((out / "patterns.json").read_text())
+    assert pat["features"]["n_cells"] == 2
+    assert json.loads((out / "waves.json").read_text())["speed_unit"] == "um/s"
+    # the ROI zip written back holds the same two cells
+    back = read_imagej_rois(out / "rois.zip", (128, 256))
+    np.testing.assert_array_equal(back > 0, lab > 0)
+
+
+def test_analyze_refuses_labels_of_another_size(tmp_path):
+    rec = _real("sima_example.tif")
+    bad = tmp_path / "bad.tif"
+    tifffile.imwrite(bad, np.ones((10, 10), np.uint16))
+    r = runner.invoke(app, ["analyze", str(rec), str(bad), str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "do not fit the recording" in r.output
+    r = runner.invoke(
+        app, ["analyze", str(rec), str(bad), str(tmp_path / "o"), "--bleach", "linear"]
+    )
+    assert r.exit_code == 2
+
+
+def test_validate_patterns_prints_a_confusion_matrix(tmp_path):
+    out = tmp_path / "rep.json"
+    r = runner.invoke(
+        app, ["validate-patterns", "--seeds", "3", "--frames", "160", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "| true \\ predicted | spikes | transients | waves | fluttering | none |" in r.output
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 4 and np.asarray(rep["matrix"]).sum() == 4
+    m = np.asarray(rep["matrix"])
+    assert m[2, 2] == 1 and m[3, 3] == 1  # waves and fluttering of seed 3 recognised
+    r = runner.invoke(app, ["validate-patterns", "--seeds", "x-y"])
+    assert r.exit_code == 2 and "--seeds" in r.output
