@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from api.frames import (
     label_at,
@@ -47,6 +47,7 @@ from calseg.service.schemas import (
     ArtifactOut,
     JobCreate,
     JobList,
+    JobMetricOut,
     JobOut,
     MetricOut,
     ModelOut,
@@ -430,6 +431,72 @@ def rerun_job(job_id: str, session: SessionDep, enqueue: EnqueueDep, user: UserD
     return _job_out(lifecycle.rerun_job(session, job_id, enqueue=enqueue, owner=user), detail=True)
 
 
+@app.get("/api/metrics", response_model=list[JobMetricOut], tags=["jobs"])
+def query_metrics(
+    session: SessionDep,
+    user: UserDep,
+    dataset_job_id: Annotated[
+        str | None, Query(description="a simulate job: its metrics and those of jobs using it")
+    ] = None,
+    model_job_id: Annotated[
+        str | None, Query(description="a finetune job: its metrics and those of jobs using it")
+    ] = None,
+    kind: Annotated[str | None, Query(description=f"one of {', '.join(JOB_KINDS)}")] = None,
+    name: Annotated[str | None, Query(description="e.g. iou")] = None,
+    model: Annotated[str | None, Query(description="e.g. fine-tuned, base, baseline")] = None,
+    subset: Annotated[str | None, Query(description="e.g. test")] = None,
+    curves: Annotated[bool, Query(description="include training-curve points")] = False,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[JobMetricOut]:
+    """Metrics across the caller's jobs (an admin: everyone's), per dataset and per model:
+    e.g. ``?dataset_job_id=D&name=iou`` compares every model evaluated on dataset ``D``, and
+    ``?model_job_id=M`` gives a fine-tuned model's training numbers and every evaluation and
+    inference that used it. Newest jobs first; final numbers only unless ``curves=true``.
+    404 when a given job id is not one of the caller's."""
+    if kind is not None and kind not in JOB_KINDS:
+        raise HTTPException(422, f"unknown kind {kind!r}; use one of {', '.join(JOB_KINDS)}")
+    for ref in (dataset_job_id, model_job_id):
+        if ref is not None:
+            _job(session, ref, user)
+    query = select(Job).options(selectinload(Job.metrics))
+    if not user.is_admin:
+        query = query.where(Job.owner_id == user.id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    rows: list[JobMetricOut] = []
+    for job in session.scalars(query.order_by(Job.created_at.desc(), Job.id)):
+        params = job.params or {}
+        ds = job.id if job.kind == "simulate" else params.get("dataset_job_id")
+        mdl = job.id if job.kind == "finetune" else params.get("model_job_id")
+        if dataset_job_id is not None and ds != dataset_job_id:
+            continue
+        if model_job_id is not None and mdl != model_job_id:
+            continue
+        for m in job.metrics:
+            if (m.step is not None and not curves) or (name is not None and m.name != name):
+                continue
+            if (model is not None and m.model != model) or (
+                subset is not None and m.subset != subset
+            ):
+                continue
+            rows.append(
+                JobMetricOut(
+                    name=m.name,
+                    value=m.value,
+                    model=m.model,
+                    subset=m.subset,
+                    step=m.step,
+                    job_id=job.id,
+                    job_kind=job.kind,
+                    dataset_job_id=ds,
+                    model_job_id=mdl,
+                )
+            )
+            if len(rows) >= limit:
+                return rows
+    return rows
+
+
 @app.get("/api/models", response_model=list[ModelOut], tags=["models"])
 def list_models(
     session: SessionDep,
@@ -441,8 +508,6 @@ def list_models(
     finetune job with its SAM2 configuration, the checkpoint it started from, its training
     dataset (simulate job and manifest sha256), parameters, final metrics and checkpoint
     sha256 (download at ``checkpoint_url``)."""
-    from sqlalchemy.orm import selectinload
-
     query = (
         select(Job)
         .where(Job.kind == "finetune", Job.state == "succeeded")

@@ -47,6 +47,7 @@ ROUTES: dict[tuple[str, str], dict[str, Any] | str | None] = {
     ("GET", "/api/recordings"): "listing",
     ("GET", "/api/models"): "listing",
     # routes on alice's ids: bob 404, the admin as given
+    ("GET", "/api/metrics"): {"query": {"model_job_id": "@failed"}, "admin": 200},
     ("GET", "/api/jobs/{job_id}"): {"job": "infer", "admin": 200},
     ("GET", "/api/jobs/{job_id}/metrics"): {"job": "infer", "admin": 200},
     ("GET", "/api/jobs/{job_id}/artifacts/{name:path}"): {
@@ -173,6 +174,16 @@ def _alice_world(client: TestClient, tmp_path: Path) -> dict[str, str]:  # noqa:
         }
 
 
+def _query(spec: dict[str, Any] | str | None, ids: dict[str, str]) -> dict[str, Any] | None:
+    """The spec's query parameters, ``"@name"`` values replaced by alice's id ``name``."""
+    if not isinstance(spec, dict) or "query" not in spec:
+        return None
+    return {
+        k: ids[v[1:]] if isinstance(v, str) and v.startswith("@") else v
+        for k, v in spec["query"].items()
+    }
+
+
 def _url(path: str, spec: dict[str, Any], ids: dict[str, str]) -> str:
     values = {
         "job_id": ids.get(spec.get("job", "")),
@@ -202,7 +213,7 @@ def test_every_route_needs_a_token_and_hides_other_users_data(
 
     for (method, path), spec in ROUTES.items():
         url = _url(path, spec, ids) if isinstance(spec, dict) else path
-        query = spec.get("query") if isinstance(spec, dict) else None
+        query = _query(spec, ids)
         r = anonymous.request(method, url, params=query)
         assert r.status_code == 401, (method, path, r.status_code, r.text)
         assert r.headers["www-authenticate"] == "Bearer"
@@ -230,7 +241,7 @@ def test_every_route_needs_a_token_and_hides_other_users_data(
         if not isinstance(spec, dict):
             continue
         url = _url(path, spec, ids)
-        r = client.request(method, url, params=spec.get("query"), headers=_headers(users["root"]))
+        r = client.request(method, url, params=_query(spec, ids), headers=_headers(users["root"]))
         assert r.status_code == spec["admin"], (method, path, r.status_code, r.text)
     assert client.get(f"/api/jobs/{ids['queued']}").json()["state"] == "cancelled"
     assert client.get(f"/api/recordings/{ids['spare']}").status_code == 404
@@ -592,3 +603,69 @@ def test_local_token_bootstrap(tmp_path: Path) -> None:
         token, what = ensure_local_token(session, tmp_path / "t2")
         assert token is None and "calseg tokens create" in what
         assert not (tmp_path / "t2").exists()
+
+
+def test_metrics_per_dataset_and_model(client: TestClient, users: dict[str, str]) -> None:  # noqa: F811
+    """``GET /api/metrics``: a dataset's and a model's numbers across the jobs that used them."""
+    from calseg.service.models import Metric
+
+    def job(kind: str, **params: str) -> Job:
+        return Job(kind=kind, state="succeeded", owner_id=client.user_id, params=params)
+
+    with session_scope() as session:
+        d1, d2 = job("simulate"), job("simulate")
+        session.add_all([d1, d2])
+        session.flush()
+        ft = job("finetune", dataset_job_id=d1.id)
+        session.add(ft)
+        session.flush()
+        ev1 = job("evaluate", dataset_job_id=d1.id, model_job_id=ft.id)
+        ev2 = job("evaluate", dataset_job_id=d2.id, model_job_id=ft.id)
+        base = job("evaluate", dataset_job_id=d2.id)
+        session.add_all([ev1, ev2, base])
+        session.flush()
+        session.add_all(
+            [
+                Metric(job_id=ft.id, name="final_loss", value=0.3, subset="train"),
+                Metric(job_id=ft.id, name="loss", value=0.9, subset="train", step=1),
+                Metric(job_id=ev1.id, name="iou", value=0.6, model="fine-tuned", subset="test"),
+                Metric(job_id=ev1.id, name="iou", value=0.4, model="baseline", subset="test"),
+                Metric(job_id=ev2.id, name="iou", value=0.5, model="fine-tuned", subset="test"),
+                Metric(job_id=base.id, name="iou", value=0.2, model="base", subset="test"),
+            ]
+        )
+        ids = {k: v.id for k, v in dict(d1=d1, d2=d2, ft=ft, ev1=ev1, ev2=ev2, base=base).items()}
+
+    def q(**params: Any) -> list[tuple]:
+        r = client.get("/api/metrics", params=params)
+        assert r.status_code == 200, r.text
+        return sorted((m["job_id"], m["name"], m["model"], m["value"], m["step"]) for m in r.json())
+
+    assert q(dataset_job_id=ids["d2"], name="iou") == sorted(
+        [(ids["ev2"], "iou", "fine-tuned", 0.5, None), (ids["base"], "iou", "base", 0.2, None)]
+    )
+    assert q(model_job_id=ids["ft"]) == sorted(
+        [
+            (ids["ft"], "final_loss", None, 0.3, None),
+            (ids["ev1"], "iou", "fine-tuned", 0.6, None),
+            (ids["ev1"], "iou", "baseline", 0.4, None),
+            (ids["ev2"], "iou", "fine-tuned", 0.5, None),
+        ]
+    )
+    assert (ids["ft"], "loss", None, 0.9, 1) in q(model_job_id=ids["ft"], curves=True)
+    assert q(dataset_job_id=ids["d1"], model="baseline") == [
+        (ids["ev1"], "iou", "baseline", 0.4, None)
+    ]
+    row = client.get("/api/metrics", params={"dataset_job_id": ids["d1"], "kind": "evaluate"})
+    assert {(m["dataset_job_id"], m["model_job_id"], m["job_kind"]) for m in row.json()} == {
+        (ids["d1"], ids["ft"], "evaluate")
+    }
+    assert client.get("/api/metrics", params={"kind": "bogus"}).status_code == 422
+    bob = _headers(users["bob"])
+    assert client.get("/api/metrics", headers=bob).json() == []
+    r = client.get("/api/metrics", params={"model_job_id": ids["ft"]}, headers=bob)
+    assert r.status_code == 404 and "there is no job" in r.json()["detail"]
+    r = client.get(
+        "/api/metrics", params={"model_job_id": ids["ft"]}, headers=_headers(users["root"])
+    )
+    assert len(r.json()) == 4

@@ -340,6 +340,15 @@ class MetricOut(BaseModel):
     step: int | None = None
 
 
+class JobMetricOut(MetricOut):
+    """A metric with the job that measured it and the dataset and model that job used."""
+
+    job_id: str
+    job_kind: JobKind
+    dataset_job_id: str | None = None
+    model_job_id: str | None = None
+
+
 class UserOut(BaseModel):
     """The user of a token (``GET /api/me``)."""
 
