@@ -521,8 +521,19 @@ def test_provenance_of_jobs(client: TestClient) -> None:  # noqa: F811
         json={"kind": "infer", "params": {"recording_id": rec["id"], "method": "baseline"}},
     ).json()
     assert _run(inf["id"]) == "succeeded", client.get(f"/api/jobs/{inf['id']}").json()["error"]
-    prov = client.get(f"/api/jobs/{inf['id']}").json()["provenance"]
+    done = client.get(f"/api/jobs/{inf['id']}").json()
+    prov = done["provenance"]
     assert [(i["kind"], i["sha256"]) for i in prov["inputs"]] == [("recording", rec["sha256"])]
+    # rerun: same stored parameters, same inputs, the same label stack bit for bit
+    again = client.post(f"/api/jobs/{inf['id']}/rerun").json()
+    assert again["params"] == done["params"] and _run(again["id"]) == "succeeded"
+    again = client.get(f"/api/jobs/{again['id']}").json()
+    assert again["provenance"]["inputs"] == prov["inputs"]
+
+    def labels_sha(job: dict) -> str:
+        return next(a["sha256"] for a in job["artifacts"] if a["name"] == "labels.tif")
+
+    assert labels_sha(again) == labels_sha(done)
 
 
 def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
