@@ -1,30 +1,84 @@
-// CalSeg page: jobs table (polled every 2 s), job detail, frame viewer, metrics. No framework.
+// CalSeg page: token sign-in, jobs dashboard (polled), upload, job forms generated from the
+// parameter schemas, job detail (training curves, viewer, dF/F trace, metrics, downloads),
+// model comparison. Vanilla JS, no build step, no CDN.
+//
+// Every request sends `Authorization: Bearer <token>`; images and downloads are fetched with
+// that header and shown through blob: URLs (an <img src> or <a href> cannot send a header).
 "use strict";
 
 const POLL_MS = 2000;
+const TOKEN_KEY = "calseg.token";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const GAP_PX = 4; // white columns between the panels of a side-by-side frame (api/frames.py)
 const $ = (id) => document.getElementById(id);
-let selectedId = null;
-let selectedJob = null;
-let playTimer = null;
+
+const S = {
+  token: null,
+  me: null,
+  kinds: null, // {kind: JSON schema}
+  selectedId: null,
+  selectedJob: null,
+  jobsCache: [],
+  recordings: [],
+  pollTimer: null,
+};
+
+// ------------------------------------------------------------------ helpers
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v);
+    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c ?? "")));
+  for (const c of children) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
   return node;
 }
 
+class ApiError extends Error {
+  constructor(status, message, body) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+function detailText(body, fallback) {
+  if (!body) return fallback;
+  const d = body.detail;
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).join(".")}: ${e.msg}`).join("; ");
+  return fallback;
+}
+
+function authHeaders(extra = {}) {
+  return S.token ? { ...extra, Authorization: `Bearer ${S.token}` } : extra;
+}
+
+// fetch with the token; JSON body parsed; errors thrown as ApiError (401 shows the sign-in)
 async function api(path, options = {}) {
-  const r = await fetch(path, options);
+  const r = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
   let body = null;
   try { body = await r.json(); } catch (_) { body = null; }
-  if (!r.ok) throw new Error((body && body.detail) || `${r.status} ${r.statusText}`);
+  if (r.status === 401) signedOut("the server refused the token (401): sign in again");
+  if (!r.ok) throw new ApiError(r.status, detailText(body, `${r.status} ${r.statusText}`), body);
   return body;
+}
+
+// fetch a binary resource with the token: {blob, headers}
+async function apiBlob(path) {
+  const r = await fetch(path, { headers: authHeaders() });
+  if (r.status === 401) signedOut("the server refused the token (401): sign in again");
+  if (!r.ok) {
+    let body = null;
+    try { body = await r.json(); } catch (_) { body = null; }
+    throw new ApiError(r.status, detailText(body, `${r.status} ${r.statusText}`), body);
+  }
+  return { blob: await r.blob(), headers: r.headers };
 }
 
 function fmtEta(s) {
@@ -38,6 +92,160 @@ function fmtTime(iso) {
   return iso ? new Date(iso).toLocaleTimeString() : "";
 }
 
+function fmtBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 ** 2) return `${(n / 1024).toFixed(1)} KiB`;
+  if (n < 1024 ** 3) return `${(n / 1024 ** 2).toFixed(1)} MiB`;
+  return `${(n / 1024 ** 3).toFixed(2)} GiB`;
+}
+
+function fmtNum(v) {
+  if (v === null || v === undefined) return "–";
+  if (!Number.isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : Number(v.toPrecision(4)).toString();
+}
+
+const short = (id) => (id ? String(id).slice(0, 8) : "");
+
+// ------------------------------------------------------------------ sign-in
+
+function tokenFromHash() {
+  // #token=<t> (optionally with &job=<id>): store the token, then take it out of the address bar
+  // returns the token found, or null
+  const h = location.hash.replace(/^#/, "");
+  if (!h.includes("token=")) return null;
+  const q = new URLSearchParams(h);
+  const t = (q.get("token") || "").trim();
+  if (t) localStorage.setItem(TOKEN_KEY, t);
+  q.delete("token");
+  const rest = q.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  return t || null;
+}
+
+function signedOut(message) {
+  if (S.pollTimer) clearInterval(S.pollTimer);
+  S.pollTimer = null;
+  S.token = null;
+  S.me = null;
+  localStorage.removeItem(TOKEN_KEY);
+  stopPlay();
+  $("app").hidden = true;
+  $("user-box").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = message || "";
+  $("token-input").value = "";
+  $("token-input").focus();
+}
+
+async function signIn(token) {
+  S.token = token;
+  try {
+    const r = await fetch("/api/me", { headers: authHeaders() });
+    if (r.status === 401 || r.status === 403) {
+      let body = null;
+      try { body = await r.json(); } catch (_) { body = null; }
+      signedOut(`token refused: ${detailText(body, r.statusText)}`);
+      return false;
+    }
+    S.me = r.ok ? await r.json() : { name: "(this server has no users)", is_admin: false };
+  } catch (e) {
+    $("signin").hidden = false;
+    $("signin-error").textContent = `service unreachable: ${e.message}`;
+    return false;
+  }
+  localStorage.setItem(TOKEN_KEY, token);
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  $("user-box").hidden = false;
+  $("user-name").textContent = S.me.name + (S.me.is_admin ? " (admin)" : "");
+  startApp();
+  return true;
+}
+
+// ------------------------------------------------------------------ dashboard
+
+async function jobAction(job, verb) {
+  try {
+    const out = await api(`/api/jobs/${job.id}/${verb}`, { method: "POST" });
+    if (verb === "rerun") selectJob(out.id);
+  } catch (e) {
+    $("jobs-updated").textContent = `${verb} of ${job.kind} job ${short(job.id)} failed: ${e.message}`;
+  }
+  refreshJobs();
+}
+
+function progressBar(job) {
+  const pct = Math.round((job.progress || 0) * 100);
+  return el("span", { class: "progress-cell" },
+    el("progress", { max: "100", value: String(pct), "aria-label": `${job.kind} job ${short(job.id)} progress` }),
+    ` ${pct}%`);
+}
+
+function ownerName(job) {
+  if (job.owner_name) return job.owner_name;
+  if (job.owner && typeof job.owner === "object") return job.owner.name || "";
+  if (!job.owner_id) return "";
+  return S.me && S.me.id === job.owner_id ? S.me.name : `user ${short(job.owner_id)}`;
+}
+
+function jobRow(job) {
+  const actions = el("td", {},
+    el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); selectJob(job.id); },
+                   "aria-label": `open ${job.kind} job ${short(job.id)}` }, "Open"));
+  if (!TERMINAL.has(job.state)) {
+    actions.append(" ", el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); jobAction(job, "cancel"); },
+                                      "aria-label": `cancel ${job.kind} job ${short(job.id)}` }, "Cancel"));
+  } else if (job.state !== "succeeded") {
+    actions.append(" ", el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); jobAction(job, "retry"); },
+                                      "aria-label": `retry ${job.kind} job ${short(job.id)}` }, "Retry"));
+  }
+  if (TERMINAL.has(job.state)) {
+    actions.append(" ", el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); jobAction(job, "rerun"); },
+                                      "aria-label": `run ${job.kind} job ${short(job.id)} again as a new job` }, "Rerun"));
+  }
+  const owner = ownerName(job);
+  const row = el("tr", {
+    class: `job-row${job.id === S.selectedId ? " selected" : ""}`, "data-job-id": job.id, tabindex: "0",
+    "aria-label": `${job.kind} job ${short(job.id)}, ${job.state}`,
+    onclick: () => selectJob(job.id),
+    onkeydown: (ev) => { if (ev.key === "Enter" && ev.target === row) selectJob(job.id); },
+  },
+  el("td", { title: job.id }, fmtTime(job.created_at)),
+  el("td", {}, job.kind),
+  el("td", { class: `state-${job.state}` }, job.state),
+  el("td", { title: job.owner_id || "" }, owner),
+  el("td", {}, progressBar(job)),
+  el("td", { title: job.message || "" }, job.stage || ""),
+  el("td", {}, job.state === "running" ? fmtEta(job.eta_s) : ""),
+  actions);
+  return row;
+}
+
+async function refreshJobs() {
+  if (!S.token) return;
+  const q = new URLSearchParams({ limit: "100" });
+  if ($("filter-kind").value) q.set("kind", $("filter-kind").value);
+  if ($("filter-state").value) q.set("state", $("filter-state").value);
+  try {
+    const page = await api(`/api/jobs?${q}`);
+    const body = $("jobs-body");
+    const focused = document.activeElement && document.activeElement.closest("tr[data-job-id]");
+    const focusId = focused ? focused.dataset.jobId : null;
+    body.replaceChildren(...(page.items.length ? page.items.map(jobRow)
+      : [el("tr", {}, el("td", { colspan: "8" }, "no jobs match"))]));
+    if (focusId) { // keep keyboard focus on the same row across refreshes
+      const again = body.querySelector(`tr[data-job-id="${focusId}"]`);
+      if (again) again.focus();
+    }
+    $("jobs-updated").textContent = `${page.total} job(s), updated ${new Date().toLocaleTimeString()}`;
+    if (!$("filter-kind").value && !$("filter-state").value) S.jobsCache = page.items;
+  } catch (e) {
+    $("jobs-updated").textContent = `could not load jobs: ${e.message}`;
+  }
+}
+
 async function checkService() {
   try {
     const r = await fetch("/api/ready");
@@ -48,203 +256,497 @@ async function checkService() {
   }
 }
 
-async function action(jobId, verb) {
-  try {
-    await api(`/api/jobs/${jobId}/${verb}`, { method: "POST" });
-  } catch (e) {
-    alert(`${verb} failed: ${e.message}`);
-  }
-  refreshJobs();
+// ------------------------------------------------------------------ upload
+
+function uploadWithProgress(file) {
+  // XMLHttpRequest: fetch() cannot report upload progress
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/api/recordings");
+    if (S.token) xhr.setRequestHeader("Authorization", `Bearer ${S.token}`);
+    const bar = $("upload-progress");
+    bar.hidden = false;
+    bar.value = 0;
+    xhr.upload.onprogress = (ev) => {
+      if (!ev.lengthComputable) return;
+      bar.value = Math.round((100 * ev.loaded) / ev.total);
+      $("upload-status").textContent = `uploading ${file.name}: ${fmtBytes(ev.loaded)} of ${fmtBytes(ev.total)}`;
+    };
+    xhr.onerror = () => reject(new Error("network error during the upload"));
+    xhr.onload = () => {
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
+      if (xhr.status === 401) signedOut("the server refused the token (401): sign in again");
+      if (xhr.status >= 200 && xhr.status < 300) { bar.value = 100; resolve(body); }
+      else reject(new ApiError(xhr.status, detailText(body, `${xhr.status} ${xhr.statusText}`), body));
+    };
+    const form = new FormData();
+    form.append("file", file);
+    xhr.send(form);
+  });
 }
 
-function jobRow(job) {
-  const pct = Math.round((job.progress || 0) * 100);
-  const actions = el("td", {},
-    el("button", { type: "button", onclick: () => selectJob(job.id),
-                   "aria-label": `view ${job.kind} job ${job.id.slice(0, 8)}` }, "View"));
-  if (!TERMINAL.has(job.state)) {
-    actions.append(" ", el("button", { type: "button", onclick: () => action(job.id, "cancel"),
-                                      "aria-label": `cancel ${job.kind} job` }, "Cancel"));
-  } else if (job.state !== "succeeded") {
-    actions.append(" ", el("button", { type: "button", onclick: () => action(job.id, "retry"),
-                                      "aria-label": `retry ${job.kind} job` }, "Retry"));
+async function uploadRecording(ev) {
+  ev.preventDefault();
+  const file = $("upload-file").files[0];
+  if (!file) return;
+  $("upload-result").hidden = true;
+  try {
+    const rec = await uploadWithProgress(file);
+    $("upload-status").textContent = rec.duplicate
+      ? `${rec.filename} was uploaded before: using that recording`
+      : `${rec.filename} uploaded`;
+    // the infer form, filled in for this recording
+    await chooseKind("infer");
+    setFieldValue("infer", "recording_id", rec.id);
+    await showRecording(rec);
+    loadRecordings();
+  } catch (e) {
+    $("upload-status").textContent = `upload failed: ${e.message}`;
   }
-  return el("tr", { class: job.id === selectedId ? "selected" : "", "data-job-id": job.id },
-    el("td", { title: job.id }, fmtTime(job.created_at)),
-    el("td", {}, job.kind),
-    el("td", { class: `state-${job.state}` }, job.state),
-    el("td", {}, el("progress", { max: "100", value: String(pct), "aria-label": `${job.kind} progress ${pct}%` }), ` ${pct}%`),
-    el("td", { title: job.message || "" }, job.stage || ""),
-    el("td", {}, job.state === "running" ? fmtEta(job.eta_s) : ""),
-    actions);
 }
 
-async function refreshJobs() {
-  const q = new URLSearchParams({ limit: "100" });
-  if ($("filter-kind").value) q.set("kind", $("filter-kind").value);
-  if ($("filter-state").value) q.set("state", $("filter-state").value);
+async function showRecording(rec) {
+  const dl = $("upload-meta");
+  dl.replaceChildren();
+  const add = (k, v) => dl.append(el("dt", {}, k), el("dd", {}, v));
+  add("file", rec.filename);
+  add("recording id", rec.id);
+  add("frames", String(rec.n_frames));
+  add("size", `${rec.height} × ${rec.width} px (rows × columns)`);
+  add("data type", rec.dtype);
+  add("file size", fmtBytes(rec.size_bytes));
+  add("sha256", rec.sha256);
+  $("upload-result").hidden = false;
+  const t = Math.floor(rec.n_frames / 2);
+  const img = $("upload-preview");
   try {
-    const page = await api(`/api/jobs?${q}`);
-    const body = $("jobs-body");
-    body.replaceChildren(...(page.items.length ? page.items.map(jobRow)
-      : [el("tr", {}, el("td", { colspan: "7" }, "no jobs yet"))]));
-    $("jobs-updated").textContent = `${page.total} job(s), updated ${new Date().toLocaleTimeString()}`;
-    const models = page.items.filter((j) => j.kind === "finetune" && j.state === "succeeded");
-    const sel = $("upload-model");
-    const keep = sel.value;
-    sel.replaceChildren(el("option", { value: "" }, "base model"),
-      ...models.map((m) => el("option", { value: m.id }, `fine-tuned ${m.id.slice(0, 8)}`)));
-    sel.value = keep;
+    const { blob, headers } = await apiBlob(`/api/recordings/${rec.id}/frames/${t}.png`);
+    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(blob);
+    img.alt = `preview: frame ${t} of ${rec.filename}`;
+    $("upload-preview-caption").textContent =
+      `frame ${t}, display range ${headers.get("X-Display-Lo")}–${headers.get("X-Display-Hi")} `
+      + `(data ${headers.get("X-Data-Min")}–${headers.get("X-Data-Max")})`;
   } catch (e) {
-    $("jobs-updated").textContent = `could not load jobs: ${e.message}`;
+    $("upload-preview-caption").textContent = `no preview: ${e.message}`;
   }
 }
+
+// ------------------------------------------------------------------ job forms from schemas
+
+const PRIMARY = new Set(["method", "split", "n_videos", "n_frames", "height", "width", "steps",
+                         "model", "seed", "pattern_classes", "indicator", "image_size"]);
+
+function resolve(schema, prop) {
+  // {type, nullable, enum, items, ...} of a property, following $ref and anyOf [X, null]
+  let p = prop;
+  if (p.$ref) p = refOf(schema, p.$ref);
+  let nullable = false;
+  if (p.anyOf) {
+    const parts = p.anyOf.map((x) => (x.$ref ? refOf(schema, x.$ref) : x));
+    nullable = parts.some((x) => x.type === "null");
+    const rest = parts.filter((x) => x.type !== "null");
+    p = { ...p, ...(rest.length === 1 ? rest[0] : { type: "json" }) };
+    delete p.anyOf;
+  }
+  if (p.allOf && p.allOf.length === 1) p = { ...p, ...(p.allOf[0].$ref ? refOf(schema, p.allOf[0].$ref) : p.allOf[0]) };
+  let type = p.type || (p.enum ? "enum" : "json");
+  if (p.enum) type = "enum";
+  if (type === "array" && !(p.items && p.items.enum)) type = "json";
+  if (type === "object") type = "json";
+  return { ...p, type, nullable };
+}
+
+function refOf(schema, ref) {
+  const name = ref.split("/").pop();
+  return (schema.$defs || schema.definitions || {})[name] || {};
+}
+
+function fieldId(kind, name) { return `f-${kind}-${name}`; }
+
+function hintText(p, required) {
+  const bits = [];
+  if (p.description) bits.push(p.description);
+  if (required) bits.push("required");
+  else if ("default" in p) bits.push(`default: ${p.default === null ? "none" : JSON.stringify(p.default)}`);
+  const lim = [];
+  if (p.minimum !== undefined) lim.push(`≥ ${p.minimum}`);
+  if (p.exclusiveMinimum !== undefined) lim.push(`> ${p.exclusiveMinimum}`);
+  if (p.maximum !== undefined) lim.push(`≤ ${p.maximum}`);
+  if (p.exclusiveMaximum !== undefined) lim.push(`< ${p.exclusiveMaximum}`);
+  if (p.multipleOf !== undefined) lim.push(`multiple of ${p.multipleOf}`);
+  if (lim.length) bits.push(lim.join(", "));
+  return bits.join(" · ");
+}
+
+function suggestions(name) {
+  // choices for id fields: the user's recordings and succeeded jobs of the right kind
+  const jobs = (kind) => S.jobsCache.filter((j) => j.kind === kind && j.state === "succeeded");
+  if (name === "recording_id") return S.recordings.map((r) => [r.id, `${r.filename} (${r.n_frames} frames)`]);
+  if (name === "dataset_job_id") return jobs("simulate").map((j) => [j.id, `simulate ${short(j.id)} ${fmtTime(j.created_at)}`]);
+  if (name === "model_job_id") return jobs("finetune").map((j) => [j.id, `finetune ${short(j.id)} ${fmtTime(j.created_at)}`]);
+  if (name === "video_id") {
+    const ds = S.jobsCache.find((j) => j.kind === "simulate" && j.result && j.result.videos);
+    return ds ? ds.result.videos.map((v) => [v.id, `${v.id} (${v.split})`]) : [];
+  }
+  return null;
+}
+
+function buildInput(kind, name, p, required) {
+  const id = fieldId(kind, name);
+  const hintId = `${id}-hint`;
+  const errId = `${id}-err`;
+  const common = { id, name, "aria-describedby": `${hintId} ${errId}`, "data-field": name };
+  let input;
+  if (p.type === "enum") {
+    input = el("select", common,
+      ...(p.nullable || (required && !("default" in p)) ? [el("option", { value: "" }, p.nullable ? "(none)" : "choose…")] : []),
+      ...p.enum.map((v) => el("option", { value: JSON.stringify(v) }, String(v))));
+    input.value = "default" in p && p.default !== null ? JSON.stringify(p.default) : "";
+  } else if (p.type === "boolean" && !p.nullable) {
+    input = el("input", { ...common, type: "checkbox" });
+    input.checked = Boolean(p.default);
+  } else if (p.type === "boolean") {
+    input = el("select", common, el("option", { value: "" }, "(automatic)"),
+      el("option", { value: "true" }, "true"), el("option", { value: "false" }, "false"));
+    input.value = p.default === null || p.default === undefined ? "" : String(p.default);
+  } else if (p.type === "integer" || p.type === "number") {
+    input = el("input", { ...common, type: "number", inputmode: p.type === "integer" ? "numeric" : "decimal",
+      step: p.type === "integer" ? String(p.multipleOf || 1) : "any",
+      min: p.minimum, max: p.maximum });
+    input.value = "default" in p && p.default !== null ? String(p.default) : "";
+    if (p.nullable) input.placeholder = "none";
+  } else if (p.type === "array") {
+    input = el("fieldset", { id, class: "checks", "aria-describedby": `${hintId} ${errId}`, "data-field": name },
+      el("legend", { class: "visually-hidden" }, name),
+      ...p.items.enum.map((v) => el("label", {},
+        el("input", { type: "checkbox", value: JSON.stringify(v),
+                      checked: Array.isArray(p.default) && p.default.includes(v) }), ` ${v}`)));
+  } else if (p.type === "json") {
+    input = el("textarea", { ...common, rows: "2", cols: "30", spellcheck: "false",
+      placeholder: "JSON, e.g. {}" });
+    input.value = "default" in p && p.default !== null ? JSON.stringify(p.default) : "";
+  } else {
+    const list = suggestions(name);
+    input = el("input", { ...common, type: "text", spellcheck: "false", autocomplete: "off",
+      list: list ? `${id}-list` : null, size: list ? "38" : null });
+    input.value = "default" in p && p.default !== null ? String(p.default) : "";
+  }
+  if (required) input.setAttribute("aria-required", "true");
+  const label = p.type === "array"
+    ? el("span", { class: "param-label", id: `${id}-label` }, name)
+    : el("label", { for: id, class: "param-label" }, name);
+  if (p.type === "array") input.setAttribute("aria-labelledby", `${id}-label`);
+  const wrap = el("div", { class: `param${p.type === "json" ? " param-json" : ""}` },
+    label, input,
+    el("span", { id: hintId, class: "hint" }, hintText(p, required)),
+    el("span", { id: errId, class: "field-error", role: "alert" }));
+  if (p.type === "string") {
+    const list = suggestions(name);
+    if (list) wrap.append(el("datalist", { id: `${id}-list` }, ...list.map(([v, t]) => el("option", { value: v }, t))));
+  }
+  if (p.type === "json") {
+    // a nested object: collapsible
+    return el("details", { class: "param-details" }, el("summary", {}, `${name} (JSON)`), wrap);
+  }
+  return wrap;
+}
+
+function renderForm(kind) {
+  const schema = S.kinds && S.kinds[kind];
+  $("job-fields").replaceChildren();
+  $("job-more-fields").replaceChildren();
+  $("job-form-error").textContent = "";
+  $("job-form-status").textContent = "";
+  if (!schema) { $("job-kind-doc").textContent = "no parameter schema for this kind"; return; }
+  $("job-kind-doc").textContent = schema.description || "";
+  const required = new Set(schema.required || []);
+  for (const [name, raw] of Object.entries(schema.properties || {})) {
+    const p = resolve(schema, raw);
+    const node = buildInput(kind, name, p, required.has(name));
+    const primary = required.has(name) || name.endsWith("_id") || PRIMARY.has(name);
+    (primary ? $("job-fields") : $("job-more-fields")).append(node);
+  }
+  $("job-more").hidden = !$("job-more-fields").children.length;
+  $("job-submit").textContent = `Submit ${kind} job`;
+}
+
+async function chooseKind(kind) {
+  if (!S.kinds) await loadKinds();
+  if ($("job-kind").value !== kind || !$("job-fields").children.length) {
+    $("job-kind").value = kind;
+    renderForm(kind);
+  }
+}
+
+function setFieldValue(kind, name, value) {
+  const input = document.getElementById(fieldId(kind, name));
+  if (input) { input.value = value; input.dispatchEvent(new Event("input")); }
+}
+
+function fieldError(kind, name, message) {
+  const input = document.getElementById(fieldId(kind, name));
+  const err = document.getElementById(`${fieldId(kind, name)}-err`);
+  if (!input || !err) return false;
+  err.textContent = message || "";
+  if (message) input.setAttribute("aria-invalid", "true");
+  else input.removeAttribute("aria-invalid");
+  if (message) { const d = input.closest("details"); if (d) d.open = true; }
+  return true;
+}
+
+// the value of one field: {skip: true} when it is left at its default, {error} when invalid
+function readField(kind, name, p, required) {
+  const input = document.getElementById(fieldId(kind, name));
+  const dflt = "default" in p ? p.default : undefined;
+  const same = (v) => JSON.stringify(v) === JSON.stringify(dflt);
+  if (p.type === "boolean" && !p.nullable) {
+    return same(input.checked) && !required ? { skip: true } : { value: input.checked };
+  }
+  if (p.type === "array") {
+    const vals = [...input.querySelectorAll("input:checked")].map((c) => JSON.parse(c.value));
+    if (!vals.length) return p.minItems ? (dflt === undefined ? { skip: true } : { error: "choose at least one" }) : { skip: true };
+    return same(vals) ? { skip: true } : { value: vals };
+  }
+  const raw = input.value.trim();
+  if (raw === "") {
+    if (required) return { error: "required" };
+    return { skip: true }; // the default (or none)
+  }
+  let v;
+  if (p.type === "enum" || (p.type === "boolean")) v = JSON.parse(raw);
+  else if (p.type === "json") {
+    try { v = JSON.parse(raw); } catch (e) { return { error: `not valid JSON: ${e.message}` }; }
+  } else if (p.type === "integer" || p.type === "number") {
+    v = Number(raw);
+    if (!Number.isFinite(v)) return { error: "not a number" };
+    if (p.type === "integer" && !Number.isInteger(v)) return { error: "must be a whole number" };
+    if (p.minimum !== undefined && v < p.minimum) return { error: `must be ≥ ${p.minimum}` };
+    if (p.maximum !== undefined && v > p.maximum) return { error: `must be ≤ ${p.maximum}` };
+    if (p.exclusiveMinimum !== undefined && v <= p.exclusiveMinimum) return { error: `must be > ${p.exclusiveMinimum}` };
+    if (p.exclusiveMaximum !== undefined && v >= p.exclusiveMaximum) return { error: `must be < ${p.exclusiveMaximum}` };
+    if (p.multipleOf !== undefined && Math.abs(v / p.multipleOf - Math.round(v / p.multipleOf)) > 1e-9) {
+      return { error: `must be a multiple of ${p.multipleOf}` };
+    }
+  } else v = raw;
+  return !required && same(v) ? { skip: true } : { value: v };
+}
+
+function collectParams(kind) {
+  const schema = S.kinds[kind];
+  const required = new Set(schema.required || []);
+  const params = {};
+  let firstBad = null;
+  for (const [name, raw] of Object.entries(schema.properties || {})) {
+    const p = resolve(schema, raw);
+    const r = readField(kind, name, p, required.has(name));
+    fieldError(kind, name, r.error);
+    if (r.error && !firstBad) firstBad = name;
+    if (!r.error && !r.skip) params[name] = r.value;
+  }
+  return { params, firstBad };
+}
+
+async function submitJob(ev) {
+  ev.preventDefault();
+  const kind = $("job-kind").value;
+  $("job-form-error").textContent = "";
+  $("job-form-status").textContent = "";
+  const { params, firstBad } = collectParams(kind);
+  if (firstBad) {
+    $("job-form-error").textContent = "fix the fields marked below";
+    document.getElementById(fieldId(kind, firstBad)).focus();
+    return;
+  }
+  try {
+    const job = await api("/api/jobs", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ kind, params }),
+    });
+    $("job-form-status").textContent = `${kind} job ${short(job.id)} queued`;
+    refreshJobs();
+    selectJob(job.id);
+  } catch (e) {
+    showServerErrors(kind, e);
+  }
+}
+
+function showServerErrors(kind, e) {
+  // 422: {"detail": str, "errors": [{"loc": ["body", "params", field, ...], "msg"}]}
+  const errs = (e.body && (e.body.errors || (Array.isArray(e.body.detail) ? e.body.detail : null))) || [];
+  let placed = 0;
+  const loose = [];
+  let first = null;
+  for (const err of errs) {
+    const loc = (err.loc || []).filter((x) => x !== "body" && x !== "params");
+    const msg = String(err.msg || "").replace(/^Value error, /, "");
+    if (loc.length && fieldError(kind, String(loc[0]), msg + (loc.length > 1 ? ` (${loc.slice(1).join(".")})` : ""))) {
+      placed += 1;
+      first = first || String(loc[0]);
+    } else loose.push(msg);
+  }
+  if (!errs.length && e.body && typeof e.body.detail === "string") loose.push(e.body.detail);
+  // a model-level message (no field in its location) goes next to every field it names
+  const names = Object.keys((S.kinds[kind] || {}).properties || {});
+  for (const msg of loose) {
+    for (const name of names) {
+      if (new RegExp(`\\b${name}\\b`).test(msg) && fieldError(kind, name, msg)) first = first || name;
+    }
+  }
+  $("job-form-error").textContent = loose.length ? loose.join("; ")
+    : placed ? `the server refused ${placed} field(s): see below` : `submit failed: ${e.message}`;
+  if (first) document.getElementById(fieldId(kind, first)).focus();
+}
+
+async function loadKinds() {
+  try {
+    S.kinds = await api("/api/job-kinds");
+  } catch (e) {
+    S.kinds = {};
+    $("job-kind-doc").textContent = `cannot load the job parameter schemas: ${e.message}`;
+  }
+  const sel = $("job-kind");
+  const keep = sel.value;
+  sel.replaceChildren(...Object.keys(S.kinds).map((k) => el("option", { value: k }, k)));
+  if (keep && S.kinds[keep]) sel.value = keep;
+  else if (S.kinds.infer) sel.value = "infer";
+  renderForm(sel.value);
+}
+
+async function loadRecordings() {
+  try {
+    const recs = await api("/api/recordings?limit=100");
+    S.recordings = Array.isArray(recs) ? recs : recs.items || [];
+  } catch (_) { S.recordings = []; }
+}
+
+// ------------------------------------------------------------------ job detail
 
 function field(dl, name, value) {
   if (value === null || value === undefined || value === "") return;
   dl.append(el("dt", {}, name), el("dd", {}, value));
 }
 
-function renderMetrics(metrics) {
-  const box = $("metrics");
-  box.hidden = !metrics.length;
-  if (!metrics.length) return;
+function renderMetricsTable(table, metrics, rowKey) {
   const names = [...new Set(metrics.map((m) => m.name))];
-  const models = [...new Set(metrics.map((m) => m.model || "—"))];
-  const table = $("metrics-table");
+  const rows = [...new Set(metrics.map(rowKey))];
   table.tHead.replaceChildren(el("tr", {}, el("th", { scope: "col" }, "model"),
     ...names.map((n) => el("th", { scope: "col" }, n))));
-  table.tBodies[0].replaceChildren(...models.map((model) => el("tr", {},
-    el("th", { scope: "row" }, model),
+  table.tBodies[0].replaceChildren(...rows.map((row) => el("tr", {},
+    el("th", { scope: "row" }, row),
     ...names.map((n) => {
-      const m = metrics.find((x) => (x.model || "—") === model && x.name === n);
-      return el("td", {}, m && m.value !== null ? m.value.toFixed(3) : "–");
+      const m = metrics.find((x) => rowKey(x) === row && x.name === n);
+      return el("td", { class: "num" }, m ? fmtNum(m.value) : "–");
     }))));
 }
 
 function renderDetail(job) {
   $("detail").hidden = false;
   $("detail-title").textContent = `${job.kind} job ${job.id}`;
+  const pct = Math.round((job.progress || 0) * 100);
+  $("detail-progress").replaceChildren(
+    el("span", { class: `state-${job.state}` }, job.state), " ",
+    el("progress", { max: "100", value: String(pct), "aria-label": "job progress" }), ` ${pct}%`,
+    job.stage ? ` · ${job.stage}` : "", job.state === "running" && job.eta_s != null ? ` · ETA ${fmtEta(job.eta_s)}` : "");
   const dl = $("detail-fields");
   dl.replaceChildren();
-  field(dl, "state", job.state);
-  field(dl, "progress", `${Math.round(job.progress * 100)}%${job.stage ? ` (${job.stage})` : ""}`);
   field(dl, "message", job.message);
   field(dl, "error", job.error);
+  field(dl, "owner", ownerName(job));
   field(dl, "attempts", String(job.attempts));
+  field(dl, "created", job.created_at ? new Date(job.created_at).toLocaleString() : "");
   field(dl, "code version", job.code_version);
-  field(dl, "parameters", JSON.stringify(job.params));
+  field(dl, "parameters", el("code", {}, JSON.stringify(job.params)));
   const warnings = (job.result && job.result.warnings) || [];
-  if (warnings.length) {
-    dl.append(el("dt", {}, "warnings"), el("dd", { class: "warn" }, warnings.join(" | ")));
-  }
-  if (job.result && job.result.table) {
-    dl.append(el("dt", {}, "report"), el("dd", {}, el("pre", {}, job.result.table)));
-  }
-  renderMetrics(job.metrics || []);
-  const arts = job.artifacts || [];
-  $("artifacts").hidden = !arts.length;
-  $("artifact-list").replaceChildren(...arts.map((a) => el("li", {},
-    el("a", { href: a.url, target: "_blank", rel: "noopener" }, a.name),
-    ` (${a.kind}, ${(a.size_bytes / 1024).toFixed(1)} KiB, sha256 ${a.sha256.slice(0, 12)}…)`)));
+  if (warnings.length) dl.append(el("dt", {}, "warnings"), el("dd", { class: "warn" }, warnings.join(" | ")));
+  if (job.result && job.result.table) dl.append(el("dt", {}, "report"), el("dd", {}, el("pre", {}, job.result.table)));
+  const flat = (job.metrics || []).filter((m) => m.step === null || m.step === undefined);
+  $("metrics").hidden = !flat.length;
+  if (flat.length) renderMetricsTable($("metrics-table"), flat, (m) => [m.model, m.subset].filter(Boolean).join(" / ") || "—");
+  renderArtifacts(job);
   $("log-tail").textContent = job.log_tail || "";
   setupViewer(job);
+  setupCurves(job);
 }
 
-function setupViewer(job) {
-  const ok = job.kind === "infer" && job.state === "succeeded" && job.result;
-  const viewer = $("viewer");
-  if (!ok) { viewer.hidden = true; stopPlay(); return; }
-  const fresh = viewer.hidden || viewer.dataset.jobId !== job.id;
-  viewer.hidden = false;
-  if (!fresh) return;
-  viewer.dataset.jobId = job.id;
-  const n = job.result.n_frames || 1;
-  const slider = $("frame-slider");
-  slider.max = String(n - 1);
-  slider.value = "0";
-  $("gt-label").hidden = !(job.result.source && job.result.source.gt_relpath);
-  $("gt-toggle").checked = false;
-  clearTrace("Click a cell in the frame to plot its dF/F trace.");
-  showFrame();
+function renderArtifacts(job) {
+  const arts = job.artifacts || [];
+  $("artifacts").hidden = !arts.length;
+  const body = $("artifact-list");
+  if (body.dataset.jobId === job.id && body.children.length === arts.length) return;
+  body.dataset.jobId = job.id;
+  body.replaceChildren(...arts.map((a) => el("tr", { "data-artifact": a.name },
+    el("td", {}, el("button", { type: "button", class: "linklike", "data-size": String(a.size_bytes),
+      "aria-label": `download ${a.name} (${fmtBytes(a.size_bytes)})`,
+      onclick: () => download(a) }, a.name)),
+    el("td", {}, a.kind),
+    el("td", { class: "num", title: `${a.size_bytes} bytes` }, fmtBytes(a.size_bytes)),
+    el("td", {}, el("code", { title: a.sha256 }, `${a.sha256.slice(0, 12)}…`)))));
 }
 
-function frameUrl() {
-  const t = $("frame-slider").value;
-  const overlay = $("overlay-toggle").checked ? 1 : 0;
-  const gt = $("gt-toggle").checked && !$("gt-label").hidden ? 1 : 0;
-  return `/api/jobs/${selectedId}/frames/${t}.png?overlay=${overlay}&gt=${gt}`;
+async function download(a) {
+  // fetch with the token -> blob -> a temporary <a download> (a plain link sends no header)
+  const status = $("download-status");
+  status.textContent = `downloading ${a.name}…`;
+  try {
+    const { blob } = await apiBlob(a.url);
+    const url = URL.createObjectURL(blob);
+    const link = el("a", { href: url, download: a.name.split("/").pop(), hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    status.textContent = `${a.name}: ${fmtBytes(blob.size)} downloaded`;
+  } catch (e) {
+    status.textContent = `download of ${a.name} failed: ${e.message}`;
+  }
 }
 
-function showFrame() {
-  const t = $("frame-slider").value;
-  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}`; // as on the contact sheets
-  $("frame-img").src = frameUrl();
-  $("frame-img").alt = `frame ${t}${$("overlay-toggle").checked ? " with predicted cells overlaid" : ""}`;
-  moveMarker();
+async function selectJob(id) {
+  S.selectedId = id;
+  S.selectedJob = null; // render this job even if it is the one shown before (and ended)
+  stopPlay();
+  $("viewer").hidden = true;
+  $("viewer").dataset.jobId = "";
+  $("curves").hidden = true;
+  $("artifact-list").dataset.jobId = "";
+  if (location.hash !== `#job=${id}`) history.pushState(null, "", `#job=${encodeURIComponent(id)}`);
+  await refreshDetail();
+  refreshJobs();
+  $("detail-title").focus({ preventScroll: true });
+  $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
-// ---- click a cell: its dF/F trace as an inline SVG line plot
+async function refreshDetail() {
+  if (!S.selectedId || !S.token) return;
+  const cur = S.selectedJob;
+  if (cur && cur.id === S.selectedId && TERMINAL.has(cur.state)) return;
+  try {
+    S.selectedJob = await api(`/api/jobs/${S.selectedId}`);
+    renderDetail(S.selectedJob);
+  } catch (e) {
+    // e.g. a stale #job= link: say so instead of leaving the section hidden
+    $("detail").hidden = false;
+    $("viewer").hidden = true;
+    $("curves").hidden = true;
+    $("metrics").hidden = true;
+    $("artifacts").hidden = true;
+    $("detail-progress").replaceChildren();
+    $("detail-title").textContent = `job ${S.selectedId}`;
+    $("detail-fields").replaceChildren(el("dt", {}, "error"), el("dd", {}, e.message));
+  }
+}
+
+// ------------------------------------------------------------------ SVG plots
+
 const SVG_NS = "http://www.w3.org/2000/svg";
-let trace = null; // {jobId, cell_id, time_s, dff} of the plotted cell
-let traceRequest = 0;
 
 function svg(tag, attrs = {}, text = null) {
   const node = document.createElementNS(SVG_NS, tag);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
   if (text !== null) node.textContent = text;
   return node;
-}
-
-function clearTrace(message) {
-  trace = null;
-  traceRequest += 1;
-  $("trace-plot").replaceChildren();
-  $("trace-caption").textContent = message;
-}
-
-// The image pixel (column x, row y) under a click on #frame-img, or null outside the picture.
-// The element is scaled (CSS height, object-fit: contain) so the displayed size differs from
-// the natural size; with the ground-truth panel beside, a click on it maps to the same pixel.
-function clickToPixel(ev) {
-  const img = ev.currentTarget;
-  const nw = img.naturalWidth, nh = img.naturalHeight;
-  if (!nw || !nh) return null;
-  const rect = img.getBoundingClientRect();
-  const cw = img.clientWidth, ch = img.clientHeight; // content + padding, without border
-  const scale = Math.min(cw / nw, ch / nh);
-  const ox = img.clientLeft + (cw - nw * scale) / 2;
-  const oy = img.clientTop + (ch - nh * scale) / 2;
-  let x = Math.floor((ev.clientX - rect.left - ox) / scale);
-  const y = Math.floor((ev.clientY - rect.top - oy) / scale);
-  if (x < 0 || y < 0 || x >= nw || y >= nh) return null;
-  if ($("gt-toggle").checked && !$("gt-label").hidden) {
-    const panel = (nw - 4) / 2; // GAP_PX = 4 in api/frames.py
-    if (x >= panel && x < panel + 4) return null;
-    if (x >= panel + 4) x -= panel + 4;
-  }
-  return { x, y };
-}
-
-async function cellClicked(ev) {
-  const p = clickToPixel(ev);
-  if (!p || !selectedId) return;
-  const t = Number($("frame-slider").value);
-  const jobId = selectedId;
-  const req = ++traceRequest;
-  try {
-    const at = await api(`/api/jobs/${jobId}/cells/at?t=${t}&x=${p.x}&y=${p.y}`);
-    if (req !== traceRequest) return;
-    if (at.cell_id === null) { clearTrace(`no cell here (pixel x ${p.x}, y ${p.y}, frame ${t})`); return; }
-    $("trace-caption").textContent = `cell ${at.cell_id}: loading trace…`;
-    const tr = await api(`/api/jobs/${jobId}/cells/${at.cell_id}/trace`);
-    if (req !== traceRequest) return;
-    trace = { jobId, ...tr };
-    drawTrace();
-    $("trace-caption").textContent = `cell ${tr.cell_id}`;
-  } catch (e) {
-    if (req === traceRequest) clearTrace(`could not load the trace: ${e.message}`);
-  }
 }
 
 function niceTicks(lo, hi, n = 5) {
@@ -257,38 +759,27 @@ function niceTicks(lo, hi, n = 5) {
   return ticks;
 }
 
-function drawTrace() {
-  const box = $("trace-plot");
-  if (!trace) { box.replaceChildren(); return; }
-  const W = 640, H = 240, L = 58, R = 14, T = 12, B = 42;
-  const ts = trace.time_s, ys = trace.dff;
-  const finite = ys.filter((v) => v !== null);
-  let lo = finite.length ? Math.min(0, ...finite) : 0;
-  let hi = finite.length ? Math.max(...finite) : 1;
+// A line plot: series [{xs, ys, cls, label}], nulls break the line. Returns {svg, sx}.
+function linePlot({ series, xlabel, ylabel, title, zeroLine = true, width = 640, height = 240, points = false }) {
+  const W = width, H = height, L = 58, R = 14, T = 12, B = 42;
+  const xsAll = series.flatMap((s) => s.xs.filter((v, i) => v !== null && s.ys[i] !== null));
+  const ysAll = series.flatMap((s) => s.ys.filter((v) => v !== null));
+  let lo = ysAll.length ? Math.min(...ysAll) : 0;
+  let hi = ysAll.length ? Math.max(...ysAll) : 1;
+  if (zeroLine) lo = Math.min(0, lo);
   if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
-  const t0 = ts.length ? ts[0] : 0, t1 = ts.length > 1 ? ts[ts.length - 1] : t0 + 1;
-  const sx = (t) => L + ((t - t0) / (t1 - t0 || 1)) * (W - L - R);
+  const x0 = xsAll.length ? Math.min(...xsAll) : 0;
+  let x1 = xsAll.length ? Math.max(...xsAll) : 1;
+  if (x1 <= x0) x1 = x0 + 1;
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
-  let d = "";
-  let pen = false;
-  ys.forEach((v, i) => {
-    if (v === null || ts[i] === null) { pen = false; return; }
-    d += `${pen ? "L" : "M"}${sx(ts[i]).toFixed(1)},${sy(v).toFixed(1)}`;
-    pen = true;
-  });
-  const n = finite.length;
-  const peak = n ? Math.max(...finite) : NaN;
-  const plot = svg("svg", {
-    viewBox: `0 0 ${W} ${H}`, role: "img",
-    "aria-label": `dF/F trace of cell ${trace.cell_id}: ${ys.length} frames over ${t1.toFixed(1)} s`
-      + (n ? `, peak dF/F ${peak.toFixed(2)}` : ", no finite dF/F values"),
-  });
-  plot.append(svg("title", {}, `dF/F of cell ${trace.cell_id}`));
+  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
+  plot.append(svg("title", {}, title));
   for (const v of niceTicks(lo, hi)) {
     plot.append(svg("line", { class: "axis", x1: L - 4, x2: L, y1: sy(v), y2: sy(v) }),
       svg("text", { x: L - 6, y: sy(v) + 4, "text-anchor": "end" }, String(v)));
   }
-  for (const v of niceTicks(t0, t1)) {
+  for (const v of niceTicks(x0, x1)) {
     plot.append(svg("line", { class: "axis", x1: sx(v), x2: sx(v), y1: H - B, y2: H - B + 4 }),
       svg("text", { x: sx(v), y: H - B + 16, "text-anchor": "middle" }, String(v)));
   }
@@ -296,120 +787,540 @@ function drawTrace() {
   plot.append(
     svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }),
     svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }),
-    svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, "time (s)"),
+    svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, xlabel),
     svg("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle",
-                  transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "dF/F"),
-    svg("path", { class: "trace-line", d }),
-    svg("line", { id: "trace-marker", class: "marker", x1: 0, x2: 0, y1: T, y2: H - B }));
-  box.replaceChildren(plot);
-  trace.sx = sx;
+                  transform: `rotate(-90 14 ${(T + H - B) / 2})` }, ylabel));
+  for (const s of series) {
+    let d = "";
+    let pen = false;
+    s.ys.forEach((v, i) => {
+      const x = s.xs[i];
+      if (v === null || x === null || x === undefined) { pen = false; return; }
+      d += `${pen ? "L" : "M"}${sx(x).toFixed(1)},${sy(v).toFixed(1)}`;
+      pen = true;
+      if (points) plot.append(svg("circle", { class: `${s.cls}-pt`, cx: sx(x).toFixed(1), cy: sy(v).toFixed(1), r: 2.5 }));
+    });
+    plot.append(svg("path", { class: s.cls, d, "data-points": String(s.ys.filter((v) => v !== null).length) }));
+  }
+  return { svg: plot, sx, T, H, B };
+}
+
+// ------------------------------------------------------------------ training curves
+
+let curvesTimer = 0;
+
+function setupCurves(job) {
+  const show = job.kind === "finetune";
+  $("curves").hidden = !show;
+  if (!show) return;
+  loadCurves(job);
+}
+
+async function loadCurves(job) {
+  const now = Date.now();
+  if (now - curvesTimer < POLL_MS - 100 && $("curves").dataset.jobId === job.id) return;
+  curvesTimer = now;
+  $("curves").dataset.jobId = job.id;
+  let metrics;
+  try {
+    metrics = await api(`/api/jobs/${job.id}/metrics`);
+  } catch (e) {
+    metrics = job.metrics || [];
+  }
+  if (S.selectedId !== job.id) return;
+  const stepped = metrics.filter((m) => m.step !== null && m.step !== undefined);
+  const byName = new Map();
+  for (const m of stepped) {
+    if (!byName.has(m.name)) byName.set(m.name, []);
+    byName.get(m.name).push(m);
+  }
+  const box = $("curve-plots");
+  if (!byName.size) {
+    box.replaceChildren();
+    $("curves-note").textContent = TERMINAL.has(job.state) ? "this job recorded no training curve"
+      : "waiting for the first training steps…";
+    return;
+  }
+  const plots = [];
+  for (const [name, ms] of byName) {
+    ms.sort((a, b) => a.step - b.step);
+    const isLoss = /loss/i.test(name);
+    const { svg: plot } = linePlot({
+      series: [{ xs: ms.map((m) => m.step), ys: ms.map((m) => m.value), cls: isLoss ? "loss-line" : "iou-line" }],
+      xlabel: "step", ylabel: name, zeroLine: !isLoss, width: 480, height: 200, points: ms.length < 40,
+      title: `${name} by training step: ${ms.length} values, last ${fmtNum(ms[ms.length - 1].value)} at step ${ms[ms.length - 1].step}`,
+    });
+    plot.setAttribute("data-metric", name);
+    plots.push(el("figure", { class: "curve" }, el("figcaption", {}, name), plot));
+  }
+  box.replaceChildren(...plots);
+  const last = stepped.reduce((a, m) => Math.max(a, m.step), 0);
+  $("curves-note").textContent = `${stepped.length} values up to step ${last}${TERMINAL.has(job.state) ? "" : " (updating)"}`;
+}
+
+// ------------------------------------------------------------------ viewer
+
+const V = {
+  jobId: null,
+  bitmap: null, // the drawn frame (ImageBitmap)
+  iw: 0, ih: 0, // its size (px)
+  scale: 1, tx: 0, ty: 0, // canvas transform: canvas = image * scale + (tx, ty)
+  request: 0,
+  cache: new Map(), // url -> {bitmap, headers}, a small LRU
+  range: null, // {lo, hi, vmin, vmax} of the recording
+  playTimer: null,
+  hasGt: false,
+};
+
+function setupViewer(job) {
+  const ok = job.kind === "infer" && job.state === "succeeded" && job.result;
+  const viewer = $("viewer");
+  if (!ok) { viewer.hidden = true; stopPlay(); return; }
+  const fresh = viewer.hidden || viewer.dataset.jobId !== job.id;
+  viewer.hidden = false;
+  if (!fresh) return;
+  viewer.dataset.jobId = job.id;
+  V.jobId = job.id;
+  V.cache.clear();
+  V.range = null;
+  V.bitmap = null;
+  V.fitted = false;
+  const n = job.result.n_frames || 1;
+  const slider = $("frame-slider");
+  slider.max = String(n - 1);
+  slider.value = "0";
+  V.hasGt = Boolean(job.result.source && job.result.source.gt_relpath);
+  $("gt-box").hidden = !V.hasGt;
+  $("gt-select").value = "0";
+  $("range-lo").value = "";
+  $("range-hi").value = "";
+  clearTrace("Click a cell in the frame (or choose one below) to plot its dF/F trace.");
+  loadCells(job);
+  showFrame();
+}
+
+function frameUrl(t) {
+  const q = new URLSearchParams({
+    overlay: $("overlay-toggle").checked ? "1" : "0",
+    gt: V.hasGt ? $("gt-select").value : "0",
+    alpha: $("opacity").value,
+    style: $("style-select").value,
+    colors: $("colors-select").value,
+  });
+  const lo = $("range-lo").value, hi = $("range-hi").value;
+  if (lo !== "" && hi !== "" && V.range && (Number(lo) !== V.range.lo || Number(hi) !== V.range.hi)) {
+    q.set("lo", lo);
+    q.set("hi", hi);
+  }
+  return `/api/jobs/${V.jobId}/frames/${t}.png?${q}`;
+}
+
+async function getFrame(url) {
+  if (V.cache.has(url)) {
+    const hit = V.cache.get(url);
+    V.cache.delete(url);
+    V.cache.set(url, hit);
+    return hit;
+  }
+  const { blob, headers } = await apiBlob(url);
+  const bitmap = await createImageBitmap(blob);
+  const hit = { bitmap, headers };
+  V.cache.set(url, hit);
+  while (V.cache.size > 96) {
+    const oldest = V.cache.keys().next().value;
+    V.cache.get(oldest).bitmap.close();
+    V.cache.delete(oldest);
+  }
+  return hit;
+}
+
+async function showFrame() {
+  if (!V.jobId) return;
+  const t = Number($("frame-slider").value);
+  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}`; // as on the contact sheets
+  moveMarker();
+  const req = ++V.request;
+  const url = frameUrl(t);
+  try {
+    const { bitmap, headers } = await getFrame(url);
+    if (req !== V.request) return;
+    if (!V.range) {
+      V.range = { lo: Number(headers.get("X-Display-Lo")), hi: Number(headers.get("X-Display-Hi")),
+                  vmin: Number(headers.get("X-Data-Min")), vmax: Number(headers.get("X-Data-Max")) };
+      for (const id of ["range-lo", "range-hi"]) {
+        $(id).min = String(V.range.vmin);
+        $(id).max = String(V.range.vmax);
+      }
+      $("range-lo").value = String(V.range.lo);
+      $("range-hi").value = String(V.range.hi);
+      $("range-note").textContent = `data ${fmtNum(V.range.vmin)}–${fmtNum(V.range.vmax)}`;
+    }
+    const resized = bitmap.width !== V.iw || bitmap.height !== V.ih;
+    V.bitmap = bitmap;
+    V.iw = bitmap.width;
+    V.ih = bitmap.height;
+    const canvas = $("view-canvas");
+    canvas.dataset.frame = String(t);
+    canvas.dataset.src = url;
+    if (resized || !V.fitted) resetView();
+    else draw();
+    $("view-status").textContent = `frame ${t}: ${V.ih} × ${V.iw} px shown at ${(V.scale).toFixed(2)}×`;
+  } catch (e) {
+    if (req === V.request) $("view-status").textContent = `cannot show frame ${t}: ${e.message}`;
+  }
+}
+
+function resetView() {
+  const canvas = $("view-canvas");
+  const cw = Math.min(canvas.parentElement.clientWidth || 640, 900);
+  const aspect = V.ih && V.iw ? V.ih / V.iw : 0.75;
+  const ch = Math.min(Math.round(cw * aspect), 560);
+  if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; }
+  if (!V.iw) return;
+  V.scale = Math.min(cw / V.iw, ch / V.ih);
+  V.tx = (cw - V.iw * V.scale) / 2;
+  V.ty = (ch - V.ih * V.scale) / 2;
+  V.fitted = true;
+  draw();
+}
+
+function draw() {
+  const canvas = $("view-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  if (!V.bitmap) return;
+  ctx.imageSmoothingEnabled = false; // pixels stay pixels when zoomed
+  ctx.setTransform(V.scale, 0, 0, V.scale, V.tx, V.ty);
+  ctx.drawImage(V.bitmap, 0, 0);
+  canvas.dataset.transform = `${V.scale.toFixed(4)} ${V.tx.toFixed(1)} ${V.ty.toFixed(1)}`;
+}
+
+function zoomAt(factor, cx, cy) {
+  const s = Math.min(64, Math.max(0.1, V.scale * factor));
+  const f = s / V.scale;
+  V.tx = cx - (cx - V.tx) * f;
+  V.ty = cy - (cy - V.ty) * f;
+  V.scale = s;
+  draw();
+  $("view-status").textContent = `zoom ${V.scale.toFixed(2)}× (Reset view to fit)`;
+}
+
+function canvasPoint(ev) {
+  const canvas = $("view-canvas");
+  const r = canvas.getBoundingClientRect();
+  return { x: ((ev.clientX - r.left) * canvas.width) / r.width, y: ((ev.clientY - r.top) * canvas.height) / r.height };
+}
+
+// image pixel (column x, row y) under a canvas point, or null; side by side: the same pixel
+function toPixel(p) {
+  if (!V.bitmap) return null;
+  let x = Math.floor((p.x - V.tx) / V.scale);
+  const y = Math.floor((p.y - V.ty) / V.scale);
+  if (x < 0 || y < 0 || x >= V.iw || y >= V.ih) return null;
+  if (V.hasGt && $("gt-select").value === "1") {
+    const panel = (V.iw - GAP_PX) / 2;
+    if (x >= panel && x < panel + GAP_PX) return null;
+    if (x >= panel + GAP_PX) x -= panel + GAP_PX;
+  }
+  return { x, y };
+}
+
+let drag = null;
+
+function onPointerDown(ev) {
+  if (ev.button !== 0) return;
+  drag = { p: canvasPoint(ev), tx: V.tx, ty: V.ty, moved: false };
+  $("view-canvas").setPointerCapture(ev.pointerId);
+}
+
+function onPointerMove(ev) {
+  if (!drag) return;
+  const p = canvasPoint(ev);
+  const dx = p.x - drag.p.x, dy = p.y - drag.p.y;
+  if (!drag.moved && Math.hypot(dx, dy) < 4) return;
+  drag.moved = true;
+  V.tx = drag.tx + dx;
+  V.ty = drag.ty + dy;
+  draw();
+}
+
+function onPointerUp(ev) {
+  if (!drag) return;
+  const wasDrag = drag.moved;
+  drag = null;
+  if (!wasDrag) cellClicked(toPixel(canvasPoint(ev)));
+}
+
+function onWheel(ev) {
+  ev.preventDefault();
+  const p = canvasPoint(ev);
+  zoomAt(ev.deltaY < 0 ? 1.25 : 0.8, p.x, p.y);
+}
+
+function onCanvasKey(ev) {
+  const c = $("view-canvas");
+  const mid = [c.width / 2, c.height / 2];
+  if (ev.key === "+" || ev.key === "=") { zoomAt(1.25, ...mid); ev.preventDefault(); }
+  else if (ev.key === "-") { zoomAt(0.8, ...mid); ev.preventDefault(); }
+  else if (ev.key === "0") { resetView(); ev.preventDefault(); }
+  else if (ev.shiftKey && ev.key.startsWith("Arrow")) {
+    const d = 40;
+    if (ev.key === "ArrowLeft") V.tx += d;
+    if (ev.key === "ArrowRight") V.tx -= d;
+    if (ev.key === "ArrowUp") V.ty += d;
+    if (ev.key === "ArrowDown") V.ty -= d;
+    draw();
+    ev.preventDefault();
+    ev.stopPropagation();
+  }
+}
+
+function stopPlay() {
+  if (V.playTimer) clearTimeout(V.playTimer);
+  V.playTimer = null;
+  $("play").textContent = "Play";
+  $("play").setAttribute("aria-pressed", "false");
+}
+
+function togglePlay() {
+  if (V.playTimer) { stopPlay(); return; }
+  $("play").textContent = "Pause";
+  $("play").setAttribute("aria-pressed", "true");
+  const step = async () => {
+    const s = $("frame-slider");
+    s.value = String((Number(s.value) + 1) % (Number(s.max) + 1));
+    await showFrame();
+    getFrame(frameUrl((Number(s.value) + 1) % (Number(s.max) + 1))).catch(() => {}); // prefetch
+    if (V.playTimer) V.playTimer = setTimeout(step, 120);
+  };
+  V.playTimer = setTimeout(step, 0);
+}
+
+function stepFrame(delta) {
+  const s = $("frame-slider");
+  s.value = String(Math.min(Number(s.max), Math.max(0, Number(s.value) + delta)));
+  showFrame();
+}
+
+let rangeTimer = null;
+function rangeChanged() {
+  clearTimeout(rangeTimer);
+  rangeTimer = setTimeout(() => {
+    const lo = Number($("range-lo").value), hi = Number($("range-hi").value);
+    if (!(hi > lo)) { $("range-note").textContent = "the high value must be above the low value"; return; }
+    $("range-note").textContent = V.range ? `data ${fmtNum(V.range.vmin)}–${fmtNum(V.range.vmax)}` : "";
+    showFrame();
+  }, 250);
+}
+
+// ------------------------------------------------------------------ cells and dF/F traces
+
+let trace = null; // {jobId, cell_id, time_s, dff} of the plotted cell
+let traceRequest = 0;
+let markerSx = null;
+
+function clearTrace(message) {
+  trace = null;
+  traceRequest += 1;
+  $("trace-plot").replaceChildren();
+  $("trace-caption").textContent = message;
+}
+
+async function loadCells(job) {
+  const sel = $("cell-select");
+  sel.replaceChildren(el("option", { value: "" }, "choose a cell…"));
+  try {
+    const out = await api(`/api/jobs/${job.id}/cells`);
+    const ids = out.ids || [];
+    const peaks = out.peak_dff || [];
+    sel.append(...ids.map((id, i) => el("option", { value: String(id) },
+      `cell ${id}${peaks[i] === null || peaks[i] === undefined ? "" : ` (peak dF/F ${fmtNum(peaks[i])})`}`)));
+    sel.disabled = !ids.length;
+  } catch (_) {
+    sel.disabled = true;
+  }
+}
+
+async function cellClicked(p) {
+  if (!p || !V.jobId) return;
+  const t = Number($("frame-slider").value);
+  const jobId = V.jobId;
+  const req = ++traceRequest;
+  try {
+    const at = await api(`/api/jobs/${jobId}/cells/at?t=${t}&x=${p.x}&y=${p.y}`);
+    if (req !== traceRequest) return;
+    if (at.cell_id === null) { clearTrace(`no cell here (pixel x ${p.x}, y ${p.y}, frame ${t})`); return; }
+    await plotCell(at.cell_id, req);
+  } catch (e) {
+    if (req === traceRequest) clearTrace(`could not load the trace: ${e.message}`);
+  }
+}
+
+async function plotCell(cellId, req = ++traceRequest) {
+  const jobId = V.jobId;
+  $("trace-caption").textContent = `cell ${cellId}: loading trace…`;
+  try {
+    const tr = await api(`/api/jobs/${jobId}/cells/${cellId}/trace`);
+    if (req !== traceRequest) return;
+    trace = { jobId, ...tr };
+    drawTrace();
+    $("trace-caption").textContent = `cell ${tr.cell_id}`;
+    const sel = $("cell-select");
+    if ([...sel.options].some((o) => o.value === String(tr.cell_id))) sel.value = String(tr.cell_id);
+  } catch (e) {
+    if (req === traceRequest) clearTrace(`could not load the trace: ${e.message}`);
+  }
+}
+
+function drawTrace() {
+  const box = $("trace-plot");
+  if (!trace) { box.replaceChildren(); return; }
+  const ts = trace.time_s, ys = trace.dff;
+  const finite = ys.filter((v) => v !== null);
+  const t1 = ts.length > 1 ? ts[ts.length - 1] : 1;
+  const peak = finite.length ? Math.max(...finite) : NaN;
+  const plot = linePlot({
+    series: [{ xs: ts, ys, cls: "trace-line" }], xlabel: "time (s)", ylabel: "dF/F",
+    title: `dF/F trace of cell ${trace.cell_id}: ${ys.length} frames over ${Number(t1).toFixed(1)} s`
+      + (finite.length ? `, peak dF/F ${peak.toFixed(2)}` : ", no finite dF/F values"),
+  });
+  plot.svg.append(svg("line", { id: "trace-marker", class: "marker", x1: 0, x2: 0, y1: plot.T, y2: plot.H - plot.B }));
+  box.replaceChildren(plot.svg);
+  markerSx = plot.sx;
   moveMarker();
 }
 
 // The vertical marker at the time of the frame shown in the viewer.
 function moveMarker() {
   const m = document.getElementById("trace-marker");
-  if (!m || !trace) return;
+  if (!m || !trace || !markerSx) return;
   const t = Number($("frame-slider").value);
   const time = trace.time_s[t];
   m.style.display = time === null || time === undefined ? "none" : "";
   if (time === null || time === undefined) return;
-  const x = trace.sx(time).toFixed(1);
+  const x = markerSx(time).toFixed(1);
   m.setAttribute("x1", x);
   m.setAttribute("x2", x);
   m.setAttribute("data-frame", String(t));
 }
 
-function stopPlay() {
-  if (playTimer) clearInterval(playTimer);
-  playTimer = null;
-  $("play").textContent = "Play";
-  $("play").setAttribute("aria-pressed", "false");
-}
+// ------------------------------------------------------------------ model comparison
 
-function togglePlay() {
-  if (playTimer) { stopPlay(); return; }
-  $("play").textContent = "Pause";
-  $("play").setAttribute("aria-pressed", "true");
-  playTimer = setInterval(() => {
-    const s = $("frame-slider");
-    s.value = String((Number(s.value) + 1) % (Number(s.max) + 1));
-    showFrame();
-  }, 150);
-}
-
-async function selectJob(id) {
-  selectedId = id;
-  selectedJob = null; // render this job even if it is the one shown before (and ended)
-  stopPlay();
-  $("viewer").hidden = true;
-  await refreshDetail();
-  refreshJobs();
-  $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
-}
-
-async function refreshDetail() {
-  if (!selectedId) return;
-  if (selectedJob && selectedJob.id === selectedId && TERMINAL.has(selectedJob.state)) return;
+async function refreshCompare() {
+  const table = $("compare-table");
   try {
-    selectedJob = await api(`/api/jobs/${selectedId}`);
-    renderDetail(selectedJob);
+    const page = await api("/api/jobs?kind=evaluate&state=succeeded&limit=20");
+    const jobs = await Promise.all(page.items.map((j) => api(`/api/jobs/${j.id}`)));
+    const rows = [];
+    for (const j of jobs) {
+      for (const m of j.metrics || []) {
+        if (m.step !== null && m.step !== undefined) continue;
+        rows.push({ ...m, key: `${m.model || "—"} · ${m.subset || ""} · evaluate ${short(j.id)}` });
+      }
+    }
+    $("compare-note").textContent = rows.length
+      ? `${jobs.length} evaluate job(s); rows are model · split · job, columns are metrics (higher IoU/Dice is better)`
+      : "no succeeded evaluate job yet: start one (kind evaluate) on a simulate job's held-out videos";
+    table.hidden = !rows.length;
+    if (rows.length) renderMetricsTable(table, rows, (m) => m.key);
   } catch (e) {
-    // e.g. a stale #job= link: say so instead of leaving the section hidden
-    $("detail").hidden = false;
-    $("viewer").hidden = true;
-    $("detail-title").textContent = `job ${selectedId}`;
-    $("detail-fields").replaceChildren(el("dt", {}, "error"), el("dd", {}, e.message));
+    $("compare-note").textContent = `cannot load the evaluations: ${e.message}`;
   }
 }
 
-async function uploadAndSegment(ev) {
-  ev.preventDefault();
-  const file = $("upload-file").files[0];
-  if (!file) return;
-  const status = $("upload-status");
-  status.textContent = `uploading ${file.name}…`;
-  try {
-    const form = new FormData();
-    form.append("file", file);
-    const rec = await api("/api/recordings", { method: "POST", body: form });
-    status.textContent = `${rec.filename}: ${rec.n_frames} frames of ${rec.height}×${rec.width}; submitting…`;
-    const params = { recording_id: rec.id, method: $("upload-method").value };
-    if ($("upload-model").value) params.model_job_id = $("upload-model").value;
-    const job = await api("/api/jobs", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ kind: "infer", params }),
-    });
-    status.textContent = `infer job ${job.id.slice(0, 8)} queued`;
-    selectJob(job.id);
-  } catch (e) {
-    status.textContent = `failed: ${e.message}`;
-  }
-}
-
-$("frame-slider").addEventListener("input", showFrame);
-$("overlay-toggle").addEventListener("change", showFrame);
-$("gt-toggle").addEventListener("change", showFrame);
-$("play").addEventListener("click", togglePlay);
-$("frame-img").addEventListener("click", cellClicked);
-$("filter-kind").addEventListener("change", refreshJobs);
-$("filter-state").addEventListener("change", refreshJobs);
-$("upload-form").addEventListener("submit", uploadAndSegment);
-document.addEventListener("keydown", (ev) => {
-  if ($("viewer").hidden || ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName)) return;
-  const s = $("frame-slider");
-  if (ev.key === "ArrowRight") { s.value = String(Math.min(Number(s.max), Number(s.value) + 1)); showFrame(); }
-  else if (ev.key === "ArrowLeft") { s.value = String(Math.max(0, Number(s.value) - 1)); showFrame(); }
-  else if (ev.key === " " && document.activeElement.tagName !== "BUTTON") { ev.preventDefault(); togglePlay(); }
-});
+// ------------------------------------------------------------------ wiring
 
 function jobFromHash() {
-  const id = decodeURIComponent(location.hash.replace(/^#job=/, ""));
-  if (id && id !== selectedId) selectJob(id);
+  const h = location.hash.replace(/^#/, "");
+  const id = new URLSearchParams(h).get("job");
+  if (id && id !== S.selectedId) selectJob(id);
 }
-window.addEventListener("hashchange", jobFromHash); // links, Back and Forward
-jobFromHash();
+
+let started = false;
+async function startApp() {
+  refreshJobs();
+  await Promise.all([loadRecordings(), loadKinds()]);
+  refreshCompare();
+  jobFromHash();
+  if (S.pollTimer) clearInterval(S.pollTimer);
+  S.pollTimer = setInterval(() => {
+    if (document.hidden) return;
+    refreshJobs();
+    refreshDetail();
+    if (S.selectedJob && S.selectedJob.kind === "finetune" && !TERMINAL.has(S.selectedJob.state)) loadCurves(S.selectedJob);
+  }, POLL_MS);
+  if (started) return;
+  started = true;
+  setInterval(checkService, 15000);
+  setInterval(() => { if (S.token && !document.hidden) { loadRecordings(); refreshCompare(); } }, 15000);
+}
+
+function wire() {
+  $("signin-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const t = $("token-input").value.trim();
+    if (t) signIn(t);
+  });
+  $("sign-out").addEventListener("click", () => signedOut("signed out"));
+  $("filter-kind").addEventListener("change", refreshJobs);
+  $("filter-state").addEventListener("change", refreshJobs);
+  $("upload-form").addEventListener("submit", uploadRecording);
+  $("job-kind").addEventListener("change", () => renderForm($("job-kind").value));
+  $("job-form").addEventListener("submit", submitJob);
+  $("job-form").addEventListener("input", (ev) => {
+    const name = ev.target.dataset.field || (ev.target.closest("[data-field]") || {}).dataset?.field;
+    if (name) fieldError($("job-kind").value, name, "");
+  });
+  $("compare-refresh").addEventListener("click", refreshCompare);
+
+  $("frame-slider").addEventListener("input", showFrame);
+  for (const id of ["overlay-toggle", "style-select", "colors-select", "gt-select"]) $(id).addEventListener("change", showFrame);
+  $("opacity").addEventListener("input", showFrame);
+  $("range-lo").addEventListener("input", rangeChanged);
+  $("range-hi").addEventListener("input", rangeChanged);
+  $("range-auto").addEventListener("click", () => {
+    if (!V.range) return;
+    $("range-lo").value = String(V.range.lo);
+    $("range-hi").value = String(V.range.hi);
+    showFrame();
+  });
+  $("play").addEventListener("click", togglePlay);
+  const canvas = $("view-canvas");
+  canvas.addEventListener("pointerdown", onPointerDown);
+  canvas.addEventListener("pointermove", onPointerMove);
+  canvas.addEventListener("pointerup", onPointerUp);
+  canvas.addEventListener("pointercancel", () => { drag = null; });
+  canvas.addEventListener("wheel", onWheel, { passive: false });
+  canvas.addEventListener("keydown", onCanvasKey);
+  const mid = () => [canvas.width / 2, canvas.height / 2];
+  $("zoom-in").addEventListener("click", () => zoomAt(1.25, ...mid()));
+  $("zoom-out").addEventListener("click", () => zoomAt(0.8, ...mid()));
+  $("zoom-reset").addEventListener("click", resetView);
+  $("cell-select").addEventListener("change", () => {
+    const v = $("cell-select").value;
+    if (v) plotCell(Number(v));
+  });
+  window.addEventListener("resize", () => { if (!$("viewer").hidden) resetView(); });
+  document.addEventListener("keydown", (ev) => {
+    // ArrowLeft/Right step frames while the viewer is open (the slider does it natively)
+    if ($("viewer").hidden || $("app").hidden) return;
+    const a = document.activeElement;
+    if (a && (["INPUT", "SELECT", "TEXTAREA"].includes(a.tagName) || a.isContentEditable)) return;
+    if (ev.key === "ArrowRight" && !ev.shiftKey) { stepFrame(1); ev.preventDefault(); }
+    else if (ev.key === "ArrowLeft" && !ev.shiftKey) { stepFrame(-1); ev.preventDefault(); }
+  });
+  window.addEventListener("hashchange", () => { // links, Back, Forward, a pasted #token= address
+    const t = tokenFromHash();
+    if (t && t !== S.token) signIn(t);
+    else if (S.token) jobFromHash();
+  });
+}
+
+wire();
+tokenFromHash();
 checkService();
-refreshJobs();
-setInterval(() => { refreshJobs(); refreshDetail(); }, POLL_MS);
-setInterval(checkService, 15000);
+const saved = localStorage.getItem(TOKEN_KEY);
+if (saved) signIn(saved);
+else signedOut("");

@@ -1,9 +1,13 @@
 """The page in a real browser: Playwright driving Debian's Chromium (DESIGN.md section 7)
 against the embedded service on the real PostgreSQL, Redis and Celery worker.
 
-A user uploads a real recording from the page, starts an infer job, waits for it to
-succeed in the jobs table, opens the viewer and moves the frame slider; the overlaid frame
-must change. Screenshots are kept in ``test-artifacts/`` (CALSEG_TEST_ARTIFACTS).
+A user signs in with an API token, uploads a real recording (progress bar, metadata, preview),
+starts an infer job from the form generated from the parameter schema (client-side and server
+422 messages next to the fields), waits for it in the jobs dashboard, opens it with the keyboard,
+and uses the viewer: slider, overlay options, zoom and pan, display range, a clicked cell's dF/F
+trace, downloads (sha256 checked). A fine-tune's training curves and the model comparison are
+drawn from metrics stored in the database. Screenshots go to ``test-artifacts/``
+(CALSEG_TEST_ARTIFACTS); the path is printed.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import uuid
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tifffile
@@ -23,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = Path(os.environ.get("CALSEG_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = Path(os.environ.get("CALSEG_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+REAL = "astrocast_sample_1.tiff"  # (75, 100, 100) uint16 astrocyte recording
 
 
 @pytest.fixture(scope="module")
@@ -36,80 +43,232 @@ def browser():
         b.close()
 
 
-def _frame_digest(page) -> str:
-    """sha256 of the viewer's frame as the browser decoded and drew it."""
-    png = page.locator("#frame-img").screenshot()
-    return hashlib.sha256(png).hexdigest()
+@pytest.fixture(scope="module")
+def user(service) -> dict:
+    """A fresh non-admin user with a token, made on the service's database."""
+    from calseg.service.auth import create_token, create_user
+    from calseg.service.db import session_scope
+
+    name = f"browser-{uuid.uuid4().hex[:6]}"
+    with session_scope(service.settings.database_url) as session:
+        u = create_user(session, name)
+        _, token = create_token(session, u, "browser-test")
+        return {"id": u.id, "name": name, "token": token}
 
 
-def test_upload_segment_and_browse_frames(service, client, browser) -> None:
-    real = Path(service.settings.real_data_dir) / "astrocast_sample_1.tiff"
+@pytest.fixture(scope="module")
+def api(service, user) -> httpx.Client:
+    with httpx.Client(
+        base_url=service.url, timeout=60, headers={"Authorization": f"Bearer {user['token']}"}
+    ) as c:
+        yield c
+
+
+def _canvas_digest(page) -> str:
+    """sha256 of the viewer canvas's pixels (RGBA, as drawn)."""
+    data = page.evaluate(
+        """() => { const c = document.querySelector('#view-canvas');
+            return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data
+              .filter((_, i) => i % 4 !== 3)).join(','); }"""
+    )
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _wait_frame(page, predicate: str = "true", timeout: int = 30_000) -> None:
+    """Wait until the canvas shows a frame whose request URL satisfies ``predicate`` (JS,
+    with ``src`` and ``frame`` bound) and no frame request is pending."""
+    page.wait_for_function(
+        f"""() => {{ const c = document.querySelector('#view-canvas');
+            const src = c.dataset.src || '', frame = c.dataset.frame;
+            return src !== '' && ({predicate}) && src === c.dataset.src; }}""",
+        timeout=timeout,
+    )
+    page.wait_for_timeout(150)
+
+
+def _transform(page) -> tuple[float, float, float]:
+    s, tx, ty = page.locator("#view-canvas").get_attribute("data-transform").split()
+    return float(s), float(tx), float(ty)
+
+
+def _click_pixel(page, px: int, py: int) -> None:
+    """Click the centre of image pixel (px, py) of the frame drawn on the canvas."""
+    scale, tx, ty = _transform(page)
+    box = page.evaluate(
+        """() => { const c = document.querySelector('#view-canvas');
+            const r = c.getBoundingClientRect();
+            return {left: r.left, top: r.top, fx: r.width / c.width, fy: r.height / c.height}; }"""
+    )
+    x = box["left"] + (tx + (px + 0.5) * scale) * box["fx"]
+    y = box["top"] + (ty + (py + 0.5) * scale) * box["fy"]
+    page.mouse.click(x, y)
+
+
+def _fake_jobs(service, user: dict) -> tuple[str, str]:
+    """A running finetune job with a training curve and a succeeded evaluate job with metrics
+    per model, stored in the database as the worker would (no GPU run needed)."""
+    from calseg.service.db import session_scope
+    from calseg.service.models import Job, Metric
+
+    with session_scope(service.settings.database_url) as s:
+        ft = Job(kind="finetune", state="running", params={}, progress=0.4, stage="train",
+                 owner_id=user["id"])  # fmt: skip
+        ev = Job(kind="evaluate", state="succeeded", params={}, progress=1.0, result={},
+                 owner_id=user["id"])  # fmt: skip
+        s.add_all([ft, ev])
+        s.flush()
+        for step in range(1, 41):
+            s.add(Metric(job_id=ft.id, name="train_loss", value=2.0 / step, step=step))
+        for step in (10, 20, 30, 40):
+            s.add(Metric(job_id=ft.id, name="val_iou", value=0.2 + step / 100, step=step))
+        for model, iou in (("fine-tuned", 0.71), ("base", 0.42), ("baseline", 0.35)):
+            s.add(Metric(job_id=ev.id, name="iou", value=iou, model=model, subset="test"))
+            s.add(Metric(job_id=ev.id, name="dice", value=iou + 0.1, model=model, subset="test"))
+        return ft.id, ev.id
+
+
+def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
+    real = Path(service.settings.real_data_dir) / REAL
     if not real.exists():
         pytest.skip(f"real recording {real} missing (set CALSEG_REAL_DATA_DIR)")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    print(f"\nscreenshots in {SHOTS}")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # --- sign in: a wrong token is refused, the sign-in box takes a good one, sign out
     page.goto(service.url + "/")
-    page.wait_for_selector("#service-status")
+    page.wait_for_selector("#signin:not([hidden])")
+    page.fill("#token-input", "cs_" + "x" * 43)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_function(
+        "document.querySelector('#signin-error').textContent.includes('invalid or revoked')"
+    )
+    assert page.locator("#app").is_hidden()
+    page.fill("#token-input", user["token"])
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#app:not([hidden])")
+    assert page.locator("#user-name").text_content() == user["name"]
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_selector("#signin:not([hidden])")
+    assert page.evaluate("localStorage.getItem('calseg.token')") is None
+    # ... and #token= in the address signs in, then leaves the address bar
+    page.goto(f"{service.url}/#token={user['token']}")
+    page.wait_for_selector("#app:not([hidden])")
+    page.wait_for_function(f"document.querySelector('#user-name').textContent === '{user['name']}'")
+    assert "token" not in page.evaluate("location.href")
+    assert page.evaluate("localStorage.getItem('calseg.token')") == user["token"]
 
-    # upload from the form and start a (fast) baseline infer job
+    # --- upload with progress; metadata and a preview
     page.set_input_files("#upload-file", str(real))
-    page.select_option("#upload-method", "baseline")
-    page.get_by_role("button", name="Upload and segment").click()
-    page.wait_for_function(
-        "document.querySelector('#upload-status').textContent.includes('queued')", timeout=60_000
-    )
-    recs = client.get("/api/recordings").json()
-    recs = recs.get("items", recs) if isinstance(recs, dict) else recs
-    rec = next(r for r in recs if r["filename"] == "astrocast_sample_1.tiff")
+    page.get_by_role("button", name="Upload", exact=True).click()
+    page.wait_for_selector("#upload-result:not([hidden])", timeout=60_000)
+    page.wait_for_function("document.querySelector('#upload-preview').naturalWidth > 0")
+    assert page.locator("#upload-progress").get_attribute("value") == "100"
+    assert page.evaluate("document.querySelector('#upload-preview').src").startswith("blob:")
+    rec = next(r for r in api.get("/api/recordings").json() if r["filename"] == REAL)
     assert (rec["n_frames"], rec["height"], rec["width"]) == (75, 100, 100)
-    # the jobs table shows the job, which ends succeeded
-    page.wait_for_selector("#jobs-body tr:has-text('infer'):has-text('succeeded')", timeout=180_000)
-    page.screenshot(path=str(SHOTS / "page_jobs.png"), full_page=True)
+    meta = page.locator("#upload-meta").text_content()
+    assert "frames75" in meta and "100 × 100" in meta and f"data type{rec['dtype']}" in meta
+    assert rec["id"] in meta and rec["sha256"] in meta
 
-    # the viewer opened on the job: move the slider, the frame changes
-    page.wait_for_selector("#viewer:not([hidden]) #frame-img[src]", timeout=60_000)
-    page.wait_for_function("document.querySelector('#frame-img').complete", timeout=30_000)
-    slider = page.locator("#frame-slider")
-    assert slider.get_attribute("max") == "74"  # astrocast_sample_1.tiff holds 75 frames
-    first_src = page.locator("#frame-img").get_attribute("src")
-    first = _frame_digest(page)
-    slider.fill("12")
+    # --- the infer form, generated from the schema, filled in for the recording
+    assert page.locator("#job-kind").input_value() == "infer"
+    assert page.locator("#f-infer-recording_id").input_value() == rec["id"]
+    assert page.locator("#f-infer-min_region_px").input_value() == "15"  # default shown
+    assert "default: 15" in page.locator("#f-infer-min_region_px-hint").text_content()
+    page.select_option("#f-infer-method", label="baseline")
+    page.locator("#job-more").evaluate("d => d.open = true")
+    page.fill("#f-infer-min_region_px", "0")  # schema minimum 1: refused in the page
+    page.get_by_role("button", name="Submit infer job").click()
+    err = page.locator("#f-infer-min_region_px-err")
+    assert err.text_content() == "must be ≥ 1"
+    assert page.locator("#f-infer-min_region_px").get_attribute("aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "f-infer-min_region_px"
+    page.fill("#f-infer-min_region_px", "15")
+    page.fill("#f-infer-low_percentile", "99.9")  # above high_percentile: the server says 422
+    page.get_by_role("button", name="Submit infer job").click()
     page.wait_for_function(
-        f"document.querySelector('#frame-img').src.indexOf('{first_src}') < 0"
-        " && document.querySelector('#frame-img').complete",
-        timeout=30_000,
+        "document.querySelector('#f-infer-low_percentile-err').textContent.includes('99.9')"
     )
-    page.wait_for_timeout(300)
-    assert page.locator("#frame-label").text_content().startswith("12")
-    assert _frame_digest(page) != first
-    page.screenshot(path=str(SHOTS / "page_viewer.png"), full_page=True)
+    assert api.get("/api/jobs", params={"kind": "infer"}).json()["total"] == 0
+    page.fill("#f-infer-low_percentile", "0.5")
+    page.get_by_role("button", name="Submit infer job").click()
+    page.wait_for_function(
+        "document.querySelector('#job-form-status').textContent.includes('queued')"
+    )
+    jobs = api.get("/api/jobs", params={"kind": "infer"}).json()["items"]
+    assert len(jobs) == 1 and jobs[0]["params"]["method"] == "baseline"
+    assert jobs[0]["params"]["recording_id"] == rec["id"]
+    job_id = jobs[0]["id"]
 
-    # on the frame with the most labelled pixels, the overlay toggle changes the drawn frame
-    jobs = client.get("/api/jobs", params={"kind": "infer"}).json()
-    job = (jobs.get("items", jobs) if isinstance(jobs, dict) else jobs)[0]
-    tif = client.get(f"/api/jobs/{job['id']}/artifacts/labels.tif")
-    assert tif.status_code == 200
-    labels = tifffile.imread(io.BytesIO(tif.content))
+    # --- the dashboard shows it (owner, progress) until it succeeds; Enter on the row opens it
+    row = page.locator(f"#jobs-body tr[data-job-id='{job_id}']")
+    row.wait_for()
+    assert row.locator("td").nth(3).text_content() == user["name"]
+    page.wait_for_selector(
+        f"#jobs-body tr[data-job-id='{job_id}']:has-text('succeeded')", timeout=180_000
+    )
+    page.screenshot(path=str(SHOTS / "page_jobs.png"), full_page=True)
+    page.select_option("#filter-state", "failed")
+    page.wait_for_selector("#jobs-body:has-text('no jobs match')")
+    page.select_option("#filter-state", "")
+    row.wait_for()
+    row.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#viewer:not([hidden])", timeout=30_000)
+    _wait_frame(page, "frame === '0'")
+    assert page.locator("#frame-slider").get_attribute("max") == "74"
+
+    # the labels, to know where cells are
+    job = api.get(f"/api/jobs/{job_id}").json()
+    labels = tifffile.imread(
+        io.BytesIO(api.get(f"/api/jobs/{job_id}/artifacts/labels.tif").content)
+    )
     assert labels.shape == (75, 100, 100)
     busiest = int(np.argmax((labels.reshape(75, -1) > 0).sum(axis=1)))
     assert labels[busiest].any(), "the baseline found no active cell in the recording"
-    slider.fill(str(busiest))
-    page.wait_for_function(
-        f"document.querySelector('#frame-img').src.includes('/frames/{busiest}.png')"
-        " && document.querySelector('#frame-img').complete",
-        timeout=30_000,
-    )
-    page.wait_for_timeout(300)
-    with_overlay = _frame_digest(page)
-    page.locator("#overlay-toggle").uncheck()
-    page.wait_for_function("document.querySelector('#frame-img').src.includes('overlay=0')")
-    page.wait_for_function("document.querySelector('#frame-img').complete")
-    page.wait_for_timeout(300)
-    assert _frame_digest(page) != with_overlay
 
-    # click a cell of the busiest frame: its dF/F trace is drawn, the caption names it
+    # --- slider: another frame, other pixels; overlay options change the pixels
+    first = _canvas_digest(page)
+    page.locator("#frame-slider").fill(str(busiest))
+    _wait_frame(page, f"frame === '{busiest}' && src.includes('/frames/{busiest}.png')")
+    assert page.locator("#frame-label").text_content().startswith(str(busiest))
+    with_overlay = _canvas_digest(page)
+    assert with_overlay != first
+    page.locator("#overlay-toggle").uncheck()
+    _wait_frame(page, "src.includes('overlay=0')")
+    assert _canvas_digest(page) != with_overlay
+    page.locator("#overlay-toggle").check()
+    _wait_frame(page, "src.includes('overlay=1')")
+    assert _canvas_digest(page) == with_overlay
+    page.locator("#opacity").fill("1")
+    _wait_frame(page, "src.includes('alpha=1&')")
+    opaque = _canvas_digest(page)
+    assert opaque != with_overlay
+    page.select_option("#style-select", "outline")
+    _wait_frame(page, "src.includes('style=outline')")
+    assert _canvas_digest(page) not in (opaque, with_overlay)
+    page.select_option("#style-select", "both")
+    page.locator("#opacity").fill("0.45")
+    _wait_frame(page, "src.includes('alpha=0.45') && src.includes('style=both')")
+    assert _canvas_digest(page) == with_overlay
+
+    # --- display range (16-bit data): a narrower range changes the pixels
+    lo, hi = (
+        float(page.locator("#range-lo").input_value()),
+        float(page.locator("#range-hi").input_value()),
+    )
+    assert hi > lo
+    page.fill("#range-hi", str(lo + (hi - lo) / 4))
+    _wait_frame(page, "src.includes('hi=')")
+    assert _canvas_digest(page) != with_overlay
+    page.get_by_role("button", name="Auto range").click()
+    _wait_frame(page, "!src.includes('hi=')")
+    assert _canvas_digest(page) == with_overlay
+
+    # --- click a cell: its dF/F trace is drawn; background says so
     from scipy import ndimage
 
     inside = ndimage.distance_transform_edt(labels[busiest] > 0)
@@ -117,68 +276,126 @@ def test_upload_segment_and_browse_frames(service, client, browser) -> None:
     cell = int(labels[busiest, y, x])
     outside = ndimage.distance_transform_edt(labels[busiest] == 0)
     by, bx = np.unravel_index(int(np.argmax(outside)), outside.shape)  # farthest from cells
-    page.locator("#overlay-toggle").check()  # the cells drawn, as a user would click them
+    page.locator("#view-canvas").scroll_into_view_if_needed()
+    _click_pixel(page, int(bx), int(by))
     page.wait_for_function(
-        "document.querySelector('#frame-img').src.includes('overlay=1')"
-        " && document.querySelector('#frame-img').complete"
+        "document.querySelector('#trace-caption').textContent.includes('no cell here')"
     )
-    page.locator("#frame-img").scroll_into_view_if_needed()
-
-    def click_pixel(px: int, py: int) -> None:
-        """Click the centre of image pixel (px, py), in CSS pixels of the displayed image."""
-        box = page.evaluate(
-            """() => { const i = document.querySelector('#frame-img');
-                const r = i.getBoundingClientRect();
-                return {left: r.left + i.clientLeft, top: r.top + i.clientTop,
-                        w: i.clientWidth, h: i.clientHeight,
-                        nw: i.naturalWidth, nh: i.naturalHeight}; }"""
-        )
-        assert (box["nw"], box["nh"]) == (100, 100)
-        scale = min(box["w"] / box["nw"], box["h"] / box["nh"])  # object-fit: contain
-        left = box["left"] + (box["w"] - box["nw"] * scale) / 2
-        top = box["top"] + (box["h"] - box["nh"] * scale) / 2
-        page.mouse.click(left + (px + 0.5) * scale, top + (py + 0.5) * scale)
-
-    click_pixel(int(bx), int(by))
-    page.wait_for_function(
-        "document.querySelector('#trace-caption').textContent.includes('no cell here')",
-        timeout=15_000,
-    )
-    click_pixel(int(x), int(y))
-    page.wait_for_function(
-        "document.querySelector('#trace-plot svg path.trace-line')", timeout=15_000
-    )
+    _click_pixel(page, int(x), int(y))
+    page.wait_for_function("document.querySelector('#trace-plot svg path.trace-line')")
     assert page.locator("#trace-caption").text_content().strip() == f"cell {cell}"
-    assert page.locator("#trace-caption").get_attribute("aria-live") == "polite"
     plot = page.locator("#trace-plot svg")
-    assert plot.get_attribute("role") == "img"
-    assert f"cell {cell}" in plot.get_attribute("aria-label")
+    assert plot.get_attribute("role") == "img" and f"cell {cell}" in plot.get_attribute(
+        "aria-label"
+    )
     d = page.locator("#trace-plot path.trace-line").get_attribute("d")
     points = d.count("L") + d.count("M")
     assert points >= 50, f"trace path has only {points} points: {d[:200]}"  # 75 frames
     assert page.locator("#trace-marker").get_attribute("data-frame") == str(busiest)
-    assert page.get_by_text("time (s)").count() == 1 and page.get_by_text("dF/F").count() >= 1
-    page.screenshot(path=str(SHOTS / "page_trace.png"), full_page=True)
-    assert errors == [], f"JavaScript errors on the page: {errors}"
+    page.screenshot(path=str(SHOTS / "page_viewer.png"), full_page=True)
 
-    # a stale link says what is wrong; following a #job= link (or Back) switches jobs
+    # --- zoom (wheel) and pan (drag) change the transform; Reset view restores it
+    fit = _transform(page)
+    box = page.locator("#view-canvas").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.wheel(0, -300)
+    page.wait_for_function(
+        f"document.querySelector('#view-canvas').dataset.transform.split(' ')[0] > {fit[0]}"
+    )
+    zoomed = _transform(page)
+    assert zoomed[0] > fit[0] * 1.2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 60, cy + 30, steps=5)
+    page.mouse.up()
+    panned = _transform(page)
+    assert panned[0] == zoomed[0] and panned[1] > zoomed[1] + 40 and panned[2] > zoomed[2] + 20
+    assert (
+        page.locator("#trace-caption").text_content().strip() == f"cell {cell}"
+    )  # a drag is no click
+    page.get_by_role("button", name="Reset view").click()
+    assert _transform(page) == fit
+
+    # --- keyboard: Tab from Play reaches the slider; ArrowRight moves one frame
+    page.locator("#play").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "frame-slider"
+    page.keyboard.press("ArrowRight")
+    _wait_frame(page, f"frame === '{busiest + 1}'")
+    assert page.locator("#frame-label").text_content().startswith(str(busiest + 1))
+    assert page.locator("#trace-marker").get_attribute("data-frame") == str(busiest + 1)
+    # ... and a cell chosen from the list (keyboard) plots its trace
+    cells = api.get(f"/api/jobs/{job_id}/cells").json()
+    assert len(cells["ids"]) == len(set(cells["ids"])) >= 1
+    assert page.locator("#cell-select option").count() == len(cells["ids"]) + 1
+    other = str(cells["ids"][-1])
+    page.select_option("#cell-select", other)  # a native <select>: keyboard-operable
+    page.wait_for_function(
+        f"document.querySelector('#trace-caption').textContent.trim() === 'cell {other}'"
+    )
+
+    # --- downloads: every artifact listed with its size; a download carries the token
+    names = [a["name"] for a in job["artifacts"]]
+    rows = page.locator("#artifact-list tr")
+    assert rows.count() == len(names) and len(names) >= 4
+    listed = [rows.nth(i).get_attribute("data-artifact") for i in range(rows.count())]
+    assert sorted(listed) == sorted(names)
+    art = next(a for a in job["artifacts"] if a["name"] == "labels.tif")
+    size_text = page.locator("#artifact-list tr[data-artifact='labels.tif'] td").nth(2)
+    assert size_text.get_attribute("title") == f"{art['size_bytes']} bytes"
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="download labels.tif").click()
+    saved = dl.value.path()
+    assert hashlib.sha256(Path(saved).read_bytes()).hexdigest() == art["sha256"]
+    assert dl.value.suggested_filename == "labels.tif"
+
+    # --- a running fine-tune: training curves from its metrics, updated by polling
+    ft_id, ev_id = _fake_jobs(service, user)
+    page.evaluate(f"location.hash = '#job={ft_id}'")
+    page.wait_for_selector("#curves:not([hidden]) svg[data-metric='val_iou']", timeout=15_000)
+    loss = page.locator("#curve-plots svg[data-metric='train_loss'] path.loss-line")
+    assert loss.get_attribute("data-points") == "40"
+    iou = page.locator("#curve-plots svg[data-metric='val_iou'] path.iou-line")
+    assert iou.get_attribute("data-points") == "4"
+    from calseg.service.db import session_scope
+    from calseg.service.models import Metric
+
+    with session_scope(service.settings.database_url) as s:
+        s.add(Metric(job_id=ft_id, name="val_iou", value=0.7, step=50))
+    page.wait_for_function(
+        "document.querySelector(\"svg[data-metric='val_iou'] path\").dataset.points === '5'",
+        timeout=15_000,
+    )
+    page.screenshot(path=str(SHOTS / "page_curves.png"), full_page=True)
+
+    # --- the model comparison table: the evaluate job's metrics per model
+    page.get_by_role("button", name="Refresh").click()
+    page.wait_for_selector("#compare-table tbody tr:has-text('fine-tuned')")
+    table = page.locator("#compare-table").text_content()
+    for model, iou_value in (("fine-tuned", "0.71"), ("base", "0.42"), ("baseline", "0.35")):
+        assert model in table and iou_value in table
+    assert ev_id[:8] in table
+
+    # --- a stale #job= link says what is wrong; Back returns to the job before
     page.evaluate("location.hash = '#job=no-such-job'")
     page.wait_for_function(
-        "!document.querySelector('#detail').hidden"
-        " && document.querySelector('#detail-title').textContent.includes('no-such-job')",
-        timeout=15_000,
+        "document.querySelector('#detail-title').textContent.includes('no-such-job')"
     )
     assert "no job no-such-job" in page.locator("#detail-fields").text_content()
     assert page.locator("#viewer").is_hidden()
-    page.evaluate(f"location.hash = '#job={job['id']}'")
+    page.go_back()
     page.wait_for_function(
-        f"document.querySelector('#detail-title').textContent.includes('{job['id']}')",
-        timeout=15_000,
+        f"document.querySelector('#detail-title').textContent.includes('{ft_id}')"
     )
-    page.wait_for_selector("#viewer:not([hidden])", timeout=15_000)
-    page.go_back()  # back to the stale link
-    page.wait_for_function(
-        "document.querySelector('#detail-title').textContent.includes('no-such-job')",
-        timeout=15_000,
-    )
+
+    # the README's picture: the viewer on the real recording with a cell's trace
+    page.evaluate(f"location.hash = '#job={job_id}'")
+    page.wait_for_selector("#viewer:not([hidden])")
+    _wait_frame(page, "frame === '0'")
+    page.locator("#frame-slider").fill(str(busiest))
+    _wait_frame(page, f"frame === '{busiest}'")
+    _click_pixel(page, int(x), int(y))
+    page.wait_for_function("document.querySelector('#trace-plot svg path.trace-line')")
+    page.locator("#viewer").screenshot(path=str(SHOTS / "page_viewer_astrocast.png"))
     assert errors == [], f"JavaScript errors on the page: {errors}"
