@@ -238,11 +238,15 @@ def screenshot_page(url: str, path: Path) -> Path | None:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
-            page.wait_for_selector("#frame-img[src]", timeout=30_000)
-            page.wait_for_function("document.querySelector('#frame-img').complete", timeout=30_000)
+            page.wait_for_selector("#view-canvas[data-frame]", timeout=30_000)
             slider = page.locator("#frame-slider")
-            slider.fill(str(int(slider.get_attribute("max") or 0) // 2))
-            page.wait_for_timeout(1500)
+            mid = int(slider.get_attribute("max") or 0) // 2
+            slider.fill(str(mid))
+            page.wait_for_function(
+                f"document.querySelector('#view-canvas').dataset.frame === '{mid}'",
+                timeout=30_000,
+            )
+            page.wait_for_timeout(500)
             page.screenshot(path=str(path), full_page=True)
         finally:
             browser.close()
