@@ -342,6 +342,40 @@ class EmbeddingCache:
                 os.unlink(tmp)
 
 
+def encoder_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """SAM2 image features of model-grid frames, differentiable (no ``no_grad`` here).
+
+    As ``SAM2ImagePredictor.set_image``: ImageNet normalisation of the grey value replicated
+    to 3 channels, ``model.forward_image``, ``model._prepare_backbone_features``, plus
+    ``no_mem_embed``; feature sizes from the actual side ``S``.
+
+    Args:
+        model: SAM2Base.
+        x: ``(B, 1, S, S)`` float32 in [0, 1] on the model's device.
+
+    Returns:
+        ``[feat_s0 (B, 32, S/4, S/4), feat_s1 (B, 64, S/8, S/8), image_embed (B, 256, S/16,
+        S/16)]`` float32. Used under ``no_grad`` by :func:`encode_frames` and with gradients
+        by fine-tuning modes that train the encoder (LoRA, full).
+    """
+    import torch
+
+    s = int(x.shape[-1])
+    b = int(x.shape[0])
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    img = (x.float().expand(-1, 3, -1, -1) - mean) / std
+    backbone_out = model.forward_image(img)
+    _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+    sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return [
+        feat.permute(1, 2, 0).reshape(b, -1, *size)
+        for feat, size in zip(vision_feats, sizes, strict=True)
+    ]
+
+
 def encode_frames(
     loaded: LoadedSAM2,
     x: torch.Tensor,
@@ -369,7 +403,6 @@ def encode_frames(
     if x.shape[-1] != s or x.shape[-2] != s:
         raise RecordingError(f"model input is {tuple(x.shape)}, expected (T, 1, {s}, {s})")
     t = x.shape[0]
-    sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     key = EmbeddingCache.model_key(loaded.info.config, s, encoder_hash(loaded)) if cache else ""
     hashes = [_frame_hash(x[i]) for i in range(t)]
@@ -386,21 +419,11 @@ def encode_frames(
         else:
             todo.append(i)
     device = next(model.parameters()).device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     done = 0
     with torch.no_grad():
         for b0 in range(0, len(todo), batch_size):
             idx = todo[b0 : b0 + batch_size]
-            img = (x[idx].to(device).expand(-1, 3, -1, -1) - mean) / std
-            backbone_out = model.forward_image(img)
-            _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
-            if model.directly_add_no_mem_embed:
-                vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-            feats = [
-                feat.permute(1, 2, 0).reshape(len(idx), -1, *size)
-                for feat, size in zip(vision_feats, sizes, strict=True)
-            ]
+            feats = encoder_features(model, x[idx].to(device))
             for j, i in enumerate(idx):
                 emb[i] = feats[2][j].half().cpu()
                 f0[i] = feats[0][j].half().cpu()

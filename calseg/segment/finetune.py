@@ -62,18 +62,24 @@ from calseg.segment.embeddings import (
     FrameGeometry,
     check_percentiles,
     compute_normalisation,
+    encode_frames,
+    encoder_features,
+    frames_to_model,
     labels_to_model,
     logits_to_frame,
+    normalise_frames,
 )
 from calseg.segment.infer import embed_recording
 from calseg.segment.model import (
     LoadedSAM2,
+    encoder_hash,
+    file_sha256,
     load_sam2,
     run_decoder,
     save_finetuned_checkpoint,
     trainable_parameter_names,
 )
-from calseg.segment.prompts import pack_points
+from calseg.segment.prompts import pack_points, pack_prompts
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,34 @@ class FinetuneConfig(BaseModel):
         "(about 5x faster on CPU); 'full': logits upsampled to S",
     )
     resume: bool = True
+    train_mode: Literal["decoder", "lora", "full"] = Field(
+        "decoder",
+        description="'decoder': prompt encoder + mask decoder on CACHED embeddings (frozen "
+        "encoder); 'lora': plus LoRA factors on the encoder's attention qkv layers; 'full': "
+        "plus every image-encoder weight (meant for a GPU). lora/full change the encoder, so "
+        "embeddings cannot be cached: every step re-encodes its frames",
+    )
+    lora_rank: int = Field(4, ge=1, le=256)
+    lora_alpha: float = Field(8.0, gt=0)
+    encoder_lr: float | None = Field(
+        None, gt=0, description="lr of encoder weights (None: lr for LoRA, lr / 10 for full)"
+    )
+    prompt_mix: dict[Literal["point", "box", "box+point"], float] = Field(
+        default_factory=lambda: {"point": 1.0},
+        description="relative frequency of cell prompt types: 'point' (positive point + "
+        "negatives), 'box' (the cell's bounding box, jittered), 'box+point' (both)",
+    )
+    box_jitter: float = Field(
+        0.1, ge=0, le=0.5, description="box corners moved by up to this x the box side"
+    )
+
+    @model_validator(mode="after")
+    def _check_mix(self):  # noqa: ANN202 - pydantic validator returns the model
+        if any(v < 0 for v in self.prompt_mix.values()) or sum(self.prompt_mix.values()) <= 0:
+            raise ValueError(
+                f"prompt_mix needs non-negative weights with a positive sum, got {self.prompt_mix}"
+            )
+        return self
 
     def fingerprint(self) -> str:
         """Hash of the settings that define a run (for resuming)."""
@@ -158,6 +192,7 @@ class FinetuneResult:
     model_info: dict
     warnings: list[str]
     timings: dict = field(default_factory=dict)
+    checkpoint_sha256: str | None = None
 
 
 @dataclass
@@ -169,6 +204,17 @@ class _Video:
     labels: np.ndarray  # (F, H, W) uint32 frame grid, embedded frames only
     labels_model: np.ndarray  # (F, S, S) uint32 model grid
     eroded_points: list[dict]  # per frame: {id: (n, 2) array of (row, col)}
+    boxes: list[dict] = field(default_factory=list)  # per frame: {id: (x0, y0, x1, y1)} px
+    x: object = None  # (F, 1, S, S) float16 model input (lora/full: re-encoded every step)
+
+
+def _calseg_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("calseg")
+    except Exception:  # not installed as a distribution
+        return None
 
 
 def _select_frames(labels: np.ndarray, n: int) -> np.ndarray:
@@ -223,15 +269,20 @@ def _prepare_video(
     idx = _select_frames(labels, n_frames)
     norm = compute_normalisation(image, cfg.low_percentile, cfg.high_percentile)
     geom = FrameGeometry(image.shape[1], image.shape[2], loaded.info.image_size)
-    emb = embed_recording(
-        loaded,
-        image[idx],
-        norm,
-        geom,
-        cache_dir=cache_dir,
-        batch_size=cfg.encoder_batch_size,
-        progress=progress,
-    )
+    x = None
+    if cfg.train_mode == "decoder":
+        emb = embed_recording(
+            loaded,
+            image[idx],
+            norm,
+            geom,
+            cache_dir=cache_dir,
+            batch_size=cfg.encoder_batch_size,
+            progress=progress,
+        )
+    else:  # the encoder is trained: keep the model input, encode at every step
+        x = frames_to_model(normalise_frames(image[idx], norm), geom).half()
+        emb = None
     lab = labels[idx]
     return _Video(
         id=str(video.id),
@@ -241,7 +292,18 @@ def _prepare_video(
         labels=lab,
         labels_model=labels_to_model(lab, geom),
         eroded_points=[_eroded_points(lab[f], cfg.erosion_px) for f in range(len(idx))],
+        boxes=[_cell_boxes(lab[f]) for f in range(len(idx))],
+        x=x,
     )
+
+
+def _cell_boxes(label_img: np.ndarray) -> dict[int, tuple[float, float, float, float]]:
+    """``{cell id: (x0, y0, x1, y1)}`` bounding boxes in frame pixels (inclusive)."""
+    out = {}
+    for i, sl in enumerate(ndi.find_objects(label_img), start=1):
+        if sl is not None:
+            out[i] = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
+    return out
 
 
 def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
@@ -257,10 +319,15 @@ def _sample_batch(
     videos: list[_Video], items: list[tuple[int, int, int]], cfg: FinetuneConfig, rng
 ) -> tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray]:
     """Sample prompts: ``(items (video, frame, id; id 0 = background), coords (B,N,2) frame px,
-    labels (B,N))``."""
+    labels (B,N))``. Cell prompts are points, boxes or both, drawn by ``cfg.prompt_mix``
+    (box corners first with SAM labels 2/3, as ``SAM2ImagePredictor`` encodes boxes)."""
     chosen: list[tuple[int, int, int]] = []
     pos: list[tuple[float, float]] = []
     negs: list[list[tuple[float, float]]] = []
+    boxes: list[tuple[float, float, float, float] | None] = []
+    kinds = sorted(cfg.prompt_mix)
+    weights = np.array([cfg.prompt_mix[k] for k in kinds], dtype=float)
+    weights /= weights.sum()
     for _ in range(cfg.batch_size):
         if not items or rng.random() < cfg.background_prompt_fraction:
             v = int(rng.integers(len(videos)))
@@ -273,7 +340,9 @@ def _sample_batch(
             chosen.append((v, f, 0))
             pos.append((float(c), float(r)))
             negs.append([])
+            boxes.append(None)
             continue
+        kind = kinds[int(rng.choice(len(kinds), p=weights))]
         v, f, cid = items[int(rng.integers(len(items)))]
         pts = videos[v].eroded_points[f][cid]
         r, c = pts[int(rng.integers(len(pts)))]
@@ -292,10 +361,28 @@ def _sample_batch(
                     continue
                 rr, cc = np.unravel_index(int(rng.choice(ring_idx)), lab.shape)
             neg.append((float(cc), float(rr)))
+        box = None
+        if kind != "point":
+            x0, y0, x1, y1 = videos[v].boxes[f][cid]
+            jx = cfg.box_jitter * (x1 - x0 + 1)
+            jy = cfg.box_jitter * (y1 - y0 + 1)
+            d = rng.uniform(-1, 1, 4) * np.array([jx, jy, jx, jy])
+            h, w = lab.shape
+            box = (
+                float(np.clip(x0 + d[0], 0, w - 1)),
+                float(np.clip(y0 + d[1], 0, h - 1)),
+                float(np.clip(x1 + d[2], 0, w - 1)),
+                float(np.clip(y1 + d[3], 0, h - 1)),
+            )
         chosen.append((v, f, cid))
-        pos.append((float(c), float(r)))
-        negs.append(neg)
-    coords, labels = pack_points(pos, negs)
+        boxes.append(box)
+        if kind == "box":
+            pos.append(None)
+            negs.append([])
+        else:
+            pos.append((float(c), float(r)))
+            negs.append(neg)
+    coords, labels = pack_prompts(pos, negs, boxes)
     return chosen, coords, labels
 
 
@@ -392,6 +479,133 @@ def validate(loaded: LoadedSAM2, videos: list[_Video], cfg: FinetuneConfig) -> d
             n_total += len(ious)
     mean = float(np.mean(list(per_video.values()))) if per_video else None
     return {"val_mean_iou": mean, "per_video": per_video, "n_prompts": n_total}
+
+
+def _features_for(
+    model, videos: list[_Video], chosen: list[tuple[int, int, int]], cfg: FinetuneConfig, device
+) -> tuple:
+    """Image features of each prompt's frame: ``(image_embed (B,256,S/16,S/16), [feat_s0,
+    feat_s1])``. Cached embeddings for ``train_mode="decoder"``; otherwise the batch's
+    distinct frames are encoded now, with gradients (LoRA / full fine-tuning)."""
+    import torch
+
+    if cfg.train_mode == "decoder":
+        emb = torch.stack([videos[v].emb.image_embed[f] for v, f, _ in chosen])
+        s0 = torch.stack([videos[v].emb.feat_s0[f] for v, f, _ in chosen])
+        s1 = torch.stack([videos[v].emb.feat_s1[f] for v, f, _ in chosen])
+        return emb.to(device, torch.float32), [
+            s0.to(device, torch.float32),
+            s1.to(device, torch.float32),
+        ]
+    keys = sorted({(v, f) for v, f, _ in chosen})
+    pos = {k: i for i, k in enumerate(keys)}
+    x = torch.stack([videos[v].x[f] for v, f in keys]).to(device, torch.float32)
+    s0, s1, emb = encoder_features(model, x)
+    sel = torch.tensor([pos[(v, f)] for v, f, _ in chosen], device=device)
+    return emb[sel], [s0[sel], s1[sel]]
+
+
+def _batch_losses(
+    model,
+    videos: list[_Video],
+    chosen: list[tuple[int, int, int]],
+    coords: np.ndarray,
+    plabels: np.ndarray,
+    cfg: FinetuneConfig,
+    device,
+    use_amp: bool,
+) -> dict:
+    """Forward pass and losses (:func:`_losses`) of one micro-batch of sampled prompts
+    (frame-pixel ``coords`` (B, N, 2), ``plabels`` (B, N)); autocast float16 when
+    ``use_amp``."""
+    import torch
+
+    mcoords = np.concatenate(
+        [videos[c[0]].geometry.to_model_points(coords[k : k + 1]) for k, c in enumerate(chosen)]
+    )
+    target = np.stack([(videos[v].labels_model[f] == cid) & (cid > 0) for v, f, cid in chosen])
+    target_t = torch.from_numpy(target[:, None].astype(np.float32)).to(device)
+    is_obj = torch.tensor([float(c[2] > 0) for c in chosen], device=device)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        emb, high = _features_for(model, videos, chosen, cfg, device)
+        low, iou, obj = run_decoder(
+            model,
+            emb,
+            high,
+            torch.from_numpy(mcoords).to(device),
+            torch.from_numpy(plabels).to(device),
+            multimask_output=cfg.multimask_output,
+        )
+    if cfg.loss_resolution == "full":
+        logits = torch.nn.functional.interpolate(
+            low.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
+        )
+    else:  # decoder resolution S/4; target area-averaged to the same grid (soft)
+        logits = low.float()
+        target_t = torch.nn.functional.adaptive_avg_pool2d(target_t, low.shape[-2:])
+    return _losses(logits, iou, obj, target_t, is_obj, cfg)
+
+
+def _unscale_and_clip(params: list, opt, scaler, max_grad_norm: float) -> float:
+    """Unscale the accumulated (loss-scaled) gradients, THEN clip their global L2 norm to
+    ``max_grad_norm`` (clipping scaled gradients would clip at ``scale x max_grad_norm``, the
+    source code's mistake, DESIGN.md section 5). Returns the unscaled norm before clipping
+    (``inf``/``nan`` when a gradient overflowed). A no-op unscale when the scaler is disabled.
+    """
+    import torch
+
+    scaler.unscale_(opt)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+
+
+def _trainable_groups(loaded: LoadedSAM2, cfg: FinetuneConfig) -> tuple[list, list]:
+    """``(decoder params, encoder params)`` to train; applies LoRA wrappers for ``"lora"``."""
+    model = loaded.model
+    names = set(trainable_parameter_names(model))
+    dec = [p for n, p in model.named_parameters() if n in names]
+    enc: list = []
+    if cfg.train_mode == "lora":
+        from calseg.segment.lora import apply_lora, lora_parameters
+
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        enc = list(lora_parameters(model).values())
+    elif cfg.train_mode == "full":
+        enc = list(model.image_encoder.parameters())
+    return dec, enc
+
+
+def _encoder_state(loaded: LoadedSAM2, cfg: FinetuneConfig) -> dict | None:
+    """What a checkpoint stores of a trained encoder (None for ``"decoder"``)."""
+    if cfg.train_mode == "lora":
+        from calseg.segment.lora import lora_state_dict
+
+        return {
+            "kind": "lora",
+            "state": lora_state_dict(loaded.model),
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+        }
+    if cfg.train_mode == "full":
+        sd = loaded.model.image_encoder.state_dict()
+        return {"kind": "full", "state": {k: v.detach().cpu() for k, v in sd.items()}}
+    return None
+
+
+def _restore_encoder(loaded: LoadedSAM2, enc: dict | None) -> None:
+    """Put a resumed run's encoder state back (LoRA factors unmerged, or full weights)."""
+    import torch
+
+    if not enc:
+        return
+    if enc["kind"] == "lora":
+        from calseg.segment.lora import lora_parameters
+
+        params = lora_parameters(loaded.model)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(enc["state"][n])
+    else:
+        loaded.model.image_encoder.load_state_dict(enc["state"])
 
 
 def finetune(
@@ -492,11 +706,21 @@ def finetune(
     if not items:
         warnings.append("no active cell in the sampled training frames: only background prompts")
 
-    names = set(trainable_parameter_names(model))
-    params = [p for n, p in model.named_parameters() if n in names]
+    base_encoder_sha = encoder_hash(loaded)  # of the BASE encoder, before any change
+    dec_params, enc_params = _trainable_groups(loaded, config)
+    params = dec_params + enc_params
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": dec_params, "lr": config.lr}]
+    if enc_params:
+        enc_lr = config.encoder_lr or (config.lr if config.train_mode == "lora" else config.lr / 10)
+        groups.append({"params": enc_params, "lr": enc_lr})
+        n_enc = sum(p.numel() for p in enc_params)
+        warnings.append(
+            f"train_mode={config.train_mode}: the encoder is trained ({n_enc} parameters), so "
+            "embeddings are recomputed every step (no cache)"
+        )
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     use_amp = bool(config.amp and device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -507,18 +731,27 @@ def finetune(
     best_path = out_dir / "best.pt"
     last_path = out_dir / "last.pt"
     fp = config.fingerprint()
+    manifest = Path(dataset) / "manifest.json" if Path(dataset).is_dir() else Path(dataset)
     meta_base = {
         "finetune_config": config.model_dump(),
+        "train_mode": config.train_mode,
         "dataset": str(dataset),
+        "dataset_manifest": str(manifest.resolve()),
+        "dataset_manifest_sha256": file_sha256(manifest),
         "train_videos": [v.id for v in videos],
         "val_videos": [v.id for v in vals],
         "fingerprint": fp,
+        "encoder_sha256": base_encoder_sha,
+        "parent_checkpoint": str(base_checkpoint) if base_checkpoint else loaded.info.checkpoint,
+        "parent_checkpoint_sha256": loaded.info.checkpoint_sha256,
+        "calseg_version": _calseg_version(),
     }
     if config.resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
         if state.get("metadata", {}).get("fingerprint") == fp and "optimizer" in state:
             model.sam_prompt_encoder.load_state_dict(state["sam_prompt_encoder"])
             model.sam_mask_decoder.load_state_dict(state["sam_mask_decoder"])
+            _restore_encoder(loaded, state.get("encoder"))
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -538,12 +771,26 @@ def finetune(
             except Exception:  # a broken live-curve sink must not stop training
                 log.exception("on_history callback failed for %s", entry.get("kind"))
 
+    def metrics_now(step: int, val_iou: float | None) -> dict:
+        train = [h for h in history if h.get("kind") == "train"]
+        recent = [h["loss"] for h in train[-10:]]
+        return {
+            "step": step,
+            "val_mean_iou": val_iou,
+            "best_val_iou": best_iou,
+            "train_loss_last10_mean": float(np.mean(recent)) if recent else None,
+            "train_iou_last10_mean": (
+                float(np.mean([h["train_iou"] for h in train[-10:]])) if train else None
+            ),
+        }
+
     def save_last(step: int) -> None:
         meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou)
         save_finetuned_checkpoint(
             loaded,
             last_path,
             meta,
+            encoder=_encoder_state(loaded, config),
             extra={
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -553,13 +800,24 @@ def finetune(
 
     def run_val(step: int) -> None:
         nonlocal best_iou
+        if config.train_mode != "decoder":  # the encoder changed: embed val frames afresh
+            model.eval()
+            for vid in vals:
+                vid.emb = encode_frames(
+                    loaded, vid.x.float(), cache_dir=None, batch_size=config.encoder_batch_size
+                )
         res = validate(loaded, vals, config)
         entry = {"kind": "val", "step": step, **res, "time_s": time.perf_counter() - t_start}
         add_history(entry)
         v = res["val_mean_iou"]
         if v is not None and (best_iou is None or v > best_iou):
             best_iou = v
-            save_finetuned_checkpoint(loaded, best_path, dict(meta_base, step=step, val_mean_iou=v))
+            save_finetuned_checkpoint(
+                loaded,
+                best_path,
+                dict(meta_base, step=step, val_mean_iou=v, metrics=metrics_now(step, v)),
+                encoder=_encoder_state(loaded, config),
+            )
         if step > 0:
             save_last(step)  # resumable after every validation
         progress(0.3 + 0.7 * step / config.steps, "validate", f"step {step}: val IoU {v}")
@@ -583,42 +841,7 @@ def finetune(
             chosen, coords, plabels = _sample_batch(videos, items, config, rng)
             if not chosen:
                 continue
-            idx_v = [c[0] for c in chosen]
-            idx_f = [c[1] for c in chosen]
-            emb = torch.stack(
-                [videos[v].emb.image_embed[f] for v, f in zip(idx_v, idx_f, strict=True)]
-            ).to(device, torch.float32)
-            s0 = torch.stack(
-                [videos[v].emb.feat_s0[f] for v, f in zip(idx_v, idx_f, strict=True)]
-            ).to(device, torch.float32)
-            s1 = torch.stack(
-                [videos[v].emb.feat_s1[f] for v, f in zip(idx_v, idx_f, strict=True)]
-            ).to(device, torch.float32)
-            mcoords = np.concatenate(
-                [videos[v].geometry.to_model_points(coords[k : k + 1]) for k, v in enumerate(idx_v)]
-            )
-            target = np.stack(
-                [(videos[v].labels_model[f] == cid) & (cid > 0) for v, f, cid in chosen]
-            )
-            target_t = torch.from_numpy(target[:, None].astype(np.float32)).to(device)
-            is_obj = torch.tensor([float(c[2] > 0) for c in chosen], device=device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                low, iou, obj = run_decoder(
-                    model,
-                    emb,
-                    [s0, s1],
-                    torch.from_numpy(mcoords).to(device),
-                    torch.from_numpy(plabels).to(device),
-                    multimask_output=config.multimask_output,
-                )
-            if config.loss_resolution == "full":
-                logits = torch.nn.functional.interpolate(
-                    low.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
-                )
-            else:  # decoder resolution S/4; target area-averaged to the same grid (soft)
-                logits = low.float()
-                target_t = torch.nn.functional.adaptive_avg_pool2d(target_t, low.shape[-2:])
-            ls = _losses(logits, iou, obj, target_t, is_obj, config)
+            ls = _batch_losses(model, videos, chosen, coords, plabels, config, device, use_amp)
             if not torch.isfinite(ls["loss"]):
                 finite = False
                 break
@@ -627,15 +850,12 @@ def finetune(
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
         grad_norm = float("nan")
         if finite and logs:
-            scaler.unscale_(opt)  # unscale BEFORE clipping (no-op without AMP)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            grad_norm = _unscale_and_clip(params, opt, scaler, config.max_grad_norm)
             if not math.isfinite(grad_norm) and not use_amp:
                 finite = False
         if not finite or not logs:
             bad += 1
-            opt.zero_grad(set_to_none=True)
-            if use_amp:
-                scaler.update()
+            opt.zero_grad(set_to_none=True)  # (no scaler.update(): nothing was unscaled)
             add_history({"kind": "skipped", "step": step, "reason": "non-finite"})
             if bad >= config.max_nonfinite_steps:
                 raise TrainingDivergedError(
@@ -676,11 +896,17 @@ def finetune(
     for p in params:
         p.requires_grad_(False)
     if not vals or not best_path.exists():
-        save_finetuned_checkpoint(loaded, best_path, dict(meta_base, step=step, val_mean_iou=None))
+        save_finetuned_checkpoint(
+            loaded,
+            best_path,
+            dict(meta_base, step=step, val_mean_iou=None, metrics=metrics_now(step, None)),
+            encoder=_encoder_state(loaded, config),
+        )
     timings["total_s"] = time.perf_counter() - t_start
     (out_dir / "history.json").write_text(json.dumps({"history": history, "timings": timings}))
     progress(1.0, "done", f"best val IoU {best_iou}")
     return FinetuneResult(
+        checkpoint_sha256=file_sha256(best_path),
         checkpoint=best_path,
         history=history,
         best_val_iou=best_iou,

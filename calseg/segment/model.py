@@ -8,6 +8,11 @@
 * a CalSeg fine-tuned checkpoint (:data:`FINETUNE_FORMAT`: prompt-encoder + mask-decoder state
   dicts and metadata naming the base config, image size, base checkpoint and the hash of the
   frozen image encoder it was trained on), or
+* a Hugging Face hub id ``hf:facebook/sam2.1-hiera-tiny`` (the ids of
+  ``sam2.build_sam.HF_MODEL_ID_TO_FILENAMES``) where the machine is online and
+  ``huggingface_hub`` is installed: downloaded once into the hub cache, then loaded like a
+  local full checkpoint (its SHA-256 recorded, and checked when ``expected_sha256`` is given);
+  on an offline machine this raises :class:`ModelLoadError` saying what to do instead, or
 * nothing: then ``CALSEG_SAM2_CHECKPOINT`` (environment) is used when set; otherwise the model
   keeps RANDOM weights (seeded, so reproducible), with a loud warning and
   ``info.random_weights = True``. No weights are ever downloaded.
@@ -69,6 +74,8 @@ class ModelInfo:
     n_parameters: int
     finetuned_from: str | None = None
     encoder_sha256: str | None = None
+    hub_id: str | None = None
+    train_mode: str | None = None  # fine-tuned checkpoints: "decoder", "lora" or "full"
     multimask_output: bool | None = None  # how a fine-tuned decoder was trained (None: base)
 
     def to_dict(self) -> dict:
@@ -213,6 +220,45 @@ def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
     ]
 
 
+HUB_PREFIX = "hf:"
+
+
+def resolve_hub_checkpoint(hub_id: str) -> tuple[str, Path]:
+    """``"hf:<repo id>"`` -> ``(config short name, local checkpoint path)`` via the hub cache.
+
+    Raises:
+        ModelLoadError: unknown id, ``huggingface_hub`` missing, or the download failed
+            (offline machine); the message says how to load a local file instead.
+    """
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    repo = hub_id[len(HUB_PREFIX) :] if hub_id.startswith(HUB_PREFIX) else hub_id
+    if repo not in HF_MODEL_ID_TO_FILENAMES:
+        raise ModelLoadError(
+            f"unknown SAM2 hub id {repo!r}; known: {sorted(HF_MODEL_ID_TO_FILENAMES)}"
+        )
+    cfg_path, filename = HF_MODEL_ID_TO_FILENAMES[repo]
+    offline_hint = (
+        f"download {filename} from https://huggingface.co/{repo} on a machine with internet, "
+        f"copy it here and pass its path (or set ${CHECKPOINT_ENV})"
+    )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ModelLoadError(
+            f"loading hub id {repo!r} needs the huggingface_hub package and internet access, "
+            f"neither of which this machine has; {offline_hint}"
+        ) from None
+    try:
+        local = hf_hub_download(repo_id=repo, filename=filename)
+    except Exception as exc:  # offline, proxy, missing file: all end the same way
+        raise ModelLoadError(
+            f"could not fetch {filename} of {repo!r} from the hub ({type(exc).__name__}: "
+            f"{exc}); {offline_hint}"
+        ) from exc
+    return resolve_config(cfg_path)[0], Path(local)
+
+
 def _load_full_state_dict(model: torch.nn.Module, sd: dict, path: Path) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
@@ -247,7 +293,8 @@ def load_sam2(
 
     Args:
         config: config name, e.g. ``"sam2.1_hiera_t"`` (39 M parameters).
-        checkpoint: full SAM2 checkpoint or CalSeg fine-tuned checkpoint; ``None`` uses
+        checkpoint: full SAM2 checkpoint, CalSeg fine-tuned checkpoint or hub id
+            ``"hf:facebook/sam2.1-hiera-tiny"`` (online machines only); ``None`` uses
             ``$CALSEG_SAM2_CHECKPOINT`` when set, else random weights (warning).
         image_size: model input side in px (multiple of 32). A fine-tuned checkpoint's own
             config and image size win (with a warning when they differ from the arguments).
@@ -266,7 +313,13 @@ def load_sam2(
         checkpoint = os.environ[CHECKPOINT_ENV]
         log.info("using SAM2 checkpoint from $%s: %s", CHECKPOINT_ENV, checkpoint)
     short, _ = resolve_config(config)
+    hub_id = None
+    if checkpoint is not None and str(checkpoint).startswith(HUB_PREFIX):
+        hub_id = str(checkpoint)
+        short, checkpoint = resolve_hub_checkpoint(hub_id)
     sha = None
+    base: LoadedSAM2 | None = None
+    train_mode = None
     multimask = None
     finetuned_from = None
     random_weights = False
@@ -310,8 +363,18 @@ def load_sam2(
             short, image_size = resolve_config(ck_short)[0], ck_size
             base = _load_base_for_finetune(meta, short, image_size)
             model = base.model
+            expected = meta.get("encoder_sha256")  # the BASE encoder it was trained from
+            if expected and encoder_hash(base) != expected:
+                raise ModelLoadError(
+                    f"fine-tuned checkpoint {checkpoint} was trained on a different image "
+                    f"encoder (hash {expected[:12]}...) than the base loaded now "
+                    f"({base.info.encoder_sha256[:12]}...); point ${CHECKPOINT_ENV} at its base "
+                    "checkpoint"
+                )
             model.sam_prompt_encoder.load_state_dict(obj["sam_prompt_encoder"])
             model.sam_mask_decoder.load_state_dict(obj["sam_mask_decoder"])
+            _apply_finetuned_encoder(model, obj, path)
+            train_mode = meta.get("train_mode", "decoder")
             random_weights = base.info.random_weights
             finetuned_from = base.info.checkpoint or f"random-init(seed={RANDOM_INIT_SEED})"
             # checkpoints written before the option existed were trained best-of-3
@@ -343,18 +406,38 @@ def load_sam2(
         n_parameters=int(sum(p.numel() for p in model.parameters())),
         finetuned_from=finetuned_from,
         multimask_output=multimask,
+        hub_id=hub_id,
+        train_mode=train_mode,
     )
     loaded = LoadedSAM2(model=model, info=info)
-    if checkpoint is not None and finetuned_from is not None:
-        expected = obj["metadata"].get("encoder_sha256")
-        if expected and encoder_hash(loaded) != expected:
-            raise ModelLoadError(
-                f"fine-tuned checkpoint {checkpoint} was trained on a different image encoder "
-                f"(hash {expected[:12]}...) than the base loaded now "
-                f"({loaded.info.encoder_sha256[:12]}...); point ${CHECKPOINT_ENV} at its base "
-                "checkpoint"
-            )
+    if train_mode in (None, "decoder") and base is not None:
+        loaded.info.encoder_sha256 = base.info.encoder_sha256  # same frozen encoder
     return loaded
+
+
+def _apply_finetuned_encoder(model: torch.nn.Module, obj: dict, path: Path) -> None:
+    """Apply a fine-tuned checkpoint's encoder change: LoRA factors (merged into the
+    weights) or a full image-encoder state dict. Decoder-only checkpoints have none."""
+    enc = obj.get("encoder")
+    if not enc:
+        return
+    kind = enc.get("kind")
+    if kind == "lora":
+        from calseg.segment.lora import load_lora
+
+        try:
+            load_lora(model, enc["state"], int(enc["rank"]), float(enc["alpha"]))
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+    elif kind == "full":
+        missing, unexpected = model.image_encoder.load_state_dict(enc["state"], strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{path}: image-encoder weights do not fit this config ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected keys)"
+            )
+    else:
+        raise ModelLoadError(f"{path}: unknown fine-tuned encoder kind {kind!r}")
 
 
 def _load_base_for_finetune(meta: dict, short: str, image_size: int) -> LoadedSAM2:
@@ -403,7 +486,12 @@ class _quiet_random_warning:
 
 
 def save_finetuned_checkpoint(
-    loaded: LoadedSAM2, path: Path | str, metadata: dict, extra: dict | None = None
+    loaded: LoadedSAM2,
+    path: Path | str,
+    metadata: dict,
+    extra: dict | None = None,
+    *,
+    encoder: dict | None = None,
 ) -> Path:
     """Write a small CalSeg fine-tuned checkpoint: prompt encoder + mask decoder weights only.
 
@@ -414,9 +502,14 @@ def save_finetuned_checkpoint(
             ``image_size``, ``base_checkpoint``, ``base_checkpoint_sha256`` and
             ``encoder_sha256`` are filled in from ``loaded``.
         extra: optional additional top-level entries (e.g. optimiser state for resuming).
+        encoder: for LoRA / full fine-tuning, ``{"kind": "lora", "state": factors, "rank",
+            "alpha"}`` or ``{"kind": "full", "state": image_encoder state dict}``.
+            ``metadata["encoder_sha256"]`` is then the BASE encoder's hash (the one the
+            loader checks before applying the change); pass it in ``metadata``.
 
     Returns:
-        The path written.
+        The path written. Its SHA-256 is written next to it (``<path>.sha256``, the
+        ``sha256sum`` format) so a model is identified by content.
     """
     import torch
 
@@ -434,8 +527,8 @@ def save_finetuned_checkpoint(
         base_checkpoint=base_ckpt,
         base_checkpoint_sha256=base_sha,
         base_random_weights=info.random_weights,
-        encoder_sha256=encoder_hash(loaded),
     )
+    meta.setdefault("encoder_sha256", encoder_hash(loaded))
     obj = {
         "format": FINETUNE_FORMAT,
         "version": 1,
@@ -447,11 +540,17 @@ def save_finetuned_checkpoint(
             k: v.detach().cpu() for k, v in loaded.model.sam_mask_decoder.state_dict().items()
         },
     }
+    if encoder:
+        obj["encoder"] = encoder
     if extra:
         obj.update(extra)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    sha_file = path.with_name(path.name + ".sha256")
+    sha_tmp = sha_file.with_name(sha_file.name + ".tmp")
+    sha_tmp.write_text(f"{file_sha256(path)}  {path.name}\n")
+    os.replace(sha_tmp, sha_file)
     return path
 
 

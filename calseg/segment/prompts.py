@@ -288,3 +288,50 @@ def pack_points(
             coords[i, 1 + j] = pt
             labels[i, 1 + j] = 0
     return coords, labels
+
+
+def pack_prompts(
+    positives: list[tuple[float, float] | None],
+    negatives: list[list[tuple[float, float]]],
+    boxes: list[tuple[float, float, float, float] | None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack mixed prompts (points, boxes, both) into SAM2's padded point arrays.
+
+    A box ``(x0, y0, x1, y1)`` becomes two leading points labelled 2 (top-left) and 3
+    (bottom-right), SAM/SAM2's box encoding (``SAM2ImagePredictor._predict`` concatenates box
+    corners before the points the same way). Then the positive point (label 1, if any) and the
+    negatives (label 0); padding -1.
+
+    Args:
+        positives: per prompt an (x, y) positive point, or ``None`` (box-only prompt).
+        negatives: per prompt a list of (x, y) negative points.
+        boxes: per prompt a box in frame pixels, or ``None``.
+
+    Returns:
+        ``coords`` ``(B, N, 2)`` float32, ``labels`` ``(B, N)`` int32.
+
+    Raises:
+        ValueError: a prompt with neither a positive point nor a box, or unequal list lengths.
+    """
+    b = len(positives)
+    if not (len(negatives) == len(boxes) == b):
+        raise ValueError("positives, negatives and boxes must have one entry per prompt")
+    rows: list[list[tuple[float, float, int]]] = []
+    for p, ng, bx in zip(positives, negatives, boxes, strict=True):
+        if p is None and bx is None:
+            raise ValueError("a prompt needs a positive point or a box")
+        row: list[tuple[float, float, int]] = []
+        if bx is not None:
+            row += [(bx[0], bx[1], 2), (bx[2], bx[3], 3)]
+        if p is not None:
+            row.append((p[0], p[1], 1))
+        row += [(x, y, 0) for x, y in ng]
+        rows.append(row)
+    n = max((len(r) for r in rows), default=1)
+    coords = np.zeros((b, n, 2), dtype=np.float32)
+    labels = -np.ones((b, n), dtype=np.int32)
+    for i, row in enumerate(rows):
+        for j, (x, y, lab) in enumerate(row):
+            coords[i, j] = (x, y)
+            labels[i, j] = lab
+    return coords, labels
