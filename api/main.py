@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -73,6 +74,10 @@ app = FastAPI(
 )
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+MAX_OFFSET = 2**31 - 1
+"""Largest listing offset: beyond it a database integer overflows (schemathesis found 500s
+with offset=2**63; now 422)."""
 
 
 class JsonBodyLimit:
@@ -176,7 +181,20 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def current_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
+_bearer = HTTPBearer(
+    auto_error=False,
+    bearerFormat="cs_ + 43 URL-safe characters",
+    description="API token. On the embedded service (make serve) it is in var/token; on a "
+    "server an admin creates one with `calseg tokens create <user>`.",
+)
+
+
+def current_user(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> User:
     """The user of the request's ``Authorization: Bearer <token>`` (a dependency).
 
     Raises:
@@ -313,7 +331,12 @@ def me(user: UserDep) -> UserOut:
 @app.get("/api/job-kinds", tags=["jobs"])
 def job_kinds(user: UserDep) -> dict[str, Any]:
     """``{kind: JSON schema of the kind's parameters}`` (defaults included), for forms."""
-    return {kind: params_json_schema(kind) for kind in JOB_KINDS}
+    if not _job_kind_schemas:  # built once per process (about 1 s: imports the configurations)
+        _job_kind_schemas.update({kind: params_json_schema(kind) for kind in JOB_KINDS})
+    return _job_kind_schemas
+
+
+_job_kind_schemas: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -360,7 +383,7 @@ def list_jobs(
     kind: Annotated[str | None, Query(description=f"one of {', '.join(JOB_KINDS)}")] = None,
     state: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATES)}")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """The caller's jobs (an admin: everyone's), newest first, filtered by kind and state."""
     if kind is not None and kind not in JOB_KINDS:
@@ -502,7 +525,7 @@ def list_models(
     session: SessionDep,
     user: UserDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ModelOut]:
     """The caller's fine-tuned models (an admin: everyone's), newest first: every succeeded
     finetune job with its SAM2 configuration, the checkpoint it started from, its training
@@ -861,7 +884,7 @@ def list_recordings(
     session: SessionDep,
     user: UserDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[RecordingOut]:
     """The caller's uploaded recordings (an admin: everyone's), newest first."""
     query = select(Recording)
