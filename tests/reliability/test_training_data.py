@@ -1,8 +1,8 @@
 """Training data edge cases (issue 8 "Training data") on the real fine-tuning loop (tiny
 random-weight SAM2): a dataset where most frames have no active cell, a dataset of one video
 (no validation video), and a batch larger than the data. Each trains to the end with finite
-losses and writes a checkpoint (~40 s: ``reliability`` marker). (All-empty frames: tests/test_segment_finetune.py::
-test_empty_frames_give_finite_loss.)"""
+losses and writes a checkpoint (~40 s: ``reliability`` marker). All-empty frames:
+tests/test_segment_finetune.py::test_empty_frames_give_finite_loss."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ def _train(ds: Path, out: Path, **cfg) -> list[dict]:
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize(
-    "case", ["mostly-empty-frames", "one-video", "batch-larger-than-data"]
-)
+@pytest.mark.parametrize("case", ["mostly-empty-frames", "one-video", "batch-larger-than-data"])
 def test_training_edge_cases(case: str, tmp_path: Path) -> None:
     img, lab = synth_recording(t=6, h=32, w=32, n_cells=3, seed=7)
     if case == "mostly-empty-frames":
