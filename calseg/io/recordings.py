@@ -11,6 +11,8 @@ Formats (detected from the file's first bytes, the extension only as a fallback)
 * NumPy ``.npy`` arrays (memory-mapped).
 * AVI / MP4 / MOV / MKV via imageio when a video plugin (pyav, imageio-ffmpeg) is installed,
   else OpenCV's FFmpeg backend; else a :class:`RecordingError`.
+* Nikon ND2, Zeiss CZI and Leica LIF through bioio and its plugins, an optional extra
+  (``pip install 'calseg[bioio]'``); without it a :class:`RecordingError` says so.
 
 Axis handling: the stored axes are detected (letters ``T`` time, ``Z`` depth, ``C`` channel,
 ``Y``, ``X``, ``S`` colour samples) from the file's metadata or, when it has none, from the
@@ -69,12 +71,15 @@ _TIFF_EXT = (".tif", ".tiff", ".btf", ".tf2", ".tf8", ".lsm", ".stk", ".ome.tif"
 _IMAGE_EXT = (".png", ".jpg", ".jpeg")
 _HDF5_EXT = (".h5", ".hdf5", ".hdf", ".he5")
 _VIDEO_EXT = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".wmv")
+_BIOIO_EXT = (".nd2", ".czi", ".lif")
+BIOIO_INSTALL_HINT = "pip install 'calseg[bioio]'"
 _FOLDER_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's RGB -> "L"
 
 _SUPPORTED = (
     "TIFF / BigTIFF / ImageJ / OME-TIFF, PNG, JPEG, HDF5 (.h5, optionally file.h5:/dataset), "
-    "NumPy .npy, AVI/MP4 video, or a folder of single-frame TIFF/PNG/JPEG files"
+    "NumPy .npy, AVI/MP4 video, ND2/CZI/LIF (with the [bioio] extra), or a folder of "
+    "single-frame TIFF/PNG/JPEG files"
 )
 _CONVERT_HINT = "convert it to TIFF (e.g. in Fiji: File > Save As > Tiff...) and try again"
 
@@ -90,7 +95,7 @@ class RecordingInfo:
     Attributes:
         path: the file (or folder) path as given, including an HDF5 ``:/dataset`` suffix.
         format: ``"tiff"``, ``"bigtiff"``, ``"imagej-tiff"``, ``"ome-tiff"``, ``"png"``,
-            ``"jpeg"``, ``"folder"``, ``"hdf5"``, ``"npy"`` or ``"video"``.
+            ``"jpeg"``, ``"folder"``, ``"hdf5"``, ``"npy"``, ``"video"`` or ``"bioio"``.
         n_frames: number of frames T of the ``(T, H, W)`` stack that is (or would be) returned.
         height: frame height H in px.
         width: frame width W in px.
@@ -266,6 +271,8 @@ def _format_from_extension(path: Path) -> str | None:
         return "npy"
     if name.endswith(_VIDEO_EXT):
         return "video"
+    if name.endswith(_BIOIO_EXT):
+        return "bioio"
     return None
 
 
@@ -321,6 +328,7 @@ def _open_source(path: str | Path) -> _Source:
         "jpeg": _open_pillow,
         "npy": _open_npy,
         "video": _open_video,
+        "bioio": _open_bioio,
     }
     if fmt == "hdf5":
         src = _open_hdf5(p, display, dataset)
@@ -985,6 +993,62 @@ def _open_video(path: Path, display: str) -> _Source:
         rgb=rgb,
         frame_interval_s=1.0 / fps if fps else None,
         lossy=True,
+        warnings=warn,
+    )
+
+
+# ------------------------------------------------------------------- ND2 / CZI / LIF -------
+
+
+def _open_bioio(path: Path, display: str) -> _Source:
+    """Nikon ND2, Zeiss CZI, Leica LIF through bioio and its format plugins (optional extra)."""
+    try:
+        from bioio import BioImage
+    except ImportError as exc:
+        raise RecordingError(
+            f"{path.name}: {path.suffix} files are read through bioio, which is not installed: "
+            f"{BIOIO_INSTALL_HINT} (installs bioio with its ND2, CZI and LIF plugins), or "
+            f"{_CONVERT_HINT}."
+        ) from exc
+    try:
+        img = BioImage(path)
+        data = img.dask_data  # dims of the first scene, bioio's standard order "TCZYX"
+        order = "".join(img.dims.order)
+    except Exception as exc:  # plugin missing, or the file is damaged
+        raise RecordingError(
+            f"{path.name}: bioio cannot read it ({type(exc).__name__}: {exc}); install the "
+            f"plugin for {path.suffix} files ({BIOIO_INSTALL_HINT}), or {_CONVERT_HINT}."
+        ) from exc
+    warn = []
+    scenes = list(getattr(img, "scenes", []) or [])
+    if len(scenes) > 1:
+        warn.append(f"the file holds {len(scenes)} scenes; the first ({scenes[0]}) is read")
+    pixel = None
+    try:
+        pixel = _positive(img.physical_pixel_sizes.X)  # bioio reports um
+    except Exception:  # noqa: BLE001 - optional metadata
+        pixel = None
+    interval = None
+    try:
+        ti = getattr(img, "time_interval", None)
+        if ti is not None:
+            interval = _positive(ti.total_seconds() if hasattr(ti, "total_seconds") else ti)
+    except Exception:  # noqa: BLE001 - optional metadata
+        interval = None
+    axes = "".join(a if a in AXIS_LETTERS else "?" for a in order)
+    return _Source(
+        path=path,
+        display=display,
+        format="bioio",
+        shape=tuple(int(n) for n in data.shape),
+        dtype=np.dtype(data.dtype),
+        reader=lambda index: np.asarray(data[index].compute()),
+        file_axes=order,
+        axes=axes,
+        rgb="S" in order,
+        z_means_slices=True,
+        frame_interval_s=interval,
+        pixel_size_um=pixel,
         warnings=warn,
     )
 

@@ -1,0 +1,102 @@
+"""Readers beyond TIFF: MP4 through imageio/pyav, ND2/CZI/LIF through the optional bioio
+extra, and chunked reading of a large file with bounded memory (calseg.io.recordings)."""
+
+from __future__ import annotations
+
+import builtins
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+
+from calseg.io.recordings import RecordingError, iter_recording, probe_recording, read_recording
+
+
+def test_mp4_via_imageio_pyav(tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    pytest.importorskip("av")
+    path = tmp_path / "rec.mp4"
+    levels = 30 * np.arange(8) + 20
+    frames = np.stack([np.full((48, 64, 3), v, np.uint8) for v in levels])
+    iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=4)
+    info = probe_recording(path)
+    assert info.format == "video" and (info.n_frames, info.height, info.width) == (8, 48, 64)
+    assert info.frame_interval_s == pytest.approx(0.25)
+    assert any("lossy" in w for w in info.warnings)
+    rec = read_recording(path)
+    assert rec.frames.dtype == np.uint8
+    np.testing.assert_allclose(rec.frames[:, 24, 32], levels, atol=4)  # lossy codec
+
+
+@pytest.mark.parametrize("suffix", [".nd2", ".czi", ".lif"])
+def test_bioio_formats_without_the_extra_say_how_to_install(tmp_path, monkeypatch, suffix):
+    real_import = builtins.__import__
+
+    def no_bioio(name, *a, **k):
+        if name == "bioio" or name.startswith("bioio."):
+            raise ImportError("No module named 'bioio'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bioio)  # as on a machine without [bioio]
+    path = tmp_path / f"scan{suffix}"
+    path.write_bytes(b"\x00" * 256)
+    with pytest.raises(RecordingError, match=r"pip install 'calseg\[bioio\]'") as err:
+        read_recording(path)
+    assert path.name in str(err.value) and "convert it to TIFF" in str(err.value)
+
+
+def test_large_file_read_in_chunks_with_bounded_memory(tmp_path):
+    """A 48 MiB TIFF read 16 frames (4 MiB) at a time: peak Python/numpy allocation stays near
+    one chunk, far below the file size, and every chunk holds the right frames."""
+    t, h, w = 192, 256, 512
+    path = tmp_path / "big.tif"
+    with tifffile.TiffWriter(path) as tw:  # written frame by frame: never all in memory here
+        for i in range(t):
+            tw.write(np.full((h, w), i, np.uint16), contiguous=True, photometric="minisblack")
+    size = path.stat().st_size
+    assert size > 48 * 2**20
+    tracemalloc.start()
+    try:
+        seen = []
+        for t0, chunk in iter_recording(path, chunk_frames=16):
+            assert chunk.shape == (min(16, t - t0), h, w)
+            seen.append((t0, int(chunk[0, 0, 0]), int(chunk[-1, -1, -1])))
+            del chunk
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen[0] == (0, 0, 15) and seen[-1] == (176, 176, 191) and len(seen) == 12
+    chunk_bytes = 16 * h * w * 2
+    assert peak < 3 * chunk_bytes, f"peak {peak / 2**20:.1f} MiB for {size / 2**20:.0f} MiB file"
+
+
+def test_axes_override_channel_and_metadata_of_imagej_hyperstack(tmp_path):
+    """T=4, Z=3, C=2 ImageJ hyperstack with finterval and pixel spacing; the channel chosen,
+    Z max-projected, and the same data read with an explicit axes override."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4000, (4, 3, 2, 16, 20), dtype=np.uint16)
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(
+        path,
+        data,
+        imagej=True,
+        resolution=(1 / 0.325, 1 / 0.325),
+        metadata={"axes": "TZCYX", "finterval": 2.5, "unit": "um"},
+    )
+    rec = read_recording(path, channel=1)
+    assert rec.info.axes == "TZCYX"
+    assert rec.info.frame_interval_s == pytest.approx(2.5)
+    assert rec.info.pixel_size_um == pytest.approx(0.325)
+    np.testing.assert_array_equal(rec.frames, data[:, :, 1].max(axis=1))
+    # the same data in a shaped TIFF without axis names: the override says what they are
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, data, photometric="minisblack")  # tifffile's shape JSON, no axes
+    again = read_recording(bare, axes="tzcyx", channel=1)
+    assert again.info.axes == "TZCYX"
+    np.testing.assert_array_equal(again.frames, rec.frames)
+    # C and T swapped by the override: two frames of the 4 time points' channel
+    swapped = read_recording(bare, axes="CZTYX", channel=3)
+    np.testing.assert_array_equal(swapped.frames, data[3].max(axis=0))
+    with pytest.raises(RecordingError, match="axes"):
+        read_recording(bare, axes="TZCYXQ")
