@@ -385,10 +385,14 @@ def test_truncated_within_last_page(tmp_path):
 
 
 def test_unsupported_extension_and_missing(tmp_path):
-    path = tmp_path / "rec.czi"
-    path.write_bytes(b"ZISRAWFILE" + bytes(100))
-    with pytest.raises(RecordingError, match="unsupported file format '.czi'.*TIFF"):
+    path = tmp_path / "rec.oib"  # Olympus OIB: no reader here
+    path.write_bytes(b"\xd0\xcf\x11\xe0" + bytes(100))
+    with pytest.raises(RecordingError, match="unsupported file format '.oib'.*TIFF"):
         probe_recording(path)
+    czi = tmp_path / "rec.czi"  # a CZI goes to bioio (optional extra); the test machine lacks it
+    czi.write_bytes(b"ZISRAWFILE" + bytes(100))
+    with pytest.raises(RecordingError, match=r"rec.czi.*(bioio|TIFF)"):
+        probe_recording(czi)
     with pytest.raises(RecordingError, match="no such file"):
         probe_recording(tmp_path / "absent.tif")
 
