@@ -1031,6 +1031,8 @@ def _open_bioio(path: Path, display: str) -> _Source:
     interval = None
     try:
         ti = getattr(img, "time_interval", None)
+        if ti is None:
+            ti = getattr(getattr(img, "standard_metadata", None), "timelapse_interval", None)
         if ti is not None:
             interval = _positive(ti.total_seconds() if hasattr(ti, "total_seconds") else ti)
     except Exception:  # noqa: BLE001 - optional metadata
