@@ -652,7 +652,11 @@ class JobContext:
 
     def provenance(self) -> dict[str, Any]:
         """What made this job's outputs: code version, parameters, seeds, the files it read
-        (with sha256) and the base SAM2 checkpoint (path and sha256) of jobs that use SAM2."""
+        (with sha256) and the base SAM2 checkpoint (path and sha256) of jobs that use SAM2.
+
+        Never raises (it is written when a job ends, failed ones included): what cannot be
+        found out is recorded as an ``error`` entry instead.
+        """
         seeds = {k: v for k, v in self._params_json.items() if "seed" in k}
         out: dict[str, Any] = {
             "code_version": self._code_version,
@@ -660,15 +664,18 @@ class JobContext:
             "seeds": seeds,
             "inputs": list(self.inputs.values()),
             "python": sys.version.split()[0],
-            "libraries": _library_versions(),
         }
-        base = self.settings.sam2_checkpoint
-        if self.kind != "simulate":
-            out["base_checkpoint"] = (
-                {"path": str(base), "sha256": _file_sha256(Path(base))}
-                if base is not None and Path(base).is_file()
-                else None
-            )
+        try:
+            out["libraries"] = _library_versions()
+            base = self.settings.sam2_checkpoint
+            if self.kind != "simulate":
+                out["base_checkpoint"] = (
+                    {"path": str(base), "sha256": _file_sha256(Path(base))}
+                    if base is not None and Path(base).is_file()
+                    else None
+                )
+        except Exception as exc:  # noqa: BLE001 - provenance must not fail the job's ending
+            out["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return out
 
     def close(self) -> None:
