@@ -322,7 +322,10 @@ def test_me_and_token_errors(client: TestClient, users: dict[str, str]) -> None:
     # public routes need no token
     assert anonymous.get("/api/health").status_code == 200
     assert anonymous.get("/").status_code == 200
-    assert anonymous.get("/openapi.json").status_code == 200
+    schema = anonymous.get("/openapi.json").json()  # the token is documented for clients
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/api/me"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/api/health"]["get"]
     assert anonymous.get("/docs").status_code == 200
     assert anonymous.get("/static/app.js").status_code == 200
     # a revoked token stops working at once
