@@ -110,3 +110,50 @@ def test_mismatched_inputs_are_refused():
         augment_recording(np.zeros((2, 8, 8)), np.zeros((2, 8, 9), np.uint32), 0)
     with pytest.raises(AugmentError, match="integer"):
         augment_recording(np.zeros((2, 8, 8)), np.zeros((2, 8, 8)), 0)
+
+
+def test_finetune_embeds_k_augmented_variants_once_and_caches_them(tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from calseg.segment.finetune import FinetuneConfig, finetune, variant_seed
+    from calseg.segment.model import CHECKPOINT_ENV
+
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_segment_synth import small_dataset
+
+    ds = small_dataset(tmp_path / "ds", t=4, size=32)
+
+    def run(k: int, cache: Path) -> tuple[dict, int]:
+        cfg = FinetuneConfig(
+            image_size=64,
+            steps=2,
+            batch_size=2,
+            frames_per_video=2,
+            val_frames_per_video=2,
+            val_every=2,
+            augment_variants=k,
+        )
+        res = finetune(ds, tmp_path / f"out{k}", cfg, cache_dir=cache)
+        meta = torch.load(res.checkpoint, map_location="cpu", weights_only=False)["metadata"]
+        return meta, len(list(cache.rglob("*.pt")))
+
+    meta2, n2 = run(2, tmp_path / "c2")
+    assert meta2["train_videos"] == [
+        "v000",
+        "v000~aug1",
+        "v000~aug2",
+        "v001",
+        "v001~aug1",
+        "v001~aug2",
+    ]
+    # 1 val video x 2 frames + 2 train videos x 2 frames x (K + 1) variants, embedded once each
+    assert n2 == 2 + 2 * 2 * 3
+    _, n2_again = run(2, tmp_path / "c2")  # rerun: every variant comes from the cache
+    assert n2_again == n2
+    assert variant_seed(0, "v000", 1) != variant_seed(0, "v000", 2)
+    json.dumps(meta2["finetune_config"])  # the augmentation settings are recorded

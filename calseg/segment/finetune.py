@@ -6,6 +6,15 @@ Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
   normalisation, :mod:`calseg.segment.embeddings`) and cached on disk. Training calls
   ``sam_prompt_encoder`` and ``sam_mask_decoder`` directly on cached features
   (:func:`calseg.segment.model.run_decoder`), never ``predict()``.
+* Augmentation vs cached embeddings (``augment_variants`` = K): augmenting images at every
+  step would need the encoder at every step (5-30x slower on CPU, DESIGN.md section 6), so
+  each training video gets K augmented copies (:mod:`calseg.segment.augment`: intensity,
+  Poisson-Gaussian noise, blur, flips/rot90, zoom crops, elastic; labels moved with the
+  image), made once with a seed from (run seed, video, k) and embedded once like extra
+  videos; the cache key is the hash of the augmented model input, so reruns hit the cache.
+  Cost: (K + 1) x the training frames' embedding time and cache disk (4 MiB per frame at
+  512 px in fp32, 2 MiB as stored in fp16). Variety beyond K comes from the simulator's own
+  per-video randomisation (camera, optics, defects drawn per video).
 * Instance targets: each prompt's target is ITS OWN cell's mask in that frame (not the union of
   all active cells). The positive point is sampled inside the cell's mask eroded by a 5x5 square
   (falls back to the un-eroded mask for tiny cells); up to ``n_negative_points`` negatives come
@@ -57,6 +66,7 @@ from scipy import ndimage as ndi
 
 from calseg.progress import ProgressFn, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
+from calseg.segment.augment import AugmentConfig, augment_recording
 from calseg.segment.embeddings import (
     FrameEmbeddings,
     FrameGeometry,
@@ -162,6 +172,17 @@ class FinetuneConfig(BaseModel):
     box_jitter: float = Field(
         0.1, ge=0, le=0.5, description="box corners moved by up to this x the box side"
     )
+    augment_variants: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="K augmented variants of every training video (calseg.segment.augment), "
+        "each embedded once and cached like an extra video: (K + 1) x the embedding time and "
+        "cache disk of the training frames; validation videos are never augmented",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="augmentation ranges (None: the AugmentConfig defaults)"
+    )
 
     @model_validator(mode="after")
     def _check_mix(self):  # noqa: ANN202 - pydantic validator returns the model
@@ -259,7 +280,12 @@ def _prepare_video(
     cfg: FinetuneConfig,
     cache_dir: Path | None,
     progress: ProgressFn,
+    variant: int = 0,
 ) -> _Video:
+    """Load, (augment,) normalise and embed one video's selected frames. ``variant`` k > 0:
+    the k-th augmented copy (:func:`calseg.segment.augment.augment_recording` with seed
+    :func:`variant_seed`), normalised on its own; its embeddings are cached under the hash of
+    the augmented model input, so a rerun with the same seed and ranges hits the cache."""
     image = np.asarray(video.load_image())
     labels = np.asarray(video.load_labels()).astype(np.uint32)
     if image.shape != labels.shape or image.ndim != 3:
@@ -267,13 +293,22 @@ def _prepare_video(
             f"video {video.id}: image {image.shape} and labels {labels.shape} must be equal (T,H,W)"
         )
     idx = _select_frames(labels, n_frames)
-    norm = compute_normalisation(image, cfg.low_percentile, cfg.high_percentile)
+    vid_id = str(video.id)
+    sel, lab = image[idx], labels[idx]
+    if variant:
+        sel, lab, _ = augment_recording(
+            sel, lab, variant_seed(cfg.seed, vid_id, variant), cfg.augment
+        )
+        vid_id = f"{vid_id}~aug{variant}"
+        norm = compute_normalisation(sel, cfg.low_percentile, cfg.high_percentile)
+    else:
+        norm = compute_normalisation(image, cfg.low_percentile, cfg.high_percentile)
     geom = FrameGeometry(image.shape[1], image.shape[2], loaded.info.image_size)
     x = None
     if cfg.train_mode == "decoder":
         emb = embed_recording(
             loaded,
-            image[idx],
+            sel,
             norm,
             geom,
             cache_dir=cache_dir,
@@ -281,11 +316,10 @@ def _prepare_video(
             progress=progress,
         )
     else:  # the encoder is trained: keep the model input, encode at every step
-        x = frames_to_model(normalise_frames(image[idx], norm), geom).half()
+        x = frames_to_model(normalise_frames(sel, norm), geom).half()
         emb = None
-    lab = labels[idx]
     return _Video(
-        id=str(video.id),
+        id=vid_id,
         frames_idx=idx,
         emb=emb,
         geometry=geom,
@@ -295,6 +329,13 @@ def _prepare_video(
         boxes=[_cell_boxes(lab[f]) for f in range(len(idx))],
         x=x,
     )
+
+
+def variant_seed(seed: int, video_id: str, variant: int) -> int:
+    """63-bit seed of augmented variant ``variant`` of video ``video_id`` in a run with
+    ``seed`` (stable across runs and machines: SHA-256 of the three)."""
+    h = hashlib.sha256(f"{seed}:{video_id}:{variant}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
 
 
 def _cell_boxes(label_img: np.ndarray) -> dict[int, tuple[float, float, float, float]]:
@@ -672,17 +713,22 @@ def finetune(
     progress(0.0, "embed", "embedding training frames")
     n_all = len(train_v) + len(val_v)
     videos: list[_Video] = []
+    n_var = config.augment_variants + 1
     for k, v in enumerate(train_v):
-        videos.append(
-            _prepare_video(
-                loaded,
-                v,
-                config.frames_per_video,
-                config,
-                cache_dir,
-                scaled(progress, 0.3 * k / n_all, 0.3 * (k + 1) / n_all),
+        for variant in range(n_var):
+            a = 0.3 * (k + variant / n_var) / n_all
+            b = 0.3 * (k + (variant + 1) / n_var) / n_all
+            videos.append(
+                _prepare_video(
+                    loaded,
+                    v,
+                    config.frames_per_video,
+                    config,
+                    cache_dir,
+                    scaled(progress, a, b),
+                    variant=variant,
+                )
             )
-        )
     vals: list[_Video] = []
     for k, v in enumerate(val_v):
         j = len(train_v) + k
