@@ -927,7 +927,14 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``python -m calseg.bench``, ``calseg bench``)."""
+    """Command-line entry point (``python -m calseg.bench``, ``calseg bench``);
+    ``python -m calseg.bench service ...`` runs the service benchmarks
+    (:mod:`calseg.bench_service`)."""
+    args_in = argv if argv is not None else sys.argv[1:]
+    if args_in[:1] == ["service"]:
+        from calseg.bench_service import main as service_main
+
+        return service_main(list(args_in[1:]))
     ap = argparse.ArgumentParser(
         prog="python -m calseg.bench",
         description="Benchmark the CalSeg simulator, renderer, dataset build and SAM2 engine.",

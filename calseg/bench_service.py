@@ -1,0 +1,377 @@
+"""Service benchmarks (issue 5 item 11): ``python -m calseg.bench_service`` (also
+``python -m calseg.bench service``).
+
+* ``latency``: ``--clients`` (50) concurrent clients (one thread and one keep-alive
+  ``httpx.Client`` each) against the embedded service's api (uvicorn, one process; no worker,
+  so jobs stay queued) for ``--seconds``. Each client loops: submit a simulate job
+  (``POST /api/jobs``), then read its status three times (``GET /api/jobs/{id}``). Reported:
+  p50/p99 latency (ms) of submit and of status, requests per second, errors (any non-2xx or
+  transport error). Target: p99 < 50 ms.
+* ``upload``: a ``--upload-gb`` (2) GB BigTIFF written as a sparse file (2048 x 2048 uint16
+  frames; header plus a marked first and last frame, the rest holes) streamed in 1 MiB chunks
+  over loopback to ``POST /api/recordings`` (raw body). Reported: throughput (MB/s, wall time
+  from first byte to the 201), the api process's resident set size before and at its peak
+  (``VmRSS`` from ``/proc/<pid>/status`` sampled every 20 ms) and the growth. Target: growth
+  < 100 MB.
+
+The database is a fresh PostgreSQL database on the machine's server when it answers
+(``CALSEG_TEST_POSTGRES_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``;
+dropped afterwards), else SQLite (``--sqlite`` forces it). Redis is the embedded service's own.
+Client and server share the machine: on a loaded machine the latencies are pessimistic (the
+1-minute load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+FRAME_SIDE = 2048
+"""Frame side (px) of the generated upload: one uint16 frame is 8 MiB."""
+CHUNK = 1024 * 1024
+
+
+def sparse_bigtiff(path: Path, nbytes: float) -> Path:
+    """Write a BigTIFF of about ``nbytes`` bytes as a sparse file: ``T`` frames of
+    2048 x 2048 uint16 (T = ceil(nbytes / 8 MiB)), only the first and last frame written
+    (value 1000 + frame index in their top-left 16 x 16 px), the rest holes (zeros).
+
+    Returns:
+        ``path`` (its size is the header plus T x 8 MiB; disk use is a few MiB).
+    """
+    import tifffile
+
+    frame = FRAME_SIDE * FRAME_SIDE * 2
+    n = max(int(np.ceil(nbytes / frame)), 2)
+    path = Path(path)
+    mm = tifffile.memmap(
+        path, shape=(n, FRAME_SIDE, FRAME_SIDE), dtype=np.uint16, bigtiff=True,
+        photometric="minisblack",
+    )  # fmt: skip
+    mm[0, :16, :16] = 1000
+    mm[-1, :16, :16] = 1000 + n - 1
+    mm.flush()
+    del mm
+    return path
+
+
+def expected_frames(path: Path) -> int:
+    """Frames of a file written by :func:`sparse_bigtiff` (from its size)."""
+    return int(Path(path).stat().st_size // (FRAME_SIDE * FRAME_SIDE * 2))
+
+
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+class RssSampler:
+    """Samples a process's ``VmRSS`` every ``interval_s`` in a thread; ``.peak_kib``."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.start_kib = _rss_kib(pid)
+        self.peak_kib = self.start_kib
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(OSError, RuntimeError):
+                self.peak_kib = max(self.peak_kib, _rss_kib(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError, RuntimeError):
+            self.peak_kib = max(self.peak_kib, _rss_kib(self.pid))
+
+
+@contextlib.contextmanager
+def _database(sqlite_dir: Path, force_sqlite: bool) -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards) or a SQLite file in ``sqlite_dir``."""
+    if not force_sqlite:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        pg = os.environ.get(
+            "CALSEG_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        )
+        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:  # noqa: BLE001 - no PostgreSQL here: SQLite
+            admin.dispose()
+        else:
+            name = f"calseg_bench_{uuid.uuid4().hex[:10]}"
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            try:
+                yield make_url(pg).set(database=name).render_as_string(hide_password=False)
+            finally:
+                from calseg.service.db import get_engine
+
+                get_engine.cache_clear()
+                with admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                admin.dispose()
+            return
+    yield f"sqlite:///{sqlite_dir / 'bench.db'}"
+
+
+@contextlib.contextmanager
+def embedded(workdir: Path, *, force_sqlite: bool = False, **overrides: Any) -> Iterator[Any]:
+    """The embedded service (api only, its own Redis) on a fresh database; ``.api_pid`` and
+    ``.headers`` (the admin token) added."""
+    from calseg.service.embedded import EmbeddedService
+    from calseg.service.settings import Settings
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _database(workdir, force_sqlite) as url:
+        settings = Settings(
+            database_url=url,
+            redis_url=None,
+            artifact_dir=workdir / "artifacts",
+            cache_dir=workdir / "cache",
+            log_dir=workdir / "logs",
+            token_file=workdir / "token",
+            api_port=0,
+            reconcile_interval_s=0,
+            **overrides,
+        )
+        with EmbeddedService(settings, api_port=0, worker=False) as svc:
+            svc.api_pid = next(p.pid for name, p in svc._procs if name == "api")
+            svc.headers = {"Authorization": f"Bearer {svc.token}"}
+            svc.database = "postgresql" if url.startswith("postgresql") else "sqlite"
+            yield svc
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+def run_latency(
+    url: str,
+    headers: dict[str, str],
+    clients: int = 50,
+    seconds: float = 10.0,
+    think_s: float = 0.0,
+) -> dict[str, Any]:
+    """``clients`` threads submit a job and read its status three times, in a loop, for
+    ``seconds``, pausing ``think_s`` after each request (0: back to back, a closed loop that
+    measures the server at saturation; 1: clients polling once a second). A warm-up of three
+    submit + status rounds runs first, unmeasured. Latencies in ms; ``errors`` lists the first
+    few failures."""
+    submit: list[float] = []
+    status: list[float] = []
+    errors: list[str] = []
+    ids: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    body = {"kind": "simulate", "params": {"n_videos": 3, "n_frames": 4}}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+        for _ in range(3):  # first requests import and cache (schemas, git describe)
+            job_id = c.post("/api/jobs", json=body).json()["id"]
+            c.get(f"/api/jobs/{job_id}")
+
+    def client() -> None:
+        s_lat: list[float] = []
+        g_lat: list[float] = []
+        mine: list[str] = []
+        errs: list[str] = []
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+            start.wait()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                try:
+                    t0 = time.perf_counter()
+                    r = c.post("/api/jobs", json=body)
+                    s_lat.append((time.perf_counter() - t0) * 1e3)
+                    time.sleep(think_s)
+                    if r.status_code != 201:
+                        errs.append(f"submit {r.status_code}: {r.text[:200]}")
+                        continue
+                    job_id = r.json()["id"]
+                    mine.append(job_id)
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        r = c.get(f"/api/jobs/{job_id}")
+                        g_lat.append((time.perf_counter() - t0) * 1e3)
+                        time.sleep(think_s)
+                        if r.status_code != 200 or r.json()["id"] != job_id:
+                            errs.append(f"status {r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errs.append(f"{type(exc).__name__}: {exc}")
+        with lock:
+            submit.extend(s_lat)
+            status.extend(g_lat)
+            ids.extend(mine)
+            errors.extend(errs)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "think_s": think_s,
+        "seconds": round(wall, 2),
+        "requests": len(submit) + len(status),
+        "requests_per_s": round((len(submit) + len(status)) / wall, 1),
+        "submit_n": len(submit),
+        "submit_p50_ms": round(_pct(submit, 50), 1),
+        "submit_p99_ms": round(_pct(submit, 99), 1),
+        "status_n": len(status),
+        "status_p50_ms": round(_pct(status, 50), 1),
+        "status_p99_ms": round(_pct(status, 99), 1),
+        "status_mean_ms": round(statistics.fmean(status), 1) if status else None,
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "job_ids": ids,
+    }
+
+
+def run_upload(url: str, headers: dict[str, str], api_pid: int, path: Path) -> dict[str, Any]:
+    """Stream ``path`` to ``POST /api/recordings`` (raw body, 1 MiB chunks, Content-Length
+    set) while sampling the api's RSS; the result with throughput and RSS growth (MB)."""
+    size = Path(path).stat().st_size
+    digest = hashlib.sha256()
+
+    def body() -> Iterator[bytes]:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                yield chunk
+
+    with RssSampler(api_pid) as rss, httpx.Client(base_url=url, headers=headers) as c:
+        t0 = time.perf_counter()
+        r = c.post(
+            "/api/recordings",
+            params={"filename": Path(path).name},
+            content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            timeout=httpx.Timeout(600, connect=10),
+        )
+        wall = time.perf_counter() - t0
+    out = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    return {
+        "status": r.status_code,
+        "detail": out.get("detail"),
+        "size_bytes": size,
+        "seconds": round(wall, 2),
+        "throughput_mb_s": round(size / 1e6 / wall, 1),
+        "n_frames": out.get("n_frames"),
+        "expected_frames": expected_frames(path),
+        "sha256_ok": out.get("sha256") == digest.hexdigest(),
+        "rss_before_mb": round(rss.start_kib / 1024, 1),
+        "rss_peak_mb": round(rss.peak_kib / 1024, 1),
+        "rss_growth_mb": round((rss.peak_kib - rss.start_kib) / 1024, 1),
+    }
+
+
+def upload_with_rss(
+    path: Path, workdir: Path, *, max_upload_bytes: int | None = None, force_sqlite: bool = True
+) -> dict[str, Any]:
+    """Start an embedded service in ``workdir`` and upload ``path`` to it (:func:`run_upload`)."""
+    overrides = {"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}
+    with embedded(workdir, force_sqlite=force_sqlite, **overrides) as svc:
+        return run_upload(svc.url, svc.headers, svc.api_pid, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    from calseg.bench import machine_info
+
+    ap = argparse.ArgumentParser(prog="python -m calseg.bench_service", description=__doc__)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument(
+        "--think", type=float, action="append",
+        help="pause after each request (s); repeatable; default: 0 and 1",
+    )  # fmt: skip
+    ap.add_argument("--upload-gb", type=float, default=2.0)
+    ap.add_argument("--only", choices=["latency", "upload"])
+    ap.add_argument("--sqlite", action="store_true", help="SQLite even when PostgreSQL answers")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    machine = machine_info()
+    report: dict[str, Any] = {"machine": machine}
+    print(
+        f"machine: {machine['cpu_model']}, {machine['cores_usable']} usable cores, "
+        f"{machine['ram_gib']} GiB RAM, {machine['os']}, Python {machine['python']}, "
+        f"commit {machine['git_commit']}; load(1 min) {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="calseg-bench-svc-") as tmp:
+        root = Path(tmp)
+        with embedded(root / "svc", force_sqlite=args.sqlite, max_upload_bytes=8 * 1024**3) as svc:
+            print(f"api {svc.url} (pid {svc.api_pid}), database {svc.database}", flush=True)
+            if args.only in (None, "latency"):
+                report["latency"] = []
+                for think in args.think or [0.0, 1.0]:
+                    lat = run_latency(svc.url, svc.headers, args.clients, args.seconds, think)
+                    lat.pop("job_ids")
+                    report["latency"].append(lat)
+                    print(
+                        f"latency, {lat['clients']} clients, pause {think:g} s after each "
+                        f"request, {lat['seconds']} s: {lat['requests']} requests "
+                        f"({lat['requests_per_s']}/s), errors {lat['errors']}\n"
+                        f"  submit  POST /api/jobs       n={lat['submit_n']:6d}  "
+                        f"p50 {lat['submit_p50_ms']:7.1f} ms  p99 {lat['submit_p99_ms']:7.1f} ms"
+                        f"  (target p99 < 50 ms)\n"
+                        f"  status  GET  /api/jobs/{{id}}  n={lat['status_n']:6d}  "
+                        f"p50 {lat['status_p50_ms']:7.1f} ms  p99 {lat['status_p99_ms']:7.1f} ms"
+                        f"  (target p99 < 50 ms)",
+                        flush=True,
+                    )
+            if args.only in (None, "upload"):
+                path = sparse_bigtiff(root / "upload.tif", args.upload_gb * 1e9)
+                up = run_upload(svc.url, svc.headers, svc.api_pid, path)
+                report["upload"] = up
+                print(
+                    f"upload {up['size_bytes'] / 1e9:.2f} GB BigTIFF (sparse file) over "
+                    f"loopback: HTTP {up['status']}, {up['seconds']} s, "
+                    f"{up['throughput_mb_s']} MB/s, frames {up['n_frames']}/"
+                    f"{up['expected_frames']}, sha256 {'ok' if up['sha256_ok'] else 'MISMATCH'}\n"
+                    f"  api RSS {up['rss_before_mb']} MB before, {up['rss_peak_mb']} MB peak: "
+                    f"growth {up['rss_growth_mb']} MB (target < 100 MB)",
+                    flush=True,
+                )
+    print(f"load(1 min) after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    ok = all(lat["errors"] == 0 for lat in report.get("latency", []))
+    ok &= report.get("upload", {}).get("status", 201) == 201
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
