@@ -58,3 +58,35 @@ def test_all_calseg_services_share_database_broker_and_artifacts(compose: dict) 
         vols = compose["services"][s]["volumes"]
         sources = [v["source"] if isinstance(v, dict) else v.split(":")[0] for v in vols]
         assert "artifacts" in sources, s
+
+
+def test_reliability_settings_reach_every_process(compose: dict) -> None:
+    """Heartbeats, the reconciler (in the api), the retry cap and JSON logs are configured the
+    same for api and workers, and each value is one the settings accept."""
+    from calseg.service.settings import Settings
+
+    envs = {s: compose["services"][s]["environment"] for s in ("api", "worker-gpu", "worker-cpu")}
+    keys = (
+        "CALSEG_HEARTBEAT_INTERVAL_S", "CALSEG_HEARTBEAT_TIMEOUT_S", "CALSEG_RECONCILE_INTERVAL_S",
+        "CALSEG_MAX_ATTEMPTS", "CALSEG_LOG_FORMAT", "CALSEG_VISIBILITY_TIMEOUT_S",
+    )  # fmt: skip
+    for key in keys:
+        assert len({e[key] for e in envs.values()}) == 1, key
+    api = envs["api"]
+    settings = Settings(**{k.removeprefix("CALSEG_").lower(): api[k] for k in keys})
+    assert settings.log_format == "json" and settings.reconcile_interval_s > 0
+    # a job is declared lost only after several missed beats, and long before Redis redelivers
+    assert settings.heartbeat_timeout_s >= 5 * settings.heartbeat_interval_s
+    assert settings.visibility_timeout_s > 10 * settings.heartbeat_timeout_s
+    assert settings.max_attempts >= 1
+    # the api image runs migrations first; workers get a grace period for a warm shutdown
+    assert "alembic upgrade head" in " ".join(compose["services"]["api"]["command"])
+    for w in ("worker-gpu", "worker-cpu"):
+        assert compose["services"][w]["stop_grace_period"]
+
+
+def test_dockerfile_ships_every_part_of_the_service() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    for part in ("calseg", "api", "worker", "frontend", "migrations", "alembic.ini"):
+        assert f"COPY {part} " in text, part
+    assert "USER calseg" in text and "tini" in text  # not root; signals reach Celery/uvicorn
