@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAM2_PIN := $(shell sed -n 's/^sam2 = \["\(sam2==[0-9.]*\)"\]/\1/p' pyproject.toml)
 RECORDING ?=
 
-.PHONY: demo test serve bench lint format services sysdeps venv clean-venv
+.PHONY: demo test reliability serve bench lint format services sysdeps venv clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -42,6 +42,12 @@ format: $(STAMP)
 
 test: $(STAMP) sysdeps services lint
 	$(VENV)/bin/pytest -q
+
+# Long fault-injection, soak and large-file cases (issue 8); counts per group: RELIABILITY.md.
+reliability: $(STAMP) sysdeps services
+	mkdir -p var
+	$(VENV)/bin/pytest -q -m reliability tests/reliability --junitxml=var/reliability.xml; \
+	  rc=$$?; $(PY) tests/reliability/report.py var/reliability.xml; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m calseg.bench

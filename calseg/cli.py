@@ -572,5 +572,27 @@ def download(
         typer.echo(str(p))
 
 
+@app.command()
+def reconcile() -> None:
+    """One reconciler pass: re-queue (or fail, at the attempt limit) running jobs whose worker
+    stopped sending heartbeats, and dispatch again queued jobs the broker lost (the api runs
+    this every CALSEG_RECONCILE_INTERVAL_S seconds by itself)."""
+    from calseg.service.reconcile import main_once
+
+    report = main_once()
+    typer.echo(
+        f"re-queued {len(report.requeued)}, failed {len(report.failed)}, dispatched again "
+        f"{len(report.redispatched)}"
+        + (f"; broker not inspected: {report.broker_error}" if report.broker_error else "")
+    )
+    for label, ids in (
+        ("re-queued", report.requeued),
+        ("failed", report.failed),
+        ("dispatched again", report.redispatched),
+    ):
+        for job_id in ids:
+            typer.echo(f"  {label}: {job_id}")
+
+
 if __name__ == "__main__":
     app()

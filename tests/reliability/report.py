@@ -1,0 +1,86 @@
+"""Print the per-group table of RELIABILITY.md from pytest JUnit XML files.
+
+Usage: ``python tests/reliability/report.py RESULTS.xml [MORE.xml ...]``
+
+Each test case is put into the first group whose (file, name) patterns match it; cases of no
+group are counted under "other". The numbers in RELIABILITY.md come from this script (the
+command that produces the XML is given there).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+
+GROUPS: list[tuple[str, str, str]] = [
+    # (group, file pattern, test name pattern)
+    ("files", r"test_file_corpus", r"test_(reader|upload)"),
+    ("files", r"test_service_api", r"test_upload_limit_probe_and_duplicates"),
+    ("files", r"test_file_corpus", r"test_4gb_sparse_bigtiff_upload"),
+    ("long recordings", r"test_file_corpus", r"test_long_recording"),
+    ("prompts", r"test_service_api", r"test_cell_at_pixel"),
+    ("training data", r"test_training_data|test_segment_finetune", r"test_training_edge|empty"),
+    ("queue and workers", r"test_queue_workers|test_database_outage", r"."),
+    ("queue and workers", r"test_service_jobs", r"lost|heartbeat|reconcil|retry|idempot"),
+    ("queue and workers", r"test_service_embedded", r"."),
+    ("storage", r"test_store", r"."),
+    ("API", r"test_api_fuzz", r"."),
+    ("API", r"test_service_api", r"bad_numbers|bad_params|unknown_ids"),
+    ("API", r"test_service_auth", r"every_route|rate_limited|size_limited|references"),
+    ("load", r"test_load", r"."),
+    ("deployment", r"test_service_deploy", r"."),
+]
+
+
+def group_of(classname: str, name: str) -> str:
+    """The group of a test case (``classname`` is pytest's dotted module path)."""
+    for group, file_re, name_re in GROUPS:
+        if re.search(file_re, classname) and re.search(name_re, name):
+            return group
+    return "other"
+
+
+def tally(paths: list[str]) -> OrderedDict[str, dict[str, int]]:
+    """``{group: {"tried", "passed", "failed", "skipped"}}`` over the XML files' test cases."""
+    order = list(OrderedDict.fromkeys(g for g, _, _ in GROUPS)) + ["other"]
+    table: OrderedDict[str, dict[str, int]] = OrderedDict(
+        (g, {"tried": 0, "passed": 0, "failed": 0, "skipped": 0}) for g in order
+    )
+    for path in paths:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            row = table[group_of(case.get("classname", ""), case.get("name", ""))]
+            if case.find("skipped") is not None:
+                row["skipped"] += 1
+                continue
+            row["tried"] += 1
+            bad = case.find("failure") is not None or case.find("error") is not None
+            row["failed" if bad else "passed"] += 1
+    return table
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    table = tally(argv)
+    print("| group | cases tried | passed | failed | skipped |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    total = {"tried": 0, "passed": 0, "failed": 0, "skipped": 0}
+    for group, row in table.items():
+        if not any(row.values()):
+            continue
+        cells = " | ".join(str(row[k]) for k in ("tried", "passed", "failed", "skipped"))
+        print(f"| {group} | {cells} |")
+        for k in total:
+            total[k] += row[k]
+    print(
+        f"| **all** | {total['tried']} | {total['passed']} | {total['failed']} | "
+        f"{total['skipped']} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
