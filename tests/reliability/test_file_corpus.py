@@ -8,6 +8,7 @@ The 4+ GB sparse BigTIFF upload and the 5,000-frame recording are ``reliability`
 
 from __future__ import annotations
 
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -167,7 +168,10 @@ def test_4gb_sparse_bigtiff_upload(tmp_path: Path) -> None:
 
     path = sparse_bigtiff(tmp_path / "huge.tif", 4.3e9)
     assert path.stat().st_size > 4 * 1024**3
-    result = upload_with_rss(path, tmp_path / "svc", max_upload_bytes=6 * 1024**3)
+    try:
+        result = upload_with_rss(path, tmp_path / "svc", max_upload_bytes=6 * 1024**3)
+    finally:  # the stored copy is a real 4.3 GB file: do not leave it in pytest's tmp
+        shutil.rmtree(tmp_path / "svc", ignore_errors=True)
     assert result["status"] == 201, result
     assert result["n_frames"] == result["expected_frames"]
     assert result["sha256_ok"]
