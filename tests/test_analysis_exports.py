@@ -265,3 +265,50 @@ def _exports_open_in_their_readers(artifacts, res):
         nwb = io.read()
         f = nwb.processing["ophys"]["Fluorescence"]["F"].data[:]
         assert f.shape == (res["n_frames"], res["n_cells"])
+
+
+def test_infer_runner_on_a_simulated_video_with_preprocessing(tmp_path):
+    """Infer on a simulated waves video with drift registration, background subtraction and
+    bleach correction on: the job reports them, uses the dataset's frame interval and pixel
+    size, and its patterns.json names a class."""
+    import json
+
+    from calseg.service.runners import run_infer
+    from calseg.service.schemas import validate_params
+    from calseg.simulate.config import SimulationConfig
+    from calseg.simulate.dataset import simulate_dataset
+
+    cfg = SimulationConfig(
+        n_videos=2,
+        n_frames=40,
+        height=96,
+        width=96,
+        pattern_classes=["waves"],
+        n_val_videos=0,
+        n_test_videos=1,
+        mean_cell_area_px=60,
+        seed=4,
+    )
+    simulate_dataset(cfg, tmp_path / "ds")
+    ctx = _StubContext(tmp_path / "job", None)
+    ctx.workdir.mkdir()
+    ctx.dataset_dir = lambda _jid: tmp_path / "ds"
+    params = {
+        "dataset_job_id": "d",
+        "video_id": "v001",
+        "method": "baseline",
+        "register_drift": True,
+        "background": "opening",
+        "background_radius_px": 15,
+        "bleach_correction": "exp",
+    }
+    res = run_infer(validate_params("infer", params), ctx)
+    assert res["frame_interval_s"] == cfg.frame_interval_s
+    assert res["pixel_size_um"] == cfg.pixel_size_um
+    steps = res["preprocess"]["steps"]
+    assert [s.split()[0] for s in steps] == ["registered:", "background", "photobleaching"]
+    pat = json.loads(Path(ctx.artifacts["patterns.json"]).read_text())
+    assert pat["pattern_class"] == res["pattern_class"]
+    assert json.loads(Path(ctx.artifacts["waves.json"]).read_text())["speed_unit"] == "um/s"
+    with pytest.raises(Exception, match="background"):
+        validate_params("infer", {**params, "background": "tophat"})
