@@ -599,13 +599,25 @@ function showServerErrors(kind, e) {
   if (first) document.getElementById(fieldId(kind, first)).focus();
 }
 
-async function loadKinds() {
+let kindsLoading = null;
+function loadKinds() {
+  // one request at a time; the form is rebuilt only when the schemas changed, so a late answer
+  // never wipes what the user (or the upload) filled in
+  if (!kindsLoading) kindsLoading = fetchKinds().finally(() => { kindsLoading = null; });
+  return kindsLoading;
+}
+
+async function fetchKinds() {
+  let kinds;
   try {
-    S.kinds = await api("/api/job-kinds");
+    kinds = await api("/api/job-kinds");
   } catch (e) {
-    S.kinds = {};
+    if (!S.kinds) S.kinds = {};
     $("job-kind-doc").textContent = `cannot load the job parameter schemas: ${e.message}`;
+    return;
   }
+  if (S.kinds && JSON.stringify(kinds) === JSON.stringify(S.kinds) && $("job-fields").children.length) return;
+  S.kinds = kinds;
   const sel = $("job-kind");
   const keep = sel.value;
   sel.replaceChildren(...Object.keys(S.kinds).map((k) => el("option", { value: k }, k)));
@@ -632,7 +644,7 @@ function renderMetricsTable(table, metrics, rowKey) {
   const names = [...new Set(metrics.map((m) => m.name))];
   const rows = [...new Set(metrics.map(rowKey))];
   table.tHead.replaceChildren(el("tr", {}, el("th", { scope: "col" }, "model"),
-    ...names.map((n) => el("th", { scope: "col" }, n))));
+    ...names.map((n) => el("th", { scope: "col", class: "num" }, n))));
   table.tBodies[0].replaceChildren(...rows.map((row) => el("tr", {},
     el("th", { scope: "row" }, row),
     ...names.map((n) => {
@@ -657,7 +669,10 @@ function renderDetail(job) {
   field(dl, "attempts", String(job.attempts));
   field(dl, "created", job.created_at ? new Date(job.created_at).toLocaleString() : "");
   field(dl, "code version", job.code_version);
-  field(dl, "parameters", el("code", {}, JSON.stringify(job.params)));
+  const set = Object.entries(job.params || {}).filter(([, v]) => v !== null);
+  field(dl, "parameters", el("details", {}, el("summary", {}, `${set.length} set (show)`),
+    el("dl", { class: "fields params" }, ...set.flatMap(([k, v]) => [
+      el("dt", {}, k), el("dd", {}, el("code", {}, typeof v === "string" ? v : JSON.stringify(v)))]))));
   const warnings = (job.result && job.result.warnings) || [];
   if (warnings.length) dl.append(el("dt", {}, "warnings"), el("dd", { class: "warn" }, warnings.join(" | ")));
   if (job.result && job.result.table) dl.append(el("dt", {}, "report"), el("dd", {}, el("pre", {}, job.result.table)));
@@ -711,6 +726,7 @@ async function selectJob(id) {
   $("viewer").dataset.jobId = "";
   $("curves").hidden = true;
   $("artifact-list").dataset.jobId = "";
+  $("download-status").textContent = "";
   if (location.hash !== `#job=${id}`) history.pushState(null, "", `#job=${encodeURIComponent(id)}`);
   await refreshDetail();
   refreshJobs();
@@ -961,10 +977,12 @@ async function showFrame() {
     V.ih = bitmap.height;
     const canvas = $("view-canvas");
     canvas.dataset.frame = String(t);
+    canvas.dataset.size = `${V.iw}x${V.ih}`;
     canvas.dataset.src = url;
     if (resized || !V.fitted) resetView();
     else draw();
-    $("view-status").textContent = `frame ${t}: ${V.ih} × ${V.iw} px shown at ${(V.scale).toFixed(2)}×`;
+    const panels = V.hasGt && $("gt-select").value === "1" ? "; left: prediction, right: ground truth" : "";
+    $("view-status").textContent = `frame ${t}: ${V.ih} × ${V.iw} px shown at ${(V.scale).toFixed(2)}×${panels}`;
   } catch (e) {
     if (req === V.request) $("view-status").textContent = `cannot show frame ${t}: ${e.message}`;
   }
@@ -972,9 +990,10 @@ async function showFrame() {
 
 function resetView() {
   const canvas = $("view-canvas");
-  const cw = Math.min(canvas.parentElement.clientWidth || 640, 900);
+  // as large as the column allows, at most 560 px high, the frame's aspect ratio (no bands)
   const aspect = V.ih && V.iw ? V.ih / V.iw : 0.75;
-  const ch = Math.min(Math.round(cw * aspect), 560);
+  const cw = Math.max(160, Math.round(Math.min(canvas.parentElement.clientWidth || 640, 900, 560 / aspect)));
+  const ch = Math.round(cw * aspect);
   if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; }
   if (!V.iw) return;
   V.scale = Math.min(cw / V.iw, ch / V.ih);
@@ -1182,7 +1201,7 @@ function drawTrace() {
   const t1 = ts.length > 1 ? ts[ts.length - 1] : 1;
   const peak = finite.length ? Math.max(...finite) : NaN;
   const plot = linePlot({
-    series: [{ xs: ts, ys, cls: "trace-line" }], xlabel: "time (s)", ylabel: "dF/F",
+    series: [{ xs: ts, ys, cls: "trace-line" }], xlabel: "time (s)", ylabel: "dF/F", width: 480, height: 260,
     title: `dF/F trace of cell ${trace.cell_id}: ${ys.length} frames over ${Number(t1).toFixed(1)} s`
       + (finite.length ? `, peak dF/F ${peak.toFixed(2)}` : ", no finite dF/F values"),
   });

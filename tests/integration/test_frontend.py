@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.integration
 CHROMIUM = Path(os.environ.get("CALSEG_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = Path(os.environ.get("CALSEG_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
 REAL = "astrocast_sample_1.tiff"  # (75, 100, 100) uint16 astrocyte recording
+SIM = {"n_videos": 3, "n_frames": 6, "height": 96, "width": 128, "seed": 5}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def _transform(page) -> tuple[float, float, float]:
 
 
 def _click_pixel(page, px: int, py: int) -> None:
-    """Click the centre of image pixel (px, py) of the frame drawn on the canvas."""
+    """Click the centre of image pixel (px, py) of the frame drawn on the canvas (scrolled
+    into the viewport first: the mouse only reaches what is on screen)."""
+    page.evaluate("document.querySelector('#view-canvas').scrollIntoView({block: 'center'})")
     scale, tx, ty = _transform(page)
     box = page.evaluate(
         """() => { const c = document.querySelector('#view-canvas');
@@ -133,6 +137,9 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
         pytest.skip(f"real recording {real} missing (set CALSEG_REAL_DATA_DIR)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots in {SHOTS}")
+    # a small simulated dataset, made while the page is used, for the ground-truth views
+    sim = api.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    assert sim.status_code == 201, sim.text
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -175,6 +182,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
 
     # --- the infer form, generated from the schema, filled in for the recording
     assert page.locator("#job-kind").input_value() == "infer"
+    assert page.locator("#gt-box").is_hidden()  # a real recording has no ground truth
     assert page.locator("#f-infer-recording_id").input_value() == rec["id"]
     assert page.locator("#f-infer-min_region_px").input_value() == "15"  # default shown
     assert "default: 15" in page.locator("#f-infer-min_region_px-hint").text_content()
@@ -251,6 +259,10 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     _wait_frame(page, "src.includes('style=outline')")
     assert _canvas_digest(page) not in (opaque, with_overlay)
     page.select_option("#style-select", "both")
+    page.select_option("#colors-select", "single")
+    _wait_frame(page, "src.includes('colors=single') && src.includes('style=both')")
+    assert _canvas_digest(page) not in (opaque, with_overlay)
+    page.select_option("#colors-select", "instance")
     page.locator("#opacity").fill("0.45")
     _wait_frame(page, "src.includes('alpha=0.45') && src.includes('style=both')")
     assert _canvas_digest(page) == with_overlay
@@ -276,7 +288,6 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     cell = int(labels[busiest, y, x])
     outside = ndimage.distance_transform_edt(labels[busiest] == 0)
     by, bx = np.unravel_index(int(np.argmax(outside)), outside.shape)  # farthest from cells
-    page.locator("#view-canvas").scroll_into_view_if_needed()
     _click_pixel(page, int(bx), int(by))
     page.wait_for_function(
         "document.querySelector('#trace-caption').textContent.includes('no cell here')"
@@ -296,7 +307,8 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
 
     # --- zoom (wheel) and pan (drag) change the transform; Reset view restores it
     fit = _transform(page)
-    box = page.locator("#view-canvas").bounding_box()
+    page.evaluate("document.querySelector('#view-canvas').scrollIntoView({block: 'center'})")
+    box = page.locator("#view-canvas").bounding_box()  # in the viewport: the mouse reaches it
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx, cy)
     page.mouse.wheel(0, -300)
@@ -309,6 +321,11 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     page.mouse.down()
     page.mouse.move(cx + 60, cy + 30, steps=5)
     page.mouse.up()
+    page.wait_for_function(
+        "document.querySelector('#view-canvas').dataset.transform.split(' ')[1]"
+        f" > {zoomed[1] + 40}",
+        timeout=5_000,
+    )
     panned = _transform(page)
     assert panned[0] == zoomed[0] and panned[1] > zoomed[1] + 40 and panned[2] > zoomed[2] + 20
     assert (
@@ -334,6 +351,28 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     page.wait_for_function(
         f"document.querySelector('#trace-caption').textContent.trim() === 'cell {other}'"
     )
+
+    # --- Play steps through the frames until Pause
+    shown = page.locator("#view-canvas").get_attribute("data-frame")
+    page.get_by_role("button", name="Play", exact=True).click()
+    page.wait_for_function(
+        f"['{shown}', '{int(shown) + 1}', '{int(shown) + 2}'].indexOf("
+        "document.querySelector('#view-canvas').dataset.frame) < 0",
+        timeout=15_000,
+    )
+    page.get_by_role("button", name="Pause", exact=True).click()
+    assert page.locator("#play").get_attribute("aria-pressed") == "false"
+
+    # --- every visible control has a name a screen reader can say
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button, canvas')]
+            .filter((e) => e.offsetParent !== null)
+            .filter((e) => !(e.getAttribute('aria-label') || e.getAttribute('aria-labelledby')
+                || (e.id && document.querySelector(`label[for="${e.id}"]`)) || e.closest('label')
+                || (e.tagName === 'BUTTON' && e.textContent.trim())))
+            .map((e) => e.id || e.outerHTML.slice(0, 80))"""
+    )
+    assert unnamed == [], f"controls without a label: {unnamed}"
 
     # --- downloads: every artifact listed with its size; a download carries the token
     names = [a["name"] for a in job["artifacts"]]
@@ -389,6 +428,32 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
         f"document.querySelector('#detail-title').textContent.includes('{ft_id}')"
     )
 
+    # --- simulated data: ground truth instead of, or beside, the prediction
+    sim = api.get(f"/api/jobs/{sim.json()['id']}").json()
+    deadline = time.monotonic() + 120
+    while sim["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"simulate job still {sim['state']}"
+        time.sleep(0.5)
+        sim = api.get(f"/api/jobs/{sim['id']}").json()
+    assert sim["state"] == "succeeded", sim["error"]
+    video = next(v["id"] for v in sim["result"]["videos"] if v["split"] == "test")
+    params = {"dataset_job_id": sim["id"], "video_id": video, "method": "baseline"}
+    inf = api.post("/api/jobs", json={"kind": "infer", "params": params}).json()
+    page.evaluate(f"location.hash = '#job={inf['id']}'")
+    page.wait_for_selector("#viewer:not([hidden]) #gt-box:not([hidden])", timeout=120_000)
+    _wait_frame(page, f"src.includes('{inf['id']}') && src.includes('gt=0')")
+    canvas = page.locator("#view-canvas")
+    assert canvas.get_attribute("data-size") == f"{SIM['width']}x{SIM['height']}"
+    predicted = _canvas_digest(page)
+    page.select_option("#gt-select", label="ground truth")
+    _wait_frame(page, "src.includes('gt=2')")
+    assert canvas.get_attribute("data-size") == f"{SIM['width']}x{SIM['height']}"
+    assert _canvas_digest(page) != predicted
+    page.select_option("#gt-select", label="side by side")
+    _wait_frame(page, "src.includes('gt=1')")
+    assert canvas.get_attribute("data-size") == f"{2 * SIM['width'] + 4}x{SIM['height']}"
+    page.screenshot(path=str(SHOTS / "page_viewer_gt.png"), full_page=True)
+
     # the README's picture: the viewer on the real recording with a cell's trace
     page.evaluate(f"location.hash = '#job={job_id}'")
     page.wait_for_selector("#viewer:not([hidden])")
@@ -397,5 +462,11 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     _wait_frame(page, f"frame === '{busiest}'")
     _click_pixel(page, int(x), int(y))
     page.wait_for_function("document.querySelector('#trace-plot svg path.trace-line')")
-    page.locator("#viewer").screenshot(path=str(SHOTS / "page_viewer_astrocast.png"))
+    clip = page.evaluate(
+        """() => { const y = (id) => document.getElementById(id).getBoundingClientRect();
+            const top = y('detail-title').top + scrollY - 12;
+            const bottom = y('viewer').bottom + scrollY + 12;
+            return {x: 0, y: top, width: 1280, height: bottom - top}; }"""
+    )
+    page.screenshot(path=str(SHOTS / "page_viewer_astrocast.png"), full_page=True, clip=clip)
     assert errors == [], f"JavaScript errors on the page: {errors}"
