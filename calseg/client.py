@@ -12,8 +12,9 @@ Example::
         inf = cs.wait(cs.submit("infer", {"recording_id": rec["id"], "method": "baseline"})["id"])
 
 Without arguments the URL and token come from ``CALSEG_URL`` and ``CALSEG_TOKEN``; with no
-``CALSEG_TOKEN``, the embedded default's token file (``var/token``) is used when it exists, so
-a client on the machine running ``make serve`` needs no setup.
+``CALSEG_TOKEN`` and a service on this machine (a loopback URL), the embedded default's token
+file (``var/token``) is used when it exists, so a client next to ``make serve`` needs no setup
+(the local token is never sent to another host).
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ class JobFailed(CalSegError):
         self.job = job
 
 
-def default_token() -> str | None:
-    """``CALSEG_TOKEN``, else the token in the embedded default's token file
-    (``CALSEG_TOKEN_FILE``, default ``var/token``), else None."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_token(base_url: str = DEFAULT_URL) -> str | None:
+    """``CALSEG_TOKEN``; else, for a service on this machine (``base_url`` on a loopback
+    host), the token in the embedded default's token file (``CALSEG_TOKEN_FILE``, default
+    ``var/token``); else None."""
     token = os.environ.get("CALSEG_TOKEN")
     if token:
         return token.strip()
+    if httpx.URL(base_url).host not in LOOPBACK_HOSTS:
+        return None
     from calseg.service.auth import read_token_file
     from calseg.service.settings import get_settings
 
@@ -67,7 +74,7 @@ class CalSegClient:
 
     Args:
         base_url: the service, e.g. ``http://127.0.0.1:8000`` (default ``CALSEG_URL``).
-        token: API token (default :func:`default_token`).
+        token: API token (default :func:`default_token` of ``base_url``).
         timeout_s: timeout of one HTTP request (s); waiting for a job polls repeatedly.
         http: an ``httpx.Client`` to use instead of a new one (tests pass FastAPI's
             ``TestClient``); its base URL is used, the token is added to each request.
@@ -84,7 +91,7 @@ class CalSegClient:
         http: httpx.Client | None = None,
     ) -> None:
         self.base_url = (base_url or os.environ.get("CALSEG_URL") or DEFAULT_URL).rstrip("/")
-        self.token = token if token is not None else default_token()
+        self.token = token if token is not None else default_token(self.base_url)
         self._own = http is None
         self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout_s)
 

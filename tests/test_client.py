@@ -209,3 +209,25 @@ def test_cli_users_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert r.exit_code == 2 and "no token" in r.output
     finally:
         get_settings.cache_clear()
+
+
+def test_default_token_is_local_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CALSEG_TOKEN a client of a service on this machine uses var/token (the
+    embedded default's), and never sends it to another host."""
+    from calseg.client import default_token
+    from calseg.service.auth import new_token, write_token_file
+
+    token = new_token()
+    write_token_file(tmp_path / "token", token)
+    monkeypatch.setenv("CALSEG_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.delenv("CALSEG_TOKEN", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert default_token("http://127.0.0.1:8000") == token
+        assert default_token("http://localhost:9") == token
+        assert default_token("http://gpu-server:8000") is None
+        assert CalSegClient("http://gpu-server:8000").token is None
+        monkeypatch.setenv("CALSEG_TOKEN", "cs_" + "e" * 43)
+        assert default_token("http://gpu-server:8000") == "cs_" + "e" * 43
+    finally:
+        get_settings.cache_clear()
