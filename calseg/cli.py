@@ -246,12 +246,14 @@ def _preprocess_cli(frames, dt, register, background, radius, bleach):  # noqa: 
     return out
 
 
-def _exports_cli(out_dir, frames, labels, dt, pixel_size, nwb):  # noqa: ANN001, ANN202
+def _exports_cli(out_dir, frames, labels, dt, pixel_size, nwb, traces=None):  # noqa: ANN001, ANN202
     """write_trace_exports and a summary on the console."""
     from calseg.io.tables import TableError, write_trace_exports
 
     try:
-        tables = write_trace_exports(out_dir, frames, labels, dt, pixel_size_um=pixel_size, nwb=nwb)
+        tables = write_trace_exports(
+            out_dir, frames, labels, dt, pixel_size_um=pixel_size, nwb=nwb, traces=traces
+        )
     except TableError as exc:
         raise _fail(str(exc)) from None
     for name, path in tables["paths"].items():
@@ -284,29 +286,53 @@ def analyze(
 ) -> None:
     """Traces (F, F0, dF/F), events, pattern class and waves of a recording whose cells are
     already labelled (by calseg segment, or by hand: a label TIFF)."""
+    from calseg.analysis.traces import cell_traces_chunked, footprint_image
     from calseg.io.labels import LabelStackError, read_label_stack
-    from calseg.io.recordings import RecordingError, read_recording
+    from calseg.io.recordings import (
+        RecordingError,
+        iter_recording,
+        probe_recording,
+        read_recording,
+    )
 
     try:
-        rec = read_recording(recording, axes=axes, channel=channel)
+        info = probe_recording(recording) if axes is None and channel == 0 else None
         lab = read_label_stack(labels)
     except (RecordingError, LabelStackError) as exc:
         raise _fail(str(exc)) from None
-    for w in rec.info.warnings:
-        console.print(f"[yellow]note:[/] {w}")
     if lab.shape[0] == 1:
         lab = lab[0]
-    if lab.shape[-2:] != rec.frames.shape[1:] or (lab.ndim == 3 and lab.shape != rec.frames.shape):
+    preprocessing = register or background or bleach
+    try:
+        if info is None or preprocessing or lab.ndim == 3:
+            rec = read_recording(recording, axes=axes, channel=channel)
+            info, frames = rec.info, rec.frames
+        else:  # traces from chunks: the recording is never whole in memory
+            frames = None
+    except RecordingError as exc:
+        raise _fail(str(exc)) from None
+    for w in info.warnings:
+        console.print(f"[yellow]note:[/] {w}")
+    shape = (info.n_frames, info.height, info.width)
+    if lab.shape[-2:] != shape[1:] or (lab.ndim == 3 and lab.shape != shape):
         raise _fail(
-            f"labels {tuple(lab.shape)} do not fit the recording {tuple(rec.frames.shape)}: give "
+            f"labels {tuple(lab.shape)} do not fit the recording {shape}: give "
             "the label stack made for this recording, or one (H, W) label image"
         )
-    dt = frame_interval or rec.info.frame_interval_s
+    dt = frame_interval or info.frame_interval_s
     if dt is None:
         dt = 1.0
         console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
-    frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
-    _exports_cli(out_dir, frames, lab, dt, pixel_size or rec.info.pixel_size_um, nwb)
+    traces = None
+    if frames is None:
+        try:
+            fp = footprint_image(lab)
+            traces = cell_traces_chunked(iter_recording(recording), fp, info.n_frames)
+        except RecordingError as exc:
+            raise _fail(str(exc)) from None
+    else:
+        frames = _preprocess_cli(frames, dt, register, background, background_radius, bleach)
+    _exports_cli(out_dir, frames, lab, dt, pixel_size or info.pixel_size_um, nwb, traces)
 
 
 def _seed_list(text: str) -> list[int]:

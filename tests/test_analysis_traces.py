@@ -188,3 +188,21 @@ def test_traces_on_real_recording_with_baseline_labels():
     assert np.isfinite(d[~flags]).all()
     assert np.isnan(d[flags]).all()
     assert flags.sum() < n
+
+
+def test_cell_traces_chunked_equals_whole_recording():
+    from calseg.analysis.traces import cell_traces_chunked
+
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 4000, (23, 12, 15)).astype(np.uint16)
+    lab = np.zeros((12, 15), np.uint16)
+    lab[1:5, 1:6], lab[6:11, 3:14] = 4, 9
+    ids, f = cell_traces(frames, lab)
+    chunks = ((t0, frames[t0 : t0 + 5]) for t0 in range(0, 23, 5))
+    ids_c, f_c = cell_traces_chunked(chunks, lab, 23)
+    np.testing.assert_array_equal(ids_c, ids)
+    np.testing.assert_allclose(f_c, f, rtol=1e-6)
+    with pytest.raises(TraceError, match="expected 23"):
+        cell_traces_chunked(iter([(0, frames[:5])]), lab, 23)
+    with pytest.raises(TraceError, match="does not match"):
+        cell_traces_chunked(iter([(0, frames[:5, :4])]), lab, 23)

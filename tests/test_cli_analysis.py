@@ -93,3 +93,20 @@ def test_validate_patterns_prints_a_confusion_matrix(tmp_path):
     assert m[2, 2] == 1 and m[3, 3] == 1  # waves and fluttering of seed 3 recognised
     r = runner.invoke(app, ["validate-patterns", "--seeds", "x-y"])
     assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_analyze_without_preprocessing_reads_in_chunks_same_traces(tmp_path):
+    """No preprocessing: traces come from chunks (iter_recording), equal to the in-memory ones."""
+    from calseg.analysis.traces import cell_traces
+    from calseg.io.recordings import read_recording
+
+    rec = _real("sima_example.tif")
+    lab = read_imagej_rois(_real("sima_example_imageJ_ROIs.zip"), (128, 256))
+    labels = write_label_stack(tmp_path / "rois.tif", lab)
+    r = runner.invoke(app, ["analyze", str(rec), str(labels), str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "1 s assumed" in r.output  # sima_example.tif has no frame interval
+    got = read_traces_csv(tmp_path / "o" / "traces.csv")
+    ids, f = cell_traces(read_recording(rec).frames, lab)
+    np.testing.assert_array_equal(got["ids"], ids)
+    np.testing.assert_allclose(got["F"], f, rtol=1e-6)

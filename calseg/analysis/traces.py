@@ -32,6 +32,8 @@ Choices for epithelia (issue 7), and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy import ndimage, sparse
 
@@ -40,6 +42,7 @@ __all__ = [
     "baseline_f0",
     "cell_footprints",
     "cell_traces",
+    "cell_traces_chunked",
     "dff",
     "footprint_image",
 ]
@@ -166,6 +169,50 @@ def cell_traces(
     for t0 in range(0, t, step):
         block = flat[t0 : t0 + step].astype(np.float64).T  # (P, chunk)
         f[:, t0 : t0 + step] = (m @ block) / counts[:, None]
+    return ids, f
+
+
+def cell_traces_chunked(
+    chunks: Iterable[tuple[int, np.ndarray]], labels: np.ndarray, n_frames: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cell_traces` over a recording read chunk by chunk (never whole in memory).
+
+    Args:
+        chunks: ``(t0, frames)`` pairs, ``frames`` ``(t, H, W)`` covering ``t0 .. t0 + t - 1``,
+            e.g. :func:`calseg.io.recordings.iter_recording`.
+        labels: ``(H, W)`` label image (footprints; for a label stack pass
+            :func:`footprint_image` of it).
+        n_frames: T, the recording's frame count.
+
+    Returns:
+        ``ids`` ``(N,)`` int64 and ``F`` ``(N, T)`` float32, identical to :func:`cell_traces`
+        on the whole recording.
+
+    Raises:
+        TraceError: labels not 2-D integer, chunk size mismatch, or frames missing at the end.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 2 or lab.dtype.kind not in "uib":
+        raise TraceError(
+            f"labels must be an integer (H, W) label image, got {lab.dtype} {lab.shape}"
+        )
+    ids, m = cell_footprints(lab)
+    f = np.zeros((len(ids), n_frames), dtype=np.float32)
+    counts = np.maximum(np.asarray(m.sum(axis=1)).ravel(), 1)
+    seen = 0
+    for t0, block in chunks:
+        b = np.asarray(block)
+        if b.ndim != 3 or b.shape[1:] != lab.shape:
+            raise TraceError(f"chunk {b.shape} does not match the label image {lab.shape}")
+        if t0 + b.shape[0] > n_frames:
+            raise TraceError(f"chunk at frame {t0} runs past n_frames = {n_frames}")
+        if len(ids):
+            f[:, t0 : t0 + b.shape[0]] = (
+                m @ b.reshape(b.shape[0], -1).astype(np.float64).T
+            ) / counts[:, None]
+        seen += b.shape[0]
+    if seen != n_frames:
+        raise TraceError(f"the chunks held {seen} frames, expected {n_frames}")
     return ids, f
 
 

@@ -335,13 +335,14 @@ def write_nwb(
 
 def write_trace_exports(
     out_dir: str | Path,
-    frames: np.ndarray,
+    frames: np.ndarray | None,
     labels: np.ndarray,
     frame_interval_s: float,
     window_s: float | None = None,
     k: float = 3.0,
     pixel_size_um: float | None = None,
     nwb: bool = False,
+    traces: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Traces, dF/F, events, pattern class, waves and ROIs of one segmented recording.
 
@@ -359,6 +360,9 @@ def write_trace_exports(
             :func:`calseg.analysis.events.detect_events`.
         pixel_size_um: um per px for wave speeds (``None``: speeds in px/s, said in waves.json).
         nwb: also write NWB (needs the ``[nwb]`` extra; :class:`TableError` without it).
+        traces: ``(ids, F)`` already measured (e.g. by
+            :func:`calseg.analysis.traces.cell_traces_chunked` on a recording too large for
+            memory); ``frames`` is then not used and may be ``None``.
 
     Returns:
         ``{"paths": {name: Path}, "n_cells", "n_events", "n_flagged": int, "pattern_class":
@@ -384,7 +388,7 @@ def write_trace_exports(
     from calseg.io.rois import write_imagej_rois
 
     out = Path(out_dir)
-    ids, f = cell_traces(frames, labels)
+    ids, f = traces if traces is not None else cell_traces(frames, labels)
     f0 = baseline_f0(f, frame_interval_s, window_s=window_s or DEFAULT_WINDOW_S)
     d, flags = dff(f, f0)
     events = detect_events(d, frame_interval_s, k=k, cell_ids=ids)
