@@ -507,7 +507,9 @@ function readField(kind, name, p, required) {
   if (p.type === "array") {
     const vals = [...input.querySelectorAll("input:checked")].map((c) => JSON.parse(c.value));
     if (!vals.length) return p.minItems ? (dflt === undefined ? { skip: true } : { error: "choose at least one" }) : { skip: true };
-    return same(vals) ? { skip: true } : { value: vals };
+    // the same set as the default keeps the default's order; otherwise the listed order
+    const sameSet = Array.isArray(dflt) && dflt.length === vals.length && vals.every((v) => dflt.includes(v));
+    return sameSet ? { skip: true } : { value: vals };
   }
   const raw = input.value.trim();
   if (raw === "") {

@@ -137,9 +137,6 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
         pytest.skip(f"real recording {real} missing (set CALSEG_REAL_DATA_DIR)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots in {SHOTS}")
-    # a small simulated dataset, made while the page is used, for the ground-truth views
-    sim = api.post("/api/jobs", json={"kind": "simulate", "params": SIM})
-    assert sim.status_code == 201, sim.text
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -166,6 +163,32 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     page.wait_for_function(f"document.querySelector('#user-name').textContent === '{user['name']}'")
     assert "token" not in page.evaluate("location.href")
     assert page.evaluate("localStorage.getItem('calseg.token')") == user["token"]
+
+    # --- the simulate form (a small dataset for the ground-truth views, made meanwhile):
+    # inputs by type, defaults shown, a nested object as collapsible JSON
+    page.select_option("#job-kind", "simulate")
+    page.wait_for_selector("#f-simulate-n_videos")
+    assert page.locator("#f-simulate-integrator").input_value() == '"euler"'  # enum default
+    checks = page.locator("#f-simulate-pattern_classes input[type=checkbox]")
+    checked = {checks.nth(i).get_attribute("value") for i in range(4) if checks.nth(i).is_checked()}
+    assert checks.count() == 4 and checked == {'"waves"', '"transients"'}  # the default
+    page.locator("#job-more").evaluate("d => d.open = true")
+    overrides = page.locator("#f-simulate-model_overrides")
+    assert overrides.evaluate("e => e.tagName") == "TEXTAREA" and not overrides.is_visible()
+    page.locator("details.param-details summary:has-text('model_overrides')").click()
+    overrides.fill("{not json")
+    for name, value in SIM.items():
+        page.fill(f"#f-simulate-{name}", str(value))
+    page.get_by_role("button", name="Submit simulate job").click()
+    assert "not valid JSON" in page.locator("#f-simulate-model_overrides-err").text_content()
+    overrides.fill("")
+    page.get_by_role("button", name="Submit simulate job").click()
+    page.wait_for_function(
+        "document.querySelector('#job-form-status').textContent.includes('simulate job')"
+    )
+    sims = api.get("/api/jobs", params={"kind": "simulate"}).json()["items"]
+    assert len(sims) == 1 and {k: sims[0]["params"][k] for k in SIM} == SIM
+    sim_id = sims[0]["id"]
 
     # --- upload with progress; metadata and a preview
     page.set_input_files("#upload-file", str(real))
@@ -333,6 +356,11 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     )  # a drag is no click
     page.get_by_role("button", name="Reset view").click()
     assert _transform(page) == fit
+    page.locator("#view-canvas").focus()  # keys on the focused canvas: + zooms, 0 fits
+    page.keyboard.press("+")
+    assert _transform(page)[0] > fit[0] * 1.2
+    page.keyboard.press("0")
+    assert _transform(page) == fit
 
     # --- keyboard: Tab from Play reaches the slider; ArrowRight moves one frame
     page.locator("#play").focus()
@@ -429,7 +457,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     )
 
     # --- simulated data: ground truth instead of, or beside, the prediction
-    sim = api.get(f"/api/jobs/{sim.json()['id']}").json()
+    sim = api.get(f"/api/jobs/{sim_id}").json()
     deadline = time.monotonic() + 120
     while sim["state"] not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"simulate job still {sim['state']}"
