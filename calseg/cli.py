@@ -72,6 +72,13 @@ def simulate(
         None, help="a JSON SimulationConfig; its fields override the options above"
     ),
     preview: bool = typer.Option(False, help="write a PNG contact sheet per video"),
+    like: Path | None = typer.Option(
+        None,
+        "--like",
+        help="a real recording: fit the simulator to it (calseg fit-sim) and take its frame "
+        "size, frame count, interval and imaging (camera, background, PSF, bleaching, cell "
+        "size); --config still overrides",
+    ),
 ) -> None:
     """Simulate a calseg-dataset v1 (recordings + instance ground truth + manifest)."""
     from pydantic import ValidationError
@@ -90,10 +97,15 @@ def simulate(
         "defect_severity": severity,
         "seed": seed,
     }
-    if config is not None:
-        fields.update(json.loads(config.read_text()))
+    from_file = json.loads(config.read_text()) if config is not None else {}
+    fields.update(from_file)
     try:
-        cfg = SimulationConfig(**fields)
+        if like is not None:
+            fit = _fit_recording_or_fail(like)
+            cfg = fit.to_config(SimulationConfig(**fields), **from_file)
+            console.print(f"fitted to {like}: {cfg.imaging}")
+        else:
+            cfg = SimulationConfig(**fields)
     except ValidationError as exc:
         raise _fail(f"invalid simulation settings:\n{exc}") from None
     with _Bar("simulate") as progress:
@@ -618,6 +630,98 @@ def reconcile() -> None:
     ):
         for job_id in ids:
             typer.echo(f"  {label}: {job_id}")
+
+
+def _fit_recording_or_fail(path: Path):  # noqa: ANN202 - calseg.simulate.fit.RecordingFit
+    """Read a recording and fit the simulator's imaging parameters to it (CLI errors)."""
+    from calseg.io.recordings import RecordingError, read_recording
+    from calseg.simulate.fit import fit_recording
+
+    try:
+        rec = read_recording(path)
+        return fit_recording(rec.frames, rec.info.frame_interval_s, rec.info.pixel_size_um)
+    except RecordingError as exc:  # FitError is a RecordingError
+        raise _fail(str(exc)) from None
+
+
+@app.command("fit-sim")
+def fit_sim(
+    recording: Annotated[Path, typer.Argument(help="a real recording (TIFF, HDF5, ...)")],
+    out: Path | None = typer.Option(None, help="write {fit, config} as JSON here"),
+) -> None:
+    """Fit the simulator to a recording: noise model (gain, read noise, offset), background,
+    PSF width, photobleaching, cell size, dynamic range; print the SimulationConfig that
+    renders recordings like it (use it with calseg simulate --config, or simulate --like)."""
+    fit = _fit_recording_or_fail(recording)
+    cfg = fit.to_config()
+    d = fit.to_dict()
+    console.print(
+        f"gain {d['gain_adu_per_e']:.4g} ADU/e-, offset {d['offset_adu']:.1f} ADU, read noise "
+        f"{d['read_noise_e']:.3g} e-, background {d['background_e']:.3g} e-, PSF sigma "
+        f"{d['psf_sigma_px']:.2f} px, bleaching tau {d['bleach_tau_frames'] or 'none'} frames, "
+        f"cell radius {d['cell_radius_px']:.1f} px, peak F/F0 {d['peak_f_over_f0']:.2f}"
+    )
+    for n in fit.notes:
+        console.print(f"[yellow]note:[/] {n}")
+    payload = {"fit": d, "config": cfg.model_dump(mode="json")}
+    if out is not None:
+        out.write_text(json.dumps(payload, indent=1))
+        console.print(f"written: {out}")
+    else:
+        typer.echo(json.dumps(payload["config"], indent=1))
+
+
+@app.command()
+def gap(
+    real: Annotated[list[Path], typer.Argument(help="real recording(s)")],
+    sim: Path = typer.Option(..., help="a calseg-dataset folder (or a recording) to compare"),
+    split: str = typer.Option("train", help="dataset split whose videos are compared"),
+    sam2: bool = typer.Option(False, help="also the Fréchet distance on SAM2 embeddings"),
+    image_size: int = typer.Option(128, help="SAM2 input side for --sam2"),
+) -> None:
+    """Domain-gap score between real recordings and a simulated dataset (lower = closer)."""
+    import numpy as np
+
+    from calseg.analysis.domain_gap import GapError, domain_gap, frechet_distance, sam2_features
+    from calseg.io.dataset import DatasetError, load_dataset
+    from calseg.io.recordings import RecordingError, read_recording
+
+    try:
+        reals = [read_recording(p).frames for p in real]
+        if sim.is_dir() or sim.name == "manifest.json":
+            sims = [np.asarray(v.load_image()) for v in load_dataset(sim).split(split)]
+        else:
+            sims = [read_recording(sim).frames]
+        g = domain_gap(reals, sims)
+    except (RecordingError, DatasetError, GapError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"domain-gap score {g.score:.3f}")
+    for k, v in g.components.items():
+        console.print(f"  {k:<10} {v:.4f} (/ reference = {g.scaled.get(k, float('nan')):.3f})")
+    if sam2:
+        from calseg.segment.model import load_sam2
+
+        loaded = load_sam2("sam2.1_hiera_t", None, image_size=image_size)
+        fd = frechet_distance(sam2_features(reals, loaded), sam2_features(sims, loaded))
+        console.print(f"Fréchet distance (SAM2 image embeddings): {fd:.3f}")
+
+
+@app.command("report-gap")
+def report_gap(
+    out_dir: Annotated[Path, typer.Argument(help="folder for report.md/.png/.json")],
+    real_dir: Path | None = typer.Option(None, help="folder of the real recordings"),
+    steps: int = typer.Option(30, help="fine-tuning steps per model"),
+    image_size: int = typer.Option(128, help="SAM2 input side"),
+    augment_variants: int = typer.Option(2, help="K augmented variants for model (b)"),
+) -> None:
+    """The sim-to-real report (BENCHMARKS.md): models trained on default, augmented and
+    fitted simulations vs the untuned model and the classical baseline."""
+    from calseg.report import main
+
+    argv = ["gap", str(out_dir), "--steps", str(steps), "--image-size", str(image_size)]
+    argv += ["--augment-variants", str(augment_variants)]
+    argv += ["--real-dir", str(real_dir)] if real_dir is not None else []
+    raise typer.Exit(code=main(argv))
 
 
 if __name__ == "__main__":

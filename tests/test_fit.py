@@ -162,3 +162,39 @@ def test_fmin_mapping_inverts_the_hill_model():
 def test_bad_recordings_are_refused(frames, message):
     with pytest.raises(FitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fit_recording(frames)
+
+
+def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from calseg.cli import app
+    from calseg.io.dataset import load_dataset
+
+    real_dir = Path(
+        os.environ.get(
+            "CALSEG_REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/real"
+        )
+    )
+    rec = real_dir / "fissa_b_AVG_A01.tif"
+    if not rec.exists():
+        pytest.skip(f"{rec} not found (set CALSEG_REAL_DATA_DIR)")
+    runner = CliRunner()
+    r = runner.invoke(app, ["fit-sim", str(rec), "--out", str(tmp_path / "fit.json")])
+    assert r.exit_code == 0, r.output
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["fit"]["height"] == 21 and fit["fit"]["width"] == 14
+    assert fit["config"]["imaging"]["gain_adu_per_e"] == pytest.approx(fit["fit"]["gain_adu_per_e"])
+    r = runner.invoke(app, ["simulate", str(tmp_path / "ds"), "--videos", "3", "--like", str(rec)])
+    assert r.exit_code == 0, r.output
+    ds = load_dataset(tmp_path / "ds")
+    v = ds.videos[0]
+    assert v.n_frames == 29  # the recording's frame count
+    cam = v.defects["camera"]
+    assert cam["gain_adu_per_e"] == pytest.approx(fit["fit"]["gain_adu_per_e"])
+    assert cam["read_noise_e"] == pytest.approx(fit["fit"]["read_noise_e"])
+    r = runner.invoke(app, ["fit-sim", str(tmp_path / "missing.tif")])
+    assert r.exit_code == 2 and "error" in r.output

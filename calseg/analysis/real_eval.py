@@ -155,3 +155,69 @@ def score_partial_labels(pred: np.ndarray, rois: np.ndarray) -> PartialLabelScor
         n_frames=t,
         plausible=bool(plausible),
     )
+
+
+def oracle_point_iou(
+    loaded,  # noqa: ANN001 - calseg.segment.model.LoadedSAM2
+    frames: np.ndarray,
+    rois: np.ndarray,
+    cache_dir=None,  # noqa: ANN001 - Path | None
+) -> list[float]:
+    """Diagnostic, NOT an inference result: SAM2's mask for one positive point at the deepest
+    pixel of each labelled ROI, on the temporal mean projection of the recording, and its IoU
+    with the ROI. The prompt comes from the label, so this measures only how well the
+    decoder outlines a cell it is pointed at in real images (mask quality across the domain
+    gap), independent of detection (the activity prompts). Per-recording normalisation as in
+    inference; the mask output is chosen as :func:`calseg.segment.infer.decode_frame_prompts`
+    does (single-mask for decoders trained that way, else the best of three by the IoU head).
+
+    Args:
+        loaded: a loaded SAM2 (base or fine-tuned).
+        frames: ``(T, H, W)`` recording.
+        rois: ``(H, W)`` label image of the labelled cells.
+        cache_dir: embedding cache (optional).
+
+    Returns:
+        one IoU per ROI id (ascending ids).
+    """
+    import torch
+    from scipy import ndimage as ndi
+
+    from calseg.segment.embeddings import FrameGeometry, compute_normalisation, logits_to_frame
+    from calseg.segment.infer import embed_recording
+    from calseg.segment.model import run_decoder
+    from calseg.segment.prompts import pack_points
+
+    frames = np.asarray(frames)
+    proj = frames.astype(np.float32).mean(axis=0)[None]
+    geom = FrameGeometry(proj.shape[1], proj.shape[2], loaded.info.image_size)
+    emb = embed_recording(loaded, proj, compute_normalisation(proj), geom, cache_dir=cache_dir)
+    ids = [int(i) for i in np.unique(rois) if i]
+    pos = []
+    for i in ids:
+        dist = ndi.distance_transform_edt(rois == i)
+        r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        pos.append((float(c), float(r)))
+    coords, labels = pack_points(pos, [[] for _ in ids])
+    coords = geom.to_model_points(coords)
+    device = next(loaded.model.parameters()).device
+    image_embed, high = emb.get(0, device)
+    multimask = True if loaded.info.multimask_output is None else loaded.info.multimask_output
+    with torch.no_grad():
+        low, iou, _ = run_decoder(
+            loaded.model,
+            image_embed,
+            high,
+            torch.from_numpy(coords).to(device),
+            torch.from_numpy(labels).to(device),
+            multimask_output=multimask,
+        )
+        ar = torch.arange(len(ids), device=device)
+        best = low[ar, iou.argmax(1)][:, None].float()
+        masks = (logits_to_frame(best, geom)[:, 0] > 0).cpu().numpy()
+    out = []
+    for k, i in enumerate(ids):
+        g = rois == i
+        union = np.count_nonzero(masks[k] | g)
+        out.append(float(np.count_nonzero(masks[k] & g) / union) if union else 0.0)
+    return out

@@ -1,0 +1,479 @@
+"""Sim-to-real report: domain gap and real-data recall of models trained on different data.
+
+One command from a clean checkout (``python -m calseg.report gap OUT_DIR`` or
+``calseg report-gap OUT_DIR``) writes ``OUT_DIR/report.md`` (tables), ``OUT_DIR/report.png``
+(figure) and ``OUT_DIR/report.json`` (every number). Steps:
+
+1. Read the real recordings with hand-drawn ImageJ ROIs (sima_example.tif with 2 ROIs,
+   fissa_b_AVG_A01.tif with 2 ROIs) from the real-data folder (``--real-dir``, else
+   ``$CALSEG_REAL_DATA_DIR``, else the service setting ``real_data_dir``).
+2. Simulate (a) a small default dataset; (c) one dataset per real recording with the
+   simulator fitted to it (:mod:`calseg.simulate.fit`). (b) is (a) plus ``K`` augmented
+   variants per training video (:mod:`calseg.segment.augment`).
+3. Fine-tune SAM2's decoder (tiny model, random encoder weights here, few steps) on (a), (b)
+   and each (c); the untuned SAM2 and the classical baseline need no training.
+4. Score every model: domain-gap score of its training data against each real recording
+   (:mod:`calseg.analysis.domain_gap`, plus the Fréchet distance on the SAM2 encoder's
+   embeddings), recall of the labelled real cells at IoU >= 0.5 / 0.3 and detections per
+   frame (:mod:`calseg.analysis.real_eval`), and IoU / Dice on the held-out (test) videos of
+   the default simulation (:func:`calseg.segment.evaluate.evaluate_dataset`).
+
+The defaults are sized for a 2-core CPU (about 10 min). With random encoder weights the
+SAM2 numbers are not a statement about SAM2: they test the pipeline and the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+REAL_SETS = {
+    "sima": ("sima_example.tif", "sima_example_imageJ_ROIs.zip"),
+    "fissa": ("fissa_b_AVG_A01.tif", "fissa_b_rois.zip"),
+}
+
+
+def _real_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("CALSEG_REAL_DATA_DIR")
+    if env:
+        return Path(env)
+    from calseg.service.settings import get_settings
+
+    return Path(get_settings().real_data_dir)
+
+
+def _fmt(v, digits: int = 2) -> str:  # noqa: ANN001
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def run_gap_report(
+    out_dir: Path,
+    *,
+    real_dir: Path,
+    n_frames: int = 24,
+    size: int = 128,
+    steps: int = 30,
+    image_size: int = 128,
+    augment_variants: int = 2,
+    seed: int = 0,
+    log=print,  # noqa: ANN001
+) -> dict:
+    """Run the whole report (module docstring) and write its files into ``out_dir``.
+
+    Returns:
+        the JSON-able result dict (also written to ``report.json``).
+
+    Raises:
+        FileNotFoundError: a real recording or its ROI file is missing.
+    """
+    from calseg.analysis.domain_gap import (
+        domain_gap,
+        frechet_distance,
+        sam2_features,
+    )
+    from calseg.analysis.real_eval import oracle_point_iou, score_partial_labels
+    from calseg.io.dataset import load_dataset
+    from calseg.io.recordings import read_recording
+    from calseg.io.rois import read_imagej_rois
+    from calseg.segment.augment import augment_recording
+    from calseg.segment.evaluate import evaluate_dataset
+    from calseg.segment.finetune import FinetuneConfig, finetune, variant_seed
+    from calseg.segment.infer import InferenceConfig, segment_recording
+    from calseg.segment.model import load_sam2
+    from calseg.simulate.config import SimulationConfig
+    from calseg.simulate.dataset import simulate_dataset
+    from calseg.simulate.fit import fit_recording
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / "embeddings"
+    timings: dict[str, float] = {}
+
+    # 1. real recordings ----------------------------------------------------------------
+    real: dict[str, dict] = {}
+    for name, (rec_file, roi_file) in REAL_SETS.items():
+        rp, zp = real_dir / rec_file, real_dir / roi_file
+        if not rp.exists() or not zp.exists():
+            raise FileNotFoundError(
+                f"{rp} or {zp} not found: give --real-dir (or set CALSEG_REAL_DATA_DIR) to the "
+                "folder with the real recordings (see ../shared/data/real/SOURCES.md)"
+            )
+        rec = read_recording(rp)
+        frames = rec.frames
+        real[name] = {
+            "frames": frames,
+            "rois": read_imagej_rois(zp, frames.shape[1:]),
+            "frame_interval_s": rec.info.frame_interval_s,
+        }
+        log(f"real {name}: {frames.shape} {frames.dtype}")
+
+    # 2. simulations ----------------------------------------------------------------------
+    base = SimulationConfig(
+        n_videos=4,
+        n_val_videos=1,
+        n_test_videos=1,
+        n_frames=n_frames,
+        height=size,
+        width=size,
+        search_horizon_s=1200,
+        warmup_s=200,
+        seed=seed,
+    )
+    t = time.perf_counter()
+    default_ds = out_dir / "sim_default"
+    simulate_dataset(base, default_ds)
+    fits, fitted_ds = {}, {}
+    for name, r in real.items():
+        fit = fit_recording(r["frames"], r["frame_interval_s"])
+        fits[name] = fit
+        cfg = fit.to_config(base)
+        (out_dir / f"fit_{name}.json").write_text(
+            json.dumps({"fit": fit.to_dict(), "config": cfg.model_dump(mode="json")}, indent=1)
+        )
+        fitted_ds[name] = out_dir / f"sim_fitted_{name}"
+        simulate_dataset(cfg, fitted_ds[name])
+        log(f"fitted {name}: {cfg.height}x{cfg.width}, notes: {fit.notes}")
+    timings["simulate_s"] = time.perf_counter() - t
+
+    def frames_of(ds: Path, split: str = "train") -> list[np.ndarray]:
+        return [np.asarray(v.load_image()) for v in load_dataset(ds).split(split)]
+
+    sim_default = frames_of(default_ds)
+    sim_aug = list(sim_default)
+    for v in load_dataset(default_ds).split("train"):
+        img, lab = np.asarray(v.load_image()), np.asarray(v.load_labels())
+        for k in range(1, augment_variants + 1):
+            sim_aug.append(augment_recording(img, lab, variant_seed(seed, v.id, k))[0])
+
+    # 3. domain gap ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    loaded = load_sam2("sam2.1_hiera_t", None, image_size=image_size, device="cpu")
+    nf = 8  # frames per recording for the Fréchet distance
+    feats_default = sam2_features(sim_default, loaded, max_frames=nf, cache_dir=cache)
+    feats_aug = sam2_features(sim_aug, loaded, max_frames=nf, cache_dir=cache)
+    gap: dict[str, dict] = {}
+    for name, r in real.items():
+        fr = r["frames"]
+        sim_fit = frames_of(fitted_ds[name])
+        f_real = sam2_features([fr], loaded, max_frames=nf, cache_dir=cache)
+        f_fit = sam2_features(sim_fit, loaded, max_frames=nf, cache_dir=cache)
+        gap[name] = {}
+        for label, sims, feats in (
+            ("default", sim_default, feats_default),
+            ("augmented", sim_aug, feats_aug),
+            ("fitted", sim_fit, f_fit),
+        ):
+            g = domain_gap([fr], sims)
+            gap[name][label] = {
+                **g.to_dict(),
+                "frechet_sam2": frechet_distance(f_real, feats),
+            }
+        log(f"gap {name}: " + ", ".join(f"{k} {v['score']:.2f}" for k, v in gap[name].items()))
+    timings["gap_s"] = time.perf_counter() - t
+
+    # 4. fine-tuning ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    ft_kw = {
+        "image_size": image_size,
+        "steps": steps,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 3,
+        "val_every": steps,
+        "frames_per_video": 8,
+        "val_frames_per_video": 4,
+        "seed": seed,
+        "device": "cpu",
+    }
+    ckpt: dict[str, Path] = {}
+    embed_s: dict[str, float] = {}
+    for label, ds, k in (
+        ("default", default_ds, 0),
+        ("augmented", default_ds, augment_variants),
+        *((f"fitted_{n}", fitted_ds[n], 0) for n in real),
+    ):
+        res = finetune(
+            ds,
+            out_dir / f"model_{label}",
+            FinetuneConfig(**ft_kw, augment_variants=k),
+            cache_dir=out_dir / f"embeddings_{label}",  # own cache: embedding time measured
+        )
+        ckpt[label] = res.checkpoint
+        embed_s[label] = float(res.timings.get("embed_s", float("nan")))
+        log(f"fine-tuned {label}: embed {embed_s[label]:.1f} s, best val IoU {res.best_val_iou}")
+    timings["finetune_s"] = time.perf_counter() - t
+
+    # 5. models x evaluations -------------------------------------------------------------
+    models = {
+        "untuned SAM2": ("sam2", None, None),
+        "classical baseline": ("baseline", None, None),
+        "(a) default sims": ("sam2", ckpt["default"], "default"),
+        f"(b) sims + augmentation (K={augment_variants})": ("sam2", ckpt["augmented"], "augmented"),
+        "(c) sims fitted to the recording": ("sam2", "fitted", "fitted"),
+    }
+    t = time.perf_counter()
+    icfg = InferenceConfig(image_size=image_size, device="cpu")
+    rows = []
+    sim_models = {
+        n: (m, c) for n, (m, c, _) in models.items() if not (isinstance(c, str) and c == "fitted")
+    }
+    sim_eval = evaluate_dataset(
+        default_ds,
+        {n: (m, c) for n, (m, c) in sim_models.items()},
+        split="test",
+        config=icfg,
+        cache_dir=cache,
+    )
+    sim_sum = {s["model"]: s for s in sim_eval.summary}
+    for name, (method, ck, data) in models.items():
+        row: dict = {"model": name, "training data": data or "-"}
+        for rname, r in real.items():
+            c = ckpt[f"fitted_{rname}"] if ck == "fitted" else ck
+            seg = segment_recording(
+                r["frames"],
+                icfg.model_copy(update={"method": method}),
+                checkpoint=c,
+                cache_dir=cache,
+            )
+            sc = score_partial_labels(seg.labels, r["rois"])
+            row[rname] = sc.to_dict()
+            if method == "sam2":
+                lm = load_sam2("sam2.1_hiera_t", c, image_size=image_size, device="cpu")
+                row[f"oracle_{rname}"] = float(
+                    np.mean(oracle_point_iou(lm, r["frames"], r["rois"], cache_dir=cache))
+                )
+            row[f"gap_{rname}"] = gap[rname][data] if data else None
+        if ck == "fitted":  # per-recording models: held-out test video of their own sims
+            ev = {}
+            for rname in real:
+                e = evaluate_dataset(
+                    fitted_ds[rname],
+                    {"m": ("sam2", ckpt[f"fitted_{rname}"])},
+                    split="test",
+                    config=icfg,
+                    cache_dir=cache,
+                ).summary[0]
+                ev[rname] = {"iou": e["iou_mean"], "dice": e["dice_mean"]}
+            row["sim_test"] = {
+                "iou": float(np.mean([v["iou"] for v in ev.values()])),
+                "dice": float(np.mean([v["dice"] for v in ev.values()])),
+                "note": "mean over the fitted datasets' own test videos",
+                "per_recording": ev,
+            }
+        else:
+            s = sim_sum[name]
+            row["sim_test"] = {"iou": s["iou_mean"], "dice": s["dice_mean"]}
+        rows.append(row)
+        log(f"scored {name}")
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    result = {
+        "settings": {
+            "n_frames": n_frames,
+            "size": size,
+            "steps": steps,
+            "image_size": image_size,
+            "augment_variants": augment_variants,
+            "seed": seed,
+            "sam2": "sam2.1_hiera_t with RANDOM weights (no checkpoint available here)",
+        },
+        "gap": gap,
+        "fits": {n: f.to_dict() for n, f in fits.items()},
+        "rows": rows,
+        "embed_s": embed_s,
+        "timings": timings,
+    }
+    (out_dir / "report.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (out_dir / "report.md").write_text(markdown(result))
+    figure(
+        result,
+        real,
+        {n: frames_of(fitted_ds[n], "test")[0] for n in real},
+        frames_of(default_ds, "test")[0],
+        out_dir / "report.png",
+    )
+    log(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.png'} in {timings['total_s']:.0f} s")
+    return result
+
+
+def _json_default(o):  # noqa: ANN001, ANN202
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def markdown(result: dict) -> str:
+    """The report's tables as markdown."""
+    real = list(REAL_SETS)
+    lines = [
+        "| model | trained on | gap sima | gap fissa | FD sima | FD fissa | recall@0.5 / @0.3 "
+        "sima | recall@0.5 / @0.3 fissa | detections/frame sima / fissa | oracle-point IoU "
+        "sima / fissa | sim test IoU / Dice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cells = [r["model"], r["training data"]]
+        for n in real:
+            g = r.get(f"gap_{n}")
+            cells.append(_fmt(g["score"]) if g else "-")
+        for n in real:
+            g = r.get(f"gap_{n}")
+            cells.append(_fmt(g["frechet_sam2"], 1) if g else "-")
+        for n in real:
+            s = r[n]
+            flag = "" if s["plausible"] else " (implausible)"
+            cells.append(f"{_fmt(s['recall_50'])} / {_fmt(s['recall_30'])}{flag}")
+        cells.append(" / ".join(_fmt(r[n]["detections_per_frame"], 1) for n in real))
+        cells.append(" / ".join(_fmt(r.get(f"oracle_{n}")) for n in real))
+        st = r["sim_test"]
+        cells.append(f"{_fmt(st['iou'])} / {_fmt(st['dice'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "gap: domain-gap score of the model's training simulations against the recording "
+        "(lower = closer); FD: Fréchet distance of SAM2 encoder embeddings (random-weight "
+        "encoder: a weak feature space); recall: labelled cells matched at IoU >= 0.5 / 0.3 "
+        "by the model's own detections (prompts from the recording's activity); oracle-point "
+        "IoU: diagnostic only, the mask for a point placed at each labelled cell's centre "
+        "(the prompt comes from the label), on the mean projection.",
+        "",
+        "Domain-gap components per recording (raw distances; score = mean of component / "
+        "reference; references: histogram 0.05, noise 0.5, spectrum 0.5, cell size 0.5):",
+        "",
+        "| recording | simulation | score | histogram | noise | spectrum | cell size | "
+        "FD (SAM2, random weights) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, per in result["gap"].items():
+        for label, g in per.items():
+            c = g["components"]
+            lines.append(
+                f"| {n} | {label} | {_fmt(g['score'])} | {_fmt(c['histogram'], 3)} | "
+                f"{_fmt(c['noise'])} | {_fmt(c['spectrum'])} | {_fmt(c['cell_size'])} | "
+                f"{_fmt(g['frechet_sam2'], 1)} |"
+            )
+    e = result["embed_s"]
+    s = result["settings"]
+    lines += [
+        "",
+        f"Embedding cost of augmentation: fine-tuning on (a) embedded its frames in "
+        f"{_fmt(e.get('default'), 1)} s, (b) with K = {s['augment_variants']} variants in "
+        f"{_fmt(e.get('augmented'), 1)} s (expected (K + 1) x for the training frames; the "
+        "validation frames are not augmented).",
+        f"Settings: {s}. Total {result['timings']['total_s']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items())}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def figure(result: dict, real: dict, fitted_frames: dict, default_frames, path: Path) -> Path:  # noqa: ANN001
+    """PNG: a frame of each real recording next to a default and a fitted simulation, and bar
+    charts of the gap score and the recall at IoU >= 0.3 (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    from calseg.io.overlays import _font, display_range
+
+    def thumb(a: np.ndarray, side: int = 160) -> Image.Image:
+        f = np.asarray(a, np.float64)
+        f = f[len(f) // 2] if f.ndim == 3 else f
+        lo, hi = display_range(f)
+        g = np.clip((f - lo) / max(hi - lo, 1e-9), 0, 1)
+        im = Image.fromarray((g * 255).astype(np.uint8))
+        s = side / max(im.size)
+        return im.resize(
+            (max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))), Image.Resampling.NEAREST
+        )
+
+    names = list(real)
+    w, h = 1100, 200 * len(names) + 330
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(14), _font(11)
+    for i, n in enumerate(names):
+        y = 10 + 200 * i
+        for j, (title, a) in enumerate(
+            (
+                (f"real: {n}", real[n]["frames"]),
+                ("default simulation", default_frames),
+                (f"simulation fitted to {n}", fitted_frames[n]),
+            )
+        ):
+            x = 10 + 180 * j
+            d.text((x, y), title, fill="black", font=small)
+            img.paste(thumb(a), (x, y + 16))
+        # gap bars
+        x0 = 570
+        d.text((x0, y), f"domain-gap score vs {n} (lower = closer)", fill="black", font=small)
+        per = result["gap"][n]
+        vmax = max(g["score"] for g in per.values()) or 1
+        for k, (label, g) in enumerate(per.items()):
+            yy = y + 24 + 30 * k
+            bw = int(300 * g["score"] / vmax)
+            d.rectangle([x0 + 90, yy, x0 + 90 + bw, yy + 20], fill=(70, 110, 200))
+            d.text((x0, yy + 4), label, fill="black", font=small)
+            d.text((x0 + 95 + bw, yy + 4), f"{g['score']:.2f}", fill="black", font=small)
+    y = 20 + 200 * len(names)
+    d.text(
+        (10, y),
+        "recall of the labelled real cells at IoU >= 0.3 (bars: sima, fissa)",
+        fill="black",
+        font=font,
+    )
+    colours = [(200, 90, 60), (60, 160, 90)]
+    for k, r in enumerate(result["rows"]):
+        yy = y + 26 + 28 * k
+        d.text((10, yy + 4), r["model"][:40], fill="black", font=small)
+        for m, n in enumerate(names):
+            v = r[n]["recall_30"]
+            x = 330 + 380 * m
+            d.rectangle([x, yy, x + int(300 * v), yy + 20], outline=colours[m], fill=colours[m])
+            d.text((x + 5 + int(300 * v), yy + 4), f"{n} {v:.2f}", fill="black", font=small)
+    img.save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m calseg.report gap OUT_DIR [options]``."""
+    p = argparse.ArgumentParser(prog="python -m calseg.report", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gap", help="the sim-to-real report (table + figure)")
+    g.add_argument("out_dir", type=Path)
+    g.add_argument("--real-dir", default=None)
+    g.add_argument("--frames", type=int, default=24)
+    g.add_argument("--size", type=int, default=128)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--image-size", type=int, default=128)
+    g.add_argument("--augment-variants", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    res = run_gap_report(
+        a.out_dir,
+        real_dir=_real_dir(a.real_dir),
+        n_frames=a.frames,
+        size=a.size,
+        steps=a.steps,
+        image_size=a.image_size,
+        augment_variants=a.augment_variants,
+        seed=a.seed,
+    )
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
