@@ -260,7 +260,9 @@ def test_listings_show_only_the_callers_data(
     assert {j["id"] for j in client.get("/api/jobs").json()["items"]} == alice_jobs
     listing = client.get("/api/jobs", headers=bob).json()
     assert listing["total"] == 0 and listing["items"] == []
-    assert {j["id"] for j in client.get("/api/jobs", headers=root).json()["items"]} == alice_jobs
+    admin_view = client.get("/api/jobs", headers=root).json()["items"]
+    assert {j["id"] for j in admin_view} == alice_jobs
+    assert {(j["owner_id"], j["owner_name"]) for j in admin_view} == {(client.user_id, "alice")}
     assert len(client.get("/api/recordings").json()) == 2
     assert client.get("/api/recordings", headers=bob).json() == []
     assert len(client.get("/api/recordings", headers=root).json()) == 2
@@ -268,7 +270,9 @@ def test_listings_show_only_the_callers_data(
     mine = _upload(client, "bob.tif", np.ones((3, 10, 10), np.uint16), users["bob"])
     assert [r["id"] for r in client.get("/api/recordings", headers=bob).json()] == [mine["id"]]
     assert mine["id"] not in {r["id"] for r in client.get("/api/recordings").json()}
-    assert len(client.get("/api/recordings", headers=root).json()) == 3
+    everyone = client.get("/api/recordings", headers=root).json()
+    assert sorted(r["owner_name"] for r in everyone) == ["alice", "alice", "bob"]
+    assert client.get(f"/api/jobs/{ids['infer']}", headers=root).json()["owner_name"] == "alice"
 
 
 def test_references_to_other_users_ids_are_refused_like_missing_ones(

@@ -138,6 +138,12 @@ class Job(Base):
     metrics: Mapped[list[Metric]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Metric.id"
     )
+    owner: Mapped[User | None] = relationship()
+
+    @property
+    def owner_name(self) -> str | None:
+        """The owner's user name (None for a job made before users existed)."""
+        return self.owner.name if self.owner is not None else None
 
 
 class Artifact(Base):
@@ -198,3 +204,10 @@ class Recording(Base):
     width: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    owner: Mapped[User | None] = relationship()
+
+    @property
+    def owner_name(self) -> str | None:
+        """The owner's user name (None for a recording made before users existed)."""
+        return self.owner.name if self.owner is not None else None

@@ -178,11 +178,24 @@ def params_model(kind: str) -> type[_Params]:
     if kind == "simulate":
         from calseg.simulate.config import SimulationConfig
 
+        own = {
+            "recording_id": (
+                str | None,
+                Field(
+                    None,
+                    description="an uploaded recording to simulate like: the simulator is "
+                    "fitted to it (calseg.simulate.fit: frame size and count, interval, camera "
+                    "gain/offset/read noise, background, PSF, bleaching, cell size); fields "
+                    "given explicitly here still win; None = the fields only",
+                ),
+            ),
+        }
         return _wrap(
             "SimulateParams",
-            "Parameters of a simulate job: the fields of SimulationConfig.",
+            "Parameters of a simulate job: the fields of SimulationConfig, optionally fitted "
+            "to an uploaded recording (recording_id).",
             SimulationConfig,
-            {},
+            own,
         )
     if kind == "finetune":
         from calseg.segment.finetune import FinetuneConfig
@@ -366,6 +379,7 @@ class JobOut(BaseModel):
 
     id: str
     owner_id: str | None = None
+    owner_name: str | None = None
     kind: JobKind
     state: JobState
     params: dict[str, Any]
@@ -407,6 +421,7 @@ class RecordingOut(BaseModel):
 
     id: str
     owner_id: str | None = None
+    owner_name: str | None = None
     filename: str
     sha256: str
     size_bytes: int
