@@ -818,7 +818,8 @@ function linePlot({ series, xlabel, ylabel, title, zeroLine = true, width = 640,
       pen = true;
       if (points) plot.append(svg("circle", { class: `${s.cls}-pt`, cx: sx(x).toFixed(1), cy: sy(v).toFixed(1), r: 2.5 }));
     });
-    plot.append(svg("path", { class: s.cls, d, "data-points": String(s.ys.filter((v) => v !== null).length) }));
+    plot.append(svg("path", { class: s.cls, d, "data-points": String(s.ys.filter((v) => v !== null).length),
+                              "data-name": s.name || "" }));
   }
   return { svg: plot, sx, T, H, B };
 }
@@ -859,17 +860,30 @@ async function loadCurves(job) {
       : "waiting for the first training steps…";
     return;
   }
-  const plots = [];
+  // one plot for the loss, one for the IoUs (train and validation together), one per other name
+  const groups = new Map();
   for (const [name, ms] of byName) {
     ms.sort((a, b) => a.step - b.step);
-    const isLoss = /loss/i.test(name);
+    const g = /loss/i.test(name) ? "loss" : /iou/i.test(name) ? "IoU" : name;
+    if (!groups.has(g)) groups.set(g, []);
+    groups.get(g).push([name, ms]);
+  }
+  const plots = [];
+  for (const [g, members] of groups) {
+    const isLoss = g === "loss";
+    const series = members.map(([name, ms], i) => ({
+      xs: ms.map((m) => m.step), ys: ms.map((m) => m.value), name,
+      cls: isLoss ? "loss-line" : /^val/i.test(name) ? "iou-line" : `series-${i}`,
+    }));
+    const desc = members.map(([name, ms]) =>
+      `${name}: ${ms.length} values, last ${fmtNum(ms[ms.length - 1].value)} at step ${ms[ms.length - 1].step}`).join("; ");
     const { svg: plot } = linePlot({
-      series: [{ xs: ms.map((m) => m.step), ys: ms.map((m) => m.value), cls: isLoss ? "loss-line" : "iou-line" }],
-      xlabel: "step", ylabel: name, zeroLine: !isLoss, width: 480, height: 200, points: ms.length < 40,
-      title: `${name} by training step: ${ms.length} values, last ${fmtNum(ms[ms.length - 1].value)} at step ${ms[ms.length - 1].step}`,
+      series, xlabel: "step", ylabel: g, zeroLine: !isLoss, width: 480, height: 200,
+      points: members.some(([, ms]) => ms.length < 40), title: `${g} by training step (${desc})`,
     });
-    plot.setAttribute("data-metric", name);
-    plots.push(el("figure", { class: "curve" }, el("figcaption", {}, name), plot));
+    plot.setAttribute("data-group", g);
+    const legend = el("span", { class: "legend" }, ...series.map((s) => el("span", { class: `key ${s.cls}-key` }, s.name)));
+    plots.push(el("figure", { class: "curve" }, el("figcaption", {}, g, " ", legend), plot));
   }
   box.replaceChildren(...plots);
   const last = stepped.reduce((a, m) => Math.max(a, m.step), 0);

@@ -121,10 +121,17 @@ def _fake_jobs(service, user: dict) -> tuple[str, str]:
                  owner_id=user["id"])  # fmt: skip
         s.add_all([ft, ev])
         s.flush()
-        for step in range(1, 41):
-            s.add(Metric(job_id=ft.id, name="train_loss", value=2.0 / step, step=step))
+        for step in range(1, 41):  # as calseg.service.runners.TrainingCurve records them
+            s.add(Metric(job_id=ft.id, name="loss", value=2.0 / step, subset="train", step=step))
+            s.add(
+                Metric(job_id=ft.id, name="train_iou", value=step / 50, subset="train", step=step)
+            )
         for step in (10, 20, 30, 40):
-            s.add(Metric(job_id=ft.id, name="val_iou", value=0.2 + step / 100, step=step))
+            s.add(
+                Metric(
+                    job_id=ft.id, name="val_iou", value=0.2 + step / 100, subset="val", step=step
+                )
+            )
         for model, iou in (("fine-tuned", 0.71), ("base", 0.42), ("baseline", 0.35)):
             s.add(Metric(job_id=ev.id, name="iou", value=iou, model=model, subset="test"))
             s.add(Metric(job_id=ev.id, name="dice", value=iou + 0.1, model=model, subset="test"))
@@ -420,18 +427,21 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     # --- a running fine-tune: training curves from its metrics, updated by polling
     ft_id, ev_id = _fake_jobs(service, user)
     page.evaluate(f"location.hash = '#job={ft_id}'")
-    page.wait_for_selector("#curves:not([hidden]) svg[data-metric='val_iou']", timeout=15_000)
-    loss = page.locator("#curve-plots svg[data-metric='train_loss'] path.loss-line")
+    page.wait_for_selector("#curves:not([hidden]) svg[data-group='IoU']", timeout=15_000)
+    loss = page.locator("#curve-plots svg[data-group='loss'] path[data-name='loss']")
     assert loss.get_attribute("data-points") == "40"
-    iou = page.locator("#curve-plots svg[data-metric='val_iou'] path.iou-line")
+    iou = page.locator("#curve-plots svg[data-group='IoU'] path[data-name='val_iou']")
     assert iou.get_attribute("data-points") == "4"
+    train_iou = page.locator("#curve-plots svg[data-group='IoU'] path[data-name='train_iou']")
+    assert train_iou.get_attribute("data-points") == "40"
+    assert page.locator("#curve-plots svg").count() == 2
     from calseg.service.db import session_scope
     from calseg.service.models import Metric
 
     with session_scope(service.settings.database_url) as s:
         s.add(Metric(job_id=ft_id, name="val_iou", value=0.7, step=50))
     page.wait_for_function(
-        "document.querySelector(\"svg[data-metric='val_iou'] path\").dataset.points === '5'",
+        "document.querySelector(\"path[data-name='val_iou']\").dataset.points === '5'",
         timeout=15_000,
     )
     page.screenshot(path=str(SHOTS / "page_curves.png"), full_page=True)
