@@ -915,7 +915,7 @@ def delete_recording(
     busy = [
         j.id
         for j in session.scalars(
-            select(Job).where(Job.kind == "infer", Job.state.in_(("queued", "running")))
+            select(Job).where(Job.state.in_(("queued", "running")))  # infer, simulate (fit)
         )
         if (j.params or {}).get("recording_id") == recording_id
     ]

@@ -447,6 +447,14 @@ def test_delete_recording(client: TestClient, tmp_path: Path) -> None:  # noqa: 
     r = client.delete(f"/api/recordings/{rec['id']}")
     assert r.status_code == 409 and job["id"] in r.json()["detail"]
     assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    # a simulate job fitted to the recording uses it too
+    sim = client.post(
+        "/api/jobs", json={"kind": "simulate", "params": {**SIM, "recording_id": rec["id"]}}
+    )
+    assert sim.status_code == 201, sim.text
+    r = client.delete(f"/api/recordings/{rec['id']}")
+    assert r.status_code == 409 and sim.json()["id"] in r.json()["detail"]
+    assert client.post(f"/api/jobs/{sim.json()['id']}/cancel").status_code == 200
     assert client.delete(f"/api/recordings/{rec['id']}").status_code == 204
     assert client.get(f"/api/recordings/{rec['id']}").status_code == 404
     assert not folder.exists()
