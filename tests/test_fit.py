@@ -198,3 +198,67 @@ def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path):
     assert cam["read_noise_e"] == pytest.approx(fit["fit"]["read_noise_e"])
     r = runner.invoke(app, ["fit-sim", str(tmp_path / "missing.tif")])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_simulate_job_like_an_uploaded_recording(tmp_path):
+    """The service's simulate job with recording_id: fit, then simulate (in-process, SQLite)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from calseg.service import jobs
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.models import Job, Recording
+    from calseg.service.settings import Settings
+    from calseg.service.store import LocalArtifactStore
+
+    real_dir = Path(
+        os.environ.get(
+            "CALSEG_REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/real"
+        )
+    )
+    src = real_dir / "fissa_b_AVG_A01.tif"
+    if not src.exists():
+        pytest.skip(f"{src} not found (set CALSEG_REAL_DATA_DIR)")
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade_database(url)
+    settings = Settings(
+        database_url=url,
+        artifact_dir=tmp_path / "art",
+        cache_dir=tmp_path / "cache",
+        progress_interval_s=0.0,
+    )
+    store = LocalArtifactStore(settings.artifact_dir)
+    obj = store.put("recordings/fissa.tif", src)
+    queued: list = []
+    with session_scope(url) as s:
+        rec = Recording(
+            filename=src.name,
+            relpath="recordings/fissa.tif",
+            sha256=obj.sha256,
+            size_bytes=obj.size_bytes,
+            n_frames=29,
+            height=21,
+            width=14,
+            dtype="uint16",
+        )
+        s.add(rec)
+        s.flush()
+        rec_id = rec.id
+        job_id = jobs.submit_job(
+            s,
+            "simulate",
+            {"recording_id": rec_id, "n_videos": 3, "seed": 4},
+            enqueue=lambda job, countdown=None: queued.append(job.id),
+        ).id
+        with pytest.raises(jobs.JobReferenceError, match="no recording"):
+            jobs.submit_job(s, "simulate", {"recording_id": "nope"}, enqueue=lambda *a, **k: None)
+    state = jobs.run_job(job_id, None, url=url, store=store, settings=settings, enqueue=None)
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert state == "succeeded", job.error
+        result = job.result
+    assert result["fitted_to_recording"] == rec_id
+    assert result["videos"][0]["n_frames"] == 29  # the recording's frame count, not the default
+    assert result["fit"]["gain_adu_per_e"] > 0
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == obj.sha256

@@ -60,6 +60,21 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
     from calseg.simulate.dataset import simulate_dataset
 
     config = params.to_config()
+    fit_info = None
+    if getattr(params, "recording_id", None):
+        from calseg.io.recordings import read_recording
+        from calseg.simulate.fit import fit_recording
+
+        rec = read_recording(ctx.recording_path(params.recording_id))
+        ctx.progress(0.0, "fit", f"fitting the simulator to recording {params.recording_id}")
+        fit = fit_recording(rec.frames, rec.info.frame_interval_s, rec.info.pixel_size_um)
+        config = fit.to_config(config)  # fitted fields replace the given ones
+        fit_info = fit.to_dict()
+        fit_path = ctx.workdir / "fit.json"
+        fit_path.write_text(json.dumps({"fit": fit_info, "config": config.model_dump(mode="json")}))
+        ctx.add_artifact("fit.json", fit_path, kind="simulation-fit")
+        for note in fit.notes:
+            ctx.log(f"fit: {note}")
     out_dir = ctx.workdir / "dataset"
     ctx.log(f"simulating into {out_dir}")
     manifest_path = Path(simulate_dataset(config, out_dir, scaled(ctx.progress, 0.0, 0.9)))
@@ -88,6 +103,7 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
         "n_videos": len(dataset.videos),
         "splits": splits,
         "videos": [{k: getattr(v, k) for k in keys} for v in dataset.videos],
+        **({"fitted_to_recording": params.recording_id, "fit": fit_info} if fit_info else {}),
     }
 
 

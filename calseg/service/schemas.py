@@ -185,8 +185,9 @@ def params_model(kind: str) -> type[_Params]:
                     None,
                     description="an uploaded recording to simulate like: the simulator is "
                     "fitted to it (calseg.simulate.fit: frame size and count, interval, camera "
-                    "gain/offset/read noise, background, PSF, bleaching, cell size); fields "
-                    "given explicitly here still win; None = the fields only",
+                    "gain/offset/read noise, background, PSF, bleaching, cell size, bit "
+                    "depth replace the fields given here; n_videos, seeds, pattern classes, "
+                    "indicator, defect_severity... are kept); None = the fields only",
                 ),
             ),
         }

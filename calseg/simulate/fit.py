@@ -502,9 +502,9 @@ class RecordingFit:
         Frame size, frame count and frame interval come from the recording, clipped to the
         simulator's bounds: sides are at least 32 px and the field is enlarged (keeping the
         cell size) until it holds the simulator's minimum number of cells. The fitted camera,
-        light and optics go to ``imaging``; ``defect_severity`` defaults to 0.1 (a little of
-        the simulator's own randomisation around the fitted values). ``base`` supplies every
-        other field; ``overrides`` replace fields last.
+        light and optics go to ``imaging`` (pinned; the defects drawn at ``base``'s
+        ``defect_severity`` still add the simulator's own randomisation on top). ``base``
+        supplies every other field; ``overrides`` replace fields last.
         """
         base = base or SimulationConfig()
         d = base.model_dump()
@@ -522,7 +522,6 @@ class RecordingFit:
             mean_cell_area_px=min(area, 10000.0),
             tissue_shape=shape,
             bit_depth=self.bit_depth,
-            defect_severity=0.1,
         )
         if self.frame_interval_s is not None:
             d["frame_interval_s"] = float(min(max(self.frame_interval_s, d["dt_s"]), 600.0))
