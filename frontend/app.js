@@ -387,7 +387,9 @@ function suggestions(name) {
   if (name === "dataset_job_id") return jobs("simulate").map((j) => [j.id, `simulate ${short(j.id)} ${fmtTime(j.created_at)}`]);
   if (name === "model_job_id") return jobs("finetune").map((j) => [j.id, `finetune ${short(j.id)} ${fmtTime(j.created_at)}`]);
   if (name === "video_id") {
-    const ds = S.jobsCache.find((j) => j.kind === "simulate" && j.result && j.result.videos);
+    const chosen = document.getElementById(fieldId($("job-kind").value, "dataset_job_id"));
+    const want = chosen ? chosen.value.trim() : "";
+    const ds = S.jobsCache.find((j) => j.kind === "simulate" && j.result && j.result.videos && (!want || j.id === want));
     return ds ? ds.result.videos.map((v) => [v.id, `${v.id} (${v.split})`]) : [];
   }
   return null;
@@ -444,7 +446,12 @@ function buildInput(kind, name, p, required) {
     el("span", { id: errId, class: "field-error", role: "alert" }));
   if (p.type === "string") {
     const list = suggestions(name);
-    if (list) wrap.append(el("datalist", { id: `${id}-list` }, ...list.map(([v, t]) => el("option", { value: v }, t))));
+    if (list) {
+      const options = () => suggestions(name).map(([v, t]) => el("option", { value: v }, t));
+      const datalist = el("datalist", { id: `${id}-list` }, ...options());
+      wrap.append(datalist);
+      input.addEventListener("focus", () => datalist.replaceChildren(...options())); // fresh ids
+    }
   }
   if (p.type === "json") {
     // a nested object: collapsible
