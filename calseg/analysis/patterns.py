@@ -264,9 +264,10 @@ def event_clusters(
     src, dst = [], []
     if n:
         a, b = sparse.triu(geometry.adjacency, k=1).nonzero()
-        for s0 in range(0, len(a), 4096):  # bounded memory: (edges, frames) blocks
-            x = grid[a[s0 : s0 + 4096]]
-            y = grid[b[s0 : s0 + 4096]]
+        step = max(1, 2**21 // grid.shape[1])  # (edges, frames) blocks of ~16 MiB each
+        for s0 in range(0, len(a), step):
+            x = grid[a[s0 : s0 + step]]
+            y = grid[b[s0 : s0 + step]]
             m = (x >= 0) & (y >= 0)
             src.append(x[m])
             dst.append(y[m])
