@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from calseg.service.models import ApiToken, User, utcnow
 
@@ -134,7 +134,11 @@ def authenticate(session: Session, token: str) -> User | None:
     """
     if not TOKEN_RE.match(token or ""):
         return None
-    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == hash_token(token)))
+    row = session.scalar(
+        select(ApiToken)
+        .where(ApiToken.token_sha256 == hash_token(token))
+        .options(joinedload(ApiToken.user))  # one query per request, not two
+    )
     if row is None or row.revoked_at is not None:
         return None
     now = utcnow()
