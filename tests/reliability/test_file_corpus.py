@@ -138,10 +138,13 @@ def test_long_recording_5000_frames_memory_bounded(tmp_path: Path) -> None:
     import tifffile
 
     path = tmp_path / "long.tif"
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i in range(50):
-            block = np.full((100, 128, 128), i, np.uint16)
-            tw.write(block, contiguous=True, photometric="minisblack")
+    mm = tifffile.memmap(
+        path, shape=(5000, 128, 128), dtype=np.uint16, bigtiff=True, photometric="minisblack"
+    )
+    for i in range(50):
+        mm[i * 100 : (i + 1) * 100] = i
+    mm.flush()
+    del mm
     info = probe_recording(path)
     assert (info.n_frames, info.height, info.width) == (5000, 128, 128)
     total = 5000 * 128 * 128 * 2
