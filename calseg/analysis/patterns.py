@@ -71,6 +71,7 @@ __all__ = [
     "cell_geometry",
     "classify_pattern",
     "event_clusters",
+    "events_from_calcium",
     "pattern_features",
 ]
 
@@ -478,6 +479,72 @@ def simulated_recording_pattern(
     return analyse_patterns(events, labels, f.shape[1], frame_interval_s, pixel_size_um)
 
 
+def events_from_calcium(
+    calcium: np.ndarray, threshold_uM: float, frame_interval_s: float, cell_ids: np.ndarray
+) -> list[Event]:
+    """Ground-truth events of simulated cells: runs of frames with Ca2+ above ``threshold_uM``.
+
+    Args:
+        calcium: ``(N, T)`` cytosolic Ca2+ (uM) at the frame times; cell_ids: ``(N,)``.
+        threshold_uM: activity threshold (DESIGN.md section 4: 0.1 uM); frame_interval_s: s.
+
+    Returns:
+        Events with ``amplitude`` = the run's peak Ca2+ (uM, not dF/F) and ``auc`` in uM s.
+    """
+    c = np.asarray(calcium, dtype=np.float64)
+    dt = float(frame_interval_s)
+    out = []
+    for i in range(c.shape[0]):
+        edges = np.diff(np.concatenate(([0], (c[i] > threshold_uM).astype(np.int8), [0])))
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+            p = a + int(np.argmax(c[i, a:b]))
+            out.append(
+                Event(
+                    int(cell_ids[i]),
+                    int(a),
+                    int(p),
+                    int(b),
+                    a * dt,
+                    p * dt,
+                    (b - a) * dt,
+                    float(c[i, p]),
+                    float(c[i, a:b].sum() * dt),
+                    float(threshold_uM),
+                    0.0,
+                    bool(a == 0 or b == c.shape[1]),
+                )
+            )
+    return out
+
+
+def simulated_wave_speeds(
+    video: dict, frame_interval_s: float, pixel_size_um: float, threshold_uM: float = 0.1
+) -> tuple[float | None, float | None]:
+    """Speed (um/s) of the largest wave of a simulated video, from the true Ca2+ onsets
+    (:func:`events_from_calcium`) and from the rendered video (the measuring pipeline of
+    :func:`simulated_recording_pattern`, significant events); ``None`` where no wave of
+    >= 10 cells is found."""
+    from calseg.analysis.events import detect_events
+    from calseg.analysis.traces import baseline_f0, cell_traces, dff
+    from calseg.analysis.waves import waves_from_events
+
+    labels = video["tissue"].labels
+    geo = cell_geometry(labels, pixel_size_um)
+    cal = video["calcium"]
+    t = cal.shape[1]
+    truth = events_from_calcium(cal, threshold_uM, frame_interval_s, np.arange(1, len(cal) + 1))
+    ids, f = cell_traces(video["image"], labels)
+    d, _ = dff(f, baseline_f0(f, frame_interval_s))
+    seen = significant_events(detect_events(d, frame_interval_s, cell_ids=ids))
+    speeds = []
+    for ev in (truth, seen):
+        w = waves_from_events(
+            ev, event_clusters(ev, geo, t, frame_interval_s), geo, frame_interval_s
+        )
+        speeds.append(w[0].speed_um_s if w else None)
+    return speeds[0], speeds[1]
+
+
 def validate_patterns(
     seeds: list[int],
     classes: tuple[str, ...] = PATTERN_CLASSES,
@@ -493,7 +560,9 @@ def validate_patterns(
     Returns:
         ``{"classes": [...], "labels": [... + "none"], "matrix": [[count]] (rows = true class,
         columns = predicted, order of "labels"), "accuracy": float, "n": int,
-        "rows": [{"seed", "true", "predicted", "reason", "features"}], "config": {...}}``.
+        "rows": [{"seed", "true", "predicted", "reason", "features"}], "config": {...}}``;
+        rows of waves videos also hold ``wave_speed_true_um_s`` and ``wave_speed_video_um_s``
+        (:func:`simulated_wave_speeds`).
     """
     from calseg.simulate.config import SimulationConfig
     from calseg.simulate.dataset import iter_videos
@@ -515,15 +584,18 @@ def validate_patterns(
         for v in iter_videos(cfg):
             res = simulated_recording_pattern(v, cfg.frame_interval_s, cfg.pixel_size_um)
             mat[classes.index(v["pattern_class"]), labels.index(res.pattern_class)] += 1
-            rows.append(
-                {
-                    "seed": int(seed),
-                    "true": v["pattern_class"],
-                    "predicted": res.pattern_class,
-                    "reason": res.reason,
-                    "features": res.features,
-                }
-            )
+            row = {
+                "seed": int(seed),
+                "true": v["pattern_class"],
+                "predicted": res.pattern_class,
+                "reason": res.reason,
+                "features": res.features,
+            }
+            if v["pattern_class"] == "waves":
+                row["wave_speed_true_um_s"], row["wave_speed_video_um_s"] = simulated_wave_speeds(
+                    v, cfg.frame_interval_s, cfg.pixel_size_um, cfg.activity_threshold_uM
+                )
+            rows.append(row)
     n = int(mat.sum())
     return {
         "classes": list(classes),
@@ -546,4 +618,17 @@ def format_confusion(report: dict) -> str:
     for cls, row in zip(report["classes"], report["matrix"], strict=True):
         lines.append(f"| {cls} | " + " | ".join(str(v) for v in row) + " |")
     lines.append(f"\naccuracy {report['accuracy']:.3f} on {report['n']} simulated recordings")
+    pairs = [
+        (r["wave_speed_true_um_s"], r["wave_speed_video_um_s"])
+        for r in report["rows"]
+        if r.get("wave_speed_true_um_s") and r.get("wave_speed_video_um_s")
+    ]
+    if pairs:
+        tv = np.array(pairs)
+        rel = np.abs(tv[:, 1] / tv[:, 0] - 1)
+        lines.append(
+            f"wave speed, video vs true Ca2+ onsets ({len(pairs)} waves): true "
+            f"{np.median(tv[:, 0]):.3g} um/s median ({tv[:, 0].min():.3g}-{tv[:, 0].max():.3g}), "
+            f"|relative error| median {np.median(rel):.3f}, max {rel.max():.3f}"
+        )
     return "\n".join(lines)
