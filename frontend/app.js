@@ -149,6 +149,14 @@ async function signIn(token) {
       signedOut(`token refused: ${detailText(body, r.statusText)}`);
       return false;
     }
+    if (!r.ok && r.status !== 404) { // e.g. 429 after too many bad tokens: say so, stay out
+      let body = null;
+      try { body = await r.json(); } catch (_) { body = null; }
+      S.token = null;
+      $("signin").hidden = false;
+      $("signin-error").textContent = `cannot sign in (${r.status}): ${detailText(body, r.statusText)}`;
+      return false;
+    }
     S.me = r.ok ? await r.json() : { name: "(this server has no users)", is_admin: false };
   } catch (e) {
     $("signin").hidden = false;
@@ -1251,20 +1259,24 @@ function moveMarker() {
 // ------------------------------------------------------------------ model comparison
 
 async function refreshCompare() {
+  // GET /api/metrics?kind=evaluate: final numbers of the caller's evaluate jobs, with the
+  // dataset each used; one row per model, split and job, optionally one dataset only
   const table = $("compare-table");
   try {
-    const page = await api("/api/jobs?kind=evaluate&state=succeeded&limit=20");
-    const jobs = await Promise.all(page.items.map((j) => api(`/api/jobs/${j.id}`)));
-    const rows = [];
-    for (const j of jobs) {
-      for (const m of j.metrics || []) {
-        if (m.step !== null && m.step !== undefined) continue;
-        rows.push({ ...m, key: `${m.model || "—"} · ${m.subset || ""} · evaluate ${short(j.id)}` });
-      }
-    }
+    const all = await api("/api/metrics?kind=evaluate&limit=2000");
+    const sel = $("compare-dataset");
+    const keep = sel.value;
+    const datasets = [...new Set(all.map((m) => m.dataset_job_id || ""))];
+    sel.replaceChildren(el("option", { value: "" }, "all"),
+      ...datasets.filter(Boolean).map((d) => el("option", { value: d }, `simulate ${short(d)}`)));
+    if (datasets.includes(keep)) sel.value = keep;
+    const rows = all.filter((m) => !sel.value || m.dataset_job_id === sel.value).map((m) => ({
+      ...m, key: `${m.model || "—"} · ${m.subset || ""} · dataset ${short(m.dataset_job_id) || "—"} · evaluate ${short(m.job_id)}`,
+    }));
+    const jobs = new Set(rows.map((m) => m.job_id));
     $("compare-note").textContent = rows.length
-      ? `${jobs.length} evaluate job(s); rows are model · split · job, columns are metrics (higher IoU/Dice is better)`
-      : "no succeeded evaluate job yet: start one (kind evaluate) on a simulate job's held-out videos";
+      ? `${jobs.size} evaluate job(s); rows are model · split · dataset · job, columns are metrics`
+      : "no evaluate job has metrics yet: start one (kind evaluate) on a simulate job's held-out videos";
     table.hidden = !rows.length;
     if (rows.length) renderMetricsTable(table, rows, (m) => m.key);
   } catch (e) {
@@ -1316,6 +1328,7 @@ function wire() {
     if (name) fieldError($("job-kind").value, name, "");
   });
   $("compare-refresh").addEventListener("click", refreshCompare);
+  $("compare-dataset").addEventListener("change", refreshCompare);
 
   $("frame-slider").addEventListener("input", showFrame);
   for (const id of ["overlay-toggle", "style-select", "colors-select", "gt-select"]) $(id).addEventListener("change", showFrame);

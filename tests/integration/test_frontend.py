@@ -108,7 +108,7 @@ def _click_pixel(page, px: int, py: int) -> None:
     page.mouse.click(x, y)
 
 
-def _fake_jobs(service, user: dict) -> tuple[str, str]:
+def _fake_jobs(service, user: dict, dataset_job_id: str) -> tuple[str, str]:
     """A running finetune job with a training curve and a succeeded evaluate job with metrics
     per model, stored in the database as the worker would (no GPU run needed)."""
     from calseg.service.db import session_scope
@@ -117,8 +117,8 @@ def _fake_jobs(service, user: dict) -> tuple[str, str]:
     with session_scope(service.settings.database_url) as s:
         ft = Job(kind="finetune", state="running", params={}, progress=0.4, stage="train",
                  owner_id=user["id"])  # fmt: skip
-        ev = Job(kind="evaluate", state="succeeded", params={}, progress=1.0, result={},
-                 owner_id=user["id"])  # fmt: skip
+        ev = Job(kind="evaluate", state="succeeded", progress=1.0, result={},
+                 params={"dataset_job_id": dataset_job_id}, owner_id=user["id"])  # fmt: skip
         s.add_all([ft, ev])
         s.flush()
         for step in range(1, 41):  # as calseg.service.runners.TrainingCurve records them
@@ -425,7 +425,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     assert dl.value.suggested_filename == "labels.tif"
 
     # --- a running fine-tune: training curves from its metrics, updated by polling
-    ft_id, ev_id = _fake_jobs(service, user)
+    ft_id, ev_id = _fake_jobs(service, user, sim_id)
     page.evaluate(f"location.hash = '#job={ft_id}'")
     page.wait_for_selector("#curves:not([hidden]) svg[data-group='IoU']", timeout=15_000)
     loss = page.locator("#curve-plots svg[data-group='loss'] path[data-name='loss']")
@@ -452,7 +452,11 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     table = page.locator("#compare-table").text_content()
     for model, iou_value in (("fine-tuned", "0.71"), ("base", "0.42"), ("baseline", "0.35")):
         assert model in table and iou_value in table
-    assert ev_id[:8] in table
+    assert ev_id[:8] in table and f"dataset {sim_id[:8]}" in table
+    assert page.locator("#compare-table tbody tr").count() == 3  # one row per model
+    page.select_option("#compare-dataset", sim_id)  # the models compared on one dataset
+    page.wait_for_function("document.querySelector('#compare-dataset').value !== ''")
+    assert page.locator("#compare-table tbody tr").count() == 3
 
     # --- a stale #job= link says what is wrong; Back returns to the job before
     page.evaluate("location.hash = '#job=no-such-job'")
