@@ -3,7 +3,7 @@
 Usage: ``python tests/reliability/report.py RESULTS.xml [MORE.xml ...]``
 
 Each test case is put into the first group whose (file, name) patterns match it; cases of no
-group are counted under "other". The numbers in RELIABILITY.md come from this script (the
+group are counted under "other service tests". The numbers in RELIABILITY.md come from this script (the
 command that produces the XML is given there).
 """
 
@@ -39,12 +39,12 @@ def group_of(classname: str, name: str) -> str:
     for group, file_re, name_re in GROUPS:
         if re.search(file_re, classname) and re.search(name_re, name):
             return group
-    return "other"
+    return "other service tests"
 
 
 def tally(paths: list[str]) -> OrderedDict[str, dict[str, int]]:
     """``{group: {"tried", "passed", "failed", "skipped"}}`` over the XML files' test cases."""
-    order = list(OrderedDict.fromkeys(g for g, _, _ in GROUPS)) + ["other"]
+    order = list(OrderedDict.fromkeys(g for g, _, _ in GROUPS)) + ["other service tests"]
     table: OrderedDict[str, dict[str, int]] = OrderedDict(
         (g, {"tried": 0, "passed": 0, "failed": 0, "skipped": 0}) for g in order
     )
