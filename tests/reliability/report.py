@@ -3,8 +3,8 @@
 Usage: ``python tests/reliability/report.py RESULTS.xml [MORE.xml ...]``
 
 Each test case is put into the first group whose (file, name) patterns match it; cases of no
-group are counted under "other service tests". The numbers in RELIABILITY.md come from this script (the
-command that produces the XML is given there).
+group are counted under "other service tests". The numbers in RELIABILITY.md come from this
+script (the command that produces the XML is given there).
 """
 
 from __future__ import annotations
