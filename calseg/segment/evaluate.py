@@ -11,7 +11,12 @@ image only) and the label stack is scored against the ground truth with
   ``precision``, ``recall``, ``f1``, ``ap50`` (= TP / (TP + FP + FN)), ``mean_matched_iou``.
 
 The summary gives per model the mean over videos and, with at least 3 videos, a percentile
-bootstrap 95 % CI of the mean (2000 resamples of videos, seed 0). The frozen encoder is shared
+bootstrap 95 % CI of the mean (2000 resamples of videos, seed 0; Efron & Tibshirani 1993).
+The same aggregation is repeated per group of videos (``groups``): per ``pattern_class`` and
+per defect family (a video belongs to every family whose ``severity`` in the manifest's
+``defects`` is > 0, and to ``none`` when it has no defect), so a video can count in several
+defect groups. The video is the resampling unit everywhere: frames of one video are not
+independent samples. The frozen encoder is shared
 by base and fine-tuned SAM2 models, so frame embeddings computed for one are reused from the
 cache by the other; the activity analysis (prompts) is computed once per video.
 """
@@ -60,14 +65,17 @@ def _clean(v):
 class EvaluationReport:
     """Per model x video metric rows and per model summaries.
 
-    ``rows``: dicts with ``model``, ``method``, ``video``, ``pattern_class``, ``n_frames``,
-    the :data:`METRIC_KEYS` and ``seconds``. ``summary``: per model ``{"model", "n_videos",
-    "<metric>_mean", "<metric>_ci95": [lo, hi] | None}``.
+    ``rows``: dicts with ``model``, ``method``, ``video``, ``pattern_class``, ``defects``
+    (families present), ``n_frames``, the :data:`METRIC_KEYS` and ``seconds``. ``summary``:
+    per model ``{"model", "n_videos", "<metric>_mean", "<metric>_ci95": [lo, hi] | None}``.
+    ``groups``: the same per (``group_by`` in ``"pattern_class"``/``"defect"``, ``group``,
+    model).
     """
 
     rows: list[dict]
     summary: list[dict]
     split: str = "test"
+    groups: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -88,6 +96,25 @@ class EvaluationReport:
                 cells.append(f"{txt:>14}")
             lines.append(f"{s['model'][:22]:<22} {s['n_videos']:>6} " + " ".join(cells))
         lines.append(f"split={self.split}; ± = half-width of the bootstrap 95 % CI over videos")
+        if self.groups:
+            gcols = ["iou", "f1", "ap50"]
+            head = f"{'group':<34} {'model':<16} {'videos':>6} " + " ".join(
+                f"{c:>12}" for c in gcols
+            )
+            lines += ["", "by pattern class and by defect family (no CI: < 3 videos)", head]
+            lines.append("-" * len(head))
+            for g in self.groups:
+                cells = []
+                for c in gcols:
+                    m, ci = g.get(f"{c}_mean"), g.get(f"{c}_ci95")
+                    txt = "n/a" if m is None else f"{m:.3f}"
+                    if ci is not None and m is not None:
+                        txt += f"±{(ci[1] - ci[0]) / 2:.2f}"
+                    cells.append(f"{txt:>12}")
+                label = f"{g['group_by']}={g['group']}"[:34]
+                lines.append(
+                    f"{label:<34} {g['model'][:16]:<16} {g['n_videos']:>6} " + " ".join(cells)
+                )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -98,6 +125,7 @@ class EvaluationReport:
             "models": self.models,
             "rows": [{k: _clean(v) for k, v in r.items()} for r in self.rows],
             "summary": self.summary,
+            "groups": self.groups,
             "warnings": self.warnings,
         }
 
@@ -142,6 +170,40 @@ def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
             s[f"{k}_ci95"] = _bootstrap_ci(vals) if len(vals) else None
         s["seconds_total"] = float(sum(r.get("seconds", 0.0) for r in mr))
         out.append(s)
+    return out
+
+
+def defect_families(defects: dict | None) -> list[str]:
+    """Defect families present in a video: manifest ``defects`` entries with severity > 0
+    (``["none"]`` when there is none)."""
+    fams = sorted(
+        k
+        for k, v in (defects or {}).items()
+        if isinstance(v, dict) and float(v.get("severity", 0.0) or 0.0) > 0
+    )
+    return fams or ["none"]
+
+
+def _groups_of(row: dict, key: str) -> list:
+    v = row.get(key)
+    return v if isinstance(v, list) else [v]
+
+
+def summarise_groups(rows: list[dict], model_names: list[str]) -> list[dict]:
+    """Per-model summaries (:func:`summarise`) within each pattern class and defect family.
+
+    Returns:
+        Dicts ``{"group_by": "pattern_class" | "defect", "group", "model", "n_videos",
+        "<metric>_mean", "<metric>_ci95"}``, sorted by group_by, group, then model order.
+    """
+    out: list[dict] = []
+    for group_by, key in (("pattern_class", "pattern_class"), ("defect", "defects")):
+        values = sorted({g for r in rows for g in _groups_of(r, key) if g is not None})
+        for g in values:
+            sub = [r for r in rows if g in _groups_of(r, key)]
+            for s in summarise(sub, model_names):
+                if s["n_videos"]:
+                    out.append({"group_by": group_by, "group": g, **s})
     return out
 
 
@@ -231,6 +293,7 @@ def evaluate_dataset(
                 "method": method,
                 "video": vid.id,
                 "pattern_class": vid.pattern_class,
+                "defects": defect_families(vid.defects),
                 "n_frames": int(image.shape[0]),
                 **score_labels(res.labels, gt),
                 "seconds": time.perf_counter() - t0,
@@ -244,6 +307,7 @@ def evaluate_dataset(
     return EvaluationReport(
         rows=rows,
         summary=summarise(rows, list(models)),
+        groups=summarise_groups(rows, list(models)),
         split=split,
         config=config.model_dump(),
         models=model_infos,

@@ -1,0 +1,77 @@
+"""Evaluation report: per-video rows aggregated per model, pattern class and defect family."""
+
+import numpy as np
+import pytest
+from test_segment_synth import small_dataset
+
+from calseg.segment.evaluate import (
+    EvaluationReport,
+    defect_families,
+    evaluate_dataset,
+    summarise,
+    summarise_groups,
+)
+
+
+def _row(model, video, pattern, defects, iou):
+    return {
+        "model": model,
+        "video": video,
+        "pattern_class": pattern,
+        "defects": defects,
+        "iou": iou,
+        "dice": iou,
+        "pixel_accuracy": 0.99,
+        "precision": iou,
+        "recall": iou,
+        "f1": iou,
+        "ap50": iou,
+        "mean_matched_iou": None,
+        "seconds": 1.0,
+    }
+
+
+def test_defect_families_from_manifest_severities():
+    d = {"defocus": {"severity": 0.2, "psf": 1.0}, "vignetting": {"severity": 0.0}}
+    assert defect_families(d) == ["defocus"]
+    assert defect_families({"defocus": {"severity": 0.0}}) == ["none"]
+    assert defect_families({}) == ["none"]
+
+
+def test_groups_by_pattern_class_and_defect_family_with_bootstrap_cis():
+    videos = [
+        ("v1", "waves", ["defocus"], 0.2),
+        ("v2", "waves", ["defocus", "drift"], 0.4),
+        ("v3", "waves", ["none"], 0.6),
+        ("v4", "transients", ["drift"], 0.9),
+    ]
+    rows = [_row("tuned", v, p, d, x) for v, p, d, x in videos]
+    rows += [_row("baseline", v, p, d, x / 2) for v, p, d, x in videos]
+    groups = summarise_groups(rows, ["tuned", "baseline"])
+    by = {(g["group_by"], g["group"], g["model"]): g for g in groups}
+    waves = by[("pattern_class", "waves", "tuned")]
+    assert waves["n_videos"] == 3 and waves["iou_mean"] == pytest.approx(0.4)
+    lo, hi = waves["iou_ci95"]  # 3 videos: bootstrap CI of the mean, inside the data range
+    assert 0.2 <= lo < 0.4 < hi <= 0.6
+    assert by[("pattern_class", "transients", "tuned")]["iou_ci95"] is None  # 1 video
+    # a video with two defect families counts in both
+    assert by[("defect", "drift", "tuned")]["n_videos"] == 2
+    assert by[("defect", "drift", "tuned")]["iou_mean"] == pytest.approx(0.65)
+    assert by[("defect", "defocus", "baseline")]["iou_mean"] == pytest.approx(0.15)
+    assert by[("defect", "none", "tuned")]["n_videos"] == 1
+    assert len(groups) == 2 * (2 + 3)  # models x (2 pattern classes + 3 defect groups)
+    rep = EvaluationReport(rows=rows, summary=summarise(rows, ["tuned", "baseline"]), groups=groups)
+    table = rep.to_table()
+    assert "pattern_class=waves" in table and "defect=drift" in table
+    assert "0.400±" in table  # waves, tuned: mean with its CI half-width
+    assert rep.to_dict()["groups"] == groups
+
+
+def test_evaluate_dataset_reports_groups_for_the_baseline(tmp_path):
+    ds = small_dataset(tmp_path / "ds", t=8, size=48)
+    rep = evaluate_dataset(ds, {"baseline": ("baseline", None)}, split="test")
+    assert [r["video"] for r in rep.rows] == ["v003"]
+    assert rep.rows[0]["defects"] == ["none"] and rep.rows[0]["pattern_class"] == "synthetic"
+    g = {(x["group_by"], x["group"]) for x in rep.groups}
+    assert g == {("pattern_class", "synthetic"), ("defect", "none")}
+    assert np.isfinite(rep.groups[0]["iou_mean"])
