@@ -239,13 +239,18 @@ async function refreshJobs() {
   try {
     const page = await api(`/api/jobs?${q}`);
     const body = $("jobs-body");
-    const focused = document.activeElement && document.activeElement.closest("tr[data-job-id]");
+    const active = document.activeElement;
+    const focused = active && active.closest && active.closest("#jobs-body tr[data-job-id]");
     const focusId = focused ? focused.dataset.jobId : null;
+    const focusButton = focused && active.tagName === "BUTTON" ? active.textContent : null;
     body.replaceChildren(...(page.items.length ? page.items.map(jobRow)
       : [el("tr", {}, el("td", { colspan: "8" }, "no jobs match"))]));
     if (focusId) { // keep keyboard focus on the same row across refreshes
       const again = body.querySelector(`tr[data-job-id="${focusId}"]`);
-      if (again) again.focus();
+      const button = again && focusButton
+        ? [...again.querySelectorAll("button")].find((b) => b.textContent === focusButton) : null;
+      if (button) button.focus();
+      else if (again) again.focus();
     }
     $("jobs-updated").textContent = `${page.total} job(s), updated ${new Date().toLocaleTimeString()}`;
     if (!$("filter-kind").value && !$("filter-state").value) S.jobsCache = page.items;
@@ -679,6 +684,8 @@ function renderDetail(job) {
     el("progress", { max: "100", value: String(pct), "aria-label": "job progress" }), ` ${pct}%`,
     job.stage ? ` · ${job.stage}` : "", job.state === "running" && job.eta_s != null ? ` · ETA ${fmtEta(job.eta_s)}` : "");
   const dl = $("detail-fields");
+  const openBox = document.getElementById("detail-params");
+  const paramsOpen = Boolean(openBox && openBox.open && openBox.dataset.jobId === job.id);
   dl.replaceChildren();
   field(dl, "message", job.message);
   field(dl, "error", job.error);
@@ -687,9 +694,11 @@ function renderDetail(job) {
   field(dl, "created", job.created_at ? new Date(job.created_at).toLocaleString() : "");
   field(dl, "code version", job.code_version);
   const set = Object.entries(job.params || {}).filter(([, v]) => v !== null);
-  field(dl, "parameters", el("details", {}, el("summary", {}, `${set.length} set (show)`),
+  field(dl, "parameters", el("details", { id: "detail-params", open: paramsOpen }, el("summary", {}, `${set.length} set (show)`),
     el("dl", { class: "fields params" }, ...set.flatMap(([k, v]) => [
       el("dt", {}, k), el("dd", {}, el("code", {}, typeof v === "string" ? v : JSON.stringify(v)))]))));
+  const paramsBox = document.getElementById("detail-params");
+  if (paramsBox) paramsBox.dataset.jobId = job.id;
   const warnings = (job.result && job.result.warnings) || [];
   if (warnings.length) dl.append(el("dt", {}, "warnings"), el("dd", { class: "warn" }, warnings.join(" | ")));
   if (job.result && job.result.table) dl.append(el("dt", {}, "report"), el("dd", {}, el("pre", {}, job.result.table)));

@@ -189,7 +189,9 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     page.get_by_role("button", name="Submit simulate job").click()
     assert "not valid JSON" in page.locator("#f-simulate-model_overrides-err").text_content()
     overrides.fill("")
-    page.get_by_role("button", name="Submit simulate job").click()
+    with page.expect_request(lambda r: r.url.endswith("/api/jobs") and r.method == "POST") as req:
+        page.get_by_role("button", name="Submit simulate job").click()
+    assert req.value.post_data_json == {"kind": "simulate", "params": SIM}
     page.wait_for_function(
         "document.querySelector('#job-form-status').textContent.includes('simulate job')"
     )
@@ -232,7 +234,13 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     )
     assert api.get("/api/jobs", params={"kind": "infer"}).json()["total"] == 0
     page.fill("#f-infer-low_percentile", "0.5")
-    page.get_by_role("button", name="Submit infer job").click()
+    with page.expect_request(lambda r: r.url.endswith("/api/jobs") and r.method == "POST") as req:
+        page.get_by_role("button", name="Submit infer job").click()
+    # only what differs from the defaults is sent
+    assert req.value.post_data_json == {
+        "kind": "infer",
+        "params": {"recording_id": rec["id"], "method": "baseline"},
+    }
     page.wait_for_function(
         "document.querySelector('#job-form-status').textContent.includes('queued')"
     )
