@@ -1,12 +1,15 @@
 """The page in a real browser: Playwright driving Debian's Chromium (DESIGN.md section 7)
 against the embedded service on the real PostgreSQL, Redis and Celery worker.
 
-A user signs in with an API token, uploads a real recording (progress bar, metadata, preview),
-starts an infer job from the form generated from the parameter schema (client-side and server
-422 messages next to the fields), waits for it in the jobs dashboard, opens it with the keyboard,
-and uses the viewer: slider, overlay options, zoom and pan, display range, a clicked cell's dF/F
-trace, downloads (sha256 checked). A fine-tune's training curves and the model comparison are
-drawn from metrics stored in the database. Screenshots go to ``test-artifacts/``
+A user signs in with an API token (sign-in box and ``#token=``), starts a simulate job and, after
+uploading a real recording (progress bar, metadata, preview), an infer job from the forms
+generated from the parameter schemas (only non-default values sent; client-side and server 422
+messages next to the fields), waits for it in the jobs dashboard, opens it with the keyboard,
+and uses the viewer: slider, play, overlay options, zoom and pan, display range, a clicked cell's
+dF/F trace, the cell list, downloads (sha256 checked); ground truth instead of / beside the
+prediction on the simulated video. A fine-tune's training curves (updated while it runs, then
+cancelled from the dashboard) and the model comparison are drawn from metrics stored in the
+database as the worker writes them. Screenshots go to ``test-artifacts/``
 (CALSEG_TEST_ARTIFACTS); the path is printed.
 """
 
@@ -453,6 +456,15 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
         timeout=15_000,
     )
     page.screenshot(path=str(SHOTS / "page_curves.png"), full_page=True)
+    # the dashboard's Cancel ends it (the API answers), Retry is offered instead
+    page.get_by_role("button", name=f"cancel finetune job {ft_id[:8]}").click()
+    ft_row = page.locator(f"#jobs-body tr[data-job-id='{ft_id}']")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ft_id}']:has-text('cancelled')")
+    assert ft_row.get_by_role("button", name=f"retry finetune job {ft_id[:8]}").count() == 1
+    assert api.get(f"/api/jobs/{ft_id}").json()["state"] == "cancelled"
+    page.wait_for_function(
+        "document.querySelector('#detail-progress').textContent.includes('cancelled')"
+    )
 
     # --- the model comparison table: the evaluate job's metrics per model
     page.get_by_role("button", name="Refresh").click()
