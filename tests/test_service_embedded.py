@@ -106,3 +106,66 @@ def test_sigterm_stops_every_child_and_fails_unfinished_jobs(tmp_path: Path) -> 
         assert queued.state == "failed", queued.state
         assert "embedded service stopped" in queued.error
         assert "retry" in queued.error
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_the_api_process_runs_the_reconciler(tmp_path: Path) -> None:
+    """A running job whose worker vanished (no heartbeat) is re-queued by the reconciler that
+    runs inside the api process (lifespan), with a message saying why; then, at the attempt
+    limit, failed with the reason."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from calseg.service.db import session_scope
+    from calseg.service.embedded import EmbeddedService
+    from calseg.service.models import Job, utcnow
+    from calseg.service.settings import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'calseg.db'}",
+        artifact_dir=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        log_dir=tmp_path / "logs",
+        token_file=tmp_path / "token",
+        api_port=0,
+        reconcile_interval_s=0.3,
+        heartbeat_timeout_s=2.0,
+        retry_backoff_s=60.0,
+        max_attempts=2,
+    )
+    with EmbeddedService(settings, api_port=0, worker=False) as svc:
+        headers = {"Authorization": f"Bearer {svc.token}"}
+        r = httpx.post(
+            svc.url + "/api/jobs",
+            json={"kind": "simulate", "params": {"n_videos": 3, "n_frames": 4}},
+            headers=headers,
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+
+        def vanish(attempts: int) -> None:  # a worker took the job, then died
+            with session_scope(settings.database_url) as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(state="running", attempts=attempts, worker="gone:1",
+                            updated_at=utcnow() - timedelta(seconds=10))
+                )  # fmt: skip
+
+        def poll(state: str) -> dict:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                job = httpx.get(f"{svc.url}/api/jobs/{job_id}", headers=headers).json()
+                if job["state"] == state:
+                    return job
+                time.sleep(0.2)
+            pytest.fail(f"job not {state} after 30 s: {job}")
+
+        vanish(1)
+        job = poll("queued")
+        assert "worker lost (gone:1" in job["message"] and "starts in 60 s" in job["message"]
+        vanish(2)
+        job = poll("failed")
+        assert job["error"].startswith("worker lost: gone:1") and "attempt 2 of 2" in job["error"]

@@ -48,15 +48,18 @@ def tally(paths: list[str]) -> OrderedDict[str, dict[str, int]]:
     table: OrderedDict[str, dict[str, int]] = OrderedDict(
         (g, {"tried": 0, "passed": 0, "failed": 0, "skipped": 0}) for g in order
     )
+    cases: dict[tuple[str, str], ET.Element] = {}  # a case in several files: the last counts
     for path in paths:
         for case in ET.parse(path).getroot().iter("testcase"):
-            row = table[group_of(case.get("classname", ""), case.get("name", ""))]
-            if case.find("skipped") is not None:
-                row["skipped"] += 1
-                continue
-            row["tried"] += 1
-            bad = case.find("failure") is not None or case.find("error") is not None
-            row["failed" if bad else "passed"] += 1
+            cases[(case.get("classname", ""), case.get("name", ""))] = case
+    for (classname, name), case in cases.items():
+        row = table[group_of(classname, name)]
+        if case.find("skipped") is not None:
+            row["skipped"] += 1
+            continue
+        row["tried"] += 1
+        bad = case.find("failure") is not None or case.find("error") is not None
+        row["failed" if bad else "passed"] += 1
     return table
 
 
