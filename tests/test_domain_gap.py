@@ -96,3 +96,44 @@ def test_bad_sets_are_refused():
         domain_gap([], [np.zeros((4, 16, 16))])
     with pytest.raises(GapError, match="T >= 3"):
         domain_gap([np.zeros((2, 16, 16))], [np.zeros((4, 16, 16))])
+
+
+def test_report_table_marks_implausible_rows():
+    from calseg.report import markdown
+
+    score = {
+        "n_labelled": 2,
+        "recall_50": 0.5,
+        "recall_30": 1.0,
+        "detections_per_frame": 3.0,
+        "plausible": True,
+    }
+    gap = {
+        "score": 1.5,
+        "components": {"histogram": 0.1, "noise": 0.2, "spectrum": 0.3, "cell_size": 0.4},
+        "frechet_sam2": 7.0,
+    }
+    rows = [
+        {
+            "model": "m",
+            "training data": "default",
+            "sima": score,
+            "fissa": {**score, "plausible": False, "recall_30": 0.0},
+            "gap_sima": gap,
+            "gap_fissa": gap,
+            "oracle_sima": 0.25,
+            "sim_test": {"iou": 0.1, "dice": 0.2},
+        }
+    ]
+    res = {
+        "rows": rows,
+        "gap": {"sima": {"default": gap}},
+        "embed_s": {"default": 1.0, "augmented": 3.0},
+        "settings": {"augment_variants": 2},
+        "timings": {"total_s": 10.0},
+        "best_steps": {"default": 0},
+    }
+    md = markdown(res)
+    assert "| m | default | 1.50 | 1.50 | 7.0 | 7.0 | 0.50 / 1.00 | 0.50 / 0.00 (implausible)" in md
+    assert "0.25 / n/a" in md  # oracle-point IoU, missing for fissa
+    assert "default 0" in md
