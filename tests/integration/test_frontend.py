@@ -532,3 +532,14 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
     )
     page.screenshot(path=str(SHOTS / "page_viewer_astrocast.png"), full_page=True, clip=clip)
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+    # make demo's screenshot opens the page the same way (#token=...&job=...); its own
+    # Playwright runs in a thread (the sync API cannot nest in this thread's loop)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from calseg.demo import screenshot_page
+
+    url = f"{service.url}/#token={user['token']}&job={job_id}"
+    with ThreadPoolExecutor(1) as pool:
+        shot = pool.submit(screenshot_page, url, SHOTS / "demo_page.png").result(timeout=120)
+    assert shot is not None and shot.stat().st_size > 10_000
