@@ -90,3 +90,27 @@ def test_dockerfile_ships_every_part_of_the_service() -> None:
     for part in ("calseg", "api", "worker", "frontend", "migrations", "alembic.ini"):
         assert f"COPY {part} " in text, part
     assert "USER calseg" in text and "tini" in text  # not root; signals reach Celery/uvicorn
+
+
+def test_json_log_lines() -> None:
+    """CALSEG_LOG_FORMAT=json: one JSON object per record, with extras and the exception."""
+    import json
+    import logging
+
+    from calseg.service.logs import JsonFormatter
+
+    try:
+        raise ValueError("bad frame 7")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("calseg.worker", logging.WARNING, __file__, 1, "job %s lost",
+                               ("j1",), exc_info)  # fmt: skip
+    record.job_id = "j1"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "warning" and out["logger"] == "calseg.worker"
+    assert out["message"] == "job j1 lost" and out["job_id"] == "j1"
+    assert "ValueError: bad frame 7" in out["exc"] and out["ts"].endswith("+00:00")
