@@ -135,12 +135,35 @@ def finetune(
         None, help="pretrained SAM2 checkpoint (default: $CALSEG_SAM2_CHECKPOINT or random)"
     ),
     seed: int = typer.Option(0),
+    train_mode: str = typer.Option(
+        "decoder", help="decoder (cached embeddings), lora (LoRA on the encoder) or full (GPU)"
+    ),
+    lora_rank: int = typer.Option(4, help="LoRA rank (train-mode lora)"),
+    batch_size: int = typer.Option(8, help="prompts per micro-batch"),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimiser step"),
+    prompts: str = typer.Option("point=1", help="prompt mixture, e.g. 'point=2,box=1,box+point=1'"),
 ) -> None:
-    """Fine-tune SAM2's prompt encoder + mask decoder on cached image embeddings."""
+    """Fine-tune SAM2's prompt encoder + mask decoder on cached image embeddings (or, with
+    --train-mode lora/full, the image encoder too, re-encoding frames every step)."""
+    from pydantic import ValidationError
+
     from calseg.segment.finetune import FinetuneConfig
     from calseg.segment.finetune import finetune as run
 
-    cfg = FinetuneConfig(steps=steps, image_size=image_size, seed=seed)
+    try:
+        mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in prompts.split(","))}
+        cfg = FinetuneConfig(
+            steps=steps,
+            image_size=image_size,
+            seed=seed,
+            train_mode=train_mode,
+            lora_rank=lora_rank,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            prompt_mix=mix,
+        )
+    except (ValueError, ValidationError) as exc:
+        raise _fail(f"bad fine-tuning option: {exc}") from None
     with _Bar("finetune") as progress:
         result = run(dataset, out_dir, cfg, base_checkpoint=checkpoint, progress=progress)
     for w in result.warnings:
@@ -153,6 +176,8 @@ def segment(
     recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, ...)")],
     out_dir: Annotated[Path, typer.Argument(help="folder for labels and overlays")],
     method: str = typer.Option("sam2", help="sam2 or baseline"),
+    mode: str = typer.Option("image", help="SAM2: image (per frame) or video (propagation)"),
+    image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
     frame_interval: float | None = typer.Option(
         None, help="seconds between frames (default: from the file's metadata, else 1 s)"
@@ -186,9 +211,16 @@ def segment(
         dt = 1.0
         console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
     frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
+    try:
+        icfg = InferenceConfig(method=method, mode=mode, image_size=image_size)
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        raise _fail(f"bad segmentation option: {exc}") from None
     with _Bar("segment") as progress:
         result = segment_recording(
-            frames, InferenceConfig(method=method), checkpoint=checkpoint, progress=progress
+            frames,
+            icfg,
+            checkpoint=checkpoint,
+            progress=progress,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = write_label_stack(out_dir / "labels.tif", result.labels)
@@ -208,16 +240,29 @@ def evaluate(
     model: Path | None = typer.Option(None, help="fine-tuned checkpoint to compare"),
     split: str = typer.Option("test", help="split to score (split by video)"),
     out: Path | None = typer.Option(None, help="write the report as JSON here"),
+    base_checkpoint: Path | None = typer.Option(
+        None, help="base SAM2 checkpoint (default: $CALSEG_SAM2_CHECKPOINT or random weights)"
+    ),
+    mode: str = typer.Option("image", help="SAM2: image (per frame) or video (propagation)"),
+    image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
 ) -> None:
-    """Score fine-tuned vs base SAM2 vs the classical baseline on held-out videos."""
-    from calseg.segment.evaluate import evaluate_dataset
+    """Score fine-tuned vs base SAM2 vs the classical baseline on held-out videos: one table
+    (means over videos, bootstrap 95 % CIs), then per pattern class and defect family."""
+    from pydantic import ValidationError
 
-    models: dict[str, tuple[str, Path | None]] = {"base": ("sam2", None)}
+    from calseg.segment.evaluate import evaluate_dataset
+    from calseg.segment.infer import InferenceConfig
+
+    try:
+        cfg = InferenceConfig(mode=mode, image_size=image_size)
+    except ValidationError as exc:
+        raise _fail(f"bad evaluation option: {exc}") from None
+    models: dict[str, tuple[str, Path | None]] = {"base": ("sam2", base_checkpoint)}
     if model is not None:
         models = {"fine-tuned": ("sam2", model), **models}
     models["baseline"] = ("baseline", None)
     with _Bar("evaluate") as progress:
-        report = evaluate_dataset(dataset, models, split=split, progress=progress)
+        report = evaluate_dataset(dataset, models, split=split, config=cfg, progress=progress)
     console.print(report.to_table())
     if out is not None:
         out.write_text(json.dumps(report.to_dict(), indent=2))

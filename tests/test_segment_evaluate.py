@@ -75,3 +75,27 @@ def test_evaluate_dataset_reports_groups_for_the_baseline(tmp_path):
     g = {(x["group_by"], x["group"]) for x in rep.groups}
     assert g == {("pattern_class", "synthetic"), ("defect", "none")}
     assert np.isfinite(rep.groups[0]["iou_mean"])
+
+
+def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from calseg.cli import app
+    from calseg.segment.model import CHECKPOINT_ENV
+
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    ds = small_dataset(tmp_path / "ds", t=6, size=32)
+    out = tmp_path / "report.json"
+    r = CliRunner().invoke(
+        app, ["evaluate", str(ds), "--image-size", "64", "--out", str(out)], catch_exceptions=False
+    )
+    assert r.exit_code == 0, r.output
+    assert "base" in r.output and "baseline" in r.output and "bootstrap 95 % CI" in r.output
+    assert "pattern_class=synthetic" in r.output and "defect=none" in r.output
+    import json
+
+    rep = json.loads(out.read_text())
+    assert {s["model"] for s in rep["summary"]} == {"base", "baseline"}
+    assert rep["config"]["image_size"] == 64
+    bad = CliRunner().invoke(app, ["evaluate", str(ds), "--mode", "movie"])
+    assert bad.exit_code == 2 and "bad evaluation option" in bad.output
