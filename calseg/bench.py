@@ -20,8 +20,11 @@ Sections (issue 3 item 9, issue 4 item 7), each timed with :func:`time.perf_coun
 * ``sam2``: SAM2 ``sam2.1_hiera_t`` with random weights on the CPU at image size 512: decoder
   training steps per second on cached image embeddings vs re-running the frozen image encoder
   every step (same batch of 8 point prompts on 8 frames, same process; expected >= 10x), and
-  inference frames per second of :func:`calseg.segment.infer.segment_recording` (image mode)
-  on a simulated 512 x 512 recording (180 frames; 24 with ``--quick``).
+  inference frames per second of :func:`calseg.segment.infer.segment_recording` on a
+  simulated 512 x 512 recording: image mode on 180 frames (24 with ``--quick``), video mode
+  (SAM2 propagation, :mod:`calseg.segment.video`) on the first 24 frames (8 with ``--quick``;
+  it tracks every cell through every frame, so it is far slower on a CPU), with the peak RSS
+  after each.
 
 When several sections run, each runs in its own child process (``sys.executable -m
 calseg.bench --only SECTION``) so that its peak resident set size
@@ -546,6 +549,8 @@ def bench_sam2(
     image_size: int = 512,
     recording_size: int = 512,
     n_infer_frames: int = 180,
+    n_video_frames: int = 24,
+    video_window_frames: int = 64,
     batch_size: int = 8,
     cached_steps: int = 10,
     encoder_steps: int = 3,
@@ -559,7 +564,9 @@ def bench_sam2(
     Args:
         image_size: SAM2 input side (px, multiple of 32).
         recording_size: side (px) of the simulated recording (mean cell area 100 px).
-        n_infer_frames: frames of the recording (inference is timed on all of them).
+        n_infer_frames: frames of the recording (image-mode inference is timed on all of them).
+        n_video_frames: first frames segmented in video mode (SAM2 propagation).
+        video_window_frames: video mode's window (frames per predictor state).
         batch_size: point prompts per training step, one per frame (so the per-step mode
             re-encodes ``batch_size`` frames, as the fine-tuning sampler draws prompts across
             frames).
@@ -602,6 +609,8 @@ def bench_sam2(
             image_size,
             recording_size,
             n_infer_frames,
+            n_video_frames,
+            video_window_frames,
             batch_size,
             cached_steps,
             encoder_steps,
@@ -620,6 +629,8 @@ def _sam2_timings(
     image_size: int,
     recording_size: int,
     n_infer_frames: int,
+    n_video_frames: int,
+    video_window_frames: int,
     batch_size: int,
     cached_steps: int,
     encoder_steps: int,
@@ -695,6 +706,47 @@ def _sam2_timings(
                 "sam2", "  of which image encoder alone", n_emb / res.timings["embed_s"], "frames/s"
             )
         )
+
+    rows.append(_row("sam2", "  peak RSS after image-mode inference", _peak_rss_mib(), "MiB"))
+
+    # --- video mode (SAM2 propagation) on the first frames -----------------------------------
+    nv = min(n_video_frames, image.shape[0])
+    _log(f"sam2: video-mode inference on {nv} frames of {recording_size}x{recording_size}")
+    t = time.perf_counter()
+    resv = segment_recording(
+        image[:nv],
+        InferenceConfig(
+            image_size=image_size,
+            device="cpu",
+            mode="video",
+            video_window_frames=video_window_frames,
+        ),
+        model=loaded,
+        progress=log_progress("sam2 video"),
+    )
+    video_s = time.perf_counter() - t
+    if resv.labels.shape != image[:nv].shape:
+        raise BenchError(f"video mode returned {resv.labels.shape}")
+    vstats = resv.timings.get("video", {})
+    details["video_inference"] = {"wall_s": video_s, "frames": nv, "stats": vstats}
+    rows.append(
+        _row(
+            "sam2",
+            f"inference, video mode, {nv} frames {recording_size}x{recording_size}",
+            nv / video_s,
+            "frames/s",
+        )
+    )
+    if vstats.get("object_frames"):
+        rows.append(
+            _row(
+                "sam2",
+                f"  tracked cells x frames ({vstats['n_objects']} cells)",
+                vstats["object_frames"] / video_s,
+                "cell-frames/s",
+            )
+        )
+    rows.append(_row("sam2", "  peak RSS after video-mode inference", _peak_rss_mib(), "MiB"))
 
     # --- training: cached embeddings vs encoder every step ------------------------------------
     frame_idx, pts, ids = _training_batch(labels, batch_size, rng)
@@ -823,7 +875,14 @@ def section_kwargs(section: str, quick: bool) -> dict:
     if section == "dataset":
         return {"measured_videos": 2} if quick else {}
     if section == "sam2":
-        return {"n_infer_frames": 24, "cached_steps": 5, "encoder_steps": 2} if quick else {}
+        if quick:
+            return {
+                "n_infer_frames": 24,
+                "n_video_frames": 8,
+                "cached_steps": 5,
+                "encoder_steps": 2,
+            }
+        return {}
     raise BenchError(f"unknown section {section!r}; choose one of {SECTIONS}")
 
 
