@@ -185,9 +185,7 @@ def cell_geometry(
             img.size,
             float(pixel_size_um),
         )
-    idx = np.zeros(int(ids[-1]) + 1, np.int64)
-    idx[ids] = np.arange(n)
-    comp = np.where(img > 0, idx[img], -1)
+    comp = np.where(img > 0, np.searchsorted(ids, img), -1)  # index 0..N-1 of each pixel's cell
     rows, cols = np.nonzero(img > 0)
     k = comp[rows, cols]
     areas = np.bincount(k, minlength=n)
