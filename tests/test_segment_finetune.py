@@ -72,8 +72,17 @@ def test_on_history_failure_does_not_stop_training(tmp_path):
     def broken(entry: dict) -> None:
         raise ValueError("sink down")
 
-    res = finetune(ds, tmp_path / "out", cfg, on_history=broken)
+    msgs: list[str] = []
+    res = finetune(
+        ds,
+        tmp_path / "out",
+        cfg,
+        on_history=broken,
+        progress=lambda f, stage, m=None: msgs.append(f"{stage}: {m}"),
+    )
     assert len([h for h in res.history if h["kind"] == "train"]) == 2
+    # the job sees step, loss and an ETA
+    assert any(m.startswith("train: step 1/2 loss ") and " ETA " in m for m in msgs), msgs
 
 
 def test_overfits_a_single_video(tmp_path):

@@ -927,8 +927,12 @@ def finetune(
                 **{k: round(v, 6) for k, v in logs.items()},
             }
         )
+        done_here = step - start_step  # steps run in this process (resume-aware ETA)
+        eta_s = (time.perf_counter() - t_train) / done_here * (config.steps - step)
         train_progress(
-            step / config.steps, "train", f"step {step}/{config.steps} loss {logs['loss']:.4f}"
+            step / config.steps,
+            "train",
+            f"step {step}/{config.steps} loss {logs['loss']:.4f} ETA {eta_s:.0f} s",
         )
         if vals and (step % config.val_every == 0 or step == config.steps):
             run_val(step)
