@@ -100,3 +100,22 @@ def test_axes_override_channel_and_metadata_of_imagej_hyperstack(tmp_path):
     np.testing.assert_array_equal(swapped.frames, data[3].max(axis=0))
     with pytest.raises(RecordingError, match="axes"):
         read_recording(bare, axes="TZCYXQ")
+
+
+def test_z_projection_choices(tmp_path):
+    """T=3, Z=4 ImageJ stack: max (default), mean and median over Z, chunked reading too."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 1000, (3, 4, 12, 10), dtype=np.uint16)
+    path = tmp_path / "tz.tif"
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TZYX"})
+    np.testing.assert_array_equal(read_recording(path).frames, data.max(axis=1))
+    mean = read_recording(path, z_projection="mean")
+    assert mean.frames.dtype == np.uint16
+    np.testing.assert_array_equal(mean.frames, np.rint(data.mean(axis=1)).astype(np.uint16))
+    assert any("mean projection over 4 Z" in w for w in mean.info.warnings)
+    med = read_recording(path, z_projection="median").frames
+    np.testing.assert_array_equal(med, np.rint(np.median(data, axis=1)).astype(np.uint16))
+    chunks = [c for _, c in iter_recording(path, chunk_frames=2, z_projection="mean")]
+    np.testing.assert_array_equal(np.concatenate(chunks), mean.frames)
+    with pytest.raises(RecordingError, match="z_projection must be one of max, mean, median"):
+        read_recording(path, z_projection="sum")

@@ -18,7 +18,8 @@ Axis handling: the stored axes are detected (letters ``T`` time, ``Z`` depth, ``
 ``Y``, ``X``, ``S`` colour samples) from the file's metadata or, when it has none, from the
 shape; ``axes=`` overrides them. RGB(A) frames become grayscale (ITU-R BT.601 luma weights
 0.299, 0.587, 0.114, the weights Pillow's ``"L"`` conversion uses), one channel of a
-multi-channel recording is picked, Z is max-projected when the file also has a T axis and read
+multi-channel recording is picked, Z is projected (``z_projection``: max by default, mean or
+median) when the file also has a T axis and read
 as T when it has none (ImageJ files often store time series as slices). Every such decision is
 written to :attr:`RecordingInfo.warnings`.
 
@@ -1241,7 +1242,20 @@ def _plan(src: _Source, axes: str | None, channel: int, interleaved: int | None 
     )
 
 
-def _read_frames(src: _Source, plan: _Plan, channel: int, t0: int, t1: int) -> np.ndarray:
+Z_PROJECTIONS = ("max", "mean", "median")
+"""How a Z axis is collapsed when the data also has T (``z_projection=`` of the readers)."""
+
+
+def _check_z(z_projection: str) -> None:
+    if z_projection not in Z_PROJECTIONS:
+        raise RecordingError(
+            f"z_projection must be one of {', '.join(Z_PROJECTIONS)}, got {z_projection!r}."
+        )
+
+
+def _read_frames(
+    src: _Source, plan: _Plan, channel: int, t0: int, t1: int, z_projection: str = "max"
+) -> np.ndarray:
     """Read frames ``t0:t1`` as (T, H, W) in the plan's output dtype."""
     ax = plan.axes
     index = []
@@ -1278,7 +1292,13 @@ def _read_frames(src: _Source, plan: _Plan, channel: int, t0: int, t1: int) -> n
         kept.remove("S")
     if "Z" in kept:
         zi = kept.index("Z")
-        data = np.fmax.reduce(data, axis=zi) if data.dtype.kind == "f" else data.max(axis=zi)
+        if z_projection in ("mean", "median"):
+            fn = np.nanmean if z_projection == "mean" else np.nanmedian
+            data = fn(data.astype(np.float64), axis=zi)
+            if plan.out_dtype.kind in "ui" and src.calibration is None:
+                data = np.rint(data)
+        else:
+            data = np.fmax.reduce(data, axis=zi) if data.dtype.kind == "f" else data.max(axis=zi)
         kept.remove("Z")
     out_dtype = plan.out_dtype
     if src.calibration is not None:
@@ -1416,6 +1436,7 @@ def read_recording(
     channel: int = 0,
     max_frames: int | None = None,
     interleaved_channels: int | None = None,
+    z_projection: str = "max",
 ) -> Recording:
     """Read a recording as a ``(T, H, W)`` frame stack.
 
@@ -1430,6 +1451,9 @@ def read_recording(
         interleaved_channels: for files without a channel axis whose images alternate between
             ``k`` channels (c0, c1, c0, c1, ...): split the time axis into ``(T, k)`` and read
             ``channel``.
+        z_projection: how a Z axis is collapsed when the data also has T: ``"max"`` (default,
+            brightest plane per pixel), ``"mean"`` or ``"median"`` (NaN ignored; rounded to the
+            output dtype when that is an integer type).
 
     Returns:
         :class:`Recording` with ``frames`` ``(T, H, W)`` uint8/uint16/float32 (native byte order;
@@ -1439,6 +1463,7 @@ def read_recording(
         RecordingError: see :func:`probe_recording`; also for a bad ``axes``/``channel``.
     """
     display = os.fspath(path)
+    _check_z(z_projection)
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise RecordingError(f"max_frames must be a positive integer, got {max_frames!r}.")
 
@@ -1447,7 +1472,7 @@ def read_recording(
         try:
             plan = _plan(src, axes, channel, interleaved_channels)
             t1 = plan.n_frames if max_frames is None else min(plan.n_frames, max_frames)
-            frames = _read_frames(src, plan, channel, 0, t1)
+            frames = _read_frames(src, plan, channel, 0, t1, z_projection)
             if frames.shape[0] != t1:
                 raise RecordingError(
                     f"{display}: expected {t1} frames but read {frames.shape[0]}; the file is "
@@ -1456,7 +1481,13 @@ def read_recording(
             extra = _value_notes(frames, partial=False)
             if t1 < plan.n_frames:
                 extra.append(f"read the first {t1} of {plan.n_frames} frames (max_frames)")
-            return Recording(frames=frames, info=_info(src, plan, t1, extra))
+            info = _info(src, plan, t1, extra)
+            if z_projection != "max":
+                info.warnings = [
+                    w.replace("maximum-intensity projection", f"{z_projection} projection")
+                    for w in info.warnings
+                ]
+            return Recording(frames=frames, info=info)
         finally:
             src.close()
 
@@ -1470,11 +1501,12 @@ def iter_recording(
     channel: int = 0,
     chunk_frames: int = 64,
     interleaved_channels: int | None = None,
+    z_projection: str = "max",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Read a recording chunk by chunk, so memory stays bounded for long recordings.
 
     Args:
-        path, axes, channel, interleaved_channels: as for :func:`read_recording`.
+        path, axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
         chunk_frames: frames per chunk (>= 1).
 
     Yields:
@@ -1488,13 +1520,16 @@ def iter_recording(
     """
     if not isinstance(chunk_frames, int) or chunk_frames < 1:
         raise RecordingError(f"chunk_frames must be a positive integer, got {chunk_frames!r}.")
+    _check_z(z_projection)
     display = os.fspath(path)
     src = _guard(lambda: _open_source(path), display)
     try:
         plan = _guard(lambda: _plan(src, axes, channel, interleaved_channels), display)
         for t0 in range(0, plan.n_frames, chunk_frames):
             t1 = min(t0 + chunk_frames, plan.n_frames)
-            chunk = _guard(lambda a=t0, b=t1: _read_frames(src, plan, channel, a, b), display)
+            chunk = _guard(
+                lambda a=t0, b=t1: _read_frames(src, plan, channel, a, b, z_projection), display
+            )
             if chunk.shape[0] != t1 - t0:
                 raise RecordingError(
                     f"{display}: frames {t0}..{t1 - 1} could not all be read; the file is probably "
