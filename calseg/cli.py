@@ -185,6 +185,9 @@ def segment(
     pixel_size: float | None = typer.Option(
         None, help="um per pixel for wave speeds (default: from the file's metadata)"
     ),
+    z_projection: str = typer.Option(
+        "max", help="Z axis (with T) collapsed by max, mean or median"
+    ),
     register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
     background: str | None = typer.Option(
         None, help="subtract a static background: opening, rolling_ball or gaussian"
@@ -201,7 +204,7 @@ def segment(
     from calseg.segment.infer import InferenceConfig, segment_recording
 
     try:
-        rec = read_recording(recording)
+        rec = read_recording(recording, z_projection=z_projection)
     except RecordingError as exc:
         raise _fail(str(exc)) from None
     for w in rec.info.warnings:
@@ -333,6 +336,9 @@ def analyze(
     ),
     axes: str | None = typer.Option(None, help="override the stored axes, e.g. TZCYX"),
     channel: int = typer.Option(0, help="channel to read when the file has several"),
+    z_projection: str = typer.Option(
+        "max", help="Z axis (with T) collapsed by max, mean or median"
+    ),
     register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
     background: str | None = typer.Option(
         None, help="subtract a static background: opening, rolling_ball or gaussian"
@@ -353,7 +359,8 @@ def analyze(
     )
 
     try:
-        info = probe_recording(recording) if axes is None and channel == 0 else None
+        plain = axes is None and channel == 0 and z_projection == "max"
+        info = probe_recording(recording) if plain else None
         lab = read_label_stack(labels)
     except (RecordingError, LabelStackError) as exc:
         raise _fail(str(exc)) from None
@@ -362,7 +369,7 @@ def analyze(
     preprocessing = register or background or bleach
     try:
         if info is None or preprocessing or lab.ndim == 3:
-            rec = read_recording(recording, axes=axes, channel=channel)
+            rec = read_recording(recording, axes=axes, channel=channel, z_projection=z_projection)
             info, frames = rec.info, rec.frames
         else:  # traces from chunks: the recording is never whole in memory
             frames = None

@@ -78,6 +78,10 @@ def test_analyze_refuses_labels_of_another_size(tmp_path):
         app, ["analyze", str(rec), str(bad), str(tmp_path / "o"), "--bleach", "linear"]
     )
     assert r.exit_code == 2
+    r = runner.invoke(
+        app, ["analyze", str(rec), str(bad), str(tmp_path / "o"), "--z-projection", "sum"]
+    )
+    assert r.exit_code == 2 and "z_projection must be one of" in r.output
 
 
 def test_validate_patterns_prints_a_confusion_matrix(tmp_path):

@@ -259,7 +259,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
 
     ctx.progress(0.01, "read", f"reading {path.name}")
     if params.recording_id:
-        recording = read_recording(path)
+        recording = read_recording(path, z_projection=params.z_projection)
         frames = recording.frames
         for note in recording.info.warnings:  # e.g. a header that lies about the frame count
             ctx.warn(f"reading {path.name}: {note}")

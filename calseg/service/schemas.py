@@ -222,7 +222,11 @@ def params_model(kind: str) -> type[_Params]:
                 Field(None, description="a succeeded finetune job; None = the base model"),
             ),
             "method": (Literal["sam2", "baseline"], "sam2"),
-            # preprocessing (calseg.preprocess; all off by default) and trace analysis
+            # reading, preprocessing (calseg.preprocess; all off by default), trace analysis
+            "z_projection": (
+                Literal["max", "mean", "median"],
+                Field("max", description="how a Z axis is collapsed when the file also has T"),
+            ),
             "register_drift": (bool, Field(False, description="rigid drift registration")),
             "background": (
                 Literal["opening", "rolling_ball", "gaussian"] | None,
