@@ -27,7 +27,7 @@ Method (plain numpy/scipy, no training):
    simulator videos (GCaMP6s), events of cells whose true Ca2+ stays below 0.1 uM (sub-threshold
    rises, light blurred over from a bright neighbour, noise) mostly have a peak dF/F of
    0.03-0.2 (median 0.06, 95th percentile 0.12-0.18; a few next to a bright cell up to ~3),
-   true events mostly 1-4 (5th percentile 0.2; measured on seed 1, one video per class):
+   true events mostly 1-7 (5th percentile 0.2; measured on seed 1, one video per class):
    without this filter a single-cell spike lights up its neighbours and looks like a transient.
 5. **Decision rules** (:func:`classify_pattern`, thresholds in :class:`PatternThresholds`)::
 
