@@ -65,6 +65,8 @@ MEAN_TEXTURE = 0.85
 renderer's ``cell_texture``: 0.82-0.88)."""
 HIGHPASS_NOISE_FRACTION = 8.0 / 9.0
 """Variance of white noise left by ``x - box3x3(x)``: ``1 - 2/9 + 9/81``."""
+MAX_FIT_FRAMES = 64
+"""Frames used by the noise / dark-level / PSF / cell-size estimators (memory bound)."""
 PSF_SCENE_ALPHA = 2.0
 """Power-law exponent of the unblurred scene's power spectrum (natural images ~ f^-2:
 Field 1987, JOSA A 4:2379; van der Schaaf & van Hateren 1996, Vision Res 36:2759). On the
@@ -106,7 +108,7 @@ def _as_float_stack(frames: np.ndarray, min_frames: int = 3) -> np.ndarray:
             f"the recording has {a.shape[0]} frame(s); fitting the noise model needs at least "
             f"{min_frames} frames (it compares consecutive frames)"
         )
-    a = a.astype(np.float64)
+    a = a.astype(np.float32)  # exact for integer data up to 2^24; sums are taken in float64
     if not np.isfinite(a).all():
         raise FitError("the recording contains NaN/Inf pixels; fit only finite recordings")
     if a.max() == a.min():
@@ -232,10 +234,10 @@ def split_dark_level(
     if not g > 0:
         raise FitError(f"gain must be positive to split the dark level, got {g}")
     t = a.shape[0]
-    mean_img = a.mean(axis=0)
+    mean_img = a.mean(axis=0, dtype=np.float64)
     thr = np.quantile(mean_img, dark_fraction)
     sel = mean_img <= thr
-    x = a[:, sel]  # (T, n)
+    x = a[:, sel].astype(np.float64)  # (T, n)
     dev = x - x.mean(axis=0)
     m2 = (dev**2).mean(axis=0)
     m3 = (dev**3).mean(axis=0)
@@ -249,7 +251,7 @@ def split_dark_level(
     lam = float(min(max(lam, 0.0), k2m / g**2))
     method = "third-cumulant" if z > 3 else "dark-pixels"
     if dark_mean - g * lam < 0:  # an offset below 0 ADU: the skewness is not shot noise
-        lam, method = 0.0, "dark-pixels"
+        lam, method = 0.0, "dark-pixels (the third cumulant implied an offset below 0 ADU)"
     read2 = max(k2m / g**2 - lam - 1.0 / (12 * g * g), 0.0)  # minus quantisation 1/12 ADU^2
     return DarkLevel(
         offset_adu=float(dark_mean - g * lam),
@@ -341,13 +343,19 @@ def fit_bleaching(
         ``(tau_s, details)``; ``tau_s = inf`` when the signal does not decay significantly
         (Theil-Sen 95 % interval of the slope includes 0) or rises.
     """
-    a = _as_float_stack(frames, min_frames=3)
-    mean_img = a.mean(axis=0)
+    a = np.asarray(frames)
+    if a.ndim != 3 or a.shape[0] < 3:
+        raise FitError(f"need a (T, H, W) recording with T >= 3, got shape {a.shape}")
+    mean_img = np.zeros(a.shape[1:], np.float64)
+    for f in range(a.shape[0]):  # frame by frame: no float copy of the whole recording
+        mean_img += a[f]
+    mean_img /= a.shape[0]
     tissue = mean_img > np.quantile(mean_img, 0.5)
-    y = np.median(a[:, tissue], axis=1) - dark_level_adu
+    y = np.array([np.median(a[f][tissue]) for f in range(a.shape[0])], np.float64)
+    y -= dark_level_adu
     t = np.arange(a.shape[0]) * frame_interval_s
-    if (y <= 0).any():
-        return math.inf, {"note": "tissue signal not above the dark level"}
+    if not np.isfinite(y).all() or (y <= 0).any():
+        return math.inf, {"note": "tissue signal not finite or not above the dark level"}
     slope, icpt, lo, hi = stats.theilslopes(np.log(y), t, alpha=0.95)
     details = {"log_slope_per_s": float(slope), "slope_ci95": [float(lo), float(hi)]}
     if hi >= 0 or slope >= 0:
@@ -555,9 +563,16 @@ def fit_recording(
     if indicator not in INDICATORS:
         raise FitError(f"unknown indicator {indicator!r}; use one of {sorted(INDICATORS)}")
     raw = np.asarray(frames)
-    a = _as_float_stack(raw)
+    # The noise, dark-level, PSF and cell-size estimators use the first MAX_FIT_FRAMES frames
+    # (float32 copy: 64 x 1024^2 px = 256 MiB); bleaching reads every frame, one at a time.
+    a = _as_float_stack(raw[:MAX_FIT_FRAMES])
     t, h, w = a.shape
     notes: list[str] = []
+    if raw.shape[0] > MAX_FIT_FRAMES:
+        notes.append(
+            f"noise, dark level, PSF and cells fitted on the first {MAX_FIT_FRAMES} of "
+            f"{raw.shape[0]} frames; bleaching on all"
+        )
     details: dict = {}
     nc = fit_noise_curve(a)
     g = nc.gain_adu_per_e
@@ -589,7 +604,7 @@ def fit_recording(
     # Bleaching.
     if frame_interval_s is None:
         notes.append("no frame interval in the metadata: simulator default kept")
-    tau_frames, bl_d = fit_bleaching(a, 1.0, dark_level)
+    tau_frames, bl_d = fit_bleaching(raw, 1.0, dark_level)
     details["bleaching"] = bl_d
     # Cells.
     radius, cs_d = fit_cell_size(np.quantile(a, 0.1, axis=0))
@@ -633,7 +648,7 @@ def fit_recording(
     return RecordingFit(
         height=h,
         width=w,
-        n_frames=t,
+        n_frames=int(raw.shape[0]),
         frame_interval_s=frame_interval_s,
         pixel_size_um=pixel_size_um,
         gain_adu_per_e=float(g),
