@@ -137,3 +137,22 @@ def test_report_table_marks_implausible_rows():
     assert "| m | default | 1.50 | 1.50 | 7.0 | 7.0 | 0.50 / 1.00 | 0.50 / 0.00 (implausible)" in md
     assert "0.25 / n/a" in md  # oracle-point IoU, missing for fissa
     assert "default 0" in md
+
+
+def test_cli_gap(real, tmp_path):
+    import tifffile
+    from typer.testing import CliRunner
+
+    from calseg.cli import app
+
+    tifffile.imwrite(tmp_path / "real.tif", real, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "same.tif", real, photometric="minisblack")
+    r = CliRunner().invoke(
+        app, ["gap", str(tmp_path / "real.tif"), "--sim", str(tmp_path / "same.tif")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "domain-gap score 0.000" in r.output
+    r = CliRunner().invoke(
+        app, ["gap", str(tmp_path / "real.tif"), "--sim", str(tmp_path / "nope")]
+    )
+    assert r.exit_code == 2 and "error" in r.output

@@ -40,6 +40,11 @@ recording"). Estimators (all plain numpy/scipy, one function each):
   the indicator's ``Fmin / Fmax`` (:func:`fmin_from_peak_ratio`).
 
 Every estimate is recorded with how it was obtained in :attr:`RecordingFit.notes`.
+
+On data that are not from a camera the same model gives *effective* parameters: for a
+photon-counting two-photon PMT recording (sima_example.tif) the "photo-electron" is a detected
+photon (gain ~900 ADU per photon, read noise 0, a fraction of a photon per dark pixel), which
+is what the renderer needs to reproduce its noise; they are not a statement about a camera.
 """
 
 from __future__ import annotations
@@ -201,7 +206,8 @@ def fit_noise_curve(frames: np.ndarray, n_bins: int = 24, max_pairs: int = 4_000
 class DarkLevel:
     """Camera offset, read noise and background light from the darkest pixels.
 
-    ``method``: ``"third-cumulant"`` or ``"dark-pixels"`` (see module docstring).
+    ``method``: ``"third-cumulant"`` or ``"dark-pixels"`` (with the reason when the third
+    cumulant was measurable but implied a negative offset; see module docstring).
     ``dark_mean_adu``: mean level of the darkest pixels; ``background_e``: their light
     (photo-electrons per frame); ``kappa3_z``: third cumulant / its standard error.
     """
