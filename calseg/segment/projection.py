@@ -1,0 +1,198 @@
+"""Cell footprints on a temporal projection: every cell visible in the recording, active or not.
+
+The default target of CalSeg is the *active* cells of each frame (:mod:`calseg.segment.prompts`:
+a pixel is active when its noise-normalised dF exceeds ``threshold_k`` robust SDs). Hand-drawn
+ROIs of real recordings outline cells on an average image instead, and short, noisy recordings
+often hold no supra-threshold pixel at all (measured, BENCHMARKS.md "Sim-to-real": on
+``sima_example.tif``, 20 frames, the per-pixel noise SD is ~940 counts on a median of 898, so
+within the two labelled ROIs only 1 % of the pixels ever pass z > 5, although the ROI-mean
+traces reach dF/F 0.28 and 0.68). ``target="cells"`` segments the cells on a projection of
+the recording instead:
+
+1. **Projection** ``P`` (:func:`projection_image`): the temporal ``mean`` (default: the
+   average image the ROIs are drawn on; its noise is 1/sqrt(T) of a frame's), ``max`` or
+   ``std`` over frames (non-finite pixels ignored), then a Gaussian of ``smooth_sigma_px``
+   (1 px) against the remaining shot noise.
+2. **Cell size** (:func:`estimate_cell_diameter`) unless given: the scale ``s`` of the
+   strongest dark blobs (nuclei, which exclude cytosolic indicators such as GCaMP) of the
+   projection, from the scale-normalised Laplacian of Gaussian ``s^2 LoG(P)`` (Lindeberg 1998):
+   the mean of the top 10 % of its local maxima is maximal at ``s*``. The cell diameter follows
+   from the nucleus/cell ratio that :mod:`calseg.segment.cells` assumes (nucleus LoG scale
+   ``0.42 r / sqrt(2)``), ``d = 2 sqrt(2) s* / 0.42``, clipped to ``[4, min(H, W) / 2]`` px
+   (a field smaller than two cells cannot show their scale).
+3. **Cells**: :func:`calseg.segment.cells.cell_territories` on ``P`` minus its 1st percentile
+   (the dark level) with every pixel "active": support = pixels above ``support_fraction`` of
+   the local maximum, one seed per dark nucleus surrounded by brighter cytoplasm, geodesic
+   Voronoi territories with the cell-size prior. One home for cell ROIs: the same code
+   separates active cells in the ``active`` target.
+
+Nothing here reads labels. Output: one ``(H, W)`` uint32 label image (ids ``1..N``) and the
+anchors (a point well inside each cell) for SAM2 prompts on the projection image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from calseg.segment.cells import CellMap, CellParams, cell_territories
+
+ProjectionKind = Literal["mean", "max", "std"]
+NUCLEUS_RADIUS_FRACTION = CellParams().nucleus_radius_fraction
+"""Nucleus LoG scale / (cell radius / sqrt(2)), as assumed by :mod:`calseg.segment.cells`."""
+MIN_CELL_DIAMETER_PX = 4.0
+
+
+class ProjectionError(ValueError):
+    """Bad input to the projection segmentation (wrong shape, unknown projection)."""
+
+
+@dataclass
+class ProjectionCells:
+    """Cells found on a projection.
+
+    ``labels``: ``(H, W)`` uint32, ids ``1..N`` (0 background); ``projection``: ``(H, W)``
+    float32 smoothed projection ``P`` (input units); ``anchors``: ``(N, 2)`` int (row, col) of
+    cell id ``i + 1``; ``cell_diameter_px``: the diameter used; ``estimated``: whether it was
+    estimated from ``P``; ``cells``: the :class:`CellMap`.
+    """
+
+    labels: np.ndarray
+    projection: np.ndarray
+    anchors: np.ndarray
+    cell_diameter_px: float
+    estimated: bool
+    kind: str
+    cells: CellMap
+    stats: dict = field(default_factory=dict)
+
+
+def projection_image(frames: np.ndarray, kind: ProjectionKind = "mean") -> np.ndarray:
+    """Temporal projection of a recording.
+
+    Args:
+        frames: ``(T, H, W)`` or ``(H, W)`` recording, any numeric dtype; NaN/Inf ignored
+            (a pixel never finite becomes the median of the projection).
+        kind: ``"mean"``, ``"max"`` or ``"std"`` over frames.
+
+    Returns:
+        ``(H, W)`` float32 (input units).
+
+    Raises:
+        ProjectionError: not 2-D/3-D, or an unknown ``kind``.
+    """
+    f = np.asarray(frames, dtype=np.float32)
+    if f.ndim == 2:
+        f = f[None]
+    if f.ndim != 3 or 0 in f.shape:
+        raise ProjectionError(f"expected a (T, H, W) recording, got shape {np.shape(frames)}")
+    fn = {"mean": np.nanmean, "max": np.nanmax, "std": np.nanstd}.get(kind)
+    if fn is None:
+        raise ProjectionError(f"unknown projection {kind!r}: use 'mean', 'max' or 'std'")
+    f = np.where(np.isfinite(f), f, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = fn(f, axis=0)
+    ok = np.isfinite(p)
+    if not ok.all():
+        p = np.where(ok, p, float(np.median(p[ok])) if ok.any() else 0.0)
+    return p.astype(np.float32)
+
+
+def estimate_cell_diameter(image: np.ndarray, scales: np.ndarray | None = None) -> float:
+    """Typical cell diameter (px) of a projection from the scale of its dark nuclei.
+
+    See the module docstring (step 2). ``scales``: LoG scales tried (px; default 1 to 6 in
+    0.5 px steps, i.e. cell diameters 6.7 to 40 px before clipping).
+
+    Returns:
+        diameter in px, clipped to ``[4, min(H, W) / 2]`` (at least 4).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ProjectionError(f"expected an (H, W) image, got shape {img.shape}")
+    lo, hi = np.percentile(img, [1, 99])
+    img = (img - lo) / max(float(hi - lo), 1e-6)
+    scales = np.arange(1.0, 6.01, 0.5) if scales is None else np.asarray(scales, float)
+    resp = []
+    for s in scales:
+        b = s * s * ndi.gaussian_laplace(img, s)  # dark blobs positive
+        peaks = b[(ndi.maximum_filter(b, size=int(2 * s) | 1) == b) & (b > 0)]
+        if peaks.size == 0:
+            resp.append(-np.inf)
+            continue
+        top = np.sort(peaks)[-max(3, peaks.size // 10) :]
+        resp.append(float(top.mean()))
+    s_best = float(scales[int(np.argmax(resp))])
+    d = 2.0 * np.sqrt(2.0) * s_best / NUCLEUS_RADIUS_FRACTION
+    upper = max(MIN_CELL_DIAMETER_PX, min(img.shape) / 2.0)
+    return float(np.clip(d, MIN_CELL_DIAMETER_PX, upper))
+
+
+def segment_projection(
+    frames: np.ndarray,
+    *,
+    kind: ProjectionKind = "mean",
+    cell_diameter_px: float | None = None,
+    support_fraction: float = 0.3,
+    smooth_sigma_px: float = 1.0,
+    min_region_px: int = 4,
+) -> ProjectionCells:
+    """All cells visible on a temporal projection (module docstring).
+
+    Args:
+        frames: ``(T, H, W)`` recording (or one ``(H, W)`` image), input units.
+        kind: projection (:func:`projection_image`).
+        cell_diameter_px: typical cell diameter (px); ``None``: :func:`estimate_cell_diameter`.
+        support_fraction: :attr:`CellParams.support_fraction` (fraction of the local maximum
+            a pixel needs to belong to a cell).
+        smooth_sigma_px: Gaussian smoothing of the projection (px, 0 = none).
+        min_region_px: cells smaller than this are dropped.
+
+    Returns:
+        :class:`ProjectionCells` (``labels`` ``(H, W)`` uint32).
+
+    Raises:
+        ProjectionError: bad shape or projection name.
+        calseg.segment.cells.CellParamsError: bad diameter or fraction.
+    """
+    p = projection_image(frames, kind)
+    if smooth_sigma_px > 0:
+        p = ndi.gaussian_filter(p, smooth_sigma_px).astype(np.float32)
+    estimated = cell_diameter_px is None
+    d = estimate_cell_diameter(p) if estimated else float(cell_diameter_px)
+    ref = (p - np.percentile(p, 1)).astype(np.float32)
+    cmap = cell_territories(
+        ref[None],
+        np.ones((1, *p.shape), bool),
+        CellParams(cell_diameter_px=d, support_fraction=support_fraction),
+    )
+    labels = cmap.territories
+    if min_region_px > 1 and labels.any():
+        from calseg.segment.cells import territory_anchors
+
+        sizes = np.bincount(labels.ravel())
+        small = sizes < min_region_px
+        small[0] = False
+        if small.any():
+            labels = np.where(small[labels], 0, labels)
+            ids = np.unique(labels)
+            lut = np.zeros(int(labels.max()) + 1, np.uint32)
+            lut[ids[ids > 0]] = np.arange(1, int((ids > 0).sum()) + 1, dtype=np.uint32)
+            labels = lut[labels]
+            cmap.territories = labels
+            cmap.anchors = territory_anchors(labels)
+    stats = {
+        "projection": kind,
+        "cell_diameter_px": d,
+        "cell_diameter_estimated": estimated,
+        "n_cells": int(labels.max()),
+        "coverage": float(np.count_nonzero(labels) / labels.size),
+    }
+    return ProjectionCells(labels, p, cmap.anchors, d, estimated, kind, cmap, stats)
