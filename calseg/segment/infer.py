@@ -68,6 +68,21 @@ class InferenceConfig(BaseModel):
         return self
 
     method: Literal["sam2", "baseline"] = "sam2"
+    target: Literal["active", "cells"] = Field(
+        "active",
+        description="'active': the cells active in each frame (activity prompts); 'cells': all "
+        "cells visible on a temporal projection (calseg.segment.projection), a label stack "
+        "constant in time",
+    )
+    projection: Literal["mean", "max", "std"] = Field(
+        "mean", description="target='cells': temporal projection the cells are found on"
+    )
+    projection_cell_diameter_px: float | None = Field(
+        None,
+        gt=1,
+        le=1000,
+        description="target='cells': cell diameter (px); None = estimated from the projection",
+    )
     mode: Literal["image", "video"] = Field(
         "image",
         description="'image': every frame decoded on its own (embeddings cacheable); 'video': "
@@ -337,6 +352,20 @@ def segment_recording(
     warnings: list[str] = []
     if norm["n_nonfinite"]:
         warnings.append(f"{norm['n_nonfinite']} NaN/Inf pixels treated as background")
+    if config.target == "cells":  # all cells on a projection: no activity needed
+        from calseg.segment.projection import segment_cells_recording
+
+        res = segment_cells_recording(
+            frames,
+            config,
+            checkpoint=checkpoint,
+            cache_dir=cache_dir,
+            model=model,
+            warnings=warnings,
+        )
+        res.normalisation = res.normalisation or norm
+        progress(1.0, "done", f"{int(res.labels[0].max())} cells on the projection")
+        return res
     if frames.shape[0] < MIN_FRAMES_FOR_ACTIVITY:
         warnings.append(
             f"only {frames.shape[0]} frame(s): activity is a change over time, so a recording "

@@ -196,3 +196,105 @@ def segment_projection(
         "coverage": float(np.count_nonzero(labels) / labels.size),
     }
     return ProjectionCells(labels, p, cmap.anchors, d, estimated, kind, cmap, stats)
+
+
+def segment_cells_recording(
+    frames: np.ndarray,
+    config,  # noqa: ANN001 - calseg.segment.infer.InferenceConfig
+    *,
+    checkpoint=None,  # noqa: ANN001 - Path | None
+    cache_dir=None,  # noqa: ANN001 - Path | None
+    model=None,  # noqa: ANN001 - LoadedSAM2 | None
+    warnings: list[str] | None = None,
+):  # noqa: ANN201 - calseg.segment.infer.SegmentationResult
+    """``target="cells"`` of :func:`calseg.segment.infer.segment_recording`.
+
+    Baseline: :func:`segment_projection`'s label image. SAM2: the projection image
+    (``config.projection``, unsmoothed, per-image normalisation) is embedded once and every
+    cell found by :func:`segment_projection` is prompted by its anchor (positive) and the
+    anchors of its ``n_negative_points`` nearest cells (negatives) -- the same automatic prompt
+    rule as the active target, from the image, never from labels; masks are filtered and
+    composed by :func:`calseg.segment.infer.assemble_frame`, with the largest allowed mask
+    raised to 4 expected cell areas where ``max_mask_area_fraction`` of the field is smaller
+    (small fields).
+
+    Args:
+        frames: ``(T, H, W)`` recording (checked, finite or not).
+        config: :class:`calseg.segment.infer.InferenceConfig` with ``target="cells"``.
+        checkpoint, cache_dir, model: as for ``segment_recording``.
+        warnings: list to extend (reader / NaN warnings already collected).
+
+    Returns:
+        ``SegmentationResult`` whose ``labels`` is a ``(T, H, W)`` uint32 stack constant in
+        time (the cells do not move; ``labels[0]`` is the single-frame label image) and whose
+        ``activity`` holds the projection statistics.
+    """
+    import time
+
+    from calseg.segment.embeddings import FrameGeometry, compute_normalisation
+    from calseg.segment.infer import (
+        SegmentationResult,
+        assemble_frame,
+        decode_frame_prompts,
+        embed_recording,
+    )
+    from calseg.segment.prompts import FramePrompt
+
+    t0 = time.perf_counter()
+    warnings = list(warnings or [])
+    frames = np.asarray(frames)
+    pc = segment_projection(
+        frames,
+        kind=config.projection,
+        cell_diameter_px=config.projection_cell_diameter_px,
+        support_fraction=config.cell_support_fraction,
+    )
+    stats = dict(pc.stats)
+    timings = {"projection_s": time.perf_counter() - t0}
+    if pc.labels.max() == 0:
+        warnings.append(f"no cell found on the {config.projection} projection")
+    if config.method == "baseline" or pc.labels.max() == 0:
+        labels = np.broadcast_to(pc.labels, frames.shape).copy()
+        timings["total_s"] = time.perf_counter() - t0
+        return SegmentationResult(labels, [], {}, None, warnings, stats, timings)
+
+    from calseg.segment.model import load_sam2
+
+    proj = projection_image(frames, config.projection)[None]
+    norm = compute_normalisation(proj, config.low_percentile, config.high_percentile)
+    loaded = model or load_sam2(
+        config.model, checkpoint, image_size=config.image_size, device=config.device
+    )
+    if loaded.info.random_weights:
+        warnings.append("SAM2 has RANDOM weights (no checkpoint): masks are not meaningful")
+    geom = FrameGeometry(proj.shape[1], proj.shape[2], loaded.info.image_size)
+    emb = embed_recording(loaded, proj, norm, geom, cache_dir=cache_dir, batch_size=1)
+    anchors = np.asarray(pc.anchors)
+    prompts = [
+        FramePrompt(0, i + 1, int(anchors[i, 1]), int(anchors[i, 0]), 0.0)
+        for i in range(len(anchors))
+    ][: config.max_prompts_per_frame]
+    if config.n_negative_points > 0 and len(anchors) > 1:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(anchors)
+        k = min(len(anchors), config.n_negative_points + 1)
+        for q in prompts:
+            _, nn = tree.query([q.y, q.x], k=k)
+            q.negatives = [
+                (int(anchors[j, 1]), int(anchors[j, 0]))
+                for j in np.atleast_1d(nn)
+                if j + 1 != q.seed_id
+            ][: config.n_negative_points]
+    h, w = proj.shape[1:]
+    cell_area = np.pi * (pc.cell_diameter_px / 2) ** 2
+    frac = max(config.max_mask_area_fraction, min(1.0, 4 * cell_area / (h * w)))
+    cfg = config.model_copy(update={"max_mask_area_fraction": frac})
+    logits, scores, objs = decode_frame_prompts(loaded, emb, 0, geom, prompts, cfg)
+    lab, records = assemble_frame(logits, scores, objs, prompts, cfg)
+    labels = np.broadcast_to(lab, frames.shape).copy()
+    stats["n_masks_kept"] = int(sum(r["kept"] for r in records))
+    timings["total_s"] = time.perf_counter() - t0
+    return SegmentationResult(
+        labels, records, norm, loaded.info.to_dict(), warnings, stats, timings
+    )
