@@ -157,6 +157,64 @@ def score_partial_labels(pred: np.ndarray, rois: np.ndarray) -> PartialLabelScor
     )
 
 
+MAX_PLAUSIBLE_COVERAGE_CELLS = 0.95
+"""For ``target="cells"`` (all cells on a projection) densely packed tissue legitimately
+covers most of the field; only a mask of (nearly) the whole field is implausible."""
+
+
+def score_projection(labels: np.ndarray, rois: np.ndarray) -> PartialLabelScores:
+    """Score an all-cells label image (``target="cells"``, one projection) against ROIs.
+
+    As :func:`score_partial_labels` on the single frame (footprint = the label image itself),
+    with the coverage bound :data:`MAX_PLAUSIBLE_COVERAGE_CELLS` instead of the active-cell one.
+    Compare with :func:`grid_control`: with a handful of ROIs a cell-sized tiling that knows
+    nothing of the image already matches many of them at IoU 0.3.
+
+    Args:
+        labels: ``(H, W)`` label image, or a ``(T, H, W)`` stack constant in time (frame 0 used).
+        rois: ``(H, W)`` ROI label image.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 3:
+        labels = labels[0]
+    sc = score_partial_labels(labels[None], rois)
+    h, w = labels.shape
+    sc.plausible = bool(
+        sc.coverage <= MAX_PLAUSIBLE_COVERAGE_CELLS
+        and sc.detections_per_frame <= MAX_PLAUSIBLE_DETECTIONS_PER_100X100 * h * w / 1e4
+    )
+    return sc
+
+
+def grid_control(rois: np.ndarray, cell_diameter_px: float, n_offsets: int = 4) -> dict:
+    """Chance level of the projection recall: a square grid of tiles with the area of a cell of
+    diameter ``cell_diameter_px`` (side ``d sqrt(pi) / 2``), which uses nothing of the image,
+    scored like a segmentation; mean over ``n_offsets`` x ``n_offsets`` grid offsets.
+
+    Returns:
+        ``{"recall_50", "recall_30", "best_iou_max", "side_px"}`` (means over offsets, and the
+        best single IoU seen).
+    """
+    rois = np.asarray(rois)
+    h, w = rois.shape
+    side = float(cell_diameter_px) * np.sqrt(np.pi) / 2
+    yy, xx = np.mgrid[:h, :w]
+    r50, r30, best = [], [], 0.0
+    for oy in np.linspace(0, side, n_offsets, endpoint=False):
+        for ox in np.linspace(0, side, n_offsets, endpoint=False):
+            g = ((yy + oy) // side).astype(np.int64) * (w + 2) + ((xx + ox) // side) + 1
+            sc = score_partial_labels(g.astype(np.uint32)[None], rois)
+            r50.append(sc.recall_50)
+            r30.append(sc.recall_30)
+            best = max(best, max(sc.best_iou))
+    return {
+        "recall_50": float(np.mean(r50)),
+        "recall_30": float(np.mean(r30)),
+        "best_iou_max": float(best),
+        "side_px": side,
+    }
+
+
 def oracle_point_iou(
     loaded,  # noqa: ANN001 - calseg.segment.model.LoadedSAM2
     frames: np.ndarray,

@@ -20,11 +20,12 @@ the recording instead:
    from the nucleus/cell ratio that :mod:`calseg.segment.cells` assumes (nucleus LoG scale
    ``0.42 r / sqrt(2)``), ``d = 2 sqrt(2) s* / 0.42``, clipped to ``[4, min(H, W) / 2]`` px
    (a field smaller than two cells cannot show their scale).
-3. **Cells**: :func:`calseg.segment.cells.cell_territories` on ``P`` minus its 1st percentile
-   (the dark level) with every pixel "active": support = pixels above ``support_fraction`` of
-   the local maximum, one seed per dark nucleus surrounded by brighter cytoplasm, geodesic
-   Voronoi territories with the cell-size prior. One home for cell ROIs: the same code
-   separates active cells in the ``active`` target.
+3. **Cells**: foreground = pixels of ``P`` minus its 1st percentile (the dark level) above
+   ``support_fraction`` of the local maximum over two diameters (as the support of
+   :mod:`calseg.segment.cells`), opened, with its holes (the dark nuclei) filled; then
+   :func:`calseg.segment.cells.cell_territories` on it: one seed per dark nucleus surrounded
+   by brighter cytoplasm, geodesic Voronoi territories with the cell-size prior. One home for
+   cell ROIs: the same code separates active cells in the ``active`` target.
 
 Nothing here reads labels. Output: one ``(H, W)`` uint32 label image (ids ``1..N``) and the
 anchors (a point well inside each cell) for SAM2 prompts on the projection image.
@@ -168,12 +169,21 @@ def segment_projection(
     estimated = cell_diameter_px is None
     d = estimate_cell_diameter(p) if estimated else float(cell_diameter_px)
     ref = (p - np.percentile(p, 1)).astype(np.float32)
+    # foreground as cells.py's support (fraction of the local maximum over 2 diameters), with
+    # the dark nuclei filled in: they belong to their cell, and their centres are the seeds
+    local_max = ndi.maximum_filter(ndi.gaussian_filter(ref, 1.0), size=int(2 * d) | 1)
+    fg = ref / np.maximum(local_max, 1e-6) > support_fraction
+    fg = ndi.binary_fill_holes(ndi.binary_opening(fg))
     cmap = cell_territories(
-        ref[None],
-        np.ones((1, *p.shape), bool),
-        CellParams(cell_diameter_px=d, support_fraction=support_fraction),
+        ref[None], fg[None], CellParams(cell_diameter_px=d, support_fraction=0.0)
     )
     labels = cmap.territories
+    if labels.any():  # dark nuclei inside the support belong to their cell (ROIs include them)
+        holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+        if holes.any():
+            _, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
+            labels = np.where(holes, labels[iy, ix], labels).astype(np.uint32)
+            cmap.territories = labels
     if min_region_px > 1 and labels.any():
         from calseg.segment.cells import territory_anchors
 
