@@ -127,3 +127,28 @@ def test_fissa_projection_and_whole_field():
     assert max(sc.best_iou) >= 0.3 and sc.recall_30 >= 0.5
     whole = score_projection(np.ones(rois.shape, np.uint32), rois)
     assert whole.recall_30 == 0.0 and not whole.plausible
+
+
+def test_report_renders_projection_table_and_chance_level():
+    from calseg.report import markdown
+
+    score = {"recall_50": 0.0, "recall_30": 0.5, "detections_per_frame": 0.0, "plausible": True}
+    cells = {**score, "best_iou": [0.39, 0.2], "detections_per_frame": 94.0, "coverage": 0.9}
+    gap = {
+        "score": 1.0,
+        "components": {"histogram": 0.1, "noise": 0.2, "spectrum": 0.3, "cell_size": 0.4},
+        "frechet_sam2": 2.0,
+    }
+    row = {"model": "classical baseline", "training data": "-", "sim_test": {"iou": 0, "dice": 0}}
+    row.update(sima=score, fissa=score, cells_sima=cells)  # fissa: no projection score
+    res = {
+        "rows": [row],
+        "gap": {"sima": {"default": gap}},
+        "embed_s": {},
+        "settings": {"augment_variants": 2},
+        "timings": {"total_s": 1.0},
+        "controls": {"sima": {"cell_diameter_px": 20.2, "recall_50": 0.19, "recall_30": 0.69}},
+    }
+    md = markdown(res)
+    assert "| classical baseline | 0.00 / 0.50 | n/a | 0.39, 0.20 | n/a | 94 / n/a |" in md
+    assert "sima: d = 20.2 px, recall@0.5 0.19, @0.3 0.69" in md
