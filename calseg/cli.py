@@ -177,6 +177,10 @@ def segment(
     out_dir: Annotated[Path, typer.Argument(help="folder for labels and overlays")],
     method: str = typer.Option("sam2", help="sam2 or baseline"),
     mode: str = typer.Option("image", help="SAM2: image (per frame) or video (propagation)"),
+    target: str = typer.Option(
+        "active", help="active (cells active per frame) or cells (all cells on a projection)"
+    ),
+    projection: str = typer.Option("mean", help="target cells: mean, max or std projection"),
     image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
     frame_interval: float | None = typer.Option(
@@ -215,7 +219,9 @@ def segment(
         console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
     frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
     try:
-        icfg = InferenceConfig(method=method, mode=mode, image_size=image_size)
+        icfg = InferenceConfig(
+            method=method, mode=mode, image_size=image_size, target=target, projection=projection
+        )
     except ValueError as exc:  # pydantic ValidationError is a ValueError
         raise _fail(f"bad segmentation option: {exc}") from None
     with _Bar("segment") as progress:

@@ -152,3 +152,23 @@ def test_report_renders_projection_table_and_chance_level():
     md = markdown(res)
     assert "| classical baseline | 0.00 / 0.50 | n/a | 0.39, 0.20 | n/a | 94 / n/a |" in md
     assert "sima: d = 20.2 px, recall@0.5 0.19, @0.3 0.69" in md
+
+
+def test_cli_segment_target_cells(tmp_path):
+    from typer.testing import CliRunner
+
+    from calseg.cli import app
+    from calseg.io.labels import read_label_stack
+
+    rec = REAL / "fissa_b_AVG_A01.tif"
+    if not rec.exists():
+        pytest.skip(f"{rec} not found (set CALSEG_REAL_DATA_DIR)")
+    out = tmp_path / "seg"
+    r = CliRunner().invoke(
+        app, ["segment", str(rec), str(out), "--method", "baseline", "--target", "cells"]
+    )
+    assert r.exit_code == 0, r.output
+    lab = read_label_stack(out / "labels.tif")
+    assert lab.shape == (29, 21, 14) and (lab == lab[0]).all() and lab.max() == 6
+    bad = CliRunner().invoke(app, ["segment", str(rec), str(out), "--target", "all"])
+    assert bad.exit_code != 0 and "'active' or 'cells'" in bad.output
