@@ -272,6 +272,7 @@ def run_gap_report(
         "timings": timings,
     }
     result["controls"] = grid_controls(result["rows"], real)
+    result["roi_activity"] = roi_activities(real)
     result["best_steps"] = _best_steps(out_dir)
     (out_dir / "report.json").write_text(json.dumps(result, indent=1, default=_json_default))
     (out_dir / "report.md").write_text(markdown(result))
@@ -349,6 +350,13 @@ def grid_controls(rows: list[dict], real: dict) -> dict:
     return out
 
 
+def roi_activities(real: dict) -> dict:
+    """Per recording, :func:`calseg.analysis.real_eval.roi_activity` of its labelled ROIs."""
+    from calseg.analysis.real_eval import roi_activity
+
+    return {n: roi_activity(r["frames"], r["rois"]) for n, r in real.items()}
+
+
 def rescore_real(out_dir: Path, real_dir: Path, log=print) -> dict:  # noqa: ANN001
     """Recompute only the real-data columns of an existing report (``--rescore-real``).
 
@@ -378,6 +386,7 @@ def rescore_real(out_dir: Path, real_dir: Path, log=print) -> dict:  # noqa: ANN
             row.update(score_real(rname, r, method, ck, icfg, out_dir / "embeddings"))
         log(f"rescored {row['model']}")
     res["controls"] = grid_controls(res["rows"], real)
+    res["roi_activity"] = roi_activities(real)
     res.setdefault("timings", {})["rescore_real_s"] = time.perf_counter() - t
     res["best_steps"] = _best_steps(out_dir)
     (out_dir / "report.json").write_text(json.dumps(res, indent=1, default=_json_default))
@@ -518,6 +527,26 @@ def markdown(result: dict) -> str:
                 + ". With two ROIs per recording, a projection recall is informative only where it "
                 "beats this.",
             ]
+    if result.get("roi_activity"):
+        lines += [
+            "",
+            "Why the activity target finds nothing here (real_eval.roi_activity: ROI-mean trace "
+            "vs the per-pixel rule z > threshold, then regions >= 15 px):",
+            "",
+            "| recording | ROI | px | F0 | peak dF/F of ROI mean | peak z of ROI mean | "
+            "per-pixel max z (max / median over ROI) | ROI px ever z > thr | ROI px active "
+            "after region rule | noise SD / median F |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, per in result["roi_activity"].items():
+            for q in per:
+                lines.append(
+                    f"| {n} | {q['roi']} | {q['area_px']} | {_fmt(q['f0'], 0)} | "
+                    f"{_fmt(q['peak_dff'])} | {_fmt(q['trace_z'], 1)} | "
+                    f"{_fmt(q['pixel_z_max'], 1)} / {_fmt(q['pixel_z_median_of_max'], 1)} | "
+                    f"{_fmt(q['frac_px_above'], 3)} | {_fmt(q['frac_px_active'], 3)} | "
+                    f"{_fmt(q['noise_sigma_median'], 1)} / {_fmt(q['median_f'], 0)} |"
+                )
     lines += [
         "",
         "gap: domain-gap score of the model's training simulations against the recording "

@@ -215,6 +215,59 @@ def grid_control(rois: np.ndarray, cell_diameter_px: float, n_offsets: int = 4) 
     }
 
 
+def roi_activity(frames: np.ndarray, rois: np.ndarray, params=None) -> list[dict]:  # noqa: ANN001
+    """Why the activity target does (not) find a labelled cell: per ROI, its mean trace and
+    what the per-pixel activity rule of :func:`calseg.segment.prompts.compute_activity` sees.
+
+    Per ROI id (ascending): ``area_px``; ``f0``: 20th percentile of the ROI-mean trace
+    (input units); ``peak_dff``: max of (trace - f0) / f0; ``trace_z``: max of
+    (trace - f0) / sigma, sigma = 1.4826 median |first difference| / sqrt(2) (the noise rule of
+    :func:`calseg.segment.prompts.noise_model`, on the ROI mean); ``pixel_z_max`` and
+    ``pixel_z_median_of_max``: per-pixel z of ``compute_activity`` (max over the ROI, and the
+    median over its pixels of each pixel's max over time); ``frac_px_above``: fraction of the
+    ROI's pixels with z above the threshold in some frame; ``frac_px_active``: the same after
+    the minimum-region rule (what the cell ROIs are built from); plus, for the recording,
+    ``noise_sigma_median`` and ``median_f``.
+
+    Args:
+        frames: ``(T, H, W)`` recording; rois: ``(H, W)`` ROI label image;
+        params: :class:`calseg.segment.prompts.ActivityParams` (default: the defaults).
+    """
+    from calseg.segment.prompts import compute_activity
+
+    f = np.asarray(frames, dtype=np.float32)
+    rois = np.asarray(rois)
+    act = compute_activity(f, params)
+    thr = act.threshold
+    zmax = act.z.max(axis=0)
+    above = (act.z > thr).any(axis=0)
+    active = act.active.any(axis=0)
+    out = []
+    for i in [int(v) for v in np.unique(rois) if v]:
+        m = rois == i
+        tr = f[:, m].mean(axis=1)
+        f0 = float(np.percentile(tr, 20))
+        sd = 1.4826 * float(np.median(np.abs(np.diff(tr)))) / np.sqrt(2) if len(tr) > 1 else 0.0
+        out.append(
+            {
+                "roi": i,
+                "area_px": int(m.sum()),
+                "f0": f0,
+                "peak_dff": float((tr.max() - f0) / f0) if f0 > 0 else float("nan"),
+                "trace_z": float((tr.max() - f0) / sd) if sd > 0 else float("nan"),
+                "pixel_z_max": float(zmax[m].max()),
+                "pixel_z_median_of_max": float(np.median(zmax[m])),
+                "frac_px_above": float(above[m].mean()),
+                "frac_px_active": float(active[m].mean()),
+                "threshold_z": float(thr),
+                "noise_sigma_median": float(act.stats["noise_sigma_median"]),
+                "median_f": float(np.median(f)),
+                "n_frames": int(f.shape[0]),
+            }
+        )
+    return out
+
+
 def oracle_point_iou(
     loaded,  # noqa: ANN001 - calseg.segment.model.LoadedSAM2
     frames: np.ndarray,
