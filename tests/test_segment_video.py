@@ -67,12 +67,13 @@ def test_video_mode_ungated_tracks_each_cell_through_every_frame_of_its_windows(
     res = segment_recording(img, cfg, model=tiny)
     objs = {p["seed_id"] for p in res.prompts}
     assert res.timings["video"]["object_frames"] == len(objs) * 6
-    # where a frame's label and the next frame's overlap, they carry the same ids: the
-    # composition is the same per-pixel argmax over the same objects, so a pixel's id only
-    # changes where another object's logit overtakes it -- ids never get renumbered
-    for t in range(5):
-        a, b = res.labels[t], res.labels[t + 1]
-        assert set(np.unique(a[a > 0])) <= objs and set(np.unique(b[b > 0])) <= objs
+    # every frame is labelled from the same set of tracked objects (the prompted cell ids);
+    # a tracker never invents or renumbers an id from one frame to the next
+    for t in range(6):
+        assert set(np.unique(res.labels[t])) - {0} <= objs
+    # tracked masks persist: consecutive frames share labelled pixels (ungated, every frame)
+    both = (res.labels[:-1] > 0) & (res.labels[1:] > 0)
+    assert both.reshape(5, -1).any(axis=1).all()
 
 
 def test_video_mode_memory_is_bounded(tiny):

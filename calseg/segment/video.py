@@ -109,7 +109,9 @@ def _float_memory_predictor_class():
 def video_predictor(loaded: LoadedSAM2):
     """A ``SAM2VideoPredictor`` with the loaded model's config, image size and weights.
 
-    Built once per :class:`LoadedSAM2` and kept on it (``loaded._video_predictor``).
+    Built once per :class:`LoadedSAM2` and kept on it (``loaded._video_predictor``); the weights
+    are COPIED then, so later in-place changes to ``loaded.model`` are not seen by it (load the
+    checkpoint again instead). Costs one more model in memory (156 MB for the tiny config).
     ``fill_hole_area`` is 0 (the optional CUDA extension is not built here); other settings
     are SAM2's video defaults (``binarize_mask_from_pts_for_mem_enc``), as in
     ``sam2.build_sam.build_sam2_video_predictor``.
