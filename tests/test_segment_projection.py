@@ -82,6 +82,9 @@ def test_projection_kinds_and_errors():
     assert projection_image(f, "mean")[1, 1] == pytest.approx(2 / 3)
     assert projection_image(f, "mean")[0, 0] == pytest.approx(1.0)  # NaN ignored
     assert projection_image(f[0], "std").shape == (4, 5)
+    g = np.random.default_rng(1).normal(900, 300, (7, 5, 6)).astype(np.uint16)
+    for kind, fn in (("mean", np.mean), ("max", np.max), ("std", np.std)):
+        np.testing.assert_allclose(projection_image(g, kind), fn(g.astype(float), 0), rtol=1e-5)
     with pytest.raises(ProjectionError, match="unknown projection"):
         projection_image(f, "median")  # type: ignore[arg-type]
     with pytest.raises(ProjectionError, match="expected"):

@@ -72,7 +72,7 @@ class InferenceConfig(BaseModel):
         "active",
         description="'active': the cells active in each frame (activity prompts); 'cells': all "
         "cells visible on a temporal projection (calseg.segment.projection), a label stack "
-        "constant in time",
+        "constant in time (one image: 'mode' does not apply)",
     )
     projection: Literal["mean", "max", "std"] = Field(
         "mean", description="target='cells': temporal projection the cells are found on"

@@ -85,22 +85,37 @@ def projection_image(frames: np.ndarray, kind: ProjectionKind = "mean") -> np.nd
     Raises:
         ProjectionError: not 2-D/3-D, or an unknown ``kind``.
     """
-    f = np.asarray(frames, dtype=np.float32)
+    f = np.asarray(frames)
     if f.ndim == 2:
         f = f[None]
     if f.ndim != 3 or 0 in f.shape:
         raise ProjectionError(f"expected a (T, H, W) recording, got shape {np.shape(frames)}")
-    fn = {"mean": np.nanmean, "max": np.nanmax, "std": np.nanstd}.get(kind)
-    if fn is None:
+    if kind not in ("mean", "max", "std"):
         raise ProjectionError(f"unknown projection {kind!r}: use 'mean', 'max' or 'std'")
-    f = np.where(np.isfinite(f), f, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = fn(f, axis=0)
-    ok = np.isfinite(p)
+    # frame by frame (float64 accumulators): no float copy of the whole recording
+    n = np.zeros(f.shape[1:], np.int64)
+    s1 = np.zeros(f.shape[1:], np.float64)
+    s2 = np.zeros(f.shape[1:], np.float64)
+    mx = np.full(f.shape[1:], -np.inf)
+    for t in range(f.shape[0]):
+        x = np.asarray(f[t], np.float64)
+        ok = np.isfinite(x)
+        x = np.where(ok, x, 0.0)
+        n += ok
+        s1 += x
+        if kind == "std":
+            s2 += x * x
+        if kind == "max":
+            mx = np.where(ok, np.maximum(mx, x), mx)
+    ok = n > 0
+    nn = np.maximum(n, 1)
+    if kind == "mean":
+        p = s1 / nn
+    elif kind == "max":
+        p = mx
+    else:
+        mean = s1 / nn
+        p = np.sqrt(np.maximum(s2 / nn - mean * mean, 0.0))
     if not ok.all():
         p = np.where(ok, p, float(np.median(p[ok])) if ok.any() else 0.0)
     return p.astype(np.float32)
