@@ -142,6 +142,7 @@ def test_encoder_training_modes_save_and_reload(mode, ds, tmp_path, tiny):
     train = [h for h in res.history if h["kind"] == "train"]
     assert len(train) == 2 and all(math.isfinite(h["loss"]) for h in train)
     assert any("recomputed every step" in w for w in res.warnings)
+    assert any("meant for a GPU" in w for w in res.warnings) == (mode == "full")
     assert not (tmp_path / "out" / "embeddings").exists()  # nothing cached
     # last.pt: the weights after step 2 (best.pt may be the untrained step-0 validation)
     last = res.checkpoint.parent / "last.pt"

@@ -762,6 +762,11 @@ def finetune(
         enc_lr = config.encoder_lr or (config.lr if config.train_mode == "lora" else config.lr / 10)
         groups.append({"params": enc_params, "lr": enc_lr})
         n_enc = sum(p.numel() for p in enc_params)
+        if config.train_mode == "full" and device.type != "cuda":
+            warnings.append(
+                "train_mode=full on a CPU: every step back-propagates through the whole image "
+                "encoder; meant for a GPU (use 'lora' or 'decoder' here)"
+            )
         warnings.append(
             f"train_mode={config.train_mode}: the encoder is trained ({n_enc} parameters), so "
             "embeddings are recomputed every step (no cache)"
