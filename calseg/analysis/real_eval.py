@@ -23,6 +23,13 @@ fraction next to recall; (3) ``plausible`` is False when the predictions cover m
 :data:`MAX_PLAUSIBLE_COVERAGE` of the field on average or there are more detections per frame
 than :data:`MAX_PLAUSIBLE_DETECTIONS_PER_100X100` per 100 x 100 px, and the report marks such
 rows.
+
+All cells on a projection (``InferenceConfig(target="cells")``): :func:`score_projection`
+scores the single label image the same way (coverage bound
+:data:`MAX_PLAUSIBLE_COVERAGE_CELLS`, since packed tissue fills the field), and
+:func:`grid_control` gives the chance level it must beat: square tiles of one cell's area,
+which use nothing of the image, match many of a handful of ROIs at IoU 0.3.
+:func:`roi_activity` says, per ROI, why the activity target did or did not fire.
 """
 
 from __future__ import annotations

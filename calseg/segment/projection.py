@@ -5,7 +5,7 @@ a pixel is active when its noise-normalised dF exceeds ``threshold_k`` robust SD
 ROIs of real recordings outline cells on an average image instead, and short, noisy recordings
 often hold no supra-threshold pixel at all (measured, BENCHMARKS.md "Sim-to-real": on
 ``sima_example.tif``, 20 frames, the per-pixel noise SD is ~940 counts on a median of 898, so
-within the two labelled ROIs only 1 % of the pixels ever pass z > 5, although the ROI-mean
+within the two labelled ROIs under 1 % of the pixels ever pass z > 5, although the ROI-mean
 traces reach dF/F 0.28 and 0.68). ``target="cells"`` segments the cells on a projection of
 the recording instead:
 
@@ -26,6 +26,15 @@ the recording instead:
    :func:`calseg.segment.cells.cell_territories` on it: one seed per dark nucleus surrounded
    by brighter cytoplasm, geodesic Voronoi territories with the cell-size prior. One home for
    cell ROIs: the same code separates active cells in the ``active`` target.
+
+Limits, measured (``tests/test_segment_projection.py``, BENCHMARKS.md): on synthetic packed
+cells with dark nuclei the diameter is recovered (16.8 px) and 0.91 of the cells are found at
+IoU >= 0.5; on the two real recordings one of two hand-drawn ROIs is matched at IoU >= 0.3,
+which is chance level (cell-sized grid tiles match as many,
+:func:`calseg.analysis.real_eval.grid_control`). Cells without a dark nucleus (nuclear
+indicators, bright somata on a dark neuropil) give no nucleus seeds: each connected part of
+the foreground then gets one seed and the size prior splits it, and the diameter estimate
+follows whatever dark blobs there are: give ``cell_diameter_px`` for such recordings.
 
 Nothing here reads labels. Output: one ``(H, W)`` uint32 label image (ids ``1..N``) and the
 anchors (a point well inside each cell) for SAM2 prompts on the projection image.
