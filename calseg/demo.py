@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -217,8 +218,43 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     )
 
 
-def screenshot_page(url: str, path: Path) -> Path | None:
+def busiest_frame(labels: np.ndarray) -> int:
+    """Index of the frame with the most labelled (non-zero) pixels of a label stack.
+
+    Args:
+        labels: (T, H, W) integer label stack (0 = background), or one (H, W) label image.
+
+    Returns:
+        The frame index in ``[0, T)``; the first such frame on ties, 0 for an all-background
+        stack or a single (H, W) image.
+
+    Raises:
+        ValueError: ``labels`` is neither 2-D nor 3-D.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return 0
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (T, H, W) or (H, W), got shape {labels.shape}")
+    return int(np.argmax((labels.reshape(labels.shape[0], -1) != 0).sum(axis=1)))
+
+
+def busiest_frame_of_job(job: dict[str, Any], artifact_dir: Path) -> int | None:
+    """:func:`busiest_frame` of an infer job's ``labels.tif`` artifact in ``artifact_dir``;
+    ``None`` when the job has no such artifact or the file is missing."""
+    import tifffile
+
+    path = artifact_paths(job, artifact_dir).get("labels.tif")
+    if path is None or not path.is_file():
+        return None
+    return busiest_frame(tifffile.imread(path))
+
+
+def screenshot_page(url: str, path: Path, frame: int | None = None) -> Path | None:
     """Save a PNG of the page (viewer open on ``url``'s job) with headless Chromium.
+
+    The viewer's slider is moved to ``frame`` (default: the middle frame) before the shot;
+    :func:`busiest_frame_of_job` gives the frame that shows the most cells.
 
     Uses Playwright driving Debian's ``/usr/bin/chromium`` (DESIGN.md section 7); returns
     ``None`` (and says why) when either is missing, since the screenshot is a convenience.
@@ -240,10 +276,11 @@ def screenshot_page(url: str, path: Path) -> Path | None:
             page.goto(url)
             page.wait_for_selector("#view-canvas[data-frame]", timeout=30_000)
             slider = page.locator("#frame-slider")
-            mid = int(slider.get_attribute("max") or 0) // 2
-            slider.fill(str(mid))
+            last = int(slider.get_attribute("max") or 0)
+            t = last // 2 if frame is None else min(max(int(frame), 0), last)
+            slider.fill(str(t))
             page.wait_for_function(
-                f"document.querySelector('#view-canvas').dataset.frame === '{mid}'",
+                f"document.querySelector('#view-canvas').dataset.frame === '{t}'",
                 timeout=30_000,
             )
             page.wait_for_timeout(500)
@@ -291,12 +328,16 @@ def main(argv: list[str] | None = None) -> int:
                 ("infer", "infer-baseline"),
                 key=lambda k: (jobs[k].get("result") or {}).get("n_cells") or 0,
             )
+            # on the frame with the most labelled pixels (cells are active on few frames)
+            frame = busiest_frame_of_job(jobs[shown], Path(settings.artifact_dir))
             shot = screenshot_page(
                 f"{page}#token={token}&job={jobs[shown]['id']}",
                 Path(settings.artifact_dir).parent / "demo-page.png",
+                frame=frame,
             )
             if shot:
-                console.print(f"[bold]Screenshot of the page ({shown} job):[/] {shot}")
+                console.print(f"[bold]Screenshot of the page ({shown} job, frame {frame}):[/]")
+                console.print(f"  {shot}")
             if args.keep_serving:
                 console.print(f"serving at {page} until Ctrl-C")
                 try:
