@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from calseg.fmt import fmt_mapping, fmt_num
 from calseg.progress import ProgressFn
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
@@ -103,7 +104,8 @@ def simulate(
         if like is not None:
             fit = _fit_recording_or_fail(like)
             cfg = fit.to_config(SimulationConfig(**fields), **from_file)
-            console.print(f"fitted to {like}: {cfg.imaging}")
+            imaging = cfg.imaging.model_dump(exclude_none=True) if cfg.imaging else {}
+            console.print(f"fitted to {like}: {fmt_mapping(imaging)}")
         else:
             cfg = SimulationConfig(**fields)
     except ValidationError as exc:
@@ -168,7 +170,9 @@ def finetune(
         result = run(dataset, out_dir, cfg, base_checkpoint=checkpoint, progress=progress)
     for w in result.warnings:
         console.print(f"[bold red]WARNING:[/] {w}")
-    console.print(f"checkpoint: {result.checkpoint}  best validation IoU: {result.best_val_iou}")
+    console.print(
+        f"checkpoint: {result.checkpoint}  best validation IoU: {fmt_num(result.best_val_iou)}"
+    )
 
 
 @app.command()
@@ -272,7 +276,7 @@ def evaluate(
     models["baseline"] = ("baseline", None)
     with _Bar("evaluate") as progress:
         report = evaluate_dataset(dataset, models, split=split, config=cfg, progress=progress)
-    console.print(report.to_table())
+    console.print(report.to_table(), markup=False, soft_wrap=True)  # no wrap when piped
     if out is not None:
         out.write_text(json.dumps(report.to_dict(), indent=2))
         console.print(f"report: {out}")
@@ -443,7 +447,7 @@ def validate_patterns_cmd(
                 f"{f['event_rate_per_1000s']:.2f} events/cell/1000 s, "
                 f"{f['n_active_cells']} active cells"
             )
-    console.print(format_confusion(report), markup=False)
+    console.print(format_confusion(report), markup=False, soft_wrap=True)
     console.print(
         f"seeds {seeds}; {frames} frames of 5 s, 192 x 192 px pouch; "
         f"{time.perf_counter() - t0:.0f} s"
@@ -644,7 +648,7 @@ def watch(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
             if m.get("step") is None:
                 console.print(
                     f"  {m['name']} ({m.get('model') or '-'}, {m.get('subset') or '-'})"
-                    f": {m['value']}"
+                    f": {fmt_num(m['value'])}"
                 )
 
 
@@ -716,7 +720,8 @@ def fit_sim(
     console.print(
         f"gain {d['gain_adu_per_e']:.4g} ADU/e-, offset {d['offset_adu']:.1f} ADU, read noise "
         f"{d['read_noise_e']:.3g} e-, background {d['background_e']:.3g} e-, PSF sigma "
-        f"{d['psf_sigma_px']:.2f} px, bleaching tau {d['bleach_tau_frames'] or 'none'} frames, "
+        f"{d['psf_sigma_px']:.2f} px, "
+        f"bleaching tau {fmt_num(d['bleach_tau_frames'] or 'none')} frames, "
         f"cell radius {d['cell_radius_px']:.1f} px, peak F/F0 {d['peak_f_over_f0']:.2f}"
     )
     for n in fit.notes:

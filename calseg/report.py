@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calseg.fmt import fmt_num
+
 REAL_SETS = {
     "sima": ("sima_example.tif", "sima_example_imageJ_ROIs.zip"),
     "fissa": ("fissa_b_AVG_A01.tif", "fissa_b_rois.zip"),
@@ -199,7 +201,8 @@ def run_gap_report(
         )
         ckpt[label] = res.checkpoint
         embed_s[label] = float(res.timings.get("embed_s", float("nan")))
-        log(f"fine-tuned {label}: embed {embed_s[label]:.1f} s, best val IoU {res.best_val_iou}")
+        iou = fmt_num(res.best_val_iou)
+        log(f"fine-tuned {label}: embed {embed_s[label]:.1f} s, best val IoU {iou}")
     timings["finetune_s"] = time.perf_counter() - t
 
     # 5. models x evaluations -------------------------------------------------------------

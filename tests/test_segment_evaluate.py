@@ -92,6 +92,9 @@ def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypa
     assert r.exit_code == 0, r.output
     assert "base" in r.output and "baseline" in r.output and "bootstrap 95 % CI" in r.output
     assert "pattern_class=synthetic" in r.output and "defect=none" in r.output
+    # not a terminal: the 119-column table is not wrapped at rich's default 80 columns
+    head = [ln for ln in r.output.splitlines() if ln.startswith("model ")]
+    assert head and head[0].rstrip().endswith("mean_matched_i"), r.output
     import json
 
     rep = json.loads(out.read_text())

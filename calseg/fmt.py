@@ -1,0 +1,50 @@
+"""Numbers for people: the one place that rounds floats printed by the CLI, the demo and the
+report logs. JSON outputs keep full precision (they never go through here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    """A number as short text with ``digits`` significant digits.
+
+    Floats: ``0.0010901965070773344 -> "0.00109"``, ``351.218226965458 -> "351.2"``; values of
+    ``10**digits`` or more keep their integer part (``123456.7 -> "123457"``), tiny ones use
+    exponent notation (``1.5e-07``); NaN/inf print as ``nan``/``inf``; ``None`` as ``n/a``.
+    Integers, booleans and other values are returned as ``str(value)``.
+
+    Args:
+        value: the value to show (any type).
+        digits: significant digits for floats (>= 1).
+    """
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, float):
+        # numpy floats are float subclasses only for float64; take the others by duck typing
+        if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f":
+            value = float(value)
+        else:
+            return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and abs(value) >= 10**digits:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def fmt_mapping(values: Mapping[str, Any], digits: int = 4) -> str:
+    """``key=value`` pairs joined by ", ", floats through :func:`fmt_num` (nested mappings in
+    braces), e.g. a pydantic model's ``model_dump()`` for a one-line summary."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            parts.append(f"{k}={{{fmt_mapping(v, digits)}}}")
+        elif isinstance(v, list | tuple):
+            parts.append(f"{k}=[{', '.join(fmt_num(x, digits) for x in v)}]")
+        else:
+            parts.append(f"{k}={fmt_num(v, digits)}")
+    return ", ".join(parts)
