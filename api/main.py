@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from api.frames import (
     label_at,
@@ -143,7 +144,9 @@ class JsonBodyLimit:
 app.add_middleware(JsonBodyLimit)
 
 
-def settings_dep() -> Settings:
+# Trivial dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the
+# threadpool: one thread hop per dependency per request, for work that cannot block.
+async def settings_dep() -> Settings:
     """The service settings (a dependency, so tests can override it)."""
     return get_settings()
 
@@ -153,7 +156,7 @@ def store_dep() -> ArtifactStore:
     return get_store()
 
 
-def enqueue_dep() -> lifecycle.Enqueue:
+async def enqueue_dep() -> lifecycle.Enqueue:
     """How jobs are put on the broker (Celery; tests override it)."""
     return lifecycle.enqueue_celery
 
@@ -350,6 +353,24 @@ def _job(session: Session, job_id: str, user: User) -> Job:
     return job
 
 
+def _job_with_results(session: Session, job_id: str, user: User) -> Job:
+    """:func:`_job` for a detailed answer in one query while the job has no metrics and no
+    artifacts (a queued or running job, what clients poll): the job row and whether any
+    metric or artifact exists come back together, and the collections are queried only when
+    they are not empty (before: the job plus two lazy loads, three round trips)."""
+    has_metrics = select(Metric.id).where(Metric.job_id == Job.id).exists()
+    has_artifacts = select(Artifact.id).where(Artifact.job_id == Job.id).exists()
+    row = session.execute(select(Job, has_metrics, has_artifacts).where(Job.id == job_id)).first()
+    if row is None or not can_see(user, row[0].owner_id):
+        raise lifecycle.JobNotFound(f"there is no job {job_id}")
+    job, any_metrics, any_artifacts = row
+    if not any_metrics:
+        set_committed_value(job, "metrics", [])
+    if not any_artifacts:
+        set_committed_value(job, "artifacts", [])
+    return job
+
+
 def _job_out(job: Job, *, detail: bool) -> JobOut:
     out = JobOut.model_validate(job, from_attributes=True)
     if detail:
@@ -373,6 +394,8 @@ def create_job(body: JobCreate, session: SessionDep, enqueue: EnqueueDep, user: 
     not the caller's); 503 when the broker cannot take the job. The caller owns the job.
     """
     job = lifecycle.submit_job(session, body.kind, body.params, enqueue=enqueue, owner=user)
+    for empty in ("metrics", "artifacts"):  # a new job has none: no lazy-load queries
+        set_committed_value(job, empty, [])
     return _job_out(job, detail=True)
 
 
@@ -410,7 +433,7 @@ def list_jobs(
 def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """One job: state, progress, stage, ETA, message, error, log tail, result, provenance,
     metrics and artifacts (each with its download URL)."""
-    return _job_out(_job(session, job_id, user), detail=True)
+    return _job_out(_job_with_results(session, job_id, user), detail=True)
 
 
 @app.get("/api/jobs/{job_id}/metrics", response_model=list[MetricOut], tags=["jobs"])
