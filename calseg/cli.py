@@ -10,7 +10,9 @@ write its database, CALSEG_DATABASE_URL, directly: run them on the server); ``ca
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +23,67 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from calseg.fmt import fmt_mapping, fmt_num
 from calseg.progress import ProgressFn
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 console = Console()
+
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a mistake of the user (bad path, file, parameter, token, service
+    answer) rather than a bug: an exception class defined by CalSeg (``calseg.*``, ``api.*``:
+    DatasetError, RecordingError, ParamsError, ModelSpecError, AuthError, CalSegError, ...),
+    pydantic's ValidationError, a JSON decoding error or a missing/unreadable path.
+    Builtin errors such as a bare ValueError, TypeError or KeyError stay tracebacks."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, _PATH_ERRORS + (ValidationError, json.JSONDecodeError)):
+        return True
+    return any(c.__module__.split(".")[0] in ("calseg", "api") for c in type(exc).__mro__)
+
+
+def _user_message(exc: BaseException) -> str:
+    """One line for a user error (pydantic's multi-line report joined with '; ')."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
+        )
+    if isinstance(exc, _PATH_ERRORS) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Wrap a command: CalSeg's user-facing errors become ``error: <message>`` and exit
+    code 2 (the one place that does so for every command); other exceptions propagate."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
+            raise _fail(_user_message(exc)) from None
+
+    return run
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands all go through :func:`_user_errors`."""
+
+    def command(self, *args: object, **kwargs: object) -> Callable[[Callable], Callable]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(f: Callable) -> Callable:
+            register(_user_errors(f))
+            return f
+
+        return decorator
+
+
+app = _App(add_completion=False, help=__doc__, no_args_is_help=True)
 
 
 class _Bar:
@@ -48,12 +109,14 @@ class _Bar:
 
         return report
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the error alone, not a bar frozen at the failure
+            self._progress.live.transient = True
         self._progress.stop()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -459,8 +522,8 @@ def validate_patterns_cmd(
 
 # ------------------------------------------------------------------------------ service admin
 
-users_app = typer.Typer(help="Users of the service (writes CALSEG_DATABASE_URL directly).")
-tokens_app = typer.Typer(help="API tokens of the service's users (only their sha256 is stored).")
+users_app = _App(help="Users of the service (writes CALSEG_DATABASE_URL directly).")
+tokens_app = _App(help="API tokens of the service's users (only their sha256 is stored).")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 
@@ -585,6 +648,10 @@ def _parse_param(item: str) -> tuple[str, object]:
 def _watch(client, job_id: str) -> dict:  # noqa: ANN001 - CalSegClient
     from calseg.client import CalSegError, JobFailed
 
+    try:  # an unknown id or a service that does not answer: the error first and alone
+        first = client.get(job_id)
+    except CalSegError as exc:
+        raise _fail(str(exc)) from None
     with Progress(
         TextColumn("[bold]{task.fields[kind]}"),
         BarColumn(),
@@ -593,7 +660,7 @@ def _watch(client, job_id: str) -> dict:  # noqa: ANN001 - CalSegClient
         TextColumn("{task.fields[stage]}"),
         console=console,
     ) as bar:
-        task = bar.add_task("job", total=1.0, kind="job", stage="")
+        task = bar.add_task("job", total=1.0, kind=first["kind"], stage="")
 
         def show(job: dict) -> None:
             stage = job.get("stage") or job["state"]

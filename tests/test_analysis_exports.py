@@ -202,15 +202,12 @@ class _StubContext:
         return x
 
 
-def test_infer_runner_registers_traces_events_rois(tmp_path):
-    from pathlib import Path
+def test_infer_runner_registers_traces_events_rois(tmp_path, real_file):
 
     from calseg.service.runners import run_infer
     from calseg.service.schemas import validate_params
 
-    real = Path(__file__).parents[2] / "shared/data/real/astrocast_sample_1.tiff"
-    if not real.exists():
-        pytest.skip("real data absent")
+    real = real_file("astrocast_sample_1.tiff")
     ctx = _StubContext(tmp_path, real)
     params = {"recording_id": "r", "method": "baseline", "nwb": True}
     res = run_infer(validate_params("infer", params), ctx)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,8 +14,6 @@ from calseg.analysis.traces import (
     footprint_image,
     window_frames,
 )
-
-REAL = Path(os.environ.get("CALSEG_REAL_DATA", Path(__file__).parents[2] / "shared/data/real"))
 
 
 def test_cell_traces_union_footprint_exact():
@@ -170,12 +165,11 @@ def test_traces_from_simulated_video_follow_true_calcium(tmp_path):
     assert np.median(rs) > 0.9
 
 
-@pytest.mark.skipif(not (REAL / "astrocast_sample_1.tiff").exists(), reason="real data absent")
-def test_traces_on_real_recording_with_baseline_labels():
+def test_traces_on_real_recording_with_baseline_labels(real_file):
     from calseg.io.recordings import read_recording
     from calseg.segment.infer import InferenceConfig, segment_recording
 
-    frames = read_recording(REAL / "astrocast_sample_1.tiff").frames
+    frames = read_recording(real_file("astrocast_sample_1.tiff")).frames
     labels = np.asarray(segment_recording(frames, InferenceConfig(method="baseline")).labels)
     ids, f = cell_traces(frames, labels)
     n = len(np.unique(labels[labels > 0]))

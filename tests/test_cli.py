@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 from typer.testing import CliRunner
 
@@ -48,3 +49,64 @@ def test_segment_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     r = runner.invoke(app, ["segment", str(tmp_path / "nope.tif"), str(tmp_path / "out")])
     assert r.exit_code == 2
     assert "nope.tif" in r.output and "no such file" in r.output
+
+
+MISSING_PATH_COMMANDS = {
+    "segment": ["segment", "{d}/nope.tif", "{d}/out"],
+    "analyze": ["analyze", "{d}/nope.tif", "{d}/nope_labels.tif", "{d}/out"],
+    "evaluate": ["evaluate", "{d}/nope"],
+    "finetune": ["finetune", "{d}/nope", "{d}/out", "--steps", "1"],
+    "gap": ["gap", "{d}/nope.tif", "--sim", "{d}/nope"],
+    "fit-sim": ["fit-sim", "{d}/nope.tif"],
+    "simulate --like": ["simulate", "{d}/out", "--like", "{d}/nope.tif"],
+    "simulate --config": ["simulate", "{d}/out", "--config", "{d}/nope.json"],
+    "submit --params": ["submit", "simulate", "--params", "{d}/nope.json"],
+    "report-gap --real-dir": ["report-gap", "{d}/out", "--real-dir", "{d}/nope"],
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING_PATH_COMMANDS))
+def test_every_command_with_a_missing_path_prints_one_error_line(name: str, tmp_path: Path) -> None:
+    """The kind of fault, not one command: a missing path is ``error: <message>`` naming the
+    path, exit code 2, and no traceback or leftover progress bar."""
+    args = [a.format(d=tmp_path) for a in MISSING_PATH_COMMANDS[name]]
+    r = runner.invoke(app, args, env={"CALSEG_TOKEN": "x", "CALSEG_URL": "http://127.0.0.1:9"})
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1, r.output
+    assert lines[0].startswith("error:") and "nope" in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_user_errors_become_exit_2_but_bugs_stay_tracebacks() -> None:
+    """``_user_errors`` (the one wrapper of every command) turns CalSeg's error types into
+    exit code 2 and lets builtin exceptions (bugs) through."""
+    import typer
+    from pydantic import BaseModel
+
+    from calseg.cli import _is_user_error, _user_errors
+    from calseg.io.dataset import DatasetError
+    from calseg.service.schemas import ParamsError
+
+    class P(BaseModel):
+        n: int
+
+    try:
+        P(n="x")
+    except Exception as exc:  # noqa: BLE001 - the ValidationError instance
+        validation = exc
+    assert _is_user_error(DatasetError("d")) and _is_user_error(ParamsError("infer", []))
+    assert _is_user_error(validation) and _is_user_error(FileNotFoundError(2, "x", "f"))
+    assert not _is_user_error(ValueError("bug")) and not _is_user_error(KeyError("k"))
+
+    def bad_dataset() -> None:
+        raise DatasetError("no dataset manifest at /x")
+
+    def bug() -> None:
+        raise KeyError("k")
+
+    with pytest.raises(typer.Exit) as ex:
+        _user_errors(bad_dataset)()
+    assert ex.value.exit_code == 2
+    with pytest.raises(KeyError):
+        _user_errors(bug)()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 from typer.testing import CliRunner
 
@@ -17,22 +14,13 @@ from calseg.io.rois import read_imagej_rois
 from calseg.io.tables import read_traces_csv
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
 
 
-def _real(name: str) -> Path:
-    p = REAL / name
-    if not p.exists():
-        pytest.skip(f"real recording {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
-    return p
-
-
-def test_analyze_real_recording_with_its_imagej_rois(tmp_path):
+def test_analyze_real_recording_with_its_imagej_rois(tmp_path, real_file):
     """The hand-drawn ImageJ ROIs of sima_example.tif, imported as a label image, then analysed
     with drift registration and bleach correction on."""
-    rec = _real("sima_example.tif")
-    lab = read_imagej_rois(_real("sima_example_imageJ_ROIs.zip"), (128, 256))
+    rec = real_file("sima_example.tif")
+    lab = read_imagej_rois(real_file("sima_example_imageJ_ROIs.zip"), (128, 256))
     assert len(np.unique(lab[lab > 0])) == 2
     labels = write_label_stack(tmp_path / "rois.tif", lab)
     out = tmp_path / "out"
@@ -67,8 +55,8 @@ def test_analyze_real_recording_with_its_imagej_rois(tmp_path):
     np.testing.assert_array_equal(back > 0, lab > 0)
 
 
-def test_analyze_refuses_labels_of_another_size(tmp_path):
-    rec = _real("sima_example.tif")
+def test_analyze_refuses_labels_of_another_size(tmp_path, real_file):
+    rec = real_file("sima_example.tif")
     bad = tmp_path / "bad.tif"
     tifffile.imwrite(bad, np.ones((10, 10), np.uint16))
     r = runner.invoke(app, ["analyze", str(rec), str(bad), str(tmp_path / "o")])
@@ -99,13 +87,13 @@ def test_validate_patterns_prints_a_confusion_matrix(tmp_path):
     assert r.exit_code == 2 and "--seeds" in r.output
 
 
-def test_analyze_without_preprocessing_reads_in_chunks_same_traces(tmp_path):
+def test_analyze_without_preprocessing_reads_in_chunks_same_traces(tmp_path, real_file):
     """No preprocessing: traces come from chunks (iter_recording), equal to the in-memory ones."""
     from calseg.analysis.traces import cell_traces
     from calseg.io.recordings import read_recording
 
-    rec = _real("sima_example.tif")
-    lab = read_imagej_rois(_real("sima_example_imageJ_ROIs.zip"), (128, 256))
+    rec = real_file("sima_example.tif")
+    lab = read_imagej_rois(real_file("sima_example_imageJ_ROIs.zip"), (128, 256))
     labels = write_label_stack(tmp_path / "rois.tif", lab)
     r = runner.invoke(app, ["analyze", str(rec), str(labels), str(tmp_path / "o")])
     assert r.exit_code == 0, r.output

@@ -171,6 +171,12 @@ def test_cli_submit_watch_download(live: dict, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "422" in r.output and "n_frames" in r.output
     r = runner.invoke(cli, ["watch", job_id], env={"CALSEG_URL": live["url"], "CALSEG_TOKEN": ""})
     assert r.exit_code == 2 and "CALSEG_TOKEN" in r.output
+    # an unknown id: the 404 first and alone, no progress bar after it
+    r = runner.invoke(cli, ["watch", "no-such-job"], env=env)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "404" in lines[0], r.output
+    assert "%" not in r.output
 
 
 def test_cli_users_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,24 +164,15 @@ def test_bad_recordings_are_refused(frames, message):
         fit_recording(frames)
 
 
-def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path):
+def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path, real_file):
     import json
-    import os
-    from pathlib import Path
 
     from typer.testing import CliRunner
 
     from calseg.cli import app
     from calseg.io.dataset import load_dataset
 
-    real_dir = Path(
-        os.environ.get(
-            "CALSEG_REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/real"
-        )
-    )
-    rec = real_dir / "fissa_b_AVG_A01.tif"
-    if not rec.exists():
-        pytest.skip(f"{rec} not found (set CALSEG_REAL_DATA_DIR)")
+    rec = real_file("fissa_b_AVG_A01.tif")
     runner = CliRunner()
     r = runner.invoke(app, ["fit-sim", str(rec), "--out", str(tmp_path / "fit.json")])
     assert r.exit_code == 0, r.output
@@ -200,11 +191,9 @@ def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path):
     assert r.exit_code == 2 and "error" in r.output
 
 
-def test_simulate_job_like_an_uploaded_recording(tmp_path):
+def test_simulate_job_like_an_uploaded_recording(tmp_path, real_file):
     """The service's simulate job with recording_id: fit, then simulate (in-process, SQLite)."""
     import hashlib
-    import os
-    from pathlib import Path
 
     from calseg.service import jobs
     from calseg.service.db import session_scope, upgrade_database
@@ -212,14 +201,7 @@ def test_simulate_job_like_an_uploaded_recording(tmp_path):
     from calseg.service.settings import Settings
     from calseg.service.store import LocalArtifactStore
 
-    real_dir = Path(
-        os.environ.get(
-            "CALSEG_REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/real"
-        )
-    )
-    src = real_dir / "fissa_b_AVG_A01.tif"
-    if not src.exists():
-        pytest.skip(f"{src} not found (set CALSEG_REAL_DATA_DIR)")
+    src = real_file("fissa_b_AVG_A01.tif")
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     upgrade_database(url)
     settings = Settings(

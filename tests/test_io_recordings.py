@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,16 +22,6 @@ from calseg.io.recordings import (
     read_recording,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
-
-
-def real(name: str) -> Path:
-    path = REAL / name
-    if not path.exists():
-        pytest.skip(f"real recording {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
-    return path
-
 
 def stack(t: int = 5, h: int = 24, w: int = 32, dtype=np.uint16, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -42,8 +31,8 @@ def stack(t: int = 5, h: int = 24, w: int = 32, dtype=np.uint16, seed: int = 0) 
 # ------------------------------------------------------------------------- real recordings
 
 
-def test_real_sima_example():
-    path = real("sima_example.tif")
+def test_real_sima_example(real_file):
+    path = real_file("sima_example.tif")
     info = probe_recording(path)
     assert (info.n_frames, info.height, info.width) == (20, 128, 256)
     assert info.dtype == "uint16" and info.axes == "TYX" and info.format == "imagej-tiff"
@@ -55,8 +44,8 @@ def test_real_sima_example():
     np.testing.assert_array_equal(rec.frames, tifffile.imread(path))
 
 
-def test_real_badmeta_header_lies_about_frame_count():
-    path = real("sima_example-tiffs_0_badmeta.tif")
+def test_real_badmeta_header_lies_about_frame_count(real_file):
+    path = real_file("sima_example-tiffs_0_badmeta.tif")
     info = probe_recording(path)
     assert info.n_frames == 1 and (info.height, info.width) == (173, 173)
     assert info.header_frames == 3500
@@ -71,16 +60,16 @@ def test_real_badmeta_header_lies_about_frame_count():
 @pytest.mark.parametrize(
     "name", ["fissa_b_AVG_A01.tif", "fissa_b_AVG_A02.tif", "fissa_b_AVG_A03.tif"]
 )
-def test_real_fissa_tiny_frames(name):
-    rec = read_recording(real(name))
+def test_real_fissa_tiny_frames(name, real_file):
+    rec = read_recording(real_file(name))
     # (the three trials all hold 29 frames of 21 x 14 px)
     assert rec.frames.shape == (29, 21, 14) and rec.frames.dtype == np.uint16
     assert rec.info.axes == "TYX" and rec.info.file_axes == "QYX"
     assert rec.frames.min() >= 36
 
 
-def test_real_astrocast_slices_and_calibration():
-    path = real("astrocast_sample_1.tiff")
+def test_real_astrocast_slices_and_calibration(real_file):
+    path = real_file("astrocast_sample_1.tiff")
     rec = read_recording(path)
     raw = tifffile.imread(path)
     assert raw.shape == (75, 100, 100) and raw.dtype == np.uint16
@@ -95,8 +84,8 @@ def test_real_astrocast_slices_and_calibration():
     assert any("calibration" in w for w in rec.info.warnings)
 
 
-def test_real_astrocast_hdf5():
-    path = real("astrocast_sample_1_dff.h5")
+def test_real_astrocast_hdf5(real_file):
+    path = real_file("astrocast_sample_1_dff.h5")
     info = probe_recording(path)
     assert (info.n_frames, info.height, info.width, info.dtype) == (75, 100, 100, "uint16")
     assert info.format == "hdf5" and info.pixel_size_um == pytest.approx(1.0)

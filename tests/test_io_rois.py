@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +11,6 @@ from skimage.draw import disk
 
 from calseg.io.recordings import read_recording
 from calseg.io.rois import RoiError, read_imagej_rois, write_imagej_rois
-
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
-
-
-def real(name: str) -> Path:
-    path = REAL / name
-    if not path.exists():
-        pytest.skip(f"real file {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
-    return path
 
 
 def _synthetic() -> np.ndarray:
@@ -62,9 +50,9 @@ def test_hole_and_split_label_keep_largest_outline(tmp_path):
     assert (back == 2).sum() == 9 and (back[22:25, 22:25] == 2).all()
 
 
-def test_real_fissa_rois():
-    rec = read_recording(real("fissa_b_AVG_A01.tif"))
-    labels = read_imagej_rois(real("fissa_b_rois.zip"), rec.frames.shape[1:])
+def test_real_fissa_rois(real_file):
+    rec = read_recording(real_file("fissa_b_AVG_A01.tif"))
+    labels = read_imagej_rois(real_file("fissa_b_rois.zip"), rec.frames.shape[1:])
     assert labels.shape == (21, 14)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     assert ids.tolist() == [1, 2]
@@ -72,9 +60,9 @@ def test_real_fissa_rois():
     assert labels[:, -1].any()  # the ROI that touches the border reaches the last column
 
 
-def test_real_sima_rois():
-    rec = read_recording(real("sima_example.tif"), max_frames=1)
-    labels = read_imagej_rois(real("sima_example_imageJ_ROIs.zip"), rec.frames.shape[1:])
+def test_real_sima_rois(real_file):
+    rec = read_recording(real_file("sima_example.tif"), max_frames=1)
+    labels = read_imagej_rois(real_file("sima_example_imageJ_ROIs.zip"), rec.frames.shape[1:])
     assert labels.shape == (128, 256)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     assert ids.tolist() == [1, 2]

@@ -3,25 +3,12 @@ frame, and a whole-field "model" that must not look good."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from calseg.analysis.metrics import MetricsInputError
 from calseg.analysis.real_eval import prediction_footprints, score_partial_labels
 from calseg.io.rois import read_imagej_rois
-
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
-
-
-def _real(name: str) -> Path:
-    p = REAL / name
-    if not p.exists():
-        pytest.skip(f"real recording {name} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
-    return p
 
 
 def _rois() -> np.ndarray:
@@ -94,9 +81,9 @@ def test_bad_inputs():
         ("fissa_b_AVG_A01.tif", "fissa_b_rois.zip", (29, 21, 14)),
     ],
 )
-def test_real_rois_whole_field_and_oracle(recording, rois, shape):
-    _real(recording)
-    lab = read_imagej_rois(_real(rois), shape[1:])
+def test_real_rois_whole_field_and_oracle(recording, rois, shape, real_file):
+    real_file(recording)
+    lab = read_imagej_rois(real_file(rois), shape[1:])
     whole = np.ones(shape, np.uint32)
     s = score_partial_labels(whole, lab)
     assert s.recall_30 == 0.0  # the ROIs are small against the field (fissa: 37 / 294 px)

@@ -4,9 +4,6 @@ BENCHMARKS.md "Sim-to-real")."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -21,17 +18,14 @@ from calseg.segment.projection import (
     segment_projection,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("CALSEG_REAL_DATA_DIR", REPO.parent / "shared" / "data" / "real"))
 
-
-def _real(rec: str, rois: str) -> tuple[np.ndarray, np.ndarray]:
+def _real(real_file, rec: str, rois: str) -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``(T, H, W)`` of a real recording and its ImageJ ROIs as a label image ``(H, W)``
+    (``real_file``: the conftest fixture, which skips when a file is absent)."""
     from calseg.io.recordings import read_recording
     from calseg.io.rois import read_imagej_rois
 
-    p, z = REAL / rec, REAL / rois
-    if not (p.exists() and z.exists()):
-        pytest.skip(f"real recording {rec} not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
+    p, z = real_file(rec), real_file(rois)
     frames = read_recording(p).frames
     return frames, read_imagej_rois(z, frames.shape[1:])
 
@@ -104,8 +98,8 @@ def test_infer_target_cells_constant_stack_even_for_one_frame():
     assert (res3.labels == res3.labels[0]).all()
 
 
-def test_sima_projection_recovers_labelled_cells():
-    frames, rois = _real("sima_example.tif", "sima_example_imageJ_ROIs.zip")
+def test_sima_projection_recovers_labelled_cells(real_file):
+    frames, rois = _real(real_file, "sima_example.tif", "sima_example_imageJ_ROIs.zip")
     res = segment_recording(frames, InferenceConfig(method="baseline", target="cells"))
     sc = score_projection(res.labels, rois)
     # measured: estimated diameter 20.2 px, 94 cells covering 0.90 of the field, best IoU
@@ -120,8 +114,8 @@ def test_sima_projection_recovers_labelled_cells():
     assert 0.5 <= ctl["recall_30"] <= 0.9 and ctl["recall_50"] < 0.5
 
 
-def test_fissa_projection_and_whole_field():
-    frames, rois = _real("fissa_b_AVG_A01.tif", "fissa_b_rois.zip")
+def test_fissa_projection_and_whole_field(real_file):
+    frames, rois = _real(real_file, "fissa_b_AVG_A01.tif", "fissa_b_rois.zip")
     res = segment_recording(frames, InferenceConfig(method="baseline", target="cells"))
     sc = score_projection(res.labels, rois)
     # measured on the 21 x 14 px field: diameter clipped to 7 px, 6 cells, best IoU 0.04 and
@@ -157,15 +151,13 @@ def test_report_renders_projection_table_and_chance_level():
     assert "sima: d = 20.2 px, recall@0.5 0.19, @0.3 0.69" in md
 
 
-def test_cli_segment_target_cells(tmp_path):
+def test_cli_segment_target_cells(tmp_path, real_file):
     from typer.testing import CliRunner
 
     from calseg.cli import app
     from calseg.io.labels import read_label_stack
 
-    rec = REAL / "fissa_b_AVG_A01.tif"
-    if not rec.exists():
-        pytest.skip(f"{rec} not found (set CALSEG_REAL_DATA_DIR)")
+    rec = real_file("fissa_b_AVG_A01.tif")
     out = tmp_path / "seg"
     r = CliRunner().invoke(
         app, ["segment", str(rec), str(out), "--method", "baseline", "--target", "cells"]
@@ -177,10 +169,10 @@ def test_cli_segment_target_cells(tmp_path):
     assert bad.exit_code != 0 and "'active' or 'cells'" in bad.output
 
 
-def test_roi_activity_explains_empty_activity_target_on_sima():
+def test_roi_activity_explains_empty_activity_target_on_sima(real_file):
     from calseg.analysis.real_eval import roi_activity
 
-    frames, rois = _real("sima_example.tif", "sima_example_imageJ_ROIs.zip")
+    frames, rois = _real(real_file, "sima_example.tif", "sima_example_imageJ_ROIs.zip")
     q = roi_activity(frames, rois)
     # measured: the ROI-mean traces rise (peak dF/F 0.28 and 0.68, z 5.5 and 7.2), but the
     # per-pixel noise SD (944) is as large as the median signal (898): under 1 % of the ROI

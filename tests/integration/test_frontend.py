@@ -141,10 +141,8 @@ def _fake_jobs(service, user: dict, dataset_job_id: str) -> tuple[str, str]:
         return ft.id, ev.id
 
 
-def test_sign_in_upload_infer_and_view(service, browser, user, api) -> None:
-    real = Path(service.settings.real_data_dir) / REAL
-    if not real.exists():
-        pytest.skip(f"real recording {real} missing (set CALSEG_REAL_DATA_DIR)")
+def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -> None:
+    real = real_file(REAL)
     SHOTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots in {SHOTS}")
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)

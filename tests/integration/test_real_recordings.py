@@ -11,8 +11,6 @@ import pytest
 import tifffile
 from service_it_helpers import submit, wait
 
-from calseg.service.settings import get_settings
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KNOWN = {  # (frames, height, width) as the data holds them, checked by eye in ImageJ terms
@@ -25,10 +23,7 @@ KNOWN = {  # (frames, height, width) as the data holds them, checked by eye in I
 }
 
 
-def _real_tiffs() -> list[Path]:
-    folder = Path(get_settings().real_data_dir)
-    if not folder.is_dir():
-        return []
+def _real_tiffs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
 
 
@@ -54,10 +49,9 @@ def _shape(labels) -> tuple[int, int, int]:
     return labels.shape if labels.ndim == 3 else (1, *labels.shape)
 
 
-def test_every_real_tiff_segments_with_the_baseline(client) -> None:
-    files = _real_tiffs()
-    if not files:
-        pytest.skip(f"no real TIFFs in {get_settings().real_data_dir} (set CALSEG_REAL_DATA_DIR)")
+def test_every_real_tiff_segments_with_the_baseline(client, real_dir: Path) -> None:
+    files = _real_tiffs(real_dir)
+    assert files, f"no TIFFs in {real_dir}"
     for path in files:
         rec = _upload(client, path)
         assert rec["n_frames"] >= 1, path.name
@@ -72,10 +66,9 @@ def test_every_real_tiff_segments_with_the_baseline(client) -> None:
         assert png.status_code == 200, path.name
 
 
-def test_smallest_real_tiff_segments_with_sam2(client) -> None:
-    files = _real_tiffs()
-    if not files:
-        pytest.skip(f"no real TIFFs in {get_settings().real_data_dir} (set CALSEG_REAL_DATA_DIR)")
+def test_smallest_real_tiff_segments_with_sam2(client, real_dir: Path) -> None:
+    files = _real_tiffs(real_dir)
+    assert files, f"no TIFFs in {real_dir}"
     smallest = min(files, key=lambda p: p.stat().st_size)
     rec = _upload(client, smallest)
     job, labels = _segment(client, rec, "sam2", image_size=256, max_prompts_per_frame=16)

@@ -18,11 +18,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-REAL = Path(
-    os.environ.get(
-        "CALSEG_REAL_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
-    )
-)
+BADMETA = "sima_example-tiffs_0_badmeta.tif"
+"""The real recording (in ``settings.real_data_dir``) of the ``needs_real`` case."""
 
 
 @dataclass
@@ -116,7 +113,9 @@ def _bigtiff(p: Path) -> None:
 
 
 def _badmeta(p: Path) -> None:
-    src = REAL / "sima_example-tiffs_0_badmeta.tif"
+    from calseg.service.settings import Settings
+
+    src = Settings().real_data_dir / BADMETA
     os.symlink(src, p)
 
 

@@ -14,24 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from file_corpus import REAL, Case, cases
+from file_corpus import BADMETA, Case, cases
 
 from calseg.io.recordings import RecordingError, iter_recording, probe_recording, read_recording
 
 CASES = cases()
 
 
-def _write(case: Case, tmp_path: Path) -> Path:
-    if case.needs_real and not (REAL / "sima_example-tiffs_0_badmeta.tif").exists():
-        pytest.skip(f"real recordings not found in {REAL} (set CALSEG_REAL_DATA_DIR)")
+def _write(case: Case, tmp_path: Path, real_file) -> Path:
+    if case.needs_real:
+        real_file(BADMETA)  # skips when the real recording is absent
     path = tmp_path / case.filename
     case.write(path)
     return path
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_reader(case: Case, tmp_path: Path) -> None:
-    path = _write(case, tmp_path)
+def test_reader(case: Case, tmp_path: Path, real_file) -> None:
+    path = _write(case, tmp_path, real_file)
     if case.error:
         with pytest.raises(RecordingError) as err:
             read_recording(path, **case.read_kwargs)
@@ -86,8 +86,8 @@ def _upload(api, path: Path, filename: str | None = None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_upload(case: Case, tmp_path: Path, api) -> None:
-    path = _write(case, tmp_path)
+def test_upload(case: Case, tmp_path: Path, api, real_file) -> None:
+    path = _write(case, tmp_path, real_file)
     r = _upload(api, path)
     if case.error:
         assert r.status_code == 422, r.text
