@@ -10,6 +10,7 @@ enumerated: a route that is not public must refuse a request without a token (40
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -695,3 +696,40 @@ def test_metrics_per_dataset_and_model(client: TestClient, users: dict[str, str]
         "/api/metrics", params={"model_job_id": ids["ft"]}, headers=_headers(users["root"])
     )
     assert len(r.json()) == 4
+
+
+def test_token_cache_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verified token is answered from the process's cache for ``TOKEN_CACHE_S``: revoked
+    by another process (a direct UPDATE here), it still works until the entry expires, then
+    not; revoked with ``revoke_token`` in this process it stops at once. Unknown tokens are
+    never cached, and the cache is per database."""
+    from calseg.service import auth
+    from calseg.service.db import upgrade_database
+
+    monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.5)
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    upgrade_database(url)
+    with session_scope(url) as session:
+        user = create_user(session, "carol")
+        row, token = create_token(session, user, "t")
+        row2, token2 = create_token(session, user, "t2")
+        assert authenticate(session, token).name == "carol"  # now cached
+    with session_scope(url) as session:  # "another process" revokes: a plain UPDATE
+        session.get(ApiToken, row.id).revoked_at = datetime.now(UTC)
+    with session_scope(url) as session:
+        cached = authenticate(session, token)
+        assert cached is not None and cached.name == "carol" and cached in session
+        assert authenticate(session, "cs_" + "A" * 43) is None
+    time.sleep(0.6)
+    with session_scope(url) as session:
+        assert authenticate(session, token) is None  # expired: the database says revoked
+        assert authenticate(session, token2) is not None
+        revoke_token(session, row2.id)  # in this process: at once
+        assert authenticate(session, token2) is None
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    upgrade_database(other)
+    with session_scope(url) as session:
+        _, token3 = create_token(session, create_user(session, "dave"), "t")
+        assert authenticate(session, token3) is not None
+    with session_scope(other) as session:
+        assert authenticate(session, token3) is None  # not valid on another database

@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, joinedload, make_transient_to_detached
 
 from calseg.service.models import ApiToken, User, utcnow
 
@@ -40,6 +40,54 @@ LOCAL_USER = "local"
 """The admin user of the embedded default."""
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 """``api_tokens.last_used_at`` is written at most once a minute per token (not per request)."""
+TOKEN_CACHE_S = 5.0
+"""Seconds an api process reuses a verified token's user without a database query (every
+authenticated request paid one query before). Bound on staleness: a token revoked from
+another process (``calseg tokens revoke``), or a user changed there, stops working in every
+api process within this many seconds; one revoked with :func:`revoke_token` in the same
+process stops at once. Unknown and revoked tokens are never cached."""
+
+
+class _TokenCache:
+    """(database URL, token sha256) -> (expiry on the monotonic clock, a detached copy of
+    the token's user). Keyed by database too: one process may talk to several (tests)."""
+
+    max_entries = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[float, User]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: tuple[str, str]) -> User | None:
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None:
+                return None
+            if hit[0] <= time.monotonic():
+                del self._entries[digest]
+                return None
+            return hit[1]
+
+    def put(self, digest: tuple[str, str], user: User) -> None:
+        copy = User(id=user.id, name=user.name, is_admin=user.is_admin, created_at=user.created_at)
+        make_transient_to_detached(copy)
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + TOKEN_CACHE_S, copy)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_token_cache = _TokenCache()
+
+
+def forget_cached_tokens() -> None:
+    """Drop this process's token cache (done by :func:`revoke_token`; tests)."""
+    _token_cache.clear()
+
 
 HOW_TO_GET_A_TOKEN = (
     "send 'Authorization: Bearer <token>'. On the embedded service (make serve) the token is "
@@ -124,19 +172,27 @@ def revoke_token(session: Session, token_id: str) -> ApiToken:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.commit()
+    forget_cached_tokens()
     return row
 
 
 def authenticate(session: Session, token: str) -> User | None:
     """The user holding ``token``, or None (malformed, unknown or revoked token).
 
-    Updates the token's ``last_used_at`` at most once per :data:`LAST_USED_RESOLUTION`.
+    Updates the token's ``last_used_at`` at most once per :data:`LAST_USED_RESOLUTION`. A
+    token verified in the last :data:`TOKEN_CACHE_S` seconds is answered from this process's
+    cache (no query; the user is merged into ``session`` without loading).
     """
     if not TOKEN_RE.match(token or ""):
         return None
+    digest = hash_token(token)
+    key = (str(session.get_bind().url), digest)
+    cached = _token_cache.get(key)
+    if cached is not None:
+        return session.merge(cached, load=False)
     row = session.scalar(
         select(ApiToken)
-        .where(ApiToken.token_sha256 == hash_token(token))
+        .where(ApiToken.token_sha256 == digest)
         .options(joinedload(ApiToken.user))  # one query per request, not two
     )
     if row is None or row.revoked_at is not None:
@@ -148,6 +204,7 @@ def authenticate(session: Session, token: str) -> User | None:
     if last is None or now - last > LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.commit()
+    _token_cache.put(key, row.user)
     return row.user
 
 
