@@ -609,7 +609,8 @@ def tokens_list(
 def tokens_revoke(
     token_id: Annotated[str, typer.Argument(help="token id (or its first 6+ characters)")],
 ) -> None:
-    """Revoke a token: requests with it are refused (401) from now on."""
+    """Revoke a token: requests with it are refused (401) within 5 s (a running api caches
+    a verified token that long: calseg.service.auth.TOKEN_CACHE_S)."""
     from calseg.service.auth import AuthError, revoke_token
 
     with _db_session() as session:
