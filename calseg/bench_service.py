@@ -2,11 +2,15 @@
 ``python -m calseg.bench service``).
 
 * ``latency``: ``--clients`` (50) concurrent clients (one thread and one keep-alive
-  ``httpx.Client`` each) against the embedded service's api (uvicorn, one process; no worker,
-  so jobs stay queued) for ``--seconds``. Each client loops: submit a simulate job
-  (``POST /api/jobs``), then read its status three times (``GET /api/jobs/{id}``). Reported:
-  p50/p99 latency (ms) of submit and of status, requests per second, errors (any non-2xx or
-  transport error). Target: p99 < 50 ms.
+  ``httpx.Client`` each) against the embedded service's api (uvicorn, one process, as
+  ``make serve`` runs it; no worker, so jobs stay queued). Each client loops: submit a
+  simulate job (``POST /api/jobs``), then read its status ``--polls-per-job`` (5) times
+  (``GET /api/jobs/{id}``). Two client models (:func:`run_latency`): ``poll``, one request
+  per client every ``--poll-s`` (1) s on a fixed clock for ``--seconds`` (30), what a client
+  or page watching its job does (offered load 50 requests/s); ``closed``, back to back for
+  ``--closed-seconds`` (15): the saturation throughput. Reported: p50/p99 latency (ms) of
+  submit and of status, requests per second, errors (any non-2xx or transport error), the
+  api process's CPU time per request. Target: p99 < 50 ms.
 * ``upload``: a ``--upload-gb`` (2) GB BigTIFF written as a sparse file (2048 x 2048 uint16
   frames; header plus a marked first and last frame, the rest holes) streamed in 1 MiB chunks
   over loopback to ``POST /api/recordings`` (raw body). Reported: throughput (MB/s, wall time
@@ -174,18 +178,47 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU time (s) a process has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_latency(
     url: str,
     headers: dict[str, str],
     clients: int = 50,
-    seconds: float = 10.0,
-    think_s: float = 0.0,
+    seconds: float = 30.0,
+    mode: str = "poll",
+    poll_s: float = 1.0,
+    polls_per_job: int = 5,
+    api_pid: int | None = None,
 ) -> dict[str, Any]:
-    """``clients`` threads submit a job and read its status three times, in a loop, for
-    ``seconds``, pausing ``think_s`` after each request (0: back to back, a closed loop that
-    measures the server at saturation; 1: clients polling once a second). A warm-up of three
-    submit + status rounds runs first, unmeasured. Latencies in ms; ``errors`` lists the first
-    few failures."""
+    """``clients`` threads (one keep-alive ``httpx.Client`` each) each submit a simulate job
+    (``POST /api/jobs``) and then read its status (``GET /api/jobs/{id}``) ``polls_per_job``
+    times, in a loop, for ``seconds``. A warm-up of three submit + status rounds runs first,
+    unmeasured.
+
+    Client models (``mode``):
+
+    * ``poll`` (how a watching client or the page behaves): one request every ``poll_s``
+      seconds per client, on a fixed clock (client ``i`` starts at ``i / clients * poll_s``,
+      then every ``poll_s``), so the offered load is ``clients / poll_s`` requests/s whatever
+      the latencies; a request that overruns its slot delays only that client's next one.
+    * ``closed``: back to back (each client sends its next request as soon as the last one
+      answered): the server at saturation; its requests/s is the throughput, and its
+      latencies are mostly queueing (about ``clients / throughput``).
+
+    ``api_pid``: the api process, whose CPU time over the run divided by the requests gives
+    ``api_cpu_ms_per_request`` (the server's own cost; the database's is not included).
+
+    Returns:
+        dict with latencies in ms (``submit_p50_ms`` ... ``status_p99_ms``), ``requests_per_s``,
+        ``errors`` (non-2xx or transport errors; ``error_examples``: the first five),
+        ``job_ids`` (every job submitted), ``load_before`` (1-minute load average).
+    """
+    if mode not in ("poll", "closed"):
+        raise ValueError(f"mode must be 'poll' or 'closed', not {mode!r}")
     submit: list[float] = []
     status: list[float] = []
     errors: list[str] = []
@@ -197,31 +230,46 @@ def run_latency(
         for _ in range(3):  # first requests import and cache (schemas, git describe)
             job_id = c.post("/api/jobs", json=body).json()["id"]
             c.get(f"/api/jobs/{job_id}")
+    period = poll_s if mode == "poll" else 0.0
+    t_start: list[float] = []
 
-    def client() -> None:
+    def client(index: int) -> None:
         s_lat: list[float] = []
         g_lat: list[float] = []
         mine: list[str] = []
         errs: list[str] = []
         with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
             start.wait()
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
+            t0 = t_start[0]
+            deadline = t0 + seconds
+            slot = t0 + index / clients * period
+
+            def wait_slot() -> bool:
+                nonlocal slot
+                now = time.perf_counter()
+                if max(slot, now) >= deadline:
+                    return False
+                if slot > now:
+                    time.sleep(slot - now)
+                slot = max(slot, now) + period
+                return True
+
+            while wait_slot():
                 try:
-                    t0 = time.perf_counter()
+                    t = time.perf_counter()
                     r = c.post("/api/jobs", json=body)
-                    s_lat.append((time.perf_counter() - t0) * 1e3)
-                    time.sleep(think_s)
+                    s_lat.append((time.perf_counter() - t) * 1e3)
                     if r.status_code != 201:
                         errs.append(f"submit {r.status_code}: {r.text[:200]}")
                         continue
                     job_id = r.json()["id"]
                     mine.append(job_id)
-                    for _ in range(3):
-                        t0 = time.perf_counter()
+                    for _ in range(polls_per_job):
+                        if not wait_slot():
+                            break
+                        t = time.perf_counter()
                         r = c.get(f"/api/jobs/{job_id}")
-                        g_lat.append((time.perf_counter() - t0) * 1e3)
-                        time.sleep(think_s)
+                        g_lat.append((time.perf_counter() - t) * 1e3)
                         if r.status_code != 200 or r.json()["id"] != job_id:
                             errs.append(f"status {r.status_code}: {r.text[:200]}")
                 except httpx.HTTPError as exc:
@@ -232,20 +280,27 @@ def run_latency(
             ids.extend(mine)
             errors.extend(errs)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
+    load_before = os.getloadavg()[0]
+    cpu0 = _cpu_s(api_pid) if api_pid else None
+    t_start.append(time.perf_counter())
     start.wait()
-    t0 = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t_start[0]
+    n = len(submit) + len(status)
+    cpu = (_cpu_s(api_pid) - cpu0) if api_pid and cpu0 is not None else None
     return {
+        "mode": mode,
         "clients": clients,
-        "think_s": think_s,
+        "poll_s": period,
+        "polls_per_job": polls_per_job,
         "seconds": round(wall, 2),
-        "requests": len(submit) + len(status),
-        "requests_per_s": round((len(submit) + len(status)) / wall, 1),
+        "load_before": round(load_before, 2),
+        "requests": n,
+        "requests_per_s": round(n / wall, 1),
         "submit_n": len(submit),
         "submit_p50_ms": round(_pct(submit, 50), 1),
         "submit_p99_ms": round(_pct(submit, 99), 1),
@@ -253,6 +308,8 @@ def run_latency(
         "status_p50_ms": round(_pct(status, 50), 1),
         "status_p99_ms": round(_pct(status, 99), 1),
         "status_mean_ms": round(statistics.fmean(status), 1) if status else None,
+        "api_cpu_s": round(cpu, 2) if cpu is not None else None,
+        "api_cpu_ms_per_request": round(cpu / n * 1e3, 2) if cpu is not None and n else None,
         "errors": len(errors),
         "error_examples": errors[:5],
         "job_ids": ids,
@@ -312,11 +369,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m calseg.bench_service", description=__doc__)
     ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of the poll run")
+    ap.add_argument("--closed-seconds", type=float, default=15.0, help="length of the closed run")
     ap.add_argument(
-        "--think", type=float, action="append",
-        help="pause after each request (s); repeatable; default: 0 and 1",
+        "--mode", choices=["poll", "closed"], action="append",
+        help="client model; repeatable; default: poll, then closed (see run_latency)",
     )  # fmt: skip
+    ap.add_argument("--poll-s", type=float, default=1.0, help="poll period per client (s)")
+    ap.add_argument("--polls-per-job", type=int, default=5)
     ap.add_argument("--upload-gb", type=float, default=2.0)
     ap.add_argument("--only", choices=["latency", "upload"])
     ap.add_argument("--sqlite", action="store_true", help="SQLite even when PostgreSQL answers")
@@ -336,14 +396,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"api {svc.url} (pid {svc.api_pid}), database {svc.database}", flush=True)
             if args.only in (None, "latency"):
                 report["latency"] = []
-                for think in args.think or [0.0, 1.0]:
-                    lat = run_latency(svc.url, svc.headers, args.clients, args.seconds, think)
+                for mode in args.mode or ["poll", "closed"]:
+                    lat = run_latency(
+                        svc.url, svc.headers, args.clients,
+                        args.seconds if mode == "poll" else args.closed_seconds, mode,
+                        args.poll_s, args.polls_per_job, svc.api_pid,
+                    )  # fmt: skip
                     lat.pop("job_ids")
                     report["latency"].append(lat)
+                    model = (
+                        f"each submits, then polls status every {args.poll_s:g} s "
+                        f"({args.polls_per_job} polls per job)"
+                        if mode == "poll"
+                        else f"back to back (closed loop, saturation), {args.polls_per_job} "
+                        "status reads per submit"
+                    )
                     print(
-                        f"latency, {lat['clients']} clients, pause {think:g} s after each "
-                        f"request, {lat['seconds']} s: {lat['requests']} requests "
-                        f"({lat['requests_per_s']}/s), errors {lat['errors']}\n"
+                        f"latency [{mode}], {lat['clients']} clients {model}; "
+                        f"{lat['seconds']} s, load(1 min) {lat['load_before']:.2f} before: "
+                        f"{lat['requests']} requests ({lat['requests_per_s']}/s), "
+                        f"errors {lat['errors']}; api CPU {lat['api_cpu_s']} s = "
+                        f"{lat['api_cpu_ms_per_request']} ms per request\n"
                         f"  submit  POST /api/jobs       n={lat['submit_n']:6d}  "
                         f"p50 {lat['submit_p50_ms']:7.1f} ms  p99 {lat['submit_p99_ms']:7.1f} ms"
                         f"  (target p99 < 50 ms)\n"

@@ -21,7 +21,9 @@ def test_50_clients_submit_and_poll_without_errors(tmp_path: Path, pg_admin) -> 
 
     with embedded(tmp_path / "svc") as svc:
         assert svc.database == "postgresql"
-        result = run_latency(svc.url, svc.headers, clients=50, seconds=20, think_s=0.2)
+        result = run_latency(
+            svc.url, svc.headers, clients=50, seconds=20, poll_s=0.2, polls_per_job=3
+        )
         with session_scope(svc.settings.database_url) as s:
             stored = s.scalars(select(Job.id).where(Job.id.in_(result["job_ids"]))).all()
             states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
