@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.frames import (
     label_at,
@@ -235,8 +237,54 @@ UserDep = Annotated[User, Depends(current_user)]
 # ------------------------------------------------------------------------------ errors
 
 
-def _error(status: int, message: str | list[dict[str, Any]], **extra: Any) -> JSONResponse:
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content=jsonable_encoder({"detail": message, **extra}))
+
+
+def _unprocessable(message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    """Every 422 of the API has one shape: ``{"detail": str, "errors": [...]}`` - ``detail``
+    one human sentence, ``errors`` pydantic-style ``{"type", "loc", "msg", "input"?}`` items
+    (``loc`` such as ``["body", "params", field]``; empty when no single field is at fault)."""
+    return _error(422, message, errors=errors or [])
+
+
+def _describe_errors(errors: list[dict[str, Any]]) -> str:
+    """``"kind: Input should be ...; params: ..."`` (the leading ``body`` of each location
+    dropped) for the ``detail`` of a request-validation 422."""
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ())]
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        parts.append(f"{'.'.join(loc)}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+_default_openapi = app.openapi
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's OpenAPI document with its 422 schema (``HTTPValidationError``) replaced by
+    the shape :func:`_unprocessable` answers: ``detail`` a string, ``errors`` a list."""
+    if app.openapi_schema is None:
+        schemas = _default_openapi().get("components", {}).get("schemas", {})
+        if "HTTPValidationError" in schemas:
+            schemas["HTTPValidationError"] = {
+                "title": "HTTPValidationError",
+                "type": "object",
+                "required": ["detail", "errors"],
+                "properties": {
+                    "detail": {"type": "string", "title": "Detail"},
+                    "errors": {
+                        "type": "array",
+                        "title": "Errors",
+                        "items": {"$ref": "#/components/schemas/ValidationError"},
+                    },
+                },
+            }
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 @app.exception_handler(lifecycle.JobNotFound)
@@ -253,18 +301,28 @@ async def _conflict(_: Request, exc: lifecycle.JobStateError) -> JSONResponse:
 async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with pydantic's errors made JSON-safe (a bad input may be NaN, Inf or any object,
     which FastAPI's default handler cannot serialise: it answered 500)."""
-    return _error(422, json_safe_errors(list(exc.errors())))
+    errors = json_safe_errors(list(exc.errors()))
+    return _unprocessable(_describe_errors(errors), errors)
 
 
 @app.exception_handler(ParamsError)
 async def _bad_params(_: Request, exc: ParamsError) -> JSONResponse:
     errors = [{**e, "loc": ["body", "params", *e.get("loc", ())]} for e in exc.errors]
-    return _error(422, str(exc), errors=errors)
+    return _unprocessable(str(exc), errors)
 
 
 @app.exception_handler(lifecycle.JobReferenceError)
 async def _bad_reference(_: Request, exc: lifecycle.JobReferenceError) -> JSONResponse:
-    return _error(422, str(exc))
+    return _unprocessable(str(exc))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """A route's ``HTTPException(422, "...")`` in the one 422 shape; other codes as FastAPI
+    answers them (``{"detail": str}``, headers such as WWW-Authenticate kept)."""
+    if exc.status_code == 422:
+        return _unprocessable(str(exc.detail))
+    return await http_exception_handler(request, exc)
 
 
 @app.exception_handler(lifecycle.QueueUnavailable)

@@ -96,6 +96,53 @@ def test_bad_params_are_422_naming_the_field(client: TestClient) -> None:
     assert client.queued == []
 
 
+def _one_422_shape(r) -> dict:  # noqa: ANN001 - an httpx response
+    """The API's single 422 shape: ``detail`` one string, ``errors`` a list of
+    ``{"type", "loc", "msg"}`` items (README/ARCHITECTURE "Errors")."""
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert set(body) == {"detail", "errors"}, body
+    assert isinstance(body["detail"], str) and body["detail"], body
+    assert isinstance(body["errors"], list), body
+    for e in body["errors"]:
+        assert isinstance(e["loc"], list) and isinstance(e["msg"], str) and e["type"], e
+    return body
+
+
+def test_every_422_has_the_same_shape(client: TestClient) -> None:
+    """Parameter errors, schema errors (bad kind, params not an object, invalid JSON, a
+    missing query parameter) and a route's own 422 all answer ``{"detail": str, "errors":
+    [...]}``; field errors carry their location."""
+
+    def post(body: object):  # noqa: ANN202 - an httpx response
+        return client.post("/api/jobs", json=body)
+
+    body = _one_422_shape(post({"kind": "simulate", "params": {"n_frames": 1}}))
+    assert (
+        body["errors"][0]["loc"] == ["body", "params", "n_frames"] and "n_frames" in body["detail"]
+    )
+    body = _one_422_shape(post({"kind": "segmentify", "params": {}}))
+    assert body["errors"][0]["loc"] == ["body", "kind"]
+    assert body["detail"].startswith("invalid request: kind: Input should be"), body["detail"]
+    body = _one_422_shape(post({"kind": "simulate", "params": [1, 2]}))
+    assert body["errors"][0]["loc"] == ["body", "params"] and "params: " in body["detail"]
+    body = _one_422_shape(
+        client.post("/api/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    )
+    assert body["errors"][0]["type"] == "json_invalid" and "JSON" in body["detail"]
+    body = _one_422_shape(client.get("/api/jobs", params={"state": "bogus"}))  # HTTPException
+    assert body["errors"] == [] and "unknown state 'bogus'" in body["detail"]
+    body = _one_422_shape(post({"kind": "finetune", "params": {"dataset_job_id": "x"}}))
+    assert body["errors"] == [] and "no job x" in body["detail"]  # JobReferenceError
+    body = _one_422_shape(client.get("/api/jobs", params={"limit": "many"}))
+    assert body["errors"][0]["loc"] == ["query", "limit"] and "query.limit" in body["detail"]
+    # ... and the OpenAPI document says so
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["HTTPValidationError"]
+    assert schema["properties"]["detail"]["type"] == "string"
+    assert schema["properties"]["errors"]["type"] == "array"
+    assert client.queued == []
+
+
 def test_unknown_ids_are_404(client: TestClient) -> None:
     for method, path in [
         ("get", "/api/jobs/nope"),
@@ -385,6 +432,6 @@ def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None
 )
 def test_bad_numbers_are_422_never_500(client: TestClient, body: str, expected: str) -> None:
     r = client.post("/api/jobs", content=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == 422, r.text
-    assert expected in r.text
+    body = _one_422_shape(r)
+    assert expected in body["detail"] or expected in str(body["errors"]), body
     assert client.queued == []  # nothing reached the queue
