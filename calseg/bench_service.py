@@ -210,7 +210,9 @@ def run_latency(
       latencies are mostly queueing (about ``clients / throughput``).
 
     ``api_pid``: the api process, whose CPU time over the run divided by the requests gives
-    ``api_cpu_ms_per_request`` (the server's own cost; the database's is not included).
+    ``api_cpu_ms_per_request`` (the server's own cost; the database's is not included);
+    ``client_cpu_ms_per_request``: the same for this process (the 50 client threads), which
+    shares the machine's cores with the server.
 
     Returns:
         dict with latencies in ms (``submit_p50_ms`` ... ``status_p99_ms``), ``requests_per_s``,
@@ -285,11 +287,13 @@ def run_latency(
         t.start()
     load_before = os.getloadavg()[0]
     cpu0 = _cpu_s(api_pid) if api_pid else None
+    client_cpu0 = time.process_time()
     t_start.append(time.perf_counter())
     start.wait()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_start[0]
+    client_cpu = time.process_time() - client_cpu0
     n = len(submit) + len(status)
     cpu = (_cpu_s(api_pid) - cpu0) if api_pid and cpu0 is not None else None
     return {
@@ -310,6 +314,7 @@ def run_latency(
         "status_mean_ms": round(statistics.fmean(status), 1) if status else None,
         "api_cpu_s": round(cpu, 2) if cpu is not None else None,
         "api_cpu_ms_per_request": round(cpu / n * 1e3, 2) if cpu is not None and n else None,
+        "client_cpu_ms_per_request": round(client_cpu / n * 1e3, 2) if n else None,
         "errors": len(errors),
         "error_examples": errors[:5],
         "job_ids": ids,
@@ -416,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{lat['seconds']} s, load(1 min) {lat['load_before']:.2f} before: "
                         f"{lat['requests']} requests ({lat['requests_per_s']}/s), "
                         f"errors {lat['errors']}; api CPU {lat['api_cpu_s']} s = "
-                        f"{lat['api_cpu_ms_per_request']} ms per request\n"
+                        f"{lat['api_cpu_ms_per_request']} ms per request, clients' CPU "
+                        f"{lat['client_cpu_ms_per_request']} ms per request\n"
                         f"  submit  POST /api/jobs       n={lat['submit_n']:6d}  "
                         f"p50 {lat['submit_p50_ms']:7.1f} ms  p99 {lat['submit_p99_ms']:7.1f} ms"
                         f"  (target p99 < 50 ms)\n"
