@@ -321,6 +321,30 @@ def run_latency(
     }
 
 
+def run_idle_probe(
+    url: str, headers: dict[str, str], pauses: tuple[float, ...] = (0.0, 0.5), n: int = 10
+) -> dict[str, dict[str, float]]:
+    """One client, one keep-alive connection: median latency (ms) of ``GET /api/health`` (no
+    database) and of a job's status, sent back to back (pause 0) or each after ``pause``
+    seconds of silence. Separates what an idle pause costs on this machine from load."""
+    out: dict[str, dict[str, float]] = {}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+        job_id = c.post("/api/jobs", json={"kind": "simulate", "params": {"n_frames": 4}}).json()
+        for pause in pauses:
+            lat: dict[str, list[float]] = {"health": [], "status": []}
+            for _ in range(n):
+                for what, path in (
+                    ("health", "/api/health"),
+                    ("status", f"/api/jobs/{job_id['id']}"),
+                ):
+                    time.sleep(pause)
+                    t = time.perf_counter()
+                    c.get(path).raise_for_status()
+                    lat[what].append((time.perf_counter() - t) * 1e3)
+            out[f"{pause:g}"] = {k: round(float(np.median(v)), 1) for k, v in lat.items()}
+    return out
+
+
 def run_upload(url: str, headers: dict[str, str], api_pid: int, path: Path) -> dict[str, Any]:
     """Stream ``path`` to ``POST /api/recordings`` (raw body, 1 MiB chunks, Content-Length
     set) while sampling the api's RSS; the result with throughput and RSS growth (MB)."""
@@ -400,6 +424,17 @@ def main(argv: list[str] | None = None) -> int:
         with embedded(root / "svc", force_sqlite=args.sqlite, max_upload_bytes=8 * 1024**3) as svc:
             print(f"api {svc.url} (pid {svc.api_pid}), database {svc.database}", flush=True)
             if args.only in (None, "latency"):
+                probe = run_idle_probe(svc.url, svc.headers)
+                report["idle_probe"] = probe
+                print(
+                    "one client, median of 10: "
+                    + "; ".join(
+                        f"pause {pause} s before each request: health {v['health']} ms, "
+                        f"status {v['status']} ms"
+                        for pause, v in probe.items()
+                    ),
+                    flush=True,
+                )
                 report["latency"] = []
                 for mode in args.mode or ["poll", "closed"]:
                     lat = run_latency(
