@@ -29,6 +29,7 @@ def test_50_clients_submit_and_poll_without_errors(tmp_path: Path, pg_admin) -> 
             states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
     print({k: v for k, v in result.items() if k != "job_ids"})
     assert result["errors"] == 0, result["error_examples"]
-    assert result["submit_n"] >= 50 and result["status_n"] >= 3 * len(result["job_ids"]) - 50
+    # three polls per job; the deadline may cut each client's last job short (up to 3 polls)
+    assert result["submit_n"] >= 50 and result["status_n"] >= 3 * len(result["job_ids"]) - 3 * 50
     assert len(set(result["job_ids"])) == len(result["job_ids"]) == len(stored)
     assert states == {"queued": len(stored) + 3}  # + the warm-up's three
