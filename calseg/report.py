@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -46,14 +45,11 @@ REAL_SETS = {
 
 
 def _real_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("CALSEG_REAL_DATA_DIR")
-    if env:
-        return Path(env)
-    from calseg.service.settings import get_settings
+    """``--real-dir`` when given, else the setting ``real_data_dir`` (``$CALSEG_REAL_DATA_DIR``),
+    read afresh so the current environment counts."""
+    from calseg.service.settings import Settings
 
-    return Path(get_settings().real_data_dir)
+    return Path(arg) if arg else Path(Settings().real_data_dir)
 
 
 def _fmt(v, digits: int = 2) -> str:  # noqa: ANN001
