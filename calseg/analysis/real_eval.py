@@ -298,41 +298,24 @@ def oracle_point_iou(
     Returns:
         one IoU per ROI id (ascending ids).
     """
-    import torch
     from scipy import ndimage as ndi
 
-    from calseg.segment.embeddings import FrameGeometry, compute_normalisation, logits_to_frame
-    from calseg.segment.infer import embed_recording
-    from calseg.segment.model import run_decoder
-    from calseg.segment.prompts import pack_points
+    from calseg.segment.embeddings import FrameGeometry, compute_normalisation
+    from calseg.segment.infer import InferenceConfig, decode_frame_prompts, embed_recording
+    from calseg.segment.prompts import FramePrompt
 
     frames = np.asarray(frames)
     proj = frames.astype(np.float32).mean(axis=0)[None]
     geom = FrameGeometry(proj.shape[1], proj.shape[2], loaded.info.image_size)
     emb = embed_recording(loaded, proj, compute_normalisation(proj), geom, cache_dir=cache_dir)
     ids = [int(i) for i in np.unique(rois) if i]
-    pos = []
+    prompts = []
     for i in ids:
         dist = ndi.distance_transform_edt(rois == i)
         r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-        pos.append((float(c), float(r)))
-    coords, labels = pack_points(pos, [[] for _ in ids])
-    coords = geom.to_model_points(coords)
-    device = next(loaded.model.parameters()).device
-    image_embed, high = emb.get(0, device)
-    multimask = True if loaded.info.multimask_output is None else loaded.info.multimask_output
-    with torch.no_grad():
-        low, iou, _ = run_decoder(
-            loaded.model,
-            image_embed,
-            high,
-            torch.from_numpy(coords).to(device),
-            torch.from_numpy(labels).to(device),
-            multimask_output=multimask,
-        )
-        ar = torch.arange(len(ids), device=device)
-        best = low[ar, iou.argmax(1)][:, None].float()
-        masks = (logits_to_frame(best, geom)[:, 0] > 0).cpu().numpy()
+        prompts.append(FramePrompt(frame=0, seed_id=i, x=int(c), y=int(r), z=float("nan")))
+    logits, _, _ = decode_frame_prompts(loaded, emb, 0, geom, prompts, InferenceConfig())
+    masks = logits > 0
     out = []
     for k, i in enumerate(ids):
         g = rois == i
