@@ -38,4 +38,4 @@ ENV CALSEG_ARTIFACT_DIR=/data/artifacts \
 
 EXPOSE 8000
 ENTRYPOINT ["tini", "--"]
-CMD ["sh", "-c", "alembic upgrade head && uvicorn api.main:app --host 0.0.0.0 --port 8000"]
+CMD ["sh", "-c", "alembic upgrade head && python -m api.serve --host 0.0.0.0 --port 8000"]

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAM2_PIN := $(shell sed -n 's/^sam2 = \["\(sam2==[0-9.]*\)"\]/\1/p' pyproject.toml)
 RECORDING ?=
 
-.PHONY: demo test reliability serve bench lint format services sysdeps venv clean-venv
+.PHONY: demo test reliability serve bench accuracy peers lint format services sysdeps venv clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -51,6 +51,22 @@ reliability: $(STAMP) sysdeps services
 
 bench: $(STAMP)
 	$(PY) -m calseg.bench
+
+# The held-out accuracy suite (issue 17): tables into README.md, BENCHMARKS.md and
+# docs/accuracy-suite.json (the headline `make demo` prints).
+accuracy: $(STAMP)
+	$(PY) -m calseg.bench --only accuracy --write-docs
+
+# Suite2p side by side (issue 17 item 5): Suite2p 1.1.0 (calseg[peers]) in a venv of its own
+# that also sees .venv's packages (a .pth file), so only Suite2p and its dependencies are
+# installed there; the table goes into BENCHMARKS.md.
+PEERS_VENV ?= /tmp/calseg-peers-venv
+peers: $(STAMP)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(PEERS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/calseg-venv.pth"
+	$(PEERS_VENV)/bin/python -m pip install --quiet "$$(sed -n 's/^peers = \["\(suite2p==[0-9.]*\)"\]/\1/p' pyproject.toml)"
+	PYTHONPATH=$(CURDIR) $(PEERS_VENV)/bin/python -m calseg.bench --only peers --write-docs
 
 clean-venv:
 	rm -rf $(VENV)

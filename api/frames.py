@@ -1,7 +1,10 @@
 """Server-side rendering of recording frames with predicted labels, for the viewer.
 
-The frames of an infer job's recording and its label stack are decoded once and kept in a small
-LRU cache (two recordings), so scrubbing through frames does not re-read the files.
+Nothing is decoded whole: a frame request decodes that frame of the recording (through
+:class:`calseg.io.recordings.RecordingReader`, with the recording's reading options and the
+server's decode budget) and that page of the label stacks. Open files (their parsed headers)
+are kept in a small LRU (:data:`CACHE_SIZE`), so scrubbing through frames does not re-parse
+them; memory holds a few frames, whatever the recording's length.
 """
 
 from __future__ import annotations
@@ -12,57 +15,179 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-CACHE_SIZE = 2
+CACHE_SIZE = 8
+"""Open recordings / label stacks kept (headers parsed, no pixels)."""
 GAP_PX = 4
+
+
+class FrameSource(Protocol):
+    """``(T, H, W)`` frames decoded one at a time."""
+
+    shape: tuple[int, int, int]
+
+    def frame(self, t: int) -> np.ndarray:
+        """Frame ``t`` as ``(H, W)``."""
+        ...
+
+    def close(self) -> None:
+        """Release the file."""
+        ...
+
+
+class ArrayFrames:
+    """A :class:`FrameSource` over an array already in memory (tests, small stacks)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = np.asarray(array)
+        self.shape = tuple(self.array.shape)
+
+    def frame(self, t: int) -> np.ndarray:
+        return self.array[t]
+
+    def close(self) -> None:
+        pass
+
+
+class TiffPages:
+    """A :class:`FrameSource` over a ``(T, H, W)`` TIFF written by CalSeg itself (a label
+    stack, a calseg-dataset image): page ``t`` is frame ``t``, decoded on demand.
+
+    Args:
+        path: the TIFF.
+        dtype: convert frames to this dtype (label stacks: uint32); None keeps the stored one.
+    """
+
+    def __init__(self, path: Path, dtype: Any = None) -> None:
+        self.path, self.dtype = path, dtype
+        self.lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        import tifffile
+
+        self.tf = tifffile.TiffFile(self.path)
+        series = self.tf.series[0]
+        shape = tuple(int(n) for n in series.shape)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3:
+            self.tf.close()
+            raise ValueError(f"{self.path.name} holds shape {shape}, not (T, H, W) frames")
+        self.shape = shape
+        self.series = series
+        self.closed = False
+
+    def frame(self, t: int) -> np.ndarray:
+        if not 0 <= t < self.shape[0]:
+            raise IndexError(f"frame {t} not in 0..{self.shape[0] - 1}")
+        with self.lock:
+            if self.closed:  # evicted from the cache while a request still held it
+                self._open()
+            data = np.asarray(self.series.asarray(key=t)).reshape(self.shape[1:])
+        return data if self.dtype is None else data.astype(self.dtype)
+
+    def close(self) -> None:
+        with self.lock:
+            self.tf.close()
+            self.closed = True
+
+
+class RecordingFrames:
+    """A :class:`FrameSource` over an uploaded recording, read with its reading options and
+    checked against the decode budget (:class:`calseg.io.recordings.RecordingReader`)."""
+
+    def __init__(self, path: Path, read_options: dict[str, Any] | None, limits: Any) -> None:
+        self.args = (path, dict(read_options or {}), limits)
+        self.lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        from calseg.io.recordings import RecordingReader
+
+        path, options, limits = self.args
+        self.reader = RecordingReader(path, **options, limits=limits)
+        info = self.reader.info
+        self.shape = (info.n_frames, info.height, info.width)
+        self.closed = False
+
+    def frame(self, t: int) -> np.ndarray:
+        with self.lock:  # reads are serialised by the reader anyway
+            if self.closed:  # evicted from the cache while a request still held it
+                self._open()
+            return self.reader.frame(t)
+
+    def close(self) -> None:
+        with self.lock:
+            self.reader.close()
+            self.closed = True
 
 
 @dataclass
 class Stacks:
-    """Decoded stacks of one infer job: frames (T, H, W), labels and optional ground truth
-    (T, H, W) uint32, the default display range (lo, hi) and the finite data range
-    (vmin, vmax), all in the frames' intensity units (e.g. counts of a uint16 recording)."""
+    """What a viewer frame is drawn from: frames (T, H, W) and optional labels and ground truth
+    (T, H, W) label ids, as :class:`FrameSource` (an array is wrapped), the default display
+    range (lo, hi) and the finite data range (vmin, vmax), all in the frames' intensity units
+    (e.g. counts of a uint16 recording)."""
 
-    frames: np.ndarray
-    labels: np.ndarray | None
-    gt: np.ndarray | None
+    frames: Any
+    labels: Any
+    gt: Any
     lo: float
     hi: float
     vmin: float = 0.0
     vmax: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("frames", "labels", "gt"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                setattr(self, name, ArrayFrames(value))
 
-_cache: OrderedDict[tuple, Stacks] = OrderedDict()
-_labels_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+    @property
+    def n_frames(self) -> int:
+        """Frames T."""
+        return int(self.frames.shape[0])
+
+
+_sources: OrderedDict[tuple, Any] = OrderedDict()
 _traces_cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _labels(path: Path) -> np.ndarray:
-    from calseg.io.labels import read_label_stack
-
-    return read_label_stack(path)
+def _key(path: Path, *extra: Any) -> tuple:
+    return (str(path), path.stat().st_mtime_ns, *extra)
 
 
-def _frames(path: Path, simulated: bool) -> np.ndarray:
-    """(T, H, W) frames: a calseg-dataset image is a plain TYX TIFF; anything else goes
-    through the recording reader (axis detection, calibration)."""
-    if simulated:
-        import tifffile
-
-        arr = tifffile.imread(path)
-        return arr[None] if arr.ndim == 2 else arr
-    from calseg.io.recordings import read_recording
-
-    return np.asarray(read_recording(path).frames)
+def _source(key: tuple, open_: Callable[[], Any]) -> Any:
+    """The open :class:`FrameSource` of ``key``, or ``open_()`` kept there; the least recently
+    used beyond :data:`CACHE_SIZE` are closed (after their last reader, under their own
+    lock)."""
+    with _lock:
+        if key in _sources:
+            _sources.move_to_end(key)
+            return _sources[key]
+    value = open_()  # header parsing runs outside the lock
+    evicted = []
+    with _lock:
+        if key in _sources:  # opened meanwhile by another request
+            evicted.append(value)
+            value = _sources[key]
+        else:
+            _sources[key] = value
+        while len(_sources) > CACHE_SIZE:
+            evicted.append(_sources.popitem(last=False)[1])
+    for old in evicted:
+        old.close()
+    return value
 
 
 def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any]) -> Any:
     """``cache[key]``, or ``load()`` stored there; least recently used entries beyond
-    ``CACHE_SIZE`` are dropped. ``load`` runs outside the lock (decoding is slow)."""
+    ``CACHE_SIZE`` are dropped. ``load`` runs outside the lock."""
     with _lock:
         if key in cache:
             cache.move_to_end(key)
@@ -75,64 +200,91 @@ def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any]) -> Any:
     return value
 
 
-def load_stacks(
-    frames_path: Path, labels_path: Path, gt_path: Path | None, *, simulated: bool = False
-) -> Stacks:
-    """The decoded stacks (cached by paths and modification times). ``simulated``: the frames
-    are a calseg-dataset video (TYX TIFF)."""
-    key = tuple((str(p), p.stat().st_mtime_ns) for p in (frames_path, labels_path, gt_path) if p)
+def recording_source(path: Path, read_options: dict[str, Any] | None, limits: Any) -> Any:
+    """The open :class:`RecordingFrames` of an uploaded recording (cached by path,
+    modification time, options and limits).
 
-    def load() -> Stacks:
-        frames = _frames(frames_path, simulated)
-        gt = _labels(gt_path) if gt_path else None
-        return Stacks(frames, _labels(labels_path), gt, *_ranges(frames))
+    Raises:
+        FileNotFoundError: the file is gone. calseg.io.recordings.RecordingError: unreadable,
+            refused or over the budget (RecordingTooLarge).
+    """
+    opts = tuple(sorted((read_options or {}).items()))
+    return _source(
+        _key(path, "recording", opts, limits),
+        lambda: RecordingFrames(path, read_options, limits),
+    )
 
-    return _cached(_cache, key, load)
+
+def label_source(path: Path) -> Any:
+    """The open label stack ``labels.tif`` (uint32 ids, 0 = background), frame by frame."""
+    return _source(_key(path, "labels"), lambda: TiffPages(path, np.uint32))
 
 
-def _ranges(frames: np.ndarray) -> tuple[float, float, float, float]:
-    """``(lo, hi, vmin, vmax)``: the recording's display range (percentiles 0.5 and 99.8 of
+def frame_ranges(frame: np.ndarray) -> tuple[float, float, float, float]:
+    """``(lo, hi, vmin, vmax)`` of one frame: its display range (percentiles 0.5 and 99.8 of
     :func:`calseg.io.overlays.display_range`) and its finite minimum and maximum."""
     from calseg.io.overlays import display_range
 
-    lo, hi = display_range(frames)
-    finite = frames if frames.dtype.kind in "iub" else frames[np.isfinite(frames)]
+    lo, hi = display_range(frame)
+    finite = frame if frame.dtype.kind in "iub" else frame[np.isfinite(frame)]
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0
     return float(lo), float(hi), vmin, max(vmax, vmin + 1e-6)
 
 
-def load_recording_frames(path: Path) -> Stacks:
-    """An uploaded recording's frames (through the recording reader) as :class:`Stacks`
-    without labels, for previews; cached like :func:`load_stacks`.
+def load_stacks(
+    frames_path: Path,
+    labels_path: Path,
+    gt_path: Path | None,
+    *,
+    simulated: bool = False,
+    read_options: dict[str, Any] | None = None,
+    limits: Any = None,
+    display_range: tuple[float, float] | None = None,
+    data_range: tuple[float, float] | None = None,
+    first: int = 0,
+) -> Stacks:
+    """The stacks of an infer job, opened (not decoded). ``simulated``: the frames are a
+    calseg-dataset video (TYX TIFF); otherwise an uploaded recording read with
+    ``read_options`` within ``limits``. ``display_range``/``data_range``: the whole
+    recording's ranges when the job recorded them; otherwise those of frame ``first``.
 
     Raises:
-        FileNotFoundError: the file is gone. calseg.io.recordings.RecordingError: unreadable.
+        FileNotFoundError: a file is gone. calseg.io.recordings.RecordingError: unreadable.
     """
-    key = ((str(path), path.stat().st_mtime_ns), "recording")
+    if simulated:
+        frames = _source(_key(frames_path, "dataset"), lambda: TiffPages(frames_path))
+    else:
+        frames = recording_source(frames_path, read_options, limits)
+    labels = label_source(labels_path)
+    gt = label_source(gt_path) if gt_path else None
+    lo = hi = vmin = vmax = None
+    if display_range is None or data_range is None:
+        t = min(max(first, 0), frames.shape[0] - 1)
+        lo, hi, vmin, vmax = frame_ranges(frames.frame(t))
+    if display_range is not None:
+        lo, hi = (float(v) for v in display_range)
+    if data_range is not None:
+        vmin, vmax = (float(v) for v in data_range)
+    return Stacks(frames, labels, gt, lo, hi, vmin, vmax)  # type: ignore[arg-type]
 
-    def load() -> Stacks:
-        frames = _frames(path, simulated=False)
-        return Stacks(frames, None, None, *_ranges(frames))
 
-    return _cached(_cache, key, load)
-
-
-def load_labels(labels_path: Path) -> np.ndarray:
-    """The decoded label stack ``(T, H, W)`` (uint32 label ids, 0 = background) of a
-    ``labels.tif`` artifact, cached by path and modification time like :func:`load_stacks`
-    (the stacks cache is consulted first, so a viewer that rendered frames reuses its labels).
+def recording_frame(
+    path: Path, t: int, read_options: dict[str, Any] | None, limits: Any
+) -> tuple[Stacks, np.ndarray]:
+    """Frame ``t`` of an uploaded recording (the only frame decoded) and :class:`Stacks`
+    without labels whose ranges are that frame's, for previews.
 
     Raises:
-        FileNotFoundError: the file is gone.
+        FileNotFoundError: the file is gone. IndexError: ``t`` out of range (the message gives
+            the range). calseg.io.recordings.RecordingError: unreadable, refused, too large.
     """
-    mtime = labels_path.stat().st_mtime_ns
-    key = (str(labels_path), mtime)
-    with _lock:
-        for skey, stacks in reversed(_cache.items()):
-            if len(skey) > 1 and skey[1] == key:
-                return stacks.labels
-    return _cached(_labels_cache, key, lambda: _labels(labels_path))
+    source = recording_source(path, read_options, limits)
+    n = source.shape[0]
+    if not 0 <= t < n:
+        raise IndexError(f"frame {t} out of range: the recording has frames 0..{n - 1}")
+    frame = source.frame(t)
+    return Stacks(source, None, None, *frame_ranges(frame)), frame
 
 
 def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
@@ -149,9 +301,10 @@ def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
     return _cached(_traces_cache, key, lambda: read_traces_csv(traces_path))
 
 
-def label_at(labels: np.ndarray, t: int, x: int, y: int) -> int:
+def label_at(labels: Any, t: int, x: int, y: int) -> int:
     """The label id at pixel column ``x``, row ``y`` (px) of frame ``t`` of a ``(T, H, W)``
-    label stack (0 = background).
+    label stack (an array or a :class:`FrameSource`; only frame ``t`` is decoded; 0 =
+    background).
 
     Raises:
         IndexError: ``t``, ``x`` or ``y`` is outside the stack (negative indices are never
@@ -167,7 +320,9 @@ def label_at(labels: np.ndarray, t: int, x: int, y: int) -> int:
         raise IndexError(
             f"{'; '.join(bad)}: the label stack has {n} frames of {h} x {w} px (rows x columns)"
         )
-    return int(labels[t, y, x])
+    if isinstance(labels, np.ndarray):
+        return int(labels[t, y, x])
+    return int(labels.frame(t)[y, x])
 
 
 def range_headers(stacks: Stacks) -> dict[str, str]:
@@ -180,7 +335,7 @@ def range_headers(stacks: Stacks) -> dict[str, str]:
         "X-Display-Hi": f"{stacks.hi:.6g}",
         "X-Data-Min": f"{stacks.vmin:.6g}",
         "X-Data-Max": f"{stacks.vmax:.6g}",
-        "X-Frames": str(stacks.frames.shape[0]),
+        "X-Frames": str(stacks.n_frames),
     }
 
 
@@ -202,6 +357,7 @@ def render_png(
     colors: str = "instance",
     lo: float | None = None,
     hi: float | None = None,
+    frame: np.ndarray | None = None,
 ) -> bytes:
     """PNG bytes (RGB) of frame ``t`` with labels drawn over it.
 
@@ -218,6 +374,7 @@ def render_png(
             colour of id :data:`SINGLE_ID`; touching cells then share an outline).
         lo, hi: intensities drawn black and white (intensity units of the recording);
             None = the recording's display range (``stacks.lo``, ``stacks.hi``).
+        frame: frame ``t`` when already decoded (else it is decoded from ``stacks``).
 
     Raises:
         ValueError: ``alpha``, ``style``, ``colors`` or ``lo >= hi`` out of range.
@@ -239,13 +396,13 @@ def render_png(
     fill_alpha = 0.0 if style == "outline" else alpha
     outline = style != "fill"
 
-    def draw(labels: np.ndarray | None) -> np.ndarray:
-        lab = labels[t] if labels is not None and overlay else None
+    def draw(labels: Any) -> np.ndarray:
+        lab = labels.frame(t) if labels is not None and overlay else None
         if lab is not None and colors == "single":
             lab = (lab > 0).astype(np.uint32) * SINGLE_ID
         return render_overlay(frame, lab, lo, hi, alpha=fill_alpha, outline=outline)
 
-    frame = stacks.frames[t]
+    frame = stacks.frames.frame(t) if frame is None else frame
     has_gt = stacks.gt is not None
     panels = [draw(stacks.gt if gt == 2 and has_gt else stacks.labels)]
     if gt == 1 and has_gt:

@@ -3,7 +3,9 @@ limit checked while reading (memory stays bounded whatever the file size).
 
 Two forms are accepted: ``multipart/form-data`` with a file field named ``file`` (what browsers
 and ``curl -F file=@x.tif`` send), or a raw body (``application/octet-stream``) with the file
-name in the ``filename`` query parameter.
+name in the ``filename`` query parameter. Other small form fields (e.g. the reading options
+``axes``, ``channel``) are collected as text (:data:`FIELD_LIMIT` bytes each, at most
+:data:`MAX_FIELDS`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -22,6 +24,8 @@ MULTIPART_SLACK = 64 * 1024
 """Bytes of multipart framing allowed above the file size limit (headers, boundaries)."""
 FIELD_LIMIT = 64 * 1024
 """Largest non-file form field accepted (bytes)."""
+MAX_FIELDS = 16
+"""Most non-file form fields accepted."""
 
 
 class UploadError(ValueError):
@@ -42,6 +46,8 @@ class ReceivedFile:
     filename: str
     sha256: str
     size_bytes: int
+    fields: dict[str, str] = field(default_factory=dict)
+    """Non-file form fields (name -> text), multipart uploads only."""
 
 
 def safe_filename(name: str | None, default: str = "recording.tif") -> str:
@@ -108,12 +114,13 @@ async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile
         raise _too_large(limit)
     ctype, options = parse_options_header(request.headers.get("content-type"))
     sink = _Sink(dest, limit)
+    fields: dict[str, str] = {}
     try:
         if ctype == b"multipart/form-data":
             boundary = options.get(b"boundary")
             if not boundary:
                 raise UploadError("multipart upload without a boundary in its Content-Type")
-            await _multipart(request, boundary, sink)
+            await _multipart(request, boundary, sink, fields)
         elif ctype in (b"application/octet-stream", b"image/tiff", b""):
             sink.open(request.query_params.get("filename"))
             async for chunk in request.stream():
@@ -131,20 +138,28 @@ async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile
         sink.close()
         dest.unlink(missing_ok=True)
         raise
-    return ReceivedFile(dest, safe_filename(sink.filename), sink.digest.hexdigest(), sink.size)
+    return ReceivedFile(
+        dest, safe_filename(sink.filename), sink.digest.hexdigest(), sink.size, fields
+    )
 
 
-async def _multipart(request: Request, boundary: bytes, sink: _Sink) -> None:
+async def _multipart(
+    request: Request, boundary: bytes, sink: _Sink, fields: dict[str, str] | None = None
+) -> None:
     header_field = bytearray()
     header_value = bytearray()
     headers: dict[str, bytes] = {}
     in_file = False
     field_bytes = 0
+    field_name: str | None = None
+    field_data = bytearray()
+    fields = {} if fields is None else fields
 
     def on_part_begin() -> None:
-        nonlocal in_file, field_bytes
+        nonlocal in_file, field_bytes, field_name
         headers.clear()
-        in_file, field_bytes = False, 0
+        in_file, field_bytes, field_name = False, 0, None
+        field_data.clear()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_field.extend(data[start:end])
@@ -158,13 +173,15 @@ async def _multipart(request: Request, boundary: bytes, sink: _Sink) -> None:
         header_value.clear()
 
     def on_headers_finished() -> None:
-        nonlocal in_file
+        nonlocal in_file, field_name
         _, disp = parse_options_header(headers.get("content-disposition"))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
         if name == "file" or (b"filename" in disp and name in ("", "file")):
             raw = disp.get(b"filename")
             sink.open(raw.decode("utf-8", "replace") if raw else None)
             in_file = True
+        elif b"filename" not in disp and name:
+            field_name = name
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         nonlocal field_bytes
@@ -174,12 +191,20 @@ async def _multipart(request: Request, boundary: bytes, sink: _Sink) -> None:
             field_bytes += end - start
             if field_bytes > FIELD_LIMIT:
                 raise UploadError(f"form field larger than {FIELD_LIMIT} bytes")
+            if field_name is not None:
+                field_data.extend(data[start:end])
 
     def on_part_end() -> None:
         nonlocal in_file
         if in_file:
             sink.close()
             in_file = False
+        elif field_name is not None:
+            if field_name in fields or len(fields) >= MAX_FIELDS:
+                raise UploadError(
+                    f"form field {field_name!r} given twice, or more than {MAX_FIELDS} fields"
+                )
+            fields[field_name] = field_data.decode("utf-8", "replace")
 
     parser = MultipartParser(
         boundary,

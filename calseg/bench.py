@@ -9,8 +9,11 @@ Sections (issue 3 item 9, issue 4 item 7), each timed with :func:`time.perf_coun
   Unit: cell-steps per second (cells x integrator steps / wall s). Target: batch of 16 with
   forward Euler in under 60 s.
 * ``render``: :func:`calseg.simulate.render.render_video` with ``defect_severity = 1.0``
-  (every defect family present, checked) at 512 x 512 and 1024 x 1024, integration excluded.
-  Unit: frames per second. Target: >= 60 frames/s at 512 x 512.
+  (every default defect family present, checked) at 512 x 512 and 1024 x 1024, integration
+  excluded, then with the global intensity defects on too; the most expensive stages of the
+  chain (thread ms per frame). Unit: frames per second. Target: >= 60 frames/s at 512 x 512.
+  ``--compare-to REV`` adds this tree against git revision REV: ms per frame and peak RSS of
+  the same 512 x 512 recording, fresh child processes alternating (:func:`render_versus`).
 * ``dataset``: :func:`calseg.simulate.dataset.simulate_dataset` (TIFF images, label stacks,
   cell label images and calcium traces written) for the prototype's dataset size, 50 videos x
   180 frames at 1024 x 1024. ``simulate_dataset`` keeps every video of one call in memory
@@ -25,6 +28,13 @@ Sections (issue 3 item 9, issue 4 item 7), each timed with :func:`time.perf_coun
   (SAM2 propagation, :mod:`calseg.segment.video`) on the first 24 frames (8 with ``--quick``;
   it tracks every cell through every frame, so it is far slower on a CPU), with the peak RSS
   after each.
+* ``metrics``: the scorer (:func:`bench_metrics`): IoU matrix of ~400 ROIs and instance
+  matching per frame at 512 x 512 (what ``tests/test_metrics.py`` used to time, untimed).
+* ``learning`` (issue 14 item 7, :func:`bench_learning`): does SAM2 learn, on held-out
+  simulated videos of a seed no model was trained or tuned on: prompted IoU of the disc prior
+  and of a decoder trained on the random frozen small encoder, held-out instance F1 of the
+  small SAM2 shipped in ``calseg/segment/weights`` and of the classical method through the
+  inference path, and training steps/s in decoder and full mode (small SAM2, 128 px).
 
 When several sections run, each runs in its own child process (``sys.executable -m
 calseg.bench --only SECTION``) so that its peak resident set size
@@ -39,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -51,7 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ("sim", "render", "dataset", "sam2")
+from calseg.machine import machine_info
+
+SECTIONS = ("sim", "render", "dataset", "sam2", "metrics", "learning")
 LARGE_POUCH_CELLS = 3255  # DESIGN.md section 2: largest pouch of the source
 DATASET_CHUNK = 5  # videos per simulate_dataset call in the full dataset build
 FRAME_INTERVAL_S = 5.0  # SimulationConfig default
@@ -120,73 +131,6 @@ def _row(
         "why": why,
         "extrapolated": extrapolated,
     }
-
-
-def machine_info() -> dict:
-    """Describe this machine and software: CPU model (/proc/cpuinfo), cores, RAM, versions,
-    thread settings, load average and the git commit of the working tree."""
-    import scipy
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    except OSError:  # pragma: no cover
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        affinity = os.cpu_count()
-    commit = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if out.returncode == 0:
-            commit = out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # pragma: no cover
-        pass
-    import calseg
-
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "cores_usable": affinity,
-        "ram_gib": ram_gib,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "thread_env": {
-            k: os.environ.get(k)
-            for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-            if os.environ.get(k) is not None
-        },
-        "calseg": calseg.__version__,
-        "git_commit": commit,
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# helpers shared by the sections
 
 
 def pouch_tissue(size: int, n_cells: int, seed: int = 0, irregularity: float = 0.3):
@@ -347,22 +291,36 @@ def bench_render(
     n_frames: int = 180,
     mean_cell_area_512: float = 100.0,
     seed: int = 0,
+    top_stages: int = 3,
+    compare_to: str | None = None,
+    compare_size: int = 512,
+    compare_frames: int = 60,
+    compare_repeats: int = 3,
 ) -> dict:
-    """Rendering speed with every defect family present (``defect_severity = 1.0``).
+    """Rendering speed with every default defect family present (``defect_severity = 1.0``),
+    then again with the global intensity defects (:data:`~calseg.simulate.render.
+    INTENSITY_DEFECTS`, off by default) switched on too; optionally against another revision.
 
     Args:
         sizes: frame sides (px). Side 1024 uses the large pouch (3,255 cells); smaller sides a
             pouch with ``mean_cell_area_512`` px per cell (SimulationConfig default 100 px).
-        n_frames: frames rendered per size.
+        n_frames: frames rendered per size and run.
         mean_cell_area_512: mean cell area (px) below side 1024.
         seed: random seed.
+        top_stages: per size, rows for this many most expensive per-frame stages (ms of thread
+            time per frame, summed over the rendering threads, so with 2 threads the stages
+            add up to about twice the wall time per frame); all stages are in ``details``.
+        compare_to: a git revision (e.g. the commit before a renderer change): its ``calseg``
+            package and this working tree's render the same recording (``compare_size``,
+            ``compare_frames``, all default defects) in fresh child processes, alternating
+            ``compare_repeats`` times (:func:`render_versus`).
 
     Returns:
         ``{"rows": [...], "details": {...}}``; rates in frames per second (integration and
         geometry not included).
     """
     from calseg.simulate.geometry import tissue_mask
-    from calseg.simulate.render import DEFECTS, render_video
+    from calseg.simulate.render import DEFAULT_DEFECTS, INTENSITY_DEFECTS, render_video
 
     rows, details = [], {}
     for size in sizes:
@@ -375,44 +333,180 @@ def bench_render(
         tissue = pouch_tissue(size, n_cells, seed)
         n_src = n_frames + n_frames // 8 + 2  # as the dataset: room for dropped frames
         cal = frame_calcium(tissue, n_src, seed)
-        _log(f"render: {n_frames} frames at {size}x{size} ({tissue.n_cells} cells), all defects")
-        t = time.perf_counter()
-        image, labels, _, meta = render_video(
-            tissue,
-            cal,
-            np.random.default_rng(seed + 1),
-            FRAME_INTERVAL_S,
-            n_frames,
-            defect_severity=1.0,
+        runs = {"default": None, "intensity": {k: {"enabled": True} for k in INTENSITY_DEFECTS}}
+        for run, defects in runs.items():
+            expected = DEFAULT_DEFECTS + (INTENSITY_DEFECTS if defects else ())
+            _log(
+                f"render: {n_frames} frames at {size}x{size} ({tissue.n_cells} cells), "
+                f"{len(expected)} defects"
+            )
+            stage_s: dict[str, float] = {}
+            t = time.perf_counter()
+            image, labels, _, meta = render_video(
+                tissue,
+                cal,
+                np.random.default_rng(seed + 1),
+                FRAME_INTERVAL_S,
+                n_frames,
+                defect_severity=1.0,
+                defects=defects,
+                stage_seconds=stage_s,
+            )
+            wall = time.perf_counter() - t
+            absent = [k for k in expected if meta["defects"][k]["severity"] <= 0]
+            if absent:
+                raise BenchError(f"defects absent at defect_severity 1.0: {absent}")
+            if image.shape != (n_frames, size, size) or labels.shape != image.shape:
+                raise BenchError(f"render returned {image.shape} / {labels.shape}")
+            fps = n_frames / wall
+            stage_ms = {k: 1000 * v / n_frames for k, v in stage_s.items()}
+            details[f"{size}" if run == "default" else f"{size}_intensity"] = {
+                "n_cells": tissue.n_cells,
+                "n_frames": n_frames,
+                "wall_s": wall,
+                "ms_per_frame": 1000 * wall / n_frames,
+                "defects_present": len(expected),
+                "active_label_fraction": float((labels > 0).mean()),
+                "stage_thread_ms_per_frame": stage_ms,
+            }
+            is_target = size == 512 and run == "default"
+            tgt = TARGETS["render_fps_512"]
+            what = (
+                f"all {len(expected)} default defects"
+                if run == "default"
+                else f"+ the {len(INTENSITY_DEFECTS)} intensity defects"
+            )
+            rows.append(
+                _row(
+                    "render",
+                    f"{size}x{size}, {what} ({n_frames} frames)",
+                    fps,
+                    "frames/s",
+                    target=f">= {tgt:g} frames/s" if is_target else None,
+                    met=(fps >= tgt) if is_target else None,
+                    why=None if (not is_target or fps >= tgt) else f"{tgt / fps:.1f}x too slow",
+                )
+            )
+            if run == "default":
+                for name, ms in sorted(stage_ms.items(), key=lambda kv: -kv[1])[:top_stages]:
+                    rows.append(
+                        _row("render", f"{size}x{size} stage {name} (thread time)", ms, "ms/frame")
+                    )
+            del image, labels
+    if compare_to:
+        versus = render_versus(compare_to, compare_size, compare_frames, compare_repeats, seed=seed)
+        rows += versus["rows"]
+        details["versus"] = versus["details"]
+    return {"rows": rows, "details": details}
+
+
+_RENDER_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from calseg.bench import LARGE_POUCH_CELLS, frame_calcium, pouch_tissue
+from calseg.simulate.geometry import tissue_mask
+from calseg.simulate.render import render_video
+size, n_frames, seed = (int(a) for a in sys.argv[1:4])
+area = tissue_mask(size, size, "pouch").sum()
+n_cells = LARGE_POUCH_CELLS if size >= 1024 else max(50, int(round(area / 100)))
+tissue = pouch_tissue(size, n_cells, seed)
+cal = frame_calcium(tissue, n_frames + n_frames // 8 + 2, seed)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+def peak_rss_mib():
+    # VmHWM: this process's own peak (ru_maxrss is carried over from the parent across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss0 = peak_rss_mib()
+t, c = time.perf_counter(), cpu()
+render_video(tissue, cal, np.random.default_rng(seed + 1), 5.0, n_frames, defect_severity=1.0)
+wall, cpu_s = time.perf_counter() - t, cpu() - c
+rss = peak_rss_mib()
+print(json.dumps({"ms_per_frame": 1000 * wall / n_frames,
+                  "cpu_ms_per_frame": 1000 * cpu_s / n_frames,
+                  "peak_rss_mib": rss, "rss_before_render_mib": rss0}))
+"""
+
+
+def _render_in_tree(tree: Path, size: int, n_frames: int, seed: int) -> dict:
+    """Render once with the ``calseg`` package under ``tree`` in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-c", _RENDER_CHILD, str(size), str(n_frames), str(seed)]
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"rendering with {tree} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def render_versus(
+    rev: str, size: int = 512, n_frames: int = 60, repeats: int = 3, seed: int = 0
+) -> dict:
+    """Render time per frame and peak memory of this working tree against git revision ``rev``.
+
+    ``git archive rev calseg`` is unpacked into a temporary folder; each round renders the same
+    recording (a ``size`` x ``size`` pouch, ``n_frames`` frames, ``defect_severity = 1.0``)
+    once with that package and once with this tree's, each in a fresh interpreter (so each has
+    its own peak RSS), alternating for ``repeats`` rounds so that both see the same machine load.
+    Reported: the best ms per frame of each, wall and CPU (user + system of all threads: less
+    sensitive to other processes on a shared machine), their ratios (best of ``rev`` / best of
+    this tree; > 1 means this tree is faster), and the larger peak RSS of each; every run and
+    the medians are in ``details``.
+    """
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="calseg-versus-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", rev, "calseg"],
+            capture_output=True,
         )
-        wall = time.perf_counter() - t
-        absent = [k for k in DEFECTS if meta["defects"][k]["severity"] <= 0]
-        if absent:
-            raise BenchError(f"defects absent at defect_severity 1.0: {absent}")
-        if image.shape != (n_frames, size, size) or labels.shape != image.shape:
-            raise BenchError(f"render returned {image.shape} / {labels.shape}")
-        fps = n_frames / wall
-        details[str(size)] = {
-            "n_cells": tissue.n_cells,
-            "n_frames": n_frames,
-            "wall_s": wall,
-            "defects_present": len(DEFECTS),
-            "active_label_fraction": float((labels > 0).mean()),
-        }
-        is_target = size == 512
-        tgt = TARGETS["render_fps_512"]
+        if archive.returncode != 0:
+            raise BenchError(f"git archive {rev} failed: {archive.stderr.decode().strip()}")
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        trees = {rev: Path(tmp), "this tree": root}
+        runs: dict[str, list[dict]] = {k: [] for k in trees}
+        for i in range(repeats):
+            for name, tree in trees.items():
+                _log(f"render versus {rev}: round {i + 1}/{repeats}, {name}")
+                runs[name].append(_render_in_tree(tree, size, n_frames, seed))
+    ms = {k: [r["ms_per_frame"] for r in v] for k, v in runs.items()}
+    cpu_ms = {k: [r["cpu_ms_per_frame"] for r in v] for k, v in runs.items()}
+    rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    best = {k: min(v) for k, v in ms.items()}
+    best_cpu = {k: min(v) for k, v in cpu_ms.items()}
+    rows = []
+    for name in trees:
+        what = f"{size}x{size} vs {rev}: {name}, best of {repeats}"
+        rows.append(_row("render", f"{what} (wall)", best[name], "ms/frame"))
+        rows.append(_row("render", f"{what} (CPU, all threads)", best_cpu[name], "ms/frame"))
+    for label, b in (("wall", best), ("CPU", best_cpu)):
         rows.append(
             _row(
                 "render",
-                f"{size}x{size}, all {len(DEFECTS)} defects ({n_frames} frames)",
-                fps,
-                "frames/s",
-                target=f">= {tgt:g} frames/s" if is_target else None,
-                met=(fps >= tgt) if is_target else None,
-                why=None if (not is_target or fps >= tgt) else f"{tgt / fps:.1f}x too slow",
+                f"{size}x{size}: {rev} / this tree, {label} time",
+                b[rev] / b["this tree"],
+                "x",
             )
         )
-        del image, labels
+    rows.append(
+        _row(
+            "render", f"{size}x{size} peak RSS: this tree / {rev}", rss["this tree"] / rss[rev], "x"
+        )
+    )
+    details = {
+        "rev": rev,
+        "size": size,
+        "n_frames": n_frames,
+        "ms_per_frame": ms,
+        "cpu_ms_per_frame": cpu_ms,
+        "median_ms_per_frame": {k: float(np.median(v)) for k, v in ms.items()},
+        "peak_rss_mib": rss,
+    }
     return {"rows": rows, "details": details}
 
 
@@ -863,6 +957,238 @@ def _sam2_timings(
 
 
 # --------------------------------------------------------------------------------------------
+# metrics
+
+
+def bench_metrics(size: int = 512, n_cells: int = 400, n_frames: int = 180) -> dict:
+    """Scoring cost (:mod:`calseg.analysis.metrics`): the IoU matrix of ``n_cells`` x
+    ``n_cells`` ROIs on a ``size`` x ``size`` label image, and instance matching of a
+    ``(n_frames, size, size)`` label stack against a shifted copy of itself (every ROI
+    overlaps a few others). Unit: ms per frame (no target: it is a share of ``evaluate``)."""
+    from calseg.analysis.metrics import instance_iou_matrix, match_instances_stack
+
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, n_cells + 1, size=(size, size)).astype(np.uint32)
+    gt = np.repeat(np.repeat(gt[: size // 8, : size // 8], 8, 0), 8, 1)  # 8 px blocks
+    t = time.perf_counter()
+    iou, _, _ = instance_iou_matrix(np.roll(gt, 3, axis=1), gt)
+    iou_ms = 1000 * (time.perf_counter() - t)
+    stack = np.broadcast_to(gt, (n_frames, size, size))
+    t = time.perf_counter()
+    m = match_instances_stack(np.roll(stack, 3, axis=2), stack, 0.5)
+    per_frame_ms = 1000 * (time.perf_counter() - t) / n_frames
+    rows = [
+        _row("metrics", f"IoU matrix {iou.shape[0]}x{iou.shape[1]} ROIs, {size}^2", iou_ms, "ms"),
+        _row(
+            "metrics",
+            f"instance matching, {n_frames} frames of {size}^2",
+            per_frame_ms,
+            "ms/frame",
+        ),
+    ]
+    return {"rows": rows, "details": {"tp": m["tp"], "n_rois": int(iou.shape[1])}}
+
+
+# --------------------------------------------------------------------------------------------
+# learning (issue 14 item 7)
+
+
+def _deepest_points(lab: np.ndarray, max_prompts: int) -> tuple[list[int], list[tuple]]:
+    """Cell ids of a label image and each one's deepest pixel ``(x, y)`` (frame px), as
+    :func:`calseg.segment.finetune.validate` places its prompts."""
+    from scipy import ndimage as ndi
+
+    ids = [int(i) for i in np.unique(lab) if i][:max_prompts]
+    pts = []
+    for i in ids:
+        dist = ndi.distance_transform_edt(lab == i)
+        r, c = np.unravel_index(int(np.argmax(dist)), lab.shape)
+        pts.append((float(c), float(r)))
+    return ids, pts
+
+
+def disc_prior_iou(videos: list, radius_px: float, max_prompts: int = 32) -> float | None:
+    """Prompted IoU of the DISC PRIOR: each cell's mask is a disc of ``radius_px`` (frame px)
+    at the prompt point :func:`calseg.segment.finetune.validate` uses (the cell's deepest
+    pixel), no image used; IoU with the cell, mean over prompts per video, mean over videos
+    (validate's scoring). ``videos``: the ``_Video`` records validate takes."""
+    per_video = []
+    for vid in videos:
+        ious = []
+        for lab in vid.labels:
+            ids, pts = _deepest_points(lab, max_prompts)
+            yy, xx = np.ogrid[: lab.shape[0], : lab.shape[1]]
+            for i, (x, y) in zip(ids, pts, strict=True):
+                disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius_px**2
+                g = lab == i
+                union = np.count_nonzero(disc | g)
+                ious.append(np.count_nonzero(disc & g) / union if union else 1.0)
+        if ious:
+            per_video.append(float(np.mean(ious)))
+    return float(np.mean(per_video)) if per_video else None
+
+
+def _train_rate(history: list[dict]) -> float:
+    """Optimiser steps per second of a training history: 1 / the median time between
+    consecutive train entries (so the validations in between and set-up do not count)."""
+    t = np.array([h["time_s"] for h in history if h.get("kind") == "train"], dtype=float)
+    if len(t) < 2:
+        return float("nan")
+    dt = float(np.median(np.diff(t)))
+    return 1.0 / dt if dt > 0 else float("nan")
+
+
+def bench_learning(
+    size: int = 128,
+    n_train: int = 6,
+    n_test: int = 5,
+    n_frames: int = 48,
+    decoder_steps: int = 600,
+    full_steps: int = 20,
+    data_seed: int = 1500,
+    checkpoint: Path | None = None,
+) -> dict:
+    """Held-out learning numbers (issue 14 item 7), on a simulated dataset of ``data_seed``
+    (the shipped small SAM2 was trained on seed 1400; nothing is tuned on 1500).
+
+    Rows (JSON ``name``): ``disc prior prompted IoU`` (disc of the training cells' mean
+    radius at validate's prompt point), ``decoder prompted IoU`` (prompt encoder + mask
+    decoder trained ``decoder_steps`` steps on the random frozen small encoder, scored by
+    :func:`calseg.segment.finetune.validate` on the test videos), ``small SAM2 held-out F1``
+    and ``baseline held-out F1`` (instance F1 through :func:`calseg.segment.evaluate.
+    evaluate_dataset`, the inference path, means over the test videos with 95 % CIs in
+    ``why``), ``decoder steps/s`` and ``full steps/s`` (the small SAM2, 128 px, CPU; full
+    mode with the shipped recipe, :func:`calseg.pipelines.pretrain.small_finetune_config`).
+    """
+    import torch
+
+    from calseg.pipelines.pretrain import SMALL_NAMES, heldout_scores, small_finetune_config
+    from calseg.progress import null_progress
+    from calseg.segment._data import split_videos
+    from calseg.segment.finetune import FinetuneConfig, _prepare_video, finetune, validate
+    from calseg.segment.model import (
+        BUNDLED_SMALL_CHECKPOINT,
+        SMALL_CONFIG,
+        SMALL_IMAGE_SIZE,
+        load_sam2,
+    )
+    from calseg.simulate.config import SimulationConfig
+    from calseg.simulate.dataset import simulate_dataset
+
+    sec = "learning"
+    checkpoint = Path(checkpoint) if checkpoint else BUNDLED_SMALL_CHECKPOINT
+    rows: list[dict] = []
+    details: dict = {"data_seed": data_seed, "checkpoint": str(checkpoint)}
+    with tempfile.TemporaryDirectory(prefix="calseg-bench-learning-") as tmp:
+        root = Path(tmp)
+        ds = root / "ds"
+        simulate_dataset(
+            SimulationConfig(
+                n_videos=n_train + 1 + n_test,
+                n_val_videos=1,
+                n_test_videos=n_test,
+                n_frames=n_frames,
+                height=size,
+                width=size,
+                seed=data_seed,
+            ),
+            ds,
+        )
+        _log("learning: decoder on the random frozen small encoder")
+        cfg = FinetuneConfig(
+            model=SMALL_CONFIG,
+            image_size=SMALL_IMAGE_SIZE,
+            steps=decoder_steps,
+            batch_size=16,
+            lr=1e-3,
+            val_every=max(1, decoder_steps // 3),
+            frames_per_video=16,
+            val_frames_per_video=8,
+            resume=False,
+        )
+        res = finetune(ds, root / "decoder", cfg, cache_dir=root / "emb")
+        details["decoder_val_history"] = [
+            (h["step"], h["val_mean_iou"]) for h in res.history if h["kind"] == "val"
+        ]
+        loaded = load_sam2(SMALL_CONFIG, res.checkpoint, device="cpu")
+        test = [
+            _prepare_video(loaded, v, 8, cfg, root / "emb", null_progress)
+            for v in split_videos(ds, "test")
+        ]
+        train_labels = np.concatenate(
+            [np.asarray(v.load_labels()) for v in split_videos(ds, "train")]
+        )
+        areas = np.concatenate([np.bincount(f.ravel())[1:] for f in train_labels if f.any()])
+        radius = float(np.sqrt(areas[areas > 0].mean() / np.pi))
+        details["disc_radius_px"] = radius
+        with torch.no_grad():
+            dec_iou = validate(loaded, test, cfg)["val_mean_iou"]
+        disc_iou = disc_prior_iou(test, radius, cfg.val_max_prompts_per_frame)
+        n_v = len(test)
+        rows.append(
+            _row(sec, "disc prior prompted IoU", disc_iou, "IoU", why=f"{n_v} held-out videos")
+        )
+        rows.append(
+            _row(
+                sec,
+                "decoder prompted IoU",
+                dec_iou,
+                "IoU",
+                target="> disc prior",
+                met=bool(dec_iou is not None and disc_iou is not None and dec_iou > disc_iou),
+                why=f"{decoder_steps} steps, random frozen small encoder, {n_v} held-out videos",
+            )
+        )
+        rows.append(_row(sec, "decoder steps/s", _train_rate(res.history), "steps/s"))
+
+        _log("learning: held-out F1 of the small SAM2 and the classical method")
+        if checkpoint.is_file():
+            scores = heldout_scores(ds, checkpoint, cache_dir=root / "emb", include_untuned=True)
+            pm = scores["per_model"]
+            details["heldout"] = pm
+            small, base = pm[SMALL_NAMES["trained"]], pm[SMALL_NAMES["classical"]]
+            untuned = pm[SMALL_NAMES["untuned"]]
+
+            def ci(d: dict) -> str:
+                c = d.get("f1_ci95")
+                return f"95% CI [{c[0]:.2f}, {c[1]:.2f}], " if c else ""
+
+            rows.append(
+                _row(
+                    sec,
+                    "small SAM2 held-out F1",
+                    small["f1"],
+                    "F1",
+                    target="> 0.3 and > untuned",
+                    met=bool(small["f1"] > 0.3 and small["f1"] > untuned["f1"]),
+                    why=f"{ci(small)}{small['n_videos']} videos; untuned (random) "
+                    f"{untuned['f1']:.3f}; IoU {small['iou']:.3f}",
+                )
+            )
+            rows.append(
+                _row(
+                    sec,
+                    "baseline held-out F1",
+                    base["f1"],
+                    "F1",
+                    why=f"classical; {ci(base)}{base['n_videos']} videos; IoU {base['iou']:.3f}",
+                )
+            )
+        else:
+            details["heldout"] = f"no checkpoint at {checkpoint}"
+
+        _log("learning: full-mode steps/s")
+        full_cfg = small_finetune_config(steps=full_steps).model_copy(
+            update={"val_every": 10**6, "resume": False}
+        )
+        res_full = finetune(ds, root / "full", full_cfg)
+        rows.append(
+            _row(sec, "full steps/s", _train_rate(res_full.history), "steps/s", why="small SAM2")
+        )
+    return {"rows": rows, "details": details}
+
+
+# --------------------------------------------------------------------------------------------
 # orchestration
 
 
@@ -871,7 +1197,7 @@ def section_kwargs(section: str, quick: bool) -> dict:
     if section == "sim":
         return {"t_end_s": 360.0} if quick else {}
     if section == "render":
-        return {"n_frames": 60} if quick else {}
+        return {"n_frames": 60, "compare_frames": 30} if quick else {}
     if section == "dataset":
         return {"measured_videos": 2} if quick else {}
     if section == "sam2":
@@ -883,6 +1209,18 @@ def section_kwargs(section: str, quick: bool) -> dict:
                 "encoder_steps": 2,
             }
         return {}
+    if section == "metrics":
+        return {"n_frames": 24} if quick else {}
+    if section == "learning":
+        if quick:
+            return {
+                "n_train": 4,
+                "n_test": 3,
+                "n_frames": 32,
+                "decoder_steps": 200,
+                "full_steps": 6,
+            }
+        return {}
     raise BenchError(f"unknown section {section!r}; choose one of {SECTIONS}")
 
 
@@ -891,6 +1229,8 @@ _FUNCS: dict[str, Callable[..., dict]] = {
     "render": bench_render,
     "dataset": bench_dataset,
     "sam2": bench_sam2,
+    "metrics": bench_metrics,
+    "learning": bench_learning,
 }
 
 
@@ -910,12 +1250,13 @@ def run_section(section: str, quick: bool = False, **overrides) -> dict:
     return out
 
 
-def _run_child(section: str, quick: bool) -> dict:
+def _run_child(section: str, quick: bool, compare_to: str | None = None) -> dict:
     """Run one section in a fresh interpreter (its own peak RSS) and return its JSON."""
     with tempfile.TemporaryDirectory(prefix="calseg-bench-") as tmp:
         out = Path(tmp) / f"{section}.json"
         cmd = [sys.executable, "-m", "calseg.bench", "--only", section, "--json", str(out)]
         cmd += ["--quick"] if quick else []
+        cmd += ["--compare-to", compare_to] if compare_to else []
         cmd += ["--no-table"]
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not out.exists():
@@ -988,12 +1329,39 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m calseg.bench``, ``calseg bench``);
     ``python -m calseg.bench service ...`` runs the service benchmarks
-    (:mod:`calseg.bench_service`)."""
+    (:mod:`calseg.bench_service`), ``python -m calseg.bench jobs ...`` how a worker runs a
+    job (:mod:`calseg.bench_jobs`), ``python -m calseg.bench costs`` the job cost estimates
+    against real jobs (:mod:`calseg.bench_costs`), ``accuracy`` (or ``--only accuracy``) the
+    held-out accuracy suite (:mod:`calseg.bench_accuracy`), ``peers`` (or ``--only peers``)
+    Suite2p and CalSeg side by side on it (:mod:`calseg.bench_peers`)."""
     args_in = argv if argv is not None else sys.argv[1:]
     if args_in[:1] == ["service"]:
         from calseg.bench_service import main as service_main
 
         return service_main(list(args_in[1:]))
+    if args_in[:1] == ["jobs"]:
+        from calseg.bench_jobs import main as jobs_main
+
+        return jobs_main(list(args_in[1:]))
+    if args_in[:1] == ["costs"]:
+        from calseg.bench_costs import main as costs_main
+
+        return costs_main(list(args_in[1:]))
+    # held-out accuracy suite and Suite2p side by side (issue 17): `accuracy ...`, `peers ...`
+    # or `--only accuracy|peers ...` (not in the default all-sections run)
+    suite = args_in[:1] if args_in[:1] in (["accuracy"], ["peers"]) else None
+    if suite is None and "--only" in args_in[:-1]:
+        k = args_in.index("--only")
+        if args_in[k + 1] in ("accuracy", "peers"):
+            suite, args_in = [args_in[k + 1]], [args_in[k + 1], *args_in[:k], *args_in[k + 2 :]]
+    if suite == ["accuracy"]:
+        from calseg.bench_accuracy import main as accuracy_main
+
+        return accuracy_main(list(args_in[1:]))
+    if suite == ["peers"]:
+        from calseg.bench_peers import main as peers_main
+
+        return peers_main(list(args_in[1:]))
     ap = argparse.ArgumentParser(
         prog="python -m calseg.bench",
         description="Benchmark the CalSeg simulator, renderer, dataset build and SAM2 engine.",
@@ -1001,19 +1369,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller runs (dataset extrapolated)")
     ap.add_argument("--only", choices=SECTIONS, help="run one section (in this process)")
     ap.add_argument("--json", type=Path, help="also write the full results as JSON here")
+    ap.add_argument(
+        "--compare-to",
+        metavar="REV",
+        help="render section: also time this tree against git revision REV (render_versus)",
+    )
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compare_to and args.only not in (None, "render"):
+        ap.error("--compare-to applies to the render section")
     command = "python -m calseg.bench" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
-    report = {"command": command, "quick": args.quick, "machine": machine_info(), "sections": {}}
+    machine = machine_info(os.environ)
+    report = {"command": command, "quick": args.quick, "machine": machine, "sections": {}}
     t0 = time.perf_counter()
+    extra = {"compare_to": args.compare_to} if args.compare_to else {}
     if args.only:
-        report["sections"][args.only] = run_section(args.only, args.quick)
+        kw = extra if args.only == "render" else {}
+        report["sections"][args.only] = run_section(args.only, args.quick, **kw)
     else:
         for s in SECTIONS:
             _log(f"section {s} (child process)")
-            report["sections"][s] = _run_child(s, args.quick)
+            report["sections"][s] = _run_child(
+                s, args.quick, args.compare_to if s == "render" else None
+            )
     report["total_wall_s"] = time.perf_counter() - t0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def embedded(workdir: Path, *, force_sqlite: bool = False, **overrides: Any) -> 
             **overrides,
         )
         with EmbeddedService(settings, api_port=0, worker=False) as svc:
-            svc.api_pid = next(p.pid for name, p in svc._procs if name == "api")
+            svc.api_pid = svc.pids["api"]
             svc.headers = {"Authorization": f"Bearer {svc.token}"}
             svc.database = "postgresql" if url.startswith("postgresql") else "sqlite"
             yield svc
@@ -384,17 +384,24 @@ def run_upload(url: str, headers: dict[str, str], api_pid: int, path: Path) -> d
 
 
 def upload_with_rss(
-    path: Path, workdir: Path, *, max_upload_bytes: int | None = None, force_sqlite: bool = True
+    path: Path,
+    workdir: Path,
+    *,
+    max_upload_bytes: int | None = None,
+    force_sqlite: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Start an embedded service in ``workdir`` and upload ``path`` to it (:func:`run_upload`)."""
+    """Start an embedded service in ``workdir`` and upload ``path`` to it (:func:`run_upload`);
+    ``settings``: further Settings fields (e.g. the decode budget ``max_recording_bytes``)."""
     overrides = {"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}
+    overrides.update(settings)
     with embedded(workdir, force_sqlite=force_sqlite, **overrides) as svc:
         return run_upload(svc.url, svc.headers, svc.api_pid, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    from calseg.bench import machine_info
+    from calseg.machine import machine_info
 
     ap = argparse.ArgumentParser(prog="python -m calseg.bench_service", description=__doc__)
     ap.add_argument("--clients", type=int, default=50)
@@ -411,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sqlite", action="store_true", help="SQLite even when PostgreSQL answers")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    machine = machine_info()
+    machine = machine_info(os.environ)
     report: dict[str, Any] = {"machine": machine}
     print(
         f"machine: {machine['cpu_model']}, {machine['cores_usable']} usable cores, "
@@ -421,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="calseg-bench-svc-") as tmp:
         root = Path(tmp)
-        with embedded(root / "svc", force_sqlite=args.sqlite, max_upload_bytes=8 * 1024**3) as svc:
+        big = {"max_upload_bytes": 8 * 1024**3, "max_recording_bytes": 8 * 1024**3,
+               "max_recording_pixels": 2**33,
+               # no worker runs: submitted jobs stay queued, past the per-user quota of 100
+               "max_queued_jobs": 10**9}  # fmt: skip
+        with embedded(root / "svc", force_sqlite=args.sqlite, **big) as svc:
             print(f"api {svc.url} (pid {svc.api_pid}), database {svc.database}", flush=True)
             if args.only in (None, "latency"):
                 probe = run_idle_probe(svc.url, svc.headers)

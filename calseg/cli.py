@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from calseg.fmt import fmt_mapping, fmt_num
+from calseg.fmt import fmt_mapping, fmt_num, plural
 from calseg.progress import ProgressFn
 
 console = Console()
@@ -71,7 +72,15 @@ def _user_errors(command: Callable) -> Callable:
 
 
 class _App(typer.Typer):
-    """A Typer app whose commands all go through :func:`_user_errors`."""
+    """A Typer app whose commands all go through :func:`_user_errors`.
+
+    Help texts are read as Markdown (``rich_markup_mode="markdown"``): single line breaks of
+    a docstring are joined into one paragraph, code in backticks shows without them, and
+    square brackets stay text (in Rich markup ``calseg[nwb]`` lost its ``[nwb]``)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("rich_markup_mode", "markdown")
+        super().__init__(**kwargs)
 
     def command(self, *args: object, **kwargs: object) -> Callable[[Callable], Callable]:
         register = super().command(*args, **kwargs)
@@ -184,8 +193,12 @@ def simulate(
                 v.load_image(),
                 v.load_labels(),
                 out_dir / v.id / "preview.png",
-                title=f"{v.id} {v.pattern_class} ({v.split})",
+                title=f"simulated {v.id}: {v.pattern_class} ({v.split} split)",
+                subtitle="ground-truth active cells (coloured); their calcium below",
                 traces=v.load_calcium(),
+                trace_unit="cytosolic Ca2+ (µM)",
+                frame_interval_s=v.frame_interval_s,
+                pixel_size_um=v.pixel_size_um,
             )
             console.print(f"  preview {v.id} ({v.pattern_class}): {sheet}")
 
@@ -230,7 +243,8 @@ def finetune(
     except (ValueError, ValidationError) as exc:
         raise _fail(f"bad fine-tuning option: {exc}") from None
     with _Bar("finetune") as progress:
-        result = run(dataset, out_dir, cfg, base_checkpoint=checkpoint, progress=progress)
+        base = checkpoint or _configured_checkpoint()
+        result = run(dataset, out_dir, cfg, base_checkpoint=base, progress=progress)
     for w in result.warnings:
         console.print(f"[bold red]WARNING:[/] {w}")
     console.print(
@@ -239,75 +253,233 @@ def finetune(
 
 
 @app.command()
+def pretrain(
+    out_dir: Annotated[Path, typer.Argument(help="working folder (dataset, training, checkpoint)")],
+    steps: int = typer.Option(1200, help="optimiser steps"),
+    time_limit_s: float | None = typer.Option(None, help="stop training after this long (s)"),
+    data_seed: int = typer.Option(1400, help="simulation seed"),
+    seed: int = typer.Option(0, help="training seed"),
+) -> None:
+    """Train the small SAM2 (sam2_small_calseg) from random weights on simulated videos and
+    score it on held-out ones: the recipe of the checkpoint shipped in calseg/segment/weights
+    (a small SAM2 trained here, not Meta's weights)."""
+    import os
+    import shlex
+    import sys
+
+    from calseg.pipelines.pretrain import PretrainConfig, pretrain_small, small_finetune_config
+
+    cfg = PretrainConfig(
+        data_seed=data_seed,
+        finetune=small_finetune_config(steps=steps, time_limit_s=time_limit_s, seed=seed),
+    )
+    command = "calseg pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    # the "untuned" row is the random-weight small SAM2, not a configured checkpoint
+    os.environ.pop("CALSEG_SAM2_CHECKPOINT", None)
+    with _Bar("pretrain") as progress:
+        meta = pretrain_small(out_dir, cfg, progress=progress, command=command)
+    for name, d in meta["heldout"]["per_model"].items():
+        console.print(
+            f"{name}: held-out F1 {fmt_num(d.get('f1'))} IoU {fmt_num(d.get('iou'))} "
+            f"({d.get('n_videos')} videos)"
+        )
+    console.print(f"checkpoint: {Path(out_dir) / 'sam2_small_calseg.pt'}")
+
+
+# Options shared by segment and analyze: one name per parameter, the infer job's (the CLI flag
+# is the parameter name with dashes); the older flag names still work, hidden from the help.
+_FRAME_INTERVAL_HELP = "seconds between frames (default: from the file's metadata, else 1 s)"
+_PIXEL_SIZE_HELP = "µm per pixel, for scale bars and wave speeds (default: from the file)"
+_Z_PROJECTION_HELP = "how a Z axis (besides T) is collapsed: max, mean or median"
+_REGISTER_HELP = "remove rigid drift (phase correlation)"
+_BACKGROUND_HELP = "subtract a static background: opening, rolling_ball or gaussian"
+_RADIUS_HELP = "background radius (px), larger than a cell's radius"
+_BLEACH_HELP = "photobleaching correction: exp or biexp"
+_NWB_HELP = "also write calseg.nwb (needs `pip install 'calseg[nwb]'`)"
+
+OPTION_ALIASES = {
+    "--frame-interval": "--frame-interval-s",
+    "--pixel-size": "--pixel-size-um",
+    "--register": "--register-drift",
+    "--background-radius": "--background-radius-px",
+    "--bleach": "--bleach-correction",
+}
+"""Old CLI flag -> its one name (the infer job parameter with dashes); still accepted."""
+
+
+_ALIASED = ("--frame-interval-s", "--pixel-size-um", "--register-drift",
+            "--background-radius-px", "--bleach-correction")  # fmt: skip
+_ALIAS_DEFAULTS = (None, None, False, 50.0, None)
+
+
+def _with_aliases(*pairs: tuple[object, object]) -> list[object]:
+    """The values of the options in :data:`_ALIASED` (in that order), each given as
+    ``(value under its name, value under its old name)``; an error when both are given and
+    differ."""
+    old_names = {v: k for k, v in OPTION_ALIASES.items()}
+    out = []
+    for name, default, (value, old) in zip(_ALIASED, _ALIAS_DEFAULTS, pairs, strict=True):
+        if old is None or old == default or old is False:
+            out.append(value)
+        elif value not in (None, default) and value != old:
+            raise _fail(f"{old_names[name]} is the old name of {name}: give one of them")
+        else:
+            out.append(old)
+    return out
+
+
+def _configured_checkpoint() -> str | Path | None:
+    """The SAM2 base of the CLI, as for ``make demo`` and ``make serve``: the checkpoint in
+    ``$CALSEG_SAM2_CHECKPOINT`` (as given: a relative path is relative to the current folder),
+    else the small SAM2 trained here (:func:`calseg.segment.model.default_base_checkpoint`),
+    else ``None`` (random weights). The CLI reads the environment and passes the path on; the
+    library never reads it (docs/ARCHITECTURE.md, Layers)."""
+    import os
+
+    from calseg.segment.model import default_base_checkpoint
+
+    return default_base_checkpoint(os.environ.get("CALSEG_SAM2_CHECKPOINT") or None)
+
+
+def _print_lines(lines: list[tuple[str, str]]) -> None:
+    style = {"warning": "[bold red]WARNING:[/] ", "note": "[yellow]check:[/] ", "info": ""}
+    for level, text in lines:
+        console.print(style[level], end="")
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _check_segment_options(config: dict, out_dir: Path) -> None:
+    """Refuse bad ``calseg segment`` options before the recording is read: each
+    :class:`calseg.segment.infer.InferenceConfig` error names its flag and the value given
+    (``--cell-diameter-px -5.0: Input should be greater than 1``), and an output folder that
+    is an existing file is named as such."""
+    from pydantic import ValidationError
+
+    from calseg.segment.infer import InferenceConfig
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _fail(f"the output folder {out_dir} is an existing file; give a folder")
+    method = config["method"]
+    try:  # the method itself is checked by the pipeline's rule (auto, classical, sam2)
+        InferenceConfig(**{**config, "method": "sam2" if method == "sam2" else "classical"})
+    except ValidationError as exc:
+        raise _fail(
+            "; ".join(
+                f"--{str(e['loc'][0]).replace('_', '-')} {e.get('input')!r}: {e['msg']}"
+                if e["loc"]
+                else e["msg"]
+                for e in exc.errors()
+            )
+        ) from None
+
+
+@app.command()
 def segment(
     recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, ...)")],
-    out_dir: Annotated[Path, typer.Argument(help="folder for labels and overlays")],
-    method: str = typer.Option("sam2", help="sam2 or baseline"),
+    out_dir: Annotated[Path, typer.Argument(help="folder for labels, overlays and tables")],
+    method: str = typer.Option(
+        "auto",
+        help="auto (the best method available here: classical unless a SAM2 with real or "
+        "trained weights is configured and measured better; with --checkpoint: SAM2), "
+        "classical or sam2",
+    ),
     mode: str = typer.Option("image", help="SAM2: image (per frame) or video (propagation)"),
     target: str = typer.Option(
         "active", help="active (cells active per frame) or cells (all cells on a projection)"
     ),
     projection: str = typer.Option("mean", help="target cells: mean, max or std projection"),
+    threshold_k: float = typer.Option(
+        5.0, help="activity threshold: z-score (noise SDs above F0) a pixel must exceed"
+    ),
+    min_region_px: int = typer.Option(15, help="smallest active region kept (px)"),
+    cell_diameter_px: float | None = typer.Option(
+        None,
+        help="typical cell diameter (px), over 1 and at most 1000 (default: estimated from "
+        "the recording, 11 px where it cannot be)",
+    ),
     image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
-    frame_interval: float | None = typer.Option(
-        None, help="seconds between frames (default: from the file's metadata, else 1 s)"
-    ),
-    pixel_size: float | None = typer.Option(
-        None, help="um per pixel for wave speeds (default: from the file's metadata)"
-    ),
-    z_projection: str = typer.Option(
-        "max", help="Z axis (with T) collapsed by max, mean or median"
-    ),
-    register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
-    background: str | None = typer.Option(
-        None, help="subtract a static background: opening, rolling_ball or gaussian"
-    ),
-    background_radius: float = typer.Option(50.0, help="background radius (px) > cell radius"),
-    bleach: str | None = typer.Option(None, help="photobleaching correction: exp or biexp"),
-    nwb: bool = typer.Option(False, help="also write calseg.nwb (needs pip install calseg[nwb])"),
+    frame_interval_s: float | None = typer.Option(None, help=_FRAME_INTERVAL_HELP),
+    pixel_size_um: float | None = typer.Option(None, help=_PIXEL_SIZE_HELP),
+    z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
+    register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
+    background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
+    background_radius_px: float = typer.Option(50.0, help=_RADIUS_HELP),
+    bleach_correction: str | None = typer.Option(None, help=_BLEACH_HELP),
+    nwb: bool = typer.Option(False, help=_NWB_HELP),
+    old_frame_interval: float | None = typer.Option(None, "--frame-interval", hidden=True),
+    old_pixel_size: float | None = typer.Option(None, "--pixel-size", hidden=True),
+    old_register: bool = typer.Option(False, "--register", hidden=True),
+    old_background_radius: float | None = typer.Option(None, "--background-radius", hidden=True),
+    old_bleach: str | None = typer.Option(None, "--bleach", hidden=True),
 ) -> None:
-    """Segment the active cells of a recording: label stack TIFF, contact sheet, GIF, and the
-    per-cell traces (F, F0, dF/F), events, pattern class, waves and ImageJ ROIs."""
-    from calseg.io.labels import write_label_stack
-    from calseg.io.overlays import animation, contact_sheet
-    from calseg.io.recordings import RecordingError, read_recording
-    from calseg.segment.infer import InferenceConfig, segment_recording
+    """Segment the cells of a recording: label stack, contact sheet, GIF, activity map, and the
+    per-cell traces (F, F0, dF/F), events, pattern class, waves and ImageJ ROIs. When nothing
+    is found it says why and what to try. Flags have the infer job's parameter names."""
 
+    from calseg.io.recordings import RecordingError, read_recording
+    from calseg.pipelines.segment import SegmentOptionError, segment_and_export
+    from calseg.preprocess import PreprocessError
+
+    frame_interval_s, pixel_size_um, register_drift, background_radius_px, bleach_correction = (
+        _with_aliases(
+            (frame_interval_s, old_frame_interval),
+            (pixel_size_um, old_pixel_size),
+            (register_drift, old_register),
+            (background_radius_px, old_background_radius),
+            (bleach_correction, old_bleach),
+        )
+    )
+    config = {"method": method, "mode": mode, "image_size": image_size, "target": target}
+    config.update(projection=projection, threshold_k=threshold_k, min_region_px=min_region_px)
+    if cell_diameter_px is not None:
+        config["cell_diameter_px"] = cell_diameter_px
+    _check_segment_options(config, out_dir)  # before minutes of reading
     try:
         rec = read_recording(recording, z_projection=z_projection)
     except RecordingError as exc:
         raise _fail(str(exc)) from None
     for w in rec.info.warnings:
         console.print(f"[yellow]note:[/] {w}")
-    dt = frame_interval or rec.info.frame_interval_s
-    if dt is None:
-        dt = 1.0
-        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
-    frames = _preprocess_cli(rec.frames, dt, register, background, background_radius, bleach)
+    options = _preprocess_options(
+        register_drift, background, background_radius_px, bleach_correction
+    )
     try:
-        icfg = InferenceConfig(
-            method=method, mode=mode, image_size=image_size, target=target, projection=projection
-        )
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        with _Bar("segment") as progress:
+            run = segment_and_export(
+                rec.frames,
+                out_dir,
+                config,
+                name=recording.name,
+                frame_interval_s=frame_interval_s or rec.info.frame_interval_s,
+                pixel_size_um=pixel_size_um or rec.info.pixel_size_um,
+                preprocess=options,
+                model=checkpoint,
+                model_reason="SAM2: --checkpoint given",
+                configured_checkpoint=_configured_checkpoint(),
+                nwb=nwb,
+                report=_report,
+                progress=progress,
+            )
+    except SegmentOptionError as exc:
         raise _fail(f"bad segmentation option: {exc}") from None
-    with _Bar("segment") as progress:
-        result = segment_recording(
-            frames,
-            icfg,
-            checkpoint=checkpoint,
-            progress=progress,
+    except PreprocessError as exc:
+        raise _fail(str(exc)) from None
+    out = run.outputs
+    _print_lines(out.lines(str(recording), str(out_dir)))
+    for name in ("labels.tif", "overlay.png", "overlay.gif", "activity.png", "diagnosis.json"):
+        if name in out.paths:
+            console.print(f"{name}: {out.paths[name]}", markup=False, highlight=False)
+    tables = [
+        n for n in ("traces.csv", "events.csv", "patterns.json", "rois.zip") if n in out.paths
+    ]
+    if tables:
+        console.print(
+            f"tables in {out_dir}: {', '.join(tables)} (+ .parquet, waves.json)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = write_label_stack(out_dir / "labels.tif", result.labels)
-    sheet = contact_sheet(rec.frames, result.labels, out_dir / "overlay.png", title=recording.name)
-    gif = animation(rec.frames, result.labels, out_dir / "overlay.gif")
-    _exports_cli(out_dir, frames, result.labels, dt, pixel_size or rec.info.pixel_size_um, nwb)
-    for w in result.warnings:
-        console.print(f"[bold red]WARNING:[/] {w}")
-    n_cells = len(set(result.labels.ravel().tolist()) - {0})
-    console.print(f"{n_cells} cells labelled over {result.labels.shape[0]} frames")
-    console.print(f"labels: {labels}\ncontact sheet: {sheet}\nanimation: {gif}")
 
 
 @app.command()
@@ -317,13 +489,18 @@ def evaluate(
     split: str = typer.Option("test", help="split to score (split by video)"),
     out: Path | None = typer.Option(None, help="write the report as JSON here"),
     base_checkpoint: Path | None = typer.Option(
-        None, help="base SAM2 checkpoint (default: $CALSEG_SAM2_CHECKPOINT or random weights)"
+        None,
+        help="base SAM2 checkpoint (default: $CALSEG_SAM2_CHECKPOINT, else the small SAM2 "
+        "trained here, else random weights)",
     ),
     mode: str = typer.Option("image", help="SAM2: image (per frame) or video (propagation)"),
     image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
 ) -> None:
-    """Score fine-tuned vs base SAM2 vs the classical baseline on held-out videos: one table
-    (means over videos, bootstrap 95 % CIs), then per pattern class and defect family."""
+    """Score SAM2 fine-tuned vs SAM2 untuned vs classical on held-out videos: one table (means
+    over videos, bootstrap 95 % CIs), then per pattern class and defect family. With --out
+    CKPT.evaluation.json next to a checkpoint, the report is the evidence the default rule
+    reads (calseg.segment.choice)."""
+
     from pydantic import ValidationError
 
     from calseg.segment.evaluate import evaluate_dataset
@@ -333,10 +510,9 @@ def evaluate(
         cfg = InferenceConfig(mode=mode, image_size=image_size)
     except ValidationError as exc:
         raise _fail(f"bad evaluation option: {exc}") from None
-    models: dict[str, tuple[str, Path | None]] = {"base": ("sam2", base_checkpoint)}
-    if model is not None:
-        models = {"fine-tuned": ("sam2", model), **models}
-    models["baseline"] = ("baseline", None)
+    from calseg.segment.choice import evaluation_models
+
+    models = evaluation_models(model, base_checkpoint or _configured_checkpoint())
     with _Bar("evaluate") as progress:
         report = evaluate_dataset(dataset, models, split=split, config=cfg, progress=progress)
     console.print(report.to_table(), markup=False, soft_wrap=True)  # no wrap when piped
@@ -345,31 +521,57 @@ def evaluate(
         console.print(f"report: {out}")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
+    ctx: typer.Context,
+    suite: str | None = typer.Argument(
+        None,
+        help="'accuracy': the held-out accuracy suite (calseg/bench_accuracy.py); 'peers': "
+        "Suite2p and CalSeg on it (needs calseg[peers]); their options follow (python -m "
+        "calseg.bench accuracy --help)",
+    ),
     quick: bool = typer.Option(False, help="smaller runs; the dataset build is extrapolated"),
     only: str | None = typer.Option(None, help="one section: sim, render, dataset or sam2"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results as JSON"),
 ) -> None:
-    """Benchmark the simulator, renderer, dataset build and SAM2 (prints a table)."""
+    """Benchmark the simulator, renderer, dataset build and SAM2 (prints a table);
+    `calseg bench accuracy` runs the held-out accuracy suite."""
     from calseg.bench import main
 
-    argv = (["--quick"] if quick else []) + (["--only", only] if only else [])
+    argv = [suite] if suite else []
+    argv += (["--quick"] if quick else []) + (["--only", only] if only else [])
     argv += ["--json", str(json_out)] if json_out is not None else []
-    raise typer.Exit(code=main(argv))
+    raise typer.Exit(code=main(argv + list(ctx.args)))
 
 
-def _preprocess_cli(frames, dt, register, background, radius, bleach):  # noqa: ANN001, ANN202
-    """Run calseg.preprocess with the CLI's flags (frames unchanged when all are off)."""
-    from calseg.preprocess import PreprocessError, PreprocessOptions, preprocess
+def _preprocess_options(register, background, radius, bleach):  # noqa: ANN001, ANN202
+    """calseg.preprocess.PreprocessOptions from the CLI's flags (checked here)."""
+    from calseg.preprocess import PreprocessOptions
 
     if background not in (None, "opening", "rolling_ball", "gaussian"):
         raise _fail(f"--background must be opening, rolling_ball or gaussian, not {background!r}")
     if bleach not in (None, "exp", "biexp"):
-        raise _fail(f"--bleach must be exp or biexp, not {bleach!r}")
-    opts = PreprocessOptions(
-        register=register, background=background, background_radius_px=radius, bleach=bleach
+        raise _fail(f"--bleach-correction must be exp or biexp, not {bleach!r}")
+    return PreprocessOptions(
+        register_drift=register,
+        background=background,
+        background_radius_px=radius,
+        bleach_correction=bleach,
     )
+
+
+def _report(level: str, text: str) -> None:
+    """``report(level, text)`` of the pipelines on the console (warnings as notes)."""
+    if level == "warning":
+        console.print("[yellow]note:[/] ", end="")
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _preprocess_cli(frames, dt, register, background, radius, bleach):  # noqa: ANN001, ANN202
+    """Run calseg.preprocess with the CLI's flags (frames unchanged when all are off)."""
+    from calseg.preprocess import PreprocessError, preprocess
+
+    opts = _preprocess_options(register, background, radius, bleach)
     try:
         out, rep = preprocess(frames, dt, opts)
     except PreprocessError as exc:
@@ -381,7 +583,9 @@ def _preprocess_cli(frames, dt, register, background, radius, bleach):  # noqa: 
 
 def _exports_cli(out_dir, frames, labels, dt, pixel_size, nwb, traces=None):  # noqa: ANN001, ANN202
     """write_trace_exports and a summary on the console."""
-    from calseg.io.tables import TableError, write_trace_exports
+    from calseg.io.tables import TableError
+    from calseg.pipelines.segment import export_lines
+    from calseg.pipelines.traces import write_trace_exports
 
     try:
         tables = write_trace_exports(
@@ -390,9 +594,8 @@ def _exports_cli(out_dir, frames, labels, dt, pixel_size, nwb, traces=None):  # 
     except TableError as exc:
         raise _fail(str(exc)) from None
     for name, path in tables["paths"].items():
-        console.print(f"{name}: {path}")
-    console.print(f"{tables['n_events']} events; {tables['n_flagged']} traces flagged (tiny F0)")
-    console.print(f"pattern: {tables['pattern_class']}; {tables['n_waves']} waves measured")
+        console.print(f"{name}: {path}", markup=False, highlight=False)
+    _print_lines(export_lines(tables))
     return tables
 
 
@@ -401,29 +604,34 @@ def analyze(
     recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, video...)")],
     labels: Annotated[Path, typer.Argument(help="its label stack/image TIFF (e.g. labels.tif)")],
     out_dir: Annotated[Path, typer.Argument(help="folder for traces, events, patterns...")],
-    frame_interval: float | None = typer.Option(
-        None, help="seconds between frames (default: from the file's metadata, else 1 s)"
-    ),
-    pixel_size: float | None = typer.Option(
-        None, help="um per pixel for wave speeds (default: from the file's metadata)"
-    ),
+    frame_interval_s: float | None = typer.Option(None, help=_FRAME_INTERVAL_HELP),
+    pixel_size_um: float | None = typer.Option(None, help=_PIXEL_SIZE_HELP),
     axes: str | None = typer.Option(None, help="override the stored axes, e.g. TZCYX"),
     channel: int = typer.Option(0, help="channel to read when the file has several"),
-    z_projection: str = typer.Option(
-        "max", help="Z axis (with T) collapsed by max, mean or median"
-    ),
-    register: bool = typer.Option(False, help="remove rigid drift (phase correlation)"),
-    background: str | None = typer.Option(
-        None, help="subtract a static background: opening, rolling_ball or gaussian"
-    ),
-    background_radius: float = typer.Option(50.0, help="background radius (px) > cell radius"),
-    bleach: str | None = typer.Option(None, help="photobleaching correction: exp or biexp"),
-    nwb: bool = typer.Option(False, help="also write calseg.nwb (needs pip install calseg[nwb])"),
+    z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
+    register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
+    background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
+    background_radius_px: float = typer.Option(50.0, help=_RADIUS_HELP),
+    bleach_correction: str | None = typer.Option(None, help=_BLEACH_HELP),
+    nwb: bool = typer.Option(False, help=_NWB_HELP),
+    old_frame_interval: float | None = typer.Option(None, "--frame-interval", hidden=True),
+    old_pixel_size: float | None = typer.Option(None, "--pixel-size", hidden=True),
+    old_register: bool = typer.Option(False, "--register", hidden=True),
+    old_background_radius: float | None = typer.Option(None, "--background-radius", hidden=True),
+    old_bleach: str | None = typer.Option(None, "--bleach", hidden=True),
 ) -> None:
     """Traces (F, F0, dF/F), events, pattern class and waves of a recording whose cells are
     already labelled (by calseg segment, or by hand: a label TIFF)."""
     from calseg.analysis.traces import cell_traces_chunked, footprint_image
     from calseg.io.labels import LabelStackError, read_label_stack
+
+    frame_interval, pixel_size, register, background_radius, bleach = _with_aliases(
+        (frame_interval_s, old_frame_interval),
+        (pixel_size_um, old_pixel_size),
+        (register_drift, old_register),
+        (background_radius_px, old_background_radius),
+        (bleach_correction, old_bleach),
+    )
     from calseg.io.recordings import (
         RecordingError,
         iter_recording,
@@ -492,7 +700,7 @@ def validate_patterns_cmd(
     (one recording per seed and class; numbers in BENCHMARKS.md)."""
     import time
 
-    from calseg.analysis.patterns import format_confusion, validate_patterns
+    from calseg.pipelines.validate_patterns import format_confusion, validate_patterns
 
     try:
         seed_list = _seed_list(seeds)
@@ -505,7 +713,7 @@ def validate_patterns_cmd(
             f = row["features"]
             console.print(
                 f"seed {row['seed']} {row['true']:>10} -> {row['predicted']:<10} "
-                f"largest cluster {f['largest_cluster_cells']} cells / "
+                f"largest cluster {plural(f['largest_cluster_cells'], 'cell')} / "
                 f"{f['largest_cluster_area_fraction']:.3f} of field, "
                 f"{f['event_rate_per_1000s']:.2f} events/cell/1000 s, "
                 f"{f['n_active_cells']} active cells"
@@ -563,6 +771,89 @@ def users_list() -> None:
     with _db_session() as session:
         for user in session.scalars(select(User).order_by(User.created_at)):
             console.print(f"{user.id}  {user.name}{'  (admin)' if user.is_admin else ''}")
+
+
+_LIMIT_OPTIONS = {
+    # CLI option -> (users column, factor from the CLI unit to the column's unit)
+    "max_job_memory_gib": ("max_job_memory_bytes", 1024**3),
+    "max_job_disk_gib": ("max_job_disk_bytes", 1024**3),
+    "max_job_hours": ("max_job_time_s", 3600.0),
+    "max_queued_jobs": ("max_queued_jobs", 1),
+    "max_running_jobs": ("max_running_jobs", 1),
+}
+
+
+def _limit_value(option: str, text: str) -> float | None:
+    if text.strip().lower() in ("default", "server", "none"):
+        return None
+    try:
+        value = _json_value(text, f"--{option.replace('_', '-')}")
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(f"--{option.replace('_', '-')}: give a number or 'default', got {text!r}")
+    column, factor = _LIMIT_OPTIONS[option]
+    scaled = value * factor
+    return int(round(scaled)) if column != "max_job_time_s" else float(scaled)
+
+
+@users_app.command("limits")
+def users_limits(
+    name: Annotated[str, typer.Argument(help="the user")],
+    max_job_memory_gib: str | None = typer.Option(
+        None, help="largest estimated peak memory of one job (GiB), or 'default'"
+    ),
+    max_job_disk_gib: str | None = typer.Option(
+        None, help="largest estimated disk one job writes (GiB), or 'default'"
+    ),
+    max_job_hours: str | None = typer.Option(
+        None, help="largest estimated worker time of one job (hours), or 'default'"
+    ),
+    max_queued_jobs: str | None = typer.Option(
+        None, help="jobs queued or running at once (quota), or 'default'"
+    ),
+    max_running_jobs: str | None = typer.Option(None, help="jobs running at once, or 'default'"),
+) -> None:
+    """Show a user's job limits; with options, set them first ('default': the server's
+    setting applies again). Limits are checked when a job is submitted
+    (calseg.service.costs); PUT /api/users/NAME/limits does the same over HTTP."""
+    from calseg.service.auth import get_user
+    from calseg.service.costs import USER_LIMIT_FIELDS, effective_limits
+    from calseg.service.schemas import LimitsIn
+    from calseg.service.settings import get_settings
+
+    given = {
+        "max_job_memory_gib": max_job_memory_gib,
+        "max_job_disk_gib": max_job_disk_gib,
+        "max_job_hours": max_job_hours,
+        "max_queued_jobs": max_queued_jobs,
+        "max_running_jobs": max_running_jobs,
+    }
+    with _db_session() as session:
+        user = get_user(session, name)
+        changes = {
+            _LIMIT_OPTIONS[opt][0]: _limit_value(opt, text)
+            for opt, text in given.items()
+            if text is not None
+        }
+        if changes:
+            current = {f: getattr(user, f) for f in USER_LIMIT_FIELDS}
+            checked = LimitsIn(**{**current, **changes})  # bounds: ValidationError -> error:
+            for field in USER_LIMIT_FIELDS:
+                setattr(user, field, getattr(checked, field))
+            session.commit()
+        limits = effective_limits(user, get_settings(), session)
+        for field in USER_LIMIT_FIELDS:
+            value = getattr(limits, field)
+            if value is None:
+                shown = "no limit"
+            elif field.endswith("_bytes"):
+                shown = f"{fmt_num(value / 1024**3)} GiB"
+            elif field.endswith("_s"):
+                shown = f"{fmt_num(value / 3600)} h"
+            else:
+                shown = fmt_num(value)
+            console.print(f"{field:22} {shown:>12}  ({limits.sources[field]})")
 
 
 @tokens_app.command("create")
@@ -636,12 +927,34 @@ def _client():  # noqa: ANN202 - calseg.client.CalSegClient
     return client
 
 
+def _json_value(text: str, where: str) -> object:
+    """``text`` parsed as JSON for a job parameter, refusing what JSON cannot send: numbers
+    that overflow to infinity (``1e400``), ``NaN``/``Infinity``, integers too long for Python
+    (more than 4300 digits) and nesting too deep. Raises ``typer.Exit`` (``error: ...``, 2)."""
+
+    def finite(value: str) -> float:
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value} is not a finite number (it overflows a double)")
+        return number
+
+    def constant(name: str) -> object:
+        raise ValueError(f"{name} is not a number JSON can carry")
+
+    try:
+        return json.loads(text, parse_float=finite, parse_constant=constant)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise _fail(f"{where}: {exc}") from None
+
+
 def _parse_param(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise _fail(f"--param {item!r}: write it as name=value, e.g. --param n_videos=4")
     try:
-        return key.strip(), json.loads(value)
+        return key.strip(), _json_value(value, f"--param {key.strip()}")
     except json.JSONDecodeError:
         return key.strip(), value  # a bare string, e.g. --param method=baseline
 
@@ -693,7 +1006,9 @@ def submit(
     """Submit a job to the service at CALSEG_URL (token CALSEG_TOKEN); prints its id."""
     from calseg.client import CalSegError
 
-    params: dict = json.loads(params_file.read_text()) if params_file else {}
+    params = _json_value(params_file.read_text(), str(params_file)) if params_file else {}
+    if not isinstance(params, dict):
+        raise _fail(f'{params_file}: the parameters must be a JSON object, {{"name": value}}')
     params.update(dict(_parse_param(p) for p in param or []))
     with _client() as client:
         try:
@@ -813,9 +1128,9 @@ def gap(
     """Domain-gap score between real recordings and a simulated dataset (lower = closer)."""
     import numpy as np
 
-    from calseg.analysis.domain_gap import GapError, domain_gap, frechet_distance, sam2_features
     from calseg.io.dataset import DatasetError, load_dataset
     from calseg.io.recordings import RecordingError, read_recording
+    from calseg.pipelines.domain_gap import GapError, domain_gap, frechet_distance, sam2_features
 
     try:
         reals = [read_recording(p).frames for p in real]
@@ -832,7 +1147,7 @@ def gap(
     if sam2:
         from calseg.segment.model import load_sam2
 
-        loaded = load_sam2("sam2.1_hiera_t", None, image_size=image_size)
+        loaded = load_sam2("sam2.1_hiera_t", _configured_checkpoint(), image_size=image_size)
         fd = frechet_distance(sam2_features(reals, loaded), sam2_features(sims, loaded))
         console.print(f"Fréchet distance (SAM2 image embeddings): {fd:.3f}")
 

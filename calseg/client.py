@@ -272,18 +272,23 @@ class CalSegClient:
         return paths
 
     # ------------------------------------------------------------------ recordings
-    def upload(self, path: str | Path, filename: str | None = None) -> dict[str, Any]:
+    def upload(
+        self, path: str | Path, filename: str | None = None, **read_options: Any
+    ) -> dict[str, Any]:
         """Upload a recording, streamed from the file (memory stays bounded whatever its
-        size). Returns its record; ``duplicate`` is true (with a ``message``) when you had
-        uploaded the same file before, and that recording is returned."""
+        size). ``read_options``: how it is read (``axes``, ``channel``,
+        ``interleaved_channels``, ``z_projection``), kept for its jobs. Returns its record
+        (``warnings``: what the reader noticed); ``duplicate`` is true (with a ``message``)
+        when you had uploaded the same file before, and that recording is returned."""
         path = Path(path)
         if not path.is_file():
             raise CalSegError(f"{path} is not a file")
+        options = {k: v for k, v in read_options.items() if v is not None}
         with open(path, "rb") as fh:
             return self._request(
                 "POST",
                 "/api/recordings",
-                params={"filename": filename or path.name},
+                params={"filename": filename or path.name, **options},
                 content=_chunks(fh),
                 headers={"Content-Type": "application/octet-stream"},
             ).json()

@@ -3,14 +3,26 @@
 Starts the embedded service (SQLite file, a Redis of its own when none is configured, one
 Celery worker, a local artifact folder), then submits and watches four jobs:
 
-1. **simulate** a small dataset of the tissue calcium model (two pattern classes);
-2. **finetune** SAM2 (``sam2.1_hiera_t``) prompt encoder + mask decoder on cached embeddings;
-3. **infer** on a held-out simulated video, or on ``--recording PATH`` (uploaded first);
-4. **evaluate** fine-tuned vs untuned vs classical baseline on the held-out videos;
+1. **simulate** a small dataset of the tissue calcium model (two pattern classes; 128 px
+   frames, 3 held-out test videos);
+2. **finetune** the SAM2 base's prompt encoder + mask decoder on cached embeddings, briefly;
+3. **infer** on a held-out simulated video, or on ``--recording PATH`` (uploaded first), with
+   the fine-tuned SAM2 and with the classical method;
+4. **evaluate** SAM2 fine-tuned vs SAM2 untuned vs classical on the held-out videos;
 
-and prints a summary table, the overlay paths and the page URL.
+and prints a summary table (means over the test videos with 95 % bootstrap CIs), the overlay
+paths and the page URL.
 
-Run ``python -m calseg.demo --help`` for the options.
+The SAM2 base is the checkpoint configured with ``CALSEG_SAM2_CHECKPOINT`` (e.g. Meta's
+``sam2.1_hiera_tiny.pt``) or, when none is, the small SAM2 trained here from random weights on
+simulated videos (``calseg/segment/weights/sam2_small_calseg.pt``, made by ``calseg
+pretrain``; not Meta's weights).
+
+A step whose job already ran with the same parameters on the same code is not run again: the
+earlier job is reused (:func:`reusable_job`; matched by the validated parameters and the code
+version, never when the working tree has uncommitted changes). So ``make demo
+RECORDING=...`` after ``make demo`` only uploads and segments the recording. ``--fresh`` runs
+every step anew.
 """
 
 from __future__ import annotations
@@ -40,11 +52,71 @@ CHROMIUM_ARGS = (  # Debian's chromium, headless, on a machine with no internet 
     "--disable-component-update",
     "--disable-sync",
 )
-SUMMARY_COLUMNS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1", "ap50")
 
 
 class DemoError(RuntimeError):
     """A demo step failed; the message names the job and its error."""
+
+
+def reusable_job(
+    client: httpx.Client, kind: str, params: dict[str, Any], version: str | None = None
+) -> tuple[dict[str, Any] | None, str]:
+    """An earlier succeeded job identical to the one ``params`` would start, if any.
+
+    Identical means: the same kind, the same parameters after validation
+    (:func:`calseg.service.schemas.validate_params`, so defaults count and references to
+    reused jobs match), and the same code version (:func:`calseg.service.context.code_version`)
+    as this code. A working tree with uncommitted changes (``+dirty``) never reuses: its
+    version does not identify the code.
+
+    Returns:
+        ``(job or None, one sentence saying what was found and why)``; the job is the full
+        record (``GET /api/jobs/{id}``).
+    """
+    from calseg.service.context import code_version
+    from calseg.service.schemas import params_to_json, validate_params
+
+    version = version or code_version()
+    if version.endswith("+dirty"):
+        return None, f"not reusing earlier {kind} jobs: the code has uncommitted changes"
+    want = params_to_json(validate_params(kind, params))
+    offset = 0
+    while True:
+        r = client.get(
+            "/api/jobs",
+            params={"kind": kind, "state": "succeeded", "limit": 500, "offset": offset},
+        )
+        r.raise_for_status()
+        page = r.json()
+        for job in page["items"]:
+            if job.get("code_version") == version and job.get("params") == want:
+                full = client.get(f"/api/jobs/{job['id']}")
+                full.raise_for_status()
+                when = (job.get("finished_at") or job.get("created_at") or "")[:19]
+                return full.json(), (
+                    f"reusing {kind} job {job['id']} of {when} (same parameters, code {version})"
+                )
+        offset += len(page["items"])
+        if not page["items"] or offset >= page["total"]:
+            return None, f"no earlier {kind} job with these parameters on code {version}"
+
+
+def run_or_reuse(
+    client: httpx.Client,
+    kind: str,
+    params: dict[str, Any],
+    fresh: bool = False,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """:func:`reusable_job` unless ``fresh``; otherwise submit and :func:`watch` a new job.
+    A reused job's record carries ``_reused = True`` and ``_wall_s = 0``."""
+    if not fresh:
+        job, why = reusable_job(client, kind, params, version)
+        console.print(why)
+        if job is not None:
+            job["_wall_s"], job["_reused"] = 0.0, True
+            return job
+    return watch(client, submit(client, kind, params))
 
 
 def submit(client: httpx.Client, kind: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -144,20 +216,28 @@ def run_demo(
             "width": args.size,
             "pattern_classes": ["waves", "transients"],
             "seed": args.seed,
+            "n_val_videos": 1,
+            "n_test_videos": args.test_videos,
         }
+        fresh = getattr(args, "fresh", False)
         console.rule("1/4 simulate")
-        jobs["simulate"] = watch(client, submit(client, "simulate", sim_params))
+        jobs["simulate"] = run_or_reuse(client, "simulate", sim_params, fresh)
 
         console.rule("2/4 fine-tune SAM2")
-        ft_params = {"dataset_job_id": jobs["simulate"]["id"], "steps": args.steps}
-        jobs["finetune"] = watch(client, submit(client, "finetune", ft_params))
+        ft_params = {
+            "dataset_job_id": jobs["simulate"]["id"],
+            "steps": args.steps,
+            "val_every": max(1, args.steps // 3),
+        }
+        jobs["finetune"] = run_or_reuse(client, "finetune", ft_params, fresh)
         for w in (jobs["finetune"].get("result") or {}).get("warnings", []):
             console.print(f"[bold red]WARNING:[/] {w}")
 
-        console.rule("3/4 infer (fine-tuned SAM2, then the classical baseline)")
+        console.rule("3/4 infer (SAM2 fine-tuned, then classical)")
         if args.recording:
             rec = upload(client, Path(args.recording))
-            console.print(f"uploaded {args.recording}: {rec.get('n_frames')} frames")
+            n = rec.get("n_frames") or 0
+            console.print(f"uploaded {args.recording}: {n} frame{'' if n == 1 else 's'}")
             infer_params: dict[str, Any] = {"recording_id": rec["id"]}
         else:
             videos = (jobs["simulate"].get("result") or {}).get("videos", [])
@@ -165,13 +245,12 @@ def run_demo(
             if not test:
                 raise DemoError("the simulate job listed no videos in its result")
             infer_params = {"dataset_job_id": jobs["simulate"]["id"], "video_id": test[0]["id"]}
-        jobs["infer"] = watch(
-            client,
-            submit(client, "infer", {**infer_params, "model_job_id": jobs["finetune"]["id"]}),
+        jobs["infer"] = run_or_reuse(
+            client, "infer", {**infer_params, "model_job_id": jobs["finetune"]["id"]}, fresh
         )
-        # the classical baseline needs no weights: the floor every user gets
-        jobs["infer-baseline"] = watch(
-            client, submit(client, "infer", {**infer_params, "method": "baseline"})
+        # the classical method needs no weights: the floor every user gets
+        jobs["infer-classical"] = run_or_reuse(
+            client, "infer", {**infer_params, "method": "classical"}, fresh
         )
 
         console.rule("4/4 evaluate")
@@ -179,7 +258,7 @@ def run_demo(
             "dataset_job_id": jobs["simulate"]["id"],
             "model_job_id": jobs["finetune"]["id"],
         }
-        jobs["evaluate"] = watch(client, submit(client, "evaluate", ev_params))
+        jobs["evaluate"] = run_or_reuse(client, "evaluate", ev_params, fresh)
     return jobs
 
 
@@ -189,26 +268,30 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     for col in ("job", "id", "state", "wall (s)"):
         t.add_column(col)
     for kind, job in jobs.items():
-        t.add_row(kind, job["id"], job["state"], f"{job['_wall_s']:.1f}")
+        wall = "reused" if job.get("_reused") else f"{job['_wall_s']:.1f}"
+        t.add_row(kind, job["id"], job["state"], wall)
     console.print(t)
 
-    metrics = jobs["evaluate"].get("metrics", [])
-    if metrics:
-        models = sorted({m.get("model") or "" for m in metrics})
-        names = [n for n in SUMMARY_COLUMNS if any(m["name"] == n for m in metrics)]
-        mt = Table(title="Held-out simulated videos (split by video)")
-        mt.add_column("model")
-        for n in names:
-            mt.add_column(n)
-        for model in models:
-            vals = {m["name"]: m["value"] for m in metrics if (m.get("model") or "") == model}
-            mt.add_row(model, *[f"{vals[n]:.3f}" if n in vals else "-" for n in names])
-        console.print(mt)
+    print_suite_headline()
+    report = _evaluation_report(jobs["evaluate"], artifact_dir)
+    if report:
+        for line in heldout_table(report):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    for kind in ("infer", "infer-baseline"):
-        model = "fine-tuned SAM2" if kind == "infer" else "classical baseline"
-        n_cells = (jobs[kind].get("result") or {}).get("n_cells")
-        console.print(f"[bold]Overlays ({model}: {n_cells} cells found)[/]")
+    from calseg.fmt import plural
+
+    for kind in ("infer", "infer-classical"):
+        result = jobs[kind].get("result") or {}
+        model = result.get("model_label") or ("SAM2 fine-tuned" if kind == "infer" else "classical")
+        n_cells = result.get("n_cells") or 0
+        console.print(f"[bold]Overlays ({model}: {plural(n_cells, 'cell')} found)[/]")
+        if result.get("random_weights"):
+            console.print(f"[bold red]WARNING:[/] {model}: random weights, masks not meaningful")
+        diag = result.get("diagnosis")
+        if diag:  # nothing found: why, and the first thing to try
+            console.print(f"  why: {diag['reason']}", markup=False, highlight=False)
+            for sg in diag.get("suggestions", [])[:2]:
+                console.print(f"  try: {sg['text']} ({sg['expected']})", markup=False)
         for name, p in sorted(artifact_paths(jobs[kind], artifact_dir).items()):
             if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
                 console.print(f"  {name}: {p}")
@@ -216,6 +299,80 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
         f"[bold]Page:[/] {page_url} (up while the demo runs; `--keep-serving` keeps it, "
         "`make serve` serves these jobs again later)"
     )
+
+
+def _evaluation_report(job: dict[str, Any], artifact_dir: Path) -> dict | None:
+    """The evaluate job's ``report.json`` (``EvaluationReport.to_dict()``), if present."""
+    import json
+
+    path = artifact_paths(job, artifact_dir).get("report.json")
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _ci(s: dict, key: str) -> str:
+    m, ci = s.get(f"{key}_mean"), s.get(f"{key}_ci95")
+    if m is None:
+        return "-"
+    return f"{m:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def heldout_table(report: dict) -> list[str]:
+    """The demo's held-out table and its verdict lines, from an evaluation report dict.
+
+    One row per model (classical, SAM2 untuned, SAM2 fine-tuned): instance F1, foreground
+    IoU and AP50 as means over the test videos with 95 % bootstrap CIs
+    (:func:`calseg.segment.evaluate.summarise`); then whether the fine-tuned model beats the
+    untuned one (mean F1) and, when it does not beat the classical method, one line saying so.
+    """
+    summary = report.get("summary") or []
+    n = max((s.get("n_videos") or 0 for s in summary), default=0)
+    cols = (("f1", "instance F1"), ("iou", "foreground IoU"), ("ap50", "AP50"))
+    head = f"{'model':<34}" + "".join(f"{title + ' [95% CI]':>26}" for _, title in cols)
+    lines = [
+        f"This demo's own held-out test videos ({n}, split by video; few videos: the CIs are "
+        "wide, the suite above is the accuracy claim):",
+        head,
+    ]
+    lines.append("-" * len(head))
+    by_name = {}
+    for s in summary:
+        by_name[s["model"]] = s
+        lines.append(f"{s['model'][:34]:<34}" + "".join(f"{_ci(s, k):>26}" for k, _ in cols))
+
+    def f1(prefix: str) -> tuple[str, float] | None:
+        hit = [(k, v.get("f1_mean")) for k, v in by_name.items() if k.startswith(prefix)]
+        return hit[0] if hit and hit[0][1] is not None else None
+
+    tuned, untuned, classical = f1("SAM2 fine-tuned"), f1("SAM2 untuned"), f1("classical")
+    if tuned and untuned:
+        verb = "beats" if tuned[1] > untuned[1] else "does NOT beat"
+        lines.append(f"{tuned[0]} {verb} {untuned[0]} (F1 {tuned[1]:.3f} vs {untuned[1]:.3f}).")
+    if tuned and classical and tuned[1] <= classical[1]:
+        lines.append(
+            f"{tuned[0]} is not better than the classical method here (F1 {tuned[1]:.3f} vs "
+            f"{classical[1]:.3f}): use the classical method on recordings like these."
+        )
+    return lines
+
+
+def print_suite_headline() -> None:
+    """The accuracy headline: the held-out suite's last full run (``python -m calseg.bench
+    --only accuracy --write-docs``, :func:`calseg.bench_accuracy.suite_result`), never the demo's
+    own few videos."""
+    from calseg.bench_accuracy import suite_result
+
+    res = suite_result()
+    if res is None:
+        console.print(
+            "Accuracy: no held-out suite result in this checkout (run `python -m calseg.bench "
+            "--only accuracy --write-docs`)"
+        )
+        return
+    console.print("[bold]Accuracy (held-out suite):[/]")
+    console.print(f"  {res['headline']}", markup=False, highlight=False)
+    console.print(f"  from {res['provenance']}", markup=False, highlight=False)
 
 
 def busiest_frame(labels: np.ndarray) -> int:
@@ -290,15 +447,47 @@ def screenshot_page(url: str, path: Path, frame: int | None = None) -> Path | No
     return path
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help, the description's paragraphs kept."""
+
+
+def _plain(doc: str) -> str:
+    """The module docstring for a terminal: no reST markup (``**``, double backticks,
+    ``:func:`` roles)."""
+    import re
+
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+    return text.replace("``", "").replace("**", "").replace("`", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``make demo``; returns the process exit code."""
-    p = argparse.ArgumentParser(prog="python -m calseg.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--recording", help="a real TIFF to segment instead of a held-out video")
-    p.add_argument("--videos", type=int, default=4, help="simulated videos (>= 4)")
-    p.add_argument("--frames", type=int, default=64, help="frames per simulated video")
-    p.add_argument("--size", type=int, default=256, help="frame height and width (px)")
+    p = argparse.ArgumentParser(
+        prog="python -m calseg.demo",
+        description=_plain(__doc__ or ""),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--recording",
+        help="a real recording (any format calseg reads) to segment instead of a held-out "
+        "simulated video; none: the held-out video",
+    )
+    p.add_argument("--videos", type=int, default=8, help="simulated videos (train + 1 val + test)")
+    p.add_argument("--test-videos", type=int, default=3, help="held-out test videos (>= 3: CI)")
+    p.add_argument("--frames", type=int, default=48, help="frames per simulated video")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=128,
+        help="frame height and width (px); the small SAM2 base works at 128 px",
+    )
     p.add_argument("--steps", type=int, default=150, help="fine-tuning optimiser steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="simulation seed")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run every step anew instead of reusing identical earlier jobs",
+    )
     p.add_argument("--keep-serving", action="store_true", help="keep the service up afterwards")
     args = p.parse_args(argv)
 
@@ -309,7 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.recording and not Path(args.recording).is_file():  # fail before minutes of work
         console.print(f"[bold red]demo failed:[/] recording {args.recording} is not a file")
         return 2
+    from calseg.segment.model import default_base_checkpoint
+
     settings = get_settings()
+    # the SAM2 base: the configured checkpoint, else the small SAM2 trained here
+    base = default_base_checkpoint(settings.sam2_checkpoint)
+    settings = settings.model_copy(update={"sam2_checkpoint": base})
+    if base is None:
+        console.print("SAM2 base: none configured and no small SAM2 shipped: RANDOM weights")
+    elif settings.sam2_checkpoint == default_base_checkpoint(None):
+        console.print(f"SAM2 base: {base} (small SAM2 trained here, not Meta's weights)")
+    else:
+        console.print(f"SAM2 base: {base} (CALSEG_SAM2_CHECKPOINT)")
     t0 = time.monotonic()
     try:
         with EmbeddedService(settings) as service:
@@ -325,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
             summarise(jobs, Path(settings.artifact_dir), f"{page}#token={token}")
             # the viewer on the job with the most cells found (random-weight SAM2 finds none)
             shown = max(
-                ("infer", "infer-baseline"),
-                key=lambda k: (jobs[k].get("result") or {}).get("n_cells") or 0,
+                ("infer", "infer-classical"),
+                # ties (e.g. none found anywhere): the classical job, whose page explains why
+                key=lambda k: ((jobs[k].get("result") or {}).get("n_cells") or 0, k != "infer"),
             )
             # on the frame with the most labelled pixels (cells are active on few frames)
             frame = busiest_frame_of_job(jobs[shown], Path(settings.artifact_dir))

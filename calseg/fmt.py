@@ -48,3 +48,9 @@ def fmt_mapping(values: Mapping[str, Any], digits: int = 4) -> str:
         else:
             parts.append(f"{k}={fmt_num(v, digits)}")
     return ", ".join(parts)
+
+
+def plural(n: int, word: str, plural_form: str | None = None) -> str:
+    """``"1 cell"``, ``"0 cells"``, ``"3 cells"``; ``plural_form`` for irregular words
+    (default ``word + "s"``)."""
+    return f"{n} {word if n == 1 else (plural_form or word + 's')}"

@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage, optimize
 
+from calseg.progress import check_cancelled
+
 __all__ = [
     "PreprocessError",
     "PreprocessOptions",
@@ -105,6 +107,7 @@ def register_drift(
     shifts = np.zeros((arr.shape[0], 2))
     out = np.empty_like(arr)
     for t in range(arr.shape[0]):
+        check_cancelled()
         s, _, _ = phase_cross_correlation(
             ref_f,
             np.fft.fft2((arr[t] - arr[t].mean()) * win),
@@ -250,27 +253,35 @@ def correct_photobleaching(
     return out, info
 
 
+MIN_BLEACH_LOSS = 0.005
+"""A fitted bleaching curve that loses less than this fraction of the mean intensity over the
+recording is not applied (no measurable bleaching; its tau is not identifiable)."""
+
+
 @dataclass
 class PreprocessOptions:
     """Which preprocessing steps to run (all off by default); see the module docstring.
 
+    The names are the infer job's parameters and the CLI's flags (``--register-drift``,
+    ``--bleach-correction``): one name per parameter across API, CLI and library.
+
     Attributes:
-        register: drift registration on/off; register_upsample: sub-pixel factor.
+        register_drift: drift registration on/off; register_upsample: sub-pixel factor.
         background: ``None``, ``"opening"``, ``"rolling_ball"`` or ``"gaussian"``;
             background_radius_px.
-        bleach: ``None``, ``"exp"`` or ``"biexp"``.
+        bleach_correction: ``None``, ``"exp"`` or ``"biexp"``.
     """
 
-    register: bool = False
+    register_drift: bool = False
     register_upsample: int = 10
     background: Literal["rolling_ball", "opening", "gaussian"] | None = None
     background_radius_px: float = 50.0
-    bleach: Literal["exp", "biexp"] | None = None
+    bleach_correction: Literal["exp", "biexp"] | None = None
 
     @property
     def any(self) -> bool:
         """True when at least one step is on."""
-        return bool(self.register or self.background or self.bleach)
+        return bool(self.register_drift or self.background or self.bleach_correction)
 
 
 @dataclass
@@ -299,7 +310,7 @@ def preprocess(
     opt = options or PreprocessOptions()
     rep = PreprocessReport(options=asdict(opt))
     out = _frames(frames)
-    if opt.register:
+    if opt.register_drift:
         out, shifts = register_drift(out, upsample=opt.register_upsample)
         rep.max_shift_px = float(np.hypot(*shifts.T).max()) if len(shifts) else 0.0
         rep.steps.append(f"registered: largest drift {rep.max_shift_px:.2f} px")
@@ -308,11 +319,37 @@ def preprocess(
         rep.steps.append(
             f"background subtracted ({opt.background}, {opt.background_radius_px:g} px)"
         )
-    if opt.bleach:
-        out, rep.bleach = correct_photobleaching(out, frame_interval_s, opt.bleach)
-        taus = ", ".join(f"{x:.4g}" for x in rep.bleach["tau_s"])
+    if opt.bleach_correction:
+        corrected, rep.bleach = correct_photobleaching(out, frame_interval_s, opt.bleach_correction)
+        taus = ", ".join(f"{x:.3g}" for x in rep.bleach["tau_s"])
         lost = 100 * rep.bleach["loss_fraction"]
-        rep.steps.append(
-            f"photobleaching corrected ({opt.bleach}, tau {taus} s, {lost:.1f} % lost)"
-        )
+        duration = (out.shape[0] - 1) * float(frame_interval_s)
+        if rep.bleach["loss_fraction"] < MIN_BLEACH_LOSS:
+            # a decay this small is within noise: its tau means nothing; dividing would only
+            # add the fit's noise (the message used to read "tau 37 s, 0.0 % lost")
+            rep.bleach["applied"] = False
+            rep.steps.append(
+                f"photobleaching: none measurable ({opt.bleach_correction} fit: {lost:.2g} % of "
+                f"the mean intensity lost over the recording's {duration:.3g} s, under "
+                f"{100 * MIN_BLEACH_LOSS:g} %); not corrected"
+            )
+        else:
+            out = corrected
+            rep.bleach["applied"] = True
+            tau_note = ""
+            tau_list = rep.bleach["tau_s"]
+            if max(tau_list) > 10 * duration:
+                tau_note = (
+                    f"; tau {max(tau_list):.3g} s is far longer than the recording, so the "
+                    "decay is nearly linear and tau is not identifiable: only the drop is"
+                )
+            if min(tau_list) < 2 * float(frame_interval_s):
+                tau_note += (
+                    f"; tau {min(tau_list):.3g} s is shorter than 2 frames: a drop over the "
+                    "first frames (shutter, focus), not bleaching; check them"
+                )
+            rep.steps.append(
+                f"photobleaching corrected ({opt.bleach_correction}: the mean intensity fell "
+                f"{lost:.1f} % over the recording's {duration:.3g} s; tau {taus} s{tau_note})"
+            )
     return out, rep

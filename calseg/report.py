@@ -11,16 +11,16 @@ One command from a clean checkout (``python -m calseg.report gap OUT_DIR`` or
    simulator fitted to it (:mod:`calseg.simulate.fit`). (b) is (a) plus ``K`` augmented
    variants per training video (:mod:`calseg.segment.augment`).
 3. Fine-tune SAM2's decoder (tiny model, random encoder weights here, few steps) on (a), (b)
-   and each (c); the untuned SAM2 and the classical baseline need no training.
+   and each (c); SAM2 untuned and the classical method need no training.
 4. Score every model: domain-gap score of its training data against each real recording
-   (:mod:`calseg.analysis.domain_gap`, plus the Fréchet distance on the SAM2 encoder's
+   (:mod:`calseg.pipelines.domain_gap`, plus the Fréchet distance on the SAM2 encoder's
    embeddings), recall of the labelled real cells at IoU >= 0.5 / 0.3 and detections per
-   frame (:mod:`calseg.analysis.real_eval`), and IoU / Dice on the held-out (test) videos of
+   frame (:mod:`calseg.pipelines.real_eval`), and IoU / Dice on the held-out (test) videos of
    the default simulation (:func:`calseg.segment.evaluate.evaluate_dataset`). Recall twice:
    for the active cells of each frame (the default target; in these short, noisy recordings
    the activity threshold finds nothing) and for all cells on the mean projection
    (``target="cells"``, :mod:`calseg.segment.projection`), next to its chance level (cell-sized
-   grid tiles, :func:`calseg.analysis.real_eval.grid_control`).
+   grid tiles, :func:`calseg.pipelines.real_eval.grid_control`).
    ``--rescore-real`` recomputes only these real-data columns from an existing OUT_DIR.
 
 The defaults are sized for a 2-core CPU (about 10 min). With random encoder weights the
@@ -80,12 +80,12 @@ def run_gap_report(
     Raises:
         FileNotFoundError: a real recording or its ROI file is missing.
     """
-    from calseg.analysis.domain_gap import (
+    from calseg.io.dataset import load_dataset
+    from calseg.pipelines.domain_gap import (
         domain_gap,
         frechet_distance,
         sam2_features,
     )
-    from calseg.io.dataset import load_dataset
     from calseg.segment.augment import augment_recording
     from calseg.segment.evaluate import evaluate_dataset
     from calseg.segment.finetune import FinetuneConfig, finetune, variant_seed
@@ -203,8 +203,8 @@ def run_gap_report(
 
     # 5. models x evaluations -------------------------------------------------------------
     models = {
-        "untuned SAM2": ("sam2", None, None),
-        "classical baseline": ("baseline", None, None),
+        "SAM2 untuned": ("sam2", None, None),  # one name per model (calseg.segment.choice)
+        "classical": ("classical", None, None),
         "(a) default sims": ("sam2", ckpt["default"], "default"),
         f"(b) sims + augmentation (K={augment_variants})": ("sam2", ckpt["augmented"], "augmented"),
         "(c) sims fitted to the recording": ("sam2", "fitted", "fitted"),
@@ -296,19 +296,20 @@ def score_real(
 ) -> dict:
     """Real-data scores of one model on one labelled recording.
 
-    ``{rname}``: the activity target (:func:`calseg.analysis.real_eval.score_partial_labels`
+    ``{rname}``: the activity target (:func:`calseg.pipelines.real_eval.score_partial_labels`
     on the per-frame label stack); ``cells_{rname}``: ``target="cells"`` (all cells on the
     mean projection, :mod:`calseg.segment.projection`) scored by
-    :func:`calseg.analysis.real_eval.score_projection`, with ``cell_diameter_px`` and
+    :func:`calseg.pipelines.real_eval.score_projection`, with ``cell_diameter_px`` and
     ``n_cells_projection``; ``oracle_{rname}`` (SAM2 only):
-    :func:`calseg.analysis.real_eval.oracle_point_iou`.
+    :func:`calseg.pipelines.real_eval.oracle_point_iou`.
 
     Args:
         rname: recording name; r: ``{"frames": (T, H, W), "rois": (H, W)}``;
-        method: "sam2" or "baseline"; checkpoint: SAM2 checkpoint or None (random weights);
+        method: "sam2" or "classical" ("baseline" accepted); checkpoint: SAM2 checkpoint
+            or None (random weights);
         icfg: base :class:`calseg.segment.infer.InferenceConfig`; cache: embedding cache.
     """
-    from calseg.analysis.real_eval import (
+    from calseg.pipelines.real_eval import (
         oracle_point_iou,
         score_partial_labels,
         score_projection,
@@ -337,8 +338,8 @@ def score_real(
 
 def grid_controls(rows: list[dict], real: dict) -> dict:
     """Chance level of the projection recall per recording
-    (:func:`calseg.analysis.real_eval.grid_control` with the diameter the baseline used)."""
-    from calseg.analysis.real_eval import grid_control
+    (:func:`calseg.pipelines.real_eval.grid_control` with the diameter the baseline used)."""
+    from calseg.pipelines.real_eval import grid_control
 
     out = {}
     for rname, r in real.items():
@@ -350,8 +351,8 @@ def grid_controls(rows: list[dict], real: dict) -> dict:
 
 
 def roi_activities(real: dict) -> dict:
-    """Per recording, :func:`calseg.analysis.real_eval.roi_activity` of its labelled ROIs."""
-    from calseg.analysis.real_eval import roi_activity
+    """Per recording, :func:`calseg.pipelines.real_eval.roi_activity` of its labelled ROIs."""
+    from calseg.pipelines.real_eval import roi_activity
 
     return {n: roi_activity(r["frames"], r["rois"]) for n, r in real.items()}
 
@@ -360,7 +361,7 @@ def rescore_real(out_dir: Path, real_dir: Path, log=print) -> dict:  # noqa: ANN
     """Recompute only the real-data columns of an existing report (``--rescore-real``).
 
     The real recordings are read again; each fine-tuned model is the ``best.pt`` the run saved
-    in ``OUT_DIR/model_<label>/``; the untuned SAM2 and the baseline need none. Gap scores,
+    in ``OUT_DIR/model_<label>/``; SAM2 untuned and the classical method need none. Gap scores,
     fits and simulated IoU are kept from ``report.json``. Rewrites report.json and report.md,
     and report.png when the run's simulated datasets are still in ``OUT_DIR``.
 
@@ -376,7 +377,8 @@ def rescore_real(out_dir: Path, real_dir: Path, log=print) -> dict:  # noqa: ANN
     t = time.perf_counter()
     for row in res["rows"]:
         data = row["training data"]
-        method = "baseline" if row["model"] == "classical baseline" else "sam2"
+        # "classical baseline" in reports written before the names were unified
+        method = "classical" if row["model"] in ("classical", "classical baseline") else "sam2"
         for rname, r in real.items():
             label = f"fitted_{rname}" if data == "fitted" else data
             ck = None if data == "-" else out_dir / f"model_{label}" / "best.pt"

@@ -14,12 +14,15 @@ const $ = (id) => document.getElementById(id);
 
 const S = {
   token: null,
+  linkedToken: null, // a token from a #token= link, waiting for the user's yes (login CSRF)
   me: null,
   kinds: null, // {kind: JSON schema}
   selectedId: null,
   selectedJob: null,
   jobsCache: [],
   recordings: [],
+  datasets: [], // succeeded simulate jobs (the form's dataset picker)
+  models: [], // GET /api/models (the form's model picker)
   pollTimer: null,
 };
 
@@ -92,6 +95,14 @@ function fmtTime(iso) {
   return iso ? new Date(iso).toLocaleTimeString() : "";
 }
 
+function fmtDate(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return `${d.toLocaleDateString(undefined, { day: "numeric", month: "short" })} ${d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" })}`;
+}
+
+const plural = (n, word, many = `${word}s`) => `${n} ${n === 1 ? word : many}`;
+
 function fmtBytes(n) {
   if (n < 1024) return `${n} B`;
   if (n < 1024 ** 2) return `${(n / 1024).toFixed(1)} KiB`;
@@ -111,17 +122,42 @@ const short = (id) => (id ? String(id).slice(0, 8) : "");
 // ------------------------------------------------------------------ sign-in
 
 function tokenFromHash() {
-  // #token=<t> (optionally with &job=<id>): store the token, then take it out of the address bar
-  // returns the token found, or null
+  // #token=<t> (optionally with &job=<id>): take the token out of the address bar and return it
+  // (or null). It is NOT stored here: a link must not silently replace the signed-in account
+  // (login CSRF); useLinkedToken decides.
   const h = location.hash.replace(/^#/, "");
   if (!h.includes("token=")) return null;
   const q = new URLSearchParams(h);
   const t = (q.get("token") || "").trim();
-  if (t) localStorage.setItem(TOKEN_KEY, t);
   q.delete("token");
   const rest = q.toString();
   history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
   return t || null;
+}
+
+async function useLinkedToken(token) {
+  // a token from a link: sign in with it when nobody is signed in; otherwise ask first,
+  // naming both accounts (whose token the link carries is asked of the server with it)
+  if (!token || token === S.token) return;
+  if (!S.token) { await signIn(token); return; }
+  let who = "an account this server does not know (the token is refused)";
+  try {
+    const r = await fetch("/api/me", { headers: { Authorization: `Bearer ${token}` } });
+    if (r.ok) {
+      const me = await r.json();
+      who = me.name + (me.is_admin ? " (admin)" : "");
+    }
+  } catch (_) { who = "an account that cannot be checked now (service unreachable)"; }
+  S.linkedToken = token;
+  $("switch-new").textContent = who;
+  $("switch-current").textContent = S.me ? S.me.name + (S.me.is_admin ? " (admin)" : "") : "?";
+  $("switch-account").hidden = false;
+  $("switch-no").focus();
+}
+
+function closeSwitch() {
+  S.linkedToken = null;
+  $("switch-account").hidden = true;
 }
 
 function signedOut(message) {
@@ -129,6 +165,7 @@ function signedOut(message) {
   S.pollTimer = null;
   S.token = null;
   S.me = null;
+  closeSwitch();
   localStorage.removeItem(TOKEN_KEY);
   stopPlay();
   $("app").hidden = true;
@@ -198,6 +235,57 @@ function ownerName(job) {
   return S.me && S.me.id === job.owner_id ? S.me.name : `user ${short(job.owner_id)}`;
 }
 
+// What a job is, in words: method · recording · model for infer jobs (so two can be told
+// apart), the dataset's size for simulate, steps and dataset for finetune, the models compared.
+function recordingName(id) {
+  const r = S.recordings.find((x) => x.id === id);
+  return r ? r.filename : `recording ${short(id)}`;
+}
+
+function datasetName(id) {
+  const d = S.datasets.find((x) => x.id === id) || S.jobsCache.find((x) => x.id === id);
+  const p = (d && d.params) || {};
+  if (p.n_videos === undefined) return `dataset ${short(id)}`;
+  return `dataset ${short(id)} (${p.n_videos} × ${p.n_frames} frames, ${p.height}×${p.width})`;
+}
+
+function modelName(id) {
+  const m = S.models.find((x) => x.job_id === id);
+  const steps = m && m.params && m.params.steps ? `, ${m.params.steps} steps` : "";
+  return `model of finetune ${short(id)}${steps}`;
+}
+
+function jobWhat(job) {
+  const p = job.params || {};
+  const r = job.result || {};
+  if (job.kind === "infer") {
+    const method = r.model_label || (p.model_job_id ? "SAM2 fine-tuned" : p.method === "auto" ? "auto" : p.method);
+    const source = r.recording_name || (p.recording_id ? recordingName(p.recording_id)
+      : `${p.video_id} of ${datasetName(p.dataset_job_id)}`);
+    const bits = [method, source];
+    if (p.model_job_id) bits.push(modelName(p.model_job_id));
+    if (p.target === "cells") bits.push("all cells on a projection");
+    return bits.join(" · ");
+  }
+  const has = (...keys) => keys.every((k) => p[k] !== undefined && p[k] !== null);
+  if (job.kind === "simulate") {
+    return [has("n_videos", "n_frames") ? `${p.n_videos} videos × ${p.n_frames} frames` : null,
+      has("height", "width") ? `${p.height}×${p.width} px` : null,
+      p.pattern_classes ? p.pattern_classes.join(", ") : null,
+      p.recording_id ? `like ${recordingName(p.recording_id)}` : null].filter(Boolean).join(" · ");
+  }
+  if (job.kind === "finetune") {
+    return [has("steps") ? `${p.steps} steps` : null, p.train_mode || null,
+      p.dataset_job_id ? datasetName(p.dataset_job_id) : null].filter(Boolean).join(" · ");
+  }
+  if (job.kind === "evaluate") {
+    const models = [p.model_job_id ? `SAM2 fine-tuned (${modelName(p.model_job_id)})` : null, "SAM2 untuned", "classical"];
+    return [models.filter(Boolean).join(" vs "), p.split ? `${p.split} split` : null,
+      p.dataset_job_id ? datasetName(p.dataset_job_id) : null].filter(Boolean).join(" · ");
+  }
+  return "";
+}
+
 function jobRow(job) {
   const actions = el("td", {},
     el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); selectJob(job.id); },
@@ -214,6 +302,7 @@ function jobRow(job) {
                                       "aria-label": `run ${job.kind} job ${short(job.id)} again as a new job` }, "Rerun"));
   }
   const owner = ownerName(job);
+  const what = jobWhat(job);
   const row = el("tr", {
     class: `job-row${job.id === S.selectedId ? " selected" : ""}`, "data-job-id": job.id, tabindex: "0",
     "aria-label": `${job.kind} job ${short(job.id)}, ${job.state}`,
@@ -222,6 +311,7 @@ function jobRow(job) {
   },
   el("td", { title: job.id }, fmtTime(job.created_at)),
   el("td", {}, job.kind),
+  el("td", { class: "what", title: what }, what),
   el("td", { class: `state-${job.state}` }, job.state),
   el("td", { title: job.owner_id || "" }, owner),
   el("td", {}, progressBar(job)),
@@ -244,7 +334,7 @@ async function refreshJobs() {
     const focusId = focused ? focused.dataset.jobId : null;
     const focusButton = focused && active.tagName === "BUTTON" ? active.textContent : null;
     body.replaceChildren(...(page.items.length ? page.items.map(jobRow)
-      : [el("tr", {}, el("td", { colspan: "8" }, "no jobs match"))]));
+      : [el("tr", {}, el("td", { colspan: "9" }, "no jobs match"))]));
     if (focusId) { // keep keyboard focus on the same row across refreshes
       const again = body.querySelector(`tr[data-job-id="${focusId}"]`);
       const button = again && focusButton
@@ -330,6 +420,15 @@ async function showRecording(rec) {
   add("data type", rec.dtype);
   add("file size", fmtBytes(rec.size_bytes));
   add("sha256", rec.sha256);
+  if (rec.axes) add("axes as read", rec.axes);
+  const opts = Object.entries(rec.read_options || {}).map(([k, v]) => `${k}=${v}`);
+  if (opts.length) add("read with", opts.join(", "));
+  // what the reader noticed or converted (interleaved channels, series read as frames, ...)
+  const warnings = rec.warnings || [];
+  if (warnings.length) {
+    dl.append(el("dt", {}, "reader warnings"),
+              el("dd", { class: "warn", id: "upload-warnings" }, warnings.join(" | ")));
+  }
   $("upload-result").hidden = false;
   const t = Math.floor(rec.n_frames / 2);
   const img = $("upload-preview");
@@ -393,19 +492,67 @@ function hintText(p, required) {
   return bits.join(" · ");
 }
 
+// choices for id fields: [id, text] with names, sizes and dates (typing an id still works)
 function suggestions(name) {
-  // choices for id fields: the user's recordings and succeeded jobs of the right kind
-  const jobs = (kind) => S.jobsCache.filter((j) => j.kind === kind && j.state === "succeeded");
-  if (name === "recording_id") return S.recordings.map((r) => [r.id, `${r.filename} (${r.n_frames} frames)`]);
-  if (name === "dataset_job_id") return jobs("simulate").map((j) => [j.id, `simulate ${short(j.id)} ${fmtTime(j.created_at)}`]);
-  if (name === "model_job_id") return jobs("finetune").map((j) => [j.id, `finetune ${short(j.id)} ${fmtTime(j.created_at)}`]);
+  if (name === "recording_id") {
+    return S.recordings.map((r) => [r.id, `${r.filename} — ${r.n_frames} frames, ${r.height}×${r.width} px, `
+      + `${fmtBytes(r.size_bytes)}, uploaded ${fmtDate(r.created_at)}`]);
+  }
+  if (name === "dataset_job_id") {
+    return S.datasets.map((j) => {
+      const p = j.params || {};
+      const n = (j.result && j.result.n_videos) || p.n_videos;
+      return [j.id, `${n} videos × ${p.n_frames} frames, ${p.height}×${p.width} px`
+        + `${p.pattern_classes ? ` (${p.pattern_classes.join(", ")})` : ""}, seed ${p.seed}, ${fmtDate(j.finished_at || j.created_at)}`];
+    });
+  }
+  if (name === "model_job_id") {
+    return S.models.map((m) => {
+      const iou = (m.metrics || []).find((x) => x.name === "best_val_iou");
+      const f1 = (m.metrics || []).find((x) => x.name === "best_val_f1");
+      const score = f1 ? `, validation F1 ${fmtNum(f1.value)}` : iou ? `, validation IoU ${fmtNum(iou.value)}` : "";
+      return [m.job_id, `SAM2 fine-tuned, ${m.params.steps} steps on ${datasetName(m.dataset_job_id)}`
+        + `${score}, ${fmtDate(m.finished_at || m.created_at)}`];
+    });
+  }
   if (name === "video_id") {
     const chosen = document.getElementById(fieldId($("job-kind").value, "dataset_job_id"));
     const want = chosen ? chosen.value.trim() : "";
-    const ds = S.jobsCache.find((j) => j.kind === "simulate" && j.result && j.result.videos && (!want || j.id === want));
-    return ds ? ds.result.videos.map((v) => [v.id, `${v.id} (${v.split})`]) : [];
+    const ds = S.datasets.find((j) => j.result && j.result.videos && (!want || j.id === want));
+    return ds ? ds.result.videos.map((v) => [v.id, `${v.id} — ${v.split}, ${v.pattern_class}, ${v.n_cells} cells`]) : [];
   }
   return null;
+}
+
+const PICK_WHAT = { recording_id: "a recording", dataset_job_id: "a dataset", model_job_id: "a model", video_id: "a video" };
+
+// a <select> beside an id field: picking fills the field; typing in the field updates it
+function pickerFor(kind, name, input) {
+  const pick = el("select", { id: `${fieldId(kind, name)}-pick`, class: "picker", "data-picker": name,
+                              "aria-label": `choose ${PICK_WHAT[name] || name} from the list` });
+  const fill = () => {
+    const list = suggestions(name) || [];
+    const keep = input.value.trim();
+    pick.replaceChildren(el("option", { value: "" }, list.length ? `choose ${PICK_WHAT[name]}…` : `no ${PICK_WHAT[name].replace(/^an? /, "")} yet`),
+      ...list.map(([v, t]) => el("option", { value: v }, t)));
+    pick.value = list.some(([v]) => v === keep) ? keep : "";
+  };
+  pick.addEventListener("change", () => {
+    if (!pick.value) return;
+    input.value = pick.value;
+    input.dispatchEvent(new Event("input", { bubbles: true }));
+    if (name === "dataset_job_id") refreshPickers(kind); // its videos
+  });
+  pick.addEventListener("focus", fill);
+  input.addEventListener("input", () => { pick.value = [...pick.options].some((o) => o.value === input.value.trim()) ? input.value.trim() : ""; });
+  fill();
+  return pick;
+}
+
+function refreshPickers(kind) {
+  for (const pick of document.querySelectorAll("#job-form select[data-picker]")) {
+    pick.dispatchEvent(new Event("focus"));
+  }
 }
 
 function buildInput(kind, name, p, required) {
@@ -415,9 +562,11 @@ function buildInput(kind, name, p, required) {
   const common = { id, name, "aria-describedby": `${hintId} ${errId}`, "data-field": name };
   let input;
   if (p.type === "enum") {
+    const auto = p["x-auto"];
+    const text = (v) => (v === "auto" && auto ? `auto (here: ${auto.label})` : String(v));
     input = el("select", common,
       ...(p.nullable || (required && !("default" in p)) ? [el("option", { value: "" }, p.nullable ? "(none)" : "choose…")] : []),
-      ...p.enum.map((v) => el("option", { value: JSON.stringify(v) }, String(v))));
+      ...p.enum.map((v) => el("option", { value: JSON.stringify(v) }, text(v))));
     input.value = "default" in p && p.default !== null ? JSON.stringify(p.default) : "";
   } else if (p.type === "boolean" && !p.nullable) {
     input = el("input", { ...common, type: "checkbox" });
@@ -445,7 +594,7 @@ function buildInput(kind, name, p, required) {
   } else {
     const list = suggestions(name);
     input = el("input", { ...common, type: "text", spellcheck: "false", autocomplete: "off",
-      list: list ? `${id}-list` : null, size: list ? "38" : null });
+      size: list ? "38" : null, placeholder: list ? "pick above, or type an id" : null });
     input.value = "default" in p && p.default !== null ? String(p.default) : "";
   }
   if (required) input.setAttribute("aria-required", "true");
@@ -453,19 +602,13 @@ function buildInput(kind, name, p, required) {
     ? el("span", { class: "param-label", id: `${id}-label` }, name)
     : el("label", { for: id, class: "param-label" }, name);
   if (p.type === "array") input.setAttribute("aria-labelledby", `${id}-label`);
-  const wrap = el("div", { class: `param${p.type === "json" ? " param-json" : ""}` },
-    label, input,
-    el("span", { id: hintId, class: "hint" }, hintText(p, required)),
+  const picker = p.type === "string" && suggestions(name) ? pickerFor(kind, name, input) : null;
+  let hint = hintText(p, required);
+  if (p["x-auto"]) hint = `auto here: ${p["x-auto"].reason} · ${hint}`;
+  const wrap = el("div", { class: `param${p.type === "json" ? " param-json" : ""}${picker ? " param-id" : ""}` },
+    label, picker, input,
+    el("span", { id: hintId, class: "hint" }, hint),
     el("span", { id: errId, class: "field-error", role: "alert" }));
-  if (p.type === "string") {
-    const list = suggestions(name);
-    if (list) {
-      const options = () => suggestions(name).map(([v, t]) => el("option", { value: v }, t));
-      const datalist = el("datalist", { id: `${id}-list` }, ...options());
-      wrap.append(datalist);
-      input.addEventListener("focus", () => datalist.replaceChildren(...options())); // fresh ids
-    }
-  }
   if (p.type === "json") {
     // a nested object: collapsible
     return el("details", { class: "param-details" }, el("summary", {}, `${name} (JSON)`), wrap);
@@ -649,10 +792,16 @@ async function fetchKinds() {
 }
 
 async function loadRecordings() {
-  try {
-    const recs = await api("/api/recordings?limit=100");
-    S.recordings = Array.isArray(recs) ? recs : recs.items || [];
-  } catch (_) { S.recordings = []; }
+  // the pickers' lists: recordings, datasets (succeeded simulate jobs) and fine-tuned models
+  const [recs, ds, models] = await Promise.all([
+    api("/api/recordings?limit=200").catch(() => []),
+    api("/api/jobs?kind=simulate&state=succeeded&limit=200").catch(() => ({ items: [] })),
+    api("/api/models?limit=200").catch(() => []),
+  ]);
+  S.recordings = Array.isArray(recs) ? recs : recs.items || [];
+  S.datasets = ds.items || [];
+  S.models = Array.isArray(models) ? models : [];
+  if (!$("job-fields").contains(document.activeElement)) refreshPickers($("job-kind").value);
 }
 
 // ------------------------------------------------------------------ job detail
@@ -677,7 +826,8 @@ function renderMetricsTable(table, metrics, rowKey) {
 
 function renderDetail(job) {
   $("detail").hidden = false;
-  $("detail-title").textContent = `${job.kind} job ${job.id}`;
+  const what = jobWhat(job);
+  $("detail-title").textContent = `${job.kind} job ${job.id}${what ? `: ${what}` : ""}`;
   const pct = Math.round((job.progress || 0) * 100);
   $("detail-progress").replaceChildren(
     el("span", { class: `state-${job.state}` }, job.state), " ",
@@ -707,8 +857,294 @@ function renderDetail(job) {
   if (flat.length) renderMetricsTable($("metrics-table"), flat, (m) => [m.model, m.subset].filter(Boolean).join(" / ") || "—");
   renderArtifacts(job);
   $("log-tail").textContent = job.log_tail || "";
+  renderResult(job);
   setupViewer(job);
+  setupAnalysis(job);
   setupCurves(job);
+}
+
+// ------------------------------------------------------------------ infer result, in words
+
+function renderResult(job) {
+  const r = job.result || {};
+  const box = $("result-box");
+  const show = job.kind === "infer" && job.state === "succeeded" && r.n_cells !== undefined;
+  box.hidden = !show;
+  if (!show) return;
+  const banner = $("random-banner");
+  banner.hidden = !r.random_weights;
+  banner.textContent = r.random_weights
+    ? `${r.model_label}: SAM2 ran with RANDOM weights, so these masks say nothing about cells. `
+      + "Use the classical method, or configure a SAM2 checkpoint (CALSEG_SAM2_CHECKPOINT)." : "";
+  const dl = $("result-fields");
+  dl.replaceChildren();
+  const unit = r.target === "cells" ? "region" : "cell";
+  field(dl, "model", r.model_label || r.method);
+  field(dl, "why this method", r.method_reason);
+  field(dl, "recording", r.recording_name || (r.source && r.source.video_id
+    ? `${r.source.video_id} (simulated, ${r.source.pattern_class}, ${r.source.split} split)` : ""));
+  field(dl, r.target === "cells" ? "regions" : "cells found",
+    `${plural(r.n_cells, unit)} (${r.target === "cells" ? "found on the projection" : "active"}), `
+    + `${(100 * (r.coverage || 0)).toFixed(1)} % of the field labelled`);
+  if (r.evidence_summary) field(dl, "cell evidence", r.evidence_summary);
+  if (r.n_cells) {
+    field(dl, "events", `${plural(r.n_events || 0, "event")} detected; ${r.n_significant_events || 0} significant `
+      + "(large enough to count for the pattern class)");
+    field(dl, "pattern class", `${r.pattern_class}${r.pattern_reason ? ` — ${r.pattern_reason}` : ""}`);
+  }
+  const secs = r.frame_interval_known === false ? "not in the file: 1 s assumed" : `${fmtNum(r.frame_interval_s)} s`;
+  field(dl, "frame interval", secs);
+  field(dl, "pixel size", r.pixel_size_um ? `${fmtNum(r.pixel_size_um)} µm` : "unknown (scale bars in px)");
+  const notes = r.notes || [];
+  $("notes-box").hidden = !notes.length;
+  $("notes-list").replaceChildren(...notes.map((n) => el("li", {}, n)));
+  const d = r.diagnosis;
+  $("diagnosis-box").hidden = !d;
+  if (d) {
+    $("diagnosis-reason").textContent = d.reason;
+    $("suggestion-list").replaceChildren(...d.suggestions.map((sg, i) => el("li", { "data-suggestion": String(i) },
+      el("strong", {}, sg.text), " ", el("code", {}, sg.command.replace(/ OUT /, " OUT_DIR ")), el("br"),
+      el("span", { class: "muted" }, sg.expected), " ",
+      el("button", { type: "button", onclick: () => useSuggestion(job, sg.params),
+                     "aria-label": `Use these settings: ${sg.text}` }, "Use these settings"))));
+  }
+}
+
+// the infer form, filled with this job's source and a suggestion's parameters
+async function useSuggestion(job, params) {
+  await chooseKind("infer");
+  renderForm("infer");
+  const p = job.params || {};
+  for (const k of ["recording_id", "dataset_job_id", "video_id", "model_job_id"]) if (p[k]) setFieldValue("infer", k, p[k]);
+  for (const [k, v] of Object.entries(params)) {
+    const input = document.getElementById(fieldId("infer", k));
+    if (!input) continue;
+    input.value = input.tagName === "SELECT" ? JSON.stringify(v) : String(v);
+    input.dispatchEvent(new Event("input", { bubbles: true }));
+    const d = input.closest("details");
+    if (d) d.open = true;
+  }
+  $("job-form-status").textContent = `form filled: ${Object.entries(params).map(([k, v]) => `${k} = ${v}`).join(", ")}; review and submit`;
+  $("newjob-title").scrollIntoView({ behavior: "smooth", block: "start" });
+  $("job-submit").focus({ preventScroll: true });
+}
+
+// ------------------------------------------------------------------ activity map, raster, events
+
+const A = { jobId: null, cells: null, events: [], order: [] };
+
+function artifactOf(job, name) {
+  return (job.artifacts || []).find((a) => a.name === name) || null;
+}
+
+function setupAnalysis(job) {
+  const ok = job.kind === "infer" && job.state === "succeeded";
+  $("analysis").hidden = !ok;
+  if (!ok || A.jobId === job.id) return;
+  A.jobId = job.id;
+  A.cells = null;
+  A.events = [];
+  A.timeKnown = (job.result || {}).frame_interval_known !== false;
+  const act = artifactOf(job, "activity.png");
+  $("activity-box").hidden = !act;
+  if (act) {
+    apiBlob(act.url).then(({ blob }) => {
+      if (A.jobId !== job.id) return;
+      const img = $("activity-img");
+      if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+      img.src = URL.createObjectURL(blob);
+      img.alt = `activity map of ${(job.result || {}).recording_name || "the recording"}: largest z-score per pixel`;
+    }).catch((e) => { $("activity-box").hidden = true; console.warn(e); });
+  }
+  const exports = { "export-traces": "traces.csv", "export-events": "events.csv", "export-rois": "rois.zip", "export-labels": "labels.tif" };
+  let any = false;
+  for (const [id, name] of Object.entries(exports)) {
+    const a = artifactOf(job, name);
+    $(id).hidden = !a;
+    $(id).onclick = a ? () => download(a) : null;
+    any = any || Boolean(a);
+  }
+  $("exports-box").hidden = !any;
+  loadAnalysis(job);
+}
+
+function parseCsv(text) {
+  const lines = text.trim().split(/\r?\n/);
+  if (!lines.length || !lines[0]) return [];
+  const head = lines.shift().split(",");
+  return lines.filter(Boolean).map((ln) => Object.fromEntries(ln.split(",").map((v, i) => [head[i], v])));
+}
+
+async function loadAnalysis(job) {
+  const jobId = job.id;
+  const ev = artifactOf(job, "events.csv");
+  const hasTraces = Boolean(artifactOf(job, "traces.csv"));
+  try {
+    const [cells, events] = await Promise.all([
+      hasTraces && (job.result || {}).n_cells
+        ? api(`/api/jobs/${jobId}/cells?dff=true&max_columns=800`) : null,
+      ev ? apiBlob(ev.url).then(({ blob }) => blob.text()).then(parseCsv) : [],
+    ]);
+    if (A.jobId !== jobId) return;
+    A.cells = cells;
+    A.events = events.map((e) => ({ cell: Number(e.cell_id), onset: Number(e.onset_s), peak: Number(e.peak_s),
+      duration: Number(e.duration_s), amplitude: Number(e.amplitude), onsetFrame: Number(e.onset_frame),
+      truncated: e.truncated === "1" || e.truncated === "True" }));
+    renderEvents();
+    drawRaster();
+  } catch (e) {
+    $("raster-note").textContent = `cannot load the traces: ${e.message}`;
+  }
+}
+
+function firstOnset() {
+  const on = new Map();
+  for (const e of A.events) if (!on.has(e.cell) || e.onset < on.get(e.cell)) on.set(e.cell, e.onset);
+  return on;
+}
+
+function rasterOrder(sort) {
+  const ids = A.cells.ids.slice();
+  const peak = new Map(ids.map((id, i) => [id, A.cells.peak_dff[i] ?? -Infinity]));
+  if (sort === "peak") return ids.sort((a, b) => peak.get(b) - peak.get(a) || a - b);
+  if (sort === "onset") {
+    const on = firstOnset();
+    return ids.sort((a, b) => (on.has(a) ? on.get(a) : Infinity) - (on.has(b) ? on.get(b) : Infinity) || a - b);
+  }
+  return ids.sort((a, b) => a - b);
+}
+
+// inferno-like ramp, as calseg.io.overlays.colour_ramp (dark = low, bright = high)
+const RAMP = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]];
+function ramp(x) {
+  if (!Number.isFinite(x)) return [128, 128, 128];
+  const v = Math.min(1, Math.max(0, x)) * (RAMP.length - 1);
+  const i = Math.min(RAMP.length - 2, Math.floor(v));
+  const f = v - i;
+  return RAMP[i].map((c, k) => Math.round(c * (1 - f) + RAMP[i + 1][k] * f));
+}
+
+const R = { top: 8, left: 56, right: 64, bottom: 34 };
+
+function drawRaster() {
+  const c = A.cells;
+  const box = $("raster-box");
+  box.hidden = !c || !c.ids.length;
+  if (!c || !c.ids.length) return;
+  const sort = $("raster-sort").value;
+  A.order = rasterOrder(sort);
+  const n = A.order.length, cols = c.dff[0] ? c.dff[0].length : 0;
+  const canvas = $("raster-canvas");
+  const W = Math.max(300, Math.min(900, canvas.parentElement.clientWidth || 640));
+  const rowH = Math.max(2, Math.min(22, Math.floor(420 / n)));
+  const plotH = Math.max(n * rowH, 60); // room for the colour bar with few cells
+  const H = R.top + plotH + R.bottom;
+  canvas.width = W;
+  canvas.height = H;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, W, H);
+  const all = c.dff.flat().filter((v) => v !== null).sort((a, b) => a - b);
+  const hi = all.length ? Math.max(all[Math.floor(0.99 * (all.length - 1))], 1e-6) : 1;
+  const pw = W - R.left - R.right;
+  const row = new Map(c.ids.map((id, i) => [id, i]));
+  const img = ctx.createImageData(Math.max(1, cols), n);
+  A.order.forEach((id, r) => {
+    const vals = c.dff[row.get(id)];
+    vals.forEach((v, k) => {
+      const [cr, cg, cb] = ramp(v === null ? NaN : v / hi);
+      const o = 4 * (r * cols + k);
+      img.data[o] = cr; img.data[o + 1] = cg; img.data[o + 2] = cb; img.data[o + 3] = 255;
+    });
+  });
+  const tmp = document.createElement("canvas");
+  tmp.width = Math.max(1, cols);
+  tmp.height = n;
+  tmp.getContext("2d").putImageData(img, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(tmp, R.left, R.top, pw, n * rowH);
+  ctx.fillStyle = "#1d2430";
+  ctx.font = "11px system-ui, sans-serif";
+  // time axis (s)
+  const times = c.time_s.filter((v) => v !== null);
+  const t0 = times.length ? times[0] : 0;
+  const t1 = times.length ? times[times.length - 1] + (times.length > 1 ? times[1] - times[0] : 1) : 1;
+  ctx.textAlign = "center";
+  for (const tv of niceTicks(t0, t1)) {
+    const x = R.left + ((tv - t0) / (t1 - t0)) * pw;
+    if (x < R.left - 1 || x > R.left + pw + 1) continue;
+    ctx.fillRect(x, R.top + n * rowH, 1, 4);
+    ctx.fillText(String(tv), x, R.top + n * rowH + 15);
+  }
+  ctx.fillText(A.timeKnown === false ? "time (s; 1 s per frame assumed)" : "time (s)", R.left + pw / 2, H - 4);
+  // cell labels
+  ctx.textAlign = "right";
+  const every = Math.max(1, Math.ceil(12 / rowH));
+  A.order.forEach((id, r) => { if (r % every === 0) ctx.fillText(String(id), R.left - 4, R.top + r * rowH + rowH / 2 + 4); });
+  ctx.save();
+  ctx.translate(12, R.top + (n * rowH) / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.textAlign = "center";
+  ctx.fillText("cell", 0, 0);
+  ctx.restore();
+  // colour bar
+  const bx = W - R.right + 12, bh = plotH;
+  for (let y = 0; y < bh; y++) {
+    const [cr, cg, cb] = ramp(1 - y / bh);
+    ctx.fillStyle = `rgb(${cr},${cg},${cb})`;
+    ctx.fillRect(bx, R.top + y, 10, 1);
+  }
+  ctx.fillStyle = "#1d2430";
+  ctx.textAlign = "left";
+  ctx.fillText(fmtNum(hi), bx + 13, R.top + 9);
+  ctx.fillText("0", bx + 13, R.top + bh);
+  ctx.fillText("dF/F", bx - 4, R.top + bh + 14);
+  canvas.dataset.order = A.order.join(",");
+  canvas.dataset.sort = sort;
+  canvas.dataset.rows = String(n);
+  canvas.dataset.rowHeight = String(rowH);
+  const on = firstOnset();
+  $("raster-title").textContent = `dF/F of all ${plural(n, "cell")} over time`;
+  $("raster-note").textContent = `rows sorted by ${$("raster-sort").selectedOptions[0].textContent}; `
+    + `${on.size} of ${n} with an event; colour 0 to ${fmtNum(hi)} dF/F (99th percentile)`
+    + (c.frames_per_column > 1 ? `; ${c.frames_per_column} frames per column (their maximum)` : "")
+    + "; click a row for its trace";
+}
+
+function rasterClick(ev) {
+  if (!A.order.length) return;
+  const canvas = $("raster-canvas");
+  const r = canvas.getBoundingClientRect();
+  const y = ((ev.clientY - r.top) * canvas.height) / r.height;
+  const rowH = Number(canvas.dataset.rowHeight);
+  const i = Math.floor((y - R.top) / rowH);
+  if (i < 0 || i >= A.order.length) return;
+  if (V.jobId) plotCell(A.order[i]);
+}
+
+const MAX_EVENT_ROWS = 200;
+
+function renderEvents() {
+  const evs = A.events.slice().sort((a, b) => a.onset - b.onset || a.cell - b.cell);
+  $("events-box").hidden = false;
+  $("events-title").textContent = evs.length
+    ? `Events: ${plural(evs.length, "event")} in ${plural(new Set(evs.map((e) => e.cell)).size, "cell")}`
+      + (evs.length > MAX_EVENT_ROWS ? ` (the first ${MAX_EVENT_ROWS} by onset shown; all in events.csv)` : "")
+    : "Events: none detected";
+  $("events-body").replaceChildren(...evs.slice(0, MAX_EVENT_ROWS).map((e) => el("tr", {
+    class: "event-row", tabindex: "0", "data-cell": String(e.cell),
+    onclick: () => showEvent(e), onkeydown: (k) => { if (k.key === "Enter") showEvent(e); } },
+  el("td", {}, `cell ${e.cell}`), el("td", { class: "num" }, fmtNum(e.onset)), el("td", { class: "num" }, fmtNum(e.peak)),
+  el("td", { class: "num" }, fmtNum(e.duration)), el("td", { class: "num" }, fmtNum(e.amplitude)),
+  el("td", {}, e.truncated ? "cut by the recording's start or end" : ""))));
+}
+
+function showEvent(e) {
+  if (!V.jobId) return;
+  const s = $("frame-slider");
+  s.value = String(Math.min(Number(s.max), Math.max(0, e.onsetFrame)));
+  showFrame();
+  plotCell(e.cell);
 }
 
 function renderArtifacts(job) {
@@ -751,6 +1187,9 @@ async function selectJob(id) {
   $("viewer").hidden = true;
   $("viewer").dataset.jobId = "";
   $("curves").hidden = true;
+  $("analysis").hidden = true;
+  $("result-box").hidden = true;
+  A.jobId = null;
   $("artifact-list").dataset.jobId = "";
   $("download-status").textContent = "";
   if (location.hash !== `#job=${id}`) history.pushState(null, "", `#job=${encodeURIComponent(id)}`);
@@ -884,11 +1323,14 @@ async function loadCurves(job) {
       : "waiting for the first training steps…";
     return;
   }
-  // one plot for the loss, one for the IoUs (train and validation together), one per other name
+  // one plot for the loss, one for the IoUs (train, validation and the disc prior together),
+  // one per collapse diagnostic (train and val_ series together; mask and target area together)
   const groups = new Map();
   for (const [name, ms] of byName) {
     ms.sort((a, b) => a.step - b.step);
-    const g = /loss/i.test(name) ? "loss" : /iou/i.test(name) ? "IoU" : name;
+    const bare = name.replace(/^val_/, "");
+    const g = /loss/i.test(name) ? "loss" : /iou_pred/i.test(name) ? "IoU head"
+      : /iou/i.test(name) ? "IoU" : /_area$/.test(bare) ? "mask area (px)" : bare;
     if (!groups.has(g)) groups.set(g, []);
     groups.get(g).push([name, ms]);
   }
@@ -942,6 +1384,9 @@ function setupViewer(job) {
   V.bitmap = null;
   V.fitted = false;
   const n = job.result.n_frames || 1;
+  V.dt = job.result.frame_interval_s || null;
+  V.dtKnown = job.result.frame_interval_known !== false && Boolean(V.dt);
+  V.px = job.result.pixel_size_um || null;
   const slider = $("frame-slider");
   slider.max = String(n - 1);
   slider.value = "0";
@@ -993,7 +1438,8 @@ async function getFrame(url) {
 async function showFrame() {
   if (!V.jobId) return;
   const t = Number($("frame-slider").value);
-  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}`; // as on the contact sheets
+  const secs = V.dtKnown ? ` · ${fmtNum(t * V.dt)} s` : "";
+  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}${secs}`; // as on the contact sheets
   moveMarker();
   const req = ++V.request;
   const url = frameUrl(t);
@@ -1054,6 +1500,39 @@ function draw() {
   ctx.setTransform(V.scale, 0, 0, V.scale, V.tx, V.ty);
   ctx.drawImage(V.bitmap, 0, 0);
   canvas.dataset.transform = `${V.scale.toFixed(4)} ${V.tx.toFixed(1)} ${V.ty.toFixed(1)}`;
+  drawScaleBar(ctx, canvas);
+}
+
+function niceLength(target) {
+  const mag = 10 ** Math.floor(Math.log10(target));
+  return [5, 2, 1].map((m) => m * mag).find((v) => v <= target * (1 + 1e-9)) || mag;
+}
+
+// a scale bar in the canvas's bottom right: about a fifth of its width, in µm when the pixel
+// size is known, else in image pixels (said so)
+function drawScaleBar(ctx, canvas) {
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  const imagePx = canvas.width / 5 / V.scale;
+  let len, label;
+  if (V.px) {
+    const um = niceLength(imagePx * V.px);
+    len = (um / V.px) * V.scale;
+    label = `${um} µm`;
+  } else {
+    const n = niceLength(Math.max(imagePx, 1));
+    len = n * V.scale;
+    label = `${n} px (pixel size unknown)`;
+  }
+  const x1 = canvas.width - 10, y1 = canvas.height - 10;
+  ctx.font = "12px system-ui, sans-serif";
+  const tw = ctx.measureText(label).width;
+  ctx.fillStyle = "rgba(0,0,0,0.7)";
+  ctx.fillRect(Math.min(x1 - len, x1 - tw) - 4, y1 - 22, Math.max(len, tw) + 8, 26);
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(x1 - len, y1 - 4, len, 4);
+  ctx.textAlign = "right";
+  ctx.fillText(label, x1, y1 - 8);
+  canvas.dataset.scaleBar = label;
 }
 
 function zoomAt(factor, cx, cy) {
@@ -1241,7 +1720,8 @@ function drawTrace() {
   const t1 = ts.length > 1 ? ts[ts.length - 1] : 1;
   const peak = finite.length ? Math.max(...finite) : NaN;
   const plot = linePlot({
-    series: [{ xs: ts, ys, cls: "trace-line" }], xlabel: "time (s)", ylabel: "dF/F", width: 480, height: 260,
+    series: [{ xs: ts, ys, cls: "trace-line" }], width: 480, height: 260, ylabel: "dF/F (dimensionless)",
+    xlabel: V.dtKnown === false ? "time (s; 1 s per frame assumed)" : "time (s)",
     title: `dF/F trace of cell ${trace.cell_id}: ${ys.length} frames over ${Number(t1).toFixed(1)} s`
       + (finite.length ? `, peak dF/F ${peak.toFixed(2)}` : ", no finite dF/F values"),
   });
@@ -1362,6 +1842,9 @@ function wire() {
   $("zoom-in").addEventListener("click", () => zoomAt(1.25, ...mid()));
   $("zoom-out").addEventListener("click", () => zoomAt(0.8, ...mid()));
   $("zoom-reset").addEventListener("click", resetView);
+  $("raster-sort").addEventListener("change", drawRaster);
+  $("raster-canvas").addEventListener("click", rasterClick);
+  window.addEventListener("resize", () => { if (!$("analysis").hidden && A.cells) drawRaster(); });
   $("cell-select").addEventListener("change", () => {
     const v = $("cell-select").value;
     if (v) plotCell(Number(v));
@@ -1377,14 +1860,23 @@ function wire() {
   });
   window.addEventListener("hashchange", () => { // links, Back, Forward, a pasted #token= address
     const t = tokenFromHash();
-    if (t && t !== S.token) signIn(t);
+    if (t && t !== S.token) useLinkedToken(t);
     else if (S.token) jobFromHash();
   });
+  $("switch-yes").addEventListener("click", () => {
+    const t = S.linkedToken;
+    closeSwitch();
+    if (t) signIn(t);
+  });
+  $("switch-no").addEventListener("click", closeSwitch);
 }
 
 wire();
-tokenFromHash();
+const linked = tokenFromHash();
 checkService();
 const saved = localStorage.getItem(TOKEN_KEY);
-if (saved) signIn(saved);
+if (saved) {
+  // signed in already: a different token in the link is offered, never taken silently
+  signIn(saved).then((ok) => { if (linked && linked !== saved) (ok ? useLinkedToken(linked) : signIn(linked)); });
+} else if (linked) signIn(linked);
 else signedOut("");

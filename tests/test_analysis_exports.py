@@ -18,9 +18,9 @@ from calseg.io.tables import (
     read_events_csv,
     read_traces_csv,
     write_events_csv,
-    write_trace_exports,
     write_traces_csv,
 )
+from calseg.pipelines.traces import write_trace_exports
 
 
 def _recording():
@@ -168,10 +168,10 @@ class _StubContext:
     """The parts of calseg.service.jobs.JobContext that run_infer uses, without a database."""
 
     def __init__(self, workdir, recording):
-        from types import SimpleNamespace
+        from calseg.service.settings import Settings
 
         self.workdir = workdir
-        self.settings = SimpleNamespace(cache_dir=workdir / "cache", sam2_checkpoint=None)
+        self.settings = Settings(cache_dir=workdir / "cache", sam2_checkpoint=None)
         self.recording = recording
         self.artifacts: dict[str, object] = {}
         self.warnings: list[str] = []
@@ -179,6 +179,9 @@ class _StubContext:
 
     def recording_path(self, _rid):
         return self.recording
+
+    def recording_read_options(self, _rid):
+        return {}  # uploaded with the reader's defaults
 
     def relpath(self, p):
         return str(p)
@@ -303,7 +306,11 @@ def test_infer_runner_on_a_simulated_video_with_preprocessing(tmp_path):
     assert res["frame_interval_s"] == cfg.frame_interval_s
     assert res["pixel_size_um"] == cfg.pixel_size_um
     steps = res["preprocess"]["steps"]
-    assert [s.split()[0] for s in steps] == ["registered:", "background", "photobleaching"]
+    assert [s.split()[0].rstrip(":") for s in steps] == [
+        "registered",
+        "background",
+        "photobleaching",
+    ]
     pat = json.loads(Path(ctx.artifacts["patterns.json"]).read_text())
     assert pat["pattern_class"] == res["pattern_class"]
     assert json.loads(Path(ctx.artifacts["waves.json"]).read_text())["speed_unit"] == "um/s"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,9 @@ def test_render_and_dataset_tiny(tmp_path):
     ren = bench.run_section("render", sizes=(96,), n_frames=3, mean_cell_area_512=60)
     _all_positive_finite(ren)
     assert ren["details"]["96"]["defects_present"] == len(bench_defects())
+    assert ren["details"]["96_intensity"]["defects_present"] == len(bench_defects()) + 3
+    stages = ren["details"]["96"]["stage_thread_ms_per_frame"]
+    assert {"scene", "psf", "camera", "adc"} <= set(stages) and min(stages.values()) > 0
     ds = bench.run_section(
         "dataset",
         n_videos=3,
@@ -58,10 +63,23 @@ def test_render_and_dataset_tiny(tmp_path):
         bench.bench_dataset(n_videos=3, measured_videos=1, n_frames=3, size=96, n_cells=60)
 
 
-def bench_defects() -> tuple[str, ...]:
-    from calseg.simulate.render import DEFECTS
+def test_render_versus_a_git_revision():
+    """The old-vs-new render comparison runs both trees in child processes; HEAD against this
+    working tree (the same code in a clean checkout, or HEAD plus the uncommitted change)."""
+    root = Path(bench.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    res = bench.render_versus("HEAD", size=64, n_frames=2, repeats=1)
+    _all_positive_finite(res)
+    assert set(res["details"]["ms_per_frame"]) == {"HEAD", "this tree"}
+    with pytest.raises(bench.BenchError, match="git archive"):
+        bench.render_versus("no-such-revision-xyz", size=64, n_frames=2, repeats=1)
 
-    return DEFECTS
+
+def bench_defects() -> tuple[str, ...]:
+    from calseg.simulate.render import DEFAULT_DEFECTS
+
+    return DEFAULT_DEFECTS
 
 
 def test_sam2_tiny_and_report():
@@ -82,7 +100,7 @@ def test_sam2_tiny_and_report():
     report = {
         "command": "python -m calseg.bench --only sam2",
         "quick": False,
-        "machine": bench.machine_info(),
+        "machine": bench.machine_info(os.environ),
         "sections": {"sam2": res},
     }
     text = bench.format_report(report)

@@ -10,6 +10,7 @@ import tifffile
 from typer.testing import CliRunner
 
 from calseg.cli import app
+from calseg.fmt import plural
 from calseg.io.dataset import load_dataset
 from calseg.io.tables import read_traces_csv
 
@@ -36,7 +37,8 @@ def test_simulate_then_segment_with_the_baseline(tmp_path: Path) -> None:
     labels = tifffile.imread(out / "labels.tif")
     assert labels.shape == (12, 128, 128)
     n_cells = len(np.unique(labels[labels > 0]))
-    assert f"{n_cells} cells labelled over 12 frames" in r.output
+    # the old names (--method baseline, --frame-interval) still work; plurals are right
+    assert f"classical: {plural(n_cells, 'cell')} (active) labelled over 12 frames" in r.output
     traces = read_traces_csv(out / "traces.csv")
     assert len(traces["ids"]) == n_cells and traces["dff"].shape == (n_cells, 12)
     # frame times follow the frame interval given on the command line
@@ -49,6 +51,35 @@ def test_segment_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     r = runner.invoke(app, ["segment", str(tmp_path / "nope.tif"), str(tmp_path / "out")])
     assert r.exit_code == 2
     assert "nope.tif" in r.output and "no such file" in r.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--cell-diameter-px", "-5"], "--cell-diameter-px -5.0: Input should be greater than 1"),
+        (["--cell-diameter-px", "0"], "--cell-diameter-px 0.0: Input should be greater than 1"),
+        (["--target", "foo"], "--target 'foo': Input should be 'active' or 'cells'"),
+    ],
+)
+def test_segment_bad_option_names_its_flag_before_reading(
+    tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    """A bad option is one line naming the flag and the value, refused before the recording
+    is read (the recording here does not even exist), not pydantic's report."""
+    r = runner.invoke(app, ["segment", str(tmp_path / "nope.tif"), str(tmp_path / "o"), *flags])
+    assert r.exit_code == 2
+    assert expected in " ".join(r.output.split())
+    assert "pydantic" not in r.output and "nope.tif" not in r.output
+
+
+def test_segment_output_folder_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, np.zeros((5, 16, 16), np.uint16))
+    (tmp_path / "taken").write_text("x")
+    r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "taken")])
+    assert r.exit_code == 2
+    assert "is an existing file" in " ".join(r.output.split())
+    assert (tmp_path / "taken").read_text() == "x"
 
 
 MISSING_PATH_COMMANDS = {
@@ -110,3 +141,126 @@ def test_user_errors_become_exit_2_but_bugs_stay_tracebacks() -> None:
     assert ex.value.exit_code == 2
     with pytest.raises(KeyError):
         _user_errors(bug)()
+
+
+SHARED_WITH_INFER = (
+    "method", "mode", "target", "projection", "threshold_k", "min_region_px", "image_size",
+    "cell_diameter_px", "frame_interval_s", "pixel_size_um", "z_projection", "register_drift",
+    "background", "background_radius_px", "bleach_correction", "nwb",
+)  # fmt: skip
+
+
+def test_segment_and_analyze_flags_are_the_infer_job_parameter_names() -> None:
+    import typer
+
+    from calseg.cli import OPTION_ALIASES
+    from calseg.service.schemas import params_json_schema
+
+    schema = params_json_schema("infer")["properties"]
+    commands = typer.main.get_command(app).commands
+    # options with no infer parameter: a local file instead of model_job_id; how to read
+    cli_only = {"segment": {"--checkpoint"}, "analyze": {"--axes", "--channel"}}
+    for command, names in (
+        ("segment", SHARED_WITH_INFER),
+        ("analyze", SHARED_WITH_INFER[8:]),
+    ):
+        params = [p for p in commands[command].params if p.param_type_name == "option"]
+        shown = {o for p in params if not p.hidden for o in p.opts if o.startswith("--")}
+        hidden = {o for p in params if p.hidden for o in p.opts}
+        for name in names:
+            assert name in schema, name
+            assert "--" + name.replace("_", "-") in shown, (command, name)
+        # every other option is a parameter too, under the same name (e.g. a cell diameter
+        # flag must be --cell-diameter-px, as cell_diameter_px)
+        for flag in shown - {"--help"} - cli_only[command]:
+            assert flag[2:].replace("-", "_") in schema, (command, flag)
+        assert set(OPTION_ALIASES) == hidden  # the old names: accepted, not advertised
+        assert set(OPTION_ALIASES.values()) <= shown
+
+
+def test_old_flag_names_do_the_same_as_the_new_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(200, size=(12, 48, 48)).astype(np.uint16)
+    frames[5:8, 10:20, 10:20] += 400
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, frames)
+    outs = []
+    for flags in (
+        ["--register", "--bleach", "exp", "--frame-interval", "0.5", "--background-radius", "20"],
+        ["--register-drift", "--bleach-correction", "exp", "--frame-interval-s", "0.5",
+         "--background-radius-px", "20"],
+    ):  # fmt: skip
+        out = tmp_path / flags[0].strip("-")
+        r = runner.invoke(app, ["segment", str(rec), str(out), "--background", "opening", *flags])
+        assert r.exit_code == 0, r.output
+        outs.append((out, [ln for ln in r.output.splitlines() if ln.startswith("preprocess")]))
+    assert outs[0][1] == outs[1][1] and len(outs[0][1]) == 3
+    assert (outs[0][0] / "traces.csv").read_text() == (outs[1][0] / "traces.csv").read_text()
+    both = runner.invoke(
+        app,
+        ["segment", str(rec), str(tmp_path / "x"), "--bleach", "exp", "--bleach-correction",
+         "biexp"],
+    )  # fmt: skip
+    assert both.exit_code == 2 and "--bleach is the old name of --bleach-correction" in both.output
+
+
+def test_top_level_help_reads_as_prose() -> None:
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert r.exit_code == 0
+    assert "``" not in r.output
+    # the docstring's line breaks are joined: a sentence stays on one line when it fits
+    assert any(
+        "call the same library functions as the service's jobs" in ln
+        for ln in r.output.splitlines()
+    ), r.output
+    seg = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    text = " ".join(seg.output.split())
+    assert "calseg[nwb]" in text  # rich markup used to swallow [nwb]
+    assert "auto" in text and "classical" in text
+
+
+def test_python_dash_m_calseg_is_the_calseg_command() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "calseg", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "Usage: calseg" in out.stdout
+
+
+def test_segment_cell_diameter_override(tmp_path: Path) -> None:
+    """--cell-diameter-px (issue 17 item 3) overrides the estimate of either target; out of
+    bounds is a user error."""
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(200, size=(12, 48, 48)).astype(np.uint16)
+    frames[5:8, 10:20, 10:20] += 400
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, frames)
+    lines = {}
+    for name, flags in (
+        ("given", ["--target", "cells", "--cell-diameter-px", "9"]),
+        ("estimated", ["--target", "cells"]),
+        ("active", ["--cell-diameter-px", "15"]),
+    ):
+        r = runner.invoke(app, ["segment", str(rec), str(tmp_path / name), *flags])
+        assert r.exit_code == 0, r.output
+        lines[name] = [ln for ln in r.output.splitlines() if ln.startswith("cell diameter")]
+    assert lines["given"] == ["cell diameter 9.0 px"]
+    assert "estimated from the recording" in lines["estimated"][0]
+    assert lines["active"] == ["cell diameter 15.0 px"]
+    bad = runner.invoke(app, ["segment", str(rec), str(tmp_path / "x"), "--cell-diameter-px", "1"])
+    assert bad.exit_code == 2 and "--cell-diameter-px" in bad.output
+
+
+def test_cli_sam2_base_is_the_one_demo_and_serve_use(monkeypatch, tmp_path: Path) -> None:
+    """Without $CALSEG_SAM2_CHECKPOINT the CLI's SAM2 base is the small SAM2 trained here (as
+    for make demo / make serve), not a random-weight sam2.1_hiera_t; with it, the named file."""
+    from calseg.cli import _configured_checkpoint
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT
+
+    monkeypatch.delenv("CALSEG_SAM2_CHECKPOINT", raising=False)
+    assert BUNDLED_SMALL_CHECKPOINT.is_file()
+    assert _configured_checkpoint() == BUNDLED_SMALL_CHECKPOINT
+    monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(tmp_path / "sam2.1_hiera_tiny.pt"))
+    assert _configured_checkpoint() == str(tmp_path / "sam2.1_hiera_tiny.pt")

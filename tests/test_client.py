@@ -133,7 +133,12 @@ def test_client_round_trip_submit_watch_download(live: dict, tmp_path: Path) -> 
         with pytest.raises(CalSegError) as err:
             cs.delete_recording("nope")
         assert err.value.status == 404
-        bad = cs.submit("finetune", {"dataset_job_id": job["id"], "steps": 1, "device": "tpu"})
+        with pytest.raises(CalSegError) as err:  # an unknown device: refused at submit
+            cs.submit("finetune", {"dataset_job_id": job["id"], "steps": 1, "device": "tpu"})
+        assert err.value.status == 422 and "device" in str(err.value)
+        bad = cs.submit(  # a video the dataset lacks: found out when the job runs
+            "infer", {"dataset_job_id": job["id"], "video_id": "v999", "method": "baseline"}
+        )
         with pytest.raises(JobFailed) as failed:
             cs.wait(bad["id"], poll_s=0.2, timeout_s=120)
         assert failed.value.job["state"] == "failed" and failed.value.job["error"]

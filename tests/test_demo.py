@@ -34,3 +34,46 @@ def test_busiest_frame_of_job_reads_labels_artifact(tmp_path: Path) -> None:
     job = {"artifacts": [{"name": "labels.tif", "relpath": "jobs/j1/labels.tif"}]}
     assert busiest_frame_of_job(job, tmp_path) == 4
     assert busiest_frame_of_job({"artifacts": []}, tmp_path) is None
+
+
+def test_help_shows_every_default_and_reads_plainly(capsys) -> None:
+    from calseg.demo import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 8)", "(default: 48)", "(default: 128)", "(default: 150)"):
+        assert default in out, default
+    assert "--fresh" in out and "reused" in out  # what a second make demo does
+    assert "``" not in out and "**" not in out and ":func:" not in out
+
+
+def test_heldout_table_shows_cis_and_says_when_finetuned_loses() -> None:
+    from calseg.demo import heldout_table
+
+    def row(name: str, f1: float) -> dict:
+        return {
+            "model": name,
+            "n_videos": 3,
+            "f1_mean": f1,
+            "f1_ci95": [f1 - 0.1, f1 + 0.1],
+            "iou_mean": 0.5,
+            "iou_ci95": None,
+            "ap50_mean": 0.2,
+            "ap50_ci95": [0.1, 0.3],
+        }
+
+    report = {
+        "summary": [row("SAM2 fine-tuned", 0.4), row("SAM2 untuned", 0.3), row("classical", 0.6)]
+    }
+    lines = heldout_table(report)
+    text = "\n".join(lines)
+    assert "3, split by video" in text and "0.400 [0.30, 0.50]" in text
+    assert "SAM2 fine-tuned beats SAM2 untuned (F1 0.400 vs 0.300)" in text
+    assert sum("not better than the classical method" in ln for ln in lines) == 1
+    report["summary"][0]["f1_mean"] = 0.7
+    text = "\n".join(heldout_table(report))
+    assert "not better than the classical" not in text
+    report["summary"][0]["f1_mean"] = 0.2
+    assert "does NOT beat SAM2 untuned" in "\n".join(heldout_table(report))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calseg.analysis.domain_gap import (
+from calseg.pipelines.domain_gap import (
     REFERENCE_SCALES,
     GapError,
     domain_gap,

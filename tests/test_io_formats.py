@@ -46,6 +46,61 @@ def test_bioio_formats_without_the_extra_say_how_to_install(tmp_path, monkeypatc
     assert path.name in str(err.value) and "convert it to TIFF" in str(err.value)
 
 
+class _FakeBioImage:
+    """Stands in for bioio.BioImage (not installed on the test machine): records how CalSeg
+    calls it and serves a small TCZYX dask-like array."""
+
+    calls: list = []
+
+    def __init__(self, path, reader=None, **kwargs):
+        _FakeBioImage.calls.append((str(path), reader, kwargs))
+        data = np.arange(3 * 1 * 1 * 16 * 16, dtype=np.uint16).reshape(3, 1, 1, 16, 16)
+        self.dask_data = _Computable(data)
+        self.dims = type("Dims", (), {"order": "TCZYX"})()
+        self.scenes = ["s0"]
+        self.physical_pixel_sizes = type("P", (), {"X": 0.5})()
+
+
+class _Computable:
+    def __init__(self, a):
+        self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+    def __getitem__(self, index):
+        return _Computable(self.a[index])
+
+    def compute(self):
+        return self.a
+
+
+@pytest.mark.parametrize(
+    ("suffix", "magic"),
+    [(".czi", b"ZISRAWFILE"), (".nd2", b"\xda\xce\xbe\x0a"), (".lif", b"\x70\0\0\0\0\0\0\0\x2a")],
+)
+def test_bioio_reader_is_named_explicitly_and_magic_checked(tmp_path, monkeypatch, suffix, magic):
+    """bioio picks a reader by trying its installed plugins (some follow references to other
+    files); CalSeg names the plugin for the file's kind, and only after the magic bytes agree
+    with the extension."""
+    import sys
+    import types
+
+    kind = suffix[1:]
+    plugin = types.ModuleType(f"bioio_{kind}")
+    plugin.Reader = type(f"{kind}Reader", (), {})
+    monkeypatch.setitem(sys.modules, "bioio", types.SimpleNamespace(BioImage=_FakeBioImage))
+    monkeypatch.setitem(sys.modules, f"bioio_{kind}", plugin)
+    _FakeBioImage.calls.clear()
+    path = tmp_path / f"scan{suffix}"
+    path.write_bytes(magic + bytes(64))
+    rec = read_recording(path)
+    assert rec.frames.shape == (3, 16, 16) and rec.info.format == "bioio"
+    assert _FakeBioImage.calls == [(str(path), plugin.Reader, {})]
+    fake = tmp_path / f"text{suffix}"
+    fake.write_bytes(b"#EXTM3U\nother.czi\n" + bytes(64))
+    with pytest.raises(RecordingError, match="is not a valid ND2, CZI or LIF file"):
+        read_recording(fake)
+    assert len(_FakeBioImage.calls) == 1  # never handed to bioio
+
+
 def test_large_file_read_in_chunks_with_bounded_memory(tmp_path):
     """A 48 MiB TIFF read 16 frames (4 MiB) at a time: peak Python/numpy allocation stays near
     one chunk, far below the file size, and every chunk holds the right frames."""

@@ -89,3 +89,109 @@ def test_animation_gif_frame_count(tmp_path):
     assert gif.shape[1] >= 256  # upscaled from 21 px
     path = animation(frames, labels[0], tmp_path / "short.gif", max_frames=4)
     assert iio.imread(path, index=None).shape[0] == 4
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees of (N, 3) uint8 colours."""
+    import colorsys
+
+    return np.array([360 * colorsys.rgb_to_hsv(*(c / 255.0))[0] for c in rgb])
+
+
+def test_ground_truth_colour_is_never_a_cell_colour():
+    from calseg.io.overlays import PALETTE_GAP_DEG
+
+    hues = _hue(label_colors(np.arange(1, 20_001)))
+    gt_hue = _hue(np.array([GT_COLOR]))[0]
+    lo, hi = PALETTE_GAP_DEG
+    assert lo < gt_hue < hi
+    assert not ((hues > lo + 0.5) & (hues < hi - 0.5)).any()  # rounding to uint8 aside
+    assert np.abs(hues - gt_hue).min() > 20  # degrees of hue between GT and any cell
+
+
+def test_choose_frames_shows_every_cell_then_the_whole_recording():
+    from calseg.io.overlays import choose_frames
+
+    labels = np.zeros((29, 8, 8), np.uint16)
+    labels[16, 2:5, 2:5] = 1  # a cell labelled in frames 16 and 19 only (fissa A02's case)
+    labels[19, 2:5, 2:5] = 1
+    labels[3, 0:2, 0:2] = 2
+    idx = choose_frames(29, 12, labels)
+    assert len(idx) == 12 and {3, 16, 19}.issubset(idx)
+    assert idx.min() <= 2 and idx.max() >= 26  # spread over the whole recording
+    many = np.zeros((100, 4, 40), np.uint16)
+    for i in range(40):  # 40 cells, one per frame 60..99: all after the first 60 frames
+        many[60 + i, 0, i] = i + 1
+    idx = choose_frames(100, 12, many)
+    assert len(idx) == 12 and (idx >= 60).sum() >= 6  # labelled frames first
+    assert choose_frames(5, 12).tolist() == [0, 1, 2, 3, 4]
+    gt = np.zeros((10, 4, 4), np.uint16)
+    gt[7, 1, 1] = 5  # ground truth counts as labelled too
+    assert 7 in choose_frames(10, 3, None, gt)
+
+
+def test_scale_bar_and_time_captions():
+    from calseg.io.overlays import nice_length, scale_bar, time_text
+
+    assert [nice_length(x) for x in (0.9, 1, 3.7, 47, 180)] == [0.5, 1, 2, 20, 100]
+    length, label = scale_bar(256, 0.5, 2.0)  # 128 px at 0.5 um/px: 64 um wide tile
+    assert label.replace("µ", "u") == "10 um" and length == pytest.approx(40.0)
+    length, label = scale_bar(256, None, 1.0)
+    assert label == "50 px (pixel size unknown)" and length == 50
+    assert time_text(16, 0.5).replace("·", "-") == "frame 16 - 8 s"
+    assert time_text(16, None) == "frame 16"
+
+
+def test_random_weights_banner_and_traces_axis(tmp_path):
+    frames, labels = _recording()
+    plain = iio.imread(contact_sheet(frames, labels, tmp_path / "a.png", title="rec"))
+    warned = iio.imread(
+        contact_sheet(frames, labels, tmp_path / "b.png", title="rec", warning="RANDOM weights")
+    )
+    red = (warned[..., 0] > 180) & (warned[..., 1] < 60) & (warned[..., 2] < 60)
+    assert (
+        red.sum() > 1000
+        and red.sum()
+        > 20 * ((plain[..., 0] > 180) & (plain[..., 1] < 60) & (plain[..., 2] < 60)).sum()
+    )
+    traces = np.linspace(0, 2, frames.shape[0])[None]
+    img = iio.imread(
+        contact_sheet(
+            frames, labels, tmp_path / "c.png", traces=traces, trace_ids=[9], frame_interval_s=0.5
+        )  # fmt: skip
+    )
+    colour = label_colors(np.array(9))
+    assert (np.abs(img.astype(int) - colour).sum(-1) == 0).sum() > 50  # cell 9's colour
+
+
+def test_activity_image(tmp_path):
+    from calseg.io.overlays import activity_image
+
+    amap = np.zeros((20, 30), np.float32)
+    amap[5:10, 5:10] = 12.0
+    img = iio.imread(activity_image(amap, tmp_path / "a.png", threshold=5.0, title="x"))
+    assert img.ndim == 3 and img.shape[1] > 256  # small maps upscaled
+    with pytest.raises(ValueError, match="H, W"):
+        activity_image(np.zeros((2, 3, 4)), tmp_path / "b.png")
+
+
+def test_a_long_warning_wraps_inside_the_sheet(tmp_path):
+    """The random-weights banner is wrapped to the sheet's width (it was clipped at the right
+    edge: '... or configure a SA'): every line fits, no word is lost, and the red strip grows
+    by one text line per extra line."""
+    from calseg.io.overlays import _font, _wrap_to_width
+
+    text = "SAM2 ran with RANDOM weights (no pretrained or trained checkpoint), " * 4
+    font = _font(13)
+    lines = _wrap_to_width(text, font, 468)
+    assert len(lines) > 2 and all(font.getlength(x) <= 468 for x in lines)
+    assert " ".join(lines) == " ".join(text.split())
+    frames, labels = _recording()
+    short, long_ = (
+        iio.imread(contact_sheet(frames, labels, tmp_path / f"{i}.png", title="r", warning=w))
+        for i, w in enumerate(("RANDOM weights", text))
+    )
+    rows = [((im[..., 0] > 180) & (im[..., 1] < 60) & (im[..., 2] < 60)).any(1).sum()
+            for im in (short, long_)]  # fmt: skip
+    assert rows[1] >= rows[0] + 17 * (len(_wrap_to_width(text, font, short.shape[1] - 12)) - 1)
+    assert long_.shape[0] > short.shape[0]

@@ -455,17 +455,19 @@ def test_non_ascii_and_dotted_names(tmp_path):
 def test_no_video_decoder_gives_clear_error(tmp_path, monkeypatch):
     import sys
 
-    import imageio.v3 as iio
-
-    def fail(*args, **kwargs):
-        raise ImportError("plugin missing")
-
-    monkeypatch.setattr(iio, "imread", fail)
-    monkeypatch.setitem(sys.modules, "cv2", None)
+    monkeypatch.setitem(sys.modules, "av", None)  # as on a machine without PyAV
     path = tmp_path / "rec.mp4"
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     with pytest.raises(RecordingError, match="no installed video decoder.*pip install av"):
         probe_recording(path)
+
+
+def test_damaged_video_message_names_no_server_path(tmp_path):
+    path = tmp_path / "rec.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(RecordingError, match="rec.mp4: FFmpeg cannot open it") as err:
+        probe_recording(path)
+    assert str(tmp_path) not in str(err.value)
 
 
 def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):
@@ -475,3 +477,130 @@ def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):
     info = probe_recording(path)
     assert info.n_frames == 1 and any("axes='TYX'" in w for w in info.warnings)
     np.testing.assert_array_equal(read_recording(path, axes="TYX").frames, data)
+
+
+# ------------------------------------------------------------- frames read wrong (issue 13)
+
+
+def test_tiff_written_one_series_per_frame_reads_every_frame(tmp_path):
+    """``TiffWriter.write()`` called once per frame leaves 30 one-image series: 30 frames, in
+    order, with a note; series of different shapes keep the old rule (the first series)."""
+    data = stack(30, 40, 48)
+    path = tmp_path / "loop.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for frame in data:
+            tw.write(frame)
+    with tifffile.TiffFile(path) as tf:
+        assert len(tf.series) == 30  # what the issue's file is
+    info = probe_recording(path)
+    assert (info.n_frames, info.height, info.width) == (30, 40, 48)
+    assert any("30 image series" in w for w in info.warnings)
+    np.testing.assert_array_equal(read_recording(path).frames, data)
+    chunks = list(iter_recording(path, chunk_frames=7))
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), data)
+    mixed = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(mixed) as tw:
+        tw.write(data[:3], photometric="minisblack")
+        tw.write(data[0, :10, :10])
+    assert probe_recording(mixed).n_frames == 3
+
+
+def _two_channel(n_frames: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A GCaMP-like channel (noise + a transient) and a dim static structural channel,
+    interleaved c0, c1, c0, ... as 2 * n_frames images (the issue's 80-image file)."""
+    rng = np.random.default_rng(seed)
+    green = rng.poisson(300, (n_frames, 32, 32)).astype(np.uint16)
+    green[10:14, 8:16, 8:16] += 900  # a calcium transient
+    red = rng.poisson(60, (n_frames, 32, 32)).astype(np.uint16)
+    images = np.stack([green, red], axis=1).reshape(-1, 32, 32)
+    return images, green, red
+
+
+def test_interleaved_channels_are_detected_and_can_be_split(tmp_path):
+    images, green, red = _two_channel()
+    path = tmp_path / "two_channels.tif"
+    tifffile.imwrite(path, images, photometric="minisblack")
+    info = probe_recording(path)
+    assert info.n_frames == 80 and info.suspected_channels == 2
+    assert any("interleaved_channels=2" in w for w in info.warnings), info.warnings
+    rec = read_recording(path)
+    assert rec.info.suspected_channels == 2  # the full read says so too
+    split = read_recording(path, interleaved_channels=2, channel=0)
+    np.testing.assert_array_equal(split.frames, green)
+    assert split.info.suspected_channels is None  # a choice was made: no warning
+    np.testing.assert_array_equal(
+        read_recording(path, interleaved_channels=2, channel=1).frames, red
+    )
+
+
+def test_one_channel_recordings_are_not_called_interleaved(tmp_path, real_file):
+    """No warning on single-channel data: random frames, a simulated-like drifting recording,
+    and the real sima recording."""
+    path = tmp_path / "noise.tif"
+    tifffile.imwrite(path, stack(60, 32, 32), photometric="minisblack")
+    assert probe_recording(path).suspected_channels is None
+    _, green, _ = _two_channel(60)
+    tifffile.imwrite(path, green, photometric="minisblack")
+    assert probe_recording(path).suspected_channels is None
+    sima = probe_recording(real_file("sima_example.tif"))
+    assert sima.suspected_channels is None and not any("interleaved" in w for w in sima.warnings)
+
+
+def test_interleave_scores_measure_alternation():
+    from calseg.io.recordings import INTERLEAVE_THRESHOLD, interleave_scores
+
+    images, green, _ = _two_channel()
+    scores = interleave_scores(images)
+    assert scores[2] > 10 * INTERLEAVE_THRESHOLD and scores[4] < INTERLEAVE_THRESHOLD
+    three = np.stack([green, green // 2, green // 4], axis=1).reshape(-1, 32, 32)
+    s3 = interleave_scores(three)
+    assert s3[3] > INTERLEAVE_THRESHOLD and s3[2] < INTERLEAVE_THRESHOLD
+    assert interleave_scores(np.zeros((12, 8, 8))) == {2: 0.0, 3: 0.0, 4: 0.0}
+    assert interleave_scores(green[:5]) == {}  # too few images for any k
+
+
+def test_read_limits_checked_before_decoding(tmp_path):
+    from calseg.io.recordings import ReadLimits, RecordingReader, RecordingTooLarge
+
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, stack(20, 64, 64), photometric="minisblack")
+    with pytest.raises(RecordingTooLarge, match=r"81,920 pixels .* limit of 80,000") as err:
+        probe_recording(path, limits=ReadLimits(max_pixels=80_000))
+    assert err.value.pixels == 20 * 64 * 64 and "Nothing was decoded" in str(err.value)
+    with pytest.raises(RecordingTooLarge, match="163,840 bytes"):
+        read_recording(path, limits=ReadLimits(max_bytes=100_000))
+    # exactly at the limits: accepted, and frames decode on demand
+    with RecordingReader(path, limits=ReadLimits(81_920, 163_840)) as reader:
+        assert reader.frame(19).shape == (64, 64) and reader.n_frames == 20
+    h5 = tmp_path / "chunks.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_dataset(
+            "rec", shape=(4, 64, 64), dtype="u2", chunks=(4, 64, 64), maxshape=(None, 64, 64)
+        )
+    with pytest.raises(RecordingTooLarge, match="chunks of"):
+        probe_recording(h5, limits=ReadLimits(max_bytes=30_000))
+
+
+def test_hdf5_gzip_shuffle_fletcher32_read_within_bounds(tmp_path):
+    """The HDF5 filters CalSeg accepts read exactly (chunks verified before HDF5 decodes)."""
+    data = stack(6, 40, 40)
+    path = tmp_path / "gz.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(
+            "rec", data=data, chunks=(2, 20, 40), compression="gzip", shuffle=True,
+            fletcher32=True,
+        )  # fmt: skip
+    np.testing.assert_array_equal(read_recording(path).frames, data)
+    np.testing.assert_array_equal(
+        read_recording(path, interleaved_channels=3, channel=1).frames, data[1::3]
+    )
+
+
+def test_reading_options_are_validated(tmp_path):
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, stack(4, 16, 16), photometric="minisblack")
+    for bad, msg in (({"channel": -1}, "non-negative"), ({"channel": True}, "non-negative"),
+                     ({"interleaved_channels": 0}, "positive"), ({"z_projection": "sum"}, "one of"),
+                     ({"axes": "QYX"}, "not valid")):  # fmt: skip
+        with pytest.raises(RecordingError, match=msg):
+            probe_recording(path, **bad)

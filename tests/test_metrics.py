@@ -116,9 +116,52 @@ def test_instance_empty_conventions_and_stack():
     assert s["f1"] == pytest.approx(0.5)
 
 
-def test_overlap_matrix_is_fast_enough_for_many_cells():
+def test_iou_matrix_matches_pairwise_definition_on_many_cells():
+    """The one-bincount IoU matrix equals |P & G| / |P | G| computed pair by pair, on a field
+    of hundreds of overlapping ROIs (timing is in ``python -m calseg.bench --only metrics``)."""
     rng = np.random.default_rng(0)
-    gt = rng.integers(0, 400, size=(512, 512)).astype(np.uint32)
-    iou, p, g = instance_iou_matrix(gt, gt)
-    assert iou.shape == (399, 399)
-    np.testing.assert_allclose(np.diag(iou), 1.0)
+    gt = rng.integers(0, 60, size=(64, 64)).astype(np.uint32)
+    pred = np.roll(gt, 1, axis=1) * (rng.random(gt.shape) < 0.9)
+    iou, pids, gids = instance_iou_matrix(pred.astype(np.uint32), gt)
+    assert iou.shape == (len(pids), len(gids)) == (59, 59)
+    for a, i in enumerate(pids[::7]):
+        for b, j in enumerate(gids[::5]):
+            p, g = pred == i, gt == j
+            want = np.count_nonzero(p & g) / np.count_nonzero(p | g)
+            assert iou[7 * a, 5 * b] == pytest.approx(want), (i, j)
+
+
+def test_matching_maximises_pairs_above_threshold_then_iou():
+    """At IoU 0.3 the maximum-summed-IoU assignment pairs A with X (0.5) and leaves B with Y
+    (0.2, below the threshold): 1 TP. Two pairs above 0.3 exist (A-Y 0.35, B-X 0.32), and the
+    cellpose rule finds them: 2 TP."""
+    iou = np.array([[0.5, 0.35], [0.32, 0.20]])
+    from scipy.optimize import linear_sum_assignment
+
+    from calseg.analysis.metrics import matching_cost
+
+    r, c = linear_sum_assignment(iou, maximize=True)
+    assert int((iou[r, c] >= 0.3).sum()) == 1  # the old rule undercounts
+    r, c = linear_sum_assignment(matching_cost(iou, 0.3))
+    assert sorted(iou[r, c].tolist()) == [0.32, 0.35]
+    # among matchings with as many pairs above the threshold, the larger summed IoU wins
+    iou2 = np.array([[0.9, 0.6], [0.6, 0.55]])
+    r, c = linear_sum_assignment(matching_cost(iou2, 0.5))
+    assert sorted(zip(r.tolist(), c.tolist(), strict=True)) == [(0, 0), (1, 1)]
+
+
+def test_match_instances_counts_the_most_pairs_on_label_images():
+    """As label images: pred A overlaps gt X most (IoU 0.40), but pairing A-X leaves B-Y at
+    0.27, under 0.3 (1 TP, what summed-IoU matching gave); A-Y and B-X both reach 0.32."""
+    gt = np.zeros((1, 49), np.uint32)
+    gt[0, 0:28] = 1  # X, 28 px
+    gt[0, 28:49] = 2  # Y, 21 px
+    pred = np.zeros_like(gt)
+    pred[0, 0:16] = pred[0, 28:40] = 1  # A: 16 px of X, 12 of Y
+    pred[0, 16:28] = pred[0, 40:49] = 2  # B: 12 px of X, 9 of Y
+    iou, _, _ = instance_iou_matrix(pred, gt)
+    np.testing.assert_allclose(iou, [[16 / 40, 12 / 37], [12 / 37, 9 / 33]])
+    m = match_instances(pred, gt, 0.3)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
+    assert m["mean_matched_iou"] == pytest.approx(12 / 37)
+    assert match_instances(pred, gt, 0.5)["tp"] == 0

@@ -13,9 +13,9 @@ from calseg.analysis.patterns import (
     classify_pattern,
     event_clusters,
     pattern_features,
-    validate_patterns,
 )
 from calseg.analysis.waves import WaveError, wave_metrics, waves_from_events
+from calseg.pipelines.validate_patterns import validate_patterns
 
 
 def _grid_labels(rows: int, cols: int, side: int = 6) -> np.ndarray:
@@ -222,7 +222,7 @@ def test_simulated_tissues_of_known_class():
 
 def test_simulated_wave_speed_matches_calcium_ground_truth():
     """Wave speed from the rendered video equals the speed from the true calcium onsets."""
-    from calseg.analysis.patterns import VALIDATION_VIDEO, simulated_wave_speeds
+    from calseg.pipelines.validate_patterns import VALIDATION_VIDEO, simulated_wave_speeds
     from calseg.simulate.config import SimulationConfig
     from calseg.simulate.dataset import iter_videos
 

@@ -101,6 +101,6 @@ def test_z_project_and_pipeline_defaults():
     out, rep = preprocess(frames, 1.0)
     assert out is frames and rep.steps == []  # all off by default: the data is untouched
     out, rep = preprocess(
-        np.repeat(_texture()[None], 6, axis=0), 1.0, PreprocessOptions(register=True)
+        np.repeat(_texture()[None], 6, axis=0), 1.0, PreprocessOptions(register_drift=True)
     )
     assert rep.max_shift_px == pytest.approx(0.0, abs=0.05) and len(rep.steps) == 1

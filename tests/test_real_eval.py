@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from calseg.analysis.metrics import MetricsInputError
-from calseg.analysis.real_eval import prediction_footprints, score_partial_labels
 from calseg.io.rois import read_imagej_rois
+from calseg.pipelines.real_eval import prediction_footprints, score_partial_labels
 
 
 def _rois() -> np.ndarray:
@@ -65,6 +65,32 @@ def test_footprint_keeps_the_typical_shape():
     pred[0, 2:9, 2:9] = 1  # one frame where the mask leaked
     fp = prediction_footprints(pred)
     assert np.array_equal(fp == 1, pred[1] == 1)
+
+
+def _footprints_by_loop(pred: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
+    """The definition, one id at a time (the implementation before it was vectorised)."""
+    t = pred.shape[0]
+    out = np.zeros(pred.shape[1:], np.uint32)
+    best = np.zeros(pred.shape[1:], np.int64)
+    for i in np.unique(pred[pred != 0]):
+        m = pred == i
+        present = int(m.reshape(t, -1).any(axis=1).sum())
+        count = m.sum(axis=0)
+        fp = (count >= max(1, min_fraction * present)) & (count > best)
+        out[fp] = i
+        best[fp] = count[fp]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_footprints_match_their_definition_on_overlapping_ids(seed):
+    rng = np.random.default_rng(seed)
+    pred = rng.integers(0, 6, size=(7, 12, 9)).astype(np.uint16)  # ids overlap everywhere
+    pred[rng.random(pred.shape) < 0.4] = 0
+    pred[:, :3] = 0  # a background band
+    for mf in (0.5, 0.2, 0.9):
+        assert np.array_equal(prediction_footprints(pred, mf), _footprints_by_loop(pred, mf))
+    assert not prediction_footprints(np.zeros((3, 4, 4), np.uint8)).any()
 
 
 def test_bad_inputs():

@@ -90,7 +90,12 @@ def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypa
         app, ["evaluate", str(ds), "--image-size", "64", "--out", str(out)], catch_exceptions=False
     )
     assert r.exit_code == 0, r.output
-    assert "base" in r.output and "baseline" in r.output and "bootstrap 95 % CI" in r.output
+    # one name per model (calseg.segment.choice): never "base" next to "baseline"; the
+    # untuned base is the small SAM2 trained here (calseg.segment.model.default_base_checkpoint),
+    # so its row is not marked as random weights
+    assert "SAM2 untuned" in r.output and "classical" in r.output
+    assert "random weights" not in r.output
+    assert "base" not in r.output.replace("database", "") and "bootstrap 95 % CI" in r.output
     assert "pattern_class=synthetic" in r.output and "defect=none" in r.output
     # not a terminal: the 119-column table is not wrapped at rich's default 80 columns
     head = [ln for ln in r.output.splitlines() if ln.startswith("model ")]
@@ -98,7 +103,7 @@ def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypa
     import json
 
     rep = json.loads(out.read_text())
-    assert {s["model"] for s in rep["summary"]} == {"base", "baseline"}
+    assert {s["model"] for s in rep["summary"]} == {"SAM2 untuned", "classical"}
     assert rep["config"]["image_size"] == 64
     bad = CliRunner().invoke(app, ["evaluate", str(ds), "--mode", "movie"])
     assert bad.exit_code == 2 and "bad evaluation option" in bad.output

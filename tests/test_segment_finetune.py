@@ -7,9 +7,18 @@ import pytest
 import torch
 from test_segment_synth import small_dataset, synth_recording, write_dataset
 
-from calseg.segment.evaluate import evaluate_dataset
-from calseg.segment.finetune import FinetuneConfig, _losses, _lr_factor, finetune
-from calseg.segment.infer import InferenceConfig
+from calseg.segment._data import split_videos
+from calseg.segment.evaluate import evaluate_dataset, score_labels
+from calseg.segment.finetune import (
+    FinetuneConfig,
+    _losses,
+    _lr_factor,
+    _select_frames,
+    finetune,
+    heldout_prompted_iou,
+    inference_config,
+)
+from calseg.segment.infer import InferenceConfig, segment_recording
 from calseg.segment.model import CHECKPOINT_ENV, load_sam2
 
 
@@ -61,8 +70,20 @@ def test_on_history_sees_every_entry_as_it_is_appended(trained):
     assert res.live_history == res.history  # same entries, same order
     kinds = [h["kind"] for h in res.live_history]
     assert kinds.count("train") == cfg.steps and kinds.count("val") == 3
-    assert {"step", "loss", "focal", "dice", "iou_mse", "lr"} <= set(res.live_history[1])
-    assert "val_mean_iou" in res.live_history[0]
+    assert kinds[:3] == ["prior", "val", "train"]
+    diagnostics = {"mask_area", "target_area", "logit_max", "object_score", "iou_pred"}
+    train = res.live_history[2]
+    assert {"step", "loss", "focal", "dice", "iou_mse", "lr"} | diagnostics <= set(train)
+    assert train["target_area"] > 0 and 0 <= train["object_score"] <= 1
+    val = res.live_history[1]
+    assert {"val_mean_iou", "disc_prior_iou"} | {f"val_{k}" for k in diagnostics} <= set(val)
+    # the reference row: a disc of the training cells' mean radius, scored like the model
+    prior = res.live_history[0]
+    assert prior["name"] == "disc prior" and prior["radius_px"] > 1
+    assert prior["n_prompts"] == val["n_prompts"] and 0 < prior["val_mean_iou"] <= 1
+    assert val["disc_prior_iou"] == prior["val_mean_iou"]
+    # frame px: the disc's area is close to the mean cell area it was drawn from
+    assert math.pi * prior["radius_px"] ** 2 == pytest.approx(val["val_target_area"], rel=0.5)
 
 
 def test_on_history_failure_does_not_stop_training(tmp_path):
@@ -85,43 +106,52 @@ def test_on_history_failure_does_not_stop_training(tmp_path):
     assert any(m.startswith("train: step 1/2 loss ") and " ETA " in m for m in msgs), msgs
 
 
-def test_overfits_a_single_video(tmp_path):
-    """Train and validate on the SAME recording (ids 'a' train, 'b' val): the decoder must be
-    able to fit what it sees. Threshold: with a RANDOM-weight encoder the image features carry
-    no learnt notion of a cell, but the prompt's positional encoding tells the decoder where
-    the cell is, so it can learn a disk-sized blob around the point. Measured on this machine
-    (seed 0, these settings): val IoU 0.026 at step 0, 0.26 at step 20, 0.31 at step 40,
-    0.35 at step 60 with a 60-step schedule (focal weight 20 instead of 1: 0.27 at step 60).
-    This test runs a 30-step schedule to stay cheap; the bound 0.2 (8x the start) sits below
-    the step-20 value of the longer run. It says the loop can fit, not that the model is good:
-    pretrained weights are what make SAM2 useful (README)."""
-    img, lab = synth_recording(t=6, h=48, w=48, n_cells=5, seed=11)
-    ds = write_dataset(
-        tmp_path / "ds",
-        [
-            {"id": "a", "split": "train", "image": img, "labels": lab},
-            {"id": "b", "split": "val", "image": img, "labels": lab},
-        ],
-    )
+def _two_size_dataset(root, size: int = 48, t: int = 4):
+    """Synthetic discs of radius 3 or 7 px (one radius per video, alternating): one mean
+    radius fits neither, so the disc prior is poor and the image has to tell the size.
+    2 train, 2 val and 2 test videos, different seeds (held out)."""
+    vids = []
+    for k, split in enumerate(["train", "train", "val", "val", "test", "test"]):
+        r = (3.0, 7.0)[k % 2]
+        img, lab = synth_recording(
+            t=t, h=size, w=size, n_cells=9 if r < 5 else 5, radius=r, seed=100 + k
+        )
+        vids.append({"id": f"{split}{k}", "split": split, "image": img, "labels": lab})
+    return write_dataset(root, vids)
+
+
+def test_decoder_beats_the_disc_prior_on_held_out_videos(tmp_path):
+    """Issue 14 items 1 and 6 (replaces test_overfits_a_single_video, whose train and val
+    videos were the same recording): decoder-only training on the RANDOM frozen encoder, with
+    the disc prior as a residual and deep training points, must beat the disc prior (a disc of
+    the training cells' mean radius at each prompt, no image) on held-out videos, scored with
+    the same code and prompts. Measured on this machine (these settings, seed 0), prompted
+    IoU on the 2 test videos (24 prompts): disc prior 0.429, decoder 0.637 (val: 0.423 at
+    step 0, 0.661 at step 20); the same run without the residual prior (mask_prior='none'):
+    0.22, below the prior. The margin asserted, 0.1, is half the measured gap (0.21)."""
+    ds = _two_size_dataset(tmp_path / "ds")
     cfg = FinetuneConfig(
         image_size=64,
-        steps=30,
-        batch_size=4,
-        lr=5e-3,
-        focal_weight=1.0,
+        steps=20,
+        batch_size=8,
+        lr=1e-3,
         warmup_steps=4,
-        val_every=30,
-        frames_per_video=6,
-        val_frames_per_video=6,
+        val_every=20,
+        frames_per_video=4,
+        val_frames_per_video=4,
         background_prompt_fraction=0.0,
+        mask_prior="residual",
+        prompt_point="deep",
+        select_by="prompted_iou",
         seed=0,
     )
     res = finetune(ds, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")
-    vals = [h["val_mean_iou"] for h in res.history if h["kind"] == "val"]
-    assert vals[0] < 0.1, vals  # untrained: a random decoder does not find the cells
-    assert vals[-1] > 0.2 and res.best_val_iou > 0.2, vals
-    losses = [h["loss"] for h in res.history if h["kind"] == "train"]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+    assert res.best_step == 20 and res.improved  # selection picks the later, better step
+    table = heldout_prompted_iou(
+        res.checkpoint, ds, frames_per_video=4, cache_dir=tmp_path / "cache"
+    )
+    assert table["videos"] == ["test4", "test5"]
+    assert table["decoder"] > table["disc prior"] + 0.1, table
 
 
 def test_lr_schedule_stepped_per_optimiser_step(trained):
@@ -198,10 +228,38 @@ def test_evaluate_base_tuned_baseline(trained):
         == by["sam2-base"]["frames_from_cache"] + (by["sam2-base"]["frames_embedded"])
     )
     assert by["baseline"]["iou"] > 0.4
-    table = rep.to_table()
-    assert "sam2-tuned" in table and "baseline" in table
+    # every row is scored against the same ground truth: TP + FN = the true cell-frames
+    (video,) = split_videos(ds, "test")
+    gt = np.asarray(video.load_labels())
+    n_true = sum(len(np.unique(f[f > 0])) for f in gt)
+    assert n_true > 0
+    assert {r["tp"] + r["fn"] for r in rep.rows} == {n_true}
+    # the SAM2 rows are SAM2's: base and tuned models are the ones asked for, the encoder ran,
+    # and each row's numbers are those of segmenting v003 with that model, scored anew
     d = rep.to_dict()
+    assert d["models"]["sam2-base"]["checkpoint"] is None
+    assert d["models"]["sam2-base"]["random_weights"]
+    assert d["models"]["sam2-tuned"]["checkpoint"] == str(res.checkpoint)
+    assert d["models"]["sam2-tuned"]["checkpoint_sha256"]
+    base_frames = by["sam2-base"]["frames_embedded"] + by["sam2-base"]["frames_from_cache"]
+    assert 0 < base_frames <= by["sam2-base"]["n_frames"]  # frames with a prompt
+    image = np.asarray(video.load_image())
+    for name, ckpt in (("sam2-base", None), ("sam2-tuned", res.checkpoint)):
+        assert by[name]["method"] == "sam2"
+        again = segment_recording(
+            image, InferenceConfig(image_size=128, method="sam2"), checkpoint=ckpt
+        )
+        want = score_labels(again.labels, gt.astype(np.uint32))
+        for k in ("iou", "dice", "f1", "ap50", "tp", "fp", "fn"):
+            assert by[name][k] == pytest.approx(want[k]), (name, k)
+        for k in ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1", "ap50"):
+            assert 0.0 <= by[name][k] <= 1.0, (name, k)
+    table = rep.to_table()
+    assert "sam2-tuned" in table and "sam2-base" in table and "baseline" in table
     assert d["summary"][0]["n_videos"] == 1 and d["models"]["baseline"] is None
+    assert [s["model"] for s in d["summary"]] == ["sam2-base", "sam2-tuned", "baseline"]
+    for s in d["summary"]:
+        assert s["f1_mean"] == pytest.approx(by[s["model"]]["f1"]), s["model"]
 
 
 _CHILD = """
@@ -274,3 +332,37 @@ def test_run_killed_with_sigkill_resumes_to_the_same_final_step_count(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in again.history if h["kind"] == "train")
     final = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert final["metadata"]["step"] == 12
+
+
+def test_validation_scores_what_inference_does(trained):
+    """select_by='f1' (the default): the validation's F1 and foreground IoU of the selected
+    step are what segment_recording (activity prompts, decoding, post-processing) and
+    score_labels give with best.pt on the val video's validated frames."""
+    ds, _root, cfg, res = trained
+    assert cfg.select_by == "f1"
+    vals = {h["step"]: h for h in res.history if h["kind"] == "val"}
+    assert res.best_step in vals and res.improved == (res.best_step > 0)
+    entry = vals[res.best_step]
+    assert res.best_score == entry["val_f1"]
+    assert max(h["val_f1"] for h in vals.values()) == entry["val_f1"]
+    (video,) = split_videos(ds, "val")
+    image, gt = np.asarray(video.load_image()), np.asarray(video.load_labels())
+    loaded = load_sam2(checkpoint=res.checkpoint, device="cpu")
+    seg = segment_recording(image, inference_config(cfg), model=loaded)
+    idx = _select_frames(gt.astype(np.uint32), cfg.val_frames_per_video)
+    sc = score_labels(seg.labels[idx], gt[idx])
+    assert sc["f1"] == pytest.approx(entry["val_f1"], abs=1e-9)
+    assert sc["iou"] == pytest.approx(entry["val_fg_iou"], abs=1e-9)
+
+
+def test_no_improvement_is_said(tmp_path, caplog):
+    """A run whose steps change nothing (lr ~ 0) keeps the step-0 model and says so."""
+    ds = small_dataset(tmp_path / "ds", t=4, size=32)
+    cfg = FinetuneConfig(
+        image_size=64, steps=2, batch_size=2, frames_per_video=2, val_every=1, lr=1e-12
+    )
+    with caplog.at_level("WARNING"):
+        res = finetune(ds, tmp_path / "out", cfg)
+    assert res.best_step == 0 and res.improved is False
+    assert any(w.startswith("no step improved on the initial model") for w in res.warnings)
+    assert "no step improved on the initial model" in caplog.text

@@ -15,6 +15,7 @@ from calseg.segment.model import (
     file_sha256,
     load_sam2,
     resolve_config,
+    save_finetuned_checkpoint,
 )
 
 
@@ -62,10 +63,11 @@ def test_full_checkpoint_checksum_and_bad_files(tiny, tmp_path, monkeypatch):
     )
     with pytest.raises(ChecksumMismatchError):
         load_sam2("sam2.1_hiera_t", ck, image_size=64, device="cpu", expected_sha256="0" * 64)
-    # the environment variable is honoured when no checkpoint is passed
+    # the library never reads the environment (issue 16 item 6): the CLI and the service
+    # read $CALSEG_SAM2_CHECKPOINT and pass it as the checkpoint
     monkeypatch.setenv(CHECKPOINT_ENV, str(ck))
     env = load_sam2("sam2.1_hiera_t", image_size=64, device="cpu")
-    assert env.info.checkpoint == str(ck) and not env.info.random_weights
+    assert env.info.checkpoint is None and env.info.random_weights
     monkeypatch.delenv(CHECKPOINT_ENV)
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"not_a_key": torch.zeros(1)}}, bad)
@@ -73,6 +75,32 @@ def test_full_checkpoint_checksum_and_bad_files(tiny, tmp_path, monkeypatch):
         load_sam2("sam2.1_hiera_t", bad, image_size=64, device="cpu")
     with pytest.raises(ModelLoadError, match="not found"):
         load_sam2("sam2.1_hiera_t", tmp_path / "missing.pt", image_size=64, device="cpu")
+
+
+def test_finetuned_base_is_found_through_the_argument_not_the_environment(
+    tiny, tmp_path, monkeypatch
+):
+    """A fine-tuned checkpoint whose recorded base moved: the caller's ``base_checkpoint``
+    (the configured one, read by the CLI/service) is where it is looked for, never
+    ``$CALSEG_SAM2_CHECKPOINT`` read by the library."""
+    sd = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    sd["image_encoder.neck.convs.0.conv.bias"] += 0.5  # an encoder unlike the random one
+    base = tmp_path / "base.pt"
+    torch.save({"model": sd}, base)
+    ft = save_finetuned_checkpoint(
+        load_sam2("sam2.1_hiera_t", base, image_size=64, device="cpu"), tmp_path / "ft.pt", {}
+    )
+    moved = tmp_path / "elsewhere.pt"
+    base.rename(moved)
+    monkeypatch.setenv(CHECKPOINT_ENV, str(moved))
+    with pytest.raises(ModelLoadError, match="not on this machine"):
+        load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu")
+    m = load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", base_checkpoint=moved)
+    assert not m.info.random_weights
+    torch.testing.assert_close(
+        m.model.state_dict()["image_encoder.neck.convs.0.conv.bias"],
+        sd["image_encoder.neck.convs.0.conv.bias"],
+    )
 
 
 def test_embedding_cache_hits_and_shapes(tiny, tmp_path):

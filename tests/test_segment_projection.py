@@ -9,11 +9,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from calseg.analysis.metrics import instance_iou_matrix
-from calseg.analysis.real_eval import grid_control, score_projection
+from calseg.pipelines.real_eval import grid_control, score_projection
 from calseg.segment.infer import InferenceConfig, segment_recording
 from calseg.segment.projection import (
     ProjectionError,
-    estimate_cell_diameter,
+    projection_cell_diameter,
     projection_image,
     segment_projection,
 )
@@ -55,10 +55,16 @@ def _tissue(spacing: float = 16.0, size: int = 128, t: int = 12, seed: int = 0):
 
 def test_synthetic_cells_recovered_with_their_size():
     frames, cells, _ = _tissue()
-    pc = segment_projection(frames)
-    # lattice spacing 16 px -> cell area sqrt(3)/2 * 16^2 = 222 px, equivalent diameter 16.8 px
-    # measured: 16.8 px estimated from the nuclei's LoG scale
-    assert pc.estimated and 14.0 <= pc.cell_diameter_px <= 20.0
+    # lattice spacing 16 px -> cell area sqrt(3)/2 * 16^2 = 222 px, equivalent diameter 16.8 px.
+    # These cells are all equally bright: no cell-scale brightness mosaic, only nuclei and
+    # membranes, finer than a cell, so calseg.analysis.cellsize gives no estimate and the
+    # cells target keeps its 11 px prior (measured; the nucleus-scale cue it replaced found
+    # 16.8 px here but +180 % on the simulator's tuning videos)
+    est = segment_projection(frames)
+    assert est.cell_diameter_px == pytest.approx(11.0)
+    assert not est.estimated and est.stats["cell_diameter_source"] == "prior"  # said as such
+    pc = segment_projection(frames, cell_diameter_px=16.8)
+    assert not pc.estimated
     interior = [i for i in np.unique(cells[10:-10, 10:-10])]
     gt = np.where(np.isin(cells, interior), cells, 0)
     iou, _, gid = instance_iou_matrix(pc.labels, gt)
@@ -84,7 +90,7 @@ def test_projection_kinds_and_errors():
     with pytest.raises(ProjectionError, match="expected"):
         projection_image(np.zeros((2, 3, 4, 5)))
     # a field smaller than two cells: the diameter is clipped to half the field
-    assert estimate_cell_diameter(np.random.default_rng(0).normal(size=(14, 21))) <= 7.0
+    assert projection_cell_diameter(np.random.default_rng(0).normal(size=(14, 21))) <= 7.0
 
 
 def test_infer_target_cells_constant_stack_even_for_one_frame():
@@ -99,12 +105,25 @@ def test_infer_target_cells_constant_stack_even_for_one_frame():
 
 
 def test_sima_projection_recovers_labelled_cells(real_file):
+    """The two hand-drawn ROIs (equivalent diameters 21.5 and 16.0 px) of sima_example.
+
+    The recording's estimated diameter misses them: 8.0 px (calseg.analysis.cellsize, the
+    cell-mosaic cue of issue 17 item 3, which is within 20 % on 16 of the 32 tuning videos;
+    the nucleus cue it replaced estimated 20.2 px here but +180 % on the simulator), and the
+    8 px territories match neither ROI (best IoU 0.17 and 0.06). Given the diameter
+    (``cell_diameter_px``, ``--cell-diameter-px``) the result is as before issue 17's
+    estimator: 20 px -> best IoU 0.39 and 0.27, one ROI at IoU >= 0.3 (chance level)."""
     frames, rois = _real(real_file, "sima_example.tif", "sima_example_imageJ_ROIs.zip")
-    res = segment_recording(frames, InferenceConfig(method="baseline", target="cells"))
+    est = segment_recording(frames, InferenceConfig(method="baseline", target="cells"))
+    assert 6.0 <= est.activity["cell_diameter_px"] <= 10.0
+    assert est.activity["cell_diameter_estimated"]
+    assert max(score_projection(est.labels, rois).best_iou) < 0.3
+    cfg = InferenceConfig(method="baseline", target="cells", cell_diameter_px=20.2)
+    res = segment_recording(frames, cfg)
     sc = score_projection(res.labels, rois)
-    # measured: estimated diameter 20.2 px, 94 cells covering 0.90 of the field, best IoU
-    # 0.39 and 0.20 -> one of the two ROIs at IoU >= 0.3, none at 0.5; threshold a little
-    # below the measurement
+    # measured: 72 cells covering 0.78 of the field (94 and 0.90 before the evidence test of
+    # issue 17), best IoU 0.39 and 0.27 -> one of the two ROIs at IoU >= 0.3, none at 0.5;
+    # threshold a little below the measurement
     assert sc.n_labelled == 2
     assert max(sc.best_iou) >= 0.35
     assert sc.recall_30 >= 0.5
@@ -118,10 +137,13 @@ def test_fissa_projection_and_whole_field(real_file):
     frames, rois = _real(real_file, "fissa_b_AVG_A01.tif", "fissa_b_rois.zip")
     res = segment_recording(frames, InferenceConfig(method="baseline", target="cells"))
     sc = score_projection(res.labels, rois)
-    # measured on the 21 x 14 px field: diameter clipped to 7 px, 6 cells, best IoU 0.04 and
-    # 0.34 -> one of the two ROIs at IoU >= 0.3 (just: 0.34)
+    # the 21 x 14 px field (diameter clipped to 7 px) shows no nucleus above the noise of
+    # its 29 frames (issue 17 item 2: a region is labelled only with evidence of a cell);
+    # before the evidence test it was tiled into 6 "cells", one matching a ROI by chance
+    # (IoU 0.34)
     assert res.activity["cell_diameter_px"] == pytest.approx(7.0)
-    assert max(sc.best_iou) >= 0.3 and sc.recall_30 >= 0.5
+    assert res.labels.max() == 0 and sc.recall_30 == 0.0
+    assert any("no cell found" in w for w in res.warnings)
     whole = score_projection(np.ones(rois.shape, np.uint32), rois)
     assert whole.recall_30 == 0.0 and not whole.plausible
 
@@ -164,13 +186,13 @@ def test_cli_segment_target_cells(tmp_path, real_file):
     )
     assert r.exit_code == 0, r.output
     lab = read_label_stack(out / "labels.tif")
-    assert lab.shape == (29, 21, 14) and (lab == lab[0]).all() and lab.max() == 6
+    assert lab.shape == (29, 21, 14) and lab.max() == 0  # no evidence of a cell (see above)
     bad = CliRunner().invoke(app, ["segment", str(rec), str(out), "--target", "all"])
     assert bad.exit_code != 0 and "'active' or 'cells'" in bad.output
 
 
 def test_roi_activity_explains_empty_activity_target_on_sima(real_file):
-    from calseg.analysis.real_eval import roi_activity
+    from calseg.pipelines.real_eval import roi_activity
 
     frames, rois = _real(real_file, "sima_example.tif", "sima_example_imageJ_ROIs.zip")
     q = roi_activity(frames, rois)

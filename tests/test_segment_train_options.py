@@ -200,8 +200,23 @@ def test_checkpoint_records_its_provenance(ds, tmp_path):
     assert meta["dataset_manifest_sha256"] == file_sha256(ds / "manifest.json")
     assert meta["finetune_config"]["seed"] == 3 and meta["train_mode"] == "decoder"
     assert meta["parent_checkpoint"] is None and meta["base_random_weights"] is True
-    assert meta["metrics"]["best_val_iou"] == res.best_val_iou
-    assert meta["metrics"]["train_loss_last10_mean"] > 0
+    # best.pt is the step selected by config.select_by (here val F1), and says so
+    assert meta["selection"] == {
+        "select_by": "f1",
+        "step": res.best_step,
+        "score": [
+            res.best_score,
+            next(
+                h["val_fg_iou"]
+                for h in res.history
+                if h.get("step") == res.best_step and h["kind"] == "val"
+            ),
+        ],
+    }
+    vals = {h["step"]: h for h in res.history if h["kind"] == "val"}
+    assert meta["metrics"]["val_mean_iou"] == vals[res.best_step]["val_mean_iou"]
+    loss = meta["metrics"]["train_loss_last10_mean"]  # none yet when step 0 is selected
+    assert (loss is None) if res.best_step == 0 else loss > 0
     assert meta["train_videos"] == ["v000", "v001"] and meta["val_videos"] == ["v002"]
     # its own checksum: in the result and in the sha256sum-format sidecar
     assert res.checkpoint_sha256 == file_sha256(res.checkpoint)

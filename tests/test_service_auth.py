@@ -47,6 +47,10 @@ ROUTES: dict[tuple[str, str], dict[str, Any] | str | None] = {
     ("GET", "/api/jobs"): "listing",
     ("GET", "/api/recordings"): "listing",
     ("GET", "/api/models"): "listing",
+    ("POST", "/api/jobs/estimate"): None,  # the caller's own estimate (test_service_limits)
+    ("GET", "/api/users"): "admin only (403 otherwise: test_service_limits)",
+    ("PUT", "/api/users/{name}/limits"): "admin only (403 otherwise: test_service_limits)",
+    ("GET", "/api/users/{name}/limits"): {"user": "alice", "admin": 200},
     # routes on alice's ids: bob 404, the admin as given
     ("GET", "/api/metrics"): {"query": {"model_job_id": "@failed"}, "admin": 200},
     ("GET", "/api/jobs/{job_id}"): {"job": "infer", "admin": 200},
@@ -82,8 +86,15 @@ ROUTES: dict[tuple[str, str], dict[str, Any] | str | None] = {
 def _app_routes() -> set[tuple[str, str]]:
     from api.main import app
 
+    def walk(routes):  # noqa: ANN001, ANN202
+        for route in routes:
+            # an included router (api.routes.*): FastAPI keeps it as one entry of app.routes
+            # (no prefixes here, so its routes' paths are the app's)
+            inner = getattr(route, "original_router", None)
+            yield from walk(inner.routes) if inner is not None else [route]
+
     out = set()
-    for route in app.routes:
+    for route in walk(app.routes):
         if isinstance(route, APIRoute):
             for method in route.methods:
                 out.add((method, route.path))
@@ -192,6 +203,7 @@ def _url(path: str, spec: dict[str, Any], ids: dict[str, str]) -> str:
         "name:path": spec.get("name"),
         "t": spec.get("t"),
         "cell_id": spec.get("cell_id"),
+        "name": spec.get("user"),
     }
     for key, value in values.items():
         if "{" + key + "}" in path:
@@ -356,10 +368,16 @@ def test_repeated_bad_tokens_are_rate_limited(
     assert r.status_code == 429, r.text
     assert 1 <= int(r.headers["retry-after"]) <= 2
     assert "too many invalid API tokens" in r.json()["detail"]
-    # the address is held off, whatever it sends, until the window has passed
-    assert client.get("/api/jobs").status_code == 429
+    # bad tokens from the address are held off until the window has passed; a VALID token
+    # from the same address is never locked out (issue 13 item 7: it was 429)
+    assert client.get("/api/jobs", headers=bad).status_code == 429
+    assert client.get("/api/jobs").status_code == 200
+    assert client.get("/api/me").json()["name"] == "alice"
+    malformed = client.get("/api/jobs", headers={"Authorization": "Basic eA=="})
+    assert malformed.status_code == 429  # malformed headers count as bad tokens too
     assert TestClient(client.app).get("/api/health").status_code == 200  # public still answers
     time.sleep(1.6)
+    assert client.get("/api/jobs", headers=bad).status_code == 401
     assert client.get("/api/jobs").status_code == 200
     # requests without a token (a page opened without it) never count
     anonymous = TestClient(client.app)
@@ -385,7 +403,15 @@ def test_job_kinds_are_json_schemas_with_defaults(client: TestClient) -> None:  
     assert ft["steps"]["default"] == FinetuneConfig().steps
     assert ft["lr"]["exclusiveMinimum"] == 0
     assert kinds["finetune"]["required"] == ["dataset_job_id"]
-    assert kinds["infer"]["properties"]["method"]["default"] == "sam2"
+    method = kinds["infer"]["properties"]["method"]
+    assert method["default"] == "auto" and method["enum"] == ["auto", "classical", "sam2"]
+    # what auto means here, and why (no SAM2 weights configured -> classical)
+    from calseg.service.settings import get_settings
+
+    auto = method["x-auto"]
+    assert auto["method"] in ("classical", "sam2") and auto["reason"].startswith(auto["label"])
+    if get_settings().sam2_checkpoint is None:
+        assert auto["method"] == "classical" and "CALSEG_SAM2_CHECKPOINT" in auto["reason"]
 
 
 def test_json_bodies_are_size_limited(
@@ -468,7 +494,7 @@ def test_delete_recording(client: TestClient, tmp_path: Path) -> None:  # noqa: 
 def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa: F811
     """The fine-tune runner's on_history callback stores loss/IoU points with their steps,
     buffered (no write before the interval or flush), and the metrics endpoint serves them."""
-    from calseg.service.jobs import JobContext
+    from calseg.service.context import JobContext
     from calseg.service.runners import TrainingCurve
     from calseg.service.schemas import validate_params
 

@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import select
 
 from calseg.service import jobs
+from calseg.service.context import JobReferenceError, jsonable
 from calseg.service.db import session_scope, upgrade_database
+from calseg.service.kinds import queue_of
 from calseg.service.models import Artifact, Job, Metric
 from calseg.service.schemas import ParamsError
 from calseg.service.settings import Settings
@@ -27,7 +29,7 @@ class Recorder:
         self.calls: list[tuple[str, str, float | None]] = []
 
     def __call__(self, job: Job, countdown: float | None = None) -> None:
-        self.calls.append((job.id, jobs.QUEUE_BY_KIND[job.kind], countdown))
+        self.calls.append((job.id, queue_of(job.kind), countdown))
 
 
 @pytest.fixture()
@@ -82,9 +84,9 @@ def test_submit_validates_and_routes(env) -> None:
         assert job.params["indicator"] == "GCaMP6s"  # defaults are stored explicitly
         with pytest.raises(ParamsError, match="n_framez"):
             jobs.submit_job(s, "simulate", {**SIM, "n_framez": 3}, enqueue=rec)
-        with pytest.raises(jobs.JobReferenceError, match="no job"):
+        with pytest.raises(JobReferenceError, match="no job"):
             jobs.submit_job(s, "finetune", {"dataset_job_id": "nope"}, enqueue=rec)
-        with pytest.raises(jobs.JobReferenceError, match="simulate job, not a finetune"):
+        with pytest.raises(JobReferenceError, match="simulate job, not a finetune"):
             jobs.submit_job(
                 s, "infer", {"recording_id": None, "dataset_job_id": job.id, "video_id": "v0",
                              "model_job_id": job.id}, enqueue=rec,
@@ -327,7 +329,5 @@ def test_job_waiting_for_its_dataset_is_deferred(env) -> None:
 
 
 def test_jsonable_handles_numpy_and_nan() -> None:
-    out = jobs.jsonable(
-        {"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"), "d": Path("/x")}
-    )
+    out = jsonable({"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"), "d": Path("/x")})
     assert out == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": "/x"}

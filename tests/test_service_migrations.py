@@ -1,6 +1,9 @@
 """Alembic migrations from an empty database, up and down, on SQLite and PostgreSQL; 0002
 (users, tokens, owners) on a database holding 0001 data: the rows keep their values and are
-given to the admin ``local``, dedup becomes per owner, and the downgrade keeps the jobs.
+given to the admin ``local``, dedup becomes per owner, and the downgrade keeps the jobs; 0004
+(per-user limits) on a database holding 0003 users: they keep the server's limits (NULL),
+limits must be positive, and the downgrade keeps the users; 0005 (kinds from the registry)
+accepts a kind 0001's CHECK did not.
 
 PostgreSQL: the machine's server (DESIGN.md section 7; URL from CALSEG_TEST_POSTGRES_URL,
 default postgresql+psycopg://postgres@127.0.0.1:5432/test). The test works in a fresh schema
@@ -50,6 +53,15 @@ def _check_round_trip(url: str, schema: str | None = None) -> None:
                             "0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
                         )
                     )
+            # 0005: any kind of the registry (calseg.service.kinds), none fixed in the schema
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, kind, state, params, progress, attempts, created_at, "
+                    "updated_at) VALUES ('j3', 'echo', 'queued', '{}', 0, 0, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(text("DELETE FROM jobs WHERE id = 'j3'"))  # the downgrade's CHECK
         downgrade_database(url)
         assert not TABLES & set(inspect(engine).get_table_names(schema=schema))
         upgrade_database(url)  # and up again from empty
@@ -136,6 +148,64 @@ def _check_0002_on_existing_data(url: str, schema: str | None = None) -> None:
         engine.dispose()
 
 
+LIMIT_COLUMNS = {
+    "max_job_memory_bytes",
+    "max_job_disk_bytes",
+    "max_job_time_s",
+    "max_queued_jobs",
+    "max_running_jobs",
+}
+
+
+def _check_0004_on_existing_data(url: str, schema: str | None = None) -> None:
+    engine = create_engine(url)
+    try:
+        upgrade_database(url, "0003")
+        cols = {c["name"] for c in inspect(engine).get_columns("users", schema=schema)}
+        assert not LIMIT_COLUMNS & cols
+        with engine.begin() as conn:
+            _insert(
+                conn,
+                "INSERT INTO users (id, name, is_admin, created_at) "
+                "VALUES ('u1', 'bob', false, CURRENT_TIMESTAMP)",
+            )
+        upgrade_database(url, "0004")
+        cols = {c["name"] for c in inspect(engine).get_columns("users", schema=schema)}
+        assert LIMIT_COLUMNS <= cols
+        with engine.begin() as conn:
+            row = conn.execute(text("SELECT name, max_queued_jobs, max_job_time_s FROM users"))
+            assert row.one() == ("bob", None, None)  # the server's limits apply
+            conn.execute(
+                text(
+                    "UPDATE users SET max_queued_jobs = 3, max_job_memory_bytes = :m, "
+                    "max_job_time_s = 3600.5 WHERE id = 'u1'"
+                ),
+                {"m": 64 * 1024**3},  # > 2^31: needs BIGINT
+            )
+            got = conn.execute(
+                text("SELECT max_queued_jobs, max_job_memory_bytes, max_job_time_s FROM users")
+            ).one()
+            assert got == (3, 64 * 1024**3, 3600.5)
+            for column in sorted(LIMIT_COLUMNS):
+                with pytest.raises(Exception, match="(?i)check|constraint"):
+                    with conn.begin_nested():
+                        conn.execute(text(f"UPDATE users SET {column} = 0 WHERE id = 'u1'"))
+        downgrade_database(url, "0003")
+        cols = {c["name"] for c in inspect(engine).get_columns("users", schema=schema)}
+        assert not LIMIT_COLUMNS & cols
+        with engine.begin() as conn:  # the users survive the round trip
+            assert conn.execute(text("SELECT id, name FROM users")).one() == ("u1", "bob")
+        upgrade_database(url)
+        downgrade_database(url)
+        assert not TABLES & set(inspect(engine).get_table_names(schema=schema))
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_0004_on_existing_data(tmp_path: Path) -> None:
+    _check_0004_on_existing_data(f"sqlite:///{tmp_path / 'm4.db'}")
+
+
 def test_sqlite_upgrade_downgrade(tmp_path: Path) -> None:
     _check_round_trip(f"sqlite:///{tmp_path / 'm.db'}")
 
@@ -144,7 +214,9 @@ def test_sqlite_0002_on_existing_data(tmp_path: Path) -> None:
     _check_0002_on_existing_data(f"sqlite:///{tmp_path / 'm2.db'}")
 
 
-@pytest.mark.parametrize("check", [_check_round_trip, _check_0002_on_existing_data])
+@pytest.mark.parametrize(
+    "check", [_check_round_trip, _check_0002_on_existing_data, _check_0004_on_existing_data]
+)
 def test_postgresql_upgrade_downgrade(pg_admin, check) -> None:  # noqa: ANN001
     schema = f"calseg_mig_{uuid.uuid4().hex[:10]}"
     with pg_admin.connect() as conn:

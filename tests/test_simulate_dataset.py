@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from calseg.io.dataset import DatasetError, load_dataset
 from calseg.simulate.config import SimulationConfig
 from calseg.simulate.dataset import regenerate_dataset, simulate_dataset, simulate_videos
+from calseg.simulate.render import INTENSITY_DEFECTS
 
 TINY = dict(
     n_videos=4,
@@ -82,6 +83,23 @@ def test_other_seed_differs():
     assert np.array_equal(
         a[0]["tissue"].labels, simulate_videos(SimulationConfig(**TINY))[0]["tissue"].labels
     )
+
+
+def test_intensity_defects_through_the_dataset(tiny_dataset, tmp_path):
+    """Switched on in the config, the global intensity defects reach every video's manifest
+    entry and image; the ground truth is the dataset's without them."""
+    out, _, _ = tiny_dataset
+    on = {k: {"severity": 0.6} for k in INTENSITY_DEFECTS}
+    manifest = simulate_dataset(SimulationConfig(**TINY, defects=on), tmp_path / "on")
+    ds, base = load_dataset(manifest), load_dataset(out)
+    assert ds.manifest["config"]["defects"]["auto_gain"] == {"enabled": None, "severity": 0.6}
+    for v, b in zip(ds.videos, base.videos, strict=True):
+        assert all(v.defects[k]["severity"] == 0.6 for k in INTENSITY_DEFECTS)
+        assert all(b.defects[k]["severity"] == 0.0 for k in INTENSITY_DEFECTS)
+        assert np.array_equal(v.load_labels(), b.load_labels())
+        assert np.array_equal(v.load_calcium(), b.load_calcium())
+        assert not np.array_equal(v.load_image(), b.load_image())
+        assert v.load_image().max() == 65535  # contrast normalisation stretches every frame
 
 
 def test_config_validation_messages():

@@ -53,3 +53,17 @@ def test_bad_requests_raise_clear_errors():
         make_tissue(64, 64, 100, "pouch", np.random.default_rng(0))
     with pytest.raises(GeometryError, match="2-D integer"):
         tissue_from_labels(np.zeros((4, 4), float))
+
+
+def test_coupling_is_a_property_of_the_tissue_not_of_the_render_scale():
+    """Edge lengths are expressed in the source's pixels (mean cell area 204 px): the same
+    tissue rendered with 100 px or 204 px cells couples each cell to its neighbours equally
+    (mean summed edge weight per interior cell within 3 %, about 3.7 x sqrt(204) = 52.8 for
+    hexagon-like cells, whose perimeter is 3.72 sqrt(area)); without the scaling the 100 px
+    rendering would couple sqrt(100 / 204) = 0.70 times as strongly."""
+    coupling = []
+    for area, side in ((100.0, 300), (204.0, 428)):
+        t = make_tissue(side, side, area, "rectangle", np.random.default_rng(5))
+        coupling.append(float(-t.laplacian.diagonal()[~t.boundary].mean()))
+    assert abs(coupling[0] / coupling[1] - 1) < 0.03, coupling
+    assert 3.5 * np.sqrt(204) < coupling[1] < 4.0 * np.sqrt(204), coupling

@@ -75,27 +75,37 @@ def test_setup_streams_are_independent():
 
 
 def test_tissue_activity_per_class():
-    """Fraction of cells ever active (c > 0.1 uM) in 3600 s on an ~860-cell pouch (a source
-    size), published Euler. Reference (3255 cells): spikes ~3 %, transients ~23 %, waves and
-    fluttering 100 %. Tolerances: spikes 0.5-10 %; transients 3-45 % (it depends strongly on
-    where the ~7 initiators fall: 6-19 % over seeds here with Euclidean edge weights);
-    waves and fluttering >= 95 %. Resting c and peak ranges from DESIGN.md section 2."""
+    """Fraction of cells ever active (c > 0.1 uM) in 3600 s on a pouch of the published
+    size (~3255 cells) rendered at CalSeg's default scale (100 px cells), published Euler.
+
+    Published (DESIGN.md section 2): spikes ~3 %, transients ~23 %, waves and fluttering
+    100 %. Measured over 12 other pouches (seeds 100-111, ``python
+    scripts/tissue_activity_study.py``): spikes 2.8 % (SD 0.2, 2.4-3.1), transients 13.9 %
+    (SD 2.8, 11.0-20.0), waves and fluttering 100 %. Transients stay below the published 23 %
+    with edge lengths in the source's pixels; no convention defensible from DESIGN.md reaches
+    it (calseg.simulate.geometry's docstring). Bands: spikes 0.5-6 %; transients, the mean
+    over three initiator draws on this pouch (SD of such a mean about 1.6 points), 14 +- 5
+    points; waves and fluttering >= 95 %. Resting c and peak ranges from DESIGN.md
+    section 2."""
     prm = ModelParameters()
-    tissue = make_tissue(620, 430, 204, "pouch", np.random.default_rng(0))
-    classes = ["spikes", "transients", "waves", "fluttering"]
+    tissue = make_tissue(845, 586, 100.0, "pouch", np.random.default_rng(0))
+    assert 3200 <= tissue.n_cells <= 3300
+    runs = ["spikes", "waves", "fluttering", "transients", "transients", "transients"]
     setups = [
         setup_tissue(
             tissue.n_cells, cl, prm, np.random.default_rng([0, k]), np.random.default_rng([1, k])
         )
-        for k, cl in enumerate(classes)
+        for k, cl in enumerate(runs)
     ]
-    cs = integrate_batch([tissue.laplacian] * 4, setups, np.arange(0, 3600.01, 5.0), prm)
-    ever = {cl: float((c > 0.1).any(axis=1).mean()) for cl, c in zip(classes, cs, strict=True)}
-    assert 0.005 <= ever["spikes"] <= 0.10, ever
-    assert 0.03 <= ever["transients"] <= 0.45, ever
-    assert ever["waves"] >= 0.95 and ever["fluttering"] >= 0.95, ever
-    assert ever["spikes"] < ever["transients"] < ever["waves"]
-    for cl, c in zip(classes[:3], cs[:3], strict=True):
+    cs = integrate_batch([tissue.laplacian] * len(runs), setups, np.arange(0, 3600.01, 5.0), prm)
+    ever = [float((c > 0.1).any(axis=1).mean()) for c in cs]
+    spikes, waves, fluttering = ever[:3]
+    transients = float(np.mean(ever[3:]))
+    assert 0.005 <= spikes <= 0.06, ever
+    assert 0.09 <= transients <= 0.19, ever
+    assert waves >= 0.95 and fluttering >= 0.95, ever
+    assert spikes < min(ever[3:]) and max(ever[3:]) < waves
+    for cl, c in (("spikes", cs[0]), ("transients", cs[3]), ("waves", cs[1])):
         rest = np.median(c[:, -1])
         assert 0.05 <= rest <= 0.07, (cl, rest)
         assert 1.1 <= c.max() <= 1.4, (cl, c.max())

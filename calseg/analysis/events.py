@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from calseg.progress import check_cancelled
+
 __all__ = ["Event", "EventError", "detect_events", "events_as_rows", "trace_noise"]
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4), Gaussian consistency constant of the MAD
@@ -132,6 +134,7 @@ def detect_events(
     sigma = trace_noise(x) if t >= 2 else np.full(n, np.nan)
     events: list[Event] = []
     for i in range(n):  # per cell: runs are 1-D; the work per cell is vectorised
+        check_cancelled()
         row = x[i]
         if not np.isfinite(row).any():
             continue

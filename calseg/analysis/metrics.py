@@ -9,11 +9,18 @@ Conventions (shared with :mod:`calseg.segment.evaluate`):
   When prediction and ground truth are both empty, IoU = Dice = 1.0 (perfect agreement:
   nothing to find, nothing found).
 * Instance metrics match predicted to ground-truth ROIs one-to-one with the Hungarian
-  algorithm (``scipy.optimize.linear_sum_assignment``) on the IoU matrix; a matched pair counts
-  as a true positive when its IoU >= ``iou_threshold`` (0.5 gives AP50-style counting).
+  algorithm (``scipy.optimize.linear_sum_assignment``) so that the *number* of pairs with
+  IoU >= ``iou_threshold`` is maximal and, among such matchings, their summed IoU (the rule of
+  cellpose's ``metrics._true_positive``, Stringer et al. 2021: cost
+  ``-(IoU >= thr) - IoU / (2 n_min)``, ``n_min`` = the smaller ROI count, so one more pair
+  above the threshold always outweighs any IoU gain). Maximising the summed IoU alone can
+  undercount: at a threshold of 0.3 it may prefer two pairs of IoU 0.45 and 0.2 over two of
+  0.35 and 0.32. A pair counts as a true positive when its IoU >= ``iou_threshold``.
   precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN),
-  ap = TP / (TP + FP + FN) (the "average precision" of Stringer et al. 2021, cellpose, and
-  Schmidt et al. 2018, StarDist, at one IoU threshold). With no predicted and no ground-truth
+  ap = TP / (TP + FP + FN). "AP50" in CalSeg's tables is this ``ap`` at IoU >= 0.5: the
+  "average precision" of cellpose (Stringer et al. 2021) and StarDist (Schmidt et al. 2018)
+  at one IoU threshold, *not* COCO's AP (area under a precision-recall curve from ranked
+  detection scores, averaged over IoU 0.50-0.95). With no predicted and no ground-truth
   ROI every one of these is 1.0; a ratio with a zero denominator otherwise is 0.0.
   ``mean_matched_iou`` is the mean IoU over true-positive pairs, ``None`` when there are none.
 """
@@ -25,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "MetricsInputError",
+    "matching_cost",
     "foreground_scores",
     "foreground_scores_stack",
     "instance_iou_matrix",
@@ -126,6 +134,20 @@ def foreground_scores_stack(pred: np.ndarray, gt: np.ndarray) -> dict:
     return out
 
 
+def _ids_and_index(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(flat, return_inverse=True)`` of a 1-D label array, without a sort when the
+    ids are non-negative and at most a few times the pixel count (the usual label image): a
+    ``bincount`` finds the ids and a lookup table indexes them, O(pixels + max id)."""
+    if flat.dtype == bool:
+        flat = flat.view(np.uint8)
+    if flat.size and flat.min() >= 0 and int(flat.max()) <= 4 * flat.size + 65536:
+        ids = np.flatnonzero(np.bincount(flat))
+        lut = np.zeros(int(flat.max()) + 1, np.int64)
+        lut[ids] = np.arange(len(ids))
+        return ids.astype(flat.dtype), lut[flat]
+    return np.unique(flat, return_inverse=True)
+
+
 def instance_iou_matrix(
     pred_labels: np.ndarray, gt_labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,8 +165,8 @@ def instance_iou_matrix(
         ``gt_ids`` are the sorted non-zero ids labelling its rows and columns.
     """
     pred_labels, gt_labels = _check_pair(pred_labels, gt_labels, 2)
-    p_ids, p_inv = np.unique(pred_labels.ravel(), return_inverse=True)
-    g_ids, g_inv = np.unique(gt_labels.ravel(), return_inverse=True)
+    p_ids, p_inv = _ids_and_index(pred_labels.ravel())
+    g_ids, g_inv = _ids_and_index(gt_labels.ravel())
     n_p, n_g = len(p_ids), len(g_ids)
     overlap = np.bincount(p_inv * n_g + g_inv, minlength=n_p * n_g).reshape(n_p, n_g)
     # drop background rows/columns (id 0 sorts first when present)
@@ -172,13 +194,28 @@ def _instance_from_counts(tp: int, fp: int, fn: int, matched_ious: list[float]) 
     }
 
 
+def matching_cost(iou: np.ndarray, thr: float) -> np.ndarray:
+    """Cost matrix whose minimum one-to-one assignment has the most pairs with IoU >= ``thr``
+    and, among those, the largest summed IoU (cellpose's rule, module docstring).
+
+    Args:
+        iou: ``(n_pred, n_gt)`` float IoU matrix; thr: the IoU threshold.
+
+    Returns:
+        ``(n_pred, n_gt)`` float64 costs ``-(iou >= thr) - iou / (2 min(n_pred, n_gt))``: the
+        IoU term sums to at most 1/2 over any assignment, less than one more pair above ``thr``.
+    """
+    n_min = max(1, min(iou.shape))
+    return -(iou >= thr).astype(np.float64) - iou / (2.0 * n_min)
+
+
 def _match(
     pred_labels: np.ndarray, gt_labels: np.ndarray, thr: float
 ) -> tuple[int, int, int, list]:
     iou, p_ids, g_ids = instance_iou_matrix(pred_labels, gt_labels)
     if iou.size == 0:
         return 0, len(p_ids), len(g_ids), []
-    rows, cols = linear_sum_assignment(iou, maximize=True)
+    rows, cols = linear_sum_assignment(matching_cost(iou, thr))
     vals = iou[rows, cols]
     good = vals >= thr
     tp = int(np.count_nonzero(good))
@@ -188,7 +225,8 @@ def _match(
 def match_instances(
     pred_labels: np.ndarray, gt_labels: np.ndarray, iou_threshold: float = 0.5
 ) -> dict:
-    """One-to-one (Hungarian) matching of predicted and ground-truth ROIs in one label image.
+    """One-to-one matching of predicted and ground-truth ROIs in one label image: the most
+    pairs with IoU >= ``iou_threshold``, then the largest summed IoU (module docstring).
 
     Args:
         pred_labels: ``(H, W)`` integer label image, 0 = background.

@@ -49,7 +49,7 @@ classes overlap, as their Vplc ranges do (0.10-0.50 vs 0.25-0.60, DESIGN.md sect
 cells is the threshold with the fewest errors on the tuning seeds (3 of 20). The thresholds
 belong to the model's time scale, cell size and field of view; they are parameters, not
 constants of nature: set them for your tissue. Validation on other seeds:
-``calseg validate-patterns`` (BENCHMARKS.md).
+``calseg validate-patterns`` (:mod:`calseg.pipelines.validate_patterns`, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from calseg.analysis.events import Event
+from calseg.progress import check_cancelled
 
 __all__ = [
     "PATTERN_CLASSES",
@@ -266,6 +267,7 @@ def event_clusters(
         a, b = sparse.triu(geometry.adjacency, k=1).nonzero()
         step = max(1, 2**21 // grid.shape[1])  # (edges, frames) blocks of ~16 MiB each
         for s0 in range(0, len(a), step):
+            check_cancelled()
             x = grid[a[s0 : s0 + step]]
             y = grid[b[s0 : s0 + step]]
             m = (x >= 0) & (y >= 0)
@@ -444,40 +446,6 @@ def analyse_patterns(
     return PatternResult(cls, reason, feats, asdict(th), out[:50])
 
 
-# --------------------------------------------------------------------------------------------
-# validation on simulated tissue of known class
-
-#: the simulated recordings of :func:`validate_patterns` (pouch, ~60 px cells, 240 x 5 s frames)
-VALIDATION_VIDEO = {
-    "height": 192,
-    "width": 192,
-    "mean_cell_area_px": 60.0,
-    "n_frames": 240,
-    "frame_interval_s": 5.0,
-}
-
-
-def simulated_recording_pattern(
-    video: dict, frame_interval_s: float, pixel_size_um: float
-) -> PatternResult:
-    """Pattern class of one simulated video through the measuring pipeline.
-
-    Traces from the rendered ``video["image"]`` over the true cell label image
-    (``video["tissue"].labels``, all cells), F0 and dF/F with the defaults of
-    :mod:`calseg.analysis.traces`, events by :func:`calseg.analysis.events.detect_events`, then
-    :func:`analyse_patterns`. Segmentation is deliberately left out: this measures the pattern
-    rules, not the segmenter.
-    """
-    from calseg.analysis.events import detect_events
-    from calseg.analysis.traces import baseline_f0, cell_traces, dff
-
-    labels = video["tissue"].labels
-    ids, f = cell_traces(video["image"], labels)
-    d, _ = dff(f, baseline_f0(f, frame_interval_s))
-    events = detect_events(d, frame_interval_s, cell_ids=ids)
-    return analyse_patterns(events, labels, f.shape[1], frame_interval_s, pixel_size_um)
-
-
 def events_from_calcium(
     calcium: np.ndarray, threshold_uM: float, frame_interval_s: float, cell_ids: np.ndarray
 ) -> list[Event]:
@@ -494,6 +462,7 @@ def events_from_calcium(
     dt = float(frame_interval_s)
     out = []
     for i in range(c.shape[0]):
+        check_cancelled()
         edges = np.diff(np.concatenate(([0], (c[i] > threshold_uM).astype(np.int8), [0])))
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
             p = a + int(np.argmax(c[i, a:b]))
@@ -514,120 +483,3 @@ def events_from_calcium(
                 )
             )
     return out
-
-
-def simulated_wave_speeds(
-    video: dict, frame_interval_s: float, pixel_size_um: float, threshold_uM: float = 0.1
-) -> tuple[float | None, float | None]:
-    """Speed (um/s) of the largest wave of a simulated video, from the true Ca2+ onsets
-    (:func:`events_from_calcium`) and from the rendered video (the measuring pipeline of
-    :func:`simulated_recording_pattern`, significant events); ``None`` where no wave of
-    >= 10 cells is found."""
-    from calseg.analysis.events import detect_events
-    from calseg.analysis.traces import baseline_f0, cell_traces, dff
-    from calseg.analysis.waves import waves_from_events
-
-    labels = video["tissue"].labels
-    geo = cell_geometry(labels, pixel_size_um)
-    cal = video["calcium"]
-    t = cal.shape[1]
-    truth = events_from_calcium(cal, threshold_uM, frame_interval_s, np.arange(1, len(cal) + 1))
-    ids, f = cell_traces(video["image"], labels)
-    d, _ = dff(f, baseline_f0(f, frame_interval_s))
-    seen = significant_events(detect_events(d, frame_interval_s, cell_ids=ids))
-    speeds = []
-    for ev in (truth, seen):
-        w = waves_from_events(
-            ev, event_clusters(ev, geo, t, frame_interval_s), geo, frame_interval_s
-        )
-        speeds.append(w[0].speed_um_s if w else None)
-    return speeds[0], speeds[1]
-
-
-def validate_patterns(
-    seeds: list[int],
-    classes: tuple[str, ...] = PATTERN_CLASSES,
-    video: dict | None = None,
-    defect_severity: float = 0.3,
-) -> dict:
-    """Confusion matrix of :func:`analyse_patterns` on simulated videos of known class.
-
-    One simulated tissue per (seed, class) (:class:`calseg.simulate.config.SimulationConfig`
-    with ``video`` overriding :data:`VALIDATION_VIDEO`), measured by
-    :func:`simulated_recording_pattern`.
-
-    Returns:
-        ``{"classes": [...], "labels": [... + "none"], "matrix": [[count]] (rows = true class,
-        columns = predicted, order of "labels"), "accuracy": float, "n": int,
-        "rows": [{"seed", "true", "predicted", "reason", "features"}], "config": {...}}``;
-        rows of waves videos also hold ``wave_speed_true_um_s`` and ``wave_speed_video_um_s``
-        (:func:`simulated_wave_speeds`).
-    """
-    from calseg.simulate.config import SimulationConfig
-    from calseg.simulate.dataset import iter_videos
-
-    vid = {**VALIDATION_VIDEO, **(video or {})}
-    labels = [*classes, "none"]
-    mat = np.zeros((len(classes), len(labels)), np.int64)
-    rows = []
-    for seed in seeds:
-        cfg = SimulationConfig(
-            n_videos=len(classes),
-            pattern_classes=list(classes),
-            n_val_videos=0,
-            n_test_videos=0,
-            seed=int(seed),
-            defect_severity=defect_severity,
-            **vid,
-        )
-        for v in iter_videos(cfg):
-            res = simulated_recording_pattern(v, cfg.frame_interval_s, cfg.pixel_size_um)
-            mat[classes.index(v["pattern_class"]), labels.index(res.pattern_class)] += 1
-            row = {
-                "seed": int(seed),
-                "true": v["pattern_class"],
-                "predicted": res.pattern_class,
-                "reason": res.reason,
-                "features": res.features,
-            }
-            if v["pattern_class"] == "waves":
-                row["wave_speed_true_um_s"], row["wave_speed_video_um_s"] = simulated_wave_speeds(
-                    v, cfg.frame_interval_s, cfg.pixel_size_um, cfg.activity_threshold_uM
-                )
-            rows.append(row)
-    n = int(mat.sum())
-    return {
-        "classes": list(classes),
-        "labels": labels,
-        "matrix": mat.tolist(),
-        "accuracy": float(np.trace(mat[:, : len(classes)]) / n) if n else 0.0,
-        "n": n,
-        "rows": rows,
-        "config": {**vid, "defect_severity": defect_severity, "seeds": list(seeds)},
-    }
-
-
-def format_confusion(report: dict) -> str:
-    """The confusion matrix of :func:`validate_patterns` as a Markdown table."""
-    labels = report["labels"]
-    lines = [
-        "| true \\ predicted | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for cls, row in zip(report["classes"], report["matrix"], strict=True):
-        lines.append(f"| {cls} | " + " | ".join(str(v) for v in row) + " |")
-    lines.append(f"\naccuracy {report['accuracy']:.3f} on {report['n']} simulated recordings")
-    pairs = [
-        (r["wave_speed_true_um_s"], r["wave_speed_video_um_s"])
-        for r in report["rows"]
-        if r.get("wave_speed_true_um_s") and r.get("wave_speed_video_um_s")
-    ]
-    if pairs:
-        tv = np.array(pairs)
-        rel = np.abs(tv[:, 1] / tv[:, 0] - 1)
-        lines.append(
-            f"wave speed, video vs true Ca2+ onsets ({len(pairs)} waves): true "
-            f"{np.median(tv[:, 0]):.3g} um/s median ({tv[:, 0].min():.3g}-{tv[:, 0].max():.3g}), "
-            f"|relative error| median {np.median(rel):.3f}, max {rel.max():.3f}"
-        )
-    return "\n".join(lines)

@@ -37,6 +37,8 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage, sparse
 
+from calseg.progress import check_cancelled
+
 __all__ = [
     "TraceError",
     "baseline_f0",
@@ -167,6 +169,7 @@ def cell_traces(
     flat = fr.reshape(t, -1)
     step = max(1, int(chunk_frames))
     for t0 in range(0, t, step):
+        check_cancelled()
         block = flat[t0 : t0 + step].astype(np.float64).T  # (P, chunk)
         f[:, t0 : t0 + step] = (m @ block) / counts[:, None]
     return ids, f
@@ -201,6 +204,7 @@ def cell_traces_chunked(
     counts = np.maximum(np.asarray(m.sum(axis=1)).ravel(), 1)
     seen = 0
     for t0, block in chunks:
+        check_cancelled()
         b = np.asarray(block)
         if b.ndim != 3 or b.shape[1:] != lab.shape:
             raise TraceError(f"chunk {b.shape} does not match the label image {lab.shape}")

@@ -30,6 +30,15 @@ passes.
 
 Every failure is raised as :class:`RecordingError` with a message that says what is wrong with
 the file and what to do about it, never a library traceback.
+
+Untrusted files (uploads): a reader reads the given file and nothing else, and decodes no more
+than the file declares (:mod:`calseg.io.file_safety`: files that name other files, HDF5
+external storage/virtual datasets/links, OME-TIFF multi-file references, video playlists and
+data references, decompression bombs are refused with a :class:`RecordingError` naming the
+feature). Opening a recording reads headers only; :class:`ReadLimits` (a pixel and a byte
+budget) is checked against the header before any pixel is decoded
+(:class:`RecordingTooLarge`); frames are then decoded on demand, a chunk at a time
+(:class:`RecordingReader`).
 """
 
 from __future__ import annotations
@@ -48,11 +57,19 @@ from typing import Any
 
 import numpy as np
 
+from calseg.io import file_safety
+from calseg.io.file_safety import UnsafeRecording
+from calseg.progress import check_cancelled
+
 __all__ = [
     "MIN_FRAME_SIDE",
+    "ReadLimits",
     "Recording",
     "RecordingError",
     "RecordingInfo",
+    "RecordingReader",
+    "RecordingTooLarge",
+    "merge_read_options",
     "natural_sort_key",
     "probe_recording",
     "iter_recording",
@@ -75,6 +92,8 @@ _VIDEO_EXT = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".wmv")
 _BIOIO_EXT = (".nd2", ".czi", ".lif")
 BIOIO_INSTALL_HINT = "pip install 'calseg[bioio]'"
 _FOLDER_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+UPLOAD_SUFFIXES = _TIFF_EXT + _IMAGE_EXT + _HDF5_EXT + (".npy",) + _VIDEO_EXT + _BIOIO_EXT
+"""File name endings of single files the readers take (the page's upload box accepts these)."""
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's RGB -> "L"
 
 _SUPPORTED = (
@@ -87,6 +106,35 @@ _CONVERT_HINT = "convert it to TIFF (e.g. in Fiji: File > Save As > Tiff...) and
 
 class RecordingError(ValueError):
     """A recording cannot be read; the message says what is wrong and what to do."""
+
+
+class RecordingTooLarge(RecordingError):
+    """The recording decodes to more pixels or bytes than :class:`ReadLimits` allow.
+
+    Attributes:
+        pixels: frames x rows x columns of the recording as read.
+        nbytes: bytes decoded (the larger of the stored samples and the frames returned).
+        limits: the limits it exceeds.
+    """
+
+    def __init__(self, message: str, *, pixels: int, nbytes: int, limits: ReadLimits) -> None:
+        super().__init__(message)
+        self.pixels, self.nbytes, self.limits = pixels, nbytes, limits
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Decode budget of one recording, checked against the header before any pixel is decoded.
+
+    Attributes:
+        max_pixels: most frames x rows x columns (the recording as read); None = no limit.
+        max_bytes: most bytes decoded: every stored sample (all channels, Z planes, colour
+            samples, in the stored dtype) and the frames returned (their dtype); also the
+            largest HDF5 chunk. None = no limit.
+    """
+
+    max_pixels: int | None = None
+    max_bytes: int | None = None
 
 
 @dataclass
@@ -112,6 +160,8 @@ class RecordingInfo:
         stored_shape: shape of the stored data (before axis handling).
         file_axes: axes letters as the file/reader reported them (e.g. tifffile's ``"QYX"``,
             ``"ZYX"`` for ImageJ slices); ``""`` when the file says nothing.
+        suspected_channels: ``k`` when the first images look like ``k`` interleaved channels
+            (:func:`suspected_interleave`; a warning says so), else None.
     """
 
     path: str
@@ -127,6 +177,7 @@ class RecordingInfo:
     warnings: list[str] = field(default_factory=list)
     stored_shape: tuple[int, ...] = ()
     file_axes: str = ""
+    suspected_channels: int | None = None
 
     def to_dict(self) -> dict:
         """Return a JSON-serialisable dict of all fields."""
@@ -168,6 +219,7 @@ class _ThreadLogCapture(logging.Filter):
 
 _TIFF_LOG = _ThreadLogCapture()
 logging.getLogger("tifffile").addFilter(_TIFF_LOG)
+file_safety.install_bounded_tiff_codecs()  # zlib/LZMA/PackBits: at most the declared size
 
 
 @contextmanager
@@ -208,6 +260,8 @@ class _Source:
     lossy: bool = False
     warnings: list[str] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    decoded_bytes: int | None = None  # bytes a full decode produces; None: shape x itemsize
+    sequential: bool = False  # frames decode in order only (video): read in one pass
 
     def close(self) -> None:
         for fn in reversed(self.closers):
@@ -247,9 +301,7 @@ def _sniff(path: Path) -> str | None:
             return "npy"
         if head[:8] == b"\x89HDF\r\n\x1a\n":
             return "hdf5"
-        if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-            return "video"
-        if head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3":
+        if file_safety.sniff_video_format(head) is not None:
             return "video"
         for offset in (512, 1024, 2048):  # HDF5 with a user block
             fh.seek(offset)
@@ -277,6 +329,14 @@ def _format_from_extension(path: Path) -> str | None:
     return None
 
 
+def _no_dirs(exc: BaseException, path: Path) -> str:
+    """``str(exc)`` without the folder of ``path`` (messages go to users: no server paths)."""
+    text = str(exc)
+    for folder in {str(path.parent), os.path.realpath(path.parent)}:
+        text = text.replace(folder + os.sep, "")
+    return text
+
+
 def _describe_head(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(64)
@@ -285,7 +345,9 @@ def _describe_head(path: Path) -> str:
     return f"it starts with {head[:12]!r}, which looks like {kind}"
 
 
-def _open_source(path: str | Path) -> _Source:
+def _open_source(path: str | Path, limits: ReadLimits | None = None) -> _Source:
+    """Open a recording: headers only, no pixel decoded. ``limits`` bounds what the header
+    walk itself may allocate (HDF5 chunk size, video packet counting)."""
     p, dataset = _split_hdf5_path(path)
     display = os.fspath(path)
     if not p.exists():
@@ -304,6 +366,12 @@ def _open_source(path: str | Path) -> _Source:
     by_ext = _format_from_extension(p)
     fmt = sniffed or by_ext
     if sniffed is None:
+        if by_ext == "video":
+            raise RecordingError(
+                f"{p.name} is not an AVI, MP4/MOV, MKV/WebM or WMV video: {_describe_head(p)}. "
+                "Playlists (m3u8), ffconcat lists and other files that name further files are "
+                f"not accepted; upload the video file itself, or {_CONVERT_HINT}."
+            )
         if by_ext in ("tiff", "png", "jpeg", "hdf5", "npy"):
             raise RecordingError(
                 f"{p.name} is not a valid {by_ext.upper()} file: {_describe_head(p)}. It may be "
@@ -332,7 +400,9 @@ def _open_source(path: str | Path) -> _Source:
         "bioio": _open_bioio,
     }
     if fmt == "hdf5":
-        src = _open_hdf5(p, display, dataset)
+        src = _open_hdf5(p, display, dataset, limits.max_bytes if limits else None)
+    elif fmt == "video":
+        src = _open_video(p, display, limits.max_pixels if limits else None)
     else:
         src = openers[fmt](p, display)  # type: ignore[index]
     src.warnings[:0] = extra
@@ -456,21 +526,80 @@ def _ome_metadata(xml: str) -> tuple[float | None, float | None]:
     return px, dt
 
 
-def _open_tiff(path: Path, display: str) -> _Source:
+def _open_tiff_file(path: Path) -> Any:
+    """``tifffile.TiffFile`` over a :class:`~calseg.io.file_safety.ConfinedFile` (and with
+    tifffile's multi-file OME reading off): it can read this file and no other."""
     import tifffile
 
+    fh = file_safety.ConfinedFile(path)
+    try:
+        n = file_safety.count_tiff_pages(fh, path.stat().st_size)
+        if n == 0:
+            raise RecordingError(
+                f"{path.name} is damaged or truncated: its first image directory points past "
+                "the end of the file; copy or export it again."
+            )
+        try:
+            tf = tifffile.TiffFile(fh, _multifile=False)
+        except TypeError:  # a tifffile without the private flag: ConfinedFile suffices
+            tf = tifffile.TiffFile(fh)
+    except BaseException:
+        fh.close()
+        raise
+    tf_close = tf.close
+
+    def close() -> None:
+        try:
+            tf_close()
+        finally:
+            fh.close()
+
+    tf.close = close
+    return tf
+
+
+def _same_frames(all_series: Sequence[Any]) -> bool:
+    """True when every series is one image of the same shape, dtype and axes: what
+    ``TiffWriter.write()`` called once per frame leaves (each call starts a series)."""
+    first = all_series[0]
+    return len(all_series) > 1 and all(
+        len(s.pages) == 1
+        and tuple(s.shape) == tuple(first.shape)
+        and s.dtype == first.dtype
+        and s.axes == first.axes
+        and len(tuple(s.shape)) in (2, 3)
+        for s in all_series
+    )
+
+
+def _open_tiff(path: Path, display: str) -> _Source:
     size = path.stat().st_size
     with _capture_tifffile_log() as log:
         try:
-            tf = tifffile.TiffFile(path)
+            tf = _open_tiff_file(path)
+        except (RecordingError, UnsafeRecording):
+            raise
         except Exception as exc:  # TiffFileError, struct errors, ...
             raise RecordingError(
                 f"{path.name} is not a readable TIFF file ({exc}); it is probably damaged or "
                 "truncated: copy or export it again."
             ) from exc
         try:
+            if tf.is_ome:
+                foreign = file_safety.ome_foreign_files(tf.ome_metadata or "", path.name)
+                if foreign:
+                    raise UnsafeRecording(
+                        f"it is one part of a multi-file OME-TIFF: its OME-XML names "
+                        f"{len(foreign)} other file(s) ({', '.join(repr(f) for f in foreign[:3])})"
+                        ". Only single-file recordings are read, and a file may not name other "
+                        "files; combine the parts into one file (Fiji: open with Bio-Formats, "
+                        "then File > Save As > Tiff...) and upload that"
+                    )
             n_pages = len(tf.pages)  # parses every image directory
             all_series = tf.series
+        except UnsafeRecording:
+            tf.close()
+            raise
         except Exception as exc:
             tf.close()
             raise RecordingError(
@@ -486,12 +615,16 @@ def _open_tiff(path: Path, display: str) -> _Source:
         raise RecordingError(f"{path.name} holds no images (0 frames); export the recording again.")
     series = all_series[0]
     trunc = _tiff_truncation(tf, series, size, log)
+    if trunc is None and _same_frames(all_series):
+        trunc = _tiff_truncation(tf, all_series[-1], size, log)
     if trunc is not None:
         tf.close()
         raise RecordingError(
             f"{path.name} is truncated: {trunc}. The upload or copy was probably cut short; "
             "copy the complete file again."
         )
+    if _same_frames(all_series) and not (tf.is_ome or tf.is_imagej):
+        return _tiff_series_as_frames(tf, all_series, path, display)
 
     if tf.is_ome:
         fmt = "ome-tiff"
@@ -559,12 +692,7 @@ def _open_tiff(path: Path, display: str) -> _Source:
         z_slices = True
         px_size, interval = _ome_metadata(tf.ome_metadata or "")
     else:
-        res = _resolution_px_per_unit(keyframe)
-        unit_tag = keyframe.tags.get("ResolutionUnit")
-        unit_val = int(unit_tag.value) if unit_tag is not None else 2
-        factor = {3: 1e4, 4: 1e3, 5: 1.0}.get(unit_val)
-        if res and factor:
-            px_size = _positive(factor / res)
+        px_size = _tiff_pixel_size(keyframe)
         if tf.is_shaped and series.kind != "shaped":
             meta = (tf.shaped_metadata or ({},))[0] or {}
             claimed_shape = meta.get("shape")
@@ -572,6 +700,7 @@ def _open_tiff(path: Path, display: str) -> _Source:
                 header_claim = int(claimed_shape[0])
 
     reader = _tiff_reader(tf, series, path)
+    closers = [tf.close] + ([reader.close] if isinstance(reader, _MappedArray) else [])
     return _Source(
         path=path,
         display=display,
@@ -589,8 +718,101 @@ def _open_tiff(path: Path, display: str) -> _Source:
         calibration=calibration,
         lossy=int(getattr(keyframe, "compression", 1) or 1) in (7, 34892, 33007),
         warnings=warn,
+        closers=closers,
+    )
+
+
+def _tiff_pixel_size(page: Any) -> float | None:
+    """Pixel width in um from a page's XResolution and ResolutionUnit tags, or None."""
+    res = _resolution_px_per_unit(page)
+    unit_tag = page.tags.get("ResolutionUnit")
+    unit_val = int(unit_tag.value) if unit_tag is not None else 2
+    factor = {3: 1e4, 4: 1e3, 5: 1.0}.get(unit_val)
+    return _positive(factor / res) if res and factor else None
+
+
+def _tiff_series_as_frames(tf: Any, all_series: Sequence[Any], path: Path, display: str) -> _Source:
+    """A TIFF of ``n`` one-image series of one shape (``TiffWriter.write()`` called once per
+    frame) read as ``n`` frames, page by page."""
+    first = all_series[0]
+    keyframe = first.keyframe
+    file_axes = str(first.axes)
+    photometric = int(getattr(keyframe, "photometric", 1) or 1)
+    rgb = photometric in (2, 6) and "S" in file_axes
+    axes = "T" + "".join(a if a in "YX" else ("S" if a == "S" and rgb else "?") for a in file_axes)
+    pages = [int(s.pages[0].index) for s in all_series]
+    page_shape = tuple(int(n) for n in first.shape)
+    shape = (len(pages), *page_shape)
+
+    def read(index: tuple) -> np.ndarray:
+        wanted = np.arange(len(pages))[index[0]]
+        flat = [pages[int(i)] for i in np.ravel(wanted)]
+        if not flat:
+            data = np.empty((0, *page_shape), dtype=first.dtype)
+        else:
+            with _capture_tifffile_log():
+                data = np.asarray(tf.asarray(key=flat)).reshape((len(flat), *page_shape))
+        if np.ndim(wanted) == 0:
+            data = data[0]
+            return data[tuple(index[1:])]
+        return data[(slice(None), *index[1:])]
+
+    return _Source(
+        path=path,
+        display=display,
+        format="bigtiff" if tf.is_bigtiff else "tiff",
+        shape=shape,
+        dtype=np.dtype(first.dtype),
+        reader=read,
+        file_axes="I" + file_axes,
+        axes=axes,
+        rgb=rgb,
+        pixel_size_um=_tiff_pixel_size(keyframe),
+        lossy=int(getattr(keyframe, "compression", 1) or 1) in (7, 34892, 33007),
+        warnings=[
+            f"the file holds {len(pages)} image series of one {' x '.join(map(str, page_shape))} "
+            "image each (what tifffile's TiffWriter.write() writes when called once per frame): "
+            f"read them as {len(pages)} frames"
+        ],
         closers=[tf.close],
     )
+
+
+class _MappedArray:
+    """A reader of index tuples over an uncompressed array stored at ``offset`` in a file,
+    through ``mmap``: each read copies the selection, then the mapped pages are dropped
+    (``MADV_DONTNEED``), so the process's resident memory holds the copies only, not the file
+    pages it touched (a memory map of a 4 GB file read end to end would otherwise count 4 GB)."""
+
+    def __init__(
+        self, path: Path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C"
+    ) -> None:
+        import mmap
+
+        self.dtype, self.offset, self.shape, self.order = dtype, offset, shape, order
+        need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < need:
+                raise ValueError(f"the file holds fewer than the {need} bytes its header declares")
+            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.lock = threading.Lock()
+
+    def __call__(self, index: tuple) -> np.ndarray:
+        import mmap
+
+        with self.lock:
+            view = np.ndarray(
+                self.shape, self.dtype, buffer=self.map, offset=self.offset, order=self.order
+            )
+            out = np.array(view[index])
+            del view
+            if hasattr(mmap, "MADV_DONTNEED"):
+                self.map.madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def close(self) -> None:
+        with self.lock:
+            self.map.close()
 
 
 def _tiff_reader(tf: Any, series: Any, path: Path) -> Reader:
@@ -599,11 +821,9 @@ def _tiff_reader(tf: Any, series: Any, path: Path) -> Reader:
     if series.dataoffset is not None:
         dtype = np.dtype(tf.byteorder + np.dtype(series.dtype).char)
         try:
-            mm = np.memmap(path, dtype=dtype, mode="r", offset=int(series.dataoffset), shape=shape)
+            return _MappedArray(path, dtype, int(series.dataoffset), shape)
         except (ValueError, OSError):
-            mm = None
-        if mm is not None:
-            return lambda index: np.asarray(mm[index])
+            pass
 
     keyframe = series.keyframe
     page_shape = tuple(int(n) for n in keyframe.shape)
@@ -648,48 +868,94 @@ def _tiff_reader(tf: Any, series: Any, path: Path) -> Reader:
 # ------------------------------------------------------------------------ PNG / JPEG -------
 
 
-def _pillow_array(path: Path) -> tuple[np.ndarray, list[str]]:
+_PILLOW_FORMATS = {"png": ["PNG"], "jpeg": ["JPEG", "MPO"]}
+"""Pillow plugins a sniffed PNG/JPEG may be opened with (never Pillow's own format guessing)."""
+
+_PILLOW_CONVERT = {"P": None, "LA": "L", "PA": "L", "CMYK": "RGB", "I;16B": "I;16"}
+
+
+def _pillow_array(path: Path, fmt: str) -> np.ndarray:
+    """Decode the first frame of a PNG/JPEG (after the budget check), converted as Pillow's
+    modes require: palette -> RGB(A), LA/PA -> L, CMYK -> RGB, 16-bit big-endian -> native."""
     from PIL import Image
 
-    notes: list[str] = []
-    with Image.open(path) as im:
+    with Image.open(path, formats=_PILLOW_FORMATS[fmt]) as im:
         im.load()
-        n = getattr(im, "n_frames", 1)
-        if n > 1:
-            notes.append(f"image holds {n} frames; read the first only")
         mode = im.mode
         if mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        elif mode in ("LA", "PA"):
-            im = im.convert("L")
-        elif mode == "CMYK":
-            im = im.convert("RGB")
-        elif mode == "I;16B":
-            im = im.convert("I;16")
-        arr = np.asarray(im)
-    return arr, notes
+        elif mode in _PILLOW_CONVERT:
+            im = im.convert(_PILLOW_CONVERT[mode])
+        return np.asarray(im)
 
 
 def _open_pillow(path: Path, display: str) -> _Source:
+    """A PNG/JPEG: its header only (size, mode, frame count); pixels decoded on first read."""
+    from PIL import Image
+
+    fmt = "jpeg" if _sniff(path) == "jpeg" else "png"
+    notes: list[str] = []
     try:
-        arr, notes = _pillow_array(path)
+        with Image.open(path, formats=_PILLOW_FORMATS[fmt]) as im:
+            width, height = im.size
+            mode = im.mode
+            n = int(getattr(im, "n_frames", 1) or 1)
+            has_alpha = "transparency" in im.info
+    except Image.DecompressionBombError as exc:
+        raise RecordingTooLarge(
+            f"{path.name} declares an image of more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+            f"({exc}); CalSeg does not decode it. Crop or bin the image and upload it again.",
+            pixels=0,
+            nbytes=0,
+            limits=ReadLimits(),
+        ) from exc
     except Exception as exc:
         raise RecordingError(
             f"{path.name} cannot be decoded as an image ({exc}); it is probably damaged or "
             "truncated: export it again."
         ) from exc
-    fmt = "jpeg" if _sniff(path) == "jpeg" else "png"
-    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    if n > 1:
+        notes.append(f"image holds {n} frames; read the first only")
+    if mode == "P":
+        mode = "RGBA" if has_alpha else "RGB"
+    mode = _PILLOW_CONVERT.get(mode) or mode
+    bands = {"RGB": 3, "RGBA": 4, "YCbCr": 3}.get(mode, 1)
+    dtype = np.dtype(
+        {"I;16": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32}.get(mode, np.uint8)
+    )
+    if mode == "1":
+        dtype = np.dtype(np.bool_)
+    shape = (height, width, bands) if bands > 1 else (height, width)
+    rgb = bands in (3, 4)
     axes = "YXS" if rgb else "YX"
     if fmt == "jpeg":
         notes.append("JPEG is lossy: intensities are not the camera's raw values")
+    cache: dict[str, np.ndarray] = {}
+
+    def read(index: tuple) -> np.ndarray:
+        if "a" not in cache:
+            try:
+                arr = _pillow_array(path, fmt)
+            except Exception as exc:
+                raise RecordingError(
+                    f"{path.name} cannot be decoded as an image ({exc}); it is probably damaged "
+                    "or truncated: export it again."
+                ) from exc
+            if arr.shape != shape:
+                raise RecordingError(
+                    f"{path.name}: its header says {shape} but it decodes to {arr.shape}; the "
+                    "file is damaged: export it again."
+                )
+            cache["a"] = arr
+        return cache["a"][index]
+
     return _Source(
         path=path,
         display=display,
         format=fmt,
-        shape=tuple(arr.shape),
-        dtype=arr.dtype,
-        reader=lambda index: arr[index],
+        shape=shape,
+        dtype=dtype,
+        reader=read,
         file_axes=axes,
         axes=axes,
         rgb=rgb,
@@ -792,17 +1058,37 @@ def _open_folder(path: Path, display: str) -> _Source:
 # ------------------------------------------------------------------------------ HDF5 -------
 
 
-def _open_hdf5(path: Path, display: str, dataset: str | None) -> _Source:
+def _small_attrs(ds: Any, keys: Sequence[str], max_items: int = 64) -> dict[str, Any]:
+    """The attributes ``keys`` of an HDF5 object that exist and hold at most ``max_items``
+    values (a metadata attribute is a few letters or numbers; a huge one is never read)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        try:
+            if key not in ds.attrs:
+                continue
+            aid = ds.attrs.get_id(key)
+            if int(np.prod(aid.shape or (1,))) > max_items:
+                continue
+            out[key] = ds.attrs[key]
+        except Exception:  # noqa: BLE001 - optional metadata
+            continue
+    return out
+
+
+def _open_hdf5(
+    path: Path, display: str, dataset: str | None, max_bytes: int | None = None
+) -> _Source:
     import h5py
 
     try:
-        h5 = h5py.File(path, "r")
+        h5 = h5py.File(path, "r", driver="sec2")  # one file: no family/multi/split drivers
     except Exception as exc:
         raise RecordingError(
             f"{path.name} is not a readable HDF5 file ({exc}); it is probably damaged or "
             "truncated: copy it again."
         ) from exc
     try:
+        file_safety.check_hdf5_file(h5)  # external/user-defined links: before any lookup
         found: list[tuple[str, Any]] = []
 
         def visit(name: str, obj: Any) -> None:
@@ -842,7 +1128,22 @@ def _open_hdf5(path: Path, display: str, dataset: str | None) -> _Source:
             raise RecordingError(
                 f"{path.name}:/{name} has dtype {ds.dtype}, not numbers; point at an image dataset."
             )
-        attrs = dict(ds.attrs)
+        file_safety.check_hdf5_dataset(ds, name)
+        guard = file_safety.Hdf5ChunkGuard(ds, name)
+        if max_bytes is not None and guard.chunk_bytes > max_bytes:
+            raise RecordingTooLarge(
+                f"{path.name}:/{name} is stored in chunks of {_size_text(guard.chunk_bytes)} "
+                f"({guard.chunk_bytes:,} bytes), and one chunk is decoded at a time: more than "
+                f"this server's limit of {_size_text(max_bytes)} ({max_bytes:,} bytes, "
+                "max_recording_bytes). Nothing was decoded. Re-save it with one frame per chunk.",
+                pixels=0,
+                nbytes=guard.chunk_bytes,
+                limits=ReadLimits(max_bytes=max_bytes),
+            )
+        attrs = _small_attrs(
+            ds, ("axes", "DIMENSION_LABELS", "dimension_order", "element_size_um", "pixel_size_um",
+                 "frame_interval_s", "fps"),
+        )  # fmt: skip
         axes = None
         for key in ("axes", "DIMENSION_LABELS", "dimension_order"):
             if key in attrs:
@@ -869,7 +1170,7 @@ def _open_hdf5(path: Path, display: str, dataset: str | None) -> _Source:
         dt = _positive(attrs.get("frame_interval_s"))
         if dt is None and _positive(attrs.get("fps")):
             dt = 1.0 / float(attrs["fps"])
-    except RecordingError:
+    except (RecordingError, UnsafeRecording):
         h5.close()
         raise
     except Exception as exc:
@@ -877,6 +1178,7 @@ def _open_hdf5(path: Path, display: str, dataset: str | None) -> _Source:
         raise RecordingError(f"{path.name}: cannot read its HDF5 structure ({exc}).") from exc
 
     def read(index: tuple) -> np.ndarray:
+        guard.check(index)  # deflate chunks expand to at most the chunk size
         try:
             return np.asarray(ds[index])
         except Exception as exc:
@@ -905,100 +1207,261 @@ def _open_hdf5(path: Path, display: str, dataset: str | None) -> _Source:
 
 
 def _open_npy(path: Path, display: str) -> _Source:
+    """A NumPy ``.npy`` array: its header only; selections read through :class:`_MappedArray`
+    (never pickles)."""
+    from numpy.lib import format as npy_format
+
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as fh:
+            version = npy_format.read_magic(fh)
+            header = (
+                npy_format.read_array_header_1_0
+                if version == (1, 0)
+                else npy_format.read_array_header_2_0
+            )
+            shape, fortran, dtype = header(fh, max_header_size=10_000)
+            offset = fh.tell()
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects")
+        reader = _MappedArray(path, dtype, offset, tuple(shape), "F" if fortran else "C")
     except Exception as exc:
         raise RecordingError(
             f"{path.name} is not a readable .npy array ({exc}); save it again with numpy.save."
         ) from exc
-    if arr.dtype.kind not in "uifb":
-        raise RecordingError(f"{path.name} holds dtype {arr.dtype}, not image numbers.")
+    if dtype.kind not in "uifb":
+        reader.close()
+        raise RecordingError(f"{path.name} holds dtype {dtype}, not image numbers.")
     return _Source(
         path=path,
         display=display,
         format="npy",
-        shape=tuple(int(n) for n in arr.shape),
-        dtype=np.dtype(arr.dtype),
-        reader=lambda index: np.asarray(arr[index]),
+        shape=tuple(int(n) for n in shape),
+        dtype=np.dtype(dtype),
+        reader=reader,
+        closers=[reader.close],
     )
 
 
 # ----------------------------------------------------------------------------- video -------
 
 
-def _decode_video(path: Path) -> tuple[np.ndarray, float | None, str]:
-    """Decode all frames as (T, H, W, 3) uint8 RGB; return (frames, fps, backend)."""
-    errors = []
-    try:
-        import imageio.v3 as iio
+_GRAY_PIX_FMTS = {"gray": ("gray", np.uint8), "gray16le": ("gray16le", np.uint16),
+                  "gray16be": ("gray16le", np.uint16)}  # fmt: skip
+"""Grey pixel formats decoded as they are (lossless scientific video, e.g. FFV1); every other
+pixel format is converted to RGB24 and then to grey by luma."""
 
-        for plugin in ("pyav", "FFMPEG"):
+
+class _VideoFrames:
+    """Frames of a video decoded in order, one at a time, from a container opened by
+    :func:`calseg.io.file_safety.open_video`. A request for an earlier frame reopens the file
+    (videos are not assumed seekable to a frame); memory holds only the frames requested."""
+
+    def __init__(self, path: Path, fmt: str, pix: str, dtype: np.dtype, frame_shape: tuple) -> None:
+        self.path, self.fmt, self.pix, self.dtype = path, fmt, pix, dtype
+        self.frame_shape = frame_shape
+        self.container: Any = None
+        self.frames: Iterator[Any] | None = None
+        self.next_t = 0
+        self.lock = threading.Lock()
+
+    def _restart(self) -> None:
+        self.close()
+        # the header's size, padded as decoders align their buffers (to 64 px, plus a block)
+        h, w = (int(n) for n in self.frame_shape[:2])
+        frame_pixels = (-(-h // 64) * 64 + 64) * (-(-w // 64) * 64 + 64)
+        self.container = file_safety.open_video(self.path, self.fmt, frame_pixels)
+        stream = self.container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = 2  # frames in flight (memory) do not grow with cores
+        # no frame much larger than the header's is ever allocated (a mid-stream size change)
+        stream.codec_context.options = {"max_pixels": str(frame_pixels)}
+        self.frames = iter(self.container.decode(stream))
+        self.next_t = 0
+
+    def read(self, ts: Sequence[int]) -> np.ndarray:
+        """Frames ``ts`` (increasing indices) as ``(len(ts), H, W[, 3])``."""
+        out = np.empty((len(ts), *self.frame_shape), dtype=self.dtype)
+        if not len(ts):
+            return out
+        with self.lock:
+            if self.frames is None or ts[0] < self.next_t:
+                self._restart()
+            want = {t: i for i, t in enumerate(ts)}
+            last = ts[-1]
+            while self.next_t <= last:
+                frame = next(self.frames, None)  # type: ignore[arg-type]
+                if frame is None:
+                    raise RecordingError(
+                        f"{self.path.name}: the video ends after {self.next_t} frames, before "
+                        f"frame {last}; the file is probably truncated: copy it again."
+                    )
+                t = self.next_t
+                self.next_t += 1
+                if t not in want:
+                    continue
+                if (frame.height, frame.width) != self.frame_shape[:2]:
+                    raise RecordingError(
+                        f"{self.path.name}: frame {t} is {frame.height} x {frame.width} px but "
+                        f"the video's header says {self.frame_shape[0]} x {self.frame_shape[1]};"
+                        f" {_CONVERT_HINT}."
+                    )
+                out[want[t]] = frame.to_ndarray(format=self.pix).reshape(self.frame_shape)
+        return out
+
+    def close(self) -> None:
+        if self.container is not None:
             try:
-                frames = np.asarray(iio.imread(path, plugin=plugin, index=None))
-                meta = iio.immeta(path, plugin=plugin)
-                return frames, _positive(meta.get("fps")), f"imageio/{plugin}"
-            except Exception as exc:  # plugin missing or cannot decode
-                errors.append(f"imageio {plugin}: {type(exc).__name__}")
-    except ImportError:
-        errors.append("imageio missing")
+                self.container.close()
+            finally:
+                self.container, self.frames = None, None
+
+
+def _open_video(path: Path, display: str, max_pixels: int | None = None) -> _Source:
+    """AVI / MP4 / MOV / MKV / WMV through PyAV (FFmpeg), confined to the file: the header gives
+    the frame count, size and rate; frames are decoded in order on demand."""
+    with open(path, "rb") as fh:
+        fmt = file_safety.sniff_video_format(fh.read(16))
+        refs = file_safety.mov_data_references(fh, path.stat().st_size) if fmt == "mov" else []
+    if fmt is None:  # pragma: no cover - _open_source only sends sniffed videos here
+        raise RecordingError(f"{path.name} is not a video container CalSeg reads.")
+    if refs:
+        raise UnsafeRecording(
+            f"its video keeps its samples in another file (MP4/QuickTime data reference: "
+            f"{'; '.join(refs[:2])}); only self-contained videos are accepted: export the "
+            "video again as one file"
+        )
     try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is not None:
-        cap = cv2.VideoCapture(os.fspath(path))
-        try:
-            if cap.isOpened():
-                fps = _positive(cap.get(cv2.CAP_PROP_FPS))
-                out = []
-                while True:
-                    ok, bgr = cap.read()
-                    if not ok:
+        import av  # noqa: F401 - the decoder
+    except ImportError as exc:
+        raise RecordingError(
+            f"{path.name}: no installed video decoder can read it: install PyAV (pip install "
+            f"av), or {_CONVERT_HINT}."
+        ) from exc
+    try:
+        # decoders align buffers: a frame of the whole budget needs a little more
+        container = file_safety.open_video(path, fmt, max_pixels and max_pixels + 2**20)
+    except Exception as exc:
+        if "stream_options were provided" in str(exc):  # PyAV: no stream in the header
+            raise RecordingError(
+                f"{path.name} holds no video stream in its header; there are no frames in it."
+            ) from exc
+        raise RecordingError(
+            f"{path.name}: FFmpeg cannot open it as {file_safety.VIDEO_FORMATS[fmt]} "
+            f"({type(exc).__name__}: {_no_dirs(exc, path)}); the file may be damaged: export it "
+            f"again, or {_CONVERT_HINT}."
+        ) from exc
+    try:
+        if not container.streams.video:
+            raise RecordingError(f"{path.name} holds no video stream; there are no frames in it.")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        if width <= 0 or height <= 0:
+            limit = (
+                f" (FFmpeg decodes a first frame to find it, here at most {max_pixels:,} pixels:"
+                " max_recording_pixels)"
+                if max_pixels
+                else ""
+            )
+            raise RecordingError(
+                f"{path.name}: the video's header does not give its frame size{limit}; "
+                f"{_CONVERT_HINT}."
+            )
+        n = int(stream.frames or 0)
+        counted = False
+        if n <= 0:  # no frame count in the header (e.g. MKV): count packets, decode nothing
+            n, counted = 0, True
+            cap = None if max_pixels is None else max_pixels // (width * height) + 1
+            for packet in container.demux(stream):
+                if packet.size:
+                    n += 1
+                    if cap is not None and n >= cap:  # over budget already: stop counting
                         break
-                    out.append(bgr[..., ::-1] if bgr.ndim == 3 else bgr)
-                if out:
-                    return np.stack(out), fps, "opencv"
-                errors.append("opencv: no frame decoded")
-            else:
-                errors.append("opencv: cannot open")
-        finally:
-            cap.release()
-    raise RecordingError(
-        f"{path.name}: no installed video decoder can read it ({'; '.join(errors)}). The file "
-        "may be damaged, or need a decoder that is not installed: install imageio's pyav "
-        f"plugin (pip install av) or {_CONVERT_HINT}."
-    )
+        rate = stream.average_rate or stream.guessed_rate
+        fps = _positive(float(rate)) if rate else None
+        pix_name = str(getattr(ctx, "pix_fmt", "") or "")
+        codec = str(getattr(ctx, "name", "") or "?")
+    except RecordingError:
+        container.close()
+        raise
+    except Exception as exc:
+        container.close()
+        raise RecordingError(
+            f"{path.name}: FFmpeg cannot read its header ({type(exc).__name__}: "
+            f"{_no_dirs(exc, path)}); {_CONVERT_HINT}."
+        ) from exc
+    container.close()
+    pix, dtype = _GRAY_PIX_FMTS.get(pix_name, ("rgb24", np.uint8))
+    rgb = pix == "rgb24"
+    frame_shape = (height, width, 3) if rgb else (height, width)
+    decoder = _VideoFrames(path, fmt, pix, np.dtype(dtype), frame_shape)
+    t_all = np.arange(n)
 
+    def read(index: tuple) -> np.ndarray:
+        ts = t_all[index[0]]
+        scalar = np.ndim(ts) == 0
+        data = decoder.read([int(t) for t in np.atleast_1d(ts)])
+        data = data[0] if scalar else data
+        return data[(slice(None),) * (0 if scalar else 1) + tuple(index[1:])]
 
-def _open_video(path: Path, display: str) -> _Source:
-    frames, fps, backend = _decode_video(path)
     warn = [
-        f"decoded with {backend}; video compression is lossy: intensities are not raw camera values"
-    ]
+        f"{file_safety.VIDEO_FORMATS[fmt]} video ({codec}, {pix_name or 'unknown pixel format'}); "
+        + ("video compression is lossy: intensities are not raw camera values"
+           if codec not in ("ffv1", "rawvideo", "png", "huffyuv", "utvideo") else "lossless codec")
+    ]  # fmt: skip
+    if counted:
+        warn.append(f"the header gives no frame count: counted {n} packets")
     if fps:
         warn.append(
             f"frame interval {1 / fps:.4g} s taken from the video's playback rate ({fps:g} fps); "
             "check it matches the acquisition"
         )
-    rgb = frames.ndim == 4 and frames.shape[-1] in (3, 4)
     axes = "TYXS" if rgb else "TYX"
     return _Source(
         path=path,
         display=display,
         format="video",
-        shape=tuple(frames.shape),
-        dtype=frames.dtype,
-        reader=lambda index: frames[index],
+        shape=(n, *frame_shape),
+        dtype=np.dtype(dtype),
+        reader=read,
         file_axes=axes,
         axes=axes,
         rgb=rgb,
         frame_interval_s=1.0 / fps if fps else None,
-        lossy=True,
+        lossy=codec not in ("ffv1", "rawvideo", "png", "huffyuv", "utvideo"),
         warnings=warn,
+        closers=[decoder.close],
+        sequential=True,
     )
 
 
 # ------------------------------------------------------------------- ND2 / CZI / LIF -------
+
+
+_BIOIO_MAGIC = {
+    "czi": (b"ZISRAWFILE",),  # Zeiss: the first segment id
+    "nd2": (b"\xda\xce\xbe\x0a", b"\x00\x00\x00\x0cjP  "),  # ND2 chunk magic; JPEG2000-based ND2
+    "lif": (b"\x70\x00\x00\x00",),  # Leica: test value 0x70, then the XML header length
+}
+
+
+def _bioio_kind(path: Path) -> str | None:
+    """``"nd2"``, ``"czi"`` or ``"lif"`` when the file's extension and magic bytes agree."""
+    kind = path.suffix.lower().lstrip(".")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if kind not in _BIOIO_MAGIC or not head.startswith(_BIOIO_MAGIC[kind]):
+        return None
+    if kind == "lif" and head[8:9] != b"\x2a":
+        return None
+    return kind
+
+
+def _bioio_reader(kind: str) -> type:
+    """The bioio plugin's ``Reader`` class for ``kind`` (ImportError when not installed)."""
+    import importlib
+
+    return importlib.import_module(f"bioio_{kind}").Reader
 
 
 def _open_bioio(path: Path, display: str) -> _Source:
@@ -1011,8 +1474,23 @@ def _open_bioio(path: Path, display: str) -> _Source:
             f"{BIOIO_INSTALL_HINT} (installs bioio with its ND2, CZI and LIF plugins), or "
             f"{_CONVERT_HINT}."
         ) from exc
+    kind = _bioio_kind(path)
+    if kind is None:
+        raise RecordingError(
+            f"{path.name} is not a valid ND2, CZI or LIF file: {_describe_head(path)}. It may "
+            f"be another kind of file renamed to {path.suffix!r}, or damaged; export the "
+            "recording again in its original format."
+        )
     try:
-        img = BioImage(path)
+        reader_cls = _bioio_reader(kind)
+    except ImportError as exc:
+        raise RecordingError(
+            f"{path.name}: the bioio plugin for {kind.upper()} files is not installed "
+            f"({exc}): {BIOIO_INSTALL_HINT}, or {_CONVERT_HINT}."
+        ) from exc
+    try:
+        # the plugin named explicitly: bioio never guesses a reader (some follow references)
+        img = BioImage(path, reader=reader_cls)
         data = img.dask_data  # dims of the first scene, bioio's standard order "TCZYX"
         order = "".join(img.dims.order)
     except Exception as exc:  # plugin missing, or the file is damaged
@@ -1173,13 +1651,25 @@ class _Plan:
     interleave: int = 1
 
 
-def _plan(src: _Source, axes: str | None, channel: int, interleaved: int | None = None) -> _Plan:
+def _plan(
+    src: _Source,
+    axes: str | None,
+    channel: int,
+    interleaved: int | None = None,
+    limits: ReadLimits | None = None,
+    z_projection: str = "max",
+) -> _Plan:
+    """How the stored data becomes ``(T, H, W)`` frames: axes, channel, interleave, output
+    dtype; then the decode budget (:func:`_check_budget`). Header information only."""
+    if isinstance(channel, bool) or not isinstance(channel, int | np.integer) or channel < 0:
+        raise RecordingError(f"channel must be a non-negative integer, got {channel!r}.")
+    channel = int(channel)
     ax, notes = _resolve_axes(src, axes)
     shape = src.shape
     size = dict(zip(ax, shape, strict=True))
     k = 1
     if interleaved is not None:
-        if not isinstance(interleaved, int) or interleaved < 1:
+        if isinstance(interleaved, bool) or not isinstance(interleaved, int) or interleaved < 1:
             raise RecordingError(
                 f"interleaved_channels must be a positive integer, got {interleaved!r}."
             )
@@ -1216,7 +1706,8 @@ def _plan(src: _Source, axes: str | None, channel: int, interleaved: int | None 
     elif channel != 0 and k == 1:
         raise RecordingError(f"channel={channel} given but {src.path.name} has a single channel.")
     if "Z" in ax and size["Z"] > 1:
-        notes.append(f"maximum-intensity projection over {size['Z']} Z slices per frame")
+        how = "maximum-intensity" if z_projection == "max" else z_projection
+        notes.append(f"{how} projection over {size['Z']} Z slices per frame")
     if "S" in ax:
         notes.append(
             f"colour ({'RGBA' if size['S'] == 4 else 'RGB'}) frames converted to grayscale "
@@ -1237,9 +1728,72 @@ def _plan(src: _Source, axes: str | None, channel: int, interleaved: int | None 
     note = _dtype_note(src.dtype)
     if note and src.calibration is None:
         notes.append(note)
-    return _Plan(
+    plan = _Plan(
         ax, notes, n_frames, h, w, _output_dtype(src.dtype, src.calibration is not None), k
     )
+    _check_budget(src, plan, limits)
+    return plan
+
+
+def _stored_bytes(src: _Source) -> int:
+    if src.decoded_bytes is not None:
+        return int(src.decoded_bytes)
+    return int(np.prod(src.shape, dtype=np.float64)) * int(src.dtype.itemsize)
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
+    """Raise :class:`RecordingTooLarge` when the recording's header promises more pixels or
+    decoded bytes than ``limits`` allow (nothing has been decoded yet)."""
+    if limits is None:
+        return
+    pixels = plan.n_frames * plan.height * plan.width
+    nbytes = max(_stored_bytes(src), pixels * plan.out_dtype.itemsize)
+    over = []
+    if limits.max_pixels is not None and pixels > limits.max_pixels:
+        over.append(
+            f"{pixels:,} pixels ({plan.n_frames:,} frames of {plan.height} x {plan.width}), more "
+            f"than the limit of {limits.max_pixels:,} pixels (max_recording_pixels)"
+        )
+    if limits.max_bytes is not None and nbytes > limits.max_bytes:
+        over.append(
+            f"{_size_text(nbytes)} ({nbytes:,} bytes) once decoded, more than the limit of "
+            f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)"
+        )
+    if over:
+        raise RecordingTooLarge(
+            f"{src.path.name} is too large for this server: its header declares "
+            f"{' and '.join(over)}. Nothing was decoded. Crop, bin or split the recording into "
+            "shorter parts, or ask the administrator to raise CALSEG_MAX_RECORDING_PIXELS / "
+            "CALSEG_MAX_RECORDING_BYTES.",
+            pixels=pixels,
+            nbytes=nbytes,
+            limits=limits,
+        )
+
+
+READ_OPTIONS = ("axes", "channel", "interleaved_channels", "z_projection")
+"""Keyword arguments of the readers that say how a file is read (not which frames)."""
+
+
+def merge_read_options(stored: dict[str, Any] | None, **given: Any) -> dict[str, Any]:
+    """Reading options: ``stored`` (e.g. those given at upload) overridden by the ``given``
+    ones that are not None; only keys of :data:`READ_OPTIONS`.
+
+    Raises:
+        RecordingError: an unknown option name.
+    """
+    unknown = set(given) - set(READ_OPTIONS)
+    if unknown:
+        raise RecordingError(
+            f"unknown reading option(s) {', '.join(sorted(unknown))}; use {', '.join(READ_OPTIONS)}"
+        )
+    out = {k: v for k, v in (stored or {}).items() if k in READ_OPTIONS and v is not None}
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
 
 
 Z_PROJECTIONS = ("max", "mean", "median")
@@ -1272,14 +1826,17 @@ def _read_frames(
         data = np.asarray(src.reader(tuple(index)))
     except RecordingError:
         raise
+    except UnsafeRecording as exc:
+        raise RecordingError(f"{src.path.name} is refused: {exc}.") from exc
     except MemoryError as exc:
         raise RecordingError(
             f"{src.path.name} is too large to read into memory; read fewer frames (max_frames)."
         ) from exc
     except Exception as exc:
         raise RecordingError(
-            f"{src.path.name}: reading the image data failed ({type(exc).__name__}: {exc}); the "
-            "file is probably truncated or damaged: copy or export it again."
+            f"{src.path.name}: reading the image data failed ({type(exc).__name__}: "
+            f"{_no_dirs(exc, src.path)}); the file is probably truncated or damaged: copy or "
+            "export it again."
         ) from exc
     if "T" not in kept:
         data = data[np.newaxis]
@@ -1324,29 +1881,160 @@ def _to_gray(data: np.ndarray) -> np.ndarray:
     return gray
 
 
+INTERLEAVE_CANDIDATES = (2, 3, 4)
+"""Channel counts :func:`interleave_scores` tests for."""
+
+INTERLEAVE_THRESHOLD = 1.55
+"""Score above which images are reported as probably interleaved channels. Chosen on simulated
+recordings (``python -m calseg.interleave_study``; tuning seeds) and reported on held-out
+simulated seeds and real recordings with Wilson 95% intervals in README.md ("Uploading
+recordings")."""
+
+INTERLEAVE_SAMPLE = 48
+"""Images decoded from the start of a recording for :func:`interleave_scores` at upload."""
+
+INTERLEAVE_SAMPLE_BYTES = 256 * 2**20
+"""At most this many stored bytes are decoded for that sample (fewer images of large frames;
+at least 6)."""
+
+
+def interleave_scores(
+    images: np.ndarray, candidates: Sequence[int] = INTERLEAVE_CANDIDATES
+) -> dict[int, float]:
+    """How strongly consecutive images alternate between ``k`` different looks.
+
+    For images that cycle through ``k`` channels (or Z planes), images ``k`` apart show the
+    same channel and are alike, while images closer together show different channels. With
+    ``d(l)`` the median over ``t`` of the mean absolute difference between images ``t`` and
+    ``t + l``, the score of ``k`` is ``min_{l < k} d(l) / d(k)``: about 1 or below for one
+    channel (differences grow with the lag, or only noise differs), well above 1 for ``k``
+    interleaved channels. The median ignores calcium events in a few images.
+
+    Args:
+        images: ``(N, H, W)`` consecutive stored images, any numeric dtype; ``N >= 3 k`` for
+            a candidate ``k`` to be scored. Rows and columns are strided to at most 255 a
+            side (:func:`_thumbnail`; applying it twice changes nothing).
+        candidates: channel counts to score.
+
+    Returns:
+        ``{k: score}`` for each candidate with enough images (NaN/Inf pixels ignored).
+    """
+    x = np.asarray(images)
+    if x.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got shape {x.shape}")
+    x = _thumbnail(x).astype(np.float64)
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, np.nanmedian(np.where(finite, x, np.nan)) if finite.any() else 0)
+    n = x.shape[0]
+    dist: dict[int, float] = {}
+
+    def d(lag: int) -> float:
+        if lag not in dist:
+            diffs = np.abs(x[lag:] - x[:-lag]).mean(axis=(1, 2))
+            dist[lag] = float(np.median(diffs))
+        return dist[lag]
+
+    out = {}
+    for k in candidates:
+        if n < 3 * k:
+            continue
+        dk = d(k)
+        near = min(d(lag) for lag in range(1, k))
+        out[k] = near / dk if dk > 0 else (math.inf if near > 0 else 0.0)
+    return out
+
+
+def _thumbnail(images: np.ndarray) -> np.ndarray:
+    """Every ``s``-th row and column of the last two axes, ``s = side // 128`` (so at most
+    255 px a side remain); the same strides whatever the number of leading axes."""
+    h, w = images.shape[-2:]
+    return images[..., :: max(1, h // 128), :: max(1, w // 128)]
+
+
+def suspected_interleave(
+    images: np.ndarray, threshold: float = INTERLEAVE_THRESHOLD
+) -> tuple[int, float] | None:
+    """``(k, score)`` of the best-scoring channel count above ``threshold``
+    (:func:`interleave_scores`), or None. The smallest ``k`` wins among multiples (2
+    channels also score at 4)."""
+    scores = interleave_scores(images)
+    hits = [(k, s) for k, s in sorted(scores.items()) if s > threshold]
+    return hits[0] if hits else None
+
+
+def _check_interleave(info: RecordingInfo, images: np.ndarray) -> None:
+    """Add a warning (and ``info.suspected_channels``) when ``images``, the first images of a
+    recording read without a channel choice, look like interleaved channels."""
+    hit = suspected_interleave(images)
+    if hit is None:
+        return
+    k, score = hit
+    info.suspected_channels = k
+    info.warnings.append(
+        f"the first {len(images)} images look like {k} interleaved channels (or Z planes): "
+        f"images {k} apart are {score:.1f} x more alike than closer ones (score above "
+        f"{INTERLEAVE_THRESHOLD}); if the file alternates channels, read it with "
+        f"interleaved_channels={k} and channel=0..{k - 1}, else dF/F mixes the channels"
+    )
+
+
+def _interleave_applies(reader: RecordingReader, interleaved_channels: int | None) -> bool:
+    plan = reader._plan  # noqa: SLF001 - same module
+    return interleaved_channels is None and "C" not in plan.axes and plan.n_frames >= 6
+
+
+class _ValueStats:
+    """NaN/Inf, saturation and constancy of frames, accumulated chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.n_nan = self.n_inf = self.n_sat = 0
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.dtype: np.dtype | None = None
+
+    def add(self, frames: np.ndarray) -> None:
+        self.dtype = frames.dtype
+        if not frames.size:
+            return
+        if frames.dtype.kind == "f":
+            nan = np.isnan(frames)
+            inf = np.isinf(frames)
+            self.n_nan += int(np.count_nonzero(nan))
+            self.n_inf += int(np.count_nonzero(inf))
+            finite = frames[~(nan | inf)] if (self.n_nan or self.n_inf) else frames
+        else:
+            finite = frames
+            if frames.dtype in (np.uint8, np.uint16):
+                self.n_sat += int(np.count_nonzero(frames == np.iinfo(frames.dtype).max))
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            self.lo = lo if self.lo is None else min(self.lo, lo)
+            self.hi = hi if self.hi is None else max(self.hi, hi)
+
+    def notes(self, partial: bool) -> list[str]:
+        notes = []
+        where = " in the frames checked" if partial else ""
+        if self.n_nan or self.n_inf:
+            notes.append(
+                f"{self.n_nan} NaN and {self.n_inf} Inf values{where} (kept as float32; use "
+                "NaN-safe statistics)"
+            )
+        if self.n_sat and self.dtype is not None:
+            top = np.iinfo(self.dtype).max
+            notes.append(
+                f"{self.n_sat} pixels at the {self.dtype.name} maximum {top}{where} (saturated?)"
+            )
+        if not partial and self.lo is not None and self.lo == self.hi:
+            value = int(self.lo) if self.dtype is not None and self.dtype.kind in "ui" else self.lo
+            notes.append(f"the recording is constant (every value is {value})")
+        return notes
+
+
 def _value_notes(frames: np.ndarray, partial: bool) -> list[str]:
-    notes = []
-    where = " in the frames checked" if partial else ""
-    if frames.dtype.kind == "f":
-        n_nan = int(np.count_nonzero(np.isnan(frames)))
-        n_inf = int(np.count_nonzero(np.isinf(frames)))
-        if n_nan or n_inf:
-            notes.append(
-                f"{n_nan} NaN and {n_inf} Inf values{where} (kept as float32; use NaN-safe "
-                "statistics)"
-            )
-    elif frames.dtype in (np.uint8, np.uint16) and frames.size:
-        top = np.iinfo(frames.dtype).max
-        n_sat = int(np.count_nonzero(frames == top))
-        if n_sat:
-            notes.append(
-                f"{n_sat} pixels at the {frames.dtype.name} maximum {top}{where} (saturated?)"
-            )
-    if not partial and frames.size:
-        finite = frames[np.isfinite(frames)] if frames.dtype.kind == "f" else frames
-        if finite.size and finite.min() == finite.max():
-            notes.append(f"the recording is constant (every value is {finite.flat[0]})")
-    return notes
+    stats = _ValueStats()
+    stats.add(frames)
+    return stats.notes(partial)
 
 
 def _info(src: _Source, plan: _Plan, n_frames: int, extra: Sequence[str]) -> RecordingInfo:
@@ -1381,52 +2069,191 @@ def _guard(fn: Callable[[], Any], display: str) -> Any:
         return fn()
     except RecordingError:
         raise
+    except UnsafeRecording as exc:
+        raise RecordingError(f"{Path(display).name} is refused: {exc}.") from exc
     except MemoryError as exc:
         raise RecordingError(
             f"{display} is too large to read into memory; read fewer frames (max_frames)."
         ) from exc
     except Exception as exc:
         raise RecordingError(
-            f"{display}: could not be read ({type(exc).__name__}: {exc}); the file is probably "
-            "damaged or in an unsupported variant: export it again as TIFF."
+            f"{display}: could not be read ({type(exc).__name__}: "
+            f"{_no_dirs(exc, Path(display))}); the file is probably damaged or in an "
+            "unsupported variant: export it again as TIFF."
         ) from exc
 
 
-def probe_recording(path: str | Path) -> RecordingInfo:
-    """Describe a recording cheaply: headers plus its first and last frame.
+STREAM_CHUNK_BYTES = 64 * 2**20
+"""Stored bytes decoded per step when a whole recording is read (:func:`read_recording`):
+memory holds the frames returned plus one step."""
 
-    Reads the metadata, resolves the axes, and decodes the first and the last frame to prove the
-    data is really there (a truncated file fails here, not halfway through a job).
+
+class RecordingReader:
+    """An open recording: headers read, axes resolved and :class:`ReadLimits` checked; frames
+    are decoded only when asked for, a chunk at a time.
+
+    Opening decodes no pixel. Reads are serialised (one thread at a time); videos decode in
+    order, so reading backwards restarts the decoder.
 
     Args:
         path: a file, a folder of frames, or ``file.h5:/dataset``.
+        axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
+        limits: the decode budget; None = no limit.
 
-    Returns:
-        :class:`RecordingInfo` for ``read_recording(path)`` with default arguments.
+    Attributes:
+        info: :class:`RecordingInfo` from the headers (no value checks; see
+            :func:`probe_recording` for those).
 
     Raises:
-        RecordingError: the file is missing, empty, not an image, truncated, has too small
-            frames, 0 frames, or axes that need an override.
+        RecordingError: unreadable, refused, or bad arguments. RecordingTooLarge: over the
+            budget.
     """
-    display = os.fspath(path)
 
-    def run() -> RecordingInfo:
-        src = _open_source(path)
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        axes: str | None = None,
+        channel: int = 0,
+        interleaved_channels: int | None = None,
+        z_projection: str = "max",
+        limits: ReadLimits | None = None,
+    ) -> None:
+        _check_z(z_projection)
+        self.display = os.fspath(path)
+        self.channel = channel
+        self.z_projection = z_projection
+        self._lock = threading.Lock()
+        self._src: _Source = _guard(lambda: _open_source(path, limits), self.display)
         try:
-            plan = _plan(src, None, 0)
-            first = _read_frames(src, plan, 0, 0, 1)
-            last = _read_frames(src, plan, 0, plan.n_frames - 1, plan.n_frames)
-            if first.shape[0] != 1 or last.shape[0] != 1:
-                raise RecordingError(
-                    f"{display}: the header promises {plan.n_frames} frames but they cannot all "
-                    "be read; the file is probably truncated: copy it again."
-                )
-            checked = np.concatenate([first, last])
-            return _info(src, plan, plan.n_frames, _value_notes(checked, partial=True))
-        finally:
-            src.close()
+            self._plan: _Plan = _guard(
+                lambda: _plan(self._src, axes, channel, interleaved_channels, limits, z_projection),
+                self.display,
+            )
+        except BaseException:
+            self._src.close()
+            raise
+        self.info = _info(self._src, self._plan, self._plan.n_frames, [])
 
-    return _guard(run, display)
+    @property
+    def n_frames(self) -> int:
+        """Frames T of the recording as read."""
+        return self._plan.n_frames
+
+    @property
+    def sequential(self) -> bool:
+        """True when frames decode in order only (videos): read forwards."""
+        return self._src.sequential
+
+    @property
+    def frame_bytes(self) -> int:
+        """Stored bytes decoded per frame (all channels, Z planes and colour samples)."""
+        return max(1, _stored_bytes(self._src) // max(1, self._plan.n_frames))
+
+    def read(self, t0: int, t1: int) -> np.ndarray:
+        """Frames ``t0:t1`` (``0 <= t0 < t1 <= n_frames``) as ``(t1 - t0, H, W)`` in the
+        output dtype (uint8, uint16 or float32)."""
+        if not 0 <= t0 < t1 <= self.n_frames:
+            raise RecordingError(
+                f"frames {t0}..{t1 - 1} requested but {Path(self.display).name} has frames "
+                f"0..{self.n_frames - 1}."
+            )
+        with self._lock:
+            frames = _guard(
+                lambda: _read_frames(
+                    self._src, self._plan, int(self.channel), t0, t1, self.z_projection
+                ),
+                self.display,
+            )
+        if frames.shape != (t1 - t0, self._plan.height, self._plan.width):
+            raise RecordingError(
+                f"{self.display}: frames {t0}..{t1 - 1} could not all be read (got shape "
+                f"{frames.shape}); the file is probably truncated: copy it again."
+            )
+        return frames
+
+    def frame(self, t: int) -> np.ndarray:
+        """Frame ``t`` as ``(H, W)``; only that frame is decoded (a video decodes up to it)."""
+        return self.read(t, t + 1)[0]
+
+    def chunks(
+        self, chunk_frames: int | None = None, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(t0, frames)`` of ``chunk_frames`` frames each (default: about
+        :data:`STREAM_CHUNK_BYTES` of stored data) up to frame ``stop`` (default: all)."""
+        stop = self.n_frames if stop is None else min(stop, self.n_frames)
+        step = chunk_frames or max(1, STREAM_CHUNK_BYTES // self.frame_bytes)
+        for t0 in range(0, stop, step):
+            check_cancelled()  # a cancelled job stops between chunks (calseg.progress)
+            yield t0, self.read(t0, min(t0 + step, stop))
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        with self._lock:
+            self._src.close()
+
+    def __enter__(self) -> RecordingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def probe_recording(
+    path: str | Path,
+    *,
+    axes: str | None = None,
+    channel: int = 0,
+    interleaved_channels: int | None = None,
+    z_projection: str = "max",
+    limits: ReadLimits | None = None,
+) -> RecordingInfo:
+    """Describe a recording cheaply: its headers, then its first and last frame only.
+
+    The frame count, size and dtype come from the headers; :class:`ReadLimits` is checked
+    against them before any pixel is decoded. Then the first and the last frame are decoded to
+    prove the data is there (a truncated file fails here, not halfway through a job); a video
+    decodes its first frame only (its last would need every frame decoded).
+
+    Args:
+        path: a file, a folder of frames, or ``file.h5:/dataset``.
+        axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
+        limits: the decode budget; None = no limit.
+
+    Returns:
+        :class:`RecordingInfo` for ``read_recording(path)`` with the same arguments.
+
+    Raises:
+        RecordingError: the file is missing, empty, not an image, truncated, refused (it names
+            other files or expands beyond its declared size), has too small frames, 0 frames,
+            or axes that need an override. RecordingTooLarge: over ``limits``.
+    """
+    with RecordingReader(
+        path,
+        axes=axes,
+        channel=channel,
+        interleaved_channels=interleaved_channels,
+        z_projection=z_projection,
+        limits=limits,
+    ) as reader:
+        stats = _ValueStats()
+        n = reader.n_frames
+        sample = 1
+        if _interleave_applies(reader, interleaved_channels):
+            by_bytes = max(6, INTERLEAVE_SAMPLE_BYTES // reader.frame_bytes)
+            sample = min(n, INTERLEAVE_SAMPLE, by_bytes)
+        thumbs = []
+        for t in range(sample):  # one frame in memory at a time, kept as a strided thumbnail
+            frame = reader.read(t, t + 1)
+            stats.add(frame)
+            thumbs.append(np.array(_thumbnail(frame[0])))  # a copy: a view keeps the frame
+        if n > sample and not reader.sequential:
+            stats.add(reader.read(n - 1, n))
+        info = reader.info
+        info.warnings.extend(stats.notes(partial=True))
+        if sample >= 6:
+            _check_interleave(info, np.stack(thumbs))
+        return info
 
 
 def read_recording(
@@ -1437,8 +2264,13 @@ def read_recording(
     max_frames: int | None = None,
     interleaved_channels: int | None = None,
     z_projection: str = "max",
+    limits: ReadLimits | None = None,
 ) -> Recording:
     """Read a recording as a ``(T, H, W)`` frame stack.
+
+    The stack is allocated once and filled a chunk at a time (about
+    :data:`STREAM_CHUNK_BYTES` of stored data per step), so memory holds the frames returned
+    plus one chunk.
 
     Args:
         path: a file (TIFF/OME-TIFF/BigTIFF/ImageJ, PNG, JPEG, HDF5, .npy, AVI/MP4), a folder of
@@ -1446,14 +2278,14 @@ def read_recording(
         axes: override of the stored axes, one letter of ``TZCYXS`` per stored dimension (e.g.
             ``"TZCYX"``, ``"CTYX"``, ``"TYXS"``); ``None`` detects them.
         channel: channel index (0-based) to read when the data has a C axis.
-        max_frames: read only the first ``max_frames`` frames (only those are decoded for
-            memory-mapped TIFF, page-wise TIFF, HDF5, .npy and folders).
+        max_frames: read only the first ``max_frames`` frames (only those are decoded).
         interleaved_channels: for files without a channel axis whose images alternate between
             ``k`` channels (c0, c1, c0, c1, ...): split the time axis into ``(T, k)`` and read
             ``channel``.
         z_projection: how a Z axis is collapsed when the data also has T: ``"max"`` (default,
             brightest plane per pixel), ``"mean"`` or ``"median"`` (NaN ignored; rounded to the
             output dtype when that is an integer type).
+        limits: the decode budget, checked before any pixel is decoded; None = no limit.
 
     Returns:
         :class:`Recording` with ``frames`` ``(T, H, W)`` uint8/uint16/float32 (native byte order;
@@ -1461,37 +2293,41 @@ def read_recording(
 
     Raises:
         RecordingError: see :func:`probe_recording`; also for a bad ``axes``/``channel``.
+            RecordingTooLarge: over ``limits``.
     """
-    display = os.fspath(path)
-    _check_z(z_projection)
-    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
+    if max_frames is not None and (
+        isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
+    ):
         raise RecordingError(f"max_frames must be a positive integer, got {max_frames!r}.")
-
-    def run() -> Recording:
-        src = _open_source(path)
+    with RecordingReader(
+        path,
+        axes=axes,
+        channel=channel,
+        interleaved_channels=interleaved_channels,
+        z_projection=z_projection,
+        limits=limits,
+    ) as reader:
+        n = reader.n_frames
+        t1 = n if max_frames is None else min(n, max_frames)
+        info = reader.info
         try:
-            plan = _plan(src, axes, channel, interleaved_channels)
-            t1 = plan.n_frames if max_frames is None else min(plan.n_frames, max_frames)
-            frames = _read_frames(src, plan, channel, 0, t1, z_projection)
-            if frames.shape[0] != t1:
-                raise RecordingError(
-                    f"{display}: expected {t1} frames but read {frames.shape[0]}; the file is "
-                    "probably truncated: copy it again."
-                )
-            extra = _value_notes(frames, partial=False)
-            if t1 < plan.n_frames:
-                extra.append(f"read the first {t1} of {plan.n_frames} frames (max_frames)")
-            info = _info(src, plan, t1, extra)
-            if z_projection != "max":
-                info.warnings = [
-                    w.replace("maximum-intensity projection", f"{z_projection} projection")
-                    for w in info.warnings
-                ]
-            return Recording(frames=frames, info=info)
-        finally:
-            src.close()
-
-    return _guard(run, display)
+            frames = np.empty((t1, info.height, info.width), dtype=np.dtype(info.dtype))
+        except MemoryError as exc:
+            raise RecordingError(
+                f"{reader.display} is too large to read into memory; read fewer frames "
+                "(max_frames)."
+            ) from exc
+        stats = _ValueStats()
+        for t0, chunk in reader.chunks(stop=t1):
+            frames[t0 : t0 + chunk.shape[0]] = chunk
+            stats.add(chunk)
+        info.n_frames = t1
+        info.warnings.extend(stats.notes(partial=False))
+        if _interleave_applies(reader, interleaved_channels) and t1 >= 6:
+            _check_interleave(info, frames[:INTERLEAVE_SAMPLE])
+        if t1 < n:
+            info.warnings.append(f"read the first {t1} of {n} frames (max_frames)")
+        return Recording(frames=frames, info=info)
 
 
 def iter_recording(
@@ -1502,39 +2338,31 @@ def iter_recording(
     chunk_frames: int = 64,
     interleaved_channels: int | None = None,
     z_projection: str = "max",
+    limits: ReadLimits | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Read a recording chunk by chunk, so memory stays bounded for long recordings.
 
     Args:
-        path, axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
+        path, axes, channel, interleaved_channels, z_projection, limits: as for
+            :func:`read_recording`.
         chunk_frames: frames per chunk (>= 1).
 
     Yields:
         ``(t0, frames)``: index of the chunk's first frame and a ``(t, H, W)`` array (``t <=
         chunk_frames``) in the same dtype and calibration as :func:`read_recording` returns.
-        Memory-mapped and page-wise TIFF, HDF5, .npy and folders read only the chunk; videos
-        are decoded whole first (no seekable decoder is assumed).
+        Only the chunk is decoded (videos decode in order, one frame at a time).
 
     Raises:
         RecordingError: as :func:`read_recording`, raised at the first ``next()``.
     """
-    if not isinstance(chunk_frames, int) or chunk_frames < 1:
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
         raise RecordingError(f"chunk_frames must be a positive integer, got {chunk_frames!r}.")
-    _check_z(z_projection)
-    display = os.fspath(path)
-    src = _guard(lambda: _open_source(path), display)
-    try:
-        plan = _guard(lambda: _plan(src, axes, channel, interleaved_channels), display)
-        for t0 in range(0, plan.n_frames, chunk_frames):
-            t1 = min(t0 + chunk_frames, plan.n_frames)
-            chunk = _guard(
-                lambda a=t0, b=t1: _read_frames(src, plan, channel, a, b, z_projection), display
-            )
-            if chunk.shape[0] != t1 - t0:
-                raise RecordingError(
-                    f"{display}: frames {t0}..{t1 - 1} could not all be read; the file is probably "
-                    "truncated: copy it again."
-                )
-            yield t0, chunk
-    finally:
-        src.close()
+    with RecordingReader(
+        path,
+        axes=axes,
+        channel=channel,
+        interleaved_channels=interleaved_channels,
+        z_projection=z_projection,
+        limits=limits,
+    ) as reader:
+        yield from reader.chunks(chunk_frames)

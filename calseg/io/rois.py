@@ -248,6 +248,7 @@ def write_imagej_rois(labels2d: np.ndarray, path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     objects = ndimage.find_objects(lab.astype(np.int64, copy=False))
     rois = []
+    approximated: list[int] = []  # labels with several pieces or holes (one line, not one each)
     for rid in ids:
         sl = objects[int(rid) - 1]
         sub = lab[sl] == rid
@@ -255,17 +256,22 @@ def write_imagej_rois(labels2d: np.ndarray, path: str | Path) -> Path:
         outer = [lp for lp in loops if _signed_area(lp) < 0]
         best = min(outer, key=_signed_area)
         if len(outer) > 1 or len(loops) > len(outer):
-            log.warning(
-                "label %d: %d piece(s) and %d hole(s); wrote the largest piece's outline",
-                rid,
-                len(outer),
-                len(loops) - len(outer),
-            )
+            approximated.append(int(rid))
         xy = best + np.array([sl[1].start, sl[0].start])
         roi = roifile.ImagejRoi.frompoints(xy.astype(np.int32), name=f"label-{int(rid)}")
         roi.roitype = roifile.ROI_TYPE.POLYGON
         roi.options = roifile.ROI_OPTIONS(0)
         rois.append(roi)
+    if approximated:
+        shown = ", ".join(map(str, approximated[:10])) + (", ..." if len(approximated) > 10 else "")
+        log.info(
+            "%s: %d of %d labels have several pieces or holes (labels %s); each ROI is the "
+            "outline of the label's largest piece",
+            out.name,
+            len(approximated),
+            len(ids),
+            shown,
+        )
     if out.exists():
         out.unlink()
     roifile.roiwrite(out, rois, mode="w")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from calseg.analysis.events import Event
+from calseg.progress import check_cancelled
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -41,7 +42,6 @@ __all__ = [
     "read_events_csv",
     "read_traces_csv",
     "write_events_csv",
-    "write_trace_exports",
     "write_traces_csv",
 ]
 
@@ -100,6 +100,7 @@ def write_traces_csv(
         w = csv.writer(fh)
         w.writerow(TRACE_COLUMNS)
         for i in range(n):
+            check_cancelled()
             cid = int(ids[i])
             w.writerows(
                 (cid, j, _fmt(times[j]), _fmt(f[i, j]), _fmt(f0[i, j]), _fmt(dff[i, j]))
@@ -317,6 +318,7 @@ def write_nwb(
     )
     ps.add_column(name="cell_id", description="CalSeg label id")
     for cid in ids:
+        check_cancelled()
         ps.add_roi(image_mask=(lab == cid).astype(np.uint8), cell_id=int(cid))
     region = ps.create_roi_table_region(region=list(range(len(ids))), description="all cells")
     rate = 1.0 / float(frame_interval_s)
@@ -331,111 +333,3 @@ def write_nwb(
     with NWBHDF5IO(str(path), "w") as io:
         io.write(nwb)
     return path
-
-
-def write_trace_exports(
-    out_dir: str | Path,
-    frames: np.ndarray | None,
-    labels: np.ndarray,
-    frame_interval_s: float,
-    window_s: float | None = None,
-    k: float = 3.0,
-    pixel_size_um: float | None = None,
-    nwb: bool = False,
-    traces: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict[str, Any]:
-    """Traces, dF/F, events, pattern class, waves and ROIs of one segmented recording.
-
-    Args:
-        out_dir: folder for ``traces.csv``/``.parquet``, ``events.csv``/``.parquet``,
-            ``patterns.json`` (:func:`calseg.analysis.patterns.analyse_patterns`),
-            ``waves.json`` (:func:`calseg.analysis.waves.waves_from_events`), ``rois.zip``
-            (ImageJ ROI set of each cell's footprint, the union of its pixels over time) and,
-            with ``nwb=True``, ``calseg.nwb`` (:func:`write_nwb`).
-        frames: ``(T, H, W)`` recording; labels: ``(T, H, W)`` label stack or ``(H, W)``.
-        frame_interval_s: time between frames (s).
-        window_s, k: F0 window (s; ``None`` = the default of
-            :func:`~calseg.analysis.traces.baseline_f0`) and event threshold (x noise), see
-            :func:`calseg.analysis.traces.baseline_f0` and
-            :func:`calseg.analysis.events.detect_events`.
-        pixel_size_um: um per px for wave speeds (``None``: speeds in px/s, said in waves.json).
-        nwb: also write NWB (needs the ``[nwb]`` extra; :class:`TableError` without it).
-        traces: ``(ids, F)`` already measured (e.g. by
-            :func:`calseg.analysis.traces.cell_traces_chunked` on a recording too large for
-            memory); ``frames`` is then not used and may be ``None``.
-
-    Returns:
-        ``{"paths": {name: Path}, "n_cells", "n_events", "n_flagged": int, "pattern_class":
-        str, "n_waves": int}``; ``rois.zip`` is absent when there is no cell.
-    """
-    import json
-
-    from calseg.analysis.events import detect_events
-    from calseg.analysis.patterns import (
-        analyse_patterns,
-        cell_geometry,
-        event_clusters,
-        significant_events,
-    )
-    from calseg.analysis.traces import (
-        DEFAULT_WINDOW_S,
-        baseline_f0,
-        cell_traces,
-        dff,
-        footprint_image,
-    )
-    from calseg.analysis.waves import waves_from_events
-    from calseg.io.rois import write_imagej_rois
-
-    out = Path(out_dir)
-    ids, f = traces if traces is not None else cell_traces(frames, labels)
-    f0 = baseline_f0(f, frame_interval_s, window_s=window_s or DEFAULT_WINDOW_S)
-    d, flags = dff(f, f0)
-    events = detect_events(d, frame_interval_s, k=k, cell_ids=ids)
-    t = f.shape[1]
-    paths = {
-        "traces.csv": write_traces_csv(out / "traces.csv", ids, f, f0, d, frame_interval_s),
-        "events.csv": write_events_csv(out / "events.csv", events),
-        "traces.parquet": write_traces_parquet(
-            out / "traces.parquet", ids, f, f0, d, frame_interval_s
-        ),
-        "events.parquet": write_events_parquet(out / "events.parquet", events),
-    }
-    pattern = analyse_patterns(events, labels, t, frame_interval_s, pixel_size_um)
-    sig = significant_events(events)
-    geo = cell_geometry(labels, pixel_size_um or 1.0)
-    waves = waves_from_events(
-        sig, event_clusters(sig, geo, t, frame_interval_s), geo, frame_interval_s
-    )
-    unit = "um" if pixel_size_um else "px"
-    pj = out / "patterns.json"
-    pj.write_text(json.dumps({**pattern.to_dict(), "frame_interval_s": frame_interval_s}, indent=1))
-    wj = out / "waves.json"
-    wj.write_text(
-        json.dumps(
-            {
-                "length_unit": unit,
-                "speed_unit": f"{unit}/s",
-                "pixel_size_um": pixel_size_um,
-                "waves": [w.to_dict() for w in waves],
-            },
-            indent=1,
-        )
-    )
-    paths["patterns.json"] = pj
-    paths["waves.json"] = wj
-    if len(ids):
-        fp = footprint_image(labels)
-        paths["rois.zip"] = write_imagej_rois(fp, out / "rois.zip")
-        if nwb:
-            paths["calseg.nwb"] = write_nwb(
-                out / "calseg.nwb", ids, f, d, fp, frame_interval_s, pixel_size_um
-            )
-    return {
-        "paths": paths,
-        "n_cells": len(ids),
-        "n_events": len(events),
-        "n_flagged": int(flags.sum()),
-        "pattern_class": pattern.pattern_class,
-        "n_waves": len(waves),
-    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from calseg.progress import check_cancelled
 from calseg.segment.cells import territory_activity
 from calseg.segment.prompts import Activity, ActivityParams, compute_activity
 
@@ -38,6 +39,7 @@ def baseline_labels(activity: Activity, min_region_px: int = 15) -> np.ndarray:
     on[:, 0] = False
     out = np.empty(activity.active.shape, dtype=np.uint32)
     for t in range(out.shape[0]):
+        check_cancelled()
         out[t] = np.where(on[t][terr], terr, 0)
     return out
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from calseg.progress import check_cancelled
+
 
 class CellParamsError(ValueError):
     """Raised for invalid :class:`CellParams` (e.g. a non-positive cell diameter)."""
@@ -103,6 +105,7 @@ def reference_image(df: np.ndarray, active: np.ndarray) -> np.ndarray:
     (F - F0, input units) and ``active`` (bool)."""
     acc = np.zeros(df.shape[1:], np.float64)
     for t in range(df.shape[0]):  # frame by frame: no (T, H, W) temporary
+        check_cancelled()
         acc += np.where(active[t], np.maximum(df[t], 0.0), 0.0)
     return (acc / max(1, df.shape[0])).astype(np.float32)
 
@@ -211,8 +214,62 @@ def territory_anchors(territories: np.ndarray) -> np.ndarray:
     return out
 
 
+SEED_FALSE_ALARMS = 0.05
+"""Expected number of seeds (cells) that pure noise may pass on one image when a noise image
+is given to :func:`cell_territories` (issue 17 item 2: at most about 0.05 false cells)."""
+
+
+def null_z(n_tests: int, alpha: float = SEED_FALSE_ALARMS) -> float:
+    """One-sided Gaussian threshold ``k`` with ``n_tests x P(z > k) = alpha`` (Bonferroni):
+    ``k = -Phi^-1(alpha / n_tests)``; e.g. 3.3 for 10 tests, 5.3 for 1e6."""
+    from scipy.special import ndtri
+
+    return float(-ndtri(alpha / max(int(n_tests), 1)))
+
+
+def _null_stats(values: np.ndarray, support: np.ndarray, window: float) -> tuple[float, np.ndarray]:
+    """Mean over ``support`` and local SD map of a null statistic image: the SD in a Gaussian
+    window of ``window`` px around each pixel (noise varies over the field, e.g. with the
+    illumination under shot noise), never under the global SD's half (floored at 1e-12)."""
+    v = np.asarray(values, np.float64)
+    mu = float(v[support].mean())
+    dev2 = np.where(support, (v - mu) ** 2, 0.0)
+    w = ndi.gaussian_filter(support.astype(np.float64), window)
+    local = np.sqrt(ndi.gaussian_filter(dev2, window) / np.maximum(w, 1e-6))
+    glob = float(np.sqrt(dev2[support].mean()))
+    return mu, np.maximum(local, max(0.5 * glob, 1e-12))
+
+
+def _minus_quadratic(img: np.ndarray) -> np.ndarray:
+    """``img`` minus its least-squares quadratic surface ``a + b y + c x + d y^2 + e xy + f
+    x^2`` (fitted on at most ~65k pixels on a grid): removes a smooth illumination fall-off
+    (vignetting), whose slope at the frame edge would otherwise reflect into a fold that
+    blob filters see as a blob."""
+    h, w = img.shape
+    step = max(1, int(np.sqrt(h * w / 65536)))
+    yy, xx = np.mgrid[0:h:step, 0:w:step]
+    y, x = yy.ravel() / h - 0.5, xx.ravel() / w - 0.5
+    a = np.stack([np.ones_like(y), y, x, y * y, x * y, x * x], 1)
+    coef, *_ = np.linalg.lstsq(a, img[::step, ::step].ravel().astype(np.float64), rcond=None)
+    gy, gx = np.mgrid[0:h, 0:w]
+    gy, gx = gy / h - 0.5, gx / w - 0.5
+    surf = coef[0] + coef[1] * gy + coef[2] * gx + coef[3] * gy * gy + coef[4] * gx * gy
+    surf += coef[5] * gx * gx
+    return (img - surf).astype(np.float32)
+
+
+def _local_contrast(response: np.ndarray, d: float) -> np.ndarray:
+    """A filter response minus its mean over a window of 4 cell diameters (removes the
+    smooth part: e.g. the constant LoG of a curved illumination; a LoG response of cells
+    averages to about 0 over several cells)."""
+    return response - ndi.uniform_filter(response, size=int(4 * d) | 1, mode="nearest")
+
+
 def cell_territories(
-    df: np.ndarray, active: np.ndarray, params: CellParams | None = None
+    df: np.ndarray,
+    active: np.ndarray,
+    params: CellParams | None = None,
+    null: np.ndarray | None = None,
 ) -> CellMap:
     """Static cell ROIs of the active cells (see module docstring).
 
@@ -220,9 +277,20 @@ def cell_territories(
         df: ``(T, H, W)`` float32 F - F0 (input units).
         active: ``(T, H, W)`` bool supra-threshold pixels.
         params: :class:`CellParams`.
+        null: optional ``(H, W)`` image of the reference image's noise alone (same units,
+            e.g. the half difference of two interleaved half-recordings,
+            :func:`calseg.segment.projection.projection_noise`). When given, a region is
+            labelled only with evidence of a cell above that noise: a nucleus seed needs its
+            dark-blob response ``s^2 LoG`` above the null's mean by ``null_z(support px)``
+            null SDs (the same filter on ``null``, over the support; Bonferroni over pixels,
+            since a seed is a local maximum of that response), and a part of the support
+            without nucleus seed gets its one seed only when it is a bright blob at the cell
+            scale (``-r^2/2 LoG`` at its anchor, same rule). Pure noise then passes about
+            :data:`SEED_FALSE_ALARMS` seeds per image.
 
     Returns:
-        :class:`CellMap`.
+        :class:`CellMap`; ``stats["n_seeds_rejected_by_noise"]`` counts seeds the null test
+        dropped.
     """
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
@@ -240,9 +308,26 @@ def cell_territories(
     support = ndi.binary_opening(support)
     seeds = np.zeros((0, 2), np.int64)
     terr = np.zeros(ref.shape, np.uint32)
+    n_rejected = 0
+    z_kept = np.zeros(0)
+    if null is not None and np.shape(null) != ref.shape:
+        raise ValueError(f"null image {np.shape(null)} must have the frame shape {ref.shape}")
     if support.any():
         sn = max(0.5, p.nucleus_radius_fraction * r / np.sqrt(2))
         blob = sn * sn * ndi.gaussian_laplace(rn, sn)  # dark blobs (nuclei) positive
+        k_px = null_z(2 * int(support.sum()))  # two families of tests: dark and bright blobs
+        if null is not None:  # the same filters on the reference and on noise alone
+            # (in the reference's own units: dividing by the local maximum would turn a smooth
+            # illumination into steps; the local median removes its curvature)
+            null = np.asarray(null, np.float32)
+            # the mean dF, unmasked and unclipped: zeros outside the active pixels / support
+            # would be dark blobs themselves, and clipping flattens the darkest corners
+            ev_ref = np.zeros(df.shape[1:], np.float64)
+            for t in range(df.shape[0]):
+                ev_ref += df[t]
+            ev_ref = _minus_quadratic((ev_ref / max(1, df.shape[0])).astype(np.float32))
+            ev_dark = _local_contrast(sn * sn * ndi.gaussian_laplace(ev_ref, sn), d)
+            mu, sd = _null_stats(sn * sn * ndi.gaussian_laplace(null, sn), support, 2 * d)
         cand = peak_local_max(
             np.where(support, blob, 0.0),
             min_distance=2,
@@ -250,33 +335,74 @@ def cell_territories(
             exclude_border=False,
             labels=support.astype(np.int32),
         )
+        if len(cand) and null is not None:
+            # a dark blob needs the image around it: within 2 filter scales of the frame edge
+            # the filter sees the edge's reflection (a smooth illumination fall-off becomes a
+            # dark crease there), which is no evidence of a nucleus
+            b = 2.0 * sn
+            h, w = ref.shape
+            inner = (
+                (cand[:, 0] >= b) & (cand[:, 0] < h - b) & (cand[:, 1] >= b) & (cand[:, 1] < w - b)
+            )
+            z = (ev_dark[cand[:, 0], cand[:, 1]] - mu) / sd[cand[:, 0], cand[:, 1]]
+            ok = inner & (z > k_px)
+            z_kept = z[ok]
+            n_rejected += int((~ok).sum())
+            cand = cand[ok]
         if len(cand):
             smooth = ndi.gaussian_filter(rn, 0.7)
             low, high = _ring_contrast(smooth, cand, (0.55 * r, 0.75 * r), p.ring_quantile)
             ok = (low > p.ring_contrast_min) & (low >= p.ring_uniformity * np.maximum(high, 0))
             cand = cand[ok]
-        # every connected part of the support gets at least one seed (its deepest point)
+        # every connected part of the support gets at least one seed (its deepest point);
+        # with a null image only when that part is a bright blob at the cell scale
         lab_sup, n_sup = ndi.label(support)
         if n_sup:
             seeded = np.zeros(n_sup + 1, bool)
             if len(cand):
                 seeded[lab_sup[cand[:, 0], cand[:, 1]]] = True
-            for k in np.flatnonzero(~seeded[1:]) + 1:
-                cand = np.vstack([cand, territory_anchors((lab_sup == k).astype(np.uint32))])
+            unseeded = np.flatnonzero(~seeded[1:]) + 1
+            if null is None:
+                extra = [territory_anchors((lab_sup == k).astype(np.uint32)) for k in unseeded]
+            else:  # bright blobs at the cell scale, above the local level (not a dome of light)
+                extra = []
+                sc = r / np.sqrt(2)
+                bright = _local_contrast(-sc * sc * ndi.gaussian_laplace(ev_ref, sc), d)
+                mu_b, sd_b = _null_stats(-sc * sc * ndi.gaussian_laplace(null, sc), support, 2 * d)
+                zb = np.where(np.isin(lab_sup, unseeded), (bright - mu_b) / sd_b, 0.0)
+                m = int(np.ceil(4 * sc))
+                zb[:m], zb[-m:], zb[:, :m], zb[:, -m:] = 0, 0, 0, 0
+                pk = peak_local_max(zb, min_distance=max(2, int(d / 2)), threshold_abs=k_px)
+                n_rejected += int(len(unseeded) > 0 and len(pk) == 0)
+                extra = [pk] if len(pk) else []
+            for a in extra:
+                cand = np.vstack([cand, a])
         score = blob[cand[:, 0], cand[:, 1]] if len(cand) else np.zeros(0)
         keep = _greedy_min_distance(cand, score, p.seed_min_distance_fraction * d)
         seeds = cand[keep].astype(np.int64)
         markers = np.zeros(ref.shape, np.int32)
         markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
-        flat = np.zeros(ref.shape, np.float32)
-        terr = watershed(flat, markers, mask=support, compactness=1.0).astype(np.uint32)
-        terr = apply_size_prior(terr, area, p.split_area_factor, p.merge_area_factor)
+        # (support parts without a seed stay unlabelled: the watershed floods from seeds)
+        if len(seeds):
+            flat = np.zeros(ref.shape, np.float32)
+            terr = watershed(flat, markers, mask=support, compactness=1.0).astype(np.uint32)
+            terr = apply_size_prior(terr, area, p.split_area_factor, p.merge_area_factor)
+            if null is not None:  # evidence per cell: a part split off without a seed goes
+                has_seed = np.zeros(int(terr.max()) + 1, bool)
+                has_seed[terr[seeds[:, 0], seeds[:, 1]]] = True
+                has_seed[0] = False
+                ids = np.flatnonzero(has_seed)
+                lut = np.zeros(int(terr.max()) + 1, np.uint32)
+                lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+                terr = lut[terr]
     anchors = territory_anchors(terr)
     stats = {
         "cell_diameter_px": d,
         "n_seeds": int(len(seeds)),
         "n_cells": int(terr.max()),
         "support_px": int(support.sum()),
+        "n_seeds_rejected_by_noise": n_rejected,
+        "seed_evidence_z": [round(float(v), 1) for v in np.sort(z_kept)[:5]],
     }
     return CellMap(rn, support, seeds, terr, anchors, stats)
 
@@ -299,6 +425,7 @@ def territory_activity(
     count = np.maximum(np.bincount(idx, minlength=n + 1), 1)
     out = np.zeros((active.shape[0], n + 1), bool)
     for t in range(active.shape[0]):
+        check_cancelled()
         frac = np.bincount(idx, weights=active[t].ravel(), minlength=n + 1) / count
         out[t] = frac > active_fraction
     out[:, 0] = False

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from calseg.io.recordings import RecordingError  # one error type for unusable recordings
-from calseg.progress import ProgressFn, null_progress
+from calseg.progress import ProgressFn, check_cancelled, null_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -264,9 +264,10 @@ def logits_to_frame(logits: torch.Tensor, geometry: FrameGeometry) -> torch.Tens
 class FrameEmbeddings:
     """Cached SAM2 image features of T frames (float16 on CPU; cast to float32 to decode).
 
-    ``image_embed``: ``(T, 256, S/16, S/16)``; ``feat_s1``: ``(T, 64, S/8, S/8)``;
-    ``feat_s0``: ``(T, 32, S/4, S/4)`` (the two high-resolution levels, already projected by
-    the decoder's conv_s1/conv_s0). ``frame_hashes``: per-frame cache keys.
+    ``image_embed``: ``(T, C, S/16, S/16)``; ``feat_s1``: ``(T, C/4, S/8, S/8)``;
+    ``feat_s0``: ``(T, C/8, S/4, S/4)``, C the model width (256; 64 for the small config; the
+    two high-resolution levels, already projected by the decoder's conv_s1/conv_s0).
+    ``frame_hashes``: per-frame cache keys.
     """
 
     image_embed: torch.Tensor
@@ -406,12 +407,14 @@ def encode_frames(
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     key = EmbeddingCache.model_key(loaded.info.config, s, encoder_hash(loaded)) if cache else ""
     hashes = [_frame_hash(x[i]) for i in range(t)]
-    emb = torch.empty((t, 256, s // 16, s // 16), dtype=torch.float16)
-    f0 = torch.empty((t, 32, s // 4, s // 4), dtype=torch.float16)
-    f1 = torch.empty((t, 64, s // 8, s // 8), dtype=torch.float16)
+    c = int(model.hidden_dim)  # 256 for Meta's configs, 64 for sam2_small_calseg
+    emb = torch.empty((t, c, s // 16, s // 16), dtype=torch.float16)
+    f0 = torch.empty((t, c // 8, s // 4, s // 4), dtype=torch.float16)
+    f1 = torch.empty((t, c // 4, s // 8, s // 8), dtype=torch.float16)
     todo = []
     n_cached = 0
     for i, h in enumerate(hashes):
+        check_cancelled()
         hit = cache.load(key, h) if cache else None
         if hit is not None and tuple(hit["image_embed"].shape) == tuple(emb.shape[1:]):
             emb[i], f0[i], f1[i] = hit["image_embed"], hit["feat_s0"], hit["feat_s1"]

@@ -1,14 +1,16 @@
 """Evaluate segmentation models on a dataset split, by video.
 
-For every model (SAM2 base, SAM2 fine-tuned, classical baseline...) and every video of the
+For every model (SAM2 untuned, SAM2 fine-tuned, classical...) and every video of the
 split, :func:`calseg.segment.infer.segment_recording` segments the recording (prompts from the
 image only) and the label stack is scored against the ground truth with
 :mod:`calseg.analysis.metrics`:
 
 * foreground (active-cell pixels pooled over all frames): ``iou``, ``dice``,
   ``pixel_accuracy``;
-* instances (Hungarian matching per frame at IoU >= 0.5, counts summed over frames):
-  ``precision``, ``recall``, ``f1``, ``ap50`` (= TP / (TP + FP + FN)), ``mean_matched_iou``.
+* instances (one-to-one matching per frame with the most pairs at IoU >= 0.5, then the
+  largest summed IoU, :func:`calseg.analysis.metrics.matching_cost`; counts summed over
+  frames): ``precision``, ``recall``, ``f1``, ``ap50`` (= TP / (TP + FP + FN) at IoU >= 0.5,
+  the cellpose / StarDist "average precision", not COCO's AP), ``mean_matched_iou``.
 
 The summary gives per model the mean over videos and, with at least 3 videos, a percentile
 bootstrap 95 % CI of the mean (2000 resamples of videos, seed 0; Efron & Tibshirani 1993).
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from calseg.analysis.metrics import foreground_scores, match_instances_stack
-from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.progress import ProgressFn, check_cancelled, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
 from calseg.segment.infer import InferenceConfig, segment_recording
 from calseg.segment.prompts import compute_activity
@@ -83,7 +85,7 @@ class EvaluationReport:
     def to_table(self) -> str:
         """Plain-text table: one line per model (means over videos, CI when available)."""
         cols = ["iou", "dice", "pixel_accuracy", "f1", "ap50", "mean_matched_iou"]
-        head = f"{'model':<22} {'videos':>6} " + " ".join(f"{c[:14]:>14}" for c in cols)
+        head = f"{'model':<32} {'videos':>6} " + " ".join(f"{c[:14]:>14}" for c in cols)
         lines = [head, "-" * len(head)]
         for s in self.summary:
             cells = []
@@ -94,11 +96,14 @@ class EvaluationReport:
                 if ci is not None and m is not None:
                     txt += f"±{(ci[1] - ci[0]) / 2:.2f}"
                 cells.append(f"{txt:>14}")
-            lines.append(f"{s['model'][:22]:<22} {s['n_videos']:>6} " + " ".join(cells))
-        lines.append(f"split={self.split}; ± = half-width of the bootstrap 95 % CI over videos")
+            lines.append(f"{s['model'][:32]:<32} {s['n_videos']:>6} " + " ".join(cells))
+        lines.append(
+            f"split={self.split}; ± = half-width of the bootstrap 95 % CI over videos; "
+            "ap50 = TP / (TP + FP + FN) at IoU >= 0.5 (cellpose/StarDist, not COCO AP)"
+        )
         if self.groups:
             gcols = ["iou", "f1", "ap50"]
-            head = f"{'group':<34} {'model':<16} {'videos':>6} " + " ".join(
+            head = f"{'group':<34} {'model':<32} {'videos':>6} " + " ".join(
                 f"{c:>12}" for c in gcols
             )
             lines += ["", "by pattern class and by defect family (no CI: < 3 videos)", head]
@@ -113,7 +118,7 @@ class EvaluationReport:
                     cells.append(f"{txt:>12}")
                 label = f"{g['group_by']}={g['group']}"[:34]
                 lines.append(
-                    f"{label:<34} {g['model'][:16]:<16} {g['n_videos']:>6} " + " ".join(cells)
+                    f"{label:<34} {g['model'][:32]:<32} {g['n_videos']:>6} " + " ".join(cells)
                 )
         return "\n".join(lines)
 
@@ -221,7 +226,7 @@ def evaluate_dataset(
     Args:
         dataset: ``calseg-dataset`` v1 directory.
         models: display name -> ``("sam2", checkpoint or None for the base model)`` or
-            ``("baseline", None)``.
+            ``("classical", None)`` (``"baseline"``, its old name, is accepted).
         split: dataset split to evaluate (``"test"`` by default).
         config: inference settings shared by all models (``method`` is set per model).
         cache_dir: embedding cache shared by all SAM2 models (``None``: a temporary folder for
@@ -237,15 +242,20 @@ def evaluate_dataset(
     progress = progress or null_progress
     config = config or InferenceConfig()
     if not models:
-        raise ModelSpecError("models is empty; give e.g. {'baseline': ('baseline', None)}")
+        raise ModelSpecError("models is empty; give e.g. {'classical': ('classical', None)}")
+    from calseg.segment.choice import canonical_method
+
     for name, spec in models.items():
         if not (
-            isinstance(spec, tuple | list) and len(spec) == 2 and spec[0] in ("sam2", "baseline")
+            isinstance(spec, tuple | list)
+            and len(spec) == 2
+            and canonical_method(str(spec[0])) in ("sam2", "classical")
         ):
             raise ModelSpecError(
-                f"model {name!r}: expected ('sam2', checkpoint|None) or ('baseline', None), "
+                f"model {name!r}: expected ('sam2', checkpoint|None) or ('classical', None), "
                 f"got {spec!r}"
             )
+    models = {n: (canonical_method(str(m)), c) for n, (m, c) in models.items()}
     videos = split_videos(dataset, split)
     if not videos:
         raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
@@ -273,10 +283,12 @@ def evaluate_dataset(
     n_jobs = len(videos) * len(models)
     job = 0
     for vid in videos:
+        check_cancelled()
         image = np.asarray(vid.load_image())
         gt = np.asarray(vid.load_labels()).astype(np.uint32)
-        activity = compute_activity(image, config.activity_params())
+        activity = compute_activity(image, config.activity_params(image))
         for name, (method, ckpt) in models.items():
+            check_cancelled()
             t0 = time.perf_counter()
             cfg = config.model_copy(update={"method": method})
             res = segment_recording(

@@ -30,9 +30,17 @@ Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
   for every prompt), so the argmax picked a candidate covering the whole frame, which inference
   rejected as too large -- the fine-tuned IoU of 0.000 in the demo.
 * Loss (SAM, Kirillov et al. 2023; SAM2, Ravi et al. 2024): ``focal_weight`` x sigmoid focal
-  loss (Lin et al. 2017, alpha 0.25, gamma 2) + ``dice_weight`` x soft Dice loss on the
-  (lowest-loss) mask, + ``iou_weight`` x MSE between the IoU head and the true IoU of every
-  candidate, + ``object_weight`` x BCE on the object-score logit.
+  loss (Lin et al. 2017, gamma 2) + ``dice_weight`` x soft Dice loss on the (lowest-loss)
+  mask, on cell prompts only (as SAM2's loss, which supervises masks only where the object is
+  present), + ``iou_weight`` x MSE between the IoU head and the true IoU of every candidate,
+  + ``object_weight`` x BCE on the object-score logit. Defaults differ from SAM's 20:1 focal
+  weight and alpha 0.25, measured (random tiny encoder, 128 px, simulated cells of 2-6
+  low-res pixels): with focal 20 / alpha 0.25 every pixel logit went negative (mean per-mask
+  max logit +0.37 at step 0, -2 by step 20) while the object score stayed about +8 (so not
+  object-score gating), and Dice smoothed by 1 scores an empty mask nearly as well as a right
+  one on such small targets; prompted val IoU fell from 0.004 to 0.0. Focal weight 1, alpha
+  0.75 (foreground up-weighted) and Dice smoothing 1e-3 train instead (numbers in the commit
+  history and BENCHMARKS).
   Computed by default on the decoder's S/4 logits against the area-averaged (soft) target
   (``loss_resolution="low"``, ~5x cheaper on CPU) or on logits upsampled to S (``"full"``).
 * AdamW; linear warm-up then cosine decay to ``min_lr_ratio`` x lr, stepped once per OPTIMISER
@@ -40,12 +48,25 @@ Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
   ``max_grad_norm`` AFTER unscaling when AMP (CUDA float16 + GradScaler) is on; steps with a
   non-finite loss or gradient norm are skipped and counted (abort after
   ``max_nonfinite_steps`` in a row).
+* Disc prior (``mask_prior="residual"``, issue 14): the decoder's logits are added to those
+  of a disc of the training cells' mean radius at the prompt point
+  (:func:`calseg.segment.model.disc_prior_logits`), so training learns a correction of the
+  disc and step 0 already scores the disc. Measured: on synthetic discs of radius 3 or 7 px
+  (held out) the residual decoder reaches prompted IoU 0.64 vs 0.43 for the disc and 0.22 for
+  the plain decoder (tests/test_segment_finetune.py); on simulated recordings (seed 7, 128 px,
+  150 steps) neither beats the disc (plain 0.065, residual 0.759 vs disc 0.759), see the
+  commit history and ``scripts/decoder_vs_disc.py``. ``prompt_point="deep"`` draws training
+  points near the cell's centre, as validation and inference prompt.
 * Validation every ``val_every`` steps on the val split, by video: one prompt per ground-truth
   cell and frame (point = deepest pixel of the eroded mask), IoU of the chosen mask with the
-  cell in the frame grid; video IoU = mean over prompts; ``val_mean_iou`` = mean over videos.
-  The best checkpoint by ``val_mean_iou`` is kept (``best.pt``: prompt encoder + mask decoder
-  weights + metadata, ~17 MB for the tiny model). ``last.pt`` adds optimiser/scheduler state for
-  resuming an interrupted run with the same config.
+  cell in the frame grid; video IoU = mean over prompts; ``val_mean_iou`` = mean over videos
+  (a diagnostic, next to the disc prior's, the ``"prior"`` history row). With
+  ``select_by="f1"`` (default) each validation also runs inference as ``infer`` does
+  (:func:`validate_inference`) and the checkpoint with the best instance F1 (then foreground
+  IoU) is kept; ``"prompted_iou"``: the best ``val_mean_iou``. The best checkpoint is kept
+  (``best.pt``: prompt encoder + mask decoder weights + metadata, ~17 MB for the tiny model).
+  ``last.pt`` adds optimiser/scheduler state for resuming an interrupted run with the same
+  config.
 """
 
 from __future__ import annotations
@@ -122,12 +143,26 @@ class FinetuneConfig(BaseModel):
     val_frames_per_video: int = Field(8, ge=1)
     val_max_prompts_per_frame: int = Field(32, ge=1)
     seed: int = 0
-    focal_weight: float = Field(20.0, ge=0)
+    focal_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the sigmoid focal loss (SAM/SAM2 use 20 with alpha 0.25; on "
+        "cells covering ~0.2 % of the frame that drove every pixel logit negative, see the "
+        "module docstring)",
+    )
     dice_weight: float = Field(1.0, ge=0)
     iou_weight: float = Field(1.0, ge=0)
     object_weight: float = Field(1.0, ge=0)
-    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_alpha: float = Field(
+        0.75, ge=0, le=1, description="focal weight of foreground pixels (1 - alpha: background)"
+    )
     focal_gamma: float = Field(2.0, ge=0)
+    dice_smooth: float = Field(
+        1e-3,
+        gt=0,
+        description="additive smoothing of the soft Dice ratio; 1 (a common default) makes an "
+        "empty mask nearly as good as a right one on targets of a few low-res pixels",
+    )
     n_negative_points: int = Field(2, ge=0, le=8)
     multimask_output: bool = Field(
         False,
@@ -136,8 +171,22 @@ class FinetuneConfig(BaseModel):
         "output (SAM's choice for prompts with several points), identical in training, "
         "validation and inference",
     )
+    mask_prior: Literal["none", "residual", "prompt"] = Field(
+        "none",
+        description="a disc of the training cells' mean radius at each prompt's positive "
+        "point (calseg.segment.model.disc_prior_logits): 'residual' adds its logits to the "
+        "decoder's, so the decoder learns a correction of the disc; 'prompt' gives it to the "
+        "prompt encoder as SAM's mask input; recorded in the checkpoint and used by inference",
+    )
     background_prompt_fraction: float = Field(0.1, ge=0, le=1)
     erosion_px: int = Field(5, ge=1, description="side of the square erosion for prompt points")
+    prompt_point: Literal["eroded", "deep"] = Field(
+        "eroded",
+        description="where a training prompt's positive point is drawn: 'eroded': anywhere in "
+        "the cell eroded by erosion_px (SAM's uniform sampling); 'deep': among the pixels at "
+        "least 0.75 x the cell's largest distance from its edge, like the points validation "
+        "(deepest pixel) and inference (activity anchors, well inside the cell) prompt with",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     amp: bool = Field(True, description="float16 autocast + GradScaler (CUDA only)")
     device: str = "auto"
@@ -152,6 +201,13 @@ class FinetuneConfig(BaseModel):
         "(about 5x faster on CPU); 'full': logits upsampled to S",
     )
     resume: bool = True
+    select_by: Literal["f1", "prompted_iou"] = Field(
+        "f1",
+        description="how best.pt is chosen among the validations: 'f1' scores what inference "
+        "does (activity prompts from the image, the same decoding and post-processing; "
+        "instance F1 at IoU 0.5 vs the ground truth, foreground IoU breaking ties); "
+        "'prompted_iou': one oracle point per true cell (diagnostic)",
+    )
     train_mode: Literal["decoder", "lora", "full"] = Field(
         "decoder",
         description="'decoder': prompt encoder + mask decoder on CACHED embeddings (frozen "
@@ -162,7 +218,28 @@ class FinetuneConfig(BaseModel):
     lora_rank: int = Field(4, ge=1, le=256)
     lora_alpha: float = Field(8.0, gt=0)
     encoder_lr: float | None = Field(
-        None, gt=0, description="lr of encoder weights (None: lr for LoRA, lr / 10 for full)"
+        None,
+        gt=0,
+        description="lr of encoder weights (None: lr for LoRA, lr / 10 for full fine-tuning "
+        "of a pretrained checkpoint, the scratch lr for full training from random weights)",
+    )
+    recipe: Literal["auto", "finetune", "scratch"] = Field(
+        "auto",
+        description="learning-rate recipe (see training_recipe): 'finetune' gentle (lr, "
+        "warmup_steps, min_lr_ratio as given; encoder lr / 10 in full mode), 'scratch' for "
+        "train_mode=full from random weights (scratch_lr for every weight, scratch_warmup_"
+        "fraction of the steps as warm-up, cosine to scratch_min_lr_ratio); 'auto': scratch "
+        "when train_mode=full and the base has random weights, else finetune",
+    )
+    scratch_lr: float = Field(2e-3, gt=0, description="recipe 'scratch': peak lr of all weights")
+    scratch_warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    scratch_min_lr_ratio: float = Field(0.02, ge=0, le=1)
+    frames_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="lora/full: cell prompts of a micro-batch come from this many frames "
+        "(each frame is re-encoded with gradients, the cost of a step; None: prompts drawn "
+        "from every frame)",
     )
     prompt_mix: dict[Literal["point", "box", "box+point"], float] = Field(
         default_factory=lambda: {"point": 1.0},
@@ -204,7 +281,11 @@ class FinetuneResult:
 
     ``checkpoint``: best (or, without a val split, last) fine-tuned checkpoint;
     ``history``: one dict per optimiser step (``kind="train"``) and per validation
-    (``kind="val"``); ``best_val_iou``: best ``val_mean_iou`` (None without a val split).
+    (``kind="val"``); ``best_val_iou``: best ``val_mean_iou`` (prompted IoU, a diagnostic; None
+    without a val split). ``best_step`` / ``best_score``: the step of ``checkpoint`` and its
+    selection score (``config.select_by``: ``val_f1`` or ``val_mean_iou``); ``improved``:
+    whether any step after 0 scored higher than the initial model (False adds the warning
+    "no step improved on the initial model"); None without a val split.
     """
 
     checkpoint: Path
@@ -214,6 +295,9 @@ class FinetuneResult:
     warnings: list[str]
     timings: dict = field(default_factory=dict)
     checkpoint_sha256: str | None = None
+    best_step: int | None = None
+    best_score: float | None = None
+    improved: bool | None = None
 
 
 @dataclass
@@ -254,9 +338,13 @@ def _select_frames(labels: np.ndarray, n: int) -> np.ndarray:
     return np.unique(np.concatenate([pick_a, pick_e])).astype(int)
 
 
-def _eroded_points(label_img: np.ndarray, erosion_px: int) -> dict[int, np.ndarray]:
+def _eroded_points(
+    label_img: np.ndarray, erosion_px: int, deep_fraction: float | None = None
+) -> dict[int, np.ndarray]:
     """``{cell id: (n, 2) int (row, col)}`` of pixels inside the cell eroded by a square of side
-    ``erosion_px`` (the un-eroded mask when erosion empties it)."""
+    ``erosion_px`` (the un-eroded mask when erosion empties it). ``deep_fraction`` f: instead,
+    the pixels whose distance to the cell's edge is at least f x the cell's largest (always
+    including the deepest pixel, the point validation prompts with)."""
     out: dict[int, np.ndarray] = {}
     struct = np.ones((erosion_px, erosion_px), dtype=bool)
     for i, sl in enumerate(ndi.find_objects(label_img), start=1):
@@ -265,7 +353,11 @@ def _eroded_points(label_img: np.ndarray, erosion_px: int) -> dict[int, np.ndarr
         pad = erosion_px
         r0, c0 = max(sl[0].start - pad, 0), max(sl[1].start - pad, 0)
         sub = label_img[r0 : sl[0].stop + pad, c0 : sl[1].stop + pad] == i
-        er = ndi.binary_erosion(sub, structure=struct) if erosion_px > 1 else sub
+        if deep_fraction is not None:
+            dist = ndi.distance_transform_edt(sub)
+            er = dist >= deep_fraction * dist.max()
+        else:
+            er = ndi.binary_erosion(sub, structure=struct) if erosion_px > 1 else sub
         if not er.any():
             er = sub
         rr, cc = np.nonzero(er)
@@ -325,10 +417,21 @@ def _prepare_video(
         geometry=geom,
         labels=lab,
         labels_model=labels_to_model(lab, geom),
-        eroded_points=[_eroded_points(lab[f], cfg.erosion_px) for f in range(len(idx))],
+        eroded_points=[
+            _eroded_points(lab[f], cfg.erosion_px, _deep_fraction(cfg)) for f in range(len(idx))
+        ],
         boxes=[_cell_boxes(lab[f]) for f in range(len(idx))],
         x=x,
     )
+
+
+DEEP_FRACTION = 0.75
+"""``prompt_point="deep"``: points at least this fraction of the cell's largest
+edge distance inside (0.75 of a 5.7 px radius: within about 1.4 px of the centre)."""
+
+
+def _deep_fraction(cfg: FinetuneConfig) -> float | None:
+    return DEEP_FRACTION if cfg.prompt_point == "deep" else None
 
 
 def variant_seed(seed: int, video_id: str, variant: int) -> int:
@@ -345,6 +448,58 @@ def _cell_boxes(label_img: np.ndarray) -> dict[int, tuple[float, float, float, f
         if sl is not None:
             out[i] = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
     return out
+
+
+def training_recipe(cfg: FinetuneConfig, random_base: bool) -> FinetuneConfig:
+    """The config with its learning-rate recipe resolved (``recipe`` becomes the one used).
+
+    ``"finetune"`` (a pretrained base, e.g. Meta's ``sam2.1_hiera_*.pt``): unchanged; the
+    encoder of ``train_mode="full"`` gets ``lr / 10`` unless ``encoder_lr`` is given, so
+    pretrained features move gently. ``"scratch"`` (``train_mode="full"`` from random
+    weights, e.g. the small SAM2 of :mod:`calseg.segment.pretrain`): nothing is pretrained,
+    so every weight -- encoder, neck, ``conv_s0``/``conv_s1``, ``no_mem_embed``, prompt
+    encoder and decoder -- gets ``scratch_lr``, a linear warm-up over
+    ``scratch_warmup_fraction`` of the steps (at least 10; Adam's early steps are noisy on
+    untrained transformers, Goyal et al. 2017 / the SAM2 recipe's warm-up) and a cosine decay
+    to ``scratch_min_lr_ratio``. ``"auto"`` picks scratch for a random-weight base in full
+    mode, else finetune.
+    """
+    recipe = cfg.recipe
+    if recipe == "auto":
+        recipe = "scratch" if (cfg.train_mode == "full" and random_base) else "finetune"
+    if recipe == "finetune":
+        return cfg.model_copy(update={"recipe": "finetune"})
+    return cfg.model_copy(
+        update={
+            "recipe": "scratch",
+            "lr": cfg.scratch_lr,
+            "encoder_lr": cfg.encoder_lr or cfg.scratch_lr,
+            "warmup_steps": max(10, int(round(cfg.scratch_warmup_fraction * cfg.steps))),
+            "min_lr_ratio": cfg.scratch_min_lr_ratio,
+        }
+    )
+
+
+def _frame_pool(
+    items: list[tuple[int, int, int]], cfg: FinetuneConfig, rng
+) -> list[tuple[int, int, int]]:
+    """The cell prompts of ``cfg.frames_per_step`` random frames (lora/full), else all
+    ``items`` (``(video, frame, cell id)`` triples)."""
+    if cfg.frames_per_step is None or cfg.train_mode == "decoder" or not items:
+        return items
+    frames = sorted({(v, f) for v, f, _ in items})
+    k = min(cfg.frames_per_step, len(frames))
+    pick = {frames[int(i)] for i in rng.choice(len(frames), size=k, replace=False)}
+    return [it for it in items if (it[0], it[1]) in pick]
+
+
+def _train_modules(model, cfg: FinetuneConfig) -> None:
+    """Put the modules being trained in train mode: prompt encoder and mask decoder, and
+    for ``train_mode="full"`` the image encoder too (the rest stays in eval mode)."""
+    model.sam_prompt_encoder.train()
+    model.sam_mask_decoder.train()
+    if cfg.train_mode == "full":
+        model.image_encoder.train()
 
 
 def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
@@ -395,12 +550,9 @@ def _sample_batch(
                 o = videos[v].eroded_points[f][others[int(rng.integers(len(others)))]]
                 rr, cc = o[int(rng.integers(len(o)))]
             else:  # background ring: up to 6 px from the cell, outside every active cell
-                cell = lab == cid
-                ring = ndi.binary_dilation(cell, iterations=6) & (lab == 0)
-                ring_idx = np.flatnonzero(ring.ravel())
-                if ring_idx.size == 0:
+                rr, cc = _ring_point(lab, cid, videos[v].boxes[f][cid], rng)
+                if rr < 0:
                     continue
-                rr, cc = np.unravel_index(int(rng.choice(ring_idx)), lab.shape)
             neg.append((float(cc), float(rr)))
         box = None
         if kind != "point":
@@ -427,6 +579,28 @@ def _sample_batch(
     return chosen, coords, labels
 
 
+RING_PX = 6
+"""Background negatives lie within this many px (dilation steps) of the prompted cell."""
+
+
+def _ring_point(
+    lab: np.ndarray, cid: int, box: tuple[float, float, float, float], rng
+) -> tuple[int, int]:
+    """A random background pixel within :data:`RING_PX` dilation steps of cell ``cid`` in the
+    label image ``lab`` (``(-1, -1)`` when there is none); ``box``: the cell's inclusive
+    ``(x0, y0, x1, y1)``. Dilates a crop around the cell, not the whole frame (the same
+    pixels: the ring cannot reach beyond RING_PX of the box)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    r0, c0 = max(y0 - RING_PX, 0), max(x0 - RING_PX, 0)
+    sub = lab[r0 : y1 + 1 + RING_PX, c0 : x1 + 1 + RING_PX]
+    ring = ndi.binary_dilation(sub == cid, iterations=RING_PX) & (sub == 0)
+    idx = np.flatnonzero(ring.ravel())
+    if idx.size == 0:
+        return -1, -1
+    r, c = np.unravel_index(int(rng.choice(idx)), sub.shape)
+    return int(r + r0), int(c + c0)
+
+
 def _losses(logits, iou_pred, obj_logits, target, is_obj, cfg: FinetuneConfig) -> dict:
     """Per-batch losses. ``logits`` (B,C,S,S), ``iou_pred`` (B,C), ``obj_logits`` (B,1),
     ``target`` (B,1,S,S) float {0,1}, ``is_obj`` (B,) float {0,1}."""
@@ -441,11 +615,16 @@ def _losses(logits, iou_pred, obj_logits, target, is_obj, cfg: FinetuneConfig) -
     alpha_t = cfg.focal_alpha * t + (1 - cfg.focal_alpha) * (1 - t)
     focal = (alpha_t * ce * (1 - p_t) ** cfg.focal_gamma).flatten(2).mean(-1)  # (B,C)
     inter = (p * t).flatten(2).sum(-1)
-    dice = 1 - (2 * inter + 1) / (p.flatten(2).sum(-1) + t.flatten(2).sum(-1) + 1)  # (B,C)
+    sm = cfg.dice_smooth
+    dice = 1 - (2 * inter + sm) / (p.flatten(2).sum(-1) + t.flatten(2).sum(-1) + sm)  # (B,C)
     per_mask = cfg.focal_weight * focal + cfg.dice_weight * dice
     best = per_mask.argmin(dim=1)
     ar = torch.arange(len(best), device=logits.device)
-    mask_loss = per_mask[ar, best].mean()
+    # mask loss on cell prompts only (SAM2's training loss: masks of prompts whose target
+    # object is absent are not supervised, only the object score is); background prompts
+    # teach "no object" through the object-score BCE
+    n_obj = is_obj.sum()
+    mask_loss = (per_mask[ar, best] * is_obj).sum() / n_obj.clamp(min=1)
     with torch.no_grad():
         hard = logits > 0
         tb = t >= 0.5
@@ -456,25 +635,106 @@ def _losses(logits, iou_pred, obj_logits, target, is_obj, cfg: FinetuneConfig) -
     iou_mse = ((iou_pred.float() - true_iou) ** 2 * w).sum() / w.sum().clamp(min=1)
     obj = F.binary_cross_entropy_with_logits(obj_logits.float()[:, 0], is_obj)
     total = mask_loss + cfg.iou_weight * iou_mse + cfg.object_weight * obj
+    with torch.no_grad():  # collapse diagnostics (cell prompts only)
+        on = is_obj > 0
+        chosen = logits[ar, best]  # (B, S, S)
+        stats = _mask_stats(
+            chosen[on], tb[ar, best][on], obj_logits.float()[on, 0], iou_pred.float()[ar, best][on]
+        )
     return {
         "loss": total,
         "focal": focal[ar, best].mean(),
         "dice": dice[ar, best].mean(),
         "iou_mse": iou_mse,
         "object_bce": obj,
-        "train_iou": true_iou[ar, best].mean(),
+        "train_iou": (true_iou[ar, best] * is_obj).sum() / n_obj.clamp(min=1),
+        **stats,
     }
 
 
-def validate(loaded: LoadedSAM2, videos: list[_Video], cfg: FinetuneConfig) -> dict:
+def _mask_stats(logits, target, obj_logits, iou_pred) -> dict:
+    """Collapse diagnostics of cell prompts, as 0-d tensors (NaN for an empty batch):
+    ``mask_area`` / ``target_area`` (px of logit > 0 / of the target, on the logits' grid),
+    ``logit_max`` (max logit per mask), ``object_score`` (sigmoid of the object-score logit;
+    below 0.5 SAM2 blanks the mask) and ``iou_pred`` (the IoU head), each a mean over prompts.
+    ``logits`` (B, S, S) float, ``target`` (B, S, S) bool, ``obj_logits`` / ``iou_pred`` (B,).
+    Empty dict for a batch without cell prompts.
+    """
+    import torch
+
+    if logits.shape[0] == 0:
+        return {}
+    return {
+        "mask_area": (logits > 0).flatten(1).sum(1).float().mean(),
+        "target_area": target.flatten(1).sum(1).float().mean(),
+        "logit_max": logits.flatten(1).amax(1).mean(),
+        "object_score": torch.sigmoid(obj_logits).mean(),
+        "iou_pred": iou_pred.mean(),
+    }
+
+
+def mean_cell_radius(videos: list[_Video]) -> float:
+    """Radius in frame px of a disc with the mean cell area over every labelled cell of
+    ``videos``' embedded frames (``sqrt(mean area / pi)``; 0.0 without any cell)."""
+    areas = [np.bincount(lab.ravel())[1:] for vid in videos for lab in vid.labels if lab.any()]
+    a = np.concatenate(areas) if areas else np.zeros(0)
+    a = a[a > 0]
+    return float(np.sqrt(a.mean() / np.pi)) if a.size else 0.0
+
+
+def mean_cell_radius_model(videos: list[_Video]) -> float:
+    """:func:`mean_cell_radius` in model px (each cell's area scaled by its video's
+    ``geometry.scale`` squared)."""
+    areas = [
+        np.bincount(lab.ravel())[1:] * vid.geometry.scale**2
+        for vid in videos
+        for lab in vid.labels
+        if lab.any()
+    ]
+    a = np.concatenate(areas) if areas else np.zeros(0)
+    a = a[a > 0]
+    return float(np.sqrt(a.mean() / np.pi)) if a.size else 0.0
+
+
+def _disc(shape: tuple[int, int], xy: tuple[float, float], radius: float) -> np.ndarray:
+    """Boolean disc of ``radius`` px centred on the point ``xy = (x, y)`` (frame px)."""
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (xx - xy[0]) ** 2 + (yy - xy[1]) ** 2 <= radius**2
+
+
+def validate(
+    loaded: LoadedSAM2,
+    videos: list[_Video],
+    cfg: FinetuneConfig,
+    *,
+    disc_radius: float | None = None,
+) -> dict:
     """Prompted IoU on validation videos (see module docstring). Returns
-    ``{"val_mean_iou", "per_video": {id: iou}, "n_prompts"}``."""
+    ``{"val_mean_iou", "per_video": {id: iou}, "n_prompts"}`` and collapse diagnostics, means
+    over prompts: ``val_mask_area`` / ``val_target_area`` (frame px of the mask / of the cell),
+    and for the model only ``val_logit_max`` (max low-res logit), ``val_object_score``
+    (sigmoid of the object-score logit) and ``val_iou_pred`` (the IoU head).
+
+    ``disc_radius`` (frame px): score the DISC PRIOR instead of the model -- each prompt's
+    mask is a disc of that radius at its positive point, no image used (the reference any
+    trained decoder must beat; same prompts, same scoring).
+    """
     import torch
 
     model = loaded.model
     device = next(model.parameters()).device
     per_video: dict[str, float] = {}
     n_total = 0
+    stats: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "val_mask_area",
+            "val_target_area",
+            "val_logit_max",
+            "val_object_score",
+            "val_iou_pred",
+        )
+    }
     model.eval()
     for vid in videos:
         ious: list[float] = []
@@ -495,31 +755,186 @@ def validate(loaded: LoadedSAM2, videos: list[_Video], cfg: FinetuneConfig) -> d
                 d[k] = np.inf
                 order = [j for j in np.argsort(d)[: cfg.n_negative_points] if np.isfinite(d[j])]
                 negs.append([pos[j] for j in order])
-            coords, plabels = pack_points(pos, negs)
-            coords = vid.geometry.to_model_points(coords)
-            emb, high = vid.emb.get(f, device)
-            with torch.no_grad():
-                low, iou, _ = run_decoder(
-                    model,
-                    emb,
-                    high,
-                    torch.from_numpy(coords).to(device),
-                    torch.from_numpy(plabels).to(device),
-                    multimask_output=cfg.multimask_output,
-                )
-                ar = torch.arange(len(ids), device=device)
-                best = low[ar, iou.argmax(1)][:, None].float()
-                masks = (logits_to_frame(best, vid.geometry)[:, 0] > 0).cpu().numpy()
+            if disc_radius is not None:
+                masks = np.stack([_disc(lab.shape, xy, disc_radius) for xy in pos])
+            else:
+                coords, plabels = pack_points(pos, negs)
+                coords = vid.geometry.to_model_points(coords)
+                emb, high = vid.emb.get(f, device)
+                with torch.no_grad():
+                    low, iou, obj = run_decoder(
+                        model,
+                        emb,
+                        high,
+                        torch.from_numpy(coords).to(device),
+                        torch.from_numpy(plabels).to(device),
+                        multimask_output=cfg.multimask_output,
+                        prior_radius=loaded.info.prior_radius,
+                        prior_mode=loaded.info.prior_mode,
+                    )
+                    ar = torch.arange(len(ids), device=device)
+                    pick = iou.argmax(1)
+                    best = low[ar, pick][:, None].float()
+                    masks = (logits_to_frame(best, vid.geometry)[:, 0] > 0).cpu().numpy()
+                    stats["val_logit_max"] += best.flatten(1).amax(1).tolist()
+                    stats["val_object_score"] += torch.sigmoid(obj.float()[:, 0]).tolist()
+                    stats["val_iou_pred"] += iou.float()[ar, pick].tolist()
             for k, i in enumerate(ids):
                 g = lab == i
                 inter = np.count_nonzero(masks[k] & g)
                 union = np.count_nonzero(masks[k] | g)
                 ious.append(inter / union if union else 1.0)
+                stats["val_mask_area"].append(float(np.count_nonzero(masks[k])))
+                stats["val_target_area"].append(float(np.count_nonzero(g)))
         if ious:
             per_video[vid.id] = float(np.mean(ious))
             n_total += len(ious)
     mean = float(np.mean(list(per_video.values()))) if per_video else None
-    return {"val_mean_iou": mean, "per_video": per_video, "n_prompts": n_total}
+    out = {"val_mean_iou": mean, "per_video": per_video, "n_prompts": n_total}
+    out.update({k: float(np.mean(v)) for k, v in stats.items() if v})
+    return out
+
+
+def _selection_score(res: dict, cfg: FinetuneConfig) -> list[float] | None:
+    """The value best.pt maximises: ``[val_f1, val_fg_iou]`` (compared in that order) for
+    ``select_by="f1"``, ``[val_mean_iou]`` for ``"prompted_iou"``; None when not scored. A
+    list, not a tuple, so that it round-trips through JSON (history, resume)."""
+    if cfg.select_by == "f1":
+        if res.get("val_f1") is None:
+            return None
+        return [float(res["val_f1"]), float(res.get("val_fg_iou") or 0.0)]
+    v = res.get("val_mean_iou")
+    return None if v is None else [float(v)]
+
+
+def _fmt_score(score: list[float] | None) -> str:
+    return "none" if not score else f"{score[0]:.4f}"
+
+
+def validate_inference(
+    loaded: LoadedSAM2,
+    videos: list[_Video],
+    activities: list,
+    cfg: FinetuneConfig,
+) -> dict:
+    """Score what inference does on the validation videos' embedded frames.
+
+    Per frame: activity prompts (:func:`calseg.segment.prompts.frame_prompts` of the video's
+    :class:`~calseg.segment.prompts.Activity`, computed on the whole recording as ``infer``
+    does), :func:`calseg.segment.decode.decode_frame_prompts` and
+    :func:`calseg.segment.decode.assemble_frame` with :func:`inference_config`; the label stack
+    of those frames is scored against the ground truth with
+    :func:`calseg.segment.evaluate.score_labels` (instance F1 at IoU 0.5 per frame, foreground
+    IoU). Returns ``{"val_f1", "val_fg_iou"}`` (means over videos) and ``"per_video_f1"``.
+    """
+    from calseg.segment.decode import assemble_frame, decode_frame_prompts
+    from calseg.segment.evaluate import score_labels
+    from calseg.segment.prompts import frame_prompts
+
+    icfg = inference_config(cfg)
+    f1s: dict[str, float] = {}
+    ious: list[float] = []
+    loaded.model.eval()
+    for vid, act in zip(videos, activities, strict=True):
+        pred = np.zeros_like(vid.labels)
+        for j, t in enumerate(vid.frames_idx):
+            prompts = frame_prompts(
+                act,
+                int(t),
+                n_negative=icfg.n_negative_points,
+                max_prompts=icfg.max_prompts_per_frame,
+            )
+            if not prompts:
+                continue
+            logits, scores, objs = decode_frame_prompts(
+                loaded, vid.emb, j, vid.geometry, prompts, icfg
+            )
+            pred[j], _ = assemble_frame(logits, scores, objs, prompts, icfg)
+        sc = score_labels(pred, vid.labels)
+        f1s[vid.id] = float(sc["f1"])
+        ious.append(float(sc["iou"]))
+    return {
+        "val_f1": float(np.mean(list(f1s.values()))) if f1s else None,
+        "val_fg_iou": float(np.mean(ious)) if ious else None,
+        "per_video_f1": f1s,
+    }
+
+
+def inference_config(cfg: FinetuneConfig):  # noqa: ANN201 - InferenceConfig (lazy import)
+    """The :class:`calseg.segment.decode.InferenceConfig` validation runs inference with:
+    SAM2, this run's model, image size, percentiles, negatives and mask output, every other
+    setting (activity, thresholds, post-processing) at the inference defaults."""
+    from calseg.segment.decode import InferenceConfig
+
+    return InferenceConfig(
+        method="sam2",
+        model=cfg.model,
+        image_size=cfg.image_size,
+        device=cfg.device,
+        low_percentile=cfg.low_percentile,
+        high_percentile=cfg.high_percentile,
+        n_negative_points=cfg.n_negative_points,
+        multimask_output=cfg.multimask_output,
+    )
+
+
+def heldout_prompted_iou(
+    checkpoint: Path | str,
+    dataset: Path | str,
+    *,
+    split: str = "test",
+    frames_per_video: int = 8,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Prompted IoU of a fine-tuned checkpoint and of the disc prior on held-out videos, with
+    the same code (:func:`validate`), frames and prompts: the table issue 14 asks for.
+
+    The disc's radius is the one recorded at training (``disc_prior_radius_px``: the training
+    cells' :func:`mean_cell_radius`, frame px). Returns ``{"decoder", "disc prior"}`` (means
+    over videos), ``"per_video": {id: {"decoder", "disc prior"}}``, ``"n_prompts"``,
+    ``"radius_px"``, ``"videos"``.
+
+    Raises:
+        DatasetError: no video in ``split``; ValueError: not a fine-tuned checkpoint.
+    """
+    import torch
+
+    obj = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    meta = obj.get("metadata", {})
+    if "finetune_config" not in meta:
+        raise ValueError(f"{checkpoint} is not a CalSeg fine-tuned checkpoint")
+    cfg = FinetuneConfig(
+        **dict(
+            meta["finetune_config"],
+            val_frames_per_video=frames_per_video,
+            device=device,
+            resume=False,
+        )
+    )
+    radius = meta.get("disc_prior_radius_px")
+    loaded = load_sam2(checkpoint=checkpoint, device=device)
+    entries = split_videos(dataset, split)
+    if not entries:
+        raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
+    videos = [
+        _prepare_video(loaded, v, frames_per_video, cfg, cache_dir, null_progress) for v in entries
+    ]
+    if radius is None:  # checkpoints written before the field: the held-out cells' own
+        radius = mean_cell_radius(videos)
+    dec = validate(loaded, videos, cfg)
+    disc = validate(loaded, videos, cfg, disc_radius=radius)
+    return {
+        "decoder": dec["val_mean_iou"],
+        "disc prior": disc["val_mean_iou"],
+        "per_video": {
+            k: {"decoder": dec["per_video"][k], "disc prior": disc["per_video"].get(k)}
+            for k in dec["per_video"]
+        },
+        "n_prompts": dec["n_prompts"],
+        "radius_px": float(radius),
+        "videos": [v.id for v in videos],
+    }
 
 
 def _features_for(
@@ -555,6 +970,7 @@ def _batch_losses(
     cfg: FinetuneConfig,
     device,
     use_amp: bool,
+    prior_radius: float | None = None,
 ) -> dict:
     """Forward pass and losses (:func:`_losses`) of one micro-batch of sampled prompts
     (frame-pixel ``coords`` (B, N, 2), ``plabels`` (B, N)); autocast float16 when
@@ -576,6 +992,8 @@ def _batch_losses(
             torch.from_numpy(mcoords).to(device),
             torch.from_numpy(plabels).to(device),
             multimask_output=cfg.multimask_output,
+            prior_radius=prior_radius,
+            prior_mode=cfg.mask_prior,
         )
     if cfg.loss_resolution == "full":
         logits = torch.nn.functional.interpolate(
@@ -600,7 +1018,12 @@ def _unscale_and_clip(params: list, opt, scaler, max_grad_norm: float) -> float:
 
 
 def _trainable_groups(loaded: LoadedSAM2, cfg: FinetuneConfig) -> tuple[list, list]:
-    """``(decoder params, encoder params)`` to train; applies LoRA wrappers for ``"lora"``."""
+    """``(decoder params, encoder params)`` to train; applies LoRA wrappers for ``"lora"``.
+
+    Decoder params: prompt encoder + mask decoder without ``conv_s0``/``conv_s1``
+    (:func:`calseg.segment.model.trainable_parameter_names`). Encoder params: none for
+    ``"decoder"``, the LoRA factors for ``"lora"``, and for ``"full"`` every weight that
+    makes the image features: image encoder, ``conv_s0``, ``conv_s1``, ``no_mem_embed``."""
     model = loaded.model
     names = set(trainable_parameter_names(model))
     dec = [p for n, p in model.named_parameters() if n in names]
@@ -611,7 +1034,17 @@ def _trainable_groups(loaded: LoadedSAM2, cfg: FinetuneConfig) -> tuple[list, li
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
         enc = list(lora_parameters(model).values())
     elif cfg.train_mode == "full":
-        enc = list(model.image_encoder.parameters())
+        # everything image segmentation uses: the encoder (trunk + neck), the decoder's
+        # high-resolution projections conv_s0/conv_s1 and no_mem_embed (added to the
+        # lowest-resolution features, calseg.segment.embeddings.encoder_features)
+        dec_ids = {id(p) for p in dec}
+        enc = list(model.image_encoder.parameters()) + [model.no_mem_embed]
+        enc += [
+            p
+            for m in (model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1)
+            for p in m.parameters()
+            if id(p) not in dec_ids
+        ]
     return dec, enc
 
 
@@ -626,9 +1059,13 @@ def _encoder_state(loaded: LoadedSAM2, cfg: FinetuneConfig) -> dict | None:
             "rank": cfg.lora_rank,
             "alpha": cfg.lora_alpha,
         }
-    if cfg.train_mode == "full":
+    if cfg.train_mode == "full":  # conv_s0/conv_s1 travel with the mask decoder's state
         sd = loaded.model.image_encoder.state_dict()
-        return {"kind": "full", "state": {k: v.detach().cpu() for k, v in sd.items()}}
+        return {
+            "kind": "full",
+            "state": {k: v.detach().cpu() for k, v in sd.items()},
+            "no_mem_embed": loaded.model.no_mem_embed.detach().cpu().clone(),
+        }
     return None
 
 
@@ -647,6 +1084,9 @@ def _restore_encoder(loaded: LoadedSAM2, enc: dict | None) -> None:
                 p.copy_(enc["state"][n])
     else:
         loaded.model.image_encoder.load_state_dict(enc["state"])
+        if "no_mem_embed" in enc:
+            with torch.no_grad():
+                loaded.model.no_mem_embed.copy_(enc["no_mem_embed"])
 
 
 def finetune(
@@ -671,8 +1111,15 @@ def finetune(
         progress: :data:`calseg.progress.ProgressFn`.
         on_history: called with every history entry as it is appended (a live training curve):
             ``{"kind": "train", "step", "lr", "grad_norm", "time_s", "loss", "focal", "dice",
-            "iou_mse", "object_bce", "train_iou"}``, ``{"kind": "val", "step", "val_mean_iou",
-            "per_video", "n_prompts", "time_s"}`` or ``{"kind": "skipped", "step", "reason"}``.
+            "iou_mse", "object_bce", "train_iou", "mask_area", "target_area", "logit_max",
+            "object_score", "iou_pred"}`` (the last five: :func:`_mask_stats`, absent on a step
+            without cell prompts), ``{"kind": "val", "step", "val_mean_iou", "per_video",
+            "n_prompts", "val_mask_area", "val_target_area", "val_logit_max",
+            "val_object_score", "val_iou_pred", "disc_prior_iou", "time_s"}`` (see
+            :func:`validate`), once ``{"kind": "prior", "step": 0, "name": "disc prior",
+            "radius_px", "val_mean_iou", "per_video", "n_prompts"}`` (the disc prior of
+            :func:`validate` with the training cells' :func:`mean_cell_radius`, the reference
+            row) or ``{"kind": "skipped", "step", "reason"}``.
             Entries restored from ``last.pt`` on resume are not replayed. An exception raised
             by the callback is logged and ignored (it must not kill a training run).
 
@@ -700,7 +1147,8 @@ def finetune(
     loaded = load_sam2(
         config.model, base_checkpoint, image_size=config.image_size, device=config.device
     )
-    if loaded.info.random_weights:
+    config = training_recipe(config, loaded.info.random_weights)
+    if loaded.info.random_weights and config.recipe != "scratch":
         warnings.append(
             "base SAM2 has RANDOM weights (no checkpoint): the frozen encoder's features are "
             "random, so fine-tuned masks stay poor"
@@ -742,6 +1190,12 @@ def finetune(
                 scaled(progress, 0.3 * j / n_all, 0.3 * (j + 1) / n_all),
             )
         )
+    activities = []  # what inference prompts from: activity of each whole val recording
+    if config.select_by == "f1":
+        from calseg.segment.prompts import compute_activity
+
+        act_params = inference_config(config).activity_params()
+        activities = [compute_activity(np.asarray(v.load_image()), act_params) for v in val_v]
     timings["embed_s"] = time.perf_counter() - t_start
     items = [
         (vi, f, cid)
@@ -752,6 +1206,9 @@ def finetune(
     if not items:
         warnings.append("no active cell in the sampled training frames: only background prompts")
 
+    if config.mask_prior != "none":  # the model now includes the disc prior
+        loaded.info.prior_radius = mean_cell_radius_model(videos)
+        loaded.info.prior_mode = config.mask_prior
     base_encoder_sha = encoder_hash(loaded)  # of the BASE encoder, before any change
     dec_params, enc_params = _trainable_groups(loaded, config)
     params = dec_params + enc_params
@@ -777,7 +1234,8 @@ def finetune(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     history: list[dict] = []
-    best_iou: float | None = None
+    best_iou: float | None = None  # best prompted IoU (diagnostic)
+    best: dict = {"step": None, "score": None, "init": None}  # selection (config.select_by)
     start_step = 0
     best_path = out_dir / "best.pt"
     last_path = out_dir / "last.pt"
@@ -796,6 +1254,11 @@ def finetune(
         "parent_checkpoint": str(base_checkpoint) if base_checkpoint else loaded.info.checkpoint,
         "parent_checkpoint_sha256": loaded.info.checkpoint_sha256,
         "calseg_version": _calseg_version(),
+        "mask_prior": {
+            "mode": loaded.info.prior_mode,
+            "radius_model_px": loaded.info.prior_radius,
+        },
+        "disc_prior_radius_px": mean_cell_radius(videos),  # the reference row's disc
     }
     if config.resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
@@ -809,6 +1272,7 @@ def finetune(
             start_step = int(state["metadata"]["step"])
             history = list(state["metadata"].get("history", []))
             best_iou = state["metadata"].get("best_val_iou")
+            best.update(state["metadata"].get("selection") or {})
             rng = np.random.default_rng([config.seed, start_step])
             warnings.append(f"resumed from {last_path} at step {start_step}")
         else:
@@ -836,7 +1300,7 @@ def finetune(
         }
 
     def save_last(step: int) -> None:
-        meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou)
+        meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou, selection=best)
         save_finetuned_checkpoint(
             loaded,
             last_path,
@@ -858,29 +1322,61 @@ def finetune(
                     loaded, vid.x.float(), cache_dir=None, batch_size=config.encoder_batch_size
                 )
         res = validate(loaded, vals, config)
-        entry = {"kind": "val", "step": step, **res, "time_s": time.perf_counter() - t_start}
+        if activities:
+            res.update(validate_inference(loaded, vals, activities, config))
+        entry = {
+            "kind": "val",
+            "step": step,
+            **res,
+            "disc_prior_iou": prior_iou,
+            "time_s": time.perf_counter() - t_start,
+        }
         add_history(entry)
         v = res["val_mean_iou"]
         if v is not None and (best_iou is None or v > best_iou):
             best_iou = v
+        score = _selection_score(res, config)
+        if step == 0 or best["init"] is None:
+            best["init"] = score
+        if score is not None and (best["score"] is None or score > best["score"]):
+            best.update(step=step, score=score)
+            meta = dict(meta_base, step=step, val_mean_iou=v, metrics=metrics_now(step, v))
+            meta["selection"] = {"select_by": config.select_by, "step": step, "score": score}
             save_finetuned_checkpoint(
-                loaded,
-                best_path,
-                dict(meta_base, step=step, val_mean_iou=v, metrics=metrics_now(step, v)),
-                encoder=_encoder_state(loaded, config),
+                loaded, best_path, meta, encoder=_encoder_state(loaded, config)
             )
         if step > 0:
             save_last(step)  # resumable after every validation
-        progress(0.3 + 0.7 * step / config.steps, "validate", f"step {step}: val IoU {v}")
+        shown = f"val F1 {res.get('val_f1')}, " if activities else ""
+        progress(
+            0.3 + 0.7 * step / config.steps,
+            "validate",
+            f"step {step}: {shown}prompted val IoU {v}",
+        )
 
+    if vals:  # the reference every step must beat: a disc of the mean cell radius
+        disc_r = mean_cell_radius(videos)
+        prior = validate(loaded, vals, config, disc_radius=disc_r)
+        prior_iou = prior["val_mean_iou"]
+        if start_step == 0:
+            add_history(
+                {
+                    "kind": "prior",
+                    "step": 0,
+                    "name": "disc prior",
+                    "radius_px": disc_r,
+                    "val_mean_iou": prior_iou,
+                    "per_video": prior["per_video"],
+                    "n_prompts": prior["n_prompts"],
+                }
+            )
     if vals and start_step == 0:
         run_val(0)
     t_train = time.perf_counter()
     bad = 0
     step = start_step
     train_progress = scaled(progress, 0.3, 1.0)
-    model.sam_prompt_encoder.train()
-    model.sam_mask_decoder.train()
+    _train_modules(model, config)
     while step < config.steps:
         if config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s:
             warnings.append(f"time limit {config.time_limit_s} s reached at step {step}")
@@ -889,10 +1385,21 @@ def finetune(
         logs: dict[str, float] = {}
         finite = True
         for _micro in range(config.grad_accum):
-            chosen, coords, plabels = _sample_batch(videos, items, config, rng)
+            pool = _frame_pool(items, config, rng)
+            chosen, coords, plabels = _sample_batch(videos, pool, config, rng)
             if not chosen:
                 continue
-            ls = _batch_losses(model, videos, chosen, coords, plabels, config, device, use_amp)
+            ls = _batch_losses(
+                model,
+                videos,
+                chosen,
+                coords,
+                plabels,
+                config,
+                device,
+                use_amp,
+                loaded.info.prior_radius,
+            )
             if not torch.isfinite(ls["loss"]):
                 finite = False
                 break
@@ -941,8 +1448,7 @@ def finetune(
         )
         if vals and (step % config.val_every == 0 or step == config.steps):
             run_val(step)
-            model.sam_prompt_encoder.train()
-            model.sam_mask_decoder.train()
+            _train_modules(model, config)
     timings["train_s"] = time.perf_counter() - t_train
     if vals and (not history or history[-1].get("kind") != "val"):
         run_val(step)
@@ -957,10 +1463,27 @@ def finetune(
             dict(meta_base, step=step, val_mean_iou=None, metrics=metrics_now(step, None)),
             encoder=_encoder_state(loaded, config),
         )
+    improved = None
+    if vals and best["step"] is not None:
+        improved = best["step"] > 0
+        if not improved:
+            msg = (
+                f"no step improved on the initial model ({config.select_by} "
+                f"{_fmt_score(best['init'])} at step 0): best.pt is the untrained model"
+            )
+            warnings.append(msg)
+            log.warning(msg)
     timings["total_s"] = time.perf_counter() - t_start
     (out_dir / "history.json").write_text(json.dumps({"history": history, "timings": timings}))
-    progress(1.0, "done", f"best val IoU {best_iou}")
+    progress(
+        1.0,
+        "done",
+        f"best step {best['step']} ({config.select_by} {_fmt_score(best['score'])})",
+    )
     return FinetuneResult(
+        best_step=best["step"],
+        best_score=best["score"][0] if best["score"] else None,
+        improved=improved,
         checkpoint_sha256=file_sha256(best_path),
         checkpoint=best_path,
         history=history,

@@ -13,9 +13,13 @@
   ``huggingface_hub`` is installed: downloaded once into the hub cache, then loaded like a
   local full checkpoint (its SHA-256 recorded, and checked when ``expected_sha256`` is given);
   on an offline machine this raises :class:`ModelLoadError` saying what to do instead, or
-* nothing: then ``CALSEG_SAM2_CHECKPOINT`` (environment) is used when set; otherwise the model
-  keeps RANDOM weights (seeded, so reproducible), with a loud warning and
+* nothing: the model keeps RANDOM weights (seeded, so reproducible), with a loud warning and
   ``info.random_weights = True``. No weights are ever downloaded.
+
+The library never reads the environment: the CLI and the service read the configured
+checkpoint (``CALSEG_SAM2_CHECKPOINT``, :data:`CHECKPOINT_ENV`) at their edge and pass it
+as ``checkpoint`` (and as ``base_checkpoint``, where a fine-tuned model's base is looked for
+when the path recorded in it is not on this machine).
 """
 
 from __future__ import annotations
@@ -44,6 +48,51 @@ KNOWN_CONFIGS = {
     "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
     "sam2_hiera_b+": "configs/sam2/sam2_hiera_b+.yaml",
     "sam2_hiera_l": "configs/sam2/sam2_hiera_l.yaml",
+    "sam2_small_calseg": "configs/sam2.1/sam2.1_hiera_t.yaml",  # + _SMALL_OVERRIDES
+}
+# CalSeg's own reduced configs: a packaged Hydra config plus overrides, so every module is the
+# sam2 package's own (Hiera trunk, FPN neck, SAM prompt encoder / mask decoder, memory
+# attention and encoder), only narrower and shallower. ``sam2_small_calseg``: Hiera with
+# embed_dim 16 (stages 16/32/64/128 channels, 1-1-2-1 blocks, global attention in block 3),
+# neck and decoder width 64 instead of 256 (the decoder's design -- two-way transformer of
+# depth 2, 4 mask tokens, IoU and object-score heads, conv_s0/conv_s1 high-resolution skips
+# -- is unchanged; SAM2Base fixes its MLP width 2048), memory attention of 1 layer
+# (feed-forward 128) and a 16-channel memory encoder, so the whole model is ~1.2 M parameters
+# (sam2.1_hiera_t: 39 M) and its checkpoint fits in a few MB.
+_SMALL_OVERRIDES = [
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[8,4,8,4]",
+    "++model.image_encoder.neck.d_model=64",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
+    "++model.memory_attention.d_model=64",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=64",
+    "++model.memory_attention.layer.dim_feedforward=128",
+    "++model.memory_attention.layer.self_attention.embedding_dim=64",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.in_dim=64",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16",
+    "++model.memory_encoder.mask_downsampler.embed_dim=64",
+    "++model.memory_encoder.fuser.layer.dim=64",
+    "++model.memory_encoder.fuser.num_layers=1",
+    "++model.num_maskmem=3",
+]
+SMALL_CONFIG = "sam2_small_calseg"
+# the input side it was trained at: 128 px simulated frames upsampled 2x, so a cell (~11 px)
+# spans ~3 image tokens of 8 px (at 128, scale 1, a cell fell inside one 16 px token and
+# training stalled: validation IoU 0.06 after 400 steps)
+SMALL_IMAGE_SIZE = 256
+BUNDLED_SMALL_CHECKPOINT = Path(__file__).resolve().parent / "weights" / f"{SMALL_CONFIG}.pt"
+"""The small SAM2 trained here from random weights on simulated videos (``calseg pretrain``;
+provenance and held-out scores in its ``metadata["pretrain"]``). Not Meta's weights."""
+DERIVED_CONFIGS: dict[str, tuple[str, list[str]]] = {
+    SMALL_CONFIG: ("sam2.1_hiera_t", _SMALL_OVERRIDES),
 }
 # Same post-processing overrides as sam2.build_sam.build_sam2(apply_postprocessing=True).
 _POSTPROCESS_OVERRIDES = [
@@ -77,6 +126,9 @@ class ModelInfo:
     hub_id: str | None = None
     train_mode: str | None = None  # fine-tuned checkpoints: "decoder", "lora" or "full"
     multimask_output: bool | None = None  # how a fine-tuned decoder was trained (None: base)
+    # fine-tuned with a disc prior (run_decoder's prior_radius): its radius in model px
+    prior_radius: float | None = None
+    prior_mode: str | None = None  # "residual" or "prompt"
 
     def to_dict(self) -> dict:
         """JSON-able dict of all fields."""
@@ -91,11 +143,23 @@ class LoadedSAM2:
     info: ModelInfo
 
 
+def default_base_checkpoint(configured: str | Path | None) -> str | Path | None:
+    """The SAM2 base a server or the demo uses: the ``configured`` checkpoint (e.g. Meta's
+    ``sam2.1_hiera_tiny.pt`` via ``$CALSEG_SAM2_CHECKPOINT``) when there is one, else the
+    small SAM2 trained here (:data:`BUNDLED_SMALL_CHECKPOINT`) when the file is present, else
+    ``None`` (random weights)."""
+    if configured is not None and str(configured) != "":
+        return configured
+    return BUNDLED_SMALL_CHECKPOINT if BUNDLED_SMALL_CHECKPOINT.is_file() else None
+
+
 def resolve_config(config: str) -> tuple[str, str]:
     """Config name -> ``(short_name, hydra_config_path)``.
 
     Accepts ``"sam2.1_hiera_t"``, ``"sam2.1_hiera_t.yaml"`` or
-    ``"configs/sam2.1/sam2.1_hiera_t.yaml"``.
+    ``"configs/sam2.1/sam2.1_hiera_t.yaml"``, and CalSeg's derived configs
+    (:data:`DERIVED_CONFIGS`, e.g. ``"sam2_small_calseg"``), whose path is their packaged
+    parent's (the overrides are applied by :func:`build_sam2_model`).
 
     Raises:
         ModelLoadError: for unknown names (the message lists the known ones).
@@ -103,9 +167,12 @@ def resolve_config(config: str) -> tuple[str, str]:
     name = Path(str(config)).name
     if name.endswith(".yaml"):
         name = name[: -len(".yaml")]
+    if name in DERIVED_CONFIGS:
+        return name, KNOWN_CONFIGS[DERIVED_CONFIGS[name][0]]
     if name not in KNOWN_CONFIGS:
         raise ModelLoadError(
-            f"unknown SAM2 config {config!r}; choose one of {sorted(KNOWN_CONFIGS)}"
+            f"unknown SAM2 config {config!r}; choose one of "
+            f"{sorted([*KNOWN_CONFIGS, *DERIVED_CONFIGS])}"
         )
     return name, KNOWN_CONFIGS[name]
 
@@ -162,8 +229,9 @@ def build_sam2_model(config: str, image_size: int) -> torch.nn.Module:
 
     if image_size % 32 or image_size < 64:
         raise ModelLoadError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
-    _, cfg_path = resolve_config(config)
-    overrides = [f"++model.image_size={int(image_size)}", *_POSTPROCESS_OVERRIDES]
+    short, cfg_path = resolve_config(config)
+    derived = DERIVED_CONFIGS.get(short, ("", []))[1]
+    overrides = [f"++model.image_size={int(image_size)}", *_POSTPROCESS_OVERRIDES, *derived]
     cfg = compose(config_name=cfg_path, overrides=overrides)
     OmegaConf.resolve(cfg)
     with torch.random.fork_rng(devices=[]):
@@ -288,18 +356,23 @@ def load_sam2(
     image_size: int = 512,
     device: str = "auto",
     expected_sha256: str | None = None,
+    base_checkpoint: str | Path | None = None,
 ) -> LoadedSAM2:
     """Build SAM2 and load weights (see module docstring for the accepted checkpoints).
 
     Args:
         config: config name, e.g. ``"sam2.1_hiera_t"`` (39 M parameters).
         checkpoint: full SAM2 checkpoint, CalSeg fine-tuned checkpoint or hub id
-            ``"hf:facebook/sam2.1-hiera-tiny"`` (online machines only); ``None`` uses
-            ``$CALSEG_SAM2_CHECKPOINT`` when set, else random weights (warning).
+            ``"hf:facebook/sam2.1-hiera-tiny"`` (online machines only); ``None``: random
+            weights (warning). The environment is not read (the caller passes the configured
+            checkpoint).
         image_size: model input side in px (multiple of 32). A fine-tuned checkpoint's own
             config and image size win (with a warning when they differ from the arguments).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         expected_sha256: when given, the checkpoint file's SHA-256 must match.
+        base_checkpoint: for a fine-tuned ``checkpoint``, where else its base SAM2 checkpoint
+            may be (the configured one) when the path recorded in it is not on this machine;
+            its SHA-256 must equal the recorded one.
 
     Returns:
         :class:`LoadedSAM2` in eval mode on ``device``.
@@ -309,9 +382,6 @@ def load_sam2(
     """
     set_torch_threads()
     dev = resolve_device(device)
-    if checkpoint is None and os.environ.get(CHECKPOINT_ENV):
-        checkpoint = os.environ[CHECKPOINT_ENV]
-        log.info("using SAM2 checkpoint from $%s: %s", CHECKPOINT_ENV, checkpoint)
     short, _ = resolve_config(config)
     hub_id = None
     if checkpoint is not None and str(checkpoint).startswith(HUB_PREFIX):
@@ -321,13 +391,14 @@ def load_sam2(
     base: LoadedSAM2 | None = None
     train_mode = None
     multimask = None
+    prior_radius = prior_mode = None
     finetuned_from = None
     random_weights = False
     if checkpoint is None:
         model = build_sam2_model(short, image_size)
         random_weights = True
         log.warning(
-            "!!! SAM2 %s has RANDOM WEIGHTS: no checkpoint given and $%s unset. Masks from "
+            "!!! SAM2 %s has RANDOM WEIGHTS: no checkpoint given (nor $%s). Masks from "
             "this model are meaningless; pass a local SAM2 checkpoint (e.g. "
             "sam2.1_hiera_tiny.pt) or a CalSeg fine-tuned checkpoint. !!!",
             short,
@@ -361,7 +432,7 @@ def load_sam2(
                     image_size,
                 )
             short, image_size = resolve_config(ck_short)[0], ck_size
-            base = _load_base_for_finetune(meta, short, image_size)
+            base = _load_base_for_finetune(meta, short, image_size, base_checkpoint)
             model = base.model
             expected = meta.get("encoder_sha256")  # the BASE encoder it was trained from
             if expected and encoder_hash(base) != expected:
@@ -375,10 +446,17 @@ def load_sam2(
             model.sam_mask_decoder.load_state_dict(obj["sam_mask_decoder"])
             _apply_finetuned_encoder(model, obj, path)
             train_mode = meta.get("train_mode", "decoder")
-            random_weights = base.info.random_weights
+            # a base trained in full mode (every weight image segmentation uses) has no
+            # random weight left, even when its training started from random init
+            random_weights = base.info.random_weights and train_mode != "full"
             finetuned_from = base.info.checkpoint or f"random-init(seed={RANDOM_INIT_SEED})"
+            if meta.get("pretrain"):  # a base trained here from scratch (calseg pretrain)
+                finetuned_from = None
             # checkpoints written before the option existed were trained best-of-3
             multimask = bool(meta.get("finetune_config", {}).get("multimask_output", True))
+            prior = meta.get("mask_prior") or {}
+            prior_radius = prior.get("radius_model_px")
+            prior_mode = prior.get("mode")
             if random_weights:
                 log.warning(
                     "fine-tuned checkpoint %s was trained on a RANDOM-WEIGHT image encoder; "
@@ -406,6 +484,8 @@ def load_sam2(
         n_parameters=int(sum(p.numel() for p in model.parameters())),
         finetuned_from=finetuned_from,
         multimask_output=multimask,
+        prior_radius=prior_radius,
+        prior_mode=prior_mode,
         hub_id=hub_id,
         train_mode=train_mode,
     )
@@ -430,25 +510,33 @@ def _apply_finetuned_encoder(model: torch.nn.Module, obj: dict, path: Path) -> N
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from exc
     elif kind == "full":
+        import torch
+
         missing, unexpected = model.image_encoder.load_state_dict(enc["state"], strict=False)
         if missing or unexpected:
             raise ModelLoadError(
                 f"{path}: image-encoder weights do not fit this config ({len(missing)} missing, "
                 f"{len(unexpected)} unexpected keys)"
             )
+        if "no_mem_embed" in enc:  # trained with the encoder (checkpoints since issue 14)
+            with torch.no_grad():
+                model.no_mem_embed.copy_(enc["no_mem_embed"].to(model.no_mem_embed.dtype))
     else:
         raise ModelLoadError(f"{path}: unknown fine-tuned encoder kind {kind!r}")
 
 
-def _load_base_for_finetune(meta: dict, short: str, image_size: int) -> LoadedSAM2:
-    """Load the base model a fine-tuned checkpoint was trained from (encoder weights)."""
+def _load_base_for_finetune(
+    meta: dict, short: str, image_size: int, fallback: str | Path | None
+) -> LoadedSAM2:
+    """Load the base model a fine-tuned checkpoint was trained from (encoder weights): the
+    recorded path, else ``fallback`` (the caller's configured checkpoint)."""
     base = meta.get("base_checkpoint")
     base_sha = meta.get("base_checkpoint_sha256")
     if base is None:
         return _load_plain(short, None, image_size, None)
     candidates = [Path(base)]
-    if os.environ.get(CHECKPOINT_ENV):
-        candidates.append(Path(os.environ[CHECKPOINT_ENV]))
+    if fallback is not None and not str(fallback).startswith(HUB_PREFIX):
+        candidates.append(Path(fallback).expanduser())
     for cand in candidates:
         if cand.is_file():
             return _load_plain(short, cand, image_size, base_sha)
@@ -459,13 +547,9 @@ def _load_base_for_finetune(meta: dict, short: str, image_size: int) -> LoadedSA
 
 
 def _load_plain(short: str, path: Path | None, image_size: int, sha: str | None) -> LoadedSAM2:
-    old = os.environ.pop(CHECKPOINT_ENV, None) if path is None else None
-    try:
-        with _quiet_random_warning(path is None):
-            return load_sam2(short, path, image_size=image_size, device="cpu", expected_sha256=sha)
-    finally:
-        if old is not None:
-            os.environ[CHECKPOINT_ENV] = old
+    """A base model (``path`` None: random weights, no env involved) on the CPU."""
+    with _quiet_random_warning(path is None):
+        return load_sam2(short, path, image_size=image_size, device="cpu", expected_sha256=sha)
 
 
 class _quiet_random_warning:
@@ -518,6 +602,8 @@ def save_finetuned_checkpoint(
     info = loaded.info
     base_ckpt = info.finetuned_from if info.finetuned_from is not None else info.checkpoint
     base_sha = None if info.finetuned_from is not None else info.checkpoint_sha256
+    if info.train_mode in ("full", "lora"):  # its encoder lives in that checkpoint: the base
+        base_ckpt, base_sha = info.checkpoint, info.checkpoint_sha256
     if base_ckpt is not None and base_ckpt.startswith("random-init"):
         base_ckpt = None
     meta = dict(metadata)
@@ -563,6 +649,8 @@ def run_decoder(
     *,
     multimask_output: bool = True,
     stability_fallback: bool = False,
+    prior_radius: float | None = None,
+    prior_mode: str | None = "residual",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder on cached features, as ``SAM2ImagePredictor._predict``.
 
@@ -581,12 +669,23 @@ def run_decoder(
         coords: ``(B, N, 2)`` float32 point coordinates (x, y) in model pixels.
         labels: ``(B, N)`` int (1 positive, 0 negative, -1 padding).
         multimask_output: three candidate masks per prompt (SAM's ambiguity-aware output).
+        prior_radius: a disc prior of this radius (model px) at each prompt's first positive
+            point (:func:`disc_prior_logits`), used as ``prior_mode`` says: ``"residual"``
+            adds its logits to the decoder's (the decoder learns a correction of the disc),
+            ``"prompt"`` feeds them to the prompt encoder as SAM's mask input (dense prompt,
+            as micro-sam's iterative prompting feeds back the previous logits). ``None``: no
+            prior. Fine-tuned checkpoints record both (``loaded.info.prior_radius/mode``).
 
     Returns:
         ``(low_res_logits (B, C, S/4, S/4), iou_pred (B, C), object_score_logits (B, 1))``
         with C = 3 (multimask) or 1.
     """
-    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    prior = None
+    if prior_radius is not None and prior_mode in ("residual", "prompt"):
+        low = 4 * model.sam_prompt_encoder.image_embedding_size[0]  # S/4
+        prior = disc_prior_logits(coords, labels, low, float(prior_radius), stride=4.0)
+    masks = prior if prior_mode == "prompt" else None
+    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
     b = coords.shape[0]
     shared = image_embed.shape[0] == 1 and b > 1
     decoder = model.sam_mask_decoder
@@ -604,4 +703,42 @@ def run_decoder(
         )
     finally:
         decoder.dynamic_multimask_via_stability = saved
+    if prior is not None and prior_mode == "residual":
+        low_res = low_res + prior.to(low_res.dtype)
     return low_res, iou_pred, obj
+
+
+PRIOR_GAIN = 2.0
+"""Logit per low-res pixel of signed distance to the disc's edge (a 2-px-wide soft edge)."""
+PRIOR_CLIP = 8.0
+"""The prior's logits are clipped to +-this (sigmoid(8) = 0.9997)."""
+
+
+def disc_prior_logits(
+    coords: torch.Tensor, labels: torch.Tensor, size: int, radius: float, *, stride: float = 4.0
+) -> torch.Tensor:
+    """Mask logits of a disc of ``radius`` model px at each prompt's first positive point.
+
+    Args:
+        coords: ``(B, N, 2)`` float points (x, y) in model px; labels: ``(B, N)`` (1 positive).
+        size: side of the logit grid (the decoder's S/4); stride: model px per grid pixel.
+        radius: disc radius in model px (the training cells' mean radius).
+
+    Returns:
+        ``(B, 1, size, size)`` float32: ``PRIOR_GAIN x (radius - distance) / stride`` at the
+        grid pixels' centres, clipped to ``+-PRIOR_CLIP``; a prompt without a positive point
+        (a box alone) gets 0 (no prior).
+    """
+    import torch
+
+    pos = labels == 1
+    has = pos.any(dim=1)
+    first = pos.float().argmax(dim=1)
+    ar = torch.arange(coords.shape[0], device=coords.device)
+    xy = coords[ar, first].float() + 0.5  # (B, 2); SAM shifts points to pixel centres
+    centres = (torch.arange(size, device=coords.device, dtype=torch.float32) + 0.5) * stride
+    dx = centres[None, None, :] - xy[:, 0, None, None]
+    dy = centres[None, :, None] - xy[:, 1, None, None]
+    dist = torch.sqrt(dx**2 + dy**2)
+    logits = (PRIOR_GAIN * (radius - dist) / stride).clamp(-PRIOR_CLIP, PRIOR_CLIP)
+    return (logits * has[:, None, None].float())[:, None]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from calseg.progress import check_cancelled
 from calseg.segment.cells import CellMap, CellParams, cell_territories, territory_activity
 
 
@@ -57,6 +58,9 @@ class ActivityParams:
     detrend: bool = True
     min_region_px: int = 15
     cells: CellParams = field(default_factory=CellParams)
+    cell_diameter_source: str = "given"
+    """Where ``cells.cell_diameter_px`` came from: ``given`` (the caller's), ``estimated``
+    (from the recording) or ``prior`` (the 11 px prior: no estimate)."""
 
 
 @dataclass
@@ -144,8 +148,12 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
         med_t = np.median(f.reshape(f.shape[0], -1), axis=1)
         drift = med_t - np.median(med_t)
         f = f - drift[:, None, None].astype(np.float32)
-    if p.smooth_sigma_px > 0:
-        f = ndi.gaussian_filter(f, sigma=(0, p.smooth_sigma_px, p.smooth_sigma_px))
+    if p.smooth_sigma_px > 0:  # frame by frame (the same numbers): cancellable between frames
+        smooth = np.empty_like(f)
+        for t in range(f.shape[0]):
+            check_cancelled()
+            ndi.gaussian_filter(f[t], p.smooth_sigma_px, output=smooth[t])
+        f = smooth
     f0 = np.percentile(f, p.f0_percentile, axis=0).astype(np.float32)
     df = f - f0[None]
     floor = max(float(np.median(np.abs(f0))) * p.f0_floor_fraction, 1e-6)
@@ -156,6 +164,7 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     active = (z > threshold) & (dff > p.min_dff)
     if p.min_region_px > 1:
         for t in range(active.shape[0]):
+            check_cancelled()
             if active[t].any():
                 lab, n = ndi.label(active[t])
                 sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -191,6 +200,8 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
         "n_seeds": int(len(seeds)),
         "n_cells": int(len(seeds)),
         "cell_diameter_px": float(p.cells.cell_diameter_px),
+        "cell_diameter_source": p.cell_diameter_source,
+        "cell_diameter_estimated": p.cell_diameter_source == "estimated",
         "active_fraction": float(active.mean()),
     }
     return Activity(

@@ -54,7 +54,7 @@ from calseg.segment.prompts import Activity, FramePrompt, frame_prompts
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from calseg.segment.infer import InferenceConfig
+    from calseg.segment.decode import InferenceConfig
     from calseg.segment.model import LoadedSAM2
 
 log = logging.getLogger(__name__)

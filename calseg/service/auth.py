@@ -220,12 +220,15 @@ def can_see(user: User | None, owner_id: str | None) -> bool:
 class BadTokenLimiter:
     """Sliding-window limit on bad tokens per client address (in process memory).
 
-    After ``max_failures`` invalid tokens from one address within ``window_s`` seconds, every
-    authenticated request from that address is refused (429, ``Retry-After``) until the
-    oldest failure leaves the window. Requests without any token do not count (a page opened
-    without its token must not lock its user out). The state is per api process: with several
-    uvicorn workers each keeps its own window (the limit is then per worker), and behind a
-    reverse proxy the address is the proxy's unless uvicorn runs with ``--proxy-headers``.
+    After ``max_failures`` invalid tokens from one address within ``window_s`` seconds,
+    further invalid tokens from that address are answered 429 (``Retry-After``) instead of 401
+    until the oldest failure leaves the window. Valid tokens are checked first and always
+    accepted (``api.main.current_user``): a user behind the same address as an attacker is
+    never locked out. Requests without any token do not count (a page opened without its token
+    must not lock its user out). The state is per api process: with several uvicorn workers
+    each keeps its own window (the limit is then per worker). The address is the socket peer;
+    behind a reverse proxy list it in ``settings.trusted_proxies`` so that its
+    ``X-Forwarded-For`` counts (``api.main.client_address``).
     """
 
     max_failures: int = 20

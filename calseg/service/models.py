@@ -1,6 +1,8 @@
 """Database models (SQLAlchemy 2, typed ``Mapped[]``): users and their API tokens, jobs, their
 artifacts and metrics, and uploaded recordings. The schema is created by the Alembic migrations
-``0001_initial`` and ``0002_users_tokens`` (owners, tokens, metric steps, provenance).
+``0001_initial``, ``0002_users_tokens`` (owners, tokens, metric steps, provenance) and
+``0003_recording_reading`` (how an uploaded recording is read: options and reader info) and
+``0004_user_limits`` (per-user job cost limits and quotas).
 
 Ownership: jobs and recordings carry ``owner_id``; datasets and models are outputs of simulate
 and finetune jobs and artifacts and metrics belong to a job, so they inherit the job's owner.
@@ -30,7 +32,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_KINDS = ("simulate", "finetune", "infer", "evaluate")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -63,11 +64,28 @@ class User(Base):
     """A person (or lab tool) using the service; ``is_admin`` users see every owner's data."""
 
     __tablename__ = "users"
+    __table_args__ = tuple(
+        CheckConstraint(f"{name} IS NULL OR {name} > 0", name=f"{name}_positive")
+        for name in (
+            "max_job_memory_bytes",
+            "max_job_disk_bytes",
+            "max_job_time_s",
+            "max_queued_jobs",
+            "max_running_jobs",
+        )
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # per-user limits set by an admin (migration 0003); NULL: the server's setting of the
+    # same name applies (calseg.service.costs.effective_limits)
+    max_job_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_job_disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_job_time_s: Mapped[float | None] = mapped_column(Float)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
 
     tokens: Mapped[list[ApiToken]] = relationship(
         back_populates="user", cascade="all, delete-orphan", order_by="ApiToken.created_at"
@@ -100,7 +118,6 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(f"kind IN {JOB_KINDS!r}", name="kind"),
         CheckConstraint(f"state IN {JOB_STATES!r}", name="state"),
         Index("ix_jobs_kind_state", "kind", "state"),
         Index("ix_jobs_created_at", "created_at"),
@@ -111,6 +128,8 @@ class Job(Base):
         ForeignKey("users.id", ondelete="SET NULL"), index=True
     )
     kind: Mapped[str] = mapped_column(String(16))
+    """A kind of :mod:`calseg.service.kinds` (no CHECK since migration 0005: the registry is the
+    one list, checked by :func:`calseg.service.jobs.submit_job`)."""
     state: Mapped[str] = mapped_column(String(16), default="queued")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -204,8 +223,22 @@ class Recording(Base):
     width: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    read_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Reading options given at upload (axes, channel, interleaved_channels, z_projection)."""
+    info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the reader made of the file: RecordingInfo.to_dict() (format, axes, warnings...)."""
 
     owner: Mapped[User | None] = relationship()
+
+    @property
+    def warnings(self) -> list[str]:
+        """The reader's warnings about the file (empty for rows from before revision 0003)."""
+        return list((self.info or {}).get("warnings") or [])
+
+    @property
+    def axes(self) -> str | None:
+        """The stored data's axes as read (e.g. ``"TYX"``), when known."""
+        return (self.info or {}).get("axes")
 
     @property
     def owner_name(self) -> str | None:

@@ -209,6 +209,88 @@ class ReconcileReport:
         return bool(self.requeued or self.failed or self.redispatched)
 
 
+def requeue_lost(
+    session: Any,
+    job: Job,
+    settings: Settings,
+    *,
+    enqueue: Callable[[Job, float | None], None],
+    now: datetime,
+    what: str,
+    short: str | None = None,
+    guard: tuple = (),
+) -> str | None:
+    """Re-queue a running job whose worker is gone, or fail it at the attempt limit.
+
+    Re-queued: state ``queued``, a new ``dispatch_id`` (the old message becomes stale), put
+    on the broker after :func:`backoff_s`; failed when it was already started
+    ``settings.max_attempts`` times. Used by :func:`reconcile` (stale heartbeat) and by the
+    embedded supervisor (its worker process exited: :mod:`calseg.service.embedded`).
+
+    Args:
+        session: an open session (committed here).
+        job: the running job (as read; the UPDATE is conditional on its state, dispatch id and
+            the extra ``guard`` clauses, so a change made meanwhile wins).
+        settings: ``max_attempts`` and the back-off.
+        enqueue: how to put it on the broker (:class:`QueueUnavailable` is logged: the job
+            stays queued and the reconciler's broker check dispatches it later).
+        now: the current time.
+        what: how the worker was lost, for the error (``"<worker> <what> during attempt ..."``).
+        short: the same for the queued message (default ``what``).
+        guard: extra WHERE clauses.
+
+    Returns:
+        ``"requeued"``, ``"failed"``, or None when the job changed meanwhile.
+    """
+    from calseg.service.broker import QueueUnavailable
+
+    who = job.worker or "unknown worker"
+    where = (Job.id == job.id, Job.state == "running", Job.dispatch_id == job.dispatch_id, *guard)
+    if job.attempts >= settings.max_attempts:
+        res = session.execute(
+            update(Job)
+            .where(*where)
+            .values(
+                state="failed",
+                finished_at=now,
+                updated_at=now,
+                eta_s=None,
+                error=f"worker lost: {who} {what} during attempt {job.attempts} of "
+                f"{settings.max_attempts}; not running it again (POST /api/jobs/{{id}}/retry "
+                "to try anew)",
+            )
+        )
+        session.commit()
+        if res.rowcount:
+            log.warning("job %s failed: worker %s lost at the attempt limit", job.id, who)
+            return "failed"
+        return None
+    delay = backoff_s(job.attempts, settings)
+    res = session.execute(
+        update(Job)
+        .where(*where)
+        .values(
+            state="queued",
+            stage="queued",
+            dispatch_id=new_id(),
+            eta_s=None,
+            updated_at=now,
+            message=f"worker lost ({who}, {short or what}) during attempt {job.attempts} of "
+            f"{settings.max_attempts}; re-queued, starts in {delay:.0f} s",
+        )
+    )
+    session.commit()
+    if not res.rowcount:
+        return None
+    session.refresh(job)
+    try:
+        enqueue(job, delay or None)
+    except QueueUnavailable as exc:  # stays queued; the broker check of a later pass sends it
+        log.warning("job %s re-queued in the database only: %s", job.id, exc)
+    log.warning("job %s re-queued: worker %s lost", job.id, who)
+    return "requeued"
+
+
 def reconcile(
     url: str | None = None,
     *,
@@ -224,7 +306,7 @@ def reconcile(
         url: database URL (default ``settings.database_url``).
         settings: limits and timeouts (default :func:`get_settings`).
         enqueue: how to put a job on the broker (default
-            :func:`calseg.service.jobs.enqueue_celery`).
+            :func:`calseg.service.broker.enqueue_celery`).
         dispatches: returns the ``(job id, dispatch id)`` pairs on the broker (default
             :func:`broker_dispatches` on ``settings.redis_url``; None there: queued jobs are
             not checked).
@@ -234,8 +316,8 @@ def reconcile(
         A :class:`ReconcileReport`. Never raises for a single job's failure to re-queue: such
         a job stays queued and the next pass dispatches it again.
     """
+    from calseg.service.broker import QueueUnavailable, enqueue_celery
     from calseg.service.db import session_scope
-    from calseg.service.jobs import QueueUnavailable, enqueue_celery
 
     settings = settings or get_settings()
     url = url or settings.database_url
@@ -251,55 +333,20 @@ def reconcile(
         ).all()
         for job in running:
             age = heartbeat_age_s(job, now)
-            guard = (
-                Job.id == job.id,
-                Job.state == "running",
-                Job.dispatch_id == job.dispatch_id,
-                Job.updated_at == job.updated_at,
+            outcome = requeue_lost(
+                session,
+                job,
+                settings,
+                enqueue=enqueue,
+                now=now,
+                what=f"stopped sending heartbeats {age:.0f} s ago",
+                short=f"no heartbeat for {age:.0f} s",
+                guard=(Job.updated_at == job.updated_at,),
             )
-            who = job.worker or "unknown worker"
-            if job.attempts >= settings.max_attempts:
-                res = session.execute(
-                    update(Job)
-                    .where(*guard)
-                    .values(
-                        state="failed",
-                        finished_at=now,
-                        updated_at=now,
-                        eta_s=None,
-                        error=f"worker lost: {who} stopped sending heartbeats {age:.0f} s ago "
-                        f"during attempt {job.attempts} of {settings.max_attempts}; not "
-                        "running it again (POST /api/jobs/{id}/retry to try anew)",
-                    )
-                )
-                if res.rowcount:
-                    report.failed.append(job.id)
-                    log.warning("job %s failed: worker %s lost at the attempt limit", job.id, who)
-                continue
-            delay = backoff_s(job.attempts, settings)
-            res = session.execute(
-                update(Job)
-                .where(*guard)
-                .values(
-                    state="queued",
-                    stage="queued",
-                    dispatch_id=new_id(),
-                    eta_s=None,
-                    updated_at=now,
-                    message=f"worker lost ({who}, no heartbeat for {age:.0f} s) during attempt "
-                    f"{job.attempts} of {settings.max_attempts}; re-queued, starts in "
-                    f"{delay:.0f} s",
-                )
-            )
-            if res.rowcount:
-                session.commit()
-                session.refresh(job)
-                try:
-                    enqueue(job, delay or None)
-                except QueueUnavailable as exc:  # stays queued; step 2 of a later pass
-                    log.warning("job %s re-queued in the database only: %s", job.id, exc)
+            if outcome == "failed":
+                report.failed.append(job.id)
+            elif outcome == "requeued":
                 report.requeued.append(job.id)
-                log.warning("job %s re-queued: worker %s lost", job.id, who)
         session.commit()
 
     # 2. queued jobs whose message the broker lost
@@ -324,8 +371,12 @@ def reconcile(
             report.broker_error = f"{type(exc).__name__}: {exc}"
             log.warning("reconcile: cannot inspect the broker: %s", report.broker_error)
             return report
+        # matched by token alone: a worker may have run another job on a job's message and
+        # handed it that job's token (calseg.service.fairness), so the message's task id can
+        # name another job than the one holding its token
+        tokens = {dispatch for _task, dispatch in held}
         for job in queued:
-            if (job.id, job.dispatch_id) in held:
+            if job.dispatch_id in tokens:
                 continue
             res = session.execute(
                 update(Job)

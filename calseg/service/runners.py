@@ -1,6 +1,6 @@
 """Job runners: one function per job kind, calling the science in :mod:`calseg`.
 
-Each runner takes its validated parameters and a :class:`calseg.service.jobs.JobContext`
+Each runner takes its validated parameters and a :class:`calseg.service.context.JobContext`
 (progress, a working folder in the artifact store, artifact and metric registration, logging and
 lookup of referenced jobs) and returns the job's ``result`` dict (JSON-compatible). Runners
 import the science lazily, so the worker starts fast and torch is loaded only by jobs that use it.
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calseg.fmt import plural
 from calseg.progress import scaled
 
 if TYPE_CHECKING:
-    from calseg.service.jobs import JobContext
+    from calseg.service.context import JobContext
 
 
 class RunnerError(ValueError):
@@ -65,7 +66,11 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
         from calseg.io.recordings import read_recording
         from calseg.simulate.fit import fit_recording
 
-        rec = read_recording(ctx.recording_path(params.recording_id))
+        rec = read_recording(
+            ctx.recording_path(params.recording_id),
+            **ctx.recording_read_options(params.recording_id),
+            limits=ctx.settings.read_limits(),
+        )
         ctx.progress(0.0, "fit", f"fitting the simulator to recording {params.recording_id}")
         fit = fit_recording(rec.frames, rec.info.frame_interval_s, rec.info.pixel_size_um)
         config = fit.to_config(config)  # fitted fields replace the given ones
@@ -90,7 +95,12 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
         first.load_labels(),
         ctx.workdir / "preview.png",
         n=12,
-        title=f"{first.id} ({first.pattern_class}): ground truth",
+        title=f"simulated {first.id}: {first.pattern_class} ({first.split} split)",
+        subtitle="ground-truth active cells (coloured); their calcium below",
+        traces=first.load_calcium(),
+        trace_unit="cytosolic Ca2+ (µM)",
+        frame_interval_s=first.frame_interval_s,
+        pixel_size_um=first.pixel_size_um,
     )
     ctx.add_artifact("preview.png", Path(sheet), kind="preview")
 
@@ -109,9 +119,16 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ finetune
 
+_DIAGNOSTICS = ("mask_area", "target_area", "logit_max", "object_score", "iou_pred")
 CURVE_METRICS = {
-    "train": {"loss": "loss", "train_iou": "train_iou"},
-    "val": {"val_mean_iou": "val_iou"},
+    "train": {"loss": "loss", "train_iou": "train_iou", **{k: k for k in _DIAGNOSTICS}},
+    "val": {
+        "val_mean_iou": "val_iou",
+        "val_f1": "val_f1",
+        "val_fg_iou": "val_fg_iou",
+        "disc_prior_iou": "disc_prior_iou",
+        **{f"val_{k}": f"val_{k}" for k in _DIAGNOSTICS},
+    },
 }
 """History keys recorded as training-curve metrics: ``{entry kind: {history key: metric}}``
 (the metric's subset is the entry kind)."""
@@ -119,9 +136,11 @@ CURVE_METRICS = {
 
 class TrainingCurve:
     """``on_history`` callback of :func:`calseg.segment.finetune.finetune`: stores the training
-    curve as metrics with steps (``loss`` and ``train_iou``, subset ``train``; ``val_iou``,
-    subset ``val``). Rows are buffered and written at most every ``interval_s`` seconds (and by
-    :meth:`flush`), so a fast training loop does not write the database at every step.
+    curve as metrics with steps (:data:`CURVE_METRICS`: ``loss``, ``train_iou`` and the
+    collapse diagnostics mask area, logit max, object score and IoU head, subset ``train``;
+    ``val_iou``, ``disc_prior_iou`` and the ``val_`` diagnostics, subset ``val``). Rows are
+    buffered and written at most every ``interval_s`` seconds (and by :meth:`flush`), so a
+    fast training loop does not write the database at every step.
     """
 
     def __init__(self, ctx: JobContext, interval_s: float = 2.0) -> None:
@@ -197,12 +216,17 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
         ctx.add_metric("final_loss", final_loss, subset="train")
     if res.best_val_iou is not None:
         ctx.add_metric("best_val_iou", float(res.best_val_iou), subset="val")
+    if res.best_score is not None:  # the selected checkpoint's score (config.select_by)
+        ctx.add_metric(f"best_val_{config.select_by}", float(res.best_score), subset="val")
     return {
         "model_info": res.model_info,
         "warnings": list(ctx.warnings),
         "steps": len(res.history),
         "final_loss": final_loss,
         "best_val_iou": res.best_val_iou,
+        "best_step": res.best_step,
+        "best_score": res.best_score,
+        "improved": res.improved,
         "base_checkpoint": str(base) if base else None,
     }
 
@@ -215,162 +239,166 @@ def _infer_config(params: Any) -> Any:
     return params.to_config()
 
 
-def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
-    """Segment a recording (uploaded, or a simulated video) into an instance label stack.
+@dataclass
+class _InferInput:
+    """The frames an infer job segments and where they came from (``source``: the job
+    result's description, which the viewer reads the frames back by)."""
 
-    Optional preprocessing first (:func:`calseg.preprocess.preprocess`, params
-    ``register_drift``, ``background``, ``bleach_correction``; all off by default).
-    Artifacts: ``labels.tif`` (T, H, W label stack), ``overlay.png`` (contact sheet),
-    ``overlay.gif`` (animation); ``traces.csv``/``.parquet``, ``events.csv``/``.parquet``,
-    ``patterns.json``, ``waves.json``, ``rois.zip`` (and ``calseg.nwb`` with ``nwb``) when the
-    trace export succeeds (:func:`calseg.io.tables.write_trace_exports`). Metric:
-    ``foreground_fraction`` (labelled pixel fraction).
-    """
+    frames: np.ndarray
+    gt: np.ndarray | None
+    path: Path
+    name: str
+    title: str
+    frame_interval_s: float | None
+    pixel_size_um: float | None
+    source: dict[str, Any]
+
+
+def _read_infer_input(params: Any, ctx: JobContext) -> _InferInput:
+    """Read an infer job's recording (with its upload's read options, overridden by the job's)
+    or simulated video (with its ground truth)."""
     from calseg.io.dataset import DatasetError, load_dataset
-    from calseg.io.labels import write_label_stack
-    from calseg.io.overlays import animation, contact_sheet, display_range
-    from calseg.io.recordings import read_recording
-    from calseg.segment.infer import segment_recording
+    from calseg.io.recordings import merge_read_options, read_recording
 
-    gt = None
     if params.recording_id:
         path = ctx.recording_path(params.recording_id)
+        read_options = merge_read_options(
+            ctx.recording_read_options(params.recording_id),
+            **{k: getattr(params, k, None) for k in ("axes", "channel", "interleaved_channels")},
+            z_projection=params.z_projection,
+        )
+        ctx.progress(0.01, "read", f"reading {path.name}")
+        recording = read_recording(path, **read_options, limits=ctx.settings.read_limits())
+        for note in recording.info.warnings:  # e.g. a header that lies about the frame count
+            ctx.warn(f"reading {path.name}: {note}")
+        info = recording.info
         source: dict[str, Any] = {
             "type": "recording",
             "recording_id": params.recording_id,
             "relpath": ctx.relpath(path),
+            "read_options": read_options,  # the viewer reads its frames the same way
         }
-    else:
-        dataset = ctx.dataset_dir(params.dataset_job_id)
-        try:
-            video = load_dataset(dataset).video(params.video_id)
-        except DatasetError as exc:
-            raise RunnerError(str(exc)) from exc
-        path = dataset / video.image
-        source = {
-            "type": "dataset",
-            "dataset_job_id": params.dataset_job_id,
-            "video_id": params.video_id,
-            "relpath": ctx.relpath(path),
-            "gt_relpath": ctx.relpath(dataset / video.labels),
-            "split": video.split,
-            "pattern_class": video.pattern_class,
-        }
-
+        return _InferInput(
+            recording.frames,
+            None,
+            path,
+            path.name,
+            path.name,
+            info.frame_interval_s,
+            info.pixel_size_um,
+            source,
+        )
+    dataset = ctx.dataset_dir(params.dataset_job_id)
+    try:
+        video = load_dataset(dataset).video(params.video_id)
+    except DatasetError as exc:
+        raise RunnerError(str(exc)) from exc
+    path = dataset / video.image
+    source = {
+        "type": "dataset",
+        "dataset_job_id": params.dataset_job_id,
+        "video_id": params.video_id,
+        "relpath": ctx.relpath(path),
+        "gt_relpath": ctx.relpath(dataset / video.labels),
+        "split": video.split,
+        "pattern_class": video.pattern_class,
+    }
     ctx.progress(0.01, "read", f"reading {path.name}")
-    if params.recording_id:
-        recording = read_recording(path, z_projection=params.z_projection)
-        frames = recording.frames
-        for note in recording.info.warnings:  # e.g. a header that lies about the frame count
-            ctx.warn(f"reading {path.name}: {note}")
-    else:
-        frames, gt = video.load_image(), video.load_labels()
+    return _InferInput(
+        video.load_image(),
+        video.load_labels(),
+        path,
+        params.video_id,
+        f"simulated {params.video_id} ({video.pattern_class}, {video.split} split)",
+        video.frame_interval_s,
+        video.pixel_size_um,
+        source,
+    )
+
+
+def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
+    """Segment a recording (uploaded, or a simulated video) into an instance label stack.
+
+    Reads the input (:func:`_read_infer_input`), then the one pipeline of ``calseg segment``
+    (:func:`calseg.pipelines.segment.segment_and_export`: optional preprocessing, ``method
+    "auto"`` by the default rule, SAM2 fine-tuned when ``model_job_id`` names a model; labels,
+    overlays, activity map, tables, and ``diagnosis.json`` when nothing was found). Metric:
+    ``foreground_fraction`` (labelled pixel fraction) under the model's one name.
+    """
+    from calseg.pipelines.segment import artifact_kind, segment_and_export
+    from calseg.preprocess import PreprocessError, PreprocessOptions
+    from calseg.segment.choice import CLASSICAL, canonical_method
+
+    inp = _read_infer_input(params, ctx)
+    t, h, w = inp.frames.shape
+    ctx.log(f"recording {inp.path.name}: {plural(t, 'frame')} of {h} x {w} px, {inp.frames.dtype}")
+    model = None
+    if params.model_job_id and canonical_method(params.method) != CLASSICAL:
+        model = ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune")
+    try:
+        run = segment_and_export(
+            inp.frames,
+            ctx.workdir,
+            params.config_values(),
+            name=inp.name,
+            title=inp.title,
+            frame_interval_s=params.frame_interval_s or inp.frame_interval_s,
+            pixel_size_um=params.pixel_size_um or inp.pixel_size_um,
+            preprocess=PreprocessOptions(
+                register_drift=params.register_drift,
+                background=params.background,
+                background_radius_px=params.background_radius_px,
+                bleach_correction=params.bleach_correction,
+            ),
+            model=model,
+            model_reason="SAM2 fine-tuned: model_job_id names a fine-tuned model",
+            configured_checkpoint=ctx.settings.sam2_checkpoint,
+            cache_dir=ctx.settings.cache_dir / "embeddings",
+            gt=inp.gt,
+            nwb=params.nwb,
+            report=lambda level, text: (ctx.warn if level == "warning" else ctx.log)(text),
+            progress=scaled(ctx.progress, 0.02, 0.97),
+        )
+    except PreprocessError as exc:
+        raise RunnerError(f"preprocessing failed: {exc}") from exc
+    for level, text in run.outputs.lines(inp.path.name, "OUT"):
+        (ctx.warn if level == "warning" else ctx.log)(
+            f"{'check: ' if level == 'note' else ''}{text}"
+        )
+    for art, p in run.outputs.paths.items():
+        ctx.add_artifact(art, p, kind=artifact_kind(art))
+    return _infer_result(params, ctx, inp, run)
+
+
+def _infer_result(params: Any, ctx: JobContext, inp: _InferInput, run: Any) -> dict[str, Any]:
+    """The infer job's result (the page reads it) and its ``foreground_fraction`` metric."""
+    from calseg.io.overlays import display_range
+
+    out, frames = run.outputs, run.frames
     t, h, w = frames.shape
-    ctx.log(f"recording {path.name}: {t} frames of {h} x {w} px, {frames.dtype}")
-    if params.recording_id:
-        dt, px_um = recording.info.frame_interval_s, recording.info.pixel_size_um
-    else:
-        dt, px_um = video.frame_interval_s, video.pixel_size_um
-    dt, px_um = params.frame_interval_s or dt, params.pixel_size_um or px_um
-    if not dt:
-        dt = 1.0
-        ctx.warn("recording has no frame interval in its metadata: 1 s assumed for traces")
-    pre_report = None
-    if params.register_drift or params.background or params.bleach_correction:
-        from calseg.preprocess import PreprocessError, PreprocessOptions, preprocess
-
-        ctx.progress(0.02, "preprocess", "registration / background / bleaching")
-        opts = PreprocessOptions(
-            register=params.register_drift,
-            background=params.background,
-            background_radius_px=params.background_radius_px,
-            bleach=params.bleach_correction,
-        )
-        try:
-            frames, rep = preprocess(frames, dt, opts)
-        except PreprocessError as exc:
-            raise RunnerError(f"preprocessing failed: {exc}") from exc
-        pre_report = rep.to_dict()
-        for step in rep.steps:
-            ctx.log(f"preprocess: {step}")
-
-    checkpoint = None
-    if params.method == "sam2":
-        if params.model_job_id:
-            checkpoint = ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune")
-        elif ctx.settings.sam2_checkpoint is None:
-            ctx.warn("no model_job_id and no CALSEG_SAM2_CHECKPOINT: base SAM2 has RANDOM weights")
-        else:
-            checkpoint = ctx.settings.sam2_checkpoint
-    res = segment_recording(
-        frames,
-        _infer_config(params),
-        checkpoint=checkpoint,
-        cache_dir=ctx.settings.cache_dir / "embeddings",
-        progress=scaled(ctx.progress, 0.03, 0.85),
-    )
-    for wmsg in res.warnings:
-        ctx.warn(wmsg)
-    labels = np.asarray(res.labels)
-    if labels.shape != frames.shape:
-        raise RunnerError(
-            f"segmentation returned labels of shape {labels.shape} for frames {frames.shape}"
-        )
-
-    ctx.progress(0.86, "write", "label stack")
-    labels_path = ctx.workdir / "labels.tif"
-    write_label_stack(labels_path, labels)
-    ctx.add_artifact("labels.tif", labels_path, kind="labels")
-    exp: dict[str, Any] = {}
-    try:  # traces, events, patterns and ROIs: useful extras, never a reason to fail the job
-        from calseg.io.tables import write_trace_exports
-
-        exp = write_trace_exports(
-            ctx.workdir, frames, labels, dt, pixel_size_um=px_um, nwb=params.nwb
-        )
-        kinds = {".csv": "table", ".parquet": "table", ".json": "analysis", ".nwb": "nwb"}
-        for name, p in exp["paths"].items():
-            ctx.add_artifact(name, p, kind=kinds.get(Path(name).suffix, "rois"))
-        ctx.log(
-            f"traces: {exp['n_cells']} cells ({exp['n_flagged']} flagged: tiny F0), "
-            f"{exp['n_events']} events, {dt:g} s/frame; pattern {exp['pattern_class']}, "
-            f"{exp['n_waves']} waves"
-        )
-    except Exception as exc:  # noqa: BLE001
-        ctx.warn(f"traces/events export failed: {exc}")
-    n_cells = int(len(np.unique(labels[labels > 0])))
-    ctx.progress(0.9, "overlay", "contact sheet")
-    legend = f"{params.method}: {n_cells} cells predicted (coloured)"
-    if gt is not None:
-        legend += "; ground truth: yellow outlines"
-    sheet = contact_sheet(
-        frames, labels, ctx.workdir / "overlay.png", n=12, gt=gt, title=f"{path.name}: {legend}"
-    )
-    ctx.add_artifact("overlay.png", Path(sheet), kind="overlay")
-    ctx.progress(0.94, "overlay", "animation")
-    gif = animation(frames, labels, ctx.workdir / "overlay.gif")
-    ctx.add_artifact(Path(gif).name, Path(gif), kind="animation")
-
-    fg = float((labels > 0).mean())
-    ctx.add_metric("foreground_fraction", fg, model=params.method)
+    fg = float((out.labels > 0).mean())
+    ctx.add_metric("foreground_fraction", fg, model=out.model_label)
     lo, hi = display_range(frames)
+    res = out.segmentation
+    finite = frames if frames.dtype.kind in "uib" else frames[np.isfinite(frames)]
+    data_range = [float(finite.min()), float(finite.max())] if finite.size else [0.0, 1.0]
     return {
-        "source": source,
-        "method": params.method,
+        "source": inp.source,
+        **out.to_result(),
         "model_job_id": params.model_job_id,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+        "recording_name": inp.path.name if params.recording_id else None,
         "n_frames": t,
         "height": h,
         "width": w,
         "dtype": str(frames.dtype),
-        "n_cells": n_cells,
         "foreground_fraction": fg,
-        "frame_interval_s": dt,
-        "pixel_size_um": px_um,
-        "preprocess": pre_report,
-        "pattern_class": exp.get("pattern_class"),
-        "n_events": exp.get("n_events"),
+        "frame_interval_s": run.frame_interval_s,
+        "frame_interval_known": run.frame_interval_known,
+        "pixel_size_um": run.pixel_size_um,
+        "preprocess": run.preprocess,
         "display_range": [float(lo), float(hi)],
+        "data_range": data_range,
         "prompts": ctx.jsonable(_prompt_summary(res.prompts)),
         "normalisation": ctx.jsonable(res.normalisation),
         "model_info": ctx.jsonable(res.model_info),
@@ -390,24 +418,24 @@ def _prompt_summary(prompts: Any) -> Any:
 
 
 def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
-    """Compare fine-tuned vs base SAM2 vs the classical baseline on held-out videos.
+    """Compare SAM2 fine-tuned vs SAM2 untuned vs classical on held-out videos.
 
-    Metrics: one row per (summary metric, model) with ``subset`` = the split.
+    Metrics: one row per (summary metric, model) with ``subset`` = the split; models go by
+    their one names (:func:`calseg.segment.choice.evaluation_models`, e.g. "SAM2 untuned
+    (random weights)").
     Artifacts: ``report.json`` (``EvaluationReport.to_dict()``), ``report.txt`` (its table).
     """
+    from calseg.segment.choice import RANDOM_SUFFIX, evaluation_models
     from calseg.segment.evaluate import evaluate_dataset
 
     dataset = ctx.dataset_dir(params.dataset_job_id)
-    models: dict[str, tuple[str, Path | None]] = {}
+    finetuned = None
     if params.model_job_id:
-        models["fine-tuned"] = (
-            "sam2",
-            ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune"),
-        )
-    models["base"] = ("sam2", ctx.settings.sam2_checkpoint)
-    if ctx.settings.sam2_checkpoint is None:
-        ctx.warn("base SAM2 has RANDOM weights (CALSEG_SAM2_CHECKPOINT is not set)")
-    models["baseline"] = ("baseline", None)
+        finetuned = ctx.artifact_path(params.model_job_id, "checkpoint.pt", kind="finetune")
+    models = evaluation_models(finetuned, ctx.settings.sam2_checkpoint)
+    for name in models:
+        if name.endswith(RANDOM_SUFFIX):
+            ctx.warn(f"{name}: SAM2 with RANDOM weights (CALSEG_SAM2_CHECKPOINT is not set)")
     ctx.log(f"evaluating {', '.join(models)} on split {params.split!r} of {dataset}")
     report = evaluate_dataset(
         dataset,
@@ -438,12 +466,3 @@ def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
         "table": table,
         "warnings": list(ctx.warnings),
     }
-
-
-RUNNERS: dict[str, Callable[[Any, JobContext], dict[str, Any]]] = {
-    "simulate": run_simulate,
-    "finetune": run_finetune,
-    "infer": run_infer,
-    "evaluate": run_evaluate,
-}
-"""The runner of each job kind."""

@@ -6,6 +6,15 @@ the science configurations (:class:`calseg.simulate.config.SimulationConfig`,
 :class:`calseg.segment.finetune.FinetuneConfig`, :class:`calseg.segment.infer.InferenceConfig`)
 so the API never drifts from them; they are built on first use (:func:`params_model`), so the
 api process imports the science (and torch) only when a job of that kind is submitted.
+
+Bounds: the science configurations bound what is physically meaningful; :data:`SERVICE_BOUNDS`
+adds, for the service, a lower and an upper bound to every numeric parameter that a real use
+can reach but a typo (``steps`` 1e9, ``smooth_sigma_px`` 1e5) cannot pass, each with its
+reason. Nested values (``model_overrides``, ``prompt_mix``, ``augment``) get bounded types
+(:func:`_nested_annotations`). ``tests/test_service_limits.py`` walks every kind's JSON
+schema and fails on a numeric field without both bounds, so a new field must be bounded here.
+What a whole job costs (memory, disk, time) is estimated and limited separately, before it is
+queued (:mod:`calseg.service.costs`).
 """
 
 from __future__ import annotations
@@ -15,9 +24,10 @@ import math
 import typing
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,8 +36,18 @@ from pydantic import (
     field_serializer,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
-JobKind = Literal["simulate", "finetune", "infer", "evaluate"]
+
+def _registered_kind(value: str) -> str:
+    from calseg.service.kinds import get
+
+    return get(value).name  # UnknownKind is a ValueError: a 422 naming the kinds
+
+
+JobKind = Annotated[str, AfterValidator(_registered_kind)]
+"""A registered job kind (:mod:`calseg.service.kinds`): checked against the registry when
+validated, so a kind registered later is accepted."""
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Split = Literal["train", "val", "test"]
 
@@ -87,6 +107,11 @@ class _Params(BaseModel):
     _config_cls: typing.ClassVar[type | None] = None
     _config_fields: typing.ClassVar[tuple[str, ...]] = ()
 
+    def config_values(self) -> dict[str, Any]:
+        """The wrapped configuration's fields and their values (``method`` may be ``"auto"``
+        for infer jobs: :func:`calseg.pipelines.segment.segment_and_export` resolves it)."""
+        return {name: getattr(self, name) for name in type(self)._config_fields}
+
     def to_config(self) -> Any:
         """The science configuration object built from the wrapped fields."""
         cls = type(self)._config_cls
@@ -108,13 +133,217 @@ class _Params(BaseModel):
         return self
 
 
+ID_LENGTH = 64
+"""Longest id a parameter may carry (job and recording ids are 36-character uuids, video ids
+like ``v000``)."""
+
+JSON_SAFE_INT = 2**53 - 1
+"""Largest integer a JSON number holds exactly in a browser (IEEE double): seeds above it
+would be rounded by the page's forms."""
+
+SERVICE_BOUNDS: dict[str, tuple[dict[str, float], str]] = {
+    # name: ({ge/gt/le/lt: value}, why). Applied to that field in every kind that has it,
+    # on top of the science configuration's own bounds (the tighter one wins).
+    "seed": (
+        {"ge": 0, "le": JSON_SAFE_INT},
+        "any seed works; above 2^53 a browser rounds the number, so the job the page shows "
+        "is not the job that ran",
+    ),
+    # finetune (calseg.segment.finetune.FinetuneConfig)
+    "steps": (
+        {"ge": 1, "le": 1_000_000},
+        "CalSeg's fine-tunes run 150-2000 steps (README, BENCHMARKS); 1e6 leaves far more "
+        "room than a CPU or one GPU gets through, 1e9 is a typo (the time estimate limits "
+        "what is in between)",
+    ),
+    "batch_size": (
+        {"ge": 1, "le": 512},
+        "prompts per micro-batch (default 8): a frame holds tens of active cells; memory and "
+        "time grow with it",
+    ),
+    "grad_accum": ({"ge": 1, "le": 256}, "effective batch = batch_size x grad_accum"),
+    "lr": ({"gt": 0, "le": 1.0}, "AdamW learning rates for fine-tuning are 1e-6-1e-3"),
+    "weight_decay": ({"ge": 0, "le": 1.0}, "AdamW decoupled weight decay, 0-0.1 in practice"),
+    "warmup_steps": ({"ge": 0, "le": 1_000_000}, "at most the steps bound"),
+    "val_every": ({"ge": 1, "le": 1_000_000}, "at most the steps bound"),
+    "frames_per_video": (
+        {"ge": 1, "le": 5000},
+        "frames embedded per training video; a simulated video has at most 5000 frames",
+    ),
+    "val_frames_per_video": ({"ge": 1, "le": 5000}, "as frames_per_video"),
+    "val_max_prompts_per_frame": (
+        {"ge": 1, "le": 5000},
+        "a simulated frame holds at most 5000 cells (calseg.simulate.geometry.MAX_CELLS)",
+    ),
+    "focal_weight": ({"ge": 0, "le": 1000}, "loss weights are relative (default 1:1:1:1)"),
+    "dice_smooth": (
+        {"gt": 0, "le": 100},
+        "Dice smoothing is a fraction of a pixel to a few pixels (default 1e-3)",
+    ),
+    "dice_weight": ({"ge": 0, "le": 1000}, "loss weights are relative"),
+    "iou_weight": ({"ge": 0, "le": 1000}, "loss weights are relative"),
+    "object_weight": ({"ge": 0, "le": 1000}, "loss weights are relative"),
+    "focal_gamma": ({"ge": 0, "le": 10}, "focal loss uses gamma 0-5 (Lin et al. 2017: 2)"),
+    "erosion_px": (
+        {"ge": 1, "le": 100},
+        "erosion of a cell mask for prompt points: below the largest cell radius",
+    ),
+    "max_grad_norm": ({"gt": 0, "le": 1000}, "gradient clipping norm; 0.1-10 in practice"),
+    "encoder_batch_size": (
+        {"ge": 1, "le": 64},
+        "frames per image-encoder batch (InferenceConfig's own bound); memory grows with it",
+    ),
+    "max_nonfinite_steps": ({"ge": 1, "le": 10_000}, "non-finite losses tolerated"),
+    "time_limit_s": ({"gt": 0, "le": 30 * 86400}, "30 days; the cost limit is usually lower"),
+    "lora_alpha": ({"gt": 0, "le": 1024}, "LoRA scale alpha / rank: 1-32 x rank in practice"),
+    "encoder_lr": ({"gt": 0, "le": 1.0}, "as lr"),
+    "scratch_lr": ({"gt": 0, "le": 1.0}, "as lr (training from random weights: ~1e-3)"),
+    "frames_per_step": (
+        {"ge": 1, "le": 512},
+        "frames re-encoded with gradients per micro-batch: at most batch_size's bound",
+    ),
+    # infer / evaluate (calseg.segment.infer.InferenceConfig and the infer job's own fields)
+    "smooth_sigma_px": (
+        {"ge": 0, "le": 50},
+        "Gaussian smoothing of the frames (px): cells are 11 px across by default and at most "
+        "1000 (cell_diameter_px); smoothing beyond a few px blurs neighbours together, so 50 "
+        "is far past any use. Its cost grows with sigma (the 1e5 of issue 13 took 228 s on "
+        "40x64x64); the time estimate counts it",
+    ),
+    "background_radius_px": (
+        {"gt": 0, "le": 1000},
+        "larger than the largest cell radius; 1000 matches cell_diameter_px's bound. The "
+        "opening and rolling-ball cost grows with radius^2: the time estimate counts it",
+    ),
+    "threshold_k": ({"gt": 0, "le": 1000}, "activity threshold in noise sigmas: 3-10 used"),
+    "min_dff": ({"ge": 0, "le": 1000}, "a dF/F threshold: calcium signals are far below 1000"),
+    "min_region_px": (
+        {"ge": 1, "le": 4096 * 4096},
+        "a pixel count: at most a whole 4096 x 4096 frame",
+    ),
+    "max_prompts_per_frame": (
+        {"ge": 1, "le": 5000},
+        "one prompt per active cell; at most 5000 cells per frame (MAX_CELLS); decoder time "
+        "grows with it",
+    ),
+    "mask_threshold": (
+        {"ge": -100, "le": 100},
+        "a threshold on SAM's mask logits: sigmoid saturates beyond +-20",
+    ),
+    "min_mask_area_px": ({"ge": 1, "le": 4096 * 4096}, "a pixel count (whole frame at most)"),
+    "decoder_batch_size": (
+        {"ge": 1, "le": 1024},
+        "prompts per decoder call; memory grows with it (3 masks of 256^2 floats each)",
+    ),
+    # reading (issue 13 item 8 adds these to the infer job; bounded here by name in advance)
+    "channel": ({"ge": 0, "le": 63}, "a channel index: microscopes record a handful of channels"),
+    "interleaved_channels": (
+        {"ge": 1, "le": 64},
+        "channels interleaved frame by frame: a handful in practice",
+    ),
+    "pattern_classes": (
+        {"max_length": 64},
+        "four classes exist, cycled over the videos; a longer list only bloats the job row",
+    ),
+}
+"""Service bounds of numeric job parameters, by field name, with the reason for each."""
+
+_BoundedFloat = Annotated[float, Field(ge=0, le=1e6)]
+
+
+@cache
+def _nested_annotations() -> dict[str, Any]:
+    """Bounded types for parameters holding nested numbers (dict values, tuples, models)."""
+    from calseg.segment.augment import AugmentConfig
+
+    def pair(lo: float, hi: float) -> Any:
+        item = Annotated[float, Field(ge=lo, le=hi)]
+        return tuple[item, item]
+
+    class BoundedAugmentConfig(AugmentConfig):
+        """AugmentConfig with both ends of every range bounded (and ordered)."""
+
+        crop_scale: pair(0.05, 1.0) = Field((0.6, 1.0), description="crop side fraction range")
+        gain_range: pair(0.01, 100.0) = Field((0.5, 2.0))
+        offset_range: pair(-10.0, 10.0) = Field((-0.05, 0.2), description="x the recording range")
+        contrast_range: pair(0.01, 100.0) = Field((0.5, 1.0))
+        photons_range: pair(1.0, 1e7) = Field((30.0, 3000.0), description="e- at the 99.8 pct")
+        read_noise_range: pair(0.0, 1000.0) = Field((0.5, 10.0), description="read noise (e-)")
+
+        @model_validator(mode="after")
+        def _ordered(self) -> BoundedAugmentConfig:
+            for name in (
+                "crop_scale",
+                "gain_range",
+                "offset_range",
+                "contrast_range",
+                "photons_range",
+                "read_noise_range",
+            ):
+                lo, hi = getattr(self, name)
+                if lo > hi:
+                    raise ValueError(f"{name}: the low end {lo} is above the high end {hi}")
+            return self
+
+    prompt_kind = Literal["point", "box", "box+point"]
+    return {
+        "model_overrides": (
+            dict[str, _BoundedFloat],
+            "calcium-model parameters are rates, constants and fractions >= 0; 1e6 is 1000x "
+            "the largest default (taumax 800 s)",
+        ),
+        "prompt_mix": (
+            dict[prompt_kind, Annotated[float, Field(ge=0, le=1000)]],
+            "relative frequencies of prompt types",
+        ),
+        "augment": (
+            BoundedAugmentConfig | None,
+            "every augmentation range bounded and ordered (low <= high)",
+        ),
+    }
+
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
+"""What a ``device`` parameter may look like; which of them a server accepts is the setting
+``allowed_devices`` (checked at submit, :func:`calseg.service.costs.check_admission`)."""
+
+
+def _bounded_field(name: str, annotation: Any, info: Any) -> tuple[Any, Any]:
+    """``(annotation, FieldInfo)`` of a parameter with its service bound applied."""
+    nested = _nested_annotations()
+    if name in nested:
+        return nested[name][0], info
+    if name == "model":
+        from calseg.segment.model import KNOWN_CONFIGS
+
+        names = tuple(KNOWN_CONFIGS)
+        return Literal[names], Field(  # type: ignore[valid-type]
+            info.default if isinstance(info, FieldInfo) else info,
+            description="SAM2 configuration (unknown names are refused at submit)",
+        )
+    if name == "device":
+        return str, Field(
+            info.default if isinstance(info, FieldInfo) else info,
+            pattern=DEVICE_PATTERN,
+            max_length=8,
+            description="auto, cpu, cuda or cuda:N; the server's allowed_devices setting "
+            "says which it runs",
+        )
+    if name not in SERVICE_BOUNDS:
+        return annotation, info
+    limits, _why = SERVICE_BOUNDS[name]
+    if not isinstance(info, FieldInfo):
+        info = Field(info)
+    return annotation, FieldInfo.merge_field_infos(info, Field(**limits))
+
+
 def _config_fields(config_cls: type, skip: set[str]) -> dict[str, Any]:
     """``create_model`` field definitions mirroring a pydantic model or dataclass."""
     fields: dict[str, Any] = {}
     if isinstance(config_cls, type) and issubclass(config_cls, BaseModel):
         for name, info in config_cls.model_fields.items():
             if name not in skip:
-                fields[name] = (info.annotation, info)
+                fields[name] = _bounded_field(name, info.annotation, info)
         return fields
     if dataclasses.is_dataclass(config_cls):
         hints = typing.get_type_hints(config_cls)
@@ -127,7 +356,7 @@ def _config_fields(config_cls: type, skip: set[str]) -> dict[str, Any]:
                 default = Field(default_factory=f.default_factory)
             else:
                 default = ...
-            fields[f.name] = (hints.get(f.name, Any), default)
+            fields[f.name] = _bounded_field(f.name, hints.get(f.name, Any), default)
         return fields
     raise TypeError(f"{config_cls!r} is neither a pydantic model nor a dataclass")
 
@@ -136,6 +365,7 @@ def _wrap(
     name: str, doc: str, config_cls: type, own: dict[str, Any], base: type[_Params] = _Params
 ) -> type[_Params]:
     """A parameter model with ``own`` fields plus every field of ``config_cls``."""
+    own = {key: _bounded_field(key, *value) for key, value in own.items()}
     wrapped = _config_fields(config_cls, skip=set(own))
     model = create_model(name, __base__=base, __doc__=doc, **own, **wrapped)
     model._config_cls = config_cls
@@ -152,9 +382,22 @@ def _names(config_cls: type) -> set[str]:
 class _InferBase(_Params):
     """Where the frames come from: exactly one of a recording or a simulated video."""
 
+    def to_config(self, method: str | None = None) -> Any:
+        """The InferenceConfig; ``method="auto"`` becomes ``method`` (the runner's choice,
+        :func:`calseg.segment.choice.best_method`), or ``"classical"`` for validation."""
+        values = {name: getattr(self, name) for name in type(self)._config_fields}
+        if values.get("method") == "auto":
+            values["method"] = method or "classical"
+        return type(self)._config_cls(**values)
+
     @model_validator(mode="before")
     @classmethod
     def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "baseline":  # the old name
+            data = {**data, "method": "classical"}
+        from calseg.segment.decode import apply_config_aliases
+
+        data = apply_config_aliases(data)  # e.g. projection_cell_diameter_px
         if isinstance(data, dict):
             rec = data.get("recording_id")
             ds, vid = data.get("dataset_job_id"), data.get("video_id")
@@ -169,112 +412,199 @@ class _InferBase(_Params):
 
 
 @cache
+def simulate_params() -> type[_Params]:
+    """The parameter model of simulate jobs (registered in :mod:`calseg.service.kinds`)."""
+    from calseg.simulate.config import SimulationConfig
+
+    own = {
+        "recording_id": (
+            str | None,
+            Field(
+                None,
+                max_length=ID_LENGTH,
+                description="an uploaded recording to simulate like: the simulator is "
+                "fitted to it (calseg.simulate.fit: frame size and count, interval, camera "
+                "gain/offset/read noise, background, PSF, bleaching, cell size, bit "
+                "depth replace the fields given here; n_videos, seeds, pattern classes, "
+                "indicator, defect_severity... are kept); None = the fields only",
+            ),
+        ),
+    }
+    return _wrap(
+        "SimulateParams",
+        "Parameters of a simulate job: the fields of SimulationConfig, optionally fitted "
+        "to an uploaded recording (recording_id).",
+        SimulationConfig,
+        own,
+    )
+
+
+@cache
+def finetune_params() -> type[_Params]:
+    """The parameter model of finetune jobs (registered in :mod:`calseg.service.kinds`)."""
+    from calseg.segment.finetune import FinetuneConfig
+
+    own = {
+        "dataset_job_id": (
+            str,
+            Field(max_length=ID_LENGTH, description="id of a succeeded simulate job"),
+        ),
+    }
+    return _wrap(
+        "FinetuneParams",
+        "Parameters of a finetune job: the dataset (a simulate job) + FinetuneConfig.",
+        FinetuneConfig,
+        own,
+    )
+
+
+@cache
+def infer_params() -> type[_Params]:
+    """The parameter model of infer jobs (registered in :mod:`calseg.service.kinds`)."""
+    from calseg.segment.infer import InferenceConfig
+
+    own = {
+        "recording_id": (
+            str | None,
+            Field(None, max_length=ID_LENGTH, description="an uploaded recording"),
+        ),
+        "dataset_job_id": (
+            str | None,
+            Field(None, max_length=ID_LENGTH, description="a simulate job"),
+        ),
+        "video_id": (
+            str | None,
+            Field(None, max_length=ID_LENGTH, description="a video of that simulate job"),
+        ),
+        "model_job_id": (
+            str | None,
+            Field(
+                None,
+                max_length=ID_LENGTH,
+                description="a succeeded finetune job; None = the base model",
+            ),
+        ),
+        "method": (
+            Literal["auto", "classical", "sam2"],
+            Field(
+                "auto",
+                description="auto: the best method on this server (classical unless "
+                "a SAM2 with real weights is configured and measured better; SAM2 when "
+                "model_job_id is given); classical: no weights needed ('baseline' is "
+                "accepted); sam2: SAM2",
+            ),
+        ),
+        # reading, preprocessing (calseg.preprocess; all off by default), trace analysis
+        # how the recording is read (None = as given at upload, else the reader's default)
+        "axes": (
+            str | None,
+            Field(
+                None,
+                pattern=r"^[TZCYXStzcyxs]{2,6}$",
+                description="the stored axes, one of T Z C Y X S per dimension (e.g. "
+                "'TZCYX'); None = as uploaded / detected",
+            ),
+        ),
+        "channel": (
+            int | None,
+            Field(None, ge=0, le=255, description="channel to read (0-based); None = 0"),
+        ),
+        "interleaved_channels": (
+            int | None,
+            Field(
+                None,
+                ge=1,
+                le=16,
+                description="images alternate between this many channels (c0, c1, c0, "
+                "...): read `channel` of them; None = as uploaded",
+            ),
+        ),
+        "z_projection": (
+            Literal["max", "mean", "median"] | None,
+            Field(
+                None,
+                description="how a Z axis is collapsed when the file also has T; None = as "
+                "uploaded, else max",
+            ),
+        ),
+        "register_drift": (bool, Field(False, description="rigid drift registration")),
+        "background": (
+            Literal["opening", "rolling_ball", "gaussian"] | None,
+            Field(None, description="static background subtraction method (None = off)"),
+        ),
+        "background_radius_px": (
+            float,
+            Field(50.0, gt=0, description="background radius (px), > cell radius"),
+        ),
+        "bleach_correction": (
+            Literal["exp", "biexp"] | None,
+            Field(None, description="photobleaching correction by exponential fit"),
+        ),
+        "frame_interval_s": (
+            float | None,
+            Field(None, gt=0, le=3600, description="s per frame; None = from the file"),
+        ),
+        "pixel_size_um": (
+            float | None,
+            Field(None, gt=0, le=1000, description="um per px; None = from the file"),
+        ),
+        "nwb": (bool, Field(False, description="also write calseg.nwb (needs pynwb)")),
+    }
+    return _wrap(
+        "InferParams",
+        "Parameters of an infer job: the frames' source, the model and InferenceConfig.",
+        InferenceConfig,
+        own,
+        base=_InferBase,
+    )
+
+
+@cache
+def evaluate_params() -> type[_Params]:
+    """The parameter model of evaluate jobs (registered in :mod:`calseg.service.kinds`)."""
+    from calseg.segment.infer import InferenceConfig
+
+    own = {
+        "dataset_job_id": (
+            str,
+            Field(max_length=ID_LENGTH, description="id of a succeeded simulate job"),
+        ),
+        "model_job_id": (
+            str | None,
+            Field(
+                None,
+                max_length=ID_LENGTH,
+                description="a succeeded finetune job (SAM2 fine-tuned), compared with "
+                "SAM2 untuned and classical",
+            ),
+        ),
+        "split": (Split, "test"),
+    }
+    return _wrap(
+        "EvaluateParams",
+        "Parameters of an evaluate job: held-out videos of a simulate job, the models.",
+        InferenceConfig,
+        own,
+    )
+
+
+_MODELS: dict[str, tuple[Any, type[_Params]]] = {}
+
+
 def params_model(kind: str) -> type[_Params]:
-    """The parameter model of a job kind (built once, on first use).
+    """The parameter model of a job kind (:func:`calseg.service.kinds.get`; built once per
+    registered kind, on first use).
 
     Raises:
-        ValueError: unknown kind.
+        calseg.service.kinds.UnknownKind: unknown kind (a ValueError).
     """
-    if kind == "simulate":
-        from calseg.simulate.config import SimulationConfig
+    from calseg.service.kinds import get
 
-        own = {
-            "recording_id": (
-                str | None,
-                Field(
-                    None,
-                    description="an uploaded recording to simulate like: the simulator is "
-                    "fitted to it (calseg.simulate.fit: frame size and count, interval, camera "
-                    "gain/offset/read noise, background, PSF, bleaching, cell size, bit "
-                    "depth replace the fields given here; n_videos, seeds, pattern classes, "
-                    "indicator, defect_severity... are kept); None = the fields only",
-                ),
-            ),
-        }
-        return _wrap(
-            "SimulateParams",
-            "Parameters of a simulate job: the fields of SimulationConfig, optionally fitted "
-            "to an uploaded recording (recording_id).",
-            SimulationConfig,
-            own,
-        )
-    if kind == "finetune":
-        from calseg.segment.finetune import FinetuneConfig
-
-        own = {
-            "dataset_job_id": (str, Field(description="id of a succeeded simulate job")),
-        }
-        return _wrap(
-            "FinetuneParams",
-            "Parameters of a finetune job: the dataset (a simulate job) + FinetuneConfig.",
-            FinetuneConfig,
-            own,
-        )
-    if kind == "infer":
-        from calseg.segment.infer import InferenceConfig
-
-        own = {
-            "recording_id": (str | None, Field(None, description="an uploaded recording")),
-            "dataset_job_id": (str | None, Field(None, description="a simulate job")),
-            "video_id": (str | None, Field(None, description="a video of that simulate job")),
-            "model_job_id": (
-                str | None,
-                Field(None, description="a succeeded finetune job; None = the base model"),
-            ),
-            "method": (Literal["sam2", "baseline"], "sam2"),
-            # reading, preprocessing (calseg.preprocess; all off by default), trace analysis
-            "z_projection": (
-                Literal["max", "mean", "median"],
-                Field("max", description="how a Z axis is collapsed when the file also has T"),
-            ),
-            "register_drift": (bool, Field(False, description="rigid drift registration")),
-            "background": (
-                Literal["opening", "rolling_ball", "gaussian"] | None,
-                Field(None, description="static background subtraction method (None = off)"),
-            ),
-            "background_radius_px": (
-                float,
-                Field(50.0, gt=0, le=2000, description="background radius (px), > cell radius"),
-            ),
-            "bleach_correction": (
-                Literal["exp", "biexp"] | None,
-                Field(None, description="photobleaching correction by exponential fit"),
-            ),
-            "frame_interval_s": (
-                float | None,
-                Field(None, gt=0, le=3600, description="s per frame; None = from the file"),
-            ),
-            "pixel_size_um": (
-                float | None,
-                Field(None, gt=0, le=1000, description="um per px; None = from the file"),
-            ),
-            "nwb": (bool, Field(False, description="also write calseg.nwb (needs pynwb)")),
-        }
-        return _wrap(
-            "InferParams",
-            "Parameters of an infer job: the frames' source, the model and InferenceConfig.",
-            InferenceConfig,
-            own,
-            base=_InferBase,
-        )
-    if kind == "evaluate":
-        from calseg.segment.infer import InferenceConfig
-
-        own = {
-            "dataset_job_id": (str, Field(description="id of a succeeded simulate job")),
-            "model_job_id": (
-                str | None,
-                Field(None, description="a succeeded finetune job, compared with base/baseline"),
-            ),
-            "split": (Split, "test"),
-        }
-        return _wrap(
-            "EvaluateParams",
-            "Parameters of an evaluate job: held-out videos of a simulate job, the models.",
-            InferenceConfig,
-            own,
-        )
-    raise ValueError(f"unknown job kind {kind!r}; use one of simulate, finetune, infer, evaluate")
+    spec = get(kind)
+    cached = _MODELS.get(kind)
+    if cached is None or cached[0] is not spec:
+        cached = _MODELS[kind] = (spec, spec.parameter_model())
+    return cached[1]
 
 
 def validate_params(kind: str, params: dict[str, Any] | None) -> _Params:
@@ -362,7 +692,7 @@ class JobMetricOut(MetricOut):
     """A metric with the job that measured it and the dataset and model that job used."""
 
     job_id: str
-    job_kind: JobKind
+    job_kind: str
     dataset_job_id: str | None = None
     model_job_id: str | None = None
 
@@ -377,6 +707,46 @@ class UserOut(BaseModel):
     is_admin: bool
 
 
+class LimitsIn(BaseModel):
+    """Body of ``PUT /api/users/{name}/limits`` (admins): every limit of the user; a limit left
+    out or null follows the server's setting of the same name. Memory and disk in bytes, time
+    in seconds of worker time (scaled by the server's ``cost_time_scale``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_job_memory_bytes: int | None = Field(None, gt=0, le=2**50)
+    max_job_disk_bytes: int | None = Field(None, gt=0, le=2**53)
+    max_job_time_s: float | None = Field(None, gt=0, le=365 * 86400)
+    max_queued_jobs: int | None = Field(None, ge=1, le=100_000)
+    max_running_jobs: int | None = Field(None, ge=1, le=10_000)
+
+
+class LimitsOut(BaseModel):
+    """A user's limits in force (``sources``: ``user`` where an admin set the user's own value,
+    ``server`` where the server's setting applies)."""
+
+    user: str
+    max_job_memory_bytes: int
+    max_job_disk_bytes: int
+    max_job_time_s: float
+    max_queued_jobs: int
+    max_running_jobs: int | None
+    sources: dict[str, Literal["user", "server"]]
+    queued_or_running: int = Field(0, description="the user's jobs queued or running now")
+
+
+class EstimateOut(BaseModel):
+    """``POST /api/jobs/estimate``: what a job would cost and whether the caller may run it.
+    Memory (peak RSS of the worker) and disk (artifacts + embedding cache) in bytes, time in
+    seconds (``calseg.service.costs``)."""
+
+    kind: str
+    estimate: dict[str, Any]
+    limits: LimitsOut
+    fits: bool
+    over: list[str] = Field(default_factory=list, description="resources over the limit")
+
+
 class JobOut(BaseModel):
     """A job: its parameters, state, progress and (in detail) results."""
 
@@ -385,7 +755,7 @@ class JobOut(BaseModel):
     id: str
     owner_id: str | None = None
     owner_name: str | None = None
-    kind: JobKind
+    kind: str
     state: JobState
     params: dict[str, Any]
     progress: float
@@ -435,6 +805,16 @@ class RecordingOut(BaseModel):
     width: int
     dtype: str
     created_at: datetime
+    read_options: dict[str, Any] | None = Field(
+        None, description="reading options given at upload (axes, channel, ...)"
+    )
+    axes: str | None = Field(None, description="the stored data's axes as read, e.g. TZCYX")
+    warnings: list[str] = Field(
+        default_factory=list, description="what the reader noticed or converted"
+    )
+    info: dict[str, Any] | None = Field(
+        None, description="the reader's description (format, stored shape, interval, ...)"
+    )
     duplicate: bool = False
     message: str | None = None
 

@@ -6,12 +6,16 @@ here, so one set of ``CALSEG_*`` variables configures all of them.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from calseg.io.recordings import ReadLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root (the folder holding ``pyproject.toml``)."""
@@ -46,6 +50,20 @@ class Settings(BaseSettings):
         default=Path("../shared/data/real"), description="Real recordings for tests and demos."
     )
     max_upload_bytes: int = Field(default=4 * 1024**3, gt=0, description="Upload limit (bytes).")
+    max_recording_pixels: int = Field(
+        default=2**31,
+        gt=0,
+        description="Decode budget of one recording: most frames x rows x columns (2^31, e.g. "
+        "8192 frames of 512 x 512). Checked against the file's header before any pixel is "
+        "decoded, at upload (413) and in every job and preview.",
+    )
+    max_recording_bytes: int = Field(
+        default=4 * 1024**3,
+        gt=0,
+        description="Decode budget of one recording in bytes: every stored sample (all "
+        "channels, Z planes, colours) and the frames returned; also the largest HDF5 chunk. "
+        "4 GiB: an uncompressed file as large as the default upload limit fits.",
+    )
     max_json_bytes: int = Field(
         default=1024**2, gt=0, description="Limit of JSON request bodies (bytes); larger: 413."
     )
@@ -73,6 +91,24 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes to the database."
+    )
+    # -- cancellation and the job's own process (calseg.service.jobproc)
+    cancel_check_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="A running job asks the database whether it was cancelled at most this "
+        "often (s), from the cancellation points of its loops.",
+    )
+    cancel_grace_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="A job that has not stopped this long (s) after its cancel is killed with "
+        "its process (job_process=child).",
+    )
+    job_process: Literal["child", "inline"] = Field(
+        default="child",
+        description="child: the worker runs each job in a forked child process it can kill "
+        "(hard cancel, a crash or OOM kill fails only that job); inline: in the worker itself.",
     )
     # -- workers, heartbeats and the reconciler (calseg.service.reconcile)
     heartbeat_interval_s: float = Field(
@@ -102,6 +138,51 @@ class Settings(BaseSettings):
         description="fsspec URL of the artifact store (memory://, file:///srv/calseg, "
         "s3://bucket/prefix with s3fs installed); None: the local folder artifact_dir.",
     )
+    # -- job cost limits and quotas (calseg.service.costs; per user: users.max_* columns)
+    job_max_memory_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Largest estimated peak memory of one job (bytes); None: 80 % of this "
+        "machine's physical memory. Per user: users.max_job_memory_bytes.",
+    )
+    job_max_disk_bytes: int = Field(
+        default=200 * 1024**3,
+        gt=0,
+        description="Largest estimated bytes one job writes (artifacts + embedding cache).",
+    )
+    job_max_time_s: float = Field(
+        default=48 * 3600.0,
+        gt=0,
+        description="Largest estimated worker time of one job (s, scaled by cost_time_scale).",
+    )
+    cost_time_scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=100,
+        description="Worker speed relative to the machine the cost constants were measured on "
+        "(2-core CPU): a GPU worker sets e.g. 0.05, so estimated times shrink 20x.",
+    )
+    max_queued_jobs: int = Field(
+        default=100,
+        ge=1,
+        description="Jobs one user may have queued or running at once (quota; more: 429).",
+    )
+    max_running_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Jobs of one user that run at once; None: no limit (workers still take "
+        "users in turn, calseg.service.fairness).",
+    )
+    allowed_devices: list[str] | None = Field(
+        default=None,
+        description='Devices jobs may ask for (JSON list, e.g. ["auto","cpu","cuda"]); None: '
+        "auto and cpu, plus cuda when this machine has a GPU.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses of reverse proxies whose X-Forwarded-For is believed (JSON "
+        'list, e.g. ["10.0.0.5"]); empty (default): none, the socket peer is the client.',
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="Log lines of api and workers: text, or one JSON object each."
     )
@@ -125,13 +206,20 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    def read_limits(self) -> ReadLimits:
+        """The decode budget of one recording (:class:`calseg.io.recordings.ReadLimits`)."""
+        from calseg.io.recordings import ReadLimits
+
+        return ReadLimits(self.max_recording_pixels, self.max_recording_bytes)
+
     def to_env(self) -> dict[str, str]:
         """The ``CALSEG_*`` environment variables that reproduce these settings in a child."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            env[f"CALSEG_{name.upper()}"] = str(value)
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            env[f"CALSEG_{name.upper()}"] = text
         return env
 
 

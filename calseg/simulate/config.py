@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
 from calseg.simulate.model import ModelParameters
+from calseg.simulate.render import DEFECTS
 
 PatternClassName = Literal["spikes", "transients", "waves", "fluttering"]
 IndicatorName = Literal["GCaMP6s", "GCaMP6f", "GCaMP6m"]
@@ -57,6 +58,33 @@ class ImagingOverrides(BaseModel):
     fmin_over_fmax: float | None = Field(
         None, gt=0, lt=1, description="indicator Fmin / Fmax (1 / dynamic range)"
     )
+
+
+class DefectSetting(BaseModel):
+    """How one defect family is drawn (:func:`calseg.simulate.render.draw_severity`).
+
+    Without a setting, the source's families are present in a video with probability
+    ``defect_severity`` and then have severity ``defect_severity * U(0.5, 1)``; the global
+    intensity changes (``illumination_flicker``, ``auto_gain``, ``contrast_normalisation``) are
+    off. ``enabled: true`` draws a defect like the others; ``severity`` fixes it in every video;
+    ``enabled: false`` removes it. Each defect's parameters and their sources are documented on
+    its stage class in :mod:`calseg.simulate.render`.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool | None = Field(
+        None, description="true: drawn like the others; false: never; null: the default"
+    )
+    severity: float | None = Field(
+        None, ge=0, le=1, description="fixed severity in every video (null: drawn)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DefectSetting:
+        if self.enabled is False and self.severity:
+            raise ValueError("a disabled defect cannot have a severity > 0")
+        return self
 
 
 class SimulationConfig(BaseModel):
@@ -131,6 +159,11 @@ class SimulationConfig(BaseModel):
     hysteresis_low_uM: float | None = Field(
         None, gt=0, le=10, description="optional hysteresis: active until c <= this (uM)"
     )
+    defects: dict[str, DefectSetting] = Field(
+        default_factory=dict,
+        description='per-defect settings by name (e.g. {"auto_gain": {"enabled": true}} or '
+        '{"drift": {"severity": 0}}); names: those of calseg.simulate.render.DEFECTS',
+    )
     imaging: ImagingOverrides | None = Field(
         None,
         description="imaging parameters pinned instead of drawn per video (e.g. fitted to a "
@@ -144,6 +177,9 @@ class SimulationConfig(BaseModel):
                 f"n_val_videos ({self.n_val_videos}) + n_test_videos ({self.n_test_videos}) "
                 f"must leave at least one training video out of n_videos ({self.n_videos})"
             )
+        unknown = sorted(set(self.defects) - set(DEFECTS))
+        if unknown:
+            raise ValueError(f"unknown defect(s) {unknown}; use names from {list(DEFECTS)}")
         try:
             self.model_parameters()
         except ValueError as exc:

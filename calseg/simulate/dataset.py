@@ -149,6 +149,7 @@ def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) ->
         start = choose_window(act, first, config.n_frames, config.acquisition_window)
         start = min(start, n_all - n_src)
         c_win = c_all[:, start : start + n_src]
+        start_p, stop_p = 0.6 + 0.3 * i / len(seeds), 0.6 + 0.3 * (i + 1) / len(seeds)
         image, labels, cal, meta = render_video(
             tissue,
             c_win,
@@ -161,6 +162,8 @@ def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) ->
             config.activity_threshold_uM,
             config.hysteresis_low_uM,
             imaging=config.imaging.model_dump(exclude_none=True) if config.imaging else None,
+            defects={k: v.model_dump() for k, v in config.defects.items()},
+            progress=scaled(progress, start_p, stop_p),
         )
         meta["window"] = {"start_s": float(times[start]), "start_frame": start}
         meta["tissue"] = {**tissue.info, **tissue.stats()}
@@ -169,7 +172,7 @@ def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) ->
             **setup.info,
             "initiator_ids": (np.flatnonzero(setup.initiators) + 1).tolist(),
         }
-        progress(0.6 + 0.3 * (i + 1) / len(seeds), "render", f"video {i + 1}/{len(seeds)}")
+        progress(stop_p, "render", f"video {i + 1}/{len(seeds)}")
         yield {
             "id": f"v{i:03d}",
             "split": config.split_of(i),

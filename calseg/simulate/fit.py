@@ -30,9 +30,8 @@ recording"). Estimators (all plain numpy/scipy, one function each):
 * **Photobleaching** (:func:`fit_bleaching`): Theil-Sen slope of ``log`` of the per-frame
   median tissue signal (camera offset and background removed) against time; robust to
   transient Ca2+ activity in a minority of frames.
-* **Cell size** (:func:`fit_cell_size`): radially averaged autocorrelation of the high-passed
-  temporal mean image; its first zero crossing is a cell radius (calibrated on the simulator,
-  see the function).
+* **Cell size**: :func:`calseg.analysis.cellsize.estimate_cell_diameter`, CalSeg's one cell-size
+  estimator (the ``cells`` target uses it too): scale-space energy of the resting image.
 * **Frame interval, pixel size**: from the file's metadata when present, else the simulator's
   defaults (recorded as such in ``notes``).
 * **Intensity range**: output bit depth and ADC range from the maximum value.
@@ -56,7 +55,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import stats
 
+from calseg.analysis.cellsize import estimate_cell_diameter
 from calseg.io.recordings import RecordingError
+from calseg.progress import check_cancelled
 from calseg.simulate.config import ImagingOverrides, SimulationConfig
 from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
 from calseg.simulate.render import INDICATORS, hill
@@ -78,9 +79,6 @@ Field 1987, JOSA A 4:2379; van der Schaaf & van Hateren 1996, Vision Res 36:2759
 simulator's tissues sigma 0.7-2.0 px is recovered within 15 % with it (tests/test_fit.py)."""
 MAD_TO_SIGMA = 1.4826
 """sigma = 1.4826 MAD for a normal distribution."""
-CELL_SCALE_PER_RADIUS = 0.85
-"""LoG blob scale per cell radius on the simulator's tissues (median of 0.5-1.5 measured over
-pouch/rectangle tissues of 40-160 px cells; :func:`fit_cell_size`)."""
 
 
 class FitError(RecordingError):
@@ -354,6 +352,7 @@ def fit_bleaching(
         raise FitError(f"need a (T, H, W) recording with T >= 3, got shape {a.shape}")
     mean_img = np.zeros(a.shape[1:], np.float64)
     for f in range(a.shape[0]):  # frame by frame: no float copy of the whole recording
+        check_cancelled()
         mean_img += a[f]
     mean_img /= a.shape[0]
     tissue = mean_img > np.quantile(mean_img, 0.5)
@@ -367,54 +366,6 @@ def fit_bleaching(
     if hi >= 0 or slope >= 0:
         return math.inf, details
     return float(-1.0 / slope), details
-
-
-def fit_cell_size(resting_image: np.ndarray) -> tuple[float, dict]:
-    """Typical cell radius (px) from the characteristic scale of the resting image.
-
-    Scale-normalised Laplacian-of-Gaussian energy ``E(s) = mean((s^2 LoG_s * I)^2)`` over the
-    tissue interior (Otsu mask, closed and hole-filled, pixels farther than ``2 s`` from its
-    edge, so the tissue outline does not count) for 30 scales ``s`` from 0.8 to 16 px; the
-    interior local maximum with the largest energy is the blob scale (Lindeberg 1998, IJCV
-    30:79: a disc of radius r peaks at ``s = r / sqrt(2)``). ``radius = s / CELL_SCALE_PER_RADIUS``
-    (calibrated on the simulator's tissues, where the ratio spans 0.5-1.5 with the nucleus
-    and membrane texture: a factor-of-2 estimate, enough to pick the simulated cell size).
-
-    Args:
-        resting_image: ``(H, W)`` 10th temporal percentile of the recording (cells at rest).
-
-    Returns:
-        ``(radius_px, details)``; radius NaN when the energy has no interior maximum.
-    """
-    from skimage.filters import threshold_otsu
-
-    img = np.asarray(resting_image, np.float64)
-    try:
-        thr = threshold_otsu(img)
-    except ValueError:
-        thr = float(img.mean())
-    mask = ndi.binary_fill_holes(ndi.binary_closing(img > thr, iterations=3))
-    dist = ndi.distance_transform_edt(mask)
-    scales = np.geomspace(0.8, 10.0, 30)
-    energy = np.zeros(scales.size)
-    for k, s in enumerate(scales):
-        inner = dist > 2 * s
-        if inner.sum() < 50:
-            break
-        lap = s * s * ndi.gaussian_laplace(img, s, mode="reflect")
-        energy[k] = float(np.mean(lap[inner] ** 2))
-    loc = [
-        k
-        for k in range(1, scales.size - 1)
-        if energy[k] >= energy[k - 1] and energy[k] > 0 and energy[k] >= energy[k + 1]
-    ]
-    if not loc:
-        return float("nan"), {"note": "no interior maximum of the LoG energy (0.8-10 px)"}
-    k = max(loc, key=lambda i: energy[i])
-    return float(scales[k] / CELL_SCALE_PER_RADIUS), {
-        "scale_px": float(scales[k]),
-        "interior_local_maxima_px": [float(scales[i]) for i in loc],
-    }
 
 
 def fmin_from_peak_ratio(peak_ratio: float, indicator: str = "GCaMP6s") -> float | None:
@@ -546,6 +497,42 @@ class RecordingFit:
         return SimulationConfig.model_validate(d)
 
 
+CAMERA_GAIN_RANGE_ADU_PER_E = (0.05, 50.0)
+"""Gains cameras give without electron multiplication (sCMOS and CCD: about 0.1-20 ADU/e-,
+e.g. Huang et al. 2013, Nat Methods 10:653 for sCMOS); outside it the fit is flagged."""
+MIN_READ_NOISE_E = 0.1
+"""A fitted read noise below this (e-) is flagged: none could be separated from shot noise."""
+
+
+def plausibility_notes(gain_adu_per_e: float, read_noise_e: float, n_frames: int) -> list[str]:
+    """Notes on fitted numbers that are implausible for a camera, with the likely reason.
+
+    Args:
+        gain_adu_per_e: fitted gain; read_noise_e: fitted read noise (e-); n_frames: frames.
+
+    Returns:
+        Zero to two notes (the numbers stay: they are what reproduces the recording's noise).
+    """
+    lo, hi = CAMERA_GAIN_RANGE_ADU_PER_E
+    out = []
+    if not lo <= gain_adu_per_e <= hi:
+        out.append(
+            f"gain {gain_adu_per_e:.4g} ADU/e- is outside what cameras give without electron "
+            f"multiplication ({lo:g}-{hi:g} ADU/e-): these are probably not raw camera counts "
+            "(photon-counting PMT data such as two-photon recordings, EM gain, or rescaled / "
+            "averaged data). The fitted gain, offset and read noise are effective values that "
+            "reproduce the recording's noise in the simulator, not the camera's"
+        )
+    if read_noise_e < MIN_READ_NOISE_E:
+        out.append(
+            f"read noise fitted as {read_noise_e:.2g} e-: the variance-versus-mean line leaves "
+            "no intensity-independent noise (photon counting, or a dark offset already "
+            f"subtracted{'; only ' + str(n_frames) + ' frames' if n_frames < 50 else ''}), so "
+            "the simulator renders none"
+        )
+    return out
+
+
 def fit_recording(
     frames: np.ndarray,
     frame_interval_s: float | None = None,
@@ -613,8 +600,9 @@ def fit_recording(
     tau_frames, bl_d = fit_bleaching(raw, 1.0, dark_level)
     details["bleaching"] = bl_d
     # Cells.
-    radius, cs_d = fit_cell_size(np.quantile(a, 0.1, axis=0))
-    details["cell_size"] = cs_d
+    size = estimate_cell_diameter(a)
+    details["cell_size"] = size.to_dict()
+    radius = size.diameter_px / 2.0
     if not math.isfinite(radius):
         notes.append("no characteristic cell scale found: simulator default cell area kept")
         radius = math.sqrt(SimulationConfig().mean_cell_area_px / math.pi)
@@ -646,6 +634,7 @@ def fit_recording(
     h0 = float(hill(np.array(RESTING_CA_UM), indicator))
     f0_rel = fmin_used + (1 - fmin_used) * h0
     photon_scale = f0_level / g / (f0_rel * MEAN_TEXTURE)
+    notes.extend(plausibility_notes(float(g), float(dark.read_noise_e), int(raw.shape[0])))
     maxv = float(raw.max())
     if raw.dtype == np.uint8:
         bit_depth, adc_bits = 8, 8

@@ -10,7 +10,24 @@ Edge weights of the Laplacian are shared edge lengths: the number of 4-connected
 pairs between two cells, times ``pi/4`` (the mean ratio of Euclidean to Manhattan length of a
 randomly oriented segment) and times ``sqrt(reference_area / mean_cell_area)`` so the coupling
 matches the source's pixel scale (mean cell area about 204 px, DESIGN.md section 2) whatever
-the rendering resolution. With that scaling the model's ``Dp`` keeps its published meaning.
+the rendering resolution. With that scaling the model's ``Dp`` keeps its published meaning,
+and coupling is a property of the tissue, not of the render scale (tested: the same tissue at
+100 px and 204 px cells couples within 1 %).
+
+Measured against the published behaviour (issue 17 item 4, ``python
+scripts/tissue_activity_study.py``: 12 pouches of ~3255 cells, seeds 100-111, 100 px cells,
+published Euler, 3600 s, c > 0.1 uM at any time): the *transients* class recruits 13.9 % of the
+cells (SD 2.8, 11.0-20.0) against the published ~23 %; spikes 2.8 % (SD 0.2; published ~3 %), waves
+and fluttering 100 %. The transients fraction is steep in the coupling (``--coupling-scale``):
+x1.048, the reference area at the top of the published range (224 px), gives 17.8 % (SD 3.9), x1.1
+gives 25.5 % (SD 6.7), dropping ``pi/4`` (x1.27) 62 % (46-83, seeds 100-103). 23 % would take about
+x1.08, a reference area of about 238 px, outside the 185-224 px measured on the published geometry:
+no convention defensible from DESIGN.md reproduces it. Excluded as causes: the published code's
+one-step lag of the ER calcium ``s`` and its clipping of c, p >= 0 (no change on the same draws), a
+less regular tessellation (jitter 1-3: perimeter / sqrt(area) +1.6 %, fractions within the seed
+spread), the render scale (``--cell-area-px 100`` and 204: 11.9 and 15.2 % over seeds 100-103,
+within the seed spread; the coupling itself agrees within 1 %, tested). The gap is documented, not
+tuned away.
 """
 
 from __future__ import annotations
@@ -21,6 +38,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
+
+from calseg.progress import check_cancelled
 
 REFERENCE_CELL_AREA_PX = 204.0  # mean cell area at the source's scale (185-224 px)
 POUCH_ASPECT = 1.43  # major/minor axis of the source's oval pouch
@@ -195,6 +214,7 @@ def make_tissue(
         phase = rng.uniform(0, 2 * np.pi, (seeds.shape[0], order.size))
         star = (amp, phase, order)
     for _ in range(lloyd_iterations):
+        check_cancelled()
         owner = np.asarray(_assign(pix, seeds, None))
         cnt = np.bincount(owner, minlength=seeds.shape[0])
         keep = cnt > 0

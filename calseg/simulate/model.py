@@ -40,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from calseg.progress import ProgressFn
+from calseg.progress import ProgressFn, check_cancelled
 
 PatternClass = Literal["spikes", "transients", "waves", "fluttering"]
 IntegratorName = Literal["euler", "imex"]
@@ -275,6 +275,7 @@ def integrate(
         j += 1
     report_every = max(1, n_steps // 100)
     for step in range(1, n_steps + 1):
+        check_cancelled()
         rate, pump, c2 = _rhs_parts(c, p, r, params)
         prod = vplc * c2 / (c2 + Kplc2) - K5 * p
         c4 = c2 * c2

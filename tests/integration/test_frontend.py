@@ -18,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import time
 import uuid
 from pathlib import Path
 
 import httpx
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
 
 from calseg.demo import CHROMIUM_ARGS
+from calseg.io.tables import read_events_csv
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +138,7 @@ def _fake_jobs(service, user: dict, dataset_job_id: str) -> tuple[str, str]:
                     job_id=ft.id, name="val_iou", value=0.2 + step / 100, subset="val", step=step
                 )
             )
-        for model, iou in (("fine-tuned", 0.71), ("base", 0.42), ("baseline", 0.35)):
+        for model, iou in (("SAM2 fine-tuned", 0.71), ("SAM2 untuned", 0.42), ("classical", 0.35)):
             s.add(Metric(job_id=ev.id, name="iou", value=iou, model=model, subset="test"))
             s.add(Metric(job_id=ev.id, name="dice", value=iou + 0.1, model=model, subset="test"))
         return ft.id, ev.id
@@ -212,6 +215,9 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     meta = page.locator("#upload-meta").text_content()
     assert "frames75" in meta and "100 × 100" in meta and f"data type{rec['dtype']}" in meta
     assert rec["id"] in meta and rec["sha256"] in meta
+    # the reader's warnings are shown (this file stores its frames as ImageJ Z slices)
+    shown = page.locator("#upload-warnings").text_content()
+    assert rec["warnings"] and all(w in shown for w in rec["warnings"]) and "Z slices" in shown
 
     # --- the infer form, generated from the schema, filled in for the recording
     assert page.locator("#job-kind").input_value() == "infer"
@@ -219,7 +225,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     assert page.locator("#f-infer-recording_id").input_value() == rec["id"]
     assert page.locator("#f-infer-min_region_px").input_value() == "15"  # default shown
     assert "default: 15" in page.locator("#f-infer-min_region_px-hint").text_content()
-    page.select_option("#f-infer-method", label="baseline")
+    page.select_option("#f-infer-method", label="classical")
     page.locator("#job-more").evaluate("d => d.open = true")
     page.fill("#f-infer-min_region_px", "0")  # schema minimum 1: refused in the page
     page.get_by_role("button", name="Submit infer job").click()
@@ -240,20 +246,21 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     # only what differs from the defaults is sent
     assert req.value.post_data_json == {
         "kind": "infer",
-        "params": {"recording_id": rec["id"], "method": "baseline"},
+        "params": {"recording_id": rec["id"], "method": "classical"},
     }
     page.wait_for_function(
         "document.querySelector('#job-form-status').textContent.includes('queued')"
     )
     jobs = api.get("/api/jobs", params={"kind": "infer"}).json()["items"]
-    assert len(jobs) == 1 and jobs[0]["params"]["method"] == "baseline"
+    assert len(jobs) == 1 and jobs[0]["params"]["method"] == "classical"
     assert jobs[0]["params"]["recording_id"] == rec["id"]
     job_id = jobs[0]["id"]
 
     # --- the dashboard shows it (owner, progress) until it succeeds; Enter on the row opens it
     row = page.locator(f"#jobs-body tr[data-job-id='{job_id}']")
     row.wait_for()
-    assert row.locator("td").nth(3).text_content() == user["name"]
+    assert row.locator("td").nth(4).text_content() == user["name"]
+    assert row.locator("td.what").text_content().endswith(f"· {REAL}")  # method · recording
     page.wait_for_selector(
         f"#jobs-body tr[data-job-id='{job_id}']:has-text('succeeded')", timeout=180_000
     )
@@ -466,9 +473,13 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
 
     # --- the model comparison table: the evaluate job's metrics per model
     page.get_by_role("button", name="Refresh").click()
-    page.wait_for_selector("#compare-table tbody tr:has-text('fine-tuned')")
+    page.wait_for_selector("#compare-table tbody tr:has-text('SAM2 fine-tuned')")
     table = page.locator("#compare-table").text_content()
-    for model, iou_value in (("fine-tuned", "0.71"), ("base", "0.42"), ("baseline", "0.35")):
+    for model, iou_value in (
+        ("SAM2 fine-tuned", "0.71"),
+        ("SAM2 untuned", "0.42"),
+        ("classical", "0.35"),
+    ):
         assert model in table and iou_value in table
     assert ev_id[:8] in table and f"dataset {sim_id[:8]}" in table
     assert page.locator("#compare-table tbody tr").count() == 3  # one row per model
@@ -497,7 +508,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
         sim = api.get(f"/api/jobs/{sim['id']}").json()
     assert sim["state"] == "succeeded", sim["error"]
     video = next(v["id"] for v in sim["result"]["videos"] if v["split"] == "test")
-    params = {"dataset_job_id": sim["id"], "video_id": video, "method": "baseline"}
+    params = {"dataset_job_id": sim["id"], "video_id": video, "method": "classical"}
     inf = api.post("/api/jobs", json={"kind": "infer", "params": params}).json()
     page.evaluate(f"location.hash = '#job={inf['id']}'")
     page.wait_for_selector("#viewer:not([hidden]) #gt-box:not([hidden])", timeout=120_000)
@@ -541,3 +552,215 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     with ThreadPoolExecutor(1) as pool:
         shot = pool.submit(screenshot_page, url, SHOTS / "demo_page.png").result(timeout=120)
     assert shot is not None and shot.stat().st_size > 10_000
+
+
+def _upload(api: httpx.Client, path: Path) -> dict:
+    with path.open("rb") as fh:
+        r = api.post("/api/recordings", files={"file": (path.name, fh, "application/octet-stream")})
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+def _wait_job(api: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = api.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            assert job["state"] == "succeeded", job.get("error")
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['state']}"
+        time.sleep(0.5)
+
+
+def _open_job(page, job_id: str) -> None:
+    page.evaluate(f"location.hash = '#job={job_id}'")
+    page.wait_for_selector("#result-box:not([hidden])", timeout=60_000)
+    page.wait_for_function(
+        f"document.querySelector('#detail-title').textContent.includes('{job_id}')"
+    )
+
+
+def _no_horizontal_scroll(page) -> None:
+    over = page.evaluate(
+        """() => [document.documentElement.scrollWidth, window.innerWidth,
+            [...document.querySelectorAll('body *')].filter((e) => {
+              const r = e.getBoundingClientRect();
+              return r.width > 0 && r.right > window.innerWidth + 1
+                && !e.closest('.table-wrap') && getComputedStyle(e).position !== 'absolute';
+            }).slice(0, 5).map((e) => e.id || e.tagName + '.' + e.className)]"""
+    )
+    assert over[0] <= over[1] + 1, f"page wider than the window: {over}"
+
+
+def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_path) -> None:
+    """Issue 15 in the browser: defaults that work, empty results that explain themselves,
+    names that cannot be confused, the analysis a calcium-imaging user expects, no UUIDs to
+    type, at 1280 x 800 and on a phone-sized window (screenshots in test-artifacts/)."""
+    from calseg.io.recordings import UPLOAD_SUFFIXES
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    recs = {
+        name: _upload(api, real_file(name))
+        for name in ("sima_example.tif", REAL, "fissa_b_AVG_A02.tif")
+    }
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{service.url}/#token={user['token']}")
+    page.wait_for_selector("#app:not([hidden])")
+
+    # --- the upload box takes every format the readers take, and says which
+    accept = page.locator("#upload-file").get_attribute("accept").split(",")
+    assert set(UPLOAD_SUFFIXES) <= set(accept), set(UPLOAD_SUFFIXES) - set(accept)
+    formats = page.locator("#upload-formats").text_content()
+    for word in ("TIFF", "HDF5", ".npy", "AVI", "ND2", "CZI", "LIF"):
+        assert word in formats, word
+
+    # --- the infer form: method auto (= classical here, said why); recordings picked by name
+    page.select_option("#job-kind", "infer")
+    page.wait_for_selector("#f-infer-recording_id-pick option >> nth=1", state="attached")
+    method = page.locator("#f-infer-method")
+    assert method.input_value() == '"auto"'
+    assert method.locator("option:checked").text_content() == "auto (here: classical)"
+    assert "CALSEG_SAM2_CHECKPOINT" in page.locator("#f-infer-method-hint").text_content()
+    options = page.locator("#f-infer-recording_id-pick option").all_text_contents()
+    sima_opt = next(o for o in options if o.startswith("sima_example.tif"))
+    assert "20 frames, 128×256 px" in sima_opt and "MiB" in sima_opt and "uploaded" in sima_opt
+    page.select_option("#f-infer-recording_id-pick", label=sima_opt)
+    assert page.locator("#f-infer-recording_id").input_value() == recs["sima_example.tif"]["id"]
+    with page.expect_response(
+        lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST"
+    ) as resp:
+        page.get_by_role("button", name="Submit infer job").click()
+    assert resp.value.request.post_data_json == {
+        "kind": "infer",
+        "params": {"recording_id": recs["sima_example.tif"]["id"]},  # the defaults: auto
+    }
+    empty_id = resp.value.json()["id"]
+    empty = _wait_job(api, empty_id)
+    assert empty["result"]["method"] == "classical" and empty["result"]["n_cells"] == 0
+
+    # --- the empty result explains itself: why, the activity map, next steps with numbers
+    _open_job(page, empty_id)
+    assert page.locator("#random-banner").is_hidden()
+    fields = page.locator("#result-fields").text_content()
+    assert "classical" in fields and "0 cells (active)" in fields
+    assert "no SAM2 weights are configured" in fields  # why this method
+    page.wait_for_selector("#diagnosis-box:not([hidden])")
+    assert "noise SDs" in page.locator("#diagnosis-reason").text_content()
+    first = page.locator("#suggestion-list li").first
+    assert "calseg segment sima_example.tif OUT_DIR --target cells" in first.text_content()
+    assert re.search(r"\d+ regions on the mean projection", first.text_content())
+    page.wait_for_function("document.querySelector('#activity-img').naturalWidth > 0")
+    _wait_frame(page, f"src.includes('{empty_id}') && frame === '0'")
+    page.screenshot(path=str(SHOTS / "page_empty_result_1280x800.png"), full_page=True)
+
+    # --- "Use these settings": the infer form filled in, target cells; its result is honest
+    first.get_by_role("button", name=re.compile("Use these settings")).click()
+    assert page.locator("#f-infer-target").input_value() == '"cells"'
+    assert page.locator("#f-infer-recording_id").input_value() == recs["sima_example.tif"]["id"]
+    with page.expect_response(
+        lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST"
+    ) as resp:
+        page.get_by_role("button", name="Submit infer job").click()
+    cells_id = resp.value.json()["id"]
+    cells_job = _wait_job(api, cells_id)
+    assert cells_job["params"]["target"] == "cells"
+    _open_job(page, cells_id)
+    evidence = page.locator("#result-fields").text_content()
+    m = re.search(
+        r"(\d+) regions labelled \((\d+) % of the field\); (\d+) shows? a calcium", evidence
+    )
+    assert m and int(m.group(1)) == cells_job["result"]["n_cells"], evidence
+    page.wait_for_selector("#raster-box:not([hidden])")
+    assert page.locator("#raster-canvas").get_attribute("data-rows") == m.group(1)
+
+    # --- SAM2 with random weights: every output says so (page, jobs list, overlay image)
+    sam = api.post(
+        "/api/jobs",
+        json={"kind": "infer", "params": {"recording_id": recs["fissa_b_AVG_A02.tif"]["id"],
+                                          "method": "sam2", "image_size": 64}},
+    ).json()  # fmt: skip
+    sam = _wait_job(api, sam["id"])
+    assert sam["result"]["model_label"] == "SAM2 untuned (random weights)"
+    _open_job(page, sam["id"])
+    banner = page.locator("#random-banner")
+    assert banner.is_visible() and "RANDOM weights" in banner.text_content()
+    overlay = next(a for a in sam["artifacts"] if a["name"] == "overlay.png")
+    img = iio.imread(io.BytesIO(api.get(overlay["url"]).content))
+    red = (img[..., 0] > 180) & (img[..., 1] < 60) & (img[..., 2] < 60)
+    assert red.sum() > 1000  # the red banner on the contact sheet
+
+    # --- a recording with cells: notes, raster sortable by onset, events, exports
+    ac = api.post(
+        "/api/jobs", json={"kind": "infer", "params": {"recording_id": recs[REAL]["id"]}}
+    ).json()
+    ac = _wait_job(api, ac["id"])
+    _open_job(page, ac["id"])
+    notes = page.locator("#notes-list").text_content()
+    assert "dF/F looks inflated" in notes and "noise estimate" in notes
+    page.wait_for_selector("#raster-box:not([hidden])")
+    page.wait_for_selector("#events-body tr")
+    canvas = page.locator("#raster-canvas")
+    n = len(api.get(f"/api/jobs/{ac['id']}/cells").json()["ids"])
+    assert (
+        canvas.get_attribute("data-rows") == str(n) and canvas.get_attribute("data-sort") == "onset"
+    )
+    (tmp_path / "events.csv").write_bytes(
+        api.get(f"/api/jobs/{ac['id']}/artifacts/events.csv").content
+    )
+    events = read_events_csv(tmp_path / "events.csv")
+    onset: dict[int, float] = {}
+    for e in events:
+        onset[e["cell_id"]] = min(onset.get(e["cell_id"], np.inf), e["onset_s"])
+    order = [int(x) for x in canvas.get_attribute("data-order").split(",")]
+    firsts = [onset.get(c, np.inf) for c in order]
+    assert firsts == sorted(firsts)  # rows by first event onset; cells without events last
+    page.select_option("#raster-sort", "id")
+    page.wait_for_function("document.querySelector('#raster-canvas').dataset.sort === 'id'")
+    by_id = [int(x) for x in canvas.get_attribute("data-order").split(",")]
+    assert by_id == sorted(by_id)
+    page.select_option("#raster-sort", "onset")
+    assert page.locator("#events-body tr").count() == min(len(events), 200)
+    assert f"{len(events)} events" in page.locator("#events-title").text_content()
+    page.locator("#events-body tr").first.click()
+    first_cell = page.locator("#events-body tr").first.get_attribute("data-cell")
+    page.wait_for_function(
+        f"document.querySelector('#trace-caption').textContent.trim() === 'cell {first_cell}'"
+    )
+    traces = next(a for a in ac["artifacts"] if a["name"] == "traces.csv")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Traces (CSV)").click()
+    assert hashlib.sha256(Path(dl.value.path()).read_bytes()).hexdigest() == traces["sha256"]
+    for name in ("Events (CSV)", "ROI set (ImageJ .zip)"):
+        assert page.get_by_role("button", name=name).is_visible()
+    assert page.locator("#view-canvas").get_attribute("data-scale-bar").endswith(("µm", "unknown)"))
+    page.evaluate("document.querySelector('#detail').scrollIntoView()")
+    page.screenshot(path=str(SHOTS / "page_analysis_1280x800.png"))
+    page.screenshot(path=str(SHOTS / "page_analysis_1280x800_full.png"), full_page=True)
+
+    # --- the jobs list tells the infer jobs apart: method or model, recording
+    page.select_option("#filter-kind", "infer")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ac['id']}']")
+    what = {
+        jid: page.locator(f"#jobs-body tr[data-job-id='{jid}'] td.what").text_content()
+        for jid in (empty_id, cells_id, sam["id"], ac["id"])
+    }
+    assert what[empty_id] == "classical · sima_example.tif"
+    assert what[cells_id] == "classical · sima_example.tif · all cells on a projection"
+    assert what[sam["id"]] == "SAM2 untuned (random weights) · fissa_b_AVG_A02.tif"
+    assert what[ac["id"]] == f"classical · {REAL}"
+    page.select_option("#filter-kind", "")
+
+    # --- a narrow window (a phone): nothing wider than the screen, everything reachable
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)
+    _no_horizontal_scroll(page)
+    page.screenshot(path=str(SHOTS / "page_analysis_390.png"), full_page=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / "page_top_390.png"))
+    _open_job(page, empty_id)
+    _wait_frame(page, f"src.includes('{empty_id}')")
+    _no_horizontal_scroll(page)
+    page.screenshot(path=str(SHOTS / "page_empty_result_390.png"), full_page=True)
+    assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -14,18 +14,48 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 
+_HOLES = "zero_cell|recording_in_use|forwarded|cli_bad"
+"""Tests of test_service_limits.py that belong to issue 13's "smaller holes" (item 7)."""
+
 GROUPS: list[tuple[str, str, str]] = [
     # (group, file pattern, test name pattern)
     ("files", r"test_file_corpus", r"test_(reader|upload)"),
     ("files", r"test_service_api", r"test_upload_limit_probe_and_duplicates"),
     ("files", r"test_file_corpus", r"test_4gb_sparse_bigtiff_upload"),
     ("long recordings", r"test_file_corpus", r"test_long_recording"),
+    # issue 13: hostile files (attack_files.py) through reader, upload, preview, infer
+    (
+        "file references",
+        r"test_file_attacks",
+        r"\[(hdf5-(external|virtual|lzf|scaleoffset|unknown)|ome-|hls-|ffconcat-|sdp-|"
+        r"mp4-magic|avi-magic|mov-data)|bare_library|confined_handle",
+    ),
+    ("file references", r"test_io_formats", r"bioio_reader"),
+    ("decompression bombs and decode cost", r"test_file_attacks", r"."),
+    ("decompression bombs and decode cost", r"test_io_recordings", r"read_limits|gzip_shuffle"),
+    ("decompression bombs and decode cost", r"test_api_recordings", r"lowered_budget|preview_"),
+    (
+        "frames read wrong",
+        r"test_io_recordings",
+        r"series_per_frame|interleave|one_channel|reading_options",
+    ),
+    ("frames read wrong", r"test_api_recordings", r"."),
     ("prompts", r"test_service_api", r"test_cell_at_pixel"),
     ("training data", r"test_training_data|test_segment_finetune", r"test_training_edge|empty"),
+    ("cancellation", r"test_cancel", r"."),
+    ("supervisor", r"test_supervisor", r"."),
+    ("supervisor", r"test_service_embedded", r"sigterm|sigkill|second_stack|port_is_free"),
     ("queue and workers", r"test_queue_workers|test_database_outage", r"."),
     ("queue and workers", r"test_service_jobs", r"lost|heartbeat|reconcil|retry|idempot"),
     ("queue and workers", r"test_service_embedded", r"."),
     ("storage", r"test_store", r"."),
+    # issue 13 items 3, 6, 7
+    ("job cost limits", r"test_service_limits", r"^test_(?!" + _HOLES + ")"),
+    ("job cost limits", r"test_service_migrations", r"0003"),
+    ("fairness", r"test_service_fairness|test_fair_queue", r"."),
+    ("small holes", r"test_service_limits", r"^test_(" + _HOLES + ")"),
+    ("small holes", r"test_frontend_accounts", r"."),
+    ("small holes", r"test_service_auth", r"rate_limited"),
     ("API", r"test_api_fuzz", r"."),
     ("API", r"test_service_api", r"bad_numbers|bad_params|unknown_ids"),
     ("API", r"test_service_auth", r"every_route|rate_limited|size_limited|references"),

@@ -165,14 +165,18 @@ def test_long_recording_5000_frames_memory_bounded(tmp_path: Path) -> None:
 
 @pytest.mark.reliability
 def test_4gb_sparse_bigtiff_upload(tmp_path: Path) -> None:
-    """A 4.3 GB BigTIFF (sparse file) streamed to the real api over loopback: accepted with the
-    right shape, sha256 matching, and the api's resident memory grows < 100 MB."""
+    """A 4.3 GB BigTIFF (sparse file) streamed to the real api over loopback (upload limit and
+    decode budget raised to 6 GiB): accepted with the right shape, sha256 matching, and the
+    api's resident memory grows < 100 MB."""
     from calseg.bench_service import sparse_bigtiff, upload_with_rss
 
     path = sparse_bigtiff(tmp_path / "huge.tif", 4.3e9)
     assert path.stat().st_size > 4 * 1024**3
     try:
-        result = upload_with_rss(path, tmp_path / "svc", max_upload_bytes=6 * 1024**3)
+        result = upload_with_rss(
+            path, tmp_path / "svc", max_upload_bytes=6 * 1024**3,
+            max_recording_bytes=6 * 1024**3, max_recording_pixels=2**32,
+        )  # fmt: skip
     finally:  # the stored copy is a real 4.3 GB file: do not leave it in pytest's tmp
         shutil.rmtree(tmp_path / "svc", ignore_errors=True)
     assert result["status"] == 201, result

@@ -19,7 +19,9 @@ def test_50_clients_submit_and_poll_without_errors(tmp_path: Path, pg_admin) -> 
     from calseg.service.db import session_scope
     from calseg.service.models import Job
 
-    with embedded(tmp_path / "svc") as svc:
+    # no worker runs here, so every submitted job stays queued: lift the per-user quota
+    # (default 100 queued jobs, answered 429; tested in tests/test_limits*.py) to load the api
+    with embedded(tmp_path / "svc", max_queued_jobs=1_000_000) as svc:
         assert svc.database == "postgresql"
         result = run_latency(
             svc.url, svc.headers, clients=50, seconds=20, poll_s=0.2, polls_per_job=3

@@ -26,9 +26,9 @@ SHORT = {"n_videos": 3, "n_frames": 4, "height": 128, "width": 128}
 
 
 def _enqueue(settings):
-    from worker.celery_app import make_celery
+    from calseg.service.broker import enqueue_celery, make_celery
 
-    return functools.partial(jobs.enqueue_celery, app=make_celery(settings))
+    return functools.partial(enqueue_celery, app=make_celery(settings))
 
 
 def _submit(settings, params) -> str:

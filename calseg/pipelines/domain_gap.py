@@ -21,7 +21,8 @@ Low-level statistics (:func:`set_statistics`, one value per set of recordings):
   each normalised to unit total power, compared as the RMS difference of ``log10`` power.
   Reference 0.5 decade.
 * ``cell_size``: ``|ln(r_real / r_sim)|`` of the characteristic cell radius of the resting
-  image (:func:`calseg.simulate.fit.fit_cell_size`). Reference 0.5.
+  image (:func:`calseg.analysis.cellsize.estimate_cell_diameter`, radius = diameter / 2).
+  Reference 0.5.
 
 **Score** = mean over the four components of ``component / reference``: 0 for identical
 statistics, about 1 when every statistic differs by its reference amount. The references are
@@ -44,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import linalg, stats
 
+from calseg.analysis.cellsize import estimate_cell_diameter
 from calseg.segment.embeddings import compute_normalisation
 from calseg.simulate.fit import (
     FitError,
-    fit_cell_size,
     fit_noise_curve,
     radial_power_spectrum,
 )
@@ -140,7 +141,7 @@ def set_statistics(recordings: list[np.ndarray], seed: int = 0) -> SetStatistics
         if f_ref is None:
             f_ref = f0
         psd.append(np.interp(f_ref, f0, np.log10(np.maximum(pm, 1e-30))))
-        radii.append(fit_cell_size(ref)[0])
+        radii.append(estimate_cell_diameter(ref).diameter_px / 2.0)
     order = np.argsort(nm)
     return SetStatistics(
         hist_sample=np.concatenate(samples),

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from calseg.analysis.metrics import MetricsInputError, instance_iou_matrix
+from calseg.analysis.metrics import MetricsInputError, instance_iou_matrix, matching_cost
 
 MAX_PLAUSIBLE_COVERAGE = 0.5
 """Mean fraction of the field covered by predictions above which a result is implausible
@@ -79,7 +79,9 @@ def prediction_footprints(pred: np.ndarray, min_fraction: float = 0.5) -> np.nda
     """One ``(H, W)`` uint32 label image of the footprints of a ``(T, H, W)`` label stack.
 
     Pixel p belongs to id i when i covers p in at least ``min_fraction`` of the frames where
-    i appears; where footprints overlap the id covering p in more frames wins.
+    i appears; where footprints overlap the id covering p in more frames wins (the smaller id
+    on a tie). Vectorised over the stack's labelled pixels (one sort of (id, pixel) and (id,
+    frame) codes), so the cost does not grow with the number of ids times the stack size.
 
     Raises:
         MetricsInputError: not a 3-D integer stack.
@@ -88,23 +90,35 @@ def prediction_footprints(pred: np.ndarray, min_fraction: float = 0.5) -> np.nda
     if pred.ndim != 3 or not np.issubdtype(pred.dtype, np.integer):
         raise MetricsInputError(f"expected a (T, H, W) integer label stack, got {pred.shape}")
     t, h, w = pred.shape
-    out = np.zeros((h, w), np.uint32)
-    best = np.zeros((h, w), np.int64)
-    ids = np.unique(pred)
-    for i in ids[ids != 0]:
-        m = pred == i
-        present = int(m.reshape(t, -1).any(axis=1).sum())
-        count = m.sum(axis=0)
-        fp = (count >= max(1, min_fraction * present)) & (count > best)
-        out[fp] = i
-        best[fp] = count[fp]
-    return out
+    n_pix = h * w
+    out = np.zeros(n_pix, np.uint32)
+    flat = pred.reshape(t, n_pix)
+    tt, pp = np.nonzero(flat)
+    if len(tt) == 0:
+        return out.reshape(h, w)
+    ids = flat[tt, pp].astype(np.int64)
+    # frames in which each id appears at all
+    id_frame = np.unique(ids * t + tt)
+    uid, present = np.unique(id_frame // t, return_counts=True)
+    # frames in which each id covers each pixel
+    codes, count = np.unique(ids * n_pix + pp, return_counts=True)
+    cid, cpix = np.divmod(codes, n_pix)
+    need = np.maximum(1.0, min_fraction * present[np.searchsorted(uid, cid)])
+    keep = count >= need
+    cid, cpix, count = cid[keep], cpix[keep], count[keep]
+    # per pixel the id with the most frames, the smaller id on a tie
+    order = np.lexsort((cid, -count, cpix))
+    cpix, cid = cpix[order], cid[order]
+    first = np.ones(len(cpix), bool)
+    first[1:] = cpix[1:] != cpix[:-1]
+    out[cpix[first]] = cid[first].astype(np.uint32)
+    return out.reshape(h, w)
 
 
 def _one_to_one_recall(iou: np.ndarray, thr: float) -> int:
     if iou.size == 0:
         return 0
-    r, c = linear_sum_assignment(iou, maximize=True)
+    r, c = linear_sum_assignment(matching_cost(iou, thr))  # most pairs >= thr, then IoU
     return int(np.count_nonzero(iou[r, c] >= thr))
 
 

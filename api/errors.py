@@ -1,0 +1,80 @@
+"""The API's exception handlers: CalSeg's own errors as JSON answers (404, 409, 422 in one
+shape, 429, 503); :func:`install` registers them on the app."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.deps import _describe_errors, _error, _unprocessable, log
+from calseg.service import broker
+from calseg.service import jobs as lifecycle
+from calseg.service.context import JobReferenceError
+from calseg.service.costs import JobTooCostly, QuotaExceeded
+from calseg.service.schemas import (
+    ParamsError,
+    json_safe_errors,
+)
+
+
+def install(app: FastAPI) -> None:
+    """Register every handler on ``app``."""
+
+    @app.exception_handler(lifecycle.JobNotFound)
+    async def _not_found(_: Request, exc: lifecycle.JobNotFound) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(lifecycle.JobStateError)
+    async def _conflict(_: Request, exc: lifecycle.JobStateError) -> JSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with pydantic's errors made JSON-safe (a bad input may be NaN, Inf or any object,
+        which FastAPI's default handler cannot serialise: it answered 500)."""
+        errors = json_safe_errors(list(exc.errors()))
+        return _unprocessable(_describe_errors(errors), errors)
+
+    @app.exception_handler(ParamsError)
+    async def _bad_params(_: Request, exc: ParamsError) -> JSONResponse:
+        errors = [{**e, "loc": ["body", "params", *e.get("loc", ())]} for e in exc.errors]
+        return _unprocessable(str(exc), errors)
+
+    @app.exception_handler(JobTooCostly)
+    async def _too_costly(_: Request, exc: JobTooCostly) -> JSONResponse:
+        return _unprocessable(str(exc), exc.errors())
+
+    @app.exception_handler(QuotaExceeded)
+    async def _over_quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return _error(429, str(exc))
+
+    @app.exception_handler(JobReferenceError)
+    async def _bad_reference(_: Request, exc: JobReferenceError) -> JSONResponse:
+        return _unprocessable(str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """A route's ``HTTPException(422, "...")`` in the one 422 shape; other codes as FastAPI
+        answers them (``{"detail": str}``, headers such as WWW-Authenticate kept)."""
+        if exc.status_code == 422:
+            return _unprocessable(str(exc.detail))
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(broker.QueueUnavailable)
+    async def _no_queue(_: Request, exc: broker.QueueUnavailable) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(OperationalError)
+    async def _no_database(_: Request, exc: OperationalError) -> JSONResponse:
+        """The database is down or restarting: 503 (try again), never 500; the engine's
+        pre-ping reconnects once it is back."""
+        log.warning("database unavailable: %s", str(exc.orig).strip()[:300])
+        return _error(
+            503,
+            "the database is unavailable right now (restarting or unreachable); try again in a "
+            "few seconds",
+        )

@@ -1,0 +1,351 @@
+"""Uploaded recordings: upload with reading options, list, detail, delete, frames."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import MAX_OFFSET, SessionDep, SettingsDep, StoreDep, UserDep, _recording_http_error
+from api.frames import (
+    range_headers,
+    recording_frame,
+    render_png,
+)
+from api.uploads import UploadError, receive_file
+from calseg.service.auth import can_see
+from calseg.service.models import Job, Recording, User
+from calseg.service.schemas import (
+    RecordingOut,
+)
+from calseg.service.store import ArtifactStore
+
+router = APIRouter()
+
+
+def _info(info: Any, name: str) -> Any:
+    if isinstance(info, dict):
+        return info[name]
+    return getattr(info, name)
+
+
+def _recording(session: Session, recording_id: str, user: User) -> Recording:
+    """The recording, when ``user`` may see it; otherwise 404 exactly as for a missing one."""
+    rec = session.get(Recording, recording_id)
+    if rec is None or not can_see(user, rec.owner_id):
+        raise HTTPException(404, f"there is no recording {recording_id}")
+    return rec
+
+
+class UploadReadOptions(BaseModel):
+    """How an uploaded recording is read (query parameters or form fields of the upload)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    axes: str | None = Field(
+        None,
+        pattern=r"^[TZCYXStzcyxs]{2,6}$",
+        description="the stored axes, one of T Z C Y X S per dimension (e.g. 'TZCYX')",
+    )
+    channel: int | None = Field(None, ge=0, le=255, description="channel to read (0-based)")
+    interleaved_channels: int | None = Field(
+        None, ge=1, le=16, description="images alternate between this many channels"
+    )
+    z_projection: Literal["max", "mean", "median"] | None = Field(
+        None, description="how a Z axis is collapsed when the file also has T"
+    )
+
+
+def _upload_read_options(query: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
+    """The reading options of an upload: query parameters and form fields (the same option in
+    both must agree). 422 (the API's one shape, ``loc`` ``["query"|"body", name]``) on bad
+    values."""
+    names = set(UploadReadOptions.model_fields)
+    merged: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for source, values in (("query", query), ("body", form)):
+        for name, value in values.items():
+            if name not in names or value is None or value == "":
+                continue
+            if name in merged and str(merged[name]) != str(value):
+                raise RequestValidationError(
+                    [{"type": "value_error", "loc": [source, name], "input": value,
+                      "msg": f"{name} given twice with different values ({merged[name]!r} in "
+                      f"the query, {value!r} in the form)"}]
+                )  # fmt: skip
+            merged[name], where[name] = value, source
+    try:
+        opts = UploadReadOptions.model_validate(merged)
+    except ValidationError as exc:
+        errors = [
+            {**e, "loc": [where.get(str(e["loc"][0]), "query"), *e["loc"]]}
+            for e in exc.errors(include_url=False, include_context=False)
+        ]
+        raise RequestValidationError(errors) from exc
+    return opts.model_dump(exclude_none=True)
+
+
+def _register_recording(
+    session: Session,
+    store: ArtifactStore,
+    tmp: Path,
+    filename: str,
+    sha256: str,
+    size: int,
+    owner: User,
+    read_options: dict[str, Any] | None = None,
+    limits: Any = None,
+) -> tuple[Recording, bool]:
+    """Probe and store an uploaded file for ``owner``; returns (recording, is_duplicate).
+
+    The probe reads the file's headers with ``read_options`` within the decode budget
+    ``limits`` (413 when over it, 422 when unreadable or refused) and decodes its first and
+    last frame. It runs on the file alone in a folder of its own, under the user's file name.
+    Duplicates are recognised per owner (by sha256): the owner's earlier recording is returned.
+    """
+    from calseg.io.recordings import RecordingError, probe_recording
+
+    same = (Recording.sha256 == sha256, Recording.owner_id == owner.id)
+    existing = session.scalar(select(Recording).where(*same))
+    if existing is not None:
+        tmp.unlink(missing_ok=True)
+        return existing, True
+    # probe under the user's file name (suffix included), so what it says is about their file,
+    # alone in a folder: nothing else is there for a reader to find
+    alone = tmp.parent / tmp.stem
+    alone.mkdir()
+    named = alone / filename
+    tmp.rename(named)
+    try:
+        try:
+            info = probe_recording(named, **(read_options or {}), limits=limits)
+        except RecordingError as exc:
+            exc.args = (str(exc).replace(str(named), filename),)
+            raise _recording_http_error(exc, filename, "is not a usable recording") from exc
+        rec_id = str(uuid.uuid4())
+        obj = store.put(f"recordings/{rec_id}/{filename}", named, move=True)
+    finally:
+        named.unlink(missing_ok=True)
+        alone.rmdir()
+    stored_info = {**info.to_dict(), "path": filename}
+    rec = Recording(
+        id=rec_id,
+        owner_id=owner.id,
+        filename=filename,
+        relpath=obj.relpath,
+        sha256=sha256,
+        size_bytes=size,
+        n_frames=int(info.n_frames),
+        height=int(info.height),
+        width=int(info.width),
+        dtype=str(info.dtype),
+        read_options=read_options or None,
+        info=stored_info,
+    )
+    session.add(rec)
+    try:
+        session.commit()
+    except IntegrityError:  # the same file uploaded concurrently
+        session.rollback()
+        store.delete(f"recordings/{rec_id}")
+        return session.scalar(select(Recording).where(*same)), True
+    return rec, False
+
+
+@router.post(
+    "/api/recordings",
+    status_code=201,
+    response_model=RecordingOut,
+    tags=["recordings"],
+    responses={
+        200: {
+            "description": "you uploaded the same file (sha256) before: that recording is "
+            "returned with duplicate=true and a message saying so"
+        },
+        400: {"description": "malformed upload (no file, several files, bad multipart)"},
+        413: {
+            "description": "larger than CALSEG_MAX_UPLOAD_BYTES, or its header declares more "
+            "pixels/bytes than CALSEG_MAX_RECORDING_PIXELS/_BYTES (nothing decoded)"
+        },
+        415: {"description": "neither multipart/form-data nor application/octet-stream"},
+        422: {
+            "description": "not a readable recording, or refused because it names other files "
+            "or expands beyond its declared size (the reason is given)"
+        },
+    },
+)
+async def upload_recording(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    user: UserDep,
+    axes: Annotated[
+        str | None, Query(description="stored axes, one of T Z C Y X S per dimension")
+    ] = None,
+    channel: Annotated[int | None, Query(description="channel to read (0-based)")] = None,
+    interleaved_channels: Annotated[
+        int | None, Query(description="images alternate between this many channels")
+    ] = None,
+    z_projection: Annotated[
+        str | None, Query(description="max | mean | median: how Z is collapsed")
+    ] = None,
+) -> RecordingOut:
+    """Upload a recording (multipart field ``file``, or a raw body with ``?filename=``).
+
+    Streamed to disk in chunks with its sha256 computed on the way; probed before acceptance
+    (headers, the decode budget, the first and last frame). How it is read can be given as
+    query parameters or form fields: ``axes``, ``channel``, ``interleaved_channels``,
+    ``z_projection``; jobs on the recording read it the same way unless their own parameters
+    say otherwise. The reader's warnings are in the answer (``warnings``). The file name is
+    reduced to its last component in ASCII letters, digits and ``._-``.
+    """
+    query = {
+        "axes": axes,
+        "channel": channel,
+        "interleaved_channels": interleaved_channels,
+        "z_projection": z_projection,
+    }
+    tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
+    try:
+        received = await receive_file(request, tmp, settings.max_upload_bytes)
+    except UploadError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    try:
+        options = _upload_read_options(query, received.fields)
+    except RequestValidationError:
+        received.path.unlink(missing_ok=True)
+        raise
+    rec, duplicate = await run_in_threadpool(
+        _register_recording,
+        session,
+        store,
+        received.path,
+        received.filename,
+        received.sha256,
+        received.size_bytes,
+        user,
+        options,
+        settings.read_limits(),
+    )
+    response.status_code = 200 if duplicate else 201
+    out = RecordingOut.model_validate(rec).model_copy(update={"duplicate": duplicate})
+    if duplicate:
+        out.message = (
+            f"you uploaded this file (sha256 {rec.sha256[:12]}...) before as "
+            f"{rec.filename!r}: recording {rec.id} is returned, nothing new was stored"
+        )
+        if options != (rec.read_options or {}):
+            out.message += (
+                f"; it keeps the reading options it was uploaded with ({rec.read_options or {}})"
+                ": give yours as parameters of the job, or delete the recording and upload again"
+            )
+    return out
+
+
+@router.get("/api/recordings", response_model=list[RecordingOut], tags=["recordings"])
+def list_recordings(
+    session: SessionDep,
+    user: UserDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> list[RecordingOut]:
+    """The caller's uploaded recordings (an admin: everyone's), newest first."""
+    query = select(Recording)
+    if not user.is_admin:
+        query = query.where(Recording.owner_id == user.id)
+    rows = session.scalars(
+        query.order_by(Recording.created_at.desc()).limit(limit).offset(offset)
+    ).all()
+    return [RecordingOut.model_validate(r) for r in rows]
+
+
+@router.get("/api/recordings/{recording_id}", response_model=RecordingOut, tags=["recordings"])
+def get_recording(recording_id: str, session: SessionDep, user: UserDep) -> RecordingOut:
+    """Metadata of an uploaded recording: file name, sha256, size, frames, frame size, dtype."""
+    return RecordingOut.model_validate(_recording(session, recording_id, user))
+
+
+@router.delete("/api/recordings/{recording_id}", status_code=204, tags=["recordings"])
+def delete_recording(
+    recording_id: str, session: SessionDep, store: StoreDep, user: UserDep
+) -> Response:
+    """Delete an uploaded recording and its file (204).
+
+    409 while a queued or running job uses it (cancel the job or wait for it); finished jobs
+    keep their outputs (their viewer frames then answer 410: the recording is gone).
+    """
+    rec = _recording(session, recording_id, user)
+    busy = [
+        j
+        for j in session.scalars(
+            select(Job).where(Job.state.in_(("queued", "running")))  # infer, simulate (fit)
+        )
+        if (j.params or {}).get("recording_id") == recording_id
+    ]
+    if busy:
+        # name only the caller's own jobs: another user's job id (an admin's job on this
+        # recording) must not leak through this message (issue 13 item 7)
+        own = [j.id for j in busy if can_see(user, j.owner_id)]
+        others = len(busy) - len(own)
+        named = f" ({', '.join(own[:5])})" if own else ""
+        hidden = f"{others} job(s) of other users" if others else ""
+        parts = [f"{len(own)} of your job(s){named}" if own else "", hidden]
+        raise HTTPException(
+            409,
+            f"recording {recording_id} is used by queued or running jobs: "
+            f"{' and '.join(p for p in parts if p)}; cancel them or wait until they end",
+        )
+    session.delete(rec)
+    session.commit()
+    store.delete(f"recordings/{recording_id}")
+    return Response(status_code=204)
+
+
+@router.get(
+    "/api/recordings/{recording_id}/frames/{t}.png",
+    tags=["recordings"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def recording_frame_png(
+    recording_id: str,
+    t: int,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    user: UserDep,
+    lo: Annotated[float | None, Query(description="intensity drawn black")] = None,
+    hi: Annotated[float | None, Query(description="intensity drawn white")] = None,
+) -> Response:
+    """Frame ``t`` of an uploaded recording as a gray PNG (a preview): only that frame is
+    decoded, read with the recording's reading options; the range headers are that frame's.
+    404 for an unknown recording or frame, 422 when lo >= hi or the file is unreadable or
+    refused, 413 when it is over the server's decode budget."""
+    from calseg.io.recordings import RecordingError
+
+    rec = _recording(session, recording_id, user)
+    try:
+        stacks, frame = recording_frame(
+            store.path(rec.relpath), t, rec.read_options, settings.read_limits()
+        )
+    except FileNotFoundError as exc:
+        raise HTTPException(410, f"recording {recording_id} is gone from the store") from exc
+    except IndexError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except RecordingError as exc:
+        raise _recording_http_error(exc, f"recording {recording_id}") from exc
+    try:
+        png = render_png(stacks, t, overlay=False, lo=lo, hi=hi, frame=frame)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return Response(png, media_type="image/png", headers=range_headers(stacks))

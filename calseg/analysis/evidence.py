@@ -1,0 +1,158 @@
+"""Is there a cell here? Plausibility of dF/F and cell evidence of labelled regions.
+
+:func:`baseline_notes` flags dF/F divided by a near-dark F0; :func:`region_evidence` counts the
+regions with a significant calcium event against a noise reference (negative-going
+transients); :func:`evidence_summary` and :func:`clearly_above_noise` say it for people and for
+the pattern rule of :func:`calseg.pipelines.traces.write_trace_exports`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from calseg.analysis.events import Event, detect_events
+from calseg.analysis.patterns import PatternThresholds, significant_events
+from calseg.fmt import plural
+
+DARK_PERCENTILE = 0.1
+"""Percentile of all pixels (or trace values) taken as the recording's dark level."""
+LOW_F0_FRACTION = 0.05
+"""An F0 within this fraction of the intensity range above the dark level is 'near dark'."""
+HIGH_DFF = 5.0
+"""Peak dF/F above this, on a near-dark F0, is reported as inflated (GCaMP6 ΔF/F after a
+burst of action potentials is of order 1-10 in neurons, Chen et al. 2013, Nature 499:295;
+here the point is the baseline, not the indicator's ceiling)."""
+
+
+def dark_level(frames: np.ndarray | None, f: np.ndarray) -> float:
+    """The recording's dark (offset + background) level estimate: the
+    :data:`DARK_PERCENTILE`-th percentile of all pixels (about 1e6 evenly strided samples) or,
+    without frames, of the traces ``f`` ``(N, T)``. Same units as F."""
+    if frames is not None:
+        flat = np.asarray(frames).reshape(-1)
+        if flat.size > 1_000_000:
+            flat = flat[:: int(np.ceil(flat.size / 1_000_000))]
+    else:
+        flat = np.asarray(f).reshape(-1)
+    flat = flat[np.isfinite(flat)].astype(np.float64)
+    return float(np.percentile(flat, DARK_PERCENTILE)) if flat.size else 0.0
+
+
+def baseline_notes(
+    frames: np.ndarray | None, f: np.ndarray, f0: np.ndarray, d: np.ndarray
+) -> list[str]:
+    """Plausibility of dF/F: cells whose F0 sits near the recording's dark level.
+
+    dF/F = (F - F0) / F0 divides by F0; when F0 is close to the dark level (offset and
+    background already subtracted, e.g. an ImageJ calibration that removed 32768, or a
+    background-subtracted export), small changes give large ratios. A note is returned when
+    some cell's peak dF/F exceeds :data:`HIGH_DFF` while its median F0 lies within
+    :data:`LOW_F0_FRACTION` of the intensity range above :func:`dark_level`.
+
+    Args:
+        frames: ``(T, H, W)`` recording or ``None``; f, f0, d: ``(N, T)`` F, F0, dF/F.
+
+    Returns:
+        Zero or one note (text for people, with the numbers).
+    """
+    f = np.asarray(f, dtype=np.float64)
+    if f.size == 0:
+        return []
+    dark = dark_level(frames, f)
+    if frames is not None:
+        flat = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 1_000_000)]
+        flat = flat[np.isfinite(flat)].astype(np.float64)
+        top = float(np.percentile(flat, 99.9)) if flat.size else dark
+    else:
+        top = float(np.nanpercentile(f, 99.9))
+    span = max(top - dark, 1e-12)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med_f0 = np.nanmedian(np.asarray(f0, dtype=np.float64), axis=1)
+        peak = np.nanmax(np.where(np.isfinite(d), d, -np.inf), axis=1)
+    near = (med_f0 - dark) < LOW_F0_FRACTION * span
+    bad = near & (peak > HIGH_DFF)
+    if not bad.any():
+        return []
+    return [
+        f"dF/F looks inflated: {int(bad.sum())} of {len(bad)} cells peak at dF/F "
+        f"{float(peak[bad].max()):.1f} while their F0 ({float(med_f0[bad].min()):.3g} to "
+        f"{float(med_f0[bad].max()):.3g}) lies within {100 * LOW_F0_FRACTION:.0f} % of the "
+        f"intensity range above the recording's dark level ({dark:.3g}, its "
+        f"{DARK_PERCENTILE:g}th percentile; range up to {top:.3g}): F0 there is mostly offset "
+        "or background error, not resting fluorescence. The values look offset- or "
+        "background-subtracted already (e.g. an ImageJ calibration applied on reading); "
+        "compare the cells' F, or measure the background in a cell-free area and keep it in "
+        "F0, before reading these dF/F as signal"
+    ]
+
+
+def region_evidence(
+    ids: np.ndarray,
+    d: np.ndarray,
+    events: list[Event],
+    frame_interval_s: float,
+    k: float,
+) -> dict[str, Any]:
+    """How many labelled regions show a calcium event, against how many noise alone would.
+
+    A region has *cell evidence* when it has a significant event
+    (:func:`calseg.analysis.patterns.significant_events`: peak dF/F >= 0.2 and >= half the
+    recording's 95th-percentile amplitude). The noise reference (``null``) counts regions with
+    an equally large *negative-going* transient: the same detector on the sign-flipped dF/F,
+    re-centred on each trace's median (calcium events only rise; noise is symmetric; Dombeck
+    et al. 2007, Neuron 56:43, estimated false-positive rates from negative transients).
+
+    Returns:
+        ``{"n_regions", "with_events": [ids], "n_with_events", "null_with_events",
+        "rule"}``.
+    """
+    th = PatternThresholds()
+    sig = significant_events(events, th)
+    with_ev = sorted({int(e.cell_id) for e in sig})
+    amps = np.array([e.amplitude for e in events], dtype=np.float64)
+    ok = amps[np.isfinite(amps) & (amps >= th.min_event_amplitude)]
+    floor = th.min_event_amplitude
+    if ok.size:
+        floor = max(floor, th.relative_event_amplitude * float(np.percentile(ok, 95)))
+    null = 0
+    d = np.asarray(d, dtype=np.float64)
+    if d.size and d.shape[1] >= 2:
+        with warnings.catch_warnings():  # all-NaN rows (flagged traces) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            flipped = -(d - np.nanmedian(d, axis=1, keepdims=True))
+        neg = detect_events(flipped, frame_interval_s, k=k, cell_ids=ids)
+        null = len(
+            {int(e.cell_id) for e in neg if np.isfinite(e.amplitude) and e.amplitude >= floor}
+        )
+    return {
+        "n_regions": int(len(ids)),
+        "with_events": with_ev,
+        "n_with_events": len(with_ev),
+        "null_with_events": int(null),
+        "rule": "a region has cell evidence when its dF/F trace has a significant event "
+        f"(peak dF/F >= {floor:.3g}); null = regions with an equally large negative-going "
+        "transient (noise reference)",
+    }
+
+
+def evidence_summary(evidence: dict[str, Any], coverage: float) -> str:
+    """One sentence for people: regions, how many with events, the noise reference, coverage."""
+    return (
+        f"{plural(evidence['n_regions'], 'region')} labelled ({100 * coverage:.0f} % of the "
+        f"field); {evidence['n_with_events']} "
+        f"{'shows' if evidence['n_with_events'] == 1 else 'show'} a calcium event (cell "
+        "evidence), noise alone "
+        f"gives about {evidence['null_with_events']} (regions with an equally large "
+        "negative-going transient)"
+    )
+
+
+def clearly_above_noise(evidence: dict[str, Any]) -> bool:
+    """Whether the regions with events clearly outnumber the noise reference: at least 2 and
+    at least twice the null count."""
+    n, null = evidence["n_with_events"], evidence["null_with_events"]
+    return n >= 2 and n >= 2 * null

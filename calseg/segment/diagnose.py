@@ -1,0 +1,292 @@
+"""Why a segmentation came out empty, and what to try next, with the numbers.
+
+When the default target (the cells *active* in each frame) finds no cell, the user gets three
+things instead of a bare "0 cells":
+
+* the **activity map** (:func:`activity_map`): the maximum over time of each pixel's z-score
+  ``z = (F - F0) / sigma`` (:mod:`calseg.segment.prompts`: F0 the per-pixel baseline, sigma
+  the camera-noise model), the image the classical method thresholds at ``threshold_k``;
+* the **reason** (:func:`explain_empty`): how far the strongest pixel stayed below the
+  threshold, or that the pixels above it formed no region of ``min_region_px``;
+* **next steps** (:class:`Suggestion`), each with its command and the counts it would change
+  on this very recording: ``target=cells`` (all cells on the mean projection, found without
+  activity: how many regions and how much of the field) and a lower ``threshold_k`` (how many
+  regions would pass at 4 and 3, and how many pure-noise pixels such a threshold lets through,
+  for Gaussian noise: ``P(z > k)``).
+
+Parameter names in suggestions are the infer job's; the CLI flag is the same name with dashes
+(``threshold_k`` -> ``--threshold-k``), see :func:`cli_flags`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from calseg.fmt import plural
+
+LOWER_THRESHOLDS = (4.0, 3.0)
+"""``threshold_k`` values whose outcome the empty-result note reports."""
+
+
+@dataclass
+class Suggestion:
+    """A next step: ``text`` (for people), ``params`` (infer job parameters that differ from
+    what was run), ``expected`` (what it would change on this recording, measured)."""
+
+    text: str
+    params: dict[str, Any]
+    expected: str
+
+    def command(self, recording: str = "REC", out_dir: str = "OUT") -> str:
+        """The ``calseg segment`` command line of this step."""
+        return f"calseg segment {recording} {out_dir} {cli_flags(self.params)}".strip()
+
+
+@dataclass
+class Diagnosis:
+    """An empty result explained: ``reason``, the numbers behind it (``None`` where they do
+    not apply), :class:`Suggestion` s."""
+
+    reason: str
+    max_z: float | None
+    max_dff: float | None
+    threshold_k: float | None
+    min_region_px: int | None
+    n_frames: int | None
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    def to_dict(self, recording: str = "REC", out_dir: str = "OUT") -> dict[str, Any]:
+        """JSON-able dict; each suggestion also carries its ``command``."""
+        d = asdict(self)
+        for s, sd in zip(self.suggestions, d["suggestions"], strict=True):
+            sd["command"] = s.command(recording, out_dir)
+        return d
+
+    def lines(self, recording: str = "REC", out_dir: str = "OUT") -> list[str]:
+        """The explanation as lines for a terminal or a log."""
+        out = [f"why: {self.reason}"]
+        for s in self.suggestions:
+            out.append(f"try: {s.text}: {s.command(recording, out_dir)}")
+            out.append(f"     {s.expected}")
+        return out
+
+
+def cli_flags(params: dict[str, Any]) -> str:
+    """``{"threshold_k": 3, "target": "cells"}`` -> ``"--threshold-k 3 --target cells"``."""
+    parts = []
+    for k, v in params.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif v is not False and v is not None:
+            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(parts)
+
+
+def activity_map(z: np.ndarray) -> np.ndarray:
+    """Maximum over time of each pixel's z-score.
+
+    Args:
+        z: ``(T, H, W)`` float z-scores (:attr:`calseg.segment.prompts.Activity.z`).
+
+    Returns:
+        ``(H, W)`` float32 (NaN treated as -inf; an all-NaN pixel gives 0).
+    """
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 3:
+        raise ValueError(f"z must be (T, H, W), got shape {z.shape}")
+    m = np.nanmax(np.where(np.isfinite(z), z, -np.inf), axis=0)
+    return np.where(np.isfinite(m), m, 0.0).astype(np.float32)
+
+
+def regions_above(z: np.ndarray, k: float, min_region_px: int) -> tuple[int, int, int, int]:
+    """Connected supra-threshold regions as the classical method counts them.
+
+    Args:
+        z: ``(T, H, W)`` z-scores; k: threshold; min_region_px: smallest region kept.
+
+    Returns:
+        ``(regions, frames with a region, pixels above k, largest region in px)``, regions
+        summed over frames (a cell active in 3 frames counts 3 times); 4-connected regions.
+    """
+    n_regions = n_frames = largest = 0
+    above = np.asarray(z) > k
+    for t in range(above.shape[0]):
+        if not above[t].any():
+            continue
+        lab, n = ndi.label(above[t])
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        big = int((sizes >= min_region_px).sum())
+        largest = max(largest, int(sizes.max()))
+        n_regions += big
+        n_frames += big > 0
+    return n_regions, n_frames, int(above.sum()), largest
+
+
+MIN_SUGGESTED_REGION_PX = 4
+"""Smallest ``min_region_px`` ever suggested: below it single noisy pixels pass."""
+
+
+def noise_pass_fraction(k: float) -> float:
+    """``P(z > k)`` for standard Gaussian noise (one-sided): the share of pure-noise pixels a
+    threshold of ``k`` SDs lets through in each frame."""
+    return 0.5 * math.erfc(k / math.sqrt(2.0))
+
+
+def explain_empty(
+    frames: np.ndarray,
+    z: np.ndarray,
+    dff: np.ndarray,
+    threshold_k: float,
+    min_region_px: int,
+    projection: str = "mean",
+) -> Diagnosis:
+    """Why the active target found no cell, and what would change (module docstring).
+
+    Args:
+        frames: ``(T, H, W)`` recording (for the ``target=cells`` count).
+        z, dff: ``(T, H, W)`` z-scores and dF/F of :func:`calseg.segment.prompts.compute_activity`.
+        threshold_k: the z threshold that was used; min_region_px: smallest region kept.
+        projection: the projection ``target=cells`` would use.
+
+    Returns:
+        :class:`Diagnosis`.
+    """
+    from calseg.segment.projection import segment_projection
+
+    t_count = int(np.asarray(z).shape[0])
+    finite_z = np.asarray(z)[np.isfinite(z)]
+    finite_d = np.asarray(dff)[np.isfinite(dff)]
+    max_z = float(finite_z.max()) if finite_z.size else 0.0
+    max_d = float(finite_d.max()) if finite_d.size else 0.0
+    n_reg0, n_fr0, n_above, largest = regions_above(z, threshold_k, min_region_px)
+    if n_reg0:
+        reason = (
+            f"{plural(n_reg0, 'region')} of >= {min_region_px} px rose above the activity "
+            f"threshold (z = {threshold_k:g} noise SDs) in {plural(n_fr0, 'frame')} (the "
+            f"largest {largest} px, strongest z = {max_z:.2f}), but none became a cell: the "
+            "cell-territory step (calseg.segment.cells; cell_diameter_px, cell_support_fraction, "
+            "cell_active_fraction) found no cell-shaped support around them"
+        )
+    elif n_above == 0:
+        reason = (
+            f"no pixel rose above the activity threshold in any of the {t_count} frames: the "
+            f"strongest pixel reached z = {max_z:.2f} (threshold_k = {threshold_k:g} noise "
+            f"SDs above its baseline F0), its dF/F {max_d:.2f} at most"
+        )
+    else:
+        reason = (
+            f"{plural(n_above, 'pixel')} rose above the activity threshold (z = "
+            f"{threshold_k:g} noise SDs above their baseline F0; strongest z = {max_z:.2f}), but "
+            f"they formed regions of at most {plural(largest, 'pixel')}, "
+            f"fewer than min_region_px = {min_region_px}: scattered noise, or cells smaller "
+            "than that"
+        )
+    if t_count < 30:
+        reason += (
+            f"; with {plural(t_count, 'frame')} the baseline and noise estimates are rough, "
+            "so weak transients stay below the threshold"
+        )
+    suggestions = []
+    try:
+        pc = segment_projection(np.asarray(frames), kind=projection)
+        n_cells = int(len(np.unique(pc.labels[pc.labels > 0])))
+        cover = float(np.count_nonzero(pc.labels) / pc.labels.size)
+        expected = (
+            f"on this recording: {plural(n_cells, 'region')} on the {projection} projection, "
+            f"{100 * cover:.0f} % of the field; they are shapes, not proof of activity: the "
+            "output says how many show a calcium event"
+        )
+    except Exception as exc:  # noqa: BLE001 - the suggestion stays, its count is unknown
+        expected = f"could not be measured here ({exc})"
+    suggestions.append(
+        Suggestion(
+            "segment every cell visible on the mean projection instead of the active ones",
+            {"target": "cells"},
+            expected,
+        )
+    )
+    if n_reg0 == 0 and MIN_SUGGESTED_REGION_PX <= largest < min_region_px:
+        n_reg, n_fr, _, _ = regions_above(z, threshold_k, largest)
+        suggestions.append(
+            Suggestion(
+                f"accept smaller active regions (min_region_px {min_region_px} -> {largest}), "
+                "for cells that small",
+                {"min_region_px": largest},
+                f"on this recording: {plural(n_reg, 'region')} in {plural(n_fr, 'frame')} "
+                f"would pass (now none); a cell of diameter d covers about 0.8 d^2 px",
+            )
+        )
+    tried: list[float] = []
+    for k in LOWER_THRESHOLDS:
+        if k >= threshold_k:
+            continue
+        n_reg, n_fr, _, _ = regions_above(z, k, min_region_px)
+        if not n_reg:  # a threshold that changes nothing is no next step
+            tried.append(k)
+            continue
+        noise = noise_pass_fraction(k)
+        suggestions.append(
+            Suggestion(
+                f"lower the activity threshold from {threshold_k:g} to {k:g} noise SDs",
+                {"threshold_k": k},
+                f"on this recording: {plural(n_reg, 'region')} of >= {min_region_px} px in "
+                f"{plural(n_fr, 'frame')} would pass (now {n_reg0 or 'none'}); pure noise passes a "
+                f"{k:g}-SD threshold in {100 * noise:.2g} % of pixels per frame, so check them",
+            )
+        )
+        break
+    else:
+        if tried:
+            reason += (
+                f"; a threshold of {min(tried):g} noise SDs would not pass a region of "
+                f"{min_region_px} px either"
+            )
+    return Diagnosis(reason, max_z, max_d, float(threshold_k), int(min_region_px), t_count,
+                     suggestions)  # fmt: skip
+
+
+def explain_masks_rejected(
+    records: list[dict], n_cells_classical: int, model_label: str
+) -> Diagnosis:
+    """Why SAM2 labelled nothing although the activity found cells to prompt.
+
+    Args:
+        records: per-prompt dicts of :func:`calseg.segment.infer.segment_recording` (``kept``,
+            ``reason``: empty, point-outside-mask, too-small, too-large, no-object, duplicate).
+        n_cells_classical: cells the classical method labels from the same activity.
+        model_label: the SAM2 model's one name.
+
+    Returns:
+        :class:`Diagnosis` whose suggestion is the classical method, with its count.
+    """
+    from collections import Counter
+
+    why = Counter(str(r.get("reason")) for r in records if not r.get("kept"))
+    parts = ", ".join(f"{k} {v}" for k, v in why.most_common())
+    reason = (
+        f"the activity found cells to prompt, but {model_label} kept none of its "
+        f"{plural(len(records), 'mask')} (rejected as: {parts or 'none made'})"
+    )
+    if model_label.endswith("(random weights)"):
+        reason += "; with random weights SAM2's masks carry no information about cells"
+    return Diagnosis(
+        reason,
+        None,
+        None,
+        None,
+        None,
+        None,
+        [
+            Suggestion(
+                "use the classical method (no weights needed)",
+                {"method": "classical"},
+                f"on this recording: {plural(n_cells_classical, 'cell')} from the same activity",
+            )
+        ],
+    )

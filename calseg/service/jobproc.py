@@ -1,0 +1,342 @@
+"""Each job in a process of its own, so that a cancel always ends it (issue 13).
+
+A Celery worker runs one job at a time (solo pool). With ``settings.job_process = "child"``
+(the default) :func:`run_job_in_child` forks a child process for the job, which runs
+:func:`calseg.service.jobs.run_job`, while the worker process watches it:
+
+* **Cancel.** The child stops by itself at its next cancellation point
+  (:func:`calseg.progress.check_cancelled`, polled every ``settings.cancel_check_interval_s``).
+  The worker polls the job's row at the same rate; when the job was cancelled (or deleted, or
+  re-queued under another dispatch) and the child is still alive ``settings.cancel_grace_s``
+  later, e.g. inside one long library call that cannot check (a Gaussian filter with a huge
+  sigma), the worker kills the child's process group with SIGKILL and notes it in the job's log.
+  The worker is free for the next job within ``cancel_check_interval_s + cancel_grace_s`` (plus
+  the kill) of the cancel.
+* **Crash or OOM kill of the job.** The child dying by a signal (SIGKILL is what the kernel's
+  out-of-memory killer sends) fails that job with the signal, its run time and peak memory;
+  the worker lives on and takes the next job.
+* **Worker killed.** The child gets SIGKILL with its worker (``PR_SET_PDEATHSIG``), so no job
+  runs on unwatched; the job is re-queued as for any lost worker
+  (:mod:`calseg.service.reconcile`).
+
+Why a child per job and not a watchdog that kills the whole worker: measured in
+``python -m calseg.bench service-cancel`` (BENCHMARKS.md): a fork costs milliseconds, while a
+replaced Celery worker needs seconds to start and re-import, loses the broker connection and
+makes the supervisor re-deliver. The worker never imports torch itself (runners import it
+lazily, in the child), so forking is safe (DESIGN.md section 6: Celery's prefork pool hangs
+when the parent ran torch before forking); a child initialises CUDA afresh, and gives all its
+memory back to the system when it ends. Before the first SAM2 job the worker imports torch
+(:func:`preload_for`: the import only, no operation), so each job's process need not import
+it again. The worker forks from its only thread (a Celery solo
+worker runs one): a fork while another thread is inside a C library's lock (SQLite's
+allocator, OpenMP) would copy the locked mutex into the child, so a warning is logged when
+other threads exist.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from sqlalchemy import select as sql_select
+from sqlalchemy import update
+
+from calseg.service.models import Job, utcnow
+from calseg.service.settings import Settings, get_settings
+
+log = logging.getLogger("calseg.service.jobproc")
+
+last_child: dict[str, Any] = {}
+"""How the last job process of :func:`run_job_in_child` ended: ``pid``, ``wall_s``,
+``peak_mib`` (its ``ru_maxrss``), ``killed`` (by the watchdog), ``signal`` (or None)."""
+
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option: the signal a process gets when its parent thread ends (linux/prctl.h)."""
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library (loaded once; load it before forking a child that calls
+    :func:`die_with_parent`)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent (thread) ends.
+
+    Used in children of the worker and of the embedded supervisor (a ``preexec_fn``), so that
+    nothing keeps running after a SIGKILL of its parent. The setting survives ``execve``.
+
+    Returns:
+        False where ``prctl`` is not available (not Linux): nothing was set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if libc().prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    return True
+
+
+def _row(url: str, job_id: str) -> tuple[str, str | None, str] | None:
+    """(state, dispatch id, kind) of the job, or None."""
+    from calseg.service.db import session_scope
+
+    with session_scope(url) as session:
+        row = session.execute(
+            sql_select(Job.state, Job.dispatch_id, Job.kind).where(Job.id == job_id)
+        ).first()
+    return None if row is None else (row.state, row.dispatch_id, row.kind)
+
+
+def preload_for(kind: str) -> None:
+    """Import torch in the worker before forking the first job that uses SAM2 (the ``gpu``
+    queue's kinds), so that each such job's process inherits it instead of importing it anew
+    (seconds per job, ``python -m calseg.bench jobs``). Only the import: no tensor operation,
+    no CUDA, so forking stays safe (DESIGN.md section 6)."""
+    from calseg.service.kinds import KINDS
+
+    spec = KINDS.get(kind)
+    if spec is not None and spec.queue == "gpu" and "torch" not in sys.modules:
+        t0 = time.monotonic()
+        import torch  # noqa: F401
+
+        log.info("worker: torch imported for the jobs' processes in %.1f s", time.monotonic() - t0)
+
+
+def _stop_reason(url: str, job_id: str, dispatch_id: str | None) -> str | None:
+    """Why the child must stop, or None (database errors: None, the next poll tries again)."""
+    try:
+        row = _row(url, job_id)
+    except Exception as exc:  # noqa: BLE001 - e.g. the database restarts: keep watching
+        log.warning("job %s: watchdog cannot read the job: %s", job_id, exc)
+        return None
+    if row is None:
+        return "the job was deleted"
+    state, current, _kind = row
+    if state == "cancelled":
+        return "the job was cancelled"
+    if dispatch_id is not None and current != dispatch_id:
+        return f"the job was dispatched again (now {state})"
+    return None
+
+
+def _note(url: str, settings: Settings, job_id: str, line: str, **values: Any) -> None:
+    """Append ``line`` to the job's log (file, artifact and ``log_tail``); with ``values``,
+    also set them on the job while it is still running (a conditional UPDATE)."""
+    from calseg.service.context import LOG_CHARS
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import _register_log
+    from calseg.service.store import get_store
+
+    stamp = time.strftime("%H:%M:%S", time.gmtime())
+    store = get_store(settings.artifact_dir)
+    relpath = f"jobs/{job_id}/job.log"
+    try:
+        path = store.workdir(f"jobs/{job_id}") / "job.log"
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} {line}\n")
+    except OSError as exc:
+        log.warning("job %s: cannot append to its log: %s", job_id, exc)
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        tail = ((job.log_tail or "") + f"\n{stamp} {line}").lstrip("\n")[-LOG_CHARS:]
+        guard = [Job.id == job_id]
+        if values:
+            guard += [Job.state == "running", Job.dispatch_id == job.dispatch_id]
+        session.execute(
+            update(Job).where(*guard).values(log_tail=tail, updated_at=utcnow(), **values)
+        )
+    _register_log(url, store, job_id, relpath)
+
+
+def _child(
+    job_id: str, dispatch_id: str | None, settings: Settings, worker_id: str, parent: int, w: int
+) -> None:
+    """The job's process: run the job, write its end state to ``w``, exit (never returns)."""
+    code = 70
+    try:
+        os.setpgid(0, 0)  # its own group: a kill takes whatever the job started with it
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os._exit(75)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)  # Celery's handlers belong to the worker
+        from calseg.service.db import get_engine
+
+        # SQLAlchemy's recipe after a fork: a new pool, the parent's connections untouched
+        get_engine(settings.database_url).dispose(close=False)
+        from calseg.service.broker import enqueue_celery
+        from calseg.service.jobs import run_job
+
+        app = None
+
+        def enqueue(job: Job, countdown: float | None = None) -> None:
+            nonlocal app  # a Celery app of its own: no broker connection of the worker's
+            if app is None:
+                from calseg.service.broker import make_celery
+
+                app = make_celery(settings)
+            enqueue_celery(job, countdown, app=app)
+
+        state = run_job(
+            job_id,
+            dispatch_id,
+            settings=settings,
+            enqueue=enqueue,
+            worker_id=worker_id,
+            process_wide_cancel=True,
+        )
+        os.write(w, state.encode()[:64])
+        code = 0
+    except BaseException:  # noqa: BLE001 - report, then leave with a code the worker reads
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110 - nothing left to report to
+                pass
+        os._exit(code)
+
+
+def run_job_in_child(
+    job_id: str, dispatch_id: str | None = None, *, settings: Settings | None = None
+) -> str:
+    """Run a job in a forked child process, watching for its cancel (see the module doc).
+
+    Args:
+        job_id: the job.
+        dispatch_id: the dispatch of the message (None: the job's current one).
+        settings: the configuration (default :func:`get_settings`); ``job_process="inline"``
+            runs :func:`calseg.service.jobs.run_job` in this process instead.
+
+    Returns:
+        The job's state afterwards, as :func:`calseg.service.jobs.run_job`.
+    """
+    from calseg.service.db import get_engine
+    from calseg.service.jobs import _state, run_job, worker_name
+
+    settings = settings or get_settings()
+    if settings.job_process == "inline" or not hasattr(os, "fork"):
+        return run_job(job_id, dispatch_id, settings=settings)
+    url = settings.database_url
+    row = _row(url, job_id)
+    if row is not None:
+        dispatch_id = dispatch_id or row[1]
+        preload_for(row[2])
+    # no pooled database connection may be shared by two processes
+    get_engine(url).dispose()
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:  # a thread inside a C library (SQLite, OpenMP) at the fork deadlocks the child
+        log.warning("job %s: forking while other threads run (%s)", job_id, ", ".join(others))
+    parent, worker_id = os.getpid(), worker_name()
+    r, w = os.pipe()
+    t0 = time.monotonic()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        os.close(r)
+        _child(job_id, dispatch_id, settings, worker_id, parent, w)
+    os.close(w)
+    poll_s = settings.cancel_check_interval_s
+    out = b""
+    stop_since: float | None = None
+    killed_after: float | None = None
+    reason: str | None = None
+    status = 0
+    rusage = None
+    try:
+        while True:
+            ready, _, _ = select.select([r], [], [], poll_s)
+            if ready:
+                out += os.read(r, 64)
+            done, status, rusage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            if killed_after is not None:
+                continue
+            reason = _stop_reason(url, job_id, dispatch_id)
+            now = time.monotonic()
+            if reason is None:
+                stop_since = None
+                continue
+            if stop_since is None:
+                stop_since = now
+                log.info("job %s: %s; its process %d has %.0f s to stop", job_id, reason,
+                         pid, settings.cancel_grace_s)  # fmt: skip
+            if now - stop_since >= settings.cancel_grace_s:
+                killed_after = now - stop_since
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                log.warning("job %s: %s but its process %d ran on %.1f s; killed", job_id,
+                            reason, pid, killed_after)  # fmt: skip
+    finally:
+        os.set_blocking(r, False)  # a grandchild may still hold the write end open
+        try:
+            while chunk := os.read(r, 64):
+                out += chunk
+        except OSError:
+            pass
+        os.close(r)
+    try:  # whatever the job left behind in its group (e.g. a grandchild) goes too
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    wall = time.monotonic() - t0
+    peak_mib = (rusage.ru_maxrss / 1024) if rusage is not None else float("nan")
+    try:
+        if killed_after is not None:
+            _note(url, settings, job_id,
+                  f"{reason} but did not stop within {settings.cancel_grace_s:g} s: "
+                  f"the worker killed its process {pid} (ran {wall:.1f} s)")  # fmt: skip
+        elif os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status))
+            why = (
+                f"the job's process {pid} was killed by {sig.name} after {wall:.0f} s "
+                f"(peak memory {peak_mib:.0f} MiB)"
+            )
+            if sig == signal.SIGKILL:
+                why += (
+                    "; SIGKILL is what the kernel's out-of-memory killer sends: retry with a "
+                    "smaller job or on a machine with more memory"
+                )
+            _note(url, settings, job_id, why, state="failed", error=why, finished_at=utcnow(),
+                  eta_s=None)  # fmt: skip
+        elif os.WEXITSTATUS(status) != 0:
+            why = f"the job's process {pid} exited with code {os.WEXITSTATUS(status)}"
+            _note(url, settings, job_id, why, state="failed", error=why, finished_at=utcnow(),
+                  eta_s=None)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the worker must live on; the reconciler follows
+        log.warning("job %s: could not record how its process ended: %s", job_id, exc)
+    last_child.clear()
+    last_child.update(
+        pid=pid,
+        wall_s=wall,
+        peak_mib=peak_mib,
+        killed=killed_after is not None,
+        signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+    )
+    state = out.decode(errors="replace").strip()
+    if not state or killed_after is not None or os.WIFSIGNALED(status):
+        try:
+            state = _state(url, job_id)
+        except Exception:  # noqa: BLE001
+            state = state or "unknown"
+    log.info("job %s: process %d ended (%s) after %.1f s, peak %.0f MiB", job_id, pid, state,
+             wall, peak_mib)  # fmt: skip
+    return state

@@ -1,0 +1,262 @@
+"""Uploads with reading options, the reader's warnings in the answer, one-frame previews, and
+infer jobs that read a recording the way it was uploaded (issue 13 item 8), through the REST
+API in-process (TestClient, SQLite; jobs run in-process as the worker runs them)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from calseg.service import jobs
+from calseg.service.auth import create_token, create_user
+from calseg.service.db import session_scope, upgrade_database
+from calseg.service.settings import get_settings
+from calseg.service.store import LocalArtifactStore
+
+
+@pytest.fixture()
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    monkeypatch.setenv("CALSEG_DATABASE_URL", url)
+    monkeypatch.setenv("CALSEG_ARTIFACT_DIR", str(tmp_path / "art"))
+    monkeypatch.setenv("CALSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CALSEG_RECONCILE_INTERVAL_S", "0")
+    monkeypatch.delenv("CALSEG_REDIS_URL", raising=False)
+    get_settings.cache_clear()
+    upgrade_database(url)
+    from api.main import _limiters, app, enqueue_dep
+
+    for limiter in _limiters.values():
+        limiter.reset()
+    with session_scope(url) as session:
+        _, token = create_token(session, create_user(session, "alice"), "t")
+    app.dependency_overrides[enqueue_dep] = lambda: lambda job, countdown=None: None
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
+        yield c
+    app.dependency_overrides.clear()
+    get_settings.cache_clear()
+
+
+def _run(job_id: str) -> str:
+    settings = get_settings()
+    return jobs.run_job(
+        job_id,
+        settings=settings,
+        store=LocalArtifactStore(settings.artifact_dir),
+        enqueue=lambda job, countdown=None: None,
+    )
+
+
+def _two_channel_tiff() -> tuple[bytes, np.ndarray, np.ndarray]:
+    """80 images alternating a GCaMP-like channel and a static dim channel (the issue's file)."""
+    rng = np.random.default_rng(0)
+    green = rng.poisson(300, (40, 32, 32)).astype(np.uint16)
+    green[10:14, 8:16, 8:16] += 900
+    red = rng.poisson(60, (40, 32, 32)).astype(np.uint16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.stack([green, red], 1).reshape(-1, 32, 32), photometric="minisblack")
+    return buf.getvalue(), green, red
+
+
+def test_interleaved_upload_warns_then_options_split_it(client: TestClient) -> None:
+    data, green, red = _two_channel_tiff()
+    r = client.post("/api/recordings", files={"file": ("two.tif", data)})
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["n_frames"] == 80 and rec["read_options"] is None and rec["axes"] == "TYX"
+    assert any("interleaved_channels=2" in w for w in rec["warnings"]), rec["warnings"]
+    assert rec["info"]["suspected_channels"] == 2 and rec["info"]["path"] == "two.tif"
+    # stored with the recording: the listing and the single view show the same warnings
+    assert client.get(f"/api/recordings/{rec['id']}").json()["warnings"] == rec["warnings"]
+    # the same file with options: recognised, and told that the options are the old ones
+    again = client.post("/api/recordings?interleaved_channels=2", files={"file": ("t.tif", data)})
+    assert again.status_code == 200 and "keeps the reading options" in again.json()["message"]
+    # an infer job on it can split the channels itself
+    job = client.post(
+        "/api/jobs",
+        json={"kind": "infer", "params": {"recording_id": rec["id"], "method": "baseline",
+                                          "interleaved_channels": 2, "channel": 1}},
+    ).json()  # fmt: skip
+    assert _run(job["id"]) == "succeeded", client.get(f"/api/jobs/{job['id']}").json()["error"]
+    result = client.get(f"/api/jobs/{job['id']}").json()["result"]
+    assert result["n_frames"] == 40
+    assert result["source"]["read_options"] == {"interleaved_channels": 2, "channel": 1}
+    # the viewer reads frames the way the job did: frame 3 is red image 3
+    png = client.get(f"/api/jobs/{job['id']}/frames/3.png", params={"overlay": 0, "lo": 0,
+                                                                     "hi": 65535})  # fmt: skip
+    assert png.status_code == 200 and png.headers["x-frames"] == "40"
+    gray = np.asarray(Image.open(io.BytesIO(png.content)).convert("L")).astype(float)
+    np.testing.assert_allclose(gray, red[3] * 255.0 / 65535, atol=1)
+
+
+def test_upload_options_as_query_or_form_fields(client: TestClient) -> None:
+    data, green, red = _two_channel_tiff()
+    r = client.post(
+        "/api/recordings",
+        files={"file": ("q.tif", data)},
+        data={"interleaved_channels": "2", "channel": "1"},
+    )
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["n_frames"] == 40 and rec["read_options"] == {
+        "channel": 1,
+        "interleaved_channels": 2,
+    }
+    assert not any("look like 2 interleaved" in w for w in rec["warnings"])
+    assert any("de-interleaved 2 channels" in w for w in rec["warnings"])
+    # previews read the stored options: frame 5 is red image 5
+    png = client.get(f"/api/recordings/{rec['id']}/frames/5.png", params={"lo": 0, "hi": 65535})
+    gray = np.asarray(Image.open(io.BytesIO(png.content)).convert("L")).astype(float)
+    np.testing.assert_allclose(gray, red[5] * 255.0 / 65535, atol=1)
+    # a job without reading parameters reads it as uploaded
+    job = client.post(
+        "/api/jobs", json={"kind": "infer", "params": {"recording_id": rec["id"],
+                                                         "method": "baseline"}},
+    ).json()  # fmt: skip
+    assert _run(job["id"]) == "succeeded"
+    assert client.get(f"/api/jobs/{job['id']}").json()["result"]["n_frames"] == 40
+    # query string, raw body
+    r = client.post(
+        "/api/recordings?filename=raw.tif&interleaved_channels=2",
+        content=data + b"\0",  # another sha256, same images
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 201 and r.json()["n_frames"] == 40, r.text
+
+
+@pytest.mark.parametrize(
+    ("query", "form", "loc", "fragment"),
+    [
+        ("channel=-1", {}, ["query", "channel"], "greater than or equal"),
+        ("", {"interleaved_channels": "zero"}, ["body", "interleaved_channels"], "integer"),
+        ("axes=QQ", {}, ["query", "axes"], "pattern"),
+        ("z_projection=sum", {}, ["query", "z_projection"], "max"),
+        ("channel=1", {"channel": "2"}, ["body", "channel"], "given twice"),
+    ],
+)
+def test_bad_upload_options_are_422_naming_the_field(
+    client: TestClient, query: str, form: dict, loc: list, fragment: str
+) -> None:
+    data, _, _ = _two_channel_tiff()
+    r = client.post(f"/api/recordings?{query}", files={"file": ("b.tif", data)}, data=form)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["errors"][0]["loc"][-2:] == loc[-2:] and fragment in body["detail"], body
+    assert client.get("/api/recordings").json() == []
+    incoming = get_settings().artifact_dir / "recordings" / ".incoming"
+    assert list(incoming.iterdir()) == []
+
+
+def test_options_that_do_not_fit_the_file_are_422(client: TestClient) -> None:
+    data, _, _ = _two_channel_tiff()
+    r = client.post("/api/recordings?interleaved_channels=3", files={"file": ("c.tif", data)})
+    assert r.status_code == 422 and "not a multiple of 3" in r.json()["detail"], r.text
+    r = client.post("/api/recordings?axes=TZYX", files={"file": ("c.tif", data)})
+    assert r.status_code == 422 and "4 letters" in r.json()["detail"], r.text
+
+
+def test_loop_written_tiff_uploads_every_frame(client: TestClient) -> None:
+    frames = np.arange(30 * 24 * 24, dtype=np.uint16).reshape(30, 24, 24)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        for f in frames:
+            tw.write(f)
+    r = client.post("/api/recordings", files={"file": ("loop.tif", buf.getvalue())})
+    assert r.status_code == 201 and r.json()["n_frames"] == 30, r.text
+    assert any("30 image series" in w for w in r.json()["warnings"])
+
+
+def test_preview_decodes_that_frame_only_and_ranges_are_its_own(client: TestClient) -> None:
+    frames = np.zeros((6, 16, 16), np.uint16)
+    for t in range(6):
+        frames[t] = 100 * t + np.arange(16)[None, :]
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, frames, photometric="minisblack", compression="zlib")
+    rec = client.post("/api/recordings", files={"file": ("p.tif", buf.getvalue())}).json()
+    r = client.get(f"/api/recordings/{rec['id']}/frames/4.png")
+    assert r.status_code == 200
+    assert float(r.headers["x-data-min"]) == 400 and float(r.headers["x-data-max"]) == 415
+    assert r.headers["x-frames"] == "6"
+    r = client.get(f"/api/recordings/{rec['id']}/frames/6.png")
+    assert r.status_code == 404 and "0..5" in r.json()["detail"]
+
+
+def test_recording_over_a_lowered_budget_is_413_at_preview(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin lowers the budget after an upload: the preview answers 413 naming the size and
+    the limit, and an infer job fails with the same reason (nothing decoded)."""
+    data, _, _ = _two_channel_tiff()
+    rec = client.post("/api/recordings", files={"file": ("l.tif", data)}).json()
+    monkeypatch.setenv("CALSEG_MAX_RECORDING_PIXELS", "10000")
+    get_settings.cache_clear()
+    r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
+    assert r.status_code == 413, r.text
+    assert "81,920 pixels" in r.json()["detail"] and "10,000" in r.json()["detail"]
+    job = client.post(
+        "/api/jobs", json={"kind": "infer", "params": {"recording_id": rec["id"],
+                                                         "method": "baseline"}},
+    ).json()  # fmt: skip
+    assert _run(job["id"]) == "failed"
+    assert "max_recording_pixels" in client.get(f"/api/jobs/{job['id']}").json()["error"]
+
+
+def test_python_client_passes_reading_options(client: TestClient, tmp_path: Path) -> None:
+    from calseg.client import CalSegClient
+
+    data, _, _ = _two_channel_tiff()
+    path = tmp_path / "two.tif"
+    path.write_bytes(data)
+    token = client.headers["Authorization"].split()[1]
+    cs = CalSegClient("http://testserver", token, http=client)  # the in-process app
+    rec = cs.upload(path, interleaved_channels=2, channel=1)
+    assert rec["n_frames"] == 40 and rec["read_options"] == {
+        "channel": 1,
+        "interleaved_channels": 2,
+    }
+
+
+def test_cell_diameter_override_through_the_api(client: TestClient) -> None:
+    """cell_diameter_px (issue 17 item 3): one name in the infer job, the library and the CLI;
+    bounded (over 1 px, at most 1000 px); its old name projection_cell_diameter_px still
+    accepted; the result says which diameter was used and whether it was estimated."""
+    data, _, _ = _two_channel_tiff()
+    rec = client.post("/api/recordings?interleaved_channels=2", files={"file": ("d.tif", data)})
+    rid = rec.json()["id"]
+    prop = client.get("/api/job-kinds").json()["infer"]["properties"]["cell_diameter_px"]
+    bounds = [b for b in prop.get("anyOf", [prop]) if b.get("type") == "number"][0]
+    assert bounds["exclusiveMinimum"] == 1 and bounds["maximum"] == 1000
+    base = {"recording_id": rid, "method": "baseline", "target": "cells"}
+    for bad in ({"cell_diameter_px": 1}, {"cell_diameter_px": 1001},
+                {"cell_diameter_px": 9, "projection_cell_diameter_px": 12}):  # fmt: skip
+        r = client.post("/api/jobs", json={"kind": "infer", "params": {**base, **bad}})
+        assert r.status_code == 422, (bad, r.text)
+    got = {}
+    for name, extra in (
+        ("given", {"cell_diameter_px": 9}),
+        ("old name", {"projection_cell_diameter_px": 9}),
+        ("estimated", {}),
+        ("active", {"target": "active"}),
+    ):
+        job = client.post("/api/jobs", json={"kind": "infer", "params": {**base, **extra}})
+        assert job.status_code == 201, job.text
+        assert _run(job.json()["id"]) == "succeeded"
+        res = client.get(f"/api/jobs/{job.json()['id']}").json()["result"]
+        got[name] = (
+            res["cell_diameter_px"],
+            res["cell_diameter_estimated"],
+            res["cell_diameter_source"],
+        )
+    assert got["given"] == got["old name"] == (9.0, False, "given")
+    # not given: estimated from the recording (both targets). This recording's resting image
+    # (20th temporal percentile) is Poisson noise with no cell texture, so the estimator finds
+    # no scale and each target says it kept its 11 px prior -- never
+    # "given", never "estimated" without an estimate
+    assert got["estimated"] == (11.0, False, "prior")
+    assert got["active"] == (11.0, False, "prior")

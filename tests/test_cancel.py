@@ -1,0 +1,421 @@
+"""Cancellation (issue 13 item 4), the fast cases: cancellation points in every long loop of
+the science code, the job's token, and the worker's child process that is killed when a job
+ignores its cancel. The long cases through the real service:
+tests/reliability/test_cancel_service.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calseg.progress import (
+    Cancelled,
+    CancelToken,
+    cancellable,
+    check_cancelled,
+    null_progress,
+    scaled,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def cancel_after(n_checks: int) -> CancelToken:
+    """A token whose poll reports a cancel at the ``n_checks``-th cancellation point."""
+    seen = [0]
+
+    def poll() -> str | None:
+        seen[0] += 1
+        return "test cancel" if seen[0] >= n_checks else None
+
+    return CancelToken(poll, interval_s=0.0)
+
+
+# ------------------------------------------------------------------------------ the token
+
+
+def test_check_is_a_noop_without_a_token_and_raises_once_cancelled() -> None:
+    check_cancelled()  # nothing installed: nothing happens
+    null_progress(0.5, "x")
+    token = CancelToken()
+    with cancellable(token):
+        check_cancelled()
+        token.cancel("stop now")
+        with pytest.raises(Cancelled, match="stop now"):
+            check_cancelled()
+        with pytest.raises(Cancelled):  # every progress report is a cancellation point
+            scaled(None, 0.0, 1.0)(0.5, "x")
+    check_cancelled()  # uninstalled again
+
+
+def test_poll_is_throttled() -> None:
+    token = CancelToken(lambda: None, interval_s=0.2)
+    t0 = time.monotonic()
+    with cancellable(token):
+        while time.monotonic() - t0 < 0.5:
+            check_cancelled()
+    assert token.checks > 1000  # cheap enough for a per-step loop
+    assert 2 <= token.polls <= 4  # 0.5 s / 0.2 s (+ the first)
+
+
+def test_cancelled_is_not_swallowed_by_except_exception() -> None:
+    """A runner's optional step (``except Exception: warn``) must not eat the cancel."""
+    token = CancelToken()
+    token.cancel()
+    with cancellable(token), pytest.raises(Cancelled):
+        try:
+            check_cancelled()
+        except Exception:  # noqa: BLE001 - what an optional export does
+            pytest.fail("Cancelled was caught by `except Exception`")
+
+
+def test_process_wide_token_reaches_pool_threads() -> None:
+    token = CancelToken()
+    token.cancel()
+    with ThreadPoolExecutor(2) as pool:
+        with cancellable(token):  # per context: a pool thread does not see it
+            pool.submit(check_cancelled).result()
+        with cancellable(token, process_wide=True), pytest.raises(Cancelled):
+            pool.submit(check_cancelled).result()
+
+
+# ------------------------------------------------------------------------------ the loops
+
+
+def _small_recording(t: int = 24, side: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    frames = rng.normal(100, 5, (t, side, side)).astype(np.float32)
+    frames[t // 2 :, 20:30, 20:30] += 60  # one active blob
+    return frames
+
+
+def _simulate(tmp_path: Path) -> None:
+    from calseg.simulate.config import SimulationConfig
+    from calseg.simulate.dataset import simulate_dataset
+
+    cfg = SimulationConfig(n_videos=3, n_frames=8, height=128, width=128)
+    simulate_dataset(cfg, tmp_path / "ds")
+
+
+def _render(tmp_path: Path) -> None:
+    from calseg.simulate.geometry import make_tissue
+    from calseg.simulate.render import render_video
+
+    tissue = make_tissue(128, 128, 150.0, rng=np.random.default_rng(1))
+    calcium = np.full((tissue.n_cells, 40), 0.05)
+    render_video(tissue, calcium, np.random.default_rng(2), 5.0, 40, n_threads=2)
+
+
+def _geometry(tmp_path: Path) -> None:
+    from calseg.simulate.geometry import make_tissue
+
+    make_tissue(256, 256, 150.0, rng=np.random.default_rng(1))
+
+
+def _activity(tmp_path: Path) -> None:
+    from calseg.segment.prompts import ActivityParams, compute_activity
+
+    compute_activity(_small_recording(), ActivityParams(smooth_sigma_px=1.5))
+
+
+def _baseline(tmp_path: Path) -> None:
+    from calseg.segment.baseline import segment_baseline
+
+    segment_baseline(_small_recording())
+
+
+def _events(tmp_path: Path) -> None:
+    from calseg.analysis.events import detect_events
+
+    rng = np.random.default_rng(0)
+    detect_events(rng.normal(0, 0.1, (40, 200)), 1.0)
+
+
+def _traces(tmp_path: Path) -> None:
+    from calseg.analysis.traces import cell_traces
+
+    labels = np.zeros((64, 64), np.uint32)
+    labels[10:20, 10:20], labels[30:40, 30:40] = 1, 2
+    cell_traces(_small_recording(), labels, chunk_frames=4)
+
+
+def _overlay(tmp_path: Path) -> None:
+    from calseg.io.overlays import animation
+
+    frames = _small_recording()
+    animation(frames, (frames > 130).astype(np.uint32), tmp_path / "a.gif")
+
+
+def _register(tmp_path: Path) -> None:
+    from calseg.preprocess import register_drift
+
+    register_drift(_small_recording())
+
+
+def _read(tmp_path: Path) -> None:
+    import tifffile
+
+    from calseg.io.recordings import RecordingReader
+
+    path = tmp_path / "rec.tif"
+    tifffile.imwrite(path, _small_recording().astype(np.uint16))
+    with RecordingReader(path) as reader:
+        for _ in reader.chunks(chunk_frames=2):
+            pass
+
+
+LOOPS = {
+    "simulate (integrate, render, write)": _simulate,
+    "render (frames on pool threads)": _render,
+    "tissue geometry (Lloyd iterations)": _geometry,
+    "activity (smoothing per frame)": _activity,
+    "classical baseline": _baseline,
+    "event detection (per cell)": _events,
+    "traces (per chunk)": _traces,
+    "overlay animation (per frame)": _overlay,
+    "drift registration (per frame)": _register,
+    "recording reader (per chunk)": _read,
+}
+
+
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_every_long_loop_has_cancellation_points(name: str, tmp_path: Path) -> None:
+    """The work raises Cancelled at its 3rd cancellation point: it had at least 3 (a loop
+    without any would run to its end and fail this test)."""
+    token = cancel_after(3)
+    with cancellable(token, process_wide=True), pytest.raises(Cancelled, match="test cancel"):
+        LOOPS[name](tmp_path)
+    assert token.checks >= 3
+
+
+# ------------------------------------------------------------------------------ run_job
+
+
+@pytest.fixture()
+def env(tmp_path: Path):
+    from calseg.service.db import upgrade_database
+    from calseg.service.settings import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        artifact_dir=tmp_path / "art",
+        cache_dir=tmp_path / "cache",
+        log_dir=tmp_path / "logs",
+        progress_interval_s=0.5,
+        cancel_check_interval_s=0.2,
+        cancel_grace_s=1.0,
+    )
+    upgrade_database(settings.database_url)
+    return settings
+
+
+def _submit(settings, params=None) -> str:
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import submit_job
+
+    params = params or {"n_videos": 3, "n_frames": 4}
+    with session_scope(settings.database_url) as s:
+        return submit_job(s, "simulate", params, enqueue=lambda j, c=None: None).id
+
+
+def _job(settings, job_id):
+    from calseg.service.db import session_scope
+    from calseg.service.models import Artifact, Job
+
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        s.expunge(job)
+        names = {a.name for a in s.query(Artifact).filter(Artifact.job_id == job_id)}
+    return job, names
+
+
+def _cancel_when(settings, job_id, ready, after_s: float) -> threading.Thread:
+    """Cancel ``job_id`` ``after_s`` seconds after ``ready()`` turns true, from a thread.
+
+    With a forked job process, ``ready`` must not use the database: a fork while another
+    thread is inside SQLite copies its locked mutex into the child (the worker forks from its
+    only thread; see calseg.service.jobproc)."""
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import cancel_job
+
+    def go() -> None:
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(after_s)
+        with session_scope(settings.database_url) as s:
+            cancel_job(s, job_id)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_real_simulate_job_stops_at_a_cancellation_point(env) -> None:
+    """A real simulate job (no progress report between the integrator's 1 % reports) stops
+    soon after its cancel, in this process (job_process=inline), without a manifest."""
+    from calseg.service.jobs import run_job
+
+    job_id = _submit(env, {"n_videos": 3, "n_frames": 400, "height": 256, "width": 256})
+    _cancel_when(env, job_id, lambda: _job(env, job_id)[0].state == "running", after_s=1.0)
+    t0 = time.monotonic()
+    assert run_job(job_id, settings=env) == "cancelled"
+    job, artifacts = _job(env, job_id)
+    assert job.state == "cancelled" and job.result is None
+    assert "stopped: job is cancelled" in job.log_tail
+    assert "manifest.json" not in artifacts
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.fixture()
+def patched_runner(monkeypatch):
+    """Replace the simulate runner (a fork of this process inherits the replacement)."""
+    import dataclasses
+
+    from calseg.service import kinds
+
+    def use(fn):
+        spec = dataclasses.replace(kinds.get("simulate"), runner=fn)
+        monkeypatch.setitem(kinds.KINDS, "simulate", spec)
+
+    return use
+
+
+def test_a_job_inside_one_long_call_is_killed_and_the_worker_is_free(env, patched_runner) -> None:
+    """The job's process sits in one call that cannot check (here a 600 s sleep): the worker
+    kills it cancel_grace_s after the cancel and is free; the job stays cancelled, its log says
+    so, nothing of it succeeded."""
+    from calseg.service import jobproc
+
+    marker = env.artifact_dir / "started"
+
+    def stuck(params, ctx):
+        ctx.progress(0.1, "stuck", "one call that never checks")
+        marker.touch()
+        time.sleep(600)
+        return {"never": True}
+
+    patched_runner(stuck)
+    job_id = _submit(env)
+    _cancel_when(env, job_id, marker.exists, after_s=0.3)
+    t0 = time.monotonic()
+    state = jobproc.run_job_in_child(job_id, settings=env)
+    took = time.monotonic() - t0
+    assert state == "cancelled"
+    assert jobproc.last_child["killed"] and jobproc.last_child["signal"] == signal.SIGKILL
+    assert took < 0.3 + env.cancel_check_interval_s + env.cancel_grace_s + 5
+    job, artifacts = _job(env, job_id)
+    assert job.state == "cancelled" and job.result is None
+    assert "the job was cancelled but did not stop within 1 s" in job.log_tail
+    assert "killed its process" in job.log_tail
+    assert "job.log" in artifacts
+    assert not alive(jobproc.last_child["pid"])
+
+
+def test_a_cooperative_job_stops_by_itself_in_its_process(env, patched_runner) -> None:
+    from calseg.service import jobproc
+
+    marker = env.artifact_dir / "started"
+
+    def loop(params, ctx):
+        marker.touch()
+        for i in range(100000):
+            ctx.progress(i / 100000, "loop")
+            time.sleep(0.01)
+        return {}
+
+    patched_runner(loop)
+    job_id = _submit(env)
+    _cancel_when(env, job_id, marker.exists, after_s=0.3)
+    assert jobproc.run_job_in_child(job_id, settings=env) == "cancelled"
+    assert not jobproc.last_child["killed"]
+    job, _ = _job(env, job_id)
+    assert "stopped: job is cancelled" in job.log_tail
+
+
+def test_a_job_process_killed_by_sigkill_fails_that_job_only(env, patched_runner) -> None:
+    """What the OOM killer does to a job's process: the job fails with the signal, its time
+    and peak memory; the worker (here: this test process) runs the next job."""
+    from calseg.service import jobproc
+
+    def oom(params, ctx):
+        ctx.progress(0.2, "allocate")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    patched_runner(oom)
+    job_id = _submit(env)
+    assert jobproc.run_job_in_child(job_id, settings=env) == "failed"
+    job, _ = _job(env, job_id)
+    assert job.error.startswith(
+        f"the job's process {jobproc.last_child['pid']} was killed by SIGKILL"
+    )
+    assert "peak memory" in job.error and "out-of-memory killer" in job.error
+
+    patched_runner(lambda params, ctx: {"ok": 1})
+    nxt = _submit(env)
+    assert jobproc.run_job_in_child(nxt, settings=env) == "succeeded"
+
+
+def test_the_job_process_dies_with_its_worker(env, tmp_path: Path) -> None:
+    """SIGKILL of the worker: its job's process gets SIGKILL too (PR_SET_PDEATHSIG), so no
+    job runs on unwatched (the reconciler or the supervisor re-queues it)."""
+    job_id = _submit(env)
+    code = f"""
+import time
+import dataclasses
+from calseg.service import jobproc, kinds
+from calseg.service.settings import Settings
+def stuck(params, ctx):
+    ctx.log("STUCK")
+    time.sleep(600)
+kinds.register(dataclasses.replace(kinds.get("simulate"), runner=stuck))
+jobproc.run_job_in_child({job_id!r}, settings=Settings(**{env.model_dump(mode="json")!r}))
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        log = ""
+        while "STUCK" not in log and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                log = (env.artifact_dir / "jobs" / job_id / "job.log").read_text()
+        assert "STUCK" in log, log
+        import re
+
+        child = int(re.search(r"\(process (\d+)\)", log).group(1))
+        assert child != proc.pid
+        assert alive(child)  # the job's process runs
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), f"the job's process {child} outlived its worker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,105 @@
+"""The CLI and the service share one pipeline per job (issue 16 item 1).
+
+``calseg segment`` and the service's infer job run :func:`calseg.pipelines.segment.
+segment_and_export`; on one real recording, with the same options, they write the same files,
+byte for byte. The infer job runs for real: a SQLite database, the local artifact store and
+:func:`calseg.service.jobs.run_job` (its own ``job.log`` is the one file the CLI does not write).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from calseg.cli import app
+
+
+def _run_infer_job(tmp_path: Path, src: Path, params: dict) -> tuple[dict, Path]:
+    """Upload-like recording row + an infer job run in-process; ``(result, job folder)``."""
+    from calseg.service import jobs
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.models import Job, Recording
+    from calseg.service.settings import Settings
+    from calseg.service.store import LocalArtifactStore
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade_database(url)
+    settings = Settings(
+        database_url=url,
+        artifact_dir=tmp_path / "art",
+        cache_dir=tmp_path / "cache",
+        progress_interval_s=0.0,
+        sam2_checkpoint=None,
+    )
+    store = LocalArtifactStore(settings.artifact_dir)
+    obj = store.put(f"recordings/{src.name}", src)  # same file name: same titles
+    with session_scope(url) as s:
+        rec = Recording(
+            filename=src.name,
+            relpath=f"recordings/{src.name}",
+            sha256=obj.sha256,
+            size_bytes=obj.size_bytes,
+            n_frames=1,
+            height=1,
+            width=1,
+            dtype="uint16",
+        )
+        s.add(rec)
+        s.flush()
+        job_id = jobs.submit_job(
+            s,
+            "infer",
+            {"recording_id": rec.id, **params},
+            enqueue=lambda job, countdown=None: None,
+        ).id
+    state = jobs.run_job(job_id, None, url=url, store=store, settings=settings, enqueue=None)
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert state == "succeeded", job.error
+        result = job.result
+    return result, store.path(f"jobs/{job_id}")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("cli_flags", "params"),
+    [
+        (["--method", "classical"], {"method": "classical"}),
+        (
+            ["--method", "auto", "--bleach-correction", "exp", "--threshold-k", "4"],
+            {"method": "auto", "bleach_correction": "exp", "threshold_k": 4.0},
+        ),
+    ],
+    ids=["classical", "auto+bleach"],
+)
+def test_cli_segment_and_infer_job_write_the_same_files(
+    tmp_path, real_file, monkeypatch, cli_flags, params
+):
+    monkeypatch.delenv("CALSEG_SAM2_CHECKPOINT", raising=False)  # auto: the same rule in both
+    src = real_file("astrocast_sample_1.tiff")
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["segment", str(src), str(out), *cli_flags])
+    assert r.exit_code == 0, r.output
+    result, job_dir = _run_infer_job(tmp_path / "svc", src, params)
+
+    cli_files, job_files = _files(out), _files(job_dir)
+    assert set(job_files) - set(cli_files) == {"job.log"}  # the job's own log
+    assert set(cli_files) == set(job_files) - {"job.log"}
+    assert {"labels.tif", "overlay.png", "traces.csv", "events.csv", "patterns.json"} <= set(
+        cli_files
+    )
+    different = [n for n in cli_files if cli_files[n] != job_files[n]]
+    assert not different, f"CLI and infer job differ in {different}"
+    assert result["n_cells"] > 0
+    assert f"{result['model_label']}: " in r.output
+    if params.get("bleach_correction"):
+        assert result["preprocess"]["options"]["bleach_correction"] == "exp"
+        assert "preprocess: " in r.output
+    assert "1 s assumed" in r.output  # the file has no frame interval: both say so
+    assert any("1 s assumed" in w for w in result["warnings"])

@@ -1,0 +1,171 @@
+"""The default-method rule and the one name of each model (calseg.segment.choice)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from calseg.segment.choice import (
+    CLASSICAL,
+    SAM2,
+    best_method,
+    canonical_method,
+    evaluation_models,
+    evaluation_path,
+    label_of_result,
+    summarise_checkpoint,
+)
+
+
+def _ckpt(tmp_path: Path, content: bytes = b"weights") -> tuple[Path, str]:
+    p = tmp_path / "model.pt"
+    p.write_bytes(content)
+    return p, hashlib.sha256(content).hexdigest()
+
+
+def _report(ckpt: Path, sha: str, sam2: dict, classical: dict, info: dict | None = None) -> None:
+    """An evaluation report as calseg evaluate --out writes it (EvaluationReport.to_dict)."""
+    info = {"checkpoint_sha256": sha, "random_weights": False, "finetuned_from": "sam2.pt",
+            "train_mode": "decoder", **(info or {})}  # fmt: skip
+    rep = {
+        "split": "test",
+        "models": {"SAM2 fine-tuned": info, "classical": None},
+        "rows": [
+            {"model": "SAM2 fine-tuned", "method": "sam2"},
+            {"model": "classical", "method": "baseline"},  # the old name in older reports
+        ],
+        "summary": [
+            {"model": "SAM2 fine-tuned", "n_videos": 4, **sam2},
+            {"model": "classical", "n_videos": 4, **classical},
+        ],
+    }
+    evaluation_path(ckpt).write_text(json.dumps(rep))
+
+
+def test_no_weights_means_classical() -> None:
+    c = best_method(None)
+    assert c.method == CLASSICAL and c.label == "classical"
+    assert "CALSEG_SAM2_CHECKPOINT" in c.reason
+
+
+def test_unmeasured_or_missing_checkpoint_means_classical(tmp_path: Path) -> None:
+    ckpt, _ = _ckpt(tmp_path)
+    c = best_method(ckpt)
+    assert c.method == CLASSICAL and "not been measured" in c.reason
+    assert f"--out {evaluation_path(ckpt)}" in c.reason  # how to measure it
+    assert best_method(tmp_path / "nope.pt").method == CLASSICAL
+
+
+def test_measured_better_sam2_becomes_the_default(tmp_path: Path) -> None:
+    ckpt, sha = _ckpt(tmp_path)
+    _report(ckpt, sha, {"f1_mean": 0.8, "iou_mean": 0.7, "f1_ci95": [0.75, 0.85]},
+            {"f1_mean": 0.6, "iou_mean": 0.5})  # fmt: skip
+    c = best_method(ckpt)
+    assert c.method == SAM2 and c.checkpoint == str(ckpt) and c.label == "SAM2 fine-tuned"
+    assert "F1 0.800 vs 0.600" in c.reason and c.evidence["classical"]["f1_mean"] == 0.6
+
+
+@pytest.mark.parametrize(
+    ("sam2", "classical", "info", "why"),
+    [
+        ({"f1_mean": 0.5, "iou_mean": 0.7}, {"f1_mean": 0.6, "iou_mean": 0.5}, None, "did not"),
+        ({"f1_mean": 0.8, "iou_mean": 0.4}, {"f1_mean": 0.6, "iou_mean": 0.5}, None, "did not"),
+        (
+            {"f1_mean": 0.65, "iou_mean": 0.7, "f1_ci95": [0.55, 0.75]},
+            {"f1_mean": 0.6, "iou_mean": 0.5},
+            None,
+            "CI",
+        ),
+        (  # a decoder trained on a random-weight encoder never qualifies, whatever it scored
+            {"f1_mean": 0.9, "iou_mean": 0.9},
+            {"f1_mean": 0.6, "iou_mean": 0.5},
+            {"random_weights": True},
+            "random weights",
+        ),
+    ],
+)
+def test_not_better_or_random_stays_classical(tmp_path, sam2, classical, info, why) -> None:
+    ckpt, sha = _ckpt(tmp_path)
+    _report(ckpt, sha, sam2, classical, info)
+    c = best_method(ckpt)
+    assert c.method == CLASSICAL and why in c.reason, c.reason
+
+
+def test_encoder_trained_here_counts_as_real_weights(tmp_path: Path) -> None:
+    ckpt, sha = _ckpt(tmp_path)
+    _report(ckpt, sha, {"f1_mean": 0.8, "iou_mean": 0.7}, {"f1_mean": 0.6, "iou_mean": 0.5},
+            {"random_weights": True, "train_mode": "full"})  # fmt: skip
+    assert best_method(ckpt).method == SAM2
+
+
+def test_a_report_about_another_file_is_no_evidence(tmp_path: Path) -> None:
+    ckpt, sha = _ckpt(tmp_path)
+    _report(ckpt, sha, {"f1_mean": 0.8, "iou_mean": 0.7}, {"f1_mean": 0.6, "iou_mean": 0.5})
+    ckpt.write_bytes(b"other weights")  # the file changed after it was measured
+    c = best_method(ckpt)
+    assert c.method == CLASSICAL and "does not score this file" in c.reason
+
+
+def test_names() -> None:
+    assert canonical_method("baseline") == "classical" == canonical_method("classical")
+    assert label_of_result("baseline", None) == "classical"
+    assert label_of_result("sam2", {"random_weights": True}) == "SAM2 untuned (random weights)"
+    assert label_of_result("sam2", {"random_weights": False}) == "SAM2 untuned"
+    info = {"random_weights": True, "finetuned_from": "random-init(seed=0)"}
+    assert label_of_result("sam2", info) == "SAM2 fine-tuned (random weights)"
+    assert list(evaluation_models(None, None)) == ["SAM2 untuned (random weights)", "classical"]
+
+
+def test_checkpoint_kinds_read_from_the_file(tmp_path: Path) -> None:
+    import torch
+
+    from calseg.segment.model import FINETUNE_FORMAT
+
+    plain = tmp_path / "sam2.pt"
+    torch.save({"model": {}}, plain)
+    assert summarise_checkpoint(plain).weights == "pretrained"
+    assert summarise_checkpoint(plain).label == "SAM2 untuned"
+    for meta, kind, label in (
+        (
+            {"base_checkpoint": None, "train_mode": "decoder"},
+            "random",
+            "SAM2 fine-tuned (random weights)",
+        ),  # noqa: E501
+        ({"base_random_weights": True, "train_mode": "full"}, "trained here", "SAM2 fine-tuned"),
+        (
+            {"base_checkpoint": "sam2.pt", "base_random_weights": False},
+            "pretrained",
+            "SAM2 fine-tuned",
+        ),  # noqa: E501
+    ):
+        p = tmp_path / f"ft-{kind.replace(' ', '')}.pt"
+        torch.save({"format": FINETUNE_FORMAT, "metadata": meta}, p)
+        s = summarise_checkpoint(p)
+        assert (s.weights, s.label, s.finetuned) == (kind, label, True)
+    assert summarise_checkpoint(None).random_weights
+
+
+def test_the_old_method_name_is_accepted_everywhere() -> None:
+    from calseg.segment.infer import InferenceConfig
+    from calseg.service.schemas import validate_params
+
+    assert InferenceConfig(method="baseline").method == "classical"
+    p = validate_params("infer", {"recording_id": "r", "method": "baseline"})
+    assert p.method == "classical" and p.to_config().method == "classical"
+    p = validate_params("infer", {"recording_id": "r"})  # the default: the rule decides
+    assert p.method == "auto" and p.to_config("sam2").method == "sam2"
+
+
+def test_resolve_method_is_the_runners_rule() -> None:
+    """What an infer job runs (and is estimated as): auto with a fine-tuned model is SAM2,
+    auto without weights is classical, explicit methods are honoured."""
+    from calseg.segment.choice import resolve_method
+
+    assert resolve_method("auto", model_job_id="j1", checkpoint=None)[0] == "sam2"
+    method, reason = resolve_method("auto", model_job_id=None, checkpoint=None)
+    assert method == "classical" and "no SAM2 weights" in reason
+    assert resolve_method("baseline", model_job_id=None, checkpoint=None)[0] == "classical"
+    assert resolve_method("sam2", model_job_id=None, checkpoint=None) == ("sam2", "sam2: asked for")
