@@ -1,5 +1,8 @@
 """Fine-tune SAM2's prompt encoder and mask decoder on a simulated ``calseg-dataset``.
 
+:func:`finetune` runs a :class:`Trainer` (setup, resume, step, validate, checkpoint; hooks for
+the loss and for prompt sampling; the config read by concern through :data:`CONFIG_GROUPS`).
+
 Design (DESIGN.md sections 4-6, and the source code's mistakes it avoids):
 
 * The image encoder is frozen; every training/validation frame is embedded once (per-recording
@@ -79,6 +82,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -269,10 +273,84 @@ class FinetuneConfig(BaseModel):
             )
         return self
 
+    def group(self, name: str) -> MappingProxyType:
+        """The fields of one concern (:data:`CONFIG_GROUPS`: ``"model"``, ``"data"``,
+        ``"prompts"``, ``"loss"``, ``"optimiser"``, ``"validation"``, ``"checkpointing"``) as a
+        read-only ``{field: value}`` mapping; what :class:`Trainer` reads. The parameters stay
+        one flat set for the job API, the CLI and the page (one name per parameter)."""
+        try:
+            names = CONFIG_GROUPS[name]
+        except KeyError:
+            raise KeyError(f"no config group {name!r}; one of {sorted(CONFIG_GROUPS)}") from None
+        return MappingProxyType({n: getattr(self, n) for n in names})
+
     def fingerprint(self) -> str:
         """Hash of the settings that define a run (for resuming)."""
         d = self.model_dump(exclude={"resume", "time_limit_s", "device", "val_every"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CONFIG_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": (
+        "model",
+        "image_size",
+        "device",
+        "train_mode",
+        "recipe",
+        "lora_rank",
+        "lora_alpha",
+        "mask_prior",
+        "multimask_output",
+        "encoder_batch_size",
+    ),
+    "data": (
+        "seed",
+        "frames_per_video",
+        "frames_per_step",
+        "low_percentile",
+        "high_percentile",
+        "augment_variants",
+        "augment",
+    ),
+    "prompts": (
+        "batch_size",
+        "prompt_mix",
+        "prompt_point",
+        "erosion_px",
+        "n_negative_points",
+        "background_prompt_fraction",
+        "box_jitter",
+    ),
+    "loss": (
+        "focal_weight",
+        "focal_alpha",
+        "focal_gamma",
+        "dice_weight",
+        "dice_smooth",
+        "iou_weight",
+        "object_weight",
+        "loss_resolution",
+    ),
+    "optimiser": (
+        "steps",
+        "lr",
+        "encoder_lr",
+        "weight_decay",
+        "warmup_steps",
+        "min_lr_ratio",
+        "scratch_lr",
+        "scratch_warmup_fraction",
+        "scratch_min_lr_ratio",
+        "grad_accum",
+        "max_grad_norm",
+        "amp",
+        "max_nonfinite_steps",
+    ),
+    "validation": ("val_every", "val_frames_per_video", "val_max_prompts_per_frame"),
+    "checkpointing": ("select_by", "resume", "time_limit_s"),
+}
+""":class:`FinetuneConfig`'s fields by concern (issue 16 item 3): each field in exactly one
+group (``tests/test_segment_trainer.py`` checks it, so a new field must be placed)."""
 
 
 @dataclass
@@ -1089,6 +1167,569 @@ def _restore_encoder(loaded: LoadedSAM2, enc: dict | None) -> None:
                 loaded.model.no_mem_embed.copy_(enc["no_mem_embed"])
 
 
+PromptSampler = Callable[
+    [list[_Video], list[tuple[int, int, int]], FinetuneConfig, np.random.Generator],
+    tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray],
+]
+"""Prompt-sampling hook of :class:`Trainer`: ``(videos, pool, config, rng) -> (chosen, coords,
+labels)`` -- ``pool`` the ``(video, frame, cell id)`` items to draw from, ``chosen`` the drawn
+items (cell id 0: a background prompt), ``coords`` ``(B, N, 2)`` float frame px (x, y),
+``labels`` ``(B, N)`` int SAM point labels (1 positive, 0 negative, 2/3 box corners). Default
+:func:`_sample_batch`; it must draw from ``rng`` only, so a seed gives the same run."""
+
+LossFn = Callable[..., dict]
+"""Loss hook of :class:`Trainer`: called as ``loss_fn(model, videos, chosen, coords, labels,
+config, device, use_amp, prior_radius)`` on one micro-batch; returns a dict of 0-d tensors with
+at least ``"loss"`` (the value back-propagated; every entry is logged per step). Default
+:func:`_batch_losses` (focal + Dice + IoU MSE + object BCE, :func:`_losses`)."""
+
+
+class Trainer:
+    """SAM2 training as an object (issue 16 item 3, in the style of micro-sam's ``SamTrainer``
+    and sam2's ``training.trainer.Trainer``): :meth:`setup`, :meth:`resume`, :meth:`step`,
+    :meth:`validate` and :meth:`checkpoint`, driven by :meth:`fit`; :func:`finetune` is
+    ``Trainer(...).fit()``.
+
+    Hooks: ``loss_fn`` (:data:`LossFn`, default :func:`_batch_losses`) and ``prompt_sampler``
+    (:data:`PromptSampler`, default :func:`_sample_batch`). The config is read by concern
+    through :meth:`FinetuneConfig.group` (``"model"``, ``"data"``, ``"prompts"``, ``"loss"``,
+    ``"optimiser"``, ``"validation"``, ``"checkpointing"``: :data:`CONFIG_GROUPS`); the job's
+    parameters stay one flat set so that the API, the CLI and the page use one name each.
+
+    State after :meth:`setup`: ``loaded`` (:class:`~calseg.segment.model.LoadedSAM2`),
+    ``videos`` / ``vals`` (training videos incl. augmented variants / validation videos),
+    ``optimiser``, ``scheduler``, ``scaler``, ``global_step`` (optimiser steps done),
+    ``history`` (the entries :func:`finetune` documents), ``best`` (``{"step", "score",
+    "init"}`` of the selection score), ``best_val_iou`` (prompted IoU, a diagnostic),
+    ``warnings`` and ``timings`` (s).
+
+    A step-by-step run (``setup(); resume(); validate(); while ...: step()``) draws the same
+    random numbers as :meth:`fit`, so a seed gives the same weights either way
+    (``tests/test_segment_trainer.py``).
+    """
+
+    def __init__(
+        self,
+        dataset: Path,
+        out_dir: Path,
+        config: FinetuneConfig,
+        *,
+        base_checkpoint: Path | None = None,
+        cache_dir: Path | None = None,
+        progress: ProgressFn | None = None,
+        on_history: Callable[[dict], None] | None = None,
+        loss_fn: LossFn | None = None,
+        prompt_sampler: PromptSampler | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        self.config = config
+        self.base_checkpoint = base_checkpoint
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out_dir / "embeddings"
+        self.progress = progress or null_progress
+        self.on_history = on_history
+        self.loss_fn: LossFn = loss_fn or _batch_losses
+        self.prompt_sampler: PromptSampler = prompt_sampler or _sample_batch
+        self.warnings: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.best_val_iou: float | None = None
+        self.best: dict = {"step": None, "score": None, "init": None}
+        self.global_step = 0
+        self.start_step = 0
+        self.best_path = self.out_dir / "best.pt"
+        self.last_path = self.out_dir / "last.pt"
+        self._set_up = False
+        self._bad_steps = 0
+        self.prior_iou: float | None = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Load the base SAM2 (and the recipe it implies), embed the training and validation
+        frames, build the optimiser, scheduler and AMP scaler, and the checkpoint metadata.
+
+        Raises:
+            DatasetError: no training video.
+        """
+        import torch
+
+        self.t_start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        train_v = split_videos(self.dataset, "train")
+        val_v = split_videos(self.dataset, "val")
+        if not train_v:
+            raise DatasetError(f"dataset {self.dataset} has no video in the 'train' split")
+        if not val_v:
+            self.warnings.append(
+                "no 'val' split: the checkpoint is the last step, not the best by val IoU"
+            )
+        cfg = self.config
+        loaded = load_sam2(
+            cfg.model, self.base_checkpoint, image_size=cfg.image_size, device=cfg.device
+        )
+        cfg = self.config = training_recipe(cfg, loaded.info.random_weights)
+        if loaded.info.random_weights and cfg.recipe != "scratch":
+            self.warnings.append(
+                "base SAM2 has RANDOM weights (no checkpoint): the frozen encoder's features are "
+                "random, so fine-tuned masks stay poor"
+            )
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = next(self.model.parameters()).device
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self._embed(train_v, val_v)
+        self._build_optimiser()
+        self._metadata()
+        self._set_up = True
+
+    def _embed(self, train_v: list, val_v: list) -> None:
+        cfg, progress, cache_dir = self.config, self.progress, self.cache_dir
+        data = cfg.group("data")
+        progress(0.0, "embed", "embedding training frames")
+        n_all = len(train_v) + len(val_v)
+        videos: list[_Video] = []
+        n_var = data["augment_variants"] + 1
+        for k, v in enumerate(train_v):
+            for variant in range(n_var):
+                a = 0.3 * (k + variant / n_var) / n_all
+                b = 0.3 * (k + (variant + 1) / n_var) / n_all
+                videos.append(
+                    _prepare_video(
+                        self.loaded,
+                        v,
+                        data["frames_per_video"],
+                        cfg,
+                        cache_dir,
+                        scaled(progress, a, b),
+                        variant=variant,
+                    )
+                )
+        vals: list[_Video] = []
+        for k, v in enumerate(val_v):
+            j = len(train_v) + k
+            vals.append(
+                _prepare_video(
+                    self.loaded,
+                    v,
+                    cfg.group("validation")["val_frames_per_video"],
+                    cfg,
+                    cache_dir,
+                    scaled(progress, 0.3 * j / n_all, 0.3 * (j + 1) / n_all),
+                )
+            )
+        self.activities = []  # what inference prompts from: activity of each val recording
+        if cfg.group("checkpointing")["select_by"] == "f1":
+            from calseg.segment.prompts import compute_activity
+
+            act_params = inference_config(cfg).activity_params()
+            self.activities = [
+                compute_activity(np.asarray(v.load_image()), act_params) for v in val_v
+            ]
+        self.timings["embed_s"] = time.perf_counter() - self.t_start
+        self.videos, self.vals = videos, vals
+        self.items = [
+            (vi, f, cid)
+            for vi, vid in enumerate(videos)
+            for f in range(len(vid.frames_idx))
+            for cid in vid.eroded_points[f]
+        ]
+        if not self.items:
+            self.warnings.append(
+                "no active cell in the sampled training frames: only background prompts"
+            )
+
+    def _build_optimiser(self) -> None:
+        import torch
+
+        cfg, loaded = self.config, self.loaded
+        opt_cfg = cfg.group("optimiser")
+        if cfg.mask_prior != "none":  # the model now includes the disc prior
+            loaded.info.prior_radius = mean_cell_radius_model(self.videos)
+            loaded.info.prior_mode = cfg.mask_prior
+        self.base_encoder_sha = encoder_hash(loaded)  # of the BASE encoder, before any change
+        dec_params, enc_params = _trainable_groups(loaded, cfg)
+        self.params = dec_params + enc_params
+        for p in self.params:
+            p.requires_grad_(True)
+        groups = [{"params": dec_params, "lr": opt_cfg["lr"]}]
+        if enc_params:
+            enc_lr = opt_cfg["encoder_lr"] or (
+                opt_cfg["lr"] if cfg.train_mode == "lora" else opt_cfg["lr"] / 10
+            )
+            groups.append({"params": enc_params, "lr": enc_lr})
+            n_enc = sum(p.numel() for p in enc_params)
+            if cfg.train_mode == "full" and self.device.type != "cuda":
+                self.warnings.append(
+                    "train_mode=full on a CPU: every step back-propagates through the whole "
+                    "image encoder; meant for a GPU (use 'lora' or 'decoder' here)"
+                )
+            self.warnings.append(
+                f"train_mode={cfg.train_mode}: the encoder is trained ({n_enc} parameters), so "
+                "embeddings are recomputed every step (no cache)"
+            )
+        self.optimiser = torch.optim.AdamW(groups, weight_decay=opt_cfg["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimiser, lambda s: _lr_factor(s, cfg)
+        )
+        self.use_amp = bool(opt_cfg["amp"] and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def _metadata(self) -> None:
+        cfg, loaded, dataset = self.config, self.loaded, self.dataset
+        self.fingerprint = cfg.fingerprint()
+        manifest = Path(dataset) / "manifest.json" if Path(dataset).is_dir() else Path(dataset)
+        self.meta_base = {
+            "finetune_config": cfg.model_dump(),
+            "train_mode": cfg.train_mode,
+            "dataset": str(dataset),
+            "dataset_manifest": str(manifest.resolve()),
+            "dataset_manifest_sha256": file_sha256(manifest),
+            "train_videos": [v.id for v in self.videos],
+            "val_videos": [v.id for v in self.vals],
+            "fingerprint": self.fingerprint,
+            "encoder_sha256": self.base_encoder_sha,
+            "parent_checkpoint": (
+                str(self.base_checkpoint) if self.base_checkpoint else loaded.info.checkpoint
+            ),
+            "parent_checkpoint_sha256": loaded.info.checkpoint_sha256,
+            "calseg_version": _calseg_version(),
+            "mask_prior": {
+                "mode": loaded.info.prior_mode,
+                "radius_model_px": loaded.info.prior_radius,
+            },
+            "disc_prior_radius_px": mean_cell_radius(self.videos),  # the reference row's disc
+        }
+
+    def _require_setup(self) -> None:
+        if not self._set_up:
+            raise RuntimeError("Trainer.setup() must run first")
+
+    # --------------------------------------------------------------- resume
+    def resume(self) -> bool:
+        """Continue from ``last.pt`` when ``config.resume`` and it belongs to this run (same
+        :meth:`FinetuneConfig.fingerprint`): weights, optimiser, scheduler, scaler, history,
+        selection and the random stream (re-seeded from ``(seed, step)``). Returns whether it
+        resumed; a ``last.pt`` of another run is left alone (a warning says so)."""
+        import torch
+
+        self._require_setup()
+        if not (self.config.group("checkpointing")["resume"] and self.last_path.exists()):
+            return False
+        state = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        if state.get("metadata", {}).get("fingerprint") != self.fingerprint or (
+            "optimizer" not in state
+        ):
+            self.warnings.append(f"{self.last_path} belongs to a different run; starting afresh")
+            return False
+        model = self.model
+        model.sam_prompt_encoder.load_state_dict(state["sam_prompt_encoder"])
+        model.sam_mask_decoder.load_state_dict(state["sam_mask_decoder"])
+        _restore_encoder(self.loaded, state.get("encoder"))
+        self.optimiser.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_step = self.global_step = int(state["metadata"]["step"])
+        self.history = list(state["metadata"].get("history", []))
+        self.best_val_iou = state["metadata"].get("best_val_iou")
+        self.best.update(state["metadata"].get("selection") or {})
+        self.rng = np.random.default_rng([self.config.seed, self.start_step])
+        self.warnings.append(f"resumed from {self.last_path} at step {self.start_step}")
+        return True
+
+    # -------------------------------------------------------------- history
+    def add_history(self, entry: dict) -> None:
+        """Append a history entry and hand it to ``on_history`` (whose errors are logged and
+        ignored: a broken live-curve sink must not stop training)."""
+        self.history.append(entry)
+        if self.on_history is not None:
+            try:
+                self.on_history(entry)
+            except Exception:
+                log.exception("on_history callback failed for %s", entry.get("kind"))
+
+    def _metrics_now(self, step: int, val_iou: float | None) -> dict:
+        train = [h for h in self.history if h.get("kind") == "train"]
+        recent = [h["loss"] for h in train[-10:]]
+        return {
+            "step": step,
+            "val_mean_iou": val_iou,
+            "best_val_iou": self.best_val_iou,
+            "train_loss_last10_mean": float(np.mean(recent)) if recent else None,
+            "train_iou_last10_mean": (
+                float(np.mean([h["train_iou"] for h in train[-10:]])) if train else None
+            ),
+        }
+
+    # ----------------------------------------------------------- checkpoint
+    def checkpoint(self, which: Literal["best", "last"], **meta: object) -> Path:
+        """Write ``best.pt`` (prompt encoder + mask decoder (+ trained encoder) weights and
+        metadata) or ``last.pt`` (that + optimiser, scheduler and scaler state, for
+        :meth:`resume`) at the current step; ``meta`` adds or overrides metadata fields.
+        Returns the path."""
+        self._require_setup()
+        step = self.global_step
+        enc = _encoder_state(self.loaded, self.config)
+        if which == "last":
+            md = dict(
+                self.meta_base,
+                step=step,
+                history=self.history,
+                best_val_iou=self.best_val_iou,
+                selection=self.best,
+                **meta,
+            )
+            extra = {
+                "optimizer": self.optimiser.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
+            save_finetuned_checkpoint(self.loaded, self.last_path, md, encoder=enc, extra=extra)
+            return self.last_path
+        md = dict(self.meta_base, step=step, **meta)
+        save_finetuned_checkpoint(self.loaded, self.best_path, md, encoder=enc)
+        return self.best_path
+
+    # ------------------------------------------------------------- validate
+    def disc_prior(self) -> float | None:
+        """Prompted val IoU of a disc of the training cells' mean radius at each validation
+        prompt (:func:`validate` with ``disc_radius``): the reference every step must beat.
+        Added to the history (``kind="prior"``) on a fresh run. None without a val split."""
+        self._require_setup()
+        if not self.vals:
+            return None
+        disc_r = mean_cell_radius(self.videos)
+        prior = validate(self.loaded, self.vals, self.config, disc_radius=disc_r)
+        self.prior_iou = prior["val_mean_iou"]
+        if self.start_step == 0:
+            self.add_history(
+                {
+                    "kind": "prior",
+                    "step": 0,
+                    "name": "disc prior",
+                    "radius_px": disc_r,
+                    "val_mean_iou": self.prior_iou,
+                    "per_video": prior["per_video"],
+                    "n_prompts": prior["n_prompts"],
+                }
+            )
+        return self.prior_iou
+
+    def validate(self) -> dict:
+        """Validate at the current step: prompted IoU (:func:`validate`) and, with
+        ``select_by="f1"``, inference as ``infer`` runs it (:func:`validate_inference`);
+        append the ``kind="val"`` history entry, write ``best.pt`` when the selection score
+        improved and ``last.pt`` after step 0. Returns the entry."""
+        self._require_setup()
+        cfg, step = self.config, self.global_step
+        if cfg.train_mode != "decoder":  # the encoder changed: embed val frames afresh
+            self.model.eval()
+            for vid in self.vals:
+                vid.emb = encode_frames(
+                    self.loaded, vid.x.float(), cache_dir=None, batch_size=cfg.encoder_batch_size
+                )
+        res = validate(self.loaded, self.vals, cfg)
+        if self.activities:
+            res.update(validate_inference(self.loaded, self.vals, self.activities, cfg))
+        entry = {
+            "kind": "val",
+            "step": step,
+            **res,
+            "disc_prior_iou": self.prior_iou,
+            "time_s": time.perf_counter() - self.t_start,
+        }
+        self.add_history(entry)
+        v = res["val_mean_iou"]
+        if v is not None and (self.best_val_iou is None or v > self.best_val_iou):
+            self.best_val_iou = v
+        score = _selection_score(res, cfg)
+        best = self.best
+        if step == 0 or best["init"] is None:
+            best["init"] = score
+        if score is not None and (best["score"] is None or score > best["score"]):
+            best.update(step=step, score=score)
+            self.checkpoint(
+                "best",
+                val_mean_iou=v,
+                metrics=self._metrics_now(step, v),
+                selection={"select_by": cfg.select_by, "step": step, "score": score},
+            )
+        if step > 0:
+            self.checkpoint("last")  # resumable after every validation
+        shown = f"val F1 {res.get('val_f1')}, " if self.activities else ""
+        self.progress(
+            0.3 + 0.7 * step / cfg.steps,
+            "validate",
+            f"step {step}: {shown}prompted val IoU {v}",
+        )
+        return entry
+
+    # ----------------------------------------------------------------- step
+    def train_mode(self) -> None:
+        """Put the trained modules in train mode (:func:`_train_modules`)."""
+        _train_modules(self.model, self.config)
+
+    def step(self) -> dict:
+        """One optimiser step: ``grad_accum`` micro-batches of prompts from ``prompt_sampler``,
+        losses from ``loss_fn``, gradients unscaled and clipped to ``max_grad_norm``, AdamW and
+        the LR schedule stepped once. A step with a non-finite loss or gradient norm is skipped
+        (``kind="skipped"``; :class:`TrainingDivergedError` after ``max_nonfinite_steps`` in a
+        row). Returns the history entry (``kind`` ``"train"`` or ``"skipped"``)."""
+        import torch
+
+        self._require_setup()
+        cfg = self.config
+        opt_cfg = cfg.group("optimiser")
+        opt, scaler = self.optimiser, self.scaler
+        step = self.global_step
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        finite = True
+        for _micro in range(opt_cfg["grad_accum"]):
+            pool = _frame_pool(self.items, cfg, self.rng)
+            chosen, coords, plabels = self.prompt_sampler(self.videos, pool, cfg, self.rng)
+            if not chosen:
+                continue
+            ls = self.loss_fn(
+                self.model,
+                self.videos,
+                chosen,
+                coords,
+                plabels,
+                cfg,
+                self.device,
+                self.use_amp,
+                self.loaded.info.prior_radius,
+            )
+            if not torch.isfinite(ls["loss"]):
+                finite = False
+                break
+            scaler.scale(ls["loss"] / opt_cfg["grad_accum"]).backward()
+            for k, v in ls.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / opt_cfg["grad_accum"]
+        grad_norm = float("nan")
+        if finite and logs:
+            grad_norm = _unscale_and_clip(self.params, opt, scaler, opt_cfg["max_grad_norm"])
+            if not math.isfinite(grad_norm) and not self.use_amp:
+                finite = False
+        if not finite or not logs:
+            self._bad_steps += 1
+            opt.zero_grad(set_to_none=True)  # (no scaler.update(): nothing was unscaled)
+            entry = {"kind": "skipped", "step": step, "reason": "non-finite"}
+            self.add_history(entry)
+            if self._bad_steps >= opt_cfg["max_nonfinite_steps"]:
+                raise TrainingDivergedError(
+                    f"{self._bad_steps} consecutive steps with non-finite loss/gradients at "
+                    f"step {step}; lower lr or check the data"
+                )
+            self.global_step += 1
+            self.scheduler.step()
+            return entry
+        self._bad_steps = 0
+        scaler.step(opt)
+        scaler.update()
+        lr = opt.param_groups[0]["lr"]
+        self.scheduler.step()  # once per optimiser step
+        self.global_step += 1
+        entry = {
+            "kind": "train",
+            "step": self.global_step,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "time_s": time.perf_counter() - self.t_start,
+            **{k: round(v, 6) for k, v in logs.items()},
+        }
+        self.add_history(entry)
+        return entry
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> FinetuneResult:
+        """The whole run: :meth:`setup`, :meth:`resume`, the disc prior, validation at step 0,
+        then :meth:`step` until ``steps`` (or ``time_limit_s``) with :meth:`validate` every
+        ``val_every`` steps and at the end; writes ``best.pt``, ``last.pt`` and
+        ``history.json``. Returns :class:`FinetuneResult`."""
+        if not self._set_up:
+            self.setup()
+            self.resume()
+        cfg = self.config
+        progress = self.progress
+        if self.vals:
+            self.disc_prior()
+        if self.vals and self.start_step == 0:
+            self.validate()
+        t_train = time.perf_counter()
+        train_progress = scaled(progress, 0.3, 1.0)
+        self.train_mode()
+        while self.global_step < cfg.steps:
+            limit = cfg.group("checkpointing")["time_limit_s"]
+            if limit and time.perf_counter() - self.t_start > limit:
+                self.warnings.append(f"time limit {limit} s reached at step {self.global_step}")
+                break
+            entry = self.step()
+            if entry["kind"] != "train":
+                continue
+            step = self.global_step
+            done_here = step - self.start_step  # steps run in this process (resume-aware ETA)
+            eta_s = (time.perf_counter() - t_train) / done_here * (cfg.steps - step)
+            train_progress(
+                step / cfg.steps,
+                "train",
+                f"step {step}/{cfg.steps} loss {entry['loss']:.4f} ETA {eta_s:.0f} s",
+            )
+            if self.vals and (step % cfg.val_every == 0 or step == cfg.steps):
+                self.validate()
+                self.train_mode()
+        self.timings["train_s"] = time.perf_counter() - t_train
+        return self.finish()
+
+    def finish(self) -> FinetuneResult:
+        """After the last step: a final validation if the last entry is not one, ``last.pt``,
+        ``best.pt`` when none was selected (no val split), the "no step improved" warning,
+        ``history.json``; the weights are frozen again. Returns :class:`FinetuneResult`."""
+        self._require_setup()
+        cfg, step = self.config, self.global_step
+        if self.vals and (not self.history or self.history[-1].get("kind") != "val"):
+            self.validate()
+        self.checkpoint("last")
+        self.model.eval()
+        for p in self.params:
+            p.requires_grad_(False)
+        if not self.vals or not self.best_path.exists():
+            self.checkpoint("best", val_mean_iou=None, metrics=self._metrics_now(step, None))
+        improved = None
+        best = self.best
+        if self.vals and best["step"] is not None:
+            improved = best["step"] > 0
+            if not improved:
+                msg = (
+                    f"no step improved on the initial model ({cfg.select_by} "
+                    f"{_fmt_score(best['init'])} at step 0): best.pt is the untrained model"
+                )
+                self.warnings.append(msg)
+                log.warning(msg)
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        (self.out_dir / "history.json").write_text(
+            json.dumps({"history": self.history, "timings": self.timings})
+        )
+        self.progress(
+            1.0,
+            "done",
+            f"best step {best['step']} ({cfg.select_by} {_fmt_score(best['score'])})",
+        )
+        return FinetuneResult(
+            best_step=best["step"],
+            best_score=best["score"][0] if best["score"] else None,
+            improved=improved,
+            checkpoint_sha256=file_sha256(self.best_path),
+            checkpoint=self.best_path,
+            history=self.history,
+            best_val_iou=self.best_val_iou,
+            model_info=self.loaded.info.to_dict(),
+            warnings=self.warnings,
+            timings=self.timings,
+        )
+
+
 def finetune(
     dataset: Path,
     out_dir: Path,
@@ -1099,7 +1740,8 @@ def finetune(
     progress: ProgressFn | None = None,
     on_history: Callable[[dict], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune SAM2's prompt encoder + mask decoder on a dataset's train split.
+    """Fine-tune (or, ``train_mode`` ``"lora"`` / ``"full"``, train) SAM2 on a dataset's train
+    split: ``Trainer(...).fit()`` (:class:`Trainer`).
 
     Args:
         dataset: ``calseg-dataset`` v1 directory (train and, ideally, val split).
@@ -1129,366 +1771,12 @@ def finetune(
     Raises:
         DatasetError: no training video / no usable frame. TrainingDivergedError.
     """
-    import torch
-
-    progress = progress or null_progress
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "embeddings"
-    warnings: list[str] = []
-    timings: dict[str, float] = {}
-    train_v = split_videos(dataset, "train")
-    val_v = split_videos(dataset, "val")
-    if not train_v:
-        raise DatasetError(f"dataset {dataset} has no video in the 'train' split")
-    if not val_v:
-        warnings.append("no 'val' split: the checkpoint is the last step, not the best by val IoU")
-    loaded = load_sam2(
-        config.model, base_checkpoint, image_size=config.image_size, device=config.device
-    )
-    config = training_recipe(config, loaded.info.random_weights)
-    if loaded.info.random_weights and config.recipe != "scratch":
-        warnings.append(
-            "base SAM2 has RANDOM weights (no checkpoint): the frozen encoder's features are "
-            "random, so fine-tuned masks stay poor"
-        )
-    model = loaded.model
-    device = next(model.parameters()).device
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-
-    progress(0.0, "embed", "embedding training frames")
-    n_all = len(train_v) + len(val_v)
-    videos: list[_Video] = []
-    n_var = config.augment_variants + 1
-    for k, v in enumerate(train_v):
-        for variant in range(n_var):
-            a = 0.3 * (k + variant / n_var) / n_all
-            b = 0.3 * (k + (variant + 1) / n_var) / n_all
-            videos.append(
-                _prepare_video(
-                    loaded,
-                    v,
-                    config.frames_per_video,
-                    config,
-                    cache_dir,
-                    scaled(progress, a, b),
-                    variant=variant,
-                )
-            )
-    vals: list[_Video] = []
-    for k, v in enumerate(val_v):
-        j = len(train_v) + k
-        vals.append(
-            _prepare_video(
-                loaded,
-                v,
-                config.val_frames_per_video,
-                config,
-                cache_dir,
-                scaled(progress, 0.3 * j / n_all, 0.3 * (j + 1) / n_all),
-            )
-        )
-    activities = []  # what inference prompts from: activity of each whole val recording
-    if config.select_by == "f1":
-        from calseg.segment.prompts import compute_activity
-
-        act_params = inference_config(config).activity_params()
-        activities = [compute_activity(np.asarray(v.load_image()), act_params) for v in val_v]
-    timings["embed_s"] = time.perf_counter() - t_start
-    items = [
-        (vi, f, cid)
-        for vi, vid in enumerate(videos)
-        for f in range(len(vid.frames_idx))
-        for cid in vid.eroded_points[f]
-    ]
-    if not items:
-        warnings.append("no active cell in the sampled training frames: only background prompts")
-
-    if config.mask_prior != "none":  # the model now includes the disc prior
-        loaded.info.prior_radius = mean_cell_radius_model(videos)
-        loaded.info.prior_mode = config.mask_prior
-    base_encoder_sha = encoder_hash(loaded)  # of the BASE encoder, before any change
-    dec_params, enc_params = _trainable_groups(loaded, config)
-    params = dec_params + enc_params
-    for p in params:
-        p.requires_grad_(True)
-    groups = [{"params": dec_params, "lr": config.lr}]
-    if enc_params:
-        enc_lr = config.encoder_lr or (config.lr if config.train_mode == "lora" else config.lr / 10)
-        groups.append({"params": enc_params, "lr": enc_lr})
-        n_enc = sum(p.numel() for p in enc_params)
-        if config.train_mode == "full" and device.type != "cuda":
-            warnings.append(
-                "train_mode=full on a CPU: every step back-propagates through the whole image "
-                "encoder; meant for a GPU (use 'lora' or 'decoder' here)"
-            )
-        warnings.append(
-            f"train_mode={config.train_mode}: the encoder is trained ({n_enc} parameters), so "
-            "embeddings are recomputed every step (no cache)"
-        )
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
-    use_amp = bool(config.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    history: list[dict] = []
-    best_iou: float | None = None  # best prompted IoU (diagnostic)
-    best: dict = {"step": None, "score": None, "init": None}  # selection (config.select_by)
-    start_step = 0
-    best_path = out_dir / "best.pt"
-    last_path = out_dir / "last.pt"
-    fp = config.fingerprint()
-    manifest = Path(dataset) / "manifest.json" if Path(dataset).is_dir() else Path(dataset)
-    meta_base = {
-        "finetune_config": config.model_dump(),
-        "train_mode": config.train_mode,
-        "dataset": str(dataset),
-        "dataset_manifest": str(manifest.resolve()),
-        "dataset_manifest_sha256": file_sha256(manifest),
-        "train_videos": [v.id for v in videos],
-        "val_videos": [v.id for v in vals],
-        "fingerprint": fp,
-        "encoder_sha256": base_encoder_sha,
-        "parent_checkpoint": str(base_checkpoint) if base_checkpoint else loaded.info.checkpoint,
-        "parent_checkpoint_sha256": loaded.info.checkpoint_sha256,
-        "calseg_version": _calseg_version(),
-        "mask_prior": {
-            "mode": loaded.info.prior_mode,
-            "radius_model_px": loaded.info.prior_radius,
-        },
-        "disc_prior_radius_px": mean_cell_radius(videos),  # the reference row's disc
-    }
-    if config.resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("metadata", {}).get("fingerprint") == fp and "optimizer" in state:
-            model.sam_prompt_encoder.load_state_dict(state["sam_prompt_encoder"])
-            model.sam_mask_decoder.load_state_dict(state["sam_mask_decoder"])
-            _restore_encoder(loaded, state.get("encoder"))
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_step = int(state["metadata"]["step"])
-            history = list(state["metadata"].get("history", []))
-            best_iou = state["metadata"].get("best_val_iou")
-            best.update(state["metadata"].get("selection") or {})
-            rng = np.random.default_rng([config.seed, start_step])
-            warnings.append(f"resumed from {last_path} at step {start_step}")
-        else:
-            warnings.append(f"{last_path} belongs to a different run; starting afresh")
-
-    def add_history(entry: dict) -> None:
-        history.append(entry)
-        if on_history is not None:
-            try:
-                on_history(entry)
-            except Exception:  # a broken live-curve sink must not stop training
-                log.exception("on_history callback failed for %s", entry.get("kind"))
-
-    def metrics_now(step: int, val_iou: float | None) -> dict:
-        train = [h for h in history if h.get("kind") == "train"]
-        recent = [h["loss"] for h in train[-10:]]
-        return {
-            "step": step,
-            "val_mean_iou": val_iou,
-            "best_val_iou": best_iou,
-            "train_loss_last10_mean": float(np.mean(recent)) if recent else None,
-            "train_iou_last10_mean": (
-                float(np.mean([h["train_iou"] for h in train[-10:]])) if train else None
-            ),
-        }
-
-    def save_last(step: int) -> None:
-        meta = dict(meta_base, step=step, history=history, best_val_iou=best_iou, selection=best)
-        save_finetuned_checkpoint(
-            loaded,
-            last_path,
-            meta,
-            encoder=_encoder_state(loaded, config),
-            extra={
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-            },
-        )
-
-    def run_val(step: int) -> None:
-        nonlocal best_iou
-        if config.train_mode != "decoder":  # the encoder changed: embed val frames afresh
-            model.eval()
-            for vid in vals:
-                vid.emb = encode_frames(
-                    loaded, vid.x.float(), cache_dir=None, batch_size=config.encoder_batch_size
-                )
-        res = validate(loaded, vals, config)
-        if activities:
-            res.update(validate_inference(loaded, vals, activities, config))
-        entry = {
-            "kind": "val",
-            "step": step,
-            **res,
-            "disc_prior_iou": prior_iou,
-            "time_s": time.perf_counter() - t_start,
-        }
-        add_history(entry)
-        v = res["val_mean_iou"]
-        if v is not None and (best_iou is None or v > best_iou):
-            best_iou = v
-        score = _selection_score(res, config)
-        if step == 0 or best["init"] is None:
-            best["init"] = score
-        if score is not None and (best["score"] is None or score > best["score"]):
-            best.update(step=step, score=score)
-            meta = dict(meta_base, step=step, val_mean_iou=v, metrics=metrics_now(step, v))
-            meta["selection"] = {"select_by": config.select_by, "step": step, "score": score}
-            save_finetuned_checkpoint(
-                loaded, best_path, meta, encoder=_encoder_state(loaded, config)
-            )
-        if step > 0:
-            save_last(step)  # resumable after every validation
-        shown = f"val F1 {res.get('val_f1')}, " if activities else ""
-        progress(
-            0.3 + 0.7 * step / config.steps,
-            "validate",
-            f"step {step}: {shown}prompted val IoU {v}",
-        )
-
-    if vals:  # the reference every step must beat: a disc of the mean cell radius
-        disc_r = mean_cell_radius(videos)
-        prior = validate(loaded, vals, config, disc_radius=disc_r)
-        prior_iou = prior["val_mean_iou"]
-        if start_step == 0:
-            add_history(
-                {
-                    "kind": "prior",
-                    "step": 0,
-                    "name": "disc prior",
-                    "radius_px": disc_r,
-                    "val_mean_iou": prior_iou,
-                    "per_video": prior["per_video"],
-                    "n_prompts": prior["n_prompts"],
-                }
-            )
-    if vals and start_step == 0:
-        run_val(0)
-    t_train = time.perf_counter()
-    bad = 0
-    step = start_step
-    train_progress = scaled(progress, 0.3, 1.0)
-    _train_modules(model, config)
-    while step < config.steps:
-        if config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s:
-            warnings.append(f"time limit {config.time_limit_s} s reached at step {step}")
-            break
-        opt.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        finite = True
-        for _micro in range(config.grad_accum):
-            pool = _frame_pool(items, config, rng)
-            chosen, coords, plabels = _sample_batch(videos, pool, config, rng)
-            if not chosen:
-                continue
-            ls = _batch_losses(
-                model,
-                videos,
-                chosen,
-                coords,
-                plabels,
-                config,
-                device,
-                use_amp,
-                loaded.info.prior_radius,
-            )
-            if not torch.isfinite(ls["loss"]):
-                finite = False
-                break
-            scaler.scale(ls["loss"] / config.grad_accum).backward()
-            for k, v in ls.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
-        grad_norm = float("nan")
-        if finite and logs:
-            grad_norm = _unscale_and_clip(params, opt, scaler, config.max_grad_norm)
-            if not math.isfinite(grad_norm) and not use_amp:
-                finite = False
-        if not finite or not logs:
-            bad += 1
-            opt.zero_grad(set_to_none=True)  # (no scaler.update(): nothing was unscaled)
-            add_history({"kind": "skipped", "step": step, "reason": "non-finite"})
-            if bad >= config.max_nonfinite_steps:
-                raise TrainingDivergedError(
-                    f"{bad} consecutive steps with non-finite loss/gradients at step {step}; "
-                    "lower lr or check the data"
-                )
-            step += 1
-            sched.step()
-            continue
-        bad = 0
-        scaler.step(opt)
-        scaler.update()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()  # once per optimiser step
-        step += 1
-        add_history(
-            {
-                "kind": "train",
-                "step": step,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "time_s": time.perf_counter() - t_start,
-                **{k: round(v, 6) for k, v in logs.items()},
-            }
-        )
-        done_here = step - start_step  # steps run in this process (resume-aware ETA)
-        eta_s = (time.perf_counter() - t_train) / done_here * (config.steps - step)
-        train_progress(
-            step / config.steps,
-            "train",
-            f"step {step}/{config.steps} loss {logs['loss']:.4f} ETA {eta_s:.0f} s",
-        )
-        if vals and (step % config.val_every == 0 or step == config.steps):
-            run_val(step)
-            _train_modules(model, config)
-    timings["train_s"] = time.perf_counter() - t_train
-    if vals and (not history or history[-1].get("kind") != "val"):
-        run_val(step)
-    save_last(step)
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    if not vals or not best_path.exists():
-        save_finetuned_checkpoint(
-            loaded,
-            best_path,
-            dict(meta_base, step=step, val_mean_iou=None, metrics=metrics_now(step, None)),
-            encoder=_encoder_state(loaded, config),
-        )
-    improved = None
-    if vals and best["step"] is not None:
-        improved = best["step"] > 0
-        if not improved:
-            msg = (
-                f"no step improved on the initial model ({config.select_by} "
-                f"{_fmt_score(best['init'])} at step 0): best.pt is the untrained model"
-            )
-            warnings.append(msg)
-            log.warning(msg)
-    timings["total_s"] = time.perf_counter() - t_start
-    (out_dir / "history.json").write_text(json.dumps({"history": history, "timings": timings}))
-    progress(
-        1.0,
-        "done",
-        f"best step {best['step']} ({config.select_by} {_fmt_score(best['score'])})",
-    )
-    return FinetuneResult(
-        best_step=best["step"],
-        best_score=best["score"][0] if best["score"] else None,
-        improved=improved,
-        checkpoint_sha256=file_sha256(best_path),
-        checkpoint=best_path,
-        history=history,
-        best_val_iou=best_iou,
-        model_info=loaded.info.to_dict(),
-        warnings=warnings,
-        timings=timings,
-    )
+    return Trainer(
+        dataset,
+        out_dir,
+        config,
+        base_checkpoint=base_checkpoint,
+        cache_dir=cache_dir,
+        progress=progress,
+        on_history=on_history,
+    ).fit()
