@@ -77,3 +77,25 @@ def test_heldout_table_shows_cis_and_says_when_finetuned_loses() -> None:
     assert "not better than the classical" not in text
     report["summary"][0]["f1_mean"] = 0.2
     assert "does NOT beat SAM2 untuned" in "\n".join(heldout_table(report))
+
+
+def test_heldout_table_compares_the_finetune_with_its_disc_prior() -> None:
+    """With a disc prior the fine-tuned row is also compared with the disc alone (no image),
+    the reference its training must beat (issue 14)."""
+    from calseg.demo import heldout_table
+    from calseg.segment.choice import LABEL_DISC
+
+    def row(name: str, f1: float) -> dict:
+        return {"model": name, "n_videos": 3, "f1_mean": f1, "iou_mean": 0.5, "ap50_mean": 0.2}
+
+    tuned = "SAM2 fine-tuned + disc prior"
+    report = {"summary": [row(tuned, 0.44), row(LABEL_DISC, 0.47), row("SAM2 untuned", 0.01)]}
+    text = "\n".join(heldout_table(report))
+    assert f"{tuned} beats SAM2 untuned (F1 0.440 vs 0.010)" in text
+    assert f"{tuned} does NOT beat the {LABEL_DISC} (F1 0.440 vs 0.470)" in text
+    assert "not from what training learned" in text
+    report["summary"][1]["f1_mean"] = 0.30
+    text = "\n".join(heldout_table(report))
+    assert f"{tuned} beats the {LABEL_DISC} (F1 0.440 vs 0.300)" in text
+    report["summary"].pop(1)  # no prior: no such line
+    assert LABEL_DISC not in "\n".join(heldout_table(report))

@@ -10,12 +10,14 @@ import pytest
 
 from calseg.segment.choice import (
     CLASSICAL,
+    LABEL_DISC,
     SAM2,
     best_method,
     canonical_method,
     evaluation_models,
     evaluation_path,
     label_of_result,
+    model_label,
     summarise_checkpoint,
 )
 
@@ -117,6 +119,41 @@ def test_names() -> None:
     info = {"random_weights": True, "finetuned_from": "random-init(seed=0)"}
     assert label_of_result("sam2", info) == "SAM2 fine-tuned (random weights)"
     assert list(evaluation_models(None, None)) == ["SAM2 untuned (random weights)", "classical"]
+    assert label_of_result("sam2", {**info, "prior_mode": "residual"}) == (
+        "SAM2 fine-tuned + disc prior (random weights)"
+    )
+    assert model_label(True, False, prior=True) == "SAM2 fine-tuned + disc prior"
+
+
+def test_a_finetune_with_a_disc_prior_brings_its_no_image_row(tmp_path: Path) -> None:
+    """evaluation_models adds "disc prior (no image)" for a checkpoint fine-tuned with a disc
+    prior (the reference its training must beat), and only then."""
+    import torch
+
+    from calseg.segment.model import FINETUNE_FORMAT
+
+    def save(name: str, prior: dict | None) -> Path:
+        meta = {"base_random_weights": False, "train_mode": "decoder"}
+        if prior is not None:
+            meta["mask_prior"] = prior
+        path = tmp_path / name
+        torch.save({"format": FINETUNE_FORMAT, "metadata": meta}, path)
+        return path
+
+    with_prior = save("prior.pt", {"mode": "residual", "radius_model_px": 11.0})
+    models = evaluation_models(with_prior, None)
+    assert models == {
+        "SAM2 fine-tuned + disc prior": ("sam2", with_prior),
+        LABEL_DISC: ("disc", with_prior),
+        "SAM2 untuned (random weights)": ("sam2", None),
+        "classical": ("classical", None),
+    }
+    for name, prior in (("plain.pt", None), ("off.pt", {"mode": None, "radius_model_px": None})):
+        path = save(name, prior)
+        assert list(evaluation_models(path, None, untuned=False)) == [
+            "SAM2 fine-tuned",
+            "classical",
+        ]
 
 
 def test_checkpoint_kinds_read_from_the_file(tmp_path: Path) -> None:
@@ -169,3 +206,20 @@ def test_resolve_method_is_the_runners_rule() -> None:
     assert method == "classical" and "no SAM2 weights" in reason
     assert resolve_method("baseline", model_job_id=None, checkpoint=None)[0] == "classical"
     assert resolve_method("sam2", model_job_id=None, checkpoint=None) == ("sam2", "sam2: asked for")
+
+
+def test_the_disc_row_is_not_taken_for_the_checkpoint(tmp_path: Path) -> None:
+    """A report's disc-prior row scores the same file (same sha256) without its image use: it
+    never stands in for the SAM2 row when deciding the default method."""
+    ckpt, sha = _ckpt(tmp_path)
+    _report(ckpt, sha, {"f1_mean": 0.5, "iou_mean": 0.5}, {"f1_mean": 0.6, "iou_mean": 0.6})
+    path = evaluation_path(ckpt)
+    rep = json.loads(path.read_text())
+    info = rep["models"]["SAM2 fine-tuned"]
+    rep["models"] = {LABEL_DISC: dict(info, prior_mode="disc"), **rep["models"]}
+    rep["rows"].insert(0, {"model": LABEL_DISC, "method": "disc"})
+    rep["summary"].insert(0, {"model": LABEL_DISC, "n_videos": 4, "f1_mean": 0.9, "iou_mean": 0.9})
+    path.write_text(json.dumps(rep))
+    c = best_method(ckpt)
+    assert c.method == CLASSICAL and "did not beat the classical method" in c.reason
+    assert "F1 0.500 vs 0.600" in c.reason

@@ -167,3 +167,46 @@ def test_methods_need_setup(tmp_path, ds):
     for method in (tr.step, tr.validate, tr.resume, tr.finish):
         with pytest.raises(RuntimeError, match="setup"):
             method()
+
+
+def test_disc_prior_row_of_an_evaluation(ds, tmp_path):
+    """The "disc prior (no image)" row (issue 14's reference, at inference): the same
+    automatic prompts, each mask a disc of the training cells' radius; the decoder is never
+    called; a checkpoint fine-tuned without a prior has no such row and is refused as one."""
+    from calseg.segment.evaluate import ModelSpecError, evaluate_dataset
+    from calseg.segment.model import disc_prior_logits, load_sam2, run_decoder
+
+    res = finetune(
+        ds, tmp_path / "ft", _cfg(steps=2, val_every=2, mask_prior="residual"),
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    loaded = load_sam2("sam2.1_hiera_t", res.checkpoint, image_size=64)
+    assert loaded.info.prior_mode == "residual" and loaded.info.prior_radius > 0
+
+    def no_call(*a, **k):
+        raise AssertionError("the disc row must not run the decoder")
+
+    loaded.model.sam_mask_decoder.forward = no_call
+    coords = torch.tensor([[[20.0, 30.0], [5.0, 5.0]]])
+    labels = torch.tensor([[1, 0]])
+    low, iou, obj = run_decoder(
+        loaded.model, None, None, coords, labels, multimask_output=False,
+        prior_radius=loaded.info.prior_radius, prior_mode="disc",
+    )  # fmt: skip
+    expect = disc_prior_logits(coords, labels, 16, loaded.info.prior_radius)
+    assert torch.equal(low, expect) and iou.tolist() == [[1.0]] and obj.item() > 0
+
+    rep = evaluate_dataset(
+        ds, {"tuned": ("sam2", res.checkpoint), "disc": ("disc", res.checkpoint)},
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    rows = {r["model"]: r for r in rep.rows}
+    assert set(rows) == {"tuned", "disc"} and rows["disc"]["method"] == "disc"
+    assert rep.models["disc"]["prior_mode"] == "disc"
+    assert 0.0 <= rows["disc"]["f1"] <= 1.0
+
+    plain = finetune(ds, tmp_path / "plain", _cfg(steps=1, val_every=1), cache_dir=tmp_path / "c")
+    with pytest.raises(ModelSpecError, match="not fine-tuned with a disc prior"):
+        evaluate_dataset(ds, {"disc": ("disc", plain.checkpoint)}, cache_dir=tmp_path / "c")
+    with pytest.raises(ModelSpecError):
+        evaluate_dataset(ds, {"disc": ("disc", None)})

@@ -47,7 +47,14 @@ METHOD_ALIASES = {"baseline": CLASSICAL}
 LABEL_CLASSICAL = "classical"
 LABEL_UNTUNED = "SAM2 untuned"
 LABEL_FINETUNED = "SAM2 fine-tuned"
+LABEL_DISC = "disc prior (no image)"
+"""The no-image reference row of an evaluation: at each of SAM2's prompts, a disc of the
+training cells' mean radius (:func:`calseg.segment.model.run_decoder` ``prior_mode="disc"``)."""
 RANDOM_SUFFIX = " (random weights)"
+PRIOR_SUFFIX = " + disc prior"
+"""Added to the name of a SAM2 whose masks are a learned correction of a disc
+(``mask_prior="residual"``) or prompted by one (``"prompt"``)."""
+DISC = "disc"
 EVALUATION_SUFFIX = ".evaluation.json"
 
 WeightsKind = Literal["random", "pretrained", "trained here"]
@@ -66,7 +73,8 @@ class CheckpointSummary:
     encoder), ``"pretrained"`` (a SAM2 release or a CalSeg checkpoint fine-tuned from one) or
     ``"trained here"`` (a CalSeg checkpoint whose whole image encoder was trained, from random
     initialisation); ``finetuned``: a CalSeg fine-tuned checkpoint; ``sha256``: of the file
-    (``None`` without a file); ``label``: :func:`model_label` of it.
+    (``None`` without a file); ``label``: :func:`model_label` of it; ``prior``: it was
+    fine-tuned with a disc prior (its masks add to, or are prompted by, a disc at the prompt).
     """
 
     path: str | None
@@ -74,6 +82,7 @@ class CheckpointSummary:
     weights: WeightsKind
     finetuned: bool
     label: str
+    prior: bool = False
 
     @property
     def random_weights(self) -> bool:
@@ -81,10 +90,11 @@ class CheckpointSummary:
         return self.weights == "random"
 
 
-def model_label(finetuned: bool, random_weights: bool) -> str:
-    """``"SAM2 fine-tuned"`` / ``"SAM2 untuned"``, + ``" (random weights)"`` when random."""
+def model_label(finetuned: bool, random_weights: bool, prior: bool = False) -> str:
+    """``"SAM2 fine-tuned"`` / ``"SAM2 untuned"``, + ``" + disc prior"`` when its masks build
+    on a disc prior, + ``" (random weights)"`` when random."""
     name = LABEL_FINETUNED if finetuned else LABEL_UNTUNED
-    return name + (RANDOM_SUFFIX if random_weights else "")
+    return name + (PRIOR_SUFFIX if prior else "") + (RANDOM_SUFFIX if random_weights else "")
 
 
 def label_of_result(method: str, model_info: dict | None) -> str:
@@ -98,7 +108,7 @@ def label_of_result(method: str, model_info: dict | None) -> str:
     random = bool(info.get("random_weights")) and info.get("train_mode") != "full"
     if not info:
         random = True
-    return model_label(finetuned, random)
+    return model_label(finetuned, random, info.get("prior_mode") in ("residual", "prompt"))
 
 
 def _sha256_of(path: Path) -> str:
@@ -137,10 +147,20 @@ def _summary_cached(path: str, mtime_ns: int, size: int) -> CheckpointSummary:  
         # a SAM2 trained here from scratch (calseg pretrain, e.g. the bundled small SAM2) is
         # a base to fine-tune, i.e. "SAM2 untuned"; its fine-tunes are "SAM2 fine-tuned"
         finetuned = not meta.get("pretrain")
+        prior_meta = meta.get("mask_prior") or {}
+        prior = (
+            prior_meta.get("mode") in ("residual", "prompt")
+            and prior_meta.get("radius_model_px") is not None
+        )
     else:
-        weights, finetuned = "pretrained", False
+        weights, finetuned, prior = "pretrained", False, False
     return CheckpointSummary(
-        path, _sha256_of(p), weights, finetuned, model_label(finetuned, weights == "random")
+        path,
+        _sha256_of(p),
+        weights,
+        finetuned,
+        model_label(finetuned, weights == "random", prior),
+        prior,
     )
 
 
@@ -207,7 +227,10 @@ def compare_with_classical(report: dict[str, Any], sha256: str | None) -> tuple[
         (
             n
             for n, info in models.items()
-            if info and sha256 and str(info.get("checkpoint_sha256") or "").lower() == sha256
+            if info
+            and sha256
+            and str(info.get("checkpoint_sha256") or "").lower() == sha256
+            and methods.get(n, SAM2) == SAM2  # not its disc-prior row (same file, no image)
         ),
         None,
     )
@@ -308,19 +331,28 @@ def evaluation_models(
     finetuned: str | Path | None, base: str | Path | None, *, untuned: bool = True
 ) -> dict[str, tuple[str, str | Path | None]]:
     """The ``models`` mapping of :func:`calseg.segment.evaluate.evaluate_dataset` under their
-    one names: ``{"SAM2 fine-tuned[ (random weights)]": ("sam2", finetuned), "SAM2 untuned[
-    (random weights)]": ("sam2", base), "classical": ("classical", None)}`` (the fine-tuned
-    row only when given; the untuned row unless ``untuned=False``)."""
+    one names: ``{"SAM2 fine-tuned[ + disc prior][ (random weights)]": ("sam2", finetuned),
+    "disc prior (no image)": ("disc", finetuned), "SAM2 untuned[ (random weights)]": ("sam2",
+    base), "classical": ("classical", None)}`` (the fine-tuned row only when given; the disc
+    row when it was fine-tuned with a disc prior: the reference its training must beat; the
+    untuned row unless ``untuned=False``)."""
+
+    def summary(ckpt: str | Path | None) -> CheckpointSummary | None:
+        try:
+            return summarise_checkpoint(ckpt)
+        except Exception:  # noqa: BLE001 - the evaluation itself reports a missing file
+            return None
 
     def label(ckpt: str | Path | None, finetuned_row: bool) -> str:
-        try:
-            return summarise_checkpoint(ckpt).label
-        except Exception:  # noqa: BLE001 - the evaluation itself reports a missing file
-            return model_label(finetuned_row, ckpt is None)
+        s = summary(ckpt)
+        return s.label if s is not None else model_label(finetuned_row, ckpt is None)
 
     models: dict[str, tuple[str, str | Path | None]] = {}
     if finetuned is not None:
         models[label(finetuned, True)] = (SAM2, finetuned)
+        s = summary(finetuned)
+        if s is not None and s.prior:
+            models[LABEL_DISC] = (DISC, finetuned)
     if untuned:
         models[label(base, False)] = (SAM2, base)
     models[LABEL_CLASSICAL] = (CLASSICAL, None)

@@ -225,8 +225,11 @@ def evaluate_dataset(
 
     Args:
         dataset: ``calseg-dataset`` v1 directory.
-        models: display name -> ``("sam2", checkpoint or None for the base model)`` or
-            ``("classical", None)`` (``"baseline"``, its old name, is accepted).
+        models: display name -> ``("sam2", checkpoint or None for the base model)``,
+            ``("classical", None)`` (``"baseline"``, its old name, is accepted) or ``("disc",
+            checkpoint)``: the no-image reference of a checkpoint fine-tuned with a disc prior
+            (the same automatic prompts, each mask a disc of the training cells' mean radius;
+            :data:`calseg.segment.choice.LABEL_DISC`).
         split: dataset split to evaluate (``"test"`` by default).
         config: inference settings shared by all models (``method`` is set per model).
         cache_dir: embedding cache shared by all SAM2 models (``None``: a temporary folder for
@@ -249,17 +252,18 @@ def evaluate_dataset(
         if not (
             isinstance(spec, tuple | list)
             and len(spec) == 2
-            and canonical_method(str(spec[0])) in ("sam2", "classical")
+            and canonical_method(str(spec[0])) in ("sam2", "classical", "disc")
+            and (canonical_method(str(spec[0])) != "disc" or spec[1] is not None)
         ):
             raise ModelSpecError(
-                f"model {name!r}: expected ('sam2', checkpoint|None) or ('classical', None), "
-                f"got {spec!r}"
+                f"model {name!r}: expected ('sam2', checkpoint|None), ('classical', None) or "
+                f"('disc', checkpoint fine-tuned with a disc prior), got {spec!r}"
             )
     models = {n: (canonical_method(str(m)), c) for n, (m, c) in models.items()}
     videos = split_videos(dataset, split)
     if not videos:
         raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
-    if cache_dir is None and sum(m == "sam2" for m, _ in models.values()) > 1:
+    if cache_dir is None and sum(m in ("sam2", "disc") for m, _ in models.values()) > 1:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="calseg-eval-emb-") as tmp:
@@ -270,12 +274,20 @@ def evaluate_dataset(
     loaded_models = {}
     model_infos: dict[str, dict | None] = {}
     for name, (method, ckpt) in models.items():
-        if method == "sam2":
-            loaded_models[name] = load_sam2(
+        if method in ("sam2", "disc"):
+            loaded = load_sam2(
                 config.model, ckpt, image_size=config.image_size, device=config.device
             )
-            model_infos[name] = loaded_models[name].info.to_dict()
-            if loaded_models[name].info.random_weights:
+            if method == "disc":  # the same prompts, a disc of the training cells' radius each
+                if loaded.info.prior_radius is None:
+                    raise ModelSpecError(
+                        f"model {name!r}: {ckpt} was not fine-tuned with a disc prior "
+                        "(mask_prior 'residual' or 'prompt'), so it records no disc radius"
+                    )
+                loaded.info.prior_mode = "disc"
+            loaded_models[name] = loaded
+            model_infos[name] = loaded.info.to_dict()
+            if loaded.info.random_weights and method == "sam2":
                 warnings.append(f"{name}: SAM2 with RANDOM weights")
         else:
             model_infos[name] = None
@@ -290,7 +302,7 @@ def evaluate_dataset(
         for name, (method, ckpt) in models.items():
             check_cancelled()
             t0 = time.perf_counter()
-            cfg = config.model_copy(update={"method": method})
+            cfg = config.model_copy(update={"method": "sam2" if method == "disc" else method})
             res = segment_recording(
                 image,
                 cfg,

@@ -128,7 +128,7 @@ class ModelInfo:
     multimask_output: bool | None = None  # how a fine-tuned decoder was trained (None: base)
     # fine-tuned with a disc prior (run_decoder's prior_radius): its radius in model px
     prior_radius: float | None = None
-    prior_mode: str | None = None  # "residual" or "prompt"
+    prior_mode: str | None = None  # "residual", "prompt" or "disc" (the disc alone)
 
     def to_dict(self) -> dict:
         """JSON-able dict of all fields."""
@@ -673,17 +673,29 @@ def run_decoder(
             point (:func:`disc_prior_logits`), used as ``prior_mode`` says: ``"residual"``
             adds its logits to the decoder's (the decoder learns a correction of the disc),
             ``"prompt"`` feeds them to the prompt encoder as SAM's mask input (dense prompt,
-            as micro-sam's iterative prompting feeds back the previous logits). ``None``: no
-            prior. Fine-tuned checkpoints record both (``loaded.info.prior_radius/mode``).
+            as micro-sam's iterative prompting feeds back the previous logits), ``"disc"``
+            returns the disc alone (no image: the reference a trained decoder must beat; IoU
+            predictions 1, object scores :data:`PRIOR_CLIP`). ``None``: no prior. Fine-tuned
+            checkpoints record both (``loaded.info.prior_radius/mode``).
 
     Returns:
         ``(low_res_logits (B, C, S/4, S/4), iou_pred (B, C), object_score_logits (B, 1))``
         with C = 3 (multimask) or 1.
     """
     prior = None
-    if prior_radius is not None and prior_mode in ("residual", "prompt"):
+    if prior_radius is not None and prior_mode in ("residual", "prompt", "disc"):
         low = 4 * model.sam_prompt_encoder.image_embedding_size[0]  # S/4
         prior = disc_prior_logits(coords, labels, low, float(prior_radius), stride=4.0)
+    if prior is not None and prior_mode == "disc":  # the no-image reference: no decoder call
+        import torch
+
+        n_out = 3 if multimask_output else 1
+        b = coords.shape[0]
+        return (
+            prior.expand(b, n_out, low, low).contiguous(),
+            torch.ones(b, n_out, device=coords.device),
+            torch.full((b, 1), PRIOR_CLIP, device=coords.device),
+        )
     masks = prior if prior_mode == "prompt" else None
     sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
     b = coords.shape[0]
