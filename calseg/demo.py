@@ -328,7 +328,8 @@ def heldout_table(report: dict) -> list[str]:
     fine-tune used one): instance F1, foreground IoU and AP50 as means over the test videos
     with 95 % bootstrap CIs (:func:`calseg.segment.evaluate.summarise`); then whether the
     fine-tuned model beats the untuned one and the disc prior (no image) (mean F1) and, when it
-    does not beat the classical method, one line saying so.
+    does not clearly beat the classical method (mean F1 above, and the lower end of its CI
+    too, as the default-method rule asks), one line saying so.
     """
     summary = report.get("summary") or []
     n = max((s.get("n_videos") or 0 for s in summary), default=0)
@@ -368,11 +369,16 @@ def heldout_table(report: dict) -> list[str]:
                 "its cells come from the disc prior at the prompts, not from what training "
                 "learned from the images."
             )
-    if tuned and classical and tuned[1] <= classical[1]:
-        lines.append(
-            f"{tuned[0]} is not better than the classical method here (F1 {tuned[1]:.3f} vs "
-            f"{classical[1]:.3f}): use the classical method on recordings like these."
-        )
+    if tuned and classical:
+        ci = by_name[tuned[0]].get("f1_ci95")
+        clearly = tuned[1] > classical[1] and (ci is None or float(ci[0]) > classical[1])
+        if not clearly:  # the default-method rule's test (calseg.segment.choice)
+            how = "not better than" if tuned[1] <= classical[1] else "not clearly better than"
+            shown = f" [{float(ci[0]):.2f}, {float(ci[1]):.2f}]" if ci is not None else ""
+            lines.append(
+                f"{tuned[0]} is {how} the classical method here (F1 {tuned[1]:.3f}{shown} vs "
+                f"{classical[1]:.3f}): use the classical method on recordings like these."
+            )
     return lines
 
 

@@ -72,9 +72,14 @@ def test_heldout_table_shows_cis_and_says_when_finetuned_loses() -> None:
     assert "3, split by video" in text and "0.400 [0.30, 0.50]" in text
     assert "SAM2 fine-tuned beats SAM2 untuned (F1 0.400 vs 0.300)" in text
     assert sum("not better than the classical method" in ln for ln in lines) == 1
-    report["summary"][0]["f1_mean"] = 0.7
+    report["summary"][0]["f1_mean"] = 0.7  # above, but its CI [0.30, 0.50] is not
     text = "\n".join(heldout_table(report))
     assert "not better than the classical" not in text
+    assert "is not clearly better than the classical method here (F1 0.700 [0.30, 0.50] vs " in (
+        text
+    )
+    report["summary"][0]["f1_ci95"] = [0.65, 0.75]  # clearly better: no such line
+    assert "better than the classical" not in "\n".join(heldout_table(report))
     report["summary"][0]["f1_mean"] = 0.2
     assert "does NOT beat SAM2 untuned" in "\n".join(heldout_table(report))
 
