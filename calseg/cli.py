@@ -24,7 +24,27 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from calseg.fmt import fmt_mapping, fmt_num, plural
 from calseg.progress import ProgressFn
 
-console = Console()
+
+class _Console(Console):
+    """The CLI's console: text is printed as it is (``markup=False`` unless a call asks for
+    it), so paths, file metadata and error messages holding ``[...]`` are never read as rich
+    markup (a path ``x[/y]`` raised ``MarkupError``, ``calseg[bioio]`` lost its ``[bioio]``).
+    The styled prefixes go through :func:`_styled`."""
+
+    def print(self, *objects: object, **kwargs: object) -> None:  # noqa: D102
+        kwargs.setdefault("markup", False)
+        super().print(*objects, **kwargs)
+
+
+console = _Console()
+
+
+def _styled(prefix_markup: str, text: str = "", **kwargs: object) -> None:
+    """Print a rich-markup ``prefix_markup`` (a literal of this module) then ``text`` as it
+    is, on one line."""
+    console.print(prefix_markup, end="", markup=True)
+    console.print(text, **kwargs)
+
 
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -125,7 +145,7 @@ class _Bar:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _styled("[bold red]error:[/] ", message, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -246,7 +266,7 @@ def finetune(
         base = checkpoint or _configured_checkpoint()
         result = run(dataset, out_dir, cfg, base_checkpoint=base, progress=progress)
     for w in result.warnings:
-        console.print(f"[bold red]WARNING:[/] {w}")
+        _styled("[bold red]WARNING:[/] ", w)
     console.print(
         f"checkpoint: {result.checkpoint}  best validation IoU: {fmt_num(result.best_val_iou)}"
     )
@@ -291,6 +311,12 @@ def pretrain(
 _FRAME_INTERVAL_HELP = "seconds between frames (default: from the file's metadata, else 1 s)"
 _PIXEL_SIZE_HELP = "µm per pixel, for scale bars and wave speeds (default: from the file)"
 _Z_PROJECTION_HELP = "how a Z axis (besides T) is collapsed: max, mean or median"
+_AXES_HELP = "override the stored axes, one letter of TZCYXS per dimension, e.g. TZCYX"
+_CHANNEL_HELP = "channel to read (0-based) when the file has several"
+_INTERLEAVED_HELP = (
+    "the file's images alternate between this many channels (c0, c1, c0, ...): split them and "
+    "read --channel"
+)
 _REGISTER_HELP = "remove rigid drift (phase correlation)"
 _BACKGROUND_HELP = "subtract a static background: opening, rolling_ball or gaussian"
 _RADIUS_HELP = "background radius (px), larger than a cell's radius"
@@ -344,8 +370,22 @@ def _configured_checkpoint() -> str | Path | None:
 def _print_lines(lines: list[tuple[str, str]]) -> None:
     style = {"warning": "[bold red]WARNING:[/] ", "note": "[yellow]check:[/] ", "info": ""}
     for level, text in lines:
-        console.print(style[level], end="")
+        console.print(style[level], end="", markup=True)
         console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _check_units(frame_interval_s: float | None, pixel_size_um: float | None) -> None:
+    """``--frame-interval-s`` / ``--pixel-size-um`` outside their ranges (or NaN, 0,
+    negative) are a usage error (exit 2) before the recording is read
+    (:func:`calseg.pipelines.segment.check_recording_units`)."""
+    from calseg.pipelines.segment import SegmentOptionError, check_recording_units
+
+    try:
+        check_recording_units(
+            frame_interval_s, pixel_size_um, names=("--frame-interval-s", "--pixel-size-um")
+        )
+    except SegmentOptionError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _check_segment_options(config: dict, out_dir: Path) -> None:
@@ -401,6 +441,9 @@ def segment(
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
     frame_interval_s: float | None = typer.Option(None, help=_FRAME_INTERVAL_HELP),
     pixel_size_um: float | None = typer.Option(None, help=_PIXEL_SIZE_HELP),
+    axes: str | None = typer.Option(None, help=_AXES_HELP),
+    channel: int = typer.Option(0, help=_CHANNEL_HELP),
+    interleaved_channels: int | None = typer.Option(None, help=_INTERLEAVED_HELP),
     z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
     register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
     background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
@@ -435,12 +478,19 @@ def segment(
     if cell_diameter_px is not None:
         config["cell_diameter_px"] = cell_diameter_px
     _check_segment_options(config, out_dir)  # before minutes of reading
+    _check_units(frame_interval_s, pixel_size_um)
     try:
-        rec = read_recording(recording, z_projection=z_projection)
+        rec = read_recording(
+            recording,
+            axes=axes,
+            channel=channel,
+            interleaved_channels=interleaved_channels,
+            z_projection=z_projection,
+        )
     except RecordingError as exc:
         raise _fail(str(exc)) from None
     for w in rec.info.warnings:
-        console.print(f"[yellow]note:[/] {w}")
+        _styled("[yellow]note:[/] ", w)
     options = _preprocess_options(
         register_drift, background, background_radius_px, bleach_correction
     )
@@ -563,7 +613,7 @@ def _preprocess_options(register, background, radius, bleach):  # noqa: ANN001, 
 def _report(level: str, text: str) -> None:
     """``report(level, text)`` of the pipelines on the console (warnings as notes)."""
     if level == "warning":
-        console.print("[yellow]note:[/] ", end="")
+        console.print("[yellow]note:[/] ", end="", markup=True)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -606,8 +656,9 @@ def analyze(
     out_dir: Annotated[Path, typer.Argument(help="folder for traces, events, patterns...")],
     frame_interval_s: float | None = typer.Option(None, help=_FRAME_INTERVAL_HELP),
     pixel_size_um: float | None = typer.Option(None, help=_PIXEL_SIZE_HELP),
-    axes: str | None = typer.Option(None, help="override the stored axes, e.g. TZCYX"),
-    channel: int = typer.Option(0, help="channel to read when the file has several"),
+    axes: str | None = typer.Option(None, help=_AXES_HELP),
+    channel: int = typer.Option(0, help=_CHANNEL_HELP),
+    interleaved_channels: int | None = typer.Option(None, help=_INTERLEAVED_HELP),
     z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
     register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
     background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
@@ -632,6 +683,7 @@ def analyze(
         (background_radius_px, old_background_radius),
         (bleach_correction, old_bleach),
     )
+    _check_units(frame_interval, pixel_size)
     from calseg.io.recordings import (
         RecordingError,
         iter_recording,
@@ -640,7 +692,9 @@ def analyze(
     )
 
     try:
-        plain = axes is None and channel == 0 and z_projection == "max"
+        plain = (
+            axes is None and channel == 0 and interleaved_channels is None and z_projection == "max"
+        )
         info = probe_recording(recording) if plain else None
         lab = read_label_stack(labels)
     except (RecordingError, LabelStackError) as exc:
@@ -650,14 +704,20 @@ def analyze(
     preprocessing = register or background or bleach
     try:
         if info is None or preprocessing or lab.ndim == 3:
-            rec = read_recording(recording, axes=axes, channel=channel, z_projection=z_projection)
+            rec = read_recording(
+                recording,
+                axes=axes,
+                channel=channel,
+                interleaved_channels=interleaved_channels,
+                z_projection=z_projection,
+            )
             info, frames = rec.info, rec.frames
         else:  # traces from chunks: the recording is never whole in memory
             frames = None
     except RecordingError as exc:
         raise _fail(str(exc)) from None
     for w in info.warnings:
-        console.print(f"[yellow]note:[/] {w}")
+        _styled("[yellow]note:[/] ", w)
     shape = (info.n_frames, info.height, info.width)
     if lab.shape[-2:] != shape[1:] or (lab.ndim == 3 and lab.shape != shape):
         raise _fail(
@@ -667,7 +727,7 @@ def analyze(
     dt = frame_interval or info.frame_interval_s
     if dt is None:
         dt = 1.0
-        console.print("[yellow]note:[/] no frame interval in the file: 1 s assumed for traces")
+        _styled("[yellow]note:[/] ", "no frame interval in the file: 1 s assumed for traces")
     traces = None
     if frames is None:
         try:
@@ -1108,7 +1168,7 @@ def fit_sim(
         f"cell radius {d['cell_radius_px']:.1f} px, peak F/F0 {d['peak_f_over_f0']:.2f}"
     )
     for n in fit.notes:
-        console.print(f"[yellow]note:[/] {n}")
+        _styled("[yellow]note:[/] ", n)
     payload = {"fit": d, "config": cfg.model_dump(mode="json")}
     if out is not None:
         out.write_text(json.dumps(payload, indent=1))

@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -165,7 +166,7 @@ def watch(client: httpx.Client, job: dict[str, Any], timeout_s: float = 1800) ->
             mark = (job.get("stage"), int(10 * float(job.get("progress") or 0.0)))
             if not console.is_terminal and mark != last_mark:
                 pct = 100 * float(job.get("progress") or 0.0)
-                console.print(f"  {job['kind']} {pct:5.1f}% {stage}")
+                console.print(f"  {job['kind']} {pct:5.1f}% {stage}", markup=False)
                 last_mark = mark
             if job["state"] in TERMINAL:
                 break
@@ -234,13 +235,15 @@ def run_demo(
         }
         jobs["finetune"] = run_or_reuse(client, "finetune", ft_params, fresh)
         for w in (jobs["finetune"].get("result") or {}).get("warnings", []):
-            console.print(f"[bold red]WARNING:[/] {w}")
+            console.print(f"[bold red]WARNING:[/] {escape(str(w))}")
 
         console.rule("3/4 infer (SAM2 fine-tuned, then classical)")
         if args.recording:
             rec = upload(client, Path(args.recording))
             n = rec.get("n_frames") or 0
-            console.print(f"uploaded {args.recording}: {n} frame{'' if n == 1 else 's'}")
+            console.print(
+                f"uploaded {args.recording}: {n} frame{'' if n == 1 else 's'}", markup=False
+            )
             infer_params: dict[str, Any] = {"recording_id": rec["id"]}
         else:
             videos = (jobs["simulate"].get("result") or {}).get("videos", [])
@@ -287,9 +290,11 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
         result = jobs[kind].get("result") or {}
         model = result.get("model_label") or ("SAM2 fine-tuned" if kind == "infer" else "classical")
         n_cells = result.get("n_cells") or 0
-        console.print(f"[bold]Overlays ({model}: {plural(n_cells, 'cell')} found)[/]")
+        console.print(f"[bold]Overlays ({escape(model)}: {plural(n_cells, 'cell')} found)[/]")
         if result.get("random_weights"):
-            console.print(f"[bold red]WARNING:[/] {model}: random weights, masks not meaningful")
+            console.print(
+                f"[bold red]WARNING:[/] {escape(model)}: random weights, masks not meaningful"
+            )
         diag = result.get("diagnosis")
         if diag:  # nothing found: why, and the first thing to try
             console.print(f"  why: {diag['reason']}", markup=False, highlight=False)
@@ -297,7 +302,7 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
                 console.print(f"  try: {sg['text']} ({sg['expected']})", markup=False)
         for name, p in sorted(artifact_paths(jobs[kind], artifact_dir).items()):
             if p.suffix.lower() in (".png", ".gif", ".mp4", ".tif", ".tiff"):
-                console.print(f"  {name}: {p}")
+                console.print(f"  {name}: {p}", markup=False)
     console.print(
         f"[bold]Page:[/] {page_url} (up while the demo runs; `--keep-serving` keeps it, "
         "`make serve` serves these jobs again later)"
@@ -527,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     from calseg.service.settings import get_settings
 
     if args.recording and not Path(args.recording).is_file():  # fail before minutes of work
-        console.print(f"[bold red]demo failed:[/] recording {args.recording} is not a file")
+        console.print(
+            f"[bold red]demo failed:[/] recording {escape(str(args.recording))} is not a file"
+        )
         return 2
     from calseg.segment.model import default_base_checkpoint
 
@@ -538,9 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         console.print("SAM2 base: none configured and no small SAM2 shipped: RANDOM weights")
     elif settings.sam2_checkpoint == default_base_checkpoint(None):
-        console.print(f"SAM2 base: {base} (small SAM2 trained here, not Meta's weights)")
+        console.print(
+            f"SAM2 base: {base} (small SAM2 trained here, not Meta's weights)", markup=False
+        )
     else:
-        console.print(f"SAM2 base: {base} (CALSEG_SAM2_CHECKPOINT)")
+        console.print(f"SAM2 base: {base} (CALSEG_SAM2_CHECKPOINT)", markup=False)
     t0 = time.monotonic()
     try:
         with EmbeddedService(settings) as service:
@@ -569,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if shot:
                 console.print(f"[bold]Screenshot of the page ({shown} job, frame {frame}):[/]")
-                console.print(f"  {shot}")
+                console.print(f"  {shot}", markup=False)
             if args.keep_serving:
                 console.print(f"serving at {page} until Ctrl-C")
                 try:
@@ -578,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 except KeyboardInterrupt:
                     pass
     except DemoError as exc:
-        console.print(f"[bold red]demo failed:[/] {exc}")
+        console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
         return 1
     console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
     return 0

@@ -264,3 +264,63 @@ def test_cli_sam2_base_is_the_one_demo_and_serve_use(monkeypatch, tmp_path: Path
     assert _configured_checkpoint() == BUNDLED_SMALL_CHECKPOINT
     monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(tmp_path / "sam2.1_hiera_tiny.pt"))
     assert _configured_checkpoint() == str(tmp_path / "sam2.1_hiera_tiny.pt")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--frame-interval-s", "nan"], "--frame-interval-s nan"),
+        (["--frame-interval-s", "0"], "--frame-interval-s 0"),
+        (["--frame-interval-s", "1e-300"], "from 0.0001 to 3600 s"),
+        (["--frame-interval-s", "1e300"], "--frame-interval-s"),
+        (["--pixel-size-um", "-3"], "--pixel-size-um -3"),
+    ],
+)
+def test_segment_refuses_impossible_units(tmp_path: Path, flags: list[str], named: str) -> None:
+    """Found by a fresh-user test: NaN gave exit 0 with no traces, 1e-300 a 300-digit rate,
+    0 a silent 1 s, -3 a traceback from the scale bar. Each is a usage error (exit 2) naming
+    the flag, before the recording is read; analyze too."""
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, np.zeros((4, 16, 16), np.uint16), photometric="minisblack")
+    r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "out"), *flags])
+    assert r.exit_code == 2 and named in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    lab = tmp_path / "labels.tif"
+    tifffile.imwrite(lab, np.zeros((16, 16), np.uint16))
+    r = runner.invoke(app, ["analyze", str(rec), str(lab), str(tmp_path / "an"), *flags])
+    assert r.exit_code == 2 and named.split()[0] in r.output, r.output
+
+
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path: Path) -> None:
+    """rich markup in a path (x[/y]) raised MarkupError (exit 1, traceback) and [red] vanished
+    from the message; the CLI prints text as it is."""
+    missing = tmp_path / "x[/y]" / "missing[red].tif"
+    r = runner.invoke(app, ["segment", str(missing), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "missing[red].tif" in r.output and "Traceback" not in r.output
+
+
+def test_segment_reads_one_channel_of_an_interleaved_file(tmp_path: Path) -> None:
+    """The reader's hint names interleaved_channels and channel; calseg segment has them (as
+    the infer job and calseg analyze do), plus --axes."""
+    rng = np.random.default_rng(0)
+    green = rng.poisson(300, (20, 32, 32)).astype(np.uint16)
+    green[8:12, 8:16, 8:16] += 900
+    red = rng.poisson(60, (20, 32, 32)).astype(np.uint16)
+    rec = tmp_path / "two.tif"
+    tifffile.imwrite(rec, np.stack([green, red], 1).reshape(-1, 32, 32), photometric="minisblack")
+    for ch, expect in ((0, green), (1, red)):
+        out = tmp_path / f"c{ch}"
+        r = runner.invoke(
+            app,
+            ["segment", str(rec), str(out), "--interleaved-channels", "2", "--channel", str(ch)],
+        )
+        assert r.exit_code == 0, r.output
+        assert tifffile.imread(out / "labels.tif").shape[0] == expect.shape[0]
+    stacked = tmp_path / "czyx.tif"
+    tifffile.imwrite(stacked, np.stack([green, red], 1), photometric="minisblack")  # (T, C, Y, X)
+    r = runner.invoke(
+        app, ["segment", str(stacked), str(tmp_path / "ax"), "--axes", "TCYX", "--channel", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    assert tifffile.imread(tmp_path / "ax" / "labels.tif").shape[0] == 20

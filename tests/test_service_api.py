@@ -421,6 +421,9 @@ def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None
         ('{"kind":"infer","params":{"recording_id":"r","smooth_sigma_px":Infinity}}', "finite"),
         ('{"kind":"simulate","params":{"n_videos":3,"defect_severity":-Infinity}}', "finite"),
         ('{"kind":"finetune","params":{"dataset_job_id":"d","lr":NaN}}', "lr"),
+        # units outside any recording (the fresh-user test's 1e-300 s was accepted)
+        ('{"kind":"infer","params":{"recording_id":"r","frame_interval_s":1e-300}}', "0.0001"),
+        ('{"kind":"infer","params":{"recording_id":"r","pixel_size_um":1e-9}}', "pixel_size_um"),
         # ... and outside them, where FastAPI's own handler could not serialise the input
         ('{"kind":"simulate","params":{},"extra":NaN}', "Extra inputs"),
         ('{"kind":NaN}', "kind"),

@@ -25,6 +25,7 @@ fields of the job result the page shows.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,6 +228,43 @@ class SegmentOptionError(ValueError):
     :class:`calseg.segment.infer.InferenceConfig` field); raised before any work."""
 
 
+FRAME_INTERVAL_RANGE_S = (1e-4, 3600.0)
+"""Accepted seconds between frames: 10 kHz (beyond any calcium-imaging camera) to 1 h. The one
+home of these bounds: the infer job's ``frame_interval_s``, ``calseg segment`` /
+``calseg analyze --frame-interval-s`` and file metadata (a value outside is not used)."""
+PIXEL_SIZE_RANGE_UM = (1e-3, 1000.0)
+"""Accepted µm per pixel: 1 nm (beyond super-resolution) to 1 mm."""
+
+
+def check_recording_units(
+    frame_interval_s: float | None,
+    pixel_size_um: float | None,
+    names: tuple[str, str] = ("frame_interval_s", "pixel_size_um"),
+) -> None:
+    """Refuse a given frame interval or pixel size outside :data:`FRAME_INTERVAL_RANGE_S` /
+    :data:`PIXEL_SIZE_RANGE_UM`, or not finite (``None``: not given, fine).
+
+    Raises:
+        SegmentOptionError: naming the parameter (``names``: how the caller calls them, e.g.
+            the CLI's flags), the value and the range.
+    """
+    for value, name, (lo, hi), unit in (
+        (frame_interval_s, names[0], FRAME_INTERVAL_RANGE_S, "s"),
+        (pixel_size_um, names[1], PIXEL_SIZE_RANGE_UM, "µm"),
+    ):
+        if value is None:
+            continue
+        v = float(value)
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise SegmentOptionError(
+                f"{name} {value}: must be a number from {lo:g} to {hi:g} {unit}"
+            )
+
+
+def _usable(value: float | None, bounds: tuple[float, float]) -> bool:
+    return value is not None and math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
+
+
 @dataclass
 class SegmentRun:
     """What :func:`segment_and_export` did: the outputs (:class:`SegmentOutputs`), the frames it
@@ -339,6 +377,16 @@ def segment_and_export(
         icfg = InferenceConfig(**{**config, "method": method})
     except ValidationError as exc:
         raise SegmentOptionError(str(exc)) from None
+    for value, bounds, what in (
+        (frame_interval_s, FRAME_INTERVAL_RANGE_S, "frame interval"),
+        (pixel_size_um, PIXEL_SIZE_RANGE_UM, "pixel size"),
+    ):
+        if value is not None and value != 0 and not _usable(value, bounds):
+            report("warning", f"{what} {value} outside {bounds[0]:g}-{bounds[1]:g}: not used")
+    frame_interval_s = (
+        frame_interval_s if _usable(frame_interval_s, FRAME_INTERVAL_RANGE_S) else None
+    )
+    pixel_size_um = pixel_size_um if _usable(pixel_size_um, PIXEL_SIZE_RANGE_UM) else None
     dt_known = bool(frame_interval_s)
     dt = float(frame_interval_s) if frame_interval_s else 1.0
     if not dt_known:

@@ -461,6 +461,7 @@ def finetune_params() -> type[_Params]:
 @cache
 def infer_params() -> type[_Params]:
     """The parameter model of infer jobs (registered in :mod:`calseg.service.kinds`)."""
+    from calseg.pipelines.segment import FRAME_INTERVAL_RANGE_S, PIXEL_SIZE_RANGE_UM
     from calseg.segment.infer import InferenceConfig
 
     own = {
@@ -542,11 +543,21 @@ def infer_params() -> type[_Params]:
         ),
         "frame_interval_s": (
             float | None,
-            Field(None, gt=0, le=3600, description="s per frame; None = from the file"),
+            Field(
+                None,
+                ge=FRAME_INTERVAL_RANGE_S[0],
+                le=FRAME_INTERVAL_RANGE_S[1],
+                description="s per frame; None = from the file",
+            ),
         ),
         "pixel_size_um": (
             float | None,
-            Field(None, gt=0, le=1000, description="um per px; None = from the file"),
+            Field(
+                None,
+                ge=PIXEL_SIZE_RANGE_UM[0],
+                le=PIXEL_SIZE_RANGE_UM[1],
+                description="um per px; None = from the file",
+            ),
         ),
         "nwb": (bool, Field(False, description="also write calseg.nwb (needs pynwb)")),
     }
