@@ -165,3 +165,31 @@ def test_overlapping_masks_go_to_the_highest_logit():
     out, recs = assemble_frame(logits, np.array([0.9, 0.5]), np.zeros(2), prompts, cfg)
     assert all(r["kept"] for r in recs)
     assert out[0].tolist() == [7, 7, 7, 9, 7, 9, 9, 9]
+
+
+def test_a_mask_keeps_only_the_region_of_its_prompt():
+    """Found on astrocast with SAM2 (a fresh-user test): one label made of up to 18 islands
+    spread over the field, so one "cell" averaged unrelated regions. Each mask keeps the
+    8-connected part holding its prompt point (its largest part when the point is outside)."""
+    logits = np.full((2, 12, 12), -5.0, np.float32)
+    logits[0, 1:4, 1:4] = 2.0  # island holding prompt 0
+    logits[0, 8:11, 8:11] = 2.0  # a far island of the same mask
+    logits[0, 4, 4] = 2.0  # touches the first island diagonally: the same region
+    logits[1, 6:9, 0:2] = 1.0  # mask 1: prompt outside; two parts, the larger kept
+    logits[1, 0, 10] = 1.0
+    prompts = [FramePrompt(0, 7, 2, 2, 9.0), FramePrompt(0, 9, 5, 5, 8.0)]
+    cfg = InferenceConfig(
+        max_mask_area_fraction=1.0, use_object_score=False, require_point_in_mask=False
+    )
+    out, recs = assemble_frame(logits, np.array([0.9, 0.5]), np.zeros(2), prompts, cfg)
+    assert np.count_nonzero(out == 7) == 10 and out[9, 9] == 0 and out[4, 4] == 7
+    assert np.count_nonzero(out == 9) == 6 and out[0, 10] == 0
+    assert [r["area_px"] for r in recs] == [10, 6]
+    whole, _ = assemble_frame(
+        logits,
+        np.array([0.9, 0.5]),
+        np.zeros(2),
+        prompts,
+        cfg.model_copy(update={"single_region": False}),
+    )
+    assert np.count_nonzero(whole == 7) == 19  # the old behaviour, on request

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage as ndi
 
 from calseg.progress import ProgressFn
 from calseg.segment.cells import CellParams
@@ -158,6 +159,12 @@ class InferenceConfig(BaseModel):
     max_mask_area_fraction: float = Field(0.05, gt=0, le=1)
     use_object_score: bool = True
     require_point_in_mask: bool = True
+    single_region: bool = Field(
+        True,
+        description="keep only the connected part of each SAM2 mask that holds its prompt "
+        "point (the largest part when the point is outside): a cell is one region; without it "
+        "a mask's scattered islands all became one 'cell'",
+    )
     multimask_output: bool | None = Field(
         None,
         description="None: as the fine-tuned checkpoint was trained (SAM's 3 candidates picked "
@@ -286,6 +293,25 @@ def decode_frame_prompts(
     return np.concatenate(logits), np.concatenate(scores), np.concatenate(objs)
 
 
+def _prompt_region(mask: np.ndarray, y: int, x: int) -> np.ndarray:
+    """The 8-connected part of the ``(H, W)`` bool ``mask`` that holds pixel ``(y, x)``, or its
+    largest part when the pixel is outside the mask (labelled within the mask's bounding box)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return mask
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = mask[y0:y1, x0:x1]
+    lab, n = ndi.label(box, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    inside = y0 <= y < y1 and x0 <= x < x1 and lab[y - y0, x - x0] > 0
+    keep = lab[y - y0, x - x0] if inside else int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = lab == keep
+    return out
+
+
 def assemble_frame(
     logits: np.ndarray,
     scores: np.ndarray,
@@ -312,6 +338,8 @@ def assemble_frame(
     else:
         masks = logits > config.mask_threshold
     h, w = masks.shape[1:]
+    if config.single_region and len(masks):
+        masks = np.stack([_prompt_region(m, q.y, q.x) for m, q in zip(masks, prompts, strict=True)])
     max_area = config.max_mask_area_fraction * h * w
     areas = masks.reshape(len(masks), -1).sum(1)
     records = []
