@@ -49,3 +49,18 @@ def test_no_cell_texture_keeps_the_prior():
     noise = rng.poisson(300, (30, 64, 64)).astype(np.uint16)
     d, estimated = cell_diameter_or_prior(noise, 11.0)
     assert (d, estimated) == (11.0, False)
+
+
+def test_estimate_and_segmentation_ignore_a_camera_offset(demo_test_videos):
+    """Found by a fresh-user test: +20000 counts moved the estimate from 8.6 to 25 px (scipy's
+    truncated LoG kernels do not sum to 0) and the classical method from 44 cells to 6; the
+    estimate is now the same with any offset or gain, and the recording's floor gets a note."""
+    from calseg.analysis.evidence import offset_notes
+
+    image = np.asarray(demo_test_videos[0].load_image()).astype(np.float32)
+    ref = estimate_cell_diameter(image).diameter_px
+    for changed in (image + 1000, image + 20000, image * 4, image + 60000):
+        assert estimate_cell_diameter(changed).diameter_px == pytest.approx(ref, rel=1e-6)
+    assert offset_notes(image) == []
+    (note,) = offset_notes(image + 20000)
+    assert "floor of 20113" in note and "Subtract 20113" in note

@@ -41,6 +41,47 @@ def dark_level(frames: np.ndarray | None, f: np.ndarray) -> float:
     return float(np.percentile(flat, DARK_PERCENTILE)) if flat.size else 0.0
 
 
+OFFSET_RANGE_FACTOR = 1.5
+"""A recording whose 99.9th percentile rises less than this many times its floor (its
+:func:`dark_level`) above that floor is flagged: dF/F there is diluted by the floor. Measured
+(``frames`` as read): simulated recordings 11.5 (flagged after adding 1000 counts: 1.17),
+fissa 2.1-3.1, sima 300, sima_example-tiffs_0_badmeta 1.1 and astrocast's dF/F export stored
+on +32768 0.001."""
+
+
+def offset_notes(frames: np.ndarray) -> list[str]:
+    """A note when the recording sits on a high floor (camera offset or a constant added on
+    export): dF/F = (F - F0) / F0 divides by an F0 that includes the floor, so dF/F and every
+    threshold on it (significant events, so the pattern class) see changes diluted by
+    ``top / (top - floor)``. The segmentation itself (z-scores, the cell-size estimate) does
+    not depend on the floor.
+
+    Args:
+        frames: ``(T, H, W)`` recording (any numeric dtype).
+
+    Returns:
+        Zero or one note (text for people, with the numbers).
+    """
+    floor = dark_level(frames, np.zeros(0))
+    flat = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 1_000_000)]
+    flat = flat[np.isfinite(flat)].astype(np.float64)
+    if not flat.size or floor <= 0:
+        return []
+    top = float(np.percentile(flat, 99.9))
+    rise = top - floor
+    if rise >= OFFSET_RANGE_FACTOR * floor:
+        return []
+    shown = f"{floor:.6g}"
+    return [
+        f"the recording sits on a floor of {shown} (its {DARK_PERCENTILE:g}th percentile) and "
+        f"rises only {rise:.4g} above it (99.9th percentile {top:.6g}): if that floor is a "
+        "camera offset or a constant added on export, dF/F = (F - F0) / F0 divides by it too, "
+        f"so dF/F values and the events counted significant are up to {top / max(rise, 1e-12):.3g}"
+        f"x smaller than the cells' own; subtract the offset (e.g. ImageJ: Process > Math > "
+        f"Subtract {shown}) before reading dF/F, events and the pattern class"
+    ]
+
+
 def baseline_notes(
     frames: np.ndarray | None, f: np.ndarray, f0: np.ndarray, d: np.ndarray
 ) -> list[str]:

@@ -549,6 +549,9 @@ def segment_to_folder(
             )
     if activity is not None:
         notes.extend(noise_notes(frames, activity.stats))
+    from calseg.analysis.evidence import offset_notes
+
+    notes.extend(offset_notes(frames))
     diagnosis = None
     if config.target == "active" and n_cells == 0 and activity is not None:
         if method == "sam2" and activity.stats.get("n_seeds", 0) > 0:
