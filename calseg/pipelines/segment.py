@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from calseg.preprocess import PreprocessOptions
+    from calseg.segment.decode import InferenceConfig
 
 ACTIVITY_MAP_MAX_VOXELS = 200_000_000
 """For ``target="cells"`` the activity map is an extra pass over the recording (3 float32
@@ -501,6 +502,7 @@ def segment_to_folder(
         activity=activity if config.target == "active" else None,
     )
     warnings.extend(res.warnings)
+    warnings.extend(_model_override_warnings(config, res.model_info))
     labels = np.asarray(res.labels)
     method = config.method
     label = label_of_result(method, res.model_info)
@@ -651,6 +653,25 @@ def segment_to_folder(
 QUANTISED_NOISE = 0.3
 """A median per-pixel noise SD below this (in the recording's units) on whole-number data means
 the values mostly repeat between frames: the noise model cannot see the noise."""
+
+
+def _model_override_warnings(config: InferenceConfig, model_info: dict | None) -> list[str]:
+    """A warning when a SAM2 checkpoint fixed the model or input size and the request asked
+    for other, non-default ones (a fine-tuned or trained-here checkpoint runs as it was
+    trained; the job's stored parameters would otherwise show a model that did not run)."""
+    info = model_info or {}
+    if config.method != "sam2" or not info:
+        return []
+    fields = type(config).model_fields
+    out = []
+    for key, used in (("model", info.get("config")), ("image_size", info.get("image_size"))):
+        asked = getattr(config, key)
+        if used is not None and asked != fields[key].default and asked != used:
+            out.append(
+                f"{key} {asked} was asked for, but the checkpoint runs as it was trained: "
+                f"{key} {used} was used"
+            )
+    return out
 
 
 def noise_notes(frames: np.ndarray, stats: dict[str, Any]) -> list[str]:
