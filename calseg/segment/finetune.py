@@ -1647,7 +1647,9 @@ class Trainer:
         """The whole run: :meth:`setup`, :meth:`resume`, the disc prior, validation at step 0,
         then :meth:`step` until ``steps`` (or ``time_limit_s``) with :meth:`validate` every
         ``val_every`` steps and at the end; writes ``best.pt``, ``last.pt`` and
-        ``history.json``. Returns :class:`FinetuneResult`."""
+        ``history.json``. Returns :class:`FinetuneResult`. After a :meth:`setup` by hand,
+        ``fit`` neither sets up nor resumes again: call :meth:`resume` yourself first if a
+        ``last.pt`` should be continued."""
         if not self._set_up:
             self.setup()
             self.resume()
