@@ -34,11 +34,20 @@ def test_explain_empty_says_why_and_counts_what_would_change() -> None:
     assert "no pixel rose above the activity threshold" in d.reason
     assert "{" not in d.reason and all("{" not in s.expected for s in d.suggestions)
     assert "12 frames" in d.reason  # short recording said
-    assert d.suggestions[0].params == {"target": "cells"}
+    # a noise field has no cell on its mean projection: --target cells, measured to find
+    # nothing, is not offered (it was, predicting "0 regions", on fissa A01); the reason says so
+    assert "the cells target finds no region on the mean projection either" in d.reason
+    assert all(s.params != {"target": "cells"} for s in d.suggestions)
     lower = [s for s in d.suggestions if "threshold_k" in s.params]
     assert lower[0].params == {"threshold_k": 4.0} and "1 region of >= 15 px" in lower[0].expected
     assert lower[0].command("rec.tif", "out") == "calseg segment rec.tif out --threshold-k 4"
-    assert d.to_dict("rec.tif")["suggestions"][0]["command"].endswith("--target cells")
+    assert d.to_dict("rec.tif")["suggestions"][0]["command"].endswith("--threshold-k 4")
+    # paths are quoted so that the printed command runs when pasted
+    assert (
+        lower[0]
+        .command("my data/rec 1.tif", "out dir")
+        .startswith("calseg segment 'my data/rec 1.tif' 'out dir' ")
+    )
 
 
 def test_sam2_keeping_no_mask_points_to_the_classical_method() -> None:
@@ -63,4 +72,4 @@ def test_a_lower_threshold_that_changes_nothing_is_not_suggested() -> None:
     d = explain_empty(np.zeros_like(z), z, z, threshold_k=5.0, min_region_px=15)
     assert "regions of at most 6 pixels" in d.reason and "{" not in d.reason
     assert "a threshold of 3 noise SDs would not pass a region of 15 px either" in d.reason
-    assert [s.params for s in d.suggestions] == [{"target": "cells"}, {"min_region_px": 6}]
+    assert [s.params for s in d.suggestions] == [{"min_region_px": 6}]  # no cells on zeros

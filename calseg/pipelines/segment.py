@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,7 +128,10 @@ class SegmentOutputs:
 
             out.append(("warning", f"why no cell: {self.diagnosis['reason']}"))
             for s in self.diagnosis["suggestions"]:
-                cmd = f"calseg segment {recording} {out_dir} {cli_flags(s['params'])}"
+                cmd = (
+                    f"calseg segment {shlex.quote(str(recording))} {shlex.quote(str(out_dir))} "
+                    f"{cli_flags(s['params'])}"
+                )
                 out.append(("info", f"try: {s['text']}: {cmd}"))
                 out.append(("info", f"     {s['expected']}"))
         return out

@@ -21,6 +21,7 @@ Parameter names in suggestions are the infer job's; the CLI flag is the same nam
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ class Suggestion:
 
     def command(self, recording: str = "REC", out_dir: str = "OUT") -> str:
         """The ``calseg segment`` command line of this step."""
-        return f"calseg segment {recording} {out_dir} {cli_flags(self.params)}".strip()
+        rec, out = shlex.quote(str(recording)), shlex.quote(str(out_dir))
+        return f"calseg segment {rec} {out} {cli_flags(self.params)}".strip()
 
 
 @dataclass
@@ -193,6 +195,7 @@ def explain_empty(
             "so weak transients stay below the threshold"
         )
     suggestions = []
+    n_cells: int | None = None
     try:
         pc = segment_projection(np.asarray(frames), kind=projection)
         n_cells = int(len(np.unique(pc.labels[pc.labels > 0])))
@@ -204,13 +207,16 @@ def explain_empty(
         )
     except Exception as exc:  # noqa: BLE001 - the suggestion stays, its count is unknown
         expected = f"could not be measured here ({exc})"
-    suggestions.append(
-        Suggestion(
-            "segment every cell visible on the mean projection instead of the active ones",
-            {"target": "cells"},
-            expected,
+    if n_cells == 0:  # a step measured to find nothing is no next step (fissa A01)
+        reason += f"; the cells target finds no region on the {projection} projection either"
+    else:
+        suggestions.append(
+            Suggestion(
+                "segment every cell visible on the mean projection instead of the active ones",
+                {"target": "cells"},
+                expected,
+            )
         )
-    )
     if n_reg0 == 0 and MIN_SUGGESTED_REGION_PX <= largest < min_region_px:
         n_reg, n_fr, _, _ = regions_above(z, threshold_k, largest)
         suggestions.append(
