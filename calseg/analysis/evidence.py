@@ -27,17 +27,27 @@ burst of action potentials is of order 1-10 in neurons, Chen et al. 2013, Nature
 here the point is the baseline, not the indicator's ceiling)."""
 
 
+PIXEL_SAMPLES = 1_000_000
+"""Pixels of a recording (evenly strided) that its dark level and top percentile are read on."""
+
+
+def pixel_sample(frames: np.ndarray) -> np.ndarray:
+    """About :data:`PIXEL_SAMPLES` evenly strided finite values of a recording, float64."""
+    flat = np.asarray(frames).reshape(-1)
+    if flat.size > PIXEL_SAMPLES:
+        flat = flat[:: int(np.ceil(flat.size / PIXEL_SAMPLES))]
+    return flat[np.isfinite(flat)].astype(np.float64)
+
+
 def dark_level(frames: np.ndarray | None, f: np.ndarray) -> float:
     """The recording's dark (offset + background) level estimate: the
-    :data:`DARK_PERCENTILE`-th percentile of all pixels (about 1e6 evenly strided samples) or,
+    :data:`DARK_PERCENTILE`-th percentile of all pixels (:func:`pixel_sample`) or,
     without frames, of the traces ``f`` ``(N, T)``. Same units as F."""
     if frames is not None:
-        flat = np.asarray(frames).reshape(-1)
-        if flat.size > 1_000_000:
-            flat = flat[:: int(np.ceil(flat.size / 1_000_000))]
+        flat = pixel_sample(frames)
     else:
         flat = np.asarray(f).reshape(-1)
-    flat = flat[np.isfinite(flat)].astype(np.float64)
+        flat = flat[np.isfinite(flat)].astype(np.float64)
     return float(np.percentile(flat, DARK_PERCENTILE)) if flat.size else 0.0
 
 
@@ -62,10 +72,11 @@ def offset_notes(frames: np.ndarray) -> list[str]:
     Returns:
         Zero or one note (text for people, with the numbers).
     """
-    floor = dark_level(frames, np.zeros(0))
-    flat = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 1_000_000)]
-    flat = flat[np.isfinite(flat)].astype(np.float64)
-    if not flat.size or floor <= 0:
+    flat = pixel_sample(frames)
+    if not flat.size:
+        return []
+    floor = float(np.percentile(flat, DARK_PERCENTILE))  # dark_level of the same sample
+    if floor <= 0:
         return []
     top = float(np.percentile(flat, 99.9))
     rise = top - floor
@@ -104,8 +115,7 @@ def baseline_notes(
         return []
     dark = dark_level(frames, f)
     if frames is not None:
-        flat = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 1_000_000)]
-        flat = flat[np.isfinite(flat)].astype(np.float64)
+        flat = pixel_sample(frames)
         top = float(np.percentile(flat, 99.9)) if flat.size else dark
     else:
         top = float(np.nanpercentile(f, 99.9))

@@ -257,16 +257,14 @@ def check_recording_units(
         (frame_interval_s, names[0], FRAME_INTERVAL_RANGE_S, "s"),
         (pixel_size_um, names[1], PIXEL_SIZE_RANGE_UM, "µm"),
     ):
-        if value is None:
-            continue
-        v = float(value)
-        if not (math.isfinite(v) and lo <= v <= hi):
+        if value is not None and not _usable(value, (lo, hi)):
             raise SegmentOptionError(
                 f"{name} {value}: must be a number from {lo:g} to {hi:g} {unit}"
             )
 
 
 def _usable(value: float | None, bounds: tuple[float, float]) -> bool:
+    """Whether ``value`` is given, finite and within ``bounds`` (inclusive)."""
     return value is not None and math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
 
 
@@ -382,16 +380,15 @@ def segment_and_export(
         icfg = InferenceConfig(**{**config, "method": method})
     except ValidationError as exc:
         raise SegmentOptionError(str(exc)) from None
-    for value, bounds, what in (
-        (frame_interval_s, FRAME_INTERVAL_RANGE_S, "frame interval"),
-        (pixel_size_um, PIXEL_SIZE_RANGE_UM, "pixel size"),
+    usable = {}
+    for key, value, bounds, what in (
+        ("dt", frame_interval_s, FRAME_INTERVAL_RANGE_S, "frame interval"),
+        ("px", pixel_size_um, PIXEL_SIZE_RANGE_UM, "pixel size"),
     ):
-        if value is not None and value != 0 and not _usable(value, bounds):
+        usable[key] = value if _usable(value, bounds) else None
+        if value is not None and value != 0 and usable[key] is None:
             report("warning", f"{what} {value} outside {bounds[0]:g}-{bounds[1]:g}: not used")
-    frame_interval_s = (
-        frame_interval_s if _usable(frame_interval_s, FRAME_INTERVAL_RANGE_S) else None
-    )
-    pixel_size_um = pixel_size_um if _usable(pixel_size_um, PIXEL_SIZE_RANGE_UM) else None
+    frame_interval_s, pixel_size_um = usable["dt"], usable["px"]
     dt_known = bool(frame_interval_s)
     dt = float(frame_interval_s) if frame_interval_s else 1.0
     if not dt_known:

@@ -343,18 +343,17 @@ def evaluation_models(
         except Exception:  # noqa: BLE001 - the evaluation itself reports a missing file
             return None
 
-    def label(ckpt: str | Path | None, finetuned_row: bool) -> str:
-        s = summary(ckpt)
+    def label(s: CheckpointSummary | None, ckpt: str | Path | None, finetuned_row: bool) -> str:
         return s.label if s is not None else model_label(finetuned_row, ckpt is None)
 
     models: dict[str, tuple[str, str | Path | None]] = {}
     if finetuned is not None:
-        models[label(finetuned, True)] = (SAM2, finetuned)
         s = summary(finetuned)
+        models[label(s, finetuned, True)] = (SAM2, finetuned)
         if s is not None and s.prior:
             models[LABEL_DISC] = (DISC, finetuned)
     if untuned:
-        models[label(base, False)] = (SAM2, base)
+        models[label(summary(base), base, False)] = (SAM2, base)
     models[LABEL_CLASSICAL] = (CLASSICAL, None)
     return models
 
