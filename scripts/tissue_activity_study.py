@@ -2,13 +2,16 @@
 item 4).
 
 ``python scripts/tissue_activity_study.py [--seeds 100:112] [--cell-area-px 100]
-[--coupling-scale 1.0] [--classes spikes,transients,waves,fluttering]`` builds one pouch of
+[--coupling-scale 1.0] [--classes spikes,transients,waves,fluttering] [--initial-state zero]``
+builds one pouch of
 ~3255 cells (the published large pouch, DESIGN.md section 2) per seed at the given rendered
 mean cell area, integrates each class for 3600 s with the published forward Euler (dt 0.2 s)
 and prints the percentage of cells with c > 0.1 uM at any sampled time (every 5 s), then the
 mean, SD, min and max over seeds. ``--coupling-scale`` multiplies the Laplacian (edge
-weights), to measure how steep the fractions are in the coupling. Published: spikes ~3 %,
-transients ~23 %, waves and fluttering 100 %.
+weights), to measure how steep the fractions are in the coupling. ``--initial-state rest``
+starts every cell at c ~ U(0.055, 0.059) uM and p ~ U(0.07, 0.09) uM (the initial state of one
+version of the published ``Pouch.simulate``; DESIGN.md section 2 and CalSeg start at c = p = 0),
+r ~ U(0.5, 0.7) in both. Published: spikes ~3 %, transients ~23 %, waves and fluttering 100 %.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import numpy as np
 
 from calseg.simulate.geometry import make_tissue
-from calseg.simulate.model import ModelParameters, integrate_batch, setup_tissue
+from calseg.simulate.model import ModelParameters, TissueState, integrate_batch, setup_tissue
 
 POUCH_AT_204_PX = (620, 430, 860)
 """A pouch of 620 x 430 px with 204 px cells holds ~860 cells (a published size)."""
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--n-cells", type=int, default=3255)
     ap.add_argument("--coupling-scale", type=float, default=1.0)
     ap.add_argument("--classes", default="spikes,transients,waves,fluttering")
+    ap.add_argument("--initial-state", default="zero", choices=["zero", "rest"])
     a = ap.parse_args()
     first, last = (int(x) for x in a.seeds.split(":"))
     classes = a.classes.split(",")
@@ -53,6 +57,13 @@ def main() -> None:
             )
             for i, cl in enumerate(classes)
         ]
+        if a.initial_state == "rest":  # c, p near rest; r as drawn (same stream as "zero")
+            for i, st in enumerate(setups):
+                rng = np.random.default_rng([2, seed, i])
+                n = tissue.n_cells
+                st.state0 = TissueState(
+                    rng.uniform(0.055, 0.059, n), rng.uniform(0.07, 0.09, n), st.state0.r
+                )
         lap = tissue.laplacian * a.coupling_scale
         cs = integrate_batch([lap] * len(classes), setups, np.arange(0, 3600.01, 5.0), prm)
         ever = [100.0 * float((c > 0.1).any(axis=1).mean()) for c in cs]

@@ -23,11 +23,14 @@ x1.048, the reference area at the top of the published range (224 px), gives 17.
 gives 25.5 % (SD 6.7), dropping ``pi/4`` (x1.27) 62 % (46-83, seeds 100-103). 23 % would take about
 x1.08, a reference area of about 238 px, outside the 185-224 px measured on the published geometry:
 no convention defensible from DESIGN.md reproduces it. Excluded as causes: the published code's
-one-step lag of the ER calcium ``s`` and its clipping of c, p >= 0 (no change on the same draws), a
-less regular tessellation (jitter 1-3: perimeter / sqrt(area) +1.6 %, fractions within the seed
-spread), the render scale (``--cell-area-px 100`` and 204: 11.9 and 15.2 % over seeds 100-103,
-within the seed spread; the coupling itself agrees within 1 %, tested). The gap is documented, not
-tuned away.
+one-step lag of the ER calcium ``s`` and its clipping of c, p >= 0 (no change on the same draws),
+the initial state of another version of the published code, c ~ U(0.055, 0.059) and p ~ U(0.07,
+0.09) uM instead of c = p = 0 (``--initial-state rest``: the same fractions to 0.1 point on seeds
+100-103; the state is forgotten within about 30 s of model time, cells then differ by under 1e-5
+uM), a less regular tessellation (jitter 1-3: perimeter / sqrt(area) +1.6 %, fractions within
+the seed spread), the render scale (``--cell-area-px 100`` and 204: 11.9 and 15.2 % over seeds
+100-103, within the seed spread; the coupling itself agrees within 1 %, tested). The gap is
+documented, not tuned away.
 """
 
 from __future__ import annotations
