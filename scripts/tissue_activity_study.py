@@ -3,11 +3,10 @@ item 4).
 
 ``python scripts/tissue_activity_study.py [--seeds 100:112] [--cell-area-px 100]
 [--coupling-scale 1.0] [--classes spikes,transients,waves,fluttering] [--initial-state zero]``
-builds one pouch of
-~3255 cells (the published large pouch, DESIGN.md section 2) per seed at the given rendered
-mean cell area, integrates each class for 3600 s with the published forward Euler (dt 0.2 s)
-and prints the percentage of cells with c > 0.1 uM at any sampled time (every 5 s), then the
-mean, SD, min and max over seeds. ``--coupling-scale`` multiplies the Laplacian (edge
+builds one pouch of ~3255 cells (the published large pouch, DESIGN.md section 2) per seed at
+the given rendered mean cell area, integrates each class for 3600 s with the published forward
+Euler (dt 0.2 s) and prints the percentage of cells with c > 0.1 uM at any sampled time (every
+5 s), then the mean, SD, min and max over seeds. ``--coupling-scale`` multiplies the Laplacian (edge
 weights), to measure how steep the fractions are in the coupling. ``--initial-state rest``
 starts every cell at c ~ U(0.055, 0.059) uM and p ~ U(0.07, 0.09) uM (the initial state of one
 version of the published ``Pouch.simulate``; DESIGN.md section 2 and CalSeg start at c = p = 0),
