@@ -60,7 +60,7 @@ under 1 % of the field is active in the ground truth (mostly *spikes*), *dense* 
 
 Each video is the resampling unit: per condition (a factor's level, or a measured activity
 class), the mean over its videos with a percentile bootstrap 95 % CI (2000 resamples, seed 0;
-:func:`calseg.segment.evaluate._bootstrap_ci`, Efron & Tibshirani 1993; none under 3 videos).
+:func:`calseg.analysis.metrics.bootstrap_ci`, Efron & Tibshirani 1993; none under 3 videos).
 
 **Cache.** Simulated videos are kept under ``--cache`` (default ``$CALSEG_BENCH_CACHE`` or
 ``~/.cache/calseg/accuracy-suite``), keyed by the video's ``SimulationConfig`` and a hash of
@@ -545,14 +545,14 @@ def summarise_rows(rows: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> di
     Returns:
         ``{"n_videos", "<key>": {"mean", "ci95": [lo, hi] | None, "n"}}``.
     """
-    from calseg.segment.evaluate import _bootstrap_ci
+    from calseg.analysis.metrics import bootstrap_ci
 
     out: dict = {"n_videos": len(rows)}
     for k in keys:
         vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
         out[k] = {
             "mean": float(vals.mean()) if len(vals) else None,
-            "ci95": _bootstrap_ci(vals) if len(vals) else None,
+            "ci95": bootstrap_ci(vals) if len(vals) else None,
             "n": int(len(vals)),
         }
     return out

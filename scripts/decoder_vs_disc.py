@@ -1,7 +1,7 @@
 """Does the fine-tuned decoder beat the disc prior on held-out videos? (issue 14 item 1)
 
 ``python scripts/decoder_vs_disc.py OUT [--videos 12 --frames 32 --size 128 --seed 7]
-[--set key=value ...]`` simulates a dataset (``calseg simulate``'s defaults otherwise; 6 train,
+[--set key=value ...] [--also-split train]`` simulates a dataset (``calseg simulate``'s defaults otherwise; 6 train,
 2 val and 4 test videos at the defaults), fine-tunes SAM2's decoder on its train split
 (:func:`calseg.segment.finetune.finetune` with the ``--set`` overrides of
 :class:`~calseg.segment.finetune.FinetuneConfig`, e.g. ``--set mask_prior=residual``) and
@@ -42,6 +42,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--also-split",
+        action="append",
+        default=[],
+        choices=["train", "val"],
+        help="also score this split (diagnostic: does the decoder beat the disc on the videos "
+        "it was trained on? then the gap on test is generalisation, else it is the fit)",
+    )
     args = ap.parse_args()
     ds = args.out / "dataset"
     if not (ds / "manifest.json").exists():
@@ -67,6 +75,16 @@ def main() -> None:
     table.update(
         config=over, best_step=res.best_step, improved=res.improved, train_s=round(train_s, 1)
     )
+    for split in args.also_split:
+        other = heldout_prompted_iou(
+            res.checkpoint, ds, split=split, cache_dir=args.out / "cache"
+        )
+        table[split] = other
+        print(
+            f"{split} split ({len(other['videos'])} videos, {other['n_prompts']} prompts): "
+            f"disc prior {other['disc prior']:.4f}, decoder {other['decoder']:.4f}, "
+            f"gain {other['gain']:+.4f}"
+        )
     (args.out / "table.json").write_text(json.dumps(table, indent=1))
     print(
         f"held-out prompted IoU ({len(table['videos'])} test videos, {table['n_prompts']} "
@@ -77,6 +95,12 @@ def main() -> None:
     for vid, row in table["per_video"].items():
         print(f"{vid:<10} {row['disc prior']:>10.4f} {row['decoder']:>10.4f}")
     print(f"{'mean':<10} {table['disc prior']:>10.4f} {table['decoder']:>10.4f}")
+    ci = table["gain_ci95"]
+    ci_text = f" [95 % CI over prompts {ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+    print(
+        f"decoder - disc prior: {table['gain']:+.4f}{ci_text}; decoder higher on "
+        f"{table['videos_improved']} of {len(table['videos'])} videos"
+    )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ import pytest
 
 from calseg.analysis.metrics import (
     MetricsInputError,
+    bootstrap_ci,
     foreground_scores,
     foreground_scores_stack,
     instance_iou_matrix,
     match_instances,
     match_instances_stack,
+    stratified_bootstrap_ci,
 )
 
 
@@ -165,3 +167,16 @@ def test_match_instances_counts_the_most_pairs_on_label_images():
     assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
     assert m["mean_matched_iou"] == pytest.approx(12 / 37)
     assert match_instances(pred, gt, 0.5)["tp"] == 0
+
+
+def test_bootstrap_cis_cover_the_mean_and_keep_group_weights():
+    assert bootstrap_ci(np.array([1.0, 2.0])) is None  # too few to resample
+    lo, hi = bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    # constant groups: every resample gives the mean of group means (1 + 3) / 2 = 2, not the
+    # pooled mean (1 x 10 + 3 x 2) / 12 = 1.33 that resampling all values together targets
+    lo, hi = stratified_bootstrap_ci([np.ones(10), np.full(2, 3.0), np.zeros(0)])
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    lo, hi = stratified_bootstrap_ci([np.array([0.0, 1.0] * 20), np.array([0.5] * 5)])
+    assert lo < 0.5 < hi and hi - lo < 0.3  # only the first group varies
+    assert stratified_bootstrap_ci([np.ones(2)]) is None

@@ -152,6 +152,9 @@ def test_decoder_beats_the_disc_prior_on_held_out_videos(tmp_path):
     )
     assert table["videos"] == ["test4", "test5"]
     assert table["decoder"] > table["disc prior"] + 0.1, table
+    assert table["gain"] == pytest.approx(table["decoder"] - table["disc prior"])
+    assert table["videos_improved"] == 2
+    assert table["gain_ci95"][0] > 0, table  # paired per-prompt bootstrap excludes no gain
 
 
 def test_lr_schedule_stepped_per_optimiser_step(trained):

@@ -38,7 +38,41 @@ __all__ = [
     "instance_iou_matrix",
     "match_instances",
     "match_instances_stack",
+    "bootstrap_ci",
+    "stratified_bootstrap_ci",
 ]
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap 95 % CI of the mean of ``values`` (1-D float; Efron & Tibshirani
+    1993): ``n_boot`` resamples with replacement, seeded by ``seed``. ``[low, high]``, or
+    None with fewer than 3 values (too few to resample meaningfully)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def stratified_bootstrap_ci(
+    groups: list[np.ndarray], n_boot: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """Percentile bootstrap 95 % CI of the MEAN OF GROUP MEANS (e.g. the mean over videos of
+    each video's mean per-prompt IoU gain): every resample draws each group's values with
+    replacement within the group, so the statistic keeps the groups' weights. ``groups``: 1-D
+    float arrays; empty ones are left out. ``[low, high]``, or None when fewer than 3 values
+    are left in all."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if sum(len(g) for g in groups) < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.mean(
+        [g[rng.integers(0, len(g), (n_boot, len(g)))].mean(axis=1) for g in groups], axis=0
+    )
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 class MetricsInputError(ValueError):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calseg.analysis.metrics import foreground_scores, match_instances_stack
+from calseg.analysis.metrics import bootstrap_ci, foreground_scores, match_instances_stack
 from calseg.progress import ProgressFn, check_cancelled, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
 from calseg.segment.infer import InferenceConfig, segment_recording
@@ -154,15 +154,6 @@ def score_labels(pred: np.ndarray, gt: np.ndarray) -> dict:
     }
 
 
-def _bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
-    if len(values) < 3:
-        return None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
     """Per-model means over videos (+ bootstrap CI with >= 3 videos)."""
     out = []
@@ -172,7 +163,7 @@ def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
         for k in METRIC_KEYS:
             vals = np.array([r[k] for r in mr if r.get(k) is not None], dtype=np.float64)
             s[f"{k}_mean"] = float(vals.mean()) if len(vals) else None
-            s[f"{k}_ci95"] = _bootstrap_ci(vals) if len(vals) else None
+            s[f"{k}_ci95"] = bootstrap_ci(vals) if len(vals) else None
         s["seconds_total"] = float(sum(r.get("seconds", 0.0) for r in mr))
         out.append(s)
     return out

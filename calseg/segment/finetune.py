@@ -89,6 +89,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
 
+from calseg.analysis.metrics import stratified_bootstrap_ci
 from calseg.progress import ProgressFn, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
 from calseg.segment.augment import AugmentConfig, augment_recording
@@ -786,6 +787,7 @@ def validate(
     cfg: FinetuneConfig,
     *,
     disc_radius: float | None = None,
+    keep_prompt_ious: bool = False,
 ) -> dict:
     """Prompted IoU on validation videos (see module docstring). Returns
     ``{"val_mean_iou", "per_video": {id: iou}, "n_prompts"}`` and collapse diagnostics, means
@@ -796,12 +798,16 @@ def validate(
     ``disc_radius`` (frame px): score the DISC PRIOR instead of the model -- each prompt's
     mask is a disc of that radius at its positive point, no image used (the reference any
     trained decoder must beat; same prompts, same scoring).
+
+    ``keep_prompt_ious``: also return ``"prompt_ious": {video id: [IoU per prompt]}``, the
+    prompts in a fixed order (frame, then cell id), so two calls on the same videos pair up.
     """
     import torch
 
     model = loaded.model
     device = next(model.parameters()).device
     per_video: dict[str, float] = {}
+    prompt_ious: dict[str, list[float]] = {}
     n_total = 0
     stats: dict[str, list[float]] = {
         k: []
@@ -867,8 +873,11 @@ def validate(
         if ious:
             per_video[vid.id] = float(np.mean(ious))
             n_total += len(ious)
+            prompt_ious[vid.id] = ious
     mean = float(np.mean(list(per_video.values()))) if per_video else None
     out = {"val_mean_iou": mean, "per_video": per_video, "n_prompts": n_total}
+    if keep_prompt_ious:
+        out["prompt_ious"] = prompt_ious
     out.update({k: float(np.mean(v)) for k, v in stats.items() if v})
     return out
 
@@ -970,8 +979,12 @@ def heldout_prompted_iou(
 
     The disc's radius is the one recorded at training (``disc_prior_radius_px``: the training
     cells' :func:`mean_cell_radius`, frame px). Returns ``{"decoder", "disc prior"}`` (means
-    over videos), ``"per_video": {id: {"decoder", "disc prior"}}``, ``"n_prompts"``,
-    ``"radius_px"``, ``"videos"``.
+    over videos), ``"gain"`` (decoder minus disc prior) with ``"gain_ci95"`` (a bootstrap 95 %
+    CI that resamples the paired per-prompt differences within each video,
+    :func:`calseg.analysis.metrics.stratified_bootstrap_ci`; it covers prompt sampling, not
+    a new set of videos), ``"videos_improved"`` (videos where the decoder scores higher),
+    ``"per_video": {id: {"decoder", "disc prior"}}``, ``"n_prompts"``, ``"radius_px"``,
+    ``"videos"``.
 
     Raises:
         DatasetError: no video in ``split``; ValueError: not a fine-tuned checkpoint.
@@ -1000,11 +1013,21 @@ def heldout_prompted_iou(
     ]
     if radius is None:  # checkpoints written before the field: the held-out cells' own
         radius = mean_cell_radius(videos)
-    dec = validate(loaded, videos, cfg)
-    disc = validate(loaded, videos, cfg, disc_radius=radius)
+    dec = validate(loaded, videos, cfg, keep_prompt_ious=True)
+    disc = validate(loaded, videos, cfg, disc_radius=radius, keep_prompt_ious=True)
+    diffs = [
+        np.asarray(dec["prompt_ious"][k]) - np.asarray(disc["prompt_ious"][k])
+        for k in dec["prompt_ious"]
+    ]
+    gain = None
+    if dec["val_mean_iou"] is not None and disc["val_mean_iou"] is not None:
+        gain = dec["val_mean_iou"] - disc["val_mean_iou"]
     return {
         "decoder": dec["val_mean_iou"],
         "disc prior": disc["val_mean_iou"],
+        "gain": gain,
+        "gain_ci95": stratified_bootstrap_ci(diffs),
+        "videos_improved": sum(int(d.mean() > 0) for d in diffs),
         "per_video": {
             k: {"decoder": dec["per_video"][k], "disc prior": disc["per_video"].get(k)}
             for k in dec["per_video"]
