@@ -1,15 +1,16 @@
 """Does the fine-tuned decoder beat the disc prior on held-out videos? (issue 14 item 1)
 
 ``python scripts/decoder_vs_disc.py OUT [--videos 12 --frames 32 --size 128 --seed 7]
-[--set key=value ...] [--also-split train]`` simulates a dataset (``calseg simulate``'s defaults otherwise; 6 train,
-2 val and 4 test videos at the defaults), fine-tunes SAM2's decoder on its train split
-(:func:`calseg.segment.finetune.finetune` with the ``--set`` overrides of
-:class:`~calseg.segment.finetune.FinetuneConfig`, e.g. ``--set mask_prior=residual``) and
-prints the prompted IoU of the selected checkpoint and of the disc prior (a disc of the
-training cells' mean radius at each prompt, no image) on the TEST split, with the same code,
-frames and prompts (:func:`calseg.segment.finetune.heldout_prompted_iou`). Writes
-``OUT/table.json``. Without an official checkpoint (``--checkpoint``) the encoder is SAM2's
-random initialisation, frozen.
+[--set key=value ...] [--also-split train]`` simulates a dataset (``calseg simulate``'s
+defaults otherwise; 6 train, 2 val and 4 test videos at the defaults), fine-tunes SAM2's
+decoder on its train split (:func:`calseg.segment.finetune.finetune` with the ``--set``
+overrides of :class:`~calseg.segment.finetune.FinetuneConfig`, e.g. ``--set
+mask_prior=residual``) and prints the prompted IoU of the selected checkpoint and of the disc
+prior (a disc of the training cells' mean radius at each prompt, no image) on the TEST split,
+with the same code, frames and prompts (:func:`calseg.segment.finetune.heldout_prompted_iou`),
+and their difference with a paired per-prompt bootstrap 95 % CI. ``--also-split`` scores the
+train or val split the same way. Writes ``OUT/table.json``. Without an official checkpoint
+(``--checkpoint``) the encoder is SAM2's random initialisation, frozen.
 """
 
 from __future__ import annotations
@@ -76,9 +77,7 @@ def main() -> None:
         config=over, best_step=res.best_step, improved=res.improved, train_s=round(train_s, 1)
     )
     for split in args.also_split:
-        other = heldout_prompted_iou(
-            res.checkpoint, ds, split=split, cache_dir=args.out / "cache"
-        )
+        other = heldout_prompted_iou(res.checkpoint, ds, split=split, cache_dir=args.out / "cache")
         table[split] = other
         print(
             f"{split} split ({len(other['videos'])} videos, {other['n_prompts']} prompts): "
