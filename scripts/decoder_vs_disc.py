@@ -1,16 +1,18 @@
 """Does the fine-tuned decoder beat the disc prior on held-out videos? (issue 14 item 1)
 
 ``python scripts/decoder_vs_disc.py OUT [--videos 12 --frames 32 --size 128 --seed 7]
-[--set key=value ...] [--also-split train]`` simulates a dataset (``calseg simulate``'s
-defaults otherwise; 6 train, 2 val and 4 test videos at the defaults), fine-tunes SAM2's
-decoder on its train split (:func:`calseg.segment.finetune.finetune` with the ``--set``
-overrides of :class:`~calseg.segment.finetune.FinetuneConfig`, e.g. ``--set
-mask_prior=residual``) and prints the prompted IoU of the selected checkpoint and of the disc
+[--set key=value ...] [--also-split train] [--untrained]`` simulates a dataset (``calseg
+simulate``'s defaults otherwise; 6 train, 2 val and 4 test videos at the defaults),
+fine-tunes SAM2's decoder on its train split (:func:`calseg.segment.finetune.finetune` with the
+``--set`` overrides on :data:`calseg.segment.finetune.DECODER_VS_DISC_RECIPE`, e.g. ``--set
+prompt_point=eroded``) and prints the prompted IoU of the selected checkpoint and of the disc
 prior (a disc of the training cells' mean radius at each prompt, no image) on the TEST split,
 with the same code, frames and prompts (:func:`calseg.segment.finetune.heldout_prompted_iou`),
 and their difference with a paired per-prompt bootstrap 95 % CI. ``--also-split`` scores the
-train or val split the same way. Writes ``OUT/table.json``. Without an official checkpoint
-(``--checkpoint``) the encoder is SAM2's random initialisation, frozen.
+train or val split the same way; ``--untrained`` also scores the decoder as initialised.
+Writes ``OUT/table.json``. Without an official checkpoint (``--checkpoint``) the encoder is
+SAM2's random initialisation, frozen. A rerun on the same OUT reuses its dataset, embeddings
+and finished training (resume).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import json
 import time
 from pathlib import Path
 
-from calseg.segment.finetune import FinetuneConfig, finetune, heldout_prompted_iou
+from calseg.segment.finetune import (
+    decoder_vs_disc_config,
+    finetune,
+    heldout_prompted_iou,
+    initial_model,
+)
 from calseg.simulate.config import SimulationConfig
 from calseg.simulate.dataset import simulate_dataset
 
@@ -51,6 +58,13 @@ def main() -> None:
         help="also score this split (diagnostic: does the decoder beat the disc on the videos "
         "it was trained on? then the gap on test is generalisation, else it is the fit)",
     )
+    ap.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also score the decoder as initialised (one step at lr 1e-12, same seed and "
+        "settings): with mask_prior=residual its random correction alone moves the disc a "
+        "little, and only what training adds beyond it is learning",
+    )
     args = ap.parse_args()
     ds = args.out / "dataset"
     if not (ds / "manifest.json").exists():
@@ -65,8 +79,7 @@ def main() -> None:
         )
         simulate_dataset(sim, ds)
     over = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    over.setdefault("image_size", args.size)
-    cfg = FinetuneConfig(**over)
+    cfg = decoder_vs_disc_config(**over)
     t0 = time.perf_counter()
     res = finetune(
         ds, args.out / "model", cfg, base_checkpoint=args.checkpoint, cache_dir=args.out / "cache"
@@ -83,6 +96,22 @@ def main() -> None:
             f"{split} split ({len(other['videos'])} videos, {other['n_prompts']} prompts): "
             f"disc prior {other['disc prior']:.4f}, decoder {other['decoder']:.4f}, "
             f"gain {other['gain']:+.4f}"
+        )
+    if args.untrained:
+        init = initial_model(
+            ds,
+            args.out / "untrained",
+            cfg,
+            base_checkpoint=args.checkpoint,
+            cache_dir=args.out / "cache",
+        )
+        t_init = heldout_prompted_iou(init.checkpoint, ds, cache_dir=args.out / "cache")
+        table["untrained decoder"] = t_init["decoder"]
+        table["untrained per_video"] = {k: v["decoder"] for k, v in t_init["per_video"].items()}
+        print(
+            f"untrained decoder (as initialised): {t_init['decoder']:.4f} "
+            f"({t_init['gain']:+.4f} vs the disc prior; training adds "
+            f"{table['decoder'] - t_init['decoder']:+.4f})"
         )
     (args.out / "table.json").write_text(json.dumps(table, indent=1))
     print(

@@ -95,6 +95,8 @@ def small_finetune_config(
         seed=seed,
         focal_weight=1.0,
         focal_alpha=0.75,
+        # the shipped checkpoint was trained before FinetuneConfig's default became "deep"
+        prompt_point="eroded",
     )
 
 
