@@ -1034,7 +1034,7 @@ def heldout_prompted_iou(
         )
     )
     radius = meta.get("disc_prior_radius_px")
-    loaded = load_sam2(checkpoint=checkpoint, device=device)
+    loaded = load_sam2(cfg.model, checkpoint, image_size=cfg.image_size, device=device)
     entries = split_videos(dataset, split)
     if not entries:
         raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
