@@ -6,8 +6,13 @@ import pytest
 import torch
 from test_segment_synth import small_dataset
 
-from calseg.segment.embeddings import encode_frames
-from calseg.segment.finetune import FinetuneConfig, finetune, training_recipe
+from calseg.segment.embeddings import EmbeddingCache, encode_frames
+from calseg.segment.finetune import (
+    FinetuneConfig,
+    finetune,
+    heldout_prompted_iou,
+    training_recipe,
+)
 from calseg.segment.model import (
     BUNDLED_SMALL_CHECKPOINT,
     CHECKPOINT_ENV,
@@ -16,6 +21,7 @@ from calseg.segment.model import (
     build_sam2_model,
     compute_encoder_hash,
     default_base_checkpoint,
+    encoder_hash,
     load_sam2,
 )
 
@@ -114,6 +120,23 @@ def _cfg(mode: str, **kw) -> FinetuneConfig:
         resume=False,
         **kw,
     )
+
+
+def test_heldout_prompted_iou_scores_a_full_mode_checkpoint_with_its_own_encoder(ds, tmp_path):
+    """A full-mode checkpoint carries a trained encoder: the held-out table must embed with it
+    (it raised AttributeError: full-mode videos keep model inputs, not embeddings)."""
+    finetune(ds, tmp_path / "full", _cfg("full", frames_per_step=2, mask_prior="residual"))
+    last = tmp_path / "full" / "last.pt"  # step 3 (best.pt may be the step-0 weights)
+    table = heldout_prompted_iou(last, ds, frames_per_video=2, cache_dir=tmp_path / "cache")
+    assert table["n_prompts"] > 0 and 0.0 <= table["decoder"] <= 1.0
+    full = load_sam2(SMALL_CONFIG, last, device="cpu")
+    trained = EmbeddingCache.model_key(SMALL_CONFIG, 64, encoder_hash(full))
+    random = EmbeddingCache.model_key(
+        SMALL_CONFIG, 64, compute_encoder_hash(build_sam2_model(SMALL_CONFIG, 64))
+    )
+    assert trained != random
+    # the frames were embedded by the trained encoder, not the random one
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {trained}
 
 
 def test_full_changes_every_trained_group_and_decoder_mode_leaves_the_encoder(ds, tmp_path):

@@ -1038,8 +1038,11 @@ def heldout_prompted_iou(
     entries = split_videos(dataset, split)
     if not entries:
         raise DatasetError(f"dataset {dataset} has no video in the {split!r} split")
+    # frames are embedded once by the checkpoint's own encoder (a full / LoRA checkpoint
+    # carries a trained encoder; the cache key holds its hash), as decoder mode prepares them
+    prep = cfg.model_copy(update={"train_mode": "decoder"})
     videos = [
-        _prepare_video(loaded, v, frames_per_video, cfg, cache_dir, null_progress) for v in entries
+        _prepare_video(loaded, v, frames_per_video, prep, cache_dir, null_progress) for v in entries
     ]
     if radius is None:  # checkpoints written before the field: the held-out cells' own
         radius = mean_cell_radius(videos)
