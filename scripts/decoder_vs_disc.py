@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from calseg.segment.finetune import (
     decoder_vs_disc_config,
     finetune,
@@ -66,6 +68,18 @@ def main() -> None:
         "little, and only what training adds beyond it is learning",
     )
     args = ap.parse_args()
+    # settings are checked before anything is simulated or written
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE (a FinetuneConfig field), got {bad[0]!r}")
+    over = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    try:
+        cfg = decoder_vs_disc_config(**over)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        ap.error(f"invalid --set: {problems}")
     ds = args.out / "dataset"
     if not (ds / "manifest.json").exists():
         sim = SimulationConfig(
@@ -78,8 +92,6 @@ def main() -> None:
             n_test_videos=args.test,
         )
         simulate_dataset(sim, ds)
-    over = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    cfg = decoder_vs_disc_config(**over)
     t0 = time.perf_counter()
     res = finetune(
         ds, args.out / "model", cfg, base_checkpoint=args.checkpoint, cache_dir=args.out / "cache"
@@ -89,10 +101,11 @@ def main() -> None:
     table.update(
         config=over, best_step=res.best_step, improved=res.improved, train_s=round(train_s, 1)
     )
+    extra: list[str] = []  # printed after the held-out table
     for split in args.also_split:
         other = heldout_prompted_iou(res.checkpoint, ds, split=split, cache_dir=args.out / "cache")
         table[split] = other
-        print(
+        extra.append(
             f"{split} split ({len(other['videos'])} videos, {other['n_prompts']} prompts): "
             f"disc prior {other['disc prior']:.4f}, decoder {other['decoder']:.4f}, "
             f"gain {other['gain']:+.4f}"
@@ -108,7 +121,7 @@ def main() -> None:
         t_init = heldout_prompted_iou(init.checkpoint, ds, cache_dir=args.out / "cache")
         table["untrained decoder"] = t_init["decoder"]
         table["untrained per_video"] = {k: v["decoder"] for k, v in t_init["per_video"].items()}
-        print(
+        extra.append(
             f"untrained decoder (as initialised): {t_init['decoder']:.4f} "
             f"({t_init['gain']:+.4f} vs the disc prior; training adds "
             f"{table['decoder'] - t_init['decoder']:+.4f})"
@@ -129,6 +142,8 @@ def main() -> None:
         f"decoder - disc prior: {table['gain']:+.4f}{ci_text}; decoder higher on "
         f"{table['videos_improved']} of {len(table['videos'])} videos"
     )
+    for line in extra:
+        print(line)
 
 
 if __name__ == "__main__":
