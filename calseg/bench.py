@@ -1336,6 +1336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m calseg.bench",
         description="Benchmark the CalSeg simulator, renderer, dataset build and SAM2 engine.",
+        epilog="Also: `python -m calseg.bench accuracy ...` (or --only accuracy), the held-out "
+        "accuracy suite; `python -m calseg.bench peers ...` (or --only peers), Suite2p side by "
+        "side. Each has its own --help.",
     )
     ap.add_argument("--quick", action="store_true", help="smaller runs (dataset extrapolated)")
     ap.add_argument("--only", choices=SECTIONS, help="run one section (in this process)")
