@@ -46,14 +46,9 @@ __all__ = [
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
     """Percentile bootstrap 95 % CI of the mean of ``values`` (1-D float; Efron & Tibshirani
     1993): ``n_boot`` resamples with replacement, seeded by ``seed``. ``[low, high]``, or
-    None with fewer than 3 values (too few to resample meaningfully)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 3:
-        return None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    None with fewer than 3 values (too few to resample meaningfully). The one-group case of
+    :func:`stratified_bootstrap_ci` (the same random draws, so the same interval)."""
+    return stratified_bootstrap_ci([values], n_boot, seed)
 
 
 def stratified_bootstrap_ci(
