@@ -1028,8 +1028,10 @@ def bench_learning(
     ``baseline held-out F1`` (instance F1 through
     :func:`calseg.segment.evaluate.evaluate_dataset`, the inference path, means over the test
     videos with 95 % CIs in ``why``), ``decoder steps/s`` and ``full steps/s`` (the small
-    SAM2 on CPU; decoder mode at the recipe's 512 px, full mode with the shipped recipe at
-    256 px, :func:`calseg.pipelines.pretrain.small_finetune_config`).
+    SAM2 on CPU; decoder mode at the recipe's 512 px, full mode with the shipped checkpoint's
+    recipe, also 512 px, :func:`calseg.pipelines.pretrain.small_finetune_config`). The small
+    SAM2 row's ``why`` also gives the F1 of its disc prior alone (no image, the same prompts),
+    the part of its F1 that needs no learned weight.
     """
     from calseg.pipelines.pretrain import SMALL_NAMES, heldout_scores, small_finetune_config
     from calseg.segment.finetune import (
@@ -1115,6 +1117,8 @@ def bench_learning(
             details["heldout"] = pm
             small, base = pm[SMALL_NAMES["trained"]], pm[SMALL_NAMES["classical"]]
             untuned = pm[SMALL_NAMES["untuned"]]
+            disc = pm.get(SMALL_NAMES["disc"])
+            disc_text = f"; its disc prior alone {disc['f1']:.3f}" if disc else ""
 
             def ci(d: dict) -> str:
                 c = d.get("f1_ci95")
@@ -1129,7 +1133,7 @@ def bench_learning(
                     target="> 0.3 and > untuned",
                     met=bool(small["f1"] > 0.3 and small["f1"] > untuned["f1"]),
                     why=f"{ci(small)}{small['n_videos']} videos; untuned (random) "
-                    f"{untuned['f1']:.3f}; IoU {small['iou']:.3f}",
+                    f"{untuned['f1']:.3f}{disc_text}; IoU {small['iou']:.3f}",
                 )
             )
             rows.append(

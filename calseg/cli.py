@@ -275,7 +275,7 @@ def finetune(
 @app.command()
 def pretrain(
     out_dir: Annotated[Path, typer.Argument(help="working folder (dataset, training, checkpoint)")],
-    steps: int = typer.Option(1200, help="optimiser steps"),
+    steps: int = typer.Option(2000, help="optimiser steps"),
     time_limit_s: float | None = typer.Option(None, help="stop training after this long (s)"),
     data_seed: int = typer.Option(1400, help="simulation seed"),
     seed: int = typer.Option(0, help="training seed"),

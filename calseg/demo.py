@@ -217,6 +217,7 @@ def run_demo(
             "width": args.size,
             "pattern_classes": ["waves", "transients"],
             "seed": args.seed,
+            "mean_cell_area_px": args.cell_area,
             "n_val_videos": 1,
             "n_test_videos": args.test_videos,
         }
@@ -281,7 +282,7 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     print_suite_headline()
     report = _evaluation_report(jobs["evaluate"], artifact_dir)
     if report:
-        for line in heldout_table(report):
+        for line in heldout_table(report, jobs["finetune"].get("result")):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     from calseg.fmt import plural
@@ -326,7 +327,7 @@ def _ci(s: dict, key: str) -> str:
     return f"{m:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def heldout_table(report: dict) -> list[str]:
+def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     """The demo's held-out table and its verdict lines, from an evaluation report dict.
 
     One row per model (classical, SAM2 untuned, SAM2 fine-tuned, and the disc prior when the
@@ -334,8 +335,12 @@ def heldout_table(report: dict) -> list[str]:
     with 95 % bootstrap CIs (:func:`calseg.segment.evaluate.summarise`); then whether the
     fine-tuned model beats the untuned one and the disc prior (no image) (mean F1) and, when it
     does not clearly beat the classical method (mean F1 above, and the lower end of its CI
-    too, as the default-method rule asks), one line saying so.
+    too, as the default-method rule asks), one line saying so. ``finetune``: the fine-tune
+    job's result; when it says no step improved on the initial model (``improved`` False), a
+    line says the fine-tuned row is the initial model, not one trained here.
     """
+    from calseg.fmt import fmt_num
+
     summary = report.get("summary") or []
     n = max((s.get("n_videos") or 0 for s in summary), default=0)
     cols = (("f1", "instance F1"), ("iou", "foreground IoU"), ("ap50", "AP50"))
@@ -365,8 +370,8 @@ def heldout_table(report: dict) -> list[str]:
     if tuned and disc:
         if tuned[1] > disc[1]:
             lines.append(
-                f"{tuned[0]} beats the {disc[0]} (F1 {tuned[1]:.3f} vs {disc[1]:.3f}): training "
-                "added something the image shows to the disc at each prompt."
+                f"{tuned[0]} beats the {disc[0]} (F1 {tuned[1]:.3f} vs {disc[1]:.3f}): the model "
+                "adds something the image shows to the disc at each prompt."
             )
         else:
             lines.append(
@@ -374,6 +379,13 @@ def heldout_table(report: dict) -> list[str]:
                 "its cells come from the disc prior at the prompts, not from what training "
                 "learned from the images."
             )
+    if tuned and (finetune or {}).get("improved") is False:
+        lines.append(
+            f"No fine-tuning step improved on the initial model (validation "
+            f"{finetune.get('select_by') or 'score'} {fmt_num(finetune.get('best_score'))} at step "
+            "0), so the fine-tuned row is the base as it was, its disc prior (if any) re-fitted "
+            "to this demo's training cells: not a model trained here."
+        )
     if tuned and classical:
         ci = by_name[tuned[0]].get("f1_ci95")
         clearly = tuned[1] > classical[1] and (ci is None or float(ci[0]) > classical[1])
@@ -510,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=128,
         help="frame height and width (px); the small SAM2 base works at 128 px",
+    )
+    p.add_argument(
+        "--cell-area",
+        type=float,
+        default=100.0,
+        help="mean cell area of the simulated tissue (px); the small SAM2 base was trained on "
+        "100 px cells",
     )
     p.add_argument("--steps", type=int, default=150, help="fine-tuning optimiser steps")
     p.add_argument(

@@ -104,3 +104,21 @@ def test_heldout_table_compares_the_finetune_with_its_disc_prior() -> None:
     assert f"{tuned} beats the {LABEL_DISC} (F1 0.440 vs 0.300)" in text
     report["summary"].pop(1)  # no prior: no such line
     assert LABEL_DISC not in "\n".join(heldout_table(report))
+
+
+def test_heldout_table_says_when_the_finetune_kept_its_initial_model() -> None:
+    """A fine-tune whose validation never beat step 0 keeps the initial model (the base, its
+    disc re-fitted); the demo must not present that row as a model trained here (a demo on
+    200-px cells showed 'fine-tuned beats untuned' with step 0 kept)."""
+    from calseg.demo import heldout_table
+
+    def row(name: str, f1: float) -> dict:
+        return {"model": name, "n_videos": 3, "f1_mean": f1, "iou_mean": 0.5, "ap50_mean": 0.2}
+
+    report = {"summary": [row("SAM2 fine-tuned + disc prior", 0.8), row("SAM2 untuned", 0.7)]}
+    kept = {"improved": False, "select_by": "f1", "best_score": 0.1443}
+    text = "\n".join(heldout_table(report, kept))
+    assert "No fine-tuning step improved on the initial model (validation f1 0.1443" in text
+    assert "not a model trained here" in text
+    for finetune in (None, {"improved": True, "select_by": "f1", "best_score": 0.2}):
+        assert "No fine-tuning step" not in "\n".join(heldout_table(report, finetune))

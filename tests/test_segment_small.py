@@ -204,3 +204,14 @@ def test_bundled_small_checkpoint_is_small_trained_and_documented():
     trained = next(v for k, v in scores.items() if "trained here" in k)
     untuned = next(v for k, v in scores.items() if "untuned" in k)
     assert trained["n_videos"] >= 3 and trained["f1"] > untuned["f1"]
+    # issue 14: held-out instance F1 above 0.3, and above its disc prior alone (no image)
+    disc = next(v for k, v in scores.items() if "disc prior" in k)
+    assert trained["f1"] > 0.3 and trained["f1"] > disc["f1"] and trained["iou"] > disc["iou"]
+    assert loaded.info.prior_mode == "residual" and loaded.info.prior_radius
+    # `calseg pretrain` re-creates it: the recipe it was trained with is the command's default
+    from calseg.pipelines.pretrain import small_finetune_config
+
+    recipe = small_finetune_config().model_dump(mode="json")
+    shipped = meta["pretrain_config"]["finetune"]
+    for key in ("image_size", "mask_prior", "prompt_point", "train_mode", "recipe", "select_by"):
+        assert shipped[key] == recipe[key], key

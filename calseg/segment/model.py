@@ -84,10 +84,11 @@ _SMALL_OVERRIDES = [
     "++model.num_maskmem=3",
 ]
 SMALL_CONFIG = "sam2_small_calseg"
-# the input side it was trained at: 128 px simulated frames upsampled 2x, so a cell (~11 px)
-# spans ~3 image tokens of 8 px (at 128, scale 1, a cell fell inside one 16 px token and
-# training stalled: validation IoU 0.06 after 400 steps)
-SMALL_IMAGE_SIZE = 256
+# the input side it was trained at: 128 px simulated frames upsampled 4x, so a cell (~11 px)
+# spans ~3 encoder tokens of 16 px and ~11 cells of the S/4 mask grid (at 128, scale 1, a
+# cell fell inside one 16 px token and training stalled: validation IoU 0.06 after 400 steps;
+# at 256 the decoder did not beat a disc prior, scripts/decoder_vs_disc.py)
+SMALL_IMAGE_SIZE = 512
 BUNDLED_SMALL_CHECKPOINT = Path(__file__).resolve().parent / "weights" / f"{SMALL_CONFIG}.pt"
 """The small SAM2 trained here from random weights on simulated videos (``calseg pretrain``;
 provenance and held-out scores in its ``metadata["pretrain"]``). Not Meta's weights."""

@@ -226,6 +226,7 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
         "best_val_iou": res.best_val_iou,
         "best_step": res.best_step,
         "best_score": res.best_score,
+        "select_by": config.select_by,
         "improved": res.improved,
         "base_checkpoint": str(base) if base else None,
     }
