@@ -328,8 +328,9 @@ def test_segment_reads_one_channel_of_an_interleaved_file(tmp_path: Path) -> Non
 
 def test_a_checkpoint_that_fixes_the_model_says_so(tmp_path: Path) -> None:
     """Found by a fresh-user test: an infer job asking for another model or input size ran
-    the checkpoint's own (the small SAM2 at 256 px) and said nothing; now a warning names what
-    was asked for and what ran (not for the defaults, which every run has)."""
+    the checkpoint's own (the small SAM2 at its trained input size) and said nothing; now a
+    warning names what was asked for and what ran (not for the defaults, which every run
+    has)."""
     rng = np.random.default_rng(0)
     frames = rng.poisson(200, size=(6, 48, 48)).astype(np.uint16)
     frames[2:4, 10:20, 10:20] += 600
@@ -338,6 +339,9 @@ def test_a_checkpoint_that_fixes_the_model_says_so(tmp_path: Path) -> None:
     r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "a"), "--method", "sam2",
                             "--image-size", "128"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "image_size 128 was asked for" in r.output and "image_size 256 was used" in r.output
+    from calseg.segment.model import SMALL_IMAGE_SIZE
+
+    assert "image_size 128 was asked for" in r.output
+    assert f"image_size {SMALL_IMAGE_SIZE} was used" in r.output
     r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "b"), "--method", "sam2"])
     assert r.exit_code == 0 and "was asked for" not in r.output, r.output

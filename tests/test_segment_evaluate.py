@@ -103,7 +103,8 @@ def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypa
     import json
 
     rep = json.loads(out.read_text())
-    assert {s["model"] for s in rep["summary"]} == {"SAM2 untuned", "classical"}
+    # the shipped base adds a disc prior at each prompt, and its row says so
+    assert {s["model"] for s in rep["summary"]} == {"SAM2 untuned + disc prior", "classical"}
     assert rep["config"]["image_size"] == 64
     bad = CliRunner().invoke(app, ["evaluate", str(ds), "--mode", "movie"])
     assert bad.exit_code == 2 and "bad evaluation option" in bad.output
