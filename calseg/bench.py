@@ -1254,7 +1254,7 @@ def _fmt(v: float) -> str:
 
 def format_report(report: dict) -> str:
     """The machine description and a plain-text table of every row, with the status column
-    ``met`` / ``missed (why)`` / ``-`` (no target), rows marked ``*`` are extrapolated."""
+    ``met (why)`` / ``missed (why)`` / ``-`` (no target), rows marked ``*`` are extrapolated."""
     m = report["machine"]
     lines = [
         "CalSeg benchmark" + (" (--quick)" if report.get("quick") else ""),
@@ -1275,8 +1275,8 @@ def format_report(report: dict) -> str:
             continue
         for r in sec["rows"]:
             status = "-"
-            if r["met"] is True:
-                status = "met"
+            if r["met"] is True:  # its evidence too (CIs, references), as for a miss
+                status = f"met ({r['why']})" if r.get("why") else "met"
             elif r["met"] is False:
                 status = f"missed ({r['why']})"
             label = r["name"] + (" *" if r["extrapolated"] else "")
