@@ -215,3 +215,26 @@ def test_bundled_small_checkpoint_is_small_trained_and_documented():
     shipped = meta["pretrain_config"]["finetune"]
     for key in ("image_size", "mask_prior", "prompt_point", "train_mode", "recipe", "select_by"):
         assert shipped[key] == recipe[key], key
+
+
+def test_the_disc_prior_keeps_its_size_in_frame_pixels() -> None:
+    """The disc stands for a cell of the recording: a recording twice the training side
+    (shown at the same model size) gets half the model-px disc, a given cell diameter sets
+    it, and a recording of the training size gets the trained radius back exactly."""
+    from calseg.segment.embeddings import FrameGeometry
+    from calseg.segment.model import inference_prior_radius
+
+    if not BUNDLED_SMALL_CHECKPOINT.is_file():
+        pytest.skip("no bundled checkpoint")
+    info = load_sam2(SMALL_CONFIG, BUNDLED_SMALL_CHECKPOINT, device="cpu").info
+    frame_r = info.prior_radius_frame_px
+    assert info.prior_radius and frame_r and 3 < frame_r < 10  # ~11 px cells
+    at_128 = FrameGeometry(128, 128, info.image_size).scale
+    at_256 = FrameGeometry(256, 256, info.image_size).scale
+    assert inference_prior_radius(info, at_128) == pytest.approx(info.prior_radius, rel=1e-6)
+    assert inference_prior_radius(info, at_256) == pytest.approx(info.prior_radius / 2, rel=1e-6)
+    assert inference_prior_radius(info, at_256, cell_diameter_px=20) == pytest.approx(20.0)
+    info.prior_radius_frame_px = None  # a file that records no frame-px radius: unchanged
+    assert inference_prior_radius(info, at_256) == info.prior_radius
+    info.prior_radius = None
+    assert inference_prior_radius(info, at_256, cell_diameter_px=20) is None

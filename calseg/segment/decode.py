@@ -29,7 +29,7 @@ from calseg.segment.embeddings import (
     logits_to_frame,
     normalise_frames,
 )
-from calseg.segment.model import LoadedSAM2, run_decoder
+from calseg.segment.model import LoadedSAM2, inference_prior_radius, run_decoder
 from calseg.segment.prompts import (
     ActivityParams,
     pack_points,
@@ -265,6 +265,7 @@ def decode_frame_prompts(
     multimask = config.multimask_output
     if multimask is None:
         multimask = True if loaded.info.multimask_output is None else loaded.info.multimask_output
+    prior_radius = inference_prior_radius(loaded.info, geometry.scale, config.cell_diameter_px)
     logits, scores, objs = [], [], []
     for b0 in range(0, len(prompts), config.decoder_batch_size):
         chunk = prompts[b0 : b0 + config.decoder_batch_size]
@@ -280,7 +281,7 @@ def decode_frame_prompts(
                 torch.from_numpy(coords).to(device),
                 torch.from_numpy(labels).to(device),
                 multimask_output=multimask,
-                prior_radius=loaded.info.prior_radius,
+                prior_radius=prior_radius,
                 prior_mode=loaded.info.prior_mode,
             )
             best = iou.argmax(dim=1)

@@ -1402,6 +1402,7 @@ class Trainer:
         opt_cfg = cfg.group("optimiser")
         if cfg.mask_prior != "none":  # the model now includes the disc prior
             loaded.info.prior_radius = mean_cell_radius_model(self.videos)
+            loaded.info.prior_radius_frame_px = mean_cell_radius(self.videos)
             loaded.info.prior_mode = cfg.mask_prior
         self.base_encoder_sha = encoder_hash(loaded)  # of the BASE encoder, before any change
         dec_params, enc_params = _trainable_groups(loaded, cfg)
@@ -1453,6 +1454,9 @@ class Trainer:
             "mask_prior": {
                 "mode": loaded.info.prior_mode,
                 "radius_model_px": loaded.info.prior_radius,
+                # the same disc in frame px (inference keeps it there:
+                # calseg.segment.model.inference_prior_radius)
+                "radius_frame_px": loaded.info.prior_radius_frame_px,
             },
             "disc_prior_radius_px": mean_cell_radius(self.videos),  # the reference row's disc
         }

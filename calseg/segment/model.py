@@ -130,6 +130,8 @@ class ModelInfo:
     # fine-tuned with a disc prior (run_decoder's prior_radius): its radius in model px
     prior_radius: float | None = None
     prior_mode: str | None = None  # "residual", "prompt" or "disc" (the disc alone)
+    # the same radius in the training recordings' frame px (None: not recorded, older files)
+    prior_radius_frame_px: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-able dict of all fields."""
@@ -392,7 +394,7 @@ def load_sam2(
     base: LoadedSAM2 | None = None
     train_mode = None
     multimask = None
-    prior_radius = prior_mode = None
+    prior_radius = prior_mode = prior_radius_frame = None
     finetuned_from = None
     random_weights = False
     if checkpoint is None:
@@ -458,6 +460,10 @@ def load_sam2(
             prior = meta.get("mask_prior") or {}
             prior_radius = prior.get("radius_model_px")
             prior_mode = prior.get("mode")
+            if prior_radius:  # files written before radius_frame_px: the training cells'
+                prior_radius_frame = (
+                    prior.get("radius_frame_px") or meta.get("disc_prior_radius_px") or None
+                )
             if random_weights:
                 log.warning(
                     "fine-tuned checkpoint %s was trained on a RANDOM-WEIGHT image encoder; "
@@ -487,6 +493,7 @@ def load_sam2(
         multimask_output=multimask,
         prior_radius=prior_radius,
         prior_mode=prior_mode,
+        prior_radius_frame_px=prior_radius_frame,
         hub_id=hub_id,
         train_mode=train_mode,
     )
@@ -725,6 +732,28 @@ PRIOR_GAIN = 2.0
 """Logit per low-res pixel of signed distance to the disc's edge (a 2-px-wide soft edge)."""
 PRIOR_CLIP = 8.0
 """The prior's logits are clipped to +-this (sigmoid(8) = 0.9997)."""
+
+
+def inference_prior_radius(
+    info: ModelInfo, scale: float, cell_diameter_px: float | None = None
+) -> float | None:
+    """Radius (model px) of the disc prior for a recording shown to the model at ``scale``
+    model px per frame px (:attr:`calseg.segment.embeddings.FrameGeometry.scale`).
+
+    The disc stands for a cell of the recording, so its size is kept in frame px: half the
+    given ``cell_diameter_px`` (the user's override), else the training cells' mean radius
+    in frame px (``info.prior_radius_frame_px``), times ``scale``. A recording of the training
+    size gives back ``info.prior_radius`` exactly; a 256 px recording at 512 px gets half the
+    model-px disc of a 128 px one, as its cells are half as large in model px. None without a
+    prior; ``info.prior_radius`` unchanged for checkpoints that record no frame-px radius.
+    """
+    if info.prior_radius is None:
+        return None
+    if cell_diameter_px is not None:
+        return float(cell_diameter_px) / 2.0 * float(scale)
+    if info.prior_radius_frame_px:
+        return float(info.prior_radius_frame_px) * float(scale)
+    return float(info.prior_radius)
 
 
 def disc_prior_logits(
