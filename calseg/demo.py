@@ -202,6 +202,21 @@ def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
     return r.json()
 
 
+def simulate_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's simulate-job parameters from its command-line options."""
+    return {
+        "n_videos": args.videos,
+        "n_frames": args.frames,
+        "height": args.size,
+        "width": args.size,
+        "pattern_classes": ["waves", "transients"],
+        "seed": args.seed,
+        "mean_cell_area_px": args.cell_area,
+        "n_val_videos": 1,
+        "n_test_videos": args.test_videos,
+    }
+
+
 def run_demo(
     base_url: str, artifact_dir: Path, args: argparse.Namespace, token: str | None = None
 ) -> dict[str, Any]:
@@ -210,17 +225,7 @@ def run_demo(
     jobs: dict[str, Any] = {}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=base_url, timeout=120, headers=headers) as client:
-        sim_params = {
-            "n_videos": args.videos,
-            "n_frames": args.frames,
-            "height": args.size,
-            "width": args.size,
-            "pattern_classes": ["waves", "transients"],
-            "seed": args.seed,
-            "mean_cell_area_px": args.cell_area,
-            "n_val_videos": 1,
-            "n_test_videos": args.test_videos,
-        }
+        sim_params = simulate_params(args)
         fresh = getattr(args, "fresh", False)
         console.rule("1/4 simulate")
         jobs["simulate"] = run_or_reuse(client, "simulate", sim_params, fresh)
@@ -384,7 +389,7 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
             f"No fine-tuning step improved on the initial model (validation "
             f"{finetune.get('select_by') or 'score'} {fmt_num(finetune.get('best_score'))} at step "
             "0), so the fine-tuned row is the base as it was, its disc prior (if any) re-fitted "
-            "to this demo's training cells: not a model trained here."
+            "to this demo's training cells: not a model fine-tuned by this demo."
         )
     if tuned and classical:
         ci = by_name[tuned[0]].get("f1_ci95")
@@ -548,12 +553,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from calseg.service.auth import read_token_file
     from calseg.service.embedded import EmbeddedService
+    from calseg.service.schemas import ParamsError, validate_params
     from calseg.service.settings import get_settings
 
     if args.recording and not Path(args.recording).is_file():  # fail before minutes of work
         console.print(
             f"[bold red]demo failed:[/] recording {escape(str(args.recording))} is not a file"
         )
+        return 2
+    try:  # a bad option fails here, before the service starts (the API would say 422)
+        validate_params("simulate", simulate_params(args))
+    except ParamsError as exc:
+        console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
         return 2
     from calseg.segment.model import default_base_checkpoint
 
@@ -605,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-    except DemoError as exc:
+    except (DemoError, ParamsError) as exc:  # ParamsError: a bad option, checked for reuse
         console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
         return 1
     console.print(f"demo finished in {time.monotonic() - t0:.0f} s")

@@ -119,6 +119,18 @@ def test_heldout_table_says_when_the_finetune_kept_its_initial_model() -> None:
     kept = {"improved": False, "select_by": "f1", "best_score": 0.1443}
     text = "\n".join(heldout_table(report, kept))
     assert "No fine-tuning step improved on the initial model (validation f1 0.1443" in text
-    assert "not a model trained here" in text
+    assert "not a model fine-tuned by this demo" in text
     for finetune in (None, {"improved": True, "select_by": "f1", "best_score": 0.2}):
         assert "No fine-tuning step" not in "\n".join(heldout_table(report, finetune))
+
+
+def test_a_bad_simulation_option_fails_before_the_service_starts(capsys) -> None:
+    """Found by a new-user check: `--cell-area 5` ended in a ParamsError traceback after the
+    service had started (the job-reuse check validates the parameters)."""
+    from calseg.demo import main
+
+    for argv in (["--cell-area", "5"], ["--cell-area", "200"]):
+        assert main(argv) == 2
+        out = capsys.readouterr().out
+        assert "demo failed:" in out and "mean_cell_area_px" in out
+        assert "service up" not in out

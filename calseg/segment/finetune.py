@@ -1765,7 +1765,8 @@ class Trainer:
             if not improved:
                 msg = (
                     f"no step improved on the initial model ({cfg.select_by} "
-                    f"{_fmt_score(best['init'])} at step 0): best.pt is the untrained model"
+                    f"{_fmt_score(best['init'])} at step 0): best.pt is the initial model, "
+                    "not fine-tuned"
                 )
                 self.warnings.append(msg)
                 log.warning(msg)
