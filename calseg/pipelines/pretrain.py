@@ -50,7 +50,8 @@ SMALL_NAMES = {
     "trained": "SAM2 small (trained here)",
     "disc": "disc prior of SAM2 small (no image)",
 }
-"""Display names of the three rows of the held-out evaluation."""
+"""Display names of the rows of the held-out evaluation (the disc row only for a checkpoint
+trained with a disc prior)."""
 
 
 class PretrainConfig(BaseModel):

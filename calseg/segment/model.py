@@ -460,7 +460,7 @@ def load_sam2(
             prior = meta.get("mask_prior") or {}
             prior_radius = prior.get("radius_model_px")
             prior_mode = prior.get("mode")
-            if prior_radius:  # files written before radius_frame_px: the training cells'
+            if prior_radius:  # older files: the training cells' mean radius (same videos)
                 prior_radius_frame = (
                     prior.get("radius_frame_px") or meta.get("disc_prior_radius_px") or None
                 )
