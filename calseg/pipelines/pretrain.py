@@ -32,6 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.segment.choice import summarise_checkpoint
 from calseg.segment.decode import InferenceConfig
 from calseg.segment.evaluate import evaluate_dataset
 from calseg.segment.finetune import FinetuneConfig, finetune
@@ -145,14 +146,6 @@ def git_commit(repo: Path | None = None) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _records_disc_prior(checkpoint: Path) -> bool:
-    """Whether the CalSeg checkpoint was fine-tuned with a disc prior (records its radius)."""
-    from calseg.segment.model import _torch_load
-
-    meta = _torch_load(Path(checkpoint)).get("metadata") or {}
-    return bool((meta.get("mask_prior") or {}).get("radius_model_px"))
-
-
 def heldout_scores(
     dataset: Path,
     checkpoint: Path | None,
@@ -177,7 +170,7 @@ def heldout_scores(
         models[SMALL_NAMES["untuned"]] = ("sam2", None)
     if checkpoint is not None:
         models[SMALL_NAMES["trained"]] = ("sam2", checkpoint)
-        if include_disc and _records_disc_prior(checkpoint):
+        if include_disc and summarise_checkpoint(checkpoint).prior:
             models[SMALL_NAMES["disc"]] = ("disc", checkpoint)
     cfg = InferenceConfig(model=SMALL_CONFIG, image_size=SMALL_IMAGE_SIZE)
     rep = evaluate_dataset(
