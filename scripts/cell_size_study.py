@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help="simulated-video cache folder")
     a = ap.parse_args()
     errs, f1_est, f1_true = [], [], []
+    cue_errs: dict[str, list[float]] = {"resting": [], "activity": []}
     for spec in suite_specs(a.set):
         video, _ = load_video(spec, a.cache)
         t0 = time.perf_counter()
@@ -40,11 +41,14 @@ def main() -> None:
         d = est.diameter_px
         err = d / true_d - 1.0 if est.found else float("nan")
         errs.append(err)
+        cue_errs["resting"].append(est.resting_px / true_d - 1.0)
+        cue_errs["activity"].append(est.activity_px / true_d - 1.0)
         line = (
             f"{spec.id} {spec.pattern_class:10s} area {spec.mean_cell_area_px:3.0f} "
             f"{spec.height}x{spec.width}x{spec.n_frames} severity {spec.defect_severity:.1f} "
             f"{spec.intensity:22s} true {true_d:5.1f} px, estimated {d:5.1f} px "
-            f"({100 * err:+4.0f} %, {secs:.1f} s)"
+            f"({100 * err:+4.0f} %, {secs:.1f} s; resting image {est.resting_px:5.1f}, "
+            f"activity {est.activity_px:5.1f})"
         )
         if a.f1:
             scores = []
@@ -58,6 +62,15 @@ def main() -> None:
         print(line, flush=True)
     e = np.asarray(errs)
     hits = int(np.sum(np.abs(e) <= 0.2))
+    for name, values in (
+        ("resting image", cue_errs["resting"]),
+        ("activity", cue_errs["activity"]),
+    ):
+        c = np.asarray(values)
+        print(
+            f"{name} cue alone: within 20 % on {int(np.sum(np.abs(c) <= 0.2))} of {c.size}, "
+            f"no estimate on {int(np.isnan(c).sum())}"
+        )
     print(
         f"{a.set}: within 20 % on {hits} of {e.size} videos; median |error| "
         f"{100 * np.nanmedian(np.abs(e)):.0f} %, mean error {100 * np.nanmean(e):+.0f} %, "

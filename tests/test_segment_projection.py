@@ -107,8 +107,9 @@ def test_infer_target_cells_constant_stack_even_for_one_frame():
 def test_sima_projection_recovers_labelled_cells(real_file):
     """The two hand-drawn ROIs (equivalent diameters 21.5 and 16.0 px) of sima_example.
 
-    The recording's estimated diameter misses them: 8.0 px (calseg.analysis.cellsize, the
-    cell-mosaic cue of issue 17 item 3, which is within 20 % on 16 of the 32 tuning videos;
+    The recording's estimated diameter misses them: 8.0 px (calseg.analysis.cellsize: the
+    resting-image cue of issue 17 item 3; its activity cue finds no one-cell term in these 20
+    frames; the two cues are within 20 % on 26 of the 32 tuning videos;
     the nucleus cue it replaced estimated 20.2 px here but +180 % on the simulator), and the
     8 px territories match neither ROI (best IoU 0.17 and 0.06). Given the diameter
     (``cell_diameter_px``, ``--cell-diameter-px``) the result is as before issue 17's
