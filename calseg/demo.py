@@ -243,7 +243,13 @@ def run_demo(
         for w in (jobs["finetune"].get("result") or {}).get("warnings", []):
             console.print(f"[bold red]WARNING:[/] {escape(str(w))}")
 
-        console.rule("3/4 infer (SAM2 fine-tuned, then classical)")
+        ft_result = jobs["finetune"].get("result") or {}
+        console.rule(f"3/4 infer ({shown_label('SAM2 fine-tuned', ft_result)}, then classical)")
+        if ft_result.get("improved") is False:
+            console.print(
+                f"No fine-tuning step improved on the base: '{KEPT_BASE}' below is the base as "
+                "it was (see the fine-tune warning above)."
+            )
         if args.recording:
             rec = upload(client, Path(args.recording))
             n = rec.get("n_frames") or 0
@@ -295,6 +301,7 @@ def summarise(jobs: dict[str, Any], artifact_dir: Path, page_url: str) -> None:
     for kind in ("infer", "infer-classical"):
         result = jobs[kind].get("result") or {}
         model = result.get("model_label") or ("SAM2 fine-tuned" if kind == "infer" else "classical")
+        model = shown_label(model, jobs["finetune"].get("result"))
         n_cells = result.get("n_cells") or 0
         console.print(f"[bold]Overlays ({escape(model)}: {plural(n_cells, 'cell')} found)[/]")
         if result.get("random_weights"):
@@ -332,6 +339,23 @@ def _ci(s: dict, key: str) -> str:
     return f"{m:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+KEPT_BASE = "SAM2 base, kept"
+"""What the demo calls the fine-tune's model when no step improved on the initial model
+(``best.pt`` is the base as it was): "SAM2 fine-tuned" would claim training that did not
+happen (found by a new-user check)."""
+
+
+def shown_label(label: str, finetune: dict | None) -> str:
+    """``label`` as the demo shows it: ``"SAM2 fine-tuned..."`` becomes
+    ``"SAM2 base, kept..."`` when the fine-tune job's result says no step improved on the
+    initial model (``improved`` False); otherwise unchanged."""
+    from calseg.segment.choice import LABEL_FINETUNED
+
+    if (finetune or {}).get("improved") is False and label.startswith(LABEL_FINETUNED):
+        return KEPT_BASE + label[len(LABEL_FINETUNED) :]
+    return label
+
+
 def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     """The demo's held-out table and its verdict lines, from an evaluation report dict.
 
@@ -341,8 +365,9 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     fine-tuned model beats the untuned one and the disc prior (no image) (mean F1) and, when it
     does not clearly beat the classical method (mean F1 above, and the lower end of its CI
     too, as the default-method rule asks), one line saying so. ``finetune``: the fine-tune
-    job's result; when it says no step improved on the initial model (``improved`` False), a
-    line says the fine-tuned row is the initial model, not one trained here.
+    job's result; when it says no step improved on the initial model (``improved`` False),
+    the fine-tuned row is shown as :data:`KEPT_BASE` and a line before the table says it is
+    the initial model, not one fine-tuned here.
     """
     from calseg.fmt import fmt_num
 
@@ -352,14 +377,22 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     head = f"{'model':<34}" + "".join(f"{title + ' [95% CI]':>26}" for _, title in cols)
     lines = [
         f"This demo's own held-out test videos ({n}, split by video; few videos: the CIs are "
-        "wide, the suite above is the accuracy claim):",
-        head,
+        "wide, the suite above is the accuracy claim):"
     ]
-    lines.append("-" * len(head))
+    if (finetune or {}).get("improved") is False:
+        lines.append(
+            f"No fine-tuning step improved on the initial model (validation "
+            f"{finetune.get('select_by') or 'score'} {fmt_num(finetune.get('best_score'))} at step "
+            f"0), so the fine-tune kept the base as it was, its disc prior (if any) re-fitted to "
+            f"this demo's training cells: '{KEPT_BASE}' below is not a model fine-tuned by this "
+            "demo."
+        )
+    lines += [head, "-" * len(head)]
     by_name = {}
     for s in summary:
-        by_name[s["model"]] = s
-        lines.append(f"{s['model'][:34]:<34}" + "".join(f"{_ci(s, k):>26}" for k, _ in cols))
+        name = shown_label(s["model"], finetune)
+        by_name[name] = s
+        lines.append(f"{name[:34]:<34}" + "".join(f"{_ci(s, k):>26}" for k, _ in cols))
 
     def f1(prefix: str) -> tuple[str, float] | None:
         hit = [(k, v.get("f1_mean")) for k, v in by_name.items() if k.startswith(prefix)]
@@ -367,7 +400,8 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
 
     from calseg.segment.choice import LABEL_DISC
 
-    tuned, untuned, classical = f1("SAM2 fine-tuned"), f1("SAM2 untuned"), f1("classical")
+    tuned = f1(shown_label("SAM2 fine-tuned", finetune))
+    untuned, classical = f1("SAM2 untuned"), f1("classical")
     disc = f1(LABEL_DISC)
     if tuned and untuned:
         verb = "beats" if tuned[1] > untuned[1] else "does NOT beat"
@@ -384,13 +418,6 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
                 "its cells come from the disc prior at the prompts, not from what training "
                 "learned from the images."
             )
-    if tuned and (finetune or {}).get("improved") is False:
-        lines.append(
-            f"No fine-tuning step improved on the initial model (validation "
-            f"{finetune.get('select_by') or 'score'} {fmt_num(finetune.get('best_score'))} at step "
-            "0), so the fine-tuned row is the base as it was, its disc prior (if any) re-fitted "
-            "to this demo's training cells: not a model fine-tuned by this demo."
-        )
     if tuned and classical:
         ci = by_name[tuned[0]].get("f1_ci95")
         clearly = tuned[1] > classical[1] and (ci is None or float(ci[0]) > classical[1])

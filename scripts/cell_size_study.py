@@ -62,6 +62,13 @@ def main() -> None:
         print(line, flush=True)
     e = np.asarray(errs)
     hits = int(np.sum(np.abs(e) <= 0.2))
+    areas = np.asarray([spec.mean_cell_area_px for spec in suite_specs(a.set)])
+    for area in np.unique(areas):
+        sel = np.abs(e[areas == area])
+        print(
+            f"mean cell area {area:3.0f} px: within 20 % on {int(np.sum(sel <= 0.2))} of "
+            f"{sel.size}, median |error| {100 * np.nanmedian(sel):.0f} %"
+        )
     for name, values in (
         ("resting image", cue_errs["resting"]),
         ("activity", cue_errs["activity"]),

@@ -117,11 +117,33 @@ def test_heldout_table_says_when_the_finetune_kept_its_initial_model() -> None:
 
     report = {"summary": [row("SAM2 fine-tuned + disc prior", 0.8), row("SAM2 untuned", 0.7)]}
     kept = {"improved": False, "select_by": "f1", "best_score": 0.1443}
-    text = "\n".join(heldout_table(report, kept))
+    lines = heldout_table(report, kept)
+    text = "\n".join(lines)
     assert "No fine-tuning step improved on the initial model (validation f1 0.1443" in text
     assert "not a model fine-tuned by this demo" in text
+    # the row says what it is (a new-user check read "SAM2 fine-tuned" in the table, the stage
+    # heading and the overlay caption, and the explanation only after the table)
+    assert "SAM2 fine-tuned" not in text
+    assert any(line.startswith("SAM2 base, kept + disc prior") for line in lines)
+    assert "SAM2 base, kept + disc prior beats SAM2 untuned (F1 0.800 vs 0.700)" in text
+    explained = next(i for i, line in enumerate(lines) if "No fine-tuning step" in line)
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    assert explained < header
     for finetune in (None, {"improved": True, "select_by": "f1", "best_score": 0.2}):
-        assert "No fine-tuning step" not in "\n".join(heldout_table(report, finetune))
+        text = "\n".join(heldout_table(report, finetune))
+        assert "No fine-tuning step" not in text and "SAM2 base, kept" not in text
+        assert "SAM2 fine-tuned + disc prior" in text
+
+
+def test_shown_label_renames_only_a_kept_finetune() -> None:
+    from calseg.demo import shown_label
+
+    kept = {"improved": False}
+    assert shown_label("SAM2 fine-tuned + disc prior", kept) == "SAM2 base, kept + disc prior"
+    assert shown_label("SAM2 fine-tuned", {"improved": True}) == "SAM2 fine-tuned"
+    assert shown_label("SAM2 fine-tuned", None) == "SAM2 fine-tuned"
+    assert shown_label("SAM2 untuned", kept) == "SAM2 untuned"
+    assert shown_label("classical", kept) == "classical"
 
 
 def test_a_bad_simulation_option_fails_before_the_service_starts(capsys) -> None:

@@ -271,10 +271,10 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
     ``t``, ``t + 1``, which drops single-frame jitter, flicker and dropped frames), at most
     :data:`ACTIVITY_MAX_PAIRS` ``t`` evenly spaced, on the central :data:`ACTIVITY_CROP_PX`
     square, each minus its least-squares fit by ``alpha + beta * F0`` (``F0``: the 20th
-    percentile of the used frames; a change of the whole field, such as auto-gain, flicker or
-    bleaching, is not a cell). Mask: pixels whose mean product with their 4 neighbours
-    exceeds the noise null (:data:`ACTIVITY_NULL_PERCENTILE`). Profile: the mean over masked
-    pixels ``p``, change images and directions of ``change(p) * change(p + delta)`` for
+    percentile of about 100 of the used frames; a change of the whole field, such as auto-gain,
+    flicker or bleaching, is not a cell). Mask: pixels whose mean product with their 4
+    neighbours exceeds the noise null (:data:`ACTIVITY_NULL_PERCENTILE`). Profile: the mean over
+    masked pixels ``p``, change images and directions of ``change(p) * change(p + delta)`` for
     ``|delta|`` rounded to each whole px (an FFT cross-correlation, zero-padded by
     :data:`ACTIVITY_MAX_LAG_PX`).
 
@@ -303,29 +303,36 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
         block = np.asarray(a[t - 1 : t + 2, crop[0], crop[1]], dtype=np.float64)
         return np.nan_to_num(np.median(block, axis=0))
 
-    change = np.stack([med3(t + lag) - med3(t) for t in ts])
-    h, w = change.shape[1:]
     # A change of the whole field (auto-gain, flicker, bleaching, per-frame contrast
     # normalisation, additive drift) is alpha + beta * F0 with F0 the resting image, whatever
-    # the illumination's pattern: removed per change image by least squares on [1, F0].
-    rest = np.nan_to_num(np.percentile(np.asarray(a[:, crop[0], crop[1]][ts], dtype=np.float64),
-                                       RESTING_PERCENTILE, axis=0))  # fmt: skip
-    design = np.stack([np.ones(h * w), rest.ravel() - rest.mean()], axis=1)
-    coef, *_ = np.linalg.lstsq(design, change.reshape(len(ts), -1).T, rcond=None)
-    change -= (design @ coef).T.reshape(change.shape)
-    ch = (change[:, :, 1:] * change[:, :, :-1]).mean(axis=0)
-    cv = (change[:, 1:, :] * change[:, :-1, :]).mean(axis=0)
+    # the illumination's pattern: removed per change image by least squares on [1, F0 - mean]
+    # (orthogonal columns, so alpha is the image's mean and beta its projection on F0 - mean).
+    sub = ts[:: max(1, len(ts) // 100)]
+    rest = np.percentile(np.asarray(a[sub, crop[0], crop[1]], dtype=np.float64),
+                         RESTING_PERCENTILE, axis=0)  # fmt: skip
+    rest = np.nan_to_num(rest - np.nanmean(rest))
+    rest_norm = float(np.sum(rest * rest))
+    h, w = rest.shape
+    change = np.empty((len(ts), h, w))
     nb = np.zeros((h, w))
     count = np.zeros((h, w))
-    nb[:, 1:] += ch
-    nb[:, :-1] += ch
-    nb[1:, :] += cv
-    nb[:-1, :] += cv
+    for i, t in enumerate(ts):
+        img = med3(t + lag) - med3(t)
+        img -= img.mean()
+        if rest_norm > 0:
+            img -= (float(np.sum(img * rest)) / rest_norm) * rest
+        change[i] = img
+        ch = img[:, 1:] * img[:, :-1]
+        cv = img[1:, :] * img[:-1, :]
+        nb[:, 1:] += ch
+        nb[:, :-1] += ch
+        nb[1:, :] += cv
+        nb[:-1, :] += cv
     count[:, 1:] += 1
     count[:, :-1] += 1
     count[1:, :] += 1
     count[:-1, :] += 1
-    nb /= np.maximum(count, 1)
+    nb /= np.maximum(count, 1) * len(ts)
     mask = nb > max(-float(np.percentile(nb, ACTIVITY_NULL_PERCENTILE)), 0.0)
     fraction = float(mask.mean())
     pad = ACTIVITY_MAX_LAG_PX
