@@ -300,8 +300,9 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
     ts = np.unique(np.linspace(1, t_len - lag - 2, min(ACTIVITY_MAX_PAIRS, n)).astype(int))
 
     def med3(t: int) -> np.ndarray:
-        block = np.asarray(a[t - 1 : t + 2, crop[0], crop[1]], dtype=np.float64)
-        return np.nan_to_num(np.median(block, axis=0))
+        x, y, z = (np.asarray(a[k, crop[0], crop[1]], dtype=np.float64) for k in (t - 1, t, t + 1))
+        # the median of three without a sort: max(min(x, y), min(max(x, y), z))
+        return np.nan_to_num(np.maximum(np.minimum(x, y), np.minimum(np.maximum(x, y), z)))
 
     # A change of the whole field (auto-gain, flicker, bleaching, per-frame contrast
     # normalisation, additive drift) is alpha + beta * F0 with F0 the resting image, whatever
@@ -335,17 +336,20 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
     nb /= np.maximum(count, 1) * len(ts)
     mask = nb > max(-float(np.percentile(nb, ACTIVITY_NULL_PERCENTILE)), 0.0)
     fraction = float(mask.mean())
+    from scipy import fft as sfft
+
     pad = ACTIVITY_MAX_LAG_PX
-    shape = (h + pad, w + pad)
+    # padded to at least (h + pad, w + pad), so lags under pad do not wrap; fast FFT sizes
+    shape = (sfft.next_fast_len(h + pad, real=True), sfft.next_fast_len(w + pad, real=True))
     cross = np.zeros((shape[0], shape[1] // 2 + 1), dtype=np.complex128)
     for img in change:
-        cross += np.conj(np.fft.rfft2(img * mask, s=shape)) * np.fft.rfft2(img, s=shape)
-    pairs = np.fft.irfft2(
-        np.conj(np.fft.rfft2(mask.astype(np.float64), s=shape))
-        * np.fft.rfft2(np.ones((h, w)), s=shape),
+        cross += np.conj(sfft.rfft2(img * mask, s=shape)) * sfft.rfft2(img, s=shape)
+    pairs = sfft.irfft2(
+        np.conj(sfft.rfft2(mask.astype(np.float64), s=shape))
+        * sfft.rfft2(np.ones((h, w)), s=shape),
         s=shape,
     )
-    acc = np.fft.irfft2(cross, s=shape) / np.maximum(pairs, 1.0)
+    acc = sfft.irfft2(cross, s=shape) / np.maximum(pairs, 1.0)
     dy = np.fft.fftfreq(shape[0]) * shape[0]
     dx = np.fft.fftfreq(shape[1]) * shape[1]
     dist = np.rint(np.hypot(dy[:, None], dx[None, :])).astype(int)
