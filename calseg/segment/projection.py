@@ -16,8 +16,9 @@ the recording instead:
 2. **Cell size** (:func:`projection_cell_diameter`) unless given: the one estimator of CalSeg,
    :func:`calseg.analysis.cellsize.estimate_cell_diameter` (scale-space energy of the
    recording's resting image and the spatial covariance of its changes; within 20 % on 26 of
-   the 32 videos of the accuracy suite's tuning set and 26 of its 32 held-out videos), clipped to ``[4, min(H, W) / 2]`` px (a field smaller than two cells cannot
-   show their scale); the 11 px prior where it finds no scale.
+   the 32 videos of the accuracy suite's tuning set and 26 of its 32 held-out videos),
+   clipped to ``[4, min(H, W) / 2]`` px (a field smaller than two cells cannot show their
+   scale); the 11 px prior where it finds no scale.
 3. **Cells**: foreground = pixels of ``P`` minus its 1st percentile (the dark level) above
    ``support_fraction`` of the local maximum over two diameters (as the support of
    :mod:`calseg.segment.cells`), opened, with its holes (the dark nuclei) filled; then
