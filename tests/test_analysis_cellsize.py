@@ -166,3 +166,21 @@ def test_activity_cue_needs_a_recording():
     assert "12+ frames" in activity_diameter(short).note
     est = estimate_cell_diameter(short[0])  # a 2-D image: resting-image cue only
     assert np.isnan(est.activity_px)
+
+
+def test_odd_arrays_get_an_estimate_or_a_clear_error(recwarn):
+    """Found by a new-user check: an all-NaN recording printed numpy RuntimeWarnings before the
+    reader's one-line error, and bool / complex arrays raised bare numpy TypeErrors."""
+    rng = np.random.default_rng(0)
+    noise = rng.poisson(100, (30, 64, 64)).astype(np.float32)
+    nan = np.full_like(noise, np.nan)
+    est = estimate_cell_diameter(nan)
+    assert not est.found
+    withinf = noise.copy()
+    withinf[:, :8, :8] = np.inf
+    withinf[3] = np.nan
+    assert not np.isfinite(estimate_cell_diameter(withinf).activity_px)  # noise: no estimate
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert not estimate_cell_diameter(noise > 100).found  # bool: read as 0/1
+    with pytest.raises(ValueError, match="real-valued"):
+        estimate_cell_diameter(noise.astype(np.complex64))

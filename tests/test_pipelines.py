@@ -103,3 +103,27 @@ def test_cli_segment_and_infer_job_write_the_same_files(
         assert "preprocess: " in r.output
     assert "1 s assumed" in r.output  # the file has no frame interval: both say so
     assert any("1 s assumed" in w for w in result["warnings"])
+
+
+def test_cells_target_on_one_frame_says_why_there_is_no_activity_map(tmp_path: Path) -> None:
+    """Found by a new-user check: a single frame with ``--target cells`` warned "4096 voxels is
+    more than the 200000000 an extra pass ... is allowed"; the reason is the frame count."""
+    import numpy as np
+
+    from calseg.pipelines.segment import segment_to_folder
+    from calseg.segment.infer import MIN_FRAMES_FOR_ACTIVITY, InferenceConfig
+
+    frames = np.random.default_rng(0).poisson(100, (1, 64, 64)).astype(np.uint16)
+    out = segment_to_folder(
+        frames,
+        tmp_path / "out",
+        InferenceConfig(method="classical", target="cells"),
+        name="one.tif",
+        frame_interval_s=1.0,
+        pixel_size_um=None,
+    )
+    (w,) = [w for w in out.warnings if w.startswith("no activity map")]
+    assert (
+        w
+        == f"no activity map: 1 frame(s), under the {MIN_FRAMES_FOR_ACTIVITY} an activity map needs"
+    )

@@ -73,6 +73,7 @@ known, give it (``--cell-diameter-px``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -264,6 +265,12 @@ def disc_covariogram(u: np.ndarray | float) -> np.ndarray:
     return (2.0 / np.pi) * (np.arccos(v) - v * np.sqrt(1.0 - v * v))
 
 
+def _finite(frame: np.ndarray) -> np.ndarray:
+    """float64 copy of ``frame`` with NaN and +-Inf set to 0."""
+    x = np.asarray(frame, dtype=np.float64)
+    return np.where(np.isfinite(x), x, 0.0)
+
+
 def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] | None:
     """Masked spatial covariance of a recording's frame-to-frame changes, per distance.
 
@@ -300,18 +307,17 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
     ts = np.unique(np.linspace(1, t_len - lag - 2, min(ACTIVITY_MAX_PAIRS, n)).astype(int))
 
     def med3(t: int) -> np.ndarray:
-        x, y, z = (np.asarray(a[k, crop[0], crop[1]], dtype=np.float64) for k in (t - 1, t, t + 1))
+        x, y, z = (_finite(a[k, crop[0], crop[1]]) for k in (t - 1, t, t + 1))
         # the median of three without a sort: max(min(x, y), min(max(x, y), z))
-        return np.nan_to_num(np.maximum(np.minimum(x, y), np.minimum(np.maximum(x, y), z)))
+        return np.maximum(np.minimum(x, y), np.minimum(np.maximum(x, y), z))
 
     # A change of the whole field (auto-gain, flicker, bleaching, per-frame contrast
     # normalisation, additive drift) is alpha + beta * F0 with F0 the resting image, whatever
     # the illumination's pattern: removed per change image by least squares on [1, F0 - mean]
     # (orthogonal columns, so alpha is the image's mean and beta its projection on F0 - mean).
     sub = ts[:: max(1, len(ts) // 100)]
-    rest = np.percentile(np.asarray(a[sub, crop[0], crop[1]], dtype=np.float64),
-                         RESTING_PERCENTILE, axis=0)  # fmt: skip
-    rest = np.nan_to_num(rest - np.nanmean(rest))
+    rest = np.percentile(_finite(a[sub, crop[0], crop[1]]), RESTING_PERCENTILE, axis=0)
+    rest -= rest.mean()
     rest_norm = float(np.sum(rest * rest))
     h, w = rest.shape
     change = np.empty((len(ts), h, w))
@@ -468,9 +474,19 @@ def estimate_cell_diameter(frames: np.ndarray) -> CellSizeEstimate:
 
     Returns:
         :class:`CellSizeEstimate` (``diameter_px`` NaN when neither cue found a scale).
+
+    Raises:
+        ValueError: a complex or non-numeric array (a bool array is read as 0/1).
     """
-    est = resting_image_diameter(frames)
-    act = activity_diameter(frames) if np.ndim(frames) == 3 else ActivityDiameter(float("nan"))
+    a = np.asarray(frames)
+    if a.dtype.kind == "b":
+        a = a.astype(np.uint8)
+    elif a.dtype.kind not in "uif":
+        raise ValueError(f"expected a real-valued image or recording, got dtype {a.dtype}")
+    with warnings.catch_warnings():  # all-NaN pixels or frames: NaN results, handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        est = resting_image_diameter(a)
+        act = activity_diameter(a) if a.ndim == 3 else ActivityDiameter(float("nan"))
     est.resting_px = est.diameter_px
     est.activity_px = act.diameter_px
     found = {k: v for k, v in (("resting image", est.resting_px), ("activity", act.diameter_px))

@@ -490,10 +490,15 @@ def segment_to_folder(
     ):
         activity = compute_activity(frames, config.activity_params(frames))
     elif config.target == "cells":
-        warnings.append(
-            f"no activity map: {frames.size} voxels is more than the "
-            f"{ACTIVITY_MAP_MAX_VOXELS} an extra pass for target=cells is allowed"
-        )
+        if frames.ndim != 3 or frames.shape[0] < MIN_FRAMES_FOR_ACTIVITY:
+            n = frames.shape[0] if frames.ndim == 3 else 1
+            why = f"{n} frame(s), under the {MIN_FRAMES_FOR_ACTIVITY} an activity map needs"
+        else:
+            why = (
+                f"{frames.size} voxels is more than the {ACTIVITY_MAP_MAX_VOXELS} an extra pass "
+                "for target=cells is allowed"
+            )
+        warnings.append(f"no activity map: {why}")
     res = segment_recording(
         frames,
         config,
