@@ -206,3 +206,18 @@ def test_roi_activity_explains_empty_activity_target_on_sima(real_file):
     assert min(r["trace_z"] for r in q) > 5.0
     assert all(r["frac_px_above"] < 0.01 and r["frac_px_active"] == 0.0 for r in q)
     assert q[0]["noise_sigma_median"] > q[0]["median_f"]
+
+
+def test_one_noise_image_gives_no_cells():
+    """Found by a new-user check: a single image (one frame, or ``(H, W)``) had no noise null,
+    so every part of its foreground became cells: 106 on a 100 x 100 Poisson image, 11 on 64 x
+    64, 284 (87 % of the field) on sima's single-frame file. Its noise SD is now estimated from
+    the image itself; a tissue frame keeps its cells (the test above)."""
+    from calseg.segment.projection import projection_noise
+
+    for side, seed in ((100, 0), (64, 7), (256, 1)):
+        img = np.random.default_rng(seed).poisson(300, (side, side)).astype(np.uint16)
+        res = segment_recording(img[None], InferenceConfig(method="baseline", target="cells"))
+        assert res.activity["n_cells"] == 0, side
+        sd = float(projection_noise(img, smooth_sigma_px=0).std())
+        assert sd == pytest.approx(np.sqrt(300), rel=0.1)  # Poisson: SD = sqrt(mean)

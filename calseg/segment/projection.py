@@ -26,8 +26,9 @@ the recording instead:
    by brighter cytoplasm, geodesic Voronoi territories with the cell-size prior. One home for
    cell ROIs: the same code separates active cells in the ``active`` target. A seed is kept
    only with evidence of a cell above the noise of the projection itself (half the difference
-   of the even- and odd-frame projections, :func:`projection_noise`); on a recording of noise
-   alone no cell is found (issue 17 item 2).
+   of the even- and odd-frame projections, or for a single image a noise SD estimated from
+   the image, :func:`projection_noise`); on a recording or an image of noise alone no cell is
+   found (issue 17 item 2).
 
 Limits, measured (``tests/test_segment_projection.py``, BENCHMARKS.md): on synthetic packed
 cells with dark nuclei, all equally bright, the estimator finds no cell-scale structure (the
@@ -143,13 +144,28 @@ def projection_noise(
     halves. For ``max`` and ``std`` it is an approximation. Activity that differs between even
     and odd frames adds to it, which only makes the evidence test stricter.
 
+    One image (a ``(H, W)`` array or a single frame) has no second half: its noise SD is
+    estimated from the image itself, ``1.4826 MAD(Laplacian) / sqrt(20)`` (the 4-neighbour
+    Laplacian of white noise of SD ``s`` has SD ``sqrt(20) s``; the MAD ignores most of the
+    cells' structure, and what remains only raises the estimate, a stricter test), and the
+    null is a fixed-seed Gaussian field of that SD. Before, a single image had no null and
+    every part of its foreground became cells (a noise image of 100 x 100 px: 106 "cells").
+
     Returns:
-        the noise image, or ``None`` for fewer than 2 frames (no noise estimate).
+        the noise image, or ``None`` for an empty or non-numeric input.
     """
     f = np.asarray(frames)
-    if f.ndim != 3 or f.shape[0] < 2:
+    if f.ndim == 2:
+        f = f[None]
+    if f.ndim != 3 or f.shape[0] < 1 or min(f.shape[1:]) < 3:
         return None
-    d = (projection_image(f[0::2], kind) - projection_image(f[1::2], kind)) / 2.0
+    if f.shape[0] == 1:
+        img = np.nan_to_num(np.asarray(f[0], dtype=np.float64))
+        lap = 4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:]
+        sd = 1.4826 * float(np.median(np.abs(lap - np.median(lap)))) / np.sqrt(20.0)
+        d = np.random.default_rng(0).normal(0.0, sd, img.shape)
+    else:
+        d = (projection_image(f[0::2], kind) - projection_image(f[1::2], kind)) / 2.0
     if smooth_sigma_px > 0:
         d = ndi.gaussian_filter(d, smooth_sigma_px)
     return d.astype(np.float32)
