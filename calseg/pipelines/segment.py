@@ -111,10 +111,14 @@ class SegmentOutputs:
         d, _ = self.cell_diameter()
         source = (getattr(self.segmentation, "activity", None) or {}).get("cell_diameter_source")
         if d is not None:
+            from calseg.segment.cells import CellParams
+
+            prior = CellParams().cell_diameter_px
+            clipped = f"the {prior:g} px prior clipped to half the field" if d < prior else ""
             how = {
                 "estimated": " (estimated from the recording; --cell-diameter-px overrides)",
-                "prior": " (the prior: no cell scale could be estimated from the recording; "
-                "--cell-diameter-px overrides)",
+                "prior": f" ({clipped or 'the prior'}: no cell scale could be estimated from "
+                "the recording; --cell-diameter-px overrides)",
             }.get(source, "")
             out.append(("info", f"cell diameter {d:.1f} px{how}"))
         if self.n_cells:
