@@ -403,7 +403,13 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     tuned = f1(shown_label("SAM2 fine-tuned", finetune))
     untuned, classical = f1("SAM2 untuned"), f1("classical")
     disc = f1(LABEL_DISC)
-    if tuned and untuned:
+    if tuned and untuned and (finetune or {}).get("improved") is False:
+        lines.append(
+            f"{tuned[0]} and {untuned[0]} have the same weights (F1 {tuned[1]:.3f} vs "
+            f"{untuned[1]:.3f}): any difference is the disc prior's radius, re-fitted to this "
+            "demo's training cells."
+        )
+    elif tuned and untuned:
         verb = "beats" if tuned[1] > untuned[1] else "does NOT beat"
         lines.append(f"{tuned[0]} {verb} {untuned[0]} (F1 {tuned[1]:.3f} vs {untuned[1]:.3f}).")
     if tuned and disc:
