@@ -184,3 +184,12 @@ def test_odd_arrays_get_an_estimate_or_a_clear_error(recwarn):
     assert not estimate_cell_diameter(noise > 100).found  # bool: read as 0/1
     with pytest.raises(ValueError, match="real-valued"):
         estimate_cell_diameter(noise.astype(np.complex64))
+
+
+def test_a_constant_recording_gets_no_offset_note():
+    """Found by a new-user check: a constant recording was told its dF/F could be "up to
+    1e+15x smaller" (the floor note divided by a rise of 0); the reader already says it is
+    constant."""
+    from calseg.analysis.evidence import offset_notes
+
+    assert offset_notes(np.full((5, 16, 16), 700, np.uint16)) == []

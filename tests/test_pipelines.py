@@ -127,3 +127,25 @@ def test_cells_target_on_one_frame_says_why_there_is_no_activity_map(tmp_path: P
         w
         == f"no activity map: 1 frame(s), under the {MIN_FRAMES_FOR_ACTIVITY} an activity map needs"
     )
+
+
+def test_a_cell_diameter_larger_than_half_the_field_is_flagged(tmp_path: Path) -> None:
+    """Found by a new-user check: ``--cell-diameter-px 1000`` on a 128 px field ran without a
+    word (1 cell)."""
+    import numpy as np
+
+    from calseg.pipelines.segment import segment_to_folder
+    from calseg.segment.infer import InferenceConfig
+
+    frames = np.random.default_rng(0).poisson(100, (12, 64, 64)).astype(np.uint16)
+    for given, flagged in ((1000.0, True), (40.0, True), (11.0, False)):
+        out = segment_to_folder(
+            frames,
+            tmp_path / f"out{given:g}",
+            InferenceConfig(method="classical", target="cells", cell_diameter_px=given),
+            name="noise.tif",
+            frame_interval_s=1.0,
+            pixel_size_um=None,
+        )
+        hits = [w for w in out.warnings if "more than half the field" in w]
+        assert bool(hits) == flagged, (given, out.warnings)

@@ -80,7 +80,7 @@ def offset_notes(frames: np.ndarray) -> list[str]:
         return []
     top = float(np.percentile(flat, 99.9))
     rise = top - floor
-    if rise >= OFFSET_RANGE_FACTOR * floor:
+    if rise >= OFFSET_RANGE_FACTOR * floor or rise <= 0:  # 0: a constant recording, said elsewhere
         return []
     shown = f"{floor:.6g}"
     return [

@@ -512,6 +512,13 @@ def segment_to_folder(
         activity=activity if config.target == "active" else None,
     )
     warnings.extend(res.warnings)
+    given = getattr(config, "cell_diameter_px", None)
+    side = min(frames.shape[-2:]) if frames.ndim >= 2 else 0
+    if given is not None and side and given > side / 2:
+        warnings.append(
+            f"the given cell diameter ({given:g} px) is more than half the field's smaller side "
+            f"({side} px): at most a cell or two fit; check --cell-diameter-px"
+        )
     warnings.extend(_model_override_warnings(config, res.model_info))
     labels = np.asarray(res.labels)
     method = config.method
