@@ -140,7 +140,9 @@ def null_progress(fraction: float, stage: str, message: str | None = None) -> No
     check_cancelled()
 
 
-def scaled(progress: ProgressFn | None, start: float, stop: float) -> ProgressFn:
+def scaled(
+    progress: ProgressFn | None, start: float, stop: float, prefix: str | None = None
+) -> ProgressFn:
     """Map a sub-task's progress in [0, 1] onto ``[start, stop]`` of the parent task.
 
     Every report is also a cancellation point (:func:`check_cancelled`).
@@ -149,6 +151,9 @@ def scaled(progress: ProgressFn | None, start: float, stop: float) -> ProgressFn
         progress: the parent's callback (``None`` gives a no-op).
         start: parent fraction at which the sub-task begins, in [0, 1].
         stop: parent fraction at which the sub-task ends, in [start, 1].
+        prefix: put before each message (which sub-task of several this is, e.g. ``"SAM2
+            untuned on v005 (2/12)"``), so that per-sub-task counters ("frame 1/48") that
+            start again are read as a new sub-task, not as progress going back.
 
     Returns:
         A :data:`ProgressFn` for the sub-task.
@@ -158,6 +163,8 @@ def scaled(progress: ProgressFn | None, start: float, stop: float) -> ProgressFn
     def report(fraction: float, stage: str, message: str | None = None) -> None:
         check_cancelled()
         f = min(max(float(fraction), 0.0), 1.0)
+        if prefix:
+            message = f"{prefix}: {message}" if message else prefix
         parent(start + (stop - start) * f, stage, message)
 
     return report

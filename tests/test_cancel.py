@@ -419,3 +419,19 @@ jobproc.run_job_in_child({job_id!r}, settings=Settings(**{env.model_dump(mode="j
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_scaled_prefix_names_the_sub_task():
+    """Two new-user checks read "decode: frame 1/48" repeated during evaluate as progress going
+    back; each model-and-video sub-task now names itself."""
+    from calseg.progress import scaled
+
+    seen = []
+    sub = scaled(lambda f, stage, msg=None: seen.append((round(f, 3), stage, msg)), 0.5, 1.0,
+                 "SAM2 untuned on v005 (2/4)")  # fmt: skip
+    sub(0.5, "decode", "frame 1/48")
+    sub(1.0, "done")
+    assert seen == [
+        (0.75, "decode", "SAM2 untuned on v005 (2/4): frame 1/48"),
+        (1.0, "done", "SAM2 untuned on v005 (2/4)"),
+    ]

@@ -299,7 +299,12 @@ def evaluate_dataset(
                 cfg,
                 checkpoint=ckpt,
                 cache_dir=cache_dir,
-                progress=scaled(progress, job / n_jobs, (job + 1) / n_jobs),
+                progress=scaled(
+                    progress,
+                    job / n_jobs,
+                    (job + 1) / n_jobs,
+                    f"{name} on {vid.id} ({job + 1}/{n_jobs})",
+                ),
                 model=loaded_models.get(name),
                 activity=activity,
             )
