@@ -41,6 +41,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from calseg.segment.choice import LABEL_KEPT as KEPT_BASE
+
 # no terminal (logs, CI): a wide console, so tables and paths are not wrapped mid-name
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -337,12 +339,6 @@ def _ci(s: dict, key: str) -> str:
     if m is None:
         return "-"
     return f"{m:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
-KEPT_BASE = "SAM2 base, kept"
-"""What the demo calls the fine-tune's model when no step improved on the initial model
-(``best.pt`` is the base as it was): "SAM2 fine-tuned" would claim training that did not
-happen (found by a new-user check)."""
 
 
 def shown_label(label: str, finetune: dict | None) -> str:

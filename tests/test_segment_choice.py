@@ -223,3 +223,30 @@ def test_the_disc_row_is_not_taken_for_the_checkpoint(tmp_path: Path) -> None:
     c = best_method(ckpt)
     assert c.method == CLASSICAL and "did not beat the classical method" in c.reason
     assert "F1 0.500 vs 0.600" in c.reason
+
+
+def test_a_finetune_that_kept_its_initial_model_is_named_so(tmp_path: Path) -> None:
+    """A fine-tune whose best checkpoint is step 0 (no step improved on the initial model)
+    holds the base's weights: "SAM2 base, kept", in the evaluation rows (from the file) and
+    in a segmentation's label (from its ModelInfo), so the page, the API and the demo do not
+    call it fine-tuned (found by a new-user check of the demo)."""
+    import torch
+
+    from calseg.segment.choice import LABEL_KEPT
+    from calseg.segment.model import FINETUNE_FORMAT
+
+    for step, name in ((0, LABEL_KEPT), (150, "SAM2 fine-tuned"), (None, "SAM2 fine-tuned")):
+        meta = {"base_random_weights": False, "train_mode": "decoder"}
+        meta["mask_prior"] = {"mode": "residual", "radius_model_px": 11.0}
+        if step is not None:
+            meta["step"] = step
+        path = tmp_path / f"ft{step}.pt"
+        torch.save({"format": FINETUNE_FORMAT, "metadata": meta}, path)
+        assert summarise_checkpoint(path).label == f"{name} + disc prior"
+        assert f"{name} + disc prior" in evaluation_models(path, None)
+        info = {"random_weights": False, "finetuned_from": "base.pt", "prior_mode": "residual"}
+        assert label_of_result("sam2", {**info, "finetune_step": step}) == f"{name} + disc prior"
+    # a base trained here (calseg pretrain) is untuned whatever its step
+    pre = tmp_path / "pre.pt"
+    torch.save({"format": FINETUNE_FORMAT, "metadata": {"pretrain": True, "step": 0}}, pre)
+    assert summarise_checkpoint(pre).label.startswith("SAM2 untuned")

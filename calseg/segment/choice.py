@@ -47,6 +47,10 @@ METHOD_ALIASES = {"baseline": CLASSICAL}
 LABEL_CLASSICAL = "classical"
 LABEL_UNTUNED = "SAM2 untuned"
 LABEL_FINETUNED = "SAM2 fine-tuned"
+LABEL_KEPT = "SAM2 base, kept"
+"""A fine-tune whose best checkpoint is its step 0 (no step improved on the initial model): the
+base's weights, its disc prior (if any) re-fitted; "SAM2 fine-tuned" would claim training that
+did not happen (found by a new-user check of the demo)."""
 LABEL_DISC = "disc prior (no image)"
 """The no-image reference row of an evaluation: at each of SAM2's prompts, a disc of the
 training cells' mean radius (:func:`calseg.segment.model.run_decoder` ``prior_mode="disc"``)."""
@@ -90,10 +94,13 @@ class CheckpointSummary:
         return self.weights == "random"
 
 
-def model_label(finetuned: bool, random_weights: bool, prior: bool = False) -> str:
-    """``"SAM2 fine-tuned"`` / ``"SAM2 untuned"``, + ``" + disc prior"`` when its masks build
-    on a disc prior, + ``" (random weights)"`` when random."""
-    name = LABEL_FINETUNED if finetuned else LABEL_UNTUNED
+def model_label(
+    finetuned: bool, random_weights: bool, prior: bool = False, kept: bool = False
+) -> str:
+    """``"SAM2 fine-tuned"`` / ``"SAM2 untuned"`` (``"SAM2 base, kept"``: a fine-tune that
+    kept its initial model, ``kept``), + ``" + disc prior"`` when its masks build on a disc
+    prior, + ``" (random weights)"`` when random."""
+    name = (LABEL_KEPT if kept else LABEL_FINETUNED) if finetuned else LABEL_UNTUNED
     return name + (PRIOR_SUFFIX if prior else "") + (RANDOM_SUFFIX if random_weights else "")
 
 
@@ -108,7 +115,8 @@ def label_of_result(method: str, model_info: dict | None) -> str:
     random = bool(info.get("random_weights")) and info.get("train_mode") != "full"
     if not info:
         random = True
-    return model_label(finetuned, random, info.get("prior_mode") in ("residual", "prompt"))
+    kept = finetuned and info.get("finetune_step") == 0
+    return model_label(finetuned, random, info.get("prior_mode") in ("residual", "prompt"), kept)
 
 
 def _sha256_of(path: Path) -> str:
@@ -147,19 +155,20 @@ def _summary_cached(path: str, mtime_ns: int, size: int) -> CheckpointSummary:  
         # a SAM2 trained here from scratch (calseg pretrain, e.g. the bundled small SAM2) is
         # a base to fine-tune, i.e. "SAM2 untuned"; its fine-tunes are "SAM2 fine-tuned"
         finetuned = not meta.get("pretrain")
+        kept = finetuned and meta.get("step") == 0  # no step improved on the initial model
         prior_meta = meta.get("mask_prior") or {}
         prior = (
             prior_meta.get("mode") in ("residual", "prompt")
             and prior_meta.get("radius_model_px") is not None
         )
     else:
-        weights, finetuned, prior = "pretrained", False, False
+        weights, finetuned, prior, kept = "pretrained", False, False, False
     return CheckpointSummary(
         path,
         _sha256_of(p),
         weights,
         finetuned,
-        model_label(finetuned, weights == "random", prior),
+        model_label(finetuned, weights == "random", prior, kept),
         prior,
     )
 

@@ -132,6 +132,9 @@ class ModelInfo:
     prior_mode: str | None = None  # "residual", "prompt" or "disc" (the disc alone)
     # the same radius in the training recordings' frame px (None: not recorded, older files)
     prior_radius_frame_px: float | None = None
+    # fine-tuned checkpoints: the training step the weights are from; 0 = no step improved on
+    # the initial model, so these are the base's weights (calseg.segment.choice.LABEL_KEPT)
+    finetune_step: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-able dict of all fields."""
@@ -396,6 +399,7 @@ def load_sam2(
     multimask = None
     prior_radius = prior_mode = prior_radius_frame = None
     finetuned_from = None
+    finetune_step = None
     random_weights = False
     if checkpoint is None:
         model = build_sam2_model(short, image_size)
@@ -455,6 +459,8 @@ def load_sam2(
             finetuned_from = base.info.checkpoint or f"random-init(seed={RANDOM_INIT_SEED})"
             if meta.get("pretrain"):  # a base trained here from scratch (calseg pretrain)
                 finetuned_from = None
+            elif isinstance(meta.get("step"), int):
+                finetune_step = int(meta["step"])
             # checkpoints written before the option existed were trained best-of-3
             multimask = bool(meta.get("finetune_config", {}).get("multimask_output", True))
             prior = meta.get("mask_prior") or {}
@@ -494,6 +500,7 @@ def load_sam2(
         prior_radius=prior_radius,
         prior_mode=prior_mode,
         prior_radius_frame_px=prior_radius_frame,
+        finetune_step=finetune_step,
         hub_id=hub_id,
         train_mode=train_mode,
     )
