@@ -276,7 +276,7 @@ def _finite(frame: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] | None:
+def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     """Masked spatial covariance of a recording's frame-to-frame changes, per distance.
 
     Change images: ``med3(t + 2) - med3(t)`` (``med3``: per-pixel median of frames ``t - 1``,
@@ -295,8 +295,9 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
             gain-invariant).
 
     Returns:
-        ``(profile, active_fraction)``: ``(ACTIVITY_MAX_LAG_PX,)`` float64 (index = px) and the
-        masked fraction; None for fewer than :data:`ACTIVITY_MIN_PAIRS` change images.
+        ``(profile, active_fraction, n_pixels)``: ``(ACTIVITY_MAX_LAG_PX,)`` float64 (index =
+        px), the masked fraction and the number of pixels analysed (the crop); None for fewer
+        than :data:`ACTIVITY_MIN_PAIRS` change images.
     """
     a = np.asarray(frames)
     if a.ndim != 3:
@@ -367,7 +368,7 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float] 
     keep = dist < pad
     sums = np.bincount(dist[keep], acc[keep], minlength=pad)[:pad]
     counts = np.bincount(dist[keep], minlength=pad)[:pad]
-    return sums / np.maximum(counts, 1), fraction
+    return sums / np.maximum(counts, 1), fraction, h * w
 
 
 def activity_diameter(frames: np.ndarray) -> ActivityDiameter:
@@ -409,8 +410,7 @@ def activity_diameter(frames: np.ndarray) -> ActivityDiameter:
     got = activity_covariance_profile(frames)
     if got is None:
         return ActivityDiameter(float("nan"), note="activity: needs a recording of 12+ frames")
-    raw, fraction = got
-    n_px = min(np.shape(frames)[1], ACTIVITY_CROP_PX) * min(np.shape(frames)[2], ACTIVITY_CROP_PX)
+    raw, fraction, n_px = got
     p0 = ACTIVITY_NULL_PERCENTILE / 100.0
     null_max = p0 + ACTIVITY_NULL_SD * np.sqrt(p0 * (1 - p0) / n_px)
     if fraction < max(ACTIVITY_MIN_FRACTION, null_max) or not raw[1] > 0:
