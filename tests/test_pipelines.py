@@ -149,3 +149,40 @@ def test_a_cell_diameter_larger_than_half_the_field_is_flagged(tmp_path: Path) -
         )
         hits = [w for w in out.warnings if "more than half the field" in w]
         assert bool(hits) == flagged, (given, out.warnings)
+
+
+def test_cells_target_estimates_the_cell_size_once(tmp_path: Path, monkeypatch) -> None:
+    """``--target cells`` made the activity map and the projection cells each estimate the
+    recording's cell diameter (about 1 s apiece at 512 px); the projection now takes the
+    activity map's estimate: one estimate, the same diameter and source as estimating anew."""
+    import numpy as np
+    from test_analysis_cellsize import _tessellation_recording
+
+    from calseg.analysis import cellsize
+    from calseg.pipelines.segment import segment_to_folder
+    from calseg.segment.infer import InferenceConfig
+
+    movie, _ = _tessellation_recording(12.0, side=96, n_frames=40, seed=3)
+    expected, found = cellsize.cell_diameter_or_prior(movie, 11.0)
+    assert found
+    real = cellsize.estimate_cell_diameter
+    calls: list[tuple] = []
+
+    def counted(frames, *a, **k):  # the real estimator, counted
+        calls.append(np.shape(frames))
+        return real(frames, *a, **k)
+
+    monkeypatch.setattr(cellsize, "estimate_cell_diameter", counted)
+    out = segment_to_folder(
+        movie,
+        tmp_path / "out",
+        InferenceConfig(method="classical", target="cells"),
+        name="tissue.tif",
+        frame_interval_s=1.0,
+        pixel_size_um=None,
+    )
+    assert len(calls) == 1, calls
+    stats = out.segmentation.activity
+    assert stats["cell_diameter_px"] == pytest.approx(expected)
+    assert stats["cell_diameter_source"] == "estimated"
+    assert out.n_cells > 0

@@ -509,7 +509,7 @@ def segment_to_folder(
         checkpoint=checkpoint,
         cache_dir=cache_dir,
         progress=scaled(progress, 0.05, 0.8),
-        activity=activity if config.target == "active" else None,
+        activity=activity,  # target=cells reuses its cell-size estimate
     )
     warnings.extend(res.warnings)
     given = getattr(config, "cell_diameter_px", None)

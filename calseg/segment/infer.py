@@ -74,7 +74,8 @@ def segment_recording(
         cache_dir: embedding cache directory (``None``: no disk cache).
         progress: :data:`calseg.progress.ProgressFn`.
         model: an already loaded model (skips loading; ``checkpoint`` is then ignored).
-        activity: precomputed :func:`compute_activity` of ``frames`` with the same parameters.
+        activity: precomputed :func:`compute_activity` of ``frames`` with the same parameters
+            (``target="cells"``: only its cell-size estimate is used, so it is made once).
 
     Returns:
         :class:`SegmentationResult` with ``labels`` of shape ``(T, H, W)`` uint32.
@@ -89,6 +90,14 @@ def segment_recording(
     if config.target == "cells":  # all cells on a projection: no activity needed
         from calseg.segment.projection import segment_cells_recording
 
+        estimate = None  # the activity map's cell-size estimate, when one was passed: one pass
+        if activity is not None and config.cell_diameter_px is None:
+            st = activity.stats
+            if st.get("cell_diameter_source") in ("estimated", "prior"):
+                estimate = (
+                    float(st["cell_diameter_px"]),
+                    st["cell_diameter_source"] == "estimated",
+                )
         res = segment_cells_recording(
             frames,
             config,
@@ -96,6 +105,7 @@ def segment_recording(
             cache_dir=cache_dir,
             model=model,
             warnings=warnings,
+            estimated_diameter=estimate,
         )
         res.normalisation = res.normalisation or norm
         progress(1.0, "done", f"{int(res.labels[0].max())} cells on the projection")

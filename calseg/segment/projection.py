@@ -189,6 +189,7 @@ def segment_projection(
     smooth_sigma_px: float = 1.0,
     min_region_px: int = 4,
     noise_evidence: bool = True,
+    estimated_diameter: tuple[float, bool] | None = None,
 ) -> ProjectionCells:
     """All cells visible on a temporal projection (module docstring).
 
@@ -207,6 +208,10 @@ def segment_projection(
             recording of noise alone gives about 0.05 false cells; issue 17 item 2,
             ``tests/test_noise_only.py``, ``python scripts/noise_only_study.py``). ``False``:
             every part of the foreground becomes cells (the behaviour before).
+        estimated_diameter: ``(diameter px, estimated)`` that
+            :func:`calseg.analysis.cellsize.cell_diameter_or_prior` already returned for these
+            ``frames`` with the 11 px prior (e.g. the activity map's, so a recording's cell size
+            is estimated once, not twice); used only when ``cell_diameter_px`` is ``None``.
 
     Returns:
         :class:`ProjectionCells` (``labels`` ``(H, W)`` uint32).
@@ -219,9 +224,11 @@ def segment_projection(
     if smooth_sigma_px > 0:
         p = ndi.gaussian_filter(p, smooth_sigma_px).astype(np.float32)
     if cell_diameter_px is None:
-        from calseg.analysis.cellsize import cell_diameter_or_prior
+        if estimated_diameter is None:
+            from calseg.analysis.cellsize import cell_diameter_or_prior
 
-        d, estimated = cell_diameter_or_prior(frames, CellParams().cell_diameter_px)
+            estimated_diameter = cell_diameter_or_prior(frames, CellParams().cell_diameter_px)
+        d, estimated = float(estimated_diameter[0]), bool(estimated_diameter[1])
         source = "estimated" if estimated else "prior"
     else:
         d, estimated, source = float(cell_diameter_px), False, "given"
@@ -275,6 +282,7 @@ def segment_cells_recording(
     cache_dir=None,  # noqa: ANN001 - Path | None
     model=None,  # noqa: ANN001 - LoadedSAM2 | None
     warnings: list[str] | None = None,
+    estimated_diameter: tuple[float, bool] | None = None,
 ):  # noqa: ANN201 - calseg.segment.infer.SegmentationResult
     """``target="cells"`` of :func:`calseg.segment.infer.segment_recording`.
 
@@ -292,6 +300,7 @@ def segment_cells_recording(
         config: :class:`calseg.segment.infer.InferenceConfig` with ``target="cells"``.
         checkpoint, cache_dir, model: as for ``segment_recording``.
         warnings: list to extend (reader / NaN warnings already collected).
+        estimated_diameter: as for :func:`segment_projection` (an estimate already made).
 
     Returns:
         ``SegmentationResult`` whose ``labels`` is a ``(T, H, W)`` uint32 stack constant in
@@ -317,6 +326,7 @@ def segment_cells_recording(
         kind=config.projection,
         cell_diameter_px=config.cell_diameter_px,
         support_fraction=config.cell_support_fraction,
+        estimated_diameter=estimated_diameter,
     )
     stats = dict(pc.stats)
     timings = {"projection_s": time.perf_counter() - t0}
