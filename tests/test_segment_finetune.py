@@ -381,3 +381,37 @@ def test_no_improvement_is_said(tmp_path, caplog):
     assert res.best_step == 0 and res.improved is False
     assert any(w.startswith("no step improved on the initial model") for w in res.warnings)
     assert "no step improved on the initial model" in caplog.text
+
+
+def test_validation_uses_the_recordings_own_cell_size(tmp_path):
+    """Validation prompts from the activity as ``infer`` makes it, with the val recording's
+    own cell-size estimate (it used the 11 px prior, so on a recording of ~18 px cells the
+    val F1 that selects checkpoints scored other prompts than inference): the selected step's
+    val F1 and foreground IoU are segment_recording's on the validated frames."""
+    from test_analysis_cellsize import _tessellation_recording
+
+    from calseg.analysis.cellsize import estimate_cell_diameter
+
+    movie, _ = _tessellation_recording(18.0, side=96, n_frames=24, seed=3)
+    est = estimate_cell_diameter(movie)
+    assert est.found and abs(est.diameter_px - 11.0) > 4  # the prior would prompt otherwise
+    z = (movie - np.median(movie, axis=0)) / (movie.std(axis=0) + 1.0)
+    val_labels = np.where(z > 1.0, 1, 0).astype(np.uint32)  # any labels: scored both ways
+    vids = []
+    for i in range(2):
+        img, lab = synth_recording(t=6, h=48, w=48, n_cells=5, seed=20 + i)
+        vids.append({"id": f"t{i}", "split": "train", "image": img, "labels": lab})
+    vids.append({"id": "val", "split": "val", "image": movie, "labels": val_labels})
+    ds = write_dataset(tmp_path / "ds", vids)
+    cfg = FinetuneConfig(
+        image_size=64, steps=2, batch_size=2, frames_per_video=2, val_frames_per_video=3
+    )
+    res = finetune(ds, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")
+    entry = next(h for h in res.history if h["kind"] == "val" and h["step"] == res.best_step)
+    loaded = load_sam2(checkpoint=res.checkpoint, device="cpu")
+    seg = segment_recording(movie, inference_config(cfg), model=loaded)
+    assert seg.activity["cell_diameter_source"] == "estimated"
+    idx = _select_frames(val_labels, cfg.val_frames_per_video)
+    sc = score_labels(seg.labels[idx], val_labels[idx])
+    assert sc["f1"] == pytest.approx(entry["val_f1"], abs=1e-9)
+    assert sc["iou"] == pytest.approx(entry["val_fg_iou"], abs=1e-9)
