@@ -172,6 +172,16 @@ def test_loop_written_tiff_uploads_every_frame(client: TestClient) -> None:
     assert any("30 image series" in w for w in r.json()["warnings"])
 
 
+def test_all_nan_upload_is_accepted_with_a_warning(client: TestClient) -> None:
+    """An all-NaN float TIFF is a file, not an error, but the answer says nothing can be
+    segmented in it (it was accepted silently and the job failed later)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.full((4, 24, 24), np.nan, np.float32), photometric="minisblack")
+    r = client.post("/api/recordings", files={"file": ("nan.tif", buf.getvalue())})
+    assert r.status_code == 201, r.text
+    assert any(w.startswith("no finite value") for w in r.json()["warnings"]), r.json()
+
+
 def test_preview_decodes_that_frame_only_and_ranges_are_its_own(client: TestClient) -> None:
     frames = np.zeros((6, 16, 16), np.uint16)
     for t in range(6):

@@ -604,3 +604,21 @@ def test_reading_options_are_validated(tmp_path):
                      ({"axes": "QYX"}, "not valid")):  # fmt: skip
         with pytest.raises(RecordingError, match=msg):
             probe_recording(path, **bad)
+
+
+def test_a_recording_with_no_finite_value_is_flagged_at_the_probe(tmp_path):
+    """Found by a new-user check: an all-NaN TIFF was accepted at upload without a word (the
+    job failed later); the probe (upload) and the reader now say there is nothing to segment."""
+    from calseg.io.recordings import probe_recording
+
+    data = np.full((5, 16, 16), np.nan, np.float32)
+    data[2, 3, 3] = np.inf
+    path = tmp_path / "allnan.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    (w,) = [w for w in probe_recording(path).warnings if "finite" in w]
+    assert w.startswith("no finite value in the frames checked: every value is NaN or Inf")
+    (w,) = [w for w in read_recording(path).info.warnings if "finite" in w]
+    assert w.startswith("no finite value: every value is NaN or Inf")
+    data[4, 0, 0] = 1.0  # one finite value: counted as before, not flagged
+    tifffile.imwrite(path, data, photometric="minisblack")
+    assert not any("no finite value" in w for w in read_recording(path).info.warnings)

@@ -1988,7 +1988,7 @@ class _ValueStats:
     """NaN/Inf, saturation and constancy of frames, accumulated chunk by chunk."""
 
     def __init__(self) -> None:
-        self.n_nan = self.n_inf = self.n_sat = 0
+        self.n_nan = self.n_inf = self.n_sat = self.n_values = 0
         self.lo: float | None = None
         self.hi: float | None = None
         self.dtype: np.dtype | None = None
@@ -1997,6 +1997,7 @@ class _ValueStats:
         self.dtype = frames.dtype
         if not frames.size:
             return
+        self.n_values += int(frames.size)
         if frames.dtype.kind == "f":
             nan = np.isnan(frames)
             inf = np.isinf(frames)
@@ -2015,7 +2016,16 @@ class _ValueStats:
     def notes(self, partial: bool) -> list[str]:
         notes = []
         where = " in the frames checked" if partial else ""
-        if self.n_nan or self.n_inf:
+        if self.n_values and self.n_nan + self.n_inf == self.n_values:
+            notes.append(
+                f"no finite value{where}: every value is NaN or Inf, so there is nothing to "
+                + (
+                    "segment unless the other frames hold data"
+                    if partial
+                    else "segment (a job on it fails); check the export"
+                )
+            )
+        elif self.n_nan or self.n_inf:
             notes.append(
                 f"{self.n_nan} NaN and {self.n_inf} Inf values{where} (kept as float32; use "
                 "NaN-safe statistics)"
