@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from calseg.analysis.metrics import MAD_TO_SIGMA
 from calseg.progress import check_cancelled
 
 __all__ = ["Event", "EventError", "detect_events", "events_as_rows", "trace_noise"]
 
-MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4), Gaussian consistency constant of the MAD
 Z_P10 = (
     1.2816  # -Phi^-1(0.10): the 10th percentile of Gaussian noise lies 1.2816 sigma below its mean
 )

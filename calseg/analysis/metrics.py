@@ -30,7 +30,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+MAD_TO_SIGMA = 1.4826
+"""Gaussian consistency constant of the median absolute deviation: sigma = 1.4826 MAD
+(1 / Phi^-1(3/4); Rousseeuw & Croux 1993). CalSeg's one home for it (noise of traces, frames,
+projections and camera fits)."""
+
 __all__ = [
+    "MAD_TO_SIGMA",
     "MetricsInputError",
     "matching_cost",
     "foreground_scores",

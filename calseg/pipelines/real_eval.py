@@ -39,7 +39,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from calseg.analysis.metrics import MetricsInputError, instance_iou_matrix, matching_cost
+from calseg.analysis.metrics import (
+    MAD_TO_SIGMA,
+    MetricsInputError,
+    instance_iou_matrix,
+    matching_cost,
+)
 
 MAX_PLAUSIBLE_COVERAGE = 0.5
 """Mean fraction of the field covered by predictions above which a result is implausible
@@ -268,7 +273,11 @@ def roi_activity(frames: np.ndarray, rois: np.ndarray, params=None) -> list[dict
         m = rois == i
         tr = f[:, m].mean(axis=1)
         f0 = float(np.percentile(tr, 20))
-        sd = 1.4826 * float(np.median(np.abs(np.diff(tr)))) / np.sqrt(2) if len(tr) > 1 else 0.0
+        sd = (
+            MAD_TO_SIGMA * float(np.median(np.abs(np.diff(tr)))) / np.sqrt(2)
+            if len(tr) > 1
+            else 0.0
+        )
         out.append(
             {
                 "roi": i,

@@ -53,6 +53,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from calseg.analysis.metrics import MAD_TO_SIGMA
 from calseg.segment.cells import CellMap, CellParams, cell_territories
 
 ProjectionKind = Literal["mean", "max", "std"]
@@ -162,7 +163,7 @@ def projection_noise(
     if f.shape[0] == 1:
         img = np.nan_to_num(np.asarray(f[0], dtype=np.float64))
         lap = 4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:]
-        sd = 1.4826 * float(np.median(np.abs(lap - np.median(lap)))) / np.sqrt(20.0)
+        sd = MAD_TO_SIGMA * float(np.median(np.abs(lap - np.median(lap)))) / np.sqrt(20.0)
         d = np.random.default_rng(0).normal(0.0, sd, img.shape)
     else:
         d = (projection_image(f[0::2], kind) - projection_image(f[1::2], kind)) / 2.0

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from calseg.analysis.metrics import MAD_TO_SIGMA
 from calseg.progress import check_cancelled
 from calseg.segment.cells import CellMap, CellParams, cell_territories, territory_activity
 
@@ -101,10 +102,10 @@ def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.nda
     """
     t = f.shape[0]
     if t >= 2:  # (with T = 2 the per-pixel value is one |difference|; the bin median fixes it)
-        raw = 1.4826 * np.median(np.abs(np.diff(f, axis=0)), axis=0) / np.sqrt(2.0)
+        raw = MAD_TO_SIGMA * np.median(np.abs(np.diff(f, axis=0)), axis=0) / np.sqrt(2.0)
     else:  # single frame: spatial robust spread of the frame around its smoothed version
         resid = f[0] - ndi.median_filter(f[0], size=3)
-        raw = np.full(f0.shape, 1.4826 * float(np.median(np.abs(resid))), np.float32)
+        raw = np.full(f0.shape, MAD_TO_SIGMA * float(np.median(np.abs(resid))), np.float32)
     raw = raw.astype(np.float32)
     edges = np.unique(np.quantile(f0, np.linspace(0, 1, n_bins + 1)))
     if len(edges) < 3:

@@ -56,6 +56,7 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from calseg.analysis.cellsize import estimate_cell_diameter
+from calseg.analysis.metrics import MAD_TO_SIGMA
 from calseg.io.recordings import RecordingError
 from calseg.progress import check_cancelled
 from calseg.simulate.config import ImagingOverrides, SimulationConfig
@@ -77,8 +78,6 @@ PSF_SCENE_ALPHA = 2.0
 """Power-law exponent of the unblurred scene's power spectrum (natural images ~ f^-2:
 Field 1987, JOSA A 4:2379; van der Schaaf & van Hateren 1996, Vision Res 36:2759). On the
 simulator's tissues sigma 0.7-2.0 px is recovered within 15 % with it (tests/test_fit.py)."""
-MAD_TO_SIGMA = 1.4826
-"""sigma = 1.4826 MAD for a normal distribution."""
 
 
 class FitError(RecordingError):
