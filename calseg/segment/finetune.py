@@ -198,9 +198,8 @@ class FinetuneConfig(BaseModel):
         "prompted validation uses (deepest pixel; scripts/decoder_vs_disc.py seed 7 at 512 px: "
         "held-out gain over the disc prior +0.013 with 'deep', +0.007 with 'eroded'). "
         "Inference's activity anchors are not all that deep: on the demo's 3 held-out videos "
-        "40 % (43, 42, 11 % per video) lie within 3 px of their cell's edge, where 0.2-11 % of "
-        "their masks reach IoU 0.5 (68-99 % deeper in); training on points anywhere in the "
-        "cell or on the anchors themselves did not turn that into held-out F1 (closing note)",
+        "43, 42 and 11 % lie within 3 px of their cell's edge, where 0.2-11 % of their masks "
+        "reach IoU 0.5 (68-99 % deeper in; scripts/prompt_depth_study.py)",
     )
     max_grad_norm: float = Field(1.0, gt=0)
     amp: bool = Field(True, description="float16 autocast + GradScaler (CUDA only)")
