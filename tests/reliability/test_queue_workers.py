@@ -120,7 +120,9 @@ def test_job_longer_than_the_visibility_timeout_runs_once(
     workers.extend(pool)
     for w in pool:
         w.wait_ready()
-    job_id = _submit(settings, {**LONG, "n_frames": 1500})
+    # 5000 frames (the most a simulate job takes): 1500 ran 5.5 s on CI's machine, under the
+    # 3 x 2 s this test needs to prove anything.
+    job_id = _submit(settings, {**LONG, "n_frames": 5000})
     job = wait_for(lambda: _ended(settings, job_id), 240, "the job to end")
     assert job.state == "succeeded", job.error
     wall = job.result["wall_s"]
