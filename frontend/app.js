@@ -255,11 +255,18 @@ function modelName(id) {
   return `model of finetune ${short(id)}${steps}`;
 }
 
+// what a fine-tune job's model is: "SAM2 fine-tuned", or "SAM2 base, kept" when no training
+// step improved on the initial model (the API's label); "SAM2 model" before the list is loaded
+function modelLabel(id) {
+  const m = S.models.find((x) => x.job_id === id);
+  return (m && m.label) || "SAM2 model";
+}
+
 function jobWhat(job) {
   const p = job.params || {};
   const r = job.result || {};
   if (job.kind === "infer") {
-    const method = r.model_label || (p.model_job_id ? "SAM2 fine-tuned" : p.method === "auto" ? "auto" : p.method);
+    const method = r.model_label || (p.model_job_id ? modelLabel(p.model_job_id) : p.method === "auto" ? "auto" : p.method);
     const source = r.recording_name || (p.recording_id ? recordingName(p.recording_id)
       : `${p.video_id} of ${datasetName(p.dataset_job_id)}`);
     const bits = [method, source];
@@ -279,7 +286,7 @@ function jobWhat(job) {
       p.dataset_job_id ? datasetName(p.dataset_job_id) : null].filter(Boolean).join(" · ");
   }
   if (job.kind === "evaluate") {
-    const models = [p.model_job_id ? `SAM2 fine-tuned (${modelName(p.model_job_id)})` : null, "SAM2 untuned", "classical"];
+    const models = [p.model_job_id ? `${modelLabel(p.model_job_id)} (${modelName(p.model_job_id)})` : null, "SAM2 untuned", "classical"];
     return [models.filter(Boolean).join(" vs "), p.split ? `${p.split} split` : null,
       p.dataset_job_id ? datasetName(p.dataset_job_id) : null].filter(Boolean).join(" · ");
   }
@@ -511,7 +518,8 @@ function suggestions(name) {
       const iou = (m.metrics || []).find((x) => x.name === "best_val_iou");
       const f1 = (m.metrics || []).find((x) => x.name === "best_val_f1");
       const score = f1 ? `, validation F1 ${fmtNum(f1.value)}` : iou ? `, validation IoU ${fmtNum(iou.value)}` : "";
-      return [m.job_id, `SAM2 fine-tuned, ${m.params.steps} steps on ${datasetName(m.dataset_job_id)}`
+      const kept = m.best_step === 0 ? " (no step improved on the initial model)" : "";
+      return [m.job_id, `${m.label || "SAM2 model"}, ${m.params.steps} steps${kept} on ${datasetName(m.dataset_job_id)}`
         + `${score}, ${fmtDate(m.finished_at || m.created_at)}`];
     });
   }

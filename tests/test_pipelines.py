@@ -186,3 +186,56 @@ def test_cells_target_estimates_the_cell_size_once(tmp_path: Path, monkeypatch) 
     assert stats["cell_diameter_px"] == pytest.approx(expected)
     assert stats["cell_diameter_source"] == "estimated"
     assert out.n_cells > 0
+
+
+def test_a_recording_of_one_image_repeated_is_not_called_few_photons() -> None:
+    """A new-user check: a recording whose frames are all the same image got the note for
+    few-photon data ("bin pixels (a larger smooth_sigma_px)", an option the CLI does not have).
+    It now says the frames are identical; real few-photon data keeps its note."""
+    import numpy as np
+
+    from calseg.pipelines.segment import noise_notes
+
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.poisson(3, (1, 32, 32)), 20, axis=0).astype(np.float32)
+    (note,) = noise_notes(still, {"noise_sigma_median": 0.0})
+    assert "every one of the 20 frames is the same image" in note and "photons" not in note
+    counts = rng.poisson(0.2, (20, 32, 32)).astype(np.float32)  # mostly 0: repeats
+    (note,) = noise_notes(counts, {"noise_sigma_median": 0.0})
+    assert "few photons per pixel" in note and "smooth_sigma_px" not in note
+    assert noise_notes(counts, {"noise_sigma_median": 5.0}) == []  # plausible noise: no note
+
+
+def test_cells_target_with_no_cell_says_why_and_what_to_try(tmp_path: Path) -> None:
+    """A new-user check: ``--target cells`` with nothing found printed only "no cell found on
+    the mean projection". It now gives the reason (here: every candidate centre is as strong
+    on noise alone) and the other projections with their measured counts, as the active
+    target does, in the lines and in diagnosis.json."""
+    import json
+
+    import numpy as np
+
+    from calseg.pipelines.segment import segment_to_folder
+    from calseg.segment.infer import InferenceConfig
+
+    frames = np.random.default_rng(1).poisson(50, (40, 64, 64)).astype(np.uint16)
+    out = segment_to_folder(
+        frames,
+        tmp_path / "out",
+        InferenceConfig(method="classical", target="cells"),
+        name="noise.tif",
+        frame_interval_s=1.0,
+        pixel_size_um=None,
+    )
+    assert out.n_cells == 0
+    lines = [text for _, text in out.lines("noise.tif", "OUT")]
+    (why,) = [t for t in lines if t.startswith("why no cell:")]
+    assert "candidate cell centre" in why and "noise alone" in why
+    assert not any(t.startswith("no cell found on the") for t in lines)  # said once, with why
+    tries = [t for t in lines if t.startswith("try: ")]
+    assert [t.split("--projection ")[1] for t in tries] == ["std", "max"]
+    diag = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert diag["reason"] == why.removeprefix("why no cell: ")
+    assert [s["params"]["projection"] for s in diag["suggestions"]] == ["std", "max"]
+    # measured, not promised: the expected count is what that projection gives here
+    assert all(s["expected"].startswith("on this recording: 0 cells") for s in diag["suggestions"])

@@ -16,6 +16,7 @@ from calseg.segment.choice import (
     canonical_method,
     evaluation_models,
     evaluation_path,
+    label_of_finetune,
     label_of_result,
     model_label,
     summarise_checkpoint,
@@ -56,9 +57,24 @@ def test_no_weights_means_classical() -> None:
 def test_unmeasured_or_missing_checkpoint_means_classical(tmp_path: Path) -> None:
     ckpt, _ = _ckpt(tmp_path)
     c = best_method(ckpt)
-    assert c.method == CLASSICAL and "not been measured" in c.reason
+    assert c.method == CLASSICAL and "no evaluation report compares model.pt" in c.reason
     assert f"--out {evaluation_path(ckpt)}" in c.reason  # how to measure it
     assert best_method(tmp_path / "nope.pt").method == CLASSICAL
+
+
+def test_an_unmeasured_checkpoint_quotes_its_training_record() -> None:
+    """The bundled small SAM2 has no evaluation report; the reason quotes the held-out scores
+    of its training record instead of reading like a forgotten setup step (new-user check)."""
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT
+
+    record = json.loads(
+        BUNDLED_SMALL_CHECKPOINT.with_name("sam2_small_calseg.pretrain.json").read_text()
+    )["heldout"]["per_model"]
+    c = best_method(BUNDLED_SMALL_CHECKPOINT)
+    assert c.method == CLASSICAL
+    assert f"held-out F1 was {record['SAM2 small (trained here)']['f1']:.3f}" in c.reason
+    assert f"against classical's {record['classical']['f1']:.3f}" in c.reason
+    assert "--method sam2" in c.reason
 
 
 def test_measured_better_sam2_becomes_the_default(tmp_path: Path) -> None:
@@ -123,6 +139,27 @@ def test_names() -> None:
         "SAM2 fine-tuned + disc prior (random weights)"
     )
     assert model_label(True, False, prior=True) == "SAM2 fine-tuned + disc prior"
+
+
+def test_a_finetune_job_that_kept_its_base_is_named_so() -> None:
+    """The page and ``/api/models`` name a finetune job's model from its result: a job whose
+    best checkpoint is step 0 trained nothing that was kept (a new-user check read "SAM2
+    fine-tuned" on the Jobs table for such a model)."""
+    pretrained = {"model_info": {"random_weights": False}}
+    params = {"train_mode": "decoder", "mask_prior": "residual"}
+    assert label_of_finetune(params, {**pretrained, "best_step": 0}) == (
+        "SAM2 base, kept + disc prior"
+    )
+    assert label_of_finetune(params, {**pretrained, "best_step": 50}) == (
+        "SAM2 fine-tuned + disc prior"
+    )
+    # a decoder trained on a random encoder is random; a full (from-scratch) training is not
+    random = {"model_info": {"random_weights": True}, "best_step": 100}
+    assert label_of_finetune({"train_mode": "decoder"}, random) == (
+        "SAM2 fine-tuned (random weights)"
+    )
+    assert label_of_finetune({"train_mode": "full"}, random) == "SAM2 fine-tuned"
+    assert label_of_finetune({}, None) == "SAM2 fine-tuned (random weights)"  # nothing known
 
 
 def test_a_finetune_with_a_disc_prior_brings_its_no_image_row(tmp_path: Path) -> None:

@@ -592,7 +592,12 @@ def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Pat
             state="succeeded",
             owner_id=client.user_id,
             params={"dataset_job_id": "d1", "model": "sam2.1_hiera_t", "steps": 4},
-            result={"base_checkpoint": None},
+            # a fine-tune that kept its (pretrained) initial model: no step improved on it
+            result={
+                "base_checkpoint": None,
+                "best_step": 0,
+                "model_info": {"random_weights": False},
+            },
             provenance={"inputs": [{"job_id": "d1", "name": "manifest.json", "sha256": "ab"}]},
         )
         running = Job(kind="finetune", state="running", owner_id=client.user_id, params={})
@@ -620,6 +625,7 @@ def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Pat
     assert m["dataset_job_id"] == "d1" and m["dataset_manifest_sha256"] == "ab"
     assert m["checkpoint_sha256"] == obj.sha256 and m["params"]["steps"] == 4
     assert [x["name"] for x in m["metrics"]] == ["final_loss"]  # final numbers, not the curve
+    assert m["label"] == "SAM2 base, kept" and m["best_step"] == 0  # not "fine-tuned"
     assert client.get(m["checkpoint_url"]).content == b"weights"
     assert client.get("/api/models", headers=_headers(users["bob"])).json() == []
     assert len(client.get("/api/models", headers=_headers(users["root"])).json()) == 1

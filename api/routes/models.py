@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from api.deps import MAX_OFFSET, SessionDep, UserDep
+from calseg.segment.choice import label_of_finetune
 from calseg.service.models import Job
 from calseg.service.schemas import (
     MetricOut,
@@ -53,6 +54,8 @@ def list_models(
                 owner_id=job.owner_id,
                 created_at=job.created_at,
                 finished_at=job.finished_at,
+                label=label_of_finetune(job.params or {}, job.result),
+                best_step=(job.result or {}).get("best_step"),
                 base_config=(job.params or {}).get("model"),
                 parent_checkpoint=(job.result or {}).get("base_checkpoint"),
                 parent_checkpoint_sha256=base.get("sha256"),

@@ -2022,7 +2022,8 @@ class _ValueStats:
                 + (
                     "segment unless the other frames hold data"
                     if partial
-                    else "segment (a job on it fails); check the export"
+                    else "segment; check the export (the software that wrote it may mark "
+                    "missing data as NaN)"
                 )
             )
         elif self.n_nan or self.n_inf:

@@ -586,6 +586,13 @@ def segment_to_folder(
             )
         diagnosis = diag.to_dict(name, "OUT")
         warnings = [w for w in warnings if not w.startswith("no supra-threshold activity")]
+    elif config.target == "cells" and n_cells == 0 and res.activity.get("n_cells") == 0:
+        from calseg.segment.diagnose import explain_empty_projection
+
+        diag = explain_empty_projection(frames, res.activity, config.cell_diameter_px)
+        diagnosis = diag.to_dict(name, "OUT")
+        warnings = [w for w in warnings if not w.startswith("no cell found on the")]
+    if diagnosis is not None:
         (out_dir / "diagnosis.json").write_text(json.dumps(diagnosis, indent=1))
         paths["diagnosis.json"] = out_dir / "diagnosis.json"
 
@@ -695,19 +702,28 @@ def noise_notes(frames: np.ndarray, stats: dict[str, Any]) -> list[str]:
     """Plausibility of the activity map's z-scores: a note when the median per-pixel noise SD
     (:func:`calseg.segment.prompts.noise_model`) is below :data:`QUANTISED_NOISE` units on
     whole-number data (photon counts near zero repeat between frames, so the median absolute
-    frame-to-frame difference is 0 and z = dF / sigma explodes)."""
+    frame-to-frame difference is 0 and z = dF / sigma explodes), or, when every frame is the
+    same image, a note saying so (there is then no noise and no activity at all)."""
     sigma = float(stats.get("noise_sigma_median", 1.0))
     sample = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 200_000)]
     sample = sample[np.isfinite(sample)]
     whole = sample.size > 0 and bool(np.all(sample == np.round(sample)))
     if not (whole and sigma < QUANTISED_NOISE):
         return []
+    frames = np.asarray(frames)
+    if frames.shape[0] > 1 and bool((frames == frames[:1]).all()):
+        # not few photons: nothing changes at all (one image repeated, or a still)
+        return [
+            f"every one of the {frames.shape[0]} frames is the same image: nothing changes "
+            "over time, so there is no activity to find; check that the file is the time "
+            "series (not one image saved repeatedly)"
+        ]
     return [
         f"the per-pixel noise estimate is {sigma:.2g} (median over pixels): the recording's "
         "values are whole numbers that mostly repeat from frame to frame (few photons per "
         "pixel), so z-scores in the activity map are inflated and its threshold passes almost "
-        "any change; judge activity by dF/F and the traces, or bin pixels (a larger "
-        "smooth_sigma_px) before segmenting"
+        "any change; judge activity by dF/F and the traces, or bin pixels (e.g. sum 2 x 2 "
+        "pixels) before segmenting"
     ]
 
 

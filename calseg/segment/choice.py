@@ -59,6 +59,9 @@ PRIOR_SUFFIX = " + disc prior"
 """Added to the name of a SAM2 whose masks are a learned correction of a disc
 (``mask_prior="residual"``) or prompted by one (``"prompt"``)."""
 DISC = "disc"
+MODEL_JOB_REASON = "SAM2: model_job_id names a fine-tune job's model"
+"""Why an infer job with a ``model_job_id`` runs SAM2. Neutral: whether that model was
+fine-tuned or kept its base (:data:`LABEL_KEPT`) is said by the model's label."""
 EVALUATION_SUFFIX = ".evaluation.json"
 
 WeightsKind = Literal["random", "pretrained", "trained here"]
@@ -117,6 +120,18 @@ def label_of_result(method: str, model_info: dict | None) -> str:
         random = True
     kept = finetuned and info.get("finetune_step") == 0
     return model_label(finetuned, random, info.get("prior_mode") in ("residual", "prompt"), kept)
+
+
+def label_of_finetune(params: dict, result: dict | None) -> str:
+    """The name of a finetune job's model (:func:`model_label`) from its parameters and result:
+    ``"SAM2 base, kept"`` when its best checkpoint is step 0 (``result["best_step"]``), random
+    weights when its base had them (``result["model_info"]``) and only the decoder or LoRA was
+    trained, ``" + disc prior"`` for ``mask_prior`` ``"residual"`` / ``"prompt"``."""
+    result = result or {}
+    info = result.get("model_info") or {}
+    random = bool(info.get("random_weights", True)) and params.get("train_mode") != "full"
+    prior = params.get("mask_prior") in ("residual", "prompt")
+    return model_label(True, random, prior, kept=result.get("best_step") == 0)
 
 
 def _sha256_of(path: Path) -> str:
@@ -271,6 +286,24 @@ def compare_with_classical(report: dict[str, Any], sha256: str | None) -> tuple[
     return True, f"it beat the classical method on held-out videos ({nums})", ev
 
 
+def _training_record_scores(checkpoint: Path) -> str | None:
+    """The held-out F1 of a checkpoint and of classical from its training record
+    (``<stem>.pretrain.json`` beside it, written by :mod:`calseg.pipelines.pretrain`, e.g. the
+    bundled small SAM2), as one clause; ``None`` without a readable record."""
+    record = checkpoint.with_name(checkpoint.stem + ".pretrain.json")
+    try:
+        per_model = json.loads(record.read_text())["heldout"]["per_model"]
+        ours = next(v for k, v in per_model.items() if "trained here" in k)
+        base = per_model[LABEL_CLASSICAL]
+        n = int(ours["n_videos"])
+        return (
+            f"its held-out F1 was {float(ours['f1']):.3f} against classical's "
+            f"{float(base['f1']):.3f} on {n} simulated videos ({record.name})"
+        )
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
 def evaluation_path(checkpoint: str | Path) -> Path:
     """Where the evaluation report of a checkpoint lives: ``<checkpoint>.evaluation.json``."""
     p = Path(checkpoint)
@@ -307,11 +340,15 @@ def best_method(checkpoint: str | Path | None) -> MethodChoice:
         return classical(f"the configured SAM2 checkpoint {path} does not exist")
     report_path = evaluation_path(path)
     if not report_path.is_file():
-        return classical(
-            f"the SAM2 checkpoint {name} has not been measured against it (no "
-            f"{report_path.name}; write one with: calseg evaluate DATASET --model {path} "
-            f"--out {report_path})"
+        how = (
+            f"SAM2 becomes the default once an evaluation report shows it beats classical "
+            f"(calseg evaluate DATASET --model {path} --out {report_path}); --method sam2 "
+            "runs it now"
         )
+        trained = _training_record_scores(path)
+        if trained:
+            return classical(f"when {name} was trained, {trained}. {how}")
+        return classical(f"no evaluation report compares {name} with classical. {how}")
     try:
         sha = _sha256_of(path)
         report = json.loads(report_path.read_text())
@@ -379,6 +416,6 @@ def resolve_method(
     if method != AUTO:
         return method, f"{method}: asked for"
     if model_job_id:
-        return SAM2, "SAM2 fine-tuned: model_job_id names a fine-tuned model"
+        return SAM2, MODEL_JOB_REASON
     choice = best_method(checkpoint)
     return choice.method, choice.reason

@@ -296,3 +296,67 @@ def explain_masks_rejected(
             )
         ],
     )
+
+
+def explain_empty_projection(
+    frames: np.ndarray,
+    stats: dict[str, Any],
+    cell_diameter_px: float | None = None,
+) -> Diagnosis:
+    """Why the cells target found no cell on its projection, and what the other projections
+    give on this recording (each measured with :func:`calseg.segment.projection.segment_projection`
+    at the same cell diameter).
+
+    Args:
+        frames: ``(T, H, W)`` recording (or one ``(H, W)`` image), input units.
+        stats: the ``stats`` of the projection that was run (``projection``,
+            ``cell_diameter_px``, ``support_px``, ``n_seeds`` kept and
+            ``n_seeds_rejected_by_noise``).
+        cell_diameter_px: the diameter that was asked for (``None``: estimated), so each
+            suggestion differs from the run in its projection only.
+
+    Returns:
+        :class:`Diagnosis` (``max_z`` and the other activity numbers ``None``).
+    """
+    from calseg.segment.projection import segment_projection
+
+    kind = str(stats.get("projection", "mean"))
+    d = float(stats.get("cell_diameter_px") or 0.0)
+    n_seeds = int(stats.get("n_seeds", 0))
+    n_noise = int(stats.get("n_seeds_rejected_by_noise", 0))
+    if not stats.get("support_px"):
+        reason = f"the {kind} projection has no bright structure at all (it is flat)"
+    elif n_noise and not n_seeds:
+        reason = (
+            f"{plural(n_noise, 'candidate cell centre')} on the {kind} projection, but none "
+            "stood out from the recording's own noise (the same filter on noise alone gives "
+            "as strong a response), so none was labelled"
+        )
+    elif n_seeds:
+        reason = (
+            f"{plural(n_seeds, 'cell centre')} on the {kind} projection, but every region "
+            "grown from them was too small to keep"
+        )
+    else:
+        reason = f"no cell-sized ({d:.0f} px) bright or dark-nucleus blob on the {kind} projection"
+    suggestions = []
+    stack = np.asarray(frames)
+    if stack.ndim == 3 and stack.shape[0] > 1:
+        for other in ("std", "max", "mean"):
+            if other == kind:
+                continue
+            n = int(
+                segment_projection(
+                    stack, kind=other, cell_diameter_px=cell_diameter_px or d or None
+                ).labels.max()
+            )
+            suggestions.append(
+                Suggestion(
+                    f"the {other} projection"
+                    + (" (cells seen by how much they change)" if other == "std" else ""),
+                    {"target": "cells", "projection": other},
+                    f"on this recording: {plural(n, 'cell')} on the {other} projection",
+                )
+            )
+    return Diagnosis(reason, None, None, None, None, int(stack.shape[0]) if stack.ndim == 3
+                     else 1, suggestions)  # fmt: skip

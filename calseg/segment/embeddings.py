@@ -121,7 +121,10 @@ def compute_normalisation(
         n_nonfinite = int(a.size - np.count_nonzero(finite))
         sample = sample[np.isfinite(sample)]
     if sample.size == 0:
-        raise RecordingError("recording has no finite pixel value (all NaN/Inf)")
+        raise RecordingError(
+            "recording has no finite pixel value (every value is NaN or Inf): nothing to "
+            "segment; check the export"
+        )
     low, high = np.percentile(sample, [low_percentile, high_percentile])
     if not high > low:  # flat image: fall back to the full range, then to a unit range
         low, high = float(sample.min()), float(sample.max())

@@ -429,10 +429,13 @@ def load_sam2(
             meta = obj["metadata"]
             ck_short, ck_size = meta["config"], int(meta["image_size"])
             if (ck_short, ck_size) != (short, image_size):
-                log.warning(
-                    "fine-tuned checkpoint %s was trained as %s at image_size %d; using those "
-                    "instead of the requested %s / %d",
-                    path,
+                # not a warning: the model setting (often just its default) cannot apply to a
+                # checkpoint trained as another architecture (a new-user check read "instead
+                # of the requested sam2.1_hiera_t" as something they had done wrong)
+                log.info(
+                    "fine-tuned checkpoint %s runs as it was trained: %s at image_size %d (the "
+                    "model setting %s / %d applies to base checkpoints only)",
+                    path.name,
                     ck_short,
                     ck_size,
                     short,

@@ -271,6 +271,9 @@ def segment_projection(
         "cell_diameter_source": source,
         "n_cells": int(labels.max()),
         "coverage": float(np.count_nonzero(labels) / labels.size),
+        "support_px": int(cmap.stats.get("support_px", 0)),
+        "n_seeds": int(cmap.stats.get("n_seeds", 0)),
+        "n_seeds_rejected_by_noise": int(cmap.stats.get("n_seeds_rejected_by_noise", 0)),
     }
     return ProjectionCells(labels, p, cmap.anchors, d, estimated, kind, cmap, stats)
 

@@ -328,7 +328,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     """
     from calseg.pipelines.segment import artifact_kind, segment_and_export
     from calseg.preprocess import PreprocessError, PreprocessOptions
-    from calseg.segment.choice import CLASSICAL, canonical_method
+    from calseg.segment.choice import CLASSICAL, MODEL_JOB_REASON, canonical_method
 
     inp = _read_infer_input(params, ctx)
     t, h, w = inp.frames.shape
@@ -352,7 +352,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
                 bleach_correction=params.bleach_correction,
             ),
             model=model,
-            model_reason="SAM2 fine-tuned: model_job_id names a fine-tuned model",
+            model_reason=MODEL_JOB_REASON,
             configured_checkpoint=ctx.settings.sam2_checkpoint,
             cache_dir=ctx.settings.cache_dir / "embeddings",
             gt=inp.gt,

@@ -841,6 +841,12 @@ class ModelOut(BaseModel):
     owner_id: str | None = None
     created_at: datetime | None = None
     finished_at: datetime | None = None
+    label: str | None = Field(
+        None,
+        description='what it is, e.g. "SAM2 fine-tuned" or "SAM2 base, kept" (no training step '
+        "improved on the initial model, so it is the base's weights)",
+    )
+    best_step: int | None = Field(None, description="the training step its weights are from")
     base_config: str | None = Field(None, description="SAM2 configuration, e.g. sam2.1_hiera_t")
     parent_checkpoint: str | None = Field(
         None, description="the SAM2 checkpoint it started from; None: random weights"
