@@ -890,7 +890,7 @@ function renderResult(job) {
   field(dl, "model", r.model_label || r.method);
   field(dl, "why this method", r.method_reason);
   field(dl, "recording", r.recording_name || (r.source && r.source.video_id
-    ? `${r.source.video_id} (simulated, ${r.source.pattern_class}, ${r.source.split} split)` : ""));
+    ? `${r.source.video_id} (simulated as ${r.source.pattern_class}, ${r.source.split} split)` : ""));
   field(dl, r.target === "cells" ? "regions" : "cells found",
     `${plural(r.n_cells, unit)} (${r.target === "cells" ? "found on the projection" : "active"}), `
     + `${(100 * (r.coverage || 0)).toFixed(1)} % of the field labelled`);
@@ -898,7 +898,7 @@ function renderResult(job) {
   if (r.n_cells) {
     field(dl, "events", `${plural(r.n_events || 0, "event")} detected; ${r.n_significant_events || 0} significant `
       + "(large enough to count for the pattern class)");
-    field(dl, "pattern class", `${r.pattern_class}${r.pattern_reason ? ` — ${r.pattern_reason}` : ""}`);
+    field(dl, "pattern class found", `${r.pattern_class}${r.pattern_reason ? ` — ${r.pattern_reason}` : ""}`);
   }
   const secs = r.frame_interval_known === false ? "not in the file: 1 s assumed" : `${fmtNum(r.frame_interval_s)} s`;
   field(dl, "frame interval", secs);

@@ -61,6 +61,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from calseg.analysis.events import Event
+from calseg.fmt import plural
 from calseg.progress import check_cancelled
 
 __all__ = [
@@ -377,7 +378,9 @@ def classify_pattern(
             f"local groups: largest cluster {cells} cells >= {th.transient_min_cells}, "
             f"{area:.2f} of the field < {th.wide_area_fraction}"
         )
-    return "spikes", f"isolated cells: largest cluster {cells} cells < {th.transient_min_cells}"
+    return "spikes", (
+        f"isolated cells: largest cluster {plural(cells, 'cell')} < {th.transient_min_cells}"
+    )
 
 
 def significant_events(
