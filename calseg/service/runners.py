@@ -312,7 +312,7 @@ def _read_infer_input(params: Any, ctx: JobContext) -> _InferInput:
         params.video_id,
         # "simulated as": the class it was made with, not the class found (a new-user check
         # read "v005 (transients...)" beside a found class "fluttering" as a contradiction)
-        f"simulated {params.video_id} (simulated as {video.pattern_class}, {video.split} split)",
+        f"{params.video_id} (simulated as {video.pattern_class}, {video.split} split)",
         video.frame_interval_s,
         video.pixel_size_um,
         source,
