@@ -41,3 +41,18 @@ def test_no_cell_on_noise_only_recordings(target):
         )
         found.append(len(np.unique(res.labels[res.labels > 0])))
     assert sum(n == 0 for n in found) >= 0.95 * len(conds), found
+
+
+@pytest.mark.parametrize("offset", [0, 1000])
+def test_few_photon_noise_gives_no_cell_whatever_its_offset(offset):
+    """Poisson counts of mean 0.3 per pixel repeat between frames (median |difference| 0).
+    The noise model fell to 0.1 % of F0 there: 19 cells at offset 0, none at offset 1000.
+    It now estimates the noise from the mean |difference| (offset-free): none at either."""
+    from calseg.segment.prompts import compute_activity
+
+    counts = np.random.default_rng(0).poisson(0.3, (100, 128, 128))
+    rec = (counts + offset).astype(np.uint16)
+    res = segment_recording(rec, InferenceConfig(method="classical"))
+    assert not res.labels.any()
+    sigma = compute_activity(rec).stats["noise_sigma_median"]
+    assert sigma == pytest.approx(np.sqrt(0.3), rel=0.35)  # Poisson: SD = sqrt(mean)

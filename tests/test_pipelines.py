@@ -232,10 +232,8 @@ def test_cells_target_with_no_cell_says_why_and_what_to_try(tmp_path: Path) -> N
     (why,) = [t for t in lines if t.startswith("why no cell:")]
     assert "candidate cell centre" in why and "noise alone" in why
     assert not any(t.startswith("no cell found on the") for t in lines)  # said once, with why
-    tries = [t for t in lines if t.startswith("try: ")]
-    assert [t.split("--projection ")[1] for t in tries] == ["std", "max"]
+    # the other projections were measured and find nothing: said, not offered as next steps
+    assert why.endswith("the std and max projections find none either")
+    assert not [t for t in lines if t.startswith("try: ")]
     diag = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
-    assert diag["reason"] == why.removeprefix("why no cell: ")
-    assert [s["params"]["projection"] for s in diag["suggestions"]] == ["std", "max"]
-    # measured, not promised: the expected count is what that projection gives here
-    assert all(s["expected"].startswith("on this recording: 0 cells") for s in diag["suggestions"])
+    assert diag["reason"] == why.removeprefix("why no cell: ") and diag["suggestions"] == []

@@ -492,7 +492,8 @@ def segment_to_folder(
         and frames.shape[0] >= MIN_FRAMES_FOR_ACTIVITY
         and (config.target == "active" or frames.size <= ACTIVITY_MAP_MAX_VOXELS)
     ):
-        activity = compute_activity(frames, config.activity_params(frames))
+        activity_params = config.activity_params(frames)
+        activity = compute_activity(frames, activity_params)
     elif config.target == "cells":
         if frames.ndim != 3 or frames.shape[0] < MIN_FRAMES_FOR_ACTIVITY:
             n = frames.shape[0] if frames.ndim == 3 else 1
@@ -582,8 +583,9 @@ def segment_to_folder(
             diag = explain_masks_rejected(res.prompts, n_classical, label)
         else:
             diag = explain_empty(
-                frames, activity.z, activity.dff, config.threshold_k, config.min_region_px
-            )
+                frames, activity.z, activity.dff, config.threshold_k, config.min_region_px,
+                params=activity_params,
+            )  # fmt: skip
         diagnosis = diag.to_dict(name, "OUT")
         warnings = [w for w in warnings if not w.startswith("no supra-threshold activity")]
     elif config.target == "cells" and n_cells == 0 and res.activity.get("n_cells") == 0:
@@ -676,7 +678,8 @@ def segment_to_folder(
 
 QUANTISED_NOISE = 0.3
 """A median per-pixel noise SD below this (in the recording's units) on whole-number data means
-the values mostly repeat between frames: the noise model cannot see the noise."""
+the values mostly repeat between frames (Poisson counts of mean under about 0.2 per pixel):
+the noise is discrete and its z-scores approximate."""
 
 
 def _model_override_warnings(config: InferenceConfig, model_info: dict | None) -> list[str]:
@@ -701,8 +704,9 @@ def _model_override_warnings(config: InferenceConfig, model_info: dict | None) -
 def noise_notes(frames: np.ndarray, stats: dict[str, Any]) -> list[str]:
     """Plausibility of the activity map's z-scores: a note when the median per-pixel noise SD
     (:func:`calseg.segment.prompts.noise_model`) is below :data:`QUANTISED_NOISE` units on
-    whole-number data (photon counts near zero repeat between frames, so the median absolute
-    frame-to-frame difference is 0 and z = dF / sigma explodes), or, when every frame is the
+    whole-number data (photon counts near zero repeat between frames; the noise model then
+    uses the mean absolute difference, and z-scores of such discrete noise are approximate),
+    or, when every frame is the
     same image, a note saying so (there is then no noise and no activity at all)."""
     sigma = float(stats.get("noise_sigma_median", 1.0))
     sample = np.asarray(frames).reshape(-1)[:: max(1, np.asarray(frames).size // 200_000)]
@@ -721,8 +725,8 @@ def noise_notes(frames: np.ndarray, stats: dict[str, Any]) -> list[str]:
     return [
         f"the per-pixel noise estimate is {sigma:.2g} (median over pixels): the recording's "
         "values are whole numbers that mostly repeat from frame to frame (few photons per "
-        "pixel), so z-scores in the activity map are inflated and its threshold passes almost "
-        "any change; judge activity by dF/F and the traces, or bin pixels (e.g. sum 2 x 2 "
+        "pixel), so the noise is far from Gaussian and the activity map's z-scores are only "
+        "approximate; judge activity by dF/F and the traces, or bin pixels (e.g. sum 2 x 2 "
         "pixels) before segmenting"
     ]
 

@@ -147,6 +147,7 @@ def explain_empty(
     threshold_k: float,
     min_region_px: int,
     projection: str = "mean",
+    params: Any = None,
 ) -> Diagnosis:
     """Why the active target found no cell, and what would change (module docstring).
 
@@ -155,6 +156,11 @@ def explain_empty(
         z, dff: ``(T, H, W)`` z-scores and dF/F of :func:`calseg.segment.prompts.compute_activity`.
         threshold_k: the z threshold that was used; min_region_px: smallest region kept.
         projection: the projection ``target=cells`` would use.
+        params: the :class:`calseg.segment.prompts.ActivityParams` that were run. Given, each
+            lower-threshold or smaller-region step is measured in *cells* (the classical method
+            re-run with that one change, same cell diameter) and offered only when it labels
+            some (a new-user check followed "5 regions would pass" to 0 cells, twice); without
+            it, steps are measured in regions above the threshold.
 
     Returns:
         :class:`Diagnosis`.
@@ -172,8 +178,9 @@ def explain_empty(
             f"{plural(n_reg0, 'region')} of >= {min_region_px} px rose above the activity "
             f"threshold (z = {threshold_k:g} noise SDs) in {plural(n_fr0, 'frame')} (the "
             f"largest {largest} px, strongest z = {max_z:.2f}), but none became a cell: the "
-            "cell-territory step (calseg.segment.cells; cell_diameter_px, cell_support_fraction, "
-            "cell_active_fraction) found no cell-shaped support around them"
+            "cell-territory step (calseg.segment.cells) found no cell-shaped support around "
+            "them (its cell size: --cell-diameter-px; the infer job's cell_support_fraction and "
+            "cell_active_fraction)"
         )
     elif n_above == 0:
         reason = (
@@ -217,42 +224,66 @@ def explain_empty(
                 expected,
             )
         )
+
+    def cells_with(**change: Any) -> int | None:
+        """Cells the classical method labels with one parameter changed (None: unmeasured)."""
+        if params is None:
+            return None
+        from dataclasses import replace
+
+        from calseg.segment.baseline import baseline_labels
+        from calseg.segment.prompts import compute_activity
+
+        p = replace(params, **change)
+        lab = baseline_labels(compute_activity(np.asarray(frames), p), p.min_region_px)
+        return int(len(np.unique(lab[lab > 0])))
+
+    dead_ends: list[str] = []
     if n_reg0 == 0 and MIN_SUGGESTED_REGION_PX <= largest < min_region_px:
         n_reg, n_fr, _, _ = regions_above(z, threshold_k, largest)
-        suggestions.append(
-            Suggestion(
-                f"accept smaller active regions (min_region_px {min_region_px} -> {largest}), "
-                "for cells that small",
-                {"min_region_px": largest},
-                f"on this recording: {plural(n_reg, 'region')} in {plural(n_fr, 'frame')} "
-                f"would pass (now none); a cell of diameter d covers about 0.8 d^2 px",
+        n_c = cells_with(min_region_px=largest)
+        if n_c == 0:
+            dead_ends.append(f"min_region_px {largest}")
+        else:
+            cells = "" if n_c is None else f"{plural(n_c, 'cell')} labelled; "
+            suggestions.append(
+                Suggestion(
+                    f"accept smaller active regions (min_region_px {min_region_px} -> "
+                    f"{largest}), for cells that small",
+                    {"min_region_px": largest},
+                    f"on this recording: {cells}{plural(n_reg, 'region')} in "
+                    f"{plural(n_fr, 'frame')} would pass (now none); a cell of diameter d covers "
+                    "about 0.8 d^2 px",
+                )
             )
-        )
     tried: list[float] = []
     for k in LOWER_THRESHOLDS:
         if k >= threshold_k:
             continue
         n_reg, n_fr, _, _ = regions_above(z, k, min_region_px)
-        if not n_reg:  # a threshold that changes nothing is no next step
+        n_c = cells_with(threshold_k=k) if n_reg else 0
+        if not n_reg or n_c == 0:  # a threshold that labels nothing is no next step
             tried.append(k)
             continue
         noise = noise_pass_fraction(k)
+        cells = "" if n_c is None else f"{plural(n_c, 'cell')} labelled; "
         suggestions.append(
             Suggestion(
                 f"lower the activity threshold from {threshold_k:g} to {k:g} noise SDs",
                 {"threshold_k": k},
-                f"on this recording: {plural(n_reg, 'region')} of >= {min_region_px} px in "
-                f"{plural(n_fr, 'frame')} would pass (now {n_reg0 or 'none'}); pure noise passes a "
-                f"{k:g}-SD threshold in {100 * noise:.2g} % of pixels per frame, so check them",
+                f"on this recording: {cells}{plural(n_reg, 'region')} of >= {min_region_px} px "
+                f"in {plural(n_fr, 'frame')} would pass (now {n_reg0 or 'none'}); pure noise "
+                f"passes a {k:g}-SD threshold in {100 * noise:.2g} % of pixels per frame, so check "
+                "them",
             )
         )
         break
     else:
         if tried:
-            reason += (
-                f"; a threshold of {min(tried):g} noise SDs would not pass a region of "
-                f"{min_region_px} px either"
-            )
+            dead_ends.append(f"a threshold of {min(tried):g} noise SDs")
+    if dead_ends:
+        what = "label a cell" if params is not None else f"pass a region of {min_region_px} px"
+        reason += f"; {' or '.join(dead_ends)} would not {what} either"
     return Diagnosis(reason, max_z, max_d, float(threshold_k), int(min_region_px), t_count,
                      suggestions)  # fmt: skip
 
@@ -340,6 +371,7 @@ def explain_empty_projection(
     else:
         reason = f"no cell-sized ({d:.0f} px) bright or dark-nucleus blob on the {kind} projection"
     suggestions = []
+    none_either = []
     stack = np.asarray(frames)
     if stack.ndim == 3 and stack.shape[0] > 1:
         for other in ("std", "max", "mean"):
@@ -350,6 +382,9 @@ def explain_empty_projection(
                     stack, kind=other, cell_diameter_px=cell_diameter_px or d or None
                 ).labels.max()
             )
+            if n == 0:  # measured to find nothing: no next step
+                none_either.append(other)
+                continue
             suggestions.append(
                 Suggestion(
                     f"the {other} projection"
@@ -358,5 +393,7 @@ def explain_empty_projection(
                     f"on this recording: {plural(n, 'cell')} on the {other} projection",
                 )
             )
+    if none_either:
+        reason += f"; the {' and '.join(none_either)} projections find none either"
     return Diagnosis(reason, None, None, None, None, int(stack.shape[0]) if stack.ndim == 3
                      else 1, suggestions)  # fmt: skip
