@@ -30,6 +30,9 @@ from scipy import ndimage as ndi
 
 from calseg.fmt import plural
 
+MAX_REMEASURE_VOXELS = 20_000_000
+"""Recordings up to this many voxels (e.g. 300 frames of 256 x 256) get their empty-result
+steps measured in cells by re-running the classical method; larger ones in regions."""
 LOWER_THRESHOLDS = (4.0, 3.0)
 """``threshold_k`` values whose outcome the empty-result note reports."""
 
@@ -226,8 +229,10 @@ def explain_empty(
         )
 
     def cells_with(**change: Any) -> int | None:
-        """Cells the classical method labels with one parameter changed (None: unmeasured)."""
-        if params is None:
+        """Cells the classical method labels with one parameter changed (None: unmeasured,
+        also for recordings over :data:`MAX_REMEASURE_VOXELS`: a second activity map beside
+        the first would double the job's peak memory)."""
+        if params is None or np.asarray(frames).size > MAX_REMEASURE_VOXELS:
             return None
         from dataclasses import replace
 
