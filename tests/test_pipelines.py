@@ -63,6 +63,22 @@ def _run_infer_job(tmp_path: Path, src: Path, params: dict) -> tuple[dict, Path]
     return result, store.path(f"jobs/{job_id}")
 
 
+def _segment_cells(frames, out: Path, name: str, **config):
+    """``segment_to_folder`` with the classical method on the cells target (1 s frames, no
+    pixel size), ``config``: further :class:`InferenceConfig` fields."""
+    from calseg.pipelines.segment import segment_to_folder
+    from calseg.segment.infer import InferenceConfig
+
+    return segment_to_folder(
+        frames,
+        out,
+        InferenceConfig(method="classical", target="cells", **config),
+        name=name,
+        frame_interval_s=1.0,
+        pixel_size_um=None,
+    )
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -110,18 +126,10 @@ def test_cells_target_on_one_frame_says_why_there_is_no_activity_map(tmp_path: P
     more than the 200000000 an extra pass ... is allowed"; the reason is the frame count."""
     import numpy as np
 
-    from calseg.pipelines.segment import segment_to_folder
-    from calseg.segment.infer import MIN_FRAMES_FOR_ACTIVITY, InferenceConfig
+    from calseg.segment.infer import MIN_FRAMES_FOR_ACTIVITY
 
     frames = np.random.default_rng(0).poisson(100, (1, 64, 64)).astype(np.uint16)
-    out = segment_to_folder(
-        frames,
-        tmp_path / "out",
-        InferenceConfig(method="classical", target="cells"),
-        name="one.tif",
-        frame_interval_s=1.0,
-        pixel_size_um=None,
-    )
+    out = _segment_cells(frames, tmp_path / "out", "one.tif")
     (w,) = [w for w in out.warnings if w.startswith("no activity map")]
     assert (
         w
@@ -134,19 +142,10 @@ def test_a_cell_diameter_larger_than_half_the_field_is_flagged(tmp_path: Path) -
     word (1 cell)."""
     import numpy as np
 
-    from calseg.pipelines.segment import segment_to_folder
-    from calseg.segment.infer import InferenceConfig
-
     frames = np.random.default_rng(0).poisson(100, (12, 64, 64)).astype(np.uint16)
     for given, flagged in ((1000.0, True), (40.0, True), (11.0, False)):
-        out = segment_to_folder(
-            frames,
-            tmp_path / f"out{given:g}",
-            InferenceConfig(method="classical", target="cells", cell_diameter_px=given),
-            name="noise.tif",
-            frame_interval_s=1.0,
-            pixel_size_um=None,
-        )
+        out = _segment_cells(frames, tmp_path / f"out{given:g}", "noise.tif",
+                             cell_diameter_px=given)  # fmt: skip
         hits = [w for w in out.warnings if "more than half the field" in w]
         assert bool(hits) == flagged, (given, out.warnings)
 
@@ -159,8 +158,6 @@ def test_cells_target_estimates_the_cell_size_once(tmp_path: Path, monkeypatch) 
     from test_analysis_cellsize import _tessellation_recording
 
     from calseg.analysis import cellsize
-    from calseg.pipelines.segment import segment_to_folder
-    from calseg.segment.infer import InferenceConfig
 
     movie, _ = _tessellation_recording(12.0, side=96, n_frames=40, seed=3)
     expected, found = cellsize.cell_diameter_or_prior(movie, 11.0)
@@ -173,14 +170,7 @@ def test_cells_target_estimates_the_cell_size_once(tmp_path: Path, monkeypatch) 
         return real(frames, *a, **k)
 
     monkeypatch.setattr(cellsize, "estimate_cell_diameter", counted)
-    out = segment_to_folder(
-        movie,
-        tmp_path / "out",
-        InferenceConfig(method="classical", target="cells"),
-        name="tissue.tif",
-        frame_interval_s=1.0,
-        pixel_size_um=None,
-    )
+    out = _segment_cells(movie, tmp_path / "out", "tissue.tif")
     assert len(calls) == 1, calls
     stats = out.segmentation.activity
     assert stats["cell_diameter_px"] == pytest.approx(expected)
@@ -209,24 +199,14 @@ def test_a_recording_of_one_image_repeated_is_not_called_few_photons() -> None:
 def test_cells_target_with_no_cell_says_why_and_what_to_try(tmp_path: Path) -> None:
     """A new-user check: ``--target cells`` with nothing found printed only "no cell found on
     the mean projection". It now gives the reason (here: every candidate centre is as strong
-    on noise alone) and the other projections with their measured counts, as the active
-    target does, in the lines and in diagnosis.json."""
+    on noise alone); the other projections are measured and offered only when they find
+    cells, as the active target's steps are, in the lines and in diagnosis.json."""
     import json
 
     import numpy as np
 
-    from calseg.pipelines.segment import segment_to_folder
-    from calseg.segment.infer import InferenceConfig
-
     frames = np.random.default_rng(1).poisson(50, (40, 64, 64)).astype(np.uint16)
-    out = segment_to_folder(
-        frames,
-        tmp_path / "out",
-        InferenceConfig(method="classical", target="cells"),
-        name="noise.tif",
-        frame_interval_s=1.0,
-        pixel_size_um=None,
-    )
+    out = _segment_cells(frames, tmp_path / "out", "noise.tif")
     assert out.n_cells == 0
     lines = [text for _, text in out.lines("noise.tif", "OUT")]
     (why,) = [t for t in lines if t.startswith("why no cell:")]
