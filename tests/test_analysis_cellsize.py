@@ -193,3 +193,37 @@ def test_a_constant_recording_gets_no_offset_note():
     from calseg.analysis.evidence import offset_notes
 
     assert offset_notes(np.full((5, 16, 16), 700, np.uint16)) == []
+
+
+@pytest.mark.parametrize(
+    ("mean", "offset", "gain"),
+    [(0.3, 0, 1), (5, 0, 1), (100, 0, 1), (100, 1000, 1), (1000, 500, 3)],
+)
+def test_noise_alone_gets_no_offset_note(mean, offset, gain):
+    """Found by a new-user check: pure Poisson noise of mean 100 was told "subtract 70" (its
+    0.1th percentile): the floor of a recording that is all noise is the noise's low tail.
+    Its range spans about 6 noise SDs; recordings with cells span 27-310."""
+    from calseg.analysis.evidence import NOISE_RANGE_SDS, offset_notes, temporal_noise_sd
+
+    rng = np.random.default_rng(0)
+    frames = (offset + gain * rng.poisson(mean, (60, 64, 64))).astype(np.uint16)
+    assert offset_notes(frames) == []
+    flat = frames.astype(float)
+    rise = np.percentile(flat, 99.9) - np.percentile(flat, 0.1)
+    assert rise < NOISE_RANGE_SDS * temporal_noise_sd(frames)
+    # the same noise on a floor under a real signal (one bright patch): the note comes back
+    if offset:
+        frames[:, 10:30, 10:30] += np.uint16(20 * gain * np.sqrt(mean) + 40)
+        (note,) = offset_notes(frames)
+        assert "floor of" in note
+
+
+def test_a_single_image_gets_no_offset_note():
+    """Found by a new-user check: a 1-frame file (sima_example-tiffs_0_badmeta) was told to
+    subtract its 0.1th percentile; one image cannot tell a camera offset from light."""
+    from calseg.analysis.evidence import offset_notes
+
+    image = np.random.default_rng(1).poisson(100, (1, 64, 64)).astype(np.uint16) + 20000
+    image[0, 10:30, 10:30] += 2000
+    assert offset_notes(image) == []
+    assert offset_notes(np.concatenate([image, image + 1])) != []

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from calseg.analysis.events import Event, detect_events
+from calseg.analysis.metrics import MAD_TO_SIGMA
 from calseg.analysis.patterns import PatternThresholds, significant_events
 from calseg.fmt import plural
 
@@ -59,6 +60,40 @@ fissa 2.1-3.1, sima 300, sima_example-tiffs_0_badmeta 1.1 and astrocast's dF/F e
 on +32768 0.001."""
 
 
+NOISE_RANGE_SDS = 10.0
+"""A recording whose floor-to-top range (0.1th to 99.9th percentile) spans fewer than this many
+temporal noise SDs has nothing but noise in that range (white noise spans 6.2 SDs between those
+percentiles): its floor is the low tail of the noise, not an offset, and no offset note is
+given. Measured (:func:`temporal_noise_sd`): Poisson noise of mean 0.3-1000 and Gaussian noise
+5.8-7.3; fissa 27-57, astrocast 96, simulated recordings 199-310."""
+
+
+def temporal_noise_sd(frames: np.ndarray, max_frames: int = 64) -> float | None:
+    """Typical temporal noise SD of a recording, in its units, from consecutive-frame differences
+    of its first ``max_frames`` frames (about :data:`PIXEL_SAMPLES` differences):
+    ``1.4826 median|d| / sqrt(2)``, or, where most differences are exactly 0 (whole-number data
+    with few counts), ``mean|d| sqrt(pi) / 2`` (E|d| = sigma_d sqrt(2/pi) for Gaussian d; the
+    same estimators as :func:`calseg.segment.prompts.noise_model`, pooled over pixels).
+
+    Args:
+        frames: ``(T, H, W)`` recording (any numeric dtype).
+
+    Returns:
+        The SD, or ``None`` with fewer than 2 frames or no finite difference.
+    """
+    a = np.asarray(frames)
+    if a.ndim != 3 or a.shape[0] < 2:
+        return None
+    d = np.abs(np.diff(a[:max_frames].astype(np.float64), axis=0)).reshape(-1)
+    if d.size > PIXEL_SAMPLES:
+        d = d[:: int(np.ceil(d.size / PIXEL_SAMPLES))]
+    d = d[np.isfinite(d)]
+    if not d.size:
+        return None
+    sd = MAD_TO_SIGMA * float(np.median(d)) / np.sqrt(2.0)
+    return sd if sd > 0 else float(np.sqrt(np.pi) / 2.0 * d.mean())
+
+
 def offset_notes(frames: np.ndarray) -> list[str]:
     """A note when the recording sits on a high floor (camera offset or a constant added on
     export): dF/F = (F - F0) / F0 divides by an F0 that includes the floor, so dF/F and every
@@ -66,12 +101,18 @@ def offset_notes(frames: np.ndarray) -> list[str]:
     ``top / (top - floor)``. The segmentation itself (z-scores, the cell-size estimate) does
     not depend on the floor.
 
+    No note for fewer than 2 frames (one image cannot tell an offset from light), nor when the
+    floor-to-top range lies within :data:`NOISE_RANGE_SDS` temporal noise SDs: there the floor
+    is the low tail of the noise (pure Poisson noise of mean 100 was told to "subtract 70").
+
     Args:
         frames: ``(T, H, W)`` recording (any numeric dtype).
 
     Returns:
         Zero or one note (text for people, with the numbers).
     """
+    if np.ndim(frames) != 3 or np.shape(frames)[0] < 2:
+        return []  # one image: nothing tells an offset from light, and dF/F needs time
     flat = pixel_sample(frames)
     if not flat.size:
         return []
@@ -82,6 +123,9 @@ def offset_notes(frames: np.ndarray) -> list[str]:
     rise = top - floor
     if rise >= OFFSET_RANGE_FACTOR * floor or rise <= 0:  # 0: a constant recording, said elsewhere
         return []
+    noise = temporal_noise_sd(frames)
+    if noise is None or rise < NOISE_RANGE_SDS * noise:
+        return []  # the range is the noise's own: the floor is its low tail, not an offset
     shown = f"{floor:.6g}"
     return [
         f"the recording sits on a floor of {shown} (its {DARK_PERCENTILE:g}th percentile) and "
