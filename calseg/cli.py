@@ -413,6 +413,54 @@ def _check_segment_options(config: dict, out_dir: Path) -> None:
         ) from None
 
 
+def _check_memory(
+    recording: Path, read_options: dict, fields: dict, max_frames: int | None
+) -> None:
+    """Refuse, before any pixel is decoded, a recording whose segmentation would need more
+    memory than this machine has available: the infer job's cost estimate
+    (:func:`calseg.service.costs.estimate_infer`, measured to lie at or above real peaks by the
+    costs bench) against :func:`calseg.machine.available_memory_bytes`. The message says how
+    many leading frames fit (``--max-frames``). No check where the available memory is
+    unknown."""
+    from calseg.io.recordings import RecordingError, probe_recording
+    from calseg.machine import available_memory_bytes
+    from calseg.service.costs import (
+        GIB,
+        JobInputs,
+        VideoShape,
+        estimate_infer,
+        frames_within_memory,
+    )
+    from calseg.service.schemas import infer_params
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    try:
+        info = probe_recording(recording, **read_options)
+    except RecordingError as exc:
+        raise _fail(str(exc)) from None
+    n = info.n_frames if max_frames is None else min(info.n_frames, max_frames)
+    shape = VideoShape(n, info.height, info.width)
+    params = infer_params().model_construct(**fields)  # priced as the same infer job
+    need = estimate_infer(params, JobInputs(recording=shape)).memory_bytes
+    if need <= available:
+        return
+    fit = frames_within_memory(params, shape, available)
+    hint = (
+        f"segment the first {fit:,} frames with --max-frames {fit}, or crop, bin or split the "
+        "recording"
+        if fit >= 1
+        else "crop or bin the frames: not even one frame of this size fits"
+    )
+    raise _fail(
+        f"{recording}: segmenting {n:,} frames of {info.height} x {info.width} px needs "
+        f"about {need / GIB:.1f} GiB of memory (CalSeg's cost estimate of an infer job with "
+        f"these options), more than the {available / GIB:.1f} GiB this machine has available. "
+        f"Nothing was decoded; {hint}."
+    )
+
+
 @app.command()
 def segment(
     recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, ...)")],
@@ -439,6 +487,9 @@ def segment(
     ),
     image_size: int = typer.Option(512, help="SAM2 input side (multiple of 32)"),
     checkpoint: Path | None = typer.Option(None, help="SAM2 or CalSeg fine-tuned checkpoint"),
+    max_frames: int | None = typer.Option(
+        None, min=1, help="segment only the first N frames (e.g. when the whole does not fit)"
+    ),
     frame_interval_s: float | None = typer.Option(None, help=_FRAME_INTERVAL_HELP),
     pixel_size_um: float | None = typer.Option(None, help=_PIXEL_SIZE_HELP),
     axes: str | None = typer.Option(None, help=_AXES_HELP),
@@ -479,14 +530,26 @@ def segment(
         config["cell_diameter_px"] = cell_diameter_px
     _check_segment_options(config, out_dir)  # before minutes of reading
     _check_units(frame_interval_s, pixel_size_um)
+    read_options = {
+        "axes": axes,
+        "channel": channel,
+        "interleaved_channels": interleaved_channels,
+        "z_projection": z_projection,
+    }
+    _check_memory(
+        recording,
+        read_options,
+        {
+            **config,
+            "register_drift": register_drift,
+            "background": background,
+            "background_radius_px": background_radius_px,
+            "bleach_correction": bleach_correction,
+        },
+        max_frames,
+    )
     try:
-        rec = read_recording(
-            recording,
-            axes=axes,
-            channel=channel,
-            interleaved_channels=interleaved_channels,
-            z_projection=z_projection,
-        )
+        rec = read_recording(recording, **read_options, max_frames=max_frames)
     except RecordingError as exc:
         raise _fail(str(exc)) from None
     for w in rec.info.warnings:

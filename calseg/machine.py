@@ -1,5 +1,6 @@
 """The machine a measurement ran on (:func:`machine_info`), for every benchmark's report
-(:mod:`calseg.bench`, :mod:`calseg.bench_service`, :mod:`calseg.bench_jobs`)."""
+(:mod:`calseg.bench`, :mod:`calseg.bench_service`, :mod:`calseg.bench_jobs`), and the memory it
+has left (:func:`available_memory_bytes`, for ``calseg segment``'s memory check)."""
 
 from __future__ import annotations
 
@@ -76,5 +77,26 @@ def machine_info(env: Mapping[str, str]) -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------
-# helpers shared by the sections
+def available_memory_bytes(
+    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Memory this process can still take without swapping, in bytes: the kernel's
+    ``MemAvailable`` (free memory plus reclaimable page cache, /proc/meminfo), or less when the
+    process runs under a cgroup v2 memory limit (``memory.max - memory.current``, e.g. a
+    container). ``None`` where neither can be read (not Linux)."""
+    found: list[int] = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text().strip())
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

@@ -158,8 +158,9 @@ def test_segment_and_analyze_flags_are_the_infer_job_parameter_names() -> None:
 
     schema = params_json_schema("infer")["properties"]
     commands = typer.main.get_command(app).commands
-    # options with no infer parameter: a local file instead of model_job_id; how to read
-    cli_only = {"segment": {"--checkpoint"}, "analyze": {"--axes", "--channel"}}
+    # options with no infer parameter: a local file instead of model_job_id; how to read (a
+    # server refuses an upload over its decode budget instead of reading part of it)
+    cli_only = {"segment": {"--checkpoint", "--max-frames"}, "analyze": {"--axes", "--channel"}}
     for command, names in (
         ("segment", SHARED_WITH_INFER),
         ("analyze", SHARED_WITH_INFER[8:]),
@@ -345,3 +346,46 @@ def test_a_checkpoint_that_fixes_the_model_says_so(tmp_path: Path) -> None:
     assert f"image_size {SMALL_IMAGE_SIZE} was used" in r.output
     r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "b"), "--method", "sam2"])
     assert r.exit_code == 0 and "was asked for" not in r.output, r.output
+
+
+def test_segment_refuses_a_recording_larger_than_memory_before_decoding(tmp_path: Path) -> None:
+    """Found by a new-user check: the CLI read any recording whole (no decode budget), so a
+    long recording ran the machine out of memory, and the only message (from a MemoryError)
+    named ``max_frames``, which is no flag. The CLI now prices the run with the infer job's
+    cost estimate against the memory this machine has available, refuses before decoding, and
+    names ``--max-frames`` with the number of frames that fit."""
+    import h5py
+
+    from calseg.machine import available_memory_bytes
+    from calseg.service.costs import VideoShape, frames_within_memory
+    from calseg.service.schemas import infer_params
+
+    available = available_memory_bytes()
+    if available is None:
+        pytest.skip("no /proc/meminfo: the available memory is unknown")
+    shape = (400_000, 1024, 1024)  # 800 GiB of uint16 declared; chunks never written: ~10 KB
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", shape=shape, dtype="uint16", chunks=(1, 256, 256))
+    assert path.stat().st_size < 10_000_000
+    r = runner.invoke(app, ["segment", f"{path}:/data", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    params = infer_params().model_construct(method="auto", target="active")
+    fit = frames_within_memory(params, VideoShape(*shape), available)
+    assert 0 < fit < shape[0]
+    assert "400,000 frames of 1024 x 1024 px" in text and "Nothing was decoded" in text
+    assert f"--max-frames {fit}" in text and "max_frames)" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_max_frames_reads_the_first_frames(tmp_path: Path) -> None:
+    """``--max-frames N`` segments the first N frames and says so."""
+    rec = tmp_path / "rec.tif"
+    frames = np.random.default_rng(0).poisson(50, (30, 48, 48)).astype(np.uint16)
+    tifffile.imwrite(rec, frames)
+    r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "o"), "--max-frames", "12"])
+    assert r.exit_code == 0, r.output
+    assert "read the first 12 of 30 frames (--max-frames" in " ".join(r.output.split())
+    bad = runner.invoke(app, ["segment", str(rec), str(tmp_path / "p"), "--max-frames", "0"])
+    assert bad.exit_code == 2 and "--max-frames" in bad.output

@@ -1775,6 +1775,12 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
         )
 
 
+FEWER_FRAMES = (
+    "read fewer frames: calseg segment --max-frames N, or max_frames=N of read_recording; or "
+    "crop, bin or split the recording"
+)
+"""What to do about a recording too large for memory (the readers' MemoryError messages)."""
+
 READ_OPTIONS = ("axes", "channel", "interleaved_channels", "z_projection")
 """Keyword arguments of the readers that say how a file is read (not which frames)."""
 
@@ -1830,7 +1836,7 @@ def _read_frames(
         raise RecordingError(f"{src.path.name} is refused: {exc}.") from exc
     except MemoryError as exc:
         raise RecordingError(
-            f"{src.path.name} is too large to read into memory; read fewer frames (max_frames)."
+            f"{src.path.name} is too large to read into memory; {FEWER_FRAMES}."
         ) from exc
     except Exception as exc:
         raise RecordingError(
@@ -2084,7 +2090,7 @@ def _guard(fn: Callable[[], Any], display: str) -> Any:
         raise RecordingError(f"{Path(display).name} is refused: {exc}.") from exc
     except MemoryError as exc:
         raise RecordingError(
-            f"{display} is too large to read into memory; read fewer frames (max_frames)."
+            f"{display} is too large to read into memory; {FEWER_FRAMES}."
         ) from exc
     except Exception as exc:
         raise RecordingError(
@@ -2325,8 +2331,8 @@ def read_recording(
             frames = np.empty((t1, info.height, info.width), dtype=np.dtype(info.dtype))
         except MemoryError as exc:
             raise RecordingError(
-                f"{reader.display} is too large to read into memory; read fewer frames "
-                "(max_frames)."
+                f"{reader.display} is too large to read into memory ({t1:,} frames of "
+                f"{info.height} x {info.width} {info.dtype}); {FEWER_FRAMES}."
             ) from exc
         stats = _ValueStats()
         for t0, chunk in reader.chunks(stop=t1):
@@ -2337,7 +2343,7 @@ def read_recording(
         if _interleave_applies(reader, interleaved_channels) and t1 >= 6:
             _check_interleave(info, frames[:INTERLEAVE_SAMPLE])
         if t1 < n:
-            info.warnings.append(f"read the first {t1} of {n} frames (max_frames)")
+            info.warnings.append(f"read the first {t1} of {n} frames (--max-frames / max_frames)")
         return Recording(frames=frames, info=info)
 
 

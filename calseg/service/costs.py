@@ -333,6 +333,26 @@ def estimate_infer(params: Any, inputs: JobInputs, time_scale: float = 1.0) -> C
     return est
 
 
+def frames_within_memory(params: Any, shape: VideoShape, memory_bytes: float) -> int:
+    """The most leading frames of a recording of ``shape`` that an infer job with ``params``
+    can segment within ``memory_bytes`` by :func:`estimate_infer` (0 when not even one frame
+    fits; ``shape.n_frames`` when all do). The estimate grows with the frame count, so a
+    bisection over 1..T finds it."""
+
+    def fits(t: int) -> bool:
+        one = VideoShape(t, shape.height, shape.width)
+        return estimate_infer(params, JobInputs(recording=one)).memory_bytes <= memory_bytes
+
+    lo, hi = 0, int(shape.n_frames)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -> CostEstimate:
     """Finetune job on a simulate job's dataset.
 
