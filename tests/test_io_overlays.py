@@ -195,3 +195,13 @@ def test_a_long_warning_wraps_inside_the_sheet(tmp_path):
             for im in (short, long_)]  # fmt: skip
     assert rows[1] >= rows[0] + 17 * (len(_wrap_to_width(text, font, short.shape[1] - 12)) - 1)
     assert long_.shape[0] > short.shape[0]
+
+
+def test_trace_caption_says_when_rows_are_a_selection():
+    """Found by a new-user check: the page said "44 cells" and the sheet "dF/F of 40 cells"
+    without saying the panel shows only the 40 largest peaks (MAX_TRACES_ON_SHEET)."""
+    from calseg.io.overlays import trace_caption
+
+    assert trace_caption("dF/F", 12) == "dF/F of 12 cells"
+    assert trace_caption("dF/F", 1, 1) == "dF/F of 1 cell"
+    assert trace_caption("dF/F", 40, 44) == "dF/F of the 40 cells with the largest peaks, of 44"

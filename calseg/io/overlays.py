@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calseg.fmt import plural
 from calseg.progress import check_cancelled
 
 __all__ = [
@@ -426,6 +427,7 @@ def contact_sheet(
     warning: str | None = None,
     trace_ids: np.ndarray | None = None,
     trace_unit: str = "dF/F",
+    traces_chosen_from: int | None = None,
 ) -> Path:
     """Write a PNG grid of frames with their overlays, captions, scale bar and traces.
 
@@ -446,6 +448,8 @@ def contact_sheet(
         subtitle: second line, e.g. which model drew the cells and the legend.
         warning: drawn in a red banner (e.g. random SAM2 weights).
         trace_ids: label id of each trace row; trace_unit: y-axis label.
+        traces_chosen_from: when the rows are a selection (the largest peaks) of this many
+            cells, the caption says so ("dF/F of the 40 cells with the largest peaks, of 44").
 
     Returns:
         The path written. Frames with a long side under 256 px are upscaled by an integer
@@ -512,6 +516,7 @@ def contact_sheet(
             frame_interval_s=frame_interval_s,
             ids=trace_ids,
             unit=trace_unit,
+            chosen_from=traces_chosen_from,
         )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -528,6 +533,15 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
+def trace_caption(unit: str, n_rows: int, chosen_from: int | None = None) -> str:
+    """Caption of the trace panel: ``"dF/F of 12 cells"``, or, when the rows are the largest
+    peaks of more cells than are drawn, ``"dF/F of the 40 cells with the largest peaks, of
+    44"``."""
+    if chosen_from is not None and chosen_from > n_rows:
+        return f"{unit} of the {n_rows} cells with the largest peaks, of {chosen_from}"
+    return f"{unit} of {plural(n_rows, 'cell')}"
+
+
 def _draw_traces(  # noqa: ANN202
     draw,  # noqa: ANN001
     traces: np.ndarray,
@@ -540,6 +554,7 @@ def _draw_traces(  # noqa: ANN202
     frame_interval_s: float | None = None,
     ids: np.ndarray | None = None,
     unit: str = "dF/F",
+    chosen_from: int | None = None,
 ):
     if traces.ndim == 1:
         traces = traces[np.newaxis]
@@ -552,7 +567,7 @@ def _draw_traces(  # noqa: ANN202
     tmax = max(t_total - 1, 1) * dt
     xlabel = "time (s)" if frame_interval_s else "frame"
     n_rows = traces.shape[0]
-    caption = f"{unit} of {n_rows} cell{'' if n_rows == 1 else 's'}"
+    caption = trace_caption(unit, n_rows, chosen_from)
     draw.text((left, y0 + 2), _u(caption), fill=(220, 220, 220), font=_font(12))
     draw.text(((left + right) // 2 - 20, bottom + 15), xlabel, fill=(200, 200, 200), font=font)
 

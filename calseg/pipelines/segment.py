@@ -638,6 +638,7 @@ def segment_to_folder(
             warning=warn_text,
             traces=traces,
             trace_ids=trace_ids,
+            traces_chosen_from=len(exports["ids"]) if traces is not None else None,
             frame_interval_s=dt_shown,
             pixel_size_um=pixel_size_um,
         )
