@@ -511,7 +511,7 @@ def segment(
     per-cell traces (F, F0, dF/F), events, pattern class, waves and ImageJ ROIs. When nothing
     is found it says why and what to try. Flags have the infer job's parameter names."""
 
-    from calseg.io.recordings import RecordingError, read_recording
+    from calseg.io.recordings import NO_FINITE_VALUE, RecordingError, read_recording
     from calseg.pipelines.segment import SegmentOptionError, segment_and_export
     from calseg.preprocess import PreprocessError
 
@@ -552,6 +552,8 @@ def segment(
         rec = read_recording(recording, **read_options, max_frames=max_frames)
     except RecordingError as exc:
         raise _fail(str(exc)) from None
+    if NO_FINITE_VALUE in rec.info.warnings:  # said once, as the error it leads to
+        raise _fail(f"{recording}: {NO_FINITE_VALUE}")
     for w in rec.info.warnings:
         _styled("[yellow]note:[/] ", w)
     options = _preprocess_options(

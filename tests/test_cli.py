@@ -389,3 +389,15 @@ def test_segment_max_frames_reads_the_first_frames(tmp_path: Path) -> None:
     assert "read the first 12 of 30 frames (--max-frames" in " ".join(r.output.split())
     bad = runner.invoke(app, ["segment", str(rec), str(tmp_path / "p"), "--max-frames", "0"])
     assert bad.exit_code == 2 and "--max-frames" in bad.output
+
+
+def test_segment_of_an_all_nan_recording_says_it_once(tmp_path: Path) -> None:
+    """Found by a new-user check: the reader's note and then the segmentation's error said
+    the same thing in two wordings. The CLI now stops with the one text."""
+    rec = tmp_path / "nan.tif"
+    tifffile.imwrite(rec, np.full((6, 16, 16), np.nan, np.float32))
+    r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert text.count("every value is NaN or Inf") == 1 and "note:" not in text
+    assert not (tmp_path / "out").exists()

@@ -88,3 +88,19 @@ def test_to_model_points_pixel_centres():
     np.testing.assert_allclose(pts[1], [99.5 * 0.64 - 0.5, 49.5 * 0.64 - 0.5], atol=1e-5)
     with pytest.raises(ValueError):
         FrameGeometry(10, 10, 100)
+
+
+def test_normalisation_finds_finite_values_off_its_stride():
+    """Above MAX_PERCENTILE_SAMPLES the percentiles read every k-th value; a recording whose
+    finite values all fall between those was refused as having none."""
+    from calseg.io.recordings import NO_FINITE_VALUE, RecordingError
+    from calseg.segment.embeddings import MAX_PERCENTILE_SAMPLES
+
+    n = MAX_PERCENTILE_SAMPLES + 1000  # stride 2: the even indices
+    frames = np.full(n, np.nan, np.float32)
+    frames[1::2] = np.linspace(0, 10, frames[1::2].size)
+    norm = compute_normalisation(frames.reshape(1, 1, n), 0.0, 100.0)
+    assert norm["low"] == 0.0 and norm["high"] == pytest.approx(10.0)
+    with pytest.raises(RecordingError, match="no finite value") as err:
+        compute_normalisation(np.full((2, 4, 4), np.inf, np.float32))
+    assert str(err.value) == NO_FINITE_VALUE

@@ -1775,6 +1775,13 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
         )
 
 
+NO_FINITE_VALUE = (
+    "no finite value: every value is NaN or Inf, so there is nothing to segment; check the "
+    "export (the software that wrote it may mark missing data as NaN)"
+)
+"""The note on a recording read whole with no finite value, and the error of whatever then
+refuses to segment it (one text, so a command that shows both can show it once)."""
+
 FEWER_FRAMES = (
     "read fewer frames: calseg segment --max-frames N, or max_frames=N of read_recording; or "
     "crop, bin or split the recording"
@@ -2025,12 +2032,9 @@ class _ValueStats:
         if self.n_values and self.n_nan + self.n_inf == self.n_values:
             notes.append(
                 f"no finite value{where}: every value is NaN or Inf, so there is nothing to "
-                + (
-                    "segment unless the other frames hold data"
-                    if partial
-                    else "segment; check the export (the software that wrote it may mark "
-                    "missing data as NaN)"
-                )
+                "segment unless the other frames hold data"
+                if partial
+                else NO_FINITE_VALUE
             )
         elif self.n_nan or self.n_inf:
             notes.append(

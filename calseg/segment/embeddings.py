@@ -39,7 +39,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calseg.io.recordings import RecordingError  # one error type for unusable recordings
+from calseg.io.recordings import (  # one error type for unusable recordings
+    NO_FINITE_VALUE,
+    RecordingError,
+)
 from calseg.progress import ProgressFn, check_cancelled, null_progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,11 +123,10 @@ def compute_normalisation(
         finite = np.isfinite(a)
         n_nonfinite = int(a.size - np.count_nonzero(finite))
         sample = sample[np.isfinite(sample)]
+        if sample.size == 0 and n_nonfinite < a.size:  # finite values off the stride
+            sample = a[finite][:MAX_PERCENTILE_SAMPLES].astype(np.float64)
     if sample.size == 0:
-        raise RecordingError(
-            "recording has no finite pixel value (every value is NaN or Inf): nothing to "
-            "segment; check the export"
-        )
+        raise RecordingError(NO_FINITE_VALUE)
     low, high = np.percentile(sample, [low_percentile, high_percentile])
     if not high > low:  # flat image: fall back to the full range, then to a unit range
         low, high = float(sample.min()), float(sample.max())
