@@ -164,7 +164,7 @@ def simulate(
     config: Path | None = typer.Option(
         None, help="a JSON SimulationConfig; its fields override the options above"
     ),
-    preview: bool = typer.Option(False, help="write a PNG contact sheet per video"),
+    preview: bool = typer.Option(False, "--preview", help="write a PNG contact sheet per video"),
     like: Path | None = typer.Option(
         None,
         "--like",
@@ -496,11 +496,11 @@ def segment(
     channel: int = typer.Option(0, help=_CHANNEL_HELP),
     interleaved_channels: int | None = typer.Option(None, help=_INTERLEAVED_HELP),
     z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
-    register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
+    register_drift: bool = typer.Option(False, "--register-drift", help=_REGISTER_HELP),
     background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
     background_radius_px: float = typer.Option(50.0, help=_RADIUS_HELP),
     bleach_correction: str | None = typer.Option(None, help=_BLEACH_HELP),
-    nwb: bool = typer.Option(False, help=_NWB_HELP),
+    nwb: bool = typer.Option(False, "--nwb", help=_NWB_HELP),
     old_frame_interval: float | None = typer.Option(None, "--frame-interval", hidden=True),
     old_pixel_size: float | None = typer.Option(None, "--pixel-size", hidden=True),
     old_register: bool = typer.Option(False, "--register", hidden=True),
@@ -645,7 +645,9 @@ def bench(
         "Suite2p and CalSeg on it (needs calseg[peers]); their options follow (python -m "
         "calseg.bench accuracy --help)",
     ),
-    quick: bool = typer.Option(False, help="smaller runs; the dataset build is extrapolated"),
+    quick: bool = typer.Option(
+        False, "--quick", help="smaller runs; the dataset build is extrapolated"
+    ),
     only: str | None = typer.Option(None, help="one section: sim, render, dataset or sam2"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the results as JSON"),
 ) -> None:
@@ -725,11 +727,11 @@ def analyze(
     channel: int = typer.Option(0, help=_CHANNEL_HELP),
     interleaved_channels: int | None = typer.Option(None, help=_INTERLEAVED_HELP),
     z_projection: str = typer.Option("max", help=_Z_PROJECTION_HELP),
-    register_drift: bool = typer.Option(False, help=_REGISTER_HELP),
+    register_drift: bool = typer.Option(False, "--register-drift", help=_REGISTER_HELP),
     background: str | None = typer.Option(None, help=_BACKGROUND_HELP),
     background_radius_px: float = typer.Option(50.0, help=_RADIUS_HELP),
     bleach_correction: str | None = typer.Option(None, help=_BLEACH_HELP),
-    nwb: bool = typer.Option(False, help=_NWB_HELP),
+    nwb: bool = typer.Option(False, "--nwb", help=_NWB_HELP),
     old_frame_interval: float | None = typer.Option(None, "--frame-interval", hidden=True),
     old_pixel_size: float | None = typer.Option(None, "--pixel-size", hidden=True),
     old_register: bool = typer.Option(False, "--register", hidden=True),
@@ -818,7 +820,7 @@ def _seed_list(text: str) -> list[int]:
 def validate_patterns_cmd(
     seeds: str = typer.Option("100-109", help="simulation seeds, e.g. 100-109 or 1,2,3"),
     frames: int = typer.Option(240, help="frames per simulated recording (5 s each)"),
-    features: bool = typer.Option(False, help="print every recording's features"),
+    features: bool = typer.Option(False, "--features", help="print every recording's features"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
 ) -> None:
     """Confusion matrix of the pattern-class rules on simulated tissue of known class
@@ -1247,7 +1249,7 @@ def gap(
     real: Annotated[list[Path], typer.Argument(help="real recording(s)")],
     sim: Path = typer.Option(..., help="a calseg-dataset folder (or a recording) to compare"),
     split: str = typer.Option("train", help="dataset split whose videos are compared"),
-    sam2: bool = typer.Option(False, help="also the Fréchet distance on SAM2 embeddings"),
+    sam2: bool = typer.Option(False, "--sam2", help="also the Fréchet distance on SAM2 embeddings"),
     image_size: int = typer.Option(128, help="SAM2 input side for --sam2"),
 ) -> None:
     """Domain-gap score between real recordings and a simulated dataset (lower = closer)."""

@@ -246,7 +246,8 @@ def run_demo(
             console.print(f"[bold red]WARNING:[/] {escape(str(w))}")
 
         ft_result = jobs["finetune"].get("result") or {}
-        console.rule(f"3/4 infer ({shown_label('SAM2 fine-tuned', ft_result)}, then classical)")
+        console.rule("3/4 infer")  # a long rule title is cut at the terminal's width
+        console.print(f"{shown_label('SAM2 fine-tuned', ft_result)}, then classical", markup=False)
         if ft_result.get("improved") is False:
             console.print(
                 f"No fine-tuning step improved on the base: '{KEPT_BASE}' below is the base as "

@@ -401,3 +401,29 @@ def test_segment_of_an_all_nan_recording_says_it_once(tmp_path: Path) -> None:
     text = " ".join(r.output.split())
     assert text.count("every value is NaN or Inf") == 1 and "note:" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_no_flag_name_is_cut_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a new-user check: on an 80-column terminal ``--help`` showed
+    ``--cell-diameter-…``: the boolean flags' ``--no-...`` column took the width. Flags that
+    are off by default now have their positive form only."""
+    import click
+    import typer
+    import typer.rich_utils
+
+    # typer reads TERMINAL_WIDTH once, when it first draws a help (another test: 200)
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 80)
+
+    root = typer.main.get_command(app)
+    paths: list[list[str]] = []
+    for name, cmd in root.commands.items():
+        if isinstance(cmd, click.Group):
+            paths += [[name, sub] for sub in cmd.commands]
+        else:
+            paths.append([name])
+    assert len(paths) > 15
+    for path in paths:
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert r.exit_code == 0, (path, r.output)
+        assert "…" not in r.output, (path, r.output)
+        assert max(len(line) for line in r.output.splitlines()) <= 80, path
