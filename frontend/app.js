@@ -891,9 +891,16 @@ function renderResult(job) {
   field(dl, "why this method", r.method_reason);
   field(dl, "recording", r.recording_name || (r.source && r.source.video_id
     ? `${r.source.video_id} (simulated as ${r.source.pattern_class}, ${r.source.split} split)` : ""));
+  // coverage: labelled in any frame; foreground_fraction (the metric): in the mean frame
+  const pct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
+  const perFrame = r.foreground_fraction;
+  const covered = r.target !== "cells" && perFrame != null && pct(perFrame) !== pct(r.coverage)
+    ? `${pct(r.coverage)} of the field labelled in some frame, ${pct(perFrame)} in the mean frame `
+      + "(metric foreground_fraction)"
+    : `${pct(r.coverage)} of the field labelled`;
   field(dl, r.target === "cells" ? "regions" : "cells found",
     `${plural(r.n_cells, unit)} (${r.target === "cells" ? "found on the projection" : "active"}), `
-    + `${(100 * (r.coverage || 0)).toFixed(1)} % of the field labelled`);
+    + covered);
   if (r.evidence_summary) field(dl, "cell evidence", r.evidence_summary);
   if (r.n_cells) {
     field(dl, "events", `${plural(r.n_events || 0, "event")} detected; ${r.n_significant_events || 0} significant `

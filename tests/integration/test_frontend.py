@@ -283,6 +283,14 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     assert labels.shape == (75, 100, 100)
     busiest = int(np.argmax((labels.reshape(75, -1) > 0).sum(axis=1)))
     assert labels[busiest].any(), "the baseline found no active cell in the recording"
+    # two coverages, each named (the page showed one next to the other metric unexplained)
+    footprint, mean_frame = (labels > 0).any(axis=0).mean(), (labels > 0).mean()
+    assert footprint > mean_frame
+    fields = " ".join(page.locator("#result-fields").text_content().split())
+    assert (
+        f"{100 * footprint:.1f} % of the field labelled in some frame, "
+        f"{100 * mean_frame:.1f} % in the mean frame (metric foreground_fraction)"
+    ) in fields, fields
 
     # --- slider: another frame, other pixels; overlay options change the pixels
     first = _canvas_digest(page)
