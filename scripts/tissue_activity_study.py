@@ -35,13 +35,16 @@ def main() -> None:
     ap.add_argument("--coupling-scale", type=float, default=1.0)
     ap.add_argument("--classes", default="spikes,transients,waves,fluttering")
     ap.add_argument("--initial-state", default="zero", choices=["zero", "rest"])
+    ap.add_argument("--ktau", type=float, default=None, help="IP3R recovery Ca2+ (uM)")
+    ap.add_argument("--taumax", type=float, default=None, help="IP3R recovery time (s)")
     a = ap.parse_args()
     first, last = (int(x) for x in a.seeds.split(":"))
     classes = a.classes.split(",")
     h0, w0, n0 = POUCH_AT_204_PX
     k = np.sqrt(a.n_cells * a.cell_area_px / (n0 * 204.0))
     height, width = int(h0 * k), int(w0 * k)
-    prm = ModelParameters()
+    given = {k: v for k, v in (("ktau", a.ktau), ("taumax", a.taumax)) if v is not None}
+    prm = ModelParameters(**given)
     rows = []
     for seed in range(first, last):
         t0 = time.perf_counter()

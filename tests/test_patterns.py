@@ -263,3 +263,17 @@ def test_pattern_rules_on_20_held_out_seeds():
     assert m[2, 2] >= 19, rep["matrix"]  # waves
     assert m[0, 3] == m[1, 3] == m[2, 3] == 0  # nothing else is called fluttering
     assert rep["accuracy"] >= 0.9, rep["matrix"]
+
+
+def test_a_simulated_class_read_otherwise_is_said():
+    """Found by a new-user check: the demo's v005 was simulated as transients and read as
+    fluttering from 48 frames, and nothing said the two differ or why that can happen."""
+    from calseg.pipelines.validate_patterns import VALIDATION_VIDEO, class_disagreement_note
+
+    assert class_disagreement_note("waves", "waves", "x", 48, 5.0) is None
+    assert class_disagreement_note(None, "waves", "x", 48, 5.0) is None
+    short = class_disagreement_note("transients", "fluttering", "fires often", 48, 5.0)
+    assert short.startswith("simulated as transients, but the pattern rules read fluttering")
+    assert "(fires often) from 48 frames (4 min)" in short and "not on shorter ones" in short
+    long = class_disagreement_note("transients", "spikes", None, VALIDATION_VIDEO["n_frames"], 5.0)
+    assert "confuse spikes and transients" in long and "not on shorter" not in long

@@ -33,6 +33,48 @@ VALIDATION_VIDEO = {
 }
 
 
+def class_disagreement_note(
+    simulated: str | None,
+    found: str | None,
+    reason: str | None,
+    n_frames: int,
+    frame_interval_s: float | None,
+) -> str | None:
+    """A note when a simulated video's pattern class (how it was made) differs from the class
+    the pattern rules read from it; ``None`` when they agree or either is unknown.
+
+    Args:
+        simulated: the class the video was simulated with; found: the class found, with the
+            rule's ``reason``; n_frames: frames segmented; frame_interval_s: s per frame.
+
+    Returns:
+        Text for people: both classes, the rule's reason, and how the recording's length
+        compares with the recordings the rules were validated on (:data:`VALIDATION_VIDEO`).
+    """
+    if not simulated or not found or simulated == found:
+        return None
+    dt = frame_interval_s or 1.0
+    length_s, valid_s = (
+        n_frames * dt,
+        VALIDATION_VIDEO["n_frames"] * VALIDATION_VIDEO["frame_interval_s"],
+    )
+    checked = (
+        f"{VALIDATION_VIDEO['n_frames']} frames of {VALIDATION_VIDEO['frame_interval_s']:g} s "
+        f"({valid_s / 60:g} min; calseg validate-patterns, BENCHMARKS.md 'Pattern classes')"
+    )
+    tail = (
+        f"the rules were validated on simulated recordings of {checked}, not on shorter "
+        "ones: a few minutes can show another pattern than the tissue's whole course"
+        if length_s < valid_s
+        else f"on simulated recordings of {checked} the rules confuse spikes and transients most"
+    )
+    because = f" ({reason})" if reason else ""
+    return (
+        f"simulated as {simulated}, but the pattern rules read {found}{because} from "
+        f"{n_frames} frames ({length_s / 60:.3g} min): {tail}"
+    )
+
+
 def simulated_recording_pattern(
     video: dict, frame_interval_s: float, pixel_size_um: float
 ) -> PatternResult:

@@ -385,7 +385,7 @@ def _infer_result(params: Any, ctx: JobContext, inp: _InferInput, run: Any) -> d
     res = out.segmentation
     finite = frames if frames.dtype.kind in "uib" else frames[np.isfinite(frames)]
     data_range = [float(finite.min()), float(finite.max())] if finite.size else [0.0, 1.0]
-    return {
+    result = {
         "source": inp.source,
         **out.to_result(),
         "model_job_id": params.model_job_id,
@@ -407,6 +407,19 @@ def _infer_result(params: Any, ctx: JobContext, inp: _InferInput, run: Any) -> d
         "model_info": ctx.jsonable(res.model_info),
         "warnings": list(ctx.warnings),
     }
+    if out.n_cells:  # a simulated video whose class the rules read otherwise: say so
+        from calseg.pipelines.validate_patterns import class_disagreement_note
+
+        note = class_disagreement_note(
+            inp.source.get("pattern_class"),
+            result["pattern_class"],
+            result["pattern_reason"],
+            t,
+            run.frame_interval_s,
+        )
+        if note:
+            result["notes"].append(note)
+    return result
 
 
 def _prompt_summary(prompts: Any) -> Any:

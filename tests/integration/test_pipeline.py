@@ -86,6 +86,10 @@ def test_simulate_finetune_infer_evaluate(service, client, bob_client, admin_cli
     traces = read_traces_csv(artifact_path(service, inf, "traces.csv"))
     n_cells = inf["result"]["n_cells"]
     assert len(traces["ids"]) == n_cells
+    # a class found other than the one simulated is said in a note (and only then)
+    found = inf["result"]["pattern_class"]
+    said = [n for n in inf["result"]["notes"] if n.startswith("simulated as")]
+    assert bool(said) == bool(n_cells and found != test_video["pattern_class"]), said
     events_csv = artifact_path(service, inf, "events.csv").read_text()
     assert events_csv.splitlines()[0] == ",".join(EVENT_COLUMNS)
     png = client.get(f"/api/jobs/{inf['id']}/frames/3.png", params={"overlay": 1, "gt": 1})
