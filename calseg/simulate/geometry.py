@@ -29,8 +29,11 @@ the initial state of another version of the published code, c ~ U(0.055, 0.059) 
 100-103; the state is forgotten within about 30 s of model time, cells then differ by under 1e-5
 uM), a less regular tessellation (jitter 1-3: perimeter / sqrt(area) +1.6 %, fractions within
 the seed spread), the render scale (``--cell-area-px 100`` and 204: 11.9 and 15.2 % over seeds
-100-103, within the seed spread; the coupling itself agrees within 1 %, tested). The gap is
-documented, not tuned away.
+100-103, within the seed spread; the coupling itself agrees within 1 %, tested), the IP3R
+recovery constants of DESIGN.md's single-cell check (ktau 1 uM, taumax 1000 s instead of the
+table's 1.5 uM, 800 s: ``--ktau 1 --taumax 1000``, 9.6 % against 11.9 % on the same draws,
+seeds 100-103, transients alone: lower, not higher) and sampling c every Euler step instead of
+every 5 s (``--sample-s 0.2``: the same fractions). The gap is documented, not tuned away.
 """
 
 from __future__ import annotations
