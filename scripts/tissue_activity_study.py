@@ -7,13 +7,13 @@ builds one pouch of ~3255 cells (the published large pouch, DESIGN.md section 2)
 given rendered mean cell area, integrates each class for 3600 s with the published forward Euler
 (dt 0.2 s) and prints the percentage of cells with c > 0.1 uM at any sampled time (every 5 s by
 default), then the mean, SD, min and max over seeds. ``--coupling-scale`` multiplies the
-Laplacian (edge weights), to measure how steep the fractions are in the coupling. ``--initial-
-state rest`` starts every cell at c ~ U(0.055, 0.059) uM and p ~ U(0.07, 0.09) uM (the initial
-state of one version of the published ``Pouch.simulate``; DESIGN.md section 2 and CalSeg start
-at c = p = 0), r ~ U(0.5, 0.7) in both. ``--ktau`` / ``--taumax`` replace the IP3R recovery
-constants and ``--sample-s`` the sampling interval of c. The draws of a class depend on its
-place in ``--classes``: compare runs with the same list. Published: spikes ~3 %, transients ~23
-%, waves and fluttering 100 %.
+Laplacian (edge weights), to measure how steep the fractions are in the coupling.
+``--initial-state rest`` starts every cell at c ~ U(0.055, 0.059) uM and p ~ U(0.07, 0.09) uM
+(the initial state of one version of the published ``Pouch.simulate``; DESIGN.md section 2 and
+CalSeg start at c = p = 0), r ~ U(0.5, 0.7) in both. ``--ktau`` / ``--taumax`` replace the IP3R
+recovery constants and ``--sample-s`` the sampling interval of c. The draws of a class depend on
+its place in ``--classes``: compare runs with the same list. Published: spikes ~3 %, transients
+~23 %, waves and fluttering 100 %.
 """
 
 from __future__ import annotations
