@@ -413,15 +413,20 @@ def _check_segment_options(config: dict, out_dir: Path) -> None:
         ) from None
 
 
+MEMORY_HEADROOM = 0.9
+"""``calseg segment`` plans within this fraction of the available memory: the estimate is an
+upper bound at the sizes it was measured at, and other processes' use changes while it runs."""
+
+
 def _check_memory(
     recording: Path, read_options: dict, fields: dict, max_frames: int | None
 ) -> None:
     """Refuse, before any pixel is decoded, a recording whose segmentation would need more
     memory than this machine has available: the infer job's cost estimate
     (:func:`calseg.service.costs.estimate_infer`, measured to lie at or above real peaks by the
-    costs bench) against :func:`calseg.machine.available_memory_bytes`. The message says how
-    many leading frames fit (``--max-frames``). No check where the available memory is
-    unknown."""
+    costs bench) against :data:`MEMORY_HEADROOM` of
+    :func:`calseg.machine.available_memory_bytes`. The message says how many leading frames fit
+    (``--max-frames``). No check where the available memory is unknown."""
     from calseg.io.recordings import RecordingError, probe_recording
     from calseg.machine import available_memory_bytes
     from calseg.service.costs import (
@@ -444,9 +449,10 @@ def _check_memory(
     shape = VideoShape(n, info.height, info.width)
     params = infer_params().model_construct(**fields)  # priced as the same infer job
     need = estimate_infer(params, JobInputs(recording=shape)).memory_bytes
-    if need <= available:
+    budget = MEMORY_HEADROOM * available
+    if need <= budget:
         return
-    fit = frames_within_memory(params, shape, available)
+    fit = frames_within_memory(params, shape, budget)
     hint = (
         f"segment the first {fit:,} frames with --max-frames {fit}, or crop, bin or split the "
         "recording"
@@ -456,8 +462,8 @@ def _check_memory(
     raise _fail(
         f"{recording}: segmenting {n:,} frames of {info.height} x {info.width} px needs "
         f"about {need / GIB:.1f} GiB of memory (CalSeg's cost estimate of an infer job with "
-        f"these options), more than the {available / GIB:.1f} GiB this machine has available. "
-        f"Nothing was decoded; {hint}."
+        f"these options), more than {100 * MEMORY_HEADROOM:.0f} % of the {available / GIB:.1f} "
+        f"GiB this machine has available. Nothing was decoded; {hint}."
     )
 
 

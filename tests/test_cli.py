@@ -356,6 +356,7 @@ def test_segment_refuses_a_recording_larger_than_memory_before_decoding(tmp_path
     names ``--max-frames`` with the number of frames that fit."""
     import h5py
 
+    from calseg.cli import MEMORY_HEADROOM
     from calseg.machine import available_memory_bytes
     from calseg.service.costs import VideoShape, frames_within_memory
     from calseg.service.schemas import infer_params
@@ -372,7 +373,7 @@ def test_segment_refuses_a_recording_larger_than_memory_before_decoding(tmp_path
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
     params = infer_params().model_construct(method="auto", target="active")
-    fit = frames_within_memory(params, VideoShape(*shape), available)
+    fit = frames_within_memory(params, VideoShape(*shape), MEMORY_HEADROOM * available)
     assert 0 < fit < shape[0]
     assert "400,000 frames of 1024 x 1024 px" in text and "Nothing was decoded" in text
     assert f"--max-frames {fit}" in text and "max_frames)" not in text

@@ -79,8 +79,10 @@ CONSTANTS: dict[str, float] = {
     # -- infer / evaluate, per recording pixel
     "infer_px_s": 4.0e6,  # activity, cell ROIs, traces, exports: px per second (costs bench:
     # 40 x 256^2 baseline in 5.1-15.5 s at load 6-11)
-    "infer_mem_b_per_px": 24.0,  # frames, activity maps, label stack: baseline jobs peaked
-    # at 266 / 320 / 541 MiB for 0.26 / 2.6 / 13 M px (costs bench): 21-22 B per px
+    "infer_mem_b_per_px": 32.0,  # frames, activity maps, label stack: baseline jobs peaked
+    # at 266 / 320 / 541 MiB for 0.26 / 2.6 / 13 M px (costs bench): 21-22 B per px; calseg
+    # segment peaked at 1.69 / 5.29 GiB for 10 / 40 frames of 2048^2 (42 / 168 M px): 31 B
+    # per px (BENCHMARKS.md "Job cost estimates"); 24 let a suggested --max-frames run OOM
     "preprocess_mem_b_per_px": 40.0,  # float32 copies of the frames while preprocessing
     # (background opening at 40 x 256^2: 413 vs 320 MiB without, 36 B per px)
     "infer_disk_b_per_px": 2.5,  # labels.tif, overlay.gif, traces (costs bench: 0.7 MiB for
