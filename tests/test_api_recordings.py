@@ -70,7 +70,7 @@ def test_interleaved_upload_warns_then_options_split_it(client: TestClient) -> N
     assert r.status_code == 201, r.text
     rec = r.json()
     assert rec["n_frames"] == 80 and rec["read_options"] is None and rec["axes"] == "TYX"
-    assert any("interleaved_channels=2" in w for w in rec["warnings"]), rec["warnings"]
+    assert any("--interleaved-channels 2" in w for w in rec["warnings"]), rec["warnings"]
     assert rec["info"]["suspected_channels"] == 2 and rec["info"]["path"] == "two.tif"
     # stored with the recording: the listing and the single view show the same warnings
     assert client.get(f"/api/recordings/{rec['id']}").json()["warnings"] == rec["warnings"]

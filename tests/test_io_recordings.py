@@ -197,7 +197,7 @@ def test_5d_tzcyx_imagej_picks_channel_and_projects_z(tmp_path):
     np.testing.assert_array_equal(rec.frames, data[:, :, 1].max(axis=1))
     assert any("channel 1 of 2" in w for w in rec.info.warnings)
     assert any("projection over 3 Z" in w for w in rec.info.warnings)
-    with pytest.raises(RecordingError, match="channel=2 does not exist"):
+    with pytest.raises(RecordingError, match="channel 2 does not exist"):
         read_recording(path, channel=2)
 
 
@@ -227,7 +227,7 @@ def test_ambiguous_4d_needs_axes_override(tmp_path):
     data = stack(6, 16, 20).reshape(3, 2, 16, 20)
     path = tmp_path / "four.tif"
     tifffile.imwrite(path, data, photometric="minisblack")
-    with pytest.raises(RecordingError, match="ambiguous.*axes="):
+    with pytest.raises(RecordingError, match="ambiguous.*--axes"):
         probe_recording(path)
     rec = read_recording(path, axes="TZYX")
     np.testing.assert_array_equal(rec.frames, data.max(axis=1))
@@ -475,7 +475,7 @@ def test_planar_rgb_three_frame_stack_hint_and_override(tmp_path):
     path = tmp_path / "three.tif"
     tifffile.imwrite(path, data, photometric="rgb", planarconfig="separate")
     info = probe_recording(path)
-    assert info.n_frames == 1 and any("axes='TYX'" in w for w in info.warnings)
+    assert info.n_frames == 1 and any("--axes TYX" in w for w in info.warnings)
     np.testing.assert_array_equal(read_recording(path, axes="TYX").frames, data)
 
 
@@ -522,7 +522,7 @@ def test_interleaved_channels_are_detected_and_can_be_split(tmp_path):
     tifffile.imwrite(path, images, photometric="minisblack")
     info = probe_recording(path)
     assert info.n_frames == 80 and info.suspected_channels == 2
-    assert any("interleaved_channels=2" in w for w in info.warnings), info.warnings
+    assert any("--interleaved-channels 2 --channel 0..1" in w for w in info.warnings), info.warnings
     rec = read_recording(path)
     assert rec.info.suspected_channels == 2  # the full read says so too
     split = read_recording(path, interleaved_channels=2, channel=0)
@@ -531,6 +531,21 @@ def test_interleaved_channels_are_detected_and_can_be_split(tmp_path):
     np.testing.assert_array_equal(
         read_recording(path, interleaved_channels=2, channel=1).frames, red
     )
+
+
+def test_an_interleave_that_cannot_be_read_is_not_offered(tmp_path, real_file):
+    """Found by a new-user check: fissa_b_AVG_A02 (29 images) was told to read itself as 3
+    interleaved channels, which the reader then refused (29 is no multiple of 3). The note now
+    says the count does not fit, and offers no reading."""
+    images, _, _ = _two_channel()
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, images[:79], photometric="minisblack")  # one image short
+    for info in (probe_recording(path), read_recording(path).info):
+        assert info.suspected_channels is None
+        (w,) = [w for w in info.warnings if "interleaved" in w]
+        assert "file's 79 images are no multiple of 2" in w and "--interleaved-channels" not in w
+    fissa = read_recording(real_file("fissa_b_AVG_A02.tif")).info
+    assert not any("--interleaved-channels" in w for w in fissa.warnings), fissa.warnings
 
 
 def test_one_channel_recordings_are_not_called_interleaved(tmp_path, real_file):

@@ -650,7 +650,8 @@ def _open_tiff(path: Path, display: str) -> _Source:
         n_s = shape[file_axes.index("S")]
         warn.append(
             f"stored as {n_s} planar colour planes (numpy-written {n_s}-image stacks often end "
-            f"up so); if they are frames, pass axes={file_axes.replace('S', 'T')!r}"
+            f"up so); if they are frames, read with --axes {file_axes.replace('S', 'T')} "
+            "(parameter axes)"
         )
     if photometric == 3:
         warn.append("palette (indexed-colour) TIFF: read the palette indices as intensities")
@@ -1597,8 +1598,8 @@ def _resolve_axes(src: _Source, override: str | None) -> tuple[str, list[str]]:
         raise RecordingError(
             f"{name} stores {len(shape)}-D data ({dims}) whose axes are ambiguous "
             f"({'file axes ' + repr(src.file_axes) if src.file_axes else 'no axes in the file'}); "
-            "pass axes= with one letter per "
-            "dimension, e.g. axes='TZYX' (time, depth, rows, columns) or 'TCYX' (channels)."
+            "give --axes (parameter axes) with one letter per dimension, e.g. --axes TZYX "
+            "(time, depth, rows, columns) or TCYX (channels)."
         )
     if "C" in ax and "T" not in ax and "Z" not in ax and shape[ax.index("C")] > MAX_CHANNELS:
         nc = shape[ax.index("C")]
@@ -1676,7 +1677,7 @@ def _plan(
         if "C" in ax:
             raise RecordingError(
                 f"{src.path.name} already has a channel axis (axes {ax!r}); pick one with "
-                "channel= instead of interleaved_channels."
+                "--channel (parameter channel) instead of --interleaved-channels."
             )
         k = interleaved
         n_img = size.get("T", 1)
@@ -1687,7 +1688,8 @@ def _plan(
             )
         if not 0 <= channel < k:
             raise RecordingError(
-                f"channel={channel} does not exist among {k} interleaved channels (0..{k - 1})."
+                f"channel {channel} does not exist among {k} interleaved channels "
+                f"(--channel 0..{k - 1})."
             )
         if k > 1:
             notes.append(
@@ -1698,8 +1700,8 @@ def _plan(
         n_c = size["C"]
         if not 0 <= channel < n_c:
             raise RecordingError(
-                f"channel={channel} does not exist: {src.path.name} has {n_c} channel(s) "
-                f"(0..{n_c - 1})."
+                f"channel {channel} does not exist: {src.path.name} has {n_c} channel(s) "
+                f"(--channel 0..{n_c - 1})."
             )
         if n_c > 1:
             notes.append(f"multi-channel data: read channel {channel} of {n_c}")
@@ -1723,7 +1725,8 @@ def _plan(
         raise RecordingError(
             f"{src.path.name}: frames of {h} x {w} px are too small (minimum {MIN_FRAME_SIDE} x "
             f"{MIN_FRAME_SIDE}); the axes were probably mis-detected (data shape {shape}, axes "
-            f"{ax!r}): pass axes= to say which dimensions are rows (Y) and columns (X)."
+            f"{ax!r}): give --axes (parameter axes) to say which dimensions are rows (Y) and "
+            "columns (X)."
         )
     note = _dtype_note(src.dtype)
     if note and src.calibration is None:
@@ -1976,19 +1979,32 @@ def suspected_interleave(
     return hits[0] if hits else None
 
 
-def _check_interleave(info: RecordingInfo, images: np.ndarray) -> None:
+def _check_interleave(info: RecordingInfo, images: np.ndarray, n_images: int) -> None:
     """Add a warning (and ``info.suspected_channels``) when ``images``, the first images of a
-    recording read without a channel choice, look like interleaved channels."""
+    recording of ``n_images`` read without a channel choice, look like interleaved channels.
+    The reading it suggests is one the reader accepts: when ``n_images`` is no multiple of the
+    channel count it says that instead (and sets no ``suspected_channels``)."""
     hit = suspected_interleave(images)
     if hit is None:
         return
     k, score = hit
-    info.suspected_channels = k
-    info.warnings.append(
+    seen = (
         f"the first {len(images)} images look like {k} interleaved channels (or Z planes): "
         f"images {k} apart are {score:.1f} x more alike than closer ones (score above "
-        f"{INTERLEAVE_THRESHOLD}); if the file alternates channels, read it with "
-        f"interleaved_channels={k} and channel=0..{k - 1}, else dF/F mixes the channels"
+        f"{INTERLEAVE_THRESHOLD})"
+    )
+    if n_images % k:
+        info.warnings.append(
+            f"{seen}, but the file's {n_images} images are no multiple of {k}: if it "
+            "alternates channels, images are missing (check the export); if not, the likeness "
+            "is the recording's own rhythm"
+        )
+        return
+    info.suspected_channels = k
+    info.warnings.append(
+        f"{seen}; if the file alternates channels, read it with --interleaved-channels {k} "
+        f"--channel 0..{k - 1} (parameters interleaved_channels, channel), else dF/F mixes the "
+        "channels"
     )
 
 
@@ -2273,7 +2289,7 @@ def probe_recording(
         info = reader.info
         info.warnings.extend(stats.notes(partial=True))
         if sample >= 6:
-            _check_interleave(info, np.stack(thumbs))
+            _check_interleave(info, np.stack(thumbs), n)
         return info
 
 
@@ -2345,7 +2361,7 @@ def read_recording(
         info.n_frames = t1
         info.warnings.extend(stats.notes(partial=False))
         if _interleave_applies(reader, interleaved_channels) and t1 >= 6:
-            _check_interleave(info, frames[:INTERLEAVE_SAMPLE])
+            _check_interleave(info, frames[:INTERLEAVE_SAMPLE], n)
         if t1 < n:
             info.warnings.append(f"read the first {t1} of {n} frames (--max-frames / max_frames)")
         return Recording(frames=frames, info=info)
