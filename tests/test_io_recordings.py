@@ -637,3 +637,21 @@ def test_a_recording_with_no_finite_value_is_flagged_at_the_probe(tmp_path):
     data[4, 0, 0] = 1.0  # one finite value: counted as before, not flagged
     tifffile.imwrite(path, data, photometric="minisblack")
     assert not any("no finite value" in w for w in read_recording(path).info.warnings)
+
+
+def test_a_refused_hdf5_is_named_by_its_file(tmp_path):
+    """Found by a new-user check: reading ``grp_ext.h5:/g/real`` said "real is refused: it
+    points at other files (/g/ext is an external link ...)": the subject was the dataset's last
+    name, and the plain dataset read seemed to be the link. The file is named, and the message
+    says the file holds the link."""
+    import h5py
+
+    path = tmp_path / "grp_ext.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("g/real", data=stack(6, 16, 16))
+        f["g/ext"] = h5py.ExternalLink("/etc/passwd", "/x")
+    with pytest.raises(RecordingError) as err:
+        read_recording(f"{path}:/g/real")
+    text = str(err.value)
+    assert text.startswith("grp_ext.h5 is refused: the file holds links to other files")
+    assert "/g/ext is an external link to /etc/passwd:/x" in text

@@ -372,9 +372,10 @@ def check_hdf5_file(h5: Any, limit: int | None = None) -> None:
         )
     if bad:
         raise UnsafeRecording(
-            f"it points at other files ({'; '.join(bad[:3])}): HDF5 external links are not "
-            "accepted, since reading must stay inside the uploaded file; copy the data into "
-            "the file (h5py: f['rec'] = other['rec'][()]) and upload that"
+            f"the file holds links to other files ({'; '.join(bad[:3])}), whichever dataset "
+            "is read: HDF5 external links are not accepted, since reading must stay inside the "
+            "uploaded file; copy the data into the file (h5py: f['rec'] = other['rec'][()]) "
+            "and upload that"
         )
 
 

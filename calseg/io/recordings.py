@@ -2107,7 +2107,8 @@ def _guard(fn: Callable[[], Any], display: str) -> Any:
     except RecordingError:
         raise
     except UnsafeRecording as exc:
-        raise RecordingError(f"{Path(display).name} is refused: {exc}.") from exc
+        # the file, not an HDF5 dataset's last name ("x.h5:/g/data" is x.h5)
+        raise RecordingError(f"{_split_hdf5_path(display)[0].name} is refused: {exc}.") from exc
     except MemoryError as exc:
         raise RecordingError(
             f"{display} is too large to read into memory; {FEWER_FRAMES}."
