@@ -655,3 +655,23 @@ def test_a_refused_hdf5_is_named_by_its_file(tmp_path):
     text = str(err.value)
     assert text.startswith("grp_ext.h5 is refused: the file holds links to other files")
     assert "/g/ext is an external link to /etc/passwd:/x" in text
+
+
+def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):
+    """Found by a new-user check: a complex TIFF was read as its real part under a leaked
+    ComplexWarning, and finite float64 values near 1e300 became Inf in the cast to float32 (a
+    leaked RuntimeWarning), then were refused as 'no finite value ... check the export'."""
+    import warnings
+
+    cplx, huge = tmp_path / "complex.tif", tmp_path / "huge.tif"
+    tifffile.imwrite(cplx, (np.ones((5, 16, 16)) * (1 + 2j)).astype(np.complex64))
+    tifffile.imwrite(huge, np.full((5, 16, 16), 1e300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may leak
+        with pytest.raises(RecordingError, match="stores complex values"):
+            read_recording(cplx)
+        with pytest.raises(RecordingError, match="values up to 1e\\+300, beyond float32"):
+            read_recording(huge)
+        fine = tmp_path / "fine.tif"
+        tifffile.imwrite(fine, np.full((5, 16, 16), 1e30))
+        assert read_recording(fine).frames.dtype == np.float32

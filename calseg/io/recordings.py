@@ -1728,6 +1728,12 @@ def _plan(
             f"{ax!r}): give --axes (parameter axes) to say which dimensions are rows (Y) and "
             "columns (X)."
         )
+    if np.dtype(src.dtype).kind == "c":
+        raise RecordingError(
+            f"{src.path.name} stores complex values ({np.dtype(src.dtype).name}, e.g. a Fourier "
+            "transform or a phase image); CalSeg reads real-valued intensities: export the "
+            "magnitude (numpy: np.abs) or the real part as float32."
+        )
     note = _dtype_note(src.dtype)
     if note and src.calibration is None:
         notes.append(note)
@@ -1878,7 +1884,16 @@ def _read_frames(
         c0, c1 = src.calibration
         data = (np.float32(c0) + np.float32(c1) * data.astype(np.float32)).astype(np.float32)
     elif data.dtype != out_dtype:
-        data = data.astype(out_dtype)
+        try:
+            with np.errstate(over="raise"):
+                data = data.astype(out_dtype)
+        except FloatingPointError:  # finite float64 beyond float32: they would become Inf
+            top = float(np.nanmax(np.abs(data[np.isfinite(data)])))
+            raise RecordingError(
+                f"{src.path.name} holds values up to {top:.3g}, beyond float32's range "
+                f"({float(np.finfo(np.float32).max):.3g}), in which CalSeg computes; they would "
+                "become Inf. Rescale the data (e.g. divide by a constant) before export."
+            ) from None
     return np.ascontiguousarray(data)
 
 
