@@ -29,10 +29,13 @@ class _Console(Console):
     """The CLI's console: text is printed as it is (``markup=False`` unless a call asks for
     it), so paths, file metadata and error messages holding ``[...]`` are never read as rich
     markup (a path ``x[/y]`` raised ``MarkupError``, ``calseg[bioio]`` lost its ``[bioio]``).
-    The styled prefixes go through :func:`_styled`."""
+    The styled prefixes go through :func:`_styled`. Into a pipe or a file, lines are not
+    wrapped (``soft_wrap``): rich wrapped at 80 columns there and broke output paths in two,
+    which logs and scripts then could not use; paths are never wrapped."""
 
     def print(self, *objects: object, **kwargs: object) -> None:  # noqa: D102
         kwargs.setdefault("markup", False)
+        kwargs.setdefault("soft_wrap", not self.is_terminal)
         super().print(*objects, **kwargs)
 
 
@@ -588,9 +591,10 @@ def segment(
         raise _fail(str(exc)) from None
     out = run.outputs
     _print_lines(out.lines(str(recording), str(out_dir)))
-    for name in ("labels.tif", "overlay.png", "overlay.gif", "activity.png", "diagnosis.json"):
+    shown = ("labels.tif", "overlay.png", "overlay.gif", "activity.png", "activity.tif")
+    for name in (*shown, "diagnosis.json", "calseg.nwb"):
         if name in out.paths:
-            console.print(f"{name}: {out.paths[name]}", markup=False, highlight=False)
+            console.print(f"{name}: {out.paths[name]}", highlight=False, soft_wrap=True)
     tables = [
         n for n in ("traces.csv", "events.csv", "patterns.json", "rois.zip") if n in out.paths
     ]

@@ -428,3 +428,17 @@ def test_no_flag_name_is_cut_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> N
         assert r.exit_code == 0, (path, r.output)
         assert "…" not in r.output, (path, r.output)
         assert max(len(line) for line in r.output.splitlines()) <= 80, path
+
+
+def test_output_paths_are_printed_whole_into_a_pipe(tmp_path: Path) -> None:
+    """Found by a new-user check: ``calseg segment ... | cat`` broke a 100-character output
+    path across two lines (rich wrapped at 80 columns), so scripts got broken paths; the
+    activity map's TIFF was written but not listed."""
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, np.random.default_rng(0).poisson(50, (20, 40, 40)).astype(np.uint16))
+    out = tmp_path / ("d" * 100)
+    r = runner.invoke(app, ["segment", str(rec), str(out)], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    for name in ("labels.tif", "overlay.png", "activity.tif"):
+        assert f"{name}: {out / name}" in lines, r.output

@@ -173,13 +173,14 @@ def baseline_notes(
     if not bad.any():
         return []
     return [
-        f"dF/F looks inflated: {int(bad.sum())} of {len(bad)} cells peak at dF/F "
+        f"dF/F looks inflated: {int(bad.sum())} of {len(bad)} cells peak at dF/F up to "
         f"{float(peak[bad].max()):.1f} while their F0 ({float(med_f0[bad].min()):.3g} to "
         f"{float(med_f0[bad].max()):.3g}) lies within {100 * LOW_F0_FRACTION:.0f} % of the "
         f"intensity range above the recording's dark level ({dark:.3g}, its "
         f"{DARK_PERCENTILE:g}th percentile; range up to {top:.3g}): F0 there is mostly offset "
         "or background error, not resting fluorescence. The values look offset- or "
-        "background-subtracted already (e.g. an ImageJ calibration applied on reading); "
+        "background-subtracted already (e.g. by an ImageJ calibration, which CalSeg applies "
+        "on reading when the file has one: see the reading notes); "
         "compare the cells' F, or measure the background in a cell-free area and keep it in "
         "F0, before reading these dF/F as signal"
     ]
