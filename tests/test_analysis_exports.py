@@ -316,3 +316,11 @@ def test_infer_runner_on_a_simulated_video_with_preprocessing(tmp_path):
     assert json.loads(Path(ctx.artifacts["waves.json"]).read_text())["speed_unit"] == "um/s"
     with pytest.raises(Exception, match="background"):
         validate_params("infer", {**params, "background": "tophat"})
+
+
+def test_the_documented_event_columns_are_the_written_ones():
+    """The module docstring's events header lacked ``rest`` (a new-user check); it is read
+    here so that it cannot drift from the CSV again."""
+    import calseg.io.tables as tables
+
+    assert ",".join(EVENT_COLUMNS) in "".join(tables.__doc__.split())  # whitespace dropped

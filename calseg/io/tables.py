@@ -13,7 +13,12 @@ guard. Floats are written with 7 significant digits (float32 precision).
 Events: one row per event, the fields of :class:`calseg.analysis.events.Event`::
 
     cell_id,onset_frame,peak_frame,offset_frame,onset_s,peak_s,duration_s,amplitude,auc,
-    threshold,truncated
+    threshold,rest,truncated
+
+Frames count from 0. ``offset_frame`` is exclusive, the first frame after the event (Python's
+slice convention: ``dff[onset_frame:offset_frame]`` is the event), so it equals T for an event
+still running in the last frame (``truncated`` 1). ``amplitude`` is the peak dF/F, ``auc`` dF/F
+x s, ``threshold`` the dF/F level that started the event and ``rest`` the trace's resting dF/F.
 
 The same two tables are also written as Apache Parquet (``traces.parquet``, ``events.parquet``;
 pyarrow, columns and names as the CSVs, float32 F/F0/dF/F, NaN kept as NaN) for pandas, R arrow
