@@ -472,7 +472,9 @@ def _check_memory(
 
 @app.command()
 def segment(
-    recording: Annotated[Path, typer.Argument(help="a recording (TIFF, PNG, HDF5, ...)")],
+    recording: Annotated[
+        Path, typer.Argument(help="a recording (TIFF, PNG, HDF5 as FILE.h5:/dataset, ...)")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="folder for labels, overlays and tables")],
     method: str = typer.Option(
         "auto",

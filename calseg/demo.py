@@ -122,6 +122,21 @@ def run_or_reuse(
     return watch(client, submit(client, kind, params))
 
 
+def stage_text(job: dict, width: int = 100) -> str:
+    """One progress line of a job (``GET /api/jobs/ID``): its stage and message, cut at a word
+    with "…" beyond ``width`` characters, and the job's ETA unless the message gives one."""
+    stage = job.get("stage") or job["state"]
+    message = job.get("message") or ""
+    if message:
+        stage = f"{stage}: {message}"
+        if len(stage) > width:
+            stage = stage[:width].rsplit(" ", 1)[0] + " …"
+    eta = job.get("eta_s")
+    if eta is not None and job["state"] == "running" and "ETA" not in message:
+        stage += f" (ETA {eta:.0f} s)"
+    return stage
+
+
 def submit(client: httpx.Client, kind: str, params: dict[str, Any]) -> dict[str, Any]:
     """Submit a job over HTTP and return its JSON record.
 
@@ -157,12 +172,7 @@ def watch(client: httpx.Client, job: dict[str, Any], timeout_s: float = 1800) ->
             r = client.get(f"/api/jobs/{job_id}")
             r.raise_for_status()
             job = r.json()
-            stage = job.get("stage") or job["state"]
-            if job.get("message"):
-                stage = f"{stage}: {job['message']}"[:70]
-            eta = job.get("eta_s")
-            if eta is not None and job["state"] == "running":
-                stage += f" (ETA {eta:.0f} s)"
+            stage = stage_text(job)
             bar.update(task, completed=float(job.get("progress") or 0.0), stage=stage)
             # logs and CI have no live bar: one line per stage and per 10 % of progress
             mark = (job.get("stage"), int(10 * float(job.get("progress") or 0.0)))

@@ -172,3 +172,17 @@ def test_a_bad_simulation_option_fails_before_the_service_starts(capsys) -> None
         out = capsys.readouterr().out
         assert "demo failed:" in out and "mean_cell_area_px" in out
         assert "service up" not in out
+
+
+def test_progress_lines_have_one_eta_and_whole_words():
+    """Found by a new-user check: 'train: step 1/150 loss 0.4354 ETA 17 s (ETA 21 s)' (two
+    ETAs) and 'embedded 4/48 fram (ETA 21 s)' (cut at 70 characters mid-word)."""
+    from calseg.demo import stage_text
+
+    job = {"state": "running", "stage": "train", "eta_s": 21.0}
+    line = stage_text({**job, "message": "step 1/150 loss 0.4354 ETA 17 s"})
+    assert line == "train: step 1/150 loss 0.4354 ETA 17 s"
+    assert stage_text({**job, "message": "step 2/150"}) == "train: step 2/150 (ETA 21 s)"
+    long = stage_text({**job, "message": "embedded frames of v006 " * 8}, width=60)
+    assert long.endswith("v006 … (ETA 21 s)") and len(long) <= 60 + len(" … (ETA 21 s)")
+    assert stage_text({"state": "queued"}) == "queued"

@@ -447,7 +447,9 @@ def encode_frames(
                         },
                     )
             done += len(idx)
-            progress(done / max(len(todo), 1), "embed", f"embedded {done}/{len(todo)} frames")
+            progress(  # the frames not cached yet, of this call's recording or set
+                done / max(len(todo), 1), "embed", f"embedded {done}/{len(todo)} uncached frames"
+            )
     if not todo:
         progress(1.0, "embed", f"all {t} frames from the embedding cache")
     return FrameEmbeddings(emb, f0, f1, hashes, n_computed=len(todo), n_cached=n_cached)
