@@ -201,7 +201,7 @@ def test_a_constant_recording_gets_no_offset_note():
 )
 def test_noise_alone_gets_no_offset_note(mean, offset, gain):
     """Found by a new-user check: pure Poisson noise of mean 100 was told "subtract 70" (its
-    0.1th percentile): the floor of a recording that is all noise is the noise's low tail.
+    0.1-percentile): the floor of a recording that is all noise is the noise's low tail.
     Its range spans about 6 noise SDs; recordings with cells span 27-310."""
     from calseg.analysis.evidence import NOISE_RANGE_SDS, offset_notes, temporal_noise_sd
 
@@ -220,7 +220,7 @@ def test_noise_alone_gets_no_offset_note(mean, offset, gain):
 
 def test_a_single_image_gets_no_offset_note():
     """Found by a new-user check: a 1-frame file (sima_example-tiffs_0_badmeta) was told to
-    subtract its 0.1th percentile; one image cannot tell a camera offset from light."""
+    subtract its 0.1-percentile; one image cannot tell a camera offset from light."""
     from calseg.analysis.evidence import offset_notes
 
     image = np.random.default_rng(1).poisson(100, (1, 64, 64)).astype(np.uint16) + 20000

@@ -61,7 +61,7 @@ on +32768 0.001."""
 
 
 NOISE_RANGE_SDS = 10.0
-"""A recording whose floor-to-top range (0.1th to 99.9th percentile) spans fewer than this many
+"""A recording whose floor-to-top range (0.1- to 99.9-percentile) spans fewer than this many
 temporal noise SDs has nothing but noise in that range (white noise spans 6.2 SDs between those
 percentiles): its floor is the low tail of the noise, not an offset, and no offset note is
 given. Measured (:func:`temporal_noise_sd`): Poisson noise of mean 0.3-1000 and Gaussian noise
@@ -128,7 +128,7 @@ def offset_notes(frames: np.ndarray) -> list[str]:
         return []  # the range is the noise's own: the floor is its low tail, not an offset
     shown = f"{floor:.6g}"
     return [
-        f"the recording sits on a floor of {shown} (its {DARK_PERCENTILE:g}th percentile) and "
+        f"the recording sits on a floor of {shown} (its {DARK_PERCENTILE:g}-percentile) and "
         f"rises only {rise:.4g} above it (99.9th percentile {top:.6g}): if that floor is a "
         "camera offset or a constant added on export, dF/F = (F - F0) / F0 divides by it too, "
         f"so dF/F values and the events counted significant are up to {top / max(rise, 1e-12):.3g}"
@@ -177,7 +177,7 @@ def baseline_notes(
         f"{float(peak[bad].max()):.1f} while their F0 ({float(med_f0[bad].min()):.3g} to "
         f"{float(med_f0[bad].max()):.3g}) lies within {100 * LOW_F0_FRACTION:.0f} % of the "
         f"intensity range above the recording's dark level ({dark:.3g}, its "
-        f"{DARK_PERCENTILE:g}th percentile; range up to {top:.3g}): F0 there is mostly offset "
+        f"{DARK_PERCENTILE:g}-percentile; range up to {top:.3g}): F0 there is mostly offset "
         "or background error, not resting fluorescence. The values look offset- or "
         "background-subtracted already (e.g. by an ImageJ calibration, which CalSeg applies "
         "on reading when the file has one: see the reading notes); "

@@ -2069,8 +2069,8 @@ class _ValueStats:
             )
         elif self.n_nan or self.n_inf:
             notes.append(
-                f"{self.n_nan} NaN and {self.n_inf} Inf values{where} (kept as float32; use "
-                "NaN-safe statistics)"
+                f"{self.n_nan} NaN and {self.n_inf} Inf values{where} (kept as they are in the "
+                "float32 frames: other software reading them must skip them)"
             )
         if self.n_sat and self.dtype is not None:
             top = np.iinfo(self.dtype).max
