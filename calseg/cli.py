@@ -133,15 +133,20 @@ class _Bar:
         self._task = self._progress.add_task(title, total=1.0, stage="")
 
     def __enter__(self) -> ProgressFn:
-        self._progress.start()
+        self._started = False
 
         def report(fraction: float, stage: str, message: str | None = None) -> None:
+            if not self._started:  # on the first report: an early error prints alone
+                self._progress.start()
+                self._started = True
             text = f"{stage}: {message}" if message else stage
             self._progress.update(self._task, completed=fraction, stage=text[:60])
 
         return report
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._started:
+            return
         if exc_type is not None:  # the error alone, not a bar frozen at the failure
             self._progress.live.transient = True
         self._progress.stop()

@@ -442,3 +442,12 @@ def test_output_paths_are_printed_whole_into_a_pipe(tmp_path: Path) -> None:
     lines = r.output.splitlines()
     for name in ("labels.tif", "overlay.png", "activity.tif"):
         assert f"{name}: {out / name}" in lines, r.output
+
+
+def test_an_early_error_prints_alone(tmp_path: Path) -> None:
+    """Found by a new-user check: '--method bogus' printed a blank line (the progress bar,
+    started and cleared) before its one error line."""
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, np.random.default_rng(0).poisson(50, (8, 32, 32)).astype(np.uint16))
+    r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "o"), "--method", "bogus"])
+    assert r.exit_code == 2 and r.output.startswith("error: bad segmentation option"), r.output
