@@ -135,7 +135,12 @@ class CellGeometry:
 
 @dataclass
 class PatternResult:
-    """Pattern class of one recording with the features and the rule that decided it."""
+    """Pattern class of one recording with the features and the rule that decided it.
+
+    ``clusters``: the event clusters of 2 or more cells, largest first, at most 50 (each with
+    its cells, event count and first onset); ``features["n_clusters"]`` counts all clusters,
+    single-cell ones included, so it can exceed ``len(clusters)``.
+    """
 
     pattern_class: str
     reason: str
