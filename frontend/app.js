@@ -262,6 +262,25 @@ function modelLabel(id) {
   return (m && m.label) || "SAM2 model";
 }
 
+// parameters the "What" column names by what they are, not as changed settings
+const WHAT_SHOWN = new Set(["recording_id", "dataset_job_id", "video_id", "model_job_id", "method", "target"]);
+
+function changedParams(job) {
+  // "threshold_k 3" for each stored parameter that differs from its schema default: two jobs
+  // on one recording with different settings must not look the same in the jobs table
+  const schema = (S.kinds || {})[job.kind];
+  if (!schema) return [];
+  const out = [];
+  for (const [name, raw] of Object.entries(schema.properties || {})) {
+    if (WHAT_SHOWN.has(name) || !(name in (job.params || {}))) continue;
+    const p = resolve(schema, raw);
+    if (!("default" in p)) continue;
+    const v = job.params[name];
+    if (JSON.stringify(v) !== JSON.stringify(p.default)) out.push(`${name} ${Array.isArray(v) ? v.join(",") : v}`);
+  }
+  return out;
+}
+
 function jobWhat(job) {
   const p = job.params || {};
   const r = job.result || {};
@@ -272,6 +291,8 @@ function jobWhat(job) {
     const bits = [method, source];
     if (p.model_job_id) bits.push(modelName(p.model_job_id));
     if (p.target === "cells") bits.push("all cells on a projection");
+    const changed = changedParams(job);
+    if (changed.length) bits.push(changed.length > 3 ? `${changed.slice(0, 3).join(", ")} +${changed.length - 3} more` : changed.join(", "));
     return bits.join(" · ");
   }
   const has = (...keys) => keys.every((k) => p[k] !== undefined && p[k] !== null);
@@ -403,6 +424,7 @@ async function uploadRecording(ev) {
   $("upload-result").hidden = true;
   try {
     const rec = await uploadWithProgress(file);
+    $("upload-status").className = "";
     $("upload-status").textContent = rec.duplicate
       ? `${rec.filename} was uploaded before: using that recording`
       : `${rec.filename} uploaded`;
@@ -412,6 +434,8 @@ async function uploadRecording(ev) {
     await showRecording(rec);
     loadRecordings();
   } catch (e) {
+    $("upload-progress").hidden = true; // a full bar beside a failure read as success
+    $("upload-status").className = "error";
     $("upload-status").textContent = `upload failed: ${e.message}`;
   }
 }
@@ -728,10 +752,13 @@ async function submitJob(ev) {
   $("job-form-status").textContent = "";
   const { params, firstBad } = collectParams(kind);
   if (firstBad) {
-    $("job-form-error").textContent = "fix the fields marked below";
+    $("job-form-error").textContent = "fix the fields marked above";
     document.getElementById(fieldId(kind, firstBad)).focus();
     return;
   }
+  const button = $("job-submit");
+  if (button.disabled) return; // a request in flight: a double click submits one job
+  button.disabled = true;
   try {
     const job = await api("/api/jobs", {
       method: "POST", headers: { "Content-Type": "application/json" },
@@ -742,6 +769,8 @@ async function submitJob(ev) {
     selectJob(job.id);
   } catch (e) {
     showServerErrors(kind, e);
+  } finally {
+    button.disabled = false;
   }
 }
 
@@ -768,7 +797,7 @@ function showServerErrors(kind, e) {
     }
   }
   $("job-form-error").textContent = loose.length ? loose.join("; ")
-    : placed ? `the server refused ${placed} field(s): see below` : `submit failed: ${e.message}`;
+    : placed ? `the server refused ${placed} field(s): see above` : `submit failed: ${e.message}`;
   if (first) document.getElementById(fieldId(kind, first)).focus();
 }
 
@@ -939,7 +968,25 @@ async function useSuggestion(job, params) {
     const d = input.closest("details");
     if (d) d.open = true;
   }
-  $("job-form-status").textContent = `form filled: ${Object.entries(params).map(([k, v]) => `${k} = ${v}`).join(", ")}; review and submit`;
+  const filled = Object.entries(params).map(([k, v]) => `${k} = ${v}`).join(", ");
+  $("job-form-status").textContent = `form filled: ${filled}; review and submit`;
+  // the suggestion was for this recording: choosing another one returns the form to the
+  // defaults (a new-user check ran later jobs on other recordings at the suggested threshold)
+  for (const k of ["recording_id", "dataset_job_id", "video_id"]) {
+    const source = document.getElementById(fieldId("infer", k));
+    if (!source) continue;
+    const original = source.value.trim();
+    source.addEventListener("input", () => { // typed, or chosen from the picker beside it
+      if (source.value.trim() === original || !document.body.contains(source)) return;
+      const keep = Object.fromEntries(["recording_id", "dataset_job_id", "video_id", "model_job_id"]
+        .map((n) => [n, document.getElementById(fieldId("infer", n))])
+        .filter(([, input]) => input && input.value).map(([n, input]) => [n, input.value]));
+      renderForm("infer");
+      for (const [n, v] of Object.entries(keep)) setFieldValue("infer", n, v);
+      $("job-form-status").textContent = `the suggested ${filled} was for the other recording: `
+        + "the form is back to the defaults";
+    });
+  }
   $("newjob-title").scrollIntoView({ behavior: "smooth", block: "start" });
   $("job-submit").focus({ preventScroll: true });
 }
@@ -1410,7 +1457,7 @@ function setupViewer(job) {
   $("gt-select").value = "0";
   $("range-lo").value = "";
   $("range-hi").value = "";
-  clearTrace("Click a cell in the frame (or choose one below) to plot its dF/F trace.");
+  clearTrace("Click a cell in the frame (or choose one above) to plot its dF/F trace.");
   loadCells(job);
   showFrame();
 }
@@ -1454,7 +1501,7 @@ async function showFrame() {
   if (!V.jobId) return;
   const t = Number($("frame-slider").value);
   const secs = V.dtKnown ? ` · ${fmtNum(t * V.dt)} s` : "";
-  $("frame-label").textContent = `${t} / ${Number($("frame-slider").max) + 1}${secs}`; // as on the contact sheets
+  $("frame-label").textContent = `${t} of 0–${$("frame-slider").max}${secs}`; // frames count from 0, as in the files
   moveMarker();
   const req = ++V.request;
   const url = frameUrl(t);

@@ -217,3 +217,19 @@ def test_cells_target_with_no_cell_says_why_and_what_to_try(tmp_path: Path) -> N
     assert not [t for t in lines if t.startswith("try: ")]
     diag = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert diag["reason"] == why.removeprefix("why no cell: ") and diag["suggestions"] == []
+
+
+def test_a_default_model_setting_that_did_not_run_is_said():
+    """Found by a new-user check of the page: SAM2 with the default model setting
+    (sam2.1_hiera_t) ran the small SAM2 trained here, and only the log said so; the job's
+    parameters showed sam2.1_hiera_t."""
+    from calseg.pipelines.segment import _model_default_notes
+    from calseg.segment.infer import InferenceConfig
+
+    info = {"config": "sam2_small_calseg", "image_size": 512, "checkpoint": "/x/small.pt"}
+    (note,) = _model_default_notes(InferenceConfig(method="sam2"), info)
+    assert note.startswith("SAM2 ran sam2_small_calseg at 512 px from small.pt")
+    assert "sam2.1_hiera_t, the default" in note
+    assert _model_default_notes(InferenceConfig(method="classical"), info) == []
+    same = {**info, "config": InferenceConfig().model}
+    assert _model_default_notes(InferenceConfig(method="sam2"), same) == []

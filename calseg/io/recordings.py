@@ -341,8 +341,9 @@ def _describe_head(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(64)
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
-    kind = "text" if head and printable == len(head) else "binary data"
-    return f"it starts with {head[:12]!r}, which looks like {kind}"
+    if head and printable == len(head):  # quoted as text, not as Python bytes (b'...')
+        return f'it starts with "{head[:12].decode("ascii")}", which looks like text'
+    return f"it starts with the bytes {head[:12].hex(' ')}, which looks like binary data"
 
 
 def _open_source(path: str | Path, limits: ReadLimits | None = None) -> _Source:

@@ -553,6 +553,7 @@ def segment_to_folder(
             raise
         warnings.append(f"traces/events export failed: {exc}")
     notes = list(exports.get("notes", []))
+    notes.extend(_model_default_notes(config, res.model_info))
 
     if config.target == "active" and exports and n_cells:
         silent = sorted(
@@ -700,6 +701,27 @@ def _model_override_warnings(config: InferenceConfig, model_info: dict | None) -
                 f"{key} {used} was used"
             )
     return out
+
+
+def _model_default_notes(config: InferenceConfig, model_info: dict | None) -> list[str]:
+    """A note when SAM2 ran another architecture than the (default) model setting names: with
+    no official checkpoint configured, the small SAM2 trained here runs, as it was trained (a
+    new-user check read the unchanged setting "sam2.1_hiera_t" beside the run as the model
+    used). Explicitly asked-for models that did not run get a warning instead
+    (:func:`_model_override_warnings`)."""
+    info = model_info or {}
+    used = info.get("config")
+    if config.method != "sam2" or not used:
+        return []
+    fields = type(config).model_fields
+    if config.model != fields["model"].default or used == config.model:
+        return []
+    ckpt = Path(str(info.get("checkpoint") or "")).name or "its checkpoint"
+    return [
+        f"SAM2 ran {used} at {info.get('image_size')} px from {ckpt}: the model setting "
+        f"({config.model}, the default) names Meta's architectures, and a checkpoint fixes its "
+        "own (none of Meta's is configured here: CALSEG_SAM2_CHECKPOINT)"
+    ]
 
 
 def noise_notes(frames: np.ndarray, stats: dict[str, Any]) -> list[str]:

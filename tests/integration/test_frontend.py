@@ -242,7 +242,8 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     assert api.get("/api/jobs", params={"kind": "infer"}).json()["total"] == 0
     page.fill("#f-infer-low_percentile", "0.5")
     with page.expect_request(lambda r: r.url.endswith("/api/jobs") and r.method == "POST") as req:
-        page.get_by_role("button", name="Submit infer job").click()
+        # two clicks in one go submit one job (the button is disabled while the request runs)
+        page.evaluate("const b = document.querySelector('#job-submit'); b.click(); b.click()")
     # only what differs from the defaults is sent
     assert req.value.post_data_json == {
         "kind": "infer",
@@ -251,6 +252,7 @@ def test_sign_in_upload_infer_and_view(service, browser, user, api, real_file) -
     page.wait_for_function(
         "document.querySelector('#job-form-status').textContent.includes('queued')"
     )
+    page.wait_for_timeout(500)  # a second request, were there one, has arrived by now
     jobs = api.get("/api/jobs", params={"kind": "infer"}).json()["items"]
     assert len(jobs) == 1 and jobs[0]["params"]["method"] == "classical"
     assert jobs[0]["params"]["recording_id"] == rec["id"]
@@ -674,6 +676,13 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     cells_id = resp.value.json()["id"]
     cells_job = _wait_job(api, cells_id)
     assert cells_job["params"]["target"] == "cells"
+    # the suggestion was for sima: choosing another recording returns the form to defaults
+    page.select_option("#f-infer-recording_id-pick", recs[REAL]["id"])
+    page.wait_for_function(
+        "document.querySelector('#job-form-status').textContent.includes('back to the defaults')"
+    )
+    assert page.locator("#f-infer-target").input_value() == '"active"'
+    assert page.locator("#f-infer-recording_id").input_value() == recs[REAL]["id"]
     _open_job(page, cells_id)
     evidence = page.locator("#result-fields").text_content()
     m = re.search(
@@ -757,7 +766,8 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     }
     assert what[empty_id] == "classical · sima_example.tif"
     assert what[cells_id] == "classical · sima_example.tif · all cells on a projection"
-    assert what[sam["id"]] == "SAM2 untuned (random weights) · fissa_b_AVG_A02.tif"
+    # (settings that differ from the defaults are named)
+    assert what[sam["id"]] == "SAM2 untuned (random weights) · fissa_b_AVG_A02.tif · image_size 64"
     assert what[ac["id"]] == f"classical · {REAL}"
     page.select_option("#filter-kind", "")
 
