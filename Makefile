@@ -23,8 +23,10 @@ venv: $(STAMP)
 demo: $(STAMP) sysdeps
 	$(PY) -m calseg.demo $(if $(RECORDING),--recording "$(RECORDING)")
 
+# SIGTERM / SIGHUP stop the service in order (exit 143 / 129): a clean stop, not a make error
 serve: $(STAMP)
-	$(PY) -m calseg.service.embedded
+	$(PY) -m calseg.service.embedded || { rc=$$?; [ $$rc -eq 143 ] || [ $$rc -eq 129 ] || exit $$rc; \
+	  echo "serve: stopped by signal $$((rc - 128))"; }
 
 services:
 	bash scripts/services.sh

@@ -183,7 +183,10 @@ async function signIn(token) {
     if (r.status === 401 || r.status === 403) {
       let body = null;
       try { body = await r.json(); } catch (_) { body = null; }
-      signedOut(`token refused: ${detailText(body, r.statusText)}`);
+      // for people, not programmers (the server's text names the Authorization header)
+      signedOut("this token is not valid (mistyped, revoked or expired): open the address "
+        + "with #token=… that the server printed at start again, or ask its administrator "
+        + `for a new token (server: ${detailText(body, r.statusText)})`);
       return false;
     }
     if (!r.ok && r.status !== 404) { // e.g. 429 after too many bad tokens: say so, stay out
@@ -343,7 +346,10 @@ function jobRow(job) {
   el("td", { class: `state-${job.state}` }, job.state),
   el("td", { title: job.owner_id || "" }, owner),
   el("td", {}, progressBar(job)),
-  el("td", { title: job.message || "" }, job.stage || ""),
+  // the stage while it runs, where it stopped when it failed; a finished or cancelled job's
+  // last stage ("queued" beside "cancelled") read as a contradiction
+  el("td", { title: job.message || "" },
+    job.state === "running" ? job.stage || "" : job.state === "failed" && job.stage ? `at ${job.stage}` : ""),
   el("td", {}, job.state === "running" ? fmtEta(job.eta_s) : ""),
   actions);
   return row;
@@ -457,8 +463,9 @@ async function showRecording(rec) {
   // what the reader noticed or converted (interleaved channels, series read as frames, ...)
   const warnings = rec.warnings || [];
   if (warnings.length) {
-    dl.append(el("dt", {}, "reader warnings"),
-              el("dd", { class: "warn", id: "upload-warnings" }, warnings.join(" | ")));
+    // information about the reading (calibration applied, Z read as T, ...), not errors
+    dl.append(el("dt", {}, "reading notes"),
+              el("dd", { id: "upload-warnings" }, warnings.join(" | ")));
   }
   $("upload-result").hidden = false;
   const t = Math.floor(rec.n_frames / 2);
