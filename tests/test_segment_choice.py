@@ -58,7 +58,8 @@ def test_unmeasured_or_missing_checkpoint_means_classical(tmp_path: Path) -> Non
     ckpt, _ = _ckpt(tmp_path)
     c = best_method(ckpt)
     assert c.method == CLASSICAL and "no evaluation report compares model.pt" in c.reason
-    assert f"--out {evaluation_path(ckpt)}" in c.reason  # how to measure it
+    assert f"({evaluation_path(ckpt).name}: calseg evaluate" in c.reason  # how to measure it
+    assert str(tmp_path) not in c.reason  # shown on the page: no server folders
     assert best_method(tmp_path / "nope.pt").method == CLASSICAL
 
 
@@ -74,7 +75,7 @@ def test_an_unmeasured_checkpoint_quotes_its_training_record() -> None:
     assert c.method == CLASSICAL
     assert f"held-out F1 was {record['SAM2 small (trained here)']['f1']:.3f}" in c.reason
     assert f"against classical's {record['classical']['f1']:.3f}" in c.reason
-    assert "--method sam2" in c.reason
+    assert "method sam2 runs it now" in c.reason  # the setting, for the page and the CLI
 
 
 def test_measured_better_sam2_becomes_the_default(tmp_path: Path) -> None:

@@ -336,14 +336,15 @@ def best_method(checkpoint: str | Path | None) -> MethodChoice:
     if str(checkpoint).startswith("hf:"):
         return classical(f"the hub model {checkpoint} has no evaluation report here")
     path = Path(str(checkpoint)).expanduser()
+    # the reason is shown on the page to every user: file names, not the server's folders
     if not path.is_file():
-        return classical(f"the configured SAM2 checkpoint {path} does not exist")
+        return classical(f"the configured SAM2 checkpoint {name} does not exist")
     report_path = evaluation_path(path)
     if not report_path.is_file():
         how = (
-            f"SAM2 becomes the default once an evaluation report shows it beats classical "
-            f"(calseg evaluate DATASET --model {path} --out {report_path}); --method sam2 "
-            "runs it now"
+            f"SAM2 becomes the default once an evaluation report beside {name} "
+            f"({report_path.name}: calseg evaluate DATASET --model CHECKPOINT --out "
+            "CHECKPOINT.evaluation.json) shows it beats classical; method sam2 runs it now"
         )
         trained = _training_record_scores(path)
         if trained:
