@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from calseg.analysis.events import Event, detect_events
-from calseg.analysis.metrics import MAD_TO_SIGMA
+from calseg.analysis.metrics import diff_noise_sd
 from calseg.analysis.patterns import PatternThresholds, significant_events
 from calseg.fmt import plural
 
@@ -70,10 +70,9 @@ given. Measured (:func:`temporal_noise_sd`): Poisson noise of mean 0.3-1000 and 
 
 def temporal_noise_sd(frames: np.ndarray, max_frames: int = 64) -> float | None:
     """Typical temporal noise SD of a recording, in its units, from consecutive-frame differences
-    of its first ``max_frames`` frames (about :data:`PIXEL_SAMPLES` differences):
-    ``1.4826 median|d| / sqrt(2)``, or, where most differences are exactly 0 (whole-number data
-    with few counts), ``mean|d| sqrt(pi) / 2`` (E|d| = sigma_d sqrt(2/pi) for Gaussian d; the
-    same estimators as :func:`calseg.segment.prompts.noise_model`, pooled over pixels).
+    of its first ``max_frames`` frames (about :data:`PIXEL_SAMPLES` differences), pooled over
+    pixels by :func:`calseg.analysis.metrics.diff_noise_sd` (the estimator of
+    :func:`calseg.segment.prompts.noise_model`, per pixel there).
 
     Args:
         frames: ``(T, H, W)`` recording (any numeric dtype).
@@ -90,8 +89,7 @@ def temporal_noise_sd(frames: np.ndarray, max_frames: int = 64) -> float | None:
     d = d[np.isfinite(d)]
     if not d.size:
         return None
-    sd = MAD_TO_SIGMA * float(np.median(d)) / np.sqrt(2.0)
-    return sd if sd > 0 else float(np.sqrt(np.pi) / 2.0 * d.mean())
+    return diff_noise_sd(d)
 
 
 def offset_notes(frames: np.ndarray) -> list[str]:

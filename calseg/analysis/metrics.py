@@ -35,8 +35,31 @@ MAD_TO_SIGMA = 1.4826
 (1 / Phi^-1(3/4); Rousseeuw & Croux 1993). CalSeg's one home for it (noise of traces, frames,
 projections and camera fits)."""
 
+
+def diff_noise_sd(absdiff: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Noise SD from absolute consecutive-frame differences ``|x[t+1] - x[t]|`` (any shape):
+    ``1.4826 median|d| / sqrt(2)`` along ``axis`` (``None``: pooled), and where that median is
+    0 (whole-number data with few counts repeat between frames, so half or more of the
+    differences are exactly 0 although the data are noisy) ``mean|d| sqrt(pi) / 2`` instead
+    (E|d| = sigma_d sqrt(2/pi) for Gaussian d, and sigma_d = sigma sqrt(2)). Both are
+    independent of the recording's offset; the median is robust to activity, the mean sees
+    discrete noise. CalSeg's one home for this estimator (per-pixel noise of the activity map,
+    pooled noise of the offset note).
+
+    Returns:
+        An array of ``absdiff``'s shape without ``axis`` (same float dtype), or a float for
+        ``axis=None``.
+    """
+    sd = MAD_TO_SIGMA * np.median(absdiff, axis=axis) / np.sqrt(2.0)
+    zero = sd == 0
+    if np.any(zero):
+        sd = np.where(zero, (np.sqrt(np.pi) / 2.0) * np.mean(absdiff, axis=axis), sd)
+    return float(sd) if axis is None else sd.astype(np.result_type(absdiff.dtype, np.float32))
+
+
 __all__ = [
     "MAD_TO_SIGMA",
+    "diff_noise_sd",
     "MetricsInputError",
     "matching_cost",
     "foreground_scores",

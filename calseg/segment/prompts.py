@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from calseg.analysis.metrics import MAD_TO_SIGMA
+from calseg.analysis.metrics import MAD_TO_SIGMA, diff_noise_sd
 from calseg.progress import check_cancelled
 from calseg.segment.cells import CellMap, CellParams, cell_territories, territory_activity
 
@@ -102,19 +102,11 @@ def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.nda
     """
     t = f.shape[0]
     if t >= 2:  # (with T = 2 the per-pixel value is one |difference|; the bin median fixes it)
-        absdiff = np.abs(np.diff(f, axis=0))
-        raw = MAD_TO_SIGMA * np.median(absdiff, axis=0) / np.sqrt(2.0)
-        # Whole-number data with few counts repeat between frames: half or more of a pixel's
-        # differences are exactly 0, its median |difference| is 0 although it is noisy. There
-        # the mean |difference| estimates the SD (E|d| = sigma_d sqrt(2/pi) for Gaussian d,
-        # so sigma = E|d| sqrt(pi) / 2): less robust to activity, but it sees the noise and,
-        # like the median, does not depend on the recording's offset. (Before, such pixels
-        # fell to a floor of 0.1 % of F0, so the same pixels with a constant added gave
-        # 30 cells or 0: astrocast_sample_1 as TIFF with its ImageJ calibration, or as HDF5.)
-        zero = raw == 0
-        if zero.any():
-            raw[zero] = (np.sqrt(np.pi) / 2.0) * absdiff.mean(axis=0)[zero]
-        del absdiff
+        # per pixel; mean |difference| where the median is 0 (few counts repeat between
+        # frames). Before, such pixels fell to a floor of 0.1 % of F0, so the same pixels with
+        # a constant added gave 30 cells or 0: astrocast_sample_1 as TIFF with its ImageJ
+        # calibration, or as HDF5.
+        raw = diff_noise_sd(np.abs(np.diff(f, axis=0)), axis=0)
     else:  # single frame: spatial robust spread of the frame around its smoothed version
         resid = f[0] - ndi.median_filter(f[0], size=3)
         raw = np.full(f0.shape, MAD_TO_SIGMA * float(np.median(np.abs(resid))), np.float32)
