@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -139,8 +140,9 @@ class _Bar:
             if not self._started:  # on the first report: an early error prints alone
                 self._progress.start()
                 self._started = True
-            text = f"{stage}: {message}" if message else stage
-            self._progress.update(self._task, completed=fraction, stage=text[:60])
+            text = f"{stage}: {message}" if message else stage  # cut at a word, as the demo's
+            text = textwrap.shorten(text, 60, placeholder=" …")
+            self._progress.update(self._task, completed=fraction, stage=text)
 
         return report
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,12 @@ def run_or_reuse(
 
 def stage_text(job: dict, width: int = 100) -> str:
     """One progress line of a job (``GET /api/jobs/ID``): its stage and message, cut at a word
-    with "…" beyond ``width`` characters, and the job's ETA unless the message gives one."""
+    with "…" to at most ``width`` characters (``textwrap.shorten``), and the job's ETA unless
+    the message gives one."""
     stage = job.get("stage") or job["state"]
     message = job.get("message") or ""
     if message:
-        stage = f"{stage}: {message}"
-        if len(stage) > width:
-            stage = stage[:width].rsplit(" ", 1)[0] + " …"
+        stage = textwrap.shorten(f"{stage}: {message}", width, placeholder=" …")
     eta = job.get("eta_s")
     if eta is not None and job["state"] == "running" and "ETA" not in message:
         stage += f" (ETA {eta:.0f} s)"
