@@ -348,22 +348,29 @@ def test_a_checkpoint_that_fixes_the_model_says_so(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "was asked for" not in r.output, r.output
 
 
-def test_segment_refuses_a_recording_larger_than_memory_before_decoding(tmp_path: Path) -> None:
+def test_segment_refuses_a_recording_larger_than_memory_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by a new-user check: the CLI read any recording whole (no decode budget), so a
     long recording ran the machine out of memory, and the only message (from a MemoryError)
     named ``max_frames``, which is no flag. The CLI now prices the run with the infer job's
     cost estimate against the memory this machine has available, refuses before decoding, and
-    names ``--max-frames`` with the number of frames that fit."""
+    names ``--max-frames`` with the number of frames that fit.
+
+    The machine's available memory is read once and held for the CLI call: MemAvailable moves
+    between two reads (CI failed when the test's read and the CLI's read gave 594 and 595
+    frames)."""
     import h5py
 
+    import calseg.machine
     from calseg.cli import MEMORY_HEADROOM
-    from calseg.machine import available_memory_bytes
     from calseg.service.costs import VideoShape, frames_within_memory
     from calseg.service.schemas import infer_params
 
-    available = available_memory_bytes()
+    available = calseg.machine.available_memory_bytes()
     if available is None:
         pytest.skip("no /proc/meminfo: the available memory is unknown")
+    monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: available)
     shape = (400_000, 1024, 1024)  # 800 GiB of uint16 declared; chunks never written: ~10 KB
     path = tmp_path / "huge.h5"
     with h5py.File(path, "w") as f:
@@ -378,6 +385,25 @@ def test_segment_refuses_a_recording_larger_than_memory_before_decoding(tmp_path
     assert "400,000 frames of 1024 x 1024 px" in text and "Nothing was decoded" in text
     assert f"--max-frames {fit}" in text and "max_frames)" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_available_memory_reads_meminfo_and_a_cgroup_limit(tmp_path: Path) -> None:
+    """MemAvailable (kB) alone; the smaller of it and a cgroup v2 limit's headroom; ``None``
+    where neither file can be read; a cgroup without a limit ("max") changes nothing."""
+    from calseg.machine import available_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 100 kB\nMemAvailable: 4000000 kB\n")
+    cgroup = tmp_path / "cg"
+    assert available_memory_bytes(meminfo, cgroup) == 4_000_000 * 1024
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("max\n")
+    assert available_memory_bytes(meminfo, cgroup) == 4_000_000 * 1024
+    (cgroup / "memory.max").write_text(f"{2 * 1024**3}\n")
+    (cgroup / "memory.current").write_text(f"{512 * 1024**2}\n")
+    assert available_memory_bytes(meminfo, cgroup) == 2 * 1024**3 - 512 * 1024**2
+    assert available_memory_bytes(tmp_path / "none", cgroup) == 2 * 1024**3 - 512 * 1024**2
+    assert available_memory_bytes(tmp_path / "none", tmp_path / "nocg") is None
 
 
 def test_segment_max_frames_reads_the_first_frames(tmp_path: Path) -> None:
