@@ -477,3 +477,24 @@ def test_an_early_error_prints_alone(tmp_path: Path) -> None:
     tifffile.imwrite(rec, np.random.default_rng(0).poisson(50, (8, 32, 32)).astype(np.uint16))
     r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "o"), "--method", "bogus"])
     assert r.exit_code == 2 and r.output.startswith("error: bad segmentation option"), r.output
+
+
+def test_segment_of_a_recording_with_a_float32_maximum_pixel(tmp_path: Path) -> None:
+    """Found by a new-user check: one pixel at the float32 maximum gave "strongest z =
+    36065164101432017307883001880822939648.00" (38 digits, most of them noise) and a leaked
+    overflow warning from the overlay. Now the z is written in exponent form and no warning
+    leaks."""
+    import re
+    import warnings
+
+    rec = tmp_path / "fmax.tif"
+    frames = np.random.default_rng(0).poisson(100, (20, 64, 64)).astype(np.float32)
+    frames[5, 10, 10] = np.finfo(np.float32).max
+    tifffile.imwrite(rec, frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        r = runner.invoke(app, ["segment", str(rec), str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "strongest z = 3.61e+37" in text, text
+    assert re.search(r"\d{16}", text) is None and "RuntimeWarning" not in text

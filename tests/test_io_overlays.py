@@ -205,3 +205,16 @@ def test_trace_caption_says_when_rows_are_a_selection():
     assert trace_caption("dF/F", 12) == "dF/F of 12 cells"
     assert trace_caption("dF/F", 1, 1) == "dF/F of 1 cell"
     assert trace_caption("dF/F", 40, 44) == "dF/F of the 40 cells with the largest peaks, of 44"
+
+
+def test_a_pixel_at_the_float32_maximum_draws_white_without_overflow():
+    """Found by a new-user check: a float32 recording with one pixel at the float32 maximum
+    leaked "RuntimeWarning: overflow encountered in multiply" from the grey mapping."""
+    import warnings
+
+    frame = np.full((8, 8), 100.0, np.float32)
+    frame[2, 3] = np.finfo(np.float32).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = render_overlay(frame, None, 0.0, 127.5)
+    assert tuple(rgb[2, 3]) == (255, 255, 255) and tuple(rgb[0, 0]) == (200, 200, 200)

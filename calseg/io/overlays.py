@@ -133,9 +133,11 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
 
 
 def _gray(frame: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    f = np.asarray(frame, dtype=np.float32)
+    """One ``(H, W)`` frame mapped ``lo..hi -> 0..255``, uint8. In float64: in float32 a pixel
+    near the float32 maximum overflowed (a new-user check saw the RuntimeWarning)."""
+    f = np.asarray(frame, dtype=np.float64)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    g = (f - np.float32(lo)) * np.float32(scale)
+    g = (f - lo) * scale
     g = np.nan_to_num(g, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(g), 0, 255).astype(np.uint8)
 

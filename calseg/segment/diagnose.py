@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from calseg.fmt import plural
+from calseg.fmt import fmt_num, plural
 
 MAX_REMEASURE_VOXELS = 20_000_000
 """Recordings up to this many voxels (e.g. 300 frames of 256 x 256) get their empty-result
@@ -175,12 +175,13 @@ def explain_empty(
     finite_d = np.asarray(dff)[np.isfinite(dff)]
     max_z = float(finite_z.max()) if finite_z.size else 0.0
     max_d = float(finite_d.max()) if finite_d.size else 0.0
+    z_text, d_text = fmt_num(max_z, 3), fmt_num(max_d, 3)
     n_reg0, n_fr0, n_above, largest = regions_above(z, threshold_k, min_region_px)
     if n_reg0:
         reason = (
             f"{plural(n_reg0, 'region')} of >= {min_region_px} px rose above the activity "
             f"threshold (z = {threshold_k:g} noise SDs) in {plural(n_fr0, 'frame')} (the "
-            f"largest {largest} px, strongest z = {max_z:.2f}), but none became a cell: the "
+            f"largest {largest} px, strongest z = {z_text}), but none became a cell: the "
             "cell-territory step (calseg.segment.cells) found no cell-shaped support around "
             "them (its cell size: --cell-diameter-px; the infer job's cell_support_fraction and "
             "cell_active_fraction)"
@@ -188,13 +189,13 @@ def explain_empty(
     elif n_above == 0:
         reason = (
             f"no pixel rose above the activity threshold in any of the {t_count} frames: the "
-            f"strongest pixel reached z = {max_z:.2f} (threshold_k = {threshold_k:g} noise "
-            f"SDs above its baseline F0), its dF/F {max_d:.2f} at most"
+            f"strongest pixel reached z = {z_text} (threshold_k = {threshold_k:g} noise "
+            f"SDs above its baseline F0), its dF/F {d_text} at most"
         )
     else:
         reason = (
             f"{plural(n_above, 'pixel')} rose above the activity threshold (z = "
-            f"{threshold_k:g} noise SDs above their baseline F0; strongest z = {max_z:.2f}), but "
+            f"{threshold_k:g} noise SDs above their baseline F0; strongest z = {z_text}), but "
             f"they formed regions of at most {plural(largest, 'pixel')}, "
             f"fewer than min_region_px = {min_region_px}: scattered noise, or cells smaller "
             "than that"
