@@ -770,6 +770,7 @@ def analyze(
         (bleach_correction, old_bleach),
     )
     _check_units(frame_interval, pixel_size)
+    _preprocess_options(register, background, background_radius, bleach)  # before any read
     from calseg.io.recordings import (
         RecordingError,
         iter_recording,

@@ -102,3 +102,17 @@ def test_analyze_without_preprocessing_reads_in_chunks_same_traces(tmp_path, rea
     ids, f = cell_traces(read_recording(rec).frames, lab)
     np.testing.assert_array_equal(got["ids"], ids)
     np.testing.assert_allclose(got["F"], f, rtol=1e-6)
+
+
+def test_analyze_checks_its_preprocessing_options_before_reading(tmp_path):
+    """Found by a new-user check: ``--bleach-correction exponential`` was refused only after the
+    whole recording had been read (and its notes printed), which on a long recording costs
+    minutes. The options are checked first: here the recording does not even exist."""
+    missing = tmp_path / "not-there.tif"
+    for flag, value, name in [
+        ("--bleach-correction", "exponential", "--bleach-correction must be exp or biexp"),
+        ("--background", "rolling", "--background must be opening, rolling_ball or gaussian"),
+    ]:
+        r = runner.invoke(app, ["analyze", str(missing), str(missing), str(tmp_path / "o"),
+                                flag, value])  # fmt: skip
+        assert r.exit_code == 2 and name in r.output and "not-there" not in r.output, r.output
