@@ -1,6 +1,7 @@
 """The machine a measurement ran on (:func:`machine_info`), for every benchmark's report
 (:mod:`calseg.bench`, :mod:`calseg.bench_service`, :mod:`calseg.bench_jobs`), and the memory it
-has left (:func:`available_memory_bytes`, for ``calseg segment``'s memory check)."""
+has left (:func:`available_memory_bytes`, for ``calseg segment``'s memory check and the
+readers' refusal of recordings larger than memory)."""
 
 from __future__ import annotations
 

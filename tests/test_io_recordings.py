@@ -675,3 +675,29 @@ def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_pa
         fine = tmp_path / "fine.tif"
         tifffile.imwrite(fine, np.full((5, 16, 16), 1e30))
         assert read_recording(fine).frames.dtype == np.float32
+
+
+def test_a_recording_larger_than_the_available_memory_is_refused_before_it_is_read(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``np.empty`` of more than the free memory succeeds on Linux (overcommit) and the
+    process is killed while the frames are filled in, so every command that reads a recording
+    whole (analyze, fit-sim, gap, the workers) ran out of memory instead of saying so. The
+    reader now compares the decoded bytes with the available memory first; the CLI says it
+    as an error. Here the machine is said to have 1 MB available."""
+    from typer.testing import CliRunner
+
+    import calseg.machine
+    from calseg.cli import app
+
+    rec = tmp_path / "rec.tif"
+    tifffile.imwrite(rec, np.zeros((40, 128, 128), np.uint16))  # 1.25 MiB decoded
+    monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: 1_000_000)
+    with pytest.raises(RecordingError, match=r"too large to read into memory \(40 frames"):
+        read_recording(rec)
+    assert read_recording(rec, max_frames=20).frames.shape == (20, 128, 128)
+    r = CliRunner().invoke(app, ["fit-sim", str(rec)])
+    assert r.exit_code == 2, r.output
+    assert "too large to read into memory" in " ".join(r.output.split())
+    monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: None)
+    assert read_recording(rec).frames.shape == (40, 128, 128)

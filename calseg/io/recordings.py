@@ -2116,6 +2116,27 @@ def _info(src: _Source, plan: _Plan, n_frames: int, extra: Sequence[str]) -> Rec
     )
 
 
+def _check_fits_in_memory(display: str, n_frames: int, info: RecordingInfo) -> None:
+    """Refuse to read ``n_frames`` frames whose decoded bytes exceed the memory this machine
+    has available (:func:`calseg.machine.available_memory_bytes`; no check where unknown).
+
+    Linux grants an ``np.empty`` larger than the free memory (overcommit) and then kills the
+    process while the frames are filled in, so a MemoryError alone does not guard the read.
+    Only the frames themselves are counted: what a command computes from them comes on top
+    (``calseg segment`` checks its whole cost before it reads)."""
+    from calseg import machine
+
+    available = machine.available_memory_bytes()
+    need = n_frames * info.height * info.width * np.dtype(info.dtype).itemsize
+    if available is not None and need > available:
+        gib = 1024**3
+        raise RecordingError(
+            f"{display} is too large to read into memory ({n_frames:,} frames of {info.height} x "
+            f"{info.width} {info.dtype}: {need / gib:.1f} GiB, and this machine has "
+            f"{available / gib:.1f} GiB available); {FEWER_FRAMES}."
+        )
+
+
 def _guard(fn: Callable[[], Any], display: str) -> Any:
     """Run ``fn``; turn any non-RecordingError failure into a RecordingError."""
     try:
@@ -2364,6 +2385,7 @@ def read_recording(
         n = reader.n_frames
         t1 = n if max_frames is None else min(n, max_frames)
         info = reader.info
+        _check_fits_in_memory(reader.display, t1, info)
         try:
             frames = np.empty((t1, info.height, info.width), dtype=np.dtype(info.dtype))
         except MemoryError as exc:
