@@ -94,9 +94,13 @@ class SegmentOutputs:
     segmentation: Any = None
     method_reason: str | None = None
 
-    def lines(self, recording: str = "REC", out_dir: str = "OUT") -> list[tuple[str, str]]:
+    def lines(
+        self, recording: str = "REC", out_dir: str = "OUT", diagnosis_level: str = "warning"
+    ) -> list[tuple[str, str]]:
         """``(level, text)`` lines summarising the outputs (levels ``info``, ``note``,
-        ``warning``); commands in suggestions name ``recording`` and ``out_dir``."""
+        ``warning``); commands in suggestions name ``recording`` and ``out_dir``. The "why no
+        cell" line has ``diagnosis_level``: the service logs it as ``info``, because its page
+        shows :attr:`diagnosis` in a box of its own (as a warning it was shown twice)."""
         out: list[tuple[str, str]] = []
         t = self.labels.shape[0]
         unit = "region" if self.target == "cells" else "cell"
@@ -130,7 +134,7 @@ class SegmentOutputs:
         if self.diagnosis:
             from calseg.segment.diagnose import cli_flags
 
-            out.append(("warning", f"why no cell: {self.diagnosis['reason']}"))
+            out.append((diagnosis_level, f"why no cell: {self.diagnosis['reason']}"))
             for s in self.diagnosis["suggestions"]:
                 cmd = (
                     f"calseg segment {shlex.quote(str(recording))} {shlex.quote(str(out_dir))} "

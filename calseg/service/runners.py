@@ -364,7 +364,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
         )
     except PreprocessError as exc:
         raise RunnerError(f"preprocessing failed: {exc}") from exc
-    for level, text in run.outputs.lines(inp.path.name, "OUT"):
+    for level, text in run.outputs.lines(inp.path.name, "OUT", diagnosis_level="info"):
         (ctx.warn if level == "warning" else ctx.log)(
             f"{'check: ' if level == 'note' else ''}{text}"
         )

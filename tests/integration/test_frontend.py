@@ -657,7 +657,11 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     assert "classical" in fields and "0 cells (active)" in fields
     assert "no SAM2 weights are configured" in fields  # why this method
     page.wait_for_selector("#diagnosis-box:not([hidden])")
-    assert "noise SDs" in page.locator("#diagnosis-reason").text_content()
+    reason = page.locator("#diagnosis-reason").text_content()
+    assert "noise SDs" in reason
+    # said once: the reason was also listed among the job's warnings (a new-user check)
+    assert not any("why no cell" in w for w in empty["result"].get("warnings", []))
+    assert reason[:80] not in page.locator("#detail-fields").text_content()
     first = page.locator("#suggestion-list li").first
     assert "calseg segment sima_example.tif OUT_DIR --target cells" in first.text_content()
     assert re.search(r"\d+ regions on the mean projection", first.text_content())
