@@ -1000,7 +1000,7 @@ async function useSuggestion(job, params) {
 
 // ------------------------------------------------------------------ activity map, raster, events
 
-const A = { jobId: null, cells: null, events: [], order: [] };
+const A = { jobId: null, cells: null, events: [], order: [], sigFloor: null };
 
 function artifactOf(job, name) {
   return (job.artifacts || []).find((a) => a.name === name) || null;
@@ -1013,6 +1013,7 @@ function setupAnalysis(job) {
   A.jobId = job.id;
   A.cells = null;
   A.events = [];
+  A.sigFloor = null;
   A.timeKnown = (job.result || {}).frame_interval_known !== false;
   const act = artifactOf(job, "activity.png");
   $("activity-box").hidden = !act;
@@ -1059,6 +1060,7 @@ async function loadAnalysis(job) {
     A.events = events.map((e) => ({ cell: Number(e.cell_id), onset: Number(e.onset_s), peak: Number(e.peak_s),
       duration: Number(e.duration_s), amplitude: Number(e.amplitude), onsetFrame: Number(e.onset_frame),
       truncated: e.truncated === "1" || e.truncated === "True" }));
+    A.sigFloor = (job.result || {}).significant_event_amplitude ?? null;
     renderEvents();
     drawRaster();
   } catch (e) {
@@ -1196,16 +1198,23 @@ const MAX_EVENT_ROWS = 200;
 function renderEvents() {
   const evs = A.events.slice().sort((a, b) => a.onset - b.onset || a.cell - b.cell);
   $("events-box").hidden = false;
+  // significant = counted by the pattern class: peak dF/F at or above the result's floor
+  const floor = A.sigFloor;
+  const isSig = (e) => floor !== null && Number.isFinite(e.amplitude) && e.amplitude >= floor;
+  const nSig = evs.filter(isSig).length;
   $("events-title").textContent = evs.length
     ? `Events: ${plural(evs.length, "event")} in ${plural(new Set(evs.map((e) => e.cell)).size, "cell")}`
+      + `, ${nSig} significant (${floor === null ? "none reaches the pattern class's floor"
+        : `peak dF/F ≥ ${fmtNum(floor)}, counted by the pattern class`})`
       + (evs.length > MAX_EVENT_ROWS ? ` (the first ${MAX_EVENT_ROWS} by onset shown; all in events.csv)` : "")
     : "Events: none detected";
   $("events-body").replaceChildren(...evs.slice(0, MAX_EVENT_ROWS).map((e) => el("tr", {
-    class: "event-row", tabindex: "0", "data-cell": String(e.cell),
+    class: isSig(e) ? "event-row significant" : "event-row", tabindex: "0", "data-cell": String(e.cell),
     onclick: () => showEvent(e), onkeydown: (k) => { if (k.key === "Enter") showEvent(e); } },
   el("td", {}, `cell ${e.cell}`), el("td", { class: "num" }, fmtNum(e.onset)), el("td", { class: "num" }, fmtNum(e.peak)),
   el("td", { class: "num" }, fmtNum(e.duration)), el("td", { class: "num" }, fmtNum(e.amplitude)),
-  el("td", {}, e.truncated ? "cut by the recording's start or end" : ""))));
+  el("td", {}, [isSig(e) ? "significant" : "", e.truncated ? "cut by the recording's start or end" : ""]
+    .filter(Boolean).join("; ")))));
 }
 
 function showEvent(e) {

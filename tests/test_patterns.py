@@ -13,6 +13,8 @@ from calseg.analysis.patterns import (
     classify_pattern,
     event_clusters,
     pattern_features,
+    significant_amplitude,
+    significant_events,
 )
 from calseg.analysis.waves import WaveError, wave_metrics, waves_from_events
 from calseg.pipelines.validate_patterns import validate_patterns
@@ -277,3 +279,18 @@ def test_a_simulated_class_read_otherwise_is_said():
     assert "(fires often) from 48 frames (4 min)" in short and "not on shorter ones" in short
     long = class_disagreement_note("transients", "spikes", None, VALIDATION_VIDEO["n_frames"], 5.0)
     assert "confuse spikes and transients" in long and "not on shorter" not in long
+
+
+def test_significant_amplitude_is_the_floor_of_significant_events():
+    """The floor the page and the CLI show: the larger of min_event_amplitude (0.2) and half
+    the 95th-percentile amplitude of the events above it; an event at the floor counts."""
+    amps = [0.1, 0.3, 1.0, 2.0, 4.0, float("nan")]
+    events = [_ev(i + 1, 0, 3, a) for i, a in enumerate(amps)]
+    floor = significant_amplitude(events)
+    assert floor == pytest.approx(0.5 * np.percentile([0.3, 1.0, 2.0, 4.0], 95))
+    assert [e.amplitude for e in significant_events(events)] == [a for a in amps if a >= floor]
+    assert significant_amplitude([_ev(1, 0, 3, 0.5)]) == pytest.approx(0.25)
+    assert significant_amplitude([_ev(1, 0, 3, 0.01)]) is None
+    assert significant_events([_ev(1, 0, 3, 0.01)]) == []
+    th = PatternThresholds(min_event_amplitude=1.0)
+    assert significant_amplitude([_ev(1, 0, 3, 1.2)], th) == pytest.approx(1.0)

@@ -88,6 +88,10 @@ def test_event_counts_agree_between_terminal_and_files(real_file, tmp_path) -> N
     pat = json.loads((tmp_path / "patterns.json").read_text())
     assert detected == len(read_events_csv(tmp_path / "events.csv")) == pat["events"]["detected"]
     assert significant == pat["features"]["n_events"] == pat["events"]["significant"]
+    floor = pat["events"]["significant_from_amplitude"]  # the page marks events by it
+    amps = [e["amplitude"] for e in read_events_csv(tmp_path / "events.csv")]
+    assert significant == sum(a >= floor for a in amps)
+    assert f"peak dF/F >= {floor:.3g}" in " ".join(out.split())
 
 
 def test_the_same_pixels_with_an_offset_give_the_same_cells(real_file, tmp_path) -> None:

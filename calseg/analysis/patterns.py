@@ -388,19 +388,32 @@ def classify_pattern(
     )
 
 
-def significant_events(
+def significant_amplitude(
     events: list[Event], thresholds: PatternThresholds | None = None
-) -> list[Event]:
-    """The events that count for the pattern: peak dF/F >= ``min_event_amplitude`` and >=
-    ``relative_event_amplitude`` x the 95th percentile of the amplitudes of the events above
-    ``min_event_amplitude`` (NaN ignored)."""
+) -> float | None:
+    """The peak dF/F from which an event counts for the pattern (:func:`significant_events`):
+    the larger of ``min_event_amplitude`` and ``relative_event_amplitude`` x the 95th
+    percentile of the amplitudes of the events above ``min_event_amplitude`` (NaN ignored).
+    ``None`` when no event reaches ``min_event_amplitude``."""
     th = thresholds or PatternThresholds()
     amp = np.array([ev.amplitude for ev in events], dtype=np.float64)
     ok = np.isfinite(amp) & (amp >= th.min_event_amplitude)
     if not ok.any():
+        return None
+    return float(
+        max(th.min_event_amplitude, th.relative_event_amplitude * np.percentile(amp[ok], 95))
+    )
+
+
+def significant_events(
+    events: list[Event], thresholds: PatternThresholds | None = None
+) -> list[Event]:
+    """The events that count for the pattern: peak dF/F at or above
+    :func:`significant_amplitude`."""
+    floor = significant_amplitude(events, thresholds)
+    if floor is None:
         return []
-    floor = max(th.min_event_amplitude, th.relative_event_amplitude * np.percentile(amp[ok], 95))
-    return [ev for ev, a in zip(events, amp, strict=True) if np.isfinite(a) and a >= floor]
+    return [ev for ev in events if np.isfinite(ev.amplitude) and ev.amplitude >= floor]
 
 
 def analyse_patterns(

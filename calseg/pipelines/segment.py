@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calseg.fmt import plural
+from calseg.fmt import fmt_num, plural
 from calseg.progress import ProgressFn, null_progress, scaled
 
 if TYPE_CHECKING:
@@ -170,6 +170,7 @@ class SegmentOutputs:
             ),
             "n_events": ex.get("n_events"),
             "n_significant_events": ex.get("n_significant_events"),
+            "significant_event_amplitude": ex.get("significant_event_amplitude"),
             "pattern_class": ex.get("pattern_class"),
             "pattern_reason": ex.get("pattern_reason"),
             "evidence": ex.get("evidence"),
@@ -200,7 +201,13 @@ def export_lines(
             "info",
             f"{plural(exports['n_events'], 'event')} detected (events.csv); "
             f"{exports['n_significant_events']} of them significant (large enough to count for "
-            "the pattern class: patterns.json features.n_events)",
+            "the pattern class"
+            + (
+                f": peak dF/F >= {fmt_num(floor, 3)}, events.csv amplitude"
+                if (floor := exports.get("significant_event_amplitude")) is not None
+                else ""
+            )
+            + "; patterns.json features.n_events)",
         )
     )
     ev = exports.get("evidence")

@@ -16,9 +16,11 @@ import numpy as np
 from calseg.analysis.events import detect_events
 from calseg.analysis.evidence import baseline_notes, clearly_above_noise, region_evidence
 from calseg.analysis.patterns import (
+    PatternThresholds,
     analyse_patterns,
     cell_geometry,
     event_clusters,
+    significant_amplitude,
     significant_events,
 )
 from calseg.analysis.traces import (
@@ -39,6 +41,10 @@ from calseg.io.tables import (
 )
 
 __all__ = ["write_trace_exports"]
+
+
+_TH = PatternThresholds()
+"""The default pattern thresholds, for the text of ``patterns.json``'s significance note."""
 
 
 def write_trace_exports(
@@ -81,12 +87,13 @@ def write_trace_exports(
 
     Returns:
         ``{"paths": {name: Path}, "n_cells", "n_events" (detected), "n_significant_events"
-        (those the pattern class counts), "n_flagged": int, "pattern_class": str,
+        (those the pattern class counts), "significant_event_amplitude": the peak dF/F from
+        which an event is significant (None: none is), "n_flagged": int, "pattern_class": str,
         "pattern_reason": str, "n_waves": int, "coverage": labelled fraction of the field,
         "evidence": region_evidence(...), "notes": [plausibility notes], "ids": (N,) cell
-        ids, "dff": (N, T) dF/F}``; ``rois.zip`` is
-        absent when there is no cell. ``patterns.json`` carries ``events``
-        (detected/significant), ``regions`` (evidence) and ``notes`` besides the
+        ids, "dff": (N, T) dF/F}``; ``rois.zip`` is absent when there is no cell.
+        ``patterns.json`` carries ``events`` (detected, significant,
+        significant_from_amplitude), ``regions`` (evidence) and ``notes`` besides the
         :class:`~calseg.analysis.patterns.PatternResult`.
     """
     out = Path(out_dir)
@@ -122,6 +129,7 @@ def write_trace_exports(
             f"({evidence['null_with_events']} with an equally large negative transient)"
         )
     sig = significant_events(events)
+    sig_floor = significant_amplitude(events)
     geo = cell_geometry(pattern_labels, pixel_size_um or 1.0)
     waves = waves_from_events(
         sig, event_clusters(sig, geo, t, frame_interval_s), geo, frame_interval_s
@@ -137,9 +145,12 @@ def write_trace_exports(
                 "events": {
                     "detected": len(events),
                     "significant": n_sig,
+                    "significant_from_amplitude": sig_floor,
                     "note": "detected = every event in events.csv; significant = those the "
-                    "pattern class counts (features.n_events): peak dF/F >= 0.2 and >= half "
-                    "the 95th-percentile amplitude",
+                    "pattern class counts (features.n_events): peak dF/F (events.csv "
+                    f"amplitude) >= significant_from_amplitude, the larger of "
+                    f"{_TH.min_event_amplitude:g} and {_TH.relative_event_amplitude:g} x the "
+                    "95th-percentile amplitude",
                 },
                 "target": target,
                 "regions": {**evidence, "coverage": coverage},
@@ -174,6 +185,7 @@ def write_trace_exports(
         "n_cells": len(ids),
         "n_events": len(events),
         "n_significant_events": n_sig,
+        "significant_event_amplitude": sig_floor,
         "n_flagged": int(flags.sum()),
         "pattern_class": pattern.pattern_class,
         "pattern_reason": pattern.reason,

@@ -745,6 +745,16 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     page.select_option("#raster-sort", "onset")
     assert page.locator("#events-body tr").count() == min(len(events), 200)
     assert f"{len(events)} events" in page.locator("#events-title").text_content()
+    # significant events (those the pattern class counts) are marked (a new-user check found
+    # "9 significant" in the result and no way to tell which)
+    floor = ac["result"]["significant_event_amplitude"]
+    significant = [e for e in events if e["amplitude"] >= floor]
+    assert len(significant) == ac["result"]["n_significant_events"] > 0
+    assert f"{len(significant)} significant" in page.locator("#events-title").text_content()
+    shown = sorted(events, key=lambda e: (e["onset_s"], e["cell_id"]))[:200]
+    assert page.locator("#events-body tr.significant").count() == sum(
+        e["amplitude"] >= floor for e in shown
+    )
     page.locator("#events-body tr").first.click()
     first_cell = page.locator("#events-body tr").first.get_attribute("data-cell")
     page.wait_for_function(
