@@ -294,3 +294,28 @@ def test_significant_amplitude_is_the_floor_of_significant_events():
     assert significant_events([_ev(1, 0, 3, 0.01)]) == []
     th = PatternThresholds(min_event_amplitude=1.0)
     assert significant_amplitude([_ev(1, 0, 3, 1.2)], th) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("area", "rate", "cells", "klass", "words"),
+    [
+        (0.004, 2.0, 1, "spikes", "has 1 cell, fewer than the 9 that make transients"),
+        (0.05, 2.0, 12, "transients", "has 12 cells (transients need >= 9) and covers 5 %"),
+        (0.45, 0.5, 120, "waves", "covers 45 % of the field (>= 15 %)"),
+        (0.45, 3.0, 120, "fluttering", "cells fire 3.00 events per 1000 s (>= 1.8)"),
+    ],
+)
+def test_pattern_reasons_say_what_their_numbers_count(area, rate, cells, klass, words):
+    """A new-user page check read "largest cluster 1 cell < 9" and asked "9 what?". Each
+    reason now says what is counted (neighbouring cells active together), the threshold it
+    is compared with and what that threshold decides, without the word "cluster"."""
+    got, reason = classify_pattern(
+        {
+            "n_events": 3,
+            "largest_cluster_area_fraction": area,
+            "event_rate_per_1000s": rate,
+            "largest_cluster_cells": cells,
+        }
+    )
+    assert got == klass and words in reason, reason
+    assert "cluster" not in reason and "neighbouring cells active together" in reason

@@ -61,7 +61,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from calseg.analysis.events import Event
-from calseg.fmt import plural
+from calseg.fmt import fmt_num, plural
 from calseg.progress import check_cancelled
 
 __all__ = [
@@ -367,24 +367,31 @@ def classify_pattern(
     area = features["largest_cluster_area_fraction"]
     rate = features["event_rate_per_1000s"]
     cells = features["largest_cluster_cells"]
+    # "cluster" in words: events of touching cells that overlap in time (event_clusters)
+    group = "the largest group of neighbouring cells active together"
+    pct = f"{fmt_num(100 * area, 2)} %"
+    wide = f"{100 * th.wide_area_fraction:g} %"
     if area >= th.wide_area_fraction:
         if rate >= th.flutter_rate_per_1000s:
             return "fluttering", (
-                f"tissue-wide activity (largest cluster {area:.2f} of the field >= "
-                f"{th.wide_area_fraction}) at {rate:.2f} events/cell/1000 s >= "
-                f"{th.flutter_rate_per_1000s}"
+                f"tissue-wide activity, often repeated: {group} covers {pct} of the field "
+                f"(>= {wide}), and cells fire {rate:.2f} events per 1000 s (>= "
+                f"{th.flutter_rate_per_1000s:g})"
             )
         return "waves", (
-            f"activity spreads over {area:.2f} of the field (>= {th.wide_area_fraction}) at "
-            f"{rate:.2f} events/cell/1000 s < {th.flutter_rate_per_1000s}"
+            f"activity spreads across the tissue: {group} covers {pct} of the field "
+            f"(>= {wide}), and cells fire {rate:.2f} events per 1000 s (< "
+            f"{th.flutter_rate_per_1000s:g}: not fluttering)"
         )
     if cells >= th.transient_min_cells:
         return "transients", (
-            f"local groups: largest cluster {cells} cells >= {th.transient_min_cells}, "
-            f"{area:.2f} of the field < {th.wide_area_fraction}"
+            f"local groups: {group} has {cells} cells (transients need >= "
+            f"{th.transient_min_cells}) and covers {pct} of the field (< {wide}: not "
+            "tissue-wide)"
         )
     return "spikes", (
-        f"isolated cells: largest cluster {plural(cells, 'cell')} < {th.transient_min_cells}"
+        f"isolated cells: {group} has {plural(cells, 'cell')}, fewer than the "
+        f"{th.transient_min_cells} that make transients"
     )
 
 
