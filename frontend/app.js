@@ -167,7 +167,7 @@ function signedOut(message) {
   S.me = null;
   closeSwitch();
   localStorage.removeItem(TOKEN_KEY);
-  stopPlay();
+  closeDetail(); // the next person to sign in must not see this one's job
   $("app").hidden = true;
   $("user-box").hidden = true;
   $("signin").hidden = false;
@@ -1281,10 +1281,16 @@ async function refreshDetail() {
   if (!S.selectedId || !S.token) return;
   const cur = S.selectedJob;
   if (cur && cur.id === S.selectedId && TERMINAL.has(cur.state)) return;
+  const id = S.selectedId;
   try {
-    S.selectedJob = await api(`/api/jobs/${S.selectedId}`);
-    renderDetail(S.selectedJob);
+    const job = await api(`/api/jobs/${id}`);
+    // another job chosen, or the detail closed (Back), while this answer was on its way:
+    // it must not draw over that (Back through several jobs reopened the closed detail)
+    if (S.selectedId !== id) return;
+    S.selectedJob = job;
+    renderDetail(job);
   } catch (e) {
+    if (S.selectedId !== id) return;
     // e.g. a stale #job= link: say so instead of leaving the section hidden
     $("detail").hidden = false;
     $("viewer").hidden = true;
@@ -1292,7 +1298,7 @@ async function refreshDetail() {
     $("metrics").hidden = true;
     $("artifacts").hidden = true;
     $("detail-progress").replaceChildren();
-    $("detail-title").textContent = `job ${S.selectedId}`;
+    $("detail-title").textContent = `job ${id}`;
     $("detail-fields").replaceChildren(el("dt", {}, "error"), el("dd", {}, e.message));
   }
 }
@@ -1857,6 +1863,19 @@ function jobFromHash() {
   const h = location.hash.replace(/^#/, "");
   const id = new URLSearchParams(h).get("job");
   if (id && id !== S.selectedId) selectJob(id);
+  else if (!id && S.selectedId) closeDetail(); // Back past the first job opened
+}
+
+// the job detail closed: nothing selected, its section and what it drew hidden
+function closeDetail() {
+  S.selectedId = null;
+  S.selectedJob = null;
+  stopPlay();
+  for (const id of ["detail", "viewer", "curves", "analysis", "result-box"]) $(id).hidden = true;
+  $("viewer").dataset.jobId = "";
+  A.jobId = null;
+  $("artifact-list").dataset.jobId = "";
+  refreshJobs();
 }
 
 let started = false;
@@ -1885,8 +1904,15 @@ function wire() {
     if (t) signIn(t);
   });
   $("sign-out").addEventListener("click", () => signedOut("signed out"));
-  $("filter-kind").addEventListener("change", refreshJobs);
-  $("filter-state").addEventListener("change", refreshJobs);
+  for (const id of ["filter-kind", "filter-state"]) { // kept across reloads (this browser)
+    const select = $(id);
+    const saved = localStorage.getItem(`calseg.${id}`);
+    if (saved !== null && [...select.options].some((o) => o.value === saved)) select.value = saved;
+    select.addEventListener("change", () => {
+      localStorage.setItem(`calseg.${id}`, select.value);
+      refreshJobs();
+    });
+  }
   $("upload-form").addEventListener("submit", uploadRecording);
   $("job-kind").addEventListener("change", () => renderForm($("job-kind").value));
   $("job-form").addEventListener("submit", submitJob);

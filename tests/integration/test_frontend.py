@@ -796,4 +796,23 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     _wait_frame(page, f"src.includes('{empty_id}')")
     _no_horizontal_scroll(page)
     page.screenshot(path=str(SHOTS / "page_empty_result_390.png"), full_page=True)
+
+    # --- Back past the first job opened closes the job detail (it stayed open: a new-user
+    # check); a jobs filter survives a reload
+    for _ in range(20):
+        if "job=" not in page.url:
+            break
+        page.go_back()
+    assert "job=" not in page.url
+    page.wait_for_selector("#detail", state="hidden")
+    assert page.locator("#analysis").is_hidden() and page.locator("#viewer").is_hidden()
+    page.go_forward()
+    page.wait_for_selector("#detail:not([hidden])")
+    page.select_option("#filter-state", "failed")
+    page.wait_for_selector("#jobs-body:has-text('no jobs match')")
+    page.reload()
+    page.wait_for_selector("#jobs-body:has-text('no jobs match')")
+    assert page.locator("#filter-state").input_value() == "failed"
+    page.select_option("#filter-state", "")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{empty_id}']")
     assert errors == [], f"JavaScript errors on the page: {errors}"
