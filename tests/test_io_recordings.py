@@ -701,3 +701,62 @@ def test_a_recording_larger_than_the_available_memory_is_refused_before_it_is_re
     assert "too large to read into memory" in " ".join(r.output.split())
     monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: None)
     assert read_recording(rec).frames.shape == (40, 128, 128)
+
+
+def test_hdf5_reads_are_split_to_a_bounded_chunk_count(tmp_path, monkeypatch) -> None:
+    """HDF5 holds memory for every chunk one read call touches (about 6 KB each), so reads
+    are split (file_safety.hdf5_read_in_blocks) to at most MAX_HDF5_CHUNKS_PER_READ chunks.
+    The pieces must give exactly the whole read, for ints, slices with steps, and chunk
+    rows too large on their own (then split along the next dimension)."""
+    from calseg.io import file_safety
+
+    monkeypatch.setattr(file_safety, "MAX_HDF5_CHUNKS_PER_READ", 7)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        shape = tuple(int(x) for x in rng.integers(2, 20, 3))
+        chunks = tuple(int(x) for x in rng.integers(1, 4, 3))
+        data = rng.random(shape)
+        index = []
+        for n in shape:
+            if rng.random() < 0.2:
+                index.append(int(rng.integers(0, n)))
+            else:
+                a = int(rng.integers(0, n))
+                index.append(slice(a, int(rng.integers(a + 1, n + 1)), int(rng.integers(1, 4))))
+        index = tuple(index)
+        touched: list[int] = []
+
+        def read(i: tuple, shape=shape, chunks=chunks, data=data, touched=touched):
+            n_chunks = 1
+            for sel, n, c in zip(i, shape, chunks, strict=True):
+                if isinstance(sel, slice):
+                    n_chunks *= len({k // c for k in range(*sel.indices(n))})
+            touched.append(n_chunks)
+            return data[i]
+
+        got = file_safety.hdf5_read_in_blocks(read, index, shape, chunks)
+        assert np.array_equal(got, data[index]), (shape, chunks, index)
+        assert max(touched) <= 7
+        checked += len(touched) > 1
+    assert checked > 50  # most reads were split
+    # through the reader: a file of small chunks reads the same, in pieces
+    data = rng.integers(0, 60000, (30, 64, 64), dtype=np.uint16)
+    path = tmp_path / "small_chunks.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("rec", data=data, chunks=(1, 4, 4), compression="gzip")
+    assert np.array_equal(read_recording(path).frames, data)
+
+
+def test_an_hdf5_stored_in_millions_of_chunks_is_refused_before_reading(tmp_path) -> None:
+    """A 1.4 kB upload of 200 x 256 x 256 in chunks of one value took an infer job to 21 GiB
+    (a new-user check). More than file_safety.MAX_HDF5_CHUNKS chunks are refused at once."""
+    import time
+
+    path = tmp_path / "tiny.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("rec", shape=(200, 256, 256), dtype="uint8", chunks=(1, 1, 1))
+    t0 = time.perf_counter()
+    with pytest.raises(RecordingError, match="13,107,200 chunks of 1 x 1 x 1 values"):
+        probe_recording(path)
+    assert time.perf_counter() - t0 < 5

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import math
 import struct
 import xml.etree.ElementTree as ET
 import zlib
@@ -66,6 +67,19 @@ builds a series: 100,000 one-frame pages took 2.7 s and 9 MB here
 MAX_HDF5_OBJECTS = 10_000
 """Most links an HDF5 file may hold (groups + datasets + links); visiting them is header work
 that must stay bounded. NWB files hold a few hundred."""
+
+MAX_HDF5_CHUNKS = 4_194_304
+"""Most chunks a chunked HDF5 dataset may be stored in. HDF5 spends about 7-10 us and, within
+one read call, about 6 KB of memory on every chunk a read touches, written or not (h5py 3,
+``/tmp`` experiment: 327,680 chunks of 1 x 1 px read in 2.3-3.2 s with a 2.1-8.3 GB peak).
+A 1,400-byte upload of 200 x 256 x 256 in 1-px chunks (13.1 M chunks) took a job to 21 GiB and
+14 minutes before the kernel killed it (a new-user check). 2^22 chunks bound a whole read at
+about 40 s; one frame per chunk, h5py's default chunking and 64 x 64 tiles of 10^4 frames of
+512^2 all stay far below it."""
+
+MAX_HDF5_CHUNKS_PER_READ = 16_384
+"""Most chunks one HDF5 read call may touch (:func:`hdf5_read_in_blocks` splits larger reads):
+about 100 MB of HDF5's per-chunk bookkeeping (:data:`MAX_HDF5_CHUNKS`)."""
 
 HDF5_FILTERS = {1: "deflate (gzip)", 2: "shuffle", 3: "fletcher32"}
 """HDF5 filters CalSeg decodes, by filter id (HDF5 ``H5Z_FILTER_*``). Deflate streams are
@@ -415,6 +429,15 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
             "external storage is not accepted, since reading must stay inside the uploaded "
             "file; write the data itself into the file and upload that"
         )
+    if layout == h5py.h5d.CHUNKED and ds.chunks is not None:
+        n_chunks = math.prod(-(-int(n) // int(c)) for n, c in zip(ds.shape, ds.chunks, strict=True))
+        if n_chunks > MAX_HDF5_CHUNKS:
+            chunk = " x ".join(str(int(c)) for c in ds.chunks)
+            raise UnsafeRecording(
+                f"/{name} is stored in {n_chunks:,} chunks of {chunk} values: HDF5 spends time "
+                f"and memory on every chunk, so more than {MAX_HDF5_CHUNKS:,} are not accepted; "
+                "re-save it with one frame per chunk (h5py: chunks=(1, height, width))"
+            )
     if layout == h5py.h5d.CHUNKED:
         for i in range(plist.get_nfilters()):
             fid, _flags, _values, fname = plist.get_filter(i)
@@ -425,6 +448,58 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
                     f"which CalSeg does not decode (accepted: {', '.join(HDF5_FILTERS.values())});"
                     " re-save it with compression='gzip' (h5py) or without compression"
                 )
+
+
+def hdf5_read_in_blocks(
+    read: Callable[[tuple], Any], index: tuple, shape: tuple, chunks: tuple | None
+) -> Any:
+    """``read(index)``, split so that no call touches more than
+    :data:`MAX_HDF5_CHUNKS_PER_READ` chunks (HDF5's per-chunk memory is held for a whole call).
+
+    Args:
+        read: reads one index of the dataset (e.g. ``lambda i: np.asarray(ds[i])``).
+        index: one int or slice (any positive step) per dimension of the dataset.
+        shape, chunks: the dataset's shape and chunk shape (``None``: contiguous).
+
+    Returns:
+        What ``read(index)`` gives: the parts (groups of whole chunk rows along the first
+        dimension that spans several chunks, split further along the next one where one row
+        is still too many) concatenated in order.
+    """
+    import numpy as np
+
+    if chunks is None:
+        return read(index)
+    cells: list[range | None] = []
+    counts = []
+    for sel, n, c in zip(index, shape, chunks, strict=True):
+        if isinstance(sel, slice):
+            r = range(*sel.indices(n))
+            cells.append(r)
+            counts.append(len({i // c for i in r}) if r.step > c else
+                          (0 if not r else r[-1] // c - r[0] // c + 1))  # fmt: skip
+        else:
+            cells.append(None)
+            counts.append(1)
+    total = math.prod(counts)
+    axis = next((i for i, r in enumerate(cells) if r is not None and counts[i] > 1), None)
+    if total <= MAX_HDF5_CHUNKS_PER_READ or axis is None:
+        return read(index)
+    rows = max(1, MAX_HDF5_CHUNKS_PER_READ // (total // counts[axis]))
+    c = int(chunks[axis])
+    r = cells[axis]
+    parts, group, first_row = [], [], None
+    for i in [*r, None]:  # positions grouped by chunk row, ``rows`` rows at a time
+        if i is not None and (first_row is None or i // c < first_row + rows):
+            first_row = i // c if first_row is None else first_row
+            group.append(i)
+            continue
+        sub = list(index)
+        sub[axis] = slice(group[0], group[-1] + 1, r.step)
+        parts.append(hdf5_read_in_blocks(read, tuple(sub), shape, chunks))
+        group, first_row = ([i], i // c) if i is not None else ([], None)
+    out_axis = sum(1 for x in cells[:axis] if x is not None)  # ints drop their dimension
+    return np.concatenate(parts, axis=out_axis)
 
 
 class Hdf5ChunkGuard:

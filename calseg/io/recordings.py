@@ -1179,10 +1179,15 @@ def _open_hdf5(
         h5.close()
         raise RecordingError(f"{path.name}: cannot read its HDF5 structure ({exc}).") from exc
 
-    def read(index: tuple) -> np.ndarray:
+    def read_block(index: tuple) -> np.ndarray:
         guard.check(index)  # deflate chunks expand to at most the chunk size
-        try:
-            return np.asarray(ds[index])
+        return np.asarray(ds[index])
+
+    def read(index: tuple) -> np.ndarray:
+        try:  # in blocks of a bounded chunk count (file_safety.MAX_HDF5_CHUNKS_PER_READ)
+            return file_safety.hdf5_read_in_blocks(read_block, index, ds.shape, ds.chunks)
+        except (RecordingError, UnsafeRecording):
+            raise
         except Exception as exc:
             raise RecordingError(
                 f"{path.name}:/{name}: reading the data failed ({exc}); the file is probably "

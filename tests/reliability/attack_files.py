@@ -410,6 +410,14 @@ def _tiff_ifd_loop(p: Path, v: Victim) -> None:
     raw_tiff(p, width=16, height=16, n_pages=150, strip=zlib.compress(bytes(512)), loop_to=120)
 
 
+def _h5_one_pixel_chunks(p: Path, v: Victim) -> None:
+    """200 x 256 x 256 uint8 in chunks of one value, none written: 1.4 kB on disk, 13.1 M
+    chunks. A new-user check's infer job on it reached 21 GiB in 14 minutes (HDF5 spends
+    memory and time on every chunk a read touches) before the kernel killed it."""
+    with h5py.File(p, "w") as f:
+        f.create_dataset("rec", shape=(200, 256, 256), dtype="uint8", chunks=(1, 1, 1))
+
+
 def _png_bomb(p: Path, v: Victim) -> None:
     """A 20000 x 20000 grey PNG (400 Mpx) of zeros: about 400 kB."""
     from PIL import Image
@@ -469,4 +477,6 @@ def attacks() -> list[Attack]:
         Attack("hdf5-declares-1.7TB", "huge.h5", _h5_declared_huge, 413,
                "too large for this server", B),
         Attack("png-20000x20000", "huge.png", _png_bomb, 413, "pixels", B),
+        Attack("hdf5-13M-one-value-chunks", "tinychunks.h5", _h5_one_pixel_chunks, 422,
+               "13,107,200 chunks of 1 x 1 x 1", B),
     ]  # fmt: skip
