@@ -376,6 +376,72 @@ def test_a_job_process_killed_by_sigkill_fails_that_job_only(env, patched_runner
     assert jobproc.run_job_in_child(nxt, settings=env) == "succeeded"
 
 
+def test_a_job_over_its_memory_limit_is_killed_and_fails_with_the_reason(
+    env, patched_runner
+) -> None:
+    """Admission prices a job before it runs; a new-user check's 1.4 kB HDF5 then took a job
+    to 21 GiB (the estimate could not know). The worker now watches the job's process group
+    and kills it past its owner's max_job_memory_bytes, failing the job with the reason."""
+    from calseg.service import jobproc
+
+    def hungry(params, ctx):
+        ctx.progress(0.1, "allocate")
+        block = np.ones(400 * 2**20, np.uint8)  # 400 MiB, touched
+        time.sleep(600)
+        return {"n": int(block[0])}
+
+    patched_runner(hungry)
+    job_id = _submit(env)
+    # the child starts with this process's resident pages: allow those plus 150 MiB
+    own = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    limit = own + 150 * 2**20
+    tight = env.model_copy(update={"job_max_memory_bytes": limit})
+    t0 = time.monotonic()
+    assert jobproc.run_job_in_child(job_id, settings=tight) == "failed"
+    assert time.monotonic() - t0 < 60
+    job, _ = _job(env, job_id)
+    assert "more than its limit of" in job.error and "max_job_memory_bytes" in job.error
+    assert jobproc.last_child["over_limit"] and not alive(jobproc.last_child["pid"])
+
+
+def test_a_job_over_its_time_limit_is_killed_and_fails_with_the_reason(env, patched_runner) -> None:
+    from calseg.service import jobproc
+
+    def slow(params, ctx):
+        ctx.progress(0.1, "wait")
+        time.sleep(600)
+        return {}
+
+    patched_runner(slow)
+    job_id = _submit(env)
+    t0 = time.monotonic()
+    state = jobproc.run_job_in_child(
+        job_id, settings=env.model_copy(update={"job_max_time_s": 1.5})
+    )
+    assert state == "failed" and time.monotonic() - t0 < 30
+    job, _ = _job(env, job_id)
+    assert "more than 2 x its time limit of 1.5 s (max_job_time_s" in job.error
+
+
+def test_group_rss_counts_the_processes_of_a_group() -> None:
+    """group_rss_bytes sums /proc's rss over a process group: a child in a group of its own
+    holding 200 MiB reads at least that, and a group with no process reads 0."""
+    from calseg.service import jobproc
+
+    code = (
+        "import os, time, numpy as np; os.setpgid(0, 0); a = np.ones(200 * 2**20, np.uint8); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"
+        assert jobproc.group_rss_bytes(proc.pid) >= 200 * 2**20
+    finally:
+        proc.kill()
+        proc.wait()
+    assert jobproc.group_rss_bytes(proc.pid) == 0
+
+
 def test_the_job_process_dies_with_its_worker(env, tmp_path: Path) -> None:
     """SIGKILL of the worker: its job's process gets SIGKILL too (PR_SET_PDEATHSIG), so no
     job runs on unwatched (the reconciler or the supervisor re-queues it)."""

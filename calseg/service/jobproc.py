@@ -12,6 +12,11 @@ A Celery worker runs one job at a time (solo pool). With ``settings.job_process 
   sigma), the worker kills the child's process group with SIGKILL and notes it in the job's log.
   The worker is free for the next job within ``cancel_check_interval_s + cancel_grace_s`` (plus
   the kill) of the cancel.
+* **Memory and time limits.** Admission prices a job before it runs (:mod:`calseg.service.costs`);
+  while it runs, the worker reads the resident memory of the job's process group
+  (:func:`group_rss_bytes`) at every poll and kills the group past its owner's
+  ``max_job_memory_bytes``, or after :data:`TIME_LIMIT_SLACK` times ``max_job_time_s``; the job
+  fails with the reason (a 1.4 kB HDF5 once took a job to 21 GiB before the kernel killed it).
 * **Crash or OOM kill of the job.** The child dying by a signal (SIGKILL is what the kernel's
   out-of-memory killer sends) fails that job with the signal, its run time and peak memory;
   the worker lives on and takes the next job.
@@ -57,7 +62,8 @@ log = logging.getLogger("calseg.service.jobproc")
 
 last_child: dict[str, Any] = {}
 """How the last job process of :func:`run_job_in_child` ended: ``pid``, ``wall_s``,
-``peak_mib`` (its ``ru_maxrss``), ``killed`` (by the watchdog), ``signal`` (or None)."""
+``peak_mib`` (its ``ru_maxrss``), ``killed`` (by the watchdog), ``over_limit`` (why, when it
+was killed past its owner's memory or time limit), ``signal`` (or None)."""
 
 PR_SET_PDEATHSIG = 1
 """``prctl`` option: the signal a process gets when its parent thread ends (linux/prctl.h)."""
@@ -96,6 +102,51 @@ def _row(url: str, job_id: str) -> tuple[str, str | None, str] | None:
             sql_select(Job.state, Job.dispatch_id, Job.kind).where(Job.id == job_id)
         ).first()
     return None if row is None else (row.state, row.dispatch_id, row.kind)
+
+
+def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float] | None:
+    """``(memory bytes, seconds)`` the job's process may use: its owner's limits
+    (:func:`calseg.service.costs.effective_limits`, ``max_job_memory_bytes`` and
+    ``max_job_time_s``). None when the job or the database cannot be read (no limit then)."""
+    from calseg.service.costs import effective_limits
+    from calseg.service.db import session_scope
+    from calseg.service.models import User
+
+    try:
+        with session_scope(url) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return None
+            user = session.get(User, job.owner_id) if job.owner_id else None
+            limits = effective_limits(user, settings, session)
+    except Exception as exc:  # noqa: BLE001 - the job still runs, without the run-time limits
+        log.warning("job %s: cannot read its limits: %s", job_id, exc)
+        return None
+    return int(limits.max_job_memory_bytes), float(limits.max_job_time_s)
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of the processes in process group ``pgid`` (the job's process and what
+    it started), in bytes: field 24 (rss, pages) of ``/proc/PID/stat`` summed over the
+    processes whose field 5 (pgrp) is ``pgid`` (proc(5)). Shared pages count in each process
+    that maps them, as in ``ru_maxrss``. 0 where /proc cannot be read."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 21 and int(fields[2]) == pgid:  # fields[0] is field 3 (state)
+            total += int(fields[21]) * page
+    return total
 
 
 def preload_for(kind: str) -> None:
@@ -211,6 +262,35 @@ def _child(
         os._exit(code)
 
 
+TIME_LIMIT_SLACK = 2.0
+"""A running job is killed after this many times its owner's ``max_job_time_s``: admission
+compares estimates made on an idle reference machine, and the same jobs ran 2-10x longer at
+load 7-10 (:data:`calseg.service.costs.CONSTANTS`), so the limit itself would kill admitted
+jobs on a busy server. Memory has no slack: it is what runs out."""
+
+
+def _over_limit(pid: int, limits: tuple[int, float] | None, ran_s: float) -> str | None:
+    """Why the job's process group must stop now (its owner's memory limit, or
+    :data:`TIME_LIMIT_SLACK` times the time limit, passed), or None."""
+    if limits is None:
+        return None
+    memory, seconds = limits
+    if ran_s > TIME_LIMIT_SLACK * seconds:
+        return (
+            f"the job ran {ran_s:.0f} s, more than {TIME_LIMIT_SLACK:g} x its time limit of "
+            f"{seconds:g} s (max_job_time_s; its estimate was within it)"
+        )
+    rss = group_rss_bytes(pid)
+    if rss > memory:
+        mib = 2**20
+        return (
+            f"the job used {rss / mib:.0f} MiB of memory, more than its limit of "
+            f"{memory / mib:.0f} MiB (max_job_memory_bytes; its estimate was within it): "
+            "the recording or the parameters cost more than CalSeg's estimate"
+        )
+    return None
+
+
 def run_job_in_child(
     job_id: str, dispatch_id: str | None = None, *, settings: Settings | None = None
 ) -> str:
@@ -236,6 +316,7 @@ def run_job_in_child(
     if row is not None:
         dispatch_id = dispatch_id or row[1]
         preload_for(row[2])
+    limits = _run_limits(url, settings, job_id)
     # no pooled database connection may be shared by two processes
     get_engine(url).dispose()
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
@@ -255,6 +336,7 @@ def run_job_in_child(
     out = b""
     stop_since: float | None = None
     killed_after: float | None = None
+    over_limit: str | None = None
     reason: str | None = None
     status = 0
     rusage = None
@@ -266,10 +348,18 @@ def run_job_in_child(
             done, status, rusage = os.wait4(pid, os.WNOHANG)
             if done:
                 break
-            if killed_after is not None:
+            if killed_after is not None or over_limit is not None:
+                continue
+            now = time.monotonic()
+            over_limit = _over_limit(pid, limits, now - t0)
+            if over_limit is not None:  # admission priced the job; this is what it does
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                log.warning("job %s: %s; killed", job_id, over_limit)
                 continue
             reason = _stop_reason(url, job_id, dispatch_id)
-            now = time.monotonic()
             if reason is None:
                 stop_since = None
                 continue
@@ -300,7 +390,11 @@ def run_job_in_child(
     wall = time.monotonic() - t0
     peak_mib = (rusage.ru_maxrss / 1024) if rusage is not None else float("nan")
     try:
-        if killed_after is not None:
+        if over_limit is not None:
+            why = f"{over_limit}: the worker killed its process {pid} after {wall:.0f} s"
+            _note(url, settings, job_id, why, state="failed", error=why, finished_at=utcnow(),
+                  eta_s=None)  # fmt: skip
+        elif killed_after is not None:
             _note(url, settings, job_id,
                   f"{reason} but did not stop within {settings.cancel_grace_s:g} s: "
                   f"the worker killed its process {pid} (ran {wall:.1f} s)")  # fmt: skip
@@ -328,11 +422,12 @@ def run_job_in_child(
         pid=pid,
         wall_s=wall,
         peak_mib=peak_mib,
-        killed=killed_after is not None,
+        killed=killed_after is not None or over_limit is not None,
+        over_limit=over_limit,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
     )
     state = out.decode(errors="replace").strip()
-    if not state or killed_after is not None or os.WIFSIGNALED(status):
+    if not state or killed_after is not None or over_limit or os.WIFSIGNALED(status):
         try:
             state = _state(url, job_id)
         except Exception:  # noqa: BLE001

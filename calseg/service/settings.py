@@ -143,7 +143,8 @@ class Settings(BaseSettings):
         default=None,
         gt=0,
         description="Largest estimated peak memory of one job (bytes); None: 80 % of this "
-        "machine's physical memory. Per user: users.max_job_memory_bytes.",
+        "machine's physical memory. Per user: users.max_job_memory_bytes. Also enforced while "
+        "the job runs: the worker kills a job process group whose resident memory passes it.",
     )
     job_max_disk_bytes: int = Field(
         default=200 * 1024**3,
@@ -153,7 +154,9 @@ class Settings(BaseSettings):
     job_max_time_s: float = Field(
         default=48 * 3600.0,
         gt=0,
-        description="Largest estimated worker time of one job (s, scaled by cost_time_scale).",
+        description="Largest estimated worker time of one job (s, scaled by cost_time_scale). "
+        "While it runs, a job is killed after twice this (estimates run long on a busy "
+        "machine; calseg.service.jobproc.TIME_LIMIT_SLACK).",
     )
     cost_time_scale: float = Field(
         default=1.0,
