@@ -384,17 +384,19 @@ def test_a_job_over_its_memory_limit_is_killed_and_fails_with_the_reason(
     and kills it past its owner's max_job_memory_bytes, failing the job with the reason."""
     from calseg.service import jobproc
 
+    # the child starts with at most this process's resident pages (file-backed ones only once
+    # touched): a limit of those plus 150 MiB, and an allocation of them plus 300 MiB
+    own = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    limit = own + 150 * 2**20
+
     def hungry(params, ctx):
         ctx.progress(0.1, "allocate")
-        block = np.ones(400 * 2**20, np.uint8)  # 400 MiB, touched
-        time.sleep(600)
+        block = np.ones(own + 300 * 2**20, np.uint8)  # touched: all resident
+        time.sleep(30)  # (a failure ends here: the job succeeds and the test fails)
         return {"n": int(block[0])}
 
     patched_runner(hungry)
     job_id = _submit(env)
-    # the child starts with this process's resident pages: allow those plus 150 MiB
-    own = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    limit = own + 150 * 2**20
     tight = env.model_copy(update={"job_max_memory_bytes": limit})
     t0 = time.monotonic()
     assert jobproc.run_job_in_child(job_id, settings=tight) == "failed"
@@ -409,7 +411,7 @@ def test_a_job_over_its_time_limit_is_killed_and_fails_with_the_reason(env, patc
 
     def slow(params, ctx):
         ctx.progress(0.1, "wait")
-        time.sleep(600)
+        time.sleep(30)
         return {}
 
     patched_runner(slow)
