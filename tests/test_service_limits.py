@@ -287,6 +287,29 @@ def test_admins_set_per_user_limits_users_see_their_own(
     assert r.status_code == 429 and client.get(f"/api/jobs/{first}").json()["state"] == "cancelled"
 
 
+def test_patch_changes_only_the_limits_given(
+    client: TestClient,  # noqa: F811
+    admin: dict[str, str],
+) -> None:
+    """A new-user check set max_queued_jobs 3 with PUT, then max_running_jobs 2 with PUT, and
+    the quota of 3 was gone (PUT replaces every limit, as documented). PATCH changes only the
+    limits in its body; null returns one to the server's setting; non-admins get 403."""
+    root, bob = _headers(admin["root"]), _headers(admin["bob"])
+    url = "/api/users/alice/limits"
+    assert client.put(url, json={"max_queued_jobs": 3}, headers=root).status_code == 200
+    r = client.patch(url, json={"max_running_jobs": 2}, headers=root)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["max_queued_jobs"], got["max_running_jobs"]) == (3, 2)
+    assert got["sources"]["max_queued_jobs"] == got["sources"]["max_running_jobs"] == "user"
+    got = client.patch(url, json={"max_queued_jobs": None}, headers=root).json()
+    assert got["sources"]["max_queued_jobs"] == "server" and got["max_running_jobs"] == 2
+    assert client.patch(url, json={}, headers=root).json() == got  # nothing given: no change
+    assert client.patch(url, json={"max_queued_jobs": 0}, headers=root).status_code == 422
+    assert client.patch(url, json={"max_queued_jobs": 5}, headers=bob).status_code == 403
+    assert client.get(url).json()["max_running_jobs"] == 2
+
+
 def test_zero_cell_job_lists_no_cells(client: TestClient) -> None:  # noqa: F811
     frames = np.full((12, 32, 32), 500, np.uint16)  # nothing active: no cell anywhere
     up = client.post("/api/recordings", files={"file": ("flat.tif", _tiff_bytes(frames))})
@@ -573,3 +596,67 @@ def test_costs_bench_runs_a_real_job_and_reports_it(monkeypatch: pytest.MonkeyPa
     assert row["measured"]["memory_bytes"] > 50 * 1024**2 and row["measured"]["disk_bytes"] > 0
     assert row["estimate"]["memory_bytes"] >= row["measured"]["memory_bytes"]
     assert "simulate tiny" in bench._format_row(row)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_parallel_submissions_never_pass_the_quota(backend, tmp_path, request) -> None:
+    """A new-user check sent 12 submissions at once against a quota of 3 and got 9 jobs in:
+    each request counted the queued jobs before any other had inserted. Admission and insert
+    are now one step per user (jobs._lock_owner). 12 threads, each with its own session, on
+    the embedded SQLite file and on the machine's PostgreSQL: exactly 3 get in."""
+    import threading
+    import uuid
+
+    from sqlalchemy import text
+
+    from calseg.service.auth import create_user
+    from calseg.service.costs import QuotaExceeded
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.jobs import submit_job
+    from calseg.service.models import Job, User
+
+    schema = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'quota.db'}"
+    else:
+        admin = request.getfixturevalue("pg_admin")
+        schema = f"calseg_quota_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        base = admin.url.render_as_string(hide_password=False)
+        url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    try:
+        upgrade_database(url)
+        with session_scope(url) as s:
+            user = create_user(s, "bob")
+            user.max_queued_jobs = 3
+            s.commit()
+            user_id = user.id
+        settings = Settings(database_url=url, artifact_dir=tmp_path / "art")
+        start = threading.Barrier(12)
+        outcomes: list[str] = []
+
+        def submit() -> None:
+            with session_scope(url) as s:
+                owner = s.get(User, user_id)
+                start.wait()
+                try:
+                    params = {"n_videos": 3, "n_frames": 4}
+                    submit_job(s, "simulate", params, enqueue=lambda j, c=None: None,
+                               owner=owner, settings=settings)  # fmt: skip
+                    outcomes.append("queued")
+                except QuotaExceeded:
+                    outcomes.append("quota")
+
+        threads = [threading.Thread(target=submit) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(outcomes) == ["queued"] * 3 + ["quota"] * 9, outcomes
+        with session_scope(url) as s:
+            assert s.query(Job).filter(Job.owner_id == user_id).count() == 3
+    finally:
+        if schema is not None:
+            with request.getfixturevalue("pg_admin").connect() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

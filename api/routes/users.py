@@ -52,15 +52,39 @@ def get_limits(name: str, session: SessionDep, settings: SettingsDep, user: User
 def set_limits(
     name: str, body: LimitsIn, session: SessionDep, settings: SettingsDep, user: UserDep
 ) -> LimitsOut:
-    """Set a user's job limits (admins only: 403 otherwise). Every limit of the body replaces
-    the user's; one left out or null follows the server's setting again. Jobs already queued
-    keep running; new submissions are checked against the new limits."""
+    """Set all of a user's job limits (admins only: 403 otherwise). Every limit of the body
+    replaces the user's; one left out or null follows the server's setting again (``PATCH``
+    changes only those given). Jobs already queued keep running; new submissions are checked
+    against the new limits."""
     from calseg.service.costs import USER_LIMIT_FIELDS
 
+    return _set_limits(name, body, session, settings, user, USER_LIMIT_FIELDS)
+
+
+@router.patch("/api/users/{name}/limits", response_model=LimitsOut, tags=["auth"])
+def change_limits(
+    name: str, body: LimitsIn, session: SessionDep, settings: SettingsDep, user: UserDep
+) -> LimitsOut:
+    """Change some of a user's job limits (admins only: 403 otherwise): only the limits in the
+    body change (null: the server's setting again); the others stay as they were, as with
+    ``calseg users limits``. (``PUT`` replaces them all: a new-user check lost a quota of 3
+    when a later PUT set only ``max_running_jobs``.)"""
+    return _set_limits(name, body, session, settings, user, tuple(body.model_fields_set))
+
+
+def _set_limits(
+    name: str,
+    body: LimitsIn,
+    session: Session,
+    settings: SettingsDep,
+    user: User,
+    fields: tuple[str, ...],
+) -> LimitsOut:
+    """Set ``fields`` of user ``name``'s limits from ``body`` (an admin's request)."""
     if not user.is_admin:
         raise HTTPException(403, "only an admin may set limits")
     target = _named_user(session, name, user)
-    for field in USER_LIMIT_FIELDS:
+    for field in fields:
         setattr(target, field, getattr(body, field))
     session.commit()
     return _limits_out(session, target, settings)

@@ -91,6 +91,16 @@ def check_references(session: Session, kind: str, params: Any, owner: User | Non
         raise JobReferenceError(f"recording_id: there is no recording {rec_id}")
 
 
+def _lock_owner(session: Session, owner: User | None) -> None:
+    """Serialise the admission of ``owner``'s jobs until this transaction commits: a no-op
+    UPDATE of their ``users`` row takes its row lock (PostgreSQL) or the database's write lock
+    (SQLite, whose driver starts the transaction at the first write). Without it, 12 parallel
+    submissions against a quota of 3 all counted 2 queued jobs and 9 got in (a new-user
+    check): the quota check and the insert must be one step per user."""
+    if owner is not None:
+        session.execute(update(User).where(User.id == owner.id).values(name=User.name))
+
+
 def submit_job(
     session: Session,
     kind: str,
@@ -127,7 +137,12 @@ def submit_job(
 
     validated = validate_params(kind, params)
     check_references(session, kind, validated, owner)
-    check_admission(session, kind, validated, owner, settings or get_settings())
+    _lock_owner(session, owner)  # until the commit below: the quota counts every insert
+    try:
+        check_admission(session, kind, validated, owner, settings or get_settings())
+    except Exception:
+        session.rollback()
+        raise
     job = Job(
         id=new_id(),
         owner_id=owner.id if owner is not None else None,
@@ -233,7 +248,12 @@ def retry_job(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
     validated = validate_params(job.kind, job.params)
-    check_admission(session, job.kind, validated, job.owner, settings or get_settings())
+    _lock_owner(session, job.owner)
+    try:
+        check_admission(session, job.kind, validated, job.owner, settings or get_settings())
+    except Exception:
+        session.rollback()
+        raise
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(("failed", "cancelled")))

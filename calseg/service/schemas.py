@@ -720,7 +720,8 @@ class UserOut(BaseModel):
 
 class LimitsIn(BaseModel):
     """Body of ``PUT /api/users/{name}/limits`` (admins): every limit of the user; a limit left
-    out or null follows the server's setting of the same name. Memory and disk in bytes, time
+    out or null follows the server's setting of the same name. ``PATCH`` changes only the
+    limits present (null: the server's again). Memory and disk in bytes, time
     in seconds of worker time (scaled by the server's ``cost_time_scale``)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
