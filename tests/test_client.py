@@ -136,12 +136,17 @@ def test_client_round_trip_submit_watch_download(live: dict, tmp_path: Path) -> 
         with pytest.raises(CalSegError) as err:  # an unknown device: refused at submit
             cs.submit("finetune", {"dataset_job_id": job["id"], "steps": 1, "device": "tpu"})
         assert err.value.status == 422 and "device" in str(err.value)
-        bad = cs.submit(  # a video the dataset lacks: found out when the job runs
-            "infer", {"dataset_job_id": job["id"], "video_id": "v999", "method": "baseline"}
-        )
+        with pytest.raises(CalSegError) as err:  # a video the dataset lacks: refused at submit
+            cs.submit(
+                "infer", {"dataset_job_id": job["id"], "video_id": "v999", "method": "baseline"}
+            )
+        assert err.value.status == 422 and "v999" in str(err.value)
+        for stored in (get_settings().artifact_dir / "recordings").rglob("rec.tif"):
+            stored.unlink()  # the recording's file gone: found out when the job runs
+        bad = cs.submit("infer", {"recording_id": rec["id"], "method": "baseline"})
         with pytest.raises(JobFailed) as failed:
             cs.wait(bad["id"], poll_s=0.2, timeout_s=120)
-        assert failed.value.job["state"] == "failed" and failed.value.job["error"]
+        assert failed.value.job["state"] == "failed" and "missing" in failed.value.job["error"]
     with CalSegClient(live["url"], "cs_" + "x" * 43) as cs, pytest.raises(CalSegError) as err:
         cs.me()
     assert err.value.status == 401 and "token" in str(err.value)

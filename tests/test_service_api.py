@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +441,46 @@ def test_bad_numbers_are_422_never_500(client: TestClient, body: str, expected: 
     body = _one_422_shape(r)
     assert expected in body["detail"] or expected in str(body["errors"]), body
     assert client.queued == []  # nothing reached the queue
+
+
+def test_infer_inputs_are_checked_at_submit_and_failures_leak_no_server_path(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """A new-user REST check got 201 for an infer job with axes "TTYX", channel 5 of a
+    1-channel recording and video "v999", then a failed job whose log held a traceback with
+    the server's absolute paths. These are 422 at submit now (and at /api/jobs/estimate,
+    which also refuses a device the submit refuses); a job that does fail on its input says
+    so without a traceback, and no failure text holds the server's folders."""
+    frames = np.random.default_rng(0).poisson(100, (6, 32, 32)).astype(np.uint16)
+    up = client.post("/api/recordings", files={"file": ("r.tif", _tiff_bytes(frames))}).json()
+    for extra, words in [
+        ({"axes": "TTYX"}, "cannot be read with these options"),
+        ({"channel": 5}, "cannot be read with these options"),
+    ]:
+        params = {"recording_id": up["id"], **extra}
+        for path in ("/api/jobs", "/api/jobs/estimate"):
+            r = client.post(path, json={"kind": "infer", "params": params})
+            assert r.status_code == 422 and words in r.json()["detail"], (path, r.text)
+            assert str(tmp_path) not in r.text
+    r = client.post("/api/jobs/estimate", json={"kind": "infer",
+                    "params": {"recording_id": up["id"], "device": "cuda:99"}})  # fmt: skip
+    assert r.status_code == 422 and "'cuda:99' is not one of them" in r.text, r.text
+
+    sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    assert _run(sim["id"]) == "succeeded"
+    bad = {"dataset_job_id": sim["id"], "video_id": "v999", "method": "baseline"}
+    r = client.post("/api/jobs", json={"kind": "infer", "params": bad})
+    assert r.status_code == 422 and "v999" in r.json()["detail"], r.text
+    assert str(tmp_path) not in r.text
+
+    # a job whose recording vanished after the submit fails on its input: no traceback, and
+    # no absolute server path in its error or log
+    ok = client.post("/api/jobs", json={"kind": "infer", "params": {"recording_id": up["id"]}})
+    assert ok.status_code == 201, ok.text
+    for f in (tmp_path / "art").rglob("r.tif"):
+        f.unlink()
+    assert _run(ok.json()["id"]) == "failed"
+    job = client.get(f"/api/jobs/{ok.json()['id']}").json()
+    assert "Traceback" not in job["log_tail"], job["log_tail"]
+    for text in (job["error"], job["log_tail"], json.dumps(job.get("provenance") or {})):
+        assert str(tmp_path) not in text, text

@@ -50,6 +50,7 @@ ROUTES: dict[tuple[str, str], dict[str, Any] | str | None] = {
     ("POST", "/api/jobs/estimate"): None,  # the caller's own estimate (test_service_limits)
     ("GET", "/api/users"): "admin only (403 otherwise: test_service_limits)",
     ("PUT", "/api/users/{name}/limits"): "admin only (403 otherwise: test_service_limits)",
+    ("PATCH", "/api/users/{name}/limits"): "admin only (403 otherwise: test_service_limits)",
     ("GET", "/api/users/{name}/limits"): {"user": "alice", "admin": 200},
     # routes on alice's ids: bob 404, the admin as given
     ("GET", "/api/metrics"): {"query": {"model_job_id": "@failed"}, "admin": 200},
@@ -596,7 +597,7 @@ def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Pat
             result={
                 "base_checkpoint": None,
                 "best_step": 0,
-                "model_info": {"random_weights": False},
+                "model_info": {"random_weights": False, "config": "sam2_small_calseg"},
             },
             provenance={"inputs": [{"job_id": "d1", "name": "manifest.json", "sha256": "ab"}]},
         )
@@ -621,7 +622,8 @@ def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Pat
     models = client.get("/api/models").json()
     assert [m["job_id"] for m in models] == [job_id]  # the running one is not a model yet
     m = models[0]
-    assert m["base_config"] == "sam2.1_hiera_t" and m["parent_checkpoint"] is None
+    # what was trained, not the request's default (params say sam2.1_hiera_t)
+    assert m["base_config"] == "sam2_small_calseg" and m["parent_checkpoint"] is None
     assert m["dataset_job_id"] == "d1" and m["dataset_manifest_sha256"] == "ab"
     assert m["checkpoint_sha256"] == obj.sha256 and m["params"]["steps"] == 4
     assert [x["name"] for x in m["metrics"]] == ["final_loss"]  # final numbers, not the curve

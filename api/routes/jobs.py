@@ -82,11 +82,12 @@ def estimate_job(
     """What a job would cost (memory, disk, time; ``calseg.service.costs``) and whether it fits
     the caller's limits, without submitting it. Parameters and references are checked as by
     ``POST /api/jobs`` (422)."""
-    from calseg.service.costs import estimate
+    from calseg.service.costs import check_device, estimate
     from calseg.service.schemas import validate_params
 
     validated = validate_params(body.kind, body.params)
-    lifecycle.check_references(session, body.kind, validated, user)
+    check_device(body.kind, validated, settings)
+    lifecycle.check_references(session, body.kind, validated, user, settings)
     est = estimate(session, body.kind, validated, settings)
     limits = _limits_out(session, user, settings)
     over = [

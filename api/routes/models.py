@@ -56,7 +56,10 @@ def list_models(
                 finished_at=job.finished_at,
                 label=label_of_finetune(job.params or {}, job.result),
                 best_step=(job.result or {}).get("best_step"),
-                base_config=(job.params or {}).get("model"),
+                # the configuration that was trained (the bundled small SAM2 replaces the
+                # requested default when no checkpoint is configured), else the request's
+                base_config=((job.result or {}).get("model_info") or {}).get("config")
+                or (job.params or {}).get("model"),
                 parent_checkpoint=(job.result or {}).get("base_checkpoint"),
                 parent_checkpoint_sha256=base.get("sha256"),
                 dataset_job_id=(job.params or {}).get("dataset_job_id"),

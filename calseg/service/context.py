@@ -58,6 +58,22 @@ class JobDeferred(Exception):
     """Raised inside a job whose referenced job has not finished yet; re-queued later."""
 
 
+def public_text(text: str, settings: Settings) -> str:
+    """``text`` without this server's folders, for what job owners read (errors, logs,
+    results): the artifact store, cache and repository prefixes are dropped, so
+    ``/srv/calseg/var/artifacts/jobs/ID/dataset`` reads ``jobs/ID/dataset`` and a traceback's
+    ``/srv/calseg/calseg/io/recordings.py`` reads ``calseg/io/recordings.py``. A new-user
+    check found absolute server paths in job errors, tracebacks and provenance."""
+    roots = {settings.artifact_dir, settings.cache_dir, REPO_ROOT}
+    prefixes = set()
+    for root in roots:
+        for form in (Path(root), Path(root).resolve()):
+            prefixes.add(str(form).rstrip("/") + "/")
+    for prefix in sorted(prefixes, key=len, reverse=True):  # the longest (innermost) first
+        text = text.replace(prefix, "")
+    return text
+
+
 def _library_versions() -> dict[str, str]:
     """Versions of the libraries that shape results (those imported by this process)."""
     import importlib.metadata as md
@@ -458,7 +474,10 @@ class JobContext:
             base = self.settings.sam2_checkpoint
             if self.kind != "simulate":
                 out["base_checkpoint"] = (
-                    {"path": str(base), "sha256": _file_sha256(Path(base))}
+                    {
+                        "path": public_text(str(base), self.settings),
+                        "sha256": _file_sha256(Path(base)),
+                    }
                     if base is not None and Path(base).is_file()
                     else None
                 )

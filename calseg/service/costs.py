@@ -720,6 +720,31 @@ def allowed_devices(settings: Settings) -> list[str]:
     return devices
 
 
+def check_device(kind: str, params: Any, settings: Settings) -> None:
+    """Refuse (ParamsError, 422 on ``params.device``) a device this server does not run jobs
+    on (:func:`allowed_devices`). Also run by ``POST /api/jobs/estimate``, which answered
+    ``fits`` for a device that the submit then refused (a new-user check)."""
+    from calseg.service.schemas import ParamsError
+
+    device = getattr(params, "device", None)
+    if device is None:
+        return
+    allowed = allowed_devices(settings)
+    if device not in allowed:
+        raise ParamsError(
+            kind,
+            [
+                {
+                    "type": "device",
+                    "loc": ("device",),
+                    "msg": f"this server runs jobs on {', '.join(allowed)}; "
+                    f"{device!r} is not one of them",
+                    "input": device,
+                }
+            ],
+        )
+
+
 def check_admission(
     session: Session, kind: str, params: Any, owner: User | None, settings: Settings
 ) -> CostEstimate:
@@ -731,24 +756,7 @@ def check_admission(
     Returns:
         The job's :class:`CostEstimate` (within the limits).
     """
-    from calseg.service.schemas import ParamsError
-
-    device = getattr(params, "device", None)
-    if device is not None:
-        allowed = allowed_devices(settings)
-        if device not in allowed:
-            raise ParamsError(
-                kind,
-                [
-                    {
-                        "type": "device",
-                        "loc": ("device",),
-                        "msg": f"this server runs jobs on {', '.join(allowed)}; "
-                        f"{device!r} is not one of them",
-                        "input": device,
-                    }
-                ],
-            )
+    check_device(kind, params, settings)
     limits = effective_limits(owner, settings, session)
     if owner is not None:
         active = (

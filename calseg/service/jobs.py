@@ -35,6 +35,7 @@ from calseg.service.context import (
     _LogForward,
     code_version,
     jsonable,
+    public_text,
 )
 from calseg.service.models import (
     TERMINAL_STATES,
@@ -67,9 +68,17 @@ class JobStateError(ValueError):
 # ------------------------------------------------------------------------------ submit
 
 
-def check_references(session: Session, kind: str, params: Any, owner: User | None) -> None:
+def check_references(
+    session: Session,
+    kind: str,
+    params: Any,
+    owner: User | None,
+    settings: Settings | None = None,
+) -> None:
     """Referenced jobs and recordings exist, are ``owner``'s (or ``owner`` is an admin; None:
-    an internal call, no check) and are usable; others' ids are reported as missing."""
+    an internal call, no check) and are usable; others' ids are reported as missing. With
+    ``settings``, an infer job's recording is probed with its reading options and its
+    simulated video looked up in a finished dataset (:func:`_check_infer_input`)."""
     from calseg.service.auth import can_see
 
     for field, want in kinds.references(kind).items():
@@ -89,6 +98,52 @@ def check_references(session: Session, kind: str, params: Any, owner: User | Non
     rec = session.get(Recording, rec_id) if rec_id is not None else None
     if rec_id is not None and (rec is None or not can_see(owner, rec.owner_id)):
         raise JobReferenceError(f"recording_id: there is no recording {rec_id}")
+    if kind == "infer" and settings is not None:
+        _check_infer_input(session, params, rec, settings)
+
+
+def _check_infer_input(
+    session: Session, params: Any, rec: Recording | None, settings: Settings
+) -> None:
+    """What an infer job reads, checked at submit instead of failing in the worker (a
+    new-user check got 201 and then a failed job for ``axes`` "TTYX", ``channel`` 5 of 2 and
+    video "v999"): the recording is probed (headers, first and last frame) with the upload's
+    reading options overridden by the job's, when the job gives any; a simulated video must
+    be in its dataset's manifest once the dataset job has succeeded.
+
+    Raises:
+        JobReferenceError: the reader's or the dataset's message (API: 422).
+    """
+    from calseg.io.dataset import DatasetError, load_dataset
+    from calseg.io.recordings import RecordingError, merge_read_options, probe_recording
+
+    store = get_store(settings.artifact_dir)
+    given = {k: getattr(params, k, None) for k in ("axes", "channel", "interleaved_channels")}
+    stored = dict(rec.read_options or {}) if rec is not None else {}
+    z = getattr(params, "z_projection", None)
+    if z is not None and z != stored.get("z_projection", "max"):
+        given["z_projection"] = z
+    if rec is not None and any(v is not None for v in given.values()):
+        try:
+            options = merge_read_options(stored, **given)
+            probe_recording(store.path(rec.relpath), **options, limits=settings.read_limits())
+        except RecordingError as exc:
+            raise JobReferenceError(
+                f"recording_id {rec.id} ({rec.filename}) cannot be read with these options: "
+                f"{public_text(str(exc), settings)}"
+            ) from None
+    ds_id, video_id = getattr(params, "dataset_job_id", None), getattr(params, "video_id", None)
+    if ds_id is None or video_id is None:
+        return
+    manifest = session.scalar(
+        select(Artifact).where(Artifact.job_id == ds_id, Artifact.name == "manifest.json")
+    )
+    if manifest is None:  # the dataset is still being made: the worker checks it
+        return
+    try:
+        load_dataset(store.path(manifest.relpath).parent).video(video_id)
+    except DatasetError as exc:
+        raise JobReferenceError(f"video_id: {public_text(str(exc), settings)}") from None
 
 
 def _lock_owner(session: Session, owner: User | None) -> None:
@@ -136,7 +191,8 @@ def submit_job(
     from calseg.service.costs import check_admission
 
     validated = validate_params(kind, params)
-    check_references(session, kind, validated, owner)
+    settings = settings or get_settings()
+    check_references(session, kind, validated, owner, settings)
     _lock_owner(session, owner)  # until the commit below: the quota counts every insert
     try:
         check_admission(session, kind, validated, owner, settings or get_settings())
@@ -501,9 +557,10 @@ def run_job(
             _fail_queued(url, job.id, f"could not re-queue: {qexc}")
             state = "failed"
     except Exception as exc:  # noqa: BLE001 - a job's failure must not crash the worker
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = public_text(f"{type(exc).__name__}: {exc}", settings)
         ctx.log("failed: " + reason)
-        ctx.log(traceback.format_exc(limit=8))
+        if not isinstance(exc, _input_errors()):  # a defect: where it happened, paths dropped
+            ctx.log(public_text(traceback.format_exc(limit=8), settings))
         _finish(
             url,
             job.id,
@@ -520,6 +577,17 @@ def run_job(
         ctx.close()
         _register_log(url, store, job.id, f"{ctx.prefix}/job.log")
     return state
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Failures that come from what the job was given (a recording, a reference, a
+    parameter), said fully by their message: their traceback is not logged."""
+    from calseg.io.dataset import DatasetError
+    from calseg.io.recordings import RecordingError
+    from calseg.preprocess import PreprocessError
+    from calseg.service.runners import RunnerError
+
+    return (RecordingError, DatasetError, PreprocessError, RunnerError, JobReferenceError)
 
 
 def worker_name(pid: int | None = None) -> str:

@@ -218,6 +218,8 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
         ctx.add_metric("best_val_iou", float(res.best_val_iou), subset="val")
     if res.best_score is not None:  # the selected checkpoint's score (config.select_by)
         ctx.add_metric(f"best_val_{config.select_by}", float(res.best_score), subset="val")
+    from calseg.service.context import public_text
+
     return {
         "model_info": res.model_info,
         "warnings": list(ctx.warnings),
@@ -228,7 +230,7 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
         "best_score": res.best_score,
         "select_by": config.select_by,
         "improved": res.improved,
-        "base_checkpoint": str(base) if base else None,
+        "base_checkpoint": public_text(str(base), ctx.settings) if base else None,
     }
 
 

@@ -143,7 +143,9 @@ def test_simulate_finetune_infer_evaluate(service, client, bob_client, admin_cli
     assert model["checkpoint_sha256"] == ckpt_art["sha256"]
     assert model["dataset_job_id"] == sim["id"]
     assert model["dataset_manifest_sha256"] == manifest_art["sha256"]
-    assert model["base_config"] == ft["params"]["model"]
+    # the configuration trained (a new-user check saw the request's sam2.1_hiera_t for a
+    # job that trained sam2_small_calseg)
+    assert model["base_config"] == ft["result"]["model_info"]["config"]
     assert "final_loss" in {m["name"] for m in model["metrics"]}
     prov = client.get(f"/api/jobs/{inf['id']}").json()["provenance"]
     assert {(i["name"], i["sha256"]) for i in prov["inputs"]} == {
