@@ -69,6 +69,13 @@ def _upload_read_options(query: dict[str, Any], form: dict[str, str]) -> dict[st
     both must agree). 422 (the API's one shape, ``loc`` ``["query"|"body", name]``) on bad
     values."""
     names = set(UploadReadOptions.model_fields)
+    unknown = sorted(set(form) - names)
+    if unknown:  # a typo (-F chanel=1) must not read channel 0 without a word
+        raise RequestValidationError(
+            [{"type": "extra_forbidden", "loc": ["body", name], "input": form[name],
+              "msg": f"unknown form field {name!r}; an upload takes the file (field 'file') "
+              f"and the reading options {', '.join(sorted(names))}"} for name in unknown]
+        )  # fmt: skip
     merged: dict[str, Any] = {}
     where: dict[str, str] = {}
     for source, values in (("query", query), ("body", form)):
@@ -215,6 +222,14 @@ async def upload_recording(
         "interleaved_channels": interleaved_channels,
         "z_projection": z_projection,
     }
+    unknown = sorted(set(request.query_params) - set(query) - {"filename"})
+    if unknown:  # ?chanel=1 must not read channel 0 without a word
+        raise RequestValidationError(
+            [{"type": "extra_forbidden", "loc": ["query", name],
+              "input": request.query_params[name],
+              "msg": f"unknown query parameter {name!r}; an upload takes filename and the "
+              f"reading options {', '.join(sorted(query))}"} for name in unknown]
+        )  # fmt: skip
     tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
     try:
         received = await receive_file(request, tmp, settings.max_upload_bytes)
