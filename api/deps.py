@@ -4,6 +4,7 @@ the one 422 shape, and the lookups several routers use (a job, a user's limits).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from calseg.service.auth import HOW_TO_GET_A_TOKEN, BadTokenLimiter, authenticat
 from calseg.service.db import get_session
 from calseg.service.models import Artifact, Job, Metric, User
 from calseg.service.schemas import (
+    MAX_DESCRIBED_ERRORS,
     ArtifactOut,
     JobOut,
     LimitsOut,
@@ -155,22 +157,52 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content=jsonable_encoder({"detail": message, **extra}))
 
 
+MAX_ERRORS = MAX_DESCRIBED_ERRORS
+"""Most error items (and parts of ``detail``) one 422 lists: a 974 KiB body of 60,000 unknown
+parameters got a 9.1 MB answer in about 2 s of the API's time (a new-user check)."""
+
+MAX_INPUT_CHARS = 200
+"""Longest ``input`` echoed back in an error item (longer ones are cut, with their length)."""
+
+
+def _short_input(value: Any) -> Any:
+    """``value`` as echoed in an error item: strings and containers over
+    :data:`MAX_INPUT_CHARS` characters of JSON cut to a prefix that says its full length."""
+    text = value if isinstance(value, str) else None
+    if text is None and isinstance(value, (list, dict)):
+        text = json.dumps(value, default=str)
+    if text is None or len(text) <= MAX_INPUT_CHARS:
+        return value
+    return f"{text[:MAX_INPUT_CHARS]}... ({len(text):,} characters)"
+
+
 def _unprocessable(message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
     """Every 422 of the API has one shape: ``{"detail": str, "errors": [...]}`` - ``detail``
     one human sentence, ``errors`` pydantic-style ``{"type", "loc", "msg", "input"?}`` items
-    (``loc`` such as ``["body", "params", field]``; empty when no single field is at fault)."""
-    return _error(422, message, errors=errors or [])
+    (``loc`` such as ``["body", "params", field]``; empty when no single field is at fault).
+    At most :data:`MAX_ERRORS` items, the last saying how many more there were; long inputs
+    cut (:func:`_short_input`)."""
+    errors = list(errors or [])
+    kept = [
+        {**e, "input": _short_input(e["input"])} if "input" in e else e for e in errors[:MAX_ERRORS]
+    ]
+    if len(errors) > MAX_ERRORS:
+        more = f"and {len(errors) - MAX_ERRORS:,} more errors, not listed"
+        kept.append({"type": "too_many_errors", "loc": [], "msg": more})
+    return _error(422, message, errors=kept)
 
 
 def _describe_errors(errors: list[dict[str, Any]]) -> str:
     """``"kind: Input should be ...; params: ..."`` (the leading ``body`` of each location
-    dropped) for the ``detail`` of a request-validation 422."""
+    dropped) for the ``detail`` of a request-validation 422; the first :data:`MAX_ERRORS`."""
     parts = []
-    for e in errors:
+    for e in errors[:MAX_ERRORS]:
         loc = [str(x) for x in e.get("loc", ())]
         loc = loc[1:] if loc[:1] == ["body"] else loc
         msg = str(e.get("msg", "")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS:,} more")
     return "invalid request: " + "; ".join(parts)
 
 

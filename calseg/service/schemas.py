@@ -84,14 +84,20 @@ def json_safe_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+MAX_DESCRIBED_ERRORS = 20
+"""Most errors a :class:`ParamsError` message spells out (the API lists as many items)."""
+
+
 class ParamsError(ValueError):
     """Job parameters that do not validate; ``errors`` lists pydantic's error dicts."""
 
     def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
         self.kind = kind
         self.errors = json_safe_errors(errors)
-        lines = "; ".join(_describe(e) for e in errors)
-        super().__init__(f"invalid parameters for the {kind} job: {lines}")
+        shown = [_describe(e) for e in errors[:MAX_DESCRIBED_ERRORS]]
+        if len(errors) > MAX_DESCRIBED_ERRORS:  # 60,000 unknown names made a 9 MB message
+            shown.append(f"and {len(errors) - MAX_DESCRIBED_ERRORS:,} more")
+        super().__init__(f"invalid parameters for the {kind} job: {'; '.join(shown)}")
 
 
 class _Params(BaseModel):
