@@ -161,6 +161,33 @@ def test_a_422_lists_at_most_20_errors_and_short_inputs(client: TestClient) -> N
     assert len(r.content) < 5_000
 
 
+def test_a_job_that_would_fill_the_disk_is_refused(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new-user check got ``fits: true`` for a simulate job estimated to write 134 GB with
+    66 GB free (under the 200 GiB per-job limit). The free disk of the artifact store is now
+    a limit too, at submit and in the estimate. Here with the limits raised out of the way:
+    200 videos of 5000 frames of 1024^2 px (estimated 1.8 TB of writes)."""
+    import shutil
+
+    for name, value in [("CALSEG_JOB_MAX_DISK_BYTES", 2**53),
+                        ("CALSEG_JOB_MAX_MEMORY_BYTES", 2**50),
+                        ("CALSEG_JOB_MAX_TIME_S", 365 * 86400)]:  # fmt: skip
+        monkeypatch.setenv(name, str(value))
+    get_settings.cache_clear()
+    big = {"n_videos": 200, "n_frames": 5000, "height": 1024, "width": 1024}
+    est = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": big}).json()
+    if est["estimate"]["disk_bytes"] < shutil.disk_usage(tmp_path).free:
+        pytest.skip("this machine has more free disk than the job would write")
+    assert not est["fits"] and est["over"] == ["free disk"], est
+    r = client.post("/api/jobs", json={"kind": "simulate", "params": big})
+    assert r.status_code == 422 and "free disk" in r.json()["detail"], r.text
+    small = {"n_videos": 3, "n_frames": 8}
+    assert client.post("/api/jobs/estimate", json={"kind": "simulate", "params": small}).json()[
+        "fits"
+    ]
+
+
 def test_unknown_ids_are_404(client: TestClient) -> None:
     for method, path in [
         ("get", "/api/jobs/nope"),

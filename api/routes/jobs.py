@@ -82,7 +82,7 @@ def estimate_job(
     """What a job would cost (memory, disk, time; ``calseg.service.costs``) and whether it fits
     the caller's limits, without submitting it. Parameters and references are checked as by
     ``POST /api/jobs`` (422)."""
-    from calseg.service.costs import check_device, estimate
+    from calseg.service.costs import check_device, effective_limits, estimate, over_limits
     from calseg.service.schemas import validate_params
 
     validated = validate_params(body.kind, body.params)
@@ -90,15 +90,8 @@ def estimate_job(
     lifecycle.check_references(session, body.kind, validated, user, settings)
     est = estimate(session, body.kind, validated, settings)
     limits = _limits_out(session, user, settings)
-    over = [
-        what
-        for what, value, limit in (
-            ("memory", est.memory_bytes, limits.max_job_memory_bytes),
-            ("disk", est.disk_bytes, limits.max_job_disk_bytes),
-            ("time", est.time_s, limits.max_job_time_s),
-        )
-        if value > limit
-    ]
+    over = [what for what, _, _ in over_limits(est, effective_limits(user, settings, session),
+                                               settings)]  # fmt: skip
     return EstimateOut(
         kind=body.kind, estimate=est.to_dict(), limits=limits, fits=not over, over=over
     )
