@@ -341,13 +341,18 @@ def test_recording_in_use_409_names_no_other_users_job(
     assert r.status_code == 409, r.text
     assert theirs not in r.text and theirs[:8] not in r.text
     assert r.json()["detail"] == (
-        f"recording {rec['id']} is used by queued or running jobs: 1 job(s) of other users; "
+        f"recording {rec['id']} is used by queued or running jobs: 1 job of other users; "
         "cancel them or wait until they end"
     )
     own = client.post("/api/jobs", json={"kind": "infer", "params": params}).json()["id"]
     r = client.delete(f"/api/recordings/{rec['id']}")
     assert r.status_code == 409 and own in r.json()["detail"] and theirs not in r.text
-    assert "1 of your job(s)" in r.json()["detail"]
+    assert "1 job of yours" in r.json()["detail"]
+    # an admin deleting it is told whose jobs they are (it said "of your jobs": a new-user
+    # check), with their ids, which an admin may see
+    r = client.delete(f"/api/recordings/{rec['id']}", headers=_headers(admin["root"]))
+    assert r.status_code == 409 and "of yours" in r.text and "1 job of other users" in r.text
+    assert own in r.text and theirs in r.text
     assert client.get(f"/api/recordings/{rec['id']}").status_code == 200  # nothing lost
     with session_scope() as s:
         assert s.get(Recording, rec["id"]) is not None

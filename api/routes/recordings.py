@@ -21,6 +21,8 @@ from api.frames import (
     render_png,
 )
 from api.uploads import UploadError, receive_file
+from calseg.fmt import plural
+from calseg.service import jobs as lifecycle
 from calseg.service.auth import can_see
 from calseg.service.models import Job, Recording, User
 from calseg.service.schemas import (
@@ -300,6 +302,10 @@ def delete_recording(
     keep their outputs (their viewer frames then answer 410: the recording is gone).
     """
     rec = _recording(session, recording_id, user)
+    # the owner's lock, as a submit takes it: a job submitted on this recording at the same
+    # moment either is counted below or finds the recording gone (a new-user check got 201
+    # and 204 for the two at once, then a job failing on a missing recording)
+    lifecycle.lock_owner(session, session.get(User, rec.owner_id))
     busy = [
         j
         for j in session.scalars(
@@ -310,11 +316,14 @@ def delete_recording(
     if busy:
         # name only the caller's own jobs: another user's job id (an admin's job on this
         # recording) must not leak through this message (issue 13 item 7)
-        own = [j.id for j in busy if can_see(user, j.owner_id)]
-        others = len(busy) - len(own)
-        named = f" ({', '.join(own[:5])})" if own else ""
-        hidden = f"{others} job(s) of other users" if others else ""
-        parts = [f"{len(own)} of your job(s){named}" if own else "", hidden]
+        mine = [j.id for j in busy if j.owner_id == user.id]
+        seen = [j.id for j in busy if j.owner_id != user.id and can_see(user, j.owner_id)]
+        others = len(busy) - len(mine) - len(seen)
+        parts = [
+            f"{plural(len(mine), 'job')} of yours ({', '.join(mine[:5])})" if mine else "",
+            f"{plural(len(seen), 'job')} of other users ({', '.join(seen[:5])})" if seen else "",
+            f"{plural(others, 'job')} of other users" if others else "",
+        ]
         raise HTTPException(
             409,
             f"recording {recording_id} is used by queued or running jobs: "

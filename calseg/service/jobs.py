@@ -146,7 +146,7 @@ def _check_infer_input(
         raise JobReferenceError(f"video_id: {public_text(str(exc), settings)}") from None
 
 
-def _lock_owner(session: Session, owner: User | None) -> None:
+def lock_owner(session: Session, owner: User | None) -> None:
     """Serialise the admission of ``owner``'s jobs until this transaction commits: a no-op
     UPDATE of their ``users`` row takes its row lock (PostgreSQL) or the database's write lock
     (SQLite, whose driver starts the transaction at the first write). Without it, 12 parallel
@@ -192,10 +192,13 @@ def submit_job(
 
     validated = validate_params(kind, params)
     settings = settings or get_settings()
-    check_references(session, kind, validated, owner, settings)
-    _lock_owner(session, owner)  # until the commit below: the quota counts every insert
+    check_references(session, kind, validated, owner, settings)  # probes files: before the lock
+    # until the commit below: the quota counts every insert, and a recording deleted at the
+    # same moment (its delete takes the same lock) is either still there or keeps this job
+    lock_owner(session, owner)
     try:
-        check_admission(session, kind, validated, owner, settings or get_settings())
+        check_references(session, kind, validated, owner)  # again, under the lock (cheap)
+        check_admission(session, kind, validated, owner, settings)
     except Exception:
         session.rollback()
         raise
@@ -304,7 +307,7 @@ def retry_job(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
     validated = validate_params(job.kind, job.params)
-    _lock_owner(session, job.owner)
+    lock_owner(session, job.owner)
     try:
         check_admission(session, job.kind, validated, job.owner, settings or get_settings())
     except Exception:
