@@ -20,6 +20,9 @@ from calseg.service.schemas import (
     json_safe_errors,
 )
 
+QUOTA_RETRY_AFTER_S = 30
+"""Seconds a client over its job quota is told to wait before it submits again."""
+
 
 def install(app: FastAPI) -> None:
     """Register every handler on ``app``."""
@@ -50,7 +53,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(QuotaExceeded)
     async def _over_quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
-        return _error(429, str(exc))
+        """429 with ``Retry-After`` (RFC 9110 10.2.3): when a slot frees is unknown, so a
+        client looks again after :data:`QUOTA_RETRY_AFTER_S` (its jobs' progress rate)."""
+        response = _error(429, str(exc))
+        response.headers["Retry-After"] = str(QUOTA_RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(JobReferenceError)
     async def _bad_reference(_: Request, exc: JobReferenceError) -> JSONResponse:

@@ -278,6 +278,7 @@ def test_admins_set_per_user_limits_users_see_their_own(
     assert r.json()["detail"].startswith(
         "user alice has 1 queued or running jobs and may have 1 (quota)"
     )
+    assert r.headers["retry-after"] == "30"  # (it had none: a new-user check)
     assert _jobs_in_db() == 1 and len(client.queued) == 1
     # retrying a cancelled job counts against the quota too
     first = client.get("/api/jobs").json()["items"][0]["id"]
