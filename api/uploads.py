@@ -132,6 +132,11 @@ async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile
                 "multipart/form-data with a 'file' field, or application/octet-stream",
                 status=415,
             )
+        if not sink.done and sink.fh is not None:  # the file part began and never ended
+            raise UploadError(
+                f"the upload ended inside its file after {sink.size:,} bytes, before the "
+                "multipart body's closing boundary: it was cut off; send it again"
+            )
         if not sink.done:
             raise UploadError("no file in the upload: send it in a form field named 'file'")
     except BaseException:

@@ -273,3 +273,24 @@ def test_cell_diameter_override_through_the_api(client: TestClient) -> None:
     # "given", never "estimated" without an estimate
     assert got["estimated"] == (11.0, False, "prior")
     assert got["active"] == (11.0, False, "prior")
+
+
+def test_a_multipart_upload_cut_off_inside_its_file_says_so(client: TestClient) -> None:
+    """A new-user check sent a multipart body without its closing boundary and was told "no
+    file in the upload: send it in a form field named 'file'", which it had done. A body that
+    ends inside the file part is now said to be cut off, with the bytes received; nothing is
+    stored. A body with no file part keeps its message."""
+    data, _, _ = _two_channel_tiff()
+    head = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="c.tif"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    cut = head + data[:5000]  # no "\r\n--XyZ--": the body stops inside the file
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    r = client.post("/api/recordings", content=cut, headers=headers)
+    assert r.status_code == 400, r.text
+    assert "cut off" in r.json()["detail"] and "5,000 bytes" in r.json()["detail"], r.text
+    empty = b'--XyZ\r\nContent-Disposition: form-data; name="axes"\r\n\r\nTYX\r\n--XyZ--\r\n'
+    r = client.post("/api/recordings", content=empty, headers=headers)
+    assert r.status_code == 400 and "no file in the upload" in r.json()["detail"], r.text
+    assert client.get("/api/recordings").json() == []
