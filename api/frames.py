@@ -10,6 +10,7 @@ them; memory holds a few frames, whatever the recording's length.
 from __future__ import annotations
 
 import io
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -391,6 +392,8 @@ def render_png(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     lo = stacks.lo if lo is None else float(lo)
     hi = stacks.hi if hi is None else float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # lo=1e308&hi=inf drew all black
+        raise ValueError(f"the display range needs finite lo and hi, got lo={lo}, hi={hi}")
     if not hi > lo:
         raise ValueError(f"the display range needs lo < hi, got lo={lo}, hi={hi}")
     fill_alpha = 0.0 if style == "outline" else alpha

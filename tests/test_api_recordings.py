@@ -93,6 +93,12 @@ def test_interleaved_upload_warns_then_options_split_it(client: TestClient) -> N
     assert png.status_code == 200 and png.headers["x-frames"] == "40"
     gray = np.asarray(Image.open(io.BytesIO(png.content)).convert("L")).astype(float)
     np.testing.assert_allclose(gray, red[3] * 255.0 / 65535, atol=1)
+    # an uploaded recording has no ground truth: gt=1 is 422 (it drew the prediction alone,
+    # 200, silently: a new-user check); a range reaching infinity is 422 too
+    r = client.get(f"/api/jobs/{job['id']}/frames/3.png", params={"gt": 1})
+    assert r.status_code == 422 and "no ground truth" in r.json()["detail"], r.text
+    r = client.get(f"/api/jobs/{job['id']}/frames/3.png", params={"lo": 1e308, "hi": "inf"})
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
 
 
 def test_upload_options_as_query_or_form_fields(client: TestClient) -> None:

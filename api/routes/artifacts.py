@@ -103,6 +103,10 @@ def frame_png(
         raise HTTPException(409, f"job {job_id} records no source recording")
     labels = _artifact(session, job_id, "labels.tif", user)
     gt_rel = source.get("gt_relpath")
+    if gt and not gt_rel:  # it answered the prediction alone, silently (a new-user check)
+        raise HTTPException(
+            422, f"job {job_id} has no ground truth (gt is for simulated videos); use gt=0"
+        )
     result = job.result or {}
     try:
         stacks = load_stacks(
