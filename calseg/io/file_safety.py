@@ -68,14 +68,18 @@ MAX_HDF5_OBJECTS = 10_000
 """Most links an HDF5 file may hold (groups + datasets + links); visiting them is header work
 that must stay bounded. NWB files hold a few hundred."""
 
-MAX_HDF5_CHUNKS = 4_194_304
-"""Most chunks a chunked HDF5 dataset may be stored in. HDF5 spends about 7-10 us and, within
-one read call, about 6 KB of memory on every chunk a read touches, written or not (h5py 3,
-``/tmp`` experiment: 327,680 chunks of 1 x 1 px read in 2.3-3.2 s with a 2.1-8.3 GB peak).
-A 1,400-byte upload of 200 x 256 x 256 in 1-px chunks (13.1 M chunks) took a job to 21 GiB and
-14 minutes before the kernel killed it (a new-user check). 2^22 chunks bound a whole read at
-about 40 s; one frame per chunk, h5py's default chunking and 64 x 64 tiles of 10^4 frames of
-512^2 all stay far below it."""
+MAX_HDF5_CHUNKS = 1_048_576
+"""Most chunks a chunked HDF5 dataset may be stored in when its chunks are smaller than
+:data:`MIN_HDF5_CHUNK_BYTES`. HDF5 spends about 7-10 us and, within one read call, about 6 KB
+of memory on every chunk a read touches, written or not (h5py 3, ``/tmp`` experiment: 327,680
+chunks of 1 x 1 px read in 2.3-3.2 s with a 2.1-8.3 GB peak). A 1,400-byte upload of
+200 x 256 x 256 in 1-value chunks (13.1 M chunks) took a job to 21 GiB and 14 minutes before
+the kernel killed it (a new-user check). Chunks of at least 4 KiB cost at most 262,144 chunks
+per GiB of data, which the decode budget and the memory checks bound already."""
+
+MIN_HDF5_CHUNK_BYTES = 4096
+"""Chunks of at least this size are not counted against :data:`MAX_HDF5_CHUNKS` (one frame per
+chunk, h5py's default chunking and 32 x 32 uint16 tiles all are)."""
 
 MAX_HDF5_CHUNKS_PER_READ = 16_384
 """Most chunks one HDF5 read call may touch (:func:`hdf5_read_in_blocks` splits larger reads):
@@ -431,12 +435,14 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
         )
     if layout == h5py.h5d.CHUNKED and ds.chunks is not None:
         n_chunks = math.prod(-(-int(n) // int(c)) for n, c in zip(ds.shape, ds.chunks, strict=True))
-        if n_chunks > MAX_HDF5_CHUNKS:
+        chunk_bytes = math.prod(int(c) for c in ds.chunks) * ds.dtype.itemsize
+        if n_chunks > MAX_HDF5_CHUNKS and chunk_bytes < MIN_HDF5_CHUNK_BYTES:
             chunk = " x ".join(str(int(c)) for c in ds.chunks)
             raise UnsafeRecording(
-                f"/{name} is stored in {n_chunks:,} chunks of {chunk} values: HDF5 spends time "
-                f"and memory on every chunk, so more than {MAX_HDF5_CHUNKS:,} are not accepted; "
-                "re-save it with one frame per chunk (h5py: chunks=(1, height, width))"
+                f"/{name} is stored in {n_chunks:,} chunks of {chunk} values ({chunk_bytes:,} "
+                f"bytes each): HDF5 spends time and memory on every chunk, so more than "
+                f"{MAX_HDF5_CHUNKS:,} chunks under {MIN_HDF5_CHUNK_BYTES:,} bytes are not "
+                "accepted; re-save it with one frame per chunk (h5py: chunks=(1, height, width))"
             )
     if layout == h5py.h5d.CHUNKED:
         for i in range(plist.get_nfilters()):
