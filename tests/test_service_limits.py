@@ -6,6 +6,7 @@ stored, queued or left behind.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -440,6 +441,44 @@ def test_forwarded_for_cannot_dodge_the_bad_token_limit(
             assert "198.51.100.1" in http.get("/api/jobs", headers=one).json()["detail"]
     finally:
         server.should_exit = True
+
+
+def test_a_client_gone_mid_upload_is_no_server_error(
+    client: TestClient,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through real uvicorn: a client that sends half a declared body and closes its socket was
+    logged as "Exception in ASGI application" with a traceback (a new-user check). It is an
+    info line now, nothing is stored, and the api answers the next request."""
+    import httpx
+
+    server, port = _serve(client.app)
+    for name in ("calseg.api", "uvicorn.error"):  # uvicorn's loggers do not propagate
+        logging.getLogger(name).addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="calseg.api"):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    b"POST /api/recordings?filename=x.tif HTTP/1.1\r\nHost: t\r\n"
+                    + f"Authorization: Bearer {client.token}\r\n".encode()
+                    + b"Content-Type: application/octet-stream\r\n"
+                    b"Content-Length: 150000\r\n\r\n" + b"\0" * 50_000  # (the limit: 200 kB)
+                )
+                time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while "ended by the client" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert "ended by the client" in caplog.text, caplog.text
+        assert "Exception in ASGI application" not in caplog.text
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            r = http.get("/api/recordings", headers={"Authorization": f"Bearer {client.token}"})
+            assert r.status_code == 200 and r.json() == []
+        incoming = get_settings().artifact_dir / "recordings" / ".incoming"
+        assert not incoming.exists() or list(incoming.iterdir()) == []
+    finally:
+        server.should_exit = True
+        for name in ("calseg.api", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(caplog.handler)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -13,8 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.requests import ClientDisconnect
 
-from api.deps import MAX_OFFSET, SessionDep, SettingsDep, StoreDep, UserDep, _recording_http_error
+from api.deps import (
+    MAX_OFFSET,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    UserDep,
+    _recording_http_error,
+    log,
+)
 from api.frames import (
     range_headers,
     recording_frame,
@@ -237,6 +246,10 @@ async def upload_recording(
         received = await receive_file(request, tmp, settings.max_upload_bytes)
     except UploadError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
+    except ClientDisconnect:  # the client went away mid-upload: nothing stored, nobody to tell
+        # (it was logged as "Exception in ASGI application" with a traceback: a new-user check)
+        log.info("upload by %s ended by the client before its end; nothing stored", user.name)
+        return Response(status_code=400)
     try:
         options = _upload_read_options(query, received.fields)
     except RequestValidationError:
