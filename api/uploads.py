@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -74,10 +75,11 @@ def _too_large(limit: int) -> UploadError:
 class _Sink:
     """Writes the file part to ``dest`` while hashing and counting."""
 
-    def __init__(self, dest: Path, limit: int) -> None:
-        self.dest, self.limit = dest, limit
+    def __init__(self, dest: Path, limit: int, min_free: int | None = None) -> None:
+        self.dest, self.limit, self.min_free = dest, limit, min_free
         self.digest = hashlib.sha256()
         self.size = 0
+        self.checked_at = 0  # bytes written when the free disk was last looked at
         self.fh: Any = None
         self.filename: str | None = None
         self.done = False
@@ -93,6 +95,16 @@ class _Sink:
         self.size += len(data)
         if self.size > self.limit:
             raise _too_large(self.limit)
+        if self.min_free is not None and self.size - self.checked_at >= DISK_CHECK_BYTES:
+            self.checked_at = self.size  # a body without Content-Length: look as it grows
+            free = shutil.disk_usage(self.dest.parent).free
+            if free < self.min_free:
+                raise UploadError(
+                    f"the server's disk is down to {free / 2**30:.1f} GiB free, below the "
+                    f"{self.min_free / 2**30:g} GiB it keeps free (min_free_disk_bytes), after "
+                    f"{self.size:,} bytes of this upload; nothing was stored",
+                    status=507,
+                )
         self.digest.update(data)
         self.fh.write(data)
 
@@ -103,7 +115,13 @@ class _Sink:
             self.done = True
 
 
-async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile:
+DISK_CHECK_BYTES = 64 * 2**20
+"""How often (bytes written) a streamed upload looks at the free disk again."""
+
+
+async def receive_file(
+    request: Request, dest: Path, limit: int, min_free: int | None = None
+) -> ReceivedFile:
     """Stream the request's file to ``dest`` (bounded memory), checking ``limit`` bytes.
 
     Raises:
@@ -113,7 +131,7 @@ async def receive_file(request: Request, dest: Path, limit: int) -> ReceivedFile
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
         raise _too_large(limit)
     ctype, options = parse_options_header(request.headers.get("content-type"))
-    sink = _Sink(dest, limit)
+    sink = _Sink(dest, limit, min_free)
     fields: dict[str, str] = {}
     try:
         if ctype == b"multipart/form-data":

@@ -300,3 +300,34 @@ def test_a_multipart_upload_cut_off_inside_its_file_says_so(client: TestClient) 
     r = client.post("/api/recordings", content=empty, headers=headers)
     assert r.status_code == 400 and "no file in the upload" in r.json()["detail"], r.text
     assert client.get("/api/recordings").json() == []
+
+
+def test_an_upload_that_would_fill_the_disk_is_507(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads had no storage bound (a new-user check uploaded 35 files of up to 62 MiB with
+    nothing refused, and the limit is 4 GiB each): the server keeps min_free_disk_bytes free.
+    Here it is set above this disk's free space, so any upload is refused before a byte is
+    stored; a job estimate is over "free disk" the same way."""
+    import shutil
+
+    frames = np.zeros((6, 16, 16), np.uint16)
+    data = io.BytesIO()
+    tifffile.imwrite(data, frames, photometric="minisblack")
+    free = shutil.disk_usage(get_settings().artifact_dir.parent).free
+    monkeypatch.setenv("CALSEG_MIN_FREE_DISK_BYTES", str(free + 2**40))
+    get_settings.cache_clear()
+    r = client.post("/api/recordings", files={"file": ("a.tif", data.getvalue())})
+    assert r.status_code == 507 and "min_free_disk_bytes" in r.json()["detail"], r.text
+    streamed = client.post(  # no Content-Length (how calseg.client sends files)
+        "/api/recordings?filename=b.tif", content=iter([data.getvalue()]),
+        headers={"Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    assert streamed.status_code == 507, streamed.text
+    assert client.get("/api/recordings").json() == []
+    est = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": {}}).json()
+    assert not est["fits"] and "free disk" in est["over"], est
+    monkeypatch.setenv("CALSEG_MIN_FREE_DISK_BYTES", "0")
+    get_settings.cache_clear()
+    r = client.post("/api/recordings", files={"file": ("a.tif", data.getvalue())})
+    assert r.status_code == 201, r.text

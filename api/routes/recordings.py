@@ -37,6 +37,7 @@ from calseg.service.models import Job, Recording, User
 from calseg.service.schemas import (
     RecordingOut,
 )
+from calseg.service.settings import Settings
 from calseg.service.store import ArtifactStore
 
 router = APIRouter()
@@ -109,6 +110,31 @@ def _upload_read_options(query: dict[str, Any], form: dict[str, str]) -> dict[st
         ]
         raise RequestValidationError(errors) from exc
     return opts.model_dump(exclude_none=True)
+
+
+def _min_free(settings: Settings) -> int | None:
+    """The free disk a streamed upload must leave (None: a remote store, not checked)."""
+    return None if settings.store_url else settings.min_free_disk_bytes
+
+
+def _check_free_disk(request: Request, settings: Settings) -> None:
+    """507 before any byte is stored when the upload (its Content-Length; a body without one is
+    checked as it streams, :func:`api.uploads.receive_file`) would leave the artifact store
+    less than ``settings.min_free_disk_bytes`` free: one user's uploads (up to 4 GiB each, with
+    no storage quota) could fill the server's disk (a new-user check)."""
+    from calseg.service.costs import GIB, free_disk_bytes
+
+    free = free_disk_bytes(settings)
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared and declared.isdigit() else 0  # else: checked as it streams
+    if free is not None and free - size < settings.min_free_disk_bytes:
+        raise HTTPException(
+            507,
+            f"the server's disk has {free / GIB:.1f} GiB free, and this upload of up to "
+            f"{size / GIB:.2f} GiB would leave less than the {settings.min_free_disk_bytes / GIB:g}"
+            " GiB it keeps free (min_free_disk_bytes); delete recordings you no longer need, or "
+            "ask the server's administrator",
+        )
 
 
 def _register_recording(
@@ -198,6 +224,10 @@ def _register_recording(
             "description": "not a readable recording, or refused because it names other files "
             "or expands beyond its declared size (the reason is given)"
         },
+        507: {
+            "description": "the upload would leave the server's disk with less than "
+            "CALSEG_MIN_FREE_DISK_BYTES free (nothing stored)"
+        },
     },
 )
 async def upload_recording(
@@ -241,9 +271,12 @@ async def upload_recording(
               "msg": f"unknown query parameter {name!r}; an upload takes filename and the "
               f"reading options {', '.join(sorted(query))}"} for name in unknown]
         )  # fmt: skip
+    _check_free_disk(request, settings)
     tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
     try:
-        received = await receive_file(request, tmp, settings.max_upload_bytes)
+        received = await receive_file(
+            request, tmp, settings.max_upload_bytes, min_free=_min_free(settings)
+        )
     except UploadError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     except ClientDisconnect:  # the client went away mid-upload: nothing stored, nobody to tell

@@ -800,14 +800,15 @@ def over_limits(
     est: CostEstimate, limits: JobLimits, settings: Settings
 ) -> list[tuple[str, float, float]]:
     """``[(resource, estimate, limit)]`` of each resource the estimate exceeds: the owner's
-    memory, disk and time limits, and the free disk of the artifact store ("free disk"; a
-    new-user check got ``fits`` for 134 GB of writes with 66 GB free)."""
+    memory, disk and time limits, and the free disk of the artifact store less
+    ``settings.min_free_disk_bytes`` ("free disk"; a new-user check got ``fits`` for 134 GB of
+    writes with 66 GB free)."""
     checks = [
         ("memory", est.memory_bytes, limits.max_job_memory_bytes),
         ("disk", est.disk_bytes, limits.max_job_disk_bytes),
         ("time", est.time_s, limits.max_job_time_s),
     ]
     free = free_disk_bytes(settings)
-    if free is not None:
-        checks.append(("free disk", est.disk_bytes, free))
+    if free is not None:  # what it may write and still leave min_free_disk_bytes free
+        checks.append(("free disk", est.disk_bytes, max(free - settings.min_free_disk_bytes, 0)))
     return [(what, value, limit) for what, value, limit in checks if value > limit]

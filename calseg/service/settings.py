@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         default=Path("../shared/data/real"), description="Real recordings for tests and demos."
     )
     max_upload_bytes: int = Field(default=4 * 1024**3, gt=0, description="Upload limit (bytes).")
+    min_free_disk_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Free disk the artifact store keeps: an upload (507) or a job (422) that "
+        "would leave less is refused before it writes (bytes; local store only).",
+    )
     max_recording_pixels: int = Field(
         default=2**31,
         gt=0,
