@@ -470,6 +470,9 @@ def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None
         # ... and outside them, where FastAPI's own handler could not serialise the input
         ('{"kind":"simulate","params":{},"extra":NaN}', "Extra inputs"),
         ('{"kind":NaN}', "kind"),
+        # true/false for a number (read as 1.0 / 0: a new-user check)
+        ('{"kind":"infer","params":{"recording_id":"r","threshold_k":true}}', "not true"),
+        ('{"kind":"simulate","params":{"n_videos":false}}', "a number is needed, not false"),
         # fields valid one by one, not together
         (
             '{"kind":"infer","params":{"recording_id":"r","low_percentile":90,'

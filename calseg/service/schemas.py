@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from datetime import UTC, datetime
 from functools import cache
@@ -100,6 +101,16 @@ class ParamsError(ValueError):
         super().__init__(f"invalid parameters for the {kind} job: {'; '.join(shown)}")
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float, optionally None, not bool)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Annotated:
+        return _is_number(args[0])
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(_is_number(a) for a in args)
+    return annotation in (int, float)
+
+
 class _Params(BaseModel):
     """Base of every job parameter model: unknown fields are errors."""
 
@@ -125,6 +136,18 @@ class _Params(BaseModel):
             raise TypeError(f"{type(self).__name__} wraps no configuration class")
         values = {name: getattr(self, name) for name in type(self)._config_fields}
         return cls(**values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, data: Any) -> Any:
+        """``true``/``false`` given for a number is refused: pydantic's lax mode read
+        ``"threshold_k": true`` as 1.0 (a new-user check)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                    raise ValueError(f"{name}: a number is needed, not {str(value).lower()}")
+        return data
 
     @model_validator(mode="after")
     def _config_accepts(self) -> _Params:
