@@ -21,6 +21,8 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from calseg.io.recordings import default_recording_name
+
 MULTIPART_SLACK = 64 * 1024
 """Bytes of multipart framing allowed above the file size limit (headers, boundaries)."""
 FIELD_LIMIT = 64 * 1024
@@ -162,7 +164,11 @@ async def receive_file(
         dest.unlink(missing_ok=True)
         raise
     return ReceivedFile(
-        dest, safe_filename(sink.filename), sink.digest.hexdigest(), sink.size, fields
+        dest,
+        safe_filename(sink.filename, default=default_recording_name(dest)),
+        sink.digest.hexdigest(),
+        sink.size,
+        fields,
     )
 
 

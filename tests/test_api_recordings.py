@@ -331,3 +331,15 @@ def test_an_upload_that_would_fill_the_disk_is_507(
     get_settings.cache_clear()
     r = client.post("/api/recordings", files={"file": ("a.tif", data.getvalue())})
     assert r.status_code == 201, r.text
+
+
+def test_a_raw_upload_without_a_name_is_named_by_its_format(client: TestClient) -> None:
+    """A raw .npy body sent with no ?filename= was stored and listed as recording.tif (a
+    new-user check). It is named by the format its first bytes show."""
+    frames = np.random.default_rng(1).integers(0, 900, (6, 16, 16), dtype=np.uint16)
+    buf = io.BytesIO()
+    np.save(buf, frames)
+    r = client.post("/api/recordings", content=buf.getvalue(),
+                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json()["filename"] == "recording.npy" and r.json()["n_frames"] == 6

@@ -310,6 +310,23 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+_DEFAULT_SUFFIX = {"tiff": ".tif", "png": ".png", "jpeg": ".jpg", "npy": ".npy", "hdf5": ".h5"}
+_VIDEO_SUFFIX = {"mov": ".mp4", "avi": ".avi", "matroska": ".mkv", "asf": ".wmv"}
+
+
+def default_recording_name(path: Path) -> str:
+    """A name for a file that came without one (a raw upload with no ``filename``):
+    ``recording`` plus the suffix of the format its first bytes show (``recording.npy`` for a
+    NumPy file; ``recording.tif`` when unrecognised). A raw ``.npy`` upload used to be stored,
+    and listed, as recording.tif (a new-user check)."""
+    kind = _sniff(path)
+    if kind == "video":
+        with open(path, "rb") as fh:
+            fmt = file_safety.sniff_video_format(fh.read(16))
+        return "recording" + _VIDEO_SUFFIX.get(fmt or "", ".mp4")
+    return "recording" + _DEFAULT_SUFFIX.get(kind or "tiff", ".tif")
+
+
 def _format_from_extension(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(_TIFF_EXT):
