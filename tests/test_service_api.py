@@ -473,6 +473,11 @@ def test_rerun_reproduces_a_simulate_job_bit_for_bit(client: TestClient) -> None
         # true/false for a number (read as 1.0 / 0: a new-user check)
         ('{"kind":"infer","params":{"recording_id":"r","threshold_k":true}}', "not true"),
         ('{"kind":"simulate","params":{"n_videos":false}}', "a number is needed, not false"),
+        # an unknown model parameter, in one line (it was pydantic's dump with its help URL)
+        (
+            '{"kind":"simulate","params":{"model_overrides":{"bogus":1}}}',
+            "invalid model_overrides (bogus: not a model parameter); allowed keys: Dc_ratio, Dp",
+        ),
         # fields valid one by one, not together
         (
             '{"kind":"infer","params":{"recording_id":"r","low_percentile":90,'

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
 from calseg.simulate.model import ModelParameters
@@ -182,10 +182,20 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"unknown defect(s) {unknown}; use names from {list(DEFECTS)}")
         try:
             self.model_parameters()
+        except ValidationError as exc:  # one line per problem, not pydantic's dump with a URL
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: "
+                + ("not a model parameter" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors(include_url=False)
+            )
+            raise ValueError(
+                f"invalid model_overrides ({problems}); allowed keys: "
+                f"{', '.join(sorted(ModelParameters.model_fields))}"
+            ) from None
         except ValueError as exc:
             raise ValueError(
                 f"invalid model_overrides: {exc}; allowed keys: "
-                f"{sorted(ModelParameters.model_fields)}"
+                f"{', '.join(sorted(ModelParameters.model_fields))}"
             ) from exc
         n = estimate_n_cells(self.height, self.width, self.tissue_shape, self.mean_cell_area_px)
         if not MIN_CELLS <= n <= MAX_CELLS:
