@@ -37,7 +37,7 @@ import math
 import struct
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +435,7 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
         )
     if layout == h5py.h5d.CHUNKED and ds.chunks is not None:
         n_chunks = math.prod(-(-int(n) // int(c)) for n, c in zip(ds.shape, ds.chunks, strict=True))
-        chunk_bytes = math.prod(int(c) for c in ds.chunks) * ds.dtype.itemsize
+        chunk_bytes = _chunk_bytes(ds)
         if n_chunks > MAX_HDF5_CHUNKS and chunk_bytes < MIN_HDF5_CHUNK_BYTES:
             chunk = " x ".join(str(int(c)) for c in ds.chunks)
             raise UnsafeRecording(
@@ -454,6 +454,24 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
                     f"which CalSeg does not decode (accepted: {', '.join(HDF5_FILTERS.values())});"
                     " re-save it with compression='gzip' (h5py) or without compression"
                 )
+
+
+def _chunk_bytes(ds: Any) -> int:
+    """Bytes of one chunk of an h5py dataset, decoded (the item size for a contiguous one)."""
+    return math.prod(int(c) for c in ds.chunks or ()) * int(ds.dtype.itemsize)
+
+
+def _chunks_hit(sel: int | slice, n: int, c: int) -> Sequence[int]:
+    """Chunk indices along one dimension (length ``n``, chunks of ``c``) that ``sel`` (an int,
+    or a slice with any positive step) touches, in order; empty for an empty slice."""
+    if not isinstance(sel, slice):
+        return [int(sel) // c]
+    cells = range(*sel.indices(n))
+    if not cells:
+        return []
+    if cells.step > c:  # sparse: only the chunks hit
+        return sorted({i // c for i in cells})
+    return range(cells[0] // c, cells[-1] // c + 1)
 
 
 def hdf5_read_in_blocks(
@@ -476,17 +494,9 @@ def hdf5_read_in_blocks(
 
     if chunks is None:
         return read(index)
-    cells: list[range | None] = []
-    counts = []
-    for sel, n, c in zip(index, shape, chunks, strict=True):
-        if isinstance(sel, slice):
-            r = range(*sel.indices(n))
-            cells.append(r)
-            counts.append(len({i // c for i in r}) if r.step > c else
-                          (0 if not r else r[-1] // c - r[0] // c + 1))  # fmt: skip
-        else:
-            cells.append(None)
-            counts.append(1)
+    cells = [range(*sel.indices(n)) if isinstance(sel, slice) else None
+             for sel, n in zip(index, shape, strict=True)]  # fmt: skip
+    counts = [len(_chunks_hit(sel, n, c)) for sel, n, c in zip(index, shape, chunks, strict=True)]
     total = math.prod(counts)
     axis = next((i for i, r in enumerate(cells) if r is not None and counts[i] > 1), None)
     if total <= MAX_HDF5_CHUNKS_PER_READ or axis is None:
@@ -522,9 +532,7 @@ class Hdf5ChunkGuard:
         plist = ds.id.get_create_plist()
         self.filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
         self.active = 1 in self.filters and ds.chunks is not None
-        self.chunk_bytes = int(ds.dtype.itemsize)
-        for n in ds.chunks or ():
-            self.chunk_bytes *= int(n)
+        self.chunk_bytes = _chunk_bytes(ds)
         self.verified: set[tuple[int, ...]] = set()
 
     def check(self, index: tuple) -> None:
@@ -532,20 +540,12 @@ class Hdf5ChunkGuard:
         touches."""
         if not self.active:
             return
-        ranges = []
-        for sel, n, c in zip(index, self.ds.shape, self.ds.chunks, strict=True):
-            if isinstance(sel, slice):
-                start, stop, step = sel.indices(n)
-                if stop <= start:
-                    return
-                cells = range(start, stop, step)
-                first, last = cells[0] // c, cells[-1] // c
-                if step > c:  # sparse: only the chunks hit
-                    ranges.append(sorted({i // c for i in cells}))
-                else:
-                    ranges.append(range(first, last + 1))
-            else:
-                ranges.append([int(sel) // c])
+        ranges = [
+            _chunks_hit(sel, n, c)
+            for sel, n, c in zip(index, self.ds.shape, self.ds.chunks, strict=True)
+        ]
+        if not all(ranges):  # an empty slice reads nothing
+            return
         for coord in _product(ranges):
             offset = tuple(i * c for i, c in zip(coord, self.ds.chunks, strict=True))
             if offset not in self.verified:
