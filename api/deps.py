@@ -20,6 +20,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from calseg.service import broker
 from calseg.service import jobs as lifecycle
 from calseg.service.auth import HOW_TO_GET_A_TOKEN, BadTokenLimiter, authenticate, can_see
+from calseg.service.costs import JobLimits
 from calseg.service.db import get_session
 from calseg.service.models import Artifact, Job, Metric, User
 from calseg.service.schemas import (
@@ -206,10 +207,14 @@ def _describe_errors(errors: list[dict[str, Any]]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _limits_out(session: Session, user: User, settings: Settings) -> LimitsOut:
+def _limits_out(
+    session: Session, user: User, settings: Settings, limits: JobLimits | None = None
+) -> LimitsOut:
+    """``user``'s limits in force (``limits`` when the caller has them already) with their
+    count of queued or running jobs."""
     from calseg.service.costs import effective_limits
 
-    limits = effective_limits(user, settings, session)
+    limits = limits or effective_limits(user, settings, session)
     active = session.scalar(
         select(func.count())
         .select_from(Job)

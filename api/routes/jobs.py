@@ -89,9 +89,9 @@ def estimate_job(
     check_device(body.kind, validated, settings)
     lifecycle.check_references(session, body.kind, validated, user, settings)
     est = estimate(session, body.kind, validated, settings)
-    limits = _limits_out(session, user, settings)
-    over = [what for what, _, _ in over_limits(est, effective_limits(user, settings, session),
-                                               settings)]  # fmt: skip
+    own = effective_limits(user, settings, session)
+    limits = _limits_out(session, user, settings, own)
+    over = [what for what, _, _ in over_limits(est, own, settings)]
     return EstimateOut(
         kind=body.kind, estimate=est.to_dict(), limits=limits, fits=not over, over=over
     )
