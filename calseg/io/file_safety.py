@@ -70,16 +70,17 @@ that must stay bounded. NWB files hold a few hundred."""
 
 MAX_HDF5_CHUNKS = 1_048_576
 """Most chunks a chunked HDF5 dataset may be stored in when its chunks are smaller than
-:data:`MIN_HDF5_CHUNK_BYTES`. HDF5 spends about 7-10 us and, within one read call, about 6 KB
-of memory on every chunk a read touches, written or not (h5py 3, ``/tmp`` experiment: 327,680
-chunks of 1 x 1 px read in 2.3-3.2 s with a 2.1-8.3 GB peak). A 1,400-byte upload of
-200 x 256 x 256 in 1-value chunks (13.1 M chunks) took a job to 21 GiB and 14 minutes before
-the kernel killed it (a new-user check). Chunks of at least 4 KiB cost at most 262,144 chunks
-per GiB of data, which the decode budget and the memory checks bound already."""
+:data:`MIN_HDF5_CHUNK_BYTES`. HDF5 spends time and, within one read call, memory on every
+chunk a read touches, written or not (``scripts/hdf5_chunk_cost.py``: 4.8-12 us per chunk;
+327,680 chunks of 1 x 1 px read in one call peaked at 2.1-8.3 GB, about 6 KB per chunk). A
+1,400-byte upload of 200 x 256 x 256 in 1-value chunks (13.1 M chunks) took a job to 21 GiB
+and 14 minutes before the kernel killed it (a new-user check). Chunks of at least 4 KiB cost
+at most 262,144 chunks per GiB of data, which the decode budget and the memory checks bound
+already."""
 
 MIN_HDF5_CHUNK_BYTES = 4096
 """Chunks of at least this size are not counted against :data:`MAX_HDF5_CHUNKS` (one frame per
-chunk, h5py's default chunking and 32 x 32 uint16 tiles all are)."""
+chunk, h5py's default chunking and 64 x 64 uint8 or 32 x 32 float32 tiles all are)."""
 
 MAX_HDF5_CHUNKS_PER_READ = 16_384
 """Most chunks one HDF5 read call may touch (:func:`hdf5_read_in_blocks` splits larger reads):
