@@ -75,34 +75,41 @@ def test_setup_streams_are_independent():
 
 
 def test_tissue_activity_per_class():
-    """Fraction of cells ever active (c > 0.1 uM) in 3600 s on a pouch of the published
-    size (~3255 cells) rendered at CalSeg's default scale (100 px cells), published Euler.
+    """Fraction of cells ever active (c > 0.1 uM) in 3600 s on pouches of the published size
+    (~3255 cells) rendered at CalSeg's default scale (100 px cells), published Euler.
 
     Published (DESIGN.md section 2): spikes ~3 %, transients ~23 %, waves and fluttering
-    100 %. Measured over 12 other pouches (seeds 100-111, ``python
-    scripts/tissue_activity_study.py``): spikes 2.8 % (SD 0.2, 2.4-3.1), transients 13.9 %
-    (SD 2.8, 11.0-20.0), waves and fluttering 100 %. Transients stay below the published 23 %
-    with edge lengths in the source's pixels; no convention defensible from DESIGN.md reaches
-    it (calseg.simulate.geometry's docstring). Bands: spikes 0.5-6 %; transients, the mean
-    over three initiator draws on this pouch (SD of such a mean about 1.6 points), 14 +- 5
-    points; waves and fluttering >= 95 %. Resting c and peak ranges from DESIGN.md
-    section 2."""
+    100 %. Measured over 24 other pouches (seeds 100-123, ``python
+    scripts/tissue_activity_study.py --seeds 100:124``): spikes 3.1 % (SD 0.2, 2.8-3.5),
+    transients 20.2 % (SD 5.1, 11.8-32.6), waves and fluttering 100 %; CalSeg's model on the
+    published pouch itself gives transients 21.1 % (SD 5.4, 24 draws; ``python
+    scripts/published_pouch_study.py``). Bands: spikes 2-4 %; transients, the mean of 8 runs
+    (two pouches, four initiator draws each; SD of such a mean about 1.8 points), 23 +- 5
+    points; waves and fluttering >= 95 %. The band would catch the errors issue 17 names:
+    the pi/4-weighted pixel count on the 204 px reference gave 13.9 %, dropping pi/4 62 %.
+    Resting c and peak ranges from DESIGN.md section 2."""
     prm = ModelParameters()
-    tissue = make_tissue(845, 586, 100.0, "pouch", np.random.default_rng(0))
-    assert 3200 <= tissue.n_cells <= 3300
-    runs = ["spikes", "waves", "fluttering", "transients", "transients", "transients"]
+    tissues = [make_tissue(845, 586, 100.0, "pouch", np.random.default_rng(s)) for s in (0, 1)]
+    assert all(3200 <= t.n_cells <= 3300 for t in tissues)
+    runs = [(0, "spikes"), (0, "waves"), (0, "fluttering")]
+    runs += [(t, "transients") for t in (0, 1) for _ in range(4)]
     setups = [
         setup_tissue(
-            tissue.n_cells, cl, prm, np.random.default_rng([0, k]), np.random.default_rng([1, k])
+            tissues[t].n_cells,
+            cl,
+            prm,
+            np.random.default_rng([0, k]),
+            np.random.default_rng([1, k]),
         )
-        for k, cl in enumerate(runs)
+        for k, (t, cl) in enumerate(runs)
     ]
-    cs = integrate_batch([tissue.laplacian] * len(runs), setups, np.arange(0, 3600.01, 5.0), prm)
+    laplacians = [tissues[t].laplacian for t, _ in runs]
+    cs = integrate_batch(laplacians, setups, np.arange(0, 3600.01, 5.0), prm)
     ever = [float((c > 0.1).any(axis=1).mean()) for c in cs]
     spikes, waves, fluttering = ever[:3]
     transients = float(np.mean(ever[3:]))
-    assert 0.005 <= spikes <= 0.06, ever
-    assert 0.09 <= transients <= 0.19, ever
+    assert 0.02 <= spikes <= 0.04, ever
+    assert 0.18 <= transients <= 0.28, ever
     assert waves >= 0.95 and fluttering >= 0.95, ever
     assert spikes < min(ever[3:]) and max(ever[3:]) < waves
     for cl, c in (("spikes", cs[0]), ("transients", cs[3]), ("waves", cs[1])):

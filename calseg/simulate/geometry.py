@@ -6,34 +6,49 @@ field of view. Cells are rasterised directly on the pixel grid: assigning each p
 nearest centroid (``scipy.spatial.cKDTree``) *is* the discrete Voronoi diagram, and Lloyd
 relaxation moves each centroid to the mean of its pixels.
 
-Edge weights of the Laplacian are shared edge lengths: the number of 4-connected boundary pixel
-pairs between two cells, times ``pi/4`` (the mean ratio of Euclidean to Manhattan length of a
-randomly oriented segment) and times ``sqrt(reference_area / mean_cell_area)`` so the coupling
-matches the source's pixel scale (mean cell area about 204 px, DESIGN.md section 2) whatever
-the rendering resolution. With that scaling the model's ``Dp`` keeps its published meaning,
-and coupling is a property of the tissue, not of the render scale (tested: the same tissue at
-100 px and 204 px cells couples within 1 %).
+Edge weights of the Laplacian are shared edge lengths in the source's pixels, as the source
+weights them (its Figure S1 notebook: the length of the line two cell polygons share):
 
-Measured against the published behaviour (issue 17 item 4, ``python
-scripts/tissue_activity_study.py``: 12 pouches of ~3255 cells, seeds 100-111, 100 px cells,
-published Euler, 3600 s, c > 0.1 uM at any time): the *transients* class recruits 13.9 % of the
-cells (SD 2.8, 11.0-20.0) against the published ~23 %; spikes 2.8 % (SD 0.2; published ~3 %), waves
-and fluttering 100 %. The transients fraction is steep in the coupling (``--coupling-scale``):
-x1.048, the reference area at the top of the published range (224 px), gives 17.8 % (SD 3.9), x1.1
-gives 25.5 % (SD 6.7), dropping ``pi/4`` (x1.27) 62 % (46-83, seeds 100-103). 23 % would take about
-x1.08, a reference area of about 238 px, outside the 185-224 px measured on the published geometry:
-no convention defensible from DESIGN.md reproduces it. Excluded as causes: the published code's
-one-step lag of the ER calcium ``s`` and its clipping of c, p >= 0 (no change on the same draws),
-the initial state of another version of the published code, c ~ U(0.055, 0.059) and p ~ U(0.07,
-0.09) uM instead of c = p = 0 (``--initial-state rest``: the same fractions to 0.1 point on seeds
-100-103; the state is forgotten within about 30 s of model time, cells then differ by under 1e-5
-uM), a less regular tessellation (jitter 1-3: perimeter / sqrt(area) +1.6 %, fractions within
-the seed spread), the render scale (``--cell-area-px 100`` and 204: 11.9 and 15.2 % over seeds
-100-103, within the seed spread; the coupling itself agrees within 1 %, tested), the IP3R
-recovery constants of DESIGN.md's single-cell check (ktau 1 uM, taumax 1000 s instead of the
-table's 1.5 uM, 800 s: ``--ktau 1 --taumax 1000``, 9.6 % against 11.9 % on the same draws,
-seeds 100-103, transients alone: lower, not higher) and sampling c every Euler step instead of
-every 5 s (``--sample-s 0.2``: the same fractions). The gap is documented, not tuned away.
+- **Length on the pixel grid.** A straight edge of length ``l`` at angle ``theta`` separates
+  ``l |sin theta|`` horizontally and ``l |cos theta|`` vertically adjacent pixel pairs, so
+  ``hypot(horizontal pairs, vertical pairs)`` is ``l`` at any angle (tested, within 2 %). The
+  earlier weight, ``pi/4`` times all pairs, is right only on average over angles. Lattice-born
+  tissues have edges at preferred angles, and it measured them 2.2 % short at 100 px cells, 1.4
+  % at 224 px and 3 % at 60 px against the exact Voronoi ridges of the same seeds; ``hypot`` is
+  within 0.35 % at all three. Wavy outlines (``irregularity``) come out a little shorter than
+  their arc length.
+- **Source pixels.** Lengths are multiplied by ``sqrt(reference_area / mean_cell_area)`` with
+  the reference 223.8 px: the mean cell area of the published 3255-cell pouch (the pouch the
+  published fractions below refer to), measured on its polygons
+  (``scripts/published_pouch_study.py``). DESIGN.md's 185-224 px spans the published pouch
+  sizes; CalSeg used their midpoint, 204 px, until 2026-12-07. With this scaling the model's
+  ``Dp`` keeps its published meaning, and coupling is a property of the tissue, not of the
+  render scale (tested: 60, 100 and 224 px cells couple within 1 %). The summed edge weight of
+  an interior cell is 56.6 source px on a CalSeg pouch and 57.2 on the published one.
+
+Measured against the published behaviour (issue 17 item 4; published: spikes ~3 %, transients
+~23 %, waves and fluttering 100 % of cells with c > 0.1 uM at any time in 3600 s of published
+Euler):
+
+- CalSeg's pouches (``python scripts/tissue_activity_study.py --seeds 100:124``: 24 pouches of
+  ~3255 cells, 100 px cells, c sampled every 5 s): transients 20.2 % (SD 5.1, 11.8-32.6),
+  spikes 3.1 % (SD 0.2), waves and fluttering 100 %.
+- CalSeg's model on the published pouch itself (``scripts/published_pouch_study.py``, 24
+  draws): transients 21.1 % (SD 5.4), spikes 3.0 %; with every edge given the mean length 21.2
+  % (12 draws), so the neighbour graph carries it, not the spread of edge lengths.
+- Before (pi/4-weighted counts, 204 px reference): transients 13.9 % (SD 2.8, seeds 100-111).
+  The reference area alone (x1.047 on the old weights, ``--coupling-scale 1.0474`` at commit
+  6da79e3) gave 17.5 % (SD 4.1, 24 pouches), the length estimator the rest. The fraction is
+  steep in the coupling: x1.1 on the old weights gave 25.5 %, dropping ``pi/4`` 62 %.
+- Not the cause: the share of six-sided cells (``--jitter 1``: 50 % of interior cells, as on
+  the published pouch's 51 %, against 76 % by default: transients 20.7 %, SD 4.4, on the same
+  24 seeds). Nor, measured on the old weights over seeds 100-103: the published code's one-step
+  lag of the ER calcium ``s`` and its clipping of c, p >= 0 (no change on the same draws); the
+  initial state of another version of the published code, c ~ U(0.055, 0.059) and p ~ U(0.07,
+  0.09) uM instead of c = p = 0 (``--initial-state rest``: the same fractions to 0.1 point); the
+  render scale (``--cell-area-px 100`` and 204: within the seed spread); the IP3R recovery
+  constants of DESIGN.md's single-cell check (``--ktau 1 --taumax 1000``: lower, not higher);
+  sampling c every Euler step instead of every 5 s (``--sample-s 0.2``: the same fractions).
 """
 
 from __future__ import annotations
@@ -47,7 +62,7 @@ from scipy.spatial import cKDTree
 
 from calseg.progress import check_cancelled
 
-REFERENCE_CELL_AREA_PX = 204.0  # mean cell area at the source's scale (185-224 px)
+REFERENCE_CELL_AREA_PX = 223.8  # mean cell area of the published 3255-cell pouch (module docstring)
 POUCH_ASPECT = 1.43  # major/minor axis of the source's oval pouch
 MIN_CELLS, MAX_CELLS = 50, 5000
 TissueShape = Literal["pouch", "rectangle"]
@@ -289,14 +304,24 @@ def tissue_from_labels(
     yy, xx = np.indices(lab.shape)
     cy = np.bincount(flat, yy.ravel(), n + 1)[1:] / np.maximum(areas, 1)
     cx = np.bincount(flat, xx.ravel(), n + 1)[1:] / np.maximum(areas, 1)
-    # Shared edges: 4-connected pixel pairs with two different non-zero labels.
-    a = np.concatenate([lab[:, :-1].ravel(), lab[:-1, :].ravel()])
-    b = np.concatenate([lab[:, 1:].ravel(), lab[1:, :].ravel()])
-    sel = (a != b) & (a > 0) & (b > 0)
-    a, b = a[sel].astype(np.int64) - 1, b[sel].astype(np.int64) - 1
-    edge = sp.coo_matrix((np.ones(a.size, np.int64), (a, b)), shape=(n, n)).tocsr()
-    edge = (edge + edge.T).tocsr()
-    edge.sum_duplicates()
+
+    # Shared edges: horizontal and vertical 4-connected pixel pairs with two different non-zero
+    # labels, counted apart: a straight edge of length l at angle theta is crossed by
+    # l |sin theta| horizontal and l |cos theta| vertical pairs, so hypot(h, v) = l whatever
+    # the angle (module docstring).
+    def pair_counts(a: np.ndarray, b: np.ndarray) -> sp.csr_matrix:
+        sel = (a != b) & (a > 0) & (b > 0)
+        i, j = a[sel].astype(np.int64) - 1, b[sel].astype(np.int64) - 1
+        m = sp.coo_matrix((np.ones(i.size, np.int64), (i, j)), shape=(n, n)).tocsr()
+        m = (m + m.T).tocsr()
+        m.sum_duplicates()
+        return m
+
+    horizontal = pair_counts(lab[:, :-1].ravel(), lab[:, 1:].ravel())
+    vertical = pair_counts(lab[:-1, :].ravel(), lab[1:, :].ravel())
+    edge = (horizontal + vertical).tocsr()
+    length = (horizontal.multiply(horizontal) + vertical.multiply(vertical)).astype(np.float64)
+    length = sp.csr_matrix(length).sqrt()
     # Cells touching the background or the image border.
     bnd = np.zeros(n + 1, bool)
     outer = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
@@ -310,8 +335,8 @@ def tissue_from_labels(
         ]
     )
     bnd[bg_pairs] = True
-    scale = (np.pi / 4) * np.sqrt(reference_area_px / float(areas.mean()))
-    w = edge.astype(np.float64) * scale
+    scale = float(np.sqrt(reference_area_px / float(areas.mean())))
+    w = length * scale
     lap = (w - sp.diags(np.asarray(w.sum(axis=1)).ravel())).tocsr()
     return Tissue(
         labels=lab,

@@ -1,0 +1,162 @@
+"""CalSeg's calcium model on the published pouch itself (issue 17 item 4).
+
+``python scripts/published_pouch_study.py --vertices new_vertices.npy [--seeds 100:124]
+[--uniform-weights]``
+
+``new_vertices.npy`` is the published large pouch: 3255 Voronoi polygons (source pixels) after
+6 Lloyd iterations on segmented wing-disc centroids, saved by the Figure S1 notebook of
+github.com/MulticellularSystemsLab/MSELab_Calcium_Cartography_2021 (folder "epitools (Figure S1
+Creation)"); it is not shipped with CalSeg. That notebook weights the edge between two cells by
+the length of the intersection of their polygons when it is a line. Here an edge is a polygon
+side that exactly two cells share (vertices matched to 1e-6 px), its weight the side's length;
+on this file that gives the same 9558 pairs as the notebook's rule, lengths within 1e-6 px
+(checked with shapely, which CalSeg does not need).
+
+The script prints the pouch's statistics beside those of a CalSeg pouch of the same cell count
+(``make_tissue``, 100 px cells, weights as ``tissue_from_labels`` gives them), then integrates
+spikes and transients on the published Laplacian for each seed with the published Euler (dt
+0.2 s, 3600 s) and prints the percentage of cells with c > 0.1 uM at any sampled time (every
+5 s), as ``scripts/tissue_activity_study.py`` does for CalSeg's pouches (same random streams per
+class). ``--uniform-weights`` gives every edge the mean length, keeping only the neighbour
+graph.
+
+Measured (2026-12-07): mean cell area 223.8 px, mean degree 5.87, summed edge weight per
+interior cell 57.2 source px (CalSeg's seed-0 pouch: 56.6); transients 21.1 % (SD 5.4, 24
+seeds, 100-123), spikes 3.0 % (SD 0.2). With ``--uniform-weights`` (12 seeds, 100-111):
+transients 21.2 % (SD 4.5).
+
+The file is a NumPy object array (pickle). It is read with an unpickler that builds NumPy arrays
+and nothing else, so a file that names any other callable is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from calseg.simulate.geometry import make_tissue
+from calseg.simulate.model import ModelParameters, integrate_batch, setup_tissue
+
+_ARRAY_PICKLE = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's signature)
+        if (module, name) not in _ARRAY_PICKLE:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: only NumPy arrays are read")
+        return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
+
+
+def read_polygons(path: Path) -> list[np.ndarray]:
+    """Polygons of the published pouch: a list of (K_i, 2) float64 vertex arrays (source px)."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        arr = _ArraysOnly(f, encoding="latin1").load()
+    return [np.asarray(p, np.float64) for p in arr]
+
+
+def polygon_laplacian(polys: list[np.ndarray]) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Laplacian of shared side lengths (source px), (N,) areas (px) and (N,) perimeters (px)."""
+    owners: dict[tuple, list[int]] = {}
+    for c, p in enumerate(polys):
+        for a, b in zip(p, np.roll(p, -1, axis=0), strict=True):
+            ka, kb = tuple(np.round(a, 6)), tuple(np.round(b, 6))
+            owners.setdefault((ka, kb) if ka < kb else (kb, ka), []).append(c)
+    rows, cols, vals = [], [], []
+    for (a, b), cells in owners.items():
+        if len(cells) == 2:
+            rows.append(cells[0])
+            cols.append(cells[1])
+            vals.append(float(np.hypot(a[0] - b[0], a[1] - b[1])))
+    n = len(polys)
+    w = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
+    w = (w + w.T).tocsr()
+    lap = (w - sp.diags(np.asarray(w.sum(axis=1)).ravel())).tocsr()
+    x = [p[:, 0] for p in polys]
+    y = [p[:, 1] for p in polys]
+    areas = np.array(
+        [
+            0.5 * abs(np.dot(a, np.roll(b, 1)) - np.dot(b, np.roll(a, 1)))
+            for a, b in zip(x, y, strict=True)
+        ]
+    )
+    perim = np.array([np.hypot(*np.diff(np.vstack([p, p[:1]]), axis=0).T).sum() for p in polys])
+    return lap, areas, perim
+
+
+def describe(name: str, lap: sp.csr_matrix, areas: np.ndarray, interior: np.ndarray) -> None:
+    w = lap.copy()
+    w.setdiag(0)
+    w.eliminate_zeros()
+    deg = np.diff(w.indptr)
+    coupling = -lap.diagonal()
+    share = {k: float((deg[interior] == k).mean()) for k in (4, 5, 6, 7, 8)}
+    print(
+        f"{name}: {areas.size} cells, mean area {areas.mean():.1f} px (CV interior "
+        f"{areas[interior].std() / areas[interior].mean():.2f}), mean degree {deg.mean():.2f}, "
+        f"interior sides " + " ".join(f"{k}:{v:.2f}" for k, v in share.items()) + ", "
+        f"summed edge weight per interior cell {coupling[interior].mean():.1f} source px"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vertices", type=Path, required=True, help="the published new_vertices.npy")
+    ap.add_argument("--seeds", default="100:124", help="first:last (exclusive)")
+    ap.add_argument("--uniform-weights", action="store_true")
+    a = ap.parse_args()
+    polys = read_polygons(a.vertices)
+    lap, areas, perim = polygon_laplacian(polys)
+    interior = -lap.diagonal() > 0.98 * perim  # every side shared
+    describe("published pouch", lap, areas, interior)
+    ours = make_tissue(845, 586, 100.0, "pouch", np.random.default_rng(0))
+    describe("CalSeg pouch (seed 0)", ours.laplacian, ours.areas.astype(float), ~ours.boundary)
+    if a.uniform_weights:
+        w = lap.copy()  # off-diagonal entries are the (positive) edge weights
+        w.setdiag(0)
+        w.eliminate_zeros()
+        w.data[:] = w.data.mean()
+        lap = (w - sp.diags(np.asarray(w.sum(axis=1)).ravel())).tocsr()
+    prm = ModelParameters()
+    n = len(polys)
+    first, last = (int(x) for x in a.seeds.split(":"))
+    rows = []
+    for seed in range(first, last):
+        t0 = time.perf_counter()
+        setups = [
+            setup_tissue(
+                n, cl, prm, np.random.default_rng([0, seed, i]), np.random.default_rng([1, seed, i])
+            )
+            for i, cl in enumerate(("spikes", "transients"))
+        ]
+        cs = integrate_batch([lap, lap], setups, np.arange(0, 3600.01, 5.0), prm)
+        ever = [100.0 * float((c > 0.1).any(axis=1).mean()) for c in cs]
+        rows.append(ever)
+        print(
+            f"seed {seed}: spikes {ever[0]:.1f} %, transients {ever[1]:.1f} % "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+    arr = np.array(rows)
+    for i, cl in enumerate(("spikes", "transients")):
+        col = arr[:, i]
+        sd = col.std(ddof=1) if col.size > 1 else 0.0
+        print(f"{cl}: mean {col.mean():.1f} %, SD {sd:.1f}, {col.min():.1f}-{col.max():.1f} %")
+
+
+if __name__ == "__main__":
+    main()
