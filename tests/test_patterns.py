@@ -210,16 +210,22 @@ def test_waves_from_events_on_a_grid_front():
 
 
 def test_simulated_tissues_of_known_class():
-    """One simulated tissue per class (seed 3, tuning seed), rendered and measured end to end."""
-    rep = validate_patterns([3], video={"n_frames": 200})
-    got = {r["true"]: r["predicted"] for r in rep["rows"]}
-    assert got["waves"] == "waves"
-    assert got["fluttering"] == "fluttering"
-    assert got["transients"] == "transients"
-    # single-cell spikes are the class the rules get wrong most (BENCHMARKS.md); here it must
-    # at least not be mistaken for tissue-wide activity
-    assert got["spikes"] in ("spikes", "transients")
-    assert rep["n"] == 4
+    """One simulated tissue per class and seed (tuning seeds 3-7), rendered and measured end to
+    end. Waves and fluttering are right on seed 3. Transients and spikes overlap: their Vplc
+    ranges share 0.25-0.50, and a transients tissue that recruits only a small group looks like
+    spikes (BENCHMARKS.md, pattern classes). So transients must be right on at least 3 of the 5
+    seeds, and neither class may be taken for tissue-wide activity on any. Seed 3 alone was the
+    test until the published coupling (44529d7) changed its transients draw to a largest group
+    of 7 cells, under the 9 that make transients."""
+    rep = validate_patterns([3, 4, 5, 6, 7], video={"n_frames": 200})
+    assert rep["n"] == 20
+    got = {(r["seed"], r["true"]): r["predicted"] for r in rep["rows"]}
+    assert got[(3, "waves")] == "waves"
+    assert got[(3, "fluttering")] == "fluttering"
+    transients = [got[(s, "transients")] for s in range(3, 8)]
+    spikes = [got[(s, "spikes")] for s in range(3, 8)]
+    assert transients.count("transients") >= 3, transients
+    assert set(transients) | set(spikes) <= {"spikes", "transients"}, (transients, spikes)
 
 
 def test_simulated_wave_speed_matches_calcium_ground_truth():
@@ -258,7 +264,8 @@ def test_events_from_calcium_runs():
 @pytest.mark.reliability
 def test_pattern_rules_on_20_held_out_seeds():
     """80 simulated recordings (seeds 200-219, never used for tuning): the confusion matrix of
-    BENCHMARKS.md (accuracy 0.938; fluttering 20/20, waves 19/20)."""
+    BENCHMARKS.md (accuracy 0.925; fluttering 20/20, waves 20/20; 0.938 and 19/20 before the
+    published coupling of 44529d7)."""
     rep = validate_patterns(list(range(200, 220)))
     m = np.asarray(rep["matrix"])
     assert m[3, 3] == 20, rep["matrix"]  # fluttering

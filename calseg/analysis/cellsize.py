@@ -54,14 +54,27 @@ real recordings of the tests (where the one-cell weight limit comes from); the *
 | held-out, resting image alone (before) | 12 of 32 | 11 | 16 % | 0.246 |
 | held-out, activity alone | 24 of 32 | 1 | | |
 
+Re-run on the videos of the simulator with the published coupling (44529d7, 2026-12-07:
+edge weights 7 % stronger, more cells recruited by transients; same code, same seeds):
+
+| | within 20 % | no estimate | median abs. error | cells target all-cells F1 (true diameter) |
+|---|---|---|---|---|
+| tuning, both cues | **25 of 32** | 0 | 9 % | 0.286 (0.358) |
+| tuning, resting image alone | 14 of 32 | 8 | | |
+| tuning, activity alone | 23 of 32 | 0 | | |
+| held-out, both cues | **27 of 32** | 0 | 8 % | 0.300 (0.373) |
+| held-out, resting image alone | 13 of 32 | 8 | | |
+| held-out, activity alone | 22 of 32 | 0 | | |
+
 The ``active`` target (``python scripts/active_diameter_study.py``, classical, against the
-11 px prior): per-frame / per-footprint F1 on the tuning set 0.202 / 0.215 with the prior,
-0.258 / 0.263 with the resting-image cue, 0.288 / 0.287 with both; on the held-out set 0.166 /
-0.175, 0.199 / 0.217, **0.269 / 0.294**. The 6 misses on the held-out set: +70 % and +25 %
-(activity alone, groups of cells, spikes videos), +48 % (both cues took groups, fluttering),
--55 % (activity alone, a sub-cell scale, transients), and -37 % and -64 % where the resting
+11 px prior; before 44529d7): per-frame / per-footprint F1 on the tuning set 0.202 / 0.215
+with the prior, 0.258 / 0.263 with the resting-image cue, 0.288 / 0.287 with both; on the
+held-out set 0.166 / 0.175, 0.199 / 0.217, **0.269 / 0.294**. The 5 misses on the held-out
+set now (6 before): +67 % and +22 % (activity alone, groups of cells, spikes videos), +26 %
+(the resting image's 14.1 px, smaller than the activity's 17.8, for 11.3 px cells,
+fluttering), -63 % (activity alone, a sub-cell scale, transients) and -64 % where the resting
 image gave a sub-cell scale and the smaller-of-two rule dropped a correct activity estimate
-(14.5 and 16.0 px for 13.8 and 17.3). Real recordings
+(16.0 px for 17.3). Real recordings
 (tests): astrocast_sample_1 10.2 px (resting image; activity 12.8), sima_example 8.0 px
 (resting image; the activity cue finds no one-cell term), fissa's 21 x 14 px crops none.
 
