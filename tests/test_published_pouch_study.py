@@ -1,0 +1,74 @@
+"""scripts/published_pouch_study.py: reading the published pouch's polygons and weighting its
+edges as the source does (issue 17 item 4). The published file itself is not shipped; these
+tests write small files of the same kind (a NumPy object array of (K, 2) vertex arrays)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "published_pouch_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("published_pouch_study", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _save_polygons(path: Path, polys: list[np.ndarray]) -> None:
+    arr = np.empty(len(polys), dtype=object)
+    for i, p in enumerate(polys):
+        arr[i] = np.asarray(p, np.float64)
+    np.save(path, arr, allow_pickle=True)
+
+
+def test_shared_sides_weight_the_edges_and_corners_do_not(study, tmp_path):
+    """Two unit squares share a side of length 1 (one edge, weight 1); a third square that
+    touches the second only at a corner is no neighbour (the source keeps intersections that
+    are lines). A 2 x 1 rectangle beside the first square along its left side: weight 1."""
+    a = [[0, 0], [1, 0], [1, 1], [0, 1]]
+    b = [[1, 0], [2, 0], [2, 1], [1, 1]]
+    c = [[2, 1], [3, 1], [3, 2], [2, 2]]  # corner (2, 1) shared with b only
+    d = [[-2, 0], [0, 0], [0, 1], [-2, 1]]
+    path = tmp_path / "new_vertices.npy"
+    _save_polygons(path, [np.array(p, float) for p in (a, b, c, d)])
+    polys = study.read_polygons(path)
+    assert len(polys) == 4 and polys[3].shape == (4, 2)
+    lap, areas, perim = study.polygon_laplacian(polys)
+    w = lap.toarray()
+    assert w[0, 1] == pytest.approx(1.0) and w[1, 0] == pytest.approx(1.0)
+    assert w[0, 3] == pytest.approx(1.0)
+    assert w[1, 2] == 0 and w[0, 2] == 0
+    assert np.allclose(w.sum(axis=1), 0)
+    assert areas == pytest.approx([1, 1, 1, 2])
+    assert perim == pytest.approx([4, 4, 4, 6])
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch should-not-exist",))
+
+
+def test_a_file_that_names_another_callable_is_refused(study, tmp_path, monkeypatch):
+    """The file is a pickle, so it is read with an unpickler that builds NumPy arrays and
+    nothing else: one that names os.system is refused before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    header = io.BytesIO()  # magic string and header of a 1-element object array
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    path = tmp_path / "hostile.npy"
+    path.write_bytes(header.getvalue() + pickle.dumps(_RunsACommand(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="only NumPy arrays"):
+        study.read_polygons(path)
+    assert not (tmp_path / "should-not-exist").exists()
