@@ -25,14 +25,18 @@ interior cell 57.2 source px (CalSeg's seed-0 pouch: 56.6); transients 21.1 % (S
 seeds, 100-123), spikes 3.0 % (SD 0.2). With ``--uniform-weights`` (12 seeds, 100-111):
 transients 21.2 % (SD 4.5).
 
-The file is a NumPy object array (pickle). It is read with an unpickler that builds NumPy arrays
-and nothing else, so a file that names any other callable is refused.
+The file is a NumPy object array (pickle). It is read by an unpickler that knows four names
+(``numpy.dtype``, ``numpy.ndarray``, ``_reconstruct`` and its old module path) and maps them to
+stand-ins: no NumPy constructor or ``__setstate__`` ever sees the file's data. Only the exact
+pickled states of the object and float64 dtypes are accepted, the sizes are checked, and the
+arrays are built with ``np.frombuffer`` from checked bytes. A file that names any other
+callable, or crafts a dtype state (e.g. an object dtype without its reference-counting flags,
+which would make raw bytes pointers), is refused before any array is built.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import pickle
 import time
 from pathlib import Path
@@ -43,31 +47,126 @@ import scipy.sparse as sp
 from calseg.simulate.geometry import make_tissue
 from calseg.simulate.model import ModelParameters, integrate_batch, setup_tissue
 
-_ARRAY_PICKLE = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
+MAX_VALUES = 10_000_000
+"""At most this many float64 values (80 MB) in the file; the published one holds 49,000."""
+
+_CANONICAL_DTYPES = {
+    args[0]: state
+    for _, args, state in (np.dtype(object).__reduce__(), np.dtype("<f8").__reduce__())
+}
+"""The pickled state of the two dtypes the file may use: object (the outer array) and float64."""
+
+
+class _Dtype:
+    """Stand-in for ``numpy.dtype`` while unpickling: resolved only to ``object`` or float64,
+    and only when its pickled state is exactly theirs (a crafted state, e.g. an object dtype
+    without its reference-counting flags, would let raw bytes be read as pointers)."""
+
+    def __init__(self, name: object, align: object = False, copy: object = True) -> None:
+        self.name, self.state = name, None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def resolve(self) -> np.dtype:
+        if self.name not in _CANONICAL_DTYPES or self.state != _CANONICAL_DTYPES[self.name]:
+            raise pickle.UnpicklingError(
+                f"refused dtype {self.name!r} with state {self.state!r}: only object arrays of "
+                "float64 arrays are read"
+            )
+        return np.dtype(object) if self.name == "O8" else np.dtype("<f8")
+
+
+class _NdarrayClass:
+    """Stand-in for ``numpy.ndarray`` (the class argument of ``_reconstruct``)."""
+
+
+class _Array:
+    """Stand-in for an array while unpickling; :meth:`resolve` builds the real one from
+    checked parts, so NumPy's own ``__setstate__`` never sees the file's bytes."""
+
+    def __init__(self) -> None:
+        self.state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def resolve(self, depth: int = 0) -> np.ndarray:
+        st = self.state
+        if not (isinstance(st, tuple) and len(st) == 5 and isinstance(st[2], _Dtype)):
+            raise pickle.UnpicklingError("refused: not a NumPy array's pickled state")
+        _, shape, dtype, fortran, data = st
+        if not (
+            isinstance(shape, tuple)
+            and all(isinstance(n, int) and 0 <= n <= MAX_VALUES for n in shape)
+            and isinstance(fortran, bool)
+        ):
+            raise pickle.UnpicklingError(f"refused array shape {shape!r}")
+        n = int(np.prod(shape, dtype=np.int64))
+        if n > MAX_VALUES:
+            raise pickle.UnpicklingError(f"refused: {n} values, more than {MAX_VALUES}")
+        order = "F" if fortran else "C"
+        dt = dtype.resolve()
+        if dt == np.dtype("<f8"):
+            if isinstance(data, str):  # a Python 2 pickle read with encoding="latin1"
+                data = data.encode("latin1")
+            if not isinstance(data, bytes) or len(data) != 8 * n:
+                raise pickle.UnpicklingError("refused: float64 data of the wrong size")
+            return np.frombuffer(data, "<f8").reshape(shape, order=order).copy()
+        if depth > 0 or not isinstance(data, list) or len(data) != n:
+            raise pickle.UnpicklingError("refused: an object array must hold float64 arrays")
+        out = np.empty(n, dtype=object)
+        for i, item in enumerate(data):
+            if not isinstance(item, _Array):
+                raise pickle.UnpicklingError("refused: an object array must hold float64 arrays")
+            out[i] = item.resolve(depth + 1)
+        return out.reshape(shape, order=order)
+
+
+def _reconstruct(cls: object, shape: object, typecode: object) -> _Array:
+    if cls is not _NdarrayClass:
+        raise pickle.UnpicklingError("refused: _reconstruct of something else than ndarray")
+    return _Array()
+
+
+_STAND_INS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NdarrayClass,
+    ("numpy", "dtype"): _Dtype,
 }
 
 
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's signature)
-        if (module, name) not in _ARRAY_PICKLE:
+        if (module, name) not in _STAND_INS:
             raise pickle.UnpicklingError(f"refused {module}.{name}: only NumPy arrays are read")
-        return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
+        return _STAND_INS[(module, name)]
 
 
 def read_polygons(path: Path) -> list[np.ndarray]:
-    """Polygons of the published pouch: a list of (K_i, 2) float64 vertex arrays (source px)."""
+    """Polygons of the published pouch: a list of (K_i, 2) float64 vertex arrays (source px).
+
+    Raises:
+        pickle.UnpicklingError: the file holds anything but an object array of float64 arrays
+            in NumPy's own pickled form (checked before any array is built).
+    """
     with path.open("rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             np.lib.format.read_array_header_1_0(f)
         else:
             np.lib.format.read_array_header_2_0(f)
-        arr = _ArraysOnly(f, encoding="latin1").load()
-    return [np.asarray(p, np.float64) for p in arr]
+        obj = _ArraysOnly(f, encoding="latin1").load()
+    if not isinstance(obj, _Array):
+        raise pickle.UnpicklingError("refused: the file does not hold an array")
+    arr = obj.resolve()
+    if arr.dtype != object or arr.ndim != 1:
+        raise pickle.UnpicklingError("refused: expected a 1-D object array of polygons")
+    polys = list(arr)
+    if not all(p.ndim == 2 and p.shape[1] == 2 and p.shape[0] >= 3 for p in polys):
+        raise pickle.UnpicklingError("refused: every polygon must be (K >= 3, 2) vertices")
+    return polys
 
 
 def polygon_laplacian(polys: list[np.ndarray]) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:

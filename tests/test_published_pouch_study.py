@@ -72,3 +72,52 @@ def test_a_file_that_names_another_callable_is_refused(study, tmp_path, monkeypa
     with pytest.raises(pickle.UnpicklingError, match="only NumPy arrays"):
         study.read_polygons(path)
     assert not (tmp_path / "should-not-exist").exists()
+
+
+class _ObjectDtypeWithoutRefcountFlags:
+    def __reduce__(self):
+        return (np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 0))
+
+
+class _ObjectArrayOfRawPointer:
+    """An object array whose data is 8 raw bytes: with NumPy's own unpickling and the crafted
+    dtype above, those bytes become a pointer that is dereferenced (a helper's review found
+    the first arrays-only unpickler crashed with a segfault on it)."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        state = (1, (1,), _ObjectDtypeWithoutRefcountFlags(), False, b"AAAAAAAA")
+        return (_reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+def _npy_with_pickle(path: Path, obj: object) -> Path:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    path.write_bytes(header.getvalue() + pickle.dumps(obj, protocol=4))
+    return path
+
+
+def test_a_crafted_dtype_state_is_refused_before_any_array_is_built(study, tmp_path):
+    """Only NumPy's names, but an object dtype whose pickled flags say it holds no references:
+    refused by the dtype check, so no raw bytes are ever read as a pointer."""
+    path = _npy_with_pickle(tmp_path / "crafted.npy", _ObjectArrayOfRawPointer())
+    with pytest.raises(pickle.UnpicklingError, match="refused dtype 'O8'"):
+        study.read_polygons(path)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (np.arange(6.0), "1-D object array"),  # a float array, not polygons
+        (np.array([np.zeros((2, 2))] + [np.zeros((3, 2))], dtype=object), "K >= 3"),
+        (np.arange(4, dtype=np.int32), "refused dtype"),
+        ({"polygons": 1}, "does not hold an array"),
+    ],
+)
+def test_anything_but_polygons_is_refused(study, tmp_path, payload, message):
+    path = _npy_with_pickle(tmp_path / "other.npy", payload)
+    with pytest.raises(pickle.UnpicklingError, match=message):
+        study.read_polygons(path)

@@ -84,9 +84,11 @@ def test_tissue_activity_per_class():
     transients 20.2 % (SD 5.1, 11.8-32.6), waves and fluttering 100 %; CalSeg's model on the
     published pouch itself gives transients 21.1 % (SD 5.4, 24 draws; ``python
     scripts/published_pouch_study.py``). Bands: spikes 2-4 %; transients, the mean of 8 runs
-    (two pouches, four initiator draws each; SD of such a mean about 1.8 points), 23 +- 5
-    points; waves and fluttering >= 95 %. The band would catch the errors issue 17 names:
-    the pi/4-weighted pixel count on the 204 px reference gave 13.9 %, dropping pi/4 62 %.
+    (two pouches, four initiator draws each; SD of such a mean about 1.8 points; measured 19.9
+    %), 21 +- 5 points: centred on this model on the published pouch, with the published 23 %
+    inside. It catches the errors issue 17 names: the pi/4-weighted pixel count on the 204 px
+    reference gives 13.7 % on these 8 runs (13.9 % over 12 pouches), dropping pi/4 62 %.
+    Waves and fluttering >= 95 %.
     Resting c and peak ranges from DESIGN.md section 2."""
     prm = ModelParameters()
     tissues = [make_tissue(845, 586, 100.0, "pouch", np.random.default_rng(s)) for s in (0, 1)]
@@ -109,7 +111,7 @@ def test_tissue_activity_per_class():
     spikes, waves, fluttering = ever[:3]
     transients = float(np.mean(ever[3:]))
     assert 0.02 <= spikes <= 0.04, ever
-    assert 0.18 <= transients <= 0.28, ever
+    assert 0.16 <= transients <= 0.26, ever
     assert waves >= 0.95 and fluttering >= 0.95, ever
     assert spikes < min(ever[3:]) and max(ever[3:]) < waves
     for cl, c in (("spikes", cs[0]), ("transients", cs[3]), ("waves", cs[1])):

@@ -13,10 +13,14 @@ weights them (its Figure S1 notebook: the length of the line two cell polygons s
   ``l |sin theta|`` horizontally and ``l |cos theta|`` vertically adjacent pixel pairs, so
   ``hypot(horizontal pairs, vertical pairs)`` is ``l`` at any angle (tested, within 2 %). The
   earlier weight, ``pi/4`` times all pairs, is right only on average over angles. Lattice-born
-  tissues have edges at preferred angles, and it measured them 2.2 % short at 100 px cells, 1.4
-  % at 224 px and 3 % at 60 px against the exact Voronoi ridges of the same seeds; ``hypot`` is
-  within 0.35 % at all three. Wavy outlines (``irregularity``) come out a little shorter than
-  their arc length.
+  tissues have edges at preferred angles, and it measured them 3.0, 2.2, 1.4 and 1.2 % short at
+  60, 100, 224 and 300 px cells against the exact Voronoi ridges of the same seeds; ``hypot``
+  is within 0.35 % at all four (``python scripts/edge_length_study.py``). ``hypot`` is taken
+  over a pair's whole shared boundary, so a boundary that is not straight comes out shorter:
+  an L of two 12 px legs counts 12 horizontal and 12 vertical pairs, hence 17 px, not 24.
+  Voronoi tissues have straight edges; wavy outlines (``irregularity``) come out a little
+  shorter than their arc length, and a segmented real tissue with curved shared boundaries is
+  coupled somewhat more weakly than its membranes' length.
 - **Source pixels.** Lengths are multiplied by ``sqrt(reference_area / mean_cell_area)`` with
   the reference 223.8 px: the mean cell area of the published 3255-cell pouch (the pouch the
   published fractions below refer to), measured on its polygons

@@ -60,6 +60,7 @@ GROUPS: list[tuple[str, str, str]] = [
     ("API", r"test_service_api", r"bad_numbers|bad_params|unknown_ids"),
     ("API", r"test_service_auth", r"every_route|rate_limited|size_limited|references"),
     ("load", r"test_load", r"."),
+    ("pattern rules", r"test_pattern_rules", r"."),
     ("deployment", r"test_service_deploy", r"."),
 ]
 
