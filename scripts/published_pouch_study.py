@@ -37,6 +37,7 @@ which would make raw bytes pointers), is refused before any array is built.
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ from calseg.simulate.geometry import make_tissue
 from calseg.simulate.model import ModelParameters, integrate_batch, setup_tissue
 
 MAX_VALUES = 10_000_000
-"""At most this many float64 values (80 MB) in the file; the published one holds 49,000."""
+"""At most this many values (80 MB of float64) in all the file's arrays together, counting an
+array each time the pickle refers to it; the published file holds about 50,000."""
 
 _CANONICAL_DTYPES = {
     args[0]: state
@@ -91,7 +93,8 @@ class _Array:
     def __setstate__(self, state: object) -> None:
         self.state = state
 
-    def resolve(self, depth: int = 0) -> np.ndarray:
+    def resolve(self, budget: list[int], depth: int = 0) -> np.ndarray:
+        """The array; ``budget[0]`` (values still allowed) is reduced by its size."""
         st = self.state
         if not (isinstance(st, tuple) and len(st) == 5 and isinstance(st[2], _Dtype)):
             raise pickle.UnpicklingError("refused: not a NumPy array's pickled state")
@@ -102,9 +105,10 @@ class _Array:
             and isinstance(fortran, bool)
         ):
             raise pickle.UnpicklingError(f"refused array shape {shape!r}")
-        n = int(np.prod(shape, dtype=np.int64))
-        if n > MAX_VALUES:
-            raise pickle.UnpicklingError(f"refused: {n} values, more than {MAX_VALUES}")
+        n = math.prod(shape)  # Python ints: no overflow
+        budget[0] -= n
+        if budget[0] < 0:
+            raise pickle.UnpicklingError(f"refused: more than {MAX_VALUES} values in all")
         order = "F" if fortran else "C"
         dt = dtype.resolve()
         if dt == np.dtype("<f8"):
@@ -119,7 +123,7 @@ class _Array:
         for i, item in enumerate(data):
             if not isinstance(item, _Array):
                 raise pickle.UnpicklingError("refused: an object array must hold float64 arrays")
-            out[i] = item.resolve(depth + 1)
+            out[i] = item.resolve(budget, depth + 1)
         return out.reshape(shape, order=order)
 
 
@@ -160,7 +164,7 @@ def read_polygons(path: Path) -> list[np.ndarray]:
         obj = _ArraysOnly(f, encoding="latin1").load()
     if not isinstance(obj, _Array):
         raise pickle.UnpicklingError("refused: the file does not hold an array")
-    arr = obj.resolve()
+    arr = obj.resolve([MAX_VALUES])
     if arr.dtype != object or arr.ndim != 1:
         raise pickle.UnpicklingError("refused: expected a 1-D object array of polygons")
     polys = list(arr)

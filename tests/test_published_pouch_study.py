@@ -121,3 +121,17 @@ def test_anything_but_polygons_is_refused(study, tmp_path, payload, message):
     path = _npy_with_pickle(tmp_path / "other.npy", payload)
     with pytest.raises(pickle.UnpicklingError, match=message):
         study.read_polygons(path)
+
+
+def test_one_array_referred_to_many_times_counts_each_time(study, tmp_path, monkeypatch):
+    """A pickle can refer to one array again and again (its memo): 1000 references to one
+    polygon of 1000 vertices are 2,000,000 values built, over a budget of 1,000,000."""
+    monkeypatch.setattr(study, "MAX_VALUES", 1_000_000)
+    poly = np.zeros((1000, 2))
+    arr = np.empty(1000, dtype=object)
+    for i in range(1000):
+        arr[i] = poly  # the same object: pickled once, then referred to
+    path = _npy_with_pickle(tmp_path / "memo.npy", arr)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(pickle.UnpicklingError, match="more than 1000000 values"):
+        study.read_polygons(path)
