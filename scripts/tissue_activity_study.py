@@ -12,10 +12,10 @@ Laplacian (edge weights), to measure how steep the fractions are in the coupling
 (the initial state of one version of the published ``Pouch.simulate``; DESIGN.md section 2 and
 CalSeg start at c = p = 0), r ~ U(0.5, 0.7) in both. ``--ktau`` / ``--taumax`` replace the IP3R
 recovery constants, ``--sample-s`` the sampling interval of c and ``--jitter`` the centroid
-jitter of ``make_tissue`` (1 gives the published pouch's 51 % of six-sided interior cells,
-the default 0.5 about 76 %). The draws of a class depend on
-its place in ``--classes``: compare runs with the same list. Published: spikes ~3 %, transients
-~23 %, waves and fluttering 100 %.
+jitter of ``make_tissue`` (1 gives about 50 % six-sided interior cells, the published pouch
+51 %, the default 0.5 about 76 %). The draws of a class depend on its place in
+``--classes``: compare runs with the same list. Published: spikes ~3 %, transients ~23 %,
+waves and fluttering 100 %.
 """
 
 from __future__ import annotations
