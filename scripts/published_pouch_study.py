@@ -31,7 +31,9 @@ stand-ins: no NumPy constructor or ``__setstate__`` ever sees the file's data. O
 pickled states of the object and float64 dtypes are accepted, the sizes are checked, and the
 arrays are built with ``np.frombuffer`` from checked bytes. A file that names any other
 callable, or crafts a dtype state (e.g. an object dtype without its reference-counting flags,
-which would make raw bytes pointers), is refused before any array is built.
+which would make raw bytes pointers), is refused before any array is built; so are files over
+64 MiB, more than 100,000 polygons or 10^7 values (counted at every reference), NaN vertices
+and state set on anything but an array stand-in.
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ from calseg.simulate.model import ModelParameters, integrate_batch, setup_tissue
 
 MAX_VALUES = 10_000_000
 """At most this many values (80 MB of float64) in all the file's arrays together, counting an
-array each time the pickle refers to it; the published file holds about 50,000."""
+array each time the pickle refers to it, and an empty one as 1; the published file holds about
+50,000."""
+
+MAX_POLYGONS = 100_000
+"""At most this many polygons (cells); the published pouch has 3255, CalSeg tissues <= 5000."""
+
+MAX_FILE_BYTES = 64 * 2**20
+"""At most this many bytes in the file; the published one has 491,732."""
 
 _CANONICAL_DTYPES = {
     args[0]: state
@@ -71,10 +80,15 @@ class _Dtype:
         self.state = state
 
     def resolve(self) -> np.dtype:
-        if self.name not in _CANONICAL_DTYPES or self.state != _CANONICAL_DTYPES[self.name]:
+        if not (
+            isinstance(self.name, str)
+            and self.name in _CANONICAL_DTYPES
+            and self.state == _CANONICAL_DTYPES[self.name]
+        ):
+            name = self.name if isinstance(self.name, str) else type(self.name).__name__
             raise pickle.UnpicklingError(
-                f"refused dtype {self.name!r} with state {self.state!r}: only object arrays of "
-                "float64 arrays are read"
+                f"refused dtype {name[:20]!r} or its state: only object arrays of float64 arrays "
+                "are read"
             )
         return np.dtype(object) if self.name == "O8" else np.dtype("<f8")
 
@@ -101,12 +115,13 @@ class _Array:
         _, shape, dtype, fortran, data = st
         if not (
             isinstance(shape, tuple)
-            and all(isinstance(n, int) and 0 <= n <= MAX_VALUES for n in shape)
-            and isinstance(fortran, bool)
+            and len(shape) <= 2
+            and all(type(n) is int and 0 <= n <= MAX_VALUES for n in shape)
+            and type(fortran) is bool
         ):
-            raise pickle.UnpicklingError(f"refused array shape {shape!r}")
+            raise pickle.UnpicklingError("refused: not the shape of a polygon or of a polygon list")
         n = math.prod(shape)  # Python ints: no overflow
-        budget[0] -= n
+        budget[0] -= max(n, 1)
         if budget[0] < 0:
             raise pickle.UnpicklingError(f"refused: more than {MAX_VALUES} values in all")
         order = "F" if fortran else "C"
@@ -117,6 +132,8 @@ class _Array:
             if not isinstance(data, bytes) or len(data) != 8 * n:
                 raise pickle.UnpicklingError("refused: float64 data of the wrong size")
             return np.frombuffer(data, "<f8").reshape(shape, order=order).copy()
+        if n > MAX_POLYGONS:
+            raise pickle.UnpicklingError(f"refused: more than {MAX_POLYGONS} polygons")
         if depth > 0 or not isinstance(data, list) or len(data) != n:
             raise pickle.UnpicklingError("refused: an object array must hold float64 arrays")
         out = np.empty(n, dtype=object)
@@ -141,11 +158,25 @@ _STAND_INS = {
 }
 
 
-class _ArraysOnly(pickle.Unpickler):
+class _ArraysOnly(pickle._Unpickler):  # the Python unpickler: its BUILD can be checked
+    """Maps the four names to the stand-ins, and sets state only on stand-in instances (BUILD
+    on the stand-in classes or on ``_reconstruct`` would change them for later reads)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's signature)
         if (module, name) not in _STAND_INS:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: only NumPy arrays are read")
+            raise pickle.UnpicklingError(
+                f"refused {str(module)[:60]}.{str(name)[:60]}: only NumPy arrays are read"
+            )
         return _STAND_INS[(module, name)]
+
+    def load_build(self) -> None:
+        if not isinstance(self.stack[-2], (_Array, _Dtype)):
+            raise pickle.UnpicklingError("refused: state set on something else than an array")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_polygons(path: Path) -> list[np.ndarray]:
@@ -155,21 +186,39 @@ def read_polygons(path: Path) -> list[np.ndarray]:
         pickle.UnpicklingError: the file holds anything but an object array of float64 arrays
             in NumPy's own pickled form (checked before any array is built).
     """
-    with path.open("rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            np.lib.format.read_array_header_1_0(f)
-        else:
-            np.lib.format.read_array_header_2_0(f)
-        obj = _ArraysOnly(f, encoding="latin1").load()
-    if not isinstance(obj, _Array):
-        raise pickle.UnpicklingError("refused: the file does not hold an array")
-    arr = obj.resolve([MAX_VALUES])
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise pickle.UnpicklingError(f"refused: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(f)
+            else:
+                header = np.lib.format.read_array_header_2_0(f)
+            if header[2] != np.dtype(object):
+                raise pickle.UnpicklingError("refused: not an object array (dtype in the header)")
+            obj = _ArraysOnly(f, encoding="latin1").load()
+        if not isinstance(obj, _Array):
+            raise pickle.UnpicklingError("refused: the file does not hold an array")
+        arr = obj.resolve([MAX_VALUES])
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refused"):
+            raise
+        raise pickle.UnpicklingError(
+            f"refused: not a NumPy .npy of polygons (pickle: {str(e)[:80]})"
+        ) from None
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, RecursionError, MemoryError,
+            AttributeError, OverflowError) as e:  # fmt: skip
+        raise pickle.UnpicklingError(
+            f"refused: not a NumPy .npy of polygons ({type(e).__name__})"
+        ) from None
     if arr.dtype != object or arr.ndim != 1:
         raise pickle.UnpicklingError("refused: expected a 1-D object array of polygons")
     polys = list(arr)
     if not all(p.ndim == 2 and p.shape[1] == 2 and p.shape[0] >= 3 for p in polys):
         raise pickle.UnpicklingError("refused: every polygon must be (K >= 3, 2) vertices")
+    if not all(np.isfinite(p).all() for p in polys):
+        raise pickle.UnpicklingError("refused: a vertex is NaN or infinite")
     return polys
 
 
@@ -239,6 +288,7 @@ def main() -> None:
     n = len(polys)
     first, last = (int(x) for x in a.seeds.split(":"))
     rows = []
+    print(f"per class: % of cells with c > 0.1 uM at any time in 3600 s (sampled every {5.0:g} s)")
     for seed in range(first, last):
         t0 = time.perf_counter()
         setups = [
@@ -257,8 +307,8 @@ def main() -> None:
     arr = np.array(rows)
     for i, cl in enumerate(("spikes", "transients")):
         col = arr[:, i]
-        sd = col.std(ddof=1) if col.size > 1 else 0.0
-        print(f"{cl}: mean {col.mean():.1f} %, SD {sd:.1f}, {col.min():.1f}-{col.max():.1f} %")
+        sd = f"SD {col.std(ddof=1):.1f}" if col.size > 1 else "one seed, no SD"
+        print(f"{cl}: mean {col.mean():.1f} %, {sd}, {col.min():.1f}-{col.max():.1f} %")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,49 @@ def test_one_array_referred_to_many_times_counts_each_time(study, tmp_path, monk
     assert path.stat().st_size < 100_000
     with pytest.raises(pickle.UnpicklingError, match="more than 1000000 values"):
         study.read_polygons(path)
+
+
+def test_too_many_polygons_nan_vertices_and_cut_files_are_refused_clearly(
+    study, tmp_path, monkeypatch
+):
+    """From a new user's attack run: 1.43 M references to one triangle were accepted (and would
+    have been simulated as 1.43 M cells), NaN vertices passed, and a cut file or a bad header
+    raised NumPy's or pickle's own errors; each is now a refusal that says what is wrong."""
+    monkeypatch.setattr(study, "MAX_POLYGONS", 10)
+    tri = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    many = np.empty(11, dtype=object)
+    for i in range(11):
+        many[i] = tri
+    with pytest.raises(pickle.UnpicklingError, match="more than 10 polygons"):
+        study.read_polygons(_npy_with_pickle(tmp_path / "many.npy", many))
+    nan = np.empty(1, dtype=object)
+    nan[0] = np.array([[0.0, 0.0], [np.nan, 0.0], [0.0, 1.0]])
+    with pytest.raises(pickle.UnpicklingError, match="NaN or infinite"):
+        study.read_polygons(_npy_with_pickle(tmp_path / "nan.npy", nan))
+    good = _npy_with_pickle(tmp_path / "good.npy", many[:3])
+    assert len(study.read_polygons(good)) == 3
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(pickle.UnpicklingError, match="not a NumPy .npy of polygons"):
+        study.read_polygons(cut)
+    floats = tmp_path / "floats.npy"
+    np.save(floats, np.zeros((4, 2)))
+    with pytest.raises(pickle.UnpicklingError, match="not an object array"):
+        study.read_polygons(floats)
+
+
+def test_state_is_set_only_on_array_stand_ins(study, tmp_path):
+    """pickle's BUILD on the stand-in classes would change them for later reads in the same
+    process; it is refused, and a later read still works."""
+    path = tmp_path / "build.npy"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    )
+    # GLOBAL numpy.dtype, then BUILD with a dict on it (no instance made), then STOP
+    path.write_bytes(header.getvalue() + b"cnumpy\ndtype\n}X\x07\x00\x00\x00resolveK\x01sb.")
+    with pytest.raises(pickle.UnpicklingError, match="state set on something else"):
+        study.read_polygons(path)
+    tri = np.empty(1, dtype=object)
+    tri[0] = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert len(study.read_polygons(_npy_with_pickle(tmp_path / "after.npy", tri))) == 1
