@@ -19,19 +19,12 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.spatial import Voronoi, cKDTree
 
-from calseg.simulate.geometry import make_tissue
+from calseg.simulate.geometry import make_tissue, tissue_from_labels
 
 POUCH_AT_204_PX = (620, 430, 860)
 """A pouch of 620 x 430 px with 204 px cells holds ~860 cells (scripts/tissue_activity_study)."""
-
-
-def _pairs(a: np.ndarray, b: np.ndarray, n: int) -> sp.csr_matrix:
-    sel = (a != b) & (a > 0) & (b > 0)
-    m = sp.coo_matrix((np.ones(int(sel.sum())), (a[sel] - 1, b[sel] - 1)), shape=(n, n)).tocsr()
-    return (m + m.T).tocsr()
 
 
 def main() -> None:
@@ -49,25 +42,17 @@ def main() -> None:
         lab = np.zeros(mask.shape, np.int64)
         lab[mask] = owner + 1
         n = seeds.shape[0]
-        horizontal = _pairs(lab[:, :-1].ravel(), lab[:, 1:].ravel(), n)
-        vertical = _pairs(lab[:-1, :].ravel(), lab[1:, :].ravel(), n)
-        # interior: no pixel of the cell touches the background
-        touching = np.zeros(n + 1, bool)
-        for x, y in ((lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :])):
-            touching[np.where(x == 0, y, 0).ravel()] = True
-            touching[np.where(y == 0, x, 0).ravel()] = True
-        for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
-            touching[border] = True
-        interior = ~touching[1:]
+        # the same weights CalSeg uses: edge_px = all pairs, laplacian = hypot x edge_scale
+        grid = tissue_from_labels(lab, relabel=False)
+        interior = ~grid.boundary
         vor = Voronoi(seeds)
         exact = pi4 = hyp = 0.0
         for (p, q), (v0, v1) in zip(vor.ridge_points, vor.ridge_vertices, strict=True):
             if v0 < 0 or v1 < 0 or not (interior[p] and interior[q]):
                 continue
             exact += float(np.linalg.norm(vor.vertices[v0] - vor.vertices[v1]))
-            h, v = float(horizontal[p, q]), float(vertical[p, q])
-            pi4 += (h + v) * np.pi / 4
-            hyp += float(np.hypot(h, v))
+            pi4 += float(grid.edge_px[p, q]) * np.pi / 4
+            hyp += float(grid.laplacian[p, q]) / grid.info["edge_scale"]
         print(
             f"mean cell area {area:g} px ({n} cells): pi/4 x pairs {pi4 / exact:.4f}, "
             f"hypot(horizontal, vertical) {hyp / exact:.4f} of the exact ridge lengths"
