@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -159,12 +160,44 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+_SIMULATE_FLAGS = {
+    "n_videos": "--videos",
+    "n_val_videos": "--val-videos",
+    "n_test_videos": "--test-videos",
+    "n_frames": "--frames",
+    "pattern_classes": "--classes",
+    "defect_severity": "--severity",
+    "mean_cell_area_px": "--cell-area",
+    "height/width": "--size",
+}
+"""SimulationConfig fields that ``calseg simulate`` sets from a flag of another name."""
+
+
+def _simulation_problems(exc: Exception) -> str:
+    """One line per problem of a SimulationConfig ``ValidationError``, fields named by the
+    ``calseg simulate`` flag that sets them (:data:`_SIMULATE_FLAGS`), without pydantic's input
+    dump and documentation URL."""
+    lines = []
+    for e in exc.errors(include_url=False, include_context=False):
+        where = ".".join(map(str, e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        for field, flag in _SIMULATE_FLAGS.items():
+            msg = re.sub(rf"\b{re.escape(field)}\b", flag, msg)
+        lines.append(f"{_SIMULATE_FLAGS.get(where, where)}: {msg}" if where else msg)
+    return "; ".join(lines)
+
+
 @app.command()
 def simulate(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the dataset into")],
-    videos: int = typer.Option(4, help="number of videos"),
+    videos: int = typer.Option(
+        4, help="videos in all: training + --val-videos + --test-videos (at least one training)"
+    ),
+    val_videos: int = typer.Option(1, "--val-videos", min=0, help="videos in the validation split"),
+    test_videos: int = typer.Option(1, "--test-videos", min=0, help="videos in the test split"),
     frames: int = typer.Option(64, help="frames per video"),
     size: int = typer.Option(256, help="frame height and width (px)"),
+    cell_area: float = typer.Option(100.0, "--cell-area", help="mean cell area (px)"),
     classes: str = typer.Option(
         "waves,transients", help="pattern classes, comma-separated, cycled over the videos"
     ),
@@ -192,9 +225,12 @@ def simulate(
 
     fields: dict = {
         "n_videos": videos,
+        "n_val_videos": val_videos,
+        "n_test_videos": test_videos,
         "n_frames": frames,
         "height": size,
         "width": size,
+        "mean_cell_area_px": cell_area,
         "pattern_classes": [c.strip() for c in classes.split(",") if c.strip()],
         "indicator": indicator,
         "defect_severity": severity,
@@ -211,7 +247,7 @@ def simulate(
         else:
             cfg = SimulationConfig(**fields)
     except ValidationError as exc:
-        raise _fail(f"invalid simulation settings:\n{exc}") from None
+        raise _fail(f"invalid simulation settings: {_simulation_problems(exc)}") from None
     with _Bar("simulate") as progress:
         manifest = simulate_dataset(cfg, out_dir, progress=progress)
     console.print(f"dataset written: {manifest}")

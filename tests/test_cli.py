@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,30 @@ def test_simulate_then_segment_with_the_baseline(tmp_path: Path) -> None:
     np.testing.assert_allclose(traces["time_s"], np.arange(12) * video.frame_interval_s)
     for name in ("overlay.png", "overlay.gif", "events.csv"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_simulate_two_videos_with_split_flags(tmp_path: Path) -> None:
+    """``--videos 2`` was refused with pydantic's dump (the default 1 validation + 1 test video
+    leave none for training) and no flag could change the split: now the error names the
+    flags, and --val-videos / --test-videos / --cell-area set the dataset."""
+    common = ["--frames", "6", "--size", "96"]
+    r = runner.invoke(app, ["simulate", str(tmp_path / "a"), "--videos", "2", *common])
+    assert r.exit_code == 2
+    out = " ".join(r.output.split())
+    assert "--val-videos (1) + --test-videos (1) must leave at least one training video" in out
+    assert "pydantic" not in out and "n_val_videos" not in out
+    r = runner.invoke(
+        app,
+        ["simulate", str(tmp_path / "b"), "--videos", "2", "--val-videos", "0",
+         "--cell-area", "80", *common],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [v.split for v in load_dataset(tmp_path / "b").videos] == ["train", "test"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["config"]["mean_cell_area_px"] == 80
+    r = runner.invoke(app, ["simulate", str(tmp_path / "c"), "--cell-area", "5000", *common])
+    assert r.exit_code == 2
+    assert "change --size or --cell-area" in " ".join(r.output.split())
 
 
 def test_segment_missing_file_is_a_clear_error(tmp_path: Path) -> None:
