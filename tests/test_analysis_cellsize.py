@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calseg.analysis.cellsize import cell_diameter_or_prior, estimate_cell_diameter
+from calseg.analysis.cellsize import (
+    ActivityDiameter,
+    cell_diameter_or_prior,
+    choose_cue,
+    estimate_cell_diameter,
+)
 from calseg.segment._data import split_videos
 from calseg.simulate.config import SimulationConfig
 from calseg.simulate.dataset import simulate_dataset
@@ -119,7 +124,36 @@ def test_activity_cue_measures_the_cell_size_of_independent_cells(diameter):
     assert act.cell_weight > act.cluster_weight
     est = estimate_cell_diameter(movie)
     assert est.activity_px == act.diameter_px
-    assert est.diameter_px == min(v for v in (est.resting_px, est.activity_px) if np.isfinite(v))
+    assert est.source == choose_cue(est.resting_px, act)
+    assert (
+        est.diameter_px
+        == {"resting image": est.resting_px, "activity": act.diameter_px}[est.source]
+    )
+
+
+def _act(diameter: float, cell: float, cluster: float) -> ActivityDiameter:
+    return ActivityDiameter(diameter, cell_weight=cell, cluster_weight=cluster, floor=0.0)
+
+
+def test_cue_choice_when_the_cues_disagree():
+    """The tuning set's cases (44529d7; resting image, activity, true diameter in px). The
+    smaller-of-two rule took 9.2 px for 19.5 px cells (s20007): the activity fit was ambiguous
+    (cluster weight 0.98 x the one-cell weight, its cluster term being the cell), the resting
+    image's 18.1 px was right."""
+    # the smaller, ambiguous fit or not (s20000, s20027, s20006 at 1.45x, s20030 at 1.78x)
+    assert choose_cue(15.4, _act(16.2, 1.11, 0.0)) == "resting image"
+    assert choose_cue(18.1, _act(24.5, 0.54, 0.53)) == "resting image"
+    assert choose_cue(16.7, _act(11.5, 1.03, 0.10)) == "activity"
+    assert choose_cue(23.1, _act(13.0, 1.07, 0.06)) == "activity"
+    # the activity's much smaller (1.6x or more) from an ambiguous fit: the resting image
+    assert choose_cue(18.1, _act(9.2, 0.48, 0.47)) == "resting image"  # s20007 (was activity)
+    assert choose_cue(14.0, _act(9.2, 0.48, 0.47)) == "activity"  # 1.52x: the smaller
+    # a much smaller resting scale is still taken (demo v005: 8.6 and 17.5 px for 11.5)
+    assert choose_cue(8.6, _act(17.5, 1.0, 0.0)) == "resting image"
+    # one cue, or none
+    assert choose_cue(float("nan"), _act(7.8, 0.39, 0.34)) == "activity"
+    assert choose_cue(12.0, _act(float("nan"), float("nan"), float("nan"))) == "resting image"
+    assert choose_cue(float("nan"), _act(float("nan"), float("nan"), float("nan"))) == ""
 
 
 def test_activity_cue_is_not_fooled_by_neighbourhoods_that_change_together():

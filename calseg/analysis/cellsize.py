@@ -6,7 +6,9 @@ and by the domain-gap study (:mod:`calseg.pipelines.domain_gap`).
 
 Method (:func:`estimate_cell_diameter`): two cues, and the smaller of their diameters where
 both find one (each cue fails by taking a group of cells for one: a cluster of similar
-brightness at rest, cells that change together), else the one that finds one.
+brightness at rest, cells that change together), else the one that finds one; where the
+activity's is the smaller by 1.6x or more from an ambiguous fit, the resting image's
+(:func:`choose_cue`).
 
 **Resting-image cue** (:func:`resting_image_diameter`):
 
@@ -65,6 +67,18 @@ edge weights 7 % stronger, more cells recruited by transients; same code, same s
 | held-out, both cues | **27 of 32** | 0 | 8 % | 0.300 (0.373) |
 | held-out, resting image alone | 13 of 32 | 8 | | |
 | held-out, activity alone | 22 of 32 | 0 | | |
+
+With :func:`choose_cue` (an ambiguous activity fit, its cluster term as strong as its
+one-cell term, no longer wins by being the smaller; chosen on the tuning set, 2026-12-07, then
+the held-out set run once):
+
+| | within 20 % | no estimate | median abs. error | cells target all-cells F1 (true diameter) |
+|---|---|---|---|---|
+| tuning, both cues | **26 of 32** | 0 | 9 % | 0.288 (0.358) |
+| held-out, both cues | **27 of 32** | 0 | 8 % | 0.300 (0.373) |
+
+On the tuning set it turned -53 % (9.2 px for 19.5, fluttering) into -7 %; on the held-out
+set it changed no estimate (the same 5 misses as below).
 
 The ``active`` target (``python scripts/active_diameter_study.py``, classical, against the
 11 px prior; before 44529d7): per-frame / per-footprint F1 on the tuning set 0.202 / 0.215
@@ -166,6 +180,22 @@ where neighbouring cells change together) at which the one-cell term is trusted.
 a first model without the cluster and pixel-scale terms, where it mattered (no limit: 0.31x,
 2.8x and 2.3x the true diameter on the three tuning videos over 0.15); with the final model
 no tuning video reaches it (the same 26 of 32 with 0.1, 0.15 or no limit): a safeguard."""
+
+ACTIVITY_AMBIGUOUS_RATIO = 0.9
+"""Cluster weight per one-cell weight from which the activity fit is ambiguous
+(:func:`activity_fit_ambiguous`). Tuning set (44529d7): the ratio is 0.96-0.98 on 6 videos,
+where the fitted ``D`` was right on 2 (within 20 %) and 0.47x, 1.22x, 1.55x and 1.26x the true
+diameter on 4; 0.87 and below on the other 26."""
+CUE_DISAGREEMENT_RATIO = 1.6
+"""Ratio of the resting image's diameter to a smaller activity diameter from which an
+ambiguous activity fit is not taken (:func:`choose_cue`). Tuning set (44529d7): where the
+activity's diameter was the smaller, the ratio was at most 1.45 or at least 1.78. Of the three
+at 1.78 or more, the resting image was right where the activity fit was ambiguous (18.1 px
+for 19.5, activity 9.2); where it was not, the activity was right on one (13.0 px for 11.3,
+resting 23.1) and both cues wrong on the other (6.8 and 14.1 px for 8.8). A first version also
+took a non-ambiguous activity diameter over a much smaller resting one: on make demo's test
+video v005 (seed 0) that gave 17.5 px for 11.5 (+52 %) where the smaller-of-two rule gives the
+resting image's 8.6 (-25 %)."""
 
 
 @dataclass
@@ -510,10 +540,35 @@ def estimate_cell_diameter(frames: np.ndarray) -> CellSizeEstimate:
     found = {k: v for k, v in (("resting image", est.resting_px), ("activity", act.diameter_px))
              if np.isfinite(v)}  # fmt: skip
     if found:
-        est.source = min(found, key=found.__getitem__)
+        est.source = choose_cue(est.resting_px, act)
         est.diameter_px = found[est.source]
     est.note = "; ".join(n for n in (est.note, act.note) if n and not np.isfinite(est.diameter_px))
     return est
+
+
+def activity_fit_ambiguous(act: ActivityDiameter) -> bool:
+    """Whether the activity cue's cluster term is nearly as strong as its one-cell term (``c``
+    at least :data:`ACTIVITY_AMBIGUOUS_RATIO` x ``a``, so the fit's ``a >= c`` constraint
+    binds): the profile is then one broad fall that the fit splits in two, and its ``D`` may be
+    a pattern finer than a cell (the cluster term being the cell) or a group of cells."""
+    return bool(act.cluster_weight >= ACTIVITY_AMBIGUOUS_RATIO * act.cell_weight)
+
+
+def choose_cue(resting_px: float, act: ActivityDiameter) -> str:
+    """Which cue gives the diameter: ``"resting image"``, ``"activity"`` or ``""`` (neither
+    found one). The one that found a diameter; where both did, the smaller (each cue fails by
+    taking a group of cells for one), except where the activity's is the smaller by at least
+    :data:`CUE_DISAGREEMENT_RATIO` and its fit is ambiguous (:func:`activity_fit_ambiguous`):
+    its one-cell term is then likely a pattern finer than a cell, and the resting image's
+    diameter is taken."""
+    have_rest, have_act = bool(np.isfinite(resting_px)), bool(np.isfinite(act.diameter_px))
+    if not (have_rest and have_act):
+        return "resting image" if have_rest else ("activity" if have_act else "")
+    if resting_px <= act.diameter_px:
+        return "resting image"
+    if resting_px >= CUE_DISAGREEMENT_RATIO * act.diameter_px and activity_fit_ambiguous(act):
+        return "resting image"
+    return "activity"
 
 
 def resting_image_diameter(frames: np.ndarray) -> CellSizeEstimate:
