@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import _describe_errors, _error, _unprocessable, log
+from api.frames import FramesBusy
 from calseg.service import broker
 from calseg.service import jobs as lifecycle
 from calseg.service.context import JobReferenceError
@@ -70,6 +71,14 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 422:
             return _unprocessable(str(exc.detail))
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(FramesBusy)
+    async def _frames_busy(_: Request, exc: FramesBusy) -> JSONResponse:
+        """503 with ``Retry-After``: every frame slot of the API (:data:`api.frames.FRAME_SLOTS`)
+        stayed taken; the frame is served once one frees."""
+        response = _error(503, str(exc))
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(broker.QueueUnavailable)
     async def _no_queue(_: Request, exc: broker.QueueUnavailable) -> JSONResponse:

@@ -13,7 +13,8 @@ import io
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,52 @@ import numpy as np
 CACHE_SIZE = 8
 """Open recordings / label stacks kept (headers parsed, no pixels)."""
 GAP_PX = 4
+PREVIEW_MAX_PIXELS = 4 * 2**20
+"""Most pixels of a drawn frame panel (4 Mi, e.g. 2048 x 2048): a larger frame is drawn from
+every k-th row and column (:func:`preview_step`; the ``X-Preview-Step`` header gives k).
+Drawing costs about 33 bytes per pixel (float frame, RGB, outlines): a 30000 x 30000 frame
+drawn whole took the API to 23 GB (an attacker's 1 MB TIFF, killed by the OOM killer)."""
+FRAME_SLOTS = 2
+"""Frames decoded or drawn at once in the API process (previews, viewer frames, the upload
+check): with frames of at most ``max_frame_pixels`` (2^26 px by default; 537 MB as float64)
+this bounds the memory they take together, whatever the number of requests."""
+FRAME_WAIT_S = 30.0
+"""How long a request waits for a free slot before a 503."""
+_slots = threading.BoundedSemaphore(FRAME_SLOTS)
+
+
+class FramesBusy(RuntimeError):
+    """Every frame slot stayed taken for :data:`FRAME_WAIT_S` (answered 503 with Retry-After)."""
+
+
+@contextmanager
+def frame_slot() -> Iterator[None]:
+    """Hold one of the :data:`FRAME_SLOTS` while decoding or drawing frames.
+
+    Raises:
+        FramesBusy: none was free within :data:`FRAME_WAIT_S`.
+    """
+    if not _slots.acquire(timeout=FRAME_WAIT_S):
+        raise FramesBusy(
+            f"the server is decoding {FRAME_SLOTS} other frames and none finished within "
+            f"{FRAME_WAIT_S:g} s; try again shortly"
+        )
+    try:
+        yield
+    finally:
+        _slots.release()
+
+
+def preview_step(height: int, width: int) -> int:
+    """The decimation ``k`` (>= 1) that draws a ``height x width`` frame in at most
+    :data:`PREVIEW_MAX_PIXELS` pixels: every k-th row and column."""
+    return max(1, math.ceil(math.sqrt(height * width / PREVIEW_MAX_PIXELS)))
+
+
+def _decimated(frame: np.ndarray) -> np.ndarray:
+    """``frame[::k, ::k]`` with ``k`` = :func:`preview_step` of its shape (a view, no copy)."""
+    k = preview_step(*frame.shape[-2:])
+    return frame if k == 1 else frame[..., ::k, ::k]
 
 
 class FrameSource(Protocol):
@@ -262,7 +309,7 @@ def load_stacks(
     lo = hi = vmin = vmax = None
     if display_range is None or data_range is None:
         t = min(max(first, 0), frames.shape[0] - 1)
-        lo, hi, vmin, vmax = frame_ranges(frames.frame(t))
+        lo, hi, vmin, vmax = frame_ranges(_decimated(frames.frame(t)))
     if display_range is not None:
         lo, hi = (float(v) for v in display_range)
     if data_range is not None:
@@ -274,7 +321,8 @@ def recording_frame(
     path: Path, t: int, read_options: dict[str, Any] | None, limits: Any
 ) -> tuple[Stacks, np.ndarray]:
     """Frame ``t`` of an uploaded recording (the only frame decoded) and :class:`Stacks`
-    without labels whose ranges are that frame's, for previews.
+    without labels whose ranges are that frame's (of its :func:`preview_step` decimation), for
+    previews.
 
     Raises:
         FileNotFoundError: the file is gone. IndexError: ``t`` out of range (the message gives
@@ -285,7 +333,7 @@ def recording_frame(
     if not 0 <= t < n:
         raise IndexError(f"frame {t} out of range: the recording has frames 0..{n - 1}")
     frame = source.frame(t)
-    return Stacks(source, None, None, *frame_ranges(frame)), frame
+    return Stacks(source, None, None, *frame_ranges(_decimated(frame))), frame
 
 
 def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
@@ -329,9 +377,15 @@ def label_at(labels: Any, t: int, x: int, y: int) -> int:
 def range_headers(stacks: Stacks) -> dict[str, str]:
     """HTTP headers of a rendered frame: the default display range (``X-Display-Lo``,
     ``X-Display-Hi``), the finite data range (``X-Data-Min``, ``X-Data-Max``) in intensity
-    units, ``X-Frames`` (T) and a one-hour ``Cache-Control``."""
+    units, ``X-Frames`` (T), ``X-Frame-Height`` / ``X-Frame-Width`` (the recording's frame, px),
+    ``X-Preview-Step`` (k: the image shows every k-th row and column, :func:`preview_step`; a
+    pixel at image column x is frame column k x) and a one-hour ``Cache-Control``."""
+    _, h, w = stacks.frames.shape
     return {
         "Cache-Control": "max-age=3600",
+        "X-Frame-Height": str(h),
+        "X-Frame-Width": str(w),
+        "X-Preview-Step": str(preview_step(h, w)),
         "X-Display-Lo": f"{stacks.lo:.6g}",
         "X-Display-Hi": f"{stacks.hi:.6g}",
         "X-Data-Min": f"{stacks.vmin:.6g}",
@@ -360,7 +414,8 @@ def render_png(
     hi: float | None = None,
     frame: np.ndarray | None = None,
 ) -> bytes:
-    """PNG bytes (RGB) of frame ``t`` with labels drawn over it.
+    """PNG bytes (RGB) of frame ``t`` with labels drawn over it; a frame of more than
+    :data:`PREVIEW_MAX_PIXELS` is drawn from every k-th row and column (:func:`preview_step`).
 
     Args:
         stacks: the decoded stacks; ``labels``/``gt`` may be None (then nothing is drawn).
@@ -400,12 +455,12 @@ def render_png(
     outline = style != "fill"
 
     def draw(labels: Any) -> np.ndarray:
-        lab = labels.frame(t) if labels is not None and overlay else None
+        lab = _decimated(labels.frame(t)) if labels is not None and overlay else None
         if lab is not None and colors == "single":
             lab = (lab > 0).astype(np.uint32) * SINGLE_ID
         return render_overlay(frame, lab, lo, hi, alpha=fill_alpha, outline=outline)
 
-    frame = stacks.frames.frame(t) if frame is None else frame
+    frame = _decimated(stacks.frames.frame(t) if frame is None else frame)
     has_gt = stacks.gt is not None
     panels = [draw(stacks.gt if gt == 2 and has_gt else stacks.labels)]
     if gt == 1 and has_gt:

@@ -1446,6 +1446,7 @@ const V = {
   jobId: null,
   bitmap: null, // the drawn frame (ImageBitmap)
   iw: 0, ih: 0, // its size (px)
+  step: 1, // the image shows every step-th row and column of the frame (X-Preview-Step)
   scale: 1, tx: 0, ty: 0, // canvas transform: canvas = image * scale + (tx, ty)
   request: 0,
   cache: new Map(), // url -> {bitmap, headers}, a small LRU
@@ -1542,6 +1543,8 @@ async function showFrame() {
       $("range-note").textContent = `data ${fmtNum(V.range.vmin)}–${fmtNum(V.range.vmax)}`;
     }
     const resized = bitmap.width !== V.iw || bitmap.height !== V.ih;
+    // a frame over 4 Mi px comes as every k-th row and column: image px x is frame px k x
+    V.step = Number(headers.get("X-Preview-Step")) || 1;
     V.bitmap = bitmap;
     V.iw = bitmap.width;
     V.ih = bitmap.height;
@@ -1552,7 +1555,9 @@ async function showFrame() {
     if (resized || !V.fitted) resetView();
     else draw();
     const panels = V.hasGt && $("gt-select").value === "1" ? "; left: prediction, right: ground truth" : "";
-    $("view-status").textContent = `frame ${t}: ${V.ih} × ${V.iw} px shown at ${(V.scale).toFixed(2)}×${panels}`;
+    const decimated = V.step > 1
+      ? ` (every ${V.step}th row and column of the ${headers.get("X-Frame-Height")} × ${headers.get("X-Frame-Width")} px frame)` : "";
+    $("view-status").textContent = `frame ${t}: ${V.ih} × ${V.iw} px${decimated} shown at ${(V.scale).toFixed(2)}×${panels}`;
   } catch (e) {
     if (req === V.request) $("view-status").textContent = `cannot show frame ${t}: ${e.message}`;
   }
@@ -1770,10 +1775,11 @@ async function cellClicked(p) {
   const t = Number($("frame-slider").value);
   const jobId = V.jobId;
   const req = ++traceRequest;
+  const x = p.x * (V.step || 1), y = p.y * (V.step || 1); // frame px
   try {
-    const at = await api(`/api/jobs/${jobId}/cells/at?t=${t}&x=${p.x}&y=${p.y}`);
+    const at = await api(`/api/jobs/${jobId}/cells/at?t=${t}&x=${x}&y=${y}`);
     if (req !== traceRequest) return;
-    if (at.cell_id === null) { clearTrace(`no cell here (pixel x ${p.x}, y ${p.y}, frame ${t})`); return; }
+    if (at.cell_id === null) { clearTrace(`no cell here (pixel x ${x}, y ${y}, frame ${t})`); return; }
     await plotCell(at.cell_id, req);
   } catch (e) {
     if (req === traceRequest) clearTrace(`could not load the trace: ${e.message}`);

@@ -343,3 +343,97 @@ def test_a_raw_upload_without_a_name_is_named_by_its_format(client: TestClient) 
                     headers={"Content-Type": "application/octet-stream"})  # fmt: skip
     assert r.status_code == 201, r.text
     assert r.json()["filename"] == "recording.npy" and r.json()["n_frames"] == 6
+
+
+def _one_big_frame_tiff(side: int) -> bytes:
+    """A TIFF of one ``side x side`` uint8 frame of zeros in zlib tiles: a few kB on disk
+    (the attack: 0.94 MB for 30000 x 30000, which took the API to 23 GB when previewed)."""
+    tile = np.zeros((256, 256), np.uint8)
+    n = ((side + 255) // 256) ** 2
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf, (tile for _ in range(n)), shape=(side, side), dtype=np.uint8, tile=(256, 256),
+        photometric="minisblack", compression="zlib",
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+def test_a_frame_over_max_frame_pixels_is_refused_at_upload_before_decoding(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's frame limit (CALSEG_MAX_FRAME_PIXELS, 2^26 px by default) is checked
+    against the header: 413 naming the setting, nothing stored. Lowered here so the file is
+    small; the default refuses the attack's 30000 x 30000 frame the same way."""
+    from calseg.io.recordings import ReadLimits, RecordingTooLarge, probe_recording
+
+    monkeypatch.setenv("CALSEG_MAX_FRAME_PIXELS", str(1000 * 1000))
+    get_settings.cache_clear()
+    r = client.post("/api/recordings", files={"file": ("big.tif", _one_big_frame_tiff(1100))})
+    assert r.status_code == 413, r.text
+    detail = r.json()["detail"]
+    assert "1100 x 1100" in detail and "max_frame_pixels" in detail, detail
+    assert client.get("/api/recordings").json() == []
+    assert get_settings().read_limits().max_frame_pixels == 1_000_000
+    monkeypatch.delenv("CALSEG_MAX_FRAME_PIXELS")
+    get_settings.cache_clear()
+    assert get_settings().read_limits().max_frame_pixels == 2**26
+    big = io.BytesIO(_one_big_frame_tiff(8200))  # just over the default's 8192 x 8192
+    assert len(big.getvalue()) < 2**20
+    tmp = Path(get_settings().cache_dir) / "attack.tif"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(big.getvalue())
+    with pytest.raises(RecordingTooLarge, match="8200 x 8200"):
+        probe_recording(tmp, limits=get_settings().read_limits())
+    assert probe_recording(tmp, limits=ReadLimits(max_frame_pixels=None)).width == 8200
+
+
+def test_a_large_frame_is_previewed_decimated_with_its_step_in_the_headers(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Previews draw at most PREVIEW_MAX_PIXELS (every k-th row and column); the headers give
+    k and the frame's size, the range is that of the drawn pixels."""
+    import api.frames
+
+    monkeypatch.setattr(api.frames, "PREVIEW_MAX_PIXELS", 64 * 64)
+    frames = np.zeros((2, 200, 200), np.uint16)
+    frames[:, :, :] = np.arange(200)[None, None, :]
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, frames, photometric="minisblack")
+    rec = client.post("/api/recordings", files={"file": ("d.tif", buf.getvalue())}).json()
+    r = client.get(f"/api/recordings/{rec['id']}/frames/1.png")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-preview-step"] == "4"
+    assert (r.headers["x-frame-height"], r.headers["x-frame-width"]) == ("200", "200")
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert img.shape[:2] == (50, 50)
+    assert float(r.headers["x-data-max"]) == 196  # columns 0, 4, ..., 196 were drawn
+
+
+def test_previews_wait_for_a_frame_slot_and_answer_503_when_none_frees(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most FRAME_SLOTS frames are decoded or drawn at once in the API (three parallel
+    uploads of 1 MB files took it to 4.9 GB): a request finding every slot taken for
+    FRAME_WAIT_S gets 503 with Retry-After, and is served once one frees."""
+    import api.frames
+
+    frames = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, frames, photometric="minisblack")
+    rec = client.post("/api/recordings", files={"file": ("s.tif", buf.getvalue())}).json()
+    monkeypatch.setattr(api.frames, "FRAME_WAIT_S", 0.05)
+    held = [api.frames._slots.acquire(timeout=1) for _ in range(api.frames.FRAME_SLOTS)]
+    try:
+        assert all(held)
+        r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        other = io.BytesIO()
+        tifffile.imwrite(other, frames + 1, photometric="minisblack")
+        r = client.post("/api/recordings", files={"file": ("t.tif", other.getvalue())})
+        assert r.status_code == 503, r.text  # the upload check decodes two frames
+        r = client.post("/api/recordings", files={"file": ("s2.tif", buf.getvalue())})
+        assert r.status_code == 200 and r.json()["duplicate"]  # nothing decoded
+    finally:
+        for _ in held:
+            api.frames._slots.release()
+    assert client.get(f"/api/recordings/{rec['id']}/frames/0.png").status_code == 200

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StoreDep, UserDep, _job, _recording_http_error
 from api.frames import (
+    frame_slot,
     label_at,
     label_source,
     load_stacks,
@@ -90,9 +91,9 @@ def frame_png(
     ``X-Data-Min``/``X-Data-Max`` the recording's range (intensity units; recorded by the job,
     or frame ``t``'s for jobs from before they were), ``X-Frames`` the frame count. Only frame
     ``t`` is decoded. 422 when ``lo >= hi`` or the recording is unreadable, 413 when it is over
-    the server's decode budget."""
-    from calseg.io.recordings import RecordingError
-
+    the server's decode budget, 503 (Retry-After) while the API draws as many frames as it
+    draws at once (:data:`api.frames.FRAME_SLOTS`). A frame of more than 4 Mi pixels is drawn
+    from every k-th row and column (``X-Preview-Step``: k)."""
     job = _job(session, job_id, user)
     if job.kind != "infer" or job.state != "succeeded":
         raise HTTPException(
@@ -103,11 +104,31 @@ def frame_png(
         raise HTTPException(409, f"job {job_id} records no source recording")
     labels = _artifact(session, job_id, "labels.tif", user)
     gt_rel = source.get("gt_relpath")
+    draw = {"overlay": bool(overlay), "gt": gt, "alpha": alpha, "style": style}
+    draw.update(colors=colors, lo=lo, hi=hi)
     if gt and not gt_rel:  # it answered the prediction alone, silently (a new-user check)
         raise HTTPException(
             422, f"job {job_id} has no ground truth (gt is for simulated videos); use gt=0"
         )
     result = job.result or {}
+    with frame_slot():  # decoding and drawing: a bounded number at once (api.frames)
+        return _frame_png(job_id, t, store, settings, source, labels, gt_rel, result, draw)
+
+
+def _frame_png(
+    job_id: str,
+    t: int,
+    store: ArtifactStore,
+    settings: Any,
+    source: dict,
+    labels: Artifact,
+    gt_rel: str | None,
+    result: dict,
+    draw: dict[str, Any],
+) -> Response:
+    """The body of :func:`frame_png` once it holds a frame slot."""
+    from calseg.io.recordings import RecordingError
+
     try:
         stacks = load_stacks(
             store.path(source["relpath"]),
@@ -128,17 +149,7 @@ def frame_png(
     if not 0 <= t < n:
         raise HTTPException(404, f"frame {t} out of range: the recording has frames 0..{n - 1}")
     try:
-        png = render_png(
-            stacks,
-            t,
-            overlay=bool(overlay),
-            gt=gt,
-            alpha=alpha,
-            style=style,
-            colors=colors,
-            lo=lo,
-            hi=hi,
-        )
+        png = render_png(stacks, t, **draw)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
     return Response(png, media_type="image/png", headers=range_headers(stacks))
@@ -166,7 +177,8 @@ def cell_at(
     except FileNotFoundError as exc:
         raise HTTPException(410, f"labels.tif of job {job_id} is gone from the store") from exc
     try:
-        cell = label_at(labels, t, x, y)
+        with frame_slot():  # decodes one label page
+            cell = label_at(labels, t, x, y)
     except IndexError as exc:
         raise HTTPException(422, f"pixel out of range: {exc}") from exc
     return {"cell_id": cell or None}

@@ -25,6 +25,7 @@ from api.deps import (
     log,
 )
 from api.frames import (
+    frame_slot,
     range_headers,
     recording_frame,
     render_png,
@@ -170,7 +171,8 @@ def _register_recording(
     tmp.rename(named)
     try:
         try:
-            info = probe_recording(named, **(read_options or {}), limits=limits)
+            with frame_slot():  # it decodes the first and last frame in the API process
+                info = probe_recording(named, **(read_options or {}), limits=limits)
         except RecordingError as exc:
             exc.args = (str(exc).replace(str(named), filename),)
             raise _recording_http_error(exc, filename, "is not a usable recording") from exc
@@ -400,22 +402,26 @@ def recording_frame_png(
     """Frame ``t`` of an uploaded recording as a gray PNG (a preview): only that frame is
     decoded, read with the recording's reading options; the range headers are that frame's.
     404 for an unknown recording or frame, 422 when lo >= hi or the file is unreadable or
-    refused, 413 when it is over the server's decode budget."""
+    refused, 413 when it is over the server's decode budget, 503 (Retry-After) while the API
+    decodes as many frames as it does at once. A frame of more than 4 Mi pixels is drawn from
+    every k-th row and column (``X-Preview-Step``: k)."""
     from calseg.io.recordings import RecordingError
 
     rec = _recording(session, recording_id, user)
-    try:
-        stacks, frame = recording_frame(
-            store.path(rec.relpath), t, rec.read_options, settings.read_limits()
-        )
-    except FileNotFoundError as exc:
-        raise HTTPException(410, f"recording {recording_id} is gone from the store") from exc
-    except IndexError as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except RecordingError as exc:
-        raise _recording_http_error(exc, f"recording {recording_id}") from exc
-    try:
-        png = render_png(stacks, t, overlay=False, lo=lo, hi=hi, frame=frame)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    with frame_slot():  # decoding and drawing: a bounded number at once (api.frames)
+        try:
+            stacks, frame = recording_frame(
+                store.path(rec.relpath), t, rec.read_options, settings.read_limits()
+            )
+        except FileNotFoundError as exc:
+            raise HTTPException(410, f"recording {recording_id} is gone from the store") from exc
+        except IndexError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except RecordingError as exc:
+            raise _recording_http_error(exc, f"recording {recording_id}") from exc
+        try:
+            png = render_png(stacks, t, overlay=False, lo=lo, hi=hi, frame=frame)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        del frame
     return Response(png, media_type="image/png", headers=range_headers(stacks))

@@ -131,10 +131,15 @@ class ReadLimits:
         max_bytes: most bytes decoded: every stored sample (all channels, Z planes, colour
             samples, in the stored dtype) and the frames returned (their dtype); also the
             largest HDF5 chunk. None = no limit.
+        max_frame_pixels: most rows x columns of one frame; None = no limit. A server decodes
+            single frames in its API process (the upload check, previews), where one frame of
+            the 2^31-pixel recording budget is gigabytes (an attacker's 1 MB TIFF of one
+            30000 x 30000 frame took the API to 23 GB and the OOM killer).
     """
 
     max_pixels: int | None = None
     max_bytes: int | None = None
+    max_frame_pixels: int | None = None
 
 
 @dataclass
@@ -420,7 +425,12 @@ def _open_source(path: str | Path, limits: ReadLimits | None = None) -> _Source:
     if fmt == "hdf5":
         src = _open_hdf5(p, display, dataset, limits.max_bytes if limits else None)
     elif fmt == "video":
-        src = _open_video(p, display, limits.max_pixels if limits else None)
+        src = _open_video(
+            p,
+            display,
+            limits.max_pixels if limits else None,
+            limits.max_frame_pixels if limits else None,
+        )
     else:
         src = openers[fmt](p, display)  # type: ignore[index]
     src.warnings[:0] = extra
@@ -1340,9 +1350,12 @@ class _VideoFrames:
                 self.container, self.frames = None, None
 
 
-def _open_video(path: Path, display: str, max_pixels: int | None = None) -> _Source:
+def _open_video(
+    path: Path, display: str, max_pixels: int | None = None, max_frame_pixels: int | None = None
+) -> _Source:
     """AVI / MP4 / MOV / MKV / WMV through PyAV (FFmpeg), confined to the file: the header gives
-    the frame count, size and rate; frames are decoded in order on demand."""
+    the frame count, size and rate; frames are decoded in order on demand. FFmpeg decodes no
+    frame of more than ``max_frame_pixels`` (or ``max_pixels``) pixels."""
     with open(path, "rb") as fh:
         fmt = file_safety.sniff_video_format(fh.read(16))
         refs = file_safety.mov_data_references(fh, path.stat().st_size) if fmt == "mov" else []
@@ -1363,7 +1376,8 @@ def _open_video(path: Path, display: str, max_pixels: int | None = None) -> _Sou
         ) from exc
     try:
         # decoders align buffers: a frame of the whole budget needs a little more
-        container = file_safety.open_video(path, fmt, max_pixels and max_pixels + 2**20)
+        frame_cap = min((v for v in (max_pixels, max_frame_pixels) if v), default=None)
+        container = file_safety.open_video(path, fmt, frame_cap and frame_cap + 2**20)
     except Exception as exc:
         if "stream_options were provided" in str(exc):  # PyAV: no stream in the header
             raise RecordingError(
@@ -1381,10 +1395,13 @@ def _open_video(path: Path, display: str, max_pixels: int | None = None) -> _Sou
         ctx = stream.codec_context
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if width <= 0 or height <= 0:
+            setting = (
+                "max_frame_pixels" if frame_cap == max_frame_pixels else "max_recording_pixels"
+            )
             limit = (
-                f" (FFmpeg decodes a first frame to find it, here at most {max_pixels:,} pixels:"
-                " max_recording_pixels)"
-                if max_pixels
+                f" (FFmpeg decodes a first frame to find it, here at most {frame_cap:,} pixels:"
+                f" {setting})"
+                if frame_cap
                 else ""
             )
             raise RecordingError(
@@ -1795,12 +1812,18 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
             f"{_size_text(nbytes)} ({nbytes:,} bytes) once decoded, more than the limit of "
             f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)"
         )
+    frame_px = plan.height * plan.width
+    if limits.max_frame_pixels is not None and frame_px > limits.max_frame_pixels:
+        over.append(
+            f"frames of {plan.height} x {plan.width} ({frame_px:,} pixels each), more than the "
+            f"limit of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
+        )
     if over:
         raise RecordingTooLarge(
             f"{src.path.name} is too large for this server: its header declares "
             f"{' and '.join(over)}. Nothing was decoded. Crop, bin or split the recording into "
             "shorter parts, or ask the administrator to raise CALSEG_MAX_RECORDING_PIXELS / "
-            "CALSEG_MAX_RECORDING_BYTES.",
+            "CALSEG_MAX_RECORDING_BYTES / CALSEG_MAX_FRAME_PIXELS.",
             pixels=pixels,
             nbytes=nbytes,
             limits=limits,

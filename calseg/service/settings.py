@@ -70,6 +70,14 @@ class Settings(BaseSettings):
         "channels, Z planes, colours) and the frames returned; also the largest HDF5 chunk. "
         "4 GiB: an uncompressed file as large as the default upload limit fits.",
     )
+    max_frame_pixels: int = Field(
+        default=2**26,
+        gt=0,
+        description="Most rows x columns of one frame (2^26, e.g. 8192 x 8192), checked against "
+        "the header before any pixel is decoded, at upload (413) and in every job and preview: "
+        "the API decodes single frames itself (the upload check, previews), and one frame of "
+        "the recording budget alone could take gigabytes.",
+    )
     max_json_bytes: int = Field(
         default=1024**2, gt=0, description="Limit of JSON request bodies (bytes); larger: 413."
     )
@@ -219,7 +227,9 @@ class Settings(BaseSettings):
         """The decode budget of one recording (:class:`calseg.io.recordings.ReadLimits`)."""
         from calseg.io.recordings import ReadLimits
 
-        return ReadLimits(self.max_recording_pixels, self.max_recording_bytes)
+        return ReadLimits(
+            self.max_recording_pixels, self.max_recording_bytes, self.max_frame_pixels
+        )
 
     def to_env(self) -> dict[str, str]:
         """The ``CALSEG_*`` environment variables that reproduce these settings in a child."""

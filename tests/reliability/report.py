@@ -33,7 +33,11 @@ GROUPS: list[tuple[str, str, str]] = [
     ("file references", r"test_io_formats", r"bioio_reader"),
     ("decompression bombs and decode cost", r"test_file_attacks", r"."),
     ("decompression bombs and decode cost", r"test_io_recordings", r"read_limits|gzip_shuffle"),
-    ("decompression bombs and decode cost", r"test_api_recordings", r"lowered_budget|preview_"),
+    (
+        "decompression bombs and decode cost",
+        r"test_api_recordings",
+        r"lowered_budget|preview_|max_frame_pixels|decimated|frame_slot",
+    ),
     (
         "frames read wrong",
         r"test_io_recordings",

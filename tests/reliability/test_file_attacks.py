@@ -409,6 +409,30 @@ def test_issue_sized_bombs_bounded_rss(tmp_path: Path) -> None:
     assert out["upload_growth_mb"] < 100 and out["preview_growth_mb"] < 100, out
 
 
+@pytest.mark.reliability
+def test_one_huge_frame_is_refused_and_a_frame_at_the_limit_previews_decimated(
+    tmp_path: Path,
+) -> None:
+    """A new user's attack (2026-12-07): a ~1 MB TIFF of one 30000 x 30000 frame was accepted
+    (900 Mpx is within the 2^31-pixel recording budget) and its preview took the API to 23 GB
+    and the kernel's OOM killer (about 33 bytes per frame pixel drawn). Now the frame limit
+    (max_frame_pixels, 2^26 px) refuses it from the header, and a frame at the limit (8192^2
+    uint16, 128 MiB decoded) is checked and previewed with the decoded frame plus a drawing of
+    at most 4 Mi px (every 4th row and column)."""
+    huge = _bomb_tiff(tmp_path / "huge.tif", 1, 30000)
+    assert huge.stat().st_size < 4 * 2**20
+    out = measure_upload_and_preview(tmp_path / "h", huge, [])
+    assert out["upload_status"] == 413, out
+    assert (
+        "30000 x 30000" in out["upload"]["detail"] and "max_frame_pixels" in out["upload"]["detail"]
+    )
+    assert out["upload_growth_mb"] < 40, out
+    at_limit = _bomb_tiff(tmp_path / "limit.tif", 1, 8192)
+    out = measure_upload_and_preview(tmp_path / "l", at_limit, [0, 0])
+    assert out["upload_status"] == 201 and out["preview_status"] == [200, 200], out
+    assert out["upload_growth_mb"] < 400 and out["preview_growth_mb"] < 500, out
+
+
 _WORKER = r"""
 import json, resource, sys
 from calseg.io.recordings import read_recording
