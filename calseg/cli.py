@@ -818,8 +818,15 @@ def analyze(
         plain = (
             axes is None and channel == 0 and interleaved_channels is None and z_projection == "max"
         )
-        info = probe_recording(recording) if plain else None
-        lab = read_label_stack(labels)
+        probed = probe_recording(
+            recording,
+            axes=axes,
+            channel=channel,
+            interleaved_channels=interleaved_channels,
+            z_projection=z_projection,
+        )
+        info = probed if plain else None
+        lab = read_label_stack(labels, fits=(probed.n_frames, probed.height, probed.width))
     except (RecordingError, LabelStackError) as exc:
         raise _fail(str(exc)) from None
     if lab.shape[0] == 1:

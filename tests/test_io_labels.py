@@ -60,3 +60,57 @@ def test_bad_labels_are_refused(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(LabelStackError, match="empty"):
         read_label_stack(empty)
+
+
+def _zero_tiles_tiff(path, shape: tuple[int, ...]) -> None:
+    """A TIFF declaring ``shape`` uint32 ids, all zero, in zlib tiles: a few hundred kB."""
+    tile = np.zeros((512, 512), np.uint32)
+    planes = int(np.prod(shape[:-2]))
+    n = planes * ((shape[-2] + 511) // 512) * ((shape[-1] + 511) // 512)
+    tifffile.imwrite(
+        path, (tile for _ in range(n)), shape=shape, dtype=np.uint32, tile=(512, 512),
+        photometric="minisblack", compression="zlib",
+    )  # fmt: skip
+
+
+def test_a_label_file_that_does_not_fit_is_refused_from_its_header(tmp_path):
+    """A new user's attack: a 3.7 MB label TIFF declaring 4 x 30000 x 30000 ids made
+    `calseg analyze` allocate 13.4 GiB (a traceback), and a 0.9 MB one of 30000 x 30000 took
+    4.5 GB and 18 s before 'do not fit the recording'. The shape is now checked against the
+    recording before decoding (here 2 x 8000 x 8000, 512 MB as uint32)."""
+    import resource
+
+    path = tmp_path / "bomb.tif"
+    _zero_tiles_tiff(path, (2, 8000, 8000))
+    assert path.stat().st_size < 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(LabelStackError, match=r"do not fit the recording \(20, 32, 32\)"):
+        read_label_stack(path, fits=(20, 32, 32))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100, grown_mb
+    lab = _labels(20, 32, 32)
+    ok = write_label_stack(tmp_path / "ok.tif", lab)
+    assert read_label_stack(ok, fits=(20, 32, 32)).shape == (20, 32, 32)
+    one = write_label_stack(tmp_path / "one.tif", lab[3])
+    assert read_label_stack(one, fits=(20, 32, 32)).shape == (1, 32, 32)
+    with pytest.raises(LabelStackError, match="do not fit"):
+        read_label_stack(ok, fits=(19, 32, 32))
+
+
+def test_label_files_are_read_confined_like_recordings(tmp_path):
+    """Label TIFFs go through the recordings' TIFF opening: a directory chain that loops is
+    refused in one line, and a file that is not a TIFF says so."""
+    loop = tmp_path / "loop.tif"
+    write_label_stack(loop, _labels(4, 8, 8)[:1])
+    raw = bytearray(loop.read_bytes())
+    first = int.from_bytes(raw[4:8], "little")
+    n = int.from_bytes(raw[first : first + 2], "little")
+    end = first + 2 + 12 * n
+    raw[end : end + 4] = first.to_bytes(4, "little")  # the next directory is itself
+    loop.write_bytes(bytes(raw))
+    with pytest.raises(LabelStackError, match="loops back"):
+        read_label_stack(loop)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff at all" * 10)
+    with pytest.raises(LabelStackError, match="junk.tif"):
+        read_label_stack(junk)

@@ -91,19 +91,28 @@ def write_label_stack(path: str | Path, labels: np.ndarray) -> Path:
     return out
 
 
-def read_label_stack(path: str | Path) -> np.ndarray:
+def read_label_stack(path: str | Path, fits: tuple[int, int, int] | None = None) -> np.ndarray:
     """Read a label stack written by :func:`write_label_stack` (or any integer TIFF).
+
+    The file is read as uploaded recordings are (:func:`calseg.io.recordings._open_tiff_file`:
+    confined to itself, its directory chain walked with a cap, codecs bounded by the declared
+    size), and its shape and dtype are checked from the header before any pixel is decoded: a
+    1 MB TIFF declaring 4 x 30000 x 30000 ids took 17 GB before its shape was looked at.
 
     Args:
         path: a TIFF holding ``(T, H, W)`` or ``(H, W)`` integer labels.
+        fits: the recording's ``(T, H, W)`` (frames, rows, columns) the labels must fit: one
+            ``(H, W)`` label image (or a stack of 1) or a ``(T, H, W)`` stack; checked before
+            decoding. None: any shape.
 
     Returns:
         ``(T, H, W)`` ``uint32`` label stack (a 2-D label image becomes ``T = 1``).
 
     Raises:
-        LabelStackError: missing/unreadable file, non-integer data, or not 2-/3-D.
+        LabelStackError: missing/unreadable/unsafe file, non-integer data, not 2-/3-D, a shape
+            that does not fit ``fits``, or too large to hold in memory.
     """
-    import tifffile
+    from calseg.io.recordings import RecordingError, _open_tiff_file
 
     p = Path(path)
     if not p.is_file():
@@ -111,10 +120,46 @@ def read_label_stack(path: str | Path) -> np.ndarray:
     if p.stat().st_size == 0:
         raise LabelStackError(f"{p.name} is empty (0 bytes); write the label stack again.")
     try:
-        data = tifffile.imread(p)
+        tf = _open_tiff_file(p)
+    except (RecordingError, ValueError) as exc:  # UnsafeRecording is a ValueError
+        raise LabelStackError(f"{p.name} is not a usable TIFF label stack: {exc}") from exc
     except Exception as exc:
         raise LabelStackError(
             f"{p.name} is not a readable TIFF label stack ({exc}); write it again."
         ) from exc
-    data = np.squeeze(data) if data.ndim > 3 else data
+    try:
+        series = tf.series[0] if tf.series else None
+        if series is None:
+            raise LabelStackError(f"{p.name} holds no image; write the label stack again.")
+        shape = tuple(int(n) for n in series.shape)
+        if len(shape) > 3:  # e.g. ImageJ's TZCYX of one channel and plane
+            shape = tuple(n for n in shape if n != 1)
+        if len(shape) not in (2, 3):
+            raise LabelStackError(
+                f"{p.name} holds shape {tuple(series.shape)}; a label stack is (T, H, W) or "
+                "(H, W): squeeze or select axes."
+            )
+        if series.dtype.kind not in "uifb":
+            raise LabelStackError(f"{p.name} has dtype {series.dtype}; expected integer cell ids.")
+        if fits is not None:
+            t, h, w = fits
+            ok = shape == (h, w) or shape == (t, h, w) or shape == (1, h, w)
+            if not ok:
+                raise LabelStackError(
+                    f"labels {shape} do not fit the recording {tuple(fits)}: give the label "
+                    "stack made for this recording, or one (H, W) label image (nothing was "
+                    "decoded)"
+                )
+        try:
+            data = np.asarray(series.asarray()).reshape(shape)
+        except MemoryError:
+            raise LabelStackError(
+                f"{p.name} ({' x '.join(map(str, shape))} ids) does not fit in memory."
+            ) from None
+        except Exception as exc:
+            raise LabelStackError(
+                f"{p.name} is not a readable TIFF label stack ({exc}); write it again."
+            ) from exc
+    finally:
+        tf.close()
     return _as_label_stack(data, p.name)
