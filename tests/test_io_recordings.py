@@ -760,3 +760,40 @@ def test_an_hdf5_stored_in_millions_of_chunks_is_refused_before_reading(tmp_path
     with pytest.raises(RecordingError, match="13,107,200 chunks of 1 x 1 x 1 values"):
         probe_recording(path)
     assert time.perf_counter() - t0 < 5
+
+
+def _raw_npy(path, header: str, payload: bytes = b"", version: int = 1):
+    """A ``.npy`` (version 1.0 or 2.0) with ``header`` as its header text, padded as NumPy
+    pads it."""
+    text = header.encode("latin1")
+    n_len = 2 if version == 1 else 4
+    pad = 64 - (8 + n_len + len(text) + 1) % 64
+    text += b" " * pad + b"\n"
+    magic = b"\x93NUMPY" + bytes([version, 0])
+    path.write_bytes(magic + len(text).to_bytes(n_len, "little") + text + payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ("{'descr': '<u2', 'fortran_order': False, 'shape': (-1, 32, 32), }", "negative size"),
+        ("{'descr': '<u1', 'fortran_order': False, 'shape': (2**62, 2**62, 16), }", "plain"),
+        ("__import__('os').system('touch /tmp/calseg_pwned')", "not a plain NumPy header"),
+    ],
+)
+def test_npy_headers_are_refused_in_calsegs_words(tmp_path, header: str, said: str) -> None:
+    """A new user's attack files: a negative shape said 'frames 0..0 requested but ... has
+    frames 0..-2', and headers NumPy's literal parser refuses leaked '<ast.BinOp object at
+    0x7f...>'; a 10 MB header leaked NumPy's advice to load with allow_pickle=True."""
+    path = _raw_npy(tmp_path / "h.npy", header, bytes(4096))
+    with pytest.raises(RecordingError) as err:
+        probe_recording(path)
+    msg = str(err.value)
+    assert said in msg and "ast." not in msg and "0x7f" not in msg, msg
+    assert not os.path.exists("/tmp/calseg_pwned")
+    head = "{'descr': '<u2', 'fortran_order': False, 'shape': (2, 4, 4), }" + " " * 20_000
+    big = _raw_npy(tmp_path / "big.npy", head, bytes(64), version=2)
+    with pytest.raises(RecordingError) as err:
+        probe_recording(big)
+    assert "allow_pickle" not in str(err.value) and "longer" in str(err.value), str(err.value)

@@ -1240,6 +1240,27 @@ def _open_hdf5(
 # ------------------------------------------------------------------------------- npy -------
 
 
+NPY_MAX_HEADER_BYTES = 10_000
+"""Largest ``.npy`` header read (bytes): a header of image frames is under 200."""
+
+
+def _npy_header_problem(exc: Exception) -> str:
+    """What is wrong with a ``.npy`` header NumPy refused, in CalSeg's words (NumPy's message
+    named Python's parser objects or told the user to load the file with ``allow_pickle``)."""
+    text = str(exc)
+    if "Header info length" in text:
+        n = re.search(r"\((\d+)\)", text)
+        size = f" ({int(n.group(1)):,} bytes)" if n else ""
+        return (
+            f"its header is longer{size} than the {NPY_MAX_HEADER_BYTES:,} bytes CalSeg reads; "
+            "a header of image frames is under 200"
+        )
+    return (
+        "its header is not a plain NumPy header (a dictionary of 'descr', 'fortran_order' and "
+        "'shape' holding literal values)"
+    )
+
+
 def _open_npy(path: Path, display: str) -> _Source:
     """A NumPy ``.npy`` array: its header only; selections read through :class:`_MappedArray`
     (never pickles)."""
@@ -1253,8 +1274,13 @@ def _open_npy(path: Path, display: str) -> _Source:
                 if version == (1, 0)
                 else npy_format.read_array_header_2_0
             )
-            shape, fortran, dtype = header(fh, max_header_size=10_000)
+            try:
+                shape, fortran, dtype = header(fh, max_header_size=NPY_MAX_HEADER_BYTES)
+            except (ValueError, SyntaxError) as exc:  # NumPy's parser's own words leaked
+                raise ValueError(_npy_header_problem(exc)) from None
             offset = fh.tell()
+        if any(int(n) < 0 for n in shape):
+            raise ValueError(f"its header declares the shape {tuple(shape)}, with a negative size")
         if dtype.hasobject:
             raise ValueError("it holds Python objects")
         reader = _MappedArray(path, dtype, offset, tuple(shape), "F" if fortran else "C")
