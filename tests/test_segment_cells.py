@@ -193,3 +193,45 @@ def test_a_mask_keeps_only_the_region_of_its_prompt():
         cfg.model_copy(update={"single_region": False}),
     )
     assert np.count_nonzero(whole == 7) == 19  # the old behaviour, on request
+
+
+def test_a_wave_over_a_pouch_of_half_the_field_does_not_light_the_background():
+    """make demo's waves videos (v000, v006 of seed 0): the pouch covers about half of the
+    field and a wave brightens all of it, so the median of the frame's values jumped from dim
+    tissue to bright background values; detrending by it lowered the background in wave frames,
+    F0 came from those, and in quiet frames the background read as 'active': 44-50 cell ROIs
+    outside the tissue, prompted in 438-1800 ROI-frames. The offset per frame is now the
+    median of its difference from the recording's median image."""
+    rng = np.random.default_rng(0)
+    t_len, h, w = 40, 96, 96
+    yy, xx = np.mgrid[:h, :w]
+    pouch = ((yy - 48) / 35.0) ** 2 + ((xx - 48) / 43.0) ** 2 < 1  # 51 % of the field
+    assert 0.5 < pouch.mean() < 0.53
+    tissue = np.where(pouch, 800.0, 500.0) + 60 * rng.random((h, w)) * pouch
+    wave = np.zeros(t_len)
+    wave[10:24] = 1.0  # a third of the frames: the whole pouch up by 60 %
+    movie = tissue[None] * (1 + 0.6 * wave[:, None, None] * pouch[None])
+    frames = rng.poisson(movie).astype(np.uint16)
+    act = compute_activity(frames)
+    outside = act.active[:, ~pouch].mean()
+    assert outside < 1e-3, f"{outside:.3f} of background pixel-frames active"
+    assert act.active[12:22][:, pouch].mean() > 0.5  # the wave itself is found
+    ids = np.unique(act.territories[~ndi.binary_dilation(pouch, iterations=2)])
+    assert set(ids.tolist()) <= {0}, ids
+
+
+def test_frame_offsets_follow_a_drift_and_ignore_padding():
+    """A global additive drift is found whatever the activity of the tissue (brighter than the
+    background around it), and zero padding (a registration's border, 40 % of the field here)
+    does not pin it to 0."""
+    from calseg.segment.prompts import frame_offsets
+
+    rng = np.random.default_rng(1)
+    t_len = 30
+    drift = np.linspace(0, 50, t_len)
+    scene = np.where(np.arange(64)[None, :] < 40, 300.0, 900.0) + rng.uniform(0, 50, (64, 64))
+    f = scene[None] + drift[:, None, None] + rng.normal(0, 5, (t_len, 64, 64))
+    f[:, :, :26] = 0.0  # padding
+    f[5:15, 10:64, 40:64] += 400  # activity of most of the tissue
+    off = frame_offsets(f.astype(np.float32))
+    np.testing.assert_allclose(off - off[0], drift - drift[0], atol=3)

@@ -2,9 +2,9 @@
 
 Activity (all computed per recording, float32):
 
-* ``F``: optionally (``detrend``) each frame shifted by the difference between its median and the
-  median of all frame medians (removes photobleaching / global background drift as long as
-  fewer than half of the pixels are active at once), then smoothed with a Gaussian
+* ``F``: optionally (``detrend``) each frame shifted by its additive offset
+  (:func:`frame_offsets`: the median change of the recording's dimmest 30 % of pixels; removes
+  global background drift whenever those are not active), then smoothed with a Gaussian
   (``smooth_sigma_px``) to suppress shot noise.
 * ``F0``: per-pixel baseline = the ``f0_percentile``-th percentile of ``F`` over time
   (a standard F0 estimate for sparse calcium activity, e.g. Grienberger & Konnerth 2012).
@@ -129,6 +129,45 @@ def noise_model(f: np.ndarray, f0: np.ndarray, n_bins: int = 16) -> tuple[np.nda
     return np.maximum(sig, floor).astype(np.float32), med
 
 
+DETREND_REFERENCE_FRAMES = 64
+"""Frames (evenly spaced) whose per-pixel median is the reference image of
+:func:`frame_offsets` (bounds its memory: 64 x 512 x 512 float32 is 67 MB)."""
+DETREND_DIM_FRACTION = 0.3
+"""Fraction of the pixels, the dimmest of the reference image, whose change gives a frame's
+offset (:func:`frame_offsets`)."""
+
+
+def frame_offsets(f: np.ndarray) -> np.ndarray:
+    """Additive offset of each frame: ``(T,)`` float64, in ``f``'s units, median 0.
+
+    The median, over the dimmest :data:`DETREND_DIM_FRACTION` of the pixels of a reference
+    image (the per-pixel median of :data:`DETREND_REFERENCE_FRAMES` frames; pixels constant in
+    all of them, such as a registration's padding, left out), of the frame's difference from
+    it; minus the median of those. A change of every pixel (background
+    drift) moves it; calcium activity, which brightens cells, reaches the dimmest pixels last:
+    around a pouch they are background, which is never active. The median of the frame's own
+    values, used before, jumped whenever a wave brightened a tissue covering about half the
+    field (its rank moved from background into tissue: 348 to 1278 counts on make demo's video
+    v000), and the background then read as active in every quiet frame (50 cell ROIs outside
+    the tissue, active in 1800 ROI-frames).
+
+    Args:
+        f: ``(T, H, W)`` float32 recording.
+    """
+    t_len = f.shape[0]
+    ref_idx = np.unique(np.linspace(0, t_len - 1, min(t_len, DETREND_REFERENCE_FRAMES)).round())
+    sample = f[ref_idx.astype(int)]
+    ref = np.median(sample, axis=0)
+    varying = np.ptp(sample, axis=0) > 0  # not padding that never changes (registration)
+    pool = ref[varying] if varying.any() else ref.ravel()
+    dim = (ref <= np.quantile(pool, DETREND_DIM_FRACTION)) & (varying if varying.any() else True)
+    offsets = np.empty(t_len)
+    for t in range(t_len):
+        check_cancelled()
+        offsets[t] = float(np.median(f[t][dim] - ref[dim]))
+    return offsets - float(np.median(offsets))
+
+
 def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -> Activity:
     """dF/F, peak map, seeds and seed territories of a recording (see module docstring).
 
@@ -150,8 +189,7 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
         f = np.where(finite, f, fill).astype(np.float32)
     drift = None
     if p.detrend and f.shape[0] > 1:
-        med_t = np.median(f.reshape(f.shape[0], -1), axis=1)
-        drift = med_t - np.median(med_t)
+        drift = frame_offsets(f)
         f = f - drift[:, None, None].astype(np.float32)
     if p.smooth_sigma_px > 0:  # frame by frame (the same numbers): cancellable between frames
         smooth = np.empty_like(f)
