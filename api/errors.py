@@ -74,9 +74,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(FramesBusy)
     async def _frames_busy(_: Request, exc: FramesBusy) -> JSONResponse:
-        """503 with ``Retry-After``: every frame slot of the API (:data:`api.frames.FRAME_SLOTS`)
-        stayed taken; the frame is served once one frees."""
-        response = _error(503, str(exc))
+        """429 (this user's frame requests in flight) or 503 (every frame slot of the API
+        stayed taken; :mod:`calseg.service.frame_guard`) with ``Retry-After``."""
+        response = _error(exc.status, str(exc))
         response.headers["Retry-After"] = "5"
         return response
 

@@ -13,13 +13,14 @@ import io
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from calseg.service.frame_guard import FramesBusy, frame_slot  # noqa: F401 - for the routes
 
 CACHE_SIZE = 8
 """Open recordings / label stacks kept (headers parsed, no pixels)."""
@@ -29,35 +30,6 @@ PREVIEW_MAX_PIXELS = 4 * 2**20
 every k-th row and column (:func:`preview_step`; the ``X-Preview-Step`` header gives k).
 Drawing costs about 33 bytes per pixel (float frame, RGB, outlines): a 30000 x 30000 frame
 drawn whole took the API to 23 GB (an attacker's 1 MB TIFF, killed by the OOM killer)."""
-FRAME_SLOTS = 2
-"""Frames decoded or drawn at once in the API process (previews, viewer frames, the upload
-check): with frames of at most ``max_frame_pixels`` (2^26 px by default; 537 MB as float64)
-this bounds the memory they take together, whatever the number of requests."""
-FRAME_WAIT_S = 30.0
-"""How long a request waits for a free slot before a 503."""
-_slots = threading.BoundedSemaphore(FRAME_SLOTS)
-
-
-class FramesBusy(RuntimeError):
-    """Every frame slot stayed taken for :data:`FRAME_WAIT_S` (answered 503 with Retry-After)."""
-
-
-@contextmanager
-def frame_slot() -> Iterator[None]:
-    """Hold one of the :data:`FRAME_SLOTS` while decoding or drawing frames.
-
-    Raises:
-        FramesBusy: none was free within :data:`FRAME_WAIT_S`.
-    """
-    if not _slots.acquire(timeout=FRAME_WAIT_S):
-        raise FramesBusy(
-            f"the server is decoding {FRAME_SLOTS} other frames and none finished within "
-            f"{FRAME_WAIT_S:g} s; try again shortly"
-        )
-    try:
-        yield
-    finally:
-        _slots.release()
 
 
 def preview_step(height: int, width: int) -> int:

@@ -73,8 +73,14 @@ async function api(path, options = {}) {
 }
 
 // fetch a binary resource with the token: {blob, headers}
-async function apiBlob(path) {
+async function apiBlob(path, tries = 4) {
   const r = await fetch(path, { headers: authHeaders() });
+  if ((r.status === 429 || r.status === 503) && tries > 1) {
+    // the server decodes a few frames at once (per user and in all): wait as it says, retry
+    const wait = Math.min(Number(r.headers.get("Retry-After")) || 1, 5);
+    await new Promise((done) => setTimeout(done, 1000 * wait));
+    return apiBlob(path, tries - 1);
+  }
   if (r.status === 401) signedOut("the server refused the token (401): sign in again");
   if (!r.ok) {
     let body = null;

@@ -414,15 +414,17 @@ def test_previews_wait_for_a_frame_slot_and_answer_503_when_none_frees(
 ) -> None:
     """At most FRAME_SLOTS frames are decoded or drawn at once in the API (three parallel
     uploads of 1 MB files took it to 4.9 GB): a request finding every slot taken for
-    FRAME_WAIT_S gets 503 with Retry-After, and is served once one frees."""
-    import api.frames
+    FRAME_WAIT_S gets 503 with Retry-After, and is served once one frees. The upload check
+    and a job's reading-options probe take a slot too (12 estimates at once took the API up
+    by 4.1 GiB)."""
+    from calseg.service import frame_guard
 
     frames = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
     buf = io.BytesIO()
     tifffile.imwrite(buf, frames, photometric="minisblack")
     rec = client.post("/api/recordings", files={"file": ("s.tif", buf.getvalue())}).json()
-    monkeypatch.setattr(api.frames, "FRAME_WAIT_S", 0.05)
-    held = [api.frames._slots.acquire(timeout=1) for _ in range(api.frames.FRAME_SLOTS)]
+    monkeypatch.setattr(frame_guard, "FRAME_WAIT_S", 0.05)
+    held = [frame_guard._slots.acquire(timeout=1) for _ in range(frame_guard.FRAME_SLOTS)]
     try:
         assert all(held)
         r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
@@ -433,7 +435,43 @@ def test_previews_wait_for_a_frame_slot_and_answer_503_when_none_frees(
         assert r.status_code == 503, r.text  # the upload check decodes two frames
         r = client.post("/api/recordings", files={"file": ("s2.tif", buf.getvalue())})
         assert r.status_code == 200 and r.json()["duplicate"]  # nothing decoded
+        params = {"recording_id": rec["id"], "method": "classical", "channel": 0}
+        r = client.post("/api/jobs/estimate", json={"kind": "infer", "params": params})
+        assert r.status_code == 503, r.text  # the reading-options probe decodes two frames
+        assert client.get("/api/me").status_code == 200  # nothing else waits
     finally:
         for _ in held:
-            api.frames._slots.release()
+            frame_guard._slots.release()
     assert client.get(f"/api/recordings/{rec['id']}/frames/0.png").status_code == 200
+
+
+def test_one_user_cannot_hold_every_frame_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's attack: 48 previews in flight held the API's threads and its database
+    connections while they waited, and another user's GET /api/jobs failed with 500 after
+    30 s. Now a user has at most FRAME_REQUESTS_PER_USER frame requests in flight (one more
+    is 429 at once), and the frame routes give their database connection back before waiting."""
+    from calseg.service import frame_guard
+    from calseg.service.frame_guard import FramesBusy, frame_slot
+
+    monkeypatch.setattr(frame_guard, "FRAME_WAIT_S", 0.05)
+    n = frame_guard.FRAME_REQUESTS_PER_USER
+    held = [frame_guard._slots.acquire(timeout=1) for _ in range(frame_guard.FRAME_SLOTS)]
+    try:
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            frame_guard._in_flight["bob"] = n  # bob's n requests are waiting
+            with pytest.raises(FramesBusy) as err:
+                stack.enter_context(frame_slot("bob"))
+            assert err.value.status == 429
+            with pytest.raises(FramesBusy) as err:  # alice waits, then 503
+                stack.enter_context(frame_slot("alice"))
+            assert err.value.status == 503
+    finally:
+        frame_guard._in_flight.pop("bob", None)
+        for _ in held:
+            frame_guard._slots.release()
+    assert frame_guard._in_flight == {}
+    with frame_slot("bob"), frame_slot("bob"):
+        assert frame_guard._in_flight == {"bob": 2}
+    assert frame_guard._in_flight == {}

@@ -110,9 +110,11 @@ def frame_png(
         raise HTTPException(
             422, f"job {job_id} has no ground truth (gt is for simulated videos); use gt=0"
         )
-    result = job.result or {}
-    with frame_slot():  # decoding and drawing: a bounded number at once (api.frames)
-        return _frame_png(job_id, t, store, settings, source, labels, gt_rel, result, draw)
+    result = dict(job.result or {})
+    labels_relpath, who = labels.relpath, user.name
+    session.close()  # no database connection held while waiting for a frame slot
+    with frame_slot(who):  # decoding and drawing: a bounded number at once (frame_guard)
+        return _frame_png(job_id, t, store, settings, source, labels_relpath, gt_rel, result, draw)
 
 
 def _frame_png(
@@ -121,7 +123,7 @@ def _frame_png(
     store: ArtifactStore,
     settings: Any,
     source: dict,
-    labels: Artifact,
+    labels_relpath: str,
     gt_rel: str | None,
     result: dict,
     draw: dict[str, Any],
@@ -132,7 +134,7 @@ def _frame_png(
     try:
         stacks = load_stacks(
             store.path(source["relpath"]),
-            store.path(labels.relpath),
+            store.path(labels_relpath),
             store.path(gt_rel) if gt_rel else None,
             simulated=source.get("type") == "dataset",
             read_options=source.get("read_options"),
@@ -172,12 +174,14 @@ def cell_at(
     without ``labels.tif``.
     """
     art = _artifact(session, job_id, "labels.tif", user)
+    path, who = store.path(art.relpath), user.name
+    session.close()  # no database connection held while waiting for a frame slot
     try:
-        labels = label_source(store.path(art.relpath))
+        labels = label_source(path)
     except FileNotFoundError as exc:
         raise HTTPException(410, f"labels.tif of job {job_id} is gone from the store") from exc
     try:
-        with frame_slot():  # decodes one label page
+        with frame_slot(who):  # decodes one label page
             cell = label_at(labels, t, x, y)
     except IndexError as exc:
         raise HTTPException(422, f"pixel out of range: {exc}") from exc

@@ -171,7 +171,7 @@ def _register_recording(
     tmp.rename(named)
     try:
         try:
-            with frame_slot():  # it decodes the first and last frame in the API process
+            with frame_slot(owner.name):  # it decodes the first and last frame in the API
                 info = probe_recording(named, **(read_options or {}), limits=limits)
         except RecordingError as exc:
             exc.args = (str(exc).replace(str(named), filename),)
@@ -408,11 +408,11 @@ def recording_frame_png(
     from calseg.io.recordings import RecordingError
 
     rec = _recording(session, recording_id, user)
-    with frame_slot():  # decoding and drawing: a bounded number at once (api.frames)
+    path, options, who = store.path(rec.relpath), rec.read_options, user.name
+    session.close()  # no database connection held while waiting for a frame slot
+    with frame_slot(who):  # decoding and drawing: a bounded number at once (frame_guard)
         try:
-            stacks, frame = recording_frame(
-                store.path(rec.relpath), t, rec.read_options, settings.read_limits()
-            )
+            stacks, frame = recording_frame(path, t, options, settings.read_limits())
         except FileNotFoundError as exc:
             raise HTTPException(410, f"recording {recording_id} is gone from the store") from exc
         except IndexError as exc:

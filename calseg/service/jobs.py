@@ -99,11 +99,15 @@ def check_references(
     if rec_id is not None and (rec is None or not can_see(owner, rec.owner_id)):
         raise JobReferenceError(f"recording_id: there is no recording {rec_id}")
     if kind == "infer" and settings is not None:
-        _check_infer_input(session, params, rec, settings)
+        _check_infer_input(session, params, rec, settings, owner)
 
 
 def _check_infer_input(
-    session: Session, params: Any, rec: Recording | None, settings: Settings
+    session: Session,
+    params: Any,
+    rec: Recording | None,
+    settings: Settings,
+    owner: User | None = None,
 ) -> None:
     """What an infer job reads, checked at submit instead of failing in the worker (a
     new-user check got 201 and then a failed job for ``axes`` "TTYX", ``channel`` 5 of 2 and
@@ -116,6 +120,7 @@ def _check_infer_input(
     """
     from calseg.io.dataset import DatasetError, load_dataset
     from calseg.io.recordings import RecordingError, merge_read_options, probe_recording
+    from calseg.service.frame_guard import frame_slot
 
     store = get_store(settings.artifact_dir)
     given = {k: getattr(params, k, None) for k in ("axes", "channel", "interleaved_channels")}
@@ -126,7 +131,9 @@ def _check_infer_input(
     if rec is not None and any(v is not None for v in given.values()):
         try:
             options = merge_read_options(stored, **given)
-            probe_recording(store.path(rec.relpath), **options, limits=settings.read_limits())
+            # it decodes the first and last frame in the API: one of the API's frame slots
+            with frame_slot(owner.name if owner is not None else None):
+                probe_recording(store.path(rec.relpath), **options, limits=settings.read_limits())
         except RecordingError as exc:
             raise JobReferenceError(
                 f"recording_id {rec.id} ({rec.filename}) cannot be read with these options: "
