@@ -105,7 +105,43 @@ class JsonBodyLimit:
         )({"type": "http"}, None, send)
 
 
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+"""Sent with every answer. The page signs in from the token in the browser's storage, so
+another site that framed it could make a user click its buttons (cancel, retry, submit;
+clickjacking, a new user's check): it may not be framed, types are not sniffed, and no URL
+(job and recording ids) leaves in a Referer."""
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every HTTP answer that has none of
+    its own of the same name."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                have = {name.lower() for name, _ in headers}
+                headers += [(n, v) for n, v in SECURITY_HEADERS if n not in have]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 app.add_middleware(JsonBodyLimit)
+app.add_middleware(SecurityHeaders)
 
 
 _default_openapi = app.openapi

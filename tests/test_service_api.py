@@ -534,3 +534,41 @@ def test_infer_inputs_are_checked_at_submit_and_failures_leak_no_server_path(
     assert "Traceback" not in job["log_tail"], job["log_tail"]
     for text in (job["error"], job["log_tail"], json.dumps(job.get("provenance") or {})):
         assert str(tmp_path) not in text, text
+
+
+def test_a_sam2_job_result_names_no_server_folder(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's check: an infer job's result held the server's absolute checkpoint path
+    (.../calseg/segment/weights/sam2_small_calseg.pt). Every string of a result now goes
+    through public_text: folders of the repository, artifact store and cache are dropped."""
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT
+    from calseg.service.context import REPO_ROOT
+    from calseg.service.settings import get_settings
+
+    monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
+    get_settings.cache_clear()
+
+    frames = np.random.default_rng(1).poisson(100, (6, 32, 32)).astype(np.uint16)
+    up = client.post("/api/recordings", files={"file": ("s.tif", _tiff_bytes(frames))}).json()
+    r = client.post(
+        "/api/jobs", json={"kind": "infer", "params": {"recording_id": up["id"], "method": "sam2"}}
+    )
+    assert r.status_code == 201, r.text
+    assert _run(r.json()["id"]) == "succeeded"
+    result = json.dumps(client.get(f"/api/jobs/{r.json()['id']}").json()["result"])
+    assert "sam2_small_calseg" in result  # the checkpoint is still named
+    for folder in (str(REPO_ROOT), str(Path(REPO_ROOT).resolve()), str(tmp_path)):
+        assert folder not in result, folder
+
+
+def test_every_answer_forbids_framing_and_sniffing(client: TestClient) -> None:
+    """A new user's check: the page (which signs in from the token in localStorage) could be
+    framed by another site and clicked through (cancel, retry, submit): no X-Frame-Options,
+    CSP or nosniff header on / or /static/*."""
+    for path in ("/", "/static/app.js", "/api/me", "/api/jobs/nope"):
+        r = client.get(path)
+        assert r.headers["x-frame-options"] == "DENY", path
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert r.headers["x-content-type-options"] == "nosniff", path
+        assert r.headers["referrer-policy"] == "no-referrer", path

@@ -124,6 +124,19 @@ def code_version() -> str:
         return version
 
 
+def public_data(value: Any, settings: Settings) -> Any:
+    """``value`` (JSON-compatible data) with :func:`public_text` applied to every string: a
+    job's result as its owner reads it. An infer job's result named the server's absolute
+    checkpoint path (``/srv/.../calseg/segment/weights/...``; a new-user check)."""
+    if isinstance(value, dict):
+        return {k: public_data(v, settings) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_data(v, settings) for v in value]
+    if isinstance(value, str):
+        return public_text(value, settings)
+    return value
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as JSON-compatible data: numpy scalars/arrays to lists, Path to str, and
     non-finite floats to None (JSON has no NaN)."""

@@ -35,6 +35,7 @@ from calseg.service.context import (
     _LogForward,
     code_version,
     jsonable,
+    public_data,
     public_text,
 )
 from calseg.service.models import (
@@ -510,7 +511,7 @@ def run_job(
             with cancellable(ctx.cancel_token, process_wide=process_wide_cancel):
                 run = runners[job.kind] if runners else kinds.get(job.kind).load_runner()
                 result = run(params, ctx)
-        result = jsonable(result or {})
+        result = public_data(jsonable(result or {}), ctx.settings)
         result.setdefault("warnings", list(ctx.warnings))
         result["wall_s"] = round(time.monotonic() - t0, 3)
         store.sync(ctx.prefix)  # a remote store gets every file before the job counts as done
