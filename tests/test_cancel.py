@@ -425,6 +425,34 @@ def test_a_job_over_its_time_limit_is_killed_and_fails_with_the_reason(env, patc
     assert "more than 2 x its time limit of 1.5 s (max_job_time_s" in job.error
 
 
+def test_a_job_far_over_its_own_estimate_is_killed_long_before_the_owners_limit(
+    env, patched_runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's attack: jobs whose parameters the estimate under-counts (an infer job
+    estimated at 40 s ran 549 s; 10^6 fine-tune steps estimated at 483 s would have run
+    35-70 h) held the one worker until 2 x max_job_time_s (96 h). A job now runs at most
+    ESTIMATE_TIME_FACTOR x its own estimate (at least MIN_RUN_TIME_S), then the slack:
+    here the floor is lowered to 1 s, under the owner's 48 h."""
+    from calseg.service import jobproc
+
+    def slow(params, ctx):
+        ctx.progress(0.1, "wait")
+        time.sleep(30)
+        return {}
+
+    patched_runner(slow)
+    monkeypatch.setattr(jobproc, "ESTIMATE_TIME_FACTOR", 1e-9)
+    monkeypatch.setattr(jobproc, "MIN_RUN_TIME_S", 1.0)
+    job_id = _submit(env)
+    t0 = time.monotonic()
+    assert jobproc.run_job_in_child(job_id, settings=env) == "failed"
+    assert time.monotonic() - t0 < 30
+    job, _ = _job(env, job_id)
+    assert "more than 2 x its run-time limit of 1 s (1e-09 x its estimate of" in job.error, (
+        job.error
+    )
+
+
 def test_group_rss_counts_the_processes_of_a_group() -> None:
     """group_rss_bytes sums /proc's rss over a process group: a child in a group of its own
     holding 200 MiB reads at least that, and a group with no process reads 0."""

@@ -532,6 +532,42 @@ def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa:
     assert [m["step"] for m in only] == [1, 2, 3, 5] and {m["subset"] for m in only} == {"train"}
 
 
+def test_training_curve_keeps_at_most_max_curve_points_steps(client: TestClient) -> None:  # noqa: F811
+    """A new user's check: every step stored about 6.5 metric rows (19,466 for 3000 steps, a
+    1.5 MB job record the page polls every 2 s; an admitted 10^6-step run would have stored
+    6.5 M). Of a 3000-step run the curve keeps every 6th step and the last (500 steps), and
+    every validation."""
+    from calseg.service.context import JobContext
+    from calseg.service.runners import MAX_CURVE_POINTS, TrainingCurve
+    from calseg.service.schemas import validate_params
+
+    job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    settings = get_settings()
+    with session_scope() as session:
+        row = session.get(Job, job["id"])
+        session.expunge(row)
+    ctx = JobContext(
+        row,
+        validate_params("simulate", SIM),
+        url=settings.database_url,
+        store=LocalArtifactStore(settings.artifact_dir),
+        settings=settings,
+    )
+    try:
+        curve = TrainingCurve(ctx, interval_s=3600, steps=3000)
+        for step in range(1, 3001):
+            curve({"kind": "train", "step": step, "loss": 1.0 / step})
+            if step % 1000 == 0:
+                curve({"kind": "val", "step": step, "val_mean_iou": 0.5})
+        curve.flush()
+    finally:
+        ctx.close()
+    rows = client.get(f"/api/jobs/{job['id']}/metrics").json()
+    steps = [m["step"] for m in rows if m["name"] == "loss"]
+    assert len(steps) == MAX_CURVE_POINTS and steps[0] == 6 and steps[-1] == 3000
+    assert [m["step"] for m in rows if m["name"] == "val_iou"] == [1000, 2000, 3000]
+
+
 def test_provenance_of_jobs(client: TestClient) -> None:  # noqa: F811
     sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
     assert _run(sim["id"]) == "succeeded"

@@ -15,8 +15,10 @@ A Celery worker runs one job at a time (solo pool). With ``settings.job_process 
 * **Memory and time limits.** Admission prices a job before it runs (:mod:`calseg.service.costs`);
   while it runs, the worker reads the resident memory of the job's process group
   (:func:`group_rss_bytes`) at every poll and kills the group past its owner's
-  ``max_job_memory_bytes``, or after :data:`TIME_LIMIT_SLACK` times ``max_job_time_s``; the job
-  fails with the reason (a 1.4 kB HDF5 once took a job to 21 GiB before the kernel killed it).
+  ``max_job_memory_bytes``, or after :data:`TIME_LIMIT_SLACK` times its run-time limit
+  (:data:`ESTIMATE_TIME_FACTOR` times its own estimate, at least :data:`MIN_RUN_TIME_S`, at
+  most ``max_job_time_s``); the job fails with the reason (a 1.4 kB HDF5 once took a job to
+  21 GiB before the kernel killed it).
 * **Crash or OOM kill of the job.** The child dying by a signal (SIGKILL is what the kernel's
   out-of-memory killer sends) fails that job with the signal, its run time and peak memory;
   the worker lives on and takes the next job.
@@ -104,13 +106,28 @@ def _row(url: str, job_id: str) -> tuple[str, str | None, str] | None:
     return None if row is None else (row.state, row.dispatch_id, row.kind)
 
 
-def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float] | None:
-    """``(memory bytes, seconds)`` the job's process may use: its owner's limits
-    (:func:`calseg.service.costs.effective_limits`, ``max_job_memory_bytes`` and
-    ``max_job_time_s``). None when the job or the database cannot be read (no limit then)."""
-    from calseg.service.costs import effective_limits
+ESTIMATE_TIME_FACTOR = 10.0
+"""A job may run this many times its own time estimate (then :data:`TIME_LIMIT_SLACK`), at
+least :data:`MIN_RUN_TIME_S` and at most its owner's ``max_job_time_s``. Admission checks the
+estimate against ``max_job_time_s``, but a job whose parameters the estimate under-counts ran
+far longer (a new user's attack: an infer job estimated at 40 s ran 549 s; a fine-tune of
+3000 steps estimated at 15 s ran 752 s, and 10^6 such steps, estimated at 483 s, would have
+held the one worker for 35-70 h, killed only at 2 x 48 h)."""
+MIN_RUN_TIME_S = 600.0
+"""The shortest run-time limit from an estimate (s): small jobs' estimates are the least exact."""
+
+
+def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float, str] | None:
+    """``(memory bytes, seconds, what the seconds are)`` the job's process may use: its
+    owner's memory limit (:func:`calseg.service.costs.effective_limits`,
+    ``max_job_memory_bytes``) and :data:`ESTIMATE_TIME_FACTOR` times the job's own time
+    estimate (:func:`calseg.service.costs.estimate`), at least :data:`MIN_RUN_TIME_S`, at most
+    the owner's ``max_job_time_s`` (that alone when the estimate cannot be made). None when
+    the job or the database cannot be read (no limit then)."""
+    from calseg.service.costs import effective_limits, estimate
     from calseg.service.db import session_scope
     from calseg.service.models import User
+    from calseg.service.schemas import validate_params
 
     try:
         with session_scope(url) as session:
@@ -119,10 +136,23 @@ def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float] 
                 return None
             user = session.get(User, job.owner_id) if job.owner_id else None
             limits = effective_limits(user, settings, session)
+            cap = float(limits.max_job_time_s)
+            seconds, what = cap, f"its time limit of {cap:g} s (max_job_time_s)"
+            try:
+                est = estimate(session, job.kind, validate_params(job.kind, job.params), settings)
+                own = max(ESTIMATE_TIME_FACTOR * float(est.time_s), MIN_RUN_TIME_S)
+                if own < cap:
+                    seconds = own
+                    what = (
+                        f"its run-time limit of {own:g} s ({ESTIMATE_TIME_FACTOR:g} x its "
+                        f"estimate of {float(est.time_s):.4g} s, at least {MIN_RUN_TIME_S:g} s)"
+                    )
+            except Exception as exc:  # noqa: BLE001 - no estimate: the owner's limit alone
+                log.warning("job %s: no time estimate for its run-time limit: %s", job_id, exc)
     except Exception as exc:  # noqa: BLE001 - the job still runs, without the run-time limits
         log.warning("job %s: cannot read its limits: %s", job_id, exc)
         return None
-    return int(limits.max_job_memory_bytes), float(limits.max_job_time_s)
+    return int(limits.max_job_memory_bytes), seconds, what
 
 
 def group_rss_bytes(pgid: int) -> int:
@@ -269,17 +299,15 @@ load 7-10 (:data:`calseg.service.costs.CONSTANTS`), so the limit itself would ki
 jobs on a busy server. Memory has no slack: it is what runs out."""
 
 
-def _over_limit(pid: int, limits: tuple[int, float] | None, ran_s: float) -> str | None:
+def _over_limit(pid: int, limits: tuple[int, float, str] | None, ran_s: float) -> str | None:
     """Why the job's process group must stop now (its owner's memory limit, or
-    :data:`TIME_LIMIT_SLACK` times the time limit, passed), or None."""
+    :data:`TIME_LIMIT_SLACK` times its run-time limit, passed; :func:`_run_limits`), or
+    None."""
     if limits is None:
         return None
-    memory, seconds = limits
+    memory, seconds, what = limits
     if ran_s > TIME_LIMIT_SLACK * seconds:
-        return (
-            f"the job ran {ran_s:.0f} s, more than {TIME_LIMIT_SLACK:g} x its time limit of "
-            f"{seconds:g} s (max_job_time_s; its estimate was within it)"
-        )
+        return f"the job ran {ran_s:.0f} s, more than {TIME_LIMIT_SLACK:g} x {what}"
     rss = group_rss_bytes(pid)
     if rss > memory:
         mib = 2**20

@@ -169,8 +169,9 @@ class Settings(BaseSettings):
         default=48 * 3600.0,
         gt=0,
         description="Largest estimated worker time of one job (s, scaled by cost_time_scale). "
-        "While it runs, a job is killed after twice this (estimates run long on a busy "
-        "machine; calseg.service.jobproc.TIME_LIMIT_SLACK).",
+        "While it runs, a job is killed after twice the smaller of this and 10 x its own "
+        "estimate (at least 600 s; estimates run long on a busy machine: "
+        "calseg.service.jobproc.TIME_LIMIT_SLACK, ESTIMATE_TIME_FACTOR).",
     )
     cost_time_scale: float = Field(
         default=1.0,
