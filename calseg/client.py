@@ -307,6 +307,11 @@ class CalSegClient:
         """Delete a recording (refused with 409 while a queued or running job uses it)."""
         self._request("DELETE", f"/api/recordings/{recording_id}")
 
+    def delete_job(self, job_id: str) -> None:
+        """Delete a job that has ended, with its artifacts (refused with 409 while it or a job
+        using it is queued or running)."""
+        self._request("DELETE", f"/api/jobs/{job_id}")
+
 
 def _chunks(fh: Any, size: int = 1 << 20) -> Iterator[bytes]:
     while chunk := fh.read(size):

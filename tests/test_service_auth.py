@@ -76,11 +76,12 @@ ROUTES: dict[tuple[str, str], dict[str, Any] | str | None] = {
     ("GET", "/api/recordings/{recording_id}"): {"rec": "rec", "admin": 200},
     ("GET", "/api/recordings/{recording_id}/frames/{t}.png"): {"rec": "rec", "t": 0, "admin": 200},
     # state-changing routes last (in this order): cancel a queued job, retry a failed one,
-    # rerun it, delete a recording no job uses
+    # rerun it, delete a recording no job uses, delete the job cancelled first
     ("POST", "/api/jobs/{job_id}/cancel"): {"job": "queued", "admin": 200},
     ("POST", "/api/jobs/{job_id}/retry"): {"job": "failed", "admin": 200},
     ("POST", "/api/jobs/{job_id}/rerun"): {"job": "failed", "admin": 201},
     ("DELETE", "/api/recordings/{recording_id}"): {"rec": "spare", "admin": 204},
+    ("DELETE", "/api/jobs/{job_id}"): {"job": "queued", "admin": 204},
 }
 
 
@@ -257,7 +258,7 @@ def test_every_route_needs_a_token_and_hides_other_users_data(
         url = _url(path, spec, ids)
         r = client.request(method, url, params=_query(spec, ids), headers=_headers(users["root"]))
         assert r.status_code == spec["admin"], (method, path, r.status_code, r.text)
-    assert client.get(f"/api/jobs/{ids['queued']}").json()["state"] == "cancelled"
+    assert client.get(f"/api/jobs/{ids['queued']}").status_code == 404  # cancelled, deleted
     assert client.get(f"/api/recordings/{ids['spare']}").status_code == 404
     rerun = [j for j in client.get("/api/jobs", headers=_headers(users["root"])).json()["items"]]
     assert any(j["owner_id"] != client.user_id for j in rerun)  # the admin owns the rerun
@@ -490,6 +491,36 @@ def test_delete_recording(client: TestClient, tmp_path: Path) -> None:  # noqa: 
     # uploading it again makes a new recording (the old one is gone)
     again = _upload(client, "d.tif", np.ones((3, 10, 12), np.uint16))
     assert again["id"] != rec["id"] and not again["duplicate"]
+
+
+def test_delete_job(client: TestClient, users) -> None:  # noqa: F811
+    """A new user's check: DELETE /api/jobs/{id} answered 405, so nothing but recordings could
+    be removed and one user's finished jobs filled the disk for everyone. A job that has ended
+    is deleted with its metrics and files (204); 409 while it, or a job using it, is queued or
+    running; another user's job is 404, as for every other route."""
+    sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    r = client.delete(f"/api/jobs/{sim['id']}")
+    assert r.status_code == 409 and "cancel it or wait" in r.json()["detail"], r.text
+    assert _run(sim["id"]) == "succeeded"
+    folder = get_settings().artifact_dir / "jobs" / sim["id"]
+    assert folder.is_dir() and any(folder.iterdir())
+    uses = client.post(
+        "/api/jobs", json={"kind": "finetune", "params": {"dataset_job_id": sim["id"]}}
+    ).json()
+    r = client.delete(f"/api/jobs/{sim['id']}")
+    assert r.status_code == 409 and "used by 1 queued or running job" in r.json()["detail"]
+    assert (
+        client.delete(f"/api/jobs/{sim['id']}", headers=_headers(users["bob"])).status_code == 404
+    )
+    assert client.post(f"/api/jobs/{uses['id']}/cancel").status_code == 200
+    assert client.delete(f"/api/jobs/{sim['id']}").status_code == 204
+    assert client.get(f"/api/jobs/{sim['id']}").status_code == 404
+    assert client.get(f"/api/jobs/{sim['id']}/metrics").status_code == 404
+    assert not folder.exists()
+    assert client.delete(f"/api/jobs/{sim['id']}").status_code == 404
+    r = client.post(f"/api/jobs/{uses['id']}/rerun")  # its dataset is gone: refused, clearly
+    assert r.status_code == 422 and f"there is no job {sim['id']}" in r.json()["detail"], r.text
+    assert client.delete(f"/api/jobs/{uses['id']}").status_code == 204  # a cancelled job
 
 
 def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa: F811

@@ -1,12 +1,12 @@
 """Jobs: kinds (the registry's schemas for the forms), submit, estimate, list, detail, metrics,
-cancel, retry, rerun; metrics across jobs."""
+cancel, retry, rerun, delete; metrics across jobs."""
 
 from __future__ import annotations
 
 import copy
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -156,6 +156,16 @@ def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """Cancel a queued or running job (409 when it already ended)."""
     _job(session, job_id, user)
     return _job_out(lifecycle.cancel_job(session, job_id), detail=True)
+
+
+@router.delete("/api/jobs/{job_id}", status_code=204, tags=["jobs"])
+def delete_job(job_id: str, session: SessionDep, store: StoreDep, user: UserDep) -> Response:
+    """Delete a job that has ended, with its metrics and artifact files (204). 409 while it is
+    queued or running, or while a queued or running job uses it; jobs made from it keep their
+    own outputs (:func:`calseg.service.jobs.delete_job`)."""
+    _job(session, job_id, user)
+    lifecycle.delete_job(session, job_id, store)
+    return Response(status_code=204)
 
 
 @router.post("/api/jobs/{job_id}/retry", response_model=JobOut, tags=["jobs"])

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from calseg.fmt import plural
 from calseg.progress import Cancelled, cancellable
 from calseg.service import kinds
 from calseg.service.broker import Enqueue, QueueUnavailable, enqueue_celery
@@ -288,6 +289,39 @@ def cancel_job(session: Session, job_id: str) -> Job:
     if res.rowcount == 0:
         raise JobStateError(f"job {job_id} already {job.state}; nothing to cancel")
     return job
+
+
+def delete_job(session: Session, job_id: str, store: Any) -> None:
+    """Delete a job that has ended: its record, metrics, artifact records and files
+    (``jobs/{id}`` in the ``store``). Jobs that referenced it keep their own outputs; their
+    viewer frames of its files then answer 410, and a rerun of them is refused (422).
+
+    Before this, nothing a user made could be removed but recordings, so a user's finished
+    jobs filled the server's disk for everyone (a new user's check).
+
+    Raises:
+        JobNotFound. JobStateError: the job is still queued or running (cancel it first), or a
+            queued or running job uses it (``dataset_job_id``, ``model_job_id``).
+    """
+    job = get_job(session, job_id)
+    if job.state not in TERMINAL_STATES:
+        raise JobStateError(f"job {job_id} is {job.state}; cancel it or wait until it ends")
+    # the owner's lock, as a submit takes it: a job submitted on this one at the same moment
+    # is either counted below or finds it gone
+    lock_owner(session, session.get(User, job.owner_id) if job.owner_id else None)
+    users = [
+        j.id
+        for j in session.scalars(select(Job).where(Job.state.not_in(tuple(TERMINAL_STATES))))
+        if any(k.endswith("_job_id") and v == job_id for k, v in (j.params or {}).items())
+    ]
+    if users:
+        raise JobStateError(
+            f"job {job_id} is used by {plural(len(users), 'queued or running job')}; cancel "
+            "them or wait until they end"
+        )
+    session.delete(job)
+    session.commit()
+    store.delete(f"jobs/{job_id}")
 
 
 def retry_job(
