@@ -77,7 +77,8 @@ def install(app: FastAPI) -> None:
         """429 (this user's frame requests in flight) or 503 (every frame slot of the API
         stayed taken; :mod:`calseg.service.frame_guard`) with ``Retry-After``."""
         response = _error(exc.status, str(exc))
-        response.headers["Retry-After"] = "5"
+        # the user's own frames finish in about a second; a busy server takes longer
+        response.headers["Retry-After"] = "1" if exc.status == 429 else "5"
         return response
 
     @app.exception_handler(broker.QueueUnavailable)

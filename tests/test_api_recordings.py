@@ -443,6 +443,12 @@ def test_previews_wait_for_a_frame_slot_and_answer_503_when_none_frees(
         for _ in held:
             frame_guard._slots.release()
     assert client.get(f"/api/recordings/{rec['id']}/frames/0.png").status_code == 200
+    frame_guard._in_flight["alice"] = frame_guard.FRAME_REQUESTS_PER_USER  # her frames in flight
+    try:
+        r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    finally:
+        frame_guard._in_flight.pop("alice", None)
 
 
 def test_one_user_cannot_hold_every_frame_request(monkeypatch: pytest.MonkeyPatch) -> None:

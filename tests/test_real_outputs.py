@@ -29,7 +29,23 @@ def _segment(real_file, name: str, out: Path, *args: str):
     return " ".join(r.output.split())  # rich's wrapping undone
 
 
-@pytest.mark.parametrize("name", ["sima_example.tif", "fissa_b_AVG_A01.tif", "fissa_b_AVG_A03.tif"])
+def test_fissa_a03_finds_its_labelled_cell_since_the_detrend_change(real_file, tmp_path) -> None:
+    """fissa_b_AVG_A03 gave 0 cells on the active target (it was a case of the test below).
+    Since the per-frame offset is taken from the dimmest pixels (4a11ccd), one cell is found in
+    frame 10, and it is labelled ROI 2 of fissa_b_rois.zip (IoU 0.54; ROI 1: 0)."""
+    from calseg.io.labels import read_label_stack
+    from calseg.io.rois import read_imagej_rois
+
+    out = _segment(real_file, "fissa_b_AVG_A03.tif", tmp_path)
+    assert "classical: 1 cell (active)" in out, out
+    lab = read_label_stack(tmp_path / "labels.tif")
+    rois = read_imagej_rois(real_file("fissa_b_rois.zip"), lab.shape[1:])
+    found = lab.max(axis=0) > 0
+    iou = [(found & (rois == i)).sum() / (found | (rois == i)).sum() for i in (1, 2)]
+    assert iou[0] == 0 and iou[1] >= 0.5, iou
+
+
+@pytest.mark.parametrize("name", ["sima_example.tif", "fissa_b_AVG_A01.tif"])
 def test_an_empty_result_says_why_and_what_to_try(real_file, tmp_path, name) -> None:
     out = _segment(real_file, name, tmp_path)
     assert "method: classical: no SAM2 weights" in out or "method: classical" in out

@@ -198,13 +198,14 @@ def test_roi_activity_explains_empty_activity_target_on_sima(real_file):
     frames, rois = _real(real_file, "sima_example.tif", "sima_example_imageJ_ROIs.zip")
     q = roi_activity(frames, rois)
     # measured: the ROI-mean traces rise (peak dF/F 0.28 and 0.68, z 5.5 and 7.2), but the
-    # per-pixel noise SD (944) is as large as the median signal (898): under 1 % of the ROI
-    # pixels ever pass z > 5 and none survive the 15 px region rule
+    # per-pixel noise SD (949) is as large as the median signal (898): at most 1 % of the ROI
+    # pixels ever pass z > 5 (0.3 % and 1.0 %; 0.5 % for ROI 2 before the detrend of 4a11ccd)
+    # and none survive the 15 px region rule
     assert [r["area_px"] for r in q] == [362, 200]
     assert q[0]["peak_dff"] == pytest.approx(0.28, abs=0.01)
     assert q[1]["peak_dff"] == pytest.approx(0.68, abs=0.01)
     assert min(r["trace_z"] for r in q) > 5.0
-    assert all(r["frac_px_above"] < 0.01 and r["frac_px_active"] == 0.0 for r in q)
+    assert all(r["frac_px_above"] <= 0.01 and r["frac_px_active"] == 0.0 for r in q)
     assert q[0]["noise_sigma_median"] > q[0]["median_f"]
 
 
