@@ -91,9 +91,10 @@ def frame_png(
     ``X-Data-Min``/``X-Data-Max`` the recording's range (intensity units; recorded by the job,
     or frame ``t``'s for jobs from before they were), ``X-Frames`` the frame count. Only frame
     ``t`` is decoded. 422 when ``lo >= hi`` or the recording is unreadable, 413 when it is over
-    the server's decode budget, 503 (Retry-After) while the API draws as many frames as it
-    draws at once (:data:`api.frames.FRAME_SLOTS`). A frame of more than 4 Mi pixels is drawn
-    from every k-th row and column (``X-Preview-Step``: k)."""
+    the server's decode budget; 429 (Retry-After) while 3 frame requests of the caller are in
+    flight, 503 (Retry-After) while the API draws as many frames as it draws at once
+    (:mod:`calseg.service.frame_guard`). A frame of more than 4 Mi pixels is drawn from every
+    k-th row and column (``X-Preview-Step``: k)."""
     job = _job(session, job_id, user)
     if job.kind != "infer" or job.state != "succeeded":
         raise HTTPException(

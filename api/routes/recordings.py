@@ -402,9 +402,10 @@ def recording_frame_png(
     """Frame ``t`` of an uploaded recording as a gray PNG (a preview): only that frame is
     decoded, read with the recording's reading options; the range headers are that frame's.
     404 for an unknown recording or frame, 422 when lo >= hi or the file is unreadable or
-    refused, 413 when it is over the server's decode budget, 503 (Retry-After) while the API
-    decodes as many frames as it does at once. A frame of more than 4 Mi pixels is drawn from
-    every k-th row and column (``X-Preview-Step``: k)."""
+    refused, 413 when it is over the server's decode budget; 429 (Retry-After) while 3 frame
+    requests of the caller are in flight, 503 (Retry-After) while the API decodes as many frames
+    as it does at once (:mod:`calseg.service.frame_guard`). A frame of more than 4 Mi pixels is
+    drawn from every k-th row and column (``X-Preview-Step``: k)."""
     from calseg.io.recordings import RecordingError
 
     rec = _recording(session, recording_id, user)
