@@ -171,6 +171,33 @@ def test_the_issues_jobs_are_refused_with_the_estimate_and_the_limit(
     assert _jobs_in_db() == 1 and client.queued == []  # only the dataset row made here
 
 
+def test_queued_jobs_reserve_their_estimated_disk(
+    client: TestClient,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new user's check: three simulate jobs of 36.3 GiB each were admitted with 59 GiB free,
+    each compared with the free disk alone. A queued or running job's estimated disk is now
+    kept (jobs.estimated_disk_bytes, migration 0006) and subtracted from the free disk at
+    admission and in /api/jobs/estimate; a job that ends gives its reserve back."""
+    from calseg.service import costs
+    from calseg.service.settings import get_settings
+
+    r = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": SIM})
+    need = r.json()["estimate"]["disk_bytes"]
+    free = int(2.5 * need) + get_settings().min_free_disk_bytes  # room for two such jobs
+    monkeypatch.setattr(costs, "free_disk_bytes", lambda settings: free)
+    first = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    second = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    assert first.status_code == 201 and second.status_code == 201, second.text
+    third = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    assert third.status_code == 422 and "free disk" in third.json()["detail"], third.text
+    r = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": SIM})
+    assert r.json()["fits"] is False and r.json()["over"] == ["free disk"]
+    assert client.post(f"/api/jobs/{first.json()['id']}/cancel").status_code == 200
+    third = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    assert third.status_code == 201, third.text
+
+
 def test_the_estimate_counts_smoothing_and_background(client: TestClient) -> None:  # noqa: F811
     frames = np.random.default_rng(0).integers(0, 1000, (40, 48, 48), dtype=np.uint16)
     up = client.post("/api/recordings", files={"file": ("r.tif", _tiff_bytes(frames))}).json()

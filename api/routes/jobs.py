@@ -82,7 +82,13 @@ def estimate_job(
     """What a job would cost (memory, disk, time; ``calseg.service.costs``) and whether it fits
     the caller's limits, without submitting it. Parameters and references are checked as by
     ``POST /api/jobs`` (422)."""
-    from calseg.service.costs import check_device, effective_limits, estimate, over_limits
+    from calseg.service.costs import (
+        check_device,
+        effective_limits,
+        estimate,
+        over_limits,
+        reserved_disk_bytes,
+    )
     from calseg.service.schemas import validate_params
 
     validated = validate_params(body.kind, body.params)
@@ -91,7 +97,7 @@ def estimate_job(
     est = estimate(session, body.kind, validated, settings)
     own = effective_limits(user, settings, session)
     limits = _limits_out(session, user, settings, own)
-    over = [what for what, _, _ in over_limits(est, own, settings)]
+    over = [what for what, _, _ in over_limits(est, own, settings, reserved_disk_bytes(session))]
     return EstimateOut(
         kind=body.kind, estimate=est.to_dict(), limits=limits, fits=not over, over=over
     )

@@ -774,7 +774,7 @@ def check_admission(
                 "admin can raise max_queued_jobs)"
             )
     est = estimate(session, kind, params, settings)
-    over = over_limits(est, limits, settings)
+    over = over_limits(est, limits, settings, reserved_disk_bytes(session))
     if over:
         raise JobTooCostly(kind, est, limits, over)
     return est
@@ -796,13 +796,28 @@ def free_disk_bytes(settings: Settings) -> int | None:
         return None
 
 
+def reserved_disk_bytes(session: Session) -> int:
+    """Bytes the queued and running jobs of all users were estimated to write
+    (``jobs.estimated_disk_bytes``, kept at admission; jobs admitted before migration 0006
+    count 0). A running job's bytes already written count twice (in the reserve and no longer
+    in the free disk): the reserve errs on the side of the disk."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(Job.estimated_disk_bytes), 0)).where(
+            Job.state.in_(("queued", "running"))
+        )
+    )
+    return int(total or 0)
+
+
 def over_limits(
-    est: CostEstimate, limits: JobLimits, settings: Settings
+    est: CostEstimate, limits: JobLimits, settings: Settings, reserved_bytes: int = 0
 ) -> list[tuple[str, float, float]]:
     """``[(resource, estimate, limit)]`` of each resource the estimate exceeds: the owner's
     memory, disk and time limits, and the free disk of the artifact store less
-    ``settings.min_free_disk_bytes`` ("free disk"; a new-user check got ``fits`` for 134 GB of
-    writes with 66 GB free)."""
+    ``settings.min_free_disk_bytes`` and less ``reserved_bytes`` (the estimates of the queued
+    and running jobs, :func:`reserved_disk_bytes`) ("free disk"; a new-user check got ``fits``
+    for 134 GB of writes with 66 GB free, and three 36 GiB jobs were admitted one after the
+    other with 59 GiB free)."""
     checks = [
         ("memory", est.memory_bytes, limits.max_job_memory_bytes),
         ("disk", est.disk_bytes, limits.max_job_disk_bytes),
@@ -810,5 +825,6 @@ def over_limits(
     ]
     free = free_disk_bytes(settings)
     if free is not None:  # what it may write and still leave min_free_disk_bytes free
-        checks.append(("free disk", est.disk_bytes, max(free - settings.min_free_disk_bytes, 0)))
+        room = free - settings.min_free_disk_bytes - reserved_bytes
+        checks.append(("free disk", est.disk_bytes, max(room, 0)))
     return [(what, value, limit) for what, value, limit in checks if value > limit]

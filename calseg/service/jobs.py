@@ -207,7 +207,7 @@ def submit_job(
     lock_owner(session, owner)
     try:
         check_references(session, kind, validated, owner)  # again, under the lock (cheap)
-        check_admission(session, kind, validated, owner, settings)
+        est = check_admission(session, kind, validated, owner, settings)
     except Exception:
         session.rollback()
         raise
@@ -217,6 +217,7 @@ def submit_job(
         kind=kind,
         state="queued",
         params=params_to_json(validated),
+        estimated_disk_bytes=int(est.disk_bytes),
         progress=0.0,
         stage="queued",
         code_version=code_version(),
@@ -351,7 +352,7 @@ def retry_job(
     validated = validate_params(job.kind, job.params)
     lock_owner(session, job.owner)
     try:
-        check_admission(session, job.kind, validated, job.owner, settings or get_settings())
+        est = check_admission(session, job.kind, validated, job.owner, settings or get_settings())
     except Exception:
         session.rollback()
         raise
@@ -360,6 +361,7 @@ def retry_job(
         .where(Job.id == job_id, Job.state.in_(("failed", "cancelled")))
         .values(
             state="queued",
+            estimated_disk_bytes=int(est.disk_bytes),
             progress=0.0,
             stage="queued",
             message="retry",

@@ -2,7 +2,9 @@
 artifacts and metrics, and uploaded recordings. The schema is created by the Alembic migrations
 ``0001_initial``, ``0002_users_tokens`` (owners, tokens, metric steps, provenance) and
 ``0003_recording_reading`` (how an uploaded recording is read: options and reader info) and
-``0004_user_limits`` (per-user job cost limits and quotas).
+``0004_user_limits`` (per-user job cost limits and quotas), ``0005_kinds_registry`` (kinds
+from the registry) and ``0006_job_disk_estimate`` (each job's estimated disk, reserved while it
+is queued or running).
 
 Ownership: jobs and recordings carry ``owner_id``; datasets and models are outputs of simulate
 and finetune jobs and artifacts and metrics belong to a job, so they inherit the job's owner.
@@ -142,6 +144,9 @@ class Job(Base):
     code_version: Mapped[str | None] = mapped_column(String(64))
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    estimated_disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Bytes the job was estimated to write when it was admitted (migration 0006; NULL for
+    jobs admitted before): reserved on the free disk while it is queued or running."""
     dispatch_id: Mapped[str | None] = mapped_column(String(36))
     worker: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
