@@ -11,11 +11,11 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import _describe_errors, _error, _unprocessable, log
-from api.frames import FramesBusy
 from calseg.service import broker
 from calseg.service import jobs as lifecycle
 from calseg.service.context import JobReferenceError
 from calseg.service.costs import JobTooCostly, QuotaExceeded
+from calseg.service.frame_guard import FramesBusy
 from calseg.service.schemas import (
     ParamsError,
     json_safe_errors,

@@ -20,8 +20,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from calseg.service.frame_guard import FramesBusy, frame_slot  # noqa: F401 - for the routes
-
 CACHE_SIZE = 8
 """Open recordings / label stacks kept (headers parsed, no pixels)."""
 GAP_PX = 4

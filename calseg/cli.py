@@ -818,22 +818,21 @@ def analyze(
         plain = (
             axes is None and channel == 0 and interleaved_channels is None and z_projection == "max"
         )
-        probed = probe_recording(
+        info = probe_recording(
             recording,
             axes=axes,
             channel=channel,
             interleaved_channels=interleaved_channels,
             z_projection=z_projection,
         )
-        info = probed if plain else None
-        lab = read_label_stack(labels, fits=(probed.n_frames, probed.height, probed.width))
+        lab = read_label_stack(labels, fits=(info.n_frames, info.height, info.width))
     except (RecordingError, LabelStackError) as exc:
         raise _fail(str(exc)) from None
     if lab.shape[0] == 1:
         lab = lab[0]
     preprocessing = register or background or bleach
     try:
-        if info is None or preprocessing or lab.ndim == 3:
+        if not plain or preprocessing or lab.ndim == 3:
             rec = read_recording(
                 recording,
                 axes=axes,

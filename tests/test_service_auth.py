@@ -523,11 +523,9 @@ def test_delete_job(client: TestClient, users) -> None:  # noqa: F811
     assert client.delete(f"/api/jobs/{uses['id']}").status_code == 204  # a cancelled job
 
 
-def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa: F811
-    """The fine-tune runner's on_history callback stores loss/IoU points with their steps,
-    buffered (no write before the interval or flush), and the metrics endpoint serves them."""
+def _simulate_job_context(client: TestClient):  # noqa: F811, ANN202 - (job, JobContext)
+    """A queued simulate job (its JSON record) and the JobContext a runner would get for it."""
     from calseg.service.context import JobContext
-    from calseg.service.runners import TrainingCurve
     from calseg.service.schemas import validate_params
 
     job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
@@ -542,6 +540,15 @@ def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa:
         store=LocalArtifactStore(settings.artifact_dir),
         settings=settings,
     )
+    return job, ctx
+
+
+def test_training_curve_metrics_have_steps(client: TestClient) -> None:  # noqa: F811
+    """The fine-tune runner's on_history callback stores loss/IoU points with their steps,
+    buffered (no write before the interval or flush), and the metrics endpoint serves them."""
+    from calseg.service.runners import TrainingCurve
+
+    job, ctx = _simulate_job_context(client)
     try:
         curve = TrainingCurve(ctx, interval_s=3600)
         for step in (1, 2, 3):
@@ -568,22 +575,9 @@ def test_training_curve_keeps_at_most_max_curve_points_steps(client: TestClient)
     1.5 MB job record the page polls every 2 s; an admitted 10^6-step run would have stored
     6.5 M). Of a 3000-step run the curve keeps every 6th step and the last (500 steps), and
     every validation."""
-    from calseg.service.context import JobContext
     from calseg.service.runners import MAX_CURVE_POINTS, TrainingCurve
-    from calseg.service.schemas import validate_params
 
-    job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
-    settings = get_settings()
-    with session_scope() as session:
-        row = session.get(Job, job["id"])
-        session.expunge(row)
-    ctx = JobContext(
-        row,
-        validate_params("simulate", SIM),
-        url=settings.database_url,
-        store=LocalArtifactStore(settings.artifact_dir),
-        settings=settings,
-    )
+    job, ctx = _simulate_job_context(client)
     try:
         curve = TrainingCurve(ctx, interval_s=3600, steps=3000)
         for step in range(1, 3001):

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StoreDep, UserDep, _job, _recording_http_error
 from api.frames import (
-    frame_slot,
     label_at,
     label_source,
     load_stacks,
@@ -21,6 +20,7 @@ from api.frames import (
     range_headers,
     render_png,
 )
+from calseg.service.frame_guard import frame_slot
 from calseg.service.models import Artifact, User
 from calseg.service.store import ArtifactStore
 

@@ -25,7 +25,6 @@ from api.deps import (
     log,
 )
 from api.frames import (
-    frame_slot,
     range_headers,
     recording_frame,
     render_png,
@@ -34,6 +33,7 @@ from api.uploads import UploadError, receive_file
 from calseg.fmt import plural
 from calseg.service import jobs as lifecycle
 from calseg.service.auth import can_see
+from calseg.service.frame_guard import frame_slot
 from calseg.service.models import Job, Recording, User
 from calseg.service.schemas import (
     RecordingOut,

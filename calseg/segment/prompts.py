@@ -161,8 +161,9 @@ def frame_offsets(f: np.ndarray) -> np.ndarray:
     sample = f[ref_idx.astype(int)]
     ref = np.median(sample, axis=0)
     varying = np.ptp(sample, axis=0) > 0  # not padding that never changes (registration)
-    pool = ref[varying] if varying.any() else ref.ravel()
-    dim = (ref <= np.quantile(pool, DETREND_DIM_FRACTION)) & (varying if varying.any() else True)
+    if not varying.any():
+        varying[:] = True
+    dim = varying & (ref <= np.quantile(ref[varying], DETREND_DIM_FRACTION))
     offsets = np.empty(t_len)
     for t in range(t_len):
         check_cancelled()
