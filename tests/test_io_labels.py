@@ -114,3 +114,19 @@ def test_label_files_are_read_confined_like_recordings(tmp_path):
     junk.write_bytes(b"not a tiff at all" * 10)
     with pytest.raises(LabelStackError, match="junk.tif"):
         read_label_stack(junk)
+
+
+def test_a_label_stack_larger_than_the_available_memory_is_refused_before_decoding(
+    tmp_path, monkeypatch
+):
+    """Without a recording to fit (fits=None) the stack is still budgeted: its stored samples
+    plus the uint32 copy against the machine's available memory, from the header."""
+    import calseg.machine
+
+    path = write_label_stack(tmp_path / "l.tif", _labels(4, 20, 24))  # uint16: 6 bytes per id
+    need = 4 * 20 * 24 * 6
+    monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(LabelStackError, match="more than the .* available .nothing was decoded"):
+        read_label_stack(path)
+    monkeypatch.setattr(calseg.machine, "available_memory_bytes", lambda: need)
+    assert read_label_stack(path).shape == (4, 20, 24)

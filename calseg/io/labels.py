@@ -97,7 +97,10 @@ def read_label_stack(path: str | Path, fits: tuple[int, int, int] | None = None)
     The file is read as uploaded recordings are (:func:`calseg.io.recordings._open_tiff_file`:
     confined to itself, its directory chain walked with a cap, codecs bounded by the declared
     size), and its shape and dtype are checked from the header before any pixel is decoded: a
-    1 MB TIFF declaring 4 x 30000 x 30000 ids took 17 GB before its shape was looked at.
+    1 MB TIFF declaring 4 x 30000 x 30000 ids took 17 GB before its shape was looked at. Whatever
+    ``fits``, a stack needing more memory than the machine has available
+    (:func:`calseg.machine.available_memory_bytes`; stored samples plus the uint32 copy) is
+    refused before decoding.
 
     Args:
         path: a TIFF holding ``(T, H, W)`` or ``(H, W)`` integer labels.
@@ -113,6 +116,7 @@ def read_label_stack(path: str | Path, fits: tuple[int, int, int] | None = None)
             that does not fit ``fits``, or too large to hold in memory.
     """
     from calseg.io.recordings import RecordingError, _open_tiff_file
+    from calseg.machine import available_memory_bytes
 
     p = Path(path)
     if not p.is_file():
@@ -150,6 +154,15 @@ def read_label_stack(path: str | Path, fits: tuple[int, int, int] | None = None)
                     "stack made for this recording, or one (H, W) label image (nothing was "
                     "decoded)"
                 )
+        # decoded in its stored dtype, then converted to uint32: both at once at the peak
+        need = int(np.prod(shape, dtype=object)) * (series.dtype.itemsize + 4)
+        available = available_memory_bytes()
+        if available is not None and need > available:
+            raise LabelStackError(
+                f"{p.name} ({' x '.join(map(str, shape))} ids) needs about "
+                f"{need / 2**30:.2f} GiB to read, more than the {available / 2**30:.2f} GiB "
+                "this machine has available (nothing was decoded)"
+            )
         try:
             data = np.asarray(series.asarray()).reshape(shape)
         except MemoryError:
