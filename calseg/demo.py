@@ -371,7 +371,10 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
     with 95 % bootstrap CIs (:func:`calseg.segment.evaluate.summarise`); then whether the
     fine-tuned model beats the untuned one and the disc prior (no image) (mean F1) and, when it
     does not clearly beat the classical method (mean F1 above, and the lower end of its CI
-    too, as the default-method rule asks), one line saying so. ``finetune``: the fine-tune
+    too, as the default-method rule asks), one line saying so. Under the table, one line per
+    model says why its unmatched ROIs and cells are unmatched
+    (:func:`calseg.segment.evaluate.error_breakdown`: on no cell, spanning cells, split,
+    missed, partial), when the report counts them. ``finetune``: the fine-tune
     job's result; when it says no step improved on the initial model (``improved`` False),
     the fine-tuned row is shown as :data:`KEPT_BASE` and a line before the table says it is
     the initial model, not one fine-tuned here.
@@ -400,6 +403,15 @@ def heldout_table(report: dict, finetune: dict | None = None) -> list[str]:
         name = shown_label(s["model"], finetune)
         by_name[name] = s
         lines.append(f"{name[:34]:<34}" + "".join(f"{_ci(s, k):>26}" for k, _ in cols))
+    if any(s.get("errors") for s in summary):
+        from calseg.segment.evaluate import ERRORS_NOTE, error_breakdown
+
+        lines.append(f"Why ROIs and cells went unmatched ({ERRORS_NOTE}):")
+        lines += [
+            f"  {shown_label(s['model'], finetune)}: {error_breakdown(s['errors'])}"
+            for s in summary
+            if s.get("errors")
+        ]
 
     def f1(prefix: str) -> tuple[str, float] | None:
         hit = [(k, v.get("f1_mean")) for k, v in by_name.items() if k.startswith(prefix)]

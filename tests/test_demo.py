@@ -92,6 +92,22 @@ def test_heldout_table_shows_cis_and_says_when_finetuned_loses() -> None:
     assert "does NOT beat SAM2 untuned" in "\n".join(heldout_table(report))
 
 
+def test_heldout_table_says_why_rois_went_unmatched() -> None:
+    """Under the table, each model's unmatched ROIs and cells by kind, as shares."""
+    from calseg.demo import heldout_table
+
+    errors = {"fp_false": 1, "fp_merge": 1, "fp_partial": 2, "fn_missed": 0, "fn_split": 3}
+    report = {"summary": [{"model": "classical", "n_videos": 3, "f1_mean": 0.5, "errors": errors}]}
+    lines = heldout_table(report)
+    assert lines[-1] == (
+        "  classical: 4 unmatched ROIs: 25 % on no cell, 25 % span cells, 50 % partial; "
+        "3 unmatched cells: 0 % missed, 100 % split, 0 % partial"
+    )
+    assert lines[-2].startswith("Why ROIs and cells went unmatched (touching = IoU >= 0.1")
+    del report["summary"][0]["errors"]  # a report from before the counts: no such lines
+    assert not any("unmatched" in ln for ln in heldout_table(report))
+
+
 def test_heldout_table_compares_the_finetune_with_its_disc_prior() -> None:
     """With a disc prior the fine-tuned row is also compared with the disc alone (no image),
     the reference its training must beat (issue 14)."""

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from calseg.analysis.metrics import (
+    ERROR_KINDS,
     MetricsInputError,
     bootstrap_ci,
     foreground_scores,
@@ -89,6 +90,39 @@ def test_hungarian_matching_counts():
     assert m["mean_matched_iou"] == pytest.approx((0.75 + 0.5) / 2)
     strict = match_instances(pred, gt, 0.6)  # the 0.5 pair no longer counts
     assert (strict["tp"], strict["fp"], strict["fn"]) == (1, 2, 2)
+
+
+def test_error_kinds_name_each_unmatched_roi():
+    """One of each kind on a 20 x 40 field of 4 x 4 px cells, counted by hand."""
+    gt = np.zeros((20, 40), dtype=np.uint32)
+    pred = np.zeros_like(gt)
+    gt[0:4, 0:4] = 1  # split: two halves of 8 px, IoU 0.5 each; one is matched
+    pred[0:4, 0:2], pred[0:4, 2:4] = 10, 11  # the other is an fp_partial (touches cell 1)
+    gt[0:4, 8:12], gt[0:4, 12:16] = 2, 3  # merged: one 4 x 8 ROI over both, IoU 0.5 each
+    pred[0:4, 8:16] = 12  # matched to one of them; the other cell: fn_partial (touches 12)
+    gt[10:14, 0:4] = 4  # missed
+    pred[10:14, 20:24] = 13  # on no cell: fp_false
+    gt[10:14, 30:34] = 5  # cut into three 4 x 1 px strips, IoU 4/16 each: fn_split
+    for j in range(3):
+        pred[10:14, 30 + j] = 20 + j  # three fp_partial
+    gt[16:20, 8:12], gt[16:20, 12:16] = 6, 7  # a 4 x 6 px ROI over both, IoU 12/28 each
+    pred[16:20, 9:15] = 30  # fp_merge; cells 6 and 7 are fn_partial
+    m = match_instances(pred, gt, 0.5)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 6, 5)  # 8 predicted ROIs, 7 cells
+    kinds = {k: m[k] for k in ERROR_KINDS}
+    assert kinds == {
+        "fp_false": 1,
+        "fp_merge": 1,
+        "fp_partial": 4,
+        "fn_missed": 1,
+        "fn_split": 1,
+        "fn_partial": 3,
+    }
+    assert m["fp"] == m["fp_false"] + m["fp_merge"] + m["fp_partial"]
+    assert m["fn"] == m["fn_missed"] + m["fn_split"] + m["fn_partial"]
+    stack = match_instances_stack(np.stack([pred, pred]), np.stack([gt, np.zeros_like(gt)]))
+    # frame 2 has no cell: all 8 predicted ROIs are fp_false there
+    assert stack["fp_false"] == 1 + 8 and stack["fn_split"] == 1 and stack["fp_merge"] == 1
 
 
 def test_hungarian_prefers_global_optimum():

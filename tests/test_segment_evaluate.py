@@ -75,6 +75,12 @@ def test_evaluate_dataset_reports_groups_for_the_baseline(tmp_path):
     g = {(x["group_by"], x["group"]) for x in rep.groups}
     assert g == {("pattern_class", "synthetic"), ("defect", "none")}
     assert np.isfinite(rep.groups[0]["iou_mean"])
+    # every unmatched ROI and cell has one kind; the summary sums them over the videos
+    row, errors = rep.rows[0], rep.summary[0]["errors"]
+    assert row["fp"] == row["fp_false"] + row["fp_merge"] + row["fp_partial"]
+    assert row["fn"] == row["fn_missed"] + row["fn_split"] + row["fn_partial"]
+    assert errors == {k: row[k] for k in errors} and len(errors) == 6
+    assert "why ROIs and cells went unmatched" in rep.to_table()
 
 
 def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypatch):

@@ -23,6 +23,16 @@ Conventions (shared with :mod:`calseg.segment.evaluate`):
   detection scores, averaged over IoU 0.50-0.95). With no predicted and no ground-truth
   ROI every one of these is 1.0; a ratio with a zero denominator otherwise is 0.0.
   ``mean_matched_iou`` is the mean IoU over true-positive pairs, ``None`` when there are none.
+* Error kinds (:data:`ERROR_KINDS`; the merge/split taxonomy of Caicedo et al. 2019,
+  "Evaluation of deep learning strategies for nucleus segmentation in fluorescence images",
+  Cytometry A 95:952): after the matching, an unmatched ROI *touches* another when their IoU
+  is at least :data:`TOUCH_IOU`. An unmatched predicted ROI (a false positive) is
+  ``fp_false`` when it touches no ground-truth ROI (found where no cell is), ``fp_merge`` when
+  it touches two or more (it spans cells), else ``fp_partial`` (one cell, IoU below the
+  threshold: too small, too large or off-centre). An unmatched ground-truth ROI (a false
+  negative) is ``fn_missed`` when no predicted ROI touches it, ``fn_split`` when two or more
+  do (the cell is cut into pieces), else ``fn_partial``. So ``fp = fp_false + fp_merge +
+  fp_partial`` and ``fn = fn_missed + fn_split + fn_partial``.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ def diff_noise_sd(absdiff: np.ndarray, axis: int | None = None) -> np.ndarray | 
 
 __all__ = [
     "MAD_TO_SIGMA",
+    "ERROR_KINDS",
+    "TOUCH_IOU",
+    "error_kinds",
     "diff_noise_sd",
     "MetricsInputError",
     "matching_cost",
@@ -238,6 +251,50 @@ def instance_iou_matrix(
     return iou, p_ids[p_keep], g_ids[g_keep]
 
 
+TOUCH_IOU = 0.1
+"""IoU from which an unmatched ROI counts as touching another (:func:`error_kinds`): a
+predicted ROI half the size of a cell and lying half on it has IoU 0.2 with it; two 11 px
+cells whose outlines only meet have IoU 0."""
+
+ERROR_KINDS = ("fp_false", "fp_merge", "fp_partial", "fn_missed", "fn_split", "fn_partial")
+"""The error kinds of the instance metrics, in display order (module docstring)."""
+
+
+def error_kinds(
+    iou: np.ndarray,
+    matched_rows: np.ndarray,
+    matched_cols: np.ndarray,
+    touch: float = TOUCH_IOU,
+) -> dict[str, int]:
+    """Why each unmatched ROI of one label image is unmatched (module docstring, "Error kinds").
+
+    Args:
+        iou: ``(n_pred, n_gt)`` IoU matrix (:func:`instance_iou_matrix`).
+        matched_rows, matched_cols: the indices of the true-positive pairs (1-D int arrays of
+            one length).
+        touch: IoU from which two ROIs touch (:data:`TOUCH_IOU`).
+
+    Returns:
+        ``{kind: count}`` for every kind of :data:`ERROR_KINDS` (ints).
+    """
+    n_p, n_g = iou.shape
+    touching = iou >= touch
+    free_p = np.ones(n_p, bool)
+    free_g = np.ones(n_g, bool)
+    free_p[np.asarray(matched_rows, dtype=np.int64)] = False
+    free_g[np.asarray(matched_cols, dtype=np.int64)] = False
+    per_p = touching.sum(axis=1)[free_p]
+    per_g = touching.sum(axis=0)[free_g]
+    return {
+        "fp_false": int(np.count_nonzero(per_p == 0)),
+        "fp_merge": int(np.count_nonzero(per_p >= 2)),
+        "fp_partial": int(np.count_nonzero(per_p == 1)),
+        "fn_missed": int(np.count_nonzero(per_g == 0)),
+        "fn_split": int(np.count_nonzero(per_g >= 2)),
+        "fn_partial": int(np.count_nonzero(per_g == 1)),
+    }
+
+
 def _instance_from_counts(tp: int, fp: int, fn: int, matched_ious: list[float]) -> dict:
     empty = tp + fp + fn == 0
     return {
@@ -269,15 +326,18 @@ def matching_cost(iou: np.ndarray, thr: float) -> np.ndarray:
 
 def _match(
     pred_labels: np.ndarray, gt_labels: np.ndarray, thr: float
-) -> tuple[int, int, int, list]:
+) -> tuple[int, int, int, list, dict[str, int]]:
+    """``(tp, fp, fn, matched IoUs, error kinds)`` of one label image."""
     iou, p_ids, g_ids = instance_iou_matrix(pred_labels, gt_labels)
     if iou.size == 0:
-        return 0, len(p_ids), len(g_ids), []
+        empty = np.zeros(0, np.int64)
+        return 0, len(p_ids), len(g_ids), [], error_kinds(iou, empty, empty)
     rows, cols = linear_sum_assignment(matching_cost(iou, thr))
     vals = iou[rows, cols]
     good = vals >= thr
     tp = int(np.count_nonzero(good))
-    return tp, len(p_ids) - tp, len(g_ids) - tp, [float(v) for v in vals[good]]
+    kinds = error_kinds(iou, rows[good], cols[good])
+    return tp, len(p_ids) - tp, len(g_ids) - tp, [float(v) for v in vals[good]], kinds
 
 
 def match_instances(
@@ -292,13 +352,13 @@ def match_instances(
         iou_threshold: minimum IoU (in (0, 1]) of a matched pair to count as a true positive.
 
     Returns:
-        ``{"tp", "fp", "fn", "precision", "recall", "f1", "ap", "mean_matched_iou"}``
-        (conventions in the module docstring).
+        ``{"tp", "fp", "fn", "precision", "recall", "f1", "ap", "mean_matched_iou"}`` and the
+        counts of :data:`ERROR_KINDS` (conventions in the module docstring).
     """
     if not 0.0 < iou_threshold <= 1.0:
         raise MetricsInputError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    tp, fp, fn, ious = _match(pred_labels, gt_labels, iou_threshold)
-    return _instance_from_counts(tp, fp, fn, ious)
+    tp, fp, fn, ious, kinds = _match(pred_labels, gt_labels, iou_threshold)
+    return {**_instance_from_counts(tp, fp, fn, ious), **kinds}
 
 
 def match_instances_stack(
@@ -311,17 +371,20 @@ def match_instances_stack(
     (micro average). ``mean_matched_iou`` is the mean over all true-positive pairs of all frames.
 
     Returns:
-        The keys of :func:`match_instances` plus ``n_frames``.
+        The keys of :func:`match_instances` (error kinds summed over frames) plus ``n_frames``.
     """
     if not 0.0 < iou_threshold <= 1.0:
         raise MetricsInputError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     pred_labels, gt_labels = _check_pair(pred_labels, gt_labels, 3)
     tp = fp = fn = 0
     ious: list[float] = []
+    kinds = dict.fromkeys(ERROR_KINDS, 0)
     for t in range(pred_labels.shape[0]):
-        a, b, c, d = _match(pred_labels[t], gt_labels[t], iou_threshold)
+        a, b, c, d, e = _match(pred_labels[t], gt_labels[t], iou_threshold)
         tp, fp, fn = tp + a, fp + b, fn + c
         ious.extend(d)
-    out = _instance_from_counts(tp, fp, fn, ious)
+        for k, v in e.items():
+            kinds[k] += v
+    out = {**_instance_from_counts(tp, fp, fn, ious), **kinds}
     out["n_frames"] = int(pred_labels.shape[0])
     return out

@@ -33,7 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calseg.analysis.metrics import bootstrap_ci, foreground_scores, match_instances_stack
+from calseg.analysis.metrics import (
+    ERROR_KINDS,
+    bootstrap_ci,
+    foreground_scores,
+    match_instances_stack,
+)
 from calseg.progress import ProgressFn, check_cancelled, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
 from calseg.segment.infer import InferenceConfig, segment_recording
@@ -120,6 +125,9 @@ class EvaluationReport:
                 lines.append(
                     f"{label:<34} {g['model'][:32]:<32} {g['n_videos']:>6} " + " ".join(cells)
                 )
+        lines += ["", f"why ROIs and cells went unmatched (summed over videos; {ERRORS_NOTE})"]
+        for s in self.summary:
+            lines.append(f"{s['model'][:32]:<32} {error_breakdown(s.get('errors') or {})}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -136,7 +144,9 @@ class EvaluationReport:
 
 
 def score_labels(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """All evaluation metrics of one predicted ``(T, H, W)`` label stack vs ground truth."""
+    """All evaluation metrics of one predicted ``(T, H, W)`` label stack vs ground truth,
+    the counts of :data:`calseg.analysis.metrics.ERROR_KINDS` (why each unmatched ROI is
+    unmatched, summed over frames) included."""
     fg = foreground_scores(pred, gt)
     inst = match_instances_stack(pred, gt, 0.5)
     return {
@@ -151,11 +161,52 @@ def score_labels(pred: np.ndarray, gt: np.ndarray) -> dict:
         "tp": inst["tp"],
         "fp": inst["fp"],
         "fn": inst["fn"],
+        **{k: inst[k] for k in ERROR_KINDS},
     }
 
 
+ERRORS_NOTE = (
+    "touching = IoU >= 0.1; merge/split as in Caicedo et al. 2019, "
+    "calseg.analysis.metrics.error_kinds"
+)
+"""Where the error-kind lines of :func:`error_breakdown` come from, for table captions."""
+
+
+def error_breakdown(errors: dict[str, int]) -> str:
+    """One line saying why the unmatched ROIs and cells are unmatched, in shares of each.
+
+    Args:
+        errors: counts of :data:`calseg.analysis.metrics.ERROR_KINDS` (a summary's
+            ``errors``; missing kinds count 0).
+
+    Returns:
+        e.g. ``"120 unmatched ROIs: 10 % on no cell, 20 % span cells, 70 % partial; 90
+        unmatched cells: 5 % missed, 60 % split, 35 % partial"``; ``"no unmatched ROI or cell"``
+        when there are none.
+    """
+    from calseg.fmt import plural
+
+    def part(names: tuple[str, str, str], labels: tuple[str, str, str], what: str) -> str:
+        counts = [int(errors.get(n) or 0) for n in names]
+        total = sum(counts)
+        if total == 0:
+            return f"no unmatched {what}"
+        shares = ", ".join(
+            f"{100 * c / total:.0f} % {label}" for c, label in zip(counts, labels, strict=True)
+        )
+        return f"{plural(total, 'unmatched ' + what.rstrip('s'), 'unmatched ' + what)}: {shares}"
+
+    rois = part(
+        ("fp_false", "fp_merge", "fp_partial"), ("on no cell", "span cells", "partial"), "ROIs"
+    )
+    cells = part(("fn_missed", "fn_split", "fn_partial"), ("missed", "split", "partial"), "cells")
+    return f"{rois}; {cells}"
+
+
 def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
-    """Per-model means over videos (+ bootstrap CI with >= 3 videos)."""
+    """Per-model means over videos (+ bootstrap CI with >= 3 videos), and ``errors``: the
+    :data:`calseg.analysis.metrics.ERROR_KINDS` counts summed over the videos (rows without
+    them, from before they were counted, add nothing)."""
     out = []
     for name in model_names:
         mr = [r for r in rows if r["model"] == name]
@@ -164,6 +215,7 @@ def summarise(rows: list[dict], model_names: list[str]) -> list[dict]:
             vals = np.array([r[k] for r in mr if r.get(k) is not None], dtype=np.float64)
             s[f"{k}_mean"] = float(vals.mean()) if len(vals) else None
             s[f"{k}_ci95"] = bootstrap_ci(vals) if len(vals) else None
+        s["errors"] = {k: int(sum(r.get(k) or 0 for r in mr)) for k in ERROR_KINDS}
         s["seconds_total"] = float(sum(r.get("seconds", 0.0) for r in mr))
         out.append(s)
     return out
