@@ -301,6 +301,31 @@ def patched_runner(monkeypatch):
     return use
 
 
+def test_the_worker_task_keeps_the_embedding_cache_under_its_limit(
+    env, patched_runner, monkeypatch
+) -> None:
+    """After each job the worker prunes the shared embedding cache to max_cache_bytes: here a
+    job leaves 8 entries of 1 kB under a 4 kB limit; 3 remain (80 % of the limit), the newest."""
+    from calseg.service import jobproc
+    from worker.tasks import run_job_task
+
+    cache = env.embedding_cache_dir / "model"
+    monkeypatch.setattr(
+        jobproc, "get_settings", lambda: env.model_copy(update={"max_cache_bytes": 4000})
+    )
+
+    def writes_cache(params, ctx):
+        cache.mkdir(parents=True)
+        for i in range(8):
+            (cache / f"{i}.pt").write_bytes(b"x" * 1000)
+            os.utime(cache / f"{i}.pt", (1000.0 + i, 1000.0 + i))
+        return {"frames": 8}
+
+    patched_runner(writes_cache)
+    assert run_job_task.run(_submit(env)) == "succeeded"
+    assert sorted(p.name for p in cache.iterdir()) == ["5.pt", "6.pt", "7.pt"]
+
+
 def test_a_job_inside_one_long_call_is_killed_and_the_worker_is_free(env, patched_runner) -> None:
     """The job's process sits in one call that cannot check (here a 600 s sleep): the worker
     kills it cancel_grace_s after the cancel and is free; the job stays cancelled, its log says

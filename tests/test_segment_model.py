@@ -123,6 +123,33 @@ def test_embedding_cache_hits_and_shapes(tiny, tmp_path):
     assert len(list((tmp_path / key).glob("*.pt"))) == 4
 
 
+def test_embedding_cache_prunes_the_least_recently_used_entries(tmp_path) -> None:
+    """Over its limit the cache drops its oldest entries (by write or last hit) down to 80 %
+    of it; a hit makes an old entry recent; files being written and a cache within its limit
+    (or with no limit) are left alone."""
+    import os
+
+    from calseg.segment.embeddings import PRUNE_TO_FRACTION
+
+    cache = EmbeddingCache(tmp_path)
+    key = "m__s64__0123"
+    for i in range(10):
+        cache.save(key, f"f{i}", {"x": torch.zeros(256)})
+        os.utime(tmp_path / key / f"f{i}.pt", (1000.0 + i, 1000.0 + i))
+    (tmp_path / key / "half-written.tmp").write_bytes(b"x" * 10_000)
+    size = (tmp_path / key / "f0.pt").stat().st_size
+    assert cache.prune(0).n_removed == 0 and cache.prune(10 * size).n_removed == 0
+    assert cache.load(key, "f1") is not None  # a hit: f1 is now the most recent
+    res = cache.prune(5 * size)  # 10 entries over a limit of 5: down to 4 (80 %)
+    assert PRUNE_TO_FRACTION == 0.8
+    assert (res.n_removed, res.bytes_removed, res.bytes_left) == (6, 6 * size, 4 * size)
+    left = sorted(p.stem for p in (tmp_path / key).glob("*.pt"))
+    assert left == ["f1", "f7", "f8", "f9"]
+    assert (tmp_path / key / "half-written.tmp").exists()
+    assert cache.load(key, "f0") is None  # pruned: a miss, recomputed by its caller
+    assert EmbeddingCache(tmp_path / "absent").prune(1).bytes_left == 0
+
+
 def test_single_mask_output_is_identical_in_train_and_eval_mode(tiny):
     """With multimask_output=False the decoder gives its single-mask token in both modes; the
     eval-only stability swap of SAM2's post-processing is off unless asked for."""

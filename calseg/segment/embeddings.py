@@ -299,12 +299,29 @@ def _frame_hash(x: torch.Tensor) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()[:32]
 
 
+PRUNE_TO_FRACTION = 0.8
+""":meth:`EmbeddingCache.prune` removes entries down to this fraction of its limit, so a cache
+at its limit is not pruned again after every job (hysteresis)."""
+
+
+@dataclass
+class PruneResult:
+    """What :meth:`EmbeddingCache.prune` did: entries and bytes removed, bytes left."""
+
+    n_removed: int
+    bytes_removed: int
+    bytes_left: int
+
+
 class EmbeddingCache:
     """Directory of ``<model_key>/<frame_hash>.pt`` files (each a dict of float16 tensors).
 
     ``model_key`` combines config name, image size and the encoder weights hash, so entries
     of different models or image sizes never mix. Writes are atomic (temp file + rename), so
-    concurrent workers sharing one cache directory do not read half-written files.
+    concurrent workers sharing one cache directory do not read half-written files. A hit
+    touches its file's modification time, so :meth:`prune` removes the least recently used
+    entries first; an entry pruned while another job runs is recomputed by that job (a missing
+    entry is a miss).
     """
 
     def __init__(self, root: Path | str) -> None:
@@ -327,10 +344,17 @@ class EmbeddingCache:
         if not p.exists():
             return None
         try:
-            return torch.load(p, map_location="cpu", weights_only=True)
+            tensors = torch.load(p, map_location="cpu", weights_only=True)
+        except FileNotFoundError:  # pruned between the check and the read: a miss
+            return None
         except Exception as exc:  # corrupt entry: recompute
             log.warning("ignoring unreadable embedding cache entry %s: %s", p, exc)
             return None
+        try:
+            os.utime(p)  # recently used: pruned last
+        except OSError:
+            pass
+        return tensors
 
     def save(self, model_key: str, frame_hash: str, tensors: dict) -> None:
         """Store one frame's tensors atomically."""
@@ -346,6 +370,36 @@ class EmbeddingCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def prune(self, max_bytes: int) -> PruneResult:
+        """Keep the cache within ``max_bytes``: when its entries (``*.pt`` files) hold more,
+        remove the least recently used (oldest modification time: written or last hit) until
+        at most :data:`PRUNE_TO_FRACTION` x ``max_bytes`` remain. ``max_bytes`` 0: no limit,
+        nothing removed. Files in the middle of a write (``*.tmp``) are never touched; an
+        entry that vanishes meanwhile (another worker pruning) is skipped."""
+        entries = []
+        for p in self.root.glob("*/*.pt") if self.root.is_dir() else ():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        if max_bytes <= 0 or total <= max_bytes:
+            return PruneResult(0, 0, total)
+        target = int(PRUNE_TO_FRACTION * max_bytes)
+        n = removed = 0
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total - removed <= target:
+                break
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            n, removed = n + 1, removed + size
+        log.info("embedding cache %s: removed %d entries (%d bytes) to stay under %d bytes",
+                 self.root, n, removed, max_bytes)  # fmt: skip
+        return PruneResult(n, removed, total - removed)
 
 
 def encoder_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

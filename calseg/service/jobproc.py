@@ -52,13 +52,16 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select as sql_select
 from sqlalchemy import update
 
 from calseg.service.models import Job, utcnow
 from calseg.service.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calseg.segment.embeddings import PruneResult
 
 log = logging.getLogger("calseg.service.jobproc")
 
@@ -317,6 +320,21 @@ def _over_limit(pid: int, limits: tuple[int, float, str] | None, ran_s: float) -
             "the recording or the parameters cost more than CalSeg's estimate"
         )
     return None
+
+
+def prune_embedding_cache(settings: Settings | None = None) -> PruneResult | None:
+    """Keep the jobs' embedding cache (``settings.embedding_cache_dir``) under
+    ``settings.max_cache_bytes`` (:meth:`calseg.segment.embeddings.EmbeddingCache.prune`); the
+    worker calls it after each job. Never raises: a failure is logged and gives None (the
+    worker must live on; the next job prunes again)."""
+    from calseg.segment.embeddings import EmbeddingCache
+
+    settings = settings or get_settings()
+    try:
+        return EmbeddingCache(settings.embedding_cache_dir).prune(settings.max_cache_bytes)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not prune the embedding cache %s: %s", settings.cache_dir, exc)
+        return None
 
 
 def run_job_in_child(

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     )
     artifact_dir: Path = Field(default=Path("var/artifacts"), description="Artifact store root.")
     cache_dir: Path = Field(default=Path("var/cache"), description="Embedding cache root.")
+    max_cache_bytes: int = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="Size the SAM2 embedding cache (cache_dir/embeddings) is kept under: after "
+        "each job the worker removes the least recently used entries down to 80 % of it "
+        "(calseg.segment.embeddings.EmbeddingCache.prune; bytes; 0: no limit). A 512 px frame "
+        "of SAM2 tiny is ~2 MB, so 20 GiB holds ~10,000 frames.",
+    )
     log_dir: Path = Field(default=Path("var/logs"), description="Logs of embedded processes.")
     sam2_checkpoint: Path | None = Field(
         default=None,
@@ -223,6 +231,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        """The SAM2 embedding cache the jobs share (``cache_dir/embeddings``; kept under
+        ``max_cache_bytes`` by :func:`calseg.service.jobproc.prune_embedding_cache`)."""
+        return self.cache_dir / "embeddings"
 
     def read_limits(self) -> ReadLimits:
         """The decode budget of one recording (:class:`calseg.io.recordings.ReadLimits`)."""
