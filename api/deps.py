@@ -211,8 +211,8 @@ def _limits_out(
     session: Session, user: User, settings: Settings, limits: JobLimits | None = None
 ) -> LimitsOut:
     """``user``'s limits in force (``limits`` when the caller has them already) with their
-    count of queued or running jobs."""
-    from calseg.service.costs import effective_limits
+    count of queued or running jobs and the storage they use."""
+    from calseg.service.costs import effective_limits, storage_used_bytes
 
     limits = limits or effective_limits(user, settings, session)
     active = session.scalar(
@@ -220,7 +220,12 @@ def _limits_out(
         .select_from(Job)
         .where(Job.owner_id == user.id, Job.state.in_(("queued", "running")))
     )
-    return LimitsOut(user=user.name, queued_or_running=active or 0, **limits.to_dict())
+    return LimitsOut(
+        user=user.name,
+        queued_or_running=active or 0,
+        storage_used_bytes=storage_used_bytes(session, user.id),
+        **limits.to_dict(),
+    )
 
 
 def _job(session: Session, job_id: str, user: User) -> Job:

@@ -74,11 +74,32 @@ def _too_large(limit: int) -> UploadError:
     )
 
 
+def over_quota(size: int, left: int, *, streaming: bool = False) -> UploadError:
+    """The 507 of an upload that does not fit in what is left of its owner's storage quota
+    (``max_storage_bytes``, :func:`calseg.service.costs.storage_left_bytes`)."""
+    what = f"after {size:,} bytes, this upload" if streaming else f"this upload of {size:,} bytes"
+    return UploadError(
+        f"{what} does not fit in your storage quota: {left:,} bytes of it are left (your "
+        "recordings, the files your jobs left and the estimated writes of your queued jobs "
+        "count, GET /api/users/<you>/limits); delete recordings or jobs you no longer need "
+        "(DELETE /api/recordings/ID, /api/jobs/ID) or ask an admin to raise max_storage_bytes; "
+        "nothing was stored",
+        status=507,
+    )
+
+
 class _Sink:
     """Writes the file part to ``dest`` while hashing and counting."""
 
-    def __init__(self, dest: Path, limit: int, min_free: int | None = None) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        limit: int,
+        min_free: int | None = None,
+        quota_left: int | None = None,
+    ) -> None:
         self.dest, self.limit, self.min_free = dest, limit, min_free
+        self.quota_left = quota_left
         self.digest = hashlib.sha256()
         self.size = 0
         self.checked_at = 0  # bytes written when the free disk was last looked at
@@ -97,6 +118,8 @@ class _Sink:
         self.size += len(data)
         if self.size > self.limit:
             raise _too_large(self.limit)
+        if self.quota_left is not None and self.size > self.quota_left:
+            raise over_quota(self.size, self.quota_left, streaming=True)
         if self.min_free is not None and self.size - self.checked_at >= DISK_CHECK_BYTES:
             self.checked_at = self.size  # a body without Content-Length: look as it grows
             free = shutil.disk_usage(self.dest.parent).free
@@ -122,18 +145,32 @@ DISK_CHECK_BYTES = 64 * 2**20
 
 
 async def receive_file(
-    request: Request, dest: Path, limit: int, min_free: int | None = None
+    request: Request,
+    dest: Path,
+    limit: int,
+    min_free: int | None = None,
+    quota_left: int | None = None,
 ) -> ReceivedFile:
-    """Stream the request's file to ``dest`` (bounded memory), checking ``limit`` bytes.
+    """Stream the request's file to ``dest`` (bounded memory), checking ``limit`` bytes, the
+    free disk (``min_free``) and what is left of the owner's storage quota (``quota_left``;
+    None: no quota).
 
     Raises:
-        UploadError: too large (``too_large``), not multipart/octet-stream, no ``file`` field.
+        UploadError: too large (``too_large``), over the quota or the free disk (507), not
+            multipart/octet-stream, no ``file`` field.
     """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
         raise _too_large(limit)
+    if (
+        quota_left is not None
+        and declared
+        and declared.isdigit()
+        and int(declared) > quota_left + MULTIPART_SLACK
+    ):
+        raise over_quota(int(declared), quota_left)
     ctype, options = parse_options_header(request.headers.get("content-type"))
-    sink = _Sink(dest, limit, min_free)
+    sink = _Sink(dest, limit, min_free, quota_left)
     fields: dict[str, str] = {}
     try:
         if ctype == b"multipart/form-data":

@@ -969,6 +969,7 @@ _LIMIT_OPTIONS = {
     "max_job_hours": ("max_job_time_s", 3600.0),
     "max_queued_jobs": ("max_queued_jobs", 1),
     "max_running_jobs": ("max_running_jobs", 1),
+    "max_storage_gib": ("max_storage_bytes", 1024**3),
 }
 
 
@@ -1002,6 +1003,9 @@ def users_limits(
         None, help="jobs queued or running at once (quota), or 'default'"
     ),
     max_running_jobs: str | None = typer.Option(None, help="jobs running at once, or 'default'"),
+    max_storage_gib: str | None = typer.Option(
+        None, help="storage quota: recordings and job files (GiB), or 'default'"
+    ),
 ) -> None:
     """Show a user's job limits; with options, set them first ('default': the server's
     setting applies again). Limits are checked when a job is submitted
@@ -1017,6 +1021,7 @@ def users_limits(
         "max_job_hours": max_job_hours,
         "max_queued_jobs": max_queued_jobs,
         "max_running_jobs": max_running_jobs,
+        "max_storage_gib": max_storage_gib,
     }
     with _db_session() as session:
         user = get_user(session, name)

@@ -172,7 +172,8 @@ def test_a_job_that_would_fill_the_disk_is_refused(
 
     for name, value in [("CALSEG_JOB_MAX_DISK_BYTES", 2**53),
                         ("CALSEG_JOB_MAX_MEMORY_BYTES", 2**50),
-                        ("CALSEG_JOB_MAX_TIME_S", 365 * 86400)]:  # fmt: skip
+                        ("CALSEG_JOB_MAX_TIME_S", 365 * 86400),
+                        ("CALSEG_MAX_USER_STORAGE_BYTES", 2**53)]:  # fmt: skip
         monkeypatch.setenv(name, str(value))
     get_settings.cache_clear()
     big = {"n_videos": 200, "n_frames": 5000, "height": 1024, "width": 1024}

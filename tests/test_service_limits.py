@@ -154,8 +154,10 @@ def test_the_issues_jobs_are_refused_with_the_estimate_and_the_limit(
     assert "this simulate job is estimated to need more than you may use" in detail
     assert "memory" in detail and "disk" in detail and "time" in detail and "limit" in detail
     errors = {e["msg"].split()[1]: e for e in r.json()["errors"]}
-    # (and "free disk" where the machine has less free disk than the job would write)
-    assert {"memory", "disk", "time"} <= set(errors) <= {"memory", "disk", "time", "free"}
+    # (and "free disk" where the machine has less free disk than the job would write; the
+    # 100 GiB storage quota of every user by default)
+    assert {"memory", "disk", "time", "storage"} <= set(errors)
+    assert set(errors) <= {"memory", "disk", "time", "free", "storage"}
     assert errors["disk"]["type"] == "cost_limit" and errors["disk"]["input"] > 1e14  # > 100 TB
     assert "calseg users limits" in detail  # says who can raise it
     # a finetune at the largest bounds: every field valid, the whole job far too long
@@ -254,6 +256,78 @@ def test_unknown_devices_are_refused_at_submit(
     get_settings.cache_clear()
     r = client.post("/api/jobs", json={"kind": "infer", "params": params})
     assert r.status_code == 201, r.text
+
+
+def test_the_storage_quota_holds_uploads_and_jobs_and_deleting_frees_it(
+    client: TestClient,  # noqa: F811
+    admin: dict[str, str],
+) -> None:
+    """One user's uploads and jobs could fill the disk down to min_free_disk_bytes, after which
+    every other user was refused. Each user now has a storage quota (max_storage_bytes):
+    recordings, the files their jobs left and their queued jobs' estimated writes count."""
+    root = _headers(admin["root"])
+    rng = np.random.default_rng(0)
+    one = _tiff_bytes(rng.integers(0, 4000, (4, 32, 32), dtype=np.uint16))
+    two = _tiff_bytes(rng.integers(0, 4000, (8, 32, 32), dtype=np.uint16))
+    quota = len(one) + len(two) // 2  # room for the first file, not for both
+    r = client.patch("/api/users/alice/limits", json={"max_storage_bytes": quota}, headers=root)
+    assert r.status_code == 200 and r.json()["sources"]["max_storage_bytes"] == "user", r.text
+    first = client.post("/api/recordings", files={"file": ("one.tif", one, "image/tiff")})
+    assert first.status_code == 201, first.text
+    limits = client.get("/api/users/alice/limits").json()
+    assert limits["storage_used_bytes"] == len(one) and limits["max_storage_bytes"] == quota
+
+    def incoming() -> list[str]:
+        folder = get_settings().artifact_dir / "recordings" / ".incoming"
+        return [p.name for p in folder.rglob("*")] if folder.exists() else []
+
+    # declared (Content-Length), streamed without a length (chunked) and a raw body: 507
+    def chunks():
+        yield two[: len(two) // 2]
+        yield two[len(two) // 2 :]
+
+    raw = {"Content-Type": "application/octet-stream"}
+    for kwargs, how in (
+        ({"files": {"file": ("two.tif", two, "image/tiff")}}, "after "),  # within the slack
+        ({"content": chunks(), "params": {"filename": "two.tif"}, "headers": raw}, "after "),
+        ({"content": b"\0" * 150_000, "params": {"filename": "z.tif"}, "headers": raw}, "this"),
+    ):
+        r = client.post("/api/recordings", **kwargs)
+        assert r.status_code == 507, r.text
+        assert "does not fit in your storage quota" in r.json()["detail"]
+        assert f"{quota - len(one):,} bytes of it are left" in r.json()["detail"]
+        # refused from its Content-Length before a byte is read, or as it streams in
+        assert r.json()["detail"].startswith(how)
+    with session_scope() as s:
+        assert s.query(Recording).count() == 1
+    assert incoming() == []
+    # a job whose estimated writes do not fit: 422 naming the quota, and the estimate says so
+    r = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+    assert r.status_code == 422 and "storage quota" in r.json()["detail"], r.text
+    assert "DELETE /api/recordings/ID" in r.json()["detail"]
+    r = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": SIM})
+    assert r.json()["fits"] is False and "storage quota" in r.json()["over"]
+    assert r.json()["limits"]["storage_used_bytes"] == len(one)
+    # deleting the recording frees its bytes: the second file fits now
+    assert client.delete(f"/api/recordings/{first.json()['id']}").status_code in (200, 204)
+    r = client.post("/api/recordings", files={"file": ("two.tif", two, "image/tiff")})
+    assert r.status_code == 201, r.text
+    # another user's quota is their own; a job counts its estimate while queued, then the
+    # bytes its folder holds when it has ended
+    bob = _headers(admin["bob"])
+    r = client.post("/api/recordings", files={"file": ("one.tif", one, "image/tiff")}, headers=bob)
+    assert r.status_code == 201, r.text
+    job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}, headers=bob).json()
+    used = client.get("/api/users/bob/limits", headers=bob).json()["storage_used_bytes"]
+    with session_scope() as s:
+        assert used == len(one) + s.get(Job, job["id"]).estimated_disk_bytes
+    assert _run(job["id"]) == "succeeded"
+    folder = get_settings().artifact_dir / "jobs" / job["id"]
+    written = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    with session_scope() as s:
+        assert s.get(Job, job["id"]).stored_bytes == written > 0
+    used = client.get("/api/users/bob/limits", headers=bob).json()["storage_used_bytes"]
+    assert used == len(one) + written
 
 
 def test_admins_set_per_user_limits_users_see_their_own(
@@ -581,6 +655,10 @@ def test_cli_users_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert r.exit_code == 0
     with session_scope(url) as s:
         assert s.query(User).filter_by(name="bob").one().max_queued_jobs is None
+    r = runner.invoke(app, ["users", "limits", "bob", "--max-storage-gib", "0.5"])
+    assert r.exit_code == 0 and "max_storage_bytes" in r.output and "0.5 GiB" in r.output
+    with session_scope(url) as s:
+        assert s.query(User).filter_by(name="bob").one().max_storage_bytes == 2**29
     r = runner.invoke(app, ["users", "limits", "carol"])
     assert r.exit_code == 2 and "there is no user 'carol'" in r.output
     get_settings.cache_clear()

@@ -88,6 +88,7 @@ def estimate_job(
         estimate,
         over_limits,
         reserved_disk_bytes,
+        storage_left_bytes,
     )
     from calseg.service.schemas import validate_params
 
@@ -97,7 +98,10 @@ def estimate_job(
     est = estimate(session, body.kind, validated, settings)
     own = effective_limits(user, settings, session)
     limits = _limits_out(session, user, settings, own)
-    over = [what for what, _, _ in over_limits(est, own, settings, reserved_disk_bytes(session))]
+    left = storage_left_bytes(session, user, own)
+    over = [
+        what for what, _, _ in over_limits(est, own, settings, reserved_disk_bytes(session), left)
+    ]
     return EstimateOut(
         kind=body.kind, estimate=est.to_dict(), limits=limits, fits=not over, over=over
     )

@@ -29,7 +29,7 @@ from api.frames import (
     recording_frame,
     render_png,
 )
-from api.uploads import UploadError, receive_file
+from api.uploads import UploadError, over_quota, receive_file
 from calseg.fmt import plural
 from calseg.service import jobs as lifecycle
 from calseg.service.auth import can_see
@@ -118,11 +118,21 @@ def _min_free(settings: Settings) -> int | None:
     return None if settings.store_url else settings.min_free_disk_bytes
 
 
+def _storage_left(session: Session, owner: User, settings: Settings | None) -> int | None:
+    """What ``owner`` may still store (bytes; None: no quota or no settings),
+    :func:`calseg.service.costs.storage_left_bytes`."""
+    from calseg.service.costs import effective_limits, storage_left_bytes
+
+    if settings is None:
+        return None
+    return storage_left_bytes(session, owner, effective_limits(owner, settings, session))
+
+
 def _check_free_disk(request: Request, settings: Settings) -> None:
     """507 before any byte is stored when the upload (its Content-Length; a body without one is
     checked as it streams, :func:`api.uploads.receive_file`) would leave the artifact store
     less than ``settings.min_free_disk_bytes`` free: one user's uploads (up to 4 GiB each, with
-    no storage quota) could fill the server's disk (a new-user check)."""
+    a storage quota of 100 GiB each) could together fill the server's disk (a new-user check)."""
     from calseg.service.costs import GIB, free_disk_bytes
 
     free = free_disk_bytes(settings)
@@ -148,6 +158,7 @@ def _register_recording(
     owner: User,
     read_options: dict[str, Any] | None = None,
     limits: Any = None,
+    settings: Settings | None = None,
 ) -> tuple[Recording, bool]:
     """Probe and store an uploaded file for ``owner``; returns (recording, is_duplicate).
 
@@ -155,6 +166,7 @@ def _register_recording(
     ``limits`` (413 when over it, 422 when unreadable or refused) and decodes its first and
     last frame. It runs on the file alone in a folder of its own, under the user's file name.
     Duplicates are recognised per owner (by sha256): the owner's earlier recording is returned.
+    A new file over what is left of the owner's storage quota (``settings``) is 507.
     """
     from calseg.io.recordings import RecordingError, probe_recording
 
@@ -196,6 +208,15 @@ def _register_recording(
         read_options=read_options or None,
         info=stored_info,
     )
+    # the quota again, now the size is known, under the owner's lock (as a job submit takes
+    # it) held only to the commit: two uploads streamed side by side each fitted in what was
+    # left before either was stored
+    lifecycle.lock_owner(session, owner)
+    left = _storage_left(session, owner, settings)
+    if left is not None and size > left:
+        session.rollback()
+        store.delete(f"recordings/{rec_id}")
+        raise HTTPException(507, str(over_quota(size, left)))
     session.add(rec)
     try:
         session.commit()
@@ -228,7 +249,8 @@ def _register_recording(
         },
         507: {
             "description": "the upload would leave the server's disk with less than "
-            "CALSEG_MIN_FREE_DISK_BYTES free (nothing stored)"
+            "CALSEG_MIN_FREE_DISK_BYTES free, or does not fit in what is left of your storage "
+            "quota (max_storage_bytes; nothing stored)"
         },
     },
 )
@@ -274,10 +296,16 @@ async def upload_recording(
               f"reading options {', '.join(sorted(query))}"} for name in unknown]
         )  # fmt: skip
     _check_free_disk(request, settings)
+    quota_left = _storage_left(session, user, settings)
+    session.commit()  # no transaction held open while the body streams in
     tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
     try:
         received = await receive_file(
-            request, tmp, settings.max_upload_bytes, min_free=_min_free(settings)
+            request,
+            tmp,
+            settings.max_upload_bytes,
+            min_free=_min_free(settings),
+            quota_left=quota_left,
         )
     except UploadError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
@@ -301,6 +329,7 @@ async def upload_recording(
         user,
         options,
         settings.read_limits(),
+        settings,
     )
     response.status_code = 200 if duplicate else 201
     out = RecordingOut.model_validate(rec).model_copy(update={"duplicate": duplicate})

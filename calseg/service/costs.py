@@ -582,6 +582,8 @@ class JobLimits:
     max_job_time_s: float
     max_queued_jobs: int
     max_running_jobs: int | None
+    max_storage_bytes: int | None = None
+    """Storage quota (bytes; None: none), :func:`storage_used_bytes` counts against it."""
     sources: dict[str, str] = field(default_factory=dict)
     """``{limit: "user" | "server"}``: whether the user's own value or the server's applies."""
 
@@ -592,6 +594,7 @@ class JobLimits:
             "max_job_time_s": self.max_job_time_s,
             "max_queued_jobs": self.max_queued_jobs,
             "max_running_jobs": self.max_running_jobs,
+            "max_storage_bytes": self.max_storage_bytes,
             "sources": dict(self.sources),
         }
 
@@ -602,8 +605,10 @@ USER_LIMIT_FIELDS = (
     "max_job_time_s",
     "max_queued_jobs",
     "max_running_jobs",
+    "max_storage_bytes",
 )
-"""Columns of ``users`` that replace the server's setting of the same name when not NULL."""
+"""Columns of ``users`` that replace the server's setting of the same name when not NULL
+(``max_storage_bytes``: the server's ``max_user_storage_bytes``)."""
 
 
 def physical_memory_bytes() -> int:
@@ -626,6 +631,7 @@ def server_limits(settings: Settings) -> dict[str, Any]:
         "max_job_time_s": float(settings.job_max_time_s),
         "max_queued_jobs": int(settings.max_queued_jobs),
         "max_running_jobs": settings.max_running_jobs,
+        "max_storage_bytes": settings.max_user_storage_bytes,
     }
 
 
@@ -667,14 +673,22 @@ class JobTooCostly(ValueError):
         parts = "; ".join(
             f"{what} {_fmt(what, e)} > limit {_fmt(what, lim)}" for what, e, lim in over
         )
+        # "free disk" and "storage quota" are compared with the job's disk estimate
+        families = {"disk" if w in ("free disk", "storage quota") else w for w, _, _ in over}
         top = sorted(
-            ((k, v) for k, v in est.parts.items() if k.split(":")[0] in {w for w, _, _ in over}),
+            ((k, v) for k, v in est.parts.items() if k.split(":")[0] in families),
             key=lambda kv: -kv[1],
         )[:3]
         biggest = ", ".join(f"{k.split(':', 1)[1]} {_fmt(k.split(':')[0], v)}" for k, v in top)
+        quota = (
+            "; delete recordings or jobs you no longer need (DELETE /api/recordings/ID, "
+            "/api/jobs/ID) to free your storage quota"
+            if any(w == "storage quota" for w, _, _ in over)
+            else ""
+        )
         super().__init__(
             f"this {kind} job is estimated to need more than you may use: {parts} (largest "
-            f"parts: {biggest}); make it smaller, or ask an admin to raise your limit "
+            f"parts: {biggest}){quota}; make it smaller, or ask an admin to raise your limit "
             "(PUT /api/users/<you>/limits, `calseg users limits`)"
         )
 
@@ -774,10 +788,44 @@ def check_admission(
                 "admin can raise max_queued_jobs)"
             )
     est = estimate(session, kind, params, settings)
-    over = over_limits(est, limits, settings, reserved_disk_bytes(session))
+    left = storage_left_bytes(session, owner, limits)
+    over = over_limits(est, limits, settings, reserved_disk_bytes(session), left)
     if over:
         raise JobTooCostly(kind, est, limits, over)
     return est
+
+
+def storage_used_bytes(session: Session, owner_id: str) -> int:
+    """Bytes a user has on the server: their uploaded recordings (``recordings.size_bytes``),
+    the folders their ended jobs left (``jobs.stored_bytes``, measured when each ended; its
+    estimate for a job killed before it was measured) and the estimated writes of their queued
+    and running jobs (``jobs.estimated_disk_bytes``). The
+    embedding cache, shared by all users and pruned on its own
+    (:func:`calseg.service.jobproc.prune_embedding_cache`), is not counted."""
+    recordings = session.scalar(
+        select(func.coalesce(func.sum(Recording.size_bytes), 0)).where(
+            Recording.owner_id == owner_id
+        )
+    )
+    ended = session.scalar(  # a job killed before it was measured: its estimate
+        select(
+            func.coalesce(func.sum(func.coalesce(Job.stored_bytes, Job.estimated_disk_bytes)), 0)
+        ).where(Job.owner_id == owner_id, Job.state.not_in(("queued", "running")))
+    )
+    active = session.scalar(
+        select(func.coalesce(func.sum(Job.estimated_disk_bytes), 0)).where(
+            Job.owner_id == owner_id, Job.state.in_(("queued", "running"))
+        )
+    )
+    return int(recordings or 0) + int(ended or 0) + int(active or 0)
+
+
+def storage_left_bytes(session: Session, owner: User | None, limits: JobLimits) -> int | None:
+    """What ``owner`` may still store under their quota (bytes, at least 0); None without an
+    owner or a quota."""
+    if owner is None or limits.max_storage_bytes is None:
+        return None
+    return max(int(limits.max_storage_bytes) - storage_used_bytes(session, owner.id), 0)
 
 
 def free_disk_bytes(settings: Settings) -> int | None:
@@ -810,14 +858,19 @@ def reserved_disk_bytes(session: Session) -> int:
 
 
 def over_limits(
-    est: CostEstimate, limits: JobLimits, settings: Settings, reserved_bytes: int = 0
+    est: CostEstimate,
+    limits: JobLimits,
+    settings: Settings,
+    reserved_bytes: int = 0,
+    storage_left: int | None = None,
 ) -> list[tuple[str, float, float]]:
     """``[(resource, estimate, limit)]`` of each resource the estimate exceeds: the owner's
-    memory, disk and time limits, and the free disk of the artifact store less
+    memory, disk and time limits, the free disk of the artifact store less
     ``settings.min_free_disk_bytes`` and less ``reserved_bytes`` (the estimates of the queued
     and running jobs, :func:`reserved_disk_bytes`) ("free disk"; a new-user check got ``fits``
     for 134 GB of writes with 66 GB free, and three 36 GiB jobs were admitted one after the
-    other with 59 GiB free)."""
+    other with 59 GiB free), and what is left of the owner's storage quota (``storage_left``,
+    :func:`storage_left_bytes`; None: no quota) ("storage quota")."""
     checks = [
         ("memory", est.memory_bytes, limits.max_job_memory_bytes),
         ("disk", est.disk_bytes, limits.max_job_disk_bytes),
@@ -827,4 +880,6 @@ def over_limits(
     if free is not None:  # what it may write and still leave min_free_disk_bytes free
         room = free - settings.min_free_disk_bytes - reserved_bytes
         checks.append(("free disk", est.disk_bytes, max(room, 0)))
+    if storage_left is not None:
+        checks.append(("storage quota", est.disk_bytes, storage_left))
     return [(what, value, limit) for what, value, limit in checks if value > limit]

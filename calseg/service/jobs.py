@@ -623,7 +623,23 @@ def run_job(
         calseg_logger.removeHandler(forward)
         ctx.close()
         _register_log(url, store, job.id, f"{ctx.prefix}/job.log")
+        _record_stored_bytes(url, store, job.id, ctx.prefix)
     return state
+
+
+def _record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str) -> None:
+    """Keep the bytes of the job's folder (``jobs.stored_bytes``): what its owner's storage
+    quota counts for it once it has ended (:func:`calseg.service.costs.storage_used_bytes`).
+    A remote store is measured on its local mirror, which holds what the job wrote."""
+    from calseg.service.db import session_scope
+
+    try:
+        folder = store.workdir(prefix)
+        total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        with session_scope(url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(stored_bytes=total))
+    except Exception as exc:  # noqa: BLE001 - the job has ended; its quota falls back on its estimate
+        log.warning("job %s: could not measure its files: %s", job_id, exc)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

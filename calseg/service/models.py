@@ -3,8 +3,9 @@ artifacts and metrics, and uploaded recordings. The schema is created by the Ale
 ``0001_initial``, ``0002_users_tokens`` (owners, tokens, metric steps, provenance) and
 ``0003_recording_reading`` (how an uploaded recording is read: options and reader info) and
 ``0004_user_limits`` (per-user job cost limits and quotas), ``0005_kinds_registry`` (kinds
-from the registry) and ``0006_job_disk_estimate`` (each job's estimated disk, reserved while it
-is queued or running).
+from the registry), ``0006_job_disk_estimate`` (each job's estimated disk, reserved while it
+is queued or running) and ``0007_storage_quota`` (per-user storage quotas and the bytes each
+job left).
 
 Ownership: jobs and recordings carry ``owner_id``; datasets and models are outputs of simulate
 and finetune jobs and artifacts and metrics belong to a job, so they inherit the job's owner.
@@ -74,6 +75,7 @@ class User(Base):
             "max_job_time_s",
             "max_queued_jobs",
             "max_running_jobs",
+            "max_storage_bytes",
         )
     )
 
@@ -88,6 +90,8 @@ class User(Base):
     max_job_time_s: Mapped[float | None] = mapped_column(Float)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """The user's storage quota (migration 0007; NULL: ``max_user_storage_bytes``)."""
 
     tokens: Mapped[list[ApiToken]] = relationship(
         back_populates="user", cascade="all, delete-orphan", order_by="ApiToken.created_at"
@@ -147,6 +151,10 @@ class Job(Base):
     estimated_disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Bytes the job was estimated to write when it was admitted (migration 0006; NULL for
     jobs admitted before): reserved on the free disk while it is queued or running."""
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Bytes of the job's folder in the artifact store when it ended (migration 0007; NULL
+    while it runs and for jobs that ended before): what it counts against its owner's storage
+    quota (:func:`calseg.service.costs.storage_used_bytes`)."""
     dispatch_id: Mapped[str | None] = mapped_column(String(36))
     worker: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -760,6 +760,7 @@ class LimitsIn(BaseModel):
     max_job_time_s: float | None = Field(None, gt=0, le=365 * 86400)
     max_queued_jobs: int | None = Field(None, ge=1, le=100_000)
     max_running_jobs: int | None = Field(None, ge=1, le=10_000)
+    max_storage_bytes: int | None = Field(None, gt=0, le=2**53)
 
 
 class LimitsOut(BaseModel):
@@ -772,8 +773,14 @@ class LimitsOut(BaseModel):
     max_job_time_s: float
     max_queued_jobs: int
     max_running_jobs: int | None
+    max_storage_bytes: int | None = Field(None, description="storage quota (bytes); null: none")
     sources: dict[str, Literal["user", "server"]]
     queued_or_running: int = Field(0, description="the user's jobs queued or running now")
+    storage_used_bytes: int = Field(
+        0,
+        description="bytes the user has on the server: recordings, files their jobs left and "
+        "the estimated writes of their queued and running jobs (calseg.service.costs)",
+    )
 
 
 class EstimateOut(BaseModel):

@@ -193,6 +193,15 @@ class Settings(BaseSettings):
         ge=1,
         description="Jobs one user may have queued or running at once (quota; more: 429).",
     )
+    max_user_storage_bytes: int | None = Field(
+        default=100 * 1024**3,
+        ge=1,
+        description="Storage quota of one user (bytes): their uploaded recordings, the files "
+        "their jobs left and the estimated writes of their queued and running jobs "
+        "(calseg.service.costs.storage_used_bytes). An upload over it is 507, a job 422; "
+        "DELETE of recordings or jobs frees it. Per user: users.max_storage_bytes. None: no "
+        "quota (the server's free disk still is: min_free_disk_bytes).",
+    )
     max_running_jobs: int | None = Field(
         default=None,
         ge=1,
