@@ -1,6 +1,7 @@
 """Fine-tuning on cached embeddings (random-weight tiny SAM2, tiny synthetic dataset)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,8 +104,13 @@ def test_on_history_failure_does_not_stop_training(tmp_path):
         progress=lambda f, stage, m=None: msgs.append(f"{stage}: {m}"),
     )
     assert len([h for h in res.history if h["kind"] == "train"]) == 2
-    # the job sees step, loss and an ETA
+    # the job sees step, loss and an ETA; validation scores at 3 significant digits (they
+    # showed 16: "val F1 0.7832512315270936", a new-user check)
     assert any(m.startswith("train: step 1/2 loss ") and " ETA " in m for m in msgs), msgs
+    shown = [m for m in msgs if m.startswith("validate: step 2: ")]
+    num = r"(0\.0*)?[0-9]{1,3}(\.[0-9]{1,3})?"  # 3 significant digits at most
+    pattern = rf"validate: step 2: (val F1 {num}, )?prompted val IoU {num}"
+    assert shown and re.fullmatch(pattern, shown[0]), shown
 
 
 def _two_size_dataset(root, size: int = 48, t: int = 4):

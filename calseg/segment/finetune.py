@@ -1619,11 +1619,13 @@ class Trainer:
             )
         if step > 0:
             self.checkpoint("last")  # resumable after every validation
-        shown = f"val F1 {res.get('val_f1')}, " if self.activities else ""
+        from calseg.fmt import fmt_num
+
+        shown = f"val F1 {fmt_num(res.get('val_f1'), 3)}, " if self.activities else ""
         self.progress(
             0.3 + 0.7 * step / cfg.steps,
             "validate",
-            f"step {step}: {shown}prompted val IoU {v}",
+            f"step {step}: {shown}prompted val IoU {fmt_num(v, 3)}",
         )
         return entry
 
