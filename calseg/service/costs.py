@@ -799,9 +799,10 @@ def storage_used_bytes(session: Session, owner_id: str) -> int:
     """Bytes a user has on the server: their uploaded recordings (``recordings.size_bytes``),
     the folders their ended jobs left (``jobs.stored_bytes``, measured when each ended; its
     estimate for a job killed before it was measured) and the estimated writes of their queued
-    and running jobs (``jobs.estimated_disk_bytes``). The
-    embedding cache, shared by all users and pruned on its own
-    (:func:`calseg.service.jobproc.prune_embedding_cache`), is not counted."""
+    and running jobs (``jobs.estimated_disk_bytes``, the embedding-cache part of the estimate
+    included: it errs on the side of the disk). The embedding cache itself, shared by all users
+    and pruned on its own (:func:`calseg.service.jobproc.prune_embedding_cache`), is not
+    counted once a job has ended."""
     recordings = session.scalar(
         select(func.coalesce(func.sum(Recording.size_bytes), 0)).where(
             Recording.owner_id == owner_id
