@@ -353,6 +353,10 @@ def test_a_job_inside_one_long_call_is_killed_and_the_worker_is_free(env, patche
     assert job.state == "cancelled" and job.result is None
     assert "the job was cancelled but did not stop within 1 s" in job.log_tail
     assert "killed its process" in job.log_tail
+    # its run_job never ended: the worker measured the files it left for its owner's quota
+    folder = env.artifact_dir / "jobs" / job_id
+    assert job.stored_bytes == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert job.stored_bytes > 0
     assert "job.log" in artifacts
     assert not alive(jobproc.last_child["pid"])
 

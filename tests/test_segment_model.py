@@ -150,6 +150,35 @@ def test_embedding_cache_prunes_the_least_recently_used_entries(tmp_path) -> Non
     assert EmbeddingCache(tmp_path / "absent").prune(1).bytes_left == 0
 
 
+def test_embedding_cache_pruning_touches_nothing_outside_the_cache(tmp_path) -> None:
+    """An attack check: pruning followed a symbolic link to a folder and deleted a checkpoint
+    outside the cache, counted what links point at, and emptied the cache when an entry could
+    not be removed (a folder named like one). Only regular files in real folders count; stale
+    temporary files of killed writes go."""
+    import os
+
+    root, outside = tmp_path / "embeddings", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sam2.1_hiera_tiny.pt").write_bytes(b"w" * 50_000)
+    cache = EmbeddingCache(root)
+    for i in range(5):
+        cache.save("k", f"f{i}", {"x": torch.zeros(256)})
+        os.utime(root / "k" / f"f{i}.pt", (1000.0 + i, 1000.0 + i))
+    size = (root / "k" / "f0.pt").stat().st_size
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "k" / "big.pt").symlink_to(outside / "sam2.1_hiera_tiny.pt")
+    (root / "k" / "d.pt").mkdir()
+    for name, age in (("old.tmp", 7200.0), ("new.tmp", 10.0)):
+        (root / "k" / name).write_bytes(b"t" * 100)
+        os.utime(root / "k" / name, (5e6 - age, 5e6 - age))
+    res = cache.prune(4 * size, now=5e6)  # 5 entries over a limit of 4: down to 3
+    assert (outside / "sam2.1_hiera_tiny.pt").stat().st_size == 50_000
+    assert (root / "k" / "big.pt").is_symlink() and (root / "k" / "d.pt").is_dir()
+    left = sorted(p.name for p in (root / "k").iterdir())
+    assert left == ["big.pt", "d.pt", "f2.pt", "f3.pt", "f4.pt", "new.tmp"]
+    assert (res.n_removed, res.bytes_left) == (3, 3 * size)  # f0, f1 and old.tmp
+
+
 def test_single_mask_output_is_identical_in_train_and_eval_mode(tiny):
     """With multimask_output=False the decoder gives its single-mask token in both modes; the
     eval-only stability swap of SAM2's post-processing is off unless asked for."""

@@ -330,6 +330,47 @@ def test_the_storage_quota_holds_uploads_and_jobs_and_deleting_frees_it(
     assert used == len(one) + written
 
 
+def test_the_storage_quota_counts_only_what_jobs_can_have_written(
+    client: TestClient,  # noqa: F811
+    admin: dict[str, str],
+) -> None:
+    """An attack check: a job cancelled while queued, or refused because the broker was down
+    (503), kept its whole estimate in its owner's storage until deleted; a retry counted the
+    job's old files and its new estimate together. Jobs that never started now count 0, and a
+    retry is checked without its own earlier bytes."""
+    from api.main import app, enqueue_dep
+    from calseg.service.broker import QueueUnavailable
+
+    def used() -> int:
+        return client.get("/api/users/alice/limits").json()["storage_used_bytes"]
+
+    job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    with session_scope() as s:
+        estimate = s.get(Job, job["id"]).estimated_disk_bytes
+    assert used() == estimate > 0
+    assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    assert used() == 0  # cancelled before it started: nothing written
+    # a quota with room for one estimate and a half: the retry fits, as its old self goes
+    r = client.patch(
+        "/api/users/alice/limits",
+        json={"max_storage_bytes": estimate * 3 // 2},
+        headers=_headers(admin["root"]),
+    )
+    assert r.status_code == 200
+    assert client.post(f"/api/jobs/{job['id']}/retry").status_code == 200
+    assert used() == estimate
+    assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+
+    def broker_down(job, countdown=None):  # noqa: ANN001, ANN202
+        raise QueueUnavailable("broker down (test)")
+
+    app.dependency_overrides[enqueue_dep] = lambda: broker_down
+    for _ in range(3):
+        r = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
+        assert r.status_code == 503, r.text
+    assert used() == 0
+
+
 def test_admins_set_per_user_limits_users_see_their_own(
     client: TestClient,  # noqa: F811
     admin: dict[str, str],
@@ -352,6 +393,9 @@ def test_admins_set_per_user_limits_users_see_their_own(
         ({"max_job_time_s": -1}, "max_job_time_s"),
         (b'{"max_job_memory_bytes": 1e400}', "max_job_memory_bytes"),
         ({"max_jobs": 3}, "max_jobs"),
+        ({"max_storage_bytes": True}, "max_storage_bytes"),  # was a 1-byte quota
+        ({"max_storage_bytes": "100"}, "max_storage_bytes"),
+        ({"max_storage_bytes": 0}, "max_storage_bytes"),
     ]:
         raw = body if isinstance(body, bytes) else None
         kwargs = {"content": raw, "headers": {**root, "Content-Type": "application/json"}}
@@ -662,6 +706,18 @@ def test_cli_users_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     r = runner.invoke(app, ["users", "limits", "carol"])
     assert r.exit_code == 2 and "there is no user 'carol'" in r.output
     get_settings.cache_clear()
+
+
+def test_no_limit_settings_read_none_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings whose None means "no limit" are set so from the environment too (``none``,
+    ``null`` or empty; ``CALSEG_MAX_USER_STORAGE_BYTES=none`` was an int parsing error)."""
+    for word in ("none", "NULL", ""):
+        monkeypatch.setenv("CALSEG_MAX_USER_STORAGE_BYTES", word)
+        monkeypatch.setenv("CALSEG_MAX_RUNNING_JOBS", word)
+        s = Settings()
+        assert s.max_user_storage_bytes is None and s.max_running_jobs is None
+    monkeypatch.setenv("CALSEG_MAX_USER_STORAGE_BYTES", "1000")
+    assert Settings().max_user_storage_bytes == 1000
 
 
 def test_settings_lists_reach_child_processes_as_json() -> None:

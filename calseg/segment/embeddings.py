@@ -304,6 +304,11 @@ PRUNE_TO_FRACTION = 0.8
 at its limit is not pruned again after every job (hysteresis)."""
 
 
+STALE_TMP_S = 3600.0
+"""Age (s) from which :meth:`EmbeddingCache.prune` removes a temporary file of a cache write:
+a write of one frame's tensors takes well under a second."""
+
+
 @dataclass
 class PruneResult:
     """What :meth:`EmbeddingCache.prune` did: entries and bytes removed, bytes left."""
@@ -371,35 +376,61 @@ class EmbeddingCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def prune(self, max_bytes: int) -> PruneResult:
+    def prune(self, max_bytes: int, now: float | None = None) -> PruneResult:
         """Keep the cache within ``max_bytes``: when its entries (``*.pt`` files) hold more,
         remove the least recently used (oldest modification time: written or last hit) until
-        at most :data:`PRUNE_TO_FRACTION` x ``max_bytes`` remain. ``max_bytes`` 0: no limit,
-        nothing removed. Files in the middle of a write (``*.tmp``) are never touched; an
-        entry that vanishes meanwhile (another worker pruning) is skipped."""
-        entries = []
-        for p in self.root.glob("*/*.pt") if self.root.is_dir() else ():
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            entries.append((st.st_mtime, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
-        if max_bytes <= 0 or total <= max_bytes:
-            return PruneResult(0, 0, total)
-        target = int(PRUNE_TO_FRACTION * max_bytes)
+        at most :data:`PRUNE_TO_FRACTION` x ``max_bytes`` remain. ``max_bytes`` 0: no limit.
+
+        Only regular files in real folders directly under the root are entries: symbolic links
+        (to a file or a folder) and anything else are neither counted nor removed, so nothing
+        outside the cache is ever touched. Temporary files of a write (``*.tmp``) older than
+        :data:`STALE_TMP_S` (left by a job process that was killed mid-write) are removed
+        whatever the limit; younger ones may be being written. An entry that vanishes
+        meanwhile (another worker pruning) is skipped. ``now``: the time to age files against
+        (default: the current time, ``time.time()``)."""
+        import stat
+        import time
+
+        now = time.time() if now is None else now
+        entries: list[tuple[float, int, Path]] = []
         n = removed = 0
-        for _, size, p in sorted(entries, key=lambda e: e[0]):
-            if total - removed <= target:
-                break
-            try:
-                p.unlink()
-            except OSError:
+        folders = (
+            [d for d in self.root.iterdir() if not d.is_symlink()] if self.root.is_dir() else []
+        )
+        for folder in folders:
+            if not folder.is_dir():
                 continue
-            n, removed = n + 1, removed + size
-        log.info("embedding cache %s: removed %d entries (%d bytes) to stay under %d bytes",
-                 self.root, n, removed, max_bytes)  # fmt: skip
-        return PruneResult(n, removed, total - removed)
+            for p in folder.iterdir():
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if p.suffix == ".pt":
+                    entries.append((st.st_mtime, st.st_size, p))
+                elif p.suffix == ".tmp" and now - st.st_mtime > STALE_TMP_S:
+                    try:
+                        p.unlink()
+                        n, removed = n + 1, removed + st.st_size
+                    except OSError:
+                        pass
+        total = sum(size for _, size, _ in entries)
+        if max_bytes > 0 and total > max_bytes:
+            target = int(PRUNE_TO_FRACTION * max_bytes)
+            for _, size, p in sorted(entries, key=lambda e: e[0]):
+                if total <= target:
+                    break
+                try:
+                    p.unlink()
+                except OSError:
+                    continue
+                total -= size
+                n, removed = n + 1, removed + size
+        if n:
+            log.info("embedding cache %s: removed %d files (%d bytes) to stay under %d bytes",
+                     self.root, n, removed, max_bytes)  # fmt: skip
+        return PruneResult(n, removed, total)
 
 
 def encoder_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

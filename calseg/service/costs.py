@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from calseg.service.models import Job, Recording, User
@@ -760,12 +760,18 @@ def check_device(kind: str, params: Any, settings: Settings) -> None:
 
 
 def check_admission(
-    session: Session, kind: str, params: Any, owner: User | None, settings: Settings
+    session: Session,
+    kind: str,
+    params: Any,
+    owner: User | None,
+    settings: Settings,
+    replacing_job_id: str | None = None,
 ) -> CostEstimate:
     """Refuse a job before it is queued: a device the server does not run (ParamsError, 422),
     a full queue quota (:class:`QuotaExceeded`, 429), or an estimate over the owner's limits
     (:class:`JobTooCostly`, 422). ``owner`` None (internal calls) is checked against the
-    server's limits without a quota.
+    server's limits without a quota. ``replacing_job_id``: the job a retry runs again (its old
+    files and estimate do not count against the storage quota).
 
     Returns:
         The job's :class:`CostEstimate` (within the limits).
@@ -788,45 +794,52 @@ def check_admission(
                 "admin can raise max_queued_jobs)"
             )
     est = estimate(session, kind, params, settings)
-    left = storage_left_bytes(session, owner, limits)
+    left = storage_left_bytes(session, owner, limits, replacing_job_id)
     over = over_limits(est, limits, settings, reserved_disk_bytes(session), left)
     if over:
         raise JobTooCostly(kind, est, limits, over)
     return est
 
 
-def storage_used_bytes(session: Session, owner_id: str) -> int:
+def storage_used_bytes(session: Session, owner_id: str, exclude_job_id: str | None = None) -> int:
     """Bytes a user has on the server: their uploaded recordings (``recordings.size_bytes``),
-    the folders their ended jobs left (``jobs.stored_bytes``, measured when each ended; its
-    estimate for a job killed before it was measured) and the estimated writes of their queued
-    and running jobs (``jobs.estimated_disk_bytes``, the embedding-cache part of the estimate
-    included: it errs on the side of the disk). The embedding cache itself, shared by all users
-    and pruned on its own (:func:`calseg.service.jobproc.prune_embedding_cache`), is not
-    counted once a job has ended."""
+    the folders their ended jobs left (``jobs.stored_bytes``, measured when each ended; for a
+    job that started but was not measured, its estimate; a job that never started wrote
+    nothing) and the estimated writes of their queued and running jobs
+    (``jobs.estimated_disk_bytes``, the embedding-cache part of the estimate included: it errs
+    on the side of the disk). The embedding cache itself, shared by all users and pruned on
+    its own (:func:`calseg.service.jobproc.prune_embedding_cache`), is not counted once a job
+    has ended. ``exclude_job_id``: a job left out (one being retried, whose old files go and
+    whose new estimate is what is checked)."""
+    others = Job.id != exclude_job_id if exclude_job_id is not None else True
     recordings = session.scalar(
         select(func.coalesce(func.sum(Recording.size_bytes), 0)).where(
             Recording.owner_id == owner_id
         )
     )
-    ended = session.scalar(  # a job killed before it was measured: its estimate
-        select(
-            func.coalesce(func.sum(func.coalesce(Job.stored_bytes, Job.estimated_disk_bytes)), 0)
-        ).where(Job.owner_id == owner_id, Job.state.not_in(("queued", "running")))
+    unmeasured = case((Job.started_at.is_not(None), Job.estimated_disk_bytes), else_=0)
+    ended = session.scalar(
+        select(func.coalesce(func.sum(func.coalesce(Job.stored_bytes, unmeasured)), 0)).where(
+            Job.owner_id == owner_id, Job.state.not_in(("queued", "running")), others
+        )
     )
     active = session.scalar(
         select(func.coalesce(func.sum(Job.estimated_disk_bytes), 0)).where(
-            Job.owner_id == owner_id, Job.state.in_(("queued", "running"))
+            Job.owner_id == owner_id, Job.state.in_(("queued", "running")), others
         )
     )
     return int(recordings or 0) + int(ended or 0) + int(active or 0)
 
 
-def storage_left_bytes(session: Session, owner: User | None, limits: JobLimits) -> int | None:
+def storage_left_bytes(
+    session: Session, owner: User | None, limits: JobLimits, exclude_job_id: str | None = None
+) -> int | None:
     """What ``owner`` may still store under their quota (bytes, at least 0); None without an
-    owner or a quota."""
+    owner or a quota. ``exclude_job_id``: as :func:`storage_used_bytes`."""
     if owner is None or limits.max_storage_bytes is None:
         return None
-    return max(int(limits.max_storage_bytes) - storage_used_bytes(session, owner.id), 0)
+    used = storage_used_bytes(session, owner.id, exclude_job_id)
+    return max(int(limits.max_storage_bytes) - used, 0)
 
 
 def free_disk_bytes(settings: Settings) -> int | None:

@@ -463,6 +463,12 @@ def run_job_in_child(
                   eta_s=None)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the worker must live on; the reconciler follows
         log.warning("job %s: could not record how its process ended: %s", job_id, exc)
+    if killed_after is not None or over_limit is not None or status != 0:
+        # its run_job never reached its end: the files it left count for its owner's quota
+        from calseg.service.jobs import record_stored_bytes
+        from calseg.service.store import get_store
+
+        record_stored_bytes(url, get_store(settings.artifact_dir), job_id, f"jobs/{job_id}")
     last_child.clear()
     last_child.update(
         pid=pid,

@@ -352,7 +352,9 @@ def retry_job(
     validated = validate_params(job.kind, job.params)
     lock_owner(session, job.owner)
     try:
-        est = check_admission(session, job.kind, validated, job.owner, settings or get_settings())
+        est = check_admission(
+            session, job.kind, validated, job.owner, settings or get_settings(), job.id
+        )
     except Exception:
         session.rollback()
         raise
@@ -623,14 +625,16 @@ def run_job(
         calseg_logger.removeHandler(forward)
         ctx.close()
         _register_log(url, store, job.id, f"{ctx.prefix}/job.log")
-        _record_stored_bytes(url, store, job.id, ctx.prefix)
+        record_stored_bytes(url, store, job.id, ctx.prefix)
     return state
 
 
-def _record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str) -> None:
+def record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str) -> None:
     """Keep the bytes of the job's folder (``jobs.stored_bytes``): what its owner's storage
     quota counts for it once it has ended (:func:`calseg.service.costs.storage_used_bytes`).
-    A remote store is measured on its local mirror, which holds what the job wrote."""
+    A remote store is measured on its local mirror, which holds what the job wrote. Called
+    when :func:`run_job` ends and, for a job process the worker killed, by the worker
+    (:func:`calseg.service.jobproc.run_job_in_child`)."""
     from calseg.service.db import session_scope
 
     try:

@@ -762,6 +762,17 @@ class LimitsIn(BaseModel):
     max_running_jobs: int | None = Field(None, ge=1, le=10_000)
     max_storage_bytes: int | None = Field(None, gt=0, le=2**53)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_only(cls, data: Any) -> Any:
+        """A limit is a JSON number: ``true`` became a 1-byte quota and ``"100"`` was read as
+        100 (pydantic's lax mode; an attack check)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, bool | str) and name in cls.model_fields:
+                    raise ValueError(f"{name}: a number (or null) is needed, not {value!r}")
+        return data
+
 
 class LimitsOut(BaseModel):
     """A user's limits in force (``sources``: ``user`` where an admin set the user's own value,

@@ -236,6 +236,17 @@ class Settings(BaseSettings):
         value = Path(value).expanduser()
         return value if value.is_absolute() else (REPO_ROOT / value).resolve()
 
+    @field_validator(
+        "max_user_storage_bytes", "max_running_jobs", "job_max_memory_bytes", mode="before"
+    )
+    @classmethod
+    def _none_words(cls, value: object) -> object:
+        """``none``, ``null`` or an empty value (e.g. ``CALSEG_MAX_USER_STORAGE_BYTES=none``)
+        mean None for the settings whose None is documented: the environment has no None."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
+
     @field_validator("redis_url", "store_url")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
