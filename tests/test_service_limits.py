@@ -718,6 +718,11 @@ def test_no_limit_settings_read_none_from_the_environment(monkeypatch: pytest.Mo
         assert s.max_user_storage_bytes is None and s.max_running_jobs is None
     monkeypatch.setenv("CALSEG_MAX_USER_STORAGE_BYTES", "1000")
     assert Settings().max_user_storage_bytes == 1000
+    # a child process (embedded service, worker) gets "no quota" too, not the 100 GiB default
+    env = Settings(max_user_storage_bytes=None).to_env()
+    assert env["CALSEG_MAX_USER_STORAGE_BYTES"] == "none" and "CALSEG_STORE_URL" not in env
+    monkeypatch.setenv("CALSEG_MAX_USER_STORAGE_BYTES", env["CALSEG_MAX_USER_STORAGE_BYTES"])
+    assert Settings().max_user_storage_bytes is None
 
 
 def test_settings_lists_reach_child_processes_as_json() -> None:

@@ -468,7 +468,11 @@ def run_job_in_child(
         from calseg.service.jobs import record_stored_bytes
         from calseg.service.store import get_store
 
-        record_stored_bytes(url, get_store(settings.artifact_dir), job_id, f"jobs/{job_id}")
+        try:
+            store = get_store(settings.artifact_dir)
+            record_stored_bytes(url, store, job_id, f"jobs/{job_id}")
+        except Exception as exc:  # noqa: BLE001 - the worker must live on
+            log.warning("job %s: could not measure the files it left: %s", job_id, exc)
     last_child.clear()
     last_child.update(
         pid=pid,

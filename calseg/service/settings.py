@@ -270,7 +270,10 @@ class Settings(BaseSettings):
         """The ``CALSEG_*`` environment variables that reproduce these settings in a child."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
-            if value is None:
+            if value is None:  # "none" where None is not the default (no storage quota)
+                if type(self).model_fields[name].default is None:
+                    continue
+                env[f"CALSEG_{name.upper()}"] = "none"
                 continue
             text = json.dumps(value) if isinstance(value, list | dict) else str(value)
             env[f"CALSEG_{name.upper()}"] = text
