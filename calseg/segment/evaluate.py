@@ -181,8 +181,9 @@ def error_breakdown(errors: dict[str, int]) -> str:
 
     Returns:
         e.g. ``"120 unmatched ROIs: 10 % on no cell, 20 % span cells, 70 % partial; 90
-        unmatched cells: 5 % missed, 60 % split, 35 % partial"``; ``"no unmatched ROI or cell"``
-        when there are none.
+        unmatched cells: 5 % missed, 60 % split, 35 % partial"``; ``"no unmatched ROIs"`` /
+        ``"no unmatched cells"`` for a side with none. Shares are rounded each on its own, so
+        they may not add up to exactly 100 %.
     """
     from calseg.fmt import plural
 
