@@ -220,12 +220,38 @@ async function signIn(token) {
 
 // ------------------------------------------------------------------ dashboard
 
+// what a button of the jobs table did, kept until the next action (the table's refresh line
+// beside it is rewritten every 2 s: an error written there vanished at once)
+function jobsActionSays(text) {
+  $("jobs-action").textContent = text;
+}
+
 async function jobAction(job, verb) {
+  jobsActionSays("");
   try {
     const out = await api(`/api/jobs/${job.id}/${verb}`, { method: "POST" });
     if (verb === "rerun") selectJob(out.id);
   } catch (e) {
-    $("jobs-updated").textContent = `${verb} of ${job.kind} job ${short(job.id)} failed: ${e.message}`;
+    jobsActionSays(`${verb} of ${job.kind} job ${short(job.id)} failed: ${e.message}`);
+  }
+  refreshJobs();
+}
+
+// delete an ended job with its results and files (DELETE /api/jobs/ID), after a confirmation
+async function deleteJob(job) {
+  jobsActionSays("");
+  if (!window.confirm(`Delete the ${job.kind} job ${short(job.id)} with its results and files? ` +
+                      "This cannot be undone.")) return;
+  try {
+    await api(`/api/jobs/${job.id}`, { method: "DELETE" });
+    jobsActionSays(`deleted ${job.kind} job ${short(job.id)}`);
+    if (S.selectedId === job.id) {
+      if (location.hash === `#job=${job.id}`) history.replaceState(null, "", location.pathname + location.search);
+      closeDetail();
+      return;
+    }
+  } catch (e) {
+    jobsActionSays(`delete of ${job.kind} job ${short(job.id)} failed: ${e.message}`);
   }
   refreshJobs();
 }
@@ -337,6 +363,8 @@ function jobRow(job) {
   if (TERMINAL.has(job.state)) {
     actions.append(" ", el("button", { type: "button", onclick: (ev) => { ev.stopPropagation(); jobAction(job, "rerun"); },
                                       "aria-label": `run ${job.kind} job ${short(job.id)} again as a new job` }, "Rerun"));
+    actions.append(" ", el("button", { type: "button", class: "danger", onclick: (ev) => { ev.stopPropagation(); deleteJob(job); },
+                                      "aria-label": `delete ${job.kind} job ${short(job.id)} and its files` }, "Delete"));
   }
   const owner = ownerName(job);
   const what = jobWhat(job);

@@ -816,3 +816,58 @@ def test_a_biologists_first_hour(service, browser, user, api, real_file, tmp_pat
     page.select_option("#filter-state", "")
     page.wait_for_selector(f"#jobs-body tr[data-job-id='{empty_id}']")
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_delete_an_ended_job_from_the_dashboard(service, browser, user) -> None:
+    """The page had no way to delete a job (DELETE /api/jobs/ID existed; a user's finished jobs
+    filled their storage quota). An ended job's row has a Delete button: it asks first, keeps
+    the job when the answer is no, removes the row, the open detail and the job's files when it
+    is yes, and says why when the server refuses (409: a running job uses it), until the next
+    action (the 2 s refresh line used to overwrite such errors at once)."""
+    from calseg.service.db import session_scope
+    from calseg.service.models import Job
+
+    with session_scope(service.settings.database_url) as s:
+        done = Job(kind="simulate", state="succeeded", progress=1.0, result={}, params=SIM,
+                   owner_id=user["id"])  # fmt: skip
+        used = Job(kind="simulate", state="succeeded", progress=1.0, result={}, params=SIM,
+                   owner_id=user["id"])  # fmt: skip
+        s.add_all([done, used])
+        s.flush()
+        s.add(Job(kind="finetune", state="running", progress=0.1, stage="train",
+                  params={"dataset_job_id": used.id}, owner_id=user["id"]))  # fmt: skip
+        done_id, used_id = done.id, used.id
+    folder = service.settings.artifact_dir / "jobs" / done_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text("{}")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{service.url}/#token={user['token']}")
+    page.wait_for_selector(f"tr[data-job-id='{done_id}']")
+    page.evaluate(f"location.hash = '#job={done_id}'")
+    page.wait_for_function(
+        f"document.querySelector('#detail-title').textContent.includes('{done_id}')"
+    )
+    assert page.locator("#detail").is_visible()
+    delete = page.get_by_role("button", name=f"delete simulate job {done_id[:8]} and its files")
+    answers = [False, True, True]  # no, then yes, then yes (the refused one)
+    page.on("dialog", lambda d: d.accept() if answers.pop(0) else d.dismiss())
+    delete.click()  # "no": nothing happens
+    page.wait_for_timeout(500)
+    assert page.locator(f"tr[data-job-id='{done_id}']").count() == 1 and folder.exists()
+    delete.click()  # "yes"
+    page.wait_for_selector(f"tr[data-job-id='{done_id}']", state="detached")
+    assert page.locator("#jobs-action").text_content() == f"deleted simulate job {done_id[:8]}"
+    assert page.locator("#detail").is_hidden() and not folder.exists()
+    with session_scope(service.settings.database_url) as s:
+        assert s.get(Job, done_id) is None
+    # refused: the message stays past the table's refresh
+    page.get_by_role("button", name=f"delete simulate job {used_id[:8]} and its files").click()
+    page.wait_for_function("document.querySelector('#jobs-action').textContent.includes('failed')")
+    page.wait_for_timeout(2500)  # one refresh of the jobs table later
+    said = page.locator("#jobs-action").text_content()
+    assert said.startswith(f"delete of simulate job {used_id[:8]} failed: ") and "used by" in said
+    assert page.locator(f"tr[data-job-id='{used_id}']").count() == 1 and answers == []
+    assert errors == []
+    page.close()
