@@ -171,6 +171,8 @@ function signedOut(message) {
   S.pollTimer = null;
   S.token = null;
   S.me = null;
+  $("storage-used").textContent = ""; // the next person's is fetched when they sign in
+  storageCheckedAt = 0;
   closeSwitch();
   localStorage.removeItem(TOKEN_KEY);
   closeDetail(); // the next person to sign in must not see this one's job
@@ -245,6 +247,7 @@ async function deleteJob(job) {
   try {
     await api(`/api/jobs/${job.id}`, { method: "DELETE" });
     jobsActionSays(`deleted ${job.kind} job ${short(job.id)}`);
+    refreshStorage(true);
     if (S.selectedId === job.id) {
       if (location.hash === `#job=${job.id}`) history.replaceState(null, "", location.pathname + location.search);
       closeDetail();
@@ -411,9 +414,26 @@ async function refreshJobs() {
       else if (again) again.focus();
     }
     $("jobs-updated").textContent = `${page.total} job(s), updated ${new Date().toLocaleTimeString()}`;
+    refreshStorage();
     if (!$("filter-kind").value && !$("filter-state").value) S.jobsCache = page.items;
   } catch (e) {
     $("jobs-updated").textContent = `could not load jobs: ${e.message}`;
+  }
+}
+
+// the caller's storage against their quota, in the header; at most every 10 s from the jobs
+// refresh, and at once after an upload or a delete
+let storageCheckedAt = 0;
+async function refreshStorage(force = false) {
+  if (!S.me || !S.me.id || (!force && Date.now() - storageCheckedAt < 10_000)) return;
+  storageCheckedAt = Date.now();
+  try {
+    const lim = await api(`/api/users/${encodeURIComponent(S.me.name)}/limits`);
+    const quota = lim.max_storage_bytes;
+    $("storage-used").textContent = `· storage ${fmtBytes(lim.storage_used_bytes || 0)}`
+      + (quota ? ` of ${fmtBytes(quota)}` : " (no quota)");
+  } catch (_) {
+    $("storage-used").textContent = "";
   }
 }
 
@@ -473,6 +493,7 @@ async function uploadRecording(ev) {
     setFieldValue("infer", "recording_id", rec.id);
     await showRecording(rec);
     loadRecordings();
+    refreshStorage(true);
   } catch (e) {
     $("upload-progress").hidden = true; // a full bar beside a failure read as success
     $("upload-status").className = "error";

@@ -829,7 +829,7 @@ def test_delete_an_ended_job_from_the_dashboard(service, browser, user) -> None:
 
     with session_scope(service.settings.database_url) as s:
         done = Job(kind="simulate", state="succeeded", progress=1.0, result={}, params=SIM,
-                   owner_id=user["id"])  # fmt: skip
+                   owner_id=user["id"], stored_bytes=300 * 2**20)  # fmt: skip
         used = Job(kind="simulate", state="succeeded", progress=1.0, result={}, params=SIM,
                    owner_id=user["id"])  # fmt: skip
         s.add_all([done, used])
@@ -856,8 +856,22 @@ def test_delete_an_ended_job_from_the_dashboard(service, browser, user) -> None:
     delete.click()  # "no": nothing happens
     page.wait_for_timeout(500)
     assert page.locator(f"tr[data-job-id='{done_id}']").count() == 1 and folder.exists()
+    # the header shows the storage the user has against their quota; the job's 300 MiB count
+    page.wait_for_function("document.querySelector('#storage-used').textContent.includes(' of ')")
+    before = page.locator("#storage-used").text_content()
+    assert re.fullmatch(r"· storage [0-9.]+ MiB of 100\.00 GiB", before), before
     delete.click()  # "yes"
     page.wait_for_selector(f"tr[data-job-id='{done_id}']", state="detached")
+    page.wait_for_function(
+        f"document.querySelector('#storage-used').textContent !== {before!r}", timeout=15_000
+    )
+
+    def mib(text: str) -> float:  # "· storage 12.3 MiB of 100.00 GiB" -> 12.3
+        number, unit = text.split()[2:4]
+        return float(number) * {"B": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 1024}[unit]
+
+    after = page.locator("#storage-used").text_content()
+    assert mib(before) - mib(after) == pytest.approx(300, abs=0.2), (before, after)
     assert page.locator("#jobs-action").text_content() == f"deleted simulate job {done_id[:8]}"
     assert page.locator("#detail").is_hidden() and not folder.exists()
     with session_scope(service.settings.database_url) as s:
