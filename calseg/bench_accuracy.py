@@ -82,6 +82,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calseg.analysis.metrics import ERROR_KINDS
+
 
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -467,6 +469,7 @@ def score_video(pred: np.ndarray, gt: np.ndarray, cells: np.ndarray, target: str
             frame_f1=i50["f1"],
             frame_ap50=i50["ap"],
             frame_f1_30=i30["f1"],
+            frame_errors={k: i50[k] for k in ERROR_KINDS},
         )
         out.update(temporal_scores(pred, gt, matched_pairs(pfp, gfp, 0.5)))
     else:
@@ -477,6 +480,7 @@ def score_video(pred: np.ndarray, gt: np.ndarray, cells: np.ndarray, target: str
             frame_f1=None,
             frame_ap50=None,
             frame_f1_30=None,
+            frame_errors=None,
             temporal_precision=None,
             temporal_recall=None,
         )
@@ -559,7 +563,9 @@ def summarise_rows(rows: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> di
 
 
 def summarise_suite(rows: list[dict]) -> dict:
-    """Per method: ``overall`` and per condition (``conditions[factor][level]``) summaries."""
+    """Per method: ``overall`` and per condition (``conditions[factor][level]``) summaries, and
+    (active target) ``frame_errors``: the :data:`calseg.analysis.metrics.ERROR_KINDS` counts
+    per frame at IoU 0.5, summed over the videos."""
     out: dict = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mr = [r for r in rows if r["method"] == method]
@@ -571,6 +577,11 @@ def summarise_suite(rows: list[dict]) -> dict:
                 for lv in levels
             }
         out[method] = {"overall": summarise_rows(mr), "conditions": cond}
+        if any(r.get("frame_errors") for r in mr):  # per frame at IoU 0.5, summed over videos
+            out[method]["frame_errors"] = {
+                k: int(sum((r.get("frame_errors") or {}).get(k, 0) for r in mr))
+                for k in ERROR_KINDS
+            }
     return out
 
 
@@ -677,7 +688,8 @@ CELLS_COLUMNS = (
 
 def markdown_tables(summary: dict) -> str:
     """Markdown tables, one per method: overall, then one line per condition level; each cell
-    ``mean [95 % CI]``."""
+    ``mean [95 % CI]``; under an active-target table, why its unmatched ROIs and cells are
+    unmatched (:func:`calseg.segment.evaluate.error_breakdown`)."""
     lines = []
     for method, s in summary.items():
         cols = CELLS_COLUMNS if "cells" in method else ACTIVE_COLUMNS
@@ -697,6 +709,14 @@ def markdown_tables(summary: dict) -> str:
                     + " |"
                 )
         lines.append("")
+        if s.get("frame_errors"):
+            from calseg.segment.evaluate import ERRORS_NOTE, error_breakdown
+
+            lines.append(
+                f"Why ROIs and cells went unmatched (per frame at IoU 0.5, summed over the "
+                f"{ov['n_videos']} videos; {ERRORS_NOTE}): {error_breakdown(s['frame_errors'])}"
+            )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -788,6 +808,7 @@ def write_docs(report: dict, root: Path = REPO_ROOT) -> list[Path]:
         "n_videos": report["n_videos"],
         "seeds": report["seeds"],
         "overall": {k: v["overall"] for k, v in summary.items()},
+        "frame_errors": {k: v["frame_errors"] for k, v in summary.items() if "frame_errors" in v},
     }
     path = root / SUITE_RESULT_FILE
     path.write_text(json.dumps(result, indent=1) + "\n")

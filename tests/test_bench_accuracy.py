@@ -108,6 +108,12 @@ def test_a_cell_painted_one_frame_early_and_whole_field_activity():
     assert s["peak_false_coverage"] == pytest.approx((400 - 64) / 400)
     # the whole-field "cell" is one extra footprint: precision 2/3, recall 1
     assert s["fp_extra_rois"] == 1 and s["fp_f1"] == pytest.approx(0.8)
+    # per frame, both extra ROIs lie where no cell is active: frame 0's early cell 1, frame 5's
+    # whole field
+    assert s["frame_errors"] == {
+        "fp_false": 2, "fp_merge": 0, "fp_partial": 0,
+        "fn_missed": 0, "fn_split": 0, "fn_partial": 0,
+    }  # fmt: skip
 
 
 def test_cells_target_is_scored_against_all_cells():
@@ -158,6 +164,13 @@ def test_small_suite_runs_caches_and_tables(tmp_path):
     assert conds["size (px)"] == "64x96" and conds["global intensity changes"] == "on"
     md = markdown_tables(a["summary"])
     assert "| **all** | 1 |" in md and "pattern class: waves" in md
+    # the active target's unmatched ROIs and cells by kind, summed over the videos
+    errors = a["summary"]["classical, active"]["frame_errors"]
+    assert (
+        errors == a["rows"][0]["frame_errors"]
+        and "frame_errors" not in a["summary"]["classical, cells"]
+    )
+    assert md.count("Why ROIs and cells went unmatched (per frame at IoU 0.5") == 1
     with pytest.raises(SuiteError):
         run_suite([], tmp_path)
 
