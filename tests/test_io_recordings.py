@@ -657,6 +657,79 @@ def test_a_refused_hdf5_is_named_by_its_file(tmp_path):
     assert "/g/ext is an external link to /etc/passwd:/x" in text
 
 
+def _unlimited_vds(path, source, beside_real_data: bool) -> None:
+    """An HDF5 file whose 1-D virtual dataset ``/leak`` maps one value of every frame of
+    ``source:/rec`` with an *unlimited* mapping (HDF5 then opens the source to size it)."""
+    from h5py import h5d, h5f, h5p, h5s, h5t
+
+    u = h5s.UNLIMITED
+    vspace = h5s.create_simple((0,), (u,))
+    vspace.select_hyperslab((0,), (u,), stride=(1,), block=(1,))
+    sspace = h5s.create_simple((1, 1, 1), (u, 1, 1))
+    sspace.select_hyperslab((0, 0, 0), (u, 1, 1), stride=(1, 1, 1), block=(1, 1, 1))
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_virtual(vspace, str(source).encode(), b"rec", sspace)
+    fid = h5f.create(str(path).encode(), h5f.ACC_TRUNC)
+    h5d.create(fid, b"leak", h5t.NATIVE_UINT16, vspace, dcpl=dcpl).close()
+    fid.close()
+    if beside_real_data:  # a harmless 3-D dataset sorts first: it would be the one read
+        with h5py.File(path, "a") as f:
+            f["a_real"] = stack(6, 16, 16)
+
+
+_READ_IN_CHILD = """
+import sys
+from calseg.io.recordings import RecordingError, probe_recording
+try:
+    probe_recording(sys.argv[1])
+except RecordingError as exc:
+    print("REFUSED", exc)
+else:
+    print("ACCEPTED")
+"""
+
+
+@pytest.mark.parametrize("beside_real_data", [False, True], ids=["alone", "beside-real-data"])
+def test_an_unlimited_virtual_dataset_never_opens_its_source(tmp_path, beside_real_data):
+    """Found by a new user's attack run (2026-12-07): a virtual dataset with an unlimited
+    mapping makes HDF5 open the files it names as soon as its extent is asked for, and the
+    reader listed every dataset with its shape before it refused virtual datasets: the API
+    opened any server path an upload named, and its 422 told the source's frame count
+    (``/leak (75,)``); beside a real dataset the upload was accepted and the path opened on
+    every read. The source here is a FIFO, so an open blocks: the read (in a child process)
+    must be refused, naming the virtual dataset, within the timeout, and no writer is needed."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "victim.h5"
+    os.mkfifo(fifo)
+    path = tmp_path / "leak.h5"
+    _unlimited_vds(path, fifo, beside_real_data)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _READ_IN_CHILD, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reader opened the virtual dataset's source (it blocked on the FIFO)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("REFUSED leak.h5 is refused: /leak is an HDF5 virtual dataset")
+    assert str(fifo) in out.stdout  # named in the refusal, never opened
+
+
+def test_an_unlimited_virtual_dataset_opens_its_source_in_bare_h5py(tmp_path):
+    """The attack above is real: bare h5py sizes the dataset from the source's frames."""
+    source = tmp_path / "victim.h5"
+    with h5py.File(source, "w") as f:
+        f["rec"] = stack(75, 4, 4)
+    path = tmp_path / "leak.h5"
+    _unlimited_vds(path, source, beside_real_data=False)
+    with h5py.File(path, "r") as f:
+        assert f["leak"].shape == (75,)
+
+
 def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):
     """Found by a new-user check: a complex TIFF was read as its real part under a leaked
     ComplexWarning, and finite float64 values near 1e300 became Inf in the cast to float32 (a

@@ -12,6 +12,7 @@ by default; several codecs expand without a bound. This module holds the guards 
   ``_MMStack`` siblings or an ``NDTiff.index``; OME-XML naming other files is refused
   (:func:`ome_foreign_files`). HDF5 files with external raw storage, virtual datasets,
   external or user-defined links are refused (:func:`check_hdf5_file`,
+  :func:`check_hdf5_storage` on every dataset before any dataset's extent is read,
   :func:`check_hdf5_dataset`). Videos are opened from a file object with the container format
   fixed from the file's magic bytes and ``protocol_whitelist=none`` (:func:`open_video`), so no
   playlist, concat list, data reference or URL inside a container is ever opened.
@@ -51,6 +52,7 @@ __all__ = [
     "UnsafeRecording",
     "check_hdf5_dataset",
     "check_hdf5_file",
+    "check_hdf5_storage",
     "count_tiff_pages",
     "install_bounded_tiff_codecs",
     "ome_foreign_files",
@@ -398,16 +400,24 @@ def check_hdf5_file(h5: Any, limit: int | None = None) -> None:
         )
 
 
-def check_hdf5_dataset(ds: Any, name: str) -> None:
-    """Refuse a dataset whose data lies outside the file or needs a filter CalSeg does not check.
+def check_hdf5_storage(ds: Any, name: str) -> None:
+    """Refuse a dataset whose data lies outside the file: a virtual dataset or external raw
+    storage. Reads only the dataset's creation property list, never its extent.
+
+    Call it on *every* dataset of an uploaded file before any dataset's ``shape``, ``ndim``,
+    ``size`` or data is asked for: for a virtual dataset with an unlimited mapping, HDF5 opens
+    the source files named in it to compute the extent (``H5Dget_space``, with the default
+    ``H5D_VDS_LAST_AVAILABLE`` view), so listing the file's datasets with their shapes opened
+    any path the file named and told its frame count (a new user's attack run, 2026-12-07;
+    opening the dataset and its creation property list opens nothing else, checked with a
+    FIFO as the source in ``tests/test_io_recordings.py``).
 
     Args:
         ds: an open ``h5py.Dataset``.
         name: its path, for messages.
 
     Raises:
-        UnsafeRecording: external raw storage, a virtual dataset, or a filter outside
-            :data:`HDF5_FILTERS`.
+        UnsafeRecording: a virtual dataset or external raw storage.
     """
     import h5py
 
@@ -434,6 +444,25 @@ def check_hdf5_dataset(ds: Any, name: str) -> None:
             "external storage is not accepted, since reading must stay inside the uploaded "
             "file; write the data itself into the file and upload that"
         )
+
+
+def check_hdf5_dataset(ds: Any, name: str) -> None:
+    """Refuse a dataset whose data lies outside the file (:func:`check_hdf5_storage`) or needs a
+    filter CalSeg does not check.
+
+    Args:
+        ds: an open ``h5py.Dataset``.
+        name: its path, for messages.
+
+    Raises:
+        UnsafeRecording: external raw storage, a virtual dataset, more than
+            :data:`MAX_HDF5_CHUNKS` tiny chunks, or a filter outside :data:`HDF5_FILTERS`.
+    """
+    import h5py
+
+    check_hdf5_storage(ds, name)
+    plist = ds.id.get_create_plist()
+    layout = plist.get_layout()
     if layout == h5py.h5d.CHUNKED and ds.chunks is not None:
         n_chunks = math.prod(-(-int(n) // int(c)) for n, c in zip(ds.shape, ds.chunks, strict=True))
         chunk_bytes = _chunk_bytes(ds)

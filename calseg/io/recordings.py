@@ -1124,7 +1124,9 @@ def _open_hdf5(
             if isinstance(obj, h5py.Dataset):
                 found.append((name, obj))
 
-        h5.visititems(visit)
+        h5.visititems(visit)  # opens each dataset, which reads no other file
+        for n, d in found:  # before any extent: a virtual dataset's opens the files it names
+            file_safety.check_hdf5_storage(d, n)
         names = [n for n, _ in found]
         listing = ", ".join(f"/{n} {tuple(d.shape)}" for n, d in found[:8]) or "none"
         warn: list[str] = []

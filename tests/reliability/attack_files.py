@@ -203,6 +203,32 @@ def _h5_vds(p: Path, v: Victim) -> None:
         f.create_virtual_dataset("rec", layout)
 
 
+def _h5_vds_unlimited(beside_real_data: bool) -> Callable[[Path, Victim], None]:
+    """A virtual dataset with an *unlimited* mapping of the victim's frames: HDF5 opens the
+    source as soon as the extent is asked for (a new user's attack run, 2026-12-07: the reader
+    listed every dataset's shape before refusing virtual ones). With a harmless dataset that
+    sorts first, that upload was accepted."""
+
+    def write(p: Path, v: Victim) -> None:
+        from h5py import h5d, h5f, h5p, h5s, h5t
+
+        u = h5s.UNLIMITED
+        vspace = h5s.create_simple((0, 64, 64), (u, 64, 64))
+        vspace.select_hyperslab((0, 0, 0), (u, 1, 1), stride=(1, 1, 1), block=(1, 64, 64))
+        sspace = h5s.create_simple((1, 64, 64), (u, 64, 64))
+        sspace.select_hyperslab((0, 0, 0), (u, 1, 1), stride=(1, 1, 1), block=(1, 64, 64))
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_virtual(vspace, str(v.h5).encode(), b"data", sspace)
+        fid = h5f.create(str(p).encode(), h5f.ACC_TRUNC)
+        h5d.create(fid, b"rec", h5t.NATIVE_UINT8, vspace, dcpl=dcpl).close()
+        fid.close()
+        if beside_real_data:
+            with h5py.File(p, "a") as f:
+                f["a_real"] = np.zeros((4, 32, 32), np.uint16)
+
+    return write
+
+
 def _h5_external_link(p: Path, v: Victim) -> None:
     with h5py.File(p, "w") as f:
         f["rec"] = h5py.ExternalLink(str(v.h5), "/data")
@@ -436,6 +462,10 @@ def attacks() -> list[Attack]:
         Attack("hdf5-external-storage-relative", "extrel.h5", _h5_external(True), 422,
                "external storage", R),
         Attack("hdf5-virtual-dataset", "vds.h5", _h5_vds, 422, "virtual dataset", R),
+        Attack("hdf5-virtual-dataset-unlimited", "vdsu.h5", _h5_vds_unlimited(False), 422,
+               "virtual dataset", R),
+        Attack("hdf5-virtual-dataset-unlimited-beside-real-data", "vdsu2.h5",
+               _h5_vds_unlimited(True), 422, "virtual dataset", R),
         Attack("hdf5-external-link", "elink.h5", _h5_external_link, 422, "external link", R),
         Attack("hdf5-external-link-in-group-and-soft-link", "elink2.nwb",
                _h5_external_link_beside_real_data, 422, "external link", R),
