@@ -730,6 +730,72 @@ def test_an_unlimited_virtual_dataset_opens_its_source_in_bare_h5py(tmp_path):
         assert f["leak"].shape == (75,)
 
 
+def test_tiff_pages_of_mixed_shapes_are_bounded(tmp_path):
+    """Found by a new user's attack run (2026-12-07): 25,000 tiny pages in two alternating
+    shapes (2.85 MB) took 52 s of the API's CPU to probe (tifffile's generic series compares
+    every page with every earlier page of its shape). More than MAX_MIXED_TIFF_PAGES pages of
+    mixed shapes are refused before tifffile parses them; as many of one shape are read."""
+    from calseg.io.file_safety import MAX_MIXED_TIFF_PAGES
+
+    n = MAX_MIXED_TIFF_PAGES + 2
+    mixed, uniform = tmp_path / "mixed.tif", tmp_path / "uniform.tif"
+    with tifffile.TiffWriter(mixed) as tw:
+        for i in range(n):
+            tw.write(np.zeros((8, 8 + i % 2), np.uint8), photometric="minisblack")
+    tifffile.imwrite(uniform, np.zeros((n, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(RecordingError, match="pages of 2 different shapes") as err:
+        probe_recording(mixed)
+    assert f"more than {MAX_MIXED_TIFF_PAGES:,} pages" in str(err.value)
+    assert probe_recording(uniform).n_frames == n
+
+
+def test_tiff_strip_tables_shared_between_pages_and_too_many_strips_are_refused(
+    tmp_path, monkeypatch
+):
+    """Found by a new user's attack run (2026-12-07): 32 pages whose strip tables were one
+    shared 1 M-entry table of the file (8 MB) took the API from 1.0 to 2.8 GB (tifffile builds
+    the table's tuples for every page), and a single page's oversized table grew memory 10x
+    its size. Pages sharing a table are refused; so are more than MAX_TIFF_SEGMENTS strips."""
+    import calseg.io.file_safety as file_safety
+
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, stack(2, 64, 8).astype(np.uint8), rowsperstrip=1)
+    assert probe_recording(path).n_frames == 2
+    with tifffile.TiffFile(path) as tf:  # page 1's two tables -> page 0's (same counts)
+        patches = [
+            (tf.pages[1].tags[tag].offset + 8, tf.pages[0].tags[tag].valueoffset)
+            for tag in (273, 279)
+        ]
+    raw = bytearray(path.read_bytes())
+    for at, value in patches:
+        raw[at : at + 4] = struct.pack("<I", value)
+    shared = tmp_path / "shared.tif"
+    shared.write_bytes(bytes(raw))
+    with pytest.raises(RecordingError, match="pages 0 and 1 share one table of 64 strip"):
+        probe_recording(shared)
+    monkeypatch.setattr(file_safety, "MAX_TIFF_SEGMENTS", 100)
+    with pytest.raises(RecordingError, match="more than 100 strips or tiles in all"):
+        probe_recording(path)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Found by a new user's attack run (2026-12-07): a 531 kB progressive JPEG of 4,000
+    near-empty scans took 19 s of the API's CPU at upload and on every preview (the decoder
+    passes over the image once per scan). Pillow's own progressive JPEG (a handful of scans)
+    is read; with the cap below its scan count it is refused, naming the scans."""
+    import calseg.io.file_safety as file_safety
+
+    path = tmp_path / "prog.jpg"
+    Image.fromarray(stack(1, 64, 64, np.uint8)[0]).save(path, progressive=True)
+    with open(path, "rb") as fh:
+        n = file_safety.check_jpeg_scans(fh)
+    assert 2 <= n <= 20
+    assert read_recording(path).frames.shape == (1, 64, 64)
+    monkeypatch.setattr(file_safety, "MAX_JPEG_SCANS", n - 1)
+    with pytest.raises(RecordingError, match=f"a JPEG of more than {n - 1} scans"):
+        probe_recording(path)
+
+
 def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):
     """Found by a new-user check: a complex TIFF was read as its real part under a leaked
     ComplexWarning, and finite float64 values near 1e300 became Inf in the cast to float32 (a

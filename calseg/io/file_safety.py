@@ -24,7 +24,8 @@ by default; several codecs expand without a bound. This module holds the guards 
   own deflate filter grows its buffer without a limit (measured: a 0.5 MB file with one 8 KiB
   chunk took 500 MB). TIFF image-directory chains are walked with a cap and a loop check
   before tifffile parses them (:func:`count_tiff_pages`): tifffile detects loops only at the
-  100th directory.
+  100th directory; the same walk bounds what tifffile's parse costs (mixed page shapes,
+  strip and tile counts, strip tables shared between pages).
 
 Every refusal raises :class:`UnsafeRecording` (a ``ValueError``) whose message names the
 feature and what to do instead.
@@ -53,6 +54,7 @@ __all__ = [
     "check_hdf5_dataset",
     "check_hdf5_file",
     "check_hdf5_storage",
+    "check_jpeg_scans",
     "count_tiff_pages",
     "install_bounded_tiff_codecs",
     "ome_foreign_files",
@@ -65,6 +67,23 @@ MAX_TIFF_PAGES = 1_000_000
 builds a series: 100,000 one-frame pages took 2.7 s and 9 MB here
 (``/tmp`` experiment, tifffile 2026.3.3), so the cap bounds parsing at about half a minute;
 10^6 frames is 9 h at 30 Hz, beyond any calcium recording CalSeg segments in one piece."""
+
+MAX_MIXED_TIFF_PAGES = 4096
+"""Most pages a TIFF whose pages have more than one shape may hold (:func:`count_tiff_pages`).
+tifffile's generic series is quadratic in the pages of one shape: 2,000 / 4,000 / 8,000 tiny
+pages in two alternating shapes took 0.17 / 0.49 / 1.71 s to probe here (2-core machine,
+tifffile 2026.3.3, 2026-12-07), so 4,096 bounds it under about half a second; a recording
+with a thumbnail page beside more frames than that is refused with what to do."""
+MAX_TIFF_SEGMENTS = 2_097_152
+"""Most strips or tiles a TIFF may hold in all (:func:`count_tiff_pages`): tifffile keeps
+their offsets and byte counts as Python tuples, about 72 bytes a segment, so 2^21 is about
+150 MB of the reader's memory. A 4 GiB recording in libtiff's default strips of about 8 KiB
+has 2^19."""
+
+MAX_JPEG_SCANS = 256
+"""Most scans a JPEG may hold (:func:`check_jpeg_scans`). Decoding cost grows by about 5 ms a
+scan at 8192 x 8192 (the attack run's 4,000 scans: 19 s), so 256 bound it near 1.3 s; libjpeg's
+progressive scripts write 6 (grey) to 10 (colour) scans."""
 
 MAX_HDF5_OBJECTS = 10_000
 """Most links an HDF5 file may hold (groups + datasets + links); visiting them is header work
@@ -152,8 +171,32 @@ class ConfinedFile(io.RawIOBase):
 # TIFF
 
 
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
+                    13: 4, 16: 8, 17: 8, 18: 8}  # fmt: skip
+"""Bytes per value of each TIFF field type (TIFF 6.0 section 2; BigTIFF types 16-18)."""
+_TIFF_SEGMENT_TAGS = (273, 324)  # StripOffsets, TileOffsets
+_TIFF_SHAPE_TAGS = (256, 257, 258, 277, 322, 323)  # width, length, bits, samples, tile w/l
+
+
 def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
-    """Walk a TIFF's chain of image directories (IFDs) without parsing them.
+    """Walk a TIFF's chain of image directories (IFDs) before tifffile parses them, reading
+    only each directory's entries (no image data, no out-of-line values).
+
+    Refuses what would make tifffile's own parse slow or large in memory, whatever the file's
+    size (a new user's attack run, 2026-12-07):
+
+    * more than ``limit`` directories, or a chain that loops back (tifffile checks loops only
+      at the 100th directory);
+    * pages of more than one shape (width, length, bits, samples, tile size) in a file of more
+      than :data:`MAX_MIXED_TIFF_PAGES` pages: tifffile then builds a "generic" series, which
+      compares every page with every earlier page of its shape (quadratic: 25,000 tiny pages
+      in two alternating shapes, 2.85 MB, took 52 s of the API's CPU at upload);
+    * more than :data:`MAX_TIFF_SEGMENTS` strips or tiles in all: tifffile keeps two Python
+      tuples per page of their offsets and byte counts (about 72 bytes a segment, 9x the file's
+      8) and decodes strip by strip;
+    * two pages whose strip or tile tables are the same bytes of the file: the file then holds
+      one table and the reader builds one per page (32 pages of 1,048,576 one-row strips
+      sharing one table, 8 MB, took the API from 1.0 to 2.8 GB and kept it there).
 
     Args:
         fh: the open file (binary, seekable); its position is restored.
@@ -165,7 +208,7 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
         offset of 0 or past the end of the file: truncation is reported by the reader).
 
     Raises:
-        UnsafeRecording: more than ``limit`` directories, or a chain that loops back.
+        UnsafeRecording: as above.
     """
     limit = MAX_TIFF_PAGES if limit is None else limit
     pos = fh.tell()
@@ -180,11 +223,17 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
             if len(head) < 16:
                 return 0
             offset = struct.unpack(order + "Q", head[8:16])[0]
-            count_fmt, count_size, entry, off_fmt, off_size = "Q", 8, 20, "Q", 8
+            count_fmt, count_size, off_fmt, off_size = "Q", 8, "Q", 8
+            entry_fmt = order + "HHQQ"
         else:
             offset = struct.unpack(order + "I", head[4:8])[0]
-            count_fmt, count_size, entry, off_fmt, off_size = "H", 2, 12, "I", 4
+            count_fmt, count_size, off_fmt, off_size = "H", 2, "I", 4
+            entry_fmt = order + "HHII"
+        entry = struct.calcsize(entry_fmt)
         seen: set[int] = set()
+        shapes: set[tuple] = set()
+        tables: dict[int, int] = {}  # out-of-line segment table offset -> page
+        n_segments = 0
         while 0 < offset < size:
             if offset in seen:
                 raise UnsafeRecording(
@@ -198,17 +247,101 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
                     f"it holds more than {limit:,} image directories (pages); CalSeg reads "
                     f"at most {limit:,} frames from one TIFF: split the recording into parts"
                 )
+            if len(seen) > MAX_MIXED_TIFF_PAGES and len(shapes) > 1:
+                raise UnsafeRecording(
+                    f"it holds more than {MAX_MIXED_TIFF_PAGES:,} pages, and pages of "
+                    f"{len(shapes)} different shapes (e.g. {_shape_text(sorted(shapes)[:2])}): "
+                    "the TIFF reader's cost grows with the square of the page count when "
+                    "shapes are mixed; write the recording's frames into a TIFF of their own "
+                    "(one shape, one page per frame)"
+                )
             fh.seek(offset)
             raw = fh.read(count_size)
             if len(raw) < count_size:
                 break
             n = struct.unpack(order + count_fmt, raw)[0]
-            fh.seek(offset + count_size + n * entry)
-            raw = fh.read(off_size)
-            if len(raw) < off_size:
+            raw = fh.read(n * entry + off_size)
+            if len(raw) < n * entry + off_size:
                 break
-            offset = struct.unpack(order + off_fmt, raw)[0]
+            page = len(seen) - 1
+            shape = dict.fromkeys(_TIFF_SHAPE_TAGS, -1)
+            segments = []
+            for tag, typ, count, value in struct.iter_unpack(entry_fmt, raw[: n * entry]):
+                if tag in shape and count == 1:
+                    # a SHORT sits in the value field's first 2 bytes: its high bits when
+                    # big-endian, its low ones when little-endian
+                    shape[tag] = (
+                        value >> (8 * off_size - 16) if typ == 3 and order == ">" else value
+                    ) & (0xFFFF if typ == 3 else -1)
+                elif tag in _TIFF_SEGMENT_TAGS:
+                    segments.append((typ, count, value))
+            shapes.add(tuple(shape.values()))
+            for typ, count, value in segments:
+                n_segments += count
+                if n_segments > MAX_TIFF_SEGMENTS:
+                    raise UnsafeRecording(
+                        f"its pages are cut into more than {MAX_TIFF_SEGMENTS:,} strips or "
+                        f"tiles in all (page {page} alone into {count:,}); the TIFF reader "
+                        "keeps and decodes each one separately: re-save it with whole-frame "
+                        "strips (tifffile: rowsperstrip=height) or larger tiles"
+                    )
+                if count * _TIFF_TYPE_SIZES.get(typ, 1) > off_size:  # out of line
+                    table = value
+                    other = tables.setdefault(table, page)
+                    if other != page:
+                        raise UnsafeRecording(
+                            f"pages {other} and {page} share one table of {count:,} strip or "
+                            f"tile offsets at byte {table} (a crafted file: the file holds it "
+                            "once, the reader builds it for every page); export the recording "
+                            "again"
+                        )
+            offset = struct.unpack(order + off_fmt, raw[n * entry :])[0]
         return len(seen)
+    finally:
+        fh.seek(pos)
+
+
+def _shape_text(shapes: list[tuple]) -> str:
+    """``'32 x 32, 33 x 32'``: width x length of directory shapes (:func:`count_tiff_pages`)."""
+    return ", ".join(f"{w} x {h}" for w, h, *_ in shapes)
+
+
+def check_jpeg_scans(fh: Any, limit: int | None = None) -> int:
+    """Count a JPEG's scans (start-of-scan markers ``FF DA``) and refuse too many.
+
+    A progressive JPEG may hold any number of scans, and the decoder passes over every block of
+    the image once per scan: an 8192 x 8192 JPEG of 4,000 near-empty scans (531 kB) took
+    19 s of the API's CPU at upload and again on every preview (a new user's attack run,
+    2026-12-07); Pillow's decompression-bomb check counts only pixels. In entropy-coded data a
+    ``FF`` byte is always followed by ``00`` or a marker, so every ``FF DA`` is a marker (an
+    embedded thumbnail's scans count too: an overcount by a few).
+
+    Args:
+        fh: the open file (binary, seekable), read in 1 MiB blocks; its position is restored.
+        limit: most scans accepted (default :data:`MAX_JPEG_SCANS`).
+
+    Returns:
+        The number of scans.
+
+    Raises:
+        UnsafeRecording: more than ``limit`` scans.
+    """
+    limit = MAX_JPEG_SCANS if limit is None else limit
+    pos = fh.tell()
+    try:
+        fh.seek(0)
+        n, tail = 0, b""
+        while block := fh.read(1 << 20):
+            data = tail + block
+            n += data.count(b"\xff\xda")
+            tail = data[-1:] if data[-1:] == b"\xff" else b""
+            if n > limit:
+                raise UnsafeRecording(
+                    f"it is a JPEG of more than {limit:,} scans: the decoder passes over the "
+                    "whole image once per scan (a progressive JPEG normally has under 20); "
+                    "save it again as a baseline JPEG, or better as PNG or TIFF"
+                )
+        return n
     finally:
         fh.seek(pos)
 

@@ -444,6 +444,55 @@ def _h5_one_pixel_chunks(p: Path, v: Victim) -> None:
         f.create_dataset("rec", shape=(200, 256, 256), dtype="uint8", chunks=(1, 1, 1))
 
 
+def _tiff_mixed_shapes(p: Path, v: Victim) -> None:
+    """8,192 tiny pages in two alternating shapes (a new user's attack run, 2026-12-07: 25,000
+    such pages took the API 52 s to probe, tifffile's generic series being quadratic)."""
+    with tifffile.TiffWriter(p) as tw:
+        for i in range(8192):
+            tw.write(np.zeros((8, 8 + i % 2), np.uint8), photometric="minisblack")
+
+
+def _tiff_shared_strip_tables(p: Path, v: Victim) -> None:
+    """4 pages of 65,536 one-row strips whose StripOffsets/StripByteCounts all point at page
+    0's tables (the attack run's 8 MB version took the API from 1.0 to 2.8 GB)."""
+    with tifffile.TiffWriter(p) as tw:
+        for _ in range(4):
+            tw.write(np.zeros((65536, 8), np.uint8), rowsperstrip=1, contiguous=False)
+    with tifffile.TiffFile(p) as tf:
+        patches = [
+            (page.tags[tag].offset + 8, tf.pages[0].tags[tag].valueoffset)
+            for page in tf.pages[1:]
+            for tag in (273, 279)
+        ]
+    with open(p, "r+b") as f:
+        for at, value in patches:
+            f.seek(at)
+            f.write(struct.pack("<I", value))
+
+
+def _jpeg_scan_bomb(p: Path, v: Victim) -> None:
+    """A 4096 x 4096 grey progressive JPEG of 2,000 AC scans, each an end-of-band run over
+    every block (a new user's attack run, 2026-12-07: 4,000 such scans at 8192^2, 531 kB, took
+    19 s to decode, at upload and on every preview)."""
+
+    def seg(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    side, blocks = 4096, (4096 // 8) ** 2
+    one_code = bytes([1] + [0] * 15)  # a Huffman table of one 1-bit code
+    out = b"\xff\xd8" + seg(0xDB, b"\x00" + bytes([1] * 64))
+    out += seg(0xC2, b"\x08" + struct.pack(">HH", side, side) + b"\x01\x01\x11\x00")
+    out += seg(0xC4, b"\x00" + one_code + b"\x00") + seg(0xC4, b"\x10" + one_code + b"\xe0")
+    # DC scan: one 0 bit per block; AC scans: EOB runs of 2^14 + 16383 blocks (code 0, 14 bits)
+    out += seg(0xDA, b"\x01\x01\x00\x00\x00\x00") + bytes(blocks // 8)
+    bits = ("0" + "1" * 14) * -(-blocks // 32767)
+    bits += "1" * (-len(bits) % 8)
+    ac = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    ac = ac.replace(b"\xff", b"\xff\x00")
+    out += (seg(0xDA, b"\x01\x01\x00\x01\x3f\x00") + ac) * 2000 + b"\xff\xd9"
+    p.write_bytes(out)
+
+
 def _png_bomb(p: Path, v: Victim) -> None:
     """A 20000 x 20000 grey PNG (400 Mpx) of zeros: about 400 kB."""
     from PIL import Image
@@ -507,6 +556,12 @@ def attacks() -> list[Attack]:
         Attack("hdf5-declares-1.7TB", "huge.h5", _h5_declared_huge, 413,
                "too large for this server", B),
         Attack("png-20000x20000", "huge.png", _png_bomb, 413, "pixels", B),
+        Attack("jpeg-2000-progressive-scans", "scans.jpg", _jpeg_scan_bomb, 422,
+               "a JPEG of more than 256 scans", B),
+        Attack("tiff-8192-pages-of-two-shapes", "mixed.tif", _tiff_mixed_shapes, 422,
+               "pages of 2 different shapes", B),
+        Attack("tiff-pages-sharing-strip-tables", "shared.tif", _tiff_shared_strip_tables, 422,
+               "share one table of 65,536 strip", B),
         Attack("hdf5-13M-one-value-chunks", "tinychunks.h5", _h5_one_pixel_chunks, 422,
                "13,107,200 chunks of 1 x 1 x 1", B),
     ]  # fmt: skip
