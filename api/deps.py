@@ -154,8 +154,23 @@ def current_user(
 UserDep = Annotated[User, Depends(current_user)]
 
 
+MAX_DETAIL_CHARS = 2000
+"""Longest ``detail`` (and error item ``msg``) an error answer carries; longer ones are cut,
+saying their full length. Messages quote the request (unknown names, bad values): an 889 KB
+request of 60,000 unknown ``model_overrides`` keys got a 3.7 MB 422 (a new user's attack run,
+2026-12-07)."""
+
+
+def _short_text(message: str) -> str:
+    """``message`` cut to :data:`MAX_DETAIL_CHARS` characters, saying how long it was."""
+    if len(message) <= MAX_DETAIL_CHARS:
+        return message
+    return f"{message[:MAX_DETAIL_CHARS]}... (cut: {len(message):,} characters in all)"
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content=jsonable_encoder({"detail": message, **extra}))
+    content = {"detail": _short_text(str(message)), **extra}
+    return JSONResponse(status_code=status, content=jsonable_encoder(content))
 
 
 MAX_ERRORS = MAX_DESCRIBED_ERRORS
@@ -187,6 +202,7 @@ def _unprocessable(message: str, errors: list[dict[str, Any]] | None = None) -> 
     kept = [
         {**e, "input": _short_input(e["input"])} if "input" in e else e for e in errors[:MAX_ERRORS]
     ]
+    kept = [{**e, "msg": _short_text(str(e["msg"]))} if "msg" in e else e for e in kept]
     if len(errors) > MAX_ERRORS:
         more = f"and {len(errors) - MAX_ERRORS:,} more errors, not listed"
         kept.append({"type": "too_many_errors", "loc": [], "msg": more})

@@ -5,7 +5,7 @@ report logs. JSON outputs keep full precision (they never go through here).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 EXPONENT_FROM = 1e15
@@ -62,3 +62,13 @@ def plural(n: int, word: str, plural_form: str | None = None) -> str:
     """``"1 cell"``, ``"0 cells"``, ``"3 cells"``; ``plural_form`` for irregular words
     (default ``word + "s"``)."""
     return f"{n} {word if n == 1 else (plural_form or word + 's')}"
+
+
+def first_of(items: Sequence[Any], n: int = 5, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` joined by ``sep``, then ``"and K more"`` when there are
+    more: what an error message lists of a user's input, so that a request of 60,000 unknown
+    keys does not get a megabyte-long answer."""
+    shown = [str(x) for x in items[:n]]
+    if len(items) > n:
+        shown.append(f"and {len(items) - n:,} more")
+    return sep.join(shown)

@@ -161,6 +161,28 @@ def test_a_422_lists_at_most_20_errors_and_short_inputs(client: TestClient) -> N
     assert len(r.content) < 5_000
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"model_overrides": {f"k{i}": 1.0 for i in range(20000)}},
+        {"defects": {f"d{i}": {} for i in range(20000)}},
+        {"defects": {"drift": {f"s{i}": 1 for i in range(20000)}}},
+        {"defects": {"x" * 300_000: {}}},
+    ],
+    ids=["model-overrides-keys", "defect-names", "defect-settings", "one-long-name"],
+)
+def test_a_422_quoting_the_request_stays_short(client: TestClient, params: dict) -> None:
+    """Found by a new user's attack run (2026-12-07): 60,000 unknown ``model_overrides`` keys
+    (889 KB) got a 3.7 MB 422 listing every key, unknown defect names 1.2 MB: the messages
+    listed them all, outside the cap on error items. They list the first 5 and how many more,
+    and no ``detail`` or ``msg`` is longer than 2,000 characters (saying its length)."""
+    for path in ("/api/jobs/estimate", "/api/jobs"):
+        r = client.post(path, json={"kind": "simulate", "params": {"n_videos": 3, **params}})
+        body = _one_422_shape(r)
+        assert len(r.content) < 10_000, (path, len(r.content))
+        assert "more" in body["detail"] or "characters in all" in body["detail"], body["detail"]
+
+
 def test_a_job_that_would_fill_the_disk_is_refused(
     client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from calseg.fmt import first_of
 from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
 from calseg.simulate.model import ModelParameters
 from calseg.simulate.render import DEFECTS
@@ -179,14 +180,20 @@ class SimulationConfig(BaseModel):
             )
         unknown = sorted(set(self.defects) - set(DEFECTS))
         if unknown:
-            raise ValueError(f"unknown defect(s) {unknown}; use names from {list(DEFECTS)}")
+            raise ValueError(
+                f"unknown defect(s) {first_of([repr(u) for u in unknown])}; use names from "
+                f"{list(DEFECTS)}"
+            )
         try:
             self.model_parameters()
         except ValidationError as exc:  # one line per problem, not pydantic's dump with a URL
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: "
-                + ("not a model parameter" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors(include_url=False)
+            problems = first_of(
+                [
+                    f"{'.'.join(map(str, e['loc']))}: "
+                    + ("not a model parameter" if e["type"] == "extra_forbidden" else e["msg"])
+                    for e in exc.errors(include_url=False)
+                ],
+                sep="; ",
             )
             raise ValueError(
                 f"invalid model_overrides ({problems}); allowed keys: "

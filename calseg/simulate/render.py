@@ -84,6 +84,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from calseg.fmt import first_of
 from calseg.progress import ProgressFn, check_cancelled
 from calseg.simulate.geometry import Tissue
 from calseg.simulate.indicator import (
@@ -150,7 +151,9 @@ def _check_defect_settings(
         setting = dict(setting or {})
         extra = set(setting) - {"enabled", "severity"}
         if extra:
-            raise RenderError(f"defect {name!r}: unknown setting(s) {sorted(extra)}")
+            raise RenderError(
+                f"defect {name!r}: unknown setting(s) {first_of([repr(k) for k in sorted(extra)])}"
+            )
         enabled, severity = setting.get("enabled"), setting.get("severity")
         if not (enabled is None or isinstance(enabled, bool)):
             raise RenderError(f"defect {name!r}: enabled must be true, false or null")
