@@ -328,6 +328,34 @@ def test_avi_video(tmp_path):
     assert rec.info.frame_interval_s == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # frame count in the header / counted
+def test_a_video_of_too_many_frames_is_refused(tmp_path, monkeypatch, suffix):
+    """Found by a new user's attack run (2026-12-07): video frames decode in order, about
+    48 us each even when tiny, and the pixel budget let a video of small frames hold millions
+    of them (the upload check and a preview of the last frame decode them all, in the API).
+    Over MAX_VIDEO_FRAMES frames a video is refused, whether its header counts them or not.
+    (Writing this test found that no small MPEG-4 Part 2 video could be read: the decoder's
+    scratch images need 53,760 px, over the frame cap the reader gave it.)"""
+    av = pytest.importorskip("av")
+    import calseg.io.file_safety as file_safety
+
+    path = tmp_path / f"rec{suffix}"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
+        for _ in range(40):
+            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    assert probe_recording(path).n_frames == 40
+    assert read_recording(path).frames.shape == (40, 16, 16)
+    monkeypatch.setattr(file_safety, "MAX_VIDEO_FRAMES", 39)
+    with pytest.raises(RecordingError, match="frames; CalSeg reads at most 39 frames of a video"):
+        probe_recording(path)
+
+
 # ------------------------------------------------------------------------ synthetic: bad
 
 

@@ -85,6 +85,15 @@ MAX_JPEG_SCANS = 256
 scan at 8192 x 8192 (the attack run's 4,000 scans: 19 s), so 256 bound it near 1.3 s; libjpeg's
 progressive scripts write 6 (grey) to 10 (colour) scans."""
 
+MAX_VIDEO_FRAMES = 65_536
+"""Most frames a video may hold (:mod:`calseg.io.recordings`, from its header or its packets).
+Video frames decode in order, so reaching frame ``t`` decodes every frame before it, and
+each costs about 48 us even at 64 x 64 (20,000 black frames of a 281 kB MP4 in 0.96 s here,
+2-core machine, 2026-12-07): the pixel budget alone let a video of 8 x 8 frames hold 2^25
+frames, about 27 minutes of the API's CPU for one preview of its last frame (and the upload
+check decodes the last frame). 2^16 frames bound it near 3 s; that is 36 h at one frame per
+2 s, 36 min at 30 fps (TIFF allows :data:`MAX_TIFF_PAGES`)."""
+
 MAX_HDF5_OBJECTS = 10_000
 """Most links an HDF5 file may hold (groups + datasets + links); visiting them is header work
 that must stay bounded. NWB files hold a few hundred."""

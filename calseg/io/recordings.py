@@ -1331,14 +1331,19 @@ class _VideoFrames:
 
     def _restart(self) -> None:
         self.close()
-        # the header's size, padded as decoders align their buffers (to 64 px, plus a block)
+        # the header's size, padded as decoders align their buffers (to 64 px, plus a block),
+        # plus 2^20 px for decoders' scratch images checked against the same limit: FFmpeg's
+        # MPEG-4 Part 2 decoder needs 53,760 px whatever the frame size (16 x 16 to 100 x 100),
+        # so with the padding alone every MPEG-4 video under 232 x 232 failed every frame with
+        # ENOMEM ("too large to read into memory"; found 2026-12-07)
         h, w = (int(n) for n in self.frame_shape[:2])
-        frame_pixels = (-(-h // 64) * 64 + 64) * (-(-w // 64) * 64 + 64)
+        frame_pixels = (-(-h // 64) * 64 + 64) * (-(-w // 64) * 64 + 64) + 2**20
         self.container = file_safety.open_video(self.path, self.fmt, frame_pixels)
         stream = self.container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = 2  # frames in flight (memory) do not grow with cores
-        # no frame much larger than the header's is ever allocated (a mid-stream size change)
+        # no frame much larger than the header's is ever allocated (a mid-stream size change;
+        # open_video's stream options reach only the header probe's decoder)
         stream.codec_context.options = {"max_pixels": str(frame_pixels)}
         self.frames = iter(self.container.decode(stream))
         self.next_t = 0
@@ -1443,17 +1448,26 @@ def _open_video(
         counted = False
         if n <= 0:  # no frame count in the header (e.g. MKV): count packets, decode nothing
             n, counted = 0, True
-            cap = None if max_pixels is None else max_pixels // (width * height) + 1
+            cap = file_safety.MAX_VIDEO_FRAMES + 1
+            if max_pixels is not None:
+                cap = min(cap, max_pixels // (width * height) + 1)
             for packet in container.demux(stream):
                 if packet.size:
                     n += 1
-                    if cap is not None and n >= cap:  # over budget already: stop counting
+                    if n >= cap:  # over a limit already: stop counting
                         break
+        if n > file_safety.MAX_VIDEO_FRAMES:
+            raise UnsafeRecording(
+                f"it is a video of {'more than ' if counted else ''}{n:,} frames; CalSeg reads "
+                f"at most {file_safety.MAX_VIDEO_FRAMES:,} frames of a video (they decode in "
+                "order: showing a late frame decodes every frame before it): split the video, "
+                "or convert it to TIFF"
+            )
         rate = stream.average_rate or stream.guessed_rate
         fps = _positive(float(rate)) if rate else None
         pix_name = str(getattr(ctx, "pix_fmt", "") or "")
         codec = str(getattr(ctx, "name", "") or "?")
-    except RecordingError:
+    except (RecordingError, UnsafeRecording):
         container.close()
         raise
     except Exception as exc:
