@@ -806,6 +806,41 @@ def test_tiff_strip_tables_shared_between_pages_and_too_many_strips_are_refused(
         probe_recording(path)
 
 
+def _tiff_of_overlapping_strip_tables(path, pages: int, rows: int, shift: int) -> None:
+    """``pages`` pages of ``rows`` one-row strips of 8 px, each page's StripOffsets and
+    StripByteCounts pointing ``shift`` bytes further into one table pair the file holds once
+    (a crafted file; ``shift`` 0: the same table)."""
+    tags = 9
+    ifd = 2 + 12 * tags + 4
+    tables = 8 + pages * ifd
+    counts_at = tables + 4 * (rows + pages * shift)
+    pixels = counts_at + 4 * (rows + pages * shift)
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    for k in range(pages):
+        nxt = 8 + (k + 1) * ifd if k + 1 < pages else 0
+        entries = [(256, 4, 1, 8), (257, 4, 1, rows), (258, 3, 1, 8), (259, 3, 1, 1),
+                   (262, 3, 1, 1), (273, 4, rows, tables + 4 * k * shift), (277, 3, 1, 1),
+                   (278, 4, 1, 1), (279, 4, rows, counts_at + 4 * k * shift)]  # fmt: skip
+        out += struct.pack("<H", tags) + b"".join(struct.pack("<HHII", *e) for e in entries)
+        out += struct.pack("<I", nxt)
+    n_entries = rows + pages * shift
+    out += np.full(n_entries, pixels, "<u4").tobytes() + np.full(n_entries, 8, "<u4").tobytes()
+    out += bytes(8)
+    path.write_bytes(bytes(out))
+
+
+def test_tiff_tables_that_overlap_are_refused(tmp_path):
+    """Pages whose strip tables are one table shifted by a word each dodge the shared-table
+    test, and directories may overlap too: what the directories and tables claim must fit in
+    the file, so the walk, and tifffile after it, read each byte of it at most once."""
+    path = tmp_path / "overlap.tif"
+    _tiff_of_overlapping_strip_tables(path, pages=64, rows=4096, shift=1)
+    with pytest.raises(RecordingError, match="claim more bytes than the file holds"):
+        probe_recording(path)
+    _tiff_of_overlapping_strip_tables(path, pages=2, rows=64, shift=64)  # apart: read
+    assert probe_recording(path).n_frames == 2
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
     """Found by a new user's attack run (2026-12-07): a 531 kB progressive JPEG of 4,000
     near-empty scans took 19 s of the API's CPU at upload and on every preview (the decoder

@@ -205,7 +205,11 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
       8) and decodes strip by strip;
     * two pages whose strip or tile tables are the same bytes of the file: the file then holds
       one table and the reader builds one per page (32 pages of 1,048,576 one-row strips
-      sharing one table, 8 MB, took the API from 1.0 to 2.8 GB and kept it there).
+      sharing one table, 8 MB, took the API from 1.0 to 2.8 GB and kept it there);
+    * directories and out-of-line strip/tile tables that together claim more bytes than the
+      file holds (:func:`_check_claimed`): overlapping, they would be parsed again and again
+      (tables shifted by a few bytes each dodge the test above), so the walk's own reads are
+      bounded by the file's size.
 
     Args:
         fh: the open file (binary, seekable); its position is restored.
@@ -243,6 +247,7 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
         shapes: set[tuple] = set()
         tables: dict[int, int] = {}  # out-of-line segment table offset -> page
         n_segments = 0
+        claimed = 8  # bytes of the header, directories and segment tables: at most the file
         while 0 < offset < size:
             if offset in seen:
                 raise UnsafeRecording(
@@ -269,6 +274,8 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
             if len(raw) < count_size:
                 break
             n = struct.unpack(order + count_fmt, raw)[0]
+            claimed += count_size + n * entry + off_size
+            _check_claimed(claimed, size)
             raw = fh.read(n * entry + off_size)
             if len(raw) < n * entry + off_size:
                 break
@@ -295,6 +302,8 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
                         "strips (tifffile: rowsperstrip=height) or larger tiles"
                     )
                 if count * _TIFF_TYPE_SIZES.get(typ, 1) > off_size:  # out of line
+                    claimed += count * _TIFF_TYPE_SIZES.get(typ, 1)
+                    _check_claimed(claimed, size)
                     table = value
                     other = tables.setdefault(table, page)
                     if other != page:
@@ -308,6 +317,20 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
         return len(seen)
     finally:
         fh.seek(pos)
+
+
+def _check_claimed(claimed: int, size: int) -> None:
+    """Refuse a TIFF whose directories and strip/tile tables claim more bytes than the file
+    holds (:func:`count_tiff_pages`): they then overlap, and the walk and tifffile would read
+    the same bytes over and over (4,096 directories each claiming 65,535 entries over one
+    786 kB stretch). Stored apart, as every writer stores them, they fit in the file, so the
+    walk reads each byte of the file at most once."""
+    if claimed > size:
+        raise UnsafeRecording(
+            f"its image directories and strip or tile tables claim more bytes than the file "
+            f"holds (over {claimed:,} of {size:,}): they overlap, so the reader would parse the "
+            "same bytes again and again (a damaged or crafted file); export the recording again"
+        )
 
 
 def _shape_text(shapes: list[tuple]) -> str:
