@@ -771,9 +771,9 @@ def test_tiff_pages_of_mixed_shapes_are_bounded(tmp_path):
         for i in range(n):
             tw.write(np.zeros((8, 8 + i % 2), np.uint8), photometric="minisblack")
     tifffile.imwrite(uniform, np.zeros((n, 8, 8), np.uint8), photometric="minisblack")
-    with pytest.raises(RecordingError, match="pages of 2 different shapes") as err:
+    with pytest.raises(RecordingError, match="pages of 2 different kinds") as err:
         probe_recording(mixed)
-    assert f"more than {MAX_MIXED_TIFF_PAGES:,} pages" in str(err.value)
+    assert f"more than {MAX_MIXED_TIFF_PAGES:,} image directories" in str(err.value)
     assert probe_recording(uniform).n_frames == n
 
 
@@ -799,7 +799,7 @@ def test_tiff_strip_tables_shared_between_pages_and_too_many_strips_are_refused(
         raw[at : at + 4] = struct.pack("<I", value)
     shared = tmp_path / "shared.tif"
     shared.write_bytes(bytes(raw))
-    with pytest.raises(RecordingError, match="pages 0 and 1 share one table of 64 strip"):
+    with pytest.raises(RecordingError, match="directories 0 and 1 share one table of 64 strip"):
         probe_recording(shared)
     monkeypatch.setattr(file_safety, "MAX_TIFF_SEGMENTS", 100)
     with pytest.raises(RecordingError, match="more than 100 strips or tiles in all"):
@@ -839,6 +839,64 @@ def test_tiff_tables_that_overlap_are_refused(tmp_path):
         probe_recording(path)
     _tiff_of_overlapping_strip_tables(path, pages=2, rows=64, shift=64)  # apart: read
     assert probe_recording(path).n_frames == 2
+
+
+def _pages_sharing_page0_description(path, chars: int) -> None:
+    """3 pages whose ImageDescription entries all point at page 0's (``chars`` long)."""
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            text = "x" * chars if k == 0 else f"page {k}"
+            tw.write(stack(1, 16, 16, np.uint8)[0], description=text, metadata=None)
+    with tifffile.TiffFile(path) as tf:
+        at = [p.tags[270].offset for p in tf.pages[1:]]
+        count, value = tf.pages[0].tags[270].count, tf.pages[0].tags[270].valueoffset
+    raw = bytearray(path.read_bytes())
+    for a in at:  # the entry's count and value offset: page 0's
+        raw[a + 4 : a + 12] = struct.pack("<II", count, value)
+    path.write_bytes(bytes(raw))
+
+
+def test_tiff_values_shared_between_pages(tmp_path):
+    """Found by a second attack run (2026-12-07): every page's ImageDescription pointing at
+    one 8 MB stretch, 400 pages, took 3.1 GB (the reader loads it for each page). A large
+    value shared between directories counts once per directory against the file's size; a
+    small one (ImageJ shares its description and resolutions between pages) once."""
+    from calseg.io.file_safety import MAX_SHARED_TIFF_VALUE
+
+    path = tmp_path / "shared_value.tif"
+    _pages_sharing_page0_description(path, MAX_SHARED_TIFF_VALUE + 1000)
+    with pytest.raises(RecordingError, match="claim more bytes than the file holds"):
+        probe_recording(path)
+    _pages_sharing_page0_description(path, 100)
+    assert probe_recording(path).n_frames == 3
+
+
+def test_tiff_subifds_are_walked(tmp_path, monkeypatch):
+    """Found by a second attack run (2026-12-07): the walk followed only the chain of pages,
+    while tifffile reads every SubIFD (1 M SubIFD pointers, 4 MB: 41 s; SubIFDs sharing a
+    strip table: 3 GB; a directory listed 4 times by each of 12 nested SubIFDs: 4^12 pages).
+    SubIFDs are walked too: each directory once, counted against the limits, and any SubIFD
+    makes the file "mixed" (tifffile's quadratic generic series)."""
+    import calseg.io.file_safety as file_safety
+
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for _ in range(3):  # pages of 32 x 32, each with one 16 x 16 sub-image
+            tw.write(stack(1, 32, 32, np.uint8)[0], subifds=1, photometric="minisblack")
+            tw.write(stack(1, 16, 16, np.uint8)[0], subfiletype=1, photometric="minisblack")
+    assert probe_recording(path).n_frames == 3
+    monkeypatch.setattr(file_safety, "MAX_MIXED_TIFF_PAGES", 4)
+    with pytest.raises(RecordingError, match="SubIFDs"):
+        probe_recording(path)
+    monkeypatch.undo()
+    with tifffile.TiffFile(path) as tf:  # page 1's SubIFD -> page 0's: reached twice
+        entry = tf.pages[1].tags[330]
+        target = tf.pages[0].tags[330].value[0]
+    raw = bytearray(path.read_bytes())
+    raw[entry.offset + 8 : entry.offset + 12] = struct.pack("<I", target)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RecordingError, match="reached twice through SubIFDs"):
+        probe_recording(path)
 
 
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):

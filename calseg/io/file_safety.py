@@ -74,6 +74,11 @@ tifffile's generic series is quadratic in the pages of one shape: 2,000 / 4,000 
 pages in two alternating shapes took 0.17 / 0.49 / 1.71 s to probe here (2-core machine,
 tifffile 2026.3.3, 2026-12-07), so 4,096 bounds it under about half a second; a recording
 with a thumbnail page beside more frames than that is refused with what to do."""
+MAX_SHARED_TIFF_VALUE = 4096
+"""Largest out-of-line TIFF value (bytes) that several directories may share, counted once by
+:func:`count_tiff_pages` (ImageJ shares its description and resolutions between pages); a
+larger one is counted for every directory pointing at it, since the reader loads it for each
+(every page's description at one 8 MB stretch: 400 pages took 3.1 GB)."""
 MAX_TIFF_SEGMENTS = 2_097_152
 """Most strips or tiles a TIFF may hold in all (:func:`count_tiff_pages`): tifffile keeps
 their offsets and byte counts as Python tuples, about 72 bytes a segment, so 2^21 is about
@@ -183,33 +188,57 @@ class ConfinedFile(io.RawIOBase):
 _TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
                     13: 4, 16: 8, 17: 8, 18: 8}  # fmt: skip
 """Bytes per value of each TIFF field type (TIFF 6.0 section 2; BigTIFF types 16-18)."""
+_TIFF_INT_CODES = {
+    1: "B",
+    3: "H",
+    4: "I",
+    6: "b",
+    8: "h",
+    9: "i",
+    13: "I",
+    16: "Q",
+    17: "q",
+    18: "Q",
+}
+"""struct codes of the integer field types (values read by the walk)."""
 _TIFF_SEGMENT_TAGS = (273, 324)  # StripOffsets, TileOffsets
-_TIFF_SHAPE_TAGS = (256, 257, 258, 277, 322, 323)  # width, length, bits, samples, tile w/l
+_TIFF_SUBIFDS_TAG = 330
+_TIFF_SERIES_TAGS = (256, 257, 258, 259, 262, 266, 277, 278, 284, 317, 322, 323, 338, 339, 530,
+                     32997, 32998)  # fmt: skip
+"""Tags whose values tell which pages tifffile puts in one series (``TiffPage.hash``: width,
+length, depth, bits, compression, photometric, fill order, samples, rows per strip, planar
+configuration, predictor, tile size, extra samples, sample format, subsampling)."""
+_TIFF_SMALL_ARRAY = 16
+"""Out-of-line values of series tags read up to this many (e.g. BitsPerSample of RGB)."""
 
 
 def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
-    """Walk a TIFF's chain of image directories (IFDs) before tifffile parses them, reading
-    only each directory's entries (no image data, no out-of-line values).
+    """Walk a TIFF's image directories (IFDs) before tifffile parses them: the chain of pages
+    and every SubIFD under them, reading each directory's entries and small values (no image
+    data).
 
     Refuses what would make tifffile's own parse slow or large in memory, whatever the file's
-    size (a new user's attack run, 2026-12-07):
+    size (two new users' attack runs, 2026-12-07):
 
-    * more than ``limit`` directories, or a chain that loops back (tifffile checks loops only
-      at the 100th directory);
-    * pages of more than one shape (width, length, bits, samples, tile size) in a file of more
-      than :data:`MAX_MIXED_TIFF_PAGES` pages: tifffile then builds a "generic" series, which
-      compares every page with every earlier page of its shape (quadratic: 25,000 tiny pages
-      in two alternating shapes, 2.85 MB, took 52 s of the API's CPU at upload);
+    * more than ``limit`` directories (pages and SubIFDs), a chain that loops back, or a
+      directory reached twice (tifffile's "shaped" series follows SubIFDs recursively: a chain
+      of directories each listing the next 4 times, 1.6 kB, made 4^9 pages, 35 s and 1.4 GB);
+    * pages of more than one kind (the values of :data:`_TIFF_SERIES_TAGS`), or any SubIFD, in
+      a file of more than :data:`MAX_MIXED_TIFF_PAGES` directories: tifffile then builds a
+      "generic" series, which compares every page with every earlier page of its kind
+      (quadratic: 25,000 tiny pages in two alternating shapes, 2.85 MB, took 52 s; pages
+      differing only in Photometric or carrying one SubIFD each, 73-116 s at 32,000);
     * more than :data:`MAX_TIFF_SEGMENTS` strips or tiles in all: tifffile keeps two Python
-      tuples per page of their offsets and byte counts (about 72 bytes a segment, 9x the file's
-      8) and decodes strip by strip;
-    * two pages whose strip or tile tables are the same bytes of the file: the file then holds
-      one table and the reader builds one per page (32 pages of 1,048,576 one-row strips
-      sharing one table, 8 MB, took the API from 1.0 to 2.8 GB and kept it there);
-    * directories and out-of-line strip/tile tables that together claim more bytes than the
-      file holds (:func:`_check_claimed`): overlapping, they would be parsed again and again
-      (tables shifted by a few bytes each dodge the test above), so the walk's own reads are
-      bounded by the file's size.
+      tuples per page of their offsets and byte counts (about 72 bytes a segment, 9x the
+      file's 8) and decodes strip by strip;
+    * two directories whose strip or tile tables are the same bytes of the file (32 pages
+      sharing one 1 M-entry table, 8 MB, took the API from 1.0 to 2.8 GB);
+    * directories and their out-of-line values (tables, descriptions, any tag; one shared
+      value of at most :data:`MAX_SHARED_TIFF_VALUE` bytes counted once) that together claim
+      more bytes than the file holds (:func:`_check_claimed`): stored apart, as writers store
+      them, they fit; overlapping or shared, they are parsed again and again (every page's
+      ImageDescription pointing at one 8 MB stretch: 400 pages took 3.1 GB). So the walk reads
+      each byte at most once.
 
     Args:
         fh: the open file (binary, seekable); its position is restored.
@@ -217,8 +246,8 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
         limit: most directories accepted (default :data:`MAX_TIFF_PAGES`).
 
     Returns:
-        The number of directories reachable from the header (stopping, like tifffile, at an
-        offset of 0 or past the end of the file: truncation is reported by the reader).
+        The number of pages in the chain (stopping, like tifffile, at an offset of 0 or past
+        the end of the file: truncation is reported by the reader).
 
     Raises:
         UnsafeRecording: as above.
@@ -236,106 +265,181 @@ def count_tiff_pages(fh: Any, size: int, limit: int | None = None) -> int:
             if len(head) < 16:
                 return 0
             offset = struct.unpack(order + "Q", head[8:16])[0]
-            count_fmt, count_size, off_fmt, off_size = "Q", 8, "Q", 8
-            entry_fmt = order + "HHQQ"
+            walk = _TiffWalk(fh, size, order, "Q", 8, order + "HHQQ", limit)
         else:
             offset = struct.unpack(order + "I", head[4:8])[0]
-            count_fmt, count_size, off_fmt, off_size = "H", 2, "I", 4
-            entry_fmt = order + "HHII"
-        entry = struct.calcsize(entry_fmt)
-        seen: set[int] = set()
-        shapes: set[tuple] = set()
-        tables: dict[int, int] = {}  # out-of-line segment table offset -> page
-        n_segments = 0
-        claimed = 8  # bytes of the header, directories and segment tables: at most the file
+            walk = _TiffWalk(fh, size, order, "H", 4, order + "HHII", limit)
+        pages = 0
         while 0 < offset < size:
-            if offset in seen:
+            if offset in walk.seen:
                 raise UnsafeRecording(
                     f"its chain of image directories loops back to the directory at byte "
-                    f"{offset} after {len(seen)} directories (a damaged or crafted file); "
+                    f"{offset} after {pages} directories (a damaged or crafted file); "
                     "export the recording again"
                 )
-            seen.add(offset)
-            if len(seen) > limit:
-                raise UnsafeRecording(
-                    f"it holds more than {limit:,} image directories (pages); CalSeg reads "
-                    f"at most {limit:,} frames from one TIFF: split the recording into parts"
-                )
-            if len(seen) > MAX_MIXED_TIFF_PAGES and len(shapes) > 1:
-                raise UnsafeRecording(
-                    f"it holds more than {MAX_MIXED_TIFF_PAGES:,} pages, and pages of "
-                    f"{len(shapes)} different shapes (e.g. {_shape_text(sorted(shapes)[:2])}): "
-                    "the TIFF reader's cost grows with the square of the page count when "
-                    "shapes are mixed; write the recording's frames into a TIFF of their own "
-                    "(one shape, one page per frame)"
-                )
-            fh.seek(offset)
-            raw = fh.read(count_size)
-            if len(raw) < count_size:
+            nxt = walk.directory(offset)
+            if nxt is None:
                 break
-            n = struct.unpack(order + count_fmt, raw)[0]
-            claimed += count_size + n * entry + off_size
-            _check_claimed(claimed, size)
-            raw = fh.read(n * entry + off_size)
-            if len(raw) < n * entry + off_size:
-                break
-            page = len(seen) - 1
-            shape = dict.fromkeys(_TIFF_SHAPE_TAGS, -1)
-            segments = []
-            for tag, typ, count, value in struct.iter_unpack(entry_fmt, raw[: n * entry]):
-                if tag in shape and count == 1:
-                    # a SHORT sits in the value field's first 2 bytes: its high bits when
-                    # big-endian, its low ones when little-endian
-                    shape[tag] = (
-                        value >> (8 * off_size - 16) if typ == 3 and order == ">" else value
-                    ) & (0xFFFF if typ == 3 else -1)
-                elif tag in _TIFF_SEGMENT_TAGS:
-                    segments.append((typ, count, value))
-            shapes.add(tuple(shape.values()))
-            for typ, count, value in segments:
-                n_segments += count
-                if n_segments > MAX_TIFF_SEGMENTS:
-                    raise UnsafeRecording(
-                        f"its pages are cut into more than {MAX_TIFF_SEGMENTS:,} strips or "
-                        f"tiles in all (page {page} alone into {count:,}); the TIFF reader "
-                        "keeps and decodes each one separately: re-save it with whole-frame "
-                        "strips (tifffile: rowsperstrip=height) or larger tiles"
-                    )
-                if count * _TIFF_TYPE_SIZES.get(typ, 1) > off_size:  # out of line
-                    claimed += count * _TIFF_TYPE_SIZES.get(typ, 1)
-                    _check_claimed(claimed, size)
-                    table = value
-                    other = tables.setdefault(table, page)
-                    if other != page:
-                        raise UnsafeRecording(
-                            f"pages {other} and {page} share one table of {count:,} strip or "
-                            f"tile offsets at byte {table} (a crafted file: the file holds it "
-                            "once, the reader builds it for every page); export the recording "
-                            "again"
-                        )
-            offset = struct.unpack(order + off_fmt, raw[n * entry :])[0]
-        return len(seen)
+            pages += 1
+            offset = nxt
+        while walk.subifds:  # SubIFDs (and theirs): each once; their chains are not followed
+            sub = walk.subifds.pop()
+            if not 0 < sub < size:
+                continue
+            if sub in walk.seen:
+                raise UnsafeRecording(
+                    f"its directory at byte {sub} is reached twice through SubIFDs (a loop or "
+                    "a shared sub-image: a damaged or crafted file); export the recording again"
+                )
+            walk.directory(sub)
+        return pages
     finally:
         fh.seek(pos)
 
 
+class _TiffWalk:
+    """State of :func:`count_tiff_pages`: directories seen, the page kinds, strips and tiles,
+    bytes claimed, SubIFDs still to visit."""
+
+    def __init__(
+        self, fh: Any, size: int, order: str, count_fmt: str, off_size: int, entry_fmt: str,
+        limit: int,
+    ) -> None:  # fmt: skip
+        self.fh, self.size, self.order = fh, size, order
+        self.count_fmt, self.count_size = count_fmt, struct.calcsize(count_fmt)
+        self.off_size, self.entry_fmt = off_size, entry_fmt
+        self.entry = struct.calcsize(entry_fmt)
+        self.limit = limit
+        self.seen: set[int] = set()
+        self.kinds: set[tuple] = set()
+        self.tables: dict[int, int] = {}  # out-of-line segment table offset -> directory
+        self.subifds: list[int] = []
+        self.small: set[int] = set()  # offsets of small out-of-line values already counted
+        self.n_sub = 0
+        self.n_segments = 0
+        self.claimed = 8  # the header
+
+    def claim(self, nbytes: int) -> None:
+        self.claimed += nbytes
+        _check_claimed(self.claimed, self.size)
+
+    def values(self, typ: int, count: int, value: int, raw_value: bytes) -> list[int] | None:
+        """The integer values of an entry (inline or out of line); None for other types."""
+        code = _TIFF_INT_CODES.get(typ)
+        if code is None:
+            return None
+        nbytes = count * _TIFF_TYPE_SIZES[typ]
+        if nbytes <= self.off_size:
+            data = raw_value[:nbytes]
+        else:
+            self.fh.seek(value)
+            data = self.fh.read(nbytes)
+            if len(data) < nbytes:
+                return None
+        return list(struct.unpack(f"{self.order}{count}{code}", data))
+
+    def directory(self, offset: int) -> int | None:
+        """Read the directory at ``offset``; the next directory's offset (None: truncated)."""
+        self.seen.add(offset)
+        n_dirs = len(self.seen)
+        if n_dirs > self.limit:
+            raise UnsafeRecording(
+                f"it holds more than {self.limit:,} image directories (pages and SubIFDs); "
+                f"CalSeg reads at most {self.limit:,} frames from one TIFF: split the "
+                "recording into parts"
+            )
+        self.fh.seek(offset)
+        raw = self.fh.read(self.count_size)
+        if len(raw) < self.count_size:
+            return None
+        n = struct.unpack(self.order + self.count_fmt, raw)[0]
+        self.claim(self.count_size + n * self.entry + self.off_size)
+        raw = self.fh.read(n * self.entry + self.off_size)
+        if len(raw) < n * self.entry + self.off_size:
+            return None
+        kind: dict[int, tuple] = dict.fromkeys(_TIFF_SERIES_TAGS, ())
+        value_at = self.entry - self.off_size
+        for i, (tag, typ, count, value) in enumerate(
+            struct.iter_unpack(self.entry_fmt, raw[: n * self.entry])
+        ):
+            nbytes = count * _TIFF_TYPE_SIZES.get(typ, 1)
+            out_of_line = nbytes > self.off_size
+            if out_of_line and (nbytes > MAX_SHARED_TIFF_VALUE or value not in self.small):
+                # any tag's value (a table, a description, ...), counted for every directory
+                # that points at it; a small one once (ImageJ points every page at the first
+                # page's description and resolutions)
+                self.small.add(value)
+                self.claim(nbytes)
+            raw_value = raw[i * self.entry + value_at : (i + 1) * self.entry]
+            if tag in kind:
+                vals = (
+                    self.values(typ, count, value, raw_value)
+                    if count <= _TIFF_SMALL_ARRAY
+                    else None
+                )
+                kind[tag] = tuple(vals) if vals is not None else (typ, count)
+            elif tag in _TIFF_SEGMENT_TAGS:
+                self.n_segments += count
+                if self.n_segments > MAX_TIFF_SEGMENTS:
+                    raise UnsafeRecording(
+                        f"its pages are cut into more than {MAX_TIFF_SEGMENTS:,} strips or "
+                        f"tiles in all (directory {n_dirs - 1} alone into {count:,}); the TIFF "
+                        "reader keeps and decodes each one separately: re-save it with "
+                        "whole-frame strips (tifffile: rowsperstrip=height) or larger tiles"
+                    )
+                if out_of_line:
+                    other = self.tables.setdefault(value, n_dirs - 1)
+                    if other != n_dirs - 1:
+                        raise UnsafeRecording(
+                            f"directories {other} and {n_dirs - 1} share one table of "
+                            f"{count:,} strip or tile offsets at byte {value} (a crafted file: "
+                            "the file holds it once, the reader builds it for every page); "
+                            "export the recording again"
+                        )
+            elif tag == _TIFF_SUBIFDS_TAG:
+                vals = self.values(typ, count, value, raw_value) or []
+                self.n_sub += len(vals)
+                self.subifds.extend(vals)
+        self.kinds.add(tuple(kind.values()))
+        mixed = len(self.kinds) > 1 or self.n_sub > 0
+        if mixed and n_dirs + len(self.subifds) > MAX_MIXED_TIFF_PAGES:
+            why = (
+                f"pages of {len(self.kinds)} different kinds (e.g. "
+                f"{_shape_text(sorted(self.kinds)[:2])})"
+                if len(self.kinds) > 1
+                else f"{self.n_sub:,} SubIFDs (sub-images)"
+            )
+            raise UnsafeRecording(
+                f"it holds more than {MAX_MIXED_TIFF_PAGES:,} image directories, and {why}: "
+                "the TIFF reader's cost grows with the square of the page count when pages "
+                "differ; write the recording's frames into a TIFF of their own (one shape, one "
+                "page per frame)"
+            )
+        return struct.unpack(
+            self.order + ("Q" if self.off_size == 8 else "I"), raw[n * self.entry :]
+        )[0]
+
+
 def _check_claimed(claimed: int, size: int) -> None:
-    """Refuse a TIFF whose directories and strip/tile tables claim more bytes than the file
-    holds (:func:`count_tiff_pages`): they then overlap, and the walk and tifffile would read
-    the same bytes over and over (4,096 directories each claiming 65,535 entries over one
-    786 kB stretch). Stored apart, as every writer stores them, they fit in the file, so the
-    walk reads each byte of the file at most once."""
+    """Refuse a TIFF whose directories and out-of-line values claim more bytes than the file
+    holds (:func:`count_tiff_pages`): they then overlap or are shared, and
+    the walk and tifffile would read the same bytes over and over (4,096 directories each
+    claiming 65,535 entries over one 786 kB stretch; every page's description at one 8 MB
+    stretch). Stored apart, as every writer stores them, they fit in the file, so the walk
+    reads each byte of the file at most once."""
     if claimed > size:
         raise UnsafeRecording(
-            f"its image directories and strip or tile tables claim more bytes than the file "
-            f"holds (over {claimed:,} of {size:,}): they overlap, so the reader would parse the "
-            "same bytes again and again (a damaged or crafted file); export the recording again"
+            f"its image directories and their values claim more bytes than the file holds "
+            f"(over {claimed:,} of {size:,}): parts are shared or overlap, so the reader would "
+            "parse the same bytes again and again (a damaged or crafted file); export the "
+            "recording again"
         )
 
 
-def _shape_text(shapes: list[tuple]) -> str:
-    """``'32 x 32, 33 x 32'``: width x length of directory shapes (:func:`count_tiff_pages`)."""
-    return ", ".join(f"{w} x {h}" for w, h, *_ in shapes)
+def _shape_text(kinds: list[tuple]) -> str:
+    """``'32 x 32, 33 x 32'``: width x length of page kinds (:func:`count_tiff_pages`: the
+    values of :data:`_TIFF_SERIES_TAGS`, width and length first)."""
+    return ", ".join(f"{w[0] if w else '?'} x {h[0] if h else '?'}" for w, h, *_ in kinds)
 
 
 def check_jpeg_scans(fh: Any, limit: int | None = None) -> int:

@@ -559,7 +559,7 @@ def attacks() -> list[Attack]:
         Attack("jpeg-2000-progressive-scans", "scans.jpg", _jpeg_scan_bomb, 422,
                "a JPEG of more than 256 scans", B),
         Attack("tiff-8192-pages-of-two-shapes", "mixed.tif", _tiff_mixed_shapes, 422,
-               "pages of 2 different shapes", B),
+               "pages of 2 different kinds", B),
         Attack("tiff-pages-sharing-strip-tables", "shared.tif", _tiff_shared_strip_tables, 422,
                "share one table of 65,536 strip", B),
         Attack("hdf5-13M-one-value-chunks", "tinychunks.h5", _h5_one_pixel_chunks, 422,
