@@ -899,6 +899,29 @@ def test_tiff_subifds_are_walked(tmp_path, monkeypatch):
         probe_recording(path)
 
 
+@pytest.mark.parametrize(
+    "pixels, tiffdata",
+    [('SizeT="268435456"', ""), ('SizeT="2"', '<TiffData IFD="0" PlaneCount="268435456"/>')],
+    ids=["size-t", "plane-count"],
+)
+def test_ome_xml_plane_counts_are_bounded_before_tifffile_sizes_the_series(
+    tmp_path, pixels, tiffdata
+):
+    """Found by a second attack run (2026-12-07): OME-XML saying SizeT="268435456" in a
+    558-byte file took 20 s and 4.1 GB: tifffile builds a list entry per declared plane
+    before CalSeg's budget check. Counts and indices over MAX_TIFF_PAGES are refused first."""
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+        'Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder='
+        f'"XYZCT" Type="uint8" SizeX="16" SizeY="16" SizeZ="1" SizeC="1" {pixels}>'
+        f'<Channel ID="Channel:0:0" SamplesPerPixel="1"/>{tiffdata}</Pixels></Image></OME>'
+    )
+    path = tmp_path / "bomb.ome.tif"
+    tifffile.imwrite(path, stack(2, 16, 16, np.uint8), description=xml, metadata=None)
+    with pytest.raises(RecordingError, match="its OME-XML declares .*268,435,456"):
+        probe_recording(path)
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
     """Found by a new user's attack run (2026-12-07): a 531 kB progressive JPEG of 4,000
     near-empty scans took 19 s of the API's CPU at upload and on every preview (the decoder

@@ -614,6 +614,7 @@ def _open_tiff(path: Path, display: str) -> _Source:
             ) from exc
         try:
             if tf.is_ome:
+                file_safety.check_ome_sizes(tf.ome_metadata or "")  # before tifffile sizes it
                 foreign = file_safety.ome_foreign_files(tf.ome_metadata or "", path.name)
                 if foreign:
                     raise UnsafeRecording(
