@@ -356,6 +356,31 @@ def test_a_video_of_too_many_frames_is_refused(tmp_path, monkeypatch, suffix):
         probe_recording(path)
 
 
+def test_an_mp4_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_it(tmp_path):
+    """Found by a second attack run (2026-12-07): an MP4 whose ``stsz`` declares 6e7 samples
+    of one constant size (975 bytes, no table) took FFmpeg to 4.1 GB while opening it, before
+    the frame limit could be checked. Samples are counted from the boxes first."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "rec.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
+        for _ in range(5):
+            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    assert probe_recording(path).n_frames == 5
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"stsz") + 12  # version/flags, sample size, then the sample count
+    assert struct.unpack(">I", raw[at : at + 4])[0] == 5
+    raw[at : at + 4] = struct.pack(">I", 60_000_000)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RecordingError, match="boxes declare 60,000,000 samples in all"):
+        probe_recording(path)
+
+
 # ------------------------------------------------------------------------ synthetic: bad
 
 

@@ -39,7 +39,7 @@ import math
 import struct
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "check_hdf5_storage",
     "check_jpeg_scans",
     "check_ome_sizes",
+    "mov_sample_count",
     "count_tiff_pages",
     "install_bounded_tiff_codecs",
     "ome_foreign_files",
@@ -99,6 +100,11 @@ each costs about 48 us even at 64 x 64 (20,000 black frames of a 281 kB MP4 in 0
 frames, about 27 minutes of the API's CPU for one preview of its last frame (and the upload
 check decodes the last frame). 2^16 frames bound it near 3 s; that is 36 h at one frame per
 2 s, 36 min at 30 fps (TIFF allows :data:`MAX_TIFF_PAGES`)."""
+
+MAX_VIDEO_SAMPLES = 1_048_576
+"""Most samples an MP4/MOV may declare in all its tracks (:func:`mov_sample_count`): FFmpeg
+indexes each while it opens the file (about 70 bytes a sample: 6e7 took 4.1 GB), so 2^20 is
+about 70 MB. Audio tracks count too: an hour of 48 kHz AAC is about 170,000 samples."""
 
 MAX_HDF5_OBJECTS = 10_000
 """Most links an HDF5 file may hold (groups + datasets + links); visiting them is header work
@@ -962,6 +968,28 @@ def sniff_video_format(head: bytes) -> str | None:
 _MOV_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"dinf", b"edts", b"meta"}
 
 
+def _mov_boxes(fh: Any, start: int, end: int, budget: list[int]) -> Iterator[tuple]:
+    """``(type, body start, end)`` of the ISO-BMFF/QuickTime boxes in ``[start, end)``, at most
+    ``budget[0]`` in all (decremented)."""
+    off = start
+    while off + 8 <= end and budget[0] > 0:
+        budget[0] -= 1
+        fh.seek(off)
+        head = fh.read(16)
+        if len(head) < 8:
+            return
+        n, typ = struct.unpack(">I4s", head[:8])
+        body = off + 8
+        if n == 1 and len(head) >= 16:
+            n, body = struct.unpack(">Q", head[8:16])[0], off + 16
+        elif n == 0:
+            n = end - off
+        if n < 8 or off + n > end:
+            return
+        yield typ, body, off + n
+        off += n
+
+
 def mov_data_references(fh: Any, size: int, max_boxes: int = 100_000) -> list[str]:
     """The data references of an MP4/MOV (ISO-BMFF/QuickTime) that point outside the file.
 
@@ -982,31 +1010,12 @@ def mov_data_references(fh: Any, size: int, max_boxes: int = 100_000) -> list[st
     found: list[str] = []
     budget = [max_boxes]
 
-    def boxes(start: int, end: int) -> Any:
-        off = start
-        while off + 8 <= end and budget[0] > 0:
-            budget[0] -= 1
-            fh.seek(off)
-            head = fh.read(16)
-            if len(head) < 8:
-                return
-            n, typ = struct.unpack(">I4s", head[:8])
-            body = off + 8
-            if n == 1 and len(head) >= 16:
-                n, body = struct.unpack(">Q", head[8:16])[0], off + 16
-            elif n == 0:
-                n = end - off
-            if n < 8 or off + n > end:
-                return
-            yield typ, body, off + n
-            off += n
-
     def walk(start: int, end: int) -> None:
-        for typ, body, stop in boxes(start, end):
+        for typ, body, stop in _mov_boxes(fh, start, end, budget):
             if typ in _MOV_CONTAINERS:
                 walk(body + (4 if typ == b"meta" else 0), stop)
             elif typ == b"dref":
-                for etyp, ebody, estop in boxes(body + 8, stop):
+                for etyp, ebody, estop in _mov_boxes(fh, body + 8, stop, budget):
                     fh.seek(ebody)
                     flags = int.from_bytes(fh.read(4)[1:4], "big")
                     if etyp in (b"url ", b"urn ") and flags & 1:
@@ -1016,12 +1025,53 @@ def mov_data_references(fh: Any, size: int, max_boxes: int = 100_000) -> list[st
                     found.append(f"{etyp.decode(errors='replace').strip()} {text!r}")
 
     try:
-        for typ, body, stop in boxes(0, size):
+        for typ, body, stop in _mov_boxes(fh, 0, size, budget):
             if typ == b"moov":
                 walk(body, stop)
     finally:
         fh.seek(pos)
     return found
+
+
+_MOV_SAMPLE_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
+
+
+def mov_sample_count(fh: Any, size: int, max_boxes: int = 100_000) -> int:
+    """Samples an MP4/MOV declares, in all tracks: the ``sample_count`` of every ``stsz`` /
+    ``stz2`` (sample sizes) and ``trun`` (fragment runs) box.
+
+    FFmpeg builds an index entry for every declared sample while it opens the file, and a
+    ``stsz`` with one constant sample size, or a ``trun`` without per-sample fields, declares
+    any count without a table: 975 bytes claiming 6e7 samples took FFmpeg to 4.1 GB inside
+    ``av.open`` (a second attack run, 2026-12-07). Counted from the box headers, before FFmpeg
+    opens the file.
+
+    Args:
+        fh: the open file (binary, seekable); its position is restored.
+        size: the file size in bytes.
+        max_boxes: most boxes visited.
+    """
+    pos = fh.tell()
+    total = 0
+    budget = [max_boxes]
+
+    def walk(start: int, end: int) -> None:
+        nonlocal total
+        for typ, body, stop in _mov_boxes(fh, start, end, budget):
+            if typ in _MOV_SAMPLE_CONTAINERS:
+                walk(body, stop)
+            elif typ in (b"stsz", b"stz2", b"trun"):
+                fh.seek(body)
+                raw = fh.read(12)
+                at = {b"stsz": 8, b"stz2": 8, b"trun": 4}[typ]
+                if len(raw) >= at + 4:
+                    total += struct.unpack(">I", raw[at : at + 4])[0]
+
+    try:
+        walk(0, size)
+    finally:
+        fh.seek(pos)
+    return total
 
 
 def open_video(path: Path, fmt: str, max_frame_pixels: int | None = None) -> Any:

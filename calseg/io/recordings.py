@@ -1396,6 +1396,7 @@ def _open_video(
     with open(path, "rb") as fh:
         fmt = file_safety.sniff_video_format(fh.read(16))
         refs = file_safety.mov_data_references(fh, path.stat().st_size) if fmt == "mov" else []
+        samples = file_safety.mov_sample_count(fh, path.stat().st_size) if fmt == "mov" else 0
     if fmt is None:  # pragma: no cover - _open_source only sends sniffed videos here
         raise RecordingError(f"{path.name} is not a video container CalSeg reads.")
     if refs:
@@ -1403,6 +1404,13 @@ def _open_video(
             f"its video keeps its samples in another file (MP4/QuickTime data reference: "
             f"{'; '.join(refs[:2])}); only self-contained videos are accepted: export the "
             "video again as one file"
+        )
+    if samples > file_safety.MAX_VIDEO_SAMPLES:
+        raise UnsafeRecording(
+            f"its MP4/QuickTime boxes declare {samples:,} samples in all, over the "
+            f"{file_safety.MAX_VIDEO_SAMPLES:,} CalSeg opens (the decoder indexes every one "
+            f"before reading any; at most {file_safety.MAX_VIDEO_FRAMES:,} video frames are "
+            "read): split the video, or convert it to TIFF"
         )
     try:
         import av  # noqa: F401 - the decoder
