@@ -947,6 +947,25 @@ def test_ome_xml_plane_counts_are_bounded_before_tifffile_sizes_the_series(
         probe_recording(path)
 
 
+def test_hdf5_chunks_of_many_frames_are_bounded(tmp_path, monkeypatch):
+    """Found by a second attack run (2026-12-07): a 1 MB HDF5 file stored as one 1 GiB deflate
+    chunk took 50 s and 2.1 GB to probe (each frame read decodes the whole chunk, twice). A
+    chunk larger than one frame and than MAX_HDF5_CHUNK_BYTES is refused; one frame per chunk
+    is read at any size."""
+    import calseg.io.file_safety as file_safety
+
+    many, one = tmp_path / "many.h5", tmp_path / "one.h5"
+    with h5py.File(many, "w") as f:
+        f.create_dataset("rec", data=stack(8, 64, 64), chunks=(8, 64, 64), compression="gzip")
+    with h5py.File(one, "w") as f:
+        f.create_dataset("rec", data=stack(8, 64, 64), chunks=(1, 64, 64), compression="gzip")
+    assert probe_recording(many).n_frames == 8
+    monkeypatch.setattr(file_safety, "MAX_HDF5_CHUNK_BYTES", 10_000)  # 1 frame: 8,192 bytes
+    with pytest.raises(RecordingError, match="more than one frame .* every frame read decodes"):
+        probe_recording(many)
+    assert probe_recording(one).n_frames == 8
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
     """Found by a new user's attack run (2026-12-07): a 531 kB progressive JPEG of 4,000
     near-empty scans took 19 s of the API's CPU at upload and on every preview (the decoder

@@ -124,6 +124,11 @@ MIN_HDF5_CHUNK_BYTES = 4096
 """Chunks of at least this size are not counted against :data:`MAX_HDF5_CHUNKS` (one frame per
 chunk, h5py's default chunking and 64 x 64 uint8 or 32 x 32 float32 tiles all are)."""
 
+MAX_HDF5_CHUNK_BYTES = 64 * 2**20
+"""Largest decoded HDF5 chunk accepted when it holds more than one frame (bytes): each frame
+read decodes its whole chunk (twice with deflate: verified, then by HDF5), so a 1 MB file
+stored as one 1 GiB deflate chunk took 50 s and 2.1 GB to probe (a second attack run,
+2026-12-07); a chunk of one frame is accepted at any size the frame limit allows."""
 MAX_HDF5_CHUNKS_PER_READ = 16_384
 """Most chunks one HDF5 read call may touch (:func:`hdf5_read_in_blocks` splits larger reads):
 about 100 MB of HDF5's per-chunk bookkeeping (:data:`MAX_HDF5_CHUNKS`)."""

@@ -1165,6 +1165,15 @@ def _open_hdf5(
             )
         file_safety.check_hdf5_dataset(ds, name)
         guard = file_safety.Hdf5ChunkGuard(ds, name)
+        frame_bytes = int(np.prod(ds.shape[-2:], dtype=np.int64)) * ds.dtype.itemsize
+        if guard.chunk_bytes > max(file_safety.MAX_HDF5_CHUNK_BYTES, frame_bytes):
+            raise file_safety.UnsafeRecording(
+                f"/{name} is stored in chunks of {_size_text(guard.chunk_bytes)}, more than one "
+                f"frame ({_size_text(frame_bytes)}) and than "
+                f"{_size_text(file_safety.MAX_HDF5_CHUNK_BYTES)}: every frame read decodes "
+                "its whole chunk; re-save it with one frame per chunk (h5py: chunks=(1, "
+                "height, width))"
+            )
         if max_bytes is not None and guard.chunk_bytes > max_bytes:
             raise RecordingTooLarge(
                 f"{path.name}:/{name} is stored in chunks of {_size_text(guard.chunk_bytes)} "
