@@ -966,6 +966,21 @@ def test_hdf5_chunks_of_many_frames_are_bounded(tmp_path, monkeypatch):
     assert probe_recording(one).n_frames == 8
 
 
+def test_the_frame_limit_counts_every_z_slice_a_frame_decodes(tmp_path):
+    """Found by a second attack run (2026-12-07): an ImageJ Z-stack of 32 slices of 8192^2 px
+    per frame whose pages share one 64 kB deflate strip (73 kB) took 21 s and 2.2 GB to probe:
+    each frame of 8192^2 was within max_frame_pixels, but one frame decodes all 32 slices.
+    The limit now counts every stored value a frame decodes (413 before decoding)."""
+    from calseg.io.recordings import ReadLimits, RecordingTooLarge
+
+    path = tmp_path / "zstack.tif"
+    tifffile.imwrite(path, np.zeros((2, 4, 32, 32), np.uint8), imagej=True,
+                     metadata={"axes": "TZYX"})  # fmt: skip
+    assert probe_recording(path, limits=ReadLimits(max_frame_pixels=4 * 32 * 32)).n_frames == 2
+    with pytest.raises(RecordingTooLarge, match="each decoded from 4,096 stored values"):
+        probe_recording(path, limits=ReadLimits(max_frame_pixels=4 * 32 * 32 - 1))
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
     """Found by a new user's attack run (2026-12-07): a 531 kB progressive JPEG of 4,000
     near-empty scans took 19 s of the API's CPU at upload and on every preview (the decoder

@@ -1876,10 +1876,22 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
             f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)"
         )
     frame_px = plan.height * plan.width
+    # what one frame decodes: every stored value but the time axis (Z slices projected,
+    # samples, channels), so an ImageJ Z-stack of 32 slices of 8192^2 whose pages share one
+    # 64 kB deflate strip (73 kB) no longer took 21 s and 2.2 GB to probe (a second attack
+    # run, 2026-12-07)
+    kept = [n for a, n in zip(plan.axes, src.shape, strict=True) if a != "T"]
+    decoded_px = int(np.prod(kept, dtype=np.float64))
     if limits.max_frame_pixels is not None and frame_px > limits.max_frame_pixels:
         over.append(
             f"frames of {plan.height} x {plan.width} ({frame_px:,} pixels each), more than the "
             f"limit of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
+        )
+    elif limits.max_frame_pixels is not None and decoded_px > limits.max_frame_pixels:
+        over.append(
+            f"frames of {plan.height} x {plan.width} each decoded from {decoded_px:,} stored "
+            f"values (stored axes {plan.axes!r}, shape {tuple(src.shape)}), more than the limit "
+            f"of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
         )
     if over:
         raise RecordingTooLarge(
