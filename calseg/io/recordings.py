@@ -1476,7 +1476,8 @@ def _open_video(
                         break
         if n > file_safety.MAX_VIDEO_FRAMES:
             raise UnsafeRecording(
-                f"it is a video of {'more than ' if counted else ''}{n:,} frames; CalSeg reads "
+                f"it is a video of "
+                f"{f'more than {n - 1:,}' if counted else f'{n:,}'} frames; CalSeg reads "
                 f"at most {file_safety.MAX_VIDEO_FRAMES:,} frames of a video (they decode in "
                 "order: showing a late frame decodes every frame before it): split the video, "
                 "or convert it to TIFF"
