@@ -131,7 +131,8 @@ class ReadLimits:
         max_bytes: most bytes decoded: every stored sample (all channels, Z planes, colour
             samples, in the stored dtype) and the frames returned (their dtype); also the
             largest HDF5 chunk. None = no limit.
-        max_frame_pixels: most rows x columns of one frame; None = no limit. A server decodes
+        max_frame_pixels: most values decoded for one frame (rows x columns x the Z slices,
+            channels and colour samples it is read from); None = no limit. A server decodes
             single frames in its API process (the upload check, previews), where one frame of
             the 2^31-pixel recording budget is gigabytes (an attacker's 1 MB TIFF of one
             30000 x 30000 frame took the API to 23 GB and the OOM killer).

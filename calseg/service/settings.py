@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     max_frame_pixels: int = Field(
         default=2**26,
         gt=0,
-        description="Most rows x columns of one frame (2^26, e.g. 8192 x 8192), checked against "
+        description="Most values decoded for one frame (2^26, e.g. 8192 x 8192, or 8 Z slices "
+        "of 2896 x 2896: rows x columns x every Z slice, channel and colour sample a frame is "
+        "read from), checked against "
         "the header before any pixel is decoded, at upload (413) and in every job and preview: "
         "the API decodes single frames itself (the upload check, previews), and one frame of "
         "the recording budget alone could take gigabytes.",
