@@ -381,6 +381,56 @@ def test_an_mp4_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_it(
         probe_recording(path)
 
 
+@pytest.mark.parametrize("n_streams, readable", [(2, True), (5, False)])
+def test_a_video_of_many_streams_is_refused(tmp_path, n_streams, readable):
+    """Found by a third attack run (2026-12-07): FFmpeg decodes a packet of every stream while
+    it reads the header, and a PNG stream allocates the frame its header declares: 8 streams
+    in a 2 kB AVI took 2.2 GB, and streams past the first 64 had no frame cap at all (16 kB:
+    4.1 GB). FFmpeg is told MAX_VIDEO_STREAMS: the AVI demuxer then refuses the file (the
+    Matroska one reads the first 4 tracks), before any stream is decoded."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "streams.avi"
+    with av.open(str(path), "w") as c:
+        streams = [c.add_stream("mpeg4", rate=10) for _ in range(n_streams)]
+        for s in streams:
+            s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
+        for _ in range(3):
+            for s in streams:
+                img = np.zeros((16, 16, 3), np.uint8)
+                for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+        for s in streams:
+            for packet in s.encode():
+                c.mux(packet)
+    if readable:
+        assert probe_recording(path).n_frames == 3
+    else:
+        with pytest.raises(RecordingError, match="FFmpeg cannot open it"):
+            probe_recording(path)
+
+
+def test_a_video_is_charged_its_decoder_bytes_per_pixel(tmp_path):
+    """Found by a third attack run (2026-12-07): 64 frames of 16-bit RGBA PNG (4720^2) in a
+    185 kB MP4 were charged as RGB24 (3 bytes a pixel) and took 19 s for one preview of the
+    last frame. The budget counts what the decoder produces: 8 bytes a pixel here."""
+    av = pytest.importorskip("av")
+    from calseg.io.recordings import ReadLimits, RecordingTooLarge
+
+    path = tmp_path / "rgba64.mov"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("png", rate=10)
+        s.height, s.width, s.pix_fmt = 32, 32, "rgba64be"
+        for _ in range(3):
+            img = np.zeros((32, 32, 4), np.uint16)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgba64le")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    assert probe_recording(path, limits=ReadLimits(max_bytes=3 * 32 * 32 * 8)).n_frames == 3
+    with pytest.raises(RecordingTooLarge, match="24,576 bytes"):
+        probe_recording(path, limits=ReadLimits(max_bytes=3 * 32 * 32 * 8 - 1))
+
+
 # ------------------------------------------------------------------------ synthetic: bad
 
 

@@ -101,6 +101,9 @@ frames, about 27 minutes of the API's CPU for one preview of its last frame (and
 check decodes the last frame). 2^16 frames bound it near 3 s; that is 36 h at one frame per
 2 s, 36 min at 30 fps (TIFF allows :data:`MAX_TIFF_PAGES`)."""
 
+MAX_VIDEO_STREAMS = 4
+"""Most streams a video container may hold (video, audio, timecode, subtitles): FFmpeg opens a
+decoder and decodes a packet of each while reading the header (:func:`open_video`)."""
 MAX_VIDEO_SAMPLES = 1_048_576
 """Most samples an MP4/MOV may declare in all its tracks (:func:`mov_sample_count`): FFmpeg
 indexes each while it opens the file (about 70 bytes a sample: 6e7 took 4.1 GB), so 2^20 is
@@ -1105,10 +1108,22 @@ def open_video(path: Path, fmt: str, max_frame_pixels: int | None = None) -> Any
     if fmt not in VIDEO_FORMATS:
         raise UnsafeRecording(f"container format {fmt!r} is not accepted")
     fh = open(path, "rb")  # noqa: SIM115 - owned by the container (closed with it)
-    options = {"protocol_whitelist": "none", "format_whitelist": fmt}
+    # max_streams: FFmpeg decodes a packet of every stream while it reads the header, and a
+    # PNG stream allocates the frame its header declares: 8 such streams in 2 kB took 2.2 GB,
+    # and streams past the options' list got FFmpeg's own 2^28 px cap (16 kB: 4.1 GB; a third
+    # attack run, 2026-12-07). More streams than MAX_VIDEO_STREAMS: FFmpeg refuses the file.
+    options = {
+        "protocol_whitelist": "none",
+        "format_whitelist": fmt,
+        "max_streams": str(MAX_VIDEO_STREAMS),
+    }
     if fmt == "mov":
         options.update(enable_drefs="0", use_absolute_path="0")
-    per_stream = [{"max_pixels": str(int(max_frame_pixels))}] * 64 if max_frame_pixels else None
+    per_stream = (
+        [{"max_pixels": str(int(max_frame_pixels))}] * MAX_VIDEO_STREAMS
+        if max_frame_pixels
+        else None
+    )
     try:
         container = av.open(
             fh, mode="r", format=fmt, options=options, stream_options=per_stream,
