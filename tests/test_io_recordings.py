@@ -1049,6 +1049,30 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypat
         probe_recording(path)
 
 
+def test_hdf5_groups_nested_deep_are_refused_and_datasets_found_in_order(tmp_path):
+    """Found by a third attack run (2026-12-07): 3,000 nested groups (395 kB, under the link
+    cap) took 111 s to probe: HDF5's own visit re-resolves every object's path. CalSeg walks
+    the groups itself, at most MAX_HDF5_DEPTH deep, each once (a hard link back to a group is
+    no cycle), finding datasets in the order HDF5's visit gives."""
+    from calseg.io import file_safety
+
+    path = tmp_path / "tree.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.zeros(3)
+        f["b/c"] = stack(4, 16, 16)
+        f["d"] = stack(4, 16, 16)
+        f["b/e/loop"] = f["b"]  # a hard link back up: a cycle
+        f["soft"] = h5py.SoftLink("/d")
+    with h5py.File(path, "r") as f:
+        assert [n for n, _ in file_safety.check_hdf5_file(f)] == ["a", "b/c", "d"]
+    assert read_recording(path).frames.shape == (4, 16, 16)  # /b/c, the first 3-D one
+    deep = tmp_path / "deep.h5"
+    with h5py.File(deep, "w") as f:
+        f["/".join(f"g{i}" for i in range(file_safety.MAX_HDF5_DEPTH + 2)) + "/rec"] = stack()
+    with pytest.raises(RecordingError, match="nested more than 32 deep"):
+        probe_recording(deep)
+
+
 def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):
     """Found by a new-user check: a complex TIFF was read as its real part under a leaked
     ComplexWarning, and finite float64 values near 1e300 became Inf in the cast to float32 (a

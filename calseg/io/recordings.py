@@ -1122,14 +1122,9 @@ def _open_hdf5(
             "truncated: copy it again."
         ) from exc
     try:
-        file_safety.check_hdf5_file(h5)  # external/user-defined links: before any lookup
-        found: list[tuple[str, Any]] = []
-
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset):
-                found.append((name, obj))
-
-        h5.visititems(visit)  # opens each dataset, which reads no other file
+        # external/user-defined links refused before any lookup; every dataset, opened (which
+        # reads no other file)
+        found = file_safety.check_hdf5_file(h5)
         for n, d in found:  # before any extent: a virtual dataset's opens the files it names
             file_safety.check_hdf5_storage(d, n)
         names = [n for n, _ in found]
