@@ -1073,6 +1073,21 @@ def test_hdf5_groups_nested_deep_are_refused_and_datasets_found_in_order(tmp_pat
         probe_recording(deep)
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_images_of_many_segments_are_refused(tmp_path, monkeypatch, fmt):
+    """Found by a third attack run (2026-12-07): 2.5 M empty APP segments in a 10 MB JPEG took
+    7 s and 375 MB, 800,000 empty ancillary chunks in a 9.6 MB PNG 5 s (Pillow parses and
+    keeps each). Pillow's own images read; with the cap under their segment count, refused."""
+    import calseg.io.file_safety as file_safety
+
+    path = tmp_path / f"img.{'jpg' if fmt == 'jpeg' else 'png'}"
+    Image.fromarray(stack(1, 32, 32, np.uint8)[0]).save(path)
+    assert read_recording(path).frames.shape == (1, 32, 32)
+    monkeypatch.setattr(file_safety, "MAX_IMAGE_SEGMENTS", 0)
+    with pytest.raises(RecordingError, match="more than 0 .* besides the image data"):
+        probe_recording(path)
+
+
 def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):
     """Found by a new-user check: a complex TIFF was read as its real part under a leaked
     ComplexWarning, and finite float64 values near 1e300 became Inf in the cast to float32 (a

@@ -54,6 +54,7 @@ __all__ = [
     "check_hdf5_dataset",
     "check_hdf5_file",
     "check_hdf5_storage",
+    "check_image_segments",
     "check_jpeg_scans",
     "check_ome_sizes",
     "mov_sample_count",
@@ -87,6 +88,9 @@ their offsets and byte counts as Python tuples, about 72 bytes a segment, so 2^2
 150 MB of the reader's memory. A 4 GiB recording in libtiff's default strips of about 8 KiB
 has 2^19."""
 
+MAX_IMAGE_SEGMENTS = 1024
+"""Most JPEG marker segments before the frame header, or PNG chunks besides image data, an
+image may hold (:func:`check_image_segments`; a camera JPEG has about 10, a PNG a handful)."""
 MAX_JPEG_SCANS = 256
 """Most scans a JPEG may hold (:func:`check_jpeg_scans`). Decoding cost grows by about 5 ms a
 scan at 8192 x 8192 (the attack run's 4,000 scans: 19 s), so 256 bound it near 1.3 s; libjpeg's
@@ -536,6 +540,55 @@ def ome_foreign_files(xml: str, own_name: str) -> list[str]:
     # a name with a folder in it is never this file (OME writers store bare names)
     foreign += [name for _, name in refs if name != own_name and _has_folder(name)]
     return sorted(set(foreign))
+
+
+def check_image_segments(fh: Any, fmt: str) -> None:
+    """Refuse a JPEG with more than :data:`MAX_IMAGE_SEGMENTS` marker segments before its frame
+    header, or a PNG with more than that many chunks other than image data: Pillow parses and
+    keeps each in Python (2.5 M empty APP segments, 10 MB: 7 s and 375 MB; 800,000 empty
+    ancillary PNG chunks, 9.6 MB: 5 s; a third attack run, 2026-12-07). Walks the segment or
+    chunk headers only, stopping at the cap.
+
+    Args:
+        fh: the open file (binary, seekable); its position is restored.
+        fmt: ``"jpeg"`` or ``"png"``.
+
+    Raises:
+        UnsafeRecording: too many segments or chunks.
+    """
+    pos = fh.tell()
+    n = 0
+    try:
+        if fmt == "jpeg":
+            fh.seek(2)  # after SOI
+            while n <= MAX_IMAGE_SEGMENTS:
+                head = fh.read(4)
+                if len(head) < 4 or head[0] != 0xFF:
+                    return
+                marker = head[1]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    return  # the frame header: what follows is counted as scans
+                n += 1
+                fh.seek(struct.unpack(">H", head[2:4])[0] - 2, io.SEEK_CUR)
+        else:
+            fh.seek(8)  # after the signature
+            while n <= MAX_IMAGE_SEGMENTS:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"IEND":
+                    return
+                if kind not in (b"IDAT", b"fdAT"):  # image data chunks are not counted
+                    n += 1
+                fh.seek(length + 4, io.SEEK_CUR)  # data and CRC
+        what = "marker segments before its frame header" if fmt == "jpeg" else "chunks"
+        raise UnsafeRecording(
+            f"it holds more than {MAX_IMAGE_SEGMENTS:,} {what} besides the image data (the "
+            "image reader parses and keeps each one); save the image again without them"
+        )
+    finally:
+        fh.seek(pos)
 
 
 def check_ome_sizes(xml: str, limit: int | None = None) -> None:

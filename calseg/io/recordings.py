@@ -926,8 +926,9 @@ def _open_pillow(path: Path, display: str) -> _Source:
 
     fmt = "jpeg" if _sniff(path) == "jpeg" else "png"
     notes: list[str] = []
-    if fmt == "jpeg":
-        with open(path, "rb") as fh:
+    with open(path, "rb") as fh:
+        file_safety.check_image_segments(fh, fmt)
+        if fmt == "jpeg":
             file_safety.check_jpeg_scans(fh)
     try:
         with Image.open(path, formats=_PILLOW_FORMATS[fmt]) as im:
