@@ -1014,6 +1014,10 @@ def test_hdf5_chunks_of_many_frames_are_bounded(tmp_path, monkeypatch):
     with pytest.raises(RecordingError, match="more than one frame .* every frame read decodes"):
         probe_recording(many)
     assert probe_recording(one).n_frames == 8
+    rgb = tmp_path / "rgb.h5"  # a frame of rows x columns x 3 samples, chunked whole
+    with h5py.File(rgb, "w") as f:
+        f.create_dataset("rec", data=np.zeros((4, 64, 64, 3), np.uint8), chunks=(1, 64, 64, 3))
+    assert probe_recording(rgb, axes="TYXS").n_frames == 4
 
 
 def test_the_frame_limit_counts_every_z_slice_a_frame_decodes(tmp_path):

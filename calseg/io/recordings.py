@@ -1162,7 +1162,8 @@ def _open_hdf5(
             )
         file_safety.check_hdf5_dataset(ds, name)
         guard = file_safety.Hdf5ChunkGuard(ds, name)
-        frame_bytes = int(np.prod(ds.shape[-2:], dtype=np.int64)) * ds.dtype.itemsize
+        # one frame: everything but the first (time) axis (Z, channels, colour samples too)
+        frame_bytes = int(np.prod(ds.shape[1:] if ds.ndim >= 3 else ds.shape)) * ds.dtype.itemsize
         if guard.chunk_bytes > max(file_safety.MAX_HDF5_CHUNK_BYTES, frame_bytes):
             raise file_safety.UnsafeRecording(
                 f"/{name} is stored in chunks of {_size_text(guard.chunk_bytes)}, more than one "
