@@ -328,6 +328,25 @@ def test_avi_video(tmp_path):
     assert rec.info.frame_interval_s == pytest.approx(0.1)
 
 
+def _mpeg4_video(path, n_frames: int, n_streams: int = 1) -> None:
+    """A video of ``n_streams`` MPEG-4 Part 2 streams of ``n_frames`` black 16 x 16 frames
+    (container from ``path``'s suffix)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        streams = [c.add_stream("mpeg4", rate=10) for _ in range(n_streams)]
+        for s in streams:
+            s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
+        for _ in range(n_frames):
+            for s in streams:
+                img = np.zeros((16, 16, 3), np.uint8)
+                for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+        for s in streams:
+            for packet in s.encode():
+                c.mux(packet)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # frame count in the header / counted
 def test_a_video_of_too_many_frames_is_refused(tmp_path, monkeypatch, suffix):
     """Found by a new user's attack run (2026-12-07): video frames decode in order, about
@@ -336,19 +355,11 @@ def test_a_video_of_too_many_frames_is_refused(tmp_path, monkeypatch, suffix):
     Over MAX_VIDEO_FRAMES frames a video is refused, whether its header counts them or not.
     (Writing this test found that no small MPEG-4 Part 2 video could be read: the decoder's
     scratch images need 53,760 px, over the frame cap the reader gave it.)"""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     import calseg.io.file_safety as file_safety
 
     path = tmp_path / f"rec{suffix}"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
-        for _ in range(40):
-            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
+    _mpeg4_video(path, 40)
     assert probe_recording(path).n_frames == 40
     assert read_recording(path).frames.shape == (40, 16, 16)
     monkeypatch.setattr(file_safety, "MAX_VIDEO_FRAMES", 39)
@@ -360,17 +371,9 @@ def test_an_mp4_declaring_millions_of_samples_is_refused_before_ffmpeg_opens_it(
     """Found by a second attack run (2026-12-07): an MP4 whose ``stsz`` declares 6e7 samples
     of one constant size (975 bytes, no table) took FFmpeg to 4.1 GB while opening it, before
     the frame limit could be checked. Samples are counted from the boxes first."""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     path = tmp_path / "rec.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
-        for _ in range(5):
-            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
+    _mpeg4_video(path, 5)
     assert probe_recording(path).n_frames == 5
     raw = bytearray(path.read_bytes())
     at = raw.index(b"stsz") + 12  # version/flags, sample size, then the sample count
@@ -388,20 +391,9 @@ def test_a_video_of_many_streams_is_refused(tmp_path, n_streams, readable):
     in a 2 kB AVI took 2.2 GB, and streams past the first 64 had no frame cap at all (16 kB:
     4.1 GB). FFmpeg is told MAX_VIDEO_STREAMS: the AVI demuxer then refuses the file (the
     Matroska one reads the first 4 tracks), before any stream is decoded."""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     path = tmp_path / "streams.avi"
-    with av.open(str(path), "w") as c:
-        streams = [c.add_stream("mpeg4", rate=10) for _ in range(n_streams)]
-        for s in streams:
-            s.height, s.width, s.pix_fmt = 16, 16, "yuv420p"
-        for _ in range(3):
-            for s in streams:
-                img = np.zeros((16, 16, 3), np.uint8)
-                for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    c.mux(packet)
-        for s in streams:
-            for packet in s.encode():
-                c.mux(packet)
+    _mpeg4_video(path, 3, n_streams)
     if readable:
         assert probe_recording(path).n_frames == 3
     else:
