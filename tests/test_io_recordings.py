@@ -1080,8 +1080,116 @@ def test_images_of_many_segments_are_refused(tmp_path, monkeypatch, fmt):
     Image.fromarray(stack(1, 32, 32, np.uint8)[0]).save(path)
     assert read_recording(path).frames.shape == (1, 32, 32)
     monkeypatch.setattr(file_safety, "MAX_IMAGE_SEGMENTS", 0)
-    with pytest.raises(RecordingError, match="more than 0 .* besides the image data"):
+    what = "marker segments before its first scan" if fmt == "jpeg" else "besides the image data"
+    with pytest.raises(RecordingError, match=f"more than 0 .*{what}"):
         probe_recording(path)
+
+
+def _jpeg_with(path, insert: bytes) -> None:
+    """A 32 x 32 JPEG (Pillow's) with ``insert`` placed right after its frame header (SOF0)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(stack(1, 32, 32, np.uint8)[0]).save(buf, format="JPEG")
+    j = buf.getvalue()
+    sof = j.index(b"\xff\xc0")
+    end = sof + 2 + struct.unpack(">H", j[sof + 2 : sof + 4])[0]
+    path.write_bytes(j[:end] + insert + j[end:])
+
+
+def test_jpeg_headers_pillow_would_walk_for_long_are_refused(tmp_path):
+    """Found by a fourth attack run (2026-12-07): the segment walk stopped at the frame header,
+    but Pillow's header parse goes on to the first scan, in Python, a byte at a time between
+    segments: 12.5 M empty APP segments after the frame header (50 MB) took 46 s and 1.8 GB,
+    50 M fill bytes (50 MB) 70 s, and both were accepted. The same files, small: refused;
+    a few fill bytes (which the standard allows) and a few segments there still read."""
+    few_fill, few_app = tmp_path / "few_fill.jpg", tmp_path / "few_app.jpg"
+    _jpeg_with(few_fill, b"\xff" * 16)
+    _jpeg_with(few_app, b"\xff\xe1\x00\x02" * 8)
+    for path in (few_fill, few_app):
+        assert read_recording(path).frames.shape == (1, 32, 32)
+    many_app, many_fill, junk = (tmp_path / n for n in ("app.jpg", "fill.jpg", "junk.jpg"))
+    _jpeg_with(many_app, b"\xff\xe1\x00\x02" * 2000)
+    _jpeg_with(many_fill, b"\xff" * 5000)
+    _jpeg_with(junk, b"\x00" * 5000)  # stray bytes: Pillow skips them one by one too
+    assert Image.open(many_fill).size == (32, 32)  # Pillow itself walks through them
+    with pytest.raises(RecordingError, match="more than 1,024 marker segments before its first"):
+        probe_recording(many_app)
+    for path in (many_fill, junk):
+        with pytest.raises(RecordingError, match="more than 4,096 fill or stray bytes"):
+            probe_recording(path)
+
+
+def test_png_of_many_small_image_data_chunks_is_refused(tmp_path):
+    """Found by a fourth attack run (2026-12-07): empty IDAT chunks were not counted, and
+    Pillow reads each chunk header in Python (4 M empty ones, 48 MB: 8.2 s a read). The image
+    data split into 40 chunks of ordinary size reads; 2,000 empty chunks before it are refused."""
+    import zlib
+
+    img = stack(1, 64, 64, np.uint8)[0]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    raw = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in img), 0)
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    parts = [raw[i : i + len(raw) // 40 + 1] for i in range(0, len(raw), len(raw) // 40 + 1)]
+    split, empty = tmp_path / "split.png", tmp_path / "empty.png"
+    split.write_bytes(head + b"".join(chunk(b"IDAT", p) for p in parts) + chunk(b"IEND", b""))
+    empty.write_bytes(head + chunk(b"IDAT", b"") * 2000 + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    assert len(parts) >= 40
+    np.testing.assert_array_equal(read_recording(split).frames[0], img)
+    assert np.asarray(Image.open(empty)).shape == (64, 64)  # Pillow reads through them
+    with pytest.raises(RecordingError, match="image data chunks of under 256 bytes"):
+        probe_recording(empty)
+
+
+def test_tiff_metadata_of_fewer_values_than_its_pages_is_refused(tmp_path):
+    """Found by a fourth attack run (2026-12-07): ImageJ metadata saying images=2 over 48
+    compressed 8192 x 8192 pages sharing one strip (71 kB) made tifffile decode all 48 pages
+    (3.2 GB) before failing to reshape them, past the decode budget, which counted the 2
+    declared frames. A file whose pages hold more values than its metadata describes is
+    refused when it is opened; tifffile's series keeps the 48 pages."""
+    path = tmp_path / "lying.tif"
+    desc = "ImageJ=1.11a\nimages=2\nframes=2\nhyperstack=true\n"
+    tifffile.imwrite(path, stack(48, 64, 64, np.uint8), description=desc, metadata=None,
+                     compression="zlib")  # fmt: skip
+    with tifffile.TiffFile(path) as tf:
+        assert tf.series[0].shape == (2, 64, 64) and len(tf.series[0].pages) == 48
+    with pytest.raises(RecordingError, match="metadata does not describe the file"):
+        probe_recording(path)
+
+
+@pytest.mark.parametrize("kind", ["imagej", "shaped", "ndpi"])
+def test_many_identical_tiff_pages_never_take_tifffiles_quadratic_series(
+    tmp_path, monkeypatch, kind
+):
+    """Found by a fourth attack run (2026-12-07): identical pages whose metadata does not fit
+    them (ImageJ images=0, a shaped shape of another size) or NDPI tags make tifffile build
+    its generic series, which compares each page with every earlier one: 32,000 8 x 8 pages
+    (3.6 MB) took 128 s to upload and 150 s per preview. Above MAX_MIXED_TIFF_PAGES pages
+    (here lowered to 16) CalSeg takes tifffile's uniform series instead: the generic one is
+    never built, and every page is a frame."""
+    from calseg.io import file_safety
+
+    monkeypatch.setattr(file_safety, "MAX_MIXED_TIFF_PAGES", 16)
+
+    def quadratic(self):  # noqa: ANN001, ANN202
+        raise AssertionError("tifffile's generic series was built")
+
+    monkeypatch.setattr(tifffile.TiffFile, "_series_generic", quadratic)
+    path = tmp_path / f"{kind}.tif"
+    extra: dict = {
+        "imagej": {"description": "ImageJ=1.11a\nimages=0\nframes=0\n"},
+        "shaped": {"description": '{"shape": [1, 3, 3]}'},
+        "ndpi": {"extratags": [(271, "s", 0, "Hamamatsu", False), (65420, "I", 1, 1, False)]},
+    }[kind]
+    data = stack(40, 8, 8, np.uint8)
+    tifffile.imwrite(path, data, metadata=None, **extra)
+    got = read_recording(path).frames
+    assert got.shape == (40, 8, 8)
+    np.testing.assert_array_equal(got, data)
 
 
 def test_complex_and_out_of_float32_range_data_are_refused_with_the_cause(tmp_path):

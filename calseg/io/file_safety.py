@@ -89,8 +89,16 @@ their offsets and byte counts as Python tuples, about 72 bytes a segment, so 2^2
 has 2^19."""
 
 MAX_IMAGE_SEGMENTS = 1024
-"""Most JPEG marker segments before the frame header, or PNG chunks besides image data, an
-image may hold (:func:`check_image_segments`; a camera JPEG has about 10, a PNG a handful)."""
+"""Most JPEG marker segments before the first scan, PNG chunks besides image data, or small
+PNG image data chunks an image may hold (:func:`check_image_segments`; a camera JPEG has about
+10 segments, a PNG a handful of chunks)."""
+MAX_JPEG_LOOSE_BYTES = 4096
+"""Most bytes outside marker segments (fill bytes ``FF``, stuffed ``FF 00``, junk) a JPEG may
+hold before its first scan (:func:`check_image_segments`). Encoders write none; Pillow steps
+over each in Python (about 1.4 us a byte: 50 MB of fill bytes took 70 s)."""
+MIN_PNG_DATA_CHUNK = 256
+"""PNG image data chunks (IDAT, fdAT) under this many bytes count against
+:data:`MAX_IMAGE_SEGMENTS` (:func:`check_image_segments`)."""
 MAX_JPEG_SCANS = 256
 """Most scans a JPEG may hold (:func:`check_jpeg_scans`). Decoding cost grows by about 5 ms a
 scan at 8192 x 8192 (the attack run's 4,000 scans: 19 s), so 256 bound it near 1.3 s; libjpeg's
@@ -543,11 +551,21 @@ def ome_foreign_files(xml: str, own_name: str) -> list[str]:
 
 
 def check_image_segments(fh: Any, fmt: str) -> None:
-    """Refuse a JPEG with more than :data:`MAX_IMAGE_SEGMENTS` marker segments before its frame
-    header, or a PNG with more than that many chunks other than image data: Pillow parses and
-    keeps each in Python (2.5 M empty APP segments, 10 MB: 7 s and 375 MB; 800,000 empty
-    ancillary PNG chunks, 9.6 MB: 5 s; a third attack run, 2026-12-07). Walks the segment or
-    chunk headers only, stopping at the cap.
+    """Refuse a JPEG or PNG whose headers Pillow would parse for long, walking them as Pillow
+    does but only up to the caps.
+
+    - JPEG: Pillow's header parse reads, in Python, every marker segment up to the first scan
+      (SOS), and between segments every fill byte (``FF``), stuffed ``FF 00`` and junk byte
+      one at a time. Refused: more than :data:`MAX_IMAGE_SEGMENTS` segments before the first
+      scan, or more than :data:`MAX_JPEG_LOOSE_BYTES` bytes outside segments there. Measured:
+      2.5 M empty APP segments, 10 MB: 7 s and 375 MB (a third attack run); 12.5 M empty APP
+      segments placed after the frame header, which the walk once stopped at, 50 MB: 46 s and
+      1.8 GB; 50 M fill bytes, 50 MB: 70 s (a fourth attack run, 2026-12-07).
+    - PNG: Pillow reads every chunk header in Python, image data chunks too (empty ones are
+      allowed). Refused: more than :data:`MAX_IMAGE_SEGMENTS` chunks other than image data,
+      or more than that many image data chunks of under :data:`MIN_PNG_DATA_CHUNK` bytes:
+      800,000 empty ancillary chunks, 9.6 MB: 5 s (third run); 4 M empty
+      IDAT chunks, 48 MB: 8.2 s (fourth run). Encoders write IDAT chunks of 8-64 KiB.
 
     Args:
         fh: the open file (binary, seekable); its position is restored.
@@ -560,35 +578,84 @@ def check_image_segments(fh: Any, fmt: str) -> None:
     n = 0
     try:
         if fmt == "jpeg":
-            fh.seek(2)  # after SOI
-            while n <= MAX_IMAGE_SEGMENTS:
-                head = fh.read(4)
-                if len(head) < 4 or head[0] != 0xFF:
-                    return
-                marker = head[1]
-                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                    return  # the frame header: what follows is counted as scans
+            _check_jpeg_header(fh)
+            return
+        fh.seek(8)  # after the signature
+        small = 0  # image data chunks of under MIN_PNG_DATA_CHUNK bytes
+        while n <= MAX_IMAGE_SEGMENTS and small <= MAX_IMAGE_SEGMENTS:
+            head = fh.read(8)
+            if len(head) < 8:
+                return
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return
+            if kind not in (b"IDAT", b"fdAT"):
                 n += 1
-                fh.seek(struct.unpack(">H", head[2:4])[0] - 2, io.SEEK_CUR)
-        else:
-            fh.seek(8)  # after the signature
-            while n <= MAX_IMAGE_SEGMENTS:
-                head = fh.read(8)
-                if len(head) < 8:
-                    return
-                length, kind = struct.unpack(">I4s", head)
-                if kind == b"IEND":
-                    return
-                if kind not in (b"IDAT", b"fdAT"):  # image data chunks are not counted
-                    n += 1
-                fh.seek(length + 4, io.SEEK_CUR)  # data and CRC
-        what = "marker segments before its frame header" if fmt == "jpeg" else "chunks"
+            elif length < MIN_PNG_DATA_CHUNK:
+                small += 1
+            fh.seek(length + 4, io.SEEK_CUR)  # data and CRC
+        what = (
+            "chunks besides the image data"
+            if n > MAX_IMAGE_SEGMENTS
+            else (f"image data chunks of under {MIN_PNG_DATA_CHUNK} bytes")
+        )
         raise UnsafeRecording(
-            f"it holds more than {MAX_IMAGE_SEGMENTS:,} {what} besides the image data (the "
-            "image reader parses and keeps each one); save the image again without them"
+            f"it holds more than {MAX_IMAGE_SEGMENTS:,} {what} (the image reader parses each "
+            "one in Python); save the image again"
         )
     finally:
         fh.seek(pos)
+
+
+_JPEG_STANDALONE = {0x01, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}
+"""JPEG markers Pillow's header parse steps over without a length (TEM, JPG, RSTn, SOI, EOI,
+JPGn): as ``PIL.JpegImagePlugin.MARKER``'s entries without a handler."""
+
+
+def _check_jpeg_header(fh: Any) -> None:
+    """Walk a JPEG from SOI to its first scan as Pillow's ``JpegImageFile._open`` does, and
+    refuse it past :data:`MAX_IMAGE_SEGMENTS` segments or :data:`MAX_JPEG_LOOSE_BYTES` bytes
+    outside segments (see :func:`check_image_segments`). A byte sequence Pillow would refuse
+    ("no marker found") ends the walk: Pillow fails there, quickly."""
+    fh.seek(2)  # after SOI
+    n = loose = 0
+    while n <= MAX_IMAGE_SEGMENTS and loose <= MAX_JPEG_LOOSE_BYTES:
+        b = fh.read(1)
+        if not b:
+            return
+        if b[0] != 0xFF:  # junk between segments, skipped a byte at a time
+            loose += 1
+            continue
+        m = fh.read(1)
+        if not m:
+            return
+        marker = m[0]
+        if marker == 0xFF:  # a fill byte: the second FF may start the marker
+            loose += 1
+            fh.seek(-1, io.SEEK_CUR)
+        elif marker == 0x00:  # stuffed FF 00
+            loose += 2
+        elif marker in _JPEG_STANDALONE:
+            n += 1
+        elif 0xC0 <= marker <= 0xFE:  # a segment with a length (SOS: its header, then stop)
+            n += 1
+            if marker == 0xDA:
+                return
+            length = fh.read(2)
+            if len(length) < 2:
+                return
+            fh.seek(struct.unpack(">H", length)[0] - 2, io.SEEK_CUR)
+        else:
+            return
+    what = (
+        f"{MAX_IMAGE_SEGMENTS:,} marker segments"
+        if n > MAX_IMAGE_SEGMENTS
+        else f"{MAX_JPEG_LOOSE_BYTES:,} fill or stray bytes between its segments"
+    )
+    raise UnsafeRecording(
+        f"it holds more than {what} before its first scan (the image reader parses its "
+        "header a byte at a time in Python); save the image again"
+    )
 
 
 def check_ome_sizes(xml: str, limit: int | None = None) -> None:

@@ -575,6 +575,20 @@ def _open_tiff_file(path: Path) -> Any:
     except BaseException:
         fh.close()
         raise
+    generic = tf._series_generic
+
+    def series_generic() -> Any:
+        # tifffile builds its generic series (files without usable metadata, and where a
+        # format's metadata does not fit the pages: ImageJ images=0, a shaped shape of other
+        # size, NDPI tags) by comparing each page with every earlier page of its kind: 32,000
+        # identical 8x8 pages (3.6 MB) took 128 s (a fourth attack run, 2026-12-07). The walk
+        # above refused more than MAX_MIXED_TIFF_PAGES directories of mixed kinds, so there
+        # the pages are of one kind: tifffile's uniform series, one pass.
+        if n > file_safety.MAX_MIXED_TIFF_PAGES:
+            return tf._series_uniform()
+        return generic()
+
+    tf._series_generic = series_generic
     tf_close = tf.close
 
     def close() -> None:
@@ -866,6 +880,16 @@ def _tiff_reader(tf: Any, series: Any, path: Path) -> Reader:
         and int(np.prod(shape[:n_lead], dtype=np.int64)) == len(pages)
     )
     si = list(tf.series).index(series)
+    stored = len(pages) * int(np.prod(page_shape, dtype=np.int64))
+    declared = int(np.prod(shape, dtype=np.int64))
+    if stored > declared:  # tifffile would decode every page, then fail to reshape
+        raise RecordingError(
+            f"{path.name}: its {series.kind or 'TIFF'} metadata describes shape {shape}, but the "
+            f"series holds {len(pages):,} pages of {page_shape} "
+            f"({stored:,} values for {declared:,}): the metadata does not describe the file, "
+            "and reading it would decode every page. Save the stack again as a plain TIFF "
+            "(Fiji: File > Save As > Tiff...)"
+        )
 
     if not lead_ok:
         cache: dict[str, np.ndarray] = {}

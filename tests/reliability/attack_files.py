@@ -493,6 +493,49 @@ def _jpeg_scan_bomb(p: Path, v: Victim) -> None:
     p.write_bytes(out)
 
 
+def _tiff_imagej_fewer_frames_than_pages(p: Path, v: Victim) -> None:
+    """48 zlib pages of 512 x 512 uint16 zeros whose ImageJ metadata says 2 images (a fourth
+    attack run, 2026-12-07: 48 pages of 8192^2 sharing one strip, 71 kB, made tifffile decode
+    3.2 GB against a budget that counted the 2 declared frames)."""
+    desc = "ImageJ=1.11a\nimages=2\nframes=2\nhyperstack=true\n"
+    tifffile.imwrite(p, np.zeros((48, 512, 512), np.uint16), description=desc, metadata=None,
+                     compression="zlib")  # fmt: skip
+
+
+def _jpeg_after_frame_header(insert: bytes) -> Callable[[Path, Victim], None]:
+    """A 64 x 64 JPEG with ``insert`` after its frame header, before the first scan (a fourth
+    attack run, 2026-12-07: 12.5 M empty APP segments there, 50 MB, took 46 s and 1.8 GB;
+    50 M fill bytes 70 s: Pillow walks them in Python)."""
+
+    def write(p: Path, v: Victim) -> None:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("L", (64, 64)).save(buf, format="JPEG")
+        j = buf.getvalue()
+        sof = j.index(b"\xff\xc0")
+        end = sof + 2 + struct.unpack(">H", j[sof + 2 : sof + 4])[0]
+        p.write_bytes(j[:end] + insert + j[end:])
+
+    return write
+
+
+def _png_empty_image_data_chunks(p: Path, v: Victim) -> None:
+    """A 64 x 64 grey PNG whose image data follows 5,000 empty IDAT chunks (a fourth attack
+    run, 2026-12-07: 4 M of them, 48 MB, took 8.2 s a read)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    raw = zlib.compress(b"\x00" * (65 * 64))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    body = chunk(b"IDAT", b"") * 5000 + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + body)
+
+
 def _png_bomb(p: Path, v: Victim) -> None:
     """A 20000 x 20000 grey PNG (400 Mpx) of zeros: about 400 kB."""
     from PIL import Image
@@ -564,4 +607,14 @@ def attacks() -> list[Attack]:
                "share one table of 65,536 strip", B),
         Attack("hdf5-13M-one-value-chunks", "tinychunks.h5", _h5_one_pixel_chunks, 422,
                "13,107,200 chunks of 1 x 1 x 1", B),
+        Attack("tiff-imagej-says-2-frames-over-48-pages", "ijlie.tif",
+               _tiff_imagej_fewer_frames_than_pages, 422, "metadata does not describe the file",
+               B),
+        Attack("jpeg-empty-segments-after-frame-header", "apps.jpg",
+               _jpeg_after_frame_header(b"\xff\xe1\x00\x02" * 5000), 422,
+               "marker segments before its first scan", B),
+        Attack("jpeg-fill-bytes-before-first-scan", "fill.jpg",
+               _jpeg_after_frame_header(b"\xff" * 50_000), 422, "fill or stray bytes", B),
+        Attack("png-empty-image-data-chunks", "idat.png", _png_empty_image_data_chunks, 422,
+               "image data chunks of under 256 bytes", B),
     ]  # fmt: skip
