@@ -1332,3 +1332,20 @@ def test_npy_headers_are_refused_in_calsegs_words(tmp_path, header: str, said: s
     with pytest.raises(RecordingError) as err:
         probe_recording(big)
     assert "allow_pickle" not in str(err.value) and "longer" in str(err.value), str(err.value)
+
+
+def test_a_jpeg_pillow_refuses_names_pillows_reason_and_mpo_files_read(tmp_path):
+    """Found by a fourth attack run (2026-12-07): a JPEG that Pillow's JPEG plugin refused
+    answered "cannot be decoded as an image ('MPO')", a KeyError of Pillow's (MPO is no opener
+    of its own). The plugin's reason is given now; a multi-picture (MPO) file, which the JPEG
+    plugin opens, still reads its first picture."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\x02\x00\x00")
+    with pytest.raises(RecordingError, match=r"cannot be decoded as an image \(no marker found\)"):
+        probe_recording(bad)
+    mpo = tmp_path / "two.jpg"
+    first, second = (Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (100, 200))
+    first.save(mpo, format="MPO", save_all=True, append_images=[second])
+    rec = read_recording(mpo)
+    assert rec.frames.shape == (1, 32, 32) and abs(float(rec.frames.mean()) - 100) < 2
+    assert "image holds 2 frames; read the first only" in rec.info.warnings

@@ -923,8 +923,33 @@ def _tiff_reader(tf: Any, series: Any, path: Path) -> Reader:
 # ------------------------------------------------------------------------ PNG / JPEG -------
 
 
-_PILLOW_FORMATS = {"png": ["PNG"], "jpeg": ["JPEG", "MPO"]}
-"""Pillow plugins a sniffed PNG/JPEG may be opened with (never Pillow's own format guessing)."""
+_PILLOW_FORMATS = {"png": ["PNG"], "jpeg": ["JPEG"]}
+"""Pillow plugins a sniffed PNG/JPEG may be opened with (never Pillow's own format guessing).
+The JPEG plugin opens multi-picture (MPO) files too; "MPO" is no opener of Pillow's, and
+naming it turned any JPEG the JPEG plugin refused into a bare ``KeyError('MPO')`` (a fourth
+attack run, 2026-12-07)."""
+_PILLOW_PLUGINS = {
+    "png": ("PngImagePlugin", "PngImageFile"),
+    "jpeg": ("JpegImagePlugin", "JpegImageFile"),
+}
+
+
+def _pillow_reason(path: Path, fmt: str, exc: Exception) -> str:
+    """Why Pillow could not open ``path``: ``Image.open`` reports only "cannot identify image
+    file" when its one plugin refuses, so the sniffed plugin's own error is asked for."""
+    from PIL import UnidentifiedImageError
+
+    if not isinstance(exc, UnidentifiedImageError):
+        return str(exc) or type(exc).__name__
+    import importlib
+
+    module, name = _PILLOW_PLUGINS[fmt]
+    try:
+        getattr(importlib.import_module(f"PIL.{module}"), name)(str(path)).close()
+    except Exception as inner:  # the plugin's reason, e.g. "no marker found"
+        return str(inner) or type(inner).__name__
+    return str(exc)
+
 
 _PILLOW_CONVERT = {"P": None, "LA": "L", "PA": "L", "CMYK": "RGB", "I;16B": "I;16"}
 
@@ -970,8 +995,8 @@ def _open_pillow(path: Path, display: str) -> _Source:
         ) from exc
     except Exception as exc:
         raise RecordingError(
-            f"{path.name} cannot be decoded as an image ({exc}); it is probably damaged or "
-            "truncated: export it again."
+            f"{path.name} cannot be decoded as an image ({_pillow_reason(path, fmt, exc)}); it is "
+            "probably damaged or truncated: export it again."
         ) from exc
     if n > 1:
         notes.append(f"image holds {n} frames; read the first only")
