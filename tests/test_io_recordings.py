@@ -1349,3 +1349,17 @@ def test_a_jpeg_pillow_refuses_names_pillows_reason_and_mpo_files_read(tmp_path)
     rec = read_recording(mpo)
     assert rec.frames.shape == (1, 32, 32) and abs(float(rec.frames.mean()) - 100) < 2
     assert "image holds 2 frames; read the first only" in rec.info.warnings
+
+
+def test_reading_hdf5_empties_hdf5s_plugin_search_path(tmp_path):
+    """Defence behind the filter check: once CalSeg has read an HDF5 file, HDF5 has no folder
+    to load a filter plugin from (it had /usr/local/hdf5/lib/plugin by default)."""
+    from h5py import h5pl
+
+    path = tmp_path / "rec.h5"
+    with h5py.File(path, "w") as f:
+        f["rec"] = stack(4, 16, 16)
+    h5pl.append(str(tmp_path).encode())
+    assert h5pl.size() >= 1
+    assert read_recording(path).frames.shape == (4, 16, 16)
+    assert h5pl.size() == 0

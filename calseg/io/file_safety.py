@@ -57,6 +57,7 @@ __all__ = [
     "check_image_segments",
     "check_jpeg_scans",
     "check_ome_sizes",
+    "no_hdf5_plugins",
     "mov_sample_count",
     "count_tiff_pages",
     "install_bounded_tiff_codecs",
@@ -813,6 +814,17 @@ def install_bounded_tiff_codecs() -> bool:
 
 # --------------------------------------------------------------------------------------------
 # HDF5
+
+
+def no_hdf5_plugins() -> None:
+    """Empty HDF5's filter-plugin search path in this process (``H5PLremove``), so no upload
+    can make HDF5 load a shared library from it (default ``/usr/local/hdf5/lib/plugin``).
+    Filters outside :data:`HDF5_FILTERS` are refused before any read anyway
+    (:func:`check_hdf5_storage`); this closes the door behind that check. Idempotent."""
+    from h5py import h5pl
+
+    while h5pl.size():
+        h5pl.remove(0)
 
 
 def check_hdf5_file(h5: Any, limit: int | None = None) -> list[tuple[str, Any]]:

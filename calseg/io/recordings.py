@@ -1164,6 +1164,7 @@ def _open_hdf5(
 ) -> _Source:
     import h5py
 
+    file_safety.no_hdf5_plugins()
     try:
         h5 = h5py.File(path, "r", driver="sec2")  # one file: no family/multi/split drivers
     except Exception as exc:
