@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.deps import _describe_errors, _error, _unprocessable, log
+from api.deps import _describe_errors, _error, _short_text, _unprocessable, log
 from calseg.service import broker
 from calseg.service import jobs as lifecycle
 from calseg.service.context import JobReferenceError
@@ -67,9 +67,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """A route's ``HTTPException(422, "...")`` in the one 422 shape; other codes as FastAPI
-        answers them (``{"detail": str}``, headers such as WWW-Authenticate kept)."""
+        answers them (``{"detail": str}``, headers such as WWW-Authenticate kept). Every
+        ``detail`` is cut as a 422's is (:func:`api.deps._short_text`): messages quote the
+        request, and a 404 for a 60,000-character artifact name or recording id repeated it
+        whole (60 KB answers; a security test of a clean clone)."""
         if exc.status_code == 422:
             return _unprocessable(str(exc.detail))
+        if isinstance(exc.detail, str):
+            exc.detail = _short_text(exc.detail)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(FramesBusy)

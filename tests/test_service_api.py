@@ -225,6 +225,22 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
         assert "nope" in r.json()["detail"]
 
 
+def test_an_error_quoting_a_huge_path_stays_short(client: TestClient) -> None:
+    """Found by a security test of a clean clone: ``GET /api/jobs/<own job>/artifacts/<60,000
+    x 'a'>`` and ``GET /api/recordings/<60 KB id>`` answered 404 with the whole name repeated
+    (60 KB bodies): the cap on ``detail`` covered 422s only. Every HTTPException's ``detail``
+    (any status) is now cut as a 422's is, saying its full length."""
+    job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    long = "a" * 60_000
+    for path in (f"/api/jobs/{job['id']}/artifacts/{long}", f"/api/recordings/{long}"):
+        r = client.get(path)
+        assert r.status_code == 404, (path[:40], r.status_code)
+        assert len(r.content) < 10_000, (path[:40], len(r.content))
+        assert r.json()["detail"].endswith("characters in all)"), r.json()["detail"][-80:]
+    r = client.delete(f"/api/recordings/{long}")  # another route, same rule
+    assert r.status_code == 404 and len(r.content) < 10_000
+
+
 def test_submit_list_cancel_retry(client: TestClient) -> None:
     r = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
     assert r.status_code == 201

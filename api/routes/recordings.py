@@ -32,6 +32,7 @@ from api.frames import (
 from api.uploads import UploadError, over_quota, receive_file
 from calseg.fmt import plural
 from calseg.service import jobs as lifecycle
+from calseg.service import staging
 from calseg.service.auth import can_see
 from calseg.service.frame_guard import frame_slot
 from calseg.service.models import Job, Recording, User
@@ -227,6 +228,17 @@ def _register_recording(
     return rec, False
 
 
+def _swept(settings: Settings) -> HTTPException:
+    """408 for an upload whose partial file another api process's staging sweep removed: it
+    was idle past ``staging_grace_s`` while its own process swept nothing to keep it fresh
+    (``reconcile_interval_s`` <= 0; :mod:`calseg.service.staging`)."""
+    return HTTPException(
+        408,
+        f"the upload was idle for more than {settings.staging_grace_s:g} s (staging_grace_s) "
+        "and its partial file was removed; nothing was stored, send it again",
+    )
+
+
 @router.post(
     "/api/recordings",
     status_code=201,
@@ -238,6 +250,10 @@ def _register_recording(
             "returned with duplicate=true and a message saying so"
         },
         400: {"description": "malformed upload (no file, several files, bad multipart)"},
+        408: {
+            "description": "the upload was idle for longer than CALSEG_STAGING_GRACE_S and its "
+            "partial file was removed by the staging sweep (nothing stored; send it again)"
+        },
         413: {
             "description": "larger than CALSEG_MAX_UPLOAD_BYTES, or its header declares more "
             "pixels/bytes than CALSEG_MAX_RECORDING_PIXELS/_BYTES (nothing decoded)"
@@ -299,38 +315,48 @@ async def upload_recording(
     quota_left = _storage_left(session, user, settings)
     session.commit()  # no transaction held open while the body streams in
     tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
-    try:
-        received = await receive_file(
-            request,
-            tmp,
-            settings.max_upload_bytes,
-            min_free=_min_free(settings),
-            quota_left=quota_left,
+    # the .part and its probe folder (_register_recording) are this request's while it runs:
+    # the staging sweep of a killed process's leftovers keeps them fresh (calseg.service.staging)
+    with staging.hold(tmp, tmp.parent / tmp.stem):
+        try:
+            received = await receive_file(
+                request,
+                tmp,
+                settings.max_upload_bytes,
+                min_free=_min_free(settings),
+                quota_left=quota_left,
+            )
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        except ClientDisconnect:  # the client went away mid-upload: nothing stored, nobody to
+            # tell (it was logged as "Exception in ASGI application" with a traceback: a
+            # new-user check)
+            log.info("upload by %s ended by the client before its end; nothing stored", user.name)
+            return Response(status_code=400)
+        except FileNotFoundError as exc:
+            if tmp.exists():
+                raise
+            raise _swept(settings) from exc
+        if not received.path.exists():
+            raise _swept(settings)
+        try:
+            options = _upload_read_options(query, received.fields)
+        except RequestValidationError:
+            received.path.unlink(missing_ok=True)
+            raise
+        rec, duplicate = await run_in_threadpool(
+            _register_recording,
+            session,
+            store,
+            received.path,
+            received.filename,
+            received.sha256,
+            received.size_bytes,
+            user,
+            options,
+            settings.read_limits(),
+            settings,
         )
-    except UploadError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    except ClientDisconnect:  # the client went away mid-upload: nothing stored, nobody to tell
-        # (it was logged as "Exception in ASGI application" with a traceback: a new-user check)
-        log.info("upload by %s ended by the client before its end; nothing stored", user.name)
-        return Response(status_code=400)
-    try:
-        options = _upload_read_options(query, received.fields)
-    except RequestValidationError:
-        received.path.unlink(missing_ok=True)
-        raise
-    rec, duplicate = await run_in_threadpool(
-        _register_recording,
-        session,
-        store,
-        received.path,
-        received.filename,
-        received.sha256,
-        received.size_bytes,
-        user,
-        options,
-        settings.read_limits(),
-        settings,
-    )
     response.status_code = 200 if duplicate else 201
     out = RecordingOut.model_validate(rec).model_copy(update={"duplicate": duplicate})
     if duplicate:

@@ -21,6 +21,10 @@ Every change is a conditional UPDATE on the state the reconciler read, so it nev
 a worker's or a user's change made meanwhile; running it in several processes at once (e.g.
 each api worker) is safe. It runs every ``settings.reconcile_interval_s`` in the api process
 (:func:`reconciler_lifespan`) and once with ``calseg reconcile``.
+
+The api's passes also sweep its staging folders (:func:`calseg.service.staging.sweep`: what
+uploads left in ``recordings/.incoming`` when their process died), once when it starts and then
+at every pass; ``calseg reconcile`` does not (it holds no upload of its own).
 """
 
 from __future__ import annotations
@@ -430,6 +434,7 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            sweep_staging_safely(self.settings)
             try:
                 self.last = reconcile(settings=self.settings, **self.kwargs)
                 self.passes += 1
@@ -443,16 +448,31 @@ class Reconciler:
             self._thread.join(timeout=30)
 
 
+def sweep_staging_safely(settings: Settings) -> int:
+    """:func:`calseg.service.staging.sweep` (each removal logged there); any failure is logged,
+    never raised (a pass, or the api's start, goes on). Returns the number of entries removed."""
+    from calseg.service.staging import sweep
+
+    try:
+        return len(sweep(settings))
+    except Exception as exc:  # noqa: BLE001 - e.g. the folder's disk unmounted: next pass
+        log.warning("staging sweep failed: %s: %s", type(exc).__name__, exc)
+        return 0
+
+
 @contextlib.asynccontextmanager
 async def reconciler_lifespan(_app: Any) -> AsyncIterator[None]:
-    """FastAPI lifespan: a :class:`Reconciler` runs while the api serves
-    (``settings.reconcile_interval_s`` <= 0 turns it off); logs as JSON lines when
-    ``settings.log_format`` is ``json``."""
+    """FastAPI lifespan: sweeps the staging folders once (what requests of a killed api
+    process left, :mod:`calseg.service.staging`), then a :class:`Reconciler` runs while the
+    api serves, sweeping them again at each pass (``settings.reconcile_interval_s`` <= 0 turns
+    it off: then only the sweep at start); logs as JSON lines when ``settings.log_format`` is
+    ``json``."""
     settings = get_settings()
     if settings.log_format == "json":
         from calseg.service.logs import configure_logging
 
         configure_logging(settings)
+    sweep_staging_safely(settings)
     rec = Reconciler(settings).start() if settings.reconcile_interval_s > 0 else None
     try:
         yield

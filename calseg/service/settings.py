@@ -147,6 +147,15 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         default=30.0, description="Seconds between reconciler passes in the api; <= 0: off."
     )
+    staging_grace_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Files and folders of the api's staging folders (recordings/.incoming: "
+        "uploads streaming in, their probes) untouched for this long (s) were left by a "
+        "request whose process died and are removed when the api starts and at every "
+        "reconciler pass (calseg.service.staging); the api touches its requests' own entries "
+        "at each pass, so keep it well above reconcile_interval_s.",
+    )
     requeue_grace_s: float = Field(
         default=60.0,
         ge=0,

@@ -16,7 +16,10 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from calseg.service.settings import Settings
 
 CHUNK = 1024 * 1024
 """Bytes read at a time when hashing or copying (1 MiB)."""
@@ -315,13 +318,20 @@ class FsspecArtifactStore(ArtifactStore):
         return n
 
 
+def local_root(settings: Settings) -> Path:
+    """The local folder of the configured store, where ``workdir`` folders lie: the mirror
+    ``settings.cache_dir/store`` of a remote store (``settings.store_url``), else
+    ``settings.artifact_dir``."""
+    return settings.cache_dir / "store" if settings.store_url else settings.artifact_dir
+
+
 def get_store(root: Path | None = None) -> ArtifactStore:
     """The configured artifact store: :class:`FsspecArtifactStore` on ``settings.store_url``
-    (mirror in ``settings.cache_dir/store``) when set, else a local folder (``root``, default
-    ``settings.artifact_dir``)."""
+    (mirror in :func:`local_root`) when set, else a local folder (``root``, default
+    :func:`local_root`: ``settings.artifact_dir``)."""
     from calseg.service.settings import get_settings
 
     settings = get_settings()
     if settings.store_url:
-        return FsspecArtifactStore(settings.store_url, settings.cache_dir / "store")
-    return LocalArtifactStore(root or settings.artifact_dir)
+        return FsspecArtifactStore(settings.store_url, local_root(settings))
+    return LocalArtifactStore(root or local_root(settings))
