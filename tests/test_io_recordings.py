@@ -1343,6 +1343,14 @@ def test_a_jpeg_pillow_refuses_names_pillows_reason_and_mpo_files_read(tmp_path)
     bad.write_bytes(b"\xff\xd8\xff\x02\x00\x00")
     with pytest.raises(RecordingError, match=r"cannot be decoded as an image \(no marker found\)"):
         probe_recording(bad)
+    lossless16 = tmp_path / "lossless16.jpg"  # a lossless JPEG of 16-bit samples (SOF3)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(lossless16)
+    buf = bytearray(lossless16.read_bytes())
+    sof = buf.index(b"\xff\xc0")
+    buf[sof + 1], buf[sof + 4] = 0xC3, 16
+    lossless16.write_bytes(bytes(buf))
+    with pytest.raises(RecordingError, match="lossless, arithmetic-coded\\): export the recording"):
+        probe_recording(lossless16)
     mpo = tmp_path / "two.jpg"
     first, second = (Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (100, 200))
     first.save(mpo, format="MPO", save_all=True, append_images=[second])

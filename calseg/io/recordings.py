@@ -934,6 +934,15 @@ _PILLOW_PLUGINS = {
 }
 
 
+_UNDECODABLE_IMAGE = {
+    "jpeg": "it is damaged or truncated, or a kind of JPEG the image reader does not decode "
+    "(12- or 16-bit, lossless, arithmetic-coded): export the recording again, as TIFF.",
+    "png": "it is probably damaged or truncated: export it again.",
+}
+"""What to do about a PNG/JPEG Pillow cannot open or decode (a valid 16-bit lossless JPEG was
+called damaged: a fourth attack run, 2026-12-07)."""
+
+
 def _pillow_reason(path: Path, fmt: str, exc: Exception) -> str:
     """Why Pillow could not open ``path``: ``Image.open`` reports only "cannot identify image
     file" when its one plugin refuses, so the sniffed plugin's own error is asked for."""
@@ -995,8 +1004,8 @@ def _open_pillow(path: Path, display: str) -> _Source:
         ) from exc
     except Exception as exc:
         raise RecordingError(
-            f"{path.name} cannot be decoded as an image ({_pillow_reason(path, fmt, exc)}); it is "
-            "probably damaged or truncated: export it again."
+            f"{path.name} cannot be decoded as an image ({_pillow_reason(path, fmt, exc)}); "
+            f"{_UNDECODABLE_IMAGE[fmt]}"
         ) from exc
     if n > 1:
         notes.append(f"image holds {n} frames; read the first only")
@@ -1022,8 +1031,7 @@ def _open_pillow(path: Path, display: str) -> _Source:
                 arr = _pillow_array(path, fmt)
             except Exception as exc:
                 raise RecordingError(
-                    f"{path.name} cannot be decoded as an image ({exc}); it is probably damaged "
-                    "or truncated: export it again."
+                    f"{path.name} cannot be decoded as an image ({exc}); {_UNDECODABLE_IMAGE[fmt]}"
                 ) from exc
             if arr.shape != shape:
                 raise RecordingError(
