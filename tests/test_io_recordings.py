@@ -1371,3 +1371,105 @@ def test_reading_hdf5_empties_hdf5s_plugin_search_path(tmp_path):
     assert h5pl.size() >= 1
     assert read_recording(path).frames.shape == (4, 16, 16)
     assert h5pl.size() == 0
+
+
+def test_fifth_attack_run_tiff_classes_are_refused_or_bounded(tmp_path, monkeypatch):
+    """Found by a fifth attack run (2026-12-07), one file per class, small:
+    tiles far larger than their image (64 x 64 pages of one 32768^2 deflate tile took the API
+    to 4.2 GB), pages of more than MAX_TIFF_KINDS kinds (4,096 distinct shapes: 66 s in
+    tifffile's pyramid search), a MetaMorph UIC1 tag of 10^6 entries (34 s, 1.55 GB). Honest
+    files beside them read."""
+    from calseg.io import file_safety
+
+    ok_tiles = tmp_path / "ok_tiles.tif"  # a writer's fixed 256 px tiles on a small image
+    tifffile.imwrite(ok_tiles, stack(3, 64, 64), tile=(256, 256), compression="zlib",
+                     photometric="minisblack")  # fmt: skip
+    assert read_recording(ok_tiles).frames.shape == (3, 64, 64)
+    big_tiles = tmp_path / "big_tiles.tif"
+    tifffile.imwrite(big_tiles, stack(2, 64, 64), tile=(2048, 2048), compression="zlib")
+    with pytest.raises(RecordingError, match="tiles of width 2,048 for an image of width 64"):
+        probe_recording(big_tiles)
+
+    kinds = tmp_path / "kinds.tif"
+    with tifffile.TiffWriter(kinds) as tw:
+        for i in range(file_safety.MAX_TIFF_KINDS + 1):
+            tw.write(np.zeros((4, 4 + i), np.uint8), photometric="minisblack")
+    with pytest.raises(RecordingError, match="more than 64 different kinds"):
+        probe_recording(kinds)
+
+    uic1 = tmp_path / "uic1.tif"
+    tifffile.imwrite(uic1, stack(2, 16, 16), extratags=[(33628, "I", 5000, [0] * 5000, False)])
+    with pytest.raises(RecordingError, match="UIC1 tag holds 5,000 entries"):
+        probe_recording(uic1)
+
+
+def test_tifffiles_micro_manager_builder_and_pyramid_search_are_never_run_at_scale(
+    tmp_path, monkeypatch
+):
+    """Found by a fifth attack run (2026-12-07): tifffile's Micro-Manager stack builder sizes a
+    list by the index map's largest indices, cubed, when the set's other files are out of
+    reach (a 376-byte file: 5.4 GB); its pyramid search compares every series with every other
+    (a file written one TiffWriter.write() per frame, 20,000 frames: 57 s). CalSeg never runs
+    the first (tifffile goes on to the file's other metadata) and skips the second over more
+    than MAX_TIFF_KINDS series."""
+    import tifffile.tifffile as tt
+
+    from calseg.io import file_safety
+
+    def builder(self):  # noqa: ANN001, ANN202
+        raise AssertionError("tifffile's Micro-Manager builder ran")
+
+    monkeypatch.setattr(tt.TiffFile, "is_mmstack", property(lambda self: True))
+    monkeypatch.setattr(tt.TiffFile, "_series_mmstack", builder)
+    path = tmp_path / "mm.tif"
+    tifffile.imwrite(path, stack(4, 16, 16), photometric="minisblack")
+    assert read_recording(path).frames.shape == (4, 16, 16)
+
+    assert getattr(tt.pyramidize_series, "_calseg_guard", False)
+    many = [object()] * (file_safety.MAX_TIFF_KINDS + 1)  # would raise if looked at
+    assert tt.pyramidize_series(many, reduced=True) is None
+    with pytest.raises(AttributeError):  # a few series still get tifffile's search
+        tt.pyramidize_series([object(), object()])
+
+
+def test_packbits_longer_than_any_encoding_of_its_output_is_refused():
+    """Found by a fifth attack run (2026-12-07): 20 MB of PackBits no-op bytes (0x80) in a strip
+    every page pointed at took 101 s to probe (the decoder is Python, bounded only by its
+    output). An honest encoding decodes; one longer than any encoding of its output, refused."""
+    from calseg.io.file_safety import UnsafeRecording, _packbits_decode
+
+    assert _packbits_decode(b"\xfe\x07\x02abc", out=6) == b"\x07\x07\x07abc"
+    with pytest.raises(UnsafeRecording, match="longer than any encoding of the 6 bytes"):
+        _packbits_decode(b"\x80" * 100 + b"\xfe\x07\x02abc", out=6)
+
+
+def test_ome_tiffdata_mapping_every_page_many_times_is_refused():
+    """Found by a fifth attack run (2026-12-07): 40,000 TiffData elements with no IFD,
+    PlaneCount or NumPlanes over 4,000 pages (1.46 MB) took 103 s to probe: tifffile maps every
+    page for each. Counted now; the same elements with an IFD each are fine."""
+    from calseg.io.file_safety import UnsafeRecording, check_ome_sizes
+
+    def xml(attrs: str, n: int) -> str:
+        planes = "".join(f"<TiffData {attrs.format(i=i)}/>" for i in range(n))
+        return (
+            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0">'
+            f'<Pixels SizeT="{n}" SizeZ="1" SizeC="1">{planes}</Pixels></Image></OME>'
+        )
+
+    check_ome_sizes(xml('IFD="{i}" PlaneCount="1"', 300), n_pages=4000)
+    with pytest.raises(UnsafeRecording, match="TiffData elements that map 1,004,000 planes in all"):
+        check_ome_sizes(xml("", 300), n_pages=4000)
+
+
+def test_jpeg_of_many_exif_segments_is_refused(tmp_path):
+    """Found by a fifth attack run (2026-12-07): Pillow appends each EXIF segment to the bytes
+    so far: 1,000 of 64 KiB (65 MB) took 30 s and 320 MB. A JPEG with its one EXIF reads."""
+    exif = Image.Exif()
+    exif[0x010F] = "CalSeg"  # Make
+    one = tmp_path / "one.jpg"
+    Image.fromarray(stack(1, 32, 32, np.uint8)[0]).save(one, exif=exif)
+    assert read_recording(one).frames.shape == (1, 32, 32)
+    many = tmp_path / "many.jpg"
+    _jpeg_with(many, b"\xff\xe1\x00\x08Exif\x00\x00" * 20)
+    with pytest.raises(RecordingError, match="more than 8 EXIF segments"):
+        probe_recording(many)

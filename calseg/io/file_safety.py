@@ -61,6 +61,7 @@ __all__ = [
     "mov_sample_count",
     "count_tiff_pages",
     "install_bounded_tiff_codecs",
+    "install_tiff_series_guard",
     "ome_foreign_files",
     "open_video",
     "sniff_video_format",
@@ -97,6 +98,10 @@ MAX_JPEG_LOOSE_BYTES = 4096
 """Most bytes outside marker segments (fill bytes ``FF``, stuffed ``FF 00``, junk) a JPEG may
 hold before its first scan (:func:`check_image_segments`). Encoders write none; Pillow steps
 over each in Python (about 1.4 us a byte: 50 MB of fill bytes took 70 s)."""
+MAX_JPEG_EXIF_SEGMENTS = 8
+"""Most EXIF (APP1 ``Exif``) segments a JPEG may hold before its first scan. EXIF fits in one
+64 KiB segment; Pillow appends each further one to the bytes so far (quadratic): 1,000 of
+64 KiB (65 MB) took 30 s and 320 MB (a fifth attack run, 2026-12-07)."""
 MIN_PNG_DATA_CHUNK = 256
 """PNG image data chunks (IDAT, fdAT) under this many bytes count against
 :data:`MAX_IMAGE_SEGMENTS` (:func:`check_image_segments`)."""
@@ -239,6 +244,19 @@ _TIFF_SERIES_TAGS = (256, 257, 258, 259, 262, 266, 277, 278, 284, 317, 322, 323,
 """Tags whose values tell which pages tifffile puts in one series (``TiffPage.hash``: width,
 length, depth, bits, compression, photometric, fill order, samples, rows per strip, planar
 configuration, predictor, tile size, extra samples, sample format, subsampling)."""
+_TIFF_UIC1_TAG = 33628  # MetaMorph STK UIC1
+MAX_STK_UIC1_ENTRIES = 4096
+"""Most entries a MetaMorph UIC1 tag may hold (:meth:`_TiffWalk.directory`). tifffile builds a
+Python dict per entry, following its offset, twice: 10^6 entries pointing at one 520-byte
+record (8 MB) took 34 s and 1.55 GB (a fifth attack run, 2026-12-07); MetaMorph writes tens."""
+MAX_TIFF_KINDS = 64
+"""Most kinds of pages (distinct values of tifffile's page hash) a TIFF may hold: tifffile
+makes a series of each and compares every series with every other one when it looks for
+pyramid levels (``pyramidize_series``): 4,096 pages of distinct shapes (500 kB) took 66 s (a
+fifth attack run, 2026-12-07). A recording with thumbnails or a pyramid has a handful."""
+MAX_TIFF_TILE_SLACK = 1024
+"""A tile side may reach this many pixels whatever its image's size (a writer's fixed tile
+size on a small image; :func:`_check_tile_size`)."""
 _TIFF_SMALL_ARRAY = 16
 """Out-of-line values of series tags read up to this many (e.g. BitsPerSample of RGB)."""
 
@@ -427,11 +445,25 @@ class _TiffWalk:
                             "the file holds it once, the reader builds it for every page); "
                             "export the recording again"
                         )
+            elif tag == _TIFF_UIC1_TAG and count > MAX_STK_UIC1_ENTRIES:
+                raise UnsafeRecording(
+                    f"its MetaMorph UIC1 tag holds {count:,} entries (a MetaMorph file has tens; "
+                    f"at most {MAX_STK_UIC1_ENTRIES:,} are read): the TIFF reader builds each "
+                    "one in Python, following its offset; export the recording again"
+                )
             elif tag == _TIFF_SUBIFDS_TAG:
                 vals = self.values(typ, count, value, raw_value) or []
                 self.n_sub += len(vals)
                 self.subifds.extend(vals)
+        _check_tile_size(kind, n_dirs - 1)
         self.kinds.add(tuple(kind.values()))
+        if len(self.kinds) > MAX_TIFF_KINDS:
+            raise UnsafeRecording(
+                f"its pages come in more than {MAX_TIFF_KINDS} different kinds (e.g. "
+                f"{_shape_text(sorted(self.kinds)[:2])}): the TIFF reader compares every "
+                "series with every other one; write the recording's frames into a TIFF of "
+                "their own (one shape, one page per frame)"
+            )
         mixed = len(self.kinds) > 1 or self.n_sub > 0
         if mixed and n_dirs + len(self.subifds) > MAX_MIXED_TIFF_PAGES:
             why = (
@@ -449,6 +481,38 @@ class _TiffWalk:
         return struct.unpack(
             self.order + ("Q" if self.off_size == 8 else "I"), raw[n * self.entry :]
         )[0]
+
+
+def _tag_int(kind: dict[int, tuple], tag: int) -> int | None:
+    """The one integer value of a series tag of :meth:`_TiffWalk.directory` (None: absent or
+    not one integer)."""
+    v = kind.get(tag) or ()
+    return int(v[0]) if len(v) == 1 else None
+
+
+def _check_tile_size(kind: dict[int, tuple], index: int) -> None:
+    """Refuse a tile larger than its image needs: each side at most the image's side rounded
+    up to 16 (the TIFF tile unit) or :data:`MAX_TIFF_TILE_SLACK`, whichever is larger, and a
+    tile depth at most the image depth. tifffile decodes whole tiles and the decode budget
+    counts the image: 64 x 64 pages of one 32768 x 32768 deflate tile (2 MB) took the API to
+    4.2 GB at upload and on every preview (a fifth attack run, 2026-12-07)."""
+    tile_w, tile_l = _tag_int(kind, 322), _tag_int(kind, 323)
+    if tile_w is None and tile_l is None:
+        return
+    for what, tile, side in (
+        ("width", tile_w, _tag_int(kind, 256)),
+        ("length", tile_l, _tag_int(kind, 257)),
+        ("depth", _tag_int(kind, 32998), _tag_int(kind, 32997) or 1),
+    ):
+        if tile is None or side is None:
+            continue
+        cap = side if what == "depth" else max(-(-side // 16) * 16, MAX_TIFF_TILE_SLACK)
+        if tile > cap:
+            raise UnsafeRecording(
+                f"directory {index} has tiles of {what} {tile:,} for an image of {what} "
+                f"{side:,}: every tile is decoded whole, far beyond the image (a damaged or "
+                "crafted file); export the recording again"
+            )
 
 
 def _check_claimed(claimed: int, size: int) -> None:
@@ -619,7 +683,7 @@ def _check_jpeg_header(fh: Any) -> None:
     outside segments (see :func:`check_image_segments`). A byte sequence Pillow would refuse
     ("no marker found") ends the walk: Pillow fails there, quickly."""
     fh.seek(2)  # after SOI
-    n = loose = 0
+    n = loose = exif = 0
     while n <= MAX_IMAGE_SEGMENTS and loose <= MAX_JPEG_LOOSE_BYTES:
         b = fh.read(1)
         if not b:
@@ -645,7 +709,17 @@ def _check_jpeg_header(fh: Any) -> None:
             length = fh.read(2)
             if len(length) < 2:
                 return
-            fh.seek(struct.unpack(">H", length)[0] - 2, io.SEEK_CUR)
+            skip = struct.unpack(">H", length)[0] - 2
+            if marker == 0xE1 and skip >= 6:  # APP1: an EXIF segment?
+                head = fh.read(6)
+                exif += head == b"Exif\x00\x00"
+                skip -= len(head)
+                if exif > MAX_JPEG_EXIF_SEGMENTS:
+                    raise UnsafeRecording(
+                        f"it holds more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments (EXIF fits "
+                        "in one; the image reader joins them one by one); save the image again"
+                    )
+            fh.seek(skip, io.SEEK_CUR)
         else:
             return
     what = (
@@ -659,7 +733,7 @@ def _check_jpeg_header(fh: Any) -> None:
     )
 
 
-def check_ome_sizes(xml: str, limit: int | None = None) -> None:
+def check_ome_sizes(xml: str, limit: int | None = None, n_pages: int = 1) -> None:
     """Refuse OME-XML whose plane counts would make tifffile allocate far more than the file.
 
     tifffile sizes an OME series from the XML before reading a plane: it builds a list of
@@ -671,6 +745,8 @@ def check_ome_sizes(xml: str, limit: int | None = None) -> None:
     Args:
         xml: the OME-XML of the first page.
         limit: most planes in all, and largest index (default :data:`MAX_TIFF_PAGES`).
+        n_pages: the file's image directories (what a TiffData element without IFD,
+            PlaneCount or NumPlanes maps).
 
     Raises:
         UnsafeRecording: a count or index over ``limit``.
@@ -680,7 +756,7 @@ def check_ome_sizes(xml: str, limit: int | None = None) -> None:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return
-    total = 0
+    total = mapped = 0
 
     def number(el: Any, name: str) -> int:
         try:
@@ -698,6 +774,21 @@ def check_ome_sizes(xml: str, limit: int | None = None) -> None:
             what = f"a TiffData index or count of {big:,}"
             if big > limit:
                 total = big
+            # tifffile maps PlaneCount (else NumPlanes, else 1 with an IFD, else every page)
+            # planes per element, one at a time: 40,000 elements without either over 4,000
+            # pages (1.46 MB) took 103 s to probe (a fifth attack run, 2026-12-07)
+            attrs = el.attrib
+            count = next(
+                (number(el, k) for k in ("PlaneCount", "NumPlanes") if k in attrs),
+                1 if "IFD" in attrs else 0,
+            )
+            mapped += count or n_pages
+            if mapped > limit and total <= limit:
+                what = (
+                    f"TiffData elements that map {mapped:,} planes in all (one with no IFD, "
+                    f"PlaneCount or NumPlanes maps all {n_pages:,} pages)"
+                )
+                total = mapped
         else:
             continue
         if total > limit:
@@ -761,6 +852,15 @@ def _packbits_decode(encoded: bytes, /, *, out: Any = None) -> bytes:
     limit = out if isinstance(out, int) else None
     res = bytearray()
     i, n_in = 0, len(encoded)
+    if limit is not None and n_in > 2 * limit + (2 * limit) // 128 + 16:
+        # the longest encoding of 2 x limit bytes (literal runs of 128, each after its count
+        # byte); this loop is Python, 0.14 us an input byte: 20 MB of no-op bytes (0x80) in a
+        # strip every page pointed at took 101 s to probe (a fifth attack run, 2026-12-07)
+        raise UnsafeRecording(
+            f"a PackBits segment of {n_in:,} bytes is longer than any encoding of the {limit:,} "
+            "bytes its image directory declares (a damaged or crafted file); export the "
+            "recording again"
+        )
     while i < n_in:
         n = encoded[i] + 1
         i += 1
@@ -785,6 +885,32 @@ _TIFF_CODECS: dict[int, Callable[..., bytes]] = {
     34925: _lzma_decode,
     32773: _packbits_decode,
 }
+
+
+def install_tiff_series_guard() -> bool:
+    """Make tifffile skip its pyramid search (``pyramidize_series``) over more than
+    :data:`MAX_TIFF_KINDS` series: it compares every series with every other one, and a file
+    written one ``TiffWriter.write()`` per frame is one series per frame (20,000 frames of a
+    6 MB file took 57 s to probe; 30,000 crafted pages 148 s: a fifth attack run,
+    2026-12-07). A pyramid has a handful of levels; such files hold no pyramid to find.
+
+    Returns:
+        True when the guard is in place.
+    """
+    import tifffile.tifffile as tt
+
+    original = getattr(tt, "pyramidize_series", None)
+    if original is None or getattr(original, "_calseg_guard", False):
+        return original is not None
+
+    def pyramidize_series(series: list, /, **kwargs: Any) -> None:
+        if len(series) > MAX_TIFF_KINDS:
+            return None
+        return original(series, **kwargs)
+
+    pyramidize_series._calseg_guard = True  # type: ignore[attr-defined]
+    tt.pyramidize_series = pyramidize_series
+    return True
 
 
 def install_bounded_tiff_codecs() -> bool:

@@ -226,6 +226,7 @@ class _ThreadLogCapture(logging.Filter):
 _TIFF_LOG = _ThreadLogCapture()
 logging.getLogger("tifffile").addFilter(_TIFF_LOG)
 file_safety.install_bounded_tiff_codecs()  # zlib/LZMA/PackBits: at most the declared size
+file_safety.install_tiff_series_guard()  # no pyramid search over thousands of series
 
 
 @contextmanager
@@ -589,6 +590,12 @@ def _open_tiff_file(path: Path) -> Any:
         return generic()
 
     tf._series_generic = series_generic
+    tf.calseg_n_directories = n  # the walk's count (pages and SubIFDs)
+    # Micro-Manager stacks: tifffile sizes a list by the index map's largest indices, cubed,
+    # when the other files of the set are out of reach, as they always are here (one file):
+    # a 376-byte file took the API to 5.4 GB (a fifth attack run, 2026-12-07). Without this
+    # builder tifffile goes on to the file's OME or ImageJ metadata, or its plain pages.
+    tf._series_mmstack = lambda: None
     tf_close = tf.close
 
     def close() -> None:
@@ -629,7 +636,8 @@ def _open_tiff(path: Path, display: str) -> _Source:
             ) from exc
         try:
             if tf.is_ome:
-                file_safety.check_ome_sizes(tf.ome_metadata or "")  # before tifffile sizes it
+                # before tifffile sizes it; the walk counted the pages
+                file_safety.check_ome_sizes(tf.ome_metadata or "", n_pages=tf.calseg_n_directories)
                 foreign = file_safety.ome_foreign_files(tf.ome_metadata or "", path.name)
                 if foreign:
                     raise UnsafeRecording(

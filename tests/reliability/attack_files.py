@@ -410,7 +410,8 @@ def _tiff_shared_strip_bomb(n_pages: int, side: int) -> Callable[[Path, Victim],
 
 
 def _tiff_strip_bomb(codec: str) -> Callable[[Path, Victim], None]:
-    """Two 64 x 64 uint16 pages (8 KiB each) whose one strip expands to 64 MiB."""
+    """Two 64 x 64 uint16 pages (8 KiB each) whose one strip expands to 64 MiB (PackBits:
+    1 MB)."""
 
     def write(p: Path, v: Victim) -> None:
         import lzma
@@ -423,8 +424,10 @@ def _tiff_strip_bomb(codec: str) -> Callable[[Path, Victim], None]:
             piece = bytes(16 * 2**20)
             strip = b"".join(c.compress(piece) for _ in range(n // len(piece))) + c.flush()
             compression = 34925
-        else:  # PackBits: a run of 128 zeros is 2 bytes; 64x expansion at most
-            strip, compression = b"\x81\x00" * (n // 128 // 16), 32773
+        else:  # PackBits: a run of 128 zeros is 2 bytes; 64x expansion at most. 16,000
+            # bytes: within the longest encoding of the page's 8 KiB (a longer segment is
+            # refused before decoding), expanding to 1 MB
+            strip, compression = b"\x81\x00" * 8000, 32773
         raw_tiff(p, width=64, height=64, n_pages=2, strip=strip, compression=compression)
 
     return write
@@ -536,6 +539,13 @@ def _png_empty_image_data_chunks(p: Path, v: Victim) -> None:
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + body)
 
 
+def _tiff_tile_beyond_image(p: Path, v: Victim) -> None:
+    """Two 64 x 64 uint16 pages, each one deflate tile of 8192 x 8192 (a fifth attack run,
+    2026-12-07: tiles of 32768^2, 2 MB, took the API to 4.2 GB at upload and per preview)."""
+    tifffile.imwrite(p, np.zeros((2, 64, 64), np.uint16), tile=(8192, 8192), compression="zlib",
+                     photometric="minisblack")  # fmt: skip
+
+
 def _png_bomb(p: Path, v: Victim) -> None:
     """A 20000 x 20000 grey PNG (400 Mpx) of zeros: about 400 kB."""
     from PIL import Image
@@ -610,6 +620,8 @@ def attacks() -> list[Attack]:
         Attack("tiff-imagej-says-2-frames-over-48-pages", "ijlie.tif",
                _tiff_imagej_fewer_frames_than_pages, 422, "metadata does not describe the file",
                B),
+        Attack("tiff-8192-tiles-on-64-px-pages", "tiles.tif", _tiff_tile_beyond_image, 422,
+               "tiles of width 8,192 for an image of width 64", B),
         Attack("jpeg-empty-segments-after-frame-header", "apps.jpg",
                _jpeg_after_frame_header(b"\xff\xe1\x00\x02" * 5000), 422,
                "marker segments before its first scan", B),
