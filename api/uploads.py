@@ -14,6 +14,7 @@ import hashlib
 import re
 import shutil
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -74,10 +75,13 @@ def _too_large(limit: int) -> UploadError:
     )
 
 
-def over_quota(size: int, left: int, *, streaming: bool = False) -> UploadError:
+def over_quota(size: int, left: int, *, streaming: bool = False, others: int = 0) -> UploadError:
     """The 507 of an upload that does not fit in what is left of its owner's storage quota
-    (``max_storage_bytes``, :func:`calseg.service.costs.storage_left_bytes`)."""
+    (``max_storage_bytes``, :func:`calseg.service.costs.storage_left_bytes`), beside the
+    ``others`` bytes of the owner's other uploads still in flight."""
     what = f"after {size:,} bytes, this upload" if streaming else f"this upload of {size:,} bytes"
+    if others:
+        what += f" and your other uploads in flight ({others:,} bytes so far)"
     return UploadError(
         f"{what} does not fit in your storage quota: {left:,} bytes of it are left (your "
         "recordings, the files your jobs left and the estimated writes of your queued jobs "
@@ -97,9 +101,12 @@ class _Sink:
         limit: int,
         min_free: int | None = None,
         quota_left: int | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.dest, self.limit, self.min_free = dest, limit, min_free
         self.quota_left = quota_left
+        self.in_flight = in_flight
+        self.quota_checked_at = 0  # bytes written when the other uploads were last counted
         self.digest = hashlib.sha256()
         self.size = 0
         self.checked_at = 0  # bytes written when the free disk was last looked at
@@ -120,6 +127,8 @@ class _Sink:
             raise _too_large(self.limit)
         if self.quota_left is not None and self.size > self.quota_left:
             raise over_quota(self.size, self.quota_left, streaming=True)
+        if self.size - self.quota_checked_at >= QUOTA_CHECK_BYTES:
+            self.check_in_flight()
         if self.min_free is not None and self.size - self.checked_at >= DISK_CHECK_BYTES:
             self.checked_at = self.size  # a body without Content-Length: look as it grows
             free = shutil.disk_usage(self.dest.parent).free
@@ -133,6 +142,18 @@ class _Sink:
         self.digest.update(data)
         self.fh.write(data)
 
+    def check_in_flight(self) -> None:
+        """507 when this upload and its owner's other uploads in flight (``in_flight``) no
+        longer fit in ``quota_left``: the quota left is taken when each upload starts, so ten
+        uploads stalled side by side held 1.29 GB against 143 MB of quota (a fifth attack run,
+        2026-12-07)."""
+        self.quota_checked_at = self.size
+        if self.quota_left is None or self.in_flight is None:
+            return
+        others = self.in_flight()
+        if others and self.size + others > self.quota_left:
+            raise over_quota(self.size, self.quota_left, streaming=True, others=others)
+
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
@@ -142,6 +163,9 @@ class _Sink:
 
 DISK_CHECK_BYTES = 64 * 2**20
 """How often (bytes written) a streamed upload looks at the free disk again."""
+QUOTA_CHECK_BYTES = 8 * 2**20
+"""How often (bytes written) a streamed upload counts its owner's other uploads in flight
+against the quota (:meth:`_Sink.check_in_flight`; also at its start and its end)."""
 
 
 async def receive_file(
@@ -150,6 +174,7 @@ async def receive_file(
     limit: int,
     min_free: int | None = None,
     quota_left: int | None = None,
+    in_flight: Callable[[], int] | None = None,
 ) -> ReceivedFile:
     """Stream the request's file to ``dest`` (bounded memory), checking ``limit`` bytes, the
     free disk (``min_free``) and what is left of the owner's storage quota (``quota_left``;
@@ -170,7 +195,11 @@ async def receive_file(
     ):
         raise over_quota(int(declared), quota_left)
     ctype, options = parse_options_header(request.headers.get("content-type"))
-    sink = _Sink(dest, limit, min_free, quota_left)
+    sink = _Sink(dest, limit, min_free, quota_left, in_flight)
+    if quota_left is not None and in_flight is not None and declared and declared.isdigit():
+        others = in_flight()  # a declared length that cannot fit beside them: refused now
+        if others and int(declared) + others > quota_left + MULTIPART_SLACK:
+            raise over_quota(int(declared), quota_left, others=others)
     fields: dict[str, str] = {}
     try:
         if ctype == b"multipart/form-data":
@@ -196,6 +225,7 @@ async def receive_file(
             )
         if not sink.done:
             raise UploadError("no file in the upload: send it in a form field named 'file'")
+        sink.check_in_flight()
     except BaseException:
         sink.close()
         dest.unlink(missing_ok=True)

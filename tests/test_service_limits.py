@@ -330,6 +330,51 @@ def test_the_storage_quota_holds_uploads_and_jobs_and_deleting_frees_it(
     assert used == len(one) + written
 
 
+def test_uploads_in_flight_side_by_side_count_against_the_quota(
+    client: TestClient,  # noqa: F811
+    admin: dict[str, str],
+) -> None:
+    """Found by a fifth attack run (2026-12-07): the quota left was taken once, when each
+    upload started, so ten uploads stalled side by side held 1.29 GB in .incoming against
+    143 MB of quota. An upload now counts its owner's other uploads in flight (any api
+    process: their files are named by owner): here one stalled upload of 6 kB, and a file
+    that fits alone but not beside it gets 507, declared or streamed; another user's
+    uploads in flight do not count; without the stalled one it fits."""
+    root = _headers(admin["root"])
+    rng = np.random.default_rng(1)
+    one = _tiff_bytes(rng.integers(0, 4000, (4, 32, 32), dtype=np.uint16))
+    quota = len(one) + 4000
+    r = client.patch("/api/users/alice/limits", json={"max_storage_bytes": quota}, headers=root)
+    assert r.status_code == 200, r.text
+    with session_scope() as s:
+        alice = s.query(User).filter_by(name="alice").one().id
+        bob = s.query(User).filter_by(name="bob").one().id
+    folder = get_settings().artifact_dir / "recordings" / ".incoming"
+    folder.mkdir(parents=True, exist_ok=True)
+    theirs = folder / f"{bob}.{'b' * 8}.part"
+    theirs.write_bytes(b"\0" * 50_000)  # another user's: not alice's quota
+    stalled = folder / f"{alice}.{'a' * 8}.part"
+    stalled.write_bytes(b"\0" * 6000)
+
+    def chunks():
+        yield one[: len(one) // 2]
+        yield one[len(one) // 2 :]
+
+    raw = {"Content-Type": "application/octet-stream"}
+    for kwargs in (
+        {"files": {"file": ("one.tif", one, "image/tiff")}},
+        {"content": chunks(), "params": {"filename": "one.tif"}, "headers": raw},
+    ):
+        r = client.post("/api/recordings", **kwargs)
+        assert r.status_code == 507, r.text
+        assert "your other uploads in flight (6,000 bytes so far)" in r.json()["detail"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([stalled.name, theirs.name])
+    stalled.unlink()
+    r = client.post("/api/recordings", files={"file": ("one.tif", one, "image/tiff")})
+    assert r.status_code == 201, r.text
+    theirs.unlink()
+
+
 def test_the_storage_quota_counts_only_what_jobs_can_have_written(
     client: TestClient,  # noqa: F811
     admin: dict[str, str],

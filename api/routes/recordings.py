@@ -228,6 +228,24 @@ def _register_recording(
     return rec, False
 
 
+def _in_flight_bytes(incoming: Path, owner_id: str, own: Path) -> int:
+    """Bytes of ``owner_id``'s other uploads in flight in ``incoming``, in any api process:
+    their ``<owner>.<uuid>.part`` files and the files of their probe folders
+    (``<owner>.<uuid>/``); ``own`` is not counted."""
+    total = 0
+    for entry in incoming.glob(f"{owner_id}.*"):
+        if entry == own:
+            continue
+        try:
+            if entry.is_dir():
+                total += sum(f.lstat().st_size for f in entry.iterdir())
+            else:
+                total += entry.lstat().st_size
+        except OSError:  # finished or swept meanwhile
+            continue
+    return total
+
+
 def _swept(settings: Settings) -> HTTPException:
     """408 for an upload whose partial file another api process's staging sweep removed: it
     was idle past ``staging_grace_s`` while its own process swept nothing to keep it fresh
@@ -314,7 +332,9 @@ async def upload_recording(
     _check_free_disk(request, settings)
     quota_left = _storage_left(session, user, settings)
     session.commit()  # no transaction held open while the body streams in
-    tmp = store.workdir("recordings/.incoming") / f"{uuid.uuid4()}.part"
+    incoming = store.workdir("recordings/.incoming")
+    # named by owner: every api process can count the owner's uploads in flight (quota)
+    tmp = incoming / f"{user.id}.{uuid.uuid4()}.part"
     # the .part and its probe folder (_register_recording) are this request's while it runs:
     # the staging sweep of a killed process's leftovers keeps them fresh (calseg.service.staging)
     with staging.hold(tmp, tmp.parent / tmp.stem):
@@ -325,6 +345,7 @@ async def upload_recording(
                 settings.max_upload_bytes,
                 min_free=_min_free(settings),
                 quota_left=quota_left,
+                in_flight=lambda: _in_flight_bytes(incoming, user.id, tmp),
             )
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
