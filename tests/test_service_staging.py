@@ -144,18 +144,8 @@ def test_what_a_killed_api_left_is_removed_when_the_next_one_starts(
     proc = _start_api({**os.environ, **env}, port)
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(
-                b"POST /api/recordings?filename=x.tif HTTP/1.1\r\nHost: t\r\n"
-                + f"Authorization: Bearer {token}\r\n".encode()
-                + b"Content-Type: application/octet-stream\r\n"
-                b"Content-Length: 300000000\r\n\r\n" + b"\0" * 300_000
-            )
-
-            def streamed() -> bool:
-                parts = list(incoming.glob("*.part")) if incoming.is_dir() else []
-                return bool(parts) and parts[0].stat().st_size >= 300_000
-
-            _wait(streamed, 30, "the upload to reach the disk")
+            _start_upload(sock, token, "x.tif", 300_000_000, b"\0" * 300_000)
+            _wait_streamed(incoming, 300_000, timeout_s=30)
             proc.kill()  # SIGKILL, as the OOM killer would
             proc.wait(10)
     finally:
@@ -213,6 +203,30 @@ def _serve(app: Any) -> tuple[Any, int]:
     return server, port
 
 
+def _start_upload(sock: socket.socket, token: str, name: str, length: int, first: bytes) -> None:
+    """Send a raw upload's request head (``Content-Length`` ``length``) and its ``first``
+    bytes, the rest left to the caller: an upload in flight."""
+    sock.sendall(
+        f"POST /api/recordings?filename={name} HTTP/1.1\r\nHost: t\r\n".encode()
+        + f"Authorization: Bearer {token}\r\n".encode()
+        + b"Content-Type: application/octet-stream\r\n"
+        + f"Content-Length: {length}\r\n\r\n".encode()
+        + first
+    )
+
+
+def _wait_streamed(incoming: Path, nbytes: int, timeout_s: float = 20.0) -> Path:
+    """Wait until the one ``.part`` in ``incoming`` holds ``nbytes``; return it."""
+
+    def streamed() -> bool:
+        parts = list(incoming.glob("*.part")) if incoming.is_dir() else []
+        return bool(parts) and parts[0].stat().st_size >= nbytes
+
+    _wait(streamed, timeout_s, "the first bytes on disk")
+    (part,) = incoming.glob("*.part")
+    return part
+
+
 def _answer(sock: socket.socket) -> tuple[int, bytes]:
     """Status code and body of the HTTP/1.1 answer on ``sock`` (the server closes or sends a
     Content-Length; read until the body is complete)."""
@@ -243,20 +257,8 @@ def test_an_upload_idle_for_longer_than_the_grace_is_not_swept(
     server, port = _serve(client.app)
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(
-                b"POST /api/recordings?filename=slow.tif HTTP/1.1\r\nHost: t\r\n"
-                + f"Authorization: Bearer {client.token}\r\n".encode()
-                + b"Content-Type: application/octet-stream\r\n"
-                + f"Content-Length: {len(data)}\r\n\r\n".encode()
-                + data[:20_000]
-            )
-
-            def streamed() -> bool:
-                parts = list(incoming.glob("*.part")) if incoming.is_dir() else []
-                return bool(parts) and parts[0].stat().st_size >= 20_000
-
-            _wait(streamed, 20, "the first bytes on disk")
-            (part,) = incoming.glob("*.part")
+            _start_upload(sock, client.token, "slow.tif", len(data), data[:20_000])
+            part = _wait_streamed(incoming, 20_000)
             _age(part, HOURS_2)  # as if its client had paused for two hours
             assert staging.sweep(get_settings()) == []  # this api process's pass
             assert part.exists() and time.time() - part.stat().st_mtime < 60
@@ -287,13 +289,7 @@ def test_an_upload_whose_file_was_swept_answers_408(
     server, port = _serve(client.app)
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(
-                b"POST /api/recordings?filename=slow.tif HTTP/1.1\r\nHost: t\r\n"
-                + f"Authorization: Bearer {client.token}\r\n".encode()
-                + b"Content-Type: application/octet-stream\r\n"
-                + f"Content-Length: {len(data)}\r\n\r\n".encode()
-                + data[:20_000]
-            )
+            _start_upload(sock, client.token, "slow.tif", len(data), data[:20_000])
             _wait(lambda: incoming.is_dir() and any(incoming.glob("*.part")), 20, "the .part")
             (part,) = incoming.glob("*.part")
             part.unlink()  # what another process's sweep does to an upload idle past the grace
