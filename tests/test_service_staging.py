@@ -300,3 +300,65 @@ def test_an_upload_whose_file_was_swept_answers_408(
         assert list(incoming.iterdir()) == []
     finally:
         server.should_exit = True
+
+
+def _recording_folders(art: Path) -> list[str]:
+    return sorted(p.name for p in (art / "recordings").iterdir() if not p.name.startswith("."))
+
+
+def test_an_upload_whose_row_cannot_be_committed_leaves_no_file(
+    client: TestClient,  # noqa: F811 - fixture
+    tmp_path: Path,
+) -> None:
+    """The database refuses the recording's row after its file was stored (here a trigger
+    that fails as a lost database would, at the INSERT): the upload fails and takes its
+    stored file with it. Before, ``recordings/<id>/`` stayed, named by no row, in no quota."""
+    from sqlalchemy import text
+
+    from calseg.service.db import get_engine
+
+    with get_engine(get_settings().database_url).begin() as conn:
+        conn.execute(text("CREATE TABLE gone (x INTEGER)"))
+        conn.execute(text(
+            "CREATE TRIGGER fail_insert BEFORE INSERT ON recordings "
+            "BEGIN INSERT INTO gone VALUES (1); END"
+        ))  # fmt: skip
+        conn.execute(text("DROP TABLE gone"))
+    data = _tiff_bytes(np.zeros((3, 16, 16), np.uint16))
+    r = client.post("/api/recordings", files={"file": ("cells.tif", data, "image/tiff")})
+    assert r.status_code == 503, r.text
+    assert "database" in r.json()["detail"]
+    art = tmp_path / "art"
+    assert _recording_folders(art) == []
+    assert list((art / "recordings" / ".incoming").iterdir()) == []
+
+
+def test_recording_folders_no_row_names_are_swept_registered_ones_kept(
+    client: TestClient,  # noqa: F811 - fixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What an api process killed between storing an upload's file and committing its row
+    leaves (``recordings/<uuid>/<file>``, no row) is removed by the sweep once older than
+    ``staging_grace_s``; a registered recording's folder stays however old, and so do a fresh
+    folder (an upload registering now) and anything not named by a UUID."""
+    data = _tiff_bytes(np.arange(3 * 16 * 16, dtype=np.uint16).reshape(3, 16, 16))
+    r = client.post("/api/recordings", files={"file": ("cells.tif", data, "image/tiff")})
+    assert r.status_code == 201, r.text
+    rec_id = r.json()["id"]
+    recordings = tmp_path / "art" / "recordings"
+    orphan, fresh = recordings / str(uuid.uuid4()), recordings / str(uuid.uuid4())
+    other = recordings / "notes"
+    for folder in (orphan, fresh, other):
+        folder.mkdir()
+        (folder / "cells.tif").write_bytes(data)
+    for folder in (orphan, other, recordings / rec_id):
+        _age(folder, HOURS_2)
+    with caplog.at_level(logging.WARNING, logger="calseg.service.staging"):
+        removed = staging.sweep(get_settings())
+    assert [x.path.name for x in removed] == [orphan.name]
+    assert removed[0].size_bytes == len(data)
+    assert _recording_folders(tmp_path / "art") == sorted([rec_id, fresh.name, "notes"])
+    assert "no recording names" in caplog.text
+    assert client.get(f"/api/recordings/{rec_id}/frames/0.png").status_code == 200
+    assert staging.sweep(get_settings()) == []

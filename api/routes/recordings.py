@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -211,20 +212,26 @@ def _register_recording(
     )
     # the quota again, now the size is known, under the owner's lock (as a job submit takes
     # it) held only to the commit: two uploads streamed side by side each fitted in what was
-    # left before either was stored
-    lifecycle.lock_owner(session, owner)
-    left = _storage_left(session, owner, settings)
-    if left is not None and size > left:
-        session.rollback()
-        store.delete(f"recordings/{rec_id}")
-        raise HTTPException(507, str(over_quota(size, left)))
-    session.add(rec)
+    # left before either was stored. Whatever fails from here on (over quota, the same file
+    # uploaded concurrently, the database gone) removes the stored file: no folder is left
+    # that no recording names (one a killed process leaves is swept later,
+    # calseg.service.staging.sweep_unregistered_recordings)
     try:
+        lifecycle.lock_owner(session, owner)
+        left = _storage_left(session, owner, settings)
+        if left is not None and size > left:
+            raise HTTPException(507, str(over_quota(size, left)))
+        session.add(rec)
         session.commit()
     except IntegrityError:  # the same file uploaded concurrently
         session.rollback()
         store.delete(f"recordings/{rec_id}")
         return session.scalar(select(Recording).where(*same)), True
+    except BaseException:
+        store.delete(f"recordings/{rec_id}")
+        with contextlib.suppress(Exception):  # a lost connection may refuse the rollback too
+            session.rollback()
+        raise
     return rec, False
 
 

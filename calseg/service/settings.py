@@ -154,7 +154,8 @@ class Settings(BaseSettings):
         "uploads streaming in, their probes) untouched for this long (s) were left by a "
         "request whose process died and are removed when the api starts and at every "
         "reconciler pass (calseg.service.staging); the api touches its requests' own entries "
-        "at each pass, so keep it well above reconcile_interval_s.",
+        "at each pass, so keep it well above reconcile_interval_s. Recording folders that no "
+        "recording names (a process killed while registering an upload) go after as long.",
     )
     requeue_grace_s: float = Field(
         default=60.0,

@@ -22,6 +22,11 @@ is therefore never older than a sweep interval, however slowly or rarely its cli
 its writes alone would not do, since a client may pause for longer than the grace (nothing
 times out a request body), and a body sent at a byte a second reaches the file only when its
 write buffer (the file system's block, 4 KiB here) is full: every 68 minutes.
+
+The same passes remove recording folders that no recording row names
+(:func:`sweep_unregistered_recordings`): an upload stores its file in ``recordings/<id>/``
+and then commits its row; a failed commit removes the file, but a process killed between the
+two cannot.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import shutil
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,7 +197,91 @@ def sweep_staging(
     return removed
 
 
+def _is_uuid(name: str) -> bool:
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
+
+
+def sweep_unregistered_recordings(
+    settings: Settings, grace_s: float | None = None, now: float | None = None
+) -> list[Removed]:
+    """Remove recording folders that no recording row names: ``recordings/<id>/`` (``id`` a
+    UUID, as an upload names it) of the configured store's local folder whose newest
+    modification is more than ``grace_s`` (default ``settings.staging_grace_s``) before ``now``
+    and whose ``id`` is not in the ``recordings`` table.
+
+    An upload stores its file in ``recordings/<id>/`` and then commits the row
+    (:func:`api.routes.recordings._register_recording`); an api process killed between the
+    two left the folder for good, in no user's storage quota, and no request could reach it.
+    A folder of a registered recording is never removed however old it is, nor anything else
+    in ``recordings/`` (dot-folders such as the staging folder, names that are not UUIDs). On a
+    remote store (``settings.store_url``) the removal goes through the store (both copies);
+    only folders present in its local mirror are seen. Each removal is logged (warning).
+    Raises what the database raises (the caller logs it)."""
+    from sqlalchemy import select
+
+    from calseg.service.db import session_scope
+    from calseg.service.models import Recording
+    from calseg.service.store import get_store, local_root
+
+    grace_s = settings.staging_grace_s if grace_s is None else grace_s
+    now = time.time() if now is None else now
+    folder = local_root(settings) / "recordings"
+    try:
+        entries = sorted(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    idle: dict[str, tuple[Path, float, int]] = {}
+    for entry in entries:
+        if not _is_uuid(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            newest, size = _newest(entry)
+        except FileNotFoundError:
+            continue
+        if now - newest > grace_s:
+            idle[entry.name] = (entry, now - newest, size)
+    if not idle:
+        return []
+    with session_scope(settings.database_url) as session:
+        known = set(session.scalars(select(Recording.id).where(Recording.id.in_(list(idle)))))
+    store = get_store() if settings.store_url else None
+    removed: list[Removed] = []
+    for rec_id, (entry, idle_s, size) in idle.items():
+        if rec_id in known:
+            continue
+        try:
+            if store is not None:
+                store.delete(f"recordings/{rec_id}")
+            else:
+                _remove(entry)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove the unregistered recording folder %s: %s", entry, exc)
+            continue
+        removed.append(Removed(entry, size, idle_s))
+        log.warning(
+            "removed the recording folder %s: %s bytes untouched for %.0f s that no recording "
+            "names (an upload whose process ended between storing its file and registering it)",
+            entry,
+            f"{size:,}",
+            idle_s,
+        )
+    return removed
+
+
 def sweep(settings: Settings) -> list[Removed]:
     """:func:`sweep_staging` on the configured store's :func:`staging_folders` with
-    ``settings.staging_grace_s``."""
-    return sweep_staging(staging_folders(settings), settings.staging_grace_s)
+    ``settings.staging_grace_s``, then :func:`sweep_unregistered_recordings` (a database
+    failure there is logged: the staging sweep is done either way)."""
+    removed = sweep_staging(staging_folders(settings), settings.staging_grace_s)
+    try:
+        removed += sweep_unregistered_recordings(settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is down: next pass
+        log.warning(
+            "sweep of unregistered recording folders failed: %s: %s", type(exc).__name__, exc
+        )
+    return removed
