@@ -362,3 +362,26 @@ def test_recording_folders_no_row_names_are_swept_registered_ones_kept(
     assert "no recording names" in caplog.text
     assert client.get(f"/api/recordings/{rec_id}/frames/0.png").status_code == 200
     assert staging.sweep(get_settings()) == []
+
+
+def test_an_upload_refused_by_another_constraint_is_409_and_leaves_no_file(
+    client: TestClient,  # noqa: F811 - fixture
+    tmp_path: Path,
+) -> None:
+    """A constraint other than the same-file one fails the row (here a trigger raising as a
+    foreign key to an owner deleted meanwhile would): 409 naming it, no file left. Before, the
+    duplicate branch looked for the earlier recording, found none and answered 500."""
+    from sqlalchemy import text
+
+    from calseg.service.db import get_engine
+
+    with get_engine(get_settings().database_url).begin() as conn:
+        conn.execute(text(
+            "CREATE TRIGGER refuse_insert BEFORE INSERT ON recordings "
+            "BEGIN SELECT RAISE(ABORT, 'FOREIGN KEY constraint failed'); END"
+        ))  # fmt: skip
+    data = _tiff_bytes(np.zeros((3, 16, 16), np.uint16))
+    r = client.post("/api/recordings", files={"file": ("cells.tif", data, "image/tiff")})
+    assert r.status_code == 409, r.text
+    assert "FOREIGN KEY" in r.json()["detail"] and "nothing was stored" in r.json()["detail"]
+    assert _recording_folders(tmp_path / "art") == []

@@ -223,10 +223,15 @@ def _register_recording(
             raise HTTPException(507, str(over_quota(size, left)))
         session.add(rec)
         session.commit()
-    except IntegrityError:  # the same file uploaded concurrently
+    except IntegrityError as exc:  # the same file uploaded concurrently
         session.rollback()
         store.delete(f"recordings/{rec_id}")
-        return session.scalar(select(Recording).where(*same)), True
+        existing = session.scalar(select(Recording).where(*same))
+        if existing is None:  # another constraint: e.g. the owner deleted meanwhile
+            raise HTTPException(
+                409, f"the recording could not be registered ({exc.orig}); nothing was stored"
+            ) from exc
+        return existing, True
     except BaseException:
         store.delete(f"recordings/{rec_id}")
         with contextlib.suppress(Exception):  # a lost connection may refuse the rollback too
