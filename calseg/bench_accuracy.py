@@ -624,7 +624,10 @@ def run_suite(
         videos.append({**video.meta, "from_cache": cached, "conditions": conds})
         for name, fields in methods.items():
             t0 = time.perf_counter()
-            res = segment_recording(video.image, InferenceConfig(**fields))
+            # the frame interval is known, as a file's metadata or the job's parameter gives it
+            res = segment_recording(
+                video.image, InferenceConfig(**fields), frame_interval_s=spec.frame_interval_s
+            )
             dt = time.perf_counter() - t0
             seg_s += dt
             scores = score_video(res.labels, video.labels, video.cells, fields.get("target"))

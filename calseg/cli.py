@@ -354,7 +354,10 @@ def pretrain(
 
 # Options shared by segment and analyze: one name per parameter, the infer job's (the CLI flag
 # is the parameter name with dashes); the older flag names still work, hidden from the help.
-_FRAME_INTERVAL_HELP = "seconds between frames (default: from the file's metadata, else 1 s)"
+_FRAME_INTERVAL_HELP = (
+    "seconds between frames (default: from the file's metadata, else 1 s); also sets over how "
+    "long the cell-size estimate measures changes (3 s; 2 frames when not known)"
+)
 _PIXEL_SIZE_HELP = "µm per pixel, for scale bars and wave speeds (default: from the file)"
 _Z_PROJECTION_HELP = "how a Z axis (besides T) is collapsed: max, mean or median"
 _AXES_HELP = "override the stored axes, one letter of TZCYXS per dimension, e.g. TZCYX"

@@ -30,7 +30,9 @@ def main() -> None:
     rows = []
     for spec in suite_specs(a.set):
         v, _ = load_video(spec, a.cache)
-        d, _found = cell_diameter_or_prior(v.image, ACTIVE_CELL_DIAMETER_PX)
+        d, _found = cell_diameter_or_prior(
+            v.image, ACTIVE_CELL_DIAMETER_PX, frame_interval_s=spec.frame_interval_s
+        )
         r = []
         for given in (ACTIVE_CELL_DIAMETER_PX, d):
             cfg = InferenceConfig(method="classical", target="active", cell_diameter_px=given)

@@ -35,7 +35,7 @@ def main() -> None:
     for spec in suite_specs(a.set):
         video, _ = load_video(spec, a.cache)
         t0 = time.perf_counter()
-        est = estimate_cell_diameter(video.image)
+        est = estimate_cell_diameter(video.image, spec.frame_interval_s)
         secs = time.perf_counter() - t0
         true_d = 2.0 * np.sqrt(video.meta["mean_cell_area_px_rendered"] / np.pi)
         d = est.diameter_px
@@ -54,7 +54,7 @@ def main() -> None:
             scores = []
             for given in (None, true_d):
                 cfg = InferenceConfig(method="classical", target="cells", cell_diameter_px=given)
-                res = segment_recording(video.image, cfg)
+                res = segment_recording(video.image, cfg, frame_interval_s=spec.frame_interval_s)
                 scores.append(score_video(res.labels, video.labels, video.cells, "cells"))
             f1_est.append(scores[0]["all_f1"])
             f1_true.append(scores[1]["all_f1"])

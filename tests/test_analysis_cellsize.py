@@ -261,3 +261,35 @@ def test_a_single_image_gets_no_offset_note():
     image[0, 10:30, 10:30] += 2000
     assert offset_notes(image) == []
     assert offset_notes(np.concatenate([image, image + 1])) != []
+
+
+def test_the_activity_lag_is_a_time_when_the_frame_interval_is_known():
+    """Changes over :data:`ACTIVITY_LAG_S` (3 s) when the frame interval is known, 2 frames
+    when not; never so long that fewer than 8 change images are left."""
+    from calseg.analysis.cellsize import ACTIVITY_LAG_FRAMES, activity_lag_frames
+
+    assert activity_lag_frames(0.5, 200) == 6
+    assert activity_lag_frames(1.0, 200) == 3
+    assert activity_lag_frames(2.0, 200) == 2  # 1.5 frames, rounded
+    assert activity_lag_frames(5.0, 200) == 1
+    assert activity_lag_frames(0.01, 200) == 190  # 300 frames, cut to leave 8 change images
+    for unknown in (None, 0.0, float("nan"), float("inf"), -1.0):
+        assert activity_lag_frames(unknown, 200) == ACTIVITY_LAG_FRAMES
+    assert activity_lag_frames(None, 11) == 1
+
+
+def test_a_fast_recording_is_sized_by_changes_over_seconds():
+    """The tuning set's s20001 (transients, 300 px cells, frames of 0.5 s, 128 x 256 px): over
+    2 frames (1 s) a cell hardly changes and the activity cue fitted a sub-cell pattern, 7.8 px
+    for 19.7 px cells (-61 %; the resting image has no estimate there); with the frame interval
+    known, changes over 3 s (6 frames) give 19.8 px."""
+    from calseg.bench_accuracy import suite_specs
+    from calseg.simulate.dataset import simulate_videos
+
+    spec = suite_specs("tuning")[1]
+    (video,) = simulate_videos(spec.config())
+    true_d = 2 * np.sqrt(float(video["tissue"].stats()["mean_area_px"]) / np.pi)
+    est = estimate_cell_diameter(video["image"], spec.frame_interval_s)
+    assert spec.frame_interval_s == 0.5
+    assert est.source == "activity"
+    assert est.diameter_px == pytest.approx(true_d, rel=0.2), (est, true_d)

@@ -80,6 +80,28 @@ the held-out set run once):
 On the tuning set it turned -53 % (9.2 px for 19.5, fluttering) into -7 %; on the held-out
 set it changed no estimate (the same 5 misses as below).
 
+With the activity cue's lag in seconds where the frame interval is known
+(:data:`ACTIVITY_LAG_S`, 3 s; the suite gives each video's frame interval, as a file's
+metadata or the job's ``frame_interval_s`` does; chosen on the tuning set, 2026-12-07, then
+the held-out set run once). Before, the lag was 2 frames whatever they lasted: 1 s at 0.5 s
+per frame, where a cell hardly changes, and 10 s at 5 s, over which coupling has spread a
+cell's change to its neighbours:
+
+| | within 20 % | no estimate | median abs. error | cells target all-cells F1 (true diameter) |
+|---|---|---|---|---|
+| tuning, both cues | **28 of 32** (26) | 0 | 7 % | 0.328 (0.358) |
+| tuning, activity alone | 28 of 32 (23) | 0 | | |
+| held-out, both cues | **29 of 32** (27) | 0 | 7 % | 0.305 (0.373) |
+| held-out, activity alone | 26 of 32 (22) | 0 | | |
+
+The 3 held-out misses now: +71 % (activity alone, 28.2 px for 16.5, spikes), -62 % (activity
+alone, a sub-cell scale, transients) and -64 % where the resting image gave a sub-cell scale
+(6.2 px) and the smaller-of-two rule dropped a correct activity estimate (16.0 px for 17.3).
+On the tuning set: +61 % (fluttering, 60 px cells, activity alone), -23 % (activity 6.8 px for
+8.8) and two at -20 % (the resting image's 11.1 px, smaller than the activity's 14.5-14.8, for
+13.9 px cells). Where the frame interval is not known, the lag stays 2 frames (the tables
+above).
+
 The ``active`` target (``python scripts/active_diameter_study.py``, classical, against the
 11 px prior; before 44529d7): per-frame / per-footprint F1 on the tuning set 0.202 / 0.215
 with the prior, 0.258 / 0.263 with the resting-image cue, 0.288 / 0.287 with both; on the
@@ -135,9 +157,21 @@ MIN_MOSAIC_DIAMETER_PX = 6.0
 noise) rather than the cells: no estimate (on the tuning set a nucleus-scale cue in its place,
 the one this replaced, gave +140 % and +360 % on the two videos concerned)."""
 ACTIVITY_LAG_FRAMES = 2
-"""Frames between the two median-of-3 frames whose difference is one change image (tuning set,
-first model: lags of 1 and 2 frames alike, 4 and 8 worse: more of the change is shared by
-neighbouring cells)."""
+"""Frames between the two median-of-3 frames whose difference is one change image when the
+frame interval is not known (tuning set, first model: lags of 1 and 2 frames alike, 4 and 8
+worse: more of the change is shared by neighbouring cells); with a known frame interval,
+:data:`ACTIVITY_LAG_S` in frames (:func:`activity_lag_frames`)."""
+ACTIVITY_LAG_S = 3.0
+"""Time (s) between the two median-of-3 frames of a change image when the recording's frame
+interval is known (:func:`activity_lag_frames`): changes over about this long are a cell's own
+(a calcium event's rise), while over longer times gap-junction coupling spreads them to the
+neighbours (fluttering, waves) and over a frame or two of a fast recording a cell hardly
+changes. Tuning set (2026-12-07; lags of 1, 2, 3, 4, 6 and 8 frames measured on all 32
+videos): lags of 2, 3 and 4 s gave 28, 28 and 29 of 32 within 20 % for both cues together
+(the fixed 2 frames: 26), the activity cue alone 28, 28 and 28 (23); 3 s is the middle of that
+plateau. On 24 development videos of make demo's design (5 s frames) 21 of 24 (20). Frames of
+0.5 s went from 0.47x to 0.96x the true diameter (s20001), frames of 3 s from 1.72x to 1.14x
+(s20015)."""
 ACTIVITY_MAX_PAIRS = 300
 """Change images used at most (evenly spaced over the recording): bounds the time (0.23 s on a
 512 px recording, 2 cores) and memory (``pairs x 256 x 256`` float64, 157 MB at most) whatever
@@ -319,10 +353,23 @@ def _finite(frame: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float, int] | None:
+def activity_lag_frames(frame_interval_s: float | None, n_frames: int) -> int:
+    """Frames between the two frames of a change image: :data:`ACTIVITY_LAG_S` over the frame
+    interval (s), rounded, at least 1; :data:`ACTIVITY_LAG_FRAMES` when the interval is not
+    known (``None``, 0, not finite); at most what leaves :data:`ACTIVITY_MIN_PAIRS` change
+    images in ``n_frames`` frames (and at least 1)."""
+    lag = ACTIVITY_LAG_FRAMES
+    if frame_interval_s is not None and np.isfinite(frame_interval_s) and frame_interval_s > 0:
+        lag = max(1, round(ACTIVITY_LAG_S / float(frame_interval_s)))
+    return int(max(1, min(lag, n_frames - 2 - ACTIVITY_MIN_PAIRS)))
+
+
+def activity_covariance_profile(
+    frames: np.ndarray, lag_frames: int = ACTIVITY_LAG_FRAMES
+) -> tuple[np.ndarray, float, int] | None:
     """Masked spatial covariance of a recording's frame-to-frame changes, per distance.
 
-    Change images: ``med3(t + 2) - med3(t)`` (``med3``: per-pixel median of frames ``t - 1``,
+    Change images: ``med3(t + lag) - med3(t)`` (``med3``: per-pixel median of frames ``t - 1``,
     ``t``, ``t + 1``, which drops single-frame jitter, flicker and dropped frames), at most
     :data:`ACTIVITY_MAX_PAIRS` ``t`` evenly spaced, on the central :data:`ACTIVITY_CROP_PX`
     square, each minus its least-squares fit by ``alpha + beta * F0`` (``F0``: the 20th
@@ -336,6 +383,8 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float, 
     Args:
         frames: ``(T, H, W)`` recording, any real dtype (float64 inside; offset- and
             gain-invariant).
+        lag_frames: ``lag``, frames between the two frames of a change image (>= 1;
+            :func:`activity_lag_frames`).
 
     Returns:
         ``(profile, active_fraction, n_pixels)``: ``(ACTIVITY_MAX_LAG_PX,)`` float64 (index =
@@ -346,7 +395,7 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float, 
     if a.ndim != 3:
         return None
     t_len, h_full, w_full = a.shape
-    lag = ACTIVITY_LAG_FRAMES
+    lag = max(1, int(lag_frames))
     n = t_len - lag - 2
     if n < ACTIVITY_MIN_PAIRS or min(h_full, w_full) < 8:
         return None
@@ -414,7 +463,9 @@ def activity_covariance_profile(frames: np.ndarray) -> tuple[np.ndarray, float, 
     return sums / np.maximum(counts, 1), fraction, h * w
 
 
-def activity_diameter(frames: np.ndarray) -> ActivityDiameter:
+def activity_diameter(
+    frames: np.ndarray, frame_interval_s: float | None = None
+) -> ActivityDiameter:
     """Cell diameter (px) from how far the recording's changes are shared (the activity cue).
 
     Every pixel of a cell follows that cell's calcium, so the covariance of the changes of two
@@ -444,13 +495,16 @@ def activity_diameter(frames: np.ndarray) -> ActivityDiameter:
 
     Args:
         frames: ``(T, H, W)`` recording, any real dtype.
+        frame_interval_s: s per frame, ``None`` when not known: sets the change images' lag
+            (:func:`activity_lag_frames`).
 
     Returns:
         :class:`ActivityDiameter`.
     """
     from scipy.optimize import nnls
 
-    got = activity_covariance_profile(frames)
+    n_frames = int(np.shape(frames)[0]) if np.ndim(frames) == 3 else 0
+    got = activity_covariance_profile(frames, activity_lag_frames(frame_interval_s, n_frames))
     if got is None:
         return ActivityDiameter(float("nan"), note="activity: needs a recording of 12+ frames")
     raw, fraction, n_px = got
@@ -509,7 +563,9 @@ def activity_diameter(frames: np.ndarray) -> ActivityDiameter:
     return res
 
 
-def estimate_cell_diameter(frames: np.ndarray) -> CellSizeEstimate:
+def estimate_cell_diameter(
+    frames: np.ndarray, frame_interval_s: float | None = None
+) -> CellSizeEstimate:
     """Typical cell diameter (px) of a recording or an image (module docstring).
 
     The smaller of the two cues' diameters where both found one (each cue's failure is to take
@@ -519,6 +575,8 @@ def estimate_cell_diameter(frames: np.ndarray) -> CellSizeEstimate:
     Args:
         frames: ``(T, H, W)`` recording (its resting image and, with 12+ frames, its activity)
             or ``(H, W)`` image (resting-image cue only), any numeric dtype.
+        frame_interval_s: s per frame of the recording, ``None`` when not known (the activity
+            cue's lag, :func:`activity_lag_frames`).
 
     Returns:
         :class:`CellSizeEstimate` (``diameter_px`` NaN when neither cue found a scale).
@@ -534,7 +592,11 @@ def estimate_cell_diameter(frames: np.ndarray) -> CellSizeEstimate:
     with warnings.catch_warnings():  # all-NaN pixels or frames: NaN results, handled below
         warnings.simplefilter("ignore", RuntimeWarning)
         est = resting_image_diameter(a)
-        act = activity_diameter(a) if a.ndim == 3 else ActivityDiameter(float("nan"))
+        act = (
+            activity_diameter(a, frame_interval_s)
+            if a.ndim == 3
+            else ActivityDiameter(float("nan"))
+        )
     est.resting_px = est.diameter_px
     est.activity_px = act.diameter_px
     found = {k: v for k, v in (("resting image", est.resting_px), ("activity", act.diameter_px))
@@ -606,14 +668,17 @@ def resting_image_diameter(frames: np.ndarray) -> CellSizeEstimate:
 
 
 def cell_diameter_or_prior(
-    frames: np.ndarray, prior_px: float, min_px: float = MIN_CELL_DIAMETER_PX
+    frames: np.ndarray,
+    prior_px: float,
+    min_px: float = MIN_CELL_DIAMETER_PX,
+    frame_interval_s: float | None = None,
 ) -> tuple[float, bool]:
     """The cell diameter a segmentation uses when none is given: ``(diameter px, estimated)``.
 
-    :func:`estimate_cell_diameter` of ``frames``, or ``prior_px`` where it finds none
-    (``estimated`` False), clipped to ``[min_px, min(H, W) / 2]`` (a field smaller than two
-    cells cannot show their scale)."""
-    est = estimate_cell_diameter(frames)
+    :func:`estimate_cell_diameter` of ``frames`` (with ``frame_interval_s``, s per frame or
+    ``None``), or ``prior_px`` where it finds none (``estimated`` False), clipped to
+    ``[min_px, min(H, W) / 2]`` (a field smaller than two cells cannot show their scale)."""
+    est = estimate_cell_diameter(frames, frame_interval_s)
     d = est.diameter_px if est.found else float(prior_px)
     upper = max(min_px, min(np.shape(frames)[-2:]) / 2.0)
     return float(np.clip(d, min_px, upper)), est.found

@@ -497,13 +497,14 @@ def segment_to_folder(
     frames = np.asarray(frames)
     warnings: list[str] = []
     activity = None
+    known_interval = frame_interval_s if frame_interval_known else None  # for the cell size
     progress(0.0, "activity", "activity map")
     if (
         frames.ndim == 3
         and frames.shape[0] >= MIN_FRAMES_FOR_ACTIVITY
         and (config.target == "active" or frames.size <= ACTIVITY_MAP_MAX_VOXELS)
     ):
-        activity_params = config.activity_params(frames)
+        activity_params = config.activity_params(frames, known_interval)
         activity = compute_activity(frames, activity_params)
     elif config.target == "cells":
         if frames.ndim != 3 or frames.shape[0] < MIN_FRAMES_FOR_ACTIVITY:
@@ -522,6 +523,7 @@ def segment_to_folder(
         cache_dir=cache_dir,
         progress=scaled(progress, 0.05, 0.8),
         activity=activity,  # target=cells reuses its cell-size estimate
+        frame_interval_s=known_interval,
     )
     warnings.extend(res.warnings)
     given = getattr(config, "cell_diameter_px", None)

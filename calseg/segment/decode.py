@@ -172,17 +172,21 @@ class InferenceConfig(BaseModel):
     )
     decoder_batch_size: int = Field(64, ge=1)
 
-    def activity_params(self, frames: np.ndarray | None = None) -> ActivityParams:
+    def activity_params(
+        self, frames: np.ndarray | None = None, frame_interval_s: float | None = None
+    ) -> ActivityParams:
         """The :class:`ActivityParams` these settings describe. The cell diameter: the one
-        given; else estimated from ``frames`` (``(T, H, W)``,
-        :func:`calseg.analysis.cellsize.cell_diameter_or_prior`); else (no frames, or no
-        estimate) the 11 px prior :data:`ACTIVE_CELL_DIAMETER_PX`."""
+        given; else estimated from ``frames`` (``(T, H, W)``, with ``frame_interval_s``, s per
+        frame or ``None`` when not known; :func:`calseg.analysis.cellsize.cell_diameter_or_prior`);
+        else (no frames, or no estimate) the 11 px prior :data:`ACTIVE_CELL_DIAMETER_PX`."""
         d = self.cell_diameter_px
         source = "given" if d is not None else "prior"
         if d is None and frames is not None:
             from calseg.analysis.cellsize import cell_diameter_or_prior
 
-            d, found = cell_diameter_or_prior(frames, ACTIVE_CELL_DIAMETER_PX)
+            d, found = cell_diameter_or_prior(
+                frames, ACTIVE_CELL_DIAMETER_PX, frame_interval_s=frame_interval_s
+            )
             source = "estimated" if found else "prior"
         return ActivityParams(
             smooth_sigma_px=self.smooth_sigma_px,

@@ -342,7 +342,7 @@ def evaluate_dataset(
         check_cancelled()
         image = np.asarray(vid.load_image())
         gt = np.asarray(vid.load_labels()).astype(np.uint32)
-        activity = compute_activity(image, config.activity_params(image))
+        activity = compute_activity(image, config.activity_params(image, vid.frame_interval_s))
         for name, (method, ckpt) in models.items():
             check_cancelled()
             t0 = time.perf_counter()
@@ -360,6 +360,7 @@ def evaluate_dataset(
                 ),
                 model=loaded_models.get(name),
                 activity=activity,
+                frame_interval_s=vid.frame_interval_s,
             )
             row = {
                 "model": name,

@@ -1384,7 +1384,8 @@ class Trainer:
             self.activities = []
             for v in val_v:  # with the recording's own cell-size estimate, as infer does
                 image = np.asarray(v.load_image())
-                self.activities.append(compute_activity(image, icfg.activity_params(image)))
+                params = icfg.activity_params(image, v.frame_interval_s)
+                self.activities.append(compute_activity(image, params))
         self.timings["embed_s"] = time.perf_counter() - self.t_start
         self.videos, self.vals = videos, vals
         self.items = [

@@ -60,6 +60,7 @@ def segment_recording(
     progress: ProgressFn | None = None,
     model: LoadedSAM2 | None = None,
     activity: Activity | None = None,
+    frame_interval_s: float | None = None,
 ) -> SegmentationResult:
     """Segment the calcium-active cells of a recording, frame by frame (``mode="image"``) or
     with SAM2 video propagation (``mode="video"``, :mod:`calseg.segment.video`).
@@ -76,6 +77,8 @@ def segment_recording(
         model: an already loaded model (skips loading; ``checkpoint`` is then ignored).
         activity: precomputed :func:`compute_activity` of ``frames`` with the same parameters
             (``target="cells"``: only its cell-size estimate is used, so it is made once).
+        frame_interval_s: s per frame, ``None`` when not known: used by the cell-size estimate
+            (:func:`calseg.analysis.cellsize.activity_lag_frames`) when no diameter is given.
 
     Returns:
         :class:`SegmentationResult` with ``labels`` of shape ``(T, H, W)`` uint32.
@@ -106,6 +109,7 @@ def segment_recording(
             model=model,
             warnings=warnings,
             estimated_diameter=estimate,
+            frame_interval_s=frame_interval_s,
         )
         res.normalisation = res.normalisation or norm
         progress(1.0, "done", f"{int(res.labels[0].max())} cells on the projection")
@@ -118,7 +122,7 @@ def segment_recording(
         )
     progress(0.01, "activity", "computing dF/F and seeds")
     if activity is None:
-        activity = compute_activity(frames, config.activity_params(frames))
+        activity = compute_activity(frames, config.activity_params(frames, frame_interval_s))
     timings["activity_s"] = time.perf_counter() - t0
     act_stats = dict(activity.stats)
     act_stats.setdefault("cell_diameter_estimated", False)

@@ -182,13 +182,15 @@ def projection_noise(
     return d.astype(np.float32)
 
 
-def projection_cell_diameter(frames: np.ndarray) -> float:
+def projection_cell_diameter(frames: np.ndarray, frame_interval_s: float | None = None) -> float:
     """The cell diameter (px) the ``cells`` target uses when none is given:
     :func:`calseg.analysis.cellsize.cell_diameter_or_prior` with the cell-size prior of
-    :class:`CellParams` (11 px): the recording's estimate, clipped to ``[4, min(H, W) / 2]``."""
+    :class:`CellParams` (11 px): the recording's estimate (``frame_interval_s``: s per frame,
+    ``None`` when not known), clipped to ``[4, min(H, W) / 2]``."""
     from calseg.analysis.cellsize import cell_diameter_or_prior
 
-    return cell_diameter_or_prior(frames, CellParams().cell_diameter_px)[0]
+    prior = CellParams().cell_diameter_px
+    return cell_diameter_or_prior(frames, prior, frame_interval_s=frame_interval_s)[0]
 
 
 def segment_projection(
@@ -201,6 +203,7 @@ def segment_projection(
     min_region_px: int = 4,
     noise_evidence: bool = True,
     estimated_diameter: tuple[float, bool] | None = None,
+    frame_interval_s: float | None = None,
 ) -> ProjectionCells:
     """All cells visible on a temporal projection (module docstring).
 
@@ -223,6 +226,7 @@ def segment_projection(
             :func:`calseg.analysis.cellsize.cell_diameter_or_prior` already returned for these
             ``frames`` with the 11 px prior (e.g. the activity map's, so a recording's cell size
             is estimated once, not twice); used only when ``cell_diameter_px`` is ``None``.
+        frame_interval_s: s per frame (``None``: not known), for the cell-size estimate.
 
     Returns:
         :class:`ProjectionCells` (``labels`` ``(H, W)`` uint32).
@@ -238,7 +242,9 @@ def segment_projection(
         if estimated_diameter is None:
             from calseg.analysis.cellsize import cell_diameter_or_prior
 
-            estimated_diameter = cell_diameter_or_prior(frames, CellParams().cell_diameter_px)
+            estimated_diameter = cell_diameter_or_prior(
+                frames, CellParams().cell_diameter_px, frame_interval_s=frame_interval_s
+            )
         d, estimated = float(estimated_diameter[0]), bool(estimated_diameter[1])
         source = "estimated" if estimated else "prior"
     else:
@@ -297,6 +303,7 @@ def segment_cells_recording(
     model=None,  # noqa: ANN001 - LoadedSAM2 | None
     warnings: list[str] | None = None,
     estimated_diameter: tuple[float, bool] | None = None,
+    frame_interval_s: float | None = None,
 ):  # noqa: ANN201 - calseg.segment.infer.SegmentationResult
     """``target="cells"`` of :func:`calseg.segment.infer.segment_recording`.
 
@@ -315,6 +322,7 @@ def segment_cells_recording(
         checkpoint, cache_dir, model: as for ``segment_recording``.
         warnings: list to extend (reader / NaN warnings already collected).
         estimated_diameter: as for :func:`segment_projection` (an estimate already made).
+        frame_interval_s: s per frame (``None``: not known), for the cell-size estimate.
 
     Returns:
         ``SegmentationResult`` whose ``labels`` is a ``(T, H, W)`` uint32 stack constant in
@@ -341,6 +349,7 @@ def segment_cells_recording(
         cell_diameter_px=config.cell_diameter_px,
         support_fraction=config.cell_support_fraction,
         estimated_diameter=estimated_diameter,
+        frame_interval_s=frame_interval_s,
     )
     stats = dict(pc.stats)
     timings = {"projection_s": time.perf_counter() - t0}

@@ -576,7 +576,8 @@ def infer_params() -> type[_Params]:
                 None,
                 ge=FRAME_INTERVAL_RANGE_S[0],
                 le=FRAME_INTERVAL_RANGE_S[1],
-                description="s per frame; None = from the file",
+                description="s per frame; None = from the file (traces, events, and the "
+                "cell-size estimate's 3 s lag; unknown: 1 s for traces, 2 frames for the lag)",
             ),
         ),
         "pixel_size_um": (

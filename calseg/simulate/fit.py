@@ -599,7 +599,7 @@ def fit_recording(
     tau_frames, bl_d = fit_bleaching(raw, 1.0, dark_level)
     details["bleaching"] = bl_d
     # Cells.
-    size = estimate_cell_diameter(a)
+    size = estimate_cell_diameter(a, frame_interval_s)
     details["cell_size"] = size.to_dict()
     radius = size.diameter_px / 2.0
     if not math.isfinite(radius):
