@@ -478,6 +478,45 @@ def test_one_user_cannot_hold_every_frame_request(monkeypatch: pytest.MonkeyPatc
         for _ in held:
             frame_guard._slots.release()
     assert frame_guard._in_flight == {}
-    with frame_slot("bob"), frame_slot("bob"):
-        assert frame_guard._in_flight == {"bob": 2}
-    assert frame_guard._in_flight == {}
+    with frame_slot("bob"), frame_slot("alice"):
+        assert frame_guard._in_flight == {"bob": 1, "alice": 1}
+    assert frame_guard._in_flight == {} and frame_guard._user_slots == {}
+
+
+def test_one_user_holds_one_frame_slot_so_another_always_finds_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sixth attack run: two slow decodes of one user (30 s each) held both FRAME_SLOTS, and
+    6 of another user's 9 uploads were refused (503) after they had been received. Now a user
+    holds FRAME_SLOTS_PER_USER (1) at once: their next request waits its turn (503 after
+    FRAME_WAIT_S), and another user is served meanwhile."""
+    import threading
+
+    from calseg.service import frame_guard
+    from calseg.service.frame_guard import FramesBusy, frame_slot
+
+    assert frame_guard.FRAME_SLOTS_PER_USER < frame_guard.FRAME_SLOTS
+    monkeypatch.setattr(frame_guard, "FRAME_WAIT_S", 0.2)
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_decode() -> None:
+        with frame_slot("mallory"):
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=slow_decode)
+    t.start()
+    try:
+        assert holding.wait(5)
+        with pytest.raises(FramesBusy) as err:  # mallory's second waits for her first
+            with frame_slot("mallory"):
+                pass
+        assert err.value.status == 503 and "your other frame" in str(err.value)
+        with frame_slot("bob"):  # a slot is free for bob at once
+            pass
+    finally:
+        release.set()
+        t.join(10)
+    with frame_slot("mallory"):  # her turn, once the first has finished
+        pass
+    assert frame_guard._in_flight == {} and frame_guard._user_slots == {}

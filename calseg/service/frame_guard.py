@@ -12,6 +12,7 @@ the connection pool exhausted).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,10 +22,15 @@ FRAME_WAIT_S = 10.0
 """How long a request waits for a free slot before a 503."""
 FRAME_REQUESTS_PER_USER = 3
 """Frame requests of one user decoding or waiting at once; one more is answered 429 at once."""
+FRAME_SLOTS_PER_USER = 1
+"""Slots one user holds at once (fewer than :data:`FRAME_SLOTS`, so another user always finds
+one): a sixth attack run held both slots with two slow decodes of one user for 30 s at a time,
+and 6 of another user's 9 uploads were refused (503) after they had been received in full."""
 
 _slots = threading.BoundedSemaphore(FRAME_SLOTS)
 _lock = threading.Lock()
 _in_flight: dict[str, int] = {}
+_user_slots: dict[str, threading.BoundedSemaphore] = {}
 
 
 class FramesBusy(RuntimeError):
@@ -40,7 +46,8 @@ class FramesBusy(RuntimeError):
 @contextmanager
 def frame_slot(user: str | None = None) -> Iterator[None]:
     """Hold one of the :data:`FRAME_SLOTS` while decoding or drawing frames for ``user`` (a
-    user name or id; None: not counted per user).
+    user name or id; None: not counted per user), who holds at most
+    :data:`FRAME_SLOTS_PER_USER` of them at once (their other requests wait their turn).
 
     Raises:
         FramesBusy: ``user`` already has :data:`FRAME_REQUESTS_PER_USER` requests in flight
@@ -56,16 +63,28 @@ def frame_slot(user: str | None = None) -> Iterator[None]:
                     status=429,
                 )
             _in_flight[user] = n + 1
+            own = _user_slots.setdefault(user, threading.BoundedSemaphore(FRAME_SLOTS_PER_USER))
+    deadline = time.monotonic() + FRAME_WAIT_S
     try:
-        if not _slots.acquire(timeout=FRAME_WAIT_S):
+        if user is not None and not own.acquire(timeout=FRAME_WAIT_S):
             raise FramesBusy(
-                f"the server is decoding {FRAME_SLOTS} other frames and none finished within "
-                f"{FRAME_WAIT_S:g} s; try again shortly"
+                f"your other frame request{'s' if FRAME_SLOTS_PER_USER > 1 else ''} "
+                f"({FRAME_SLOTS_PER_USER} at a time) did not finish within {FRAME_WAIT_S:g} s; "
+                "try again shortly"
             )
         try:
-            yield
+            if not _slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise FramesBusy(
+                    f"the server is decoding {FRAME_SLOTS} other frames and none finished "
+                    f"within {FRAME_WAIT_S:g} s; try again shortly"
+                )
+            try:
+                yield
+            finally:
+                _slots.release()
         finally:
-            _slots.release()
+            if user is not None:
+                own.release()
     finally:
         if user is not None:
             with _lock:
@@ -74,3 +93,4 @@ def frame_slot(user: str | None = None) -> Iterator[None]:
                     _in_flight[user] = left
                 else:
                     _in_flight.pop(user, None)
+                    _user_slots.pop(user, None)
