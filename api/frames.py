@@ -306,18 +306,61 @@ def recording_frame(
     return Stacks(source, None, None, *frame_ranges(_decimated(frame))), frame
 
 
+MAX_VIEWER_TRACES_BYTES = 128 * 2**20
+"""Largest ``traces.csv`` the viewer reads (bytes; about 3 M cell-frames): parsing takes about
+2.3 bytes of memory per byte of file (:func:`calseg.io.tables.read_traces_csv`). A larger one
+is :class:`TracesTooLarge` (the file itself downloads as any artifact). A sixth attack run
+made a 70 MB table from a 24 MB upload (10,404 three-pixel cells x 200 frames), and three
+viewer requests for it took the API up by 5.1 GB."""
+TRACES_CACHE_BYTES = 256 * 2**20
+"""Most bytes of parsed traces kept in memory, all jobs together (least recently used
+dropped first)."""
+
+
+class TracesTooLarge(ValueError):
+    """A ``traces.csv`` over :data:`MAX_VIEWER_TRACES_BYTES`."""
+
+
 def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
     """The traces of a ``traces.csv`` artifact as :func:`calseg.io.tables.read_traces_csv`
-    returns them (``ids`` (N,) int64, ``time_s`` (T,) s, ``F``/``F0``/``dF/F`` (N, T) float64,
-    NaN where empty), cached by path and modification time.
+    returns them, its ``F``/``F0``/``dF/F`` (N, T) as float32 (the file's 7 significant
+    digits), cached by path and modification time within :data:`TRACES_CACHE_BYTES`.
 
     Raises:
         FileNotFoundError: the file is gone. calseg.io.tables.TableError: not a traces table.
+        TracesTooLarge: the file is over :data:`MAX_VIEWER_TRACES_BYTES`.
     """
     from calseg.io.tables import read_traces_csv
 
-    key = (str(traces_path), traces_path.stat().st_mtime_ns)
-    return _cached(_traces_cache, key, lambda: read_traces_csv(traces_path))
+    st = traces_path.stat()
+    if st.st_size > MAX_VIEWER_TRACES_BYTES:
+        raise TracesTooLarge(
+            f"traces.csv is {st.st_size / 2**20:.0f} MiB, more than the viewer reads "
+            f"({MAX_VIEWER_TRACES_BYTES / 2**20:.0f} MiB); download traces.csv or "
+            "traces.parquet from the job's files instead"
+        )
+
+    def load() -> dict[str, np.ndarray]:
+        out = read_traces_csv(traces_path)
+        for k in ("F", "F0", "dff"):
+            out[k] = out[k].astype(np.float32)
+        return out
+
+    key = (str(traces_path), st.st_mtime_ns)
+    with _lock:
+        if key in _traces_cache:
+            _traces_cache.move_to_end(key)
+            return _traces_cache[key]
+    value = load()
+    with _lock:
+        _traces_cache[key] = value
+        while len(_traces_cache) > 1 and _traces_bytes() > TRACES_CACHE_BYTES:
+            _traces_cache.popitem(last=False)
+    return value
+
+
+def _traces_bytes() -> int:
+    return sum(sum(a.nbytes for a in v.values()) for v in _traces_cache.values())
 
 
 def label_at(labels: Any, t: int, x: int, y: int) -> int:

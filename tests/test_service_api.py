@@ -611,3 +611,63 @@ def test_every_answer_forbids_framing_and_sniffing(client: TestClient) -> None:
         assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
         assert r.headers["x-content-type-options"] == "nosniff", path
         assert r.headers["referrer-policy"] == "no-referrer", path
+
+
+def test_the_viewer_bounds_what_a_traces_table_costs(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sixth attack run: an upload of 10,404 three-pixel cells made a 70 MB traces.csv, and
+    three viewer requests for it took the API up by 5.1 GB (every field a Python string and
+    float). The table now parses in NumPy within ~2.3 bytes per byte of file (below), one that
+    is over MAX_VIEWER_TRACES_BYTES is 413 naming the downloads, and the raster returns at
+    most MAX_RASTER_VALUES numbers (frames binned more coarsely)."""
+    from api import frames as api_frames
+    from api.routes import artifacts
+
+    rng = np.random.default_rng(6)
+    n, t = 40, 30
+    f = rng.uniform(100.0, 200.0, (n, t))
+    traces = {"ids": np.arange(1, n + 1), "f": f, "f0": f * 0.9, "dff": f / (f * 0.9) - 1,
+              "frame_interval_s": 1.0}  # fmt: skip
+    job_id = _viewer_job(tmp_path, None, traces, client.user_id)
+    r = client.get(f"/api/jobs/{job_id}/cells", params={"dff": "true"})
+    assert r.status_code == 200 and r.json()["frames_per_column"] == 1
+    monkeypatch.setattr(artifacts, "MAX_RASTER_VALUES", n * 10)
+    body = client.get(f"/api/jobs/{job_id}/cells", params={"dff": "true"}).json()
+    assert body["frames_per_column"] == 3 and len(body["dff"][0]) == 10
+    assert sum(len(row) for row in body["dff"]) <= n * 10
+    np.testing.assert_allclose(body["dff"][0][0], np.max(traces["dff"][0, :3]), rtol=1e-6)
+    monkeypatch.setattr(api_frames, "MAX_VIEWER_TRACES_BYTES", 1000)
+    for url in (f"/api/jobs/{job_id}/cells", f"/api/jobs/{job_id}/cells/1/trace"):
+        api_frames._traces_cache.clear()
+        r = client.get(url)
+        assert r.status_code == 413, r.text
+        assert "traces.parquet" in r.json()["detail"] and "MiB" in r.json()["detail"]
+
+
+def test_a_traces_table_parses_in_memory_proportional_to_its_size(tmp_path: Path) -> None:
+    """``read_traces_csv`` of a 12 MB table: under 3 bytes of memory per byte of file (it was
+    about 24: ``csv.reader`` rows as Python lists), and the values as written."""
+    import tracemalloc
+
+    from calseg.io.tables import read_traces_csv, write_traces_csv
+
+    rng = np.random.default_rng(7)
+    n, t = 1500, 200
+    f = rng.uniform(100.0, 200.0, (n, t))
+    dff = f / (f * 0.9) - 1
+    dff[3, 5] = np.nan  # written empty
+    path = write_traces_csv(tmp_path / "traces.csv", np.arange(n), f, f * 0.9, dff, 0.5)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        got = read_traces_csv(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * size, (peak, size)
+    np.testing.assert_allclose(got["F"], f, rtol=1e-6)
+    assert (
+        np.isnan(got["dff"][3, 5]) and np.isfinite(np.delete(got["dff"].ravel(), 3 * t + 5)).all()
+    )
+    assert got["time_s"][:3].tolist() == [0.0, 0.5, 1.0]

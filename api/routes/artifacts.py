@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StoreDep, UserDep, _job, _recording_http_error
 from api.frames import (
+    TracesTooLarge,
     label_at,
     label_source,
     load_stacks,
@@ -194,16 +195,27 @@ def _nulls(values: Any) -> list[float | None]:
 
 
 def _job_traces(session: Session, store: ArtifactStore, job_id: str, user: User) -> dict:
-    """The decoded ``traces.csv`` of a job (:func:`api.frames.load_traces`); 404/410/500."""
+    """The decoded ``traces.csv`` of a job (:func:`api.frames.load_traces`), parsed under a
+    frame slot; 404/410/413/500 (and 429/503 from the slot)."""
     from calseg.io.tables import TableError
 
     art = _artifact(session, job_id, "traces.csv", user)
+    path = store.path(art.relpath)
+    session.close()  # its connection back before waiting for a slot
     try:
-        return load_traces(store.path(art.relpath))
+        with frame_slot(user.name):  # parsing: a bounded number at once (frame_guard)
+            return load_traces(path)
     except FileNotFoundError as exc:
         raise HTTPException(410, f"traces.csv of job {job_id} is gone from the store") from exc
+    except TracesTooLarge as exc:
+        raise HTTPException(413, f"job {job_id}: {exc}") from exc
     except TableError as exc:
         raise HTTPException(500, f"traces.csv of job {job_id} is unreadable: {exc}") from exc
+
+
+MAX_RASTER_VALUES = 1 << 20
+"""Most dF/F values ``GET /api/jobs/{id}/cells?dff=true`` returns (cells x time bins): with
+many cells the frames are binned more coarsely than ``max_columns``."""
 
 
 @router.get("/api/jobs/{job_id}/cells", tags=["viewer"])
@@ -224,7 +236,9 @@ def list_cells(
 
     With ``dff=true`` also ``"time_s"`` (the start of each column, s), ``"frames_per_column"``
     and ``"dff"`` (cells x columns; frames binned by their maximum when the recording has more
-    than ``max_columns`` frames, so brief events stay visible; null where not finite)."""
+    than ``max_columns`` frames, or than :data:`MAX_RASTER_VALUES` / cells, so brief events
+    stay visible; null where not finite). 413 for a ``traces.csv`` over
+    :data:`api.frames.MAX_VIEWER_TRACES_BYTES`."""
     traces = _job_traces(session, store, job_id, user)
     n = len(traces["ids"])
     if not n:  # a job that found no cell: empty lists, not a reshape error (was 500)
@@ -237,7 +251,9 @@ def list_cells(
     out: dict[str, Any] = {"ids": [int(i) for i in traces["ids"]], "peak_dff": peaks}
     if dff:
         t = matrix.shape[1]
-        step = max(1, int(np.ceil(t / max_columns)))
+        # at most MAX_RASTER_VALUES numbers in all (a JSON list of floats costs ~30 bytes each)
+        columns = max(1, min(max_columns, MAX_RASTER_VALUES // n))
+        step = max(1, int(np.ceil(t / columns)))
         cols = int(np.ceil(t / step)) if t else 0
         padded = np.full((n, cols * step), np.nan)
         padded[:, :t] = matrix
