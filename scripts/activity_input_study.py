@@ -142,8 +142,12 @@ def evaluate(checkpoint: Path, dataset: Path, cfg) -> dict:
         if len(need):
             emb = encode_frames(loaded, model_input(image, need, norm, geom, act), batch_size=4)
             for j, t in enumerate(need):
-                logits, scores, objs = decode_frame_prompts(loaded, emb, j, geom, prompts[t], icfg)
-                pred[t], _ = assemble_frame(logits, scores, objs, prompts[t], icfg)
+                logits, scores, objs = decode_frame_prompts(
+                    loaded, emb, j, geom, prompts[t], icfg, as_crops=True
+                )
+                pred[t], _ = assemble_frame(
+                    logits, scores, objs, prompts[t], icfg, shape=pred.shape[1:]
+                )
         out["sam2"][str(video.id)] = score_labels(pred, labels)
     return {
         m: {

@@ -235,3 +235,122 @@ def test_frame_offsets_follow_a_drift_and_ignore_padding():
     f[5:15, 10:64, 40:64] += 400  # activity of most of the tissue
     off = frame_offsets(f.astype(np.float32))
     np.testing.assert_allclose(off - off[0], drift - drift[0], atol=3)
+
+
+def _assemble_dense_reference(logits, scores, objs, prompts, cfg):
+    """The composition as it was before masks were kept as crops (frame-sized arrays per
+    prompt), as the reference of :func:`assemble_frame`."""
+    from calseg.segment.decode import _prompt_region
+
+    masks = logits > cfg.mask_threshold
+    if cfg.single_region:
+        masks = np.stack([_prompt_region(m, q.y, q.x) for m, q in zip(masks, prompts, strict=True)])
+    h, w = masks.shape[1:]
+    areas = masks.reshape(len(masks), -1).sum(1)
+    cands = []
+    for i, q in enumerate(prompts):
+        ok = areas[i] > 0 and (not cfg.require_point_in_mask or masks[i, q.y, q.x])
+        ok = ok and cfg.min_mask_area_px <= areas[i] <= cfg.max_mask_area_fraction * h * w
+        if ok and not (cfg.use_object_score and objs[i] < 0):
+            cands.append(i)
+    kept, flat = [], masks.reshape(len(masks), -1)
+    for i in sorted(cands, key=lambda j: -scores[j]):
+        inter = [np.count_nonzero(flat[i] & flat[k]) for k in kept]
+        if any(
+            n and n / (areas[i] + areas[k] - n) >= cfg.nms_iou
+            for n, k in zip(inter, kept, strict=True)
+        ):
+            continue
+        kept.append(i)
+    out = np.zeros((h, w), np.uint32)
+    if kept:
+        winner = np.argmax(np.where(masks[kept], logits[kept], -np.inf), axis=0)
+        covered = masks[kept].any(axis=0)
+        out[covered] = np.array([prompts[i].seed_id for i in kept], np.uint32)[winner[covered]]
+    return out, kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_kept_as_crops_compose_as_frame_sized_ones_did(seed):
+    """A sixth attack run: 5,000 prompts on 512 px frames took over 7.9 GB as frame-sized
+    logits and masks per prompt. Masks are now kept as crops (:class:`PromptMask`); the label
+    image and which masks are kept are those of the frame-sized composition, on random
+    overlapping blobs, ties, islands and masks too large for the field."""
+    from scipy import ndimage as ndi
+
+    from calseg.segment.decode import PromptMask, prompt_mask
+
+    rng = np.random.default_rng(seed)
+    h, w, b = 40, 56, 30
+    logits = ndi.gaussian_filter(rng.normal(0, 1, (b, h, w)), (0, 3, 3)) * 8 - 0.3
+    logits = np.round(logits, 1).astype(np.float16)  # ties between masks
+    peaks = [np.unravel_index(int(np.argmax(lg)), lg.shape) for lg in logits]
+    # prompts at each blob's peak (every fifth in another column: outside, or an island)
+    prompts = [FramePrompt(0, 100 + i, int(x) if i % 5 else int(rng.integers(w)), int(y), 1.0)
+               for i, (y, x) in enumerate(peaks)]  # fmt: skip
+    scores, objs = rng.random(b), rng.normal(0.5, 1, b)
+    cfg = InferenceConfig(max_mask_area_fraction=0.2, nms_iou=0.3)
+    whole = {"single_region": False, "use_object_score": False, "max_mask_area_fraction": 0.5}
+    for c in (cfg, cfg.model_copy(update=whole)):
+        ref, kept = _assemble_dense_reference(logits, scores, objs, prompts, c)
+        assert len(kept) >= (5 if c is cfg else 1)
+        crops = [prompt_mask(lg, q, c) for lg, q in zip(logits, prompts, strict=True)]
+        assert all(isinstance(pm, PromptMask) for pm in crops)
+        assert sum(pm.mask.size for pm in crops) < b * h * w
+        for got, recs in (
+            assemble_frame(crops, scores, objs, prompts, c, shape=(h, w)),
+            assemble_frame(logits, scores, objs, prompts, c),
+        ):
+            np.testing.assert_array_equal(got, ref)
+            assert [i for i, r in enumerate(recs) if r["kept"]] == sorted(kept)
+            if c is cfg:  # every way a mask goes, duplicates too (17 over the 6 seeds)
+                assert {None, "too-large", "point-outside-mask"} <= {r["reason"] for r in recs}
+    with pytest.raises(ValueError, match="shape"):
+        assemble_frame(crops, scores, objs, prompts, cfg)
+
+
+def test_decoder_calls_are_bounded_by_the_frame_size():
+    """At most DECODE_CHUNK_BYTES of full-frame float32 logits per decoder call."""
+    from calseg.segment.decode import DECODE_CHUNK_BYTES, decode_chunk_size
+    from calseg.segment.embeddings import FrameGeometry
+
+    cfg = InferenceConfig()
+    assert decode_chunk_size(cfg, FrameGeometry(128, 128, 512)) == cfg.decoder_batch_size
+    for side in (2048, 8192):
+        n = decode_chunk_size(cfg, FrameGeometry(side, side, 1024))
+        assert n >= 1 and (n == 1 or n * 4 * side * side <= DECODE_CHUNK_BYTES)
+    big = cfg.model_copy(update={"decoder_batch_size": 100_000})
+    assert (
+        decode_chunk_size(big, FrameGeometry(512, 512, 1024)) * 4 * 512 * 512 <= DECODE_CHUNK_BYTES
+    )
+
+
+def test_thousands_of_prompts_decode_within_the_memory_of_their_masks():
+    """The attack's shape at a test's size: 2,000 prompts on one 256 x 256 frame. As
+    frame-sized float16 logits plus two bool stacks they took 2000 x 65536 x 4 bytes = 524 MB
+    of NumPy arrays; kept as crops, decoded a chunk at a time, under 64 MB."""
+    import tracemalloc
+
+    from calseg.segment.decode import decode_frame_prompts, embed_recording
+    from calseg.segment.embeddings import FrameGeometry, compute_normalisation
+    from calseg.segment.model import SMALL_CONFIG, load_sam2
+
+    loaded = load_sam2(SMALL_CONFIG, None, image_size=64, device="cpu")
+    rng = np.random.default_rng(8)
+    frame = rng.normal(100, 10, (1, 256, 256)).astype(np.float32)
+    geom = FrameGeometry(256, 256, 64)
+    emb = embed_recording(loaded, frame, compute_normalisation(frame), geom)
+    prompts = [FramePrompt(0, i + 1, int(x), int(y), 1.0)
+               for i, (y, x) in enumerate(rng.integers(0, 256, (2000, 2)))]  # fmt: skip
+    cfg = InferenceConfig(use_object_score=False, max_mask_area_fraction=0.01)
+    tracemalloc.start()
+    try:
+        crops, scores, objs = decode_frame_prompts(
+            loaded, emb, 0, geom, prompts, cfg, as_crops=True
+        )
+        out, recs = assemble_frame(crops, scores, objs, prompts, cfg, shape=(256, 256))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(recs) == 2000 and out.shape == (256, 256)
+    assert peak < 64 * 2**20, peak >> 20

@@ -248,6 +248,65 @@ def embed_recording(
     return encode_frames(loaded, x, cache_dir=cache_dir, batch_size=batch_size, progress=progress)
 
 
+DECODE_CHUNK_BYTES = 128 * 2**20
+"""Most bytes of full-frame float32 mask logits one decoder call makes
+(:func:`decode_chunk_size`): ``decoder_batch_size`` prompts of a 512 px square, fewer of
+larger frames (one at a time at 8192 px)."""
+
+
+def decode_chunk_size(config: InferenceConfig, geometry: FrameGeometry) -> int:
+    """Prompts per decoder call: ``config.decoder_batch_size``, fewer where their full-frame
+    logits (``side x side`` float32 each, the padded square before the crop to the frame)
+    would pass :data:`DECODE_CHUNK_BYTES`; at least 1."""
+    per_prompt = 4 * geometry.side * geometry.side
+    return int(max(1, min(config.decoder_batch_size, DECODE_CHUNK_BYTES // per_prompt)))
+
+
+@dataclass
+class PromptMask:
+    """One prompt's mask, kept as the crop of the frame that holds it (what
+    :func:`assemble_frame` needs, without a frame-sized array per prompt).
+
+    ``y0``, ``x0``: the crop's first row and column (frame px); ``mask``: ``(h, w)`` bool, the
+    mask (its part holding the prompt with ``single_region``); ``logits``: ``(h, w)`` float32
+    mask logits there (the mask itself as 1.0 where the input was a bool mask); ``area``: mask
+    pixels; ``holds_point``: whether the mask covers the prompt's pixel. A mask larger than
+    ``max_mask_area_fraction`` of the frame (refused by :func:`assemble_frame` as too large)
+    keeps its ``area`` but an empty crop."""
+
+    y0: int
+    x0: int
+    mask: np.ndarray
+    logits: np.ndarray
+    area: int
+    holds_point: bool
+
+
+def prompt_mask(logit: np.ndarray, prompt: object, config: InferenceConfig) -> PromptMask:
+    """The :class:`PromptMask` of one prompt's ``(H, W)`` mask logits (or bool mask):
+    thresholded at ``config.mask_threshold``, reduced to the part holding the prompt's pixel
+    with ``config.single_region`` (:func:`_prompt_region`), cropped to its bounding box."""
+    logit = np.asarray(logit)
+    if logit.dtype == bool:
+        m, values = logit, None
+    else:
+        m, values = logit > config.mask_threshold, logit
+    h, w = m.shape
+    if config.single_region:
+        m = _prompt_region(m, prompt.y, prompt.x)
+    area = int(np.count_nonzero(m))
+    holds = bool(0 <= prompt.y < h and 0 <= prompt.x < w and m[prompt.y, prompt.x])
+    empty = np.zeros((0, 0), bool)
+    if area == 0 or area > config.max_mask_area_fraction * h * w:
+        return PromptMask(0, 0, empty, empty.astype(np.float32), area, holds)
+    rows = np.flatnonzero(m.any(axis=1))
+    cols = np.flatnonzero(m.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    crop = m[box]
+    lg = crop.astype(np.float32) if values is None else values[box].astype(np.float32)
+    return PromptMask(int(rows[0]), int(cols[0]), crop.copy(), lg, area, holds)
+
+
 def decode_frame_prompts(
     loaded: LoadedSAM2,
     emb: FrameEmbeddings,
@@ -255,12 +314,25 @@ def decode_frame_prompts(
     geometry: FrameGeometry,
     prompts: list,
     config: InferenceConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run SAM2 on one frame's prompts.
+    *,
+    as_crops: bool = False,
+) -> tuple[np.ndarray | list[PromptMask], np.ndarray, np.ndarray]:
+    """Run SAM2 on one frame's prompts, :func:`decode_chunk_size` prompts per decoder call.
+
+    Args:
+        loaded, emb, frame, geometry: the model, the recording's embeddings, the frame index
+            in them and the frame geometry.
+        prompts: the frame's :class:`calseg.segment.prompts.FramePrompt`.
+        config: :class:`InferenceConfig`.
+        as_crops: return each prompt's mask as a :class:`PromptMask` (memory of the masks,
+            not of ``B`` frames: what :func:`assemble_frame` needs) instead of dense logits.
+            A sixth attack run's 5,000 prompts on 512 px frames took over 7.9 GB as dense
+            logits and masks, against an estimate of 2.6 GiB.
 
     Returns:
-        ``(logits (B, H, W) float16 mask logits in frame pixels, scores (B,) predicted IoU,
-        object_logits (B,))``.
+        ``(logits, scores (B,) predicted IoU, object_logits (B,))``; ``logits`` is ``(B, H,
+        W)`` float16 mask logits in frame pixels, or with ``as_crops`` a list of ``B``
+        :class:`PromptMask`.
     """
     import torch
 
@@ -270,9 +342,11 @@ def decode_frame_prompts(
     if multimask is None:
         multimask = True if loaded.info.multimask_output is None else loaded.info.multimask_output
     prior_radius = inference_prior_radius(loaded.info, geometry.scale, config.cell_diameter_px)
-    logits, scores, objs = [], [], []
-    for b0 in range(0, len(prompts), config.decoder_batch_size):
-        chunk = prompts[b0 : b0 + config.decoder_batch_size]
+    size = decode_chunk_size(config, geometry)
+    logits: list = []
+    scores, objs = [], []
+    for b0 in range(0, len(prompts), size):
+        chunk = prompts[b0 : b0 + size]
         coords, labels = pack_points(
             [(q.x, q.y) for q in chunk], [list(q.negatives) for q in chunk]
         )
@@ -291,11 +365,21 @@ def decode_frame_prompts(
             best = iou.argmax(dim=1)
             ar = torch.arange(len(chunk), device=device)
             low_best = low[ar, best][:, None].float()
-            full = logits_to_frame(low_best, geometry)[:, 0]
-            logits.append(full.to(torch.float16).cpu().numpy())
+            full = logits_to_frame(low_best, geometry)[:, 0].to(torch.float16).cpu().numpy()
+            if as_crops:
+                logits.extend(prompt_mask(lg, q, config) for lg, q in zip(full, chunk, strict=True))
+            else:
+                logits.append(full)
             scores.append(iou[ar, best].float().cpu().numpy())
             objs.append(obj[:, 0].float().cpu().numpy())
-    return np.concatenate(logits), np.concatenate(scores), np.concatenate(objs)
+    if not as_crops:
+        shape = (0, geometry.height, geometry.width)
+        logits = np.concatenate(logits) if logits else np.zeros(shape, np.float16)
+    return (
+        logits,
+        np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        np.concatenate(objs) if objs else np.zeros(0, np.float32),
+    )
 
 
 def _prompt_region(mask: np.ndarray, y: int, x: int) -> np.ndarray:
@@ -318,48 +402,52 @@ def _prompt_region(mask: np.ndarray, y: int, x: int) -> np.ndarray:
 
 
 def assemble_frame(
-    logits: np.ndarray,
+    logits: np.ndarray | list[PromptMask],
     scores: np.ndarray,
     objs: np.ndarray,
     prompts: list,
     config: InferenceConfig,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Filter, de-duplicate and compose one frame's masks into a label image.
 
     Args:
-        logits: ``(B, H, W)`` mask logits (or bool masks) of the frame's ``B`` prompts.
+        logits: ``(B, H, W)`` mask logits (or bool masks) of the frame's ``B`` prompts, or their
+            ``B`` :class:`PromptMask` (``decode_frame_prompts(..., as_crops=True)``).
         scores: ``(B,)`` predicted IoU; ``objs``: ``(B,)`` object-score logits.
         prompts: the ``B`` :class:`calseg.segment.prompts.FramePrompt`.
         config: thresholds (:class:`InferenceConfig`).
+        shape: ``(H, W)`` of the frame; needed with :class:`PromptMask` input.
 
     Returns:
         ``(label image (H, W) uint32, per-prompt dicts with score/kept/reason)``. A pixel in
-        several kept masks gets the id of the mask with the highest logit there.
+        several kept masks gets the id of the mask with the highest logit there (the first
+        kept, by predicted IoU, on a tie).
     """
-    logits = np.asarray(logits)
-    if logits.dtype == bool:
-        masks = logits
-        logits = masks.astype(np.float32)
+    if isinstance(logits, np.ndarray):
+        if logits.ndim != 3:
+            raise ValueError(f"expected (B, H, W) mask logits, got shape {logits.shape}")
+        shape = logits.shape[1:]
+        masks = [prompt_mask(lg, q, config) for lg, q in zip(logits, prompts, strict=True)]
     else:
-        masks = logits > config.mask_threshold
-    h, w = masks.shape[1:]
-    if config.single_region and len(masks):
-        masks = np.stack([_prompt_region(m, q.y, q.x) for m, q in zip(masks, prompts, strict=True)])
+        masks = list(logits)
+        if shape is None:
+            raise ValueError("assemble_frame needs the frame's shape with PromptMask input")
+    h, w = shape
     max_area = config.max_mask_area_fraction * h * w
-    areas = masks.reshape(len(masks), -1).sum(1)
     records = []
     candidates = []
-    for i, q in enumerate(prompts):
+    for i, (q, pm) in enumerate(zip(prompts, masks, strict=True)):
         rec = q.to_dict()
-        rec.update(score=float(scores[i]), object_logit=float(objs[i]), area_px=int(areas[i]))
+        rec.update(score=float(scores[i]), object_logit=float(objs[i]), area_px=int(pm.area))
         reason = None
-        if areas[i] == 0:
+        if pm.area == 0:
             reason = "empty"
-        elif config.require_point_in_mask and not masks[i, q.y, q.x]:
+        elif config.require_point_in_mask and not pm.holds_point:
             reason = "point-outside-mask"
-        elif areas[i] < config.min_mask_area_px:
+        elif pm.area < config.min_mask_area_px:
             reason = "too-small"
-        elif areas[i] > max_area:
+        elif pm.area > max_area:
             reason = "too-large"
         elif config.use_object_score and objs[i] < 0:
             reason = "no-object"
@@ -369,12 +457,12 @@ def assemble_frame(
         if reason is None:
             candidates.append(i)
     kept: list[int] = []
-    flat = masks.reshape(len(masks), -1)
     for i in sorted(candidates, key=lambda j: -scores[j]):
+        a = masks[i]
         dup = False
         for k in kept:
-            inter = np.count_nonzero(flat[i] & flat[k])
-            if inter and inter / (areas[i] + areas[k] - inter) >= config.nms_iou:
+            inter = _overlap(a, masks[k])
+            if inter and inter / (a.area + masks[k].area - inter) >= config.nms_iou:
                 dup = True
                 break
         if dup:
@@ -383,10 +471,23 @@ def assemble_frame(
         kept.append(i)
         records[i]["kept"] = True
     out = np.zeros((h, w), dtype=np.uint32)
-    if kept:
-        kept_logits = np.where(masks[kept], logits[kept].astype(np.float32), -np.inf)
-        winner = np.argmax(kept_logits, axis=0)
-        ids = np.array([prompts[i].seed_id for i in kept], dtype=np.uint32)
-        covered = masks[kept].any(axis=0)
-        out[covered] = ids[winner[covered]]
+    best = np.full((h, w), -np.inf, dtype=np.float32)
+    for i in kept:  # in kept order: the first keeps a pixel on a tie, as argmax did
+        pm = masks[i]
+        box = (slice(pm.y0, pm.y0 + pm.mask.shape[0]), slice(pm.x0, pm.x0 + pm.mask.shape[1]))
+        win = pm.mask & (pm.logits > best[box])
+        best[box][win] = pm.logits[win]
+        out[box][win] = prompts[i].seed_id
     return out, records
+
+
+def _overlap(a: PromptMask, b: PromptMask) -> int:
+    """Pixels two :class:`PromptMask` share."""
+    y0, x0 = max(a.y0, b.y0), max(a.x0, b.x0)
+    y1 = min(a.y0 + a.mask.shape[0], b.y0 + b.mask.shape[0])
+    x1 = min(a.x0 + a.mask.shape[1], b.x0 + b.mask.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return 0
+    sa = a.mask[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
+    sb = b.mask[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]
+    return int(np.count_nonzero(sa & sb))

@@ -966,9 +966,9 @@ def validate_inference(
             if not prompts:
                 continue
             logits, scores, objs = decode_frame_prompts(
-                loaded, vid.emb, j, vid.geometry, prompts, icfg
+                loaded, vid.emb, j, vid.geometry, prompts, icfg, as_crops=True
             )
-            pred[j], _ = assemble_frame(logits, scores, objs, prompts, icfg)
+            pred[j], _ = assemble_frame(logits, scores, objs, prompts, icfg, shape=pred.shape[1:])
         sc = score_labels(pred, vid.labels)
         f1s[vid.id] = float(sc["f1"])
         ious.append(float(sc["iou"]))

@@ -185,9 +185,11 @@ def segment_recording(
         dec_progress = scaled(progress, 0.7, 0.99)
         for j, t in enumerate(need):
             logits, scores, objs = decode_frame_prompts(
-                loaded, emb, j, geom, prompts_by_frame[t], config
+                loaded, emb, j, geom, prompts_by_frame[t], config, as_crops=True
             )
-            labels[t], recs = assemble_frame(logits, scores, objs, prompts_by_frame[t], config)
+            labels[t], recs = assemble_frame(
+                logits, scores, objs, prompts_by_frame[t], config, shape=labels.shape[1:]
+            )
             records.extend(recs)
             dec_progress((j + 1) / len(need), "decode", f"frame {t + 1}/{frames.shape[0]}")
         timings["decode_s"] = time.perf_counter() - t1

@@ -392,8 +392,8 @@ def segment_cells_recording(
     cell_area = np.pi * (pc.cell_diameter_px / 2) ** 2
     frac = max(config.max_mask_area_fraction, min(1.0, 4 * cell_area / (h * w)))
     cfg = config.model_copy(update={"max_mask_area_fraction": frac})
-    logits, scores, objs = decode_frame_prompts(loaded, emb, 0, geom, prompts, cfg)
-    lab, records = assemble_frame(logits, scores, objs, prompts, cfg)
+    logits, scores, objs = decode_frame_prompts(loaded, emb, 0, geom, prompts, cfg, as_crops=True)
+    lab, records = assemble_frame(logits, scores, objs, prompts, cfg, shape=(h, w))
     labels = np.broadcast_to(lab, frames.shape).copy()
     stats["n_masks_kept"] = int(sum(r["kept"] for r in records))
     timings["total_s"] = time.perf_counter() - t0
