@@ -354,3 +354,92 @@ def test_thousands_of_prompts_decode_within_the_memory_of_their_masks():
         tracemalloc.stop()
     assert len(recs) == 2000 and out.shape == (256, 256)
     assert peak < 64 * 2**20, peak >> 20
+
+
+def _apply_size_prior_reference(territories, expected, split, merge):
+    """:func:`apply_size_prior` as it was (whole-frame masks per merged region), the reference."""
+    from scipy import ndimage as ndi
+    from scipy.cluster.vq import kmeans2
+
+    out = np.zeros(territories.shape, np.uint32)
+    nid = 0
+    for i, sl in enumerate(ndi.find_objects(territories), start=1):
+        if sl is None:
+            continue
+        m = territories[sl] == i
+        area = int(m.sum())
+        k = int(round(area / expected)) if area > split * expected else 1
+        sub = out[sl]
+        if k <= 1:
+            nid += 1
+            sub[m] = nid
+            continue
+        yy, xx = np.nonzero(m)
+        pts = np.stack([yy, xx], 1).astype(np.float64)
+        init = pts[np.linspace(0, len(pts) - 1, k).round().astype(int)]
+        _, lab = kmeans2(pts, init, minit="matrix", seed=0)
+        for j in range(k):
+            sel = lab == j
+            if sel.any():
+                nid += 1
+                sub[yy[sel], xx[sel]] = nid
+    areas = np.bincount(out.ravel(), minlength=nid + 1)
+    for i in np.flatnonzero((areas > 0) & (areas < merge * expected)):
+        if i == 0:
+            continue
+        m = out == i
+        nb = out[ndi.binary_dilation(m) & ~m]
+        nb = nb[(nb > 0) & (nb != i)]
+        if nb.size:
+            out[m] = np.bincount(nb).argmax()
+    ids = np.unique(out)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(out.max()) + 1, np.uint32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    return lut[out]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_size_prior_splits_and_merges_as_before(seed):
+    """Merging small regions within their (growing) bounding boxes, not whole-frame masks,
+    gives the label image the whole-frame version gave, on random territories of mixed
+    sizes (splits, chains of merges, regions at the frame's edges)."""
+    from scipy.spatial import cKDTree
+
+    from calseg.segment.cells import apply_size_prior
+
+    rng = np.random.default_rng(seed)
+    h, w = 70, 90
+    seeds = rng.uniform(0, [h, w], (60, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    terr = cKDTree(seeds).query(np.stack([yy.ravel(), xx.ravel()], 1))[1].reshape(h, w) + 1
+    terr[rng.random((h, w)) < 0.05] = 0  # holes
+    terr = terr.astype(np.uint32)
+    for expected in (40.0, 90.0, 200.0):
+        got = apply_size_prior(terr, expected, 1.6, 0.35)
+        np.testing.assert_array_equal(got, _apply_size_prior_reference(terr, expected, 1.6, 0.35))
+
+
+def test_a_tiny_cell_diameter_splits_a_large_region_in_linear_time(monkeypatch):
+    """A sixth attack run: a 220 x 220 px active square at ``cell_diameter_px`` 1.01 (cells of
+    0.8 px) asked the split for 60,000 clusters of 48,400 points, every point measured against
+    every cluster per iteration, and the merge then scanned the whole frame per region: a job
+    of 157 s estimated at 6.6 s, hours at 1 Mpx. Now a k-d tree finds the nearest clusters and
+    a merged region is looked for in its bounding box: seconds. The tree's clusters are those
+    of scipy's k-means where both can run."""
+    import time
+
+    from calseg.segment import cells
+    from calseg.segment.cells import apply_size_prior
+
+    terr = np.zeros((260, 260), np.uint32)
+    terr[20:240, 20:240] = 1
+    t0 = time.perf_counter()
+    out = apply_size_prior(terr, 0.8, 1.6, 0.35)
+    assert time.perf_counter() - t0 < 30
+    assert out.max() > 10_000 and (out[20:240, 20:240] > 0).all() and out[:20].max() == 0
+    small = np.zeros((40, 40), np.uint32)
+    small[5:35, 5:35] = 1
+    direct = apply_size_prior(small, 30.0, 1.6, 0.35)
+    monkeypatch.setattr(cells, "KMEANS_DIRECT_MAX", 0)
+    np.testing.assert_array_equal(apply_size_prior(small, 30.0, 1.6, 0.35), direct)
