@@ -204,3 +204,27 @@ def test_single_mask_output_is_identical_in_train_and_eval_mode(tiny):
     assert lo_eval.shape == (2, 1, 16, 16) and lo_multi.shape == (2, 3, 16, 16)
     assert torch.equal(lo_train, lo_eval) and torch.equal(iou_train, iou_eval)
     assert dec.dynamic_multimask_via_stability is True  # restored after the call
+
+
+def test_embedding_cache_prunes_all_users_folders_together(tmp_path) -> None:
+    """The service keeps one cache folder per user (``user-<id>/<model_key>/``): the pruning
+    counts them all against one limit and drops the least recently used wherever it is; a
+    user folder that is a symbolic link is not followed."""
+    import os
+
+    root, outside = tmp_path / "embeddings", tmp_path / "outside"
+    (outside / "k").mkdir(parents=True)
+    (outside / "k" / "keep.pt").write_bytes(b"w" * 5000)
+    for n, user in enumerate(("user-a", "user-b")):
+        cache = EmbeddingCache(root / user)
+        for i in range(3):
+            cache.save("k", f"f{i}", {"x": torch.zeros(256)})
+            t = 1000.0 + 2 * i + n  # a and b interleaved in time
+            os.utime(root / user / "k" / f"f{i}.pt", (t, t))
+    (root / "user-link").symlink_to(outside, target_is_directory=True)
+    size = (root / "user-a" / "k" / "f0.pt").stat().st_size
+    res = EmbeddingCache(root).prune(5 * size)  # 6 entries over 5: down to 4 (80 %)
+    assert (res.n_removed, res.bytes_left) == (2, 4 * size)
+    left = sorted(p.relative_to(root).as_posix() for p in root.glob("user-[ab]/k/*.pt"))
+    assert left == ["user-a/k/f1.pt", "user-a/k/f2.pt", "user-b/k/f1.pt", "user-b/k/f2.pt"]
+    assert (outside / "k" / "keep.pt").exists()

@@ -917,3 +917,43 @@ def test_parallel_submissions_never_pass_the_quota(backend, tmp_path, request) -
         if schema is not None:
             with request.getfixturevalue("pg_admin").connect() as conn:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
+def test_each_user_has_an_embedding_cache_of_their_own(
+    client: TestClient,  # noqa: F811
+    admin: dict[str, str],
+) -> None:
+    """A sixth attack run: the embedding cache, keyed by frames and model only, told bob ("all
+    2 frames from the embedding cache", and its speed) that alice had run the same frames. Now
+    a job's cache is its owner's folder (``user-<id>``); bob's run of the same file embeds
+    its frames anew, alice's second run finds hers."""
+    rng = np.random.default_rng(9)
+    frames = rng.normal(300, 5, (8, 32, 32))
+    yy, xx = np.mgrid[0:32, 0:32]
+    frames[4:6][:, (yy - 16) ** 2 + (xx - 16) ** 2 < 16] += 400  # a cell lights up: prompts
+    data = _tiff_bytes(frames.astype(np.uint16))
+    bob = {"Authorization": f"Bearer {admin['bob']}"}
+    cache = get_settings().embedding_cache_dir
+
+    def run_sam2(headers: dict | None = None) -> str:
+        """The job's detail as its owner reads it (log included)."""
+        rec = client.post("/api/recordings", files={"file": ("same.tif", data)}, headers=headers)
+        params = {"recording_id": rec.json()["id"], "method": "sam2", "image_size": 64}
+        job = client.post("/api/jobs", json={"kind": "infer", "params": params}, headers=headers)
+        assert job.status_code == 201, job.text
+        assert _run(job.json()["id"]) == "succeeded"
+        return client.get(f"/api/jobs/{job.json()['id']}", headers=headers).text
+
+    def entries() -> dict[str, int]:
+        return {d.name: len(list(d.rglob("*.pt"))) for d in cache.iterdir()}
+
+    assert "from the embedding cache" not in run_sam2()
+    with session_scope() as session:
+        ids = {u.name: u.id for u in session.query(User).all()}
+    alice, bobs = f"user-{ids['alice']}", f"user-{ids['bob']}"
+    assert entries() == {alice: 2}  # the two frames with prompts
+    seen = run_sam2(bob)
+    assert "from the embedding cache" not in seen and "uncached frames" in seen
+    assert entries() == {alice: 2, bobs: 2}  # bob's frames were embedded, not read from alice's
+    assert "all 2 frames from the embedding cache" in run_sam2()  # alice's own, again
+    assert entries() == {alice: 2, bobs: 2}

@@ -318,6 +318,12 @@ class PruneResult:
     bytes_left: int
 
 
+USER_PREFIX = "user-"
+"""Folders of the cache root that hold one user's cache (``user-<id>/<model_key>/...``, the
+service's jobs: :attr:`calseg.service.context.JobContext.embedding_cache_dir`); pruned with
+the rest."""
+
+
 class EmbeddingCache:
     """Directory of ``<model_key>/<frame_hash>.pt`` files (each a dict of float16 tensors).
 
@@ -377,14 +383,16 @@ class EmbeddingCache:
                 os.unlink(tmp)
 
     def prune(self, max_bytes: int, now: float | None = None) -> PruneResult:
-        """Keep the cache within ``max_bytes``: when its entries (``*.pt`` files) hold more,
+        """Keep the cache within ``max_bytes``: when its entries (``*.pt`` files, in the
+        model folders of the root and of its :data:`USER_PREFIX` folders) hold more,
         remove the least recently used (oldest modification time: written or last hit) until
         at most :data:`PRUNE_TO_FRACTION` x ``max_bytes`` remain. ``max_bytes`` 0: no limit.
 
-        Only regular files in real folders directly under the root are entries: symbolic links
-        (to a file or a folder) and anything else are neither counted nor removed, so nothing
-        outside the cache is ever touched. Temporary files of a write (``*.tmp``) older than
-        :data:`STALE_TMP_S` (left by a job process that was killed mid-write) are removed
+        Only regular files in real folders directly under the root (or under a user folder)
+        are entries: symbolic links (to a file or a folder) and anything else are neither
+        counted nor removed, so nothing outside the cache is ever touched. Temporary files of
+        a write (``*.tmp``) older than :data:`STALE_TMP_S` (left by a job process that was
+        killed mid-write) are removed
         whatever the limit; younger ones may be being written. An entry that vanishes
         meanwhile (another worker pruning) is skipped. ``now``: the time to age files against
         (default: the current time, ``time.time()``)."""
@@ -397,6 +405,8 @@ class EmbeddingCache:
         folders = (
             [d for d in self.root.iterdir() if not d.is_symlink()] if self.root.is_dir() else []
         )
+        for user in [d for d in folders if d.name.startswith(USER_PREFIX) and d.is_dir()]:
+            folders += [d for d in user.iterdir() if not d.is_symlink()]  # user-*/<model_key>
         for folder in folders:
             if not folder.is_dir():
                 continue

@@ -196,6 +196,7 @@ class JobContext:
         self, job: Job, params: Any, *, url: str, store: ArtifactStore, settings: Settings
     ) -> None:
         self.job_id = job.id
+        self.owner_id = getattr(job, "owner_id", None)
         self.kind = job.kind
         self.dispatch_id = job.dispatch_id
         self.params = params
@@ -327,6 +328,17 @@ class JobContext:
         self.cancel_token.check()
 
     # -- outputs
+    @property
+    def embedding_cache_dir(self) -> Path:
+        """This job's SAM2 embedding cache: its owner's folder ``user-<owner id>`` of
+        ``settings.embedding_cache_dir``. One cache for all users told a user, by the job log's
+        "from the embedding cache" and its speed, that another user had already run the same
+        frames (a sixth attack run); the pruning keeps all users' folders together under
+        ``max_cache_bytes`` (:meth:`calseg.segment.embeddings.EmbeddingCache.prune`)."""
+        from calseg.segment.embeddings import USER_PREFIX
+
+        return self.settings.embedding_cache_dir / f"{USER_PREFIX}{self.owner_id or 'none'}"
+
     def relpath(self, path: Path) -> str:
         """The artifact-store key of a path inside the store."""
         rel = self.store.relpath_of(Path(path))

@@ -807,9 +807,9 @@ def storage_used_bytes(session: Session, owner_id: str, exclude_job_id: str | No
     job that started but was not measured, its estimate; a job that never started wrote
     nothing) and the estimated writes of their queued and running jobs
     (``jobs.estimated_disk_bytes``, the embedding-cache part of the estimate included: it errs
-    on the side of the disk). The embedding cache itself, shared by all users and pruned on
-    its own (:func:`calseg.service.jobproc.prune_embedding_cache`), is not counted once a job
-    has ended. ``exclude_job_id``: a job left out (one being retried, whose old files go and
+    on the side of the disk). The embedding cache itself (a folder per user, pruned together
+    on its own: :func:`calseg.service.jobproc.prune_embedding_cache`) is not counted once a
+    job has ended. ``exclude_job_id``: a job left out (one being retried, whose old files go and
     whose new estimate is what is checked)."""
     others = Job.id != exclude_job_id if exclude_job_id is not None else True
     recordings = session.scalar(

@@ -206,7 +206,7 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
             ctx.workdir / "model",
             config,
             base_checkpoint=base,
-            cache_dir=ctx.settings.embedding_cache_dir,
+            cache_dir=ctx.embedding_cache_dir,
             progress=scaled(ctx.progress, 0.0, 0.97),
             on_history=curve,
         )
@@ -370,7 +370,7 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
             model=model,
             model_reason=MODEL_JOB_REASON,
             configured_checkpoint=ctx.settings.sam2_checkpoint,
-            cache_dir=ctx.settings.embedding_cache_dir,
+            cache_dir=ctx.embedding_cache_dir,
             gt=inp.gt,
             nwb=params.nwb,
             report=lambda level, text: (ctx.warn if level == "warning" else ctx.log)(text),
@@ -472,7 +472,7 @@ def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
         models,
         split=params.split,
         config=params.to_config(),
-        cache_dir=ctx.settings.embedding_cache_dir,
+        cache_dir=ctx.embedding_cache_dir,
         progress=scaled(ctx.progress, 0.0, 0.97),
     )
     rows = _summary_rows(report.summary)

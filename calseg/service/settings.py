@@ -266,8 +266,9 @@ class Settings(BaseSettings):
 
     @property
     def embedding_cache_dir(self) -> Path:
-        """The SAM2 embedding cache the jobs share (``cache_dir/embeddings``; kept under
-        ``max_cache_bytes`` by :func:`calseg.service.jobproc.prune_embedding_cache`)."""
+        """The SAM2 embedding cache of the jobs (``cache_dir/embeddings``, a ``user-<id>``
+        folder per job owner: :attr:`calseg.service.context.JobContext.embedding_cache_dir`);
+        kept under ``max_cache_bytes`` by :func:`calseg.service.jobproc.prune_embedding_cache`."""
         return self.cache_dir / "embeddings"
 
     def read_limits(self) -> ReadLimits:
