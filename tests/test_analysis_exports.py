@@ -172,6 +172,7 @@ class _StubContext:
 
         self.workdir = workdir
         self.settings = Settings(cache_dir=workdir / "cache", sam2_checkpoint=None)
+        self.embedding_cache_dir = self.settings.embedding_cache_dir / "user-none"
         self.recording = recording
         self.artifacts: dict[str, object] = {}
         self.warnings: list[str] = []
