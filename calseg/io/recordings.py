@@ -2133,7 +2133,7 @@ def project_z(data: np.ndarray, zi: int, how: str, round_to: np.dtype | None = N
         sel = [slice(None)] * data.ndim
         sel[ri] = slice(y0, y0 + step)
         block = data[tuple(sel)].astype(np.float64)
-        has_nan = block.dtype.kind == "f" and bool(np.isnan(block).any())
+        has_nan = data.dtype.kind == "f" and bool(np.isnan(block).any())
         if how == "mean":
             r = (np.nanmean if has_nan else np.mean)(block, axis=zi)
         else:

@@ -245,8 +245,11 @@ def sweep_unregistered_recordings(
             idle[entry.name] = (entry, now - newest, size)
     if not idle:
         return []
+    names, known = list(idle), set()
     with session_scope(settings.database_url) as session:
-        known = set(session.scalars(select(Recording.id).where(Recording.id.in_(list(idle)))))
+        for i in range(0, len(names), 500):  # within any database's bound on parameters
+            batch = names[i : i + 500]
+            known.update(session.scalars(select(Recording.id).where(Recording.id.in_(batch))))
     store = get_store() if settings.store_url else None
     removed: list[Removed] = []
     for rec_id, (entry, idle_s, size) in idle.items():
