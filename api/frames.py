@@ -323,8 +323,8 @@ class TracesTooLarge(ValueError):
 
 def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
     """The traces of a ``traces.csv`` artifact as :func:`calseg.io.tables.read_traces_csv`
-    returns them, its ``F``/``F0``/``dF/F`` (N, T) as float32 (the file's 7 significant
-    digits), cached by path and modification time within :data:`TRACES_CACHE_BYTES`.
+    returns them (``ids`` (N,) int64, ``time_s`` (T,) s, ``F``/``F0``/``dF/F`` (N, T) float64,
+    NaN where empty), cached by path and modification time within :data:`TRACES_CACHE_BYTES`.
 
     Raises:
         FileNotFoundError: the file is gone. calseg.io.tables.TableError: not a traces table.
@@ -341,10 +341,7 @@ def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
         )
 
     def load() -> dict[str, np.ndarray]:
-        out = read_traces_csv(traces_path)
-        for k in ("F", "F0", "dff"):
-            out[k] = out[k].astype(np.float32)
-        return out
+        return read_traces_csv(traces_path)
 
     key = (str(traces_path), st.st_mtime_ns)
     with _lock:
