@@ -203,9 +203,15 @@ def _source(key: tuple, open_: Callable[[], Any]) -> Any:
     return value
 
 
-def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any]) -> Any:
-    """``cache[key]``, or ``load()`` stored there; least recently used entries beyond
-    ``CACHE_SIZE`` are dropped. ``load`` runs outside the lock."""
+def _cached(
+    cache: OrderedDict,
+    key: tuple,
+    load: Callable[[], Any],
+    too_full: Callable[[OrderedDict], bool] = lambda c: len(c) > CACHE_SIZE,
+) -> Any:
+    """``cache[key]``, or ``load()`` stored there; least recently used entries are dropped
+    while ``too_full(cache)`` (default: more than ``CACHE_SIZE`` entries), the newest never.
+    ``load`` runs outside the lock."""
     with _lock:
         if key in cache:
             cache.move_to_end(key)
@@ -213,7 +219,7 @@ def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any]) -> Any:
     value = load()
     with _lock:
         cache[key] = value
-        while len(cache) > CACHE_SIZE:
+        while len(cache) > 1 and too_full(cache):
             cache.popitem(last=False)
     return value
 
@@ -340,24 +346,11 @@ def load_traces(traces_path: Path) -> dict[str, np.ndarray]:
             "traces.parquet from the job's files instead"
         )
 
-    def load() -> dict[str, np.ndarray]:
-        return read_traces_csv(traces_path)
+    def too_full(cache: OrderedDict) -> bool:
+        return sum(a.nbytes for v in cache.values() for a in v.values()) > TRACES_CACHE_BYTES
 
     key = (str(traces_path), st.st_mtime_ns)
-    with _lock:
-        if key in _traces_cache:
-            _traces_cache.move_to_end(key)
-            return _traces_cache[key]
-    value = load()
-    with _lock:
-        _traces_cache[key] = value
-        while len(_traces_cache) > 1 and _traces_bytes() > TRACES_CACHE_BYTES:
-            _traces_cache.popitem(last=False)
-    return value
-
-
-def _traces_bytes() -> int:
-    return sum(sum(a.nbytes for a in v.values()) for v in _traces_cache.values())
+    return _cached(_traces_cache, key, lambda: read_traces_csv(traces_path), too_full)
 
 
 def label_at(labels: Any, t: int, x: int, y: int) -> int:
