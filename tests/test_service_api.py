@@ -20,6 +20,7 @@ from PIL import Image
 from calseg.service import jobs
 from calseg.service.auth import create_token, create_user
 from calseg.service.db import session_scope, upgrade_database
+from calseg.service.models import Job
 from calseg.service.settings import Settings, get_settings
 from calseg.service.store import LocalArtifactStore
 
@@ -671,3 +672,35 @@ def test_a_traces_table_parses_in_memory_proportional_to_its_size(tmp_path: Path
         np.isnan(got["dff"][3, 5]) and np.isfinite(np.delete(got["dff"].ravel(), 3 * t + 5)).all()
     )
     assert got["time_s"][:3].tolist() == [0.0, 0.5, 1.0]
+
+
+def test_an_estimate_counts_the_frames_the_jobs_reading_options_make(client: TestClient) -> None:
+    """A seventh attack run: a stack uploaded as 1 frame of 600 Z planes (``axes=ZYX``) and
+    read by its job as 600 frames (``axes="TYX"``) was estimated with the stored 1 frame (4 s,
+    360 MiB) and ran 16 s at 1.6 GB, up to 2^26 pixels a stored frame. The estimate (and so
+    the admission) now takes the shape the job's options read, from the headers."""
+    stack = np.random.default_rng(10).integers(0, 900, (40, 32, 32)).astype(np.uint16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, stack, photometric="minisblack")
+    r = client.post(
+        "/api/recordings", params={"axes": "ZYX"}, files={"file": ("z.tif", buf.getvalue())}
+    )
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["n_frames"] == 1
+    base = {"recording_id": rec["id"], "method": "classical"}
+
+    def estimate(**options) -> dict:
+        r = client.post("/api/jobs/estimate", json={"kind": "infer", "params": {**base, **options}})
+        assert r.status_code == 200, r.text
+        return r.json()["estimate"]
+
+    as_stored, as_frames = estimate(), estimate(axes="TYX")
+    assert as_frames["disk_bytes"] == pytest.approx(40 * as_stored["disk_bytes"], rel=0.05)
+    assert as_frames["time_s"] > as_stored["time_s"]
+    job = client.post("/api/jobs", json={"kind": "infer", "params": {**base, "axes": "TYX"}})
+    assert job.status_code == 201, job.text
+    with session_scope() as session:  # what the admission counted against the quota
+        assert session.get(Job, job.json()["id"]).estimated_disk_bytes == pytest.approx(
+            as_frames["disk_bytes"], rel=0.01
+        )

@@ -526,14 +526,63 @@ def _dataset_videos(session: Session, job_id: str | None) -> list[tuple[str, Vid
     return out
 
 
-def resolve_inputs(session: Session, kind: str, params: Any) -> JobInputs:
-    """The sizes a job's estimate needs: its recording and/or its dataset's videos."""
+def job_read_options(params: Any, rec: Recording) -> dict[str, Any] | None:
+    """The reading options a job reads its recording ``rec`` with, where the job gives any
+    (``axes``, ``channel``, ``interleaved_channels``, or a ``z_projection`` other than the
+    upload's): the upload's options (``rec.read_options``) overridden by the job's. ``None``
+    when the job gives none, so the recording reads as uploaded (its stored shape holds).
+
+    Raises:
+        calseg.io.recordings.RecordingError: an unknown option name.
+    """
+    from calseg.io.recordings import merge_read_options
+
+    given = {k: getattr(params, k, None) for k in ("axes", "channel", "interleaved_channels")}
+    stored = dict(rec.read_options or {})
+    z = getattr(params, "z_projection", None)
+    if z is not None and z != stored.get("z_projection", "max"):
+        given["z_projection"] = z
+    if all(v is None for v in given.values()):
+        return None
+    return merge_read_options(stored, **given)
+
+
+def recording_shape(rec: Recording, params: Any, settings: Settings | None) -> VideoShape:
+    """The shape ``(frames, height, width)`` a job reads ``rec`` with: the stored one, or,
+    where the job gives reading options (:func:`job_read_options`), the one its options make,
+    from the file's headers (no pixel decoded). The stored shape alone let a job read a
+    stack uploaded as 1 frame of 600 Z planes as 600 frames (``axes="TYX"``), estimated at 4 s
+    and 360 MiB for a run of 16 s and 1.6 GB, up to 2^26 pixels a stored frame (a seventh
+    attack run). A file these options cannot read keeps the stored shape (the submit check
+    answers 422 for it)."""
+    stored = VideoShape(rec.n_frames, rec.height, rec.width)
+    if settings is None:
+        return stored
+    from calseg.io.recordings import RecordingError, RecordingReader
+    from calseg.service.store import get_store
+
+    try:
+        options = job_read_options(params, rec)
+        if options is None:
+            return stored
+        path = get_store(settings.artifact_dir).path(rec.relpath)
+        with RecordingReader(path, **options, limits=settings.read_limits()) as reader:
+            return VideoShape(reader.n_frames, reader.info.height, reader.info.width)
+    except (RecordingError, OSError):
+        return stored
+
+
+def resolve_inputs(
+    session: Session, kind: str, params: Any, settings: Settings | None = None
+) -> JobInputs:
+    """The sizes a job's estimate needs: its recording (as the job's reading options read it,
+    :func:`recording_shape`, with ``settings``) and/or its dataset's videos."""
     inputs = JobInputs()
     rec_id = getattr(params, "recording_id", None)
     if rec_id:
         rec = session.get(Recording, rec_id)
         if rec is not None:
-            inputs.recording = VideoShape(rec.n_frames, rec.height, rec.width)
+            inputs.recording = recording_shape(rec, params, settings)
     ds = getattr(params, "dataset_job_id", None)
     if ds and kind in ("finetune", "evaluate", "infer"):
         videos = _dataset_videos(session, ds)
@@ -566,7 +615,7 @@ def estimate(session: Session, kind: str, params: Any, settings: Settings) -> Co
     from calseg.service.kinds import get
 
     return get(kind).load_estimate()(
-        params, resolve_inputs(session, kind, params), float(settings.cost_time_scale)
+        params, resolve_inputs(session, kind, params, settings), float(settings.cost_time_scale)
     )
 
 

@@ -121,21 +121,20 @@ def _check_infer_input(
         JobReferenceError: the reader's or the dataset's message (API: 422).
     """
     from calseg.io.dataset import DatasetError, load_dataset
-    from calseg.io.recordings import RecordingError, merge_read_options, probe_recording
+    from calseg.io.recordings import RecordingError, probe_recording
+    from calseg.service.costs import job_read_options
     from calseg.service.frame_guard import frame_slot
 
     store = get_store(settings.artifact_dir)
-    given = {k: getattr(params, k, None) for k in ("axes", "channel", "interleaved_channels")}
-    stored = dict(rec.read_options or {}) if rec is not None else {}
-    z = getattr(params, "z_projection", None)
-    if z is not None and z != stored.get("z_projection", "max"):
-        given["z_projection"] = z
-    if rec is not None and any(v is not None for v in given.values()):
+    if rec is not None:
         try:
-            options = merge_read_options(stored, **given)
-            # it decodes the first and last frame in the API: one of the API's frame slots
-            with frame_slot(owner.name if owner is not None else None):
-                probe_recording(store.path(rec.relpath), **options, limits=settings.read_limits())
+            options = job_read_options(params, rec)
+            if options is not None:
+                # it decodes the first and last frame in the API: one of the API's frame slots
+                with frame_slot(owner.name if owner is not None else None):
+                    probe_recording(
+                        store.path(rec.relpath), **options, limits=settings.read_limits()
+                    )
         except RecordingError as exc:
             raise JobReferenceError(
                 f"recording_id {rec.id} ({rec.filename}) cannot be read with these options: "
