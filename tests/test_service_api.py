@@ -704,3 +704,22 @@ def test_an_estimate_counts_the_frames_the_jobs_reading_options_make(client: Tes
         assert session.get(Job, job.json()["id"]).estimated_disk_bytes == pytest.approx(
             as_frames["disk_bytes"], rel=0.01
         )
+
+
+def test_a_retry_checks_what_the_job_reads_as_a_new_job_does(client: TestClient) -> None:
+    """A seventh attack run: cancel an infer job, delete its recording (allowed: the job is
+    no longer queued), retry the job: it was queued again (200) and failed in the worker
+    ("there is no recording"). A retry now checks the job's references as a submit does:
+    422, nothing queued."""
+    frames = np.random.default_rng(11).integers(0, 900, (6, 16, 16)).astype(np.uint16)
+    rec = client.post("/api/recordings", files={"file": ("r.tif", _tiff_bytes(frames))}).json()
+    params = {"recording_id": rec["id"], "method": "classical"}
+    job = client.post("/api/jobs", json={"kind": "infer", "params": params}).json()
+    assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    assert client.delete(f"/api/recordings/{rec['id']}").status_code == 204
+    queued = len(client.queued)
+    r = client.post(f"/api/jobs/{job['id']}/retry")
+    assert r.status_code == 422, r.text
+    assert f"there is no recording {rec['id']}" in r.json()["detail"]
+    assert len(client.queued) == queued
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "cancelled"

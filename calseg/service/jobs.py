@@ -334,26 +334,30 @@ def retry_job(
 ) -> Job:
     """Queue a failed or cancelled job again (same id; its old outputs are removed).
 
-    The job's owner's quota and cost limits apply as for a new job
-    (:func:`calseg.service.costs.check_admission`).
+    The job's references (its recording, the jobs it reads: :func:`check_references`, with
+    the reading-options probe), the owner's quota and the cost limits apply as for a new job
+    (:func:`calseg.service.costs.check_admission`): a retry of a job whose recording had been
+    deleted was queued and then failed in the worker (a seventh attack run).
 
     Raises:
         JobNotFound, JobStateError: the job is queued, running or succeeded.
+        JobReferenceError: what it reads is gone or unusable.
         calseg.service.costs.JobTooCostly, QuotaExceeded: as :func:`submit_job`.
     """
     from calseg.service.costs import check_admission
 
+    settings = settings or get_settings()
     job = get_job(session, job_id)
     if job.state not in ("failed", "cancelled"):
         raise JobStateError(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
     validated = validate_params(job.kind, job.params)
+    check_references(session, job.kind, validated, job.owner, settings)  # before the lock
     lock_owner(session, job.owner)
     try:
-        est = check_admission(
-            session, job.kind, validated, job.owner, settings or get_settings(), job.id
-        )
+        check_references(session, job.kind, validated, job.owner)  # again, under the lock
+        est = check_admission(session, job.kind, validated, job.owner, settings, job.id)
     except Exception:
         session.rollback()
         raise
