@@ -723,3 +723,30 @@ def test_a_retry_checks_what_the_job_reads_as_a_new_job_does(client: TestClient)
     assert f"there is no recording {rec['id']}" in r.json()["detail"]
     assert len(client.queued) == queued
     assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "cancelled"
+
+
+def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seventh attack run: with the small SAM2 trained here as the base, an infer job asking
+    for ``image_size`` 64 ran at 512 (a CalSeg checkpoint runs as it was trained) but was
+    estimated at 64: 1/64 of its encoder time and embedding memory. The estimate now takes
+    the model and size the checkpoint runs at."""
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT, SMALL_CONFIG, checkpoint_run_shape
+
+    assert checkpoint_run_shape(BUNDLED_SMALL_CHECKPOINT) == (SMALL_CONFIG, 512)
+    assert checkpoint_run_shape(None) is None
+    monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
+    get_settings.cache_clear()
+    frames = np.random.default_rng(12).integers(0, 900, (20, 32, 32)).astype(np.uint16)
+    rec = client.post("/api/recordings", files={"file": ("s.tif", _tiff_bytes(frames))}).json()
+
+    def estimate(size: int) -> dict:
+        params = {"recording_id": rec["id"], "method": "sam2", "image_size": size}
+        r = client.post("/api/jobs/estimate", json={"kind": "infer", "params": params})
+        assert r.status_code == 200, r.text
+        return r.json()["estimate"]
+
+    small, asked = estimate(64), estimate(512)
+    assert small["time_s"] == asked["time_s"] and small["memory_bytes"] == asked["memory_bytes"]
+    assert small["disk_bytes"] == asked["disk_bytes"]

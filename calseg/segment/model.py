@@ -24,6 +24,7 @@ when the path recorded in it is not on this machine).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -341,6 +342,35 @@ def _load_full_state_dict(model: torch.nn.Module, sd: dict, path: Path) -> None:
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
             "pass the config the checkpoint was trained with"
         )
+
+
+def checkpoint_run_shape(checkpoint: str | Path | None) -> tuple[str, int] | None:
+    """``(config, image size)`` a CalSeg checkpoint (fine-tuned or trained here, e.g. the
+    bundled small SAM2) runs at whatever model and size are asked (it runs as trained:
+    :func:`load_sam2`); ``None`` for Meta's checkpoints (they run at the size asked), for none,
+    or for a file that cannot be read. Read from the file's metadata with its tensors mapped,
+    not loaded; cached by path and modification time."""
+    if checkpoint is None or str(checkpoint) == "":
+        return None
+    path = Path(checkpoint).expanduser()
+    try:
+        return _run_shape(str(path), path.stat().st_mtime_ns)
+    except (OSError, ModelLoadError):
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _run_shape(path: str, _mtime_ns: int) -> tuple[str, int] | None:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT:
+        return None
+    meta = obj.get("metadata") or {}
+    return resolve_config(str(meta["config"]))[0], int(meta["image_size"])
 
 
 def _torch_load(path: Path) -> dict:

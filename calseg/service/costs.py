@@ -99,13 +99,16 @@ come from ``python -m calseg.bench costs`` (BENCHMARKS.md "Job cost estimates"),
 from the sections of ``python -m calseg.bench`` named. Times are for a machine without other
 load: on the shared 2-core machine at load 7-10 the same jobs ran 2-10x longer."""
 
-MODEL_TIME_FACTOR = {"t": 1.0, "s": 1.2, "b+": 2.1, "l": 5.8}
+MODEL_TIME_FACTOR = {"t": 1.0, "s": 1.2, "b+": 2.1, "l": 5.8, "calseg": 1.0}
 """Encoder time of a SAM2 size relative to hiera tiny, from the image encoders' parameter
 counts in the SAM2 README (Hiera t/s/b+/l: 27.9/34.2/69.2/212.5 M of 38.9/46/80.8/224.4 M
-total; compute grows with the encoder's width and depth alike)."""
+total; compute grows with the encoder's width and depth alike). ``calseg``: the small SAM2
+trained here (``sam2_small_calseg``, narrower and shallower than tiny), given tiny's figure
+(not measured on its own: an overestimate)."""
 
-MODEL_PARAMS = {"t": 38.9e6, "s": 46.0e6, "b+": 80.8e6, "l": 224.4e6}
-"""SAM2.1 parameters per size (SAM2 README, "Model Description")."""
+MODEL_PARAMS = {"t": 38.9e6, "s": 46.0e6, "b+": 80.8e6, "l": 224.4e6, "calseg": 1.33e6}
+"""SAM2.1 parameters per size (SAM2 README, "Model Description"); ``calseg``: the small SAM2
+trained here (README, "The SAM2 base")."""
 
 
 def _size(model: str) -> str:
@@ -600,6 +603,32 @@ def resolve_inputs(
     return inputs
 
 
+def as_sam2_runs(session: Session, params: Any, settings: Settings) -> Any:
+    """``params`` with the ``model`` and ``image_size`` SAM2 will run at: a CalSeg checkpoint
+    runs as it was trained whatever is asked (:func:`calseg.segment.model.load_sam2`), the
+    fine-tuned one of ``model_job_id`` (its job's ``model_info``) or else the configured base
+    (``settings.sam2_checkpoint``, e.g. the bundled small SAM2). Estimated at the size asked,
+    an infer job at ``image_size`` 64 that ran at 512 was charged 1/64 of its encoder time and
+    embedding memory (a seventh attack run). Unchanged for parameters without ``image_size``
+    or where the checkpoint runs at the size asked (Meta's, or none)."""
+    if not hasattr(params, "image_size") or not hasattr(params, "model"):
+        return params
+    shape = None
+    model_job = getattr(params, "model_job_id", None)
+    if model_job:
+        job = session.get(Job, model_job)
+        info = ((job.result or {}).get("model_info") or {}) if job is not None else {}
+        if info.get("config") and info.get("image_size"):
+            shape = (str(info["config"]), int(info["image_size"]))
+    if shape is None:
+        from calseg.segment.model import checkpoint_run_shape
+
+        shape = checkpoint_run_shape(settings.sam2_checkpoint)
+    if shape is None:
+        return params
+    return params.model_copy(update={"model": shape[0], "image_size": shape[1]})
+
+
 def estimate(session: Session, kind: str, params: Any, settings: Settings) -> CostEstimate:
     """The cost estimate of a job of ``kind`` with validated ``params``; an infer job's
     ``method="auto"`` is first resolved as its runner will resolve it
@@ -612,6 +641,7 @@ def estimate(session: Session, kind: str, params: Any, settings: Settings) -> Co
             params.method, model_job_id=params.model_job_id, checkpoint=settings.sam2_checkpoint
         )
         params = params.model_copy(update={"method": method})
+    params = as_sam2_runs(session, params, settings)
     from calseg.service.kinds import get
 
     return get(kind).load_estimate()(
