@@ -807,6 +807,15 @@ def test_estimates_follow_what_the_job_does() -> None:
     lora = ft(train_mode="lora")
     assert lora.parts["time:train"] > 10 * base.parts["time:train"]  # re-encodes every step
     assert lora.parts["disk:embedding cache"] == 0  # lora/full cache no embeddings
+    # a micro-batch re-encodes the distinct frames of its prompts: up to batch_size of the
+    # 64 training frames (16 x 4) without frames_per_step (it was charged at most 8)
+    act = "memory:encoder activations"
+    wide, two = ft(train_mode="full", batch_size=48), ft(train_mode="full", batch_size=48,
+                                                        frames_per_step=2)  # fmt: skip
+    assert wide.parts[act] == pytest.approx(24 * two.parts[act])
+    assert ft(train_mode="full", batch_size=512).parts[act] == pytest.approx(
+        64 / 48 * wide.parts[act]
+    )
     aug = ft(augment_variants=3)
     assert aug.inputs["frames_embedded"] == 4 * 4 * 16 + 8  # (K+1) x 16 frames x 4 + 8 val
     assert ft(image_size=1024).memory_bytes > base.memory_bytes

@@ -366,7 +366,8 @@ def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
 
     * time = embedding (frames x encoder time(S, model)) + training: steps x grad_accum x
       batch_size x ``sam2_train_prompt_s_512`` (S/512)^2, plus for ``lora``/``full`` each
-      micro-batch's frames (at most batch_size, at most 8) through the encoder with backward
+      micro-batch's distinct frames (``frames_per_step``, else up to batch_size: at most the
+      training frames) through the encoder with backward
       (``sam2_train_encode_s_512``) + validation: (steps / val_every + 1) x validation frames
       x min(val_max_prompts_per_frame, :func:`planned_prompts`) x (H W / ``val_prompt_px_s``
       + a decoder forward); the training part is capped by ``time_limit_s`` when given.
@@ -392,8 +393,16 @@ def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
     scale = (s / 512) ** 2
     micro = params.steps * params.grad_accum
     t_train = micro * params.batch_size * c["sam2_train_prompt_s_512"] * scale
+    # lora/full: a micro-batch re-encodes the distinct frames its prompts come from:
+    # frames_per_step when set, else as many as it has prompts (drawn from every training
+    # frame). It was charged at most 8, where a batch of 64 prompts re-encodes up to 64
+    # frames with gradients (a seventh attack run's reading of finetune._features_for)
+    frames_per_micro = min(
+        params.batch_size,
+        getattr(params, "frames_per_step", None) or params.batch_size,
+        max(1, n_train_frames),
+    )
     if encoder_trained:
-        frames_per_micro = min(params.batch_size, 8)
         t_train += (
             micro
             * frames_per_micro
@@ -429,9 +438,7 @@ def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
         "memory:embedded frames": frames * per_frame,
         "memory:one video": 6 * largest,
         "memory:encoder activations": (
-            3 * c["sam2_activation_b_per_px"] * s * s * min(params.batch_size, 8)
-            if encoder_trained
-            else 0.0
+            3 * c["sam2_activation_b_per_px"] * s * s * frames_per_micro if encoder_trained else 0.0
         ),
     }
     disk = {
