@@ -726,7 +726,7 @@ def test_a_retry_checks_what_the_job_reads_as_a_new_job_does(client: TestClient)
 
 
 def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A seventh attack run: with the small SAM2 trained here as the base, an infer job asking
     for ``image_size`` 64 ran at 512 (a CalSeg checkpoint runs as it was trained) but was
@@ -736,6 +736,17 @@ def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
 
     assert checkpoint_run_shape(BUNDLED_SMALL_CHECKPOINT) == (SMALL_CONFIG, 512)
     assert checkpoint_run_shape(None) is None
+    import torch
+
+    from calseg.segment.model import FINETUNE_FORMAT
+
+    odd = (
+        tmp_path / "odd.pt"
+    )  # Meta's format, and a CalSeg one without its metadata: the size asked
+    for obj in ({"model": {"w": torch.zeros(2)}}, {"format": FINETUNE_FORMAT, "metadata": {}}):
+        torch.save(obj, odd)
+        os.utime(odd, ns=(time.time_ns(), time.time_ns() + len(str(obj))))
+        assert checkpoint_run_shape(odd) is None
     monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
     get_settings.cache_clear()
     frames = np.random.default_rng(12).integers(0, 900, (20, 32, 32)).astype(np.uint16)

@@ -369,8 +369,11 @@ def _run_shape(path: str, _mtime_ns: int) -> tuple[str, int] | None:
         raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT:
         return None
-    meta = obj.get("metadata") or {}
-    return resolve_config(str(meta["config"]))[0], int(meta["image_size"])
+    meta = obj.get("metadata")
+    try:
+        return resolve_config(str(meta["config"]))[0], int(meta["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"checkpoint {path} has no usable metadata: {exc}") from exc
 
 
 def _torch_load(path: Path) -> dict:
