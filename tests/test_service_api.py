@@ -740,13 +740,12 @@ def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
 
     from calseg.segment.model import FINETUNE_FORMAT
 
-    odd = (
-        tmp_path / "odd.pt"
-    )  # Meta's format, and a CalSeg one without its metadata: the size asked
-    for obj in ({"model": {"w": torch.zeros(2)}}, {"format": FINETUNE_FORMAT, "metadata": {}}):
-        torch.save(obj, odd)
-        os.utime(odd, ns=(time.time_ns(), time.time_ns() + len(str(obj))))
-        assert checkpoint_run_shape(odd) is None
+    # Meta's format, and a CalSeg one without its metadata: they run at the size asked
+    for i, obj in enumerate(
+        ({"model": {"w": torch.zeros(2)}}, {"format": FINETUNE_FORMAT, "metadata": {}})
+    ):
+        torch.save(obj, tmp_path / f"odd{i}.pt")
+        assert checkpoint_run_shape(tmp_path / f"odd{i}.pt") is None
     monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
     get_settings.cache_clear()
     frames = np.random.default_rng(12).integers(0, 900, (20, 32, 32)).astype(np.uint16)
