@@ -244,18 +244,9 @@ def _in_flight_bytes(incoming: Path, owner_id: str, own: Path) -> int:
     """Bytes of ``owner_id``'s other uploads in flight in ``incoming``, in any api process:
     their ``<owner>.<uuid>.part`` files and the files of their probe folders
     (``<owner>.<uuid>/``); ``own`` is not counted."""
-    total = 0
-    for entry in incoming.glob(f"{owner_id}.*"):
-        if entry == own:
-            continue
-        try:
-            if entry.is_dir():
-                total += sum(f.lstat().st_size for f in entry.iterdir())
-            else:
-                total += entry.lstat().st_size
-        except OSError:  # finished or swept meanwhile
-            continue
-    return total
+    return sum(
+        staging.entry_bytes(entry) for entry in incoming.glob(f"{owner_id}.*") if entry != own
+    )
 
 
 def _swept(settings: Settings) -> HTTPException:

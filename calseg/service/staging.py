@@ -38,7 +38,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +138,28 @@ def _remove(entry: Path) -> None:
         entry.unlink()
 
 
+def entry_bytes(entry: Path) -> int:
+    """Bytes of the regular files of ``entry`` (a file, or a real folder and everything in
+    it; symbolic links are not followed); 0 when it vanished meanwhile or cannot be read."""
+    try:
+        return _newest(entry)[1]
+    except OSError:
+        return 0
+
+
+def _try_remove(entry: Path, remove: Callable[[], None], what: str) -> bool:
+    """``remove()`` (the removal of ``entry``): True when done; False when ``entry`` vanished
+    meanwhile, or could not be removed (logged, naming it as ``what``)."""
+    try:
+        remove()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("could not remove the %s %s: %s", what, entry, exc)
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Removed:
     """An entry :func:`sweep_staging` removed."""
@@ -177,12 +199,7 @@ def sweep_staging(
             idle = now - newest
             if idle <= grace_s:
                 continue
-            try:
-                _remove(entry)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("could not remove the stale staging entry %s: %s", entry, exc)
+            if not _try_remove(entry, lambda e=entry: _remove(e), "stale staging entry"):
                 continue
             removed.append(Removed(entry, size, idle))
             log.warning(
@@ -255,15 +272,12 @@ def sweep_unregistered_recordings(
     for rec_id, (entry, idle_s, size) in idle.items():
         if rec_id in known:
             continue
-        try:
-            if store is not None:
-                store.delete(f"recordings/{rec_id}")
-            else:
-                _remove(entry)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("could not remove the unregistered recording folder %s: %s", entry, exc)
+        remove = (
+            (lambda r=rec_id: store.delete(f"recordings/{r}"))
+            if store is not None
+            else (lambda e=entry: _remove(e))
+        )
+        if not _try_remove(entry, remove, "unregistered recording folder"):
             continue
         removed.append(Removed(entry, size, idle_s))
         log.warning(
