@@ -20,7 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -53,6 +53,9 @@ from calseg.service.schemas import params_to_json, validate_params
 from calseg.service.settings import Settings, get_settings
 from calseg.service.store import ArtifactStore, get_store
 
+if TYPE_CHECKING:  # pragma: no cover
+    from calseg.service.costs import CostEstimate
+
 log = logging.getLogger("calseg.service.jobs")
 
 DEFER_S = 5.0
@@ -68,6 +71,32 @@ class JobStateError(ValueError):
 
 
 # ------------------------------------------------------------------------------ submit
+
+
+def _admit(
+    session: Session,
+    kind: str,
+    validated: Any,
+    owner: User | None,
+    settings: Settings,
+    replacing_job_id: str | None = None,
+) -> CostEstimate:
+    """What a submit and a retry check before a job is queued: its references, probing its
+    files (:func:`check_references` with ``settings``) before the owner's lock, then, under the
+    lock (taken here, held to the caller's commit), the references again (cheap) and the
+    quota and cost limits (:func:`calseg.service.costs.check_admission`; the job
+    ``replacing_job_id`` left out of what is counted). Returns the cost estimate; rolls back
+    and raises what a check raises."""
+    from calseg.service.costs import check_admission
+
+    check_references(session, kind, validated, owner, settings)  # probes files: before the lock
+    lock_owner(session, owner)
+    try:
+        check_references(session, kind, validated, owner)
+        return check_admission(session, kind, validated, owner, settings, replacing_job_id)
+    except Exception:
+        session.rollback()
+        raise
 
 
 def check_references(
@@ -196,20 +225,12 @@ def submit_job(
             running jobs already (API: 429).
         QueueUnavailable: the broker refused; the job is stored as failed (API: 503).
     """
-    from calseg.service.costs import check_admission
-
     validated = validate_params(kind, params)
     settings = settings or get_settings()
-    check_references(session, kind, validated, owner, settings)  # probes files: before the lock
-    # until the commit below: the quota counts every insert, and a recording deleted at the
-    # same moment (its delete takes the same lock) is either still there or keeps this job
-    lock_owner(session, owner)
-    try:
-        check_references(session, kind, validated, owner)  # again, under the lock (cheap)
-        est = check_admission(session, kind, validated, owner, settings)
-    except Exception:
-        session.rollback()
-        raise
+    # the owner's lock is held until the commit below: the quota counts every insert, and a
+    # recording deleted at the same moment (its delete takes the same lock) is either still
+    # there or keeps this job
+    est = _admit(session, kind, validated, owner, settings)
     job = Job(
         id=new_id(),
         owner_id=owner.id if owner is not None else None,
@@ -344,8 +365,6 @@ def retry_job(
         JobReferenceError: what it reads is gone or unusable.
         calseg.service.costs.JobTooCostly, QuotaExceeded: as :func:`submit_job`.
     """
-    from calseg.service.costs import check_admission
-
     settings = settings or get_settings()
     job = get_job(session, job_id)
     if job.state not in ("failed", "cancelled"):
@@ -353,14 +372,7 @@ def retry_job(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
     validated = validate_params(job.kind, job.params)
-    check_references(session, job.kind, validated, job.owner, settings)  # before the lock
-    lock_owner(session, job.owner)
-    try:
-        check_references(session, job.kind, validated, job.owner)  # again, under the lock
-        est = check_admission(session, job.kind, validated, job.owner, settings, job.id)
-    except Exception:
-        session.rollback()
-        raise
+    est = _admit(session, job.kind, validated, job.owner, settings, job.id)
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(("failed", "cancelled")))
