@@ -2126,9 +2126,8 @@ def project_z(data: np.ndarray, zi: int, how: str, round_to: np.dtype | None = N
         out_dtype = np.dtype(np.float64 if data.dtype.itemsize >= 8 else np.float32)
     out = np.empty(shape, dtype=out_dtype)
     ri = zi + 1  # rows
-    per_row = max(1, data.size // max(1, data.shape[ri])) if data.ndim > ri else data.size
-    step = max(1, Z_PROJECTION_BLOCK_VALUES // max(1, per_row))
-    n_rows = data.shape[ri] if data.ndim > ri else 1
+    n_rows = data.shape[ri]
+    step = max(1, Z_PROJECTION_BLOCK_VALUES // max(1, data.size // max(1, n_rows)))
     for y0 in range(0, n_rows, step):
         sel = [slice(None)] * data.ndim
         sel[ri] = slice(y0, y0 + step)

@@ -114,13 +114,13 @@ def write_traces_csv(
     return path
 
 
-CSV_CHUNK_LINES = 1 << 16
-"""Lines parsed at once by :func:`_parse_rows`."""
+CSV_CHUNK_BYTES = 3 * 2**20
+"""Bytes of lines (about 65,000 traces rows) parsed at once by :func:`_parse_rows`."""
 
 
 def _parse_rows(fh: Any, n_columns: int, path: str | Path) -> np.ndarray:
     """``(rows, n_columns)`` float64 of the numeric CSV lines left in ``fh`` (empty fields
-    NaN), parsed by NumPy's C reader :data:`CSV_CHUNK_LINES` lines at a time.
+    NaN), parsed by NumPy's C reader :data:`CSV_CHUNK_BYTES` of lines at a time.
 
     Every field as a Python string and float (``csv.reader`` into lists) took about 24 bytes of
     memory per byte of file: the viewer's three requests for one 70 MB ``traces.csv`` took the
@@ -135,7 +135,7 @@ def _parse_rows(fh: Any, n_columns: int, path: str | Path) -> np.ndarray:
     empty = re.compile(r"(?<=,)(?=,|\r?$)|^(?=,)", re.MULTILINE)
     parts = []
     while True:
-        lines = fh.readlines(CSV_CHUNK_LINES * 48)  # about that many lines of ~48 bytes
+        lines = fh.readlines(CSV_CHUNK_BYTES)
         if not lines:
             break
         text = empty.sub("nan", "".join(lines))
