@@ -166,9 +166,9 @@ ACTIVITY_LAG_S = 3.0
 interval is known (:func:`activity_lag_frames`): changes over about this long are a cell's own
 (a calcium event's rise), while over longer times gap-junction coupling spreads them to the
 neighbours (fluttering, waves) and over a frame or two of a fast recording a cell hardly
-changes. Tuning set (2026-12-07; lags of 1, 2, 3, 4, 6 and 8 frames measured on all 32
-videos): lags of 2, 3 and 4 s gave 28, 28 and 29 of 32 within 20 % for both cues together
-(the fixed 2 frames: 26), the activity cue alone 28, 28 and 28 (23); 3 s is the middle of that
+changes. Tuning set (``python scripts/activity_lag_study.py``, 2026-12-07): lags of 1, 2, 3,
+4 and 6 s gave 27, 28, 28, 29 and 26 of 32 within 20 % for both cues together (the fixed 2
+frames: 26), the activity cue alone 26, 28, 28, 28 and 25 (23); 3 s is the middle of the
 plateau. On 24 development videos of make demo's design (5 s frames) 21 of 24 (20). Frames of
 0.5 s went from 0.47x to 0.96x the true diameter (s20001), frames of 3 s from 1.72x to 1.14x
 (s20015)."""
