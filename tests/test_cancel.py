@@ -443,15 +443,23 @@ def test_a_job_over_its_time_limit_is_killed_and_fails_with_the_reason(env, patc
         time.sleep(30)
         return {}
 
+    from calseg.service.costs import estimate
+    from calseg.service.db import session_scope
+    from calseg.service.schemas import validate_params
+
     patched_runner(slow)
     job_id = _submit(env)
+    with session_scope(env.database_url) as s:  # a limit the job's estimate still fits in
+        est = estimate(s, "simulate", validate_params("simulate", _job(env, job_id)[0].params), env)
+    limit = round(est.time_s + 0.5, 1)
+    assert limit < 10
     t0 = time.monotonic()
     state = jobproc.run_job_in_child(
-        job_id, settings=env.model_copy(update={"job_max_time_s": 1.5})
+        job_id, settings=env.model_copy(update={"job_max_time_s": limit})
     )
     assert state == "failed" and time.monotonic() - t0 < 30
     job, _ = _job(env, job_id)
-    assert "more than 2 x its time limit of 1.5 s (max_job_time_s" in job.error
+    assert f"more than 2 x its time limit of {limit:g} s (max_job_time_s" in job.error, job.error
 
 
 def test_a_job_far_over_its_own_estimate_is_killed_long_before_the_owners_limit(
@@ -560,3 +568,132 @@ def test_scaled_prefix_names_the_sub_task():
         (0.75, "decode", "SAM2 untuned on v005 (2/4): frame 1/48"),
         (1.0, "done", "SAM2 untuned on v005 (2/4)"),
     ]
+
+
+def test_a_job_that_took_the_turn_of_another_is_watched_as_itself(env, patched_runner) -> None:
+    """Fair turns: a message sent for bob's job runs carol's (the two swap dispatch tokens,
+    calseg.service.fairness). The worker's watchdog must follow the job its child runs: it
+    watched the message's job, which now held another token, took that for "dispatched
+    again" and killed carol's job cancel_grace_s (1 s) after it started."""
+    from sqlalchemy import update
+
+    from calseg.service import jobproc
+    from calseg.service.auth import create_user
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import submit_job
+    from calseg.service.models import Job, utcnow
+
+    with session_scope(env.database_url) as s:
+        bob, carol = create_user(s, "bob"), create_user(s, "carol")
+        params = {"n_videos": 3, "n_frames": 4}
+        ran = submit_job(s, "simulate", params, enqueue=lambda j, c=None: None, owner=bob)
+        bobs = submit_job(s, "simulate", params, enqueue=lambda j, c=None: None, owner=bob)
+        carols = submit_job(s, "simulate", params, enqueue=lambda j, c=None: None, owner=carol)
+        # bob's first job ran a moment ago: carol, who never ran one, has the next turn
+        s.execute(
+            update(Job)
+            .where(Job.id == ran.id)
+            .values(state="succeeded", started_at=utcnow(), finished_at=utcnow())
+        )
+        s.commit()
+        bob_id, bob_token, carol_id = bobs.id, bobs.dispatch_id, carols.id
+
+    def slow(params, ctx):
+        for i in range(30):  # 3 s, cooperative: only a kill stops it early
+            ctx.progress(i / 30, "work")
+            time.sleep(0.1)
+        return {"job": ctx.job_id}
+
+    patched_runner(slow)
+    assert jobproc.run_job_in_child(bob_id, bob_token, settings=env) == "succeeded"
+    carol_job, _ = _job(env, carol_id)
+    assert carol_job.state == "succeeded" and carol_job.result["job"] == carol_id
+    assert not jobproc.last_child["killed"]
+    bob_job, _ = _job(env, bob_id)
+    assert bob_job.state == "queued"  # with carol's token, whose message is on the broker
+
+
+def _estimate(settings, job_id):
+    from calseg.service.costs import estimate
+    from calseg.service.db import session_scope
+    from calseg.service.schemas import validate_params
+
+    job, _ = _job(settings, job_id)
+    with session_scope(settings.database_url) as s:
+        return estimate(s, job.kind, validate_params(job.kind, job.params), settings)
+
+
+def test_a_job_writing_more_than_it_may_is_killed_and_fails_with_the_reason(
+    env, patched_runner
+) -> None:
+    """The watchdog measures the job's folder (every DISK_CHECK_S) against the most it may
+    write (max_job_disk_bytes, the quota left, the free disk): here a job estimated within a
+    limit that writes 3 MiB past it, the way a fitted simulation outgrew its estimate (an 8th
+    attack run)."""
+    from calseg.service import jobproc
+
+    job_id = _submit(env)
+    limit = int(_estimate(env, job_id).disk_bytes) + 2**20
+
+    def writes(params, ctx):
+        (ctx.workdir / "big.bin").write_bytes(b"\0" * (limit + 3 * 2**20))
+        time.sleep(30)  # (a failure ends here: the job succeeds and the test fails)
+        return {}
+
+    patched_runner(writes)
+    t0 = time.monotonic()
+    tight = env.model_copy(update={"job_max_disk_bytes": limit})
+    assert jobproc.run_job_in_child(job_id, settings=tight) == "failed"
+    assert time.monotonic() - t0 < jobproc.DISK_CHECK_S + 10
+    job, _ = _job(env, job_id)
+    assert job.error.startswith("the job wrote "), job.error
+    assert "max_job_disk_bytes" in job.error
+    assert jobproc.last_child["over_limit"] and not alive(jobproc.last_child["pid"])
+    assert job.stored_bytes > limit  # what it left counts for its owner's quota
+
+
+def test_a_job_is_estimated_again_as_it_starts_with_its_references_ended(
+    env, patched_runner
+) -> None:
+    """A fine-tune of a dataset still being simulated is admitted on an estimate from the
+    dataset job's parameters (or, fitted to a recording, the recording's size). By its start
+    the dataset has ended and its videos are known: the job is estimated again and checked
+    against the limits before its runner runs (here the dataset came out 50x larger than its
+    parameters said, as a fitted simulation can: more frames to embed, each larger)."""
+    from sqlalchemy import update
+
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import run_job, submit_job
+    from calseg.service.models import Job
+
+    dataset_id = _submit(env, {"n_videos": 4, "n_frames": 8, "height": 128, "width": 128})
+    with session_scope(env.database_url) as s:
+        tune = submit_job(
+            s,
+            "finetune",
+            {"dataset_job_id": dataset_id, "steps": 10, "device": "cpu"},
+            enqueue=lambda j, c=None: None,
+        )
+        tune_id = tune.id
+    admitted = _estimate(env, tune_id)
+    videos = [
+        {"id": f"v{i}", "split": s, "n_frames": 400, "height": 512, "width": 512}
+        for i, s in enumerate(("train", "train", "val", "test"))
+    ]
+    with session_scope(env.database_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == dataset_id)
+            .values(state="succeeded", result={"videos": videos})
+        )
+    now = _estimate(env, tune_id)
+    assert now.time_s > 1.2 * admitted.time_s  # more frames to embed, larger videos
+    called: list[str] = []
+    patched_runner(lambda params, ctx: called.append(ctx.job_id) or {})
+    tight = env.model_copy(update={"job_max_time_s": (admitted.time_s + now.time_s) / 2})
+    assert run_job(tune_id, settings=tight) == "failed"
+    job, _ = _job(env, tune_id)
+    assert job.error.startswith(
+        "JobTooCostly: at its start, with its inputs as they are now: this finetune job"
+    ), job.error
+    assert "time" in job.error and not called

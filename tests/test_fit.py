@@ -253,3 +253,65 @@ def test_simulate_job_like_an_uploaded_recording(tmp_path, real_file):
     assert result["videos"][0]["n_frames"] == 29  # the recording's frame count, not the default
     assert result["fit"]["gain_adu_per_e"] > 0
     assert hashlib.sha256(src.read_bytes()).hexdigest() == obj.sha256
+
+
+def test_a_fitted_simulation_larger_than_admitted_is_refused_before_it_renders(tmp_path, real_file):
+    """An 8th attack run: a simulate job fitted to a recording is admitted at the recording's
+    size, but renders the fitted configuration (the field enlarged to hold 50 cells, the
+    fitted cell size and frame interval): a 640 kB upload of 5000 frames of 8 x 8 px rendered
+    videos of 104 x 104 px and wrote 119 x its estimate, past its owner's quota. The runner
+    now estimates the fitted simulation and checks it against the owner's limits before it
+    renders: here a disk limit of twice the admitted estimate (fissa's 21 x 14 px frames)."""
+    from calseg.service import jobs
+    from calseg.service.auth import create_user
+    from calseg.service.costs import estimate
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.models import Job, Recording
+    from calseg.service.schemas import validate_params
+    from calseg.service.settings import Settings
+    from calseg.service.store import LocalArtifactStore
+
+    src = real_file("fissa_b_AVG_A01.tif")
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade_database(url)
+    settings = Settings(
+        database_url=url,
+        artifact_dir=tmp_path / "art",
+        cache_dir=tmp_path / "cache",
+        progress_interval_s=0.0,
+    )
+    store = LocalArtifactStore(settings.artifact_dir)
+    obj = store.put("recordings/fissa.tif", src)
+    with session_scope(url) as s:
+        owner = create_user(s, "mallory")
+        rec = Recording(
+            filename=src.name,
+            relpath="recordings/fissa.tif",
+            sha256=obj.sha256,
+            size_bytes=obj.size_bytes,
+            n_frames=29,
+            height=21,
+            width=14,
+            dtype="uint16",
+            owner_id=owner.id,
+        )
+        s.add(rec)
+        s.flush()
+        params = {"recording_id": rec.id, "n_videos": 3, "seed": 4}
+        admitted = estimate(s, "simulate", validate_params("simulate", params), settings)
+        owner.max_job_disk_bytes = int(2 * admitted.disk_bytes)
+        s.commit()
+        job_id = jobs.submit_job(
+            s, "simulate", params, enqueue=lambda *a, **k: None, owner=owner, settings=settings
+        ).id
+    state = jobs.run_job(job_id, None, url=url, store=store, settings=settings, enqueue=None)
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        error, log_tail = job.error, job.log_tail
+    assert state == "failed"
+    assert error.startswith("JobTooCostly: the simulation fitted to recording"), error
+    assert "disk" in error and "> limit" in error
+    assert "at its start, with its inputs as they are now: estimated" in log_tail
+    folder = settings.artifact_dir / "jobs" / job_id
+    assert (folder / "fit.json").is_file()  # the fit ran and is kept for the user to see
+    assert not (folder / "dataset").exists()  # nothing rendered

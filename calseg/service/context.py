@@ -252,6 +252,20 @@ class JobContext:
                 self.warnings.append(message)
         self.log(f"WARNING: {message}")
 
+    def readmit(self, est: Any, why: str) -> None:
+        """Check the job's new estimate ``est`` (a :class:`calseg.service.costs.CostEstimate`, of
+        ``why``: what the runner now knows it will
+        do) against its owner's limits (:func:`calseg.service.costs.readmit`), and log it.
+
+        Raises:
+            calseg.service.costs.JobTooCostly: over a limit; the job fails with its message.
+        """
+        from calseg.service.costs import readmit
+
+        with self._session() as session:
+            readmit(session, self.job_id, est, self.settings, why)
+        self.log(f"{why}: estimated {est.describe()}; within the limits")
+
     def log_tail(self) -> str:
         """The last lines of the log (at most ``LOG_CHARS`` characters)."""
         with self._lock:

@@ -179,6 +179,13 @@ class CostEstimate:
             "inputs": self.inputs,
         }
 
+    def describe(self) -> str:
+        """One line: ``memory 1.2 GiB, disk 300 MiB, time 40 s``."""
+        return (
+            f"memory {_fmt('memory', self.memory_bytes)}, disk {_fmt('disk', self.disk_bytes)}, "
+            f"time {_fmt('time', self.time_s)}"
+        )
+
 
 @dataclass
 class VideoShape:
@@ -884,6 +891,86 @@ def check_admission(
     over = over_limits(est, limits, settings, reserved_disk_bytes(session), left)
     if over:
         raise JobTooCostly(kind, est, limits, over)
+    return est
+
+
+def running_job_limits(session: Session, job: Job, settings: Settings) -> RunningLimits:
+    """What a job that has started may still use (:class:`RunningLimits`): its owner's limits,
+    what is left of their storage quota and of the free disk with everything but this job
+    counted (other jobs' estimates reserved, this job's own estimate not)."""
+    owner = session.get(User, job.owner_id) if job.owner_id else None
+    limits = effective_limits(owner, settings, session)
+    reserved = reserved_disk_bytes(session)
+    if job.state in ("queued", "running"):
+        reserved -= int(job.estimated_disk_bytes or 0)
+    return RunningLimits(
+        limits, max(reserved, 0), storage_left_bytes(session, owner, limits, job.id)
+    )
+
+
+@dataclass
+class RunningLimits:
+    """:func:`running_job_limits`: ``limits`` (the owner's :class:`JobLimits`),
+    ``reserved_bytes`` (other queued and running jobs' disk estimates), ``storage_left``
+    (bytes left of the owner's quota without this job; None: no quota)."""
+
+    limits: JobLimits
+    reserved_bytes: int
+    storage_left: int | None
+
+    def over(self, est: CostEstimate, settings: Settings) -> list[tuple[str, float, float]]:
+        """:func:`over_limits` of ``est`` against these."""
+        return over_limits(est, self.limits, settings, self.reserved_bytes, self.storage_left)
+
+    def disk_bytes(self, settings: Settings) -> int:
+        """The most a job may write: the owner's ``max_job_disk_bytes``, what is left of
+        their storage quota, and the free disk less ``min_free_disk_bytes`` and the other
+        jobs' reserve (as :func:`over_limits` compares estimates with)."""
+        room = [int(self.limits.max_job_disk_bytes)]
+        if self.storage_left is not None:
+            room.append(int(self.storage_left))
+        free = free_disk_bytes(settings)
+        if free is not None:
+            room.append(max(free - settings.min_free_disk_bytes - self.reserved_bytes, 0))
+        return min(room)
+
+
+def readmit(
+    session: Session, job_id: str, est: CostEstimate, settings: Settings, why: str = ""
+) -> CostEstimate:
+    """Admission again, for a job that has started, with an estimate made from what it now
+    knows: the inputs of its references once they have ended (a fine-tune of a dataset that
+    was still being simulated when it was admitted, estimated then from the parameters), or
+    the configuration its runner derived (a simulation fitted to a recording renders the
+    fitted field, frame count and cell size, not the recording's). Within the owner's limits,
+    the job's reserve on the disk and their quota (``jobs.estimated_disk_bytes``) becomes
+    ``est``'s disk; over them, :class:`JobTooCostly` (an 8th attack run: a 640 kB upload
+    of 5000 frames of 8 x 8 px, admitted as a simulation of that size, rendered 5000 x 104 x
+    104 px videos and wrote 119 x its estimate, past its owner's quota).
+
+    Args:
+        session: database session (committed by the caller).
+        job_id: the running job.
+        est: its new estimate.
+        why: what the estimate is of, for the message ("the simulation fitted to ...").
+
+    Returns:
+        ``est``.
+
+    Raises:
+        JobTooCostly: over a limit (its message begins with ``why``).
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return est
+    running = running_job_limits(session, job, settings)
+    over = running.over(est, settings)
+    if over:
+        exc = JobTooCostly(job.kind, est, running.limits, over)
+        if why:
+            exc.args = (f"{why}: {exc.args[0]}",)
+        raise exc
+    job.estimated_disk_bytes = int(est.disk_bytes)
     return est
 
 

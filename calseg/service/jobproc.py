@@ -52,6 +52,8 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select as sql_select
@@ -120,25 +122,46 @@ MIN_RUN_TIME_S = 600.0
 """The shortest run-time limit from an estimate (s): small jobs' estimates are the least exact."""
 
 
-def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float, str] | None:
-    """``(memory bytes, seconds, what the seconds are)`` the job's process may use: its
-    owner's memory limit (:func:`calseg.service.costs.effective_limits`,
-    ``max_job_memory_bytes``) and :data:`ESTIMATE_TIME_FACTOR` times the job's own time
-    estimate (:func:`calseg.service.costs.estimate`), at least :data:`MIN_RUN_TIME_S`, at most
-    the owner's ``max_job_time_s`` (that alone when the estimate cannot be made). None when
-    the job or the database cannot be read (no limit then)."""
-    from calseg.service.costs import effective_limits, estimate
+@dataclass
+class RunLimits:
+    """What a job's process may use (:func:`_run_limits`): ``memory_bytes`` (resident, of its
+    process group), ``seconds`` (its run-time limit, :data:`TIME_LIMIT_SLACK` applies) and
+    ``what`` (where the seconds come from), ``disk_bytes`` (its folder in the artifact store,
+    ``folder``; None: not watched)."""
+
+    memory_bytes: int
+    seconds: float
+    what: str
+    disk_bytes: int | None = None
+    folder: Path | None = None
+    next_disk_check: float = 0.0
+
+
+DISK_CHECK_S = 5.0
+"""Seconds between two measurements of a running job's folder (:func:`folder_bytes`)."""
+
+
+def _run_limits(url: str, settings: Settings, job_id: str) -> RunLimits | None:
+    """What the job's process may use (:class:`RunLimits`): its owner's memory limit
+    (:func:`calseg.service.costs.effective_limits`, ``max_job_memory_bytes``),
+    :data:`ESTIMATE_TIME_FACTOR` times the job's own time estimate
+    (:func:`calseg.service.costs.estimate`), at least :data:`MIN_RUN_TIME_S`, at most the
+    owner's ``max_job_time_s`` (that alone when the estimate cannot be made), and the bytes its
+    folder may hold (:meth:`calseg.service.costs.RunningLimits.disk_bytes`: the least of
+    ``max_job_disk_bytes``, the owner's storage quota left and the free disk, other jobs'
+    reserve counted). None when the job or the database cannot be read (no limit then)."""
+    from calseg.service.costs import estimate, running_job_limits
     from calseg.service.db import session_scope
-    from calseg.service.models import User
     from calseg.service.schemas import validate_params
+    from calseg.service.store import get_store
 
     try:
         with session_scope(url) as session:
             job = session.get(Job, job_id)
             if job is None:
                 return None
-            user = session.get(User, job.owner_id) if job.owner_id else None
-            limits = effective_limits(user, settings, session)
+            running = running_job_limits(session, job, settings)
+            limits = running.limits
             cap = float(limits.max_job_time_s)
             seconds, what = cap, f"its time limit of {cap:g} s (max_job_time_s)"
             try:
@@ -152,10 +175,36 @@ def _run_limits(url: str, settings: Settings, job_id: str) -> tuple[int, float, 
                     )
             except Exception as exc:  # noqa: BLE001 - no estimate: the owner's limit alone
                 log.warning("job %s: no time estimate for its run-time limit: %s", job_id, exc)
+            disk = running.disk_bytes(settings)
+        try:
+            folder = get_store(settings.artifact_dir).workdir(f"jobs/{job_id}")
+        except Exception as exc:  # noqa: BLE001 - its folder unknown: the disk is not watched
+            log.warning("job %s: its folder is not watched: %s", job_id, exc)
+            folder = None
     except Exception as exc:  # noqa: BLE001 - the job still runs, without the run-time limits
         log.warning("job %s: cannot read its limits: %s", job_id, exc)
         return None
-    return int(limits.max_job_memory_bytes), seconds, what
+    return RunLimits(int(limits.max_job_memory_bytes), seconds, what, disk, folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under ``folder`` (symbolic links not followed; 0 where it
+    cannot be read)."""
+    total, stack = 0, [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
 
 
 def group_rss_bytes(pgid: int) -> int:
@@ -281,6 +330,7 @@ def _child(
             enqueue=enqueue,
             worker_id=worker_id,
             process_wide_cancel=True,
+            turn_taken=True,
         )
         os.write(w, state.encode()[:64])
         code = 0
@@ -302,23 +352,34 @@ load 7-10 (:data:`calseg.service.costs.CONSTANTS`), so the limit itself would ki
 jobs on a busy server. Memory has no slack: it is what runs out."""
 
 
-def _over_limit(pid: int, limits: tuple[int, float, str] | None, ran_s: float) -> str | None:
-    """Why the job's process group must stop now (its owner's memory limit, or
-    :data:`TIME_LIMIT_SLACK` times its run-time limit, passed; :func:`_run_limits`), or
-    None."""
+def _over_limit(pid: int, limits: RunLimits | None, ran_s: float) -> str | None:
+    """Why the job's process group must stop now (its owner's memory limit, the bytes its
+    folder may hold, measured every :data:`DISK_CHECK_S`, or :data:`TIME_LIMIT_SLACK` times its
+    run-time limit, passed; :func:`_run_limits`), or None."""
     if limits is None:
         return None
-    memory, seconds, what = limits
-    if ran_s > TIME_LIMIT_SLACK * seconds:
-        return f"the job ran {ran_s:.0f} s, more than {TIME_LIMIT_SLACK:g} x {what}"
+    mib = 2**20
+    if ran_s > TIME_LIMIT_SLACK * limits.seconds:
+        return f"the job ran {ran_s:.0f} s, more than {TIME_LIMIT_SLACK:g} x {limits.what}"
     rss = group_rss_bytes(pid)
-    if rss > memory:
-        mib = 2**20
+    if rss > limits.memory_bytes:
         return (
             f"the job used {rss / mib:.0f} MiB of memory, more than its limit of "
-            f"{memory / mib:.0f} MiB (max_job_memory_bytes; its estimate was within it): "
-            "the recording or the parameters cost more than CalSeg's estimate"
+            f"{limits.memory_bytes / mib:.0f} MiB (max_job_memory_bytes; its estimate was "
+            "within it): the recording or the parameters cost more than CalSeg's estimate"
         )
+    if limits.disk_bytes is not None and limits.folder is not None:
+        if ran_s >= limits.next_disk_check:
+            limits.next_disk_check = ran_s + DISK_CHECK_S
+            written = folder_bytes(limits.folder)
+            if written > limits.disk_bytes:
+                return (
+                    f"the job wrote {written / mib:.1f} MiB, more than the "
+                    f"{limits.disk_bytes / mib:.1f} MiB it may (the least of its owner's "
+                    "max_job_disk_bytes, what is left of their storage quota and the free "
+                    "disk; its estimate was within it): the recording or the parameters cost "
+                    "more than CalSeg's estimate"
+                )
     return None
 
 
@@ -361,6 +422,21 @@ def run_job_in_child(
     row = _row(url, job_id)
     if row is not None:
         dispatch_id = dispatch_id or row[1]
+    if dispatch_id is not None:
+        # the message is a turn (calseg.service.fairness): take it here, so that what is
+        # watched (cancel, limits) is the job the child runs. Taken in the child, it ran
+        # another user's job while this process watched the message's job, which now held
+        # another token: "dispatched again", and the job was killed cancel_grace_s after it
+        # started.
+        from calseg.service.fairness import WAIT, take_turn
+        from calseg.service.jobs import _wait_turn
+
+        turn = take_turn(url, job_id, dispatch_id, settings)
+        if turn == WAIT:
+            return _wait_turn(url, dispatch_id, None)
+        if turn != job_id:
+            job_id, row = turn, _row(url, turn)
+    if row is not None:
         preload_for(row[2])
     limits = _run_limits(url, settings, job_id)
     # no pooled database connection may be shared by two processes

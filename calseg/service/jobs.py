@@ -438,6 +438,7 @@ def run_job(
     runners: dict[str, Callable[[Any, JobContext], dict[str, Any]]] | None = None,
     worker_id: str | None = None,
     process_wide_cancel: bool = False,
+    turn_taken: bool = False,
 ) -> str:
     """Run a queued job to its end; never raises for the job's own errors.
 
@@ -452,6 +453,9 @@ def run_job(
             own child process passes its worker's, see :mod:`calseg.service.jobproc`).
         process_wide_cancel: let threads of the science code see the cancel token too
             (:func:`calseg.progress.cancellable`); only in a process that runs one job.
+        turn_taken: the caller took the turn of ``dispatch_id`` already
+            (:func:`calseg.service.fairness.take_turn`; ``job_id`` is the job it chose): run
+            ``job_id`` as it is (a second turn would pass the token on again).
 
     Returns:
         The job's state afterwards (``"missing"`` when no such job exists, ``"skipped"`` for a
@@ -462,7 +466,7 @@ def run_job(
     settings = settings or get_settings()
     url = url or settings.database_url
     store = store or get_store(settings.artifact_dir)
-    if dispatch_id is not None:  # the message is a turn: run the fairest job (fairness.py)
+    if dispatch_id is not None and not turn_taken:  # a turn: run the fairest job (fairness.py)
         from calseg.service.fairness import WAIT, take_turn
 
         turn = take_turn(url, job_id, dispatch_id, settings)
@@ -563,6 +567,7 @@ def run_job(
             warnings.showwarning = lambda m, c, *a, **k: ctx.warn(f"{c.__name__}: {m}")
             with cancellable(ctx.cancel_token, process_wide=process_wide_cancel):
                 run = runners[job.kind] if runners else kinds.get(job.kind).load_runner()
+                _readmit_at_start(ctx, job.kind, params)
                 result = run(params, ctx)
         result = public_data(jsonable(result or {}), ctx.settings)
         result.setdefault("warnings", list(ctx.warnings))
@@ -644,6 +649,26 @@ def run_job(
     return state
 
 
+def _readmit_at_start(ctx: JobContext, kind: str, params: Any) -> None:
+    """Estimate the job again as it starts, its references now ended (a dataset still being
+    simulated at admission was estimated from its parameters; now from its videos), and check
+    the estimate against its owner's limits as they are now (:meth:`JobContext.readmit`).
+
+    Raises:
+        calseg.service.costs.JobTooCostly: over a limit (the job fails with its message).
+    """
+    from calseg.service.costs import estimate
+    from calseg.service.db import session_scope
+
+    try:
+        with session_scope(ctx.url) as session:
+            est = estimate(session, kind, params, ctx.settings)
+    except Exception as exc:  # noqa: BLE001 - no estimate: the runner meets the cause itself
+        ctx.log(f"no estimate at the start ({type(exc).__name__}: {exc})")
+        return
+    ctx.readmit(est, "at its start, with its inputs as they are now")
+
+
 def record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str) -> None:
     """Keep the bytes of the job's folder (``jobs.stored_bytes``): what its owner's storage
     quota counts for it once it has ended (:func:`calseg.service.costs.storage_used_bytes`).
@@ -667,9 +692,17 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from calseg.io.dataset import DatasetError
     from calseg.io.recordings import RecordingError
     from calseg.preprocess import PreprocessError
+    from calseg.service.costs import JobTooCostly
     from calseg.service.runners import RunnerError
 
-    return (RecordingError, DatasetError, PreprocessError, RunnerError, JobReferenceError)
+    return (
+        RecordingError,
+        DatasetError,
+        PreprocessError,
+        RunnerError,
+        JobReferenceError,
+        JobTooCostly,
+    )
 
 
 def worker_name(pid: int | None = None) -> str:

@@ -64,6 +64,7 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
     fit_info = None
     if getattr(params, "recording_id", None):
         from calseg.io.recordings import read_recording
+        from calseg.service.costs import JobInputs, estimate_simulate
         from calseg.simulate.fit import fit_recording
 
         rec = read_recording(
@@ -80,6 +81,13 @@ def run_simulate(params: Any, ctx: JobContext) -> dict[str, Any]:
         ctx.add_artifact("fit.json", fit_path, kind="simulation-fit")
         for note in fit.notes:
             ctx.log(f"fit: {note}")
+        # admitted at the recording's size; the fitted field, frames and cells are what renders
+        ctx.readmit(
+            estimate_simulate(config, JobInputs(), float(ctx.settings.cost_time_scale)),
+            f"the simulation fitted to recording {params.recording_id} ({config.n_videos} "
+            f"videos of {config.n_frames} frames of {config.height} x {config.width} px, "
+            f"cells of {config.mean_cell_area_px:.0f} px)",
+        )
     out_dir = ctx.workdir / "dataset"
     ctx.log(f"simulating into {out_dir}")
     manifest_path = Path(simulate_dataset(config, out_dir, scaled(ctx.progress, 0.0, 0.9)))
