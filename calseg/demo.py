@@ -67,7 +67,8 @@ def reusable_job(
 ) -> tuple[dict[str, Any] | None, str]:
     """An earlier succeeded job identical to the one ``params`` would start, if any.
 
-    Identical means: the same kind, the same parameters after validation
+    Identical means: the caller's own job (``GET /api/me``: an admin lists everyone's jobs,
+    and reused another user's), of the same kind, with the same parameters after validation
     (:func:`calseg.service.schemas.validate_params`, so defaults count and references to
     reused jobs match), and the same code version (:func:`calseg.service.context.code_version`)
     as this code. A working tree with uncommitted changes (``+dirty``) never reuses: its
@@ -84,6 +85,9 @@ def reusable_job(
     if version.endswith("+dirty"):
         return None, f"not reusing earlier {kind} jobs: the code has uncommitted changes"
     want = params_to_json(validate_params(kind, params))
+    me = client.get("/api/me")
+    me.raise_for_status()
+    my_id = me.json()["id"]
     offset = 0
     while True:
         r = client.get(
@@ -93,7 +97,11 @@ def reusable_job(
         r.raise_for_status()
         page = r.json()
         for job in page["items"]:
-            if job.get("code_version") == version and job.get("params") == want:
+            if (
+                job.get("owner_id") == my_id
+                and job.get("code_version") == version
+                and job.get("params") == want
+            ):
                 full = client.get(f"/api/jobs/{job['id']}")
                 full.raise_for_status()
                 when = (job.get("finished_at") or job.get("created_at") or "")[:19]

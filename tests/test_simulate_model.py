@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from calseg.simulate.geometry import make_tissue
 from calseg.simulate.model import (
@@ -148,3 +149,38 @@ def test_torch_backend_matches_numpy(method):
     np.testing.assert_allclose(got["r"], ref["r"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="backend"):
         integrate(*args, backend="jax")
+
+
+def test_a_diverging_model_is_an_error_not_nan_videos(tmp_path) -> None:
+    """An 8th attack run: model_overrides Dp = k1 = 1e6 with dt_s = 2 made the explicit step
+    overflow, and the simulate job rendered NaN calcium into its videos and succeeded. The
+    integrator now checks the state about 100 times a run and at its end."""
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.jobs import run_job, submit_job
+    from calseg.service.models import Job
+    from calseg.service.settings import Settings
+    from calseg.simulate.model import ModelDiverged
+
+    ring = sp.diags([1.0, 1.0], [1, -1], shape=(6, 6)).tocsr()
+    lap = ring - sp.diags(np.asarray(ring.sum(axis=1)).ravel())
+    params = ModelParameters().model_copy(update={"Dp": 1e6})
+    state = TissueState(c=np.full(6, 0.1), p=np.full(6, 0.5), r=np.full(6, 0.8))
+    with pytest.raises(ModelDiverged, match="diverged by t = .* dt = 2 s"):
+        integrate(lap, np.full(6, 0.3), state, [0.0, 100.0], params, dt=2.0)
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade_database(url)
+    settings = Settings(database_url=url, artifact_dir=tmp_path / "a", cache_dir=tmp_path / "c")
+    with session_scope(url) as s:
+        job_id = submit_job(
+            s,
+            "simulate",
+            {"n_videos": 3, "n_frames": 8, "dt_s": 2.0, "frame_interval_s": 2.0,
+             "model_overrides": {"Dp": 1e6, "k1": 1e6}},
+            enqueue=lambda *a, **k: None,
+        ).id  # fmt: skip
+    assert run_job(job_id, settings=settings) == "failed"
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job.error.startswith("ModelDiverged: the calcium model diverged"), job.error
+        assert "Traceback" not in (job.log_tail or "")  # an input error: its message says it

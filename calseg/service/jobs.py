@@ -694,6 +694,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from calseg.preprocess import PreprocessError
     from calseg.service.costs import JobTooCostly
     from calseg.service.runners import RunnerError
+    from calseg.simulate.model import ModelDiverged
 
     return (
         RecordingError,
@@ -702,6 +703,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
         RunnerError,
         JobReferenceError,
         JobTooCostly,
+        ModelDiverged,
     )
 
 

@@ -38,7 +38,9 @@ def _stored(service, user: str, kind: str, params: dict, version: str, state: st
         return job.id
 
 
-def test_an_identical_earlier_job_is_reused_and_nothing_else(service, client, bob_client) -> None:
+def test_an_identical_earlier_job_is_reused_and_nothing_else(
+    service, client, bob_client, admin_client
+) -> None:
     done = _stored(service, "alice", "simulate", SIM, VERSION, "succeeded")
     # the same parameters (defaults filled in either way) on the same code: reused
     job, why = reusable_job(client, "simulate", SIM, version=VERSION)
@@ -52,6 +54,8 @@ def test_an_identical_earlier_job_is_reused_and_nothing_else(service, client, bo
     job, why = reusable_job(client, "simulate", SIM, version=VERSION + "+dirty")
     assert job is None and "uncommitted changes" in why
     assert reusable_job(bob_client, "simulate", SIM, version=VERSION)[0] is None
+    # nor by an admin, who lists everyone's jobs (an 8th attack run: it reused alice's)
+    assert reusable_job(admin_client, "simulate", SIM, version=VERSION)[0] is None
     # a failed job is never reused; a finetune of the reused dataset is matched through it
     _stored(service, "alice", "simulate", {**SIM, "seed": 13}, VERSION, "failed")
     assert reusable_job(client, "simulate", {**SIM, "seed": 13}, version=VERSION)[0] is None
