@@ -1,9 +1,10 @@
 """The active target with the 11 px cell-size prior against the diameter estimated from the
 recording (issue 17 item 3).
 
-``python scripts/active_diameter_study.py [--set tuning|held-out] [--cache DIR]`` runs the
-classical ``active`` target on each video of the accuracy suite's tuning set (default) or
-held-out set, once with ``cell_diameter_px=11`` (the prior) and once with the estimate
+``python scripts/active_diameter_study.py [--set tuning|held-out] [--block K] [--cache DIR]``
+runs the classical ``active`` target on each video of the accuracy suite's tuning set (default)
+or held-out set (``--block``: which 32 seeds of it, :func:`calseg.bench_accuracy.suite_specs`),
+once with ``cell_diameter_px=11`` (the prior) and once with the estimate
 (:func:`calseg.analysis.cellsize.cell_diameter_or_prior`), and prints the per-frame instance F1
 and the per-footprint F1 at IoU 0.5 (:func:`calseg.bench_accuracy.score_video`) of both, one
 line per video and the means.
@@ -25,10 +26,11 @@ from calseg.segment.infer import InferenceConfig, segment_recording
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="tuning", choices=["tuning", "held-out"])
+    ap.add_argument("--block", type=int, default=0, help="block of 32 seeds of the set")
     ap.add_argument("--cache", type=Path, default=None, help="simulated-video cache folder")
     a = ap.parse_args()
     rows = []
-    for spec in suite_specs(a.set):
+    for spec in suite_specs(a.set, block=a.block):
         v, _ = load_video(spec, a.cache)
         d, _found = cell_diameter_or_prior(
             v.image, ACTIVE_CELL_DIAMETER_PX, frame_interval_s=spec.frame_interval_s

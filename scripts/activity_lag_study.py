@@ -23,7 +23,7 @@ import numpy as np
 from calseg.analysis.cellsize import (
     ACTIVITY_LAG_S,
     activity_diameter,
-    choose_cue,
+    combine_cues,
     resting_image_diameter,
 )
 from calseg.bench_accuracy import load_video, suite_specs
@@ -67,8 +67,7 @@ def main() -> None:
             # activity_lag_frames takes round(ACTIVITY_LAG_S / interval) frames: an interval of
             # dt * ACTIVITY_LAG_S / lag gives round(lag / dt), the lag of ``lag`` seconds
             act = activity_diameter(frames, None if lag is None else dt * ACTIVITY_LAG_S / lag)
-            source = choose_cue(resting, act)
-            both = {"resting image": resting, "activity": act.diameter_px}.get(source, np.nan)
+            both, _ = combine_cues(resting, act)
             for cue, d in (("both", both), ("activity", act.diameter_px)):
                 ok = bool(abs(d / true_d - 1.0) <= 0.2)
                 hits[(which, cue, lag)] = hits.get((which, cue, lag), 0) + ok

@@ -1,9 +1,10 @@
 """How well CalSeg estimates the cell diameter of a recording, and what the cells target gets
 from it (issue 17 item 3).
 
-``python scripts/cell_size_study.py [--set tuning|held-out] [--f1] [--cache DIR]`` loads (or
-simulates) the 32 videos of the accuracy suite's tuning set (seeds 20000-20031, where defaults
-may be chosen) or, once, its held-out set (seeds 10000-10031, only reported), estimates each
+``python scripts/cell_size_study.py [--set tuning|held-out] [--block K] [--f1] [--cache DIR]``
+loads (or simulates) the 32 videos of the accuracy suite's tuning set (seeds 20000-20031,
+where defaults may be chosen; ``--block 1``: seeds 20032-20063) or, once, its held-out set
+(seeds 10000-10031, only reported; ``--block 1``: 10032-10063), estimates each
 video's cell diameter (:func:`calseg.analysis.cellsize.estimate_cell_diameter`) and compares it
 with the true one, ``2 sqrt(mean cell area / pi)`` of the rendered tissue. It prints one line
 per video and the share within 20 %. ``--f1`` also runs the classical ``cells`` target with the
@@ -27,12 +28,13 @@ from calseg.segment.infer import InferenceConfig, segment_recording
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="tuning", choices=["tuning", "held-out"])
+    ap.add_argument("--block", type=int, default=0, help="block of 32 seeds of the set")
     ap.add_argument("--f1", action="store_true", help="also score the cells target")
     ap.add_argument("--cache", type=Path, default=None, help="simulated-video cache folder")
     a = ap.parse_args()
     errs, f1_est, f1_true = [], [], []
     cue_errs: dict[str, list[float]] = {"resting": [], "activity": []}
-    for spec in suite_specs(a.set):
+    for spec in suite_specs(a.set, block=a.block):
         video, _ = load_video(spec, a.cache)
         t0 = time.perf_counter()
         est = estimate_cell_diameter(video.image, spec.frame_interval_s)
@@ -62,7 +64,7 @@ def main() -> None:
         print(line, flush=True)
     e = np.asarray(errs)
     hits = int(np.sum(np.abs(e) <= 0.2))
-    areas = np.asarray([spec.mean_cell_area_px for spec in suite_specs(a.set)])
+    areas = np.asarray([spec.mean_cell_area_px for spec in suite_specs(a.set, block=a.block)])
     for area in np.unique(areas):
         sel = np.abs(e[areas == area])
         print(
@@ -79,7 +81,7 @@ def main() -> None:
             f"no estimate on {int(np.isnan(c).sum())}"
         )
     print(
-        f"{a.set}: within 20 % on {hits} of {e.size} videos; median |error| "
+        f"{a.set} block {a.block}: within 20 % on {hits} of {e.size} videos; median |error| "
         f"{100 * np.nanmedian(np.abs(e)):.0f} %, mean error {100 * np.nanmean(e):+.0f} %, "
         f"no estimate on {int(np.isnan(e).sum())}"
     )

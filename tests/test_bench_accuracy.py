@@ -55,13 +55,25 @@ def test_design_spans_every_condition_the_issue_names():
 
 def test_tuning_set_is_disjoint_and_the_design_is_fixed():
     held, tune = suite_specs(), suite_specs("tuning")
-    assert {s.seed for s in tune} == set(TUNING_SEEDS)
+    assert {s.seed for s in tune} == set(range(20000, 20032))
+    assert all(s.seed in TUNING_SEEDS for s in tune)
     assert not {s.seed for s in held} & {s.seed for s in tune}
     assert suite_specs() == held  # same design every time
     with pytest.raises(SuiteError):
         suite_specs("test")
     with pytest.raises(SuiteError):
         suite_specs("tuning", n_videos=33)
+    with pytest.raises(SuiteError):
+        suite_specs("tuning", block=-1)
+    with pytest.raises(SuiteError):
+        suite_specs("held-out", block=10000 // 32)  # past seed 19999
+    # a further block: its own seeds, the same design (every level), drawn anew
+    more = suite_specs("held-out", block=1)
+    assert {s.seed for s in more} == set(range(10032, 10064))
+    assert all(s.seed in HELD_OUT_SEEDS for s in more)
+    for field in ("mean_cell_area_px", "frame_interval_s", "indicator", "pattern_class"):
+        assert {getattr(s, field) for s in more} == {getattr(s, field) for s in held}
+    assert [s.mean_cell_area_px for s in more] != [s.mean_cell_area_px for s in held]
 
 
 def test_quick_keeps_two_videos_per_pattern_class():
