@@ -115,7 +115,10 @@ With the geometric mean of agreeing cues and no resting-image diameter under 7 p
 | held-out block 0 | **30 of 32** (29) | 0 | 7 % | 0.323 (0.373) |
 | held-out block 1 (first run) | **26 of 32** (21) | 0 | 7 % | 0.314 (0.370) |
 
-On 24 development videos of make demo's design: 24 of 24 (21). The misses left on the held-out
+On 24 development videos of make demo's design: 24 of 24 (21). The ``active`` target
+(``python scripts/active_diameter_study.py --set tuning|held-out --block K``), frame F1 with
+the estimate: tuning blocks 0.320 and 0.393 (0.307 and 0.308), held-out block 1 0.346 (0.310);
+held-out block 0 through the accuracy suite unchanged within noise. The misses left on the held-out
 blocks: activity alone too large (+71 % on spikes, +24 % and +35 % on 60 px cells of waves and
 fluttering), too small (-62 %, a sub-cell scale); the resting image's nucleus-scale maximum at
 7.3 and 8.0 px (above the 7 px floor) for 19.7 px cells (-63 %, -59 %), taken as the smaller
