@@ -168,9 +168,21 @@ def _short_text(message: str) -> str:
     return f"{message[:MAX_DETAIL_CHARS]}... (cut: {len(message):,} characters in all)"
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped (``\\uXXXX``), the app's default response.
+    Starlette's encodes UTF-8, which a lone surrogate (JSON ``"\\ud800"`` in a request, echoed
+    by an error message) cannot be: the error handler itself raised, and the answer was a 500
+    (a 9th attack run)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, indent=None, separators=(",", ":")
+        ).encode("ascii")
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     content = {"detail": _short_text(str(message)), **extra}
-    return JSONResponse(status_code=status, content=jsonable_encoder(content))
+    return AsciiJSONResponse(status_code=status, content=jsonable_encoder(content))
 
 
 MAX_ERRORS = MAX_DESCRIBED_ERRORS

@@ -4,13 +4,21 @@ shape, 429, 503); :func:`install` registers them on the app."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.deps import _describe_errors, _error, _short_text, _unprocessable, log
+from api.deps import (
+    AsciiJSONResponse,
+    _describe_errors,
+    _error,
+    _short_text,
+    _unprocessable,
+    log,
+)
 from calseg.service import broker
 from calseg.service import jobs as lifecycle
 from calseg.service.context import JobReferenceError
@@ -75,7 +83,32 @@ def install(app: FastAPI) -> None:
             return _unprocessable(str(exc.detail))
         if isinstance(exc.detail, str):
             exc.detail = _short_text(exc.detail)
-        return await http_exception_handler(request, exc)
+        if exc.status_code in (204, 304) or exc.detail is None:  # no body (FastAPI's rule)
+            return await http_exception_handler(request, exc)
+        response = AsciiJSONResponse(
+            {"detail": jsonable_encoder(exc.detail)}, status_code=exc.status_code
+        )
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
+        """A value the database refuses (PostgreSQL: a NUL character in a text column): 422,
+        never 500 (a 9th attack run: ids with ``%00`` in a path or ``\\u0000`` in JSON)."""
+        log.info("database refused a value: %s", str(exc.orig).strip()[:300])
+        return _unprocessable(
+            "a value in the request cannot be stored or looked up (the database refused it: "
+            f"{_short_text(str(exc.orig).strip().splitlines()[0] if str(exc.orig) else 'invalid')})"
+        )
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _bad_text(_: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        """Text that is not valid Unicode (a lone surrogate such as JSON ``"\\ud800"``)
+        reaching the database driver: 422, never 500."""
+        return _unprocessable(
+            "the request holds text that is not valid Unicode (a lone surrogate, such as "
+            "JSON \\ud800); send UTF-8 text"
+        )
 
     @app.exception_handler(FramesBusy)
     async def _frames_busy(_: Request, exc: FramesBusy) -> JSONResponse:

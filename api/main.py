@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.deps import _limiters, client_address, current_user, enqueue_dep
+from api.deps import AsciiJSONResponse, _limiters, client_address, current_user, enqueue_dep
 from api.errors import install as install_error_handlers
 from api.routes import artifacts, health, jobs, models, recordings, users
 from calseg import __version__
@@ -42,6 +42,7 @@ app = FastAPI(
     "simulate, fine-tune SAM2, infer, evaluate.",
     # the reconciler re-queues jobs of lost workers and messages Redis lost (issue 5)
     lifespan=reconciler_lifespan,
+    default_response_class=AsciiJSONResponse,
 )
 
 
@@ -105,6 +106,32 @@ class JsonBodyLimit:
         )({"type": "http"}, None, send)
 
 
+class NoNulInUrl:
+    """ASGI middleware: a path or query string holding a NUL character (``%00``) is refused
+    with 400 before any route reads it. No id, name or option of CalSeg holds one, and
+    PostgreSQL text cannot: the routes' lookups answered 500 (a 9th attack run)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from urllib.parse import unquote_to_bytes
+
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+            for part in (unquote_to_bytes(raw), unquote_to_bytes(scope.get("query_string", b""))):
+                if b"\x00" in part:
+                    await AsciiJSONResponse(
+                        status_code=400,
+                        content={
+                            "detail": "the request's path or query holds a NUL character "
+                            "(%00); ids, names and options never do"
+                        },
+                    )(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"content-security-policy", b"frame-ancestors 'none'"),
@@ -141,6 +168,7 @@ class SecurityHeaders:
 
 
 app.add_middleware(JsonBodyLimit)
+app.add_middleware(NoNulInUrl)
 app.add_middleware(SecurityHeaders)
 
 

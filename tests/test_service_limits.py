@@ -966,3 +966,85 @@ def test_each_user_has_an_embedding_cache_of_their_own(
     assert entries() == {alice: 2, bobs: 2}  # bob's frames were embedded, not read from alice's
     assert "all 2 frames from the embedding cache" in run_sam2()  # alice's own, again
     assert entries() == {alice: 2, bobs: 2}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_nul_characters_and_lone_surrogates_are_clear_errors_not_500(
+    backend, tmp_path, request, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 9th attack run: ids are free strings down to the database driver and the JSON
+    encoder. On PostgreSQL a NUL character (``%00`` in a path, ``\\u0000`` in JSON) made the
+    routes' lookups raise DataError (500, a plain-text body); on both databases a lone
+    surrogate (``"\\ud800"``) echoed by a 422's message made the error handler raise while
+    encoding it (500). Every answer here must be a 4xx with a JSON ``detail``."""
+    import uuid
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import text
+
+    from calseg.service.auth import create_token, create_user
+    from calseg.service.db import session_scope, upgrade_database
+    from calseg.service.settings import get_settings
+
+    schema = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nul.db'}"
+    else:
+        admin = request.getfixturevalue("pg_admin")
+        schema = f"calseg_nul_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        base = admin.url.render_as_string(hide_password=False)
+        url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    monkeypatch.setenv("CALSEG_DATABASE_URL", url)
+    monkeypatch.setenv("CALSEG_ARTIFACT_DIR", str(tmp_path / "art"))
+    monkeypatch.setenv("CALSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CALSEG_REDIS_URL", raising=False)
+    get_settings.cache_clear()
+    from api.main import _limiters, app, enqueue_dep
+
+    for limiter in _limiters.values():
+        limiter.reset()
+    try:
+        upgrade_database(url)
+        with session_scope(url) as s:
+            _, token = create_token(s, create_user(s, "alice", is_admin=True), "tests")
+        app.dependency_overrides[enqueue_dep] = lambda: lambda job, countdown=None: None
+        json_headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        with TestClient(app, headers={"Authorization": f"Bearer {token}"},
+                        raise_server_exceptions=False) as c:  # fmt: skip
+            answers = {
+                "GET job %00": c.get("/api/jobs/abc%00"),
+                "DELETE job %00": c.delete("/api/jobs/abc%00"),
+                "cancel %00": c.post("/api/jobs/abc%00/cancel"),
+                "retry %00": c.post("/api/jobs/abc%00/retry"),
+                "GET recording %00": c.get("/api/recordings/abc%00"),
+                "frame %00": c.get("/api/recordings/abc%00/frames/0.png"),
+                "metrics %00": c.get("/api/metrics", params={"dataset_job_id": "a\x00"}),
+                "limits %00": c.get("/api/users/a%00/limits"),
+            }
+            for name, raw in {
+                "infer NUL": b'{"kind":"infer","params":{"recording_id":"a\\u0000"}}',
+                "infer surrogate": b'{"kind":"infer","params":{"recording_id":"\\ud800"}}',
+                "finetune surrogate": b'{"kind":"finetune","params":{"dataset_job_id":"\\udfff"}}',
+                "kind surrogate": b'{"kind":"\\ud800","params":{}}',
+                "key surrogate": b'{"kind":"simulate","params":{"\\ud800":1}}',
+            }.items():
+                answers[name] = c.post("/api/jobs", content=raw, headers=json_headers)
+                answers[name + " (estimate)"] = c.post(
+                    "/api/jobs/estimate", content=raw, headers=json_headers
+                )
+        for name, r in answers.items():
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            assert isinstance(r.json()["detail"], str), (name, r.text)
+        assert answers["GET job %00"].status_code == 400
+        assert "NUL" in answers["GET job %00"].json()["detail"]
+        assert answers["infer NUL"].status_code == 422
+        assert "params.recording_id" in answers["infer NUL"].json()["detail"]
+        assert "lone surrogate" in answers["infer surrogate"].json()["detail"]
+    finally:
+        app.dependency_overrides.clear()
+        get_settings.cache_clear()
+        if schema is not None:
+            with request.getfixturevalue("pg_admin").connect() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

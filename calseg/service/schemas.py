@@ -111,6 +111,34 @@ def _is_number(annotation: Any) -> bool:
     return annotation in (int, float)
 
 
+def _unstorable_text(data: Any, where: str = "params", depth: int = 0) -> str | None:
+    """Where in ``data`` (dicts, lists, strings; keys too) a string holds a NUL character or a
+    lone UTF-16 surrogate, or None. Nested at most 32 deep (deeper is not looked into: the
+    models refuse such nesting anyway)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")  # a lone surrogate cannot be
+        except UnicodeEncodeError:
+            return where
+        return where if "\x00" in data else None
+    if depth > 32:
+        return None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{where}.{key}" if isinstance(key, str) else where
+            bad = _unstorable_text(key, where, depth + 1) or _unstorable_text(
+                value, name, depth + 1
+            )
+            if bad is not None:
+                return bad
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            bad = _unstorable_text(value, f"{where}[{i}]", depth + 1)
+            if bad is not None:
+                return bad
+    return None
+
+
 class _Params(BaseModel):
     """Base of every job parameter model: unknown fields are errors."""
 
@@ -136,6 +164,21 @@ class _Params(BaseModel):
             raise TypeError(f"{type(self).__name__} wraps no configuration class")
         values = {name: getattr(self, name) for name in type(self)._config_fields}
         return cls(**values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        """Text the database can store and UTF-8 can encode: a NUL character (PostgreSQL text
+        cannot hold one) or a lone surrogate (JSON ``"\\ud800"``) in any string of the
+        parameters is refused here, by name, not by the database driver (a 9th attack run:
+        500s on PostgreSQL)."""
+        bad = _unstorable_text(data)
+        if bad is not None:
+            raise ValueError(
+                f"{bad}: text with a NUL character or a lone surrogate (\\ud800-\\udfff); "
+                "send plain UTF-8 text"
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod
