@@ -223,3 +223,34 @@ def test_a_deep_z_stack_projects_within_a_bounded_memory(tmp_path):
             np.testing.assert_array_equal(frames, expected)
     for how in ("median", "mean"):
         assert peaks[how] < peaks["max"] + 100 * 2**20, {k: v >> 20 for k, v in peaks.items()}
+
+
+@pytest.mark.parametrize(
+    ("tunit", "expected_s"),
+    [
+        ("s", 50.0),
+        ("sec", 50.0),
+        ("ms", 0.05),
+        ("milliseconds", 0.05),
+        ("msecs", 0.05),
+        ("\\u00B5s", 50e-6),  # ImageJ's own escape of the micro sign
+        ("\\u03BCs", 50e-6),  # the Greek mu, escaped
+        ("minutes", 3000.0),
+        ("hours", 180000.0),
+        ("fortnights", None),
+    ],
+)
+def test_imagej_time_units_are_read_or_not_used(tmp_path, tunit, expected_s):
+    """A 9th attack run: an ImageJ ``tunit`` not in CalSeg's table was read as seconds, so a
+    50 ms interval became 50 s with no word. Known spellings convert; an unknown unit leaves
+    the interval unknown, with a warning that says so."""
+    path = tmp_path / "t.tif"
+    data = np.zeros((3, 8, 8), np.uint16)
+    tifffile.imwrite(path, data, imagej=True,
+                     metadata={"axes": "TYX", "finterval": 50, "tunit": tunit})  # fmt: skip
+    rec = read_recording(path)
+    if expected_s is None:
+        assert rec.info.frame_interval_s is None
+        assert any("unknown time unit 'fortnights'" in w for w in rec.info.warnings)
+    else:
+        assert rec.info.frame_interval_s == pytest.approx(expected_s)

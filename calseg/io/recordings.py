@@ -462,19 +462,45 @@ _UNIT_UM = {
 _UNIT_S = {
     "s": 1.0,
     "sec": 1.0,
+    "secs": 1.0,
     "second": 1.0,
     "seconds": 1.0,
     "ms": 1e-3,
     "msec": 1e-3,
+    "msecs": 1e-3,
     "millisecond": 1e-3,
+    "milliseconds": 1e-3,
     "us": 1e-6,
     "\u00b5s": 1e-6,
+    "usec": 1e-6,
+    "usecs": 1e-6,
+    "microsecond": 1e-6,
+    "microseconds": 1e-6,
+    "ns": 1e-9,
+    "nanosecond": 1e-9,
+    "nanoseconds": 1e-9,
     "min": 60.0,
+    "mins": 60.0,
     "minute": 60.0,
+    "minutes": 60.0,
     "h": 3600.0,
     "hr": 3600.0,
+    "hrs": 3600.0,
     "hour": 3600.0,
+    "hours": 3600.0,
 }
+
+
+def time_unit_s(unit: Any) -> float | None:
+    """Seconds per ``unit`` (a time unit as ImageJ or OME write it: ``"s"``, ``"ms"``,
+    ``"\u00b5s"`` or ImageJ's escaped ``"\\u00B5s"``, the Greek mu, ``"min"``, ``"hours"``...;
+    case and surrounding spaces ignored), or None for a unit not known here. An unknown unit
+    was read as seconds: ``finterval=50`` with ``tunit=milliseconds`` became 50 s, 1000x off,
+    silently (a 9th attack run)."""
+    text = str(unit).strip().lower()
+    for mu in ("\\u00b5", "\\u03bc", "\u03bc"):  # ImageJ's escapes, the Greek mu
+        text = text.replace(mu, "\u00b5")
+    return _UNIT_S.get(text)
 
 
 def _positive(value: Any) -> float | None:
@@ -536,7 +562,7 @@ def _ome_metadata(xml: str) -> tuple[float | None, float | None]:
         px = _positive(px)
     dt = _positive(pixels.get("TimeIncrement"))
     if dt is not None:
-        dt *= _UNIT_S.get((pixels.get("TimeIncrementUnit") or "s").strip().lower(), math.nan)
+        dt *= time_unit_s(pixels.get("TimeIncrementUnit") or "s") or math.nan
         dt = _positive(dt)
     if dt is None:
         times = []
@@ -551,8 +577,8 @@ def _ome_metadata(xml: str) -> tuple[float | None, float | None]:
             times.sort()
             dt = _positive(np.median(np.diff([t for _, t in times])))
             plane = next(el for el in pixels if el.tag.endswith("}Plane"))
-            unit = (plane.get("DeltaTUnit") or "s").strip().lower()
-            dt = _positive(dt * _UNIT_S.get(unit, math.nan)) if dt else None
+            per_unit = time_unit_s(plane.get("DeltaTUnit") or "s") or math.nan
+            dt = _positive(dt * per_unit) if dt else None
     return px, dt
 
 
@@ -724,7 +750,14 @@ def _open_tiff(path: Path, display: str) -> _Source:
             px_size = _positive(_UNIT_UM[unit] / res)
         finterval = _positive(ij.get("finterval"))
         if finterval:
-            interval = _positive(finterval * _UNIT_S.get(str(ij.get("tunit", "s")).lower(), 1.0))
+            per_unit = time_unit_s(ij.get("tunit", "s"))
+            if per_unit is None:
+                warn.append(
+                    f"ImageJ frame interval {finterval:g} in the unknown time unit "
+                    f"{str(ij.get('tunit'))[:40]!r}: not used (give frame_interval_s)"
+                )
+            else:
+                interval = _positive(finterval * per_unit)
         claimed = ij.get("frames") or (ij.get("slices") if "frames" not in ij else None)
         if claimed is None and "channels" not in ij:
             claimed = ij.get("images")
