@@ -218,3 +218,15 @@ def test_a_pixel_at_the_float32_maximum_draws_white_without_overflow():
         warnings.simplefilter("error")
         rgb = render_overlay(frame, None, 0.0, 127.5)
     assert tuple(rgb[2, 3]) == (255, 255, 255) and tuple(rgb[0, 0]) == (200, 200, 200)
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, 2.0**53, -(2.0**60), 1e300, 1.7e308, -1.7e308])
+def test_display_range_of_a_flat_recording_is_never_empty(value):
+    """A 9th attack run: a constant recording at |value| >= 2^53 got ``hi = lo + 1 == lo``,
+    and its preview and every viewer frame answered 422 ("needs lo < hi")."""
+    from calseg.io.overlays import _gray
+
+    lo, hi = display_range(np.full((2, 4, 4), value))
+    assert np.isfinite(lo) and np.isfinite(hi) and lo < hi
+    assert lo <= value <= hi
+    assert _gray(np.full((4, 4), value), lo, hi).dtype == np.uint8  # draws

@@ -78,8 +78,13 @@ def display_range(frames: np.ndarray, low: float = 0.5, high: float = 99.8) -> t
         return 0.0, 1.0
     lo, hi = np.percentile(flat, [low, high])
     lo, hi = float(lo), float(hi)
-    if hi <= lo:
-        hi = lo + 1.0
+    if hi <= lo:  # a flat recording: a range around its value that float64 can tell apart
+        # (lo + 1 is lo itself from 2^53 on: every preview and viewer frame of a constant
+        # recording at 1e16 answered 422, a 9th attack run)
+        step = max(1.0, abs(lo) * 1e-6)
+        hi = lo + step
+        if not math.isfinite(hi):
+            lo, hi = lo - step, lo
     return lo, hi
 
 
