@@ -697,3 +697,49 @@ def test_a_job_is_estimated_again_as_it_starts_with_its_references_ended(
         "JobTooCostly: at its start, with its inputs as they are now: this finetune job"
     ), job.error
     assert "time" in job.error and not called
+
+
+def test_an_infer_job_is_admitted_again_once_its_cells_are_known(env, tmp_path) -> None:
+    """A 9th attack run: parameters that make every pixel of a flickering recording a cell
+    (cell_diameter_px 1.01, min_region_px 1, threshold_k 0.01) gave 16,199 cells in 128 x 128
+    px, and the infer job, estimated per recorded pixel, ran 4-8x and wrote 17-18x its
+    estimate (traces, events and ROIs cost per cell and frame). The job is now estimated again
+    with its cells before their traces are written: here over a disk limit of twice what it
+    was admitted at, so it fails before writing them."""
+    import tifffile
+
+    from calseg.service.auth import create_user
+    from calseg.service.costs import estimate
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import run_job, submit_job
+    from calseg.service.models import Recording
+    from calseg.service.schemas import validate_params
+    from calseg.service.store import LocalArtifactStore
+
+    rng = np.random.default_rng(0)
+    shape = (24, 48, 48)
+    frames = rng.poisson(200, shape) + (rng.random(shape) < 0.1) * 800
+    src = tmp_path / "flicker.tif"
+    tifffile.imwrite(src, frames.astype(np.uint16))
+    obj = LocalArtifactStore(env.artifact_dir).put("recordings/flicker.tif", src)
+    with session_scope(env.database_url) as s:
+        owner = create_user(s, "mallory")
+        rec = Recording(filename=src.name, relpath="recordings/flicker.tif", sha256=obj.sha256,
+                        size_bytes=obj.size_bytes, n_frames=24, height=48, width=48,
+                        dtype="uint16", owner_id=owner.id)  # fmt: skip
+        s.add(rec)
+        s.flush()
+        params = {"recording_id": rec.id, "method": "classical", "cell_diameter_px": 1.01,
+                  "min_region_px": 1, "threshold_k": 0.01}  # fmt: skip
+        admitted = estimate(s, "infer", validate_params("infer", params), env)
+        owner.max_job_disk_bytes = int(2 * admitted.disk_bytes)
+        s.commit()
+        job_id = submit_job(
+            s, "infer", params, enqueue=lambda j, c=None: None, owner=owner, settings=env
+        ).id
+    assert run_job(job_id, settings=env) == "failed"
+    job, artifacts = _job(env, job_id)
+    assert job.error.startswith("JobTooCostly: the traces, events and ROIs of "), job.error
+    assert "disk" in job.error
+    assert "traces.csv" not in artifacts
+    assert not (env.artifact_dir / "jobs" / job_id / "traces.csv").exists()

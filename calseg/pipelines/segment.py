@@ -349,6 +349,7 @@ def segment_and_export(
     nwb: bool = False,
     report: Callable[[str, str], None] | None = None,
     progress: ProgressFn | None = None,
+    before_traces: Callable[[int, int], None] | None = None,
 ) -> SegmentRun:
     """Segment one recording and write its outputs: the recipe shared by ``calseg segment``
     and the infer job.
@@ -371,6 +372,9 @@ def segment_and_export(
         nwb: also write ``calseg.nwb``.
         report: ``report(level, text)`` with level ``"warning"`` or ``"log"``.
         progress: :data:`calseg.progress.ProgressFn`.
+        before_traces: called as ``before_traces(n_cells, n_frames)`` once the cells are
+            known, before their traces, events and ROIs are written (the infer job admits
+            itself again there: their cost grows with the cells); may raise to stop.
 
     Returns:
         :class:`SegmentRun`.
@@ -433,6 +437,7 @@ def segment_and_export(
         nwb=nwb,
         method_reason=reason,
         progress=scaled(progress, 0.01, 1.0),
+        before_traces=before_traces,
     )
     return SegmentRun(
         out, frames, method, reason, checkpoint, dt, dt_known, pixel_size_um, pre_report
@@ -464,6 +469,7 @@ def segment_to_folder(
     nwb: bool = False,
     method_reason: str | None = None,
     progress: ProgressFn | None = None,
+    before_traces: Callable[[int, int], None] | None = None,
 ) -> SegmentOutputs:
     """Segment ``frames`` with ``config`` and write all outputs to ``out_dir`` (module
     docstring).
@@ -480,6 +486,7 @@ def segment_to_folder(
         title: first line of the pictures (default ``name``).
         nwb: also write ``calseg.nwb``; method_reason: why this method (the default rule).
         progress: :data:`calseg.progress.ProgressFn`.
+        before_traces: as :func:`segment_and_export`.
 
     Returns:
         :class:`SegmentOutputs`.
@@ -544,6 +551,8 @@ def segment_to_folder(
     n_cells = int(len(np.unique(labels[labels > 0])))
     fp = (labels != 0).any(axis=0) if labels.ndim == 3 else labels != 0
     coverage = float(fp.mean()) if fp.size else 0.0
+    if before_traces is not None:
+        before_traces(n_cells, int(labels.shape[0]) if labels.ndim == 3 else 1)
 
     exports: dict[str, Any] = {}
     try:  # traces, events, patterns and ROIs: useful extras, never a reason to fail

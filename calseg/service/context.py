@@ -252,6 +252,14 @@ class JobContext:
                 self.warnings.append(message)
         self.log(f"WARNING: {message}")
 
+    def estimate(self) -> Any:
+        """The job's :class:`calseg.service.costs.CostEstimate` from its parameters and its
+        inputs as they are now (:func:`calseg.service.costs.estimate`)."""
+        from calseg.service.costs import estimate
+
+        with self._session() as session:
+            return estimate(session, self.kind, self.params, self.settings)
+
     def readmit(self, est: Any, why: str) -> None:
         """Check the job's new estimate ``est`` (a :class:`calseg.service.costs.CostEstimate`, of
         ``why``: what the runner now knows it will

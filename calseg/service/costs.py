@@ -92,6 +92,12 @@ CONSTANTS: dict[str, float] = {
     "opening_tap_px_s": 5.0e7,  # grey opening with a disk: footprint px x px per second (256^2
     # at r = 10-40: 3.5e7-8.8e7; skimage's rolling ball 4e8-5.6e8, counted at this rate)
     "infer_fixed_s": 4.0,
+    # -- traces, events and ROIs of each cell (pipelines.traces.write_trace_exports), per cell
+    #    and frame: `python scripts/trace_export_cost.py` (1024-4096 cells x 64-128 frames:
+    #    10-17 us and 45-50 B per cell-frame in two runs, 2026-12-07, load 1-3)
+    "trace_cell_frame_s": 1.5e-5,
+    "trace_cell_frame_b": 50.0,
+    "trace_mem_b_per_cell_frame": 64.0,  # F, F0, dF/F, z as float64 and the table's copies
 }
 """Constants of the estimates (units in each name: ``_s`` seconds, ``_b`` bytes, ``_px_s``
 per second), measured on the reference machine (module docstring). The "costs bench" numbers
@@ -892,6 +898,30 @@ def check_admission(
     if over:
         raise JobTooCostly(kind, est, limits, over)
     return est
+
+
+def with_cell_traces(
+    est: CostEstimate, n_cells: int, n_frames: int, time_scale: float = 1.0
+) -> CostEstimate:
+    """``est`` with the cost of the traces, events and ROIs of ``n_cells`` cells over
+    ``n_frames`` frames added (:data:`CONSTANTS` ``trace_*``): per cell and frame, which an
+    estimate per recorded pixel does not see. A 9th attack run made every pixel of a 128 x 128
+    px recording a cell (16,199 cells; ``cell_diameter_px`` 1.01, ``min_region_px`` 1): its
+    infer job ran 4-8x and wrote 17-18x its estimate. Known once the segmentation has run:
+    the infer job is admitted again then (:func:`readmit`)."""
+    c = CONSTANTS
+    cell_frames = float(n_cells) * float(n_frames)
+    parts = dict(est.parts)
+    parts["time:traces per cell"] = cell_frames * c["trace_cell_frame_s"] * time_scale
+    parts["disk:traces per cell"] = cell_frames * c["trace_cell_frame_b"]
+    parts["memory:traces per cell"] = cell_frames * c["trace_mem_b_per_cell_frame"]
+    return CostEstimate(
+        est.memory_bytes + parts["memory:traces per cell"],
+        est.disk_bytes + parts["disk:traces per cell"],
+        est.time_s + parts["time:traces per cell"],
+        parts,
+        {**est.inputs, "n_cells": int(n_cells)},
+    )
 
 
 def running_job_limits(session: Session, job: Job, settings: Settings) -> RunningLimits:

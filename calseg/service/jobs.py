@@ -567,7 +567,7 @@ def run_job(
             warnings.showwarning = lambda m, c, *a, **k: ctx.warn(f"{c.__name__}: {m}")
             with cancellable(ctx.cancel_token, process_wide=process_wide_cancel):
                 run = runners[job.kind] if runners else kinds.get(job.kind).load_runner()
-                _readmit_at_start(ctx, job.kind, params)
+                _readmit_at_start(ctx)
                 result = run(params, ctx)
         result = public_data(jsonable(result or {}), ctx.settings)
         result.setdefault("warnings", list(ctx.warnings))
@@ -649,7 +649,7 @@ def run_job(
     return state
 
 
-def _readmit_at_start(ctx: JobContext, kind: str, params: Any) -> None:
+def _readmit_at_start(ctx: JobContext) -> None:
     """Estimate the job again as it starts, its references now ended (a dataset still being
     simulated at admission was estimated from its parameters; now from its videos), and check
     the estimate against its owner's limits as they are now (:meth:`JobContext.readmit`).
@@ -657,12 +657,8 @@ def _readmit_at_start(ctx: JobContext, kind: str, params: Any) -> None:
     Raises:
         calseg.service.costs.JobTooCostly: over a limit (the job fails with its message).
     """
-    from calseg.service.costs import estimate
-    from calseg.service.db import session_scope
-
     try:
-        with session_scope(ctx.url) as session:
-            est = estimate(session, kind, params, ctx.settings)
+        est = ctx.estimate()
     except Exception as exc:  # noqa: BLE001 - no estimate: the runner meets the cause itself
         ctx.log(f"no estimate at the start ({type(exc).__name__}: {exc})")
         return

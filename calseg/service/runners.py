@@ -383,6 +383,9 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
             nwb=params.nwb,
             report=lambda level, text: (ctx.warn if level == "warning" else ctx.log)(text),
             progress=scaled(ctx.progress, 0.02, 0.97),
+            before_traces=lambda n_cells, n_frames: _readmit_with_cells(
+                params, ctx, n_cells, n_frames
+            ),
         )
     except PreprocessError as exc:
         raise RunnerError(f"preprocessing failed: {exc}") from exc
@@ -393,6 +396,20 @@ def run_infer(params: Any, ctx: JobContext) -> dict[str, Any]:
     for art, p in run.outputs.paths.items():
         ctx.add_artifact(art, p, kind=artifact_kind(art))
     return _infer_result(params, ctx, inp, run)
+
+
+def _readmit_with_cells(params: Any, ctx: JobContext, n_cells: int, n_frames: int) -> None:
+    """The infer job admitted again once its cells are known: its estimate plus the traces,
+    events and ROIs of ``n_cells`` cells over ``n_frames`` frames
+    (:func:`calseg.service.costs.with_cell_traces`)."""
+    from calseg.service.costs import with_cell_traces
+
+    scale = float(ctx.settings.cost_time_scale)
+    ctx.readmit(
+        with_cell_traces(ctx.estimate(), n_cells, n_frames, scale),
+        f"the traces, events and ROIs of {plural(n_cells, 'cell')} over "
+        f"{plural(n_frames, 'frame')}",
+    )
 
 
 def _infer_result(params: Any, ctx: JobContext, inp: _InferInput, run: Any) -> dict[str, Any]:
