@@ -743,3 +743,42 @@ def test_an_infer_job_is_admitted_again_once_its_cells_are_known(env, tmp_path) 
     assert "disk" in job.error
     assert "traces.csv" not in artifacts
     assert not (env.artifact_dir / "jobs" / job_id / "traces.csv").exists()
+
+
+def test_a_job_cancelled_while_running_is_deleted_once_its_process_has_stopped(env) -> None:
+    """A 9th attack run: cancel a running job and delete it at once (both allowed), and its
+    run, ending at its next check, made jobs/<id>/ again (its end-of-run bookkeeping) and could
+    write files after the delete that counted nowhere. The delete now waits (409) until the
+    run has measured its folder, or the cancel is older than the grace plus a minute, and the
+    bookkeeping of a deleted job touches no folder."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import JobStateError, delete_job, record_stored_bytes
+    from calseg.service.models import Job, utcnow
+    from calseg.service.store import LocalArtifactStore
+
+    store = LocalArtifactStore(env.artifact_dir)
+    job_id = _submit(env)
+    with session_scope(env.database_url) as s:  # as cancel_job leaves a running job
+        s.execute(update(Job).where(Job.id == job_id).values(
+            state="cancelled", started_at=utcnow(), finished_at=utcnow()))  # fmt: skip
+    with session_scope(env.database_url) as s, pytest.raises(JobStateError, match="stopping"):
+        delete_job(s, job_id, store, env)
+    with session_scope(env.database_url) as s:  # a minute past the grace: gone or killed
+        s.execute(update(Job).where(Job.id == job_id).values(
+            finished_at=utcnow() - timedelta(seconds=env.cancel_grace_s + 61)))  # fmt: skip
+    with session_scope(env.database_url) as s:
+        delete_job(s, job_id, store, env)
+    # its run ends now: nothing made again for the deleted job
+    record_stored_bytes(env.database_url, store, job_id, f"jobs/{job_id}")
+    assert not (env.artifact_dir / "jobs" / job_id).exists()
+
+    other = _submit(env)  # the run measured its folder as it ended: deletable at once
+    with session_scope(env.database_url) as s:
+        ended = {"started_at": utcnow(), "finished_at": utcnow(), "stored_bytes": 0}
+        s.execute(update(Job).where(Job.id == other).values(state="cancelled", **ended))
+    with session_scope(env.database_url) as s:
+        delete_job(s, other, store, env)

@@ -169,12 +169,15 @@ def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
 
 
 @router.delete("/api/jobs/{job_id}", status_code=204, tags=["jobs"])
-def delete_job(job_id: str, session: SessionDep, store: StoreDep, user: UserDep) -> Response:
+def delete_job(
+    job_id: str, session: SessionDep, store: StoreDep, settings: SettingsDep, user: UserDep
+) -> Response:
     """Delete a job that has ended, with its metrics and artifact files (204). 409 while it is
-    queued or running, or while a queued or running job uses it; jobs made from it keep their
-    own outputs (:func:`calseg.service.jobs.delete_job`)."""
+    queued or running, while its process is still stopping after a cancel, or while a queued or
+    running job uses it; jobs made from it keep their own outputs
+    (:func:`calseg.service.jobs.delete_job`)."""
     _job(session, job_id, user)
-    lifecycle.delete_job(session, job_id, store)
+    lifecycle.delete_job(session, job_id, store, settings)
     return Response(status_code=204)
 
 

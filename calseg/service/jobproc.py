@@ -274,6 +274,9 @@ def _note(url: str, settings: Settings, job_id: str, line: str, **values: Any) -
     stamp = time.strftime("%H:%M:%S", time.gmtime())
     store = get_store(settings.artifact_dir)
     relpath = f"jobs/{job_id}/job.log"
+    with session_scope(url) as session:
+        if session.get(Job, job_id) is None:  # deleted: no folder made again for its log
+            return
     try:
         path = store.workdir(f"jobs/{job_id}") / "job.log"
         with open(path, "a", encoding="utf-8") as fh:

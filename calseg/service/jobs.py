@@ -20,6 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
@@ -312,7 +313,23 @@ def cancel_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def delete_job(session: Session, job_id: str, store: Any) -> None:
+def stopping(job: Job, settings: Settings) -> bool:
+    """Whether ``job`` was cancelled while it ran and its process may still be writing: it
+    started, its run has not measured its folder yet (``stored_bytes``, written as every run
+    ends) and its cancel is under ``cancel_check_interval_s + cancel_grace_s`` plus a minute
+    old (by then the worker has killed it, or it is gone with its worker)."""
+    if job.state != "cancelled" or job.started_at is None or job.stored_bytes is not None:
+        return False
+    if job.finished_at is None:
+        return True
+    ended = job.finished_at
+    if ended.tzinfo is None:  # SQLite gives naive UTC datetimes
+        ended = ended.replace(tzinfo=UTC)
+    limit = settings.cancel_check_interval_s + settings.cancel_grace_s + 60.0
+    return (utcnow() - ended).total_seconds() < limit
+
+
+def delete_job(session: Session, job_id: str, store: Any, settings: Settings | None = None) -> None:
     """Delete a job that has ended: its record, metrics, artifact records and files
     (``jobs/{id}`` in the ``store``). Jobs that referenced it keep their own outputs; their
     viewer frames of its files then answer 410, and a rerun of them is refused (422).
@@ -321,12 +338,19 @@ def delete_job(session: Session, job_id: str, store: Any) -> None:
     jobs filled the server's disk for everyone (a new user's check).
 
     Raises:
-        JobNotFound. JobStateError: the job is still queued or running (cancel it first), or a
-            queued or running job uses it (``dataset_job_id``, ``model_job_id``).
+        JobNotFound. JobStateError: the job is still queued or running (cancel it first), was
+            cancelled while running and is still stopping (:func:`stopping`), or a queued or
+            running job uses it (``dataset_job_id``, ``model_job_id``).
     """
     job = get_job(session, job_id)
     if job.state not in TERMINAL_STATES:
         raise JobStateError(f"job {job_id} is {job.state}; cancel it or wait until it ends")
+    if stopping(job, settings or get_settings()):
+        raise JobStateError(
+            f"job {job_id} was cancelled while running and its process is still stopping "
+            "(a few seconds); delete it once it has (its files would be written after the "
+            "delete, counted nowhere)"
+        )
     # the owner's lock, as a submit takes it: a job submitted on this one at the same moment
     # is either counted below or finds it gone
     lock_owner(session, session.get(User, job.owner_id) if job.owner_id else None)
@@ -674,6 +698,9 @@ def record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str
     from calseg.service.db import session_scope
 
     try:
+        with session_scope(url) as session:
+            if session.get(Job, job_id) is None:  # deleted while its run ended: no folder
+                return  # again (store.workdir would make one, left behind empty)
         folder = store.workdir(prefix)
         total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         with session_scope(url) as session:
@@ -734,6 +761,9 @@ def _register_log(url: str, store: ArtifactStore, job_id: str, relpath: str) -> 
     from calseg.service.db import session_scope
 
     try:
+        with session_scope(url) as session:
+            if session.get(Job, job_id) is None:  # deleted: its files went with it
+                return
         obj = store.register(relpath)
         with session_scope(url) as session:
             session.execute(
