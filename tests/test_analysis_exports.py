@@ -205,6 +205,14 @@ class _StubContext:
     def jsonable(self, x):
         return x
 
+    def estimate(self):  # no database: an estimate of nothing
+        from calseg.service.costs import CostEstimate
+
+        return CostEstimate(0.0, 0.0, 0.0)
+
+    def readmit(self, est, why):  # no limits to check; the re-estimate is recorded
+        self.readmitted = (est, why)
+
 
 def test_infer_runner_registers_traces_events_rois(tmp_path, real_file):
 
@@ -229,6 +237,9 @@ def test_infer_runner_registers_traces_events_rois(tmp_path, real_file):
     _exports_open_in_their_readers(ctx.artifacts, res)
     tr = read_traces_csv(ctx.artifacts["traces.csv"])
     assert tr["F"].shape == (res["n_cells"], res["n_frames"])
+    # admitted again with its cells before their traces were written (a 9th attack run)
+    est, why = ctx.readmitted
+    assert est.inputs["n_cells"] == res["n_cells"] and "traces, events and ROIs of" in why
     assert np.isfinite(tr["F"]).all()
     # the file has no frame interval: 1 s assumed, and the job says so
     np.testing.assert_allclose(tr["time_s"], np.arange(res["n_frames"]))
