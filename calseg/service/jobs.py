@@ -552,6 +552,7 @@ def run_job(
                 attempts=attempts + 1,
                 started_at=utcnow(),
                 finished_at=None,
+                stored_bytes=None,  # measured again as this run ends (jobs.stopping reads it)
                 progress=0.0,
                 stage="starting",
                 eta_s=None,
