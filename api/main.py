@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
@@ -116,8 +117,6 @@ class NoNulInUrl:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            from urllib.parse import unquote_to_bytes
-
             raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
             for part in (unquote_to_bytes(raw), unquote_to_bytes(scope.get("query_string", b""))):
                 if b"\x00" in part:
