@@ -261,9 +261,9 @@ class JobContext:
             return estimate(session, self.kind, self.params, self.settings)
 
     def readmit(self, est: Any, why: str) -> None:
-        """Check the job's new estimate ``est`` (a :class:`calseg.service.costs.CostEstimate`, of
-        ``why``: what the runner now knows it will
-        do) against its owner's limits (:func:`calseg.service.costs.readmit`), and log it.
+        """Check the job's new estimate ``est`` (a :class:`calseg.service.costs.CostEstimate`
+        of ``why``, what the runner now knows it will do) against its owner's limits
+        (:func:`calseg.service.costs.readmit`), and log it.
 
         Raises:
             calseg.service.costs.JobTooCostly: over a limit; the job fails with its message.

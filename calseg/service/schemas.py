@@ -113,8 +113,8 @@ def _is_number(annotation: Any) -> bool:
 
 def _unstorable_text(data: Any, where: str = "params", depth: int = 0) -> str | None:
     """Where in ``data`` (dicts, lists, strings; keys too) a string holds a NUL character or a
-    lone UTF-16 surrogate, or None. Nested at most 32 deep (deeper is not looked into: the
-    models refuse such nesting anyway)."""
+    lone UTF-16 surrogate, or None. Looked into at most 32 levels deep (job parameters nest a
+    few; the request body's size limit bounds the rest)."""
     if isinstance(data, str):
         try:
             data.encode("utf-8")  # a lone surrogate cannot be
