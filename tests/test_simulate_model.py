@@ -151,6 +151,8 @@ def test_torch_backend_matches_numpy(method):
         integrate(*args, backend="jax")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_a_diverging_model_is_an_error_not_nan_videos(tmp_path) -> None:
     """An 8th attack run: model_overrides Dp = k1 = 1e6 with dt_s = 2 made the explicit step
     overflow, and the simulate job rendered NaN calcium into its videos and succeeded. The
