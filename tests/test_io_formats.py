@@ -230,6 +230,7 @@ def test_a_deep_z_stack_projects_within_a_bounded_memory(tmp_path):
     [
         ("s", 50.0),
         ("sec", 50.0),
+        ("", 50.0),  # none given: seconds, ImageJ's default
         ("ms", 0.05),
         ("milliseconds", 0.05),
         ("msecs", 0.05),

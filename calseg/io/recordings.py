@@ -500,7 +500,7 @@ def time_unit_s(unit: Any) -> float | None:
     text = str(unit).strip().lower()
     for mu in ("\\u00b5", "\\u03bc", "\u03bc"):  # ImageJ's escapes, the Greek mu
         text = text.replace(mu, "\u00b5")
-    return _UNIT_S.get(text)
+    return _UNIT_S.get(text or "s")  # none given: seconds, ImageJ's and OME's default
 
 
 def _positive(value: Any) -> float | None:
