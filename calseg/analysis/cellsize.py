@@ -279,7 +279,8 @@ class CellSizeEstimate:
     ``local_maxima_px``: every interior local maximum of its energy (px); ``resting_px`` and
     ``activity_px``: the two cues' diameters (px, NaN where a cue found none; see
     :func:`activity_diameter`); ``source``: which cue gave ``diameter_px`` (``"resting image"``,
-    ``"activity"`` or ``""``); ``note``: why a cue has no estimate, else empty.
+    ``"activity"``, ``"both cues"``, their geometric mean, or ``""``; :func:`choose_cue`);
+    ``note``: why a cue has no estimate, else empty.
     """
 
     diameter_px: float
