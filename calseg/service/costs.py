@@ -894,7 +894,7 @@ def check_admission(
             )
     est = estimate(session, kind, params, settings)
     left = storage_left_bytes(session, owner, limits, replacing_job_id)
-    over = over_limits(est, limits, settings, reserved_disk_bytes(session), left)
+    over = RunningLimits(limits, reserved_disk_bytes(session), left).over(est, settings)
     if over:
         raise JobTooCostly(kind, est, limits, over)
     return est
@@ -940,7 +940,8 @@ def running_job_limits(session: Session, job: Job, settings: Settings) -> Runnin
 
 @dataclass
 class RunningLimits:
-    """:func:`running_job_limits`: ``limits`` (the owner's :class:`JobLimits`),
+    """What one job may use, at its admission (:func:`check_admission`) or once it has started
+    (:func:`running_job_limits`): ``limits`` (the owner's :class:`JobLimits`),
     ``reserved_bytes`` (other queued and running jobs' disk estimates), ``storage_left``
     (bytes left of the owner's quota without this job; None: no quota)."""
 
@@ -959,9 +960,9 @@ class RunningLimits:
         room = [int(self.limits.max_job_disk_bytes)]
         if self.storage_left is not None:
             room.append(int(self.storage_left))
-        free = free_disk_bytes(settings)
+        free = disk_room_bytes(settings, self.reserved_bytes)
         if free is not None:
-            room.append(max(free - settings.min_free_disk_bytes - self.reserved_bytes, 0))
+            room.append(free)
         return min(room)
 
 
@@ -1061,6 +1062,17 @@ def free_disk_bytes(settings: Settings) -> int | None:
         return None
 
 
+def disk_room_bytes(settings: Settings, reserved_bytes: int = 0) -> int | None:
+    """What a job may write and still leave ``settings.min_free_disk_bytes`` free on the
+    artifact store's disk: its free bytes less that and less ``reserved_bytes`` (the other
+    queued and running jobs' estimates), at least 0; None where the free disk is not known
+    (:func:`free_disk_bytes`)."""
+    free = free_disk_bytes(settings)
+    if free is None:
+        return None
+    return max(free - settings.min_free_disk_bytes - reserved_bytes, 0)
+
+
 def reserved_disk_bytes(session: Session) -> int:
     """Bytes the queued and running jobs of all users were estimated to write
     (``jobs.estimated_disk_bytes``, kept at admission; jobs admitted before migration 0006
@@ -1093,10 +1105,9 @@ def over_limits(
         ("disk", est.disk_bytes, limits.max_job_disk_bytes),
         ("time", est.time_s, limits.max_job_time_s),
     ]
-    free = free_disk_bytes(settings)
-    if free is not None:  # what it may write and still leave min_free_disk_bytes free
-        room = free - settings.min_free_disk_bytes - reserved_bytes
-        checks.append(("free disk", est.disk_bytes, max(room, 0)))
+    room = disk_room_bytes(settings, reserved_bytes)
+    if room is not None:
+        checks.append(("free disk", est.disk_bytes, room))
     if storage_left is not None:
         checks.append(("storage quota", est.disk_bytes, storage_left))
     return [(what, value, limit) for what, value, limit in checks if value > limit]
