@@ -864,6 +864,29 @@ def test_costs_bench_runs_a_real_job_and_reports_it(monkeypatch: pytest.MonkeyPa
     assert "simulate tiny" in bench._format_row(row)
 
 
+def _fresh_database(backend: str, tmp_path: Path, request: Any, name: str) -> str:
+    """The URL of an empty database of ``backend``: a SQLite file, or a schema of its own on
+    the machine's PostgreSQL (``pg_admin``), dropped when the test ends."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / f'{name}.db'}"
+    import uuid
+
+    from sqlalchemy import text
+
+    admin = request.getfixturevalue("pg_admin")
+    schema = f"calseg_{name}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+    request.addfinalizer(drop)
+    base = admin.url.render_as_string(hide_password=False)
+    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_parallel_submissions_never_pass_the_quota(backend, tmp_path, request) -> None:
     """A new-user check sent 12 submissions at once against a quota of 3 and got 9 jobs in:
@@ -871,9 +894,6 @@ def test_parallel_submissions_never_pass_the_quota(backend, tmp_path, request) -
     are now one step per user (jobs._lock_owner). 12 threads, each with its own session, on
     the embedded SQLite file and on the machine's PostgreSQL: exactly 3 get in."""
     import threading
-    import uuid
-
-    from sqlalchemy import text
 
     from calseg.service.auth import create_user
     from calseg.service.costs import QuotaExceeded
@@ -881,51 +901,37 @@ def test_parallel_submissions_never_pass_the_quota(backend, tmp_path, request) -
     from calseg.service.jobs import submit_job
     from calseg.service.models import Job, User
 
-    schema = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'quota.db'}"
-    else:
-        admin = request.getfixturevalue("pg_admin")
-        schema = f"calseg_quota_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        base = admin.url.render_as_string(hide_password=False)
-        url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    try:
-        upgrade_database(url)
-        with session_scope(url) as s:
-            user = create_user(s, "bob")
-            user.max_queued_jobs = 3
-            s.commit()
-            user_id = user.id
-        settings = Settings(database_url=url, artifact_dir=tmp_path / "art")
-        start = threading.Barrier(12)
-        outcomes: list[str] = []
+    url = _fresh_database(backend, tmp_path, request, "quota")
+    upgrade_database(url)
+    with session_scope(url) as s:
+        user = create_user(s, "bob")
+        user.max_queued_jobs = 3
+        s.commit()
+        user_id = user.id
+    settings = Settings(database_url=url, artifact_dir=tmp_path / "art")
+    start = threading.Barrier(12)
+    outcomes: list[str] = []
 
-        def submit() -> None:
-            with session_scope(url) as s:
-                owner = s.get(User, user_id)
-                start.wait()
-                try:
-                    params = {"n_videos": 3, "n_frames": 4}
-                    submit_job(s, "simulate", params, enqueue=lambda j, c=None: None,
-                               owner=owner, settings=settings)  # fmt: skip
-                    outcomes.append("queued")
-                except QuotaExceeded:
-                    outcomes.append("quota")
-
-        threads = [threading.Thread(target=submit) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert sorted(outcomes) == ["queued"] * 3 + ["quota"] * 9, outcomes
+    def submit() -> None:
         with session_scope(url) as s:
-            assert s.query(Job).filter(Job.owner_id == user_id).count() == 3
-    finally:
-        if schema is not None:
-            with request.getfixturevalue("pg_admin").connect() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            owner = s.get(User, user_id)
+            start.wait()
+            try:
+                params = {"n_videos": 3, "n_frames": 4}
+                submit_job(s, "simulate", params, enqueue=lambda j, c=None: None,
+                           owner=owner, settings=settings)  # fmt: skip
+                outcomes.append("queued")
+            except QuotaExceeded:
+                outcomes.append("quota")
+
+    threads = [threading.Thread(target=submit) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == ["queued"] * 3 + ["quota"] * 9, outcomes
+    with session_scope(url) as s:
+        assert s.query(Job).filter(Job.owner_id == user_id).count() == 3
 
 
 def test_each_user_has_an_embedding_cache_of_their_own(
@@ -977,25 +983,14 @@ def test_nul_characters_and_lone_surrogates_are_clear_errors_not_500(
     routes' lookups raise DataError (500, a plain-text body); on both databases a lone
     surrogate (``"\\ud800"``) echoed by a 422's message made the error handler raise while
     encoding it (500). Every answer here must be a 4xx with a JSON ``detail``."""
-    import uuid
 
     from fastapi.testclient import TestClient
-    from sqlalchemy import text
 
     from calseg.service.auth import create_token, create_user
     from calseg.service.db import session_scope, upgrade_database
     from calseg.service.settings import get_settings
 
-    schema = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nul.db'}"
-    else:
-        admin = request.getfixturevalue("pg_admin")
-        schema = f"calseg_nul_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        base = admin.url.render_as_string(hide_password=False)
-        url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    url = _fresh_database(backend, tmp_path, request, "nul")
     monkeypatch.setenv("CALSEG_DATABASE_URL", url)
     monkeypatch.setenv("CALSEG_ARTIFACT_DIR", str(tmp_path / "art"))
     monkeypatch.setenv("CALSEG_CACHE_DIR", str(tmp_path / "cache"))
@@ -1045,6 +1040,3 @@ def test_nul_characters_and_lone_surrogates_are_clear_errors_not_500(
     finally:
         app.dependency_overrides.clear()
         get_settings.cache_clear()
-        if schema is not None:
-            with request.getfixturevalue("pg_admin").connect() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
