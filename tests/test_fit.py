@@ -199,14 +199,10 @@ def test_cli_fit_sim_and_simulate_like_a_real_recording(tmp_path, real_file):
     assert r.exit_code == 2 and "error" in r.output
 
 
-def test_simulate_job_like_an_uploaded_recording(tmp_path, real_file):
-    """The service's simulate job with recording_id: fit, then simulate (in-process, SQLite)."""
-    import hashlib
-
-    from calseg.service import jobs
-    from calseg.service.context import JobReferenceError
-    from calseg.service.db import session_scope, upgrade_database
-    from calseg.service.models import Job, Recording
+def _service_with_fissa(tmp_path, real_file):
+    """An in-process service (SQLite, a local artifact store) holding fissa's 29 x 21 x 14 px
+    recording as an upload would: ``(settings, store, source path, stored object)``."""
+    from calseg.service.db import upgrade_database
     from calseg.service.settings import Settings
     from calseg.service.store import LocalArtifactStore
 
@@ -220,19 +216,32 @@ def test_simulate_job_like_an_uploaded_recording(tmp_path, real_file):
         progress_interval_s=0.0,
     )
     store = LocalArtifactStore(settings.artifact_dir)
-    obj = store.put("recordings/fissa.tif", src)
+    return settings, store, src, store.put("recordings/fissa.tif", src)
+
+
+def _fissa_row(src, obj, owner_id=None):
+    """The ``recordings`` row of :func:`_service_with_fissa`'s upload."""
+    from calseg.service.models import Recording
+
+    return Recording(filename=src.name, relpath="recordings/fissa.tif", sha256=obj.sha256,
+                     size_bytes=obj.size_bytes, n_frames=29, height=21, width=14,
+                     dtype="uint16", owner_id=owner_id)  # fmt: skip
+
+
+def test_simulate_job_like_an_uploaded_recording(tmp_path, real_file):
+    """The service's simulate job with recording_id: fit, then simulate (in-process, SQLite)."""
+    import hashlib
+
+    from calseg.service import jobs
+    from calseg.service.context import JobReferenceError
+    from calseg.service.db import session_scope
+    from calseg.service.models import Job
+
+    settings, store, src, obj = _service_with_fissa(tmp_path, real_file)
+    url = settings.database_url
     queued: list = []
     with session_scope(url) as s:
-        rec = Recording(
-            filename=src.name,
-            relpath="recordings/fissa.tif",
-            sha256=obj.sha256,
-            size_bytes=obj.size_bytes,
-            n_frames=29,
-            height=21,
-            width=14,
-            dtype="uint16",
-        )
+        rec = _fissa_row(src, obj)
         s.add(rec)
         s.flush()
         rec_id = rec.id
@@ -265,36 +274,15 @@ def test_a_fitted_simulation_larger_than_admitted_is_refused_before_it_renders(t
     from calseg.service import jobs
     from calseg.service.auth import create_user
     from calseg.service.costs import estimate
-    from calseg.service.db import session_scope, upgrade_database
-    from calseg.service.models import Job, Recording
+    from calseg.service.db import session_scope
+    from calseg.service.models import Job
     from calseg.service.schemas import validate_params
-    from calseg.service.settings import Settings
-    from calseg.service.store import LocalArtifactStore
 
-    src = real_file("fissa_b_AVG_A01.tif")
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    upgrade_database(url)
-    settings = Settings(
-        database_url=url,
-        artifact_dir=tmp_path / "art",
-        cache_dir=tmp_path / "cache",
-        progress_interval_s=0.0,
-    )
-    store = LocalArtifactStore(settings.artifact_dir)
-    obj = store.put("recordings/fissa.tif", src)
+    settings, store, src, obj = _service_with_fissa(tmp_path, real_file)
+    url = settings.database_url
     with session_scope(url) as s:
         owner = create_user(s, "mallory")
-        rec = Recording(
-            filename=src.name,
-            relpath="recordings/fissa.tif",
-            sha256=obj.sha256,
-            size_bytes=obj.size_bytes,
-            n_frames=29,
-            height=21,
-            width=14,
-            dtype="uint16",
-            owner_id=owner.id,
-        )
+        rec = _fissa_row(src, obj, owner.id)
         s.add(rec)
         s.flush()
         params = {"recording_id": rec.id, "n_videos": 3, "seed": 4}
