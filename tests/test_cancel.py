@@ -782,3 +782,72 @@ def test_a_job_cancelled_while_running_is_deleted_once_its_process_has_stopped(e
         s.execute(update(Job).where(Job.id == other).values(state="cancelled", **ended))
     with session_scope(env.database_url) as s:
         delete_job(s, other, store, env)
+
+
+def test_a_run_that_no_longer_owns_its_job_writes_no_metric_or_artifact(env, tmp_path) -> None:
+    """A job cancelled while running could be retried at once (the retry cleared its outputs
+    and queued it under a new dispatch) while its old run, still stopping, went on adding
+    metrics and artifacts: they landed in the retried job. A retry now waits (409) as a delete
+    does, and a run adds metric and artifact rows only while the job runs under its own
+    dispatch (cancelled, retried, dispatched again: JobCancelled, nothing written)."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, select, update
+
+    from calseg.service.context import JobCancelled, JobContext
+    from calseg.service.db import session_scope
+    from calseg.service.jobs import JobStateError, cancel_job, retry_job
+    from calseg.service.models import Artifact, Job, Metric, utcnow
+    from calseg.service.schemas import validate_params
+    from calseg.service.store import LocalArtifactStore
+
+    store = LocalArtifactStore(env.artifact_dir)
+    job_id = _submit(env)
+    with session_scope(env.database_url) as s:  # as run_job starts it
+        s.execute(update(Job).where(Job.id == job_id).values(state="running", started_at=utcnow()))
+        row = s.get(Job, job_id)
+        s.expunge(row)
+    ctx = JobContext(row, validate_params("simulate", row.params), url=env.database_url,
+                     store=store, settings=env)  # fmt: skip
+    outside = tmp_path / "fit.json"
+    outside.write_text("{}")
+
+    def counts() -> tuple[int, int]:
+        with session_scope(env.database_url) as s:
+            n_metrics = s.scalar(select(func.count()).where(Metric.job_id == job_id))
+            n_artifacts = s.scalar(select(func.count()).where(Artifact.job_id == job_id))
+        return n_metrics, n_artifacts
+
+    try:
+        ctx.add_metric("while_running", 1.0)  # its own dispatch: written
+        ctx.add_artifact("first.json", outside)
+        assert counts() == (1, 1)
+        with session_scope(env.database_url) as s:
+            cancel_job(s, job_id)
+        with session_scope(env.database_url) as s, pytest.raises(JobStateError, match="stopping"):
+            retry_job(s, job_id, enqueue=lambda j, c=None: None, store=store, settings=env)
+        for write in (
+            lambda: ctx.add_metric("after_cancel", 2.0),
+            lambda: ctx.add_artifact("fit.json", outside),
+        ):
+            with pytest.raises(JobCancelled, match="cancelled"):
+                write()
+        assert counts() == (1, 1)
+        assert not (env.artifact_dir / "jobs" / job_id / "fit.json").exists()
+
+        with session_scope(env.database_url) as s:  # a minute past the grace: retried
+            s.execute(update(Job).where(Job.id == job_id).values(
+                finished_at=utcnow() - timedelta(seconds=env.cancel_grace_s + 61)))  # fmt: skip
+        with session_scope(env.database_url) as s:
+            retry_job(s, job_id, enqueue=lambda j, c=None: None, store=store, settings=env)
+        with session_scope(env.database_url) as s:  # the retry runs under its new dispatch
+            s.execute(update(Job).where(Job.id == job_id).values(state="running"))
+        assert counts() == (0, 0)
+        with pytest.raises(JobCancelled, match="superseded"):
+            ctx.add_metrics([("stale", 3.0, None, None, None)])
+        with pytest.raises(JobCancelled):
+            ctx.add_artifact("fit.json", outside)
+        assert counts() == (0, 0)
+        assert not (env.artifact_dir / "jobs" / job_id / "fit.json").exists()
+    finally:
+        ctx.close()

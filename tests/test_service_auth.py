@@ -524,13 +524,17 @@ def test_delete_job(client: TestClient, users) -> None:  # noqa: F811
 
 
 def _simulate_job_context(client: TestClient):  # noqa: F811, ANN202 - (job, JobContext)
-    """A queued simulate job (its JSON record) and the JobContext a runner would get for it."""
+    """A simulate job (its JSON record) marked running, as :func:`run_job` leaves it, and the
+    JobContext a runner would get for it."""
+    from sqlalchemy import update
+
     from calseg.service.context import JobContext
     from calseg.service.schemas import validate_params
 
     job = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
     settings = get_settings()
     with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job["id"]).values(state="running"))
         row = session.get(Job, job["id"])
         session.expunge(row)
     ctx = JobContext(

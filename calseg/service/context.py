@@ -308,7 +308,22 @@ class JobContext:
 
     def _write(self, **values: Any) -> None:
         values["log_tail"] = self.log_tail()
-        values["updated_at"] = utcnow()
+        with self._fenced_session(**values):
+            pass
+
+    @contextmanager
+    def _fenced_session(self, **values: Any) -> Iterator[Session]:
+        """A session whose writes land only while the job runs under this dispatch.
+
+        The job's row is updated first (``updated_at`` and ``values``) where it is
+        ``running`` under :attr:`dispatch_id`; that update holds the row (PostgreSQL) or the
+        database (SQLite) until the session commits, so a cancel, retry or re-dispatch
+        commits either before it (this run writes nothing) or after its rows.
+
+        Raises:
+            JobCancelled: the job is no longer running under this dispatch (its cancel
+                token is cancelled too).
+        """
         with self._session() as session:
             res = session.execute(
                 update(Job)
@@ -317,13 +332,15 @@ class JobContext:
                     Job.state == "running",
                     Job.dispatch_id == self.dispatch_id,
                 )
-                .values(**values)
+                .values(updated_at=utcnow(), **values)
             )
             if res.rowcount == 0:
                 state = session.scalar(select(Job.state).where(Job.id == self.job_id))
-                reason = f"job is {state} (cancelled or superseded); stopping"
+                reason = f"job is {state or 'deleted'} (cancelled or superseded); stopping"
+                session.rollback()
                 self.cancel_token.cancel(reason)
                 raise JobCancelled(reason)
+            yield session
 
     def _cancel_reason(self) -> str | None:
         """Why this run must stop (the job is no longer running under this dispatch), or
@@ -372,10 +389,18 @@ class JobContext:
         self, name: str, path: Path, content_type: str | None = None, kind: str = "file"
     ) -> Artifact:
         """Register a file as the job's artifact ``name`` (copied into the job folder when it
-        lies outside it); its sha256, size and content type are recorded."""
+        lies outside it); its sha256, size and content type are recorded.
+
+        Only while the job runs under this dispatch (:meth:`_fenced_session`): a run that was
+        cancelled, retried or dispatched again raises :class:`JobCancelled` and registers
+        nothing (a copy it made is removed), so its files and rows cannot mix with the next
+        run's.
+        """
         path = Path(path)
+        self.cancel_token.check()  # a run already told to stop copies nothing
         rel = self.store.relpath_of(path)
-        if rel is None or not rel.startswith(self.prefix + "/"):
+        copied = rel is None or not rel.startswith(self.prefix + "/")
+        if copied:
             rel = f"{self.prefix}/{name}"
             obj = self.store.put(rel, path)
         else:
@@ -389,11 +414,16 @@ class JobContext:
             sha256=obj.sha256,
             size_bytes=obj.size_bytes,
         )
-        with self._session() as session:
-            session.execute(
-                delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name)
-            )
-            session.add(art)
+        try:
+            with self._fenced_session() as session:
+                session.execute(
+                    delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name)
+                )
+                session.add(art)
+        except JobCancelled:
+            if copied:
+                self.store.delete(obj.relpath)
+            raise
         self.log(f"artifact {name}: {obj.size_bytes} bytes, sha256 {obj.sha256[:12]}")
         return art
 
@@ -413,7 +443,8 @@ class JobContext:
         self, rows: list[tuple[str, float, str | None, str | None, int | None]]
     ) -> None:
         """Store several ``(name, value, model, subset, step)`` rows in one transaction
-        (non-finite values as NULL, as :meth:`add_metric`)."""
+        (non-finite values as NULL, as :meth:`add_metric`), only while the job runs under
+        this dispatch (:meth:`_fenced_session`; else :class:`JobCancelled` and no row)."""
         metrics = []
         for name, value, model, subset, step in rows:
             v: float | None = float(value)
@@ -426,7 +457,7 @@ class JobContext:
                 )
             )
         if metrics:
-            with self._session() as session:
+            with self._fenced_session() as session:
                 session.add_all(metrics)
 
     # -- lookups

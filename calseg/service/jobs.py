@@ -385,7 +385,8 @@ def retry_job(
     deleted was queued and then failed in the worker (a seventh attack run).
 
     Raises:
-        JobNotFound, JobStateError: the job is queued, running or succeeded.
+        JobNotFound, JobStateError: the job is queued, running or succeeded, or was cancelled
+            while running and is still stopping (:func:`stopping`).
         JobReferenceError: what it reads is gone or unusable.
         calseg.service.costs.JobTooCostly, QuotaExceeded: as :func:`submit_job`.
     """
@@ -394,6 +395,12 @@ def retry_job(
     if job.state not in ("failed", "cancelled"):
         raise JobStateError(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
+        )
+    if stopping(job, settings):
+        raise JobStateError(
+            f"job {job_id} was cancelled while running and its process is still stopping "
+            "(a few seconds); retry it once it has (it could still write into the retried "
+            "job's folder)"
         )
     validated = validate_params(job.kind, job.params)
     est = _admit(session, job.kind, validated, job.owner, settings, job.id)
