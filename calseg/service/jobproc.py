@@ -432,11 +432,11 @@ def run_job_in_child(
         # another token: "dispatched again", and the job was killed cancel_grace_s after it
         # started.
         from calseg.service.fairness import WAIT, take_turn
-        from calseg.service.jobs import _wait_turn
+        from calseg.service.jobs import wait_turn
 
         turn = take_turn(url, job_id, dispatch_id, settings)
         if turn == WAIT:
-            return _wait_turn(url, dispatch_id, None)
+            return wait_turn(url, dispatch_id, None)
         if turn != job_id:
             job_id, row = turn, _row(url, turn)
     if row is not None:

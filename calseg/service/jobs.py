@@ -502,7 +502,7 @@ def run_job(
 
         turn = take_turn(url, job_id, dispatch_id, settings)
         if turn == WAIT:
-            return _wait_turn(url, dispatch_id, enqueue)
+            return wait_turn(url, dispatch_id, enqueue)
         job_id = turn
 
     with session_scope(url) as session:
@@ -743,7 +743,7 @@ def worker_name(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
-def _wait_turn(url: str, dispatch_id: str, enqueue: Enqueue | None) -> str:
+def wait_turn(url: str, dispatch_id: str, enqueue: Enqueue | None) -> str:
     """Put token ``dispatch_id`` back on the broker after :data:`DEFER_S`: its job's owner is at
     their running limit and no other job may start (:func:`calseg.service.fairness.take_turn`).
     """
