@@ -558,6 +558,12 @@ def test_infer_inputs_are_checked_at_submit_and_failures_leak_no_server_path(
 
     sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
     assert _run(sim["id"]) == "succeeded"
+    # a tenth attack run: the log said "simulating into /srv/.../artifacts/jobs/ID/dataset"
+    tail = client.get(f"/api/jobs/{sim['id']}").json()["log_tail"]
+    full = client.get(f"/api/jobs/{sim['id']}/artifacts/job.log").text
+    assert f"jobs/{sim['id']}/dataset" in tail, tail
+    for text in (tail, full):
+        assert str(tmp_path) not in text and "/dataset" in text, text
     bad = {"dataset_job_id": sim["id"], "video_id": "v999", "method": "baseline"}
     r = client.post("/api/jobs", json={"kind": "infer", "params": bad})
     assert r.status_code == 422 and "v999" in r.json()["detail"], r.text

@@ -11,6 +11,7 @@ import logging
 import math
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -63,15 +64,29 @@ def public_text(text: str, settings: Settings) -> str:
     results): the artifact store, cache and repository prefixes are dropped, so
     ``/srv/calseg/var/artifacts/jobs/ID/dataset`` reads ``jobs/ID/dataset`` and a traceback's
     ``/srv/calseg/calseg/io/recordings.py`` reads ``calseg/io/recordings.py``. A new-user
-    check found absolute server paths in job errors, tracebacks and provenance."""
-    roots = {settings.artifact_dir, settings.cache_dir, REPO_ROOT}
+    check found absolute server paths in job errors, tracebacks and provenance; a tenth
+    attack run, in job logs (:meth:`JobContext.log` now filters every line). Every folder of
+    the settings (artifacts, caches, logs, token, checkpoint, real data) and the temporary
+    folder count, not only the artifact store."""
+    roots = [REPO_ROOT, Path(tempfile.gettempdir())]
+    for name in type(settings).model_fields:
+        value = getattr(settings, name, None)
+        if isinstance(value, Path):
+            roots.append(value if value.suffix == "" else value.parent)
+    for prefix in _path_prefixes(tuple(str(r) for r in roots)):
+        text = text.replace(prefix, "")
+    return text
+
+
+@cache
+def _path_prefixes(roots: tuple[str, ...]) -> tuple[str, ...]:
+    """``root/`` of each root as given and resolved, the longest (innermost) first."""
     prefixes = set()
     for root in roots:
         for form in (Path(root), Path(root).resolve()):
-            prefixes.add(str(form).rstrip("/") + "/")
-    for prefix in sorted(prefixes, key=len, reverse=True):  # the longest (innermost) first
-        text = text.replace(prefix, "")
-    return text
+            if str(form) not in ("/", "."):
+                prefixes.add(str(form).rstrip("/") + "/")
+    return tuple(sorted(prefixes, key=len, reverse=True))
 
 
 def _library_versions() -> dict[str, str]:
@@ -236,10 +251,11 @@ class JobContext:
 
     # -- reporting
     def log(self, message: str) -> None:
-        """Append a line to the job's log (its tail is in ``jobs.log_tail``)."""
+        """Append a line to the job's log (its tail is in ``jobs.log_tail``), without this
+        server's folders (:func:`public_text`: the owner reads the log)."""
         stamp = datetime.now(UTC).strftime("%H:%M:%S")
         with self._lock:
-            for line in str(message).splitlines() or [""]:
+            for line in public_text(str(message), self.settings).splitlines() or [""]:
                 self._lines.append(f"{stamp} {line}")
                 self._logfile.write(f"{stamp} {line}\n")
             self._logfile.flush()
