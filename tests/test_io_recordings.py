@@ -289,6 +289,24 @@ def test_hdf5_first_3d_and_named_dataset(tmp_path):
         read_recording(f"{path}:/raw/blue")
 
 
+def test_an_interval_from_metadata_that_is_not_finite_is_unknown(tmp_path):
+    """A tenth attack run: an HDF5 ``fps`` of 1e-310 gave a frame interval of inf, stored as
+    JSON ``Infinity`` on SQLite and refused by PostgreSQL (422 at upload for a valid file).
+    An interval or pixel size that is not a positive finite number is unknown, whichever
+    reader derived it."""
+    data = stack(6, 16, 16)
+    for fps, expected in ((1e-310, None), (4.0, 0.25), (float("nan"), None), (-2.0, None)):
+        path = tmp_path / "fps.h5"
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("data", data=data).attrs["fps"] = fps
+        info = probe_recording(path)
+        assert info.frame_interval_s == (None if expected is None else pytest.approx(expected))
+        assert read_recording(path).info.frame_interval_s == info.frame_interval_s
+    info = RecordingInfo("x.tif", "tiff", 6, 16, 16, "uint16", "TYX",
+                         frame_interval_s=float("inf"), pixel_size_um=0.0)  # fmt: skip
+    assert info.frame_interval_s is None and info.pixel_size_um is None
+
+
 def test_npy_and_content_sniffing(tmp_path):
     data = stack(3, 16, 16)
     npy = tmp_path / "rec.npy"

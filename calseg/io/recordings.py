@@ -185,6 +185,14 @@ class RecordingInfo:
     file_axes: str = ""
     suspected_channels: int | None = None
 
+    def __post_init__(self) -> None:
+        # Whatever a reader derived from a file's metadata (an HDF5 ``fps`` of 1e-310 gave an
+        # interval of inf, stored as JSON ``Infinity`` by SQLite and refused by PostgreSQL: a
+        # tenth attack run), an interval or pixel size that is not a positive finite number
+        # is unknown.
+        self.frame_interval_s = _positive(self.frame_interval_s)
+        self.pixel_size_um = _positive(self.pixel_size_um)
+
     def to_dict(self) -> dict:
         """Return a JSON-serialisable dict of all fields."""
         d = asdict(self)
@@ -1310,7 +1318,7 @@ def _open_hdf5(
         px = px or _positive(attrs.get("pixel_size_um"))
         dt = _positive(attrs.get("frame_interval_s"))
         if dt is None and _positive(attrs.get("fps")):
-            dt = 1.0 / float(attrs["fps"])
+            dt = _positive(1.0 / float(attrs["fps"]))
     except (RecordingError, UnsafeRecording):
         h5.close()
         raise
@@ -1638,7 +1646,7 @@ def _open_video(
         file_axes=axes,
         axes=axes,
         rgb=rgb,
-        frame_interval_s=1.0 / fps if fps else None,
+        frame_interval_s=_positive(1.0 / fps) if fps else None,
         lossy=codec not in ("ffv1", "rawvideo", "png", "huffyuv", "utvideo"),
         warnings=warn,
         closers=[decoder.close],
