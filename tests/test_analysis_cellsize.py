@@ -280,6 +280,7 @@ def test_the_activity_lag_is_a_time_when_the_frame_interval_is_known():
     assert activity_lag_frames(2.0, 200) == 2  # 1.5 frames, rounded
     assert activity_lag_frames(5.0, 200) == 1
     assert activity_lag_frames(0.01, 200) == 190  # 300 frames, cut to leave 8 change images
+    assert activity_lag_frames(1e-320, 200) == 190  # inf frames (OverflowError before)
     for unknown in (None, 0.0, float("nan"), float("inf"), -1.0):
         assert activity_lag_frames(unknown, 200) == ACTIVITY_LAG_FRAMES
     assert activity_lag_frames(None, 11) == 1

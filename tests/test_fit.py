@@ -130,6 +130,48 @@ def test_tiny_recording_is_enlarged_to_hold_enough_cells():
     assert any("frame interval" in n for n in fit.notes)
 
 
+def test_any_recording_the_reader_accepts_fits_or_is_refused_clearly(tmp_path):
+    """A tenth attack run: four recordings that segment fine made simulate jobs fitted to
+    them fail with raw errors (a pydantic ValidationError, OverflowError, LinAlgError). Each
+    now gives a simulation the simulator can run, or a FitError that says why."""
+    import tifffile
+
+    from calseg.io.recordings import read_recording
+    from calseg.simulate.config import MAX_MODEL_TIME_S
+
+    rng = np.random.default_rng(1)
+    slow = tmp_path / "slow.tif"  # 420 frames of 10 min: 252,000 s of model time
+    tifffile.imwrite(slow, rng.poisson(100, (420, 32, 32)).astype(np.uint16), imagej=True,
+                     metadata={"axes": "TYX", "finterval": 10, "tunit": "min"})  # fmt: skip
+    small = (rng.random((6, 16, 16)) * 100).astype(np.uint16)
+    tiny_dt = tmp_path / "fint.tif"  # an interval of 1e-320 s: OverflowError
+    tifffile.imwrite(tiny_dt, small, metadata=None,
+                     description="ImageJ=1.53t\nimages=6\nfinterval=1e-320\n")  # fmt: skip
+    huge = tmp_path / "c1.tif"  # calibrated to 1e30 per count: a singular noise fit
+    tifffile.imwrite(huge, small, metadata=None,
+                     description="ImageJ=1.53t\nimages=6\nc0=0\nc1=1e30\n")  # fmt: skip
+    thin = tmp_path / "thin.npy"  # 8 x 5000 px: a 32 x 4096 field held 10 cells
+    np.save(thin, (rng.random((6, 8, 5000)) * 100).astype(np.uint16))
+
+    for path in (slow, tiny_dt, thin):
+        rec = read_recording(path)
+        fit = fit_recording(rec.frames, rec.info.frame_interval_s, rec.info.pixel_size_um)
+        cfg = fit.to_config()
+        assert cfg.n_frames * cfg.frame_interval_s <= MAX_MODEL_TIME_S
+        assert estimate_n_cells(cfg.height, cfg.width, cfg.tissue_shape,
+                                cfg.mean_cell_area_px) >= MIN_CELLS  # fmt: skip
+    assert cfg.width == 4096 and cfg.height > 32  # the thin field grew across too
+    rec = read_recording(slow)
+    cfg = fit_recording(rec.frames, rec.info.frame_interval_s).to_config()
+    assert cfg.frame_interval_s == 600.0 and cfg.n_frames == int(MAX_MODEL_TIME_S // 600)
+    rec = read_recording(tiny_dt)
+    fit = fit_recording(rec.frames, rec.info.frame_interval_s)
+    assert any(n.endswith("outside 0.0001-3600: not used") for n in fit.notes), fit.notes
+    rec = read_recording(huge)
+    with pytest.raises(FitError, match="no noise curve can be fitted"):
+        fit_recording(rec.frames, rec.info.frame_interval_s)
+
+
 def test_noise_curve_of_pure_poisson_gaussian_noise():
     rng = np.random.default_rng(1)
     level = np.linspace(5, 400, 64 * 64).reshape(64, 64)  # e-

@@ -397,10 +397,11 @@ def activity_lag_frames(frame_interval_s: float | None, n_frames: int) -> int:
     interval (s), rounded, at least 1; :data:`ACTIVITY_LAG_FRAMES` when the interval is not
     known (``None``, 0, not finite); at most what leaves :data:`ACTIVITY_MIN_PAIRS` change
     images in ``n_frames`` frames (and at least 1)."""
-    lag = ACTIVITY_LAG_FRAMES
+    lag = float(ACTIVITY_LAG_FRAMES)
     if frame_interval_s is not None and np.isfinite(frame_interval_s) and frame_interval_s > 0:
-        lag = max(1, round(ACTIVITY_LAG_S / float(frame_interval_s)))
-    return int(max(1, min(lag, n_frames - 2 - ACTIVITY_MIN_PAIRS)))
+        # a float until clipped: 3 s / 1e-320 s is inf (round(inf) raised OverflowError)
+        lag = max(1.0, ACTIVITY_LAG_S / float(frame_interval_s))
+    return int(max(1, round(min(lag, float(n_frames - 2 - ACTIVITY_MIN_PAIRS)))))
 
 
 def activity_covariance_profile(

@@ -511,6 +511,20 @@ def time_unit_s(unit: Any) -> float | None:
     return _UNIT_S.get(text or "s")  # none given: seconds, ImageJ's and OME's default
 
 
+FRAME_INTERVAL_RANGE_S = (1e-4, 3600.0)
+"""Accepted seconds between frames: 10 kHz (beyond any calcium-imaging camera) to 1 h. The one
+home of these bounds: the infer job's ``frame_interval_s``, ``calseg segment`` /
+``calseg analyze --frame-interval-s``, ``calseg fit-sim`` and file metadata (a value outside
+is not used)."""
+PIXEL_SIZE_RANGE_UM = (1e-3, 1000.0)
+"""Accepted µm per pixel: 1 nm (beyond super-resolution) to 1 mm."""
+
+
+def usable_unit(value: float | None, bounds: tuple[float, float]) -> bool:
+    """Whether ``value`` is given, finite and within ``bounds`` (inclusive)."""
+    return value is not None and math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
+
+
 def _positive(value: Any) -> float | None:
     try:
         v = float(value)

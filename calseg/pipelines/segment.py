@@ -25,7 +25,6 @@ fields of the job result the page shows.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calseg.fmt import fmt_num, plural
+from calseg.io.recordings import FRAME_INTERVAL_RANGE_S, PIXEL_SIZE_RANGE_UM, usable_unit
 from calseg.progress import ProgressFn, null_progress, scaled
 
 if TYPE_CHECKING:
@@ -248,14 +248,6 @@ class SegmentOptionError(ValueError):
     :class:`calseg.segment.infer.InferenceConfig` field); raised before any work."""
 
 
-FRAME_INTERVAL_RANGE_S = (1e-4, 3600.0)
-"""Accepted seconds between frames: 10 kHz (beyond any calcium-imaging camera) to 1 h. The one
-home of these bounds: the infer job's ``frame_interval_s``, ``calseg segment`` /
-``calseg analyze --frame-interval-s`` and file metadata (a value outside is not used)."""
-PIXEL_SIZE_RANGE_UM = (1e-3, 1000.0)
-"""Accepted µm per pixel: 1 nm (beyond super-resolution) to 1 mm."""
-
-
 def check_recording_units(
     frame_interval_s: float | None,
     pixel_size_um: float | None,
@@ -272,15 +264,10 @@ def check_recording_units(
         (frame_interval_s, names[0], FRAME_INTERVAL_RANGE_S, "s"),
         (pixel_size_um, names[1], PIXEL_SIZE_RANGE_UM, "µm"),
     ):
-        if value is not None and not _usable(value, (lo, hi)):
+        if value is not None and not usable_unit(value, (lo, hi)):
             raise SegmentOptionError(
                 f"{name} {value}: must be a number from {lo:g} to {hi:g} {unit}"
             )
-
-
-def _usable(value: float | None, bounds: tuple[float, float]) -> bool:
-    """Whether ``value`` is given, finite and within ``bounds`` (inclusive)."""
-    return value is not None and math.isfinite(float(value)) and bounds[0] <= value <= bounds[1]
 
 
 @dataclass
@@ -404,7 +391,7 @@ def segment_and_export(
         ("dt", frame_interval_s, FRAME_INTERVAL_RANGE_S, "frame interval"),
         ("px", pixel_size_um, PIXEL_SIZE_RANGE_UM, "pixel size"),
     ):
-        usable[key] = value if _usable(value, bounds) else None
+        usable[key] = value if usable_unit(value, bounds) else None
         if value is not None and value != 0 and usable[key] is None:
             report("warning", f"{what} {value} outside {bounds[0]:g}-{bounds[1]:g}: not used")
     frame_interval_s, pixel_size_um = usable["dt"], usable["px"]

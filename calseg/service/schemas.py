@@ -533,7 +533,7 @@ def finetune_params() -> type[_Params]:
 @cache
 def infer_params() -> type[_Params]:
     """The parameter model of infer jobs (registered in :mod:`calseg.service.kinds`)."""
-    from calseg.pipelines.segment import FRAME_INTERVAL_RANGE_S, PIXEL_SIZE_RANGE_UM
+    from calseg.io.recordings import FRAME_INTERVAL_RANGE_S, PIXEL_SIZE_RANGE_UM
     from calseg.segment.infer import InferenceConfig
 
     own = {

@@ -88,15 +88,23 @@ class DefectSetting(BaseModel):
         return self
 
 
+MAX_FRAMES = 5000
+"""Most frames per simulated recording."""
+MAX_SIDE_PX = 4096
+"""Largest simulated frame side (px)."""
+MAX_MODEL_TIME_S = 200000.0
+"""Most model time per recording, ``n_frames * frame_interval_s`` (s; about 2.3 days)."""
+
+
 class SimulationConfig(BaseModel):
     """Everything that defines a simulated dataset of GCaMP recordings of epithelial tissue."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_videos: int = Field(4, ge=1, le=1000, description="number of recordings (videos)")
-    n_frames: int = Field(64, ge=2, le=5000, description="frames per recording")
-    height: int = Field(256, ge=32, le=4096, description="frame height (px)")
-    width: int = Field(256, ge=32, le=4096, description="frame width (px)")
+    n_frames: int = Field(64, ge=2, le=MAX_FRAMES, description="frames per recording")
+    height: int = Field(256, ge=32, le=MAX_SIDE_PX, description="frame height (px)")
+    width: int = Field(256, ge=32, le=MAX_SIDE_PX, description="frame width (px)")
     pattern_classes: list[PatternClassName] = Field(
         default_factory=lambda: ["waves", "transients"],
         min_length=1,
@@ -217,8 +225,11 @@ class SimulationConfig(BaseModel):
             raise ValueError("hysteresis_low_uM must be below activity_threshold_uM")
         if self.frame_interval_s < self.dt_s:
             raise ValueError(f"frame_interval_s must be >= dt_s ({self.dt_s} s)")
-        if self.n_frames * self.frame_interval_s > 200000:
-            raise ValueError("n_frames * frame_interval_s must be at most 200000 s of model time")
+        if self.n_frames * self.frame_interval_s > MAX_MODEL_TIME_S:
+            raise ValueError(
+                f"n_frames * frame_interval_s must be at most {MAX_MODEL_TIME_S:.0f} s of "
+                "model time"
+            )
         return self
 
     def model_parameters(self) -> ModelParameters:

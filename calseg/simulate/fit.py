@@ -52,14 +52,27 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from pydantic import ValidationError
 from scipy import ndimage as ndi
 from scipy import stats
 
 from calseg.analysis.cellsize import estimate_cell_diameter
 from calseg.analysis.metrics import MAD_TO_SIGMA
-from calseg.io.recordings import RecordingError
+from calseg.fmt import fmt_num
+from calseg.io.recordings import (
+    FRAME_INTERVAL_RANGE_S,
+    PIXEL_SIZE_RANGE_UM,
+    RecordingError,
+    usable_unit,
+)
 from calseg.progress import check_cancelled
-from calseg.simulate.config import ImagingOverrides, SimulationConfig
+from calseg.simulate.config import (
+    MAX_FRAMES,
+    MAX_MODEL_TIME_S,
+    MAX_SIDE_PX,
+    ImagingOverrides,
+    SimulationConfig,
+)
 from calseg.simulate.geometry import MAX_CELLS, MIN_CELLS, estimate_n_cells
 from calseg.simulate.render import INDICATORS, hill
 
@@ -118,6 +131,7 @@ def _as_float_stack(frames: np.ndarray, min_frames: int = 3) -> np.ndarray:
     return a
 
 
+@np.errstate(over="ignore", invalid="ignore")  # values far beyond counts: FitError below
 def fit_noise_curve(frames: np.ndarray, n_bins: int = 24, max_pairs: int = 4_000_000) -> NoiseCurve:
     """Photon-transfer curve from consecutive-frame differences (see module docstring).
 
@@ -180,8 +194,17 @@ def fit_noise_curve(frames: np.ndarray, n_bins: int = 24, max_pairs: int = 4_000
     w = n / np.maximum(vy, 1e-12) ** 2
     x = np.column_stack([mx, np.ones_like(mx)])
     wx = x * w[:, None]
-    cov = np.linalg.inv(x.T @ wx)
+    try:
+        cov = np.linalg.inv(x.T @ wx)
+    except np.linalg.LinAlgError:  # e.g. an ImageJ calibration of c1 = 1e30: levels of 1e34
+        cov = np.full((2, 2), np.nan)
     coef = cov @ (wx.T @ vy)
+    if not np.isfinite(coef).all():
+        raise FitError(
+            "no noise curve can be fitted: the intensity levels "
+            f"({fmt_num(float(mx.min()))} to {fmt_num(float(mx.max()))}) and their variances "
+            "give no finite line (calibrated or rescaled values far from camera counts?)"
+        )
     resid = vy - x @ coef
     dof = max(1, len(mx) - 2)
     s2 = float((w * resid**2).sum() / dof)
@@ -474,26 +497,38 @@ class RecordingFit:
         d = base.model_dump()
         area = float(min(max(self.mean_cell_area_px, 10.0), 10000.0))
         shape = "rectangle" if self.tissue_fraction > 0.8 else "pouch"
-        h, w = max(32, self.height), max(32, self.width)
-        while estimate_n_cells(h, w, shape, area) < MIN_CELLS and max(h, w) < 4096:
-            h, w = int(h * 1.25) + 1, int(w * 1.25) + 1
+        h, w = min(max(32, self.height), MAX_SIDE_PX), min(max(32, self.width), MAX_SIDE_PX)
+        # each side grows until the field holds enough cells or both reach the limit (a
+        # 8 x 5000 px field gave 32 x 4096 px, 10 cells, refused: a tenth attack run)
+        while estimate_n_cells(h, w, shape, area) < MIN_CELLS and min(h, w) < MAX_SIDE_PX:
+            h, w = min(int(h * 1.25) + 1, MAX_SIDE_PX), min(int(w * 1.25) + 1, MAX_SIDE_PX)
         while estimate_n_cells(h, w, shape, area) > MAX_CELLS:
             area *= 1.25
+        dt = d["frame_interval_s"]
+        if self.frame_interval_s is not None:
+            dt = float(min(max(self.frame_interval_s, d["dt_s"]), 600.0))
+        # the model time is bounded too: 420 frames of 10 min gave 252,000 s, refused
+        n_frames = int(min(self.n_frames, MAX_FRAMES, MAX_MODEL_TIME_S // dt))
         d.update(
-            height=min(h, 4096),
-            width=min(w, 4096),
-            n_frames=max(2, min(self.n_frames, 5000)),
+            height=h,
+            width=w,
+            n_frames=max(2, n_frames),
+            frame_interval_s=dt,
             mean_cell_area_px=min(area, 10000.0),
             tissue_shape=shape,
             bit_depth=self.bit_depth,
         )
-        if self.frame_interval_s is not None:
-            d["frame_interval_s"] = float(min(max(self.frame_interval_s, d["dt_s"]), 600.0))
         d["imaging"] = self.imaging(d["frame_interval_s"]).model_dump()
         if self.pixel_size_um is not None:
             d["pixel_size_um"] = float(min(max(self.pixel_size_um, 1e-3), 100.0))
         d.update(overrides)
-        return SimulationConfig.model_validate(d)
+        try:
+            return SimulationConfig.model_validate(d)
+        except ValidationError as exc:  # whatever a recording gave that the bounds above miss
+            reasons = "; ".join(e["msg"] for e in exc.errors())
+            raise FitError(
+                f"the fitted simulation is not one the simulator can run: {reasons}"
+            ) from None
 
 
 CAMERA_GAIN_RANGE_ADU_PER_E = (0.05, 50.0)
@@ -554,12 +589,24 @@ def fit_recording(
     """
     if indicator not in INDICATORS:
         raise FitError(f"unknown indicator {indicator!r}; use one of {sorted(INDICATORS)}")
+    notes: list[str] = []
+    # metadata outside what any recording has (an ImageJ finterval of 1e-320 s: a tenth
+    # attack run) is not used, as segmentation does not use it
+    for value, bounds, what in (
+        (frame_interval_s, FRAME_INTERVAL_RANGE_S, "frame interval (s)"),
+        (pixel_size_um, PIXEL_SIZE_RANGE_UM, "pixel size (um)"),
+    ):
+        if value is not None and not usable_unit(value, bounds):
+            notes.append(f"{what} {value:g} outside {bounds[0]:g}-{bounds[1]:g}: not used")
+    if not usable_unit(frame_interval_s, FRAME_INTERVAL_RANGE_S):
+        frame_interval_s = None
+    if not usable_unit(pixel_size_um, PIXEL_SIZE_RANGE_UM):
+        pixel_size_um = None
     raw = np.asarray(frames)
     # The noise, dark-level, PSF and cell-size estimators use the first MAX_FIT_FRAMES frames
     # (float32 copy: 64 x 1024^2 px = 256 MiB); bleaching reads every frame, one at a time.
     a = _as_float_stack(raw[:MAX_FIT_FRAMES])
     t, h, w = a.shape
-    notes: list[str] = []
     if raw.shape[0] > MAX_FIT_FRAMES:
         notes.append(
             f"noise, dark level, PSF and cells fitted on the first {MAX_FIT_FRAMES} of "
