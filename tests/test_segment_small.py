@@ -238,3 +238,25 @@ def test_the_disc_prior_keeps_its_size_in_frame_pixels() -> None:
     assert inference_prior_radius(info, at_256) == info.prior_radius
     info.prior_radius = None
     assert inference_prior_radius(info, at_256, cell_diameter_px=20) is None
+
+
+def test_video_mode_loads_the_small_sam2_and_refuses_its_disc_prior_clearly() -> None:
+    """A tenth attack run: every infer job with mode 'video' and the small SAM2 failed with a
+    4000-character state-dict error (the video predictor was built from the packaged tiny
+    config without the small config's overrides). The video predictor now has the small
+    model's architecture and weights; a model whose masks correct a disc prior is refused in
+    video mode with a SegmentOptionError that says why and what to use."""
+    from calseg.segment.infer import InferenceConfig, SegmentOptionError, segment_recording
+    from calseg.segment.video import video_predictor
+
+    loaded = load_sam2(SMALL_CONFIG, None, image_size=SMALL_IMAGE_SIZE, device="cpu")
+    pred = video_predictor(loaded)  # random weights, the small architecture: loads
+    for name, p in loaded.model.state_dict().items():
+        assert torch.equal(pred.state_dict()[name], p), name
+    if not BUNDLED_SMALL_CHECKPOINT.is_file():
+        pytest.skip("no bundled checkpoint")
+    frames = np.random.default_rng(0).poisson(100, (8, 32, 32)).astype(np.uint16)
+    frames[3:6, 10:20, 10:20] += 400  # one active cell, so there are prompts
+    cfg = InferenceConfig(method="sam2", model=SMALL_CONFIG, mode="video", device="cpu")
+    with pytest.raises(SegmentOptionError, match="mode 'video' cannot run sam2_small_calseg"):
+        segment_recording(frames, cfg, checkpoint=BUNDLED_SMALL_CHECKPOINT)

@@ -35,6 +35,7 @@ import numpy as np
 from calseg.fmt import fmt_num, plural
 from calseg.io.recordings import FRAME_INTERVAL_RANGE_S, PIXEL_SIZE_RANGE_UM, usable_unit
 from calseg.progress import ProgressFn, null_progress, scaled
+from calseg.segment.infer import SegmentOptionError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -241,11 +242,6 @@ def _evidence_text(ev: dict | None, coverage: float) -> str | None:
 NO_FRAME_INTERVAL = "no frame interval in the recording's metadata: 1 s assumed for traces"
 """What both front doors say when a recording has no frame interval (traces then count frames
 as seconds)."""
-
-
-class SegmentOptionError(ValueError):
-    """A segmentation request that cannot run as given (unknown method, invalid
-    :class:`calseg.segment.infer.InferenceConfig` field); raised before any work."""
 
 
 def check_recording_units(

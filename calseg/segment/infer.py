@@ -51,6 +51,12 @@ __all__ = [
 ]
 
 
+class SegmentOptionError(ValueError):
+    """A segmentation request that cannot run as given (unknown method, invalid
+    :class:`InferenceConfig` field, a model that cannot run in the mode asked); raised before
+    any segmentation work."""
+
+
 def segment_recording(
     frames: np.ndarray,
     config: InferenceConfig,
@@ -146,6 +152,18 @@ def segment_recording(
         geom = FrameGeometry(geom.height, geom.width, loaded.info.image_size)
     if loaded.info.random_weights:
         warnings.append("SAM2 has RANDOM weights (no checkpoint): masks are not meaningful")
+    if config.mode == "video" and loaded.info.prior_mode:
+        # a tenth attack run: every video-mode job with CalSeg's small SAM2 failed with a
+        # 4000-character state-dict error. Video propagation feeds SAM2's own masks to its
+        # memory, with no place for the disc this model's masks are a correction of.
+        name = Path(loaded.info.checkpoint).name if loaded.info.checkpoint else "no checkpoint"
+        raise SegmentOptionError(
+            f"mode 'video' cannot run {loaded.info.config} ({name}): its masks are a "
+            "correction of a disc prior "
+            f"(mask_prior {loaded.info.prior_mode!r}), which SAM2's video propagation cannot "
+            "add; use mode 'image', or a SAM2 checkpoint without a mask prior (an official "
+            "sam2.1_hiera_*.pt)"
+        )
     timings["load_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     prompts_by_frame = [

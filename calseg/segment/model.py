@@ -28,9 +28,10 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -228,23 +229,40 @@ def build_sam2_model(config: str, image_size: int) -> torch.nn.Module:
     random-weight models are identical: a fine-tuned checkpoint made on a random-weight base
     can be re-attached to the same frozen encoder later.
     """
-    import sam2  # noqa: F401  (initialises Hydra with the sam2 config module)
     import torch
-    from hydra import compose
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     if image_size % 32 or image_size < 64:
         raise ModelLoadError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
-    short, cfg_path = resolve_config(config)
-    derived = DERIVED_CONFIGS.get(short, ("", []))[1]
-    overrides = [f"++model.image_size={int(image_size)}", *_POSTPROCESS_OVERRIDES, *derived]
-    cfg = compose(config_name=cfg_path, overrides=overrides)
-    OmegaConf.resolve(cfg)
+    cfg = compose_sam2_config(config, image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = instantiate(cfg.model, _recursive_=True)
     return model
+
+
+def compose_sam2_config(config: str, image_size: int, extra: Sequence[str] = ()) -> Any:
+    """The resolved Hydra config of a packaged or derived SAM2 ``config`` at ``image_size``:
+    SAM2's post-processing settings, a derived config's own overrides
+    (:data:`DERIVED_CONFIGS`) and ``extra`` overrides last. The one place a model's
+    architecture is composed, for the image model and the video predictor alike (the video
+    predictor composed the packaged config without the derived overrides, so CalSeg's small
+    SAM2 never loaded into it: a tenth attack run)."""
+    import sam2  # noqa: F401  (initialises Hydra with the sam2 config module)
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    short, cfg_path = resolve_config(config)
+    derived = DERIVED_CONFIGS.get(short, ("", []))[1]
+    overrides = [
+        f"++model.image_size={int(image_size)}",
+        *_POSTPROCESS_OVERRIDES,
+        *derived,
+        *extra,
+    ]
+    cfg = compose(config_name=cfg_path, overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
 
 
 def encoder_parameter_names(model: torch.nn.Module) -> list[str]:

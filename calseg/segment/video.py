@@ -119,24 +119,17 @@ def video_predictor(loaded: LoadedSAM2):
     cached = getattr(loaded, "_video_predictor", None)
     if cached is not None:
         return cached
-    import sam2  # noqa: F401
     import torch
-    from hydra import compose
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from calseg.segment.model import _POSTPROCESS_OVERRIDES, resolve_config
+    from calseg.segment.model import compose_sam2_config
 
-    _, cfg_path = resolve_config(loaded.info.config)
     overrides = [
         "++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor",
-        f"++model.image_size={int(loaded.info.image_size)}",
-        *_POSTPROCESS_OVERRIDES,
         "++model.binarize_mask_from_pts_for_mem_enc=true",
         "++model.fill_hole_area=0",
     ]
-    cfg = compose(config_name=cfg_path, overrides=overrides)
-    OmegaConf.resolve(cfg)
+    cfg = compose_sam2_config(loaded.info.config, int(loaded.info.image_size), overrides)
     device = next(loaded.model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

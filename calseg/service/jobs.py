@@ -723,6 +723,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from calseg.io.dataset import DatasetError
     from calseg.io.recordings import RecordingError
     from calseg.preprocess import PreprocessError
+    from calseg.segment.infer import SegmentOptionError
     from calseg.service.costs import JobTooCostly
     from calseg.service.runners import RunnerError
     from calseg.simulate.model import ModelDiverged
@@ -732,6 +733,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
         DatasetError,
         PreprocessError,
         RunnerError,
+        SegmentOptionError,
         JobReferenceError,
         JobTooCostly,
         ModelDiverged,
