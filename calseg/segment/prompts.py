@@ -38,7 +38,13 @@ from scipy import ndimage as ndi
 
 from calseg.analysis.metrics import MAD_TO_SIGMA, diff_noise_sd
 from calseg.progress import check_cancelled
-from calseg.segment.cells import CellMap, CellParams, cell_territories, territory_activity
+from calseg.segment.cells import (
+    CellMap,
+    CellParams,
+    cell_territories,
+    territory_activity,
+    unit_gain,
+)
 
 
 @dataclass
@@ -190,6 +196,9 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     if not finite.all():
         fill = float(np.median(f[finite])) if finite.any() else 0.0
         f = np.where(finite, f, fill).astype(np.float32)
+    gain = unit_gain(f)  # float data of any scale as camera counts (exact: a power of two)
+    if gain != 1.0:
+        f = f * np.float32(gain)
     drift = None
     if p.detrend and f.shape[0] > 1:
         drift = frame_offsets(f)
@@ -238,10 +247,10 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     stats = {
         "f0_percentile": p.f0_percentile,
         "smooth_sigma_px": p.smooth_sigma_px,
-        "noise_sigma_median": sigma_med,
+        "noise_sigma_median": sigma_med / gain,
         "threshold_k": threshold,
         "min_dff": p.min_dff,
-        "detrend_max_abs": float(np.abs(drift).max()) if drift is not None else 0.0,
+        "detrend_max_abs": float(np.abs(drift).max()) / gain if drift is not None else 0.0,
         "threshold": float(threshold),
         "n_seeds": int(len(seeds)),
         "n_cells": int(len(seeds)),
