@@ -33,6 +33,7 @@ Arrays: frames ``(T, H, W)`` in, ``float32`` ``(T, H, W)`` out (the recording's 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -61,6 +62,41 @@ def _frames(frames: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.dtype.kind not in "uif":
         raise PreprocessError(f"frames must be a real (T, H, W) array, got {arr.dtype} {arr.shape}")
     return arr
+
+
+def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
+    """``frames`` with every NaN or +-Inf replaced by its pixel's temporal median of the finite
+    values (a pixel with none: the median of all finite values), and how many were replaced.
+
+    Registration, background filters and the bleaching fit spread one NaN over a window, a
+    frame or the whole recording: a partly-NaN recording failed registration with skimage's
+    own "NaN values found" and the background step with "no finite value ... check the export"
+    though half the file was finite (a tenth attack run). A filled value is a pixel at rest,
+    as segmentation treats a non-finite value (:func:`calseg.segment.prompts.compute_activity`).
+
+    Returns:
+        ``(frames, n_filled)``: the input itself when all values are finite (or not float),
+        else a float32 copy.
+
+    Raises:
+        PreprocessError: no finite value at all.
+    """
+    arr = _frames(frames)
+    if arr.dtype.kind != "f":
+        return arr, 0
+    bad = ~np.isfinite(arr)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return arr, 0
+    if n_bad == arr.size:
+        raise PreprocessError("no finite value: every value is NaN or Inf; nothing to preprocess")
+    out = np.where(bad, np.float32(np.nan), arr).astype(np.float32)
+    with warnings.catch_warnings():  # all-NaN pixels: filled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_pixel = np.nanmedian(out, axis=0)
+    per_pixel = np.where(np.isfinite(per_pixel), per_pixel, np.nanmedian(out)).astype(np.float32)
+    np.copyto(out, np.broadcast_to(per_pixel, out.shape), where=bad)
+    return out, n_bad
 
 
 def z_project(stack: np.ndarray, method: Literal["max", "mean", "median"] = "max") -> np.ndarray:
@@ -310,6 +346,13 @@ def preprocess(
     opt = options or PreprocessOptions()
     rep = PreprocessReport(options=asdict(opt))
     out = _frames(frames)
+    if opt.register_drift or opt.background or opt.bleach_correction:
+        out, n_filled = fill_non_finite(out)
+        if n_filled:
+            rep.steps.append(
+                f"{n_filled} NaN/Inf value(s) ({100 * n_filled / out.size:.3g} %) set to their "
+                "pixel's median over time first"
+            )
     if opt.register_drift:
         out, shifts = register_drift(out, upsample=opt.register_upsample)
         rep.max_shift_px = float(np.hypot(*shifts.T).max()) if len(shifts) else 0.0
