@@ -582,6 +582,25 @@ def test_infer_inputs_are_checked_at_submit_and_failures_leak_no_server_path(
         assert str(tmp_path) not in text, text
 
 
+def test_an_evaluate_split_without_videos_is_refused_at_submit(client: TestClient) -> None:
+    """A tenth attack run: an evaluate job of split "val" on a dataset without validation
+    videos was admitted (201) and failed in the worker with a DatasetError. Once the dataset
+    is made, an empty split is a 422 naming the splits that hold videos."""
+    params = {**SIM, "n_videos": 2, "n_val_videos": 0, "n_test_videos": 1}
+    sim = client.post("/api/jobs", json={"kind": "simulate", "params": params}).json()
+    early = client.post("/api/jobs", json={"kind": "evaluate",
+                        "params": {"dataset_job_id": sim["id"], "split": "val"}})  # fmt: skip
+    assert early.status_code == 201, early.text  # not made yet: the worker checks it
+    assert _run(sim["id"]) == "succeeded"
+    r = client.post("/api/jobs", json={"kind": "evaluate",
+                    "params": {"dataset_job_id": sim["id"], "split": "val"}})  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert "has no 'val' videos (videos per split: train 1, test 1)" in r.json()["detail"]
+    ok = client.post("/api/jobs", json={"kind": "evaluate",
+                     "params": {"dataset_job_id": sim["id"], "split": "test"}})  # fmt: skip
+    assert ok.status_code == 201, ok.text
+
+
 def test_a_sam2_job_result_names_no_server_folder(
     client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

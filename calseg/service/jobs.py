@@ -132,6 +132,47 @@ def check_references(
         raise JobReferenceError(f"recording_id: there is no recording {rec_id}")
     if kind == "infer" and settings is not None:
         _check_infer_input(session, params, rec, settings, owner)
+    if kind == "evaluate" and settings is not None:
+        _check_evaluate_split(session, params, settings)
+
+
+def _finished_dataset(session: Session, ds_id: str | None, settings: Settings) -> Any:
+    """The :class:`calseg.io.dataset.Dataset` of simulate job ``ds_id``, or None while it is
+    still being made (no manifest yet: the worker checks it) or when none is given."""
+    from calseg.io.dataset import load_dataset
+
+    if ds_id is None:
+        return None
+    manifest = session.scalar(
+        select(Artifact).where(Artifact.job_id == ds_id, Artifact.name == "manifest.json")
+    )
+    if manifest is None:
+        return None
+    return load_dataset(get_store(settings.artifact_dir).path(manifest.relpath).parent)
+
+
+def _check_evaluate_split(session: Session, params: Any, settings: Settings) -> None:
+    """An evaluate job's split must hold videos once its dataset is made (a tenth attack run:
+    split "val" of a dataset without validation videos was admitted, then failed in the
+    worker).
+
+    Raises:
+        JobReferenceError: the split is empty (API: 422), naming the splits that are not.
+    """
+    from calseg.io.dataset import SPLITS, DatasetError
+
+    split = getattr(params, "split", None)
+    try:
+        ds = _finished_dataset(session, getattr(params, "dataset_job_id", None), settings)
+    except DatasetError as exc:
+        raise JobReferenceError(f"dataset_job_id: {public_text(str(exc), settings)}") from None
+    if ds is None or split is None or ds.split(split):
+        return
+    held = ", ".join(f"{name} {len(ds.split(name))}" for name in SPLITS if ds.split(name))
+    raise JobReferenceError(
+        f"split: dataset job {params.dataset_job_id} has no {split!r} videos (videos per "
+        f"split: {held or 'none'})"
+    )
 
 
 def _check_infer_input(
@@ -150,7 +191,7 @@ def _check_infer_input(
     Raises:
         JobReferenceError: the reader's or the dataset's message (API: 422).
     """
-    from calseg.io.dataset import DatasetError, load_dataset
+    from calseg.io.dataset import DatasetError
     from calseg.io.recordings import RecordingError, probe_recording
     from calseg.service.costs import job_read_options
     from calseg.service.frame_guard import frame_slot
@@ -173,13 +214,10 @@ def _check_infer_input(
     ds_id, video_id = getattr(params, "dataset_job_id", None), getattr(params, "video_id", None)
     if ds_id is None or video_id is None:
         return
-    manifest = session.scalar(
-        select(Artifact).where(Artifact.job_id == ds_id, Artifact.name == "manifest.json")
-    )
-    if manifest is None:  # the dataset is still being made: the worker checks it
-        return
     try:
-        load_dataset(store.path(manifest.relpath).parent).video(video_id)
+        ds = _finished_dataset(session, ds_id, settings)
+        if ds is not None:
+            ds.video(video_id)
     except DatasetError as exc:
         raise JobReferenceError(f"video_id: {public_text(str(exc), settings)}") from None
 
