@@ -307,6 +307,20 @@ def test_an_interval_from_metadata_that_is_not_finite_is_unknown(tmp_path):
     assert info.frame_interval_s is None and info.pixel_size_um is None
 
 
+def test_file_axes_that_cannot_be_right_are_not_used_and_say_so(tmp_path):
+    """A tenth attack run: an HDF5 axes attribute "YYX" gave a 422 calling the file "probably
+    damaged", and "SYX" (S of 6, not colour samples) was read as TYX without a word. Both are
+    read from the shape now, each with a warning that names the file's axes."""
+    data = stack(6, 16, 16)
+    for axes, words in (("YYX", "name a dimension twice"), ("SYX", "colour samples (S)")):
+        path = tmp_path / f"{axes}.h5"
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("data", data=data).attrs["axes"] = axes
+        rec = read_recording(path)
+        assert rec.info.axes == "TYX" and rec.frames.shape == (6, 16, 16)
+        assert any(words in w and repr(axes) in w for w in rec.info.warnings), rec.info.warnings
+
+
 def test_npy_and_content_sniffing(tmp_path):
     data = stack(3, 16, 16)
     npy = tmp_path / "rec.npy"

@@ -1810,10 +1810,21 @@ def _resolve_axes(src: _Source, override: str | None) -> tuple[str, list[str]]:
             "least rows and columns."
         )
     ax = src.axes if src.axes and len(src.axes) == len(shape) else _guess_axes(shape)
+    named = ax.replace("?", "")
+    if len(set(named)) != len(named):  # e.g. an HDF5 axes attribute "YYX" (a tenth attack run)
+        notes.append(
+            f"the file's axes {ax!r} name a dimension twice: not used, axes guessed from the "
+            "shape; pass axes with one letter per dimension to read it otherwise"
+        )
+        ax = _guess_axes(shape)
     if "Y" not in ax or "X" not in ax:
         guessed = _guess_axes(shape)
         ax = "".join(a if a in "TZC" else g for a, g in zip(ax, guessed, strict=True))
     if "S" in ax and shape[ax.index("S")] not in (3, 4):
+        notes.append(
+            f"the file's axes {ax!r} say colour samples (S) for a dimension of "
+            f"{shape[ax.index('S')]}, not 3 or 4: read as another axis (pass axes to choose)"
+        )
         ax = ax.replace("S", "?")
     # size-1 unknown dimensions are harmless; name them after a free letter
     free = [letter for letter in "TZC" if letter not in ax]
