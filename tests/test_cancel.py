@@ -851,3 +851,28 @@ def test_a_run_that_no_longer_owns_its_job_writes_no_metric_or_artifact(env, tmp
         assert not (env.artifact_dir / "jobs" / job_id / "fit.json").exists()
     finally:
         ctx.close()
+
+
+def test_a_retry_that_loses_a_race_with_a_delete_is_a_404(env, monkeypatch) -> None:
+    """An 11th attack run: a retry racing a delete refreshed the deleted row and answered 500
+    (3 of 12 tries). The job is looked up again after the conditional update: gone, 404."""
+    from sqlalchemy import delete, update
+
+    from calseg.service import jobs
+    from calseg.service.db import session_scope
+    from calseg.service.models import Job
+
+    job_id = _submit(env)
+    with session_scope(env.database_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(state="failed"))
+    admit = jobs._admit
+
+    def admit_then_lose_the_race(session, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = admit(session, *args, **kwargs)
+        session.execute(delete(Job).where(Job.id == job_id))  # as a delete that won the race
+        session.commit()
+        return out
+
+    monkeypatch.setattr(jobs, "_admit", admit_then_lose_the_race)
+    with session_scope(env.database_url) as s, pytest.raises(jobs.JobNotFound):
+        jobs.retry_job(s, job_id, enqueue=lambda j, c=None: None, settings=env)

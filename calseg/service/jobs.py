@@ -325,6 +325,14 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
+def reload_job(session: Session, job_id: str) -> Job:
+    """The job as the database holds it now (after a conditional update that may have lost a
+    race). Raises :class:`JobNotFound` when it was deleted meanwhile: a retry racing a delete
+    refreshed the deleted row and answered 500 (an 11th attack run)."""
+    session.expire_all()
+    return get_job(session, job_id)
+
+
 def cancel_job(session: Session, job_id: str) -> Job:
     """Cancel a queued or running job (a running one stops at its next progress report).
 
@@ -345,7 +353,7 @@ def cancel_job(session: Session, job_id: str) -> Job:
         )
     )
     session.commit()
-    session.refresh(job)
+    job = reload_job(session, job_id)
     if res.rowcount == 0:
         raise JobStateError(f"job {job_id} already {job.state}; nothing to cancel")
     return job
@@ -464,11 +472,11 @@ def retry_job(
     )
     if res.rowcount == 0:
         session.rollback()
-        session.refresh(job)
+        job = reload_job(session, job_id)
         raise JobStateError(f"job {job_id} is {job.state}; it changed meanwhile, not retried")
     _clear_outputs(session, job.id, store or get_store())
     session.commit()
-    session.refresh(job)
+    job = reload_job(session, job_id)
     _dispatch(session, job, enqueue)
     return job
 
