@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from calseg.progress import check_cancelled
+from calseg.segment.cells import unit_exponent
 
 __all__ = [
     "PreprocessError",
@@ -346,6 +347,7 @@ def preprocess(
     opt = options or PreprocessOptions()
     rep = PreprocessReport(options=asdict(opt))
     out = _frames(frames)
+    k = 0
     if opt.register_drift or opt.background or opt.bleach_correction:
         out, n_filled = fill_non_finite(out)
         if n_filled:
@@ -353,6 +355,12 @@ def preprocess(
                 f"{n_filled} NaN/Inf value(s) ({100 * n_filled / out.size:.3g} %) set to their "
                 "pixel's median over time first"
             )
+        # float data of any scale worked on as camera counts, then scaled back (exact): the
+        # registration's float32 sums overflowed at x1e20 and its products vanished at x1e-30
+        # (an 11th attack run)
+        k = unit_exponent(out)
+        if k:
+            out = np.ldexp(out.astype(np.float32), k)
     if opt.register_drift:
         out, shifts = register_drift(out, upsample=opt.register_upsample)
         rep.max_shift_px = float(np.hypot(*shifts.T).max()) if len(shifts) else 0.0
@@ -395,4 +403,10 @@ def preprocess(
                 f"photobleaching corrected ({opt.bleach_correction}: the mean intensity fell "
                 f"{lost:.1f} % over the recording's {duration:.3g} s; tau {taus} s{tau_note})"
             )
+    if k:
+        out = np.ldexp(out, -k)
+        if rep.bleach is not None:  # amplitudes and offsets back in the recording's units
+            for name, value in rep.bleach["params"].items():
+                if not name.startswith("tau"):
+                    rep.bleach["params"][name] = float(np.ldexp(value, -k))
     return out, rep

@@ -138,3 +138,20 @@ def test_non_finite_values_are_filled_before_every_step():
     assert fill_non_finite(frames)[1] == 0
     with pytest.raises(PreprocessError, match="no finite value"):
         fill_non_finite(np.full((3, 8, 8), np.nan))
+
+
+def test_preprocessing_gives_the_same_result_in_any_float_units():
+    """An 11th attack run: registration of the same float recording x1e20 failed (float32
+    sums overflowed into NaN, then skimage's "NaN values found"), and at x1e-30 every shift
+    came out 0. Preprocessing works on float data of any scale as camera counts (a power of
+    two, exact) and gives the frames back in the recording's units."""
+    base = _texture()
+    true = np.array([[0.0, 0.0], [1.3, -0.7], [-2.6, 2.2], [0.4, 3.5]])
+    frames = np.stack([ndimage.shift(base, s, order=3, mode="nearest") for s in true])
+    frames = np.concatenate([np.repeat(frames[:1], 3, axis=0), frames[1:]] * 3)
+    opts = PreprocessOptions(register_drift=True, background="opening", background_radius_px=8)
+    ref, ref_rep = preprocess(frames, 1.0, opts)
+    for k in (-100, -66, 66, 100):  # about x1e-30, x1e-20, x1e20, x1e30
+        out, rep = preprocess(np.ldexp(frames, k), 1.0, opts)
+        assert rep.max_shift_px == pytest.approx(ref_rep.max_shift_px, abs=1e-6), k
+        np.testing.assert_allclose(np.ldexp(out, -k), ref, rtol=1e-5, atol=1e-4)

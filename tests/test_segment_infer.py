@@ -109,22 +109,23 @@ def test_the_same_recording_in_any_float_units_gives_the_same_cells() -> None:
     """A tenth attack run: a float recording times 1e-8 gave 2 cells instead of 18 (active
     target), times 1e-10 none; the floors of dF/F and of the noise were 1e-6 in the
     recording's units. Both targets now scale float data of any magnitude by a power of two
-    (exact) first: the same cells at every scale."""
-    from calseg.segment.cells import unit_gain
+    (exact) first: the same cells at every scale (an 11th: down to x1e-38 and up to x1e34,
+    where the power of two itself is no float32)."""
+    from calseg.segment.cells import unit_exponent
     from calseg.simulate.config import SimulationConfig
     from calseg.simulate.dataset import simulate_videos
 
     cfg = SimulationConfig(n_videos=1, n_val_videos=0, n_test_videos=0, n_frames=40,
                            height=128, width=128, seed=3)  # fmt: skip
     frames = np.asarray(simulate_videos(cfg)[0]["image"], np.float32)
-    assert unit_gain(frames) == 1.0  # camera counts are used as they are
+    assert unit_exponent(frames) == 0  # camera counts are used as they are
     for target in ("active", "cells"):
         icfg = InferenceConfig(method="classical", target=target)
         reference = segment_recording(frames, icfg).labels
         assert reference.max() > 20, target
         # powers of two (1e-8, 1e-10, 1e-30, 1e20 within a factor 2), so the scaled
         # recording holds exactly the same numbers and only the exponents differ
-        for scale in (2.0**-27, 2.0**-33, 2.0**-100, 2.0**66):
+        for scale in (2.0**-27, 2.0**-33, 2.0**-100, 2.0**-132, 2.0**66, 2.0**112):
             labels = segment_recording((frames * scale).astype(np.float32), icfg).labels
             np.testing.assert_array_equal(labels, reference, err_msg=f"{target} x {scale:g}")
         n = int(reference.max())

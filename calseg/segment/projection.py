@@ -54,7 +54,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from calseg.analysis.metrics import MAD_TO_SIGMA
-from calseg.segment.cells import CellMap, CellParams, cell_territories, unit_gain
+from calseg.segment.cells import CellMap, CellParams, cell_territories, unit_exponent
 
 ProjectionKind = Literal["mean", "max", "std"]
 
@@ -249,16 +249,16 @@ def segment_projection(
         source = "estimated" if estimated else "prior"
     else:
         d, estimated, source = float(cell_diameter_px), False, "given"
-    gain = unit_gain(p)  # any float scale as camera counts (exact), as compute_activity does
-    ref = ((p - np.percentile(p, 1)) * gain).astype(np.float32)
+    k = unit_exponent(p)  # any float scale as camera counts (exact), as compute_activity does
+    ref = np.ldexp((p - np.percentile(p, 1)).astype(np.float32), k)
     # foreground as cells.py's support (fraction of the local maximum over 2 diameters), with
     # the dark nuclei filled in: they belong to their cell, and their centres are the seeds
     local_max = ndi.maximum_filter(ndi.gaussian_filter(ref, 1.0), size=int(2 * d) | 1)
     fg = ref / np.maximum(local_max, 1e-6) > support_fraction
     fg = ndi.binary_fill_holes(ndi.binary_opening(fg))
     null = projection_noise(frames, kind, smooth_sigma_px) if noise_evidence else None
-    if null is not None and gain != 1.0:
-        null = (null * gain).astype(np.float32)
+    if null is not None and k:
+        null = np.ldexp(np.asarray(null, np.float32), k)
     cmap = cell_territories(
         ref[None], fg[None], CellParams(cell_diameter_px=d, support_fraction=0.0), null=null
     )

@@ -43,7 +43,7 @@ from calseg.segment.cells import (
     CellParams,
     cell_territories,
     territory_activity,
-    unit_gain,
+    unit_exponent,
 )
 
 
@@ -196,9 +196,10 @@ def compute_activity(frames: np.ndarray, params: ActivityParams | None = None) -
     if not finite.all():
         fill = float(np.median(f[finite])) if finite.any() else 0.0
         f = np.where(finite, f, fill).astype(np.float32)
-    gain = unit_gain(f)  # float data of any scale as camera counts (exact: a power of two)
-    if gain != 1.0:
-        f = f * np.float32(gain)
+    k = unit_exponent(f)  # float data of any scale as camera counts (exact: a power of two)
+    if k:
+        f = np.ldexp(f, k)
+    gain = 2.0**k
     drift = None
     if p.detrend and f.shape[0] > 1:
         drift = frame_offsets(f)
