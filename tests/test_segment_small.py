@@ -260,3 +260,40 @@ def test_video_mode_loads_the_small_sam2_and_refuses_its_disc_prior_clearly() ->
     cfg = InferenceConfig(method="sam2", model=SMALL_CONFIG, mode="video", device="cpu")
     with pytest.raises(SegmentOptionError, match="mode 'video' cannot run sam2_small_calseg"):
         segment_recording(frames, cfg, checkpoint=BUNDLED_SMALL_CHECKPOINT)
+
+
+@pytest.mark.skipif(not BUNDLED_SMALL_CHECKPOINT.is_file(), reason="no bundled checkpoint")
+def test_a_checkpoint_whose_provenance_names_no_server_folder_still_loads(tmp_path) -> None:
+    """An 11th attack run: a fine-tune job's checkpoint.pt held the server's dataset folder and
+    the base's absolute path. The service rewrites its metadata without server folders
+    (``rewrite_checkpoint_metadata``); the base, now named relative to the repository, is
+    still found, and the weights are unchanged."""
+    from calseg.segment.model import (
+        file_sha256,
+        rewrite_checkpoint_metadata,
+        save_finetuned_checkpoint,
+    )
+    from calseg.service.context import REPO_ROOT
+
+    base = load_sam2(SMALL_CONFIG, BUNDLED_SMALL_CHECKPOINT, device="cpu")
+    path = save_finetuned_checkpoint(base, tmp_path / "ft.pt", {"dataset": str(tmp_path / "ds")})
+    before = torch.load(path, map_location="cpu", weights_only=True)
+    assert before["metadata"]["base_checkpoint"] == str(BUNDLED_SMALL_CHECKPOINT)
+
+    def strip(value):  # noqa: ANN001, ANN202 - as public_data does with the server's folders
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, str):
+            return value.replace(str(REPO_ROOT) + "/", "").replace(str(tmp_path) + "/", "")
+        return value
+
+    rewrite_checkpoint_metadata(path, strip)
+    after = torch.load(path, map_location="cpu", weights_only=True)
+    assert after["metadata"]["base_checkpoint"] == "calseg/segment/weights/sam2_small_calseg.pt"
+    assert after["metadata"]["dataset"] == "ds"
+    for key in ("sam_prompt_encoder", "sam_mask_decoder"):
+        for name, tensor in before[key].items():
+            assert torch.equal(after[key][name], tensor), name
+    assert path.with_name("ft.pt.sha256").read_text().split()[0] == file_sha256(path)
+    loaded = load_sam2(SMALL_CONFIG, path, device="cpu")  # the base found in the repository
+    assert loaded.info.encoder_sha256 == base.info.encoder_sha256

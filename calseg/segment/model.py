@@ -28,7 +28,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -604,6 +604,8 @@ def _load_base_for_finetune(
     if base is None:
         return _load_plain(short, None, image_size, None)
     candidates = [Path(base)]
+    if not Path(base).is_absolute():  # named relative to the repository (the service's form)
+        candidates.append(Path(__file__).resolve().parents[2] / base)
     if fallback is not None and not str(fallback).startswith(HUB_PREFIX):
         candidates.append(Path(fallback).expanduser())
     for cand in candidates:
@@ -664,7 +666,6 @@ def save_finetuned_checkpoint(
         The path written. Its SHA-256 is written next to it (``<path>.sha256``, the
         ``sha256sum`` format) so a model is identified by content.
     """
-    import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -699,6 +700,14 @@ def save_finetuned_checkpoint(
         obj["encoder"] = encoder
     if extra:
         obj.update(extra)
+    return _write_checkpoint(obj, path)
+
+
+def _write_checkpoint(obj: dict, path: Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, with its SHA-256 next to it
+    (``<path>.sha256``, the ``sha256sum`` format)."""
+    import torch
+
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -707,6 +716,19 @@ def save_finetuned_checkpoint(
     sha_tmp.write_text(f"{file_sha256(path)}  {path.name}\n")
     os.replace(sha_tmp, sha_file)
     return path
+
+
+def rewrite_checkpoint_metadata(path: Path | str, rewrite: Callable[[Any], Any]) -> Path:
+    """Replace the ``metadata`` of a CalSeg fine-tuned checkpoint by ``rewrite(metadata)`` in
+    place (atomically, its ``.sha256`` renewed); the weights are unchanged. The service
+    passes :func:`calseg.service.context.public_data`, so a checkpoint its users download
+    names no server folder (an 11th attack run found the dataset and base paths in
+    ``checkpoint.pt``); :func:`_load_base_for_finetune` finds a base named relative to the
+    repository or falls back to the configured checkpoint, checked by its SHA-256."""
+    path = Path(path)
+    obj = _torch_load(path)
+    obj["metadata"] = rewrite(obj.get("metadata") or {})
+    return _write_checkpoint(obj, path)
 
 
 def run_decoder(

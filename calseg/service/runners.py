@@ -222,9 +222,16 @@ def run_finetune(params: Any, ctx: JobContext) -> dict[str, Any]:
         curve.flush()
     for w in res.warnings:
         ctx.warn(w)
+    from calseg.segment.model import rewrite_checkpoint_metadata
+    from calseg.service.context import public_data
+
+    # users download it: no server folder in its provenance (an 11th attack run)
+    rewrite_checkpoint_metadata(res.checkpoint, lambda meta: public_data(meta, ctx.settings))
     ctx.add_artifact("checkpoint.pt", Path(res.checkpoint), kind="checkpoint")
     history_path = ctx.workdir / "history.json"
-    history_path.write_text(json.dumps(ctx.jsonable(res.history), indent=1))
+    history_path.write_text(
+        json.dumps(public_data(ctx.jsonable(res.history), ctx.settings), indent=1)
+    )
     ctx.add_artifact("history.json", history_path, kind="history")
 
     final_loss = None
@@ -505,10 +512,13 @@ def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
         raise RunnerError(f"the evaluation report has no summary metrics: {report.summary!r}")
     for model, name, value in rows:
         ctx.add_metric(name, value, model=model, subset=params.split)
+    from calseg.service.context import public_data, public_text
+
     table = report.to_table()
-    (ctx.workdir / "report.txt").write_text(table + "\n")
+    (ctx.workdir / "report.txt").write_text(public_text(table, ctx.settings) + "\n")
     ctx.add_artifact("report.txt", ctx.workdir / "report.txt", kind="report")
-    (ctx.workdir / "report.json").write_text(json.dumps(ctx.jsonable(report.to_dict()), indent=1))
+    report_data = public_data(ctx.jsonable(report.to_dict()), ctx.settings)  # no server folder
+    (ctx.workdir / "report.json").write_text(json.dumps(report_data, indent=1))
     ctx.add_artifact("report.json", ctx.workdir / "report.json", kind="report")
     summary = {
         m: {n: (v if math.isfinite(v) else None) for mm, n, v in rows if mm == m}

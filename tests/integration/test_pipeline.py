@@ -121,6 +121,15 @@ def test_simulate_finetune_infer_evaluate(service, client, bob_client, admin_cli
         assert 0.0 <= m["value"] <= 1.0, m
     assert {"iou", "dice", "pixel_accuracy"} <= {m["name"] for m in metrics}
     assert artifact_path(service, ev, "report.json").is_file()
+    # what users download names no server folder (an 11th attack run found them in
+    # report.json and in checkpoint.pt's provenance)
+    from calseg.service.settings import REPO_ROOT
+
+    folders = {str(REPO_ROOT), str(service.settings.artifact_dir), str(service.settings.cache_dir)}
+    for job, name in ((ev, "report.json"), (ft, "checkpoint.pt"), (ft, "history.json")):
+        body = client.get(f"/api/jobs/{job['id']}/artifacts/{name}").content
+        for folder in folders:
+            assert folder.encode() not in body, (name, folder)
     assert "SAM2 fine-tuned" in ev["result"]["table"] and "baseline" not in ev["result"]["table"]
 
     listing = client.get("/api/jobs", params={"state": "succeeded"}).json()
