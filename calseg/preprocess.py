@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage, optimize
 
+from calseg.fmt import fmt_num
 from calseg.progress import check_cancelled
 from calseg.segment.cells import unit_exponent
 
@@ -63,6 +64,35 @@ def _frames(frames: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.dtype.kind not in "uif":
         raise PreprocessError(f"frames must be a real (T, H, W) array, got {arr.dtype} {arr.shape}")
     return arr
+
+
+BASELINE_KEPT_FRACTION = 0.1
+"""A background step that leaves less than this fraction of the tissue's resting level
+(:func:`resting_level` over :func:`tissue_mask`) is reported: dF/F needs a resting level well
+above zero. Cells apart on a darker background are the tissue there and keep theirs."""
+
+
+def tissue_mask(frames: np.ndarray, max_frames: int = 64) -> np.ndarray:
+    """``(H, W)`` bool: the tissue of the resting image
+    (:func:`calseg.analysis.cellsize.tissue_interior_distance` > 0) of at most ``max_frames``
+    evenly spaced frames; the whole field where none is found."""
+    from calseg.analysis.cellsize import resting_image, tissue_interior_distance
+
+    arr = np.asarray(frames)
+    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_frames, arr.shape[0])).astype(int))
+    mask = tissue_interior_distance(resting_image(arr[idx])) > 0
+    return mask if mask.any() else np.ones(arr.shape[1:], bool)
+
+
+def resting_level(frames: np.ndarray, where: np.ndarray, max_frames: int = 64) -> float:
+    """The resting level of the brightest structures among the pixels ``where``: the 90th
+    percentile over them of the per-pixel 20th temporal percentile (the F0 of dF/F), from at
+    most ``max_frames`` evenly spaced frames (input units). The 90th, not the median: the
+    tissue mask of cells lying apart also holds their blurred rims and the background
+    between them."""
+    arr = np.asarray(frames)
+    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_frames, arr.shape[0])).astype(int))
+    return float(np.percentile(np.percentile(arr[idx], 20.0, axis=0)[where], 90.0))
 
 
 def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
@@ -329,6 +359,7 @@ class PreprocessReport:
     steps: list[str] = field(default_factory=list)
     max_shift_px: float | None = None
     bleach: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain dict."""
@@ -366,10 +397,26 @@ def preprocess(
         rep.max_shift_px = float(np.hypot(*shifts.T).max()) if len(shifts) else 0.0
         rep.steps.append(f"registered: largest drift {rep.max_shift_px:.2f} px")
     if opt.background:
+        tissue = tissue_mask(out)
+        f0_before = resting_level(out, tissue)
         out, _ = subtract_background(out, opt.background, opt.background_radius_px)
         rep.steps.append(
             f"background subtracted ({opt.background}, {opt.background_radius_px:g} px)"
         )
+        f0_after = resting_level(out, tissue)
+        if not f0_after > BASELINE_KEPT_FRACTION * abs(f0_before):
+            # an 11th attack run: 'gaussian' at 8 px on dense tissue left F0 near -7 and every
+            # event gone, and a bleaching fit after it read "the mean fell 93.9 %"
+            rep.warnings.append(
+                f"the background step left a resting level near zero (F0 of the tissue's "
+                f"brightest tenth "
+                f"{fmt_num(float(np.ldexp(f0_after, -k)))}, was "
+                f"{fmt_num(float(np.ldexp(f0_before, -k)))}): it took the cells' resting "
+                "fluorescence for background, so dF/F = (F - F0) / F0 is undefined and events "
+                "and a bleaching fit after it are not meaningful. A spatial background is only "
+                "told from cells where they lie apart on a darker background; on tissue that "
+                "fills the field, leave the background step off."
+            )
     if opt.bleach_correction:
         corrected, rep.bleach = correct_photobleaching(out, frame_interval_s, opt.bleach_correction)
         taus = ", ".join(f"{x:.3g}" for x in rep.bleach["tau_s"])

@@ -155,3 +155,24 @@ def test_preprocessing_gives_the_same_result_in_any_float_units():
         out, rep = preprocess(np.ldexp(frames, k), 1.0, opts)
         assert rep.max_shift_px == pytest.approx(ref_rep.max_shift_px, abs=1e-6), k
         np.testing.assert_allclose(np.ldexp(out, -k), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_a_background_step_that_removes_the_resting_level_is_reported():
+    """An 11th attack run: on tissue that fills the field, background 'gaussian' at 8 px left
+    F0 near -7 and every event gone, with a note blaming the cells. Every spatial method takes
+    the cells' resting fluorescence for background there; the report now warns, and says to
+    leave the step off. Cells apart on a dark background keep their resting level: no
+    warning."""
+    rng = np.random.default_rng(0)
+    tissue = _texture(64, 64)[None] + rng.normal(0, 1, (30, 64, 64)).astype(np.float32)
+    _, rep = preprocess(tissue, 1.0, PreprocessOptions(background="gaussian",
+                                                       background_radius_px=8))  # fmt: skip
+    assert len(rep.warnings) == 1 and "leave the background step off" in rep.warnings[0]
+    sparse = np.full((30, 64, 64), 20.0, np.float32) + rng.normal(0, 1, (30, 64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in ((12, 12), (12, 48), (48, 30)):
+        sparse[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 400.0  # cells 10 px across
+    sparse[:, 40:, :] += np.linspace(0, 30, 64)[None, None, :]  # an illumination slope
+    _, rep = preprocess(sparse.astype(np.float32), 1.0,
+                        PreprocessOptions(background="opening", background_radius_px=12))  # fmt: skip
+    assert rep.warnings == [], rep.warnings

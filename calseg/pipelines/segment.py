@@ -404,6 +404,8 @@ def segment_and_export(
         pre_report = rep.to_dict()
         for step in rep.steps:
             report("log", f"preprocess: {step}")
+        for warning in rep.warnings:
+            report("warning", f"preprocess: {warning}")
     report("log", f"method: {reason}")
     out = segment_to_folder(
         frames,
