@@ -312,7 +312,11 @@ def test_file_axes_that_cannot_be_right_are_not_used_and_say_so(tmp_path):
     damaged", and "SYX" (S of 6, not colour samples) was read as TYX without a word. Both are
     read from the shape now, each with a warning that names the file's axes."""
     data = stack(6, 16, 16)
-    for axes, words in (("YYX", "name a dimension twice"), ("SYX", "colour samples (S)")):
+    for axes, words in (
+        ("YYX", "name a dimension twice"),
+        ("SYX", "colour samples (S)"),
+        ("TYXQ", "does not fit its 3-D shape"),  # an 11th attack run: ignored without a word
+    ):
         path = tmp_path / f"{axes}.h5"
         with h5py.File(path, "w") as h5:
             h5.create_dataset("data", data=data).attrs["axes"] = axes

@@ -165,14 +165,14 @@ def test_a_background_step_that_removes_the_resting_level_is_reported():
     warning."""
     rng = np.random.default_rng(0)
     tissue = _texture(64, 64)[None] + rng.normal(0, 1, (30, 64, 64)).astype(np.float32)
-    _, rep = preprocess(tissue, 1.0, PreprocessOptions(background="gaussian",
-                                                       background_radius_px=8))  # fmt: skip
+    gaussian = PreprocessOptions(background="gaussian", background_radius_px=8)
+    _, rep = preprocess(tissue, 1.0, gaussian)
     assert len(rep.warnings) == 1 and "leave the background step off" in rep.warnings[0]
     sparse = np.full((30, 64, 64), 20.0, np.float32) + rng.normal(0, 1, (30, 64, 64))
     yy, xx = np.mgrid[:64, :64]
     for cy, cx in ((12, 12), (12, 48), (48, 30)):
         sparse[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 400.0  # cells 10 px across
     sparse[:, 40:, :] += np.linspace(0, 30, 64)[None, None, :]  # an illumination slope
-    _, rep = preprocess(sparse.astype(np.float32), 1.0,
-                        PreprocessOptions(background="opening", background_radius_px=12))  # fmt: skip
+    opening = PreprocessOptions(background="opening", background_radius_px=12)
+    _, rep = preprocess(sparse.astype(np.float32), 1.0, opening)
     assert rep.warnings == [], rep.warnings

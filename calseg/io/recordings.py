@@ -1323,6 +1323,12 @@ def _open_hdf5(
                 raw = raw.upper()
                 if len(raw) == ds.ndim and set(raw) <= set(AXIS_LETTERS):
                     axes = raw
+                elif raw:  # said, not used silently (an 11th attack run: "TYXQ" on 3-D data)
+                    warn.append(
+                        f"the dataset's {key} attribute {raw[:16]!r} does not fit its "
+                        f"{ds.ndim}-D shape {tuple(ds.shape)} (one of the letters "
+                        f"{AXIS_LETTERS} per dimension): not used; pass axes to say them"
+                    )
         px = None
         if "element_size_um" in attrs:
             try:

@@ -633,7 +633,12 @@ def fit_recording(
     low_img = np.quantile(a, 0.2, axis=0)
     smooth = ndi.gaussian_filter(low_img, max(h, w) / 8.0)
     bgmask = mean_img <= np.quantile(mean_img, 0.25)
-    nonuni = float(np.std(smooth[bgmask]) / max(np.mean(smooth[bgmask]) - dark.offset_adu, 1e-9))
+    # relative to the background above the camera offset; where that is under 1 % of the
+    # level (all of it offset, as in uniform noise) the ratio means nothing: NaN, reported as
+    # null (an 11th attack run read 1.3e8-4e11 on uniform Poisson data; a floor of 1e-9 ADU)
+    level = float(np.mean(smooth[bgmask]))
+    above = level - dark.offset_adu
+    nonuni = float(np.std(smooth[bgmask]) / above) if above > 0.01 * abs(level) else float("nan")
     # PSF: white noise left in the mean image = mean temporal variance / T.
     var_px = np.clip(g * (mean_img - dark.offset_adu) + g * g * dark.read_noise_e**2, 0, None)
     psf, psf_d = fit_psf_sigma(mean_img)
