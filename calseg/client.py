@@ -277,7 +277,8 @@ class CalSegClient:
     ) -> dict[str, Any]:
         """Upload a recording, streamed from the file (memory stays bounded whatever its
         size). ``read_options``: how it is read (``axes``, ``channel``,
-        ``interleaved_channels``, ``z_projection``), kept for its jobs. Returns its record
+        ``interleaved_channels``, ``z_projection``, ``dataset`` of an HDF5 file), kept for
+        its jobs. Returns its record
         (``warnings``: what the reader noticed); ``duplicate`` is true (with a ``message``)
         when you had uploaded the same file before, and that recording is returned."""
         path = Path(path)

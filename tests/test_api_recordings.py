@@ -520,3 +520,43 @@ def test_one_user_holds_one_frame_slot_so_another_always_finds_one(
     with frame_slot("mallory"):  # her turn, once the first has finished
         pass
     assert frame_guard._in_flight == {} and frame_guard._user_slots == {}
+
+
+def test_an_hdf5_upload_reads_the_dataset_its_option_names(client: TestClient, tmp_path) -> None:
+    """An 11th attack run: an HDF5 file of several datasets could only ever be read at its
+    first one in the service (the advice, a 'file.h5:/name' suffix, works for paths, and an
+    upload named so lost its extension). The upload now takes the reading option dataset,
+    and jobs read the recording that way."""
+    import h5py
+
+    def two_datasets(seed: int) -> bytes:
+        path = tmp_path / f"two{seed}.h5"
+        rng = np.random.default_rng(seed)
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("a", data=rng.poisson(100, (6, 16, 16)).astype(np.uint16))
+            h5.create_dataset("raw/b", data=rng.poisson(100, (9, 20, 20)).astype(np.uint16))
+        return path.read_bytes()
+
+    first = client.post("/api/recordings", files={"file": ("two.h5", two_datasets(1))}).json()
+    assert first["n_frames"] == 6 and any("reading option dataset" in w for w in first["warnings"])
+    data = two_datasets(2)
+    r = client.post("/api/recordings?dataset=/raw/b", files={"file": ("b.h5", data)})
+    assert r.status_code in (200, 201), r.text
+    rec = client.get(f"/api/recordings/{r.json()['id']}").json()
+    assert (rec["n_frames"], rec["height"]) == (9, 20) and rec["read_options"] == {
+        "dataset": "/raw/b"
+    }
+    job = client.post("/api/jobs", json={"kind": "infer", "params": {
+        "recording_id": rec["id"], "method": "classical"}}).json()  # fmt: skip
+    assert _run(job["id"]) == "succeeded", client.get(f"/api/jobs/{job['id']}").json()["error"]
+    assert client.get(f"/api/jobs/{job['id']}").json()["result"]["n_frames"] == 9
+    for seed, query, words in (
+        (3, "dataset=/nope", "has no dataset '/nope'"),
+        (4, "dataset=../x", "dataset"),
+    ):
+        r = client.post(f"/api/recordings?{query}", files={"file": ("c.h5", two_datasets(seed))})
+        assert r.status_code == 422 and words in r.text, (query, r.text)
+    tif = io.BytesIO()
+    tifffile.imwrite(tif, np.zeros((4, 16, 16), np.uint16), photometric="minisblack")
+    r = client.post("/api/recordings?dataset=/a", files={"file": ("t.tif", tif.getvalue())})
+    assert r.status_code == 422 and "only meaningful for HDF5" in r.text, r.text

@@ -77,6 +77,12 @@ class UploadReadOptions(BaseModel):
     z_projection: Literal["max", "mean", "median"] | None = Field(
         None, description="how a Z axis is collapsed when the file also has T"
     )
+    dataset: str | None = Field(
+        None,
+        max_length=256,
+        pattern=r"^/?[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
+        description="HDF5: the dataset to read (e.g. '/raw/green'); None = the first",
+    )
 
 
 def _upload_read_options(query: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
@@ -308,21 +314,26 @@ async def upload_recording(
     z_projection: Annotated[
         str | None, Query(description="max | mean | median: how Z is collapsed")
     ] = None,
+    dataset: Annotated[
+        str | None, Query(description="HDF5: the dataset to read (e.g. /raw/green)")
+    ] = None,
 ) -> RecordingOut:
     """Upload a recording (multipart field ``file``, or a raw body with ``?filename=``).
 
     Streamed to disk in chunks with its sha256 computed on the way; probed before acceptance
     (headers, the decode budget, the first and last frame). How it is read can be given as
     query parameters or form fields: ``axes``, ``channel``, ``interleaved_channels``,
-    ``z_projection``; jobs on the recording read it the same way unless their own parameters
-    say otherwise. The reader's warnings are in the answer (``warnings``). The file name is
-    reduced to its last component in ASCII letters, digits and ``._-``.
+    ``z_projection``, ``dataset`` (HDF5); jobs on the recording read it the same way unless
+    their own parameters say otherwise. The reader's warnings are in the answer
+    (``warnings``). The file name is reduced to its last component in ASCII letters, digits
+    and ``._-``.
     """
     query = {
         "axes": axes,
         "channel": channel,
         "interleaved_channels": interleaved_channels,
         "z_projection": z_projection,
+        "dataset": dataset,
     }
     unknown = sorted(set(request.query_params) - set(query) - {"filename"})
     if unknown:  # ?chanel=1 must not read channel 0 without a word

@@ -378,10 +378,14 @@ def _describe_head(path: Path) -> str:
     return f"it starts with the bytes {head[:12].hex(' ')}, which looks like binary data"
 
 
-def _open_source(path: str | Path, limits: ReadLimits | None = None) -> _Source:
+def _open_source(
+    path: str | Path, limits: ReadLimits | None = None, dataset: str | None = None
+) -> _Source:
     """Open a recording: headers only, no pixel decoded. ``limits`` bounds what the header
-    walk itself may allocate (HDF5 chunk size, video packet counting)."""
-    p, dataset = _split_hdf5_path(path)
+    walk itself may allocate (HDF5 chunk size, video packet counting). ``dataset``: the HDF5
+    dataset to read (the reading option; a ``file.h5:/name`` suffix says the same)."""
+    p, named = _split_hdf5_path(path)
+    dataset = dataset or named
     display = os.fspath(path)
     if not p.exists():
         raise RecordingError(f"{display}: no such file or folder; check the path.")
@@ -423,7 +427,10 @@ def _open_source(path: str | Path, limits: ReadLimits | None = None) -> _Source:
             f"{sniffed.upper()}"
         )
     if fmt != "hdf5" and dataset:
-        raise RecordingError(f"{display}: a ':/dataset' suffix is only meaningful for HDF5 files.")
+        raise RecordingError(
+            f"{display}: a dataset (the reading option dataset, or a ':/dataset' suffix) is only "
+            f"meaningful for HDF5 files; this is {str(fmt).upper()}."
+        )
     openers = {
         "tiff": _open_tiff,
         "png": _open_pillow,
@@ -1258,7 +1265,7 @@ def _open_hdf5(
             if not isinstance(obj, h5py.Dataset):
                 raise RecordingError(
                     f"{path.name} has no dataset {dataset!r}; its datasets are: {listing}. "
-                    "Name one as file.h5:/group/dataset."
+                    "Name one with the reading option dataset (file.h5:/group/dataset)."
                 )
             name, ds = key, obj
         else:
@@ -1273,8 +1280,9 @@ def _open_hdf5(
             name, ds = cands[0]
             if len(cands) > 1:
                 warn.append(
-                    f"file holds {len(cands)} image datasets; read /{name} (pick another with "
-                    f"file.h5:/name; others: {', '.join('/' + n for n, _ in cands[1:4])})"
+                    f"file holds {len(cands)} image datasets; read /{name} (pick another with the "
+                    f"reading option dataset, or file.h5:/name; others: "
+                    f"{', '.join('/' + n for n, _ in cands[1:4])})"
                 )
         del names
         if ds.dtype.kind not in "uifb":
@@ -2064,7 +2072,7 @@ FEWER_FRAMES = (
 )
 """What to do about a recording too large for memory (the readers' MemoryError messages)."""
 
-READ_OPTIONS = ("axes", "channel", "interleaved_channels", "z_projection")
+READ_OPTIONS = ("axes", "channel", "interleaved_channels", "z_projection", "dataset")
 """Keyword arguments of the readers that say how a file is read (not which frames)."""
 
 
@@ -2489,7 +2497,8 @@ class RecordingReader:
 
     Args:
         path: a file, a folder of frames, or ``file.h5:/dataset``.
-        axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
+        axes, channel, interleaved_channels, z_projection, dataset: as for
+            :func:`read_recording`.
         limits: the decode budget; None = no limit.
 
     Attributes:
@@ -2510,13 +2519,14 @@ class RecordingReader:
         interleaved_channels: int | None = None,
         z_projection: str = "max",
         limits: ReadLimits | None = None,
+        dataset: str | None = None,
     ) -> None:
         _check_z(z_projection)
         self.display = os.fspath(path)
         self.channel = channel
         self.z_projection = z_projection
         self._lock = threading.Lock()
-        self._src: _Source = _guard(lambda: _open_source(path, limits), self.display)
+        self._src: _Source = _guard(lambda: _open_source(path, limits, dataset), self.display)
         try:
             self._plan: _Plan = _guard(
                 lambda: _plan(self._src, axes, channel, interleaved_channels, limits, z_projection),
@@ -2599,6 +2609,7 @@ def probe_recording(
     interleaved_channels: int | None = None,
     z_projection: str = "max",
     limits: ReadLimits | None = None,
+    dataset: str | None = None,
 ) -> RecordingInfo:
     """Describe a recording cheaply: its headers, then its first and last frame only.
 
@@ -2609,7 +2620,8 @@ def probe_recording(
 
     Args:
         path: a file, a folder of frames, or ``file.h5:/dataset``.
-        axes, channel, interleaved_channels, z_projection: as for :func:`read_recording`.
+        axes, channel, interleaved_channels, z_projection, dataset: as for
+            :func:`read_recording`.
         limits: the decode budget; None = no limit.
 
     Returns:
@@ -2627,6 +2639,7 @@ def probe_recording(
         interleaved_channels=interleaved_channels,
         z_projection=z_projection,
         limits=limits,
+        dataset=dataset,
     ) as reader:
         stats = _ValueStats()
         n = reader.n_frames
@@ -2657,6 +2670,7 @@ def read_recording(
     interleaved_channels: int | None = None,
     z_projection: str = "max",
     limits: ReadLimits | None = None,
+    dataset: str | None = None,
 ) -> Recording:
     """Read a recording as a ``(T, H, W)`` frame stack.
 
@@ -2678,6 +2692,10 @@ def read_recording(
             brightest plane per pixel), ``"mean"`` or ``"median"`` (NaN ignored; rounded to the
             output dtype when that is an integer type).
         limits: the decode budget, checked before any pixel is decoded; None = no limit.
+        dataset: the HDF5 dataset to read (e.g. ``"/raw/green"``; a ``file.h5:/raw/green``
+            suffix says the same); ``None``: the first image dataset. An upload's reading
+            option of the same name (an 11th attack run: a service user could only ever read
+            an HDF5 file's first dataset, the suffix being for paths).
 
     Returns:
         :class:`Recording` with ``frames`` ``(T, H, W)`` uint8/uint16/float32 (native byte order;
@@ -2698,6 +2716,7 @@ def read_recording(
         interleaved_channels=interleaved_channels,
         z_projection=z_projection,
         limits=limits,
+        dataset=dataset,
     ) as reader:
         n = reader.n_frames
         t1 = n if max_frames is None else min(n, max_frames)
@@ -2732,6 +2751,7 @@ def iter_recording(
     interleaved_channels: int | None = None,
     z_projection: str = "max",
     limits: ReadLimits | None = None,
+    dataset: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Read a recording chunk by chunk, so memory stays bounded for long recordings.
 
@@ -2757,5 +2777,6 @@ def iter_recording(
         interleaved_channels=interleaved_channels,
         z_projection=z_projection,
         limits=limits,
+        dataset=dataset,
     ) as reader:
         yield from reader.chunks(chunk_frames)
