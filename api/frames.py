@@ -253,7 +253,11 @@ def frame_ranges(frame: np.ndarray) -> tuple[float, float, float, float]:
     finite = frame if frame.dtype.kind in "iub" else frame[np.isfinite(frame)]
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0
-    return float(lo), float(hi), vmin, max(vmax, vmin + 1e-6)
+    if not vmax > vmin:  # a flat frame: the range display_range gives a flat recording
+        vmax = vmin + max(1.0, abs(vmin) * 1e-6)
+    # (it was max(vmax, vmin + 1e-6): data of about 1e-28 reported a maximum of 1e-06, an
+    # 11th attack run)
+    return float(lo), float(hi), vmin, vmax
 
 
 def load_stacks(

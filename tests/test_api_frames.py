@@ -72,3 +72,16 @@ def test_ground_truth_modes_and_display_range() -> None:
         "1000",
         "2",
     )
+
+
+def test_the_data_range_of_a_frame_is_its_own_at_any_scale() -> None:
+    """An 11th attack run: a preview of float data of about 1e-28 reported X-Data-Max 1e-06
+    (the range was widened to at least 1e-6 in the data's units). The maximum is the frame's
+    own; only a flat frame gets a range around its value."""
+    from api.frames import frame_ranges
+
+    frame = np.linspace(0.0, 2.5e-28, 64, dtype=np.float32).reshape(8, 8)
+    _, _, vmin, vmax = frame_ranges(frame)
+    assert vmin == 0.0 and vmax == pytest.approx(2.5e-28, rel=1e-6)
+    _, _, vmin, vmax = frame_ranges(np.full((8, 8), 7.0, np.float32))
+    assert vmin == 7.0 and vmax > vmin
