@@ -40,9 +40,9 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage, optimize
 
+from calseg.analysis.scale import unit_exponent
 from calseg.fmt import fmt_num
 from calseg.progress import check_cancelled
-from calseg.segment.cells import unit_exponent
 
 __all__ = [
     "PreprocessError",

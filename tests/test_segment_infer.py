@@ -111,7 +111,7 @@ def test_the_same_recording_in_any_float_units_gives_the_same_cells() -> None:
     recording's units. Both targets now scale float data of any magnitude by a power of two
     (exact) first: the same cells at every scale (an 11th: down to x1e-38 and up to x1e34,
     where the power of two itself is no float32)."""
-    from calseg.segment.cells import unit_exponent
+    from calseg.analysis.scale import unit_exponent
     from calseg.simulate.config import SimulationConfig
     from calseg.simulate.dataset import simulate_videos
 

@@ -54,7 +54,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from calseg.analysis.metrics import MAD_TO_SIGMA
-from calseg.segment.cells import CellMap, CellParams, cell_territories, unit_exponent
+from calseg.analysis.scale import unit_exponent
+from calseg.segment.cells import CellMap, CellParams, cell_territories
 
 ProjectionKind = Literal["mean", "max", "std"]
 

@@ -37,13 +37,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from calseg.analysis.metrics import MAD_TO_SIGMA, diff_noise_sd
+from calseg.analysis.scale import unit_exponent
 from calseg.progress import check_cancelled
 from calseg.segment.cells import (
     CellMap,
     CellParams,
     cell_territories,
     territory_activity,
-    unit_exponent,
 )
 
 
