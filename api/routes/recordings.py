@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -83,6 +83,14 @@ class UploadReadOptions(BaseModel):
         pattern=r"^/?[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
         description="HDF5: the dataset to read (e.g. '/raw/green'); None = the first",
     )
+
+    @field_validator("dataset")
+    @classmethod
+    def _no_relative_names(cls, value: str | None) -> str | None:
+        """A name inside the file, not a path: no '.' or '..' part."""
+        if value is not None and any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("a dataset name has no '.' or '..' part; name it from the root")
+        return value
 
 
 def _upload_read_options(query: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
