@@ -79,9 +79,15 @@ def tissue_mask(frames: np.ndarray, max_frames: int = 64) -> np.ndarray:
     from calseg.analysis.cellsize import resting_image, tissue_interior_distance
 
     arr = np.asarray(frames)
-    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_frames, arr.shape[0])).astype(int))
-    mask = tissue_interior_distance(resting_image(arr[idx])) > 0
+    sample = _spaced_frames(arr, max_frames)
+    mask = tissue_interior_distance(resting_image(sample)) > 0
     return mask if mask.any() else np.ones(arr.shape[1:], bool)
+
+
+def _spaced_frames(arr: np.ndarray, max_frames: int) -> np.ndarray:
+    """At most ``max_frames`` evenly spaced frames of ``(T, H, W)`` ``arr``."""
+    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_frames, arr.shape[0])).astype(int))
+    return arr[idx]
 
 
 def resting_level(frames: np.ndarray, where: np.ndarray, max_frames: int = 64) -> float:
@@ -91,8 +97,8 @@ def resting_level(frames: np.ndarray, where: np.ndarray, max_frames: int = 64) -
     tissue mask of cells lying apart also holds their blurred rims and the background
     between them."""
     arr = np.asarray(frames)
-    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_frames, arr.shape[0])).astype(int))
-    return float(np.percentile(np.percentile(arr[idx], 20.0, axis=0)[where], 90.0))
+    sample = _spaced_frames(arr, max_frames)
+    return float(np.percentile(np.percentile(sample, 20.0, axis=0)[where], 90.0))
 
 
 def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
