@@ -785,3 +785,90 @@ def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
     small, asked = estimate(64), estimate(512)
     assert small["time_s"] == asked["time_s"] and small["memory_bytes"] == asked["memory_bytes"]
     assert small["disk_bytes"] == asked["disk_bytes"]
+
+
+def _register_finetune(client: TestClient, checkpoint: Path) -> str:
+    """A succeeded finetune job with ``checkpoint`` as its checkpoint.pt (registered directly:
+    fine-tuning runs in the integration test)."""
+    from calseg.service.models import Artifact
+
+    store = LocalArtifactStore(get_settings().artifact_dir)
+    with session_scope() as session:
+        job = Job(kind="finetune", state="succeeded", owner_id=client.user_id, params={})
+        session.add(job)
+        session.flush()
+        obj = store.put(f"jobs/{job.id}/checkpoint.pt", checkpoint)
+        session.add(
+            Artifact(
+                job_id=job.id,
+                name="checkpoint.pt",
+                kind="checkpoint",
+                relpath=obj.relpath,
+                content_type=obj.content_type,
+                sha256=obj.sha256,
+                size_bytes=obj.size_bytes,
+            )
+        )
+        return job.id
+
+
+def test_video_mode_with_a_disc_prior_model_is_refused_at_submit(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new-user check: video-mode infer and evaluate jobs with CalSeg's small SAM2 (the
+    server's default base; its masks correct a disc prior, which SAM2's video propagation
+    cannot add) were admitted (201) and failed in the worker. Now a 422 naming the model,
+    for the base and for a model job's checkpoint; a classical infer job, target "cells" and
+    image mode are still admitted."""
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT
+
+    sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    video = {"dataset_job_id": sim["id"], "video_id": "v000"}
+
+    def submit(kind: str, **params: object) -> object:
+        src = video if kind == "infer" else {"dataset_job_id": sim["id"]}
+        return client.post("/api/jobs", json={"kind": kind, "params": {**src, **params}})
+
+    model_job = _register_finetune(client, BUNDLED_SMALL_CHECKPOINT)
+    r = submit("infer", model_job_id=model_job, mode="video")
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("model_job_id: mode 'video' cannot run checkpoint.pt"), detail
+    assert "disc prior" in detail and "mode 'image'" in detail
+    assert submit("evaluate", model_job_id=model_job, mode="video").status_code == 422
+    assert submit("infer", model_job_id=model_job).status_code == 201  # image mode
+
+    monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
+    get_settings.cache_clear()
+    for kind, method in (("infer", "sam2"), ("infer", "auto"), ("evaluate", None)):
+        extra = {"method": method} if method else {}
+        r = submit(kind, mode="video", **extra)
+        if kind == "infer" and method == "auto":  # auto: classical on this server
+            assert r.status_code == 201, r.text
+            continue
+        assert r.status_code == 422, (kind, method, r.text)
+        assert r.json()["detail"].startswith("mode: mode 'video' cannot run"), r.text
+        assert BUNDLED_SMALL_CHECKPOINT.name in r.json()["detail"]
+    assert submit("infer", method="classical", mode="video").status_code == 201
+    assert submit("infer", method="sam2", mode="video", target="cells").status_code == 201
+    assert submit("evaluate", mode="image").status_code == 201
+
+
+def test_an_evaluate_job_takes_no_method(client: TestClient) -> None:
+    """A new-user check: an evaluate job's ``method`` (from the inference settings it wraps)
+    was accepted and ignored: "classical" still scored every model. It is a 422 with the
+    reason; "sam2", which every evaluate job stored before, is dropped so those jobs still
+    retry; the page's form does not offer it."""
+    sim = client.post("/api/jobs", json={"kind": "simulate", "params": SIM}).json()
+    r = client.post(
+        "/api/jobs",
+        json={"kind": "evaluate", "params": {"dataset_job_id": sim["id"], "method": "classical"}},
+    )
+    assert r.status_code == 422, r.text
+    assert "scores every model side by side" in r.text, r.text
+    old = {"dataset_job_id": sim["id"], "method": "sam2"}
+    ok = client.post("/api/jobs", json={"kind": "evaluate", "params": old})
+    assert ok.status_code == 201, ok.text
+    assert "method" not in ok.json()["params"]
+    evaluate = client.get("/api/job-kinds").json()["evaluate"]["properties"]
+    assert "method" not in evaluate and "mode" in evaluate and "split" in evaluate

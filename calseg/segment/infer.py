@@ -48,6 +48,7 @@ __all__ = [
     "embed_recording",
     "prepare_recording",
     "segment_recording",
+    "video_mode_refusal",
 ]
 
 
@@ -55,6 +56,24 @@ class SegmentOptionError(ValueError):
     """A segmentation request that cannot run as given (unknown method, invalid
     :class:`InferenceConfig` field, a model that cannot run in the mode asked); raised before
     any segmentation work."""
+
+
+def video_mode_refusal(
+    config: str | None, checkpoint: str | Path | None, prior_mode: str | None
+) -> str:
+    """Why mode ``"video"`` cannot run a SAM2 whose masks are a correction of a disc prior
+    (``prior_mode`` ``"residual"`` or ``"prompt"``: CalSeg's small SAM2 and fine-tunes with
+    ``mask_prior`` set): video propagation feeds SAM2's own masks to its memory, with no place
+    for the disc. The one message for the run (:func:`segment_recording`) and the service's
+    check at submit (:mod:`calseg.service.jobs`)."""
+    name = Path(checkpoint).name if checkpoint else "no checkpoint"
+    what = f"{config} ({name})" if config else name
+    detail = f" (mask_prior {prior_mode!r})" if prior_mode else ""
+    return (
+        f"mode 'video' cannot run {what}: its masks are a correction of a disc prior{detail}, "
+        "which SAM2's video propagation cannot add; use mode "
+        "'image', or a SAM2 checkpoint without a mask prior (an official sam2.1_hiera_*.pt)"
+    )
 
 
 def segment_recording(
@@ -154,15 +173,9 @@ def segment_recording(
         warnings.append("SAM2 has RANDOM weights (no checkpoint): masks are not meaningful")
     if config.mode == "video" and loaded.info.prior_mode:
         # a tenth attack run: every video-mode job with CalSeg's small SAM2 failed with a
-        # 4000-character state-dict error. Video propagation feeds SAM2's own masks to its
-        # memory, with no place for the disc this model's masks are a correction of.
-        name = Path(loaded.info.checkpoint).name if loaded.info.checkpoint else "no checkpoint"
+        # 4000-character state-dict error
         raise SegmentOptionError(
-            f"mode 'video' cannot run {loaded.info.config} ({name}): its masks are a "
-            "correction of a disc prior "
-            f"(mask_prior {loaded.info.prior_mode!r}), which SAM2's video propagation cannot "
-            "add; use mode 'image', or a SAM2 checkpoint without a mask prior (an official "
-            "sam2.1_hiera_*.pt)"
+            video_mode_refusal(loaded.info.config, loaded.info.checkpoint, loaded.info.prior_mode)
         )
     timings["load_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()

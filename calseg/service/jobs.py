@@ -134,6 +134,8 @@ def check_references(
         _check_infer_input(session, params, rec, settings, owner)
     if kind == "evaluate" and settings is not None:
         _check_evaluate_split(session, params, settings)
+    if kind in ("infer", "evaluate") and settings is not None:
+        _check_video_mode(session, kind, params, settings)
 
 
 def _finished_dataset(session: Session, ds_id: str | None, settings: Settings) -> Any:
@@ -173,6 +175,52 @@ def _check_evaluate_split(session: Session, params: Any, settings: Settings) -> 
         f"split: dataset job {params.dataset_job_id} has no {split!r} videos (videos per "
         f"split: {held or 'none'})"
     )
+
+
+def _check_video_mode(session: Session, kind: str, params: Any, settings: Settings) -> None:
+    """Mode ``"video"`` only with SAM2 models it can run: a model whose masks correct a disc
+    prior (CalSeg's small SAM2, the server's default base, and fine-tunes of it) cannot be
+    propagated (:func:`calseg.segment.infer.video_mode_refusal`). An infer job that will run
+    SAM2 checks its model (``model_job_id``'s checkpoint, else the server's base); an evaluate
+    job checks every SAM2 row (the fine-tuned model and the base). Both were admitted and then
+    failed in the worker (a new-user check). Unchanged for target ``"cells"`` (one image: no
+    propagation), a classical infer job, and a model job whose checkpoint is not written yet
+    (the worker checks it).
+
+    Raises:
+        JobReferenceError: the parameter and the reason (API: 422).
+    """
+    if getattr(params, "mode", None) != "video" or getattr(params, "target", None) != "active":
+        return
+    from calseg.segment.choice import SAM2, resolve_method, summarise_checkpoint
+    from calseg.segment.infer import video_mode_refusal
+
+    model_job = getattr(params, "model_job_id", None)
+    if kind == "infer":
+        method, _ = resolve_method(
+            params.method, model_job_id=model_job, checkpoint=settings.sam2_checkpoint
+        )
+        if method != SAM2:
+            return
+    checks: list[tuple[str, Any]] = []
+    if model_job:
+        row = session.scalar(
+            select(Artifact).where(Artifact.job_id == model_job, Artifact.name == "checkpoint.pt")
+        )
+        if row is not None:
+            checks.append(("model_job_id", get_store(settings.artifact_dir).path(row.relpath)))
+    if kind == "evaluate" or not model_job:  # evaluate always has the untuned row
+        checks.append(("mode", settings.sam2_checkpoint))
+    for name, checkpoint in checks:
+        if checkpoint is None:
+            continue
+        try:
+            summary = summarise_checkpoint(checkpoint)
+        except Exception:  # noqa: BLE001 - a missing or unreadable file is the worker's error
+            continue
+        if summary.prior:
+            reason = video_mode_refusal(None, checkpoint, None)
+            raise JobReferenceError(f"{name}: {public_text(reason, settings)}")
 
 
 def _check_infer_input(

@@ -434,11 +434,17 @@ def _config_fields(config_cls: type, skip: set[str]) -> dict[str, Any]:
 
 
 def _wrap(
-    name: str, doc: str, config_cls: type, own: dict[str, Any], base: type[_Params] = _Params
+    name: str,
+    doc: str,
+    config_cls: type,
+    own: dict[str, Any],
+    base: type[_Params] = _Params,
+    drop: frozenset[str] = frozenset(),
 ) -> type[_Params]:
-    """A parameter model with ``own`` fields plus every field of ``config_cls``."""
+    """A parameter model with ``own`` fields plus every field of ``config_cls`` not in
+    ``drop`` (fields that kind of job sets itself: the configuration's default is used)."""
     own = {key: _bounded_field(key, *value) for key, value in own.items()}
-    wrapped = _config_fields(config_cls, skip=set(own))
+    wrapped = _config_fields(config_cls, skip=set(own) | set(drop))
     model = create_model(name, __base__=base, __doc__=doc, **own, **wrapped)
     model._config_cls = config_cls
     model._config_fields = tuple(wrapped) + tuple(k for k in own if k in _names(config_cls))
@@ -643,6 +649,26 @@ def infer_params() -> type[_Params]:
     )
 
 
+class _EvaluateBase(_Params):
+    """An evaluate job scores every model side by side, so it takes no ``method``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_method(cls, data: Any) -> Any:
+        """``method`` is refused with the reason (it was accepted and ignored: a user asking
+        for ``"classical"`` got every model's rows). ``"sam2"``, the value every evaluate job
+        stored before (the configuration's default), is dropped, so those jobs still retry."""
+        if isinstance(data, dict) and "method" in data:
+            if data["method"] not in (None, "sam2"):
+                raise ValueError(
+                    f"method {data['method']!r}: an evaluate job scores every model side by "
+                    "side (SAM2 fine-tuned, its disc prior, SAM2 untuned, classical) and takes "
+                    "no method; read the row you want from its table"
+                )
+            data = {k: v for k, v in data.items() if k != "method"}
+        return data
+
+
 @cache
 def evaluate_params() -> type[_Params]:
     """The parameter model of evaluate jobs (registered in :mod:`calseg.service.kinds`)."""
@@ -669,6 +695,8 @@ def evaluate_params() -> type[_Params]:
         "Parameters of an evaluate job: held-out videos of a simulate job, the models.",
         InferenceConfig,
         own,
+        base=_EvaluateBase,
+        drop=frozenset({"method"}),  # set per model by calseg.segment.evaluate
     )
 
 
