@@ -114,3 +114,28 @@ def test_cli_evaluate_prints_the_comparison_table_with_groups(tmp_path, monkeypa
     assert rep["config"]["image_size"] == 64
     bad = CliRunner().invoke(app, ["evaluate", str(ds), "--mode", "movie"])
     assert bad.exit_code == 2 and "bad evaluation option" in bad.output
+
+
+def test_evaluate_in_video_mode_refuses_a_disc_prior_model_before_any_video(tmp_path, monkeypatch):
+    """``calseg evaluate --mode video`` with the shipped small SAM2 (its masks correct a disc
+    prior) failed only when that model reached its first video, after the rows before it had
+    segmented it. It now stops before any video is segmented, with the reason and what to
+    use (the service refuses such a job at submit: test_service_api)."""
+    from typer.testing import CliRunner
+
+    from calseg.cli import app
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT, CHECKPOINT_ENV
+
+    if not BUNDLED_SMALL_CHECKPOINT.is_file():
+        pytest.skip("no bundled checkpoint")
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    ds = small_dataset(tmp_path / "ds", t=6, size=32)
+    calls = []
+    monkeypatch.setattr(
+        "calseg.segment.evaluate.segment_recording", lambda *a, **k: calls.append(a)
+    )
+    r = CliRunner().invoke(app, ["evaluate", str(ds), "--mode", "video"])
+    assert r.exit_code != 0 and calls == [], r.output
+    text = " ".join(r.output.split())
+    assert "mode 'video' cannot run sam2_small_calseg" in text, r.output
+    assert "use mode 'image'" in text and "Traceback" not in r.output

@@ -41,7 +41,12 @@ from calseg.analysis.metrics import (
 )
 from calseg.progress import ProgressFn, check_cancelled, null_progress, scaled
 from calseg.segment._data import DatasetError, split_videos
-from calseg.segment.infer import InferenceConfig, segment_recording
+from calseg.segment.infer import (
+    InferenceConfig,
+    SegmentOptionError,
+    segment_recording,
+    video_mode_refusal,
+)
 from calseg.segment.prompts import compute_activity
 
 log = logging.getLogger(__name__)
@@ -283,6 +288,13 @@ def evaluate_dataset(
 
     Returns:
         :class:`EvaluationReport`.
+
+    Raises:
+        ModelSpecError: a bad ``models`` entry.
+        DatasetError: no video in ``split``.
+        SegmentOptionError: mode ``"video"`` with a SAM2 model whose masks correct a disc
+            prior (:func:`calseg.segment.infer.video_mode_refusal`), before any video is
+            segmented.
     """
     from calseg.segment.model import load_sam2
 
@@ -329,6 +341,12 @@ def evaluate_dataset(
                         "(mask_prior 'residual' or 'prompt'), so it records no disc radius"
                     )
                 loaded.info.prior_mode = "disc"
+            elif config.mode == "video" and config.target == "active" and loaded.info.prior_mode:
+                # before any video is segmented (it failed at the first video of this model)
+                raise SegmentOptionError(
+                    f"model {name!r}: "
+                    + video_mode_refusal(loaded.info.config, ckpt, loaded.info.prior_mode)
+                )
             loaded_models[name] = loaded
             model_infos[name] = loaded.info.to_dict()
             if loaded.info.random_weights and method == "sam2":
