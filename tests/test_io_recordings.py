@@ -559,6 +559,15 @@ def test_imagej_without_axes_many_channels_read_as_frames(tmp_path):
     rec = read_recording(two, channel=1)
     assert rec.frames.shape == (1, 16, 16)
     np.testing.assert_array_equal(rec.frames[0], data[1])
+    # a few images with no axes are channels too (the file says so): one frame, and the note
+    # says how to read them as frames (a user's 3-frame stack gave one frame and no hint)
+    few = tmp_path / "few_noaxes.tif"
+    tifffile.imwrite(few, data[:3], imagej=True)
+    rec = read_recording(few)
+    assert rec.frames.shape == (1, 16, 16) and rec.info.axes == "CYX"
+    assert any("one frame" in w and "--axes TYX" in w for w in rec.info.warnings), rec.info
+    rec = read_recording(few, axes=rec.info.warnings[0].rsplit("--axes ", 1)[1].split()[0])
+    np.testing.assert_array_equal(rec.frames, data[:3])
 
 
 def test_interleaved_channels(tmp_path):

@@ -1961,7 +1961,16 @@ def _plan(
                 f"(--channel 0..{n_c - 1})."
             )
         if n_c > 1:
-            notes.append(f"multi-channel data: read channel {channel} of {n_c}")
+            note = f"multi-channel data: read channel {channel} of {n_c}"
+            if "T" not in ax and "Z" not in ax:  # one frame: say how to read them as frames
+                note += (
+                    f"; the file has no time axis, so this is one frame. If its {n_c} images "
+                    "are time frames (tifffile's imwrite(..., imagej=True) labels a stack's "
+                    "images as channels when given no axes; over "
+                    f"{MAX_CHANNELS} are read as frames), read with --axes "
+                    f"{ax.replace('C', 'T')} (parameter axes)"
+                )
+            notes.append(note)
     elif channel != 0 and k == 1:
         raise RecordingError(f"channel={channel} given but {src.path.name} has a single channel.")
     if "Z" in ax and size["Z"] > 1:
