@@ -33,7 +33,6 @@ Arrays: frames ``(T, H, W)`` in, ``float32`` ``(T, H, W)`` out (the recording's 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -101,15 +100,40 @@ def resting_level(frames: np.ndarray, where: np.ndarray, max_frames: int = 64) -
     return float(np.percentile(np.percentile(sample, 20.0, axis=0)[where], 90.0))
 
 
+FILL_BLOCK_BYTES = 64 * 2**20
+"""Most bytes of one block of pixel time series sorted at once by :func:`fill_non_finite`."""
+
+GLOBAL_MEDIAN_SAMPLE = 2**22
+"""Most values :func:`fill_non_finite` takes the median of for pixels with no finite value
+(evenly spaced over the recording: the exact median of every finite value up to 4 Mi values)."""
+
+
+def _nanmedian_over_time(series: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of a ``(T, N)`` float32 block, NaN ignored (NaN where a column has no
+    finite value): one sort (NaN sorts last), then the middle of each column's finite values;
+    numpy's nanmedian along an axis runs a Python function per column above 600 frames."""
+    s = np.sort(series, axis=0)
+    k = np.count_nonzero(~np.isnan(s), axis=0)
+    cols = np.arange(s.shape[1])
+    lo, hi = np.maximum((k - 1) // 2, 0), np.maximum(k // 2, 0)
+    med = 0.5 * (s[lo, cols] + s[hi, cols])
+    return np.where(k > 0, med, np.float32(np.nan)).astype(np.float32)
+
+
 def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
     """``frames`` with every NaN or +-Inf replaced by its pixel's temporal median of the finite
-    values (a pixel with none: the median of all finite values), and how many were replaced.
+    values (a pixel with none: the median of the finite values, from at most
+    :data:`GLOBAL_MEDIAN_SAMPLE` evenly spaced ones), and how many were replaced.
 
     Registration, background filters and the bleaching fit spread one NaN over a window, a
     frame or the whole recording: a partly-NaN recording failed registration with skimage's
     own "NaN values found" and the background step with "no finite value ... check the export"
     though half the file was finite (a tenth attack run). A filled value is a pixel at rest,
     as segmentation treats a non-finite value (:func:`calseg.segment.prompts.compute_activity`).
+
+    Memory: the float32 copy it returns, a 1-byte mask per value and blocks of at most
+    :data:`FILL_BLOCK_BYTES` (medians only of the pixels that have a non-finite value); it
+    made three more full-size copies before.
 
     Returns:
         ``(frames, n_filled)``: the input itself when all values are finite (or not float),
@@ -122,17 +146,33 @@ def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
     if arr.dtype.kind != "f":
         return arr, 0
     bad = ~np.isfinite(arr)
-    n_bad = int(bad.sum())
+    n_bad = int(np.count_nonzero(bad))
     if n_bad == 0:
         return arr, 0
     if n_bad == arr.size:
         raise PreprocessError("no finite value: every value is NaN or Inf; nothing to preprocess")
-    out = np.where(bad, np.float32(np.nan), arr).astype(np.float32)
-    with warnings.catch_warnings():  # all-NaN pixels: filled below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_pixel = np.nanmedian(out, axis=0)
-    per_pixel = np.where(np.isfinite(per_pixel), per_pixel, np.nanmedian(out)).astype(np.float32)
-    np.copyto(out, np.broadcast_to(per_pixel, out.shape), where=bad)
+    out = arr.astype(np.float32)  # a copy: the caller's frames are not changed
+    out[bad] = np.nan
+    n_t = out.shape[0]
+    ys, xs = np.nonzero(bad.any(axis=0))
+    del bad
+    step = max(1, FILL_BLOCK_BYTES // (4 * n_t))
+    medians = np.empty(len(ys), np.float32)
+    for i in range(0, len(ys), step):
+        medians[i : i + step] = _nanmedian_over_time(out[:, ys[i : i + step], xs[i : i + step]])
+    none = np.isnan(medians)
+    if none.any():  # pixels with no finite value: the recording's median
+        flat = out.reshape(-1)
+        sample = flat[:: max(1, flat.size // GLOBAL_MEDIAN_SAMPLE)]
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:  # every finite value falls between the sampled ones
+            sample = flat[np.isfinite(flat)]
+        medians[none] = np.median(sample)
+    for i in range(0, len(ys), step):
+        block = out[:, ys[i : i + step], xs[i : i + step]]
+        holes = np.isnan(block)
+        block[holes] = np.broadcast_to(medians[i : i + step], block.shape)[holes]
+        out[:, ys[i : i + step], xs[i : i + step]] = block
     return out, n_bad
 
 

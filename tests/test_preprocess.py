@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -176,3 +178,31 @@ def test_a_background_step_that_removes_the_resting_level_is_reported():
     opening = PreprocessOptions(background="opening", background_radius_px=12)
     _, rep = preprocess(sparse.astype(np.float32), 1.0, opening)
     assert rep.warnings == [], rep.warnings
+
+
+def test_fill_non_finite_matches_numpy_medians_and_leaves_the_input_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lean fill (medians only of the pixels with a hole, sorted in blocks) gives numpy's
+    nanmedian per pixel, also above 600 frames (where numpy runs a Python function per
+    pixel) and across several blocks, and does not change the caller's array."""
+    from calseg import preprocess as pp
+
+    rng = np.random.default_rng(3)
+    frames = rng.normal(100, 5, (650, 12, 10)).astype(np.float32)
+    frames[rng.random(frames.shape) < 0.05] = np.nan
+    frames[5, 2, 2] = np.inf
+    frames[:, 4, 4] = np.nan  # no finite value: the recording's median
+    before = frames.copy()
+    ref = np.where(np.isfinite(frames), frames, np.nan)
+    with warnings.catch_warnings():  # the all-NaN pixel
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_pixel = np.nanmedian(ref, axis=0)
+    per_pixel[4, 4] = np.nanmedian(ref)
+    expected = np.where(np.isnan(ref), per_pixel[None], ref)
+    for block_bytes in (pp.FILL_BLOCK_BYTES, 4 * 650 * 7):  # one block; blocks of 7 pixels
+        monkeypatch.setattr(pp, "FILL_BLOCK_BYTES", block_bytes)
+        out, n = pp.fill_non_finite(frames)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
+        assert n == int((~np.isfinite(before)).sum()) and out.dtype == np.float32
+        np.testing.assert_array_equal(frames, before)
