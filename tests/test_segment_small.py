@@ -263,37 +263,49 @@ def test_video_mode_loads_the_small_sam2_and_refuses_its_disc_prior_clearly() ->
 
 
 @pytest.mark.skipif(not BUNDLED_SMALL_CHECKPOINT.is_file(), reason="no bundled checkpoint")
-def test_a_checkpoint_whose_provenance_names_no_server_folder_still_loads(tmp_path) -> None:
+def test_a_checkpoint_whose_provenance_names_no_server_folder_still_loads(
+    tmp_path, monkeypatch
+) -> None:
     """An 11th attack run: a fine-tune job's checkpoint.pt held the server's dataset folder and
-    the base's absolute path. The service rewrites its metadata without server folders
-    (``rewrite_checkpoint_metadata``); the base, now named relative to the repository, is
-    still found, and the weights are unchanged."""
+    the base's absolute path. The service rewrites its metadata with ``public_data`` (here
+    with the settings of a server whose base is the bundled small SAM2, as ``make serve`` and
+    ``make demo`` run), which leaves the base's file name alone; the weights are unchanged
+    and the base is still found (a new-user check: it was not, so every infer job with the
+    demo's fine-tuned model failed). A file of that name with another SHA-256 is not taken."""
     from calseg.segment.model import (
+        CHECKPOINT_ENV,
+        ModelLoadError,
         file_sha256,
         rewrite_checkpoint_metadata,
         save_finetuned_checkpoint,
     )
-    from calseg.service.context import REPO_ROOT
+    from calseg.service.context import public_data
+    from calseg.service.settings import Settings
 
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     base = load_sam2(SMALL_CONFIG, BUNDLED_SMALL_CHECKPOINT, device="cpu")
     path = save_finetuned_checkpoint(base, tmp_path / "ft.pt", {"dataset": str(tmp_path / "ds")})
     before = torch.load(path, map_location="cpu", weights_only=True)
     assert before["metadata"]["base_checkpoint"] == str(BUNDLED_SMALL_CHECKPOINT)
-
-    def strip(value):  # noqa: ANN001, ANN202 - as public_data does with the server's folders
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        if isinstance(value, str):
-            return value.replace(str(REPO_ROOT) + "/", "").replace(str(tmp_path) + "/", "")
-        return value
-
-    rewrite_checkpoint_metadata(path, strip)
+    server = Settings(artifact_dir=tmp_path, sam2_checkpoint=BUNDLED_SMALL_CHECKPOINT)
+    rewrite_checkpoint_metadata(path, lambda meta: public_data(meta, server))
     after = torch.load(path, map_location="cpu", weights_only=True)
-    assert after["metadata"]["base_checkpoint"] == "calseg/segment/weights/sam2_small_calseg.pt"
+    assert after["metadata"]["base_checkpoint"] == BUNDLED_SMALL_CHECKPOINT.name
     assert after["metadata"]["dataset"] == "ds"
     for key in ("sam_prompt_encoder", "sam_mask_decoder"):
         for name, tensor in before[key].items():
             assert torch.equal(after[key][name], tensor), name
     assert path.with_name("ft.pt.sha256").read_text().split()[0] == file_sha256(path)
-    loaded = load_sam2(SMALL_CONFIG, path, device="cpu")  # the base found in the repository
+    loaded = load_sam2(SMALL_CONFIG, path, device="cpu")  # found in CalSeg's weights folder
     assert loaded.info.encoder_sha256 == base.info.encoder_sha256
+
+    # a base under another name: beside the fine-tuned file or at $CALSEG_SAM2_CHECKPOINT,
+    # by its SHA-256; a same-named file with other bytes is passed over and said
+    rewrite_checkpoint_metadata(path, lambda meta: {**meta, "base_checkpoint": "/srv/b.pt"})
+    (tmp_path / "b.pt").write_bytes(b"not the base")
+    with pytest.raises(ModelLoadError, match=r"found b\.pt with another SHA-256"):
+        load_sam2(SMALL_CONFIG, path, device="cpu")
+    monkeypatch.setenv(CHECKPOINT_ENV, str(BUNDLED_SMALL_CHECKPOINT))
+    assert load_sam2(SMALL_CONFIG, path, device="cpu").info.encoder_sha256 == (
+        base.info.encoder_sha256
+    )

@@ -331,3 +331,49 @@ def test_job_waiting_for_its_dataset_is_deferred(env) -> None:
 def test_jsonable_handles_numpy_and_nan() -> None:
     out = jsonable({"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"), "d": Path("/x")})
     assert out == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": "/x"}
+
+
+def test_a_finetune_of_the_bundled_base_serves_infer_jobs(
+    env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``make demo`` and ``make serve`` do: the server's base is the bundled small SAM2;
+    a finetune job of it, then an infer job with that model. A new-user check on a fresh
+    clone: the infer job failed with "the base SAM2 checkpoint sam2_small_calseg.pt of this
+    fine-tuned model is not on this machine", because the fine-tune's checkpoint names its
+    base without the server's folders (an 11th attack run) and the loader looked only where
+    it was recorded and in the repository root. The tests ran the service with random weights
+    only, so none saw it."""
+    from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT, CHECKPOINT_ENV, load_sam2
+
+    if not BUNDLED_SMALL_CHECKPOINT.is_file():
+        pytest.skip("no bundled checkpoint")
+    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
+    url, settings, store, rec = env
+    settings = settings.model_copy(update={"sam2_checkpoint": BUNDLED_SMALL_CHECKPOINT})
+    env = (url, settings, store, rec)
+    ft_params = {
+        "steps": 2, "val_every": 1, "batch_size": 4, "frames_per_video": 2,
+        "val_frames_per_video": 1, "encoder_batch_size": 2,
+    }  # fmt: skip
+    with session_scope(url) as s:
+        sim = jobs.submit_job(s, "simulate", {**SIM, "seed": 5}, enqueue=rec).id
+    assert _run(env, sim) == "succeeded"
+    with session_scope(url) as s:
+        ft = jobs.submit_job(s, "finetune", {"dataset_job_id": sim, **ft_params}, enqueue=rec).id
+    assert _run(env, ft) == "succeeded", _job(url, ft).error
+    with session_scope(url) as s:
+        ckpt = s.scalar(
+            select(Artifact).where(Artifact.job_id == ft, Artifact.name == "checkpoint.pt")
+        )
+        ckpt_path = store.path(ckpt.relpath)
+    from calseg.segment.model import _torch_load
+
+    recorded = _torch_load(ckpt_path)["metadata"]["base_checkpoint"]
+    assert not Path(recorded).is_absolute(), recorded  # no server folder in what users get
+    assert load_sam2("sam2.1_hiera_t", ckpt_path, device="cpu").info.prior_mode == "residual"
+    video = next(v for v in _job(url, sim).result["videos"] if v["split"] == "test")
+    params = {"dataset_job_id": sim, "video_id": video["id"], "model_job_id": ft}
+    with session_scope(url) as s:
+        inf = jobs.submit_job(s, "infer", params, enqueue=rec, settings=settings).id
+    assert _run(env, inf) == "succeeded", _job(url, inf).error
+    assert _job(url, inf).result["method"] == "sam2"

@@ -421,15 +421,16 @@ def load_sam2(
         config: config name, e.g. ``"sam2.1_hiera_t"`` (39 M parameters).
         checkpoint: full SAM2 checkpoint, CalSeg fine-tuned checkpoint or hub id
             ``"hf:facebook/sam2.1-hiera-tiny"`` (online machines only); ``None``: random
-            weights (warning). The environment is not read (the caller passes the configured
-            checkpoint).
+            weights (warning). The environment is not read for it (the caller passes the
+            configured checkpoint); ``$CALSEG_SAM2_CHECKPOINT`` is one of the places a
+            fine-tuned checkpoint's base is looked for (:func:`base_candidates`).
         image_size: model input side in px (multiple of 32). A fine-tuned checkpoint's own
             config and image size win (with a warning when they differ from the arguments).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         expected_sha256: when given, the checkpoint file's SHA-256 must match.
         base_checkpoint: for a fine-tuned ``checkpoint``, where else its base SAM2 checkpoint
-            may be (the configured one) when the path recorded in it is not on this machine;
-            its SHA-256 must equal the recorded one.
+            may be (the configured one) when the path recorded in it is not on this machine
+            (:func:`base_candidates`); its SHA-256 must equal the recorded one.
 
     Returns:
         :class:`LoadedSAM2` in eval mode on ``device``.
@@ -493,7 +494,7 @@ def load_sam2(
                     image_size,
                 )
             short, image_size = resolve_config(ck_short)[0], ck_size
-            base = _load_base_for_finetune(meta, short, image_size, base_checkpoint)
+            base = _load_base_for_finetune(meta, short, image_size, base_checkpoint, path)
             model = base.model
             expected = meta.get("encoder_sha256")  # the BASE encoder it was trained from
             if expected and encoder_hash(base) != expected:
@@ -594,26 +595,71 @@ def _apply_finetuned_encoder(model: torch.nn.Module, obj: dict, path: Path) -> N
         raise ModelLoadError(f"{path}: unknown fine-tuned encoder kind {kind!r}")
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:  # noqa: ARG001 - cache key
+    return file_sha256(path)
+
+
+def _sha256_now(path: Path) -> str:
+    """:func:`file_sha256` of ``path``, cached per path, size and modification time."""
+    st = path.stat()
+    return _cached_sha256(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def base_candidates(
+    recorded: str, finetuned: Path | None, fallback: str | Path | None
+) -> list[Path]:
+    """Where a fine-tuned checkpoint's base may be, in order: the ``recorded`` path as given,
+    relative to the repository, beside the fine-tuned file ``finetuned`` (copied together),
+    in the bundled weights folder (by file name), the caller's ``fallback`` and
+    ``$CALSEG_SAM2_CHECKPOINT``. The service records the base without its server folder
+    (:func:`rewrite_checkpoint_metadata`), so a recorded name alone must still find it: a
+    fresh clone's ``make demo`` failed at its first infer job when only the recorded path and
+    the repository were looked in (a new-user check)."""
+    name = Path(recorded).name
+    out = [Path(recorded).expanduser()]
+    if not Path(recorded).is_absolute():
+        out.append(Path(__file__).resolve().parents[2] / recorded)
+    if finetuned is not None:
+        out.append(finetuned.parent / name)
+    out.append(BUNDLED_SMALL_CHECKPOINT.parent / name)
+    for extra in (fallback, os.environ.get(CHECKPOINT_ENV) or None):
+        if extra is not None and not str(extra).startswith(HUB_PREFIX):
+            out.append(Path(extra).expanduser())
+    return list(dict.fromkeys(out))  # in order, once each
+
+
 def _load_base_for_finetune(
-    meta: dict, short: str, image_size: int, fallback: str | Path | None
+    meta: dict,
+    short: str,
+    image_size: int,
+    fallback: str | Path | None,
+    finetuned: Path | None = None,
 ) -> LoadedSAM2:
     """Load the base model a fine-tuned checkpoint was trained from (encoder weights): the
-    recorded path, else ``fallback`` (the caller's configured checkpoint)."""
+    first of :func:`base_candidates` that is a file with the recorded SHA-256 (any file when
+    none was recorded).
+
+    Raises:
+        ModelLoadError: no candidate is the base; says where it looked and what it found.
+    """
     base = meta.get("base_checkpoint")
     base_sha = meta.get("base_checkpoint_sha256")
     if base is None:
         return _load_plain(short, None, image_size, None)
-    candidates = [Path(base)]
-    if not Path(base).is_absolute():  # named relative to the repository (the service's form)
-        candidates.append(Path(__file__).resolve().parents[2] / base)
-    if fallback is not None and not str(fallback).startswith(HUB_PREFIX):
-        candidates.append(Path(fallback).expanduser())
-    for cand in candidates:
-        if cand.is_file():
+    other = []
+    for cand in base_candidates(str(base), finetuned, fallback):
+        if not cand.is_file():
+            continue
+        if base_sha is None or _sha256_now(cand).lower() == str(base_sha).lower():
             return _load_plain(short, cand, image_size, base_sha)
+        other.append(cand.name)
+    found = f"; found {', '.join(other)} with another SHA-256" if other else ""
     raise ModelLoadError(
-        f"the base SAM2 checkpoint {base} of this fine-tuned model is not on this machine; "
-        f"copy it there or set ${CHECKPOINT_ENV} to it (SHA-256 {base_sha})"
+        f"the base SAM2 checkpoint {Path(str(base)).name} of this fine-tuned model is not on "
+        f"this machine (looked where it was recorded, beside the fine-tuned file, in CalSeg's "
+        f"weights folder and at ${CHECKPOINT_ENV}{found}); copy it there or set "
+        f"${CHECKPOINT_ENV} to it (SHA-256 {base_sha})"
     )
 
 
