@@ -139,7 +139,7 @@ def test_finetune_embeds_k_augmented_variants_once_and_caches_them(tmp_path, mon
             augment_variants=k,
         )
         res = finetune(ds, tmp_path / f"out{k}", cfg, cache_dir=cache)
-        meta = torch.load(res.checkpoint, map_location="cpu", weights_only=False)["metadata"]
+        meta = torch.load(res.checkpoint, map_location="cpu", weights_only=True)["metadata"]
         return meta, len(list(cache.rglob("*.pt")))
 
     meta2, n2 = run(2, tmp_path / "c2")

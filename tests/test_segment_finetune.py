@@ -342,7 +342,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_final_step_count(tmp_path):
     finally:
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     killed_at = saved["metadata"]["step"]
     assert killed_at in (4, 8), killed_at  # the last validation's save before the kill
 
@@ -351,7 +351,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_final_step_count(tmp_path):
     train_steps = [h["step"] for h in again.history if h["kind"] == "train"]
     assert train_steps == list(range(1, 13))  # up to the kill's save from the child, rest here
     assert all(math.isfinite(h["loss"]) for h in again.history if h["kind"] == "train")
-    final = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    final = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert final["metadata"]["step"] == 12
 
 

@@ -1,6 +1,7 @@
 """SAM2 loading: configs, random weights, checkpoints, checksums, embedding cache."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,12 +78,11 @@ def test_full_checkpoint_checksum_and_bad_files(tiny, tmp_path, monkeypatch):
         load_sam2("sam2.1_hiera_t", tmp_path / "missing.pt", image_size=64, device="cpu")
 
 
-def test_finetuned_base_is_found_through_the_argument_not_the_environment(
-    tiny, tmp_path, monkeypatch
-):
+def test_a_moved_finetuned_base_is_found_only_where_its_sha256_matches(tiny, tmp_path, monkeypatch):
     """A fine-tuned checkpoint whose recorded base moved: the caller's ``base_checkpoint``
-    (the configured one, read by the CLI/service) is where it is looked for, never
-    ``$CALSEG_SAM2_CHECKPOINT`` read by the library."""
+    (the configured one, read by the CLI/service) and ``$CALSEG_SAM2_CHECKPOINT`` are looked
+    in (:func:`calseg.segment.model.base_candidates`), and a file there is taken only when its
+    SHA-256 is the recorded one: the variable pointing at another model is said, not used."""
     sd = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     sd["image_encoder.neck.convs.0.conv.bias"] += 0.5  # an encoder unlike the random one
     base = tmp_path / "base.pt"
@@ -92,15 +92,21 @@ def test_finetuned_base_is_found_through_the_argument_not_the_environment(
     )
     moved = tmp_path / "elsewhere.pt"
     base.rename(moved)
-    monkeypatch.setenv(CHECKPOINT_ENV, str(moved))
-    with pytest.raises(ModelLoadError, match="not on this machine"):
+    other = tmp_path / "other.pt"
+    torch.save({"model": tiny.model.state_dict()}, other)
+    monkeypatch.setenv(CHECKPOINT_ENV, str(other))
+    with pytest.raises(ModelLoadError, match="found other.pt with another SHA-256"):
         load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu")
-    m = load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", base_checkpoint=moved)
-    assert not m.info.random_weights
-    torch.testing.assert_close(
-        m.model.state_dict()["image_encoder.neck.convs.0.conv.bias"],
-        sd["image_encoder.neck.convs.0.conv.bias"],
-    )
+    for where in ("argument", "environment"):
+        kwargs = {"base_checkpoint": moved} if where == "argument" else {}
+        if where == "environment":
+            monkeypatch.setenv(CHECKPOINT_ENV, str(moved))
+        m = load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", **kwargs)
+        assert not m.info.random_weights
+        torch.testing.assert_close(
+            m.model.state_dict()["image_encoder.neck.convs.0.conv.bias"],
+            sd["image_encoder.neck.convs.0.conv.bias"],
+        )
 
 
 def test_embedding_cache_hits_and_shapes(tiny, tmp_path):
@@ -228,3 +234,36 @@ def test_embedding_cache_prunes_all_users_folders_together(tmp_path) -> None:
     left = sorted(p.relative_to(root).as_posix() for p in root.glob("user-[ab]/k/*.pt"))
     assert left == ["user-a/k/f1.pt", "user-a/k/f2.pt", "user-b/k/f1.pt", "user-b/k/f2.pt"]
     assert (outside / "k" / "keep.pt").exists()
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_holds_code_is_refused_and_never_run(tmp_path) -> None:
+    """Three readers of CalSeg checkpoints (held-out prompted IoU, a run's resume, the
+    pretrain pipeline) loaded them with ``weights_only=False``, which runs whatever code a
+    pickle holds: a checkpoint passed to ``heldout_prompted_iou`` could run anything. Every
+    reader loads tensors and plain data only; the error names the file and what it holds,
+    without torch's advice to load it again unsafely."""
+    from calseg.segment.finetune import heldout_prompted_iou
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"metadata": {"finetune_config": {}}, "x": _Payload(marker)}, evil)
+    for read in (
+        lambda: heldout_prompted_iou(evil, tmp_path),
+        lambda: load_sam2("sam2.1_hiera_t", evil, image_size=64, device="cpu"),
+    ):
+        with pytest.raises(ModelLoadError, match="evil.pt") as err:
+            read()
+        assert "never code" in str(err.value) and "weights_only` set to `False`" not in str(
+            err.value
+        )
+    assert not marker.exists()

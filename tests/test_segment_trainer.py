@@ -40,7 +40,7 @@ def _cfg(**kw) -> FinetuneConfig:
 
 def _weights(path) -> dict[str, str]:
     """sha256 of every tensor of a checkpoint (the metadata holds wall times, so not the file)."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
     return {
         f"{k}.{kk}": hashlib.sha256(vv.numpy().tobytes()).hexdigest()
         for k, v in sd.items()

@@ -377,3 +377,29 @@ def test_a_finetune_of_the_bundled_base_serves_infer_jobs(
         inf = jobs.submit_job(s, "infer", params, enqueue=rec, settings=settings).id
     assert _run(env, inf) == "succeeded", _job(url, inf).error
     assert _job(url, inf).result["method"] == "sam2"
+
+
+def test_a_model_that_cannot_load_fails_the_job_with_its_reason_and_no_traceback(
+    env, tmp_path: Path
+) -> None:
+    """A new-user check: an infer job whose SAM2 could not load logged a full traceback under
+    a message that said everything (file, what is wrong, what to do). A model file that is
+    missing, has another SHA-256 or is not a checkpoint is what the job was given: its
+    message alone, as for a bad recording."""
+    url, settings, store, rec = env
+    bad = tmp_path / "not_a_checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    settings = settings.model_copy(update={"sam2_checkpoint": bad})
+    env = (url, settings, store, rec)
+    with session_scope(url) as s:
+        sim = jobs.submit_job(s, "simulate", {**SIM, "seed": 6}, enqueue=rec).id
+    assert _run(env, sim) == "succeeded"
+    video = next(v for v in _job(url, sim).result["videos"] if v["split"] == "test")
+    params = {"dataset_job_id": sim, "video_id": video["id"], "method": "sam2"}
+    with session_scope(url) as s:
+        inf = jobs.submit_job(s, "infer", params, enqueue=rec, settings=settings).id
+    assert _run(env, inf) == "failed"
+    job = _job(url, inf)
+    assert "not_a_checkpoint.pt" in job.error and "Traceback" not in job.log_tail, job.log_tail
+    # torch's advice to load it with weights_only=False would run a hostile file's code
+    assert "weights_only` set to `False`" not in job.error and "never code" in job.error

@@ -235,7 +235,7 @@ def pretrain_small(
     t_sim = time.perf_counter() - t0
     res = finetune(ds, out_dir / "train", config.finetune, progress=scaled(progress, 0.05, 0.85))
     t_train = time.perf_counter() - t0 - t_sim
-    obj = torch.load(res.checkpoint, map_location="cpu", weights_only=False)
+    obj = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
     if obj.get("format") != FINETUNE_FORMAT:  # pragma: no cover - finetune writes this format
         raise ValueError(f"{res.checkpoint} is not a CalSeg fine-tuned checkpoint")
 

@@ -1021,9 +1021,9 @@ def heldout_prompted_iou(
     Raises:
         DatasetError: no video in ``split``; ValueError: not a fine-tuned checkpoint.
     """
-    import torch
+    from calseg.segment.model import _torch_load
 
-    obj = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    obj = _torch_load(Path(checkpoint))  # tensors and plain data only: never a file's code
     meta = obj.get("metadata", {})
     if "finetune_config" not in meta:
         raise ValueError(f"{checkpoint} is not a CalSeg fine-tuned checkpoint")
@@ -1480,7 +1480,7 @@ class Trainer:
         self._require_setup()
         if not (self.config.group("checkpointing")["resume"] and self.last_path.exists()):
             return False
-        state = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        state = torch.load(self.last_path, map_location="cpu", weights_only=True)
         if state.get("metadata", {}).get("fingerprint") != self.fingerprint or (
             "optimizer" not in state
         ):

@@ -394,13 +394,47 @@ def _run_shape(path: str, _mtime_ns: int) -> tuple[str, int] | None:
         raise ModelLoadError(f"checkpoint {path} has no usable metadata: {exc}") from exc
 
 
+def _unpickling_detail(exc: BaseException) -> str:
+    """What torch's refusal of a checkpoint says about the file, without its advice to load
+    it again with ``weights_only=False`` (which runs the code a hostile file holds) or to
+    allow-list what it refused: the line after "WeightsUnpickler error:", else the lines
+    that give no such advice."""
+    import pickle
+    import re
+
+    text = str(exc)
+    if isinstance(exc, EOFError) or not text:
+        return "the file is empty or cut short"
+    if not isinstance(exc, pickle.UnpicklingError) or "weights_only" not in text:
+        return text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    if "WeightsUnpickler error:" in text:
+        tail = text.split("WeightsUnpickler error:", 1)[1]
+        keep = [ln.strip() for ln in tail.splitlines() if ln.strip()][:1]
+        keep = [k.split(" Please use", 1)[0] for k in keep]  # its advice to allow-list
+    else:
+        keep = [
+            ln.strip()
+            for ln in text.splitlines()[1:]
+            if ln.strip()
+            and not any(
+                w in ln for w in ("weights_only", "Please file", "Check the documentation", "trust")
+            )
+        ]
+    detail = "; ".join(keep) or "not a PyTorch checkpoint"
+    return (
+        f"{detail} (CalSeg loads only tensors and plain data from a checkpoint, never code; "
+        "this file holds something else or is not a PyTorch file)"
+    )
+
+
 def _torch_load(path: Path) -> dict:
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise ModelLoadError(f"cannot read checkpoint {path}: {_unpickling_detail(exc)}") from exc
     if not isinstance(obj, dict):
         raise ModelLoadError(f"checkpoint {path} is not a dict (got {type(obj).__name__})")
     return obj

@@ -813,11 +813,13 @@ def record_stored_bytes(url: str, store: ArtifactStore, job_id: str, prefix: str
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Failures that come from what the job was given (a recording, a reference, a
-    parameter), said fully by their message: their traceback is not logged."""
+    parameter, a model file: missing, another SHA-256, not a checkpoint), said fully by their
+    message: their traceback is not logged."""
     from calseg.io.dataset import DatasetError
     from calseg.io.recordings import RecordingError
     from calseg.preprocess import PreprocessError
     from calseg.segment.infer import SegmentOptionError
+    from calseg.segment.model import ModelLoadError
     from calseg.service.costs import JobTooCostly
     from calseg.service.runners import RunnerError
     from calseg.simulate.model import ModelDiverged
@@ -828,6 +830,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
         PreprocessError,
         RunnerError,
         SegmentOptionError,
+        ModelLoadError,
         JobReferenceError,
         JobTooCostly,
         ModelDiverged,
