@@ -27,7 +27,7 @@ if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "system-deps: about to install Debian packages as root with apt-get (system-wide, outside .venv):"
 printf '%s\n' "${why[@]}"
-echo "system-deps: set CALSEG_NO_SYSTEM_DEPS=1 to skip this (those tests then skip); Ctrl-C now to stop"
+echo "system-deps: set CALSEG_NO_SYSTEM_DEPS=1 to skip this (those tests then skip); Ctrl-C within ${CALSEG_SYSTEM_DEPS_WAIT_S:-5} s to stop"
 sleep "${CALSEG_SYSTEM_DEPS_WAIT_S:-5}"
 echo "system-deps: installing ${need[*]} (apt-get update, then apt-get install --no-install-recommends)"
 export DEBIAN_FRONTEND=noninteractive
