@@ -620,8 +620,8 @@ def segment_to_folder(
             out_dir / "activity.png",
             threshold=config.threshold_k,
             title=f"{title or name}: activity map",
-            subtitle=f"max z-score over time; white: above {config.threshold_k:g}; "
-            "cells in their colours",
+            subtitle=f"max z over time; white: > {config.threshold_k:g} in some frame "
+            f"({100 * float(np.mean(amap > config.threshold_k)):.0f} % of px); cells coloured",
             labels=fp_labels if fp_labels.any() else None,
             pixel_size_um=pixel_size_um,
         )
