@@ -685,9 +685,12 @@ def evaluate(
         raise _fail(f"bad evaluation option: {exc}") from None
     from calseg.segment.choice import evaluation_models
 
-    models = evaluation_models(model, base_checkpoint or _configured_checkpoint())
+    base = base_checkpoint or _configured_checkpoint()
+    models = evaluation_models(model, base)
     with _Bar("evaluate") as progress:
-        report = evaluate_dataset(dataset, models, split=split, config=cfg, progress=progress)
+        report = evaluate_dataset(
+            dataset, models, split=split, config=cfg, progress=progress, base_checkpoint=base
+        )
     console.print(report.to_table(), markup=False, soft_wrap=True)  # no wrap when piped
     if out is not None:
         out.write_text(json.dumps(report.to_dict(), indent=2))

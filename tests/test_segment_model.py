@@ -80,9 +80,9 @@ def test_full_checkpoint_checksum_and_bad_files(tiny, tmp_path, monkeypatch):
 
 def test_a_moved_finetuned_base_is_found_only_where_its_sha256_matches(tiny, tmp_path, monkeypatch):
     """A fine-tuned checkpoint whose recorded base moved: the caller's ``base_checkpoint``
-    (the configured one, read by the CLI/service) and ``$CALSEG_SAM2_CHECKPOINT`` are looked
-    in (:func:`calseg.segment.model.base_candidates`), and a file there is taken only when its
-    SHA-256 is the recorded one: the variable pointing at another model is said, not used."""
+    (the configured one, read by the CLI/service) is looked in, never ``$CALSEG_SAM2_CHECKPOINT``
+    read by the library (:func:`calseg.segment.model.base_candidates`), and a file is taken
+    only when its SHA-256 is the recorded one: another model there is said, not used."""
     sd = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     sd["image_encoder.neck.convs.0.conv.bias"] += 0.5  # an encoder unlike the random one
     base = tmp_path / "base.pt"
@@ -94,19 +94,17 @@ def test_a_moved_finetuned_base_is_found_only_where_its_sha256_matches(tiny, tmp
     base.rename(moved)
     other = tmp_path / "other.pt"
     torch.save({"model": tiny.model.state_dict()}, other)
-    monkeypatch.setenv(CHECKPOINT_ENV, str(other))
     with pytest.raises(ModelLoadError, match="found other.pt with another SHA-256"):
+        load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", base_checkpoint=other)
+    monkeypatch.setenv(CHECKPOINT_ENV, str(moved))
+    with pytest.raises(ModelLoadError, match="not on this machine"):
         load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu")
-    for where in ("argument", "environment"):
-        kwargs = {"base_checkpoint": moved} if where == "argument" else {}
-        if where == "environment":
-            monkeypatch.setenv(CHECKPOINT_ENV, str(moved))
-        m = load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", **kwargs)
-        assert not m.info.random_weights
-        torch.testing.assert_close(
-            m.model.state_dict()["image_encoder.neck.convs.0.conv.bias"],
-            sd["image_encoder.neck.convs.0.conv.bias"],
-        )
+    m = load_sam2("sam2.1_hiera_t", ft, image_size=64, device="cpu", base_checkpoint=moved)
+    assert not m.info.random_weights
+    torch.testing.assert_close(
+        m.model.state_dict()["image_encoder.neck.convs.0.conv.bias"],
+        sd["image_encoder.neck.convs.0.conv.bias"],
+    )
 
 
 def test_embedding_cache_hits_and_shapes(tiny, tmp_path):

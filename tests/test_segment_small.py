@@ -299,13 +299,13 @@ def test_a_checkpoint_whose_provenance_names_no_server_folder_still_loads(
     loaded = load_sam2(SMALL_CONFIG, path, device="cpu")  # found in CalSeg's weights folder
     assert loaded.info.encoder_sha256 == base.info.encoder_sha256
 
-    # a base under another name: beside the fine-tuned file or at $CALSEG_SAM2_CHECKPOINT,
+    # a base under another name: beside the fine-tuned file or the configured one (passed in),
     # by its SHA-256; a same-named file with other bytes is passed over and said
     rewrite_checkpoint_metadata(path, lambda meta: {**meta, "base_checkpoint": "/srv/b.pt"})
     (tmp_path / "b.pt").write_bytes(b"not the base")
     with pytest.raises(ModelLoadError, match=r"found b\.pt with another SHA-256"):
         load_sam2(SMALL_CONFIG, path, device="cpu")
-    monkeypatch.setenv(CHECKPOINT_ENV, str(BUNDLED_SMALL_CHECKPOINT))
-    assert load_sam2(SMALL_CONFIG, path, device="cpu").info.encoder_sha256 == (
-        base.info.encoder_sha256
+    configured = load_sam2(
+        SMALL_CONFIG, path, device="cpu", base_checkpoint=BUNDLED_SMALL_CHECKPOINT
     )
+    assert configured.info.encoder_sha256 == base.info.encoder_sha256

@@ -333,23 +333,32 @@ def test_jsonable_handles_numpy_and_nan() -> None:
     assert out == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": "/x"}
 
 
-def test_a_finetune_of_the_bundled_base_serves_infer_jobs(
-    env, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("base", ["bundled", "configured"])
+def test_a_finetune_of_the_servers_base_serves_infer_and_evaluate_jobs(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str
 ) -> None:
-    """What ``make demo`` and ``make serve`` do: the server's base is the bundled small SAM2;
-    a finetune job of it, then an infer job with that model. A new-user check on a fresh
-    clone: the infer job failed with "the base SAM2 checkpoint sam2_small_calseg.pt of this
-    fine-tuned model is not on this machine", because the fine-tune's checkpoint names its
-    base without the server's folders (an 11th attack run) and the loader looked only where
-    it was recorded and in the repository root. The tests ran the service with random weights
-    only, so none saw it."""
+    """What ``make demo`` and ``make serve`` do: the server's base is the bundled small SAM2
+    (or a checkpoint configured elsewhere, as Meta's would be); a finetune job of it, then an
+    infer job and an evaluate job with that model. A new-user check on a fresh clone: the
+    infer job failed with "the base SAM2 checkpoint sam2_small_calseg.pt of this fine-tuned
+    model is not on this machine", because the fine-tune's checkpoint names its base without
+    the server's folders (an 11th attack run) and the loader looked only where it was
+    recorded and in the repository root. The tests ran the service with random weights only,
+    so none saw it. A configured base is found because the runners pass it to the loader."""
+    import shutil
+
     from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT, CHECKPOINT_ENV, load_sam2
 
     if not BUNDLED_SMALL_CHECKPOINT.is_file():
         pytest.skip("no bundled checkpoint")
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     url, settings, store, rec = env
-    settings = settings.model_copy(update={"sam2_checkpoint": BUNDLED_SMALL_CHECKPOINT})
+    server_base = BUNDLED_SMALL_CHECKPOINT
+    if base == "configured":  # a name the bundled folder does not hold
+        server_base = tmp_path / "models" / "lab_base.pt"
+        server_base.parent.mkdir()
+        shutil.copy(BUNDLED_SMALL_CHECKPOINT, server_base)
+    settings = settings.model_copy(update={"sam2_checkpoint": server_base})
     env = (url, settings, store, rec)
     ft_params = {
         "steps": 2, "val_every": 1, "batch_size": 4, "frames_per_video": 2,
@@ -369,14 +378,24 @@ def test_a_finetune_of_the_bundled_base_serves_infer_jobs(
     from calseg.segment.model import _torch_load
 
     recorded = _torch_load(ckpt_path)["metadata"]["base_checkpoint"]
-    assert not Path(recorded).is_absolute(), recorded  # no server folder in what users get
-    assert load_sam2("sam2.1_hiera_t", ckpt_path, device="cpu").info.prior_mode == "residual"
+    assert recorded == server_base.name, recorded  # no server folder in what users get
+    loaded = load_sam2("sam2.1_hiera_t", ckpt_path, device="cpu", base_checkpoint=server_base)
+    assert loaded.info.prior_mode == "residual"
     video = next(v for v in _job(url, sim).result["videos"] if v["split"] == "test")
     params = {"dataset_job_id": sim, "video_id": video["id"], "model_job_id": ft}
     with session_scope(url) as s:
         inf = jobs.submit_job(s, "infer", params, enqueue=rec, settings=settings).id
     assert _run(env, inf) == "succeeded", _job(url, inf).error
     assert _job(url, inf).result["method"] == "sam2"
+    with session_scope(url) as s:
+        ev = jobs.submit_job(
+            s,
+            "evaluate",
+            {"dataset_job_id": sim, "model_job_id": ft},
+            enqueue=rec,
+            settings=settings,
+        ).id
+    assert _run(env, ev) == "succeeded", _job(url, ev).error
 
 
 def test_a_model_that_cannot_load_fails_the_job_with_its_reason_and_no_traceback(

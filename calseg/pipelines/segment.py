@@ -423,6 +423,7 @@ def segment_and_export(
         method_reason=reason,
         progress=scaled(progress, 0.01, 1.0),
         before_traces=before_traces,
+        base_checkpoint=configured_checkpoint,  # where a fine-tune's base may be
     )
     return SegmentRun(
         out, frames, method, reason, checkpoint, dt, dt_known, pixel_size_um, pre_report
@@ -455,6 +456,7 @@ def segment_to_folder(
     method_reason: str | None = None,
     progress: ProgressFn | None = None,
     before_traces: Callable[[int, int], None] | None = None,
+    base_checkpoint: Path | str | None = None,
 ) -> SegmentOutputs:
     """Segment ``frames`` with ``config`` and write all outputs to ``out_dir`` (module
     docstring).
@@ -466,7 +468,8 @@ def segment_to_folder(
         name: the recording's file name (titles, commands).
         frame_interval_s: s per frame (traces; captions say seconds only when
             ``frame_interval_known``); pixel_size_um: µm per px or ``None``.
-        checkpoint, cache_dir: as :func:`calseg.segment.infer.segment_recording`.
+        checkpoint, cache_dir, base_checkpoint: as
+            :func:`calseg.segment.infer.segment_recording`.
         gt: ``(T, H, W)`` ground truth of a simulated video (yellow outlines).
         title: first line of the pictures (default ``name``).
         nwb: also write ``calseg.nwb``; method_reason: why this method (the default rule).
@@ -516,6 +519,7 @@ def segment_to_folder(
         progress=scaled(progress, 0.05, 0.8),
         activity=activity,  # target=cells reuses its cell-size estimate
         frame_interval_s=known_interval,
+        base_checkpoint=base_checkpoint,
     )
     warnings.extend(res.warnings)
     given = getattr(config, "cell_diameter_px", None)

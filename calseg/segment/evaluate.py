@@ -269,6 +269,7 @@ def evaluate_dataset(
     config: InferenceConfig | None = None,
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
+    base_checkpoint: Path | str | None = None,
 ) -> EvaluationReport:
     """Segment every video of ``split`` with every model and score it.
 
@@ -285,6 +286,8 @@ def evaluate_dataset(
             this evaluation, so base and fine-tuned models, which share the frozen encoder,
             still embed every frame only once).
         progress: :data:`calseg.progress.ProgressFn`.
+        base_checkpoint: the configured base SAM2, one place a fine-tuned checkpoint's base
+            is looked for (:func:`calseg.segment.model.base_candidates`).
 
     Returns:
         :class:`EvaluationReport`.
@@ -324,7 +327,13 @@ def evaluate_dataset(
 
         with tempfile.TemporaryDirectory(prefix="calseg-eval-emb-") as tmp:
             return evaluate_dataset(
-                dataset, models, split=split, config=config, cache_dir=Path(tmp), progress=progress
+                dataset,
+                models,
+                split=split,
+                config=config,
+                cache_dir=Path(tmp),
+                progress=progress,
+                base_checkpoint=base_checkpoint,
             )
     warnings: list[str] = []
     loaded_models = {}
@@ -332,7 +341,11 @@ def evaluate_dataset(
     for name, (method, ckpt) in models.items():
         if method in ("sam2", "disc"):
             loaded = load_sam2(
-                config.model, ckpt, image_size=config.image_size, device=config.device
+                config.model,
+                ckpt,
+                image_size=config.image_size,
+                device=config.device,
+                base_checkpoint=base_checkpoint,
             )
             if method == "disc":  # the same prompts, a disc of the training cells' radius each
                 if loaded.info.prior_radius is None:

@@ -86,6 +86,7 @@ def segment_recording(
     model: LoadedSAM2 | None = None,
     activity: Activity | None = None,
     frame_interval_s: float | None = None,
+    base_checkpoint: Path | str | None = None,
 ) -> SegmentationResult:
     """Segment the calcium-active cells of a recording, frame by frame (``mode="image"``) or
     with SAM2 video propagation (``mode="video"``, :mod:`calseg.segment.video`).
@@ -94,9 +95,8 @@ def segment_recording(
         frames: ``(T, H, W)`` (or ``(H, W)``) grayscale recording, 8/16/32-bit int or float,
             any size; NaN/Inf allowed (treated as background).
         config: :class:`InferenceConfig`.
-        checkpoint: SAM2 or CalSeg fine-tuned checkpoint (``None``: ``$CALSEG_SAM2_CHECKPOINT``
-            or random weights, see :func:`calseg.segment.model.load_sam2`). Ignored by the
-            baseline.
+        checkpoint: SAM2 or CalSeg fine-tuned checkpoint (``None``: random weights, see
+            :func:`calseg.segment.model.load_sam2`). Ignored by the baseline.
         cache_dir: embedding cache directory (``None``: no disk cache).
         progress: :data:`calseg.progress.ProgressFn`.
         model: an already loaded model (skips loading; ``checkpoint`` is then ignored).
@@ -104,6 +104,8 @@ def segment_recording(
             (``target="cells"``: only its cell-size estimate is used, so it is made once).
         frame_interval_s: s per frame, ``None`` when not known: used by the cell-size estimate
             (:func:`calseg.analysis.cellsize.activity_lag_frames`) when no diameter is given.
+        base_checkpoint: the configured base SAM2, one place a fine-tuned ``checkpoint``'s
+            base is looked for (:func:`calseg.segment.model.base_candidates`).
 
     Returns:
         :class:`SegmentationResult` with ``labels`` of shape ``(T, H, W)`` uint32.
@@ -130,6 +132,7 @@ def segment_recording(
             frames,
             config,
             checkpoint=checkpoint,
+            base_checkpoint=base_checkpoint,
             cache_dir=cache_dir,
             model=model,
             warnings=warnings,
@@ -165,7 +168,11 @@ def segment_recording(
 
     t1 = time.perf_counter()
     loaded = model or load_sam2(
-        config.model, checkpoint, image_size=config.image_size, device=config.device
+        config.model,
+        checkpoint,
+        image_size=config.image_size,
+        device=config.device,
+        base_checkpoint=base_checkpoint,
     )
     if loaded.info.image_size != geom.image_size:
         geom = FrameGeometry(geom.height, geom.width, loaded.info.image_size)

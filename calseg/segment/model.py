@@ -455,9 +455,8 @@ def load_sam2(
         config: config name, e.g. ``"sam2.1_hiera_t"`` (39 M parameters).
         checkpoint: full SAM2 checkpoint, CalSeg fine-tuned checkpoint or hub id
             ``"hf:facebook/sam2.1-hiera-tiny"`` (online machines only); ``None``: random
-            weights (warning). The environment is not read for it (the caller passes the
-            configured checkpoint); ``$CALSEG_SAM2_CHECKPOINT`` is one of the places a
-            fine-tuned checkpoint's base is looked for (:func:`base_candidates`).
+            weights (warning). The environment is not read (the caller passes the configured
+            checkpoint, here and as ``base_checkpoint``).
         image_size: model input side in px (multiple of 32). A fine-tuned checkpoint's own
             config and image size win (with a warning when they differ from the arguments).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -645,11 +644,12 @@ def base_candidates(
 ) -> list[Path]:
     """Where a fine-tuned checkpoint's base may be, in order: the ``recorded`` path as given,
     relative to the repository, beside the fine-tuned file ``finetuned`` (copied together),
-    in the bundled weights folder (by file name), the caller's ``fallback`` and
-    ``$CALSEG_SAM2_CHECKPOINT``. The service records the base without its server folder
-    (:func:`rewrite_checkpoint_metadata`), so a recorded name alone must still find it: a
-    fresh clone's ``make demo`` failed at its first infer job when only the recorded path and
-    the repository were looked in (a new-user check)."""
+    in the bundled weights folder (by file name) and the caller's ``fallback`` (the
+    configured base, ``$CALSEG_SAM2_CHECKPOINT`` as the CLI and the service read it). The
+    service records the base without its server folder (:func:`rewrite_checkpoint_metadata`),
+    so a recorded name alone must still find it: a fresh clone's ``make demo`` failed at its
+    first infer job when only the recorded path and the repository were looked in (a
+    new-user check)."""
     name = Path(recorded).name
     out = [Path(recorded).expanduser()]
     if not Path(recorded).is_absolute():
@@ -657,9 +657,8 @@ def base_candidates(
     if finetuned is not None:
         out.append(finetuned.parent / name)
     out.append(BUNDLED_SMALL_CHECKPOINT.parent / name)
-    for extra in (fallback, os.environ.get(CHECKPOINT_ENV) or None):
-        if extra is not None and not str(extra).startswith(HUB_PREFIX):
-            out.append(Path(extra).expanduser())
+    if fallback is not None and not str(fallback).startswith(HUB_PREFIX):
+        out.append(Path(fallback).expanduser())
     return list(dict.fromkeys(out))  # in order, once each
 
 
@@ -692,8 +691,8 @@ def _load_base_for_finetune(
     raise ModelLoadError(
         f"the base SAM2 checkpoint {Path(str(base)).name} of this fine-tuned model is not on "
         f"this machine (looked where it was recorded, beside the fine-tuned file, in CalSeg's "
-        f"weights folder and at ${CHECKPOINT_ENV}{found}); copy it there or set "
-        f"${CHECKPOINT_ENV} to it (SHA-256 {base_sha})"
+        f"weights folder and at the configured checkpoint{found}); copy it beside the "
+        f"fine-tuned file or set ${CHECKPOINT_ENV} to it (SHA-256 {base_sha})"
     )
 
 

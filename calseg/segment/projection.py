@@ -303,6 +303,7 @@ def segment_cells_recording(
     config,  # noqa: ANN001 - calseg.segment.infer.InferenceConfig
     *,
     checkpoint=None,  # noqa: ANN001 - Path | None
+    base_checkpoint=None,  # noqa: ANN001 - Path | None
     cache_dir=None,  # noqa: ANN001 - Path | None
     model=None,  # noqa: ANN001 - LoadedSAM2 | None
     warnings: list[str] | None = None,
@@ -323,7 +324,7 @@ def segment_cells_recording(
     Args:
         frames: ``(T, H, W)`` recording (checked, finite or not).
         config: :class:`calseg.segment.infer.InferenceConfig` with ``target="cells"``.
-        checkpoint, cache_dir, model: as for ``segment_recording``.
+        checkpoint, base_checkpoint, cache_dir, model: as for ``segment_recording``.
         warnings: list to extend (reader / NaN warnings already collected).
         estimated_diameter: as for :func:`segment_projection` (an estimate already made).
         frame_interval_s: s per frame (``None``: not known), for the cell-size estimate.
@@ -369,7 +370,11 @@ def segment_cells_recording(
     proj = projection_image(frames, config.projection)[None]
     norm = compute_normalisation(proj, config.low_percentile, config.high_percentile)
     loaded = model or load_sam2(
-        config.model, checkpoint, image_size=config.image_size, device=config.device
+        config.model,
+        checkpoint,
+        image_size=config.image_size,
+        device=config.device,
+        base_checkpoint=base_checkpoint,
     )
     if loaded.info.random_weights:
         warnings.append("SAM2 has RANDOM weights (no checkpoint): masks are not meaningful")

@@ -506,6 +506,7 @@ def run_evaluate(params: Any, ctx: JobContext) -> dict[str, Any]:
         config=params.to_config(),
         cache_dir=ctx.embedding_cache_dir,
         progress=scaled(ctx.progress, 0.0, 0.97),
+        base_checkpoint=ctx.settings.sam2_checkpoint,
     )
     rows = _summary_rows(report.summary)
     if not rows:
