@@ -200,3 +200,37 @@ def test_cell_traces_chunked_equals_whole_recording():
         cell_traces_chunked(iter([(0, frames[:5])]), lab, 23)
     with pytest.raises(TraceError, match="does not match"):
         cell_traces_chunked(iter([(0, frames[:5, :4])]), lab, 23)
+
+
+def test_one_nan_pixel_does_not_wipe_out_its_cells_trace() -> None:
+    """A 12th attack run: one NaN pixel in a float recording made its cell's whole F NaN, so
+    F0, dF/F and the cell's event were lost (0 events, pattern "none") while the clean copy
+    gave one event of amplitude 4.13. Non-finite pixels are left out of their frame's mean;
+    a frame with no finite pixel of the cell (a dropped frame) is NaN in F and bridged in
+    F0, so the rest of the trace keeps its dF/F. The chunked reader gives the same traces."""
+    from calseg.analysis.events import detect_events
+    from calseg.analysis.traces import baseline_f0, cell_traces, cell_traces_chunked, dff
+
+    rng = np.random.default_rng(0)
+    frames = rng.normal(100, 1, (20, 16, 16)).astype(np.float32)
+    frames[5:10, 4:8, 4:8] += 400  # one cell's transient
+    labels = np.zeros((16, 16), np.int32)
+    labels[4:8, 4:8] = 1
+    clean = cell_traces(frames, labels)[1]
+    holey = frames.copy()
+    holey[12, 5, 5] = np.nan  # one pixel of the cell, after its transient
+    holey[15] = np.nan  # a dropped frame
+    ids, f = cell_traces(holey, labels)
+    np.testing.assert_allclose(
+        f[0, 12], holey[12, 4:8, 4:8][np.isfinite(holey[12, 4:8, 4:8])].mean(), rtol=1e-6
+    )
+    assert np.isnan(f[0, 15]) and np.isfinite(np.delete(f[0], 15)).all()
+    np.testing.assert_allclose(np.delete(f, [12, 15], axis=1), np.delete(clean, [12, 15], axis=1))
+    chunked = cell_traces_chunked(((t, holey[t : t + 7]) for t in range(0, 20, 7)), labels, 20)
+    np.testing.assert_array_equal(chunked[1], f)
+    f0 = baseline_f0(f, 1.0)
+    assert np.isfinite(f0).all()
+    d, flags = dff(f, f0)
+    assert not flags.any() and np.isfinite(np.delete(d[0], 15)).all()
+    events = detect_events(d, 1.0)
+    assert len(events) == 1 and events[0].onset_frame == 5, events

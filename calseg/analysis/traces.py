@@ -149,7 +149,8 @@ def cell_traces(
         ``ids`` ``(N,)`` int64 cell ids in increasing order, and ``F`` ``(N, T)`` float32, the
         mean intensity of the cell's footprint pixels in each frame (accumulated in float64 as
         a sparse footprint-by-pixel product, the matrix form of a weighted ``bincount``; no loop
-        over cells). NaN/Inf pixels propagate into the traces of their cells.
+        over cells). NaN/Inf pixels are left out of their frame's mean; F is NaN only in a
+        frame where none of the cell's pixels is finite (:func:`_footprint_means`).
 
     Raises:
         TraceError: shapes do not match, labels not integer, or frames not 3-D.
@@ -170,9 +171,22 @@ def cell_traces(
     step = max(1, int(chunk_frames))
     for t0 in range(0, t, step):
         check_cancelled()
-        block = flat[t0 : t0 + step].astype(np.float64).T  # (P, chunk)
-        f[:, t0 : t0 + step] = (m @ block) / counts[:, None]
+        f[:, t0 : t0 + step] = _footprint_means(m, counts, flat[t0 : t0 + step])
     return ids, f
+
+
+def _footprint_means(m: sparse.csr_matrix, counts: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Mean of each footprint's finite pixels in each frame of ``block`` (``(t, P)``): ``(N,
+    t)`` float64, NaN where a footprint has no finite pixel in a frame. One NaN pixel (a hot
+    or dead pixel, a dropped frame's NaN fill) made its cell's whole trace NaN, so its F0,
+    its dF/F and its events were lost (a 12th attack run)."""
+    b = np.asarray(block, dtype=np.float64).T  # (P, t)
+    finite = np.isfinite(b)
+    if finite.all():
+        return (m @ b) / counts[:, None]
+    n_finite = m @ finite.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_finite > 0, (m @ np.where(finite, b, 0.0)) / n_finite, np.nan)
 
 
 def cell_traces_chunked(
@@ -211,9 +225,7 @@ def cell_traces_chunked(
         if t0 + b.shape[0] > n_frames:
             raise TraceError(f"chunk at frame {t0} runs past n_frames = {n_frames}")
         if len(ids):
-            f[:, t0 : t0 + b.shape[0]] = (
-                m @ b.reshape(b.shape[0], -1).astype(np.float64).T
-            ) / counts[:, None]
+            f[:, t0 : t0 + b.shape[0]] = _footprint_means(m, counts, b.reshape(b.shape[0], -1))
         seen += b.shape[0]
     if seen != n_frames:
         raise TraceError(f"the chunks held {seen} frames, expected {n_frames}")
@@ -252,7 +264,9 @@ def baseline_f0(
             single dark noise frames).
 
     Returns:
-        ``F0`` ``(N, T)`` float32. NaN samples in a trace make its F0 NaN there.
+        ``F0`` ``(N, T)`` float32. NaN samples (frames where none of a cell's pixels was
+        finite, e.g. a dropped frame) are bridged by linear interpolation in time before the
+        percentile, so F0 is finite wherever its trace has any finite sample.
 
     Raises:
         TraceError: bad shape, interval, window or percentile.
@@ -266,6 +280,7 @@ def baseline_f0(
     n, t = arr.shape
     if n == 0 or t == 0:
         return arr.astype(np.float32)
+    arr = _bridge_gaps(arr)
     if w >= t:
         return np.broadcast_to(np.percentile(arr, percentile, axis=1)[:, None], (n, t)).astype(
             np.float32
@@ -273,6 +288,22 @@ def baseline_f0(
     return ndimage.percentile_filter(arr, percentile, size=(1, w), mode="nearest").astype(
         np.float32
     )
+
+
+def _bridge_gaps(arr: np.ndarray) -> np.ndarray:
+    """``(N, T)`` traces with each NaN sample replaced by linear interpolation between its
+    row's nearest finite samples (the nearest one at the ends); rows with no finite sample
+    stay NaN. The input itself when every sample is finite."""
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return arr
+    out = arr.copy()
+    t = np.arange(arr.shape[1])
+    for i in np.flatnonzero(bad.any(axis=1)):
+        ok = ~bad[i]
+        if ok.any():
+            out[i, bad[i]] = np.interp(t[bad[i]], t[ok], arr[i, ok])
+    return out
 
 
 def dff(

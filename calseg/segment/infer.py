@@ -116,7 +116,10 @@ def segment_recording(
     frames, norm, geom = prepare_recording(frames, config)
     warnings: list[str] = []
     if norm["n_nonfinite"]:
-        warnings.append(f"{norm['n_nonfinite']} NaN/Inf pixels treated as background")
+        warnings.append(
+            f"{norm['n_nonfinite']} NaN/Inf pixel value(s): at rest in the activity map, left "
+            "out of the cells' mean F (calseg.analysis.traces)"
+        )
     if config.target == "cells":  # all cells on a projection: no activity needed
         from calseg.segment.projection import segment_cells_recording
 
