@@ -818,6 +818,17 @@ def test_estimates_follow_what_the_job_does() -> None:
     )
     aug = ft(augment_variants=3)
     assert aug.inputs["frames_embedded"] == 4 * 4 * 16 + 8  # (K+1) x 16 frames x 4 + 8 val
+    # a micro-batch's prompts (a 12th attack run: 2.18 GiB at batch 8, 128 and 512 alike,
+    # where the small SAM2 at batch 128 with a full-resolution multimask loss peaked at 6.7
+    # GB, at batch 8 at 1.39 GB): each prompt's activations and loss terms
+    small = {"model": "sam2_small_calseg", "image_size": 512}
+    heavy = {**small, "loss_resolution": "full", "multimask_output": True}
+    at = {b: ft(batch_size=b, **heavy).memory_bytes for b in (8, 128, 512)}
+    assert at[8] >= 1.39e9 and at[128] >= 6.7e9 and at[512] > 2.5 * at[128], at
+    prompts = "memory:prompt batch"
+    one = ft(batch_size=64, **small).parts[prompts]
+    assert ft(batch_size=64, **small, loss_resolution="full").parts[prompts] > 2 * one
+    assert ft(batch_size=64, **small, multimask_output=True).parts[prompts] > one
     assert ft(image_size=1024).memory_bytes > base.memory_bytes
     assert ft(model="sam2.1_hiera_l").parts["time:embed"] > 5 * base.parts["time:embed"]
     # evaluate: the split's videos; a fine-tuned model adds its decoding

@@ -74,6 +74,15 @@ CONSTANTS: dict[str, float] = {
     "sam2_train_encode_s_512": 1.4,  # one frame through the encoder with backward (lora/full:
     # about 3x the forward pass)
     "sam2_decoder_params": 4.2e6,  # prompt encoder + mask decoder (what decoder mode trains)
+    "sam2_train_prompt_b_512": 24.0 * 2**20,  # one prompt of a training micro-batch at S=512:
+    # the decoder's activations kept for backward, scaling with (S/512)^2 (hiera tiny, random
+    # weights, batch 8 -> 40, loss at low resolution: 1476 -> 2263 MiB peak, 24.6 MiB per
+    # prompt; the small SAM2's narrower decoder 10.0, PROMPT_MEMORY_FACTOR)
+    "sam2_loss_b_per_px": 52.0,  # per prompt, per output mask and per px of the loss grid
+    # (S^2 for loss_resolution "full", (S/4)^2 for "low"): logits, sigmoid, focal and Dice
+    # terms and their gradients (small SAM2, batch 8 -> 64: 22.7 MiB per prompt at full
+    # resolution against 10.0 at low, one mask; with multimask_output 42.3, about 2.5 masks)
+    "sam2_multimask_masks": 2.5,
     "val_prompt_px_s": 6.0e6,  # validation: frame px per second per prompt (distance transform
     # + IoU on the full frame: 2.7e6-6.3e6 at 1024^2-256^2, load 12)
     # -- infer / evaluate, per recording pixel
@@ -111,6 +120,11 @@ counts in the SAM2 README (Hiera t/s/b+/l: 27.9/34.2/69.2/212.5 M of 38.9/46/80.
 total; compute grows with the encoder's width and depth alike). ``calseg``: the small SAM2
 trained here (``sam2_small_calseg``, narrower and shallower than tiny), given tiny's figure
 (not measured on its own: an overestimate)."""
+
+PROMPT_MEMORY_FACTOR = {"calseg": 0.4}
+"""Decoder activations per training prompt relative to hiera tiny's (the four SAM2.1 sizes
+share the decoder design; the small SAM2 trained here has a narrower one: 9.2 against 23.7
+MiB per prompt at S=512, measured with the attack run's batch-size sweep, 2026-12-08)."""
 
 MODEL_PARAMS = {"t": 38.9e6, "s": 46.0e6, "b+": 80.8e6, "l": 224.4e6, "calseg": 1.33e6}
 """SAM2.1 parameters per size (SAM2 README, "Model Description"); ``calseg``: the small SAM2
@@ -388,7 +402,12 @@ def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
       per trained parameter: decoder ``sam2_decoder_params``, lora 1.5x that, full all) + the
       embedded frames' features (:func:`embedding_bytes`) and model-grid labels (4 S^2 each;
       lora/full: also the model input, 2 S^2) + one video loaded (6 B per px) + for lora/full
-      the encoder activations of a micro-batch with backward (3x the forward's).
+      the encoder activations of a micro-batch with backward (3x the forward's) + a
+      micro-batch's prompts: batch_size x (``sam2_train_prompt_b_512`` (S/512)^2 +
+      ``sam2_loss_b_per_px`` x masks x loss px), masks 1 or ``sam2_multimask_masks``, loss px
+      S^2 (``loss_resolution="full"``) or (S/4)^2. A 12th attack run: the estimate was 2.18
+      GiB at batch sizes 8, 128 and 512 alike, where batch 128 with a full-resolution
+      multimask loss peaked at 6.7 GB.
     * disk = embedding cache (frames x embedding bytes; none for lora/full) + checkpoints
       (best: trained weights x 4 B; last: x 3 with AdamW's moments; full: the whole model).
     """
@@ -446,7 +465,14 @@ def estimate_finetune(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
     }[params.train_mode]
     per_frame = emb + 4 * s * s + (2 * s * s if encoder_trained else 0)
     largest = max((v.px for v in train + val), default=0.0)
+    masks = c["sam2_multimask_masks"] if getattr(params, "multimask_output", False) else 1.0
+    loss_px = s * s if getattr(params, "loss_resolution", "low") == "full" else (s / 4) ** 2
+    per_prompt = (
+        c["sam2_train_prompt_b_512"] * scale * PROMPT_MEMORY_FACTOR.get(_size(params.model), 1.0)
+        + c["sam2_loss_b_per_px"] * masks * loss_px
+    )
     memory = {
+        "memory:prompt batch": params.batch_size * per_prompt,
         "memory:gradients+optimiser": 3 * 4 * trained,
         "memory:embedded frames": frames * per_frame,
         "memory:one video": 6 * largest,
