@@ -300,7 +300,9 @@ def write_nwb(
     """Write ROIs and traces as an NWB 2 file (pynwb, optional extra ``[nwb]``).
 
     Layout (NWB ophys conventions): ``processing/ophys/ImageSegmentation/PlaneSegmentation``
-    with one ``image_mask`` ``(H, W)`` per cell and a ``cell_id`` column;
+    with one ``pixel_mask`` per cell (its ``(x, y, weight)`` pixels, weight 1: NWB's sparse
+    form; a dense ``(H, W)`` ``image_mask`` per cell made a 272 MB file of 16,380 cells of a
+    128 x 128 recording, a 12th attack run) and a ``cell_id`` column;
     ``processing/ophys/Fluorescence/F`` and ``processing/ophys/DfOverF/dff`` RoiResponseSeries
     ``(T, N)`` (NWB stores time first) with ``rate = 1 / frame_interval_s``.
 
@@ -355,9 +357,16 @@ def write_nwb(
         name="PlaneSegmentation", description="CalSeg cells", imaging_plane=plane
     )
     ps.add_column(name="cell_id", description="CalSeg label id")
-    for cid in ids:
-        check_cancelled()
-        ps.add_roi(image_mask=(lab == cid).astype(np.uint8), cell_id=int(cid))
+    flat = lab.ravel()
+    order = np.argsort(flat, kind="stable")  # every cell's pixels in one pass, no loop over
+    bounds = np.searchsorted(flat[order], np.stack([ids, ids + 1]))  # the image per cell
+    width = lab.shape[1]
+    for i, cid in enumerate(ids):
+        if i % 256 == 0:
+            check_cancelled()
+        px = order[bounds[0, i] : bounds[1, i]]
+        mask = [(int(p % width), int(p // width), 1.0) for p in px]
+        ps.add_roi(pixel_mask=mask, cell_id=int(cid))
     region = ps.create_roi_table_region(region=list(range(len(ids))), description="all cells")
     rate = 1.0 / float(frame_interval_s)
     fl = Fluorescence(name="Fluorescence")
