@@ -859,6 +859,20 @@ def test_estimates_follow_what_the_job_does() -> None:
     fast = estimate_simulate(sim, JobInputs(recording=VideoShape(300, 128, 128)), 0.1)
     assert fast.time_s == pytest.approx(0.1 * fitted.time_s)
     assert (fast.memory_bytes, fast.disk_bytes) == (fitted.memory_bytes, fitted.disk_bytes)
+    # every cell's calcium is recorded once per frame interval over the search horizon, and
+    # the batched integrator pays per step (a 12th attack run: 36000 s at 0.01 s frames was
+    # estimated at 0.35 GiB and 14 s and took 1.47 GB and 110 s), in both window modes
+    long = {"n_videos": 1, "n_frames": 12, "height": 96, "width": 96, "mean_cell_area_px": 60,
+            "n_val_videos": 0, "n_test_videos": 0, "dt_s": 0.01, "frame_interval_s": 0.01,
+            "search_horizon_s": 36000}  # fmt: skip
+    for window in ("activity", "fixed"):
+        est = estimate_simulate(
+            validate_params("simulate", {**long, "acquisition_window": window}), JobInputs()
+        )
+        assert est.memory_bytes >= 1.47e9 and est.time_s >= 80, (window, est)
+    coarse = estimate_simulate(validate_params("simulate", {**long, "frame_interval_s": 1.0}),
+                               JobInputs())  # fmt: skip
+    assert coarse.parts["memory:recorded calcium"] < est.parts["memory:recorded calcium"] / 50
 
 
 def test_costs_bench_runs_a_real_job_and_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:

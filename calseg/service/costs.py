@@ -60,6 +60,13 @@ CONSTANTS: dict[str, float] = {
     # 1024^2) + labels + cells + calcium; costs bench: 1.6 B/px at 3 x 16 x 128^2 (1.2 MiB),
     # 1.36 B/px at 3 x 40 x 256^2 (10.2 MiB), 1.4 B/px at 2 x 200 x 256^2 (35 MiB)
     "sim_fixed_s": 4.0,  # imports, geometry, preview, manifest per job
+    "sim_step_s": 2.0e-5,  # one integrator step of the batched tissues, beyond the per-cell
+    # work (96^2 pouch of 71 cells, 3600 s at dt 0.01 s: 7.8 s, 0.5 s at dt 0.2; 2026-12-08)
+    "sim_sample_s": 1.5e-6,  # one recorded sample of a video (activity mask and window search:
+    # frame interval 0.01 against 1 s over 3600 s, 8.3 against 7.8 s)
+    "sim_record_b_per_sample": 6.0,  # per cell and recorded sample, all videos at once:
+    # float32 calcium + two boolean masks (25.6 M samples: 128 MiB; 256 M: 1.33 GiB; a 12th
+    # attack run's horizon 36000 s at 0.01 s frames, estimated 0.35 GiB, peaked at 1.47 GB)
     # -- SAM2 (hiera tiny, CPU, 2 threads)
     "sam2_fixed_s": 10.0,  # building the model and loading weights (costs bench: 4-18 s)
     "sam2_encode_s_512": 0.45,  # one frame through the image encoder at S = 512 (sam2 bench at
@@ -235,16 +242,22 @@ class JobInputs:
 def estimate_simulate(params: Any, inputs: JobInputs, time_scale: float = 1.0) -> CostEstimate:
     """Simulate job: ``n_videos`` videos of ``T x H x W`` px, written one at a time.
 
-    * time = fixed + n_videos x (n_cells x horizon / dt) / ``sim_cell_steps_s``
-      + n_videos x T H W / ``sim_render_px_s``; horizon = ``search_horizon_s`` for the
-      ``activity`` window (at least warm-up + recording), warm-up + recording for ``fixed``;
-      n_cells from :func:`calseg.simulate.geometry.estimate_n_cells`.
-    * memory = numpy baseline + ``sim_mem_b_per_px`` x T H W (one video held while it is
-      rendered and written) + ``sim_mem_b_per_frame_px`` x H W.
+    * time = fixed + n_videos x (n_cells x horizon / dt) / ``sim_cell_steps_s`` + horizon /
+      dt x ``sim_step_s`` (the batched integrator's steps) + n_videos x samples x
+      ``sim_sample_s`` + n_videos x T H W / ``sim_render_px_s``; samples =
+      :func:`calseg.simulate.dataset.recorded_samples` (one per frame interval over at least
+      ``search_horizon_s``, whatever the window), horizon = samples x frame interval; n_cells
+      from :func:`calseg.simulate.geometry.estimate_n_cells`.
+    * memory = numpy baseline + ``sim_record_b_per_sample`` x n_videos x n_cells x samples
+      (every tissue's calcium recorded at once) + ``sim_mem_b_per_px`` x T H W (one video
+      held while it is rendered and written) + ``sim_mem_b_per_frame_px`` x H W. A 12th attack
+      run: a horizon of 36000 s at 0.01 s frames was estimated at 0.35 GiB and 14 s and took
+      1.47 GB and 110 s.
     * disk = ``sim_disk_b_per_px`` x n_videos x T H W.
 
     A fit to a recording (``recording_id``) replaces frame size and count by the recording's.
     """
+    from calseg.simulate.dataset import recorded_samples
     from calseg.simulate.geometry import estimate_n_cells
 
     c = CONSTANTS
@@ -253,24 +266,31 @@ def estimate_simulate(params: Any, inputs: JobInputs, time_scale: float = 1.0) -
         t, h, w = inputs.recording.n_frames, inputs.recording.height, inputs.recording.width
     n = int(params.n_videos)
     px = float(t) * h * w
-    recording_s = t * params.frame_interval_s
-    horizon = params.warmup_s + recording_s
-    if params.acquisition_window == "activity":
-        horizon = max(horizon, params.search_horizon_s)
+    samples = recorded_samples(t, params.frame_interval_s, params.warmup_s, params.search_horizon_s)
+    horizon = samples * params.frame_interval_s
     try:
         cells = estimate_n_cells(h, w, params.tissue_shape, params.mean_cell_area_px)
     except (ValueError, ZeroDivisionError):
         cells = 5000
-    t_int = n * cells * (horizon / params.dt_s) / c["sim_cell_steps_s"]
+    steps = horizon / params.dt_s
+    t_int = n * cells * steps / c["sim_cell_steps_s"] + steps * c["sim_step_s"]
+    t_int += n * samples * c["sim_sample_s"]
     t_render = n * px / c["sim_render_px_s"]
     t_fit = px / c["infer_px_s"] if inputs.recording is not None else 0.0
-    mem = c["base_rss_numpy_b"] + c["sim_mem_b_per_px"] * px + c["sim_mem_b_per_frame_px"] * h * w
+    recorded = c["sim_record_b_per_sample"] * n * cells * samples
+    mem = (
+        c["base_rss_numpy_b"]
+        + recorded
+        + c["sim_mem_b_per_px"] * px
+        + c["sim_mem_b_per_frame_px"] * h * w
+    )
     disk = c["sim_disk_b_per_px"] * n * px * (params.bit_depth / 16)
     parts = {
         "time:integrate": t_int * time_scale,
         "time:render+write": t_render * time_scale,
         "time:fit": t_fit * time_scale,
         "memory:one video": c["sim_mem_b_per_px"] * px,
+        "memory:recorded calcium": recorded,
         "disk:videos": disk,
     }
     total = (c["sim_fixed_s"] + t_int + t_render + t_fit) * time_scale

@@ -64,6 +64,20 @@ def _n_source_frames(n_frames: int) -> int:
     return n_frames + n_frames // 8 + 2
 
 
+def recorded_samples(
+    n_frames: int, frame_interval_s: float, warmup_s: float, search_horizon_s: float
+) -> int:
+    """Calcium samples recorded per cell, one per frame interval over the simulated time: at
+    least warm-up + the recording's source frames, and ``search_horizon_s`` (whatever the
+    acquisition window; the window is then chosen among them). Every cell of every video is
+    held at once (``(N, samples)`` float32 and two boolean masks of the same shape); the
+    job's cost estimate counts it (:func:`calseg.service.costs.estimate_simulate`)."""
+    first = int(np.ceil(warmup_s / frame_interval_s))
+    return max(
+        first + _n_source_frames(n_frames), int(np.floor(search_horizon_s / frame_interval_s)) + 1
+    )
+
+
 def choose_window(active: np.ndarray, first: int, length: int, mode: str) -> int:
     """Start index of the recording window.
 
@@ -108,7 +122,7 @@ def iter_videos(config: SimulationConfig, progress: ProgressFn | None = None) ->
     fi = config.frame_interval_s
     n_src = _n_source_frames(config.n_frames)
     first = int(np.ceil(config.warmup_s / fi))
-    n_all = max(first + n_src, int(np.floor(config.search_horizon_s / fi)) + 1)
+    n_all = recorded_samples(config.n_frames, fi, config.warmup_s, config.search_horizon_s)
     times = np.arange(n_all) * fi
     tissues: list[Tissue] = []
     setups: list[TissueSetup] = []
