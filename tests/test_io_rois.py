@@ -93,3 +93,21 @@ def test_bad_roi_files(tmp_path):
         read_imagej_rois(far_path, (20, 20))
     with pytest.raises(RoiError, match="no label"):
         write_imagej_rois(np.zeros((8, 8), np.uint16), tmp_path / "none.zip")
+
+
+def test_rois_past_the_16_bit_coordinate_range_keep_their_place(tmp_path):
+    """A 12th attack run: a cell at x = 66000 of a 70000 px wide recording was written at
+    left = 464 (66000 - 65536): the ROI format's bounds and integer coordinates are 16-bit.
+    Such ROIs carry sub-pixel (float, absolute) coordinates; ROIs inside 32767 px stay in
+    the integer form ImageJ fills exactly."""
+    labels = np.zeros((16, 70000), np.uint16)
+    labels[4:9, 66000:66006] = 1  # past 65535: wrapped before
+    labels[2:6, 40000:40003] = 2  # 32768-65535: read as negative by the format's int16
+    labels[10:14, 100:104] = 3
+    path = write_imagej_rois(labels, tmp_path / "wide.zip")
+    np.testing.assert_array_equal(read_imagej_rois(path, labels.shape), labels)
+    rois = {r.name: r for r in roifile.roiread(path)}
+    for name, x0 in (("label-1", 66000), ("label-2", 40000)):
+        assert rois[name].options & roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION, name
+        assert rois[name].subpixel_coordinates[:, 0].min() == x0
+    assert not rois["label-3"].options & roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION

@@ -214,6 +214,11 @@ def _signed_area(xy: np.ndarray) -> float:
     return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
 
 
+INT16_MAX = 32767
+"""Largest coordinate the ImageJ ROI format's 16-bit fields hold; ROIs reaching past it are
+written with sub-pixel (float32, absolute) coordinates (:func:`write_imagej_rois`)."""
+
+
 def write_imagej_rois(labels2d: np.ndarray, path: str | Path) -> Path:
     """Write one polygon ROI per label id as an ImageJ ROI set (zip).
 
@@ -258,9 +263,16 @@ def write_imagej_rois(labels2d: np.ndarray, path: str | Path) -> Path:
         if len(outer) > 1 or len(loops) > len(outer):
             approximated.append(int(rid))
         xy = best + np.array([sl[1].start, sl[0].start])
-        roi = roifile.ImagejRoi.frompoints(xy.astype(np.int32), name=f"label-{int(rid)}")
+        if xy.max() > INT16_MAX:
+            # the ROI format's bounds and integer coordinates are 16-bit: beyond 32767 px they
+            # wrapped (x = 66000 read back as 464, a 12th attack run); sub-pixel coordinates
+            # are absolute float32, exact for whole pixels up to 2^24
+            roi = roifile.ImagejRoi.frompoints(xy.astype(np.float32), name=f"label-{int(rid)}")
+            roi.options = roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION
+        else:
+            roi = roifile.ImagejRoi.frompoints(xy.astype(np.int32), name=f"label-{int(rid)}")
+            roi.options = roifile.ROI_OPTIONS(0)
         roi.roitype = roifile.ROI_TYPE.POLYGON
-        roi.options = roifile.ROI_OPTIONS(0)
         rois.append(roi)
     if approximated:
         shown = ", ".join(map(str, approximated[:10])) + (", ..." if len(approximated) > 10 else "")
