@@ -458,6 +458,11 @@ def render_png(
         raise ValueError(f"the display range needs finite lo and hi, got lo={lo}, hi={hi}")
     if not hi > lo:
         raise ValueError(f"the display range needs lo < hi, got lo={lo}, hi={hi}")
+    if not math.isfinite(hi - lo):  # lo=-1e308&hi=1e308: the width overflowed, all black
+        raise ValueError(
+            f"the display range is wider than a float holds (hi - lo overflows), got "
+            f"lo={lo:g}, hi={hi:g}"
+        )
     fill_alpha = 0.0 if style == "outline" else alpha
     outline = style != "fill"
 

@@ -60,9 +60,11 @@ def test_ground_truth_modes_and_display_range() -> None:
     assert narrow[0, 11].tolist() == [128, 128, 128]  # 1000 of 0..2000 -> mid gray
     low = _img(render_png(s, 1, overlay=False, lo=999, hi=1000))
     assert low[0, 11].tolist() == [255, 255, 255] and low[0, 0].tolist() == [0, 0, 0]
-    # (lo=1e308 with hi=inf drew an all-black frame with 200: a new-user check)
+    # (lo=1e308 with hi=inf drew an all-black frame with 200: a new-user check; so did
+    # lo=-1e308 with hi=1e308, whose width overflows: a 12th attack run)
     for bad in ({"lo": 5, "hi": 5}, {"alpha": 1.5}, {"style": "x"}, {"colors": "x"},
-                {"lo": 1e308, "hi": float("inf")}, {"lo": float("nan"), "hi": 5}):  # fmt: skip
+                {"lo": 1e308, "hi": float("inf")}, {"lo": float("nan"), "hi": 5},
+                {"lo": -1e308, "hi": 1e308}):  # fmt: skip
         with pytest.raises(ValueError):
             render_png(s, 0, **bad)
     h = range_headers(s)
