@@ -253,11 +253,19 @@ def frame_ranges(frame: np.ndarray) -> tuple[float, float, float, float]:
     finite = frame if frame.dtype.kind in "iub" else frame[np.isfinite(frame)]
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0
-    if not vmax > vmin:  # a flat frame: the range display_range gives a flat recording
+    return (float(lo), float(hi), *widened(vmin, vmax))
+
+
+def widened(vmin: float, vmax: float) -> tuple[float, float]:
+    """A data range ``(vmin, vmax)`` with ``vmax > vmin``: a flat one (a constant recording)
+    widened as :func:`calseg.io.overlays.display_range` widens a flat recording, ``vmin`` to
+    ``vmin + max(1, |vmin| 1e-6)``. (It was ``max(vmax, vmin + 1e-6)``: data of about 1e-28
+    reported a maximum of 1e-06, an 11th attack run; an infer job's recorded range was not
+    widened at all, so a constant recording's headers said 7..7 where its preview said 7..8,
+    a 12th.)"""
+    if not vmax > vmin:
         vmax = vmin + max(1.0, abs(vmin) * 1e-6)
-    # (it was max(vmax, vmin + 1e-6): data of about 1e-28 reported a maximum of 1e-06, an
-    # 11th attack run)
-    return float(lo), float(hi), vmin, vmax
+    return vmin, vmax
 
 
 def load_stacks(
@@ -293,7 +301,7 @@ def load_stacks(
     if display_range is not None:
         lo, hi = (float(v) for v in display_range)
     if data_range is not None:
-        vmin, vmax = (float(v) for v in data_range)
+        vmin, vmax = widened(*(float(v) for v in data_range))
     return Stacks(frames, labels, gt, lo, hi, vmin, vmax)  # type: ignore[arg-type]
 
 

@@ -86,4 +86,21 @@ def test_the_data_range_of_a_frame_is_its_own_at_any_scale() -> None:
     _, _, vmin, vmax = frame_ranges(frame)
     assert vmin == 0.0 and vmax == pytest.approx(2.5e-28, rel=1e-6)
     _, _, vmin, vmax = frame_ranges(np.full((8, 8), 7.0, np.float32))
-    assert vmin == 7.0 and vmax > vmin
+    assert (vmin, vmax) == (7.0, 8.0)
+
+
+def test_a_jobs_recorded_flat_data_range_is_widened_as_a_previews(tmp_path) -> None:
+    """A 12th attack run: an infer job of a constant recording said X-Data-Min = X-Data-Max
+    = 7 (its recorded range, not widened), where the recording's preview said 7..8."""
+    import tifffile
+
+    from api.frames import load_stacks
+
+    tifffile.imwrite(tmp_path / "f.tif", np.full((3, 8, 8), 7, np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", np.zeros((3, 8, 8), np.uint32), photometric="minisblack")
+    stacks = load_stacks(
+        tmp_path / "f.tif", tmp_path / "l.tif", None, simulated=True,
+        display_range=(7.0, 8.0), data_range=(7.0, 7.0),
+    )  # fmt: skip
+    h = range_headers(stacks)
+    assert (h["X-Data-Min"], h["X-Data-Max"]) == ("7", "8"), h
