@@ -370,6 +370,7 @@ def test_a_finetune_of_the_servers_base_serves_infer_and_evaluate_jobs(
     with session_scope(url) as s:
         ft = jobs.submit_job(s, "finetune", {"dataset_job_id": sim, **ft_params}, enqueue=rec).id
     assert _run(env, ft) == "succeeded", _job(url, ft).error
+    assert _job(url, ft).result["steps"] == 2  # optimiser steps, not history rows (it said 6)
     with session_scope(url) as s:
         ckpt = s.scalar(
             select(Artifact).where(Artifact.job_id == ft, Artifact.name == "checkpoint.pt")
