@@ -833,10 +833,24 @@ def test_video_mode_with_a_disc_prior_model_is_refused_at_submit(
     r = submit("infer", model_job_id=model_job, mode="video")
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
-    assert detail.startswith("model_job_id: mode 'video' cannot run checkpoint.pt"), detail
+    assert detail.startswith(
+        f"model_job_id: mode 'video' cannot run checkpoint.pt of finetune job {model_job}"
+    ), detail
     assert "disc prior" in detail and "mode 'image'" in detail
     assert submit("evaluate", model_job_id=model_job, mode="video").status_code == 422
     assert submit("infer", model_job_id=model_job).status_code == 201  # image mode
+    # a job whose record says its prior is refused from the record: no checkpoint read in the
+    # API process (a 12th attack run: a full fine-tune's file is torch-loaded there)
+    with session_scope() as session:
+        recorded = Job(
+            kind="finetune", state="succeeded", owner_id=client.user_id, params={},
+            result={"model_info": {"prior_mode": "residual"}},
+        )  # fmt: skip
+        session.add(recorded)
+        session.flush()
+        recorded_id = recorded.id
+    r = submit("infer", model_job_id=recorded_id, mode="video")
+    assert r.status_code == 422 and "mask_prior 'residual'" in r.json()["detail"], r.text
 
     monkeypatch.setenv("CALSEG_SAM2_CHECKPOINT", str(BUNDLED_SMALL_CHECKPOINT))
     get_settings.cache_clear()

@@ -21,6 +21,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
@@ -202,16 +203,28 @@ def _check_video_mode(session: Session, kind: str, params: Any, settings: Settin
         )
         if method != SAM2:
             return
-    checks: list[tuple[str, Any]] = []
+    checks: list[tuple[str, Any, str]] = []  # (parameter, checkpoint file, how users name it)
     if model_job:
-        row = session.scalar(
-            select(Artifact).where(Artifact.job_id == model_job, Artifact.name == "checkpoint.pt")
-        )
+        shown = f"checkpoint.pt of finetune job {model_job}"  # stored as the run's best.pt
+        job = session.get(Job, model_job)
+        info = ((job.result or {}).get("model_info") or {}) if job is not None else {}
+        if info.get("prior_mode") in ("residual", "prompt"):  # the job's record: no file read
+            reason = video_mode_refusal(None, shown, info["prior_mode"])  # in the API process
+            raise JobReferenceError(f"model_job_id: {public_text(reason, settings)}")
+        row = None
+        if "prior_mode" not in info:  # a job recorded before model_info said it
+            row = session.scalar(
+                select(Artifact).where(
+                    Artifact.job_id == model_job, Artifact.name == "checkpoint.pt"
+                )
+            )
         if row is not None:
-            checks.append(("model_job_id", get_store(settings.artifact_dir).path(row.relpath)))
+            path = get_store(settings.artifact_dir).path(row.relpath)
+            checks.append(("model_job_id", path, shown))
     if kind == "evaluate" or not model_job:  # evaluate always has the untuned row
-        checks.append(("mode", settings.sam2_checkpoint))
-    for name, checkpoint in checks:
+        base = settings.sam2_checkpoint
+        checks.append(("mode", base, Path(base).name if base is not None else ""))
+    for name, checkpoint, shown in checks:
         if checkpoint is None:
             continue
         try:
@@ -219,7 +232,7 @@ def _check_video_mode(session: Session, kind: str, params: Any, settings: Settin
         except Exception:  # noqa: BLE001 - a missing or unreadable file is the worker's error
             continue
         if summary.prior:
-            reason = video_mode_refusal(None, checkpoint, None)
+            reason = video_mode_refusal(None, shown, None)
             raise JobReferenceError(f"{name}: {public_text(reason, settings)}")
 
 
