@@ -23,10 +23,16 @@ venv: $(STAMP)
 demo: $(STAMP) sysdeps
 	$(PY) -m calseg.demo $(if $(RECORDING),--recording "$(RECORDING)")
 
-# SIGTERM / SIGHUP stop the service in order (exit 143 / 129): a clean stop, not a make error
+# SIGTERM / SIGHUP stop the service in order (exit 143 / 129): a clean stop, not a make error.
+# The recipe's shell passes TERM, INT and HUP on to the service and waits for it: make sends
+# TERM to that shell when make itself is signalled, and the shell used to die alone, leaving
+# the service running under init (a lab admin's check: `kill -TERM <make pid>` kept :8000 up)
 serve: $(STAMP)
-	$(PY) -m calseg.service.embedded || { rc=$$?; [ $$rc -eq 143 ] || [ $$rc -eq 129 ] || exit $$rc; \
-	  echo "serve: stopped by signal $$((rc - 128))"; }
+	@$(PY) -m calseg.service.embedded & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null' TERM INT HUP; \
+	wait $$pid; rc=$$?; while kill -0 $$pid 2>/dev/null; do wait $$pid; rc=$$?; done; \
+	[ $$rc -eq 0 ] && exit 0; [ $$rc -eq 143 ] || [ $$rc -eq 129 ] || exit $$rc; \
+	echo "serve: stopped by signal $$((rc - 128))"
 
 services:
 	bash scripts/services.sh

@@ -339,3 +339,50 @@ def test_the_api_process_runs_the_reconciler(tmp_path: Path) -> None:
         vanish(2)
         job = poll("failed")
         assert job["error"].startswith("worker lost: gone:1") and "attempt 2 of 2" in job["error"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc's children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                kids = []
+            out += kids
+            todo += kids
+    return out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_serve_stops_the_service_when_make_is_signalled(tmp_path: Path) -> None:
+    """A lab admin's check: SIGTERM to `make serve` (what an init script or `timeout` sends)
+    killed make and its recipe shell, and the service went on under init, still answering on
+    its port. The recipe's shell passes the signal on and waits for the clean stop."""
+    env = _serve_env(tmp_path)
+    make = subprocess.Popen(
+        ["make", "-s", "-o", ".venv/.installed", "serve"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = make.stdout.readline()
+        if not line:
+            pytest.fail("make serve exited early:\n" + "".join(lines))
+        lines.append(line)
+        if "CalSeg is up" in line:
+            break
+    service = [p for p in _descendants(make.pid) if "calseg.service.embedded" in
+               Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+    assert service, _descendants(make.pid)
+    make.send_signal(signal.SIGTERM)  # make alone, not its process group
+    out, _ = make.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in service) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in service), "".join(lines) + out
+    assert "stopped by signal 15" in out, out
