@@ -932,11 +932,31 @@ app.add_typer(tokens_app, name="tokens")
 
 
 def _db_session():  # noqa: ANN202 - a context manager of a Session
+    from sqlalchemy.engine import make_url
+
     from calseg.service.db import session_scope, upgrade_database
     from calseg.service.settings import get_settings
 
     url = get_settings().database_url
-    upgrade_database(url)  # idempotent: a fresh database gets its tables
+    # said on stderr (stdout of `tokens create` is the token alone): a shell without the
+    # server's CALSEG_DATABASE_URL wrote users into the embedded SQLite file and said only
+    # "created", and their tokens got 401 from the PostgreSQL server (a lab admin's check)
+    import os
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    source = (
+        "CALSEG_DATABASE_URL"
+        if os.environ.get("CALSEG_DATABASE_URL")
+        else "the default: set CALSEG_DATABASE_URL to the server's database"
+    )
+    typer.echo(f"database: {shown} ({source})", err=True)
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        upgrade_database(url)  # idempotent: a fresh database gets its tables
+    except OperationalError as exc:  # it was a 60-line traceback
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise _fail(f"cannot open the database {shown}: {reason}") from None
     return session_scope(url)
 
 

@@ -196,6 +196,9 @@ def test_cli_users_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     try:
         r = runner.invoke(cli, ["users", "create", "alice"])
         assert r.exit_code == 0 and "user alice created" in r.output, r.output
+        # which database it wrote, on stderr (a lab admin's check: a shell without the
+        # server's CALSEG_DATABASE_URL wrote the embedded SQLite file and said only "created")
+        assert f"database: {url} (CALSEG_DATABASE_URL)" in r.stderr, r.stderr
         r = runner.invoke(cli, ["users", "create", "boss", "--admin"])
         assert r.exit_code == 0 and "admin" in r.output
         r = runner.invoke(cli, ["users", "create", "alice"])
@@ -215,7 +218,7 @@ def test_cli_users_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert r.exit_code == 2 and "no user 'carol'" in r.output
         r = runner.invoke(cli, ["tokens", "list", "alice"])
         assert "laptop" in r.output and "active" in r.output and token not in r.output
-        token_id = r.output.split()[0]
+        token_id = r.stdout.split()[0]
         r = runner.invoke(cli, ["tokens", "revoke", token_id[:8]])
         assert r.exit_code == 0 and "revoked" in r.output
         with session_scope(url) as session:
@@ -223,6 +226,12 @@ def test_cli_users_and_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert "revoked" in runner.invoke(cli, ["tokens", "list"]).output
         r = runner.invoke(cli, ["tokens", "revoke", "zzzzzzzz"])
         assert r.exit_code == 2 and "no token" in r.output
+        # a database that cannot be reached: one line, its URL without the password
+        monkeypatch.setenv("CALSEG_DATABASE_URL", "postgresql+psycopg://u:secret@127.0.0.1:1/x")
+        get_settings.cache_clear()
+        r = runner.invoke(cli, ["users", "list"])
+        assert r.exit_code == 2 and "cannot open the database" in r.output, r.output
+        assert "secret" not in r.output and "Traceback" not in r.output
     finally:
         get_settings.cache_clear()
 
