@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m api.serve``: uvicorn serving ``api.main:app``."""
     import uvicorn
 
+    from calseg.service.store import keep_files_private
+
+    keep_files_private()  # uploads and results: the service's user only
     settings = get_settings()
     ap = argparse.ArgumentParser(prog="python -m api.serve", description=__doc__)
     ap.add_argument("--host", default=settings.api_host)

@@ -237,6 +237,13 @@ def test_sigterm_stops_every_child_keeps_queued_jobs_and_the_next_start_runs_the
         assert b.attempts == 1 and a.attempts == 1  # the interruption did not count
     finally:
         second.close()
+    # what the service wrote is its user's only: with umask 022 every upload and result was
+    # readable by every shell account of a shared server (a lab admin's check)
+    written = [p for p in (tmp_path / "artifacts").rglob("*")] + [tmp_path / "calseg.db"]
+    written += list((tmp_path / "logs").rglob("*"))
+    assert any(p.is_file() for p in written) and any(p.is_dir() for p in written)
+    shared = [f"{p} {p.stat().st_mode & 0o777:o}" for p in written if p.stat().st_mode & 0o077]
+    assert not shared, shared
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")

@@ -12,7 +12,9 @@ from celery.signals import after_setup_logger
 
 from calseg.service.broker import make_celery
 from calseg.service.settings import get_settings
+from calseg.service.store import keep_files_private
 
+keep_files_private()  # a worker process starts by importing this module
 _settings = get_settings()
 celery_app = make_celery(_settings)
 

@@ -60,6 +60,7 @@ import httpx
 from calseg.service.db import upgrade_database
 from calseg.service.jobproc import die_with_parent, libc
 from calseg.service.settings import REPO_ROOT, Settings, get_settings
+from calseg.service.store import PRIVATE_UMASK
 
 CRASH_LOOP = 5
 """Deaths of one child within :data:`CRASH_WINDOW_S` after which the supervisor gives up."""
@@ -436,6 +437,7 @@ class EmbeddedService:
         parent = os.getpid()
 
         def _preexec() -> None:  # in the child, before exec: die with the supervisor
+            os.umask(PRIVATE_UMASK)  # its files: the service's user only (keep_files_private)
             die_with_parent(signal.SIGKILL)
             if os.getppid() != parent:  # the supervisor died before prctl took effect
                 os._exit(1)
@@ -752,7 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None, help="api port (default CALSEG_API_PORT)")
     args = p.parse_args(argv)
     from calseg.segment.model import default_base_checkpoint
+    from calseg.service.store import keep_files_private
 
+    keep_files_private()  # the database, logs and token it writes; its children set it too
     settings = get_settings()
     # the SAM2 base: CALSEG_SAM2_CHECKPOINT, else the small SAM2 trained here (when shipped)
     base = default_base_checkpoint(settings.sam2_checkpoint)

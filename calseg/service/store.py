@@ -38,6 +38,20 @@ _EXTRA_TYPES = {
 }
 
 
+PRIVATE_UMASK = 0o077
+"""File mode creation mask of the service's processes: recordings, artifacts, caches and logs
+are readable and writable by the service's user only (files 0600, folders 0700)."""
+
+
+def keep_files_private() -> int:
+    """Set this process's umask to :data:`PRIVATE_UMASK` (children inherit it); returns the
+    previous mask. Called where a service process starts (``python -m api.serve``, the Celery
+    worker's app module, ``make serve``'s supervisor and each child it starts): with the usual
+    umask 022 every upload and result was readable by every shell account of a shared server,
+    though the API shows each user only their own (a lab admin's check)."""
+    return os.umask(PRIVATE_UMASK)
+
+
 class StoreError(ValueError):
     """A bad artifact key (absolute, or leaving the store with ``..``) or a missing object."""
 
