@@ -1237,22 +1237,49 @@ def submit(
             raise _fail(str(exc)) from None
         typer.echo(job["id"])
         if watch_it:
-            job = _watch(client, job["id"])
-            console.print(f"{job['kind']} job {job['id']} {job['state']}")
+            _print_ended(_watch(client, job["id"]))
 
 
 @app.command()
 def watch(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
     """Show a job's progress until it ends (exit code 2 when it fails)."""
     with _client() as client:
-        job = _watch(client, job_id)
-        console.print(f"{job['kind']} job {job['id']} {job['state']}")
-        for m in job.get("metrics", []):
-            if m.get("step") is None:
-                console.print(
-                    f"  {m['name']} ({m.get('model') or '-'}, {m.get('subset') or '-'})"
-                    f": {fmt_num(m['value'])}"
-                )
+        _print_ended(_watch(client, job_id))
+
+
+def _print_ended(job: dict) -> None:
+    """What an ended job found, as the page says it: an infer job's cells, pattern class,
+    notes, and why nothing was found with what to try; an evaluate job's table; then the final
+    metrics. (It printed only "foreground_fraction (classical, -): 0" for an infer job that
+    found no cell, with no word why: a lab admin's check.)"""
+    console.print(f"{job['kind']} job {job['id']} {job['state']}", markup=False)
+    res = job.get("result") or {}
+    if job["kind"] == "infer" and "n_cells" in res:
+        unit = "region" if res.get("target") == "cells" else "cell"
+        cov = res.get("coverage")
+        console.print(
+            f"  {res.get('model_label') or res.get('method')}: {plural(res['n_cells'], unit)}"
+            + (f", {100 * cov:.1f} % of the field" if isinstance(cov, int | float) else "")
+            + (f"; pattern {res['pattern_class']}" if res.get("pattern_class") else ""),
+            markup=False,
+        )
+        for note in res.get("notes") or []:
+            console.print(f"  check: {note}", markup=False)
+        diagnosis = res.get("diagnosis") or {}
+        if diagnosis.get("reason"):
+            console.print(f"  why no {unit}: {diagnosis['reason']}", markup=False)
+        for tip in diagnosis.get("suggestions") or []:
+            params = " ".join(f"-p {k}={json.dumps(v)}" for k, v in tip.get("params", {}).items())
+            console.print(f"  try: {tip.get('text')} ({params})", markup=False)
+    elif job["kind"] == "evaluate" and res.get("table"):
+        console.print(res["table"], markup=False, soft_wrap=True)
+    for m in job.get("metrics", []):
+        if m.get("step") is None:
+            console.print(
+                f"  {m['name']} ({m.get('model') or '-'}, {m.get('subset') or '-'})"
+                f": {fmt_num(m['value'])}",
+                markup=False,
+            )
 
 
 @app.command()

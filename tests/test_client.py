@@ -174,6 +174,17 @@ def test_cli_submit_watch_download(live: dict, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     art = next(a for a in job["artifacts"] if a["name"] == "preview.png")
     assert _sha256(out / "preview.png") == art["sha256"]
+    # an infer job that finds nothing: the cell count, why, and what to try (a lab admin's
+    # check: watch printed only "foreground_fraction (classical, -): 0")
+    noise = np.random.default_rng(5).poisson(200, (12, 48, 48)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "noise.tif", noise, imagej=True, metadata={"axes": "TYX"})
+    with CalSegClient(live["url"], live["token"]) as cs:
+        rec = cs.upload(tmp_path / "noise.tif")
+        inf = cs.submit("infer", {"recording_id": rec["id"], "method": "classical"})
+    r = runner.invoke(cli, ["watch", inf["id"]], env=env)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "classical: 0 cells" in text and "why no cell:" in text, r.output
     # clear errors: bad parameter syntax, a refused job, no token
     r = runner.invoke(cli, ["submit", "simulate", "-p", "n_videos"], env=env)
     assert r.exit_code == 2 and "name=value" in r.output
