@@ -7,6 +7,7 @@ stored, queued or left behind.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -305,6 +306,9 @@ def test_the_storage_quota_holds_uploads_and_jobs_and_deleting_frees_it(
     r = client.post("/api/jobs", json={"kind": "simulate", "params": SIM})
     assert r.status_code == 422 and "storage quota" in r.json()["detail"], r.text
     assert "DELETE /api/recordings/ID" in r.json()["detail"]
+    # what is left, said as left (it read "storage quota 1.79 MiB > limit 0 MiB" of a 2 MiB
+    # quota: a lab admin's check)
+    assert re.search(r"storage quota: [\d.]+ MiB needed, [\d.]+ MiB left", r.json()["detail"])
     r = client.post("/api/jobs/estimate", json={"kind": "simulate", "params": SIM})
     assert r.json()["fits"] is False and "storage quota" in r.json()["over"]
     assert r.json()["limits"]["storage_used_bytes"] == len(one)

@@ -815,9 +815,7 @@ class JobTooCostly(ValueError):
 
     def __init__(self, kind: str, est: CostEstimate, limits: JobLimits, over: list) -> None:
         self.kind, self.estimate, self.limits, self.over = kind, est, limits, over
-        parts = "; ".join(
-            f"{what} {_fmt(what, e)} > limit {_fmt(what, lim)}" for what, e, lim in over
-        )
+        parts = "; ".join(_over_text(what, e, lim) for what, e, lim in over)
         # "free disk" and "storage quota" are compared with the job's disk estimate
         families = {"disk" if w in ("free disk", "storage quota") else w for w, _, _ in over}
         top = sorted(
@@ -843,7 +841,7 @@ class JobTooCostly(ValueError):
             {
                 "type": "cost_limit",
                 "loc": ["body", "params"],
-                "msg": f"estimated {what} {_fmt(what, e)} > limit {_fmt(what, lim)}",
+                "msg": f"estimated {_over_text(what, e, lim)}",
                 "input": float(e),
             }
             for what, e, lim in self.over
@@ -852,6 +850,19 @@ class JobTooCostly(ValueError):
 
 class QuotaExceeded(RuntimeError):
     """The owner has as many queued or running jobs as their quota allows (API: 429)."""
+
+
+LEFT_RESOURCES = ("free disk", "storage quota")
+"""Resources whose limit is what is left of them, not a fixed amount."""
+
+
+def _over_text(what: str, value: float, limit: float) -> str:
+    """``memory 3 GiB > limit 2 GiB``, or for what is left (:data:`LEFT_RESOURCES`)
+    ``storage quota: 1.79 MiB needed, 0 MiB left`` (it said "storage quota 1.79 MiB > limit
+    0 MiB" of a 2 MiB quota, read as a quota of 0: a lab admin's check)."""
+    if what in LEFT_RESOURCES:
+        return f"{what}: {_fmt('disk', value)} needed, {_fmt('disk', limit)} left"
+    return f"{what} {_fmt(what, value)} > limit {_fmt(what, limit)}"
 
 
 def _fmt(what: str, value: float) -> str:
