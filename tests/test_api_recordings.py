@@ -210,7 +210,8 @@ def test_recording_over_a_lowered_budget_is_413_at_preview(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An admin lowers the budget after an upload: the preview answers 413 naming the size and
-    the limit, and an infer job fails with the same reason (nothing decoded)."""
+    the limit, and an infer job is refused at submit with the same reason (nothing decoded;
+    it was admitted and failed in the worker: a lab admin's check)."""
     data, _, _ = _two_channel_tiff()
     rec = client.post("/api/recordings", files={"file": ("l.tif", data)}).json()
     monkeypatch.setenv("CALSEG_MAX_RECORDING_PIXELS", "10000")
@@ -218,12 +219,11 @@ def test_recording_over_a_lowered_budget_is_413_at_preview(
     r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
     assert r.status_code == 413, r.text
     assert "81,920 pixels" in r.json()["detail"] and "10,000" in r.json()["detail"]
-    job = client.post(
+    r = client.post(
         "/api/jobs", json={"kind": "infer", "params": {"recording_id": rec["id"],
                                                          "method": "baseline"}},
-    ).json()  # fmt: skip
-    assert _run(job["id"]) == "failed"
-    assert "max_recording_pixels" in client.get(f"/api/jobs/{job['id']}").json()["error"]
+    )  # fmt: skip
+    assert r.status_code == 422 and "max_recording_pixels" in r.json()["detail"], r.text
 
 
 def test_python_client_passes_reading_options(client: TestClient, tmp_path: Path) -> None:
@@ -560,3 +560,24 @@ def test_an_hdf5_upload_reads_the_dataset_its_option_names(client: TestClient, t
     tifffile.imwrite(tif, np.zeros((4, 16, 16), np.uint16), photometric="minisblack")
     r = client.post("/api/recordings?dataset=/a", files={"file": ("t.tif", tif.getvalue())})
     assert r.status_code == 422 and "only meaningful for HDF5" in r.text, r.text
+
+
+def test_a_job_on_a_recording_over_todays_limits_is_refused_at_submit(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab admin's check: a recording uploaded before the frame limit was lowered was
+    admitted for an infer job (201), which then failed in the worker with RecordingTooLarge.
+    Its headers are checked against the limits in force at submit (no pixel decoded): 422."""
+    r = client.post("/api/recordings", files={"file": ("big.tif", _one_big_frame_tiff(300))})
+    assert r.status_code == 201, r.text
+    rec = r.json()["id"]
+    monkeypatch.setenv("CALSEG_MAX_FRAME_PIXELS", str(200 * 200))
+    get_settings.cache_clear()
+    r = client.post("/api/jobs", json={"kind": "infer", "params": {"recording_id": rec}})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "cannot be read on this server now" in detail and "300 x 300" in detail, detail
+    monkeypatch.delenv("CALSEG_MAX_FRAME_PIXELS")
+    get_settings.cache_clear()
+    r = client.post("/api/jobs", json={"kind": "infer", "params": {"recording_id": rec}})
+    assert r.status_code == 201, r.text

@@ -253,12 +253,13 @@ def _check_infer_input(
         JobReferenceError: the reader's or the dataset's message (API: 422).
     """
     from calseg.io.dataset import DatasetError
-    from calseg.io.recordings import RecordingError, probe_recording
+    from calseg.io.recordings import RecordingError, RecordingReader, probe_recording
     from calseg.service.costs import job_read_options
     from calseg.service.frame_guard import frame_slot
 
     store = get_store(settings.artifact_dir)
     if rec is not None:
+        options = None
         try:
             options = job_read_options(params, rec)
             if options is not None:
@@ -267,9 +268,19 @@ def _check_infer_input(
                     probe_recording(
                         store.path(rec.relpath), **options, limits=settings.read_limits()
                     )
+            else:  # as uploaded: its headers against today's decode limits, no pixel decoded
+                # (a recording uploaded before a limit was lowered was admitted, then failed
+                # in the worker with RecordingTooLarge: a lab admin's check)
+                with RecordingReader(
+                    store.path(rec.relpath),
+                    **dict(rec.read_options or {}),
+                    limits=settings.read_limits(),
+                ):
+                    pass
         except RecordingError as exc:
+            how = "with these options" if options is not None else "on this server now"
             raise JobReferenceError(
-                f"recording_id {rec.id} ({rec.filename}) cannot be read with these options: "
+                f"recording_id {rec.id} ({rec.filename}) cannot be read {how}: "
                 f"{public_text(str(exc), settings)}"
             ) from None
     ds_id, video_id = getattr(params, "dataset_job_id", None), getattr(params, "video_id", None)
