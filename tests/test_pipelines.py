@@ -54,6 +54,7 @@ def _run_infer_job(tmp_path: Path, src: Path, params: dict) -> tuple[dict, Path]
             "infer",
             {"recording_id": rec.id, **params},
             enqueue=lambda job, countdown=None: None,
+            settings=settings,  # its recording is opened at submit, in this store
         ).id
     state = jobs.run_job(job_id, None, url=url, store=store, settings=settings, enqueue=None)
     with session_scope(url) as s:
