@@ -219,6 +219,9 @@ def test_recording_over_a_lowered_budget_is_413_at_preview(
     r = client.get(f"/api/recordings/{rec['id']}/frames/0.png")
     assert r.status_code == 413, r.text
     assert "81,920 pixels" in r.json()["detail"] and "10,000" in r.json()["detail"]
+    assert "shorter parts" in r.json()["detail"]  # the whole recording is over: split helps
+    assert "CALSEG_MAX_RECORDING_PIXELS" in r.json()["detail"]
+    assert "CALSEG_MAX_FRAME_PIXELS" not in r.json()["detail"]
     r = client.post(
         "/api/jobs", json={"kind": "infer", "params": {"recording_id": rec["id"],
                                                          "method": "baseline"}},
@@ -372,6 +375,10 @@ def test_a_frame_over_max_frame_pixels_is_refused_at_upload_before_decoding(
     assert r.status_code == 413, r.text
     detail = r.json()["detail"]
     assert "1100 x 1100" in detail and "max_frame_pixels" in detail, detail
+    # what helps a frame over its limit, and only its setting (a lab admin's check read
+    # "split the recording into shorter parts" and all three settings)
+    assert "Crop or bin the frames" in detail and "shorter parts" not in detail, detail
+    assert "CALSEG_MAX_FRAME_PIXELS" in detail and "CALSEG_MAX_RECORDING" not in detail
     assert client.get("/api/recordings").json() == []
     assert get_settings().read_limits().max_frame_pixels == 1_000_000
     monkeypatch.delenv("CALSEG_MAX_FRAME_PIXELS")

@@ -2027,13 +2027,16 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
         return
     pixels = plan.n_frames * plan.height * plan.width
     nbytes = max(_stored_bytes(src), pixels * plan.out_dtype.itemsize)
-    over = []
+    over: list[str] = []
+    settings: list[str] = []  # the settings exceeded, for the administrator
     if limits.max_pixels is not None and pixels > limits.max_pixels:
+        settings.append("CALSEG_MAX_RECORDING_PIXELS")
         over.append(
             f"{pixels:,} pixels ({plan.n_frames:,} frames of {plan.height} x {plan.width}), more "
             f"than the limit of {limits.max_pixels:,} pixels (max_recording_pixels)"
         )
     if limits.max_bytes is not None and nbytes > limits.max_bytes:
+        settings.append("CALSEG_MAX_RECORDING_BYTES")
         over.append(
             f"{_size_text(nbytes)} ({nbytes:,} bytes) once decoded, more than the limit of "
             f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)"
@@ -2045,6 +2048,11 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
     # run, 2026-12-07)
     kept = [n for a, n in zip(plan.axes, src.shape, strict=True) if a != "T"]
     decoded_px = int(np.prod(kept, dtype=np.float64))
+    frame_over = limits.max_frame_pixels is not None and max(frame_px, decoded_px) > (
+        limits.max_frame_pixels
+    )
+    if frame_over:
+        settings.append("CALSEG_MAX_FRAME_PIXELS")
     if limits.max_frame_pixels is not None and frame_px > limits.max_frame_pixels:
         over.append(
             f"frames of {plan.height} x {plan.width} ({frame_px:,} pixels each), more than the "
@@ -2057,11 +2065,18 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
             f"of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
         )
     if over:
+        # what helps: shorter parts only where the whole recording is over; a frame over its
+        # limit needs cropping or binning (a lab admin's check read "split the recording
+        # into shorter parts" for a per-frame limit, and all three settings for one)
+        fix = (
+            "Crop or bin the frames"
+            if settings == ["CALSEG_MAX_FRAME_PIXELS"]
+            else "Crop, bin or split the recording into shorter parts"
+        )
         raise RecordingTooLarge(
             f"{src.path.name} is too large for this server: its header declares "
-            f"{' and '.join(over)}. Nothing was decoded. Crop, bin or split the recording into "
-            "shorter parts, or ask the administrator to raise CALSEG_MAX_RECORDING_PIXELS / "
-            "CALSEG_MAX_RECORDING_BYTES / CALSEG_MAX_FRAME_PIXELS.",
+            f"{' and '.join(over)}. Nothing was decoded. {fix}, or ask the administrator to "
+            f"raise {' / '.join(settings)}.",
             pixels=pixels,
             nbytes=nbytes,
             limits=limits,
