@@ -155,23 +155,22 @@ def fill_non_finite(frames: np.ndarray) -> tuple[np.ndarray, int]:
     out[bad] = np.nan
     n_t = out.shape[0]
     ys, xs = np.nonzero(bad.any(axis=0))
-    del bad
-    step = max(1, FILL_BLOCK_BYTES // (4 * n_t))
-    medians = np.empty(len(ys), np.float32)
-    for i in range(0, len(ys), step):
-        medians[i : i + step] = _nanmedian_over_time(out[:, ys[i : i + step], xs[i : i + step]])
-    none = np.isnan(medians)
-    if none.any():  # pixels with no finite value: the recording's median
+    fallback = np.float32(np.nan)
+    if bad.all(axis=0).any():  # pixels with no finite value: the recording's median
         flat = out.reshape(-1)
         sample = flat[:: max(1, flat.size // GLOBAL_MEDIAN_SAMPLE)]
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:  # every finite value falls between the sampled ones
             sample = flat[np.isfinite(flat)]
-        medians[none] = np.median(sample)
-    for i in range(0, len(ys), step):
+        fallback = np.float32(np.median(sample))
+    del bad
+    step = max(1, FILL_BLOCK_BYTES // (4 * n_t))
+    for i in range(0, len(ys), step):  # each block gathered once: medians, then its holes
         block = out[:, ys[i : i + step], xs[i : i + step]]
+        medians = _nanmedian_over_time(block)
+        medians[np.isnan(medians)] = fallback
         holes = np.isnan(block)
-        block[holes] = np.broadcast_to(medians[i : i + step], block.shape)[holes]
+        block[holes] = np.broadcast_to(medians, block.shape)[holes]
         out[:, ys[i : i + step], xs[i : i + step]] = block
     return out, n_bad
 
