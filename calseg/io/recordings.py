@@ -2027,20 +2027,19 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
         return
     pixels = plan.n_frames * plan.height * plan.width
     nbytes = max(_stored_bytes(src), pixels * plan.out_dtype.itemsize)
-    over: list[str] = []
-    settings: list[str] = []  # the settings exceeded, for the administrator
+    over: list[tuple[str, str]] = []  # (what is over, the setting an administrator raises)
     if limits.max_pixels is not None and pixels > limits.max_pixels:
-        settings.append("CALSEG_MAX_RECORDING_PIXELS")
-        over.append(
+        over.append((
             f"{pixels:,} pixels ({plan.n_frames:,} frames of {plan.height} x {plan.width}), more "
-            f"than the limit of {limits.max_pixels:,} pixels (max_recording_pixels)"
-        )
+            f"than the limit of {limits.max_pixels:,} pixels (max_recording_pixels)",
+            "CALSEG_MAX_RECORDING_PIXELS",
+        ))  # fmt: skip
     if limits.max_bytes is not None and nbytes > limits.max_bytes:
-        settings.append("CALSEG_MAX_RECORDING_BYTES")
-        over.append(
+        over.append((
             f"{_size_text(nbytes)} ({nbytes:,} bytes) once decoded, more than the limit of "
-            f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)"
-        )
+            f"{_size_text(limits.max_bytes)} ({limits.max_bytes:,} bytes, max_recording_bytes)",
+            "CALSEG_MAX_RECORDING_BYTES",
+        ))  # fmt: skip
     frame_px = plan.height * plan.width
     # what one frame decodes: every stored value but the time axis (Z slices projected,
     # samples, channels), so an ImageJ Z-stack of 32 slices of 8192^2 whose pages share one
@@ -2048,26 +2047,24 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
     # run, 2026-12-07)
     kept = [n for a, n in zip(plan.axes, src.shape, strict=True) if a != "T"]
     decoded_px = int(np.prod(kept, dtype=np.float64))
-    frame_over = limits.max_frame_pixels is not None and max(frame_px, decoded_px) > (
-        limits.max_frame_pixels
-    )
-    if frame_over:
-        settings.append("CALSEG_MAX_FRAME_PIXELS")
     if limits.max_frame_pixels is not None and frame_px > limits.max_frame_pixels:
-        over.append(
+        over.append((
             f"frames of {plan.height} x {plan.width} ({frame_px:,} pixels each), more than the "
-            f"limit of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
-        )
+            f"limit of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)",
+            "CALSEG_MAX_FRAME_PIXELS",
+        ))  # fmt: skip
     elif limits.max_frame_pixels is not None and decoded_px > limits.max_frame_pixels:
-        over.append(
+        over.append((
             f"frames of {plan.height} x {plan.width} each decoded from {decoded_px:,} stored "
             f"values (stored axes {plan.axes!r}, shape {tuple(src.shape)}), more than the limit "
-            f"of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)"
-        )
+            f"of {limits.max_frame_pixels:,} pixels per frame (max_frame_pixels)",
+            "CALSEG_MAX_FRAME_PIXELS",
+        ))  # fmt: skip
     if over:
         # what helps: shorter parts only where the whole recording is over; a frame over its
         # limit needs cropping or binning (a lab admin's check read "split the recording
         # into shorter parts" for a per-frame limit, and all three settings for one)
+        settings = [setting for _, setting in over]
         fix = (
             "Crop or bin the frames"
             if settings == ["CALSEG_MAX_FRAME_PIXELS"]
@@ -2075,8 +2072,8 @@ def _check_budget(src: _Source, plan: _Plan, limits: ReadLimits | None) -> None:
         )
         raise RecordingTooLarge(
             f"{src.path.name} is too large for this server: its header declares "
-            f"{' and '.join(over)}. Nothing was decoded. {fix}, or ask the administrator to "
-            f"raise {' / '.join(settings)}.",
+            f"{' and '.join(text for text, _ in over)}. Nothing was decoded. {fix}, or ask the "
+            f"administrator to raise {' / '.join(settings)}.",
             pixels=pixels,
             nbytes=nbytes,
             limits=limits,
