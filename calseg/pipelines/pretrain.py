@@ -36,7 +36,13 @@ from calseg.segment.choice import summarise_checkpoint
 from calseg.segment.decode import InferenceConfig
 from calseg.segment.evaluate import evaluate_dataset
 from calseg.segment.finetune import FinetuneConfig, finetune
-from calseg.segment.model import FINETUNE_FORMAT, SMALL_CONFIG, SMALL_IMAGE_SIZE, file_sha256
+from calseg.segment.model import (
+    FINETUNE_FORMAT,
+    SMALL_CONFIG,
+    SMALL_IMAGE_SIZE,
+    _torch_load,
+    file_sha256,
+)
 from calseg.simulate.config import SimulationConfig
 from calseg.simulate.dataset import simulate_dataset
 
@@ -235,7 +241,7 @@ def pretrain_small(
     t_sim = time.perf_counter() - t0
     res = finetune(ds, out_dir / "train", config.finetune, progress=scaled(progress, 0.05, 0.85))
     t_train = time.perf_counter() - t0 - t_sim
-    obj = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
+    obj = _torch_load(Path(res.checkpoint))  # tensors and plain data only
     if obj.get("format") != FINETUNE_FORMAT:  # pragma: no cover - finetune writes this format
         raise ValueError(f"{res.checkpoint} is not a CalSeg fine-tuned checkpoint")
 

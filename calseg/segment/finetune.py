@@ -113,6 +113,7 @@ from calseg.segment.embeddings import (
 from calseg.segment.infer import embed_recording
 from calseg.segment.model import (
     LoadedSAM2,
+    _torch_load,
     encoder_hash,
     file_sha256,
     load_sam2,
@@ -1021,8 +1022,6 @@ def heldout_prompted_iou(
     Raises:
         DatasetError: no video in ``split``; ValueError: not a fine-tuned checkpoint.
     """
-    from calseg.segment.model import _torch_load
-
     obj = _torch_load(Path(checkpoint))  # tensors and plain data only: never a file's code
     meta = obj.get("metadata", {})
     if "finetune_config" not in meta:
@@ -1475,12 +1474,11 @@ class Trainer:
         :meth:`FinetuneConfig.fingerprint`): weights, optimiser, scheduler, scaler, history,
         selection and the random stream (re-seeded from ``(seed, step)``). Returns whether it
         resumed; a ``last.pt`` of another run is left alone (a warning says so)."""
-        import torch
 
         self._require_setup()
         if not (self.config.group("checkpointing")["resume"] and self.last_path.exists()):
             return False
-        state = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        state = _torch_load(self.last_path)  # tensors and plain data only
         if state.get("metadata", {}).get("fingerprint") != self.fingerprint or (
             "optimizer" not in state
         ):
