@@ -807,6 +807,11 @@ def effective_limits(
 # ------------------------------------------------------------------------------ admission
 
 
+LEFT_RESOURCES = ("free disk", "storage quota")
+"""Resources whose limit is what is left of them, not a fixed amount; both are compared with
+the job's disk estimate."""
+
+
 class JobTooCostly(ValueError):
     """The job's estimated memory, disk or time is over the owner's limit (API: 422).
 
@@ -816,8 +821,7 @@ class JobTooCostly(ValueError):
     def __init__(self, kind: str, est: CostEstimate, limits: JobLimits, over: list) -> None:
         self.kind, self.estimate, self.limits, self.over = kind, est, limits, over
         parts = "; ".join(_over_text(what, e, lim) for what, e, lim in over)
-        # "free disk" and "storage quota" are compared with the job's disk estimate
-        families = {"disk" if w in ("free disk", "storage quota") else w for w, _, _ in over}
+        families = {"disk" if w in LEFT_RESOURCES else w for w, _, _ in over}
         top = sorted(
             ((k, v) for k, v in est.parts.items() if k.split(":")[0] in families),
             key=lambda kv: -kv[1],
@@ -850,10 +854,6 @@ class JobTooCostly(ValueError):
 
 class QuotaExceeded(RuntimeError):
     """The owner has as many queued or running jobs as their quota allows (API: 429)."""
-
-
-LEFT_RESOURCES = ("free disk", "storage quota")
-"""Resources whose limit is what is left of them, not a fixed amount."""
 
 
 def _over_text(what: str, value: float, limit: float) -> str:
