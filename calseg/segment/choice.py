@@ -58,6 +58,9 @@ RANDOM_SUFFIX = " (random weights)"
 PRIOR_SUFFIX = " + disc prior"
 """Added to the name of a SAM2 whose masks are a learned correction of a disc
 (``mask_prior="residual"``) or prompted by one (``"prompt"``)."""
+PRIOR_MODES = ("residual", "prompt")
+"""The ``mask_prior`` modes whose masks build on a disc at the prompt (a model's
+``prior_mode``): named with :data:`PRIOR_SUFFIX`, and not runnable in video mode."""
 DISC = "disc"
 MODEL_JOB_REASON = "SAM2: model_job_id names a fine-tune job's model"
 """Why an infer job with a ``model_job_id`` runs SAM2. Neutral: whether that model was
@@ -119,7 +122,7 @@ def label_of_result(method: str, model_info: dict | None) -> str:
     if not info:
         random = True
     kept = finetuned and info.get("finetune_step") == 0
-    return model_label(finetuned, random, info.get("prior_mode") in ("residual", "prompt"), kept)
+    return model_label(finetuned, random, info.get("prior_mode") in PRIOR_MODES, kept)
 
 
 def label_of_finetune(params: dict, result: dict | None) -> str:
@@ -130,7 +133,7 @@ def label_of_finetune(params: dict, result: dict | None) -> str:
     result = result or {}
     info = result.get("model_info") or {}
     random = bool(info.get("random_weights", True)) and params.get("train_mode") != "full"
-    prior = params.get("mask_prior") in ("residual", "prompt")
+    prior = params.get("mask_prior") in PRIOR_MODES
     return model_label(True, random, prior, kept=result.get("best_step") == 0)
 
 
@@ -173,8 +176,7 @@ def _summary_cached(path: str, mtime_ns: int, size: int) -> CheckpointSummary:  
         kept = finetuned and meta.get("step") == 0  # no step improved on the initial model
         prior_meta = meta.get("mask_prior") or {}
         prior = (
-            prior_meta.get("mode") in ("residual", "prompt")
-            and prior_meta.get("radius_model_px") is not None
+            prior_meta.get("mode") in PRIOR_MODES and prior_meta.get("radius_model_px") is not None
         )
     else:
         weights, finetuned, prior, kept = "pretrained", False, False, False

@@ -193,7 +193,7 @@ def _check_video_mode(session: Session, kind: str, params: Any, settings: Settin
     """
     if getattr(params, "mode", None) != "video" or getattr(params, "target", None) != "active":
         return
-    from calseg.segment.choice import SAM2, resolve_method, summarise_checkpoint
+    from calseg.segment.choice import PRIOR_MODES, SAM2, resolve_method, summarise_checkpoint
     from calseg.segment.infer import video_mode_refusal
 
     model_job = getattr(params, "model_job_id", None)
@@ -208,7 +208,7 @@ def _check_video_mode(session: Session, kind: str, params: Any, settings: Settin
         shown = f"checkpoint.pt of finetune job {model_job}"  # stored as the run's best.pt
         job = session.get(Job, model_job)
         info = ((job.result or {}).get("model_info") or {}) if job is not None else {}
-        if info.get("prior_mode") in ("residual", "prompt"):  # the job's record: no file read
+        if info.get("prior_mode") in PRIOR_MODES:  # the job's record: no file read
             reason = video_mode_refusal(None, shown, info["prior_mode"])  # in the API process
             raise JobReferenceError(f"model_job_id: {public_text(reason, settings)}")
         row = None
