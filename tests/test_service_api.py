@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -400,17 +401,7 @@ def _viewer_job(
             files.append(("traces.csv", p))
         for name, path in files:
             obj = store.put(f"jobs/{job.id}/{name}", path)
-            session.add(
-                Artifact(
-                    job_id=job.id,
-                    name=name,
-                    kind="labels",
-                    relpath=obj.relpath,
-                    content_type=obj.content_type,
-                    sha256=obj.sha256,
-                    size_bytes=obj.size_bytes,
-                )
-            )
+            session.add(Artifact.of_stored(job.id, name, "labels", obj))
         return job.id
 
 
@@ -787,29 +778,22 @@ def test_a_sam2_estimate_is_at_the_size_the_checkpoint_runs(
     assert small["disk_bytes"] == asked["disk_bytes"]
 
 
-def _register_finetune(client: TestClient, checkpoint: Path) -> str:
-    """A succeeded finetune job with ``checkpoint`` as its checkpoint.pt (registered directly:
-    fine-tuning runs in the integration test)."""
+def register_finetune(client: TestClient, checkpoint: Path, **job: Any) -> tuple[str, Any]:
+    """A succeeded finetune job of ``client``'s user with ``checkpoint`` as its checkpoint.pt
+    (registered directly: fine-tuning runs in the integration test); ``job``: more of its
+    columns (params, result, provenance). Returns its id and the stored file."""
     from calseg.service.models import Artifact
 
     store = LocalArtifactStore(get_settings().artifact_dir)
     with session_scope() as session:
-        job = Job(kind="finetune", state="succeeded", owner_id=client.user_id, params={})
-        session.add(job)
-        session.flush()
-        obj = store.put(f"jobs/{job.id}/checkpoint.pt", checkpoint)
-        session.add(
-            Artifact(
-                job_id=job.id,
-                name="checkpoint.pt",
-                kind="checkpoint",
-                relpath=obj.relpath,
-                content_type=obj.content_type,
-                sha256=obj.sha256,
-                size_bytes=obj.size_bytes,
-            )
+        row = Job(
+            kind="finetune", state="succeeded", owner_id=client.user_id, **{"params": {}, **job}
         )
-        return job.id
+        session.add(row)
+        session.flush()
+        obj = store.put(f"jobs/{row.id}/checkpoint.pt", checkpoint)
+        session.add(Artifact.of_stored(row.id, "checkpoint.pt", "checkpoint", obj))
+        return row.id, obj
 
 
 def test_video_mode_with_a_disc_prior_model_is_refused_at_submit(
@@ -829,7 +813,7 @@ def test_video_mode_with_a_disc_prior_model_is_refused_at_submit(
         src = video if kind == "infer" else {"dataset_job_id": sim["id"]}
         return client.post("/api/jobs", json={"kind": kind, "params": {**src, **params}})
 
-    model_job = _register_finetune(client, BUNDLED_SMALL_CHECKPOINT)
+    model_job, _ = register_finetune(client, BUNDLED_SMALL_CHECKPOINT)
     r = submit("infer", model_job_id=model_job, mode="video")
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]

@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from test_service_api import SIM, _run, _tiff_bytes, client  # noqa: F401 - fixture
+from test_service_api import (  # noqa: F401 - client: a fixture
+    SIM,
+    _run,
+    _tiff_bytes,
+    client,
+    register_finetune,
+)
 
 from calseg.service.auth import (
     TOKEN_RE,
@@ -167,17 +173,7 @@ def _alice_world(client: TestClient, tmp_path: Path) -> dict[str, str]:  # noqa:
         }
         for name, path in files.items():
             obj = store.put(f"jobs/{infer.id}/{name}", path)
-            session.add(
-                Artifact(
-                    job_id=infer.id,
-                    name=name,
-                    kind="file",
-                    relpath=obj.relpath,
-                    content_type=obj.content_type,
-                    sha256=obj.sha256,
-                    size_bytes=obj.size_bytes,
-                )
-            )
+            session.add(Artifact.of_stored(infer.id, name, "file", obj))
         session.add(Metric(job_id=infer.id, name="foreground_fraction", value=0.1))
         return {
             "infer": infer.id,
@@ -651,39 +647,22 @@ def test_models_listing(client: TestClient, users: dict[str, str], tmp_path: Pat
 
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(b"weights")
-    store = LocalArtifactStore(get_settings().artifact_dir)
+    job_id, obj = register_finetune(
+        client,
+        ckpt,
+        params={"dataset_job_id": "d1", "model": "sam2.1_hiera_t", "steps": 4},
+        # a fine-tune that kept its (pretrained) initial model: no step improved on it
+        result={
+            "base_checkpoint": None,
+            "best_step": 0,
+            "model_info": {"random_weights": False, "config": "sam2_small_calseg"},
+        },
+        provenance={"inputs": [{"job_id": "d1", "name": "manifest.json", "sha256": "ab"}]},
+    )
     with session_scope() as session:
-        job = Job(
-            kind="finetune",
-            state="succeeded",
-            owner_id=client.user_id,
-            params={"dataset_job_id": "d1", "model": "sam2.1_hiera_t", "steps": 4},
-            # a fine-tune that kept its (pretrained) initial model: no step improved on it
-            result={
-                "base_checkpoint": None,
-                "best_step": 0,
-                "model_info": {"random_weights": False, "config": "sam2_small_calseg"},
-            },
-            provenance={"inputs": [{"job_id": "d1", "name": "manifest.json", "sha256": "ab"}]},
-        )
-        running = Job(kind="finetune", state="running", owner_id=client.user_id, params={})
-        session.add_all([job, running])
-        session.flush()
-        obj = store.put(f"jobs/{job.id}/checkpoint.pt", ckpt)
-        session.add(
-            Artifact(
-                job_id=job.id,
-                name="checkpoint.pt",
-                kind="checkpoint",
-                relpath=obj.relpath,
-                content_type=obj.content_type,
-                sha256=obj.sha256,
-                size_bytes=obj.size_bytes,
-            )
-        )
-        session.add(Metric(job_id=job.id, name="loss", value=0.5, subset="train", step=1))
-        session.add(Metric(job_id=job.id, name="final_loss", value=0.4, subset="train"))
-        job_id = job.id
+        session.add(Job(kind="finetune", state="running", owner_id=client.user_id, params={}))
+        session.add(Metric(job_id=job_id, name="loss", value=0.5, subset="train", step=1))
+        session.add(Metric(job_id=job_id, name="final_loss", value=0.4, subset="train"))
     models = client.get("/api/models").json()
     assert [m["job_id"] for m in models] == [job_id]  # the running one is not a model yet
     m = models[0]

@@ -421,15 +421,7 @@ class JobContext:
             obj = self.store.put(rel, path)
         else:
             obj = self.store.register(rel)
-        art = Artifact(
-            job_id=self.job_id,
-            name=name,
-            kind=kind,
-            relpath=obj.relpath,
-            content_type=content_type or obj.content_type,
-            sha256=obj.sha256,
-            size_bytes=obj.size_bytes,
-        )
+        art = Artifact.of_stored(self.job_id, name, kind, obj, content_type)
         try:
             with self._fenced_session() as session:
                 session.execute(

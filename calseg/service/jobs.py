@@ -900,17 +900,7 @@ def _register_log(url: str, store: ArtifactStore, job_id: str, relpath: str) -> 
             session.execute(
                 delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == "job.log")
             )
-            session.add(
-                Artifact(
-                    job_id=job_id,
-                    name="job.log",
-                    kind="log",
-                    relpath=obj.relpath,
-                    content_type=obj.content_type,
-                    sha256=obj.sha256,
-                    size_bytes=obj.size_bytes,
-                )
-            )
+            session.add(Artifact.of_stored(job_id, "job.log", "log", obj))
     except Exception:  # noqa: BLE001 - the log is a convenience; never fail the job for it
         log.exception("could not register job.log of job %s", job_id)
 

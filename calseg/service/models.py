@@ -196,6 +196,23 @@ class Artifact(Base):
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
 
+    @classmethod
+    def of_stored(
+        cls, job_id: str, name: str, kind: str, obj: Any, content_type: str | None = None
+    ) -> Artifact:
+        """The row of job ``job_id``'s file ``name`` stored as ``obj``
+        (:class:`calseg.service.store.StoredObject`: its relpath, sha256, size and content type,
+        unless ``content_type`` is given)."""
+        return cls(
+            job_id=job_id,
+            name=name,
+            kind=kind,
+            relpath=obj.relpath,
+            content_type=content_type or obj.content_type,
+            sha256=obj.sha256,
+            size_bytes=obj.size_bytes,
+        )
+
 
 class Metric(Base):
     """One number a job measured, e.g. ``iou`` of model ``fine-tuned`` on subset ``test``.
