@@ -107,14 +107,15 @@ def _serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 class Serve:
-    """`python -m calseg.service.embedded` (what `make serve` runs) as a real process;
-    ``.url``, ``.redis_port`` and ``.lines`` (its output) once it is up."""
+    """`python -m calseg.service.embedded` (what `make serve` runs; ``cmd``: another command
+    that starts it) as a real process; ``.url``, ``.redis_port`` and ``.lines`` (its output)
+    once it is up."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], cmd: list[str] | None = None) -> None:
         self.env = env
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "calseg.service.embedded"],
+            cmd or [sys.executable, "-m", "calseg.service.embedded"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip
@@ -368,28 +369,17 @@ def test_make_serve_stops_the_service_when_make_is_signalled(tmp_path: Path) -> 
     """A lab admin's check: SIGTERM to `make serve` (what an init script or `timeout` sends)
     killed make and its recipe shell, and the service went on under init, still answering on
     its port. The recipe's shell passes the signal on and waits for the clean stop."""
-    env = _serve_env(tmp_path)
-    make = subprocess.Popen(
-        ["make", "-s", "-o", ".venv/.installed", "serve"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = make.stdout.readline()
-        if not line:
-            pytest.fail("make serve exited early:\n" + "".join(lines))
-        lines.append(line)
-        if "CalSeg is up" in line:
-            break
-    service = [p for p in _descendants(make.pid) if "calseg.service.embedded" in
-               Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
-    assert service, _descendants(make.pid)
-    make.send_signal(signal.SIGTERM)  # make alone, not its process group
-    out, _ = make.communicate(timeout=60)
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in service) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in service), "".join(lines) + out
-    assert "stopped by signal 15" in out, out
+    make = Serve(_serve_env(tmp_path), ["make", "-s", "-o", ".venv/.installed", "serve"])
+    try:
+        service = [p for p in _descendants(make.pid) if "calseg.service.embedded" in
+                   Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+        assert service, _descendants(make.pid)
+        make.proc.send_signal(signal.SIGTERM)  # make alone, not its process group
+        out, _ = make.proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in service) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in service), "".join(make.lines) + out
+        assert "stopped by signal 15" in out, out
+    finally:
+        make.close()

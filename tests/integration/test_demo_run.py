@@ -5,13 +5,13 @@ first infer job while ``make test`` passed: no test ran the README's first comma
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_service_embedded import _serve_env  # tests/ is on the path (its conftest)
 
 from calseg.segment.model import BUNDLED_SMALL_CHECKPOINT
 
@@ -22,15 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server installed")
 def test_the_demo_runs_on_a_fresh_folder(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALSEG_")}
-    env.update(
-        CALSEG_DATABASE_URL=f"sqlite:///{tmp_path / 'calseg.db'}",
-        CALSEG_ARTIFACT_DIR=str(tmp_path / "artifacts"),
-        CALSEG_CACHE_DIR=str(tmp_path / "cache"),
-        CALSEG_LOG_DIR=str(tmp_path / "logs"),
-        CALSEG_TOKEN_FILE=str(tmp_path / "token"),
-        CALSEG_API_PORT="0",
-    )
+    env = _serve_env(tmp_path)  # what `make serve` gets, on folders of the test's own
     args = ["--videos", "5", "--test-videos", "3", "--frames", "12", "--steps", "4", "--fresh"]
     run = subprocess.run(
         [sys.executable, "-m", "calseg.demo", *args],
